@@ -1,0 +1,1 @@
+"""The node agent: EE service locator and file synchronization module (runs in the initrd)."""

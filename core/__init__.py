@@ -1,0 +1,1 @@
+"""The core: EE registry (the paper's EE profiler), runtime state, request redirection, gRPC."""

@@ -1,0 +1,144 @@
+"""Request redirection: which relays should serve a node, best first.
+
+The paper's request redirection module picks "the best available
+dissemination service" by the origin address of the query and the current
+load of each replica.  Here (docs/redirection.md has the full rules):
+
+1. The origin address picks a site by longest prefix match; a node whose
+   address matches no site falls back to the site the registry gives it.
+2. Candidates come in tiers: the site's relays, then the parents (upstream
+   relays) of those, then every other relay.
+3. A relay whose last heartbeat is older than ``stale_after`` seconds, or
+   that reported itself unhealthy, is left out.  A relay never heard from
+   since the core's state began ("unknown") stays in, after the live relays of
+   its tier: a restarted core keeps answering, and nodes fail over down the
+   list.
+4. Within a tier, relays are ordered by score = load ÷ capacity, where load
+   is the last reported load plus the nodes this module sent to the relay
+   since that report (within ``spread_window`` seconds).  Counting its own
+   redirections is what spreads a storm of simultaneous boots across equal
+   relays: heartbeats arrive every few seconds, but each answer moves the
+   next one along.  Exact ties are broken at random.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import threading
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+
+from slim.core.registry import IPAddress, Registry
+from slim.core.state import RelayBeat
+from slim.errors import InvalidArgument
+
+
+class Tier(IntEnum):
+    SITE = 1
+    PARENT = 2
+    OTHER = 3
+
+
+class RelayStatus(StrEnum):
+    LIVE = "live"
+    STALE = "stale"
+    UNHEALTHY = "unhealthy"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class RankedRelay:
+    name: str
+    urls: tuple[str, ...]
+    site: str
+    tier: Tier
+    score: float
+    heartbeat_seen: bool
+
+
+def parse_origin(origin: str) -> IPAddress:
+    """An origin address; IPv4-mapped IPv6 (``::ffff:10.0.0.1``) becomes IPv4."""
+    try:
+        addr = ipaddress.ip_address(origin.strip().split("%", 1)[0])
+    except ValueError:
+        raise InvalidArgument(f"origin {origin!r} is not an IPv4 or IPv6 address") from None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def relay_status(beat: RelayBeat | None, now: float, stale_after: float) -> RelayStatus:
+    if beat is None:
+        return RelayStatus.UNKNOWN
+    if now - beat.last_seen > stale_after:
+        return RelayStatus.STALE
+    if not beat.healthy:
+        return RelayStatus.UNHEALTHY
+    return RelayStatus.LIVE
+
+
+class Redirector:
+    """Ranks relays; remembers its recent choices so that storms spread."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()  # noqa: S311 - tie-breaking, not security
+        self._lock = threading.Lock()
+        self._sent: dict[str, deque[float]] = {}
+
+    def pending(self, relay: str, beat: RelayBeat | None, now: float, window: float) -> int:
+        """How many nodes were sent to ``relay`` since its last report (within ``window``)."""
+        sent = self._sent.get(relay)
+        if not sent:
+            return 0
+        horizon = now - window
+        if beat is not None:
+            horizon = max(horizon, beat.last_seen)
+        while sent and sent[0] <= horizon:
+            sent.popleft()
+        return len(sent)
+
+    def rank(
+        self,
+        registry: Registry,
+        beats: Mapping[str, RelayBeat],
+        origin: IPAddress,
+        now: float,
+        node_site: str | None = None,
+        assign: bool = True,
+    ) -> tuple[str | None, list[RankedRelay]]:
+        """(matched site, relays best first).  With ``assign`` the first relay is
+        counted as having one more node on its way."""
+        settings = registry.settings
+        site = registry.site_of_address(origin) or node_site
+        tiers: dict[str, Tier] = {}
+        if site is not None:
+            for name, relay in registry.relays.items():
+                if relay.site == site:
+                    tiers[name] = Tier.SITE
+            for name in list(tiers):
+                for parent in registry.parent_chain(name):
+                    tiers.setdefault(parent, Tier.PARENT)
+        for name in registry.relays:
+            tiers.setdefault(name, Tier.OTHER)
+
+        with self._lock:
+            keyed: list[tuple[tuple[int, int, float, float], RankedRelay]] = []
+            for name, tier in tiers.items():
+                relay = registry.relays[name]
+                beat = beats.get(name)
+                status = relay_status(beat, now, settings.stale_after)
+                if status in (RelayStatus.STALE, RelayStatus.UNHEALTHY):
+                    continue
+                load = (beat.load if beat else 0.0) + self.pending(name, beat, now, settings.spread_window)
+                score = load / relay.capacity
+                unknown = int(status is RelayStatus.UNKNOWN)
+                ranked = RankedRelay(name, tuple(relay.urls), relay.site, tier, score, beat is not None)
+                keyed.append(((int(tier), unknown, score, self._rng.random()), ranked))
+            keyed.sort(key=lambda kv: kv[0])
+            result = [r for _, r in keyed]
+            if assign and result:
+                self._sent.setdefault(result[0].name, deque()).append(now)
+        return site, result

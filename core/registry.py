@@ -1,0 +1,454 @@
+"""The registry: the paper's EE profiler tables, as one declarative YAML file.
+
+It holds the sites (address prefixes), relays, hardware profiles, execution
+environments with their per-directory sharing policy, and nodes.  It is
+validated as a whole when it loads; every problem names the file, the line,
+the field and what is wrong, and all problems are reported at once.
+
+See docs/registry.md for the format and docs/registry.example.yaml for a
+commented example.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import posixpath
+import re
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from slim.core.yamlsource import Loc, YamlSource, load_yaml_file, load_yaml_text
+from slim.errors import ConfigError, InvalidArgument, NotFound, Problem
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# Slurm's node_features/helpers accepts [A-Za-z_=][A-Za-z0-9_.=]*; the shipped
+# job_submit.lua turns "ee:X" into "ee=X", so both halves must fit that.
+FEATURE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z0-9_.]+$")
+MAC_RE = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
+MODULE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+DEFAULT_NFS_OPTIONS = "ro,nolock,noatime,actimeo=600,proto=tcp"
+
+
+class Policy(StrEnum):
+    """How one directory of an environment reaches the node (paper sections 4.3-4.4)."""
+
+    RAM = "ram"  # full copy into a tmpfs
+    DISK = "disk"  # full copy onto the node's partition
+    SYNC = "sync"  # copy-if-needed against a manifest, onto the node's partition
+    NFS = "nfs"  # read-only NFSv4 over TCP
+
+    @property
+    def needs_disk(self) -> bool:
+        return self in (Policy.DISK, Policy.SYNC)
+
+
+def normalize_mac(value: str) -> str:
+    """``52-54-00-AB-CD-EF`` / ``525400abcdef`` → ``52:54:00:ab:cd:ef``."""
+    v = value.strip().lower()
+    if not MAC_RE.match(v):
+        raise ValueError(f"{value!r} is not a MAC address (want six hex pairs like 52:54:00:12:34:56)")
+    hexdigits = v.replace(":", "").replace("-", "")
+    return ":".join(hexdigits[i : i + 2] for i in range(0, 12, 2))
+
+
+def _check_name(value: str) -> str:
+    if not NAME_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid name (letters, digits, '_', '.', '-'; "
+            "starting with a letter or digit; at most 63 characters)"
+        )
+    return value
+
+
+def _check_abs_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} is not an absolute path")
+    if ".." in value.split("/"):
+        raise ValueError(f"{value!r} contains '..'")
+    if "\x00" in value or "\n" in value:
+        raise ValueError(f"{value!r} contains a control character")
+    return value
+
+
+def normalize_dir(value: str) -> str:
+    """An environment directory: absolute, no ``..``, normalized (``/usr/`` → ``/usr``)."""
+    _check_abs_path(value)
+    norm = posixpath.normpath(value)
+    return "/" if norm == "//" else norm
+
+
+def _check_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{value!r}: a relay URL takes no query or fragment")
+    return value if value.endswith("/") else value + "/"
+
+
+def _check_module(value: str) -> str:
+    if not MODULE_RE.match(value):
+        raise ValueError(f"{value!r} is not a kernel module name")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+AbsPath = Annotated[str, AfterValidator(_check_abs_path)]
+Url = Annotated[str, AfterValidator(_check_url)]
+Mac = Annotated[str, AfterValidator(normalize_mac)]
+Module = Annotated[str, AfterValidator(_check_module)]
+KernelArgs = Annotated[str, Field(max_length=2048)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class Settings(_Model):
+    """Registry-wide settings; every field has a default."""
+
+    heartbeat_interval: float = Field(5.0, gt=0, le=3600, description="seconds between relay heartbeats")
+    stale_after: float = Field(
+        20.0, gt=0, le=86400, description="seconds without a heartbeat before a relay is excluded"
+    )
+    boot_menu_timeout: float = Field(
+        5.0, ge=0, le=3600, description="seconds the boot menu waits before its default entry"
+    )
+    nfs_server: str | None = Field(None, description="NFS server for sites that name none")
+    nfs_export_root: AbsPath = Field("/slim", description="NFSv4 pseudo-path under which EEs are exported")
+    spread_window: float = Field(
+        30.0, gt=0, le=3600, description="seconds a redirection counts toward a relay's load"
+    )
+
+
+class Site(_Model):
+    prefixes: list[IPNetwork] = Field(default_factory=list)
+    nfs_server: str | None = None
+    description: str = ""
+
+
+class Relay(_Model):
+    urls: list[Url] = Field(min_length=1)
+    site: Name
+    parent: Name | None = None
+    capacity: float = Field(1.0, gt=0, le=1e6)
+
+
+class HardwareProfile(_Model):
+    firmware: Literal["bios", "uefi"] = "bios"
+    modules: list[Module] = Field(default_factory=list)
+    kernel_args: KernelArgs = ""
+
+
+class DirectorySpec(_Model):
+    policy: Policy
+    options: str | None = Field(None, description="NFS mount options (nfs policy only)")
+    size: str | None = Field(None, description="tmpfs size for ram, e.g. 512m or 20% (ram only)")
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"\d+[kmgKMG%]?", v):
+            raise ValueError(f"{v!r} is not a tmpfs size (e.g. 512m, 2g or 50%)")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_=.,:/-]+", v):
+            raise ValueError(f"{v!r} is not a mount option list (comma-separated, no spaces)")
+        return v
+
+    @property
+    def nfs_options(self) -> str:
+        return self.options or DEFAULT_NFS_OPTIONS
+
+
+def _directory_spec(value: Any) -> Any:
+    # ``/usr: nfs`` is short for ``/usr: {policy: nfs}``
+    return {"policy": value} if isinstance(value, str) else value
+
+
+class Environment(_Model):
+    image: AbsPath
+    kernel: AbsPath = "/vmlinuz"
+    kernel_args: KernelArgs = ""
+    feature: str | None = None
+    description: str = ""
+    default_policy: Policy = Policy.RAM
+    directories: dict[str, Annotated[DirectorySpec, Field()]] = Field(default_factory=dict)
+
+    @field_validator("directories", mode="before")
+    @classmethod
+    def _short_form(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {k: _directory_spec(x) for k, x in v.items()}
+        return v
+
+
+class Node(_Model):
+    macs: list[Mac] = Field(min_length=1)
+    profile: Name
+    environment: Name
+    site: Name | None = None
+    disk: AbsPath | None = Field(None, description="partition for disk and sync policies")
+    groups: list[Name] = Field(default_factory=list)
+    boot_menu_timeout: float | None = Field(None, ge=0, le=3600)
+
+
+class _Document(_Model):
+    settings: Settings = Field(default_factory=Settings)
+    sites: dict[Name, Site] = Field(default_factory=dict)
+    relays: dict[Name, Relay] = Field(default_factory=dict)
+    profiles: dict[Name, HardwareProfile] = Field(default_factory=dict)
+    environments: dict[Name, Environment] = Field(default_factory=dict)
+    nodes: dict[Name, Node] = Field(default_factory=dict)
+
+
+class Registry:
+    """A validated registry.  Build it with :func:`load_registry`."""
+
+    def __init__(self, doc: _Document, source: str) -> None:
+        self.source = source
+        self.settings = doc.settings
+        self.sites: Mapping[str, Site] = doc.sites
+        self.relays: Mapping[str, Relay] = doc.relays
+        self.profiles: Mapping[str, HardwareProfile] = doc.profiles
+        self.environments: Mapping[str, Environment] = doc.environments
+        self.nodes: Mapping[str, Node] = doc.nodes
+        self._by_mac = {mac: name for name, node in doc.nodes.items() for mac in node.macs}
+        self._by_feature = {self.feature_of(name): name for name in doc.environments}
+
+    # -- lookups that raise NotFound with a useful message -------------------
+    def node(self, name: str) -> Node:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise NotFound(f"unknown node {name!r}") from None
+
+    def node_name_by_mac(self, mac: str) -> str:
+        try:
+            norm = normalize_mac(mac)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        try:
+            return self._by_mac[norm]
+        except KeyError:
+            raise NotFound(f"no node has MAC {norm}") from None
+
+    def environment(self, name: str) -> Environment:
+        try:
+            return self.environments[name]
+        except KeyError:
+            known = ", ".join(sorted(self.environments)) or "none"
+            raise NotFound(f"unknown environment {name!r} (known: {known})") from None
+
+    def resolve_environment(self, name_or_feature: str) -> str:
+        """An environment's name from its name or its feature (``ee:jdk14`` or ``ee=jdk14``)."""
+        if name_or_feature in self.environments:
+            return name_or_feature
+        feature = name_or_feature.replace("=", ":", 1)
+        if feature in self._by_feature:
+            return self._by_feature[feature]
+        known = ", ".join(sorted(self.environments)) or "none"
+        raise NotFound(f"unknown environment {name_or_feature!r} (known: {known})")
+
+    def feature_of(self, env_name: str) -> str:
+        env = self.environments[env_name]
+        return env.feature or f"ee:{env_name}"
+
+    def directories(self, env_name: str) -> dict[str, DirectorySpec]:
+        """The environment's directories, normalized, with ``/`` standing for the rest."""
+        env = self.environment(env_name)
+        out = {"/": DirectorySpec(policy=env.default_policy)}
+        for path, spec in env.directories.items():
+            out[normalize_dir(path)] = spec
+        return dict(sorted(out.items()))
+
+    def nfs_server_for(self, site: str | None) -> str | None:
+        if site is not None and site in self.sites and self.sites[site].nfs_server:
+            return self.sites[site].nfs_server
+        return self.settings.nfs_server
+
+    def site_of_address(self, address: IPAddress) -> str | None:
+        """The site whose prefix is the longest match for ``address``."""
+        best: tuple[int, str] | None = None
+        for name, site in self.sites.items():
+            for prefix in site.prefixes:
+                if (
+                    address.version == prefix.version
+                    and address in prefix
+                    and (best is None or prefix.prefixlen > best[0])
+                ):
+                    best = (prefix.prefixlen, name)
+        return best[1] if best else None
+
+    def parent_chain(self, relay: str) -> list[str]:
+        chain: list[str] = []
+        parent = self.relays[relay].parent
+        while parent is not None and parent not in chain:
+            chain.append(parent)
+            parent = self.relays[parent].parent
+        return chain
+
+
+def load_registry(path: str | Path) -> Registry:
+    """Load and validate a registry file; raise :class:`ConfigError` listing every problem."""
+    return _build(load_yaml_file(path))
+
+
+def load_registry_text(text: str, file: str = "<registry>") -> Registry:
+    return _build(load_yaml_text(text, file))
+
+
+def _build(source: YamlSource) -> Registry:
+    if not isinstance(source.data, dict):
+        raise ConfigError([source.problem((), "the registry must be a mapping of sections")])
+    try:
+        doc = _Document.model_validate(source.data)
+    except ValidationError as exc:
+        raise ConfigError([_pydantic_problem(source, e) for e in exc.errors()]) from None
+    problems = list(_cross_check(doc, source))
+    if problems:
+        raise ConfigError(problems)
+    return Registry(doc, source.file)
+
+
+def _pydantic_problem(source: YamlSource, err: Any) -> Problem:
+    loc: Loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    # drop pydantic's union/annotation markers such as "IPv4Network"
+    loc = tuple(p for p in loc if p not in ("IPv4Network", "IPv6Network"))
+    msg: str = err["msg"]
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        msg = "unknown field (check the spelling; see docs/registry.md)"
+    elif kind == "missing":
+        msg = "required field is missing"
+    elif kind == "enum":
+        msg = f"unknown policy {err['input']!r} (choose one of: ram, disk, sync, nfs)"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    elif kind.startswith(("ip_v4", "ip_v6", "ip_any")) or "network" in kind:
+        msg = f"{err['input']!r} is not a valid IPv4 or IPv6 network in CIDR form"
+    return source.problem(loc, msg)
+
+
+def _cross_check(doc: _Document, source: YamlSource) -> Iterable[Problem]:
+    def p(loc: Loc, msg: str) -> Problem:
+        return source.problem(loc, msg)
+
+    def known(kind: str, names: Iterable[str]) -> str:
+        listed = ", ".join(sorted(names)) or "none defined"
+        return f"(known {kind}: {listed})"
+
+    # sites: one prefix in two sites is ambiguous
+    owner: dict[IPNetwork, str] = {}
+    for name, site in doc.sites.items():
+        for i, prefix in enumerate(site.prefixes):
+            if prefix in owner and owner[prefix] != name:
+                yield p(
+                    ("sites", name, "prefixes", i), f"{prefix} is also a prefix of site {owner[prefix]!r}"
+                )
+            owner.setdefault(prefix, name)
+
+    # relays: site and parent exist; parent chains end
+    for name, relay in doc.relays.items():
+        if relay.site not in doc.sites:
+            yield p(("relays", name, "site"), f"unknown site {relay.site!r} {known('sites', doc.sites)}")
+        if relay.parent is not None and relay.parent not in doc.relays:
+            yield p(
+                ("relays", name, "parent"), f"unknown relay {relay.parent!r} {known('relays', doc.relays)}"
+            )
+    for name in doc.relays:
+        chain = [name]
+        parent = doc.relays[name].parent
+        while parent is not None and parent in doc.relays:
+            if parent in chain:
+                loop = " -> ".join([*chain[chain.index(parent) :], parent])
+                if parent == name:  # report each loop once, at every member
+                    yield p(("relays", name, "parent"), f"parent chain loops: {loop}")
+                break
+            chain.append(parent)
+            parent = doc.relays[parent].parent
+
+    # environments: directories and features
+    features: dict[str, str] = {}
+    for name, env in doc.environments.items():
+        seen: dict[str, str] = {}
+        for raw, spec in env.directories.items():
+            loc = ("environments", name, "directories", raw)
+            try:
+                norm = normalize_dir(raw)
+            except ValueError as exc:
+                yield p(loc, f"directory {exc}")
+                continue
+            if norm == "/":
+                yield p(loc, "'/' is set with default_policy, not listed as a directory")
+            elif norm in seen:
+                yield p(loc, f"two policies for the same directory {norm} (also given as {seen[norm]!r})")
+            seen.setdefault(norm, raw)
+            if spec.options is not None and spec.policy is not Policy.NFS:
+                yield p((*loc, "options"), "mount options apply only to the nfs policy")
+            if spec.size is not None and spec.policy is not Policy.RAM:
+                yield p((*loc, "size"), "a size applies only to the ram policy")
+        feature = env.feature or f"ee:{name}"
+        floc: Loc = ("environments", name, "feature") if env.feature else ("environments", name)
+        if not FEATURE_RE.match(feature):
+            hint = (
+                ""
+                if env.feature
+                else "; set 'feature:' explicitly, e.g. ee:" + re.sub(r"[^A-Za-z0-9_.]", "_", name)
+            )
+            yield p(floc, f"{feature!r} cannot be a Slurm feature (want prefix:value of [A-Za-z0-9_.]){hint}")
+        elif feature in features:
+            yield p(floc, f"feature {feature!r} is also the feature of environment {features[feature]!r}")
+        features.setdefault(feature, name)
+
+    # nodes: references, MACs, disks
+    macs: dict[str, str] = {}
+    for name, node in doc.nodes.items():
+        base = ("nodes", name)
+        if node.environment not in doc.environments:
+            yield p(
+                (*base, "environment"),
+                f"unknown environment {node.environment!r} {known('environments', doc.environments)}",
+            )
+        elif node.disk is None:
+            env = doc.environments[node.environment]
+            needing = [d for d, s in env.directories.items() if s.policy.needs_disk]
+            if env.default_policy.needs_disk:
+                needing.insert(0, "/")
+            if needing:
+                yield p(
+                    (*base, "disk"),
+                    f"environment {node.environment!r} copies {', '.join(needing)} to disk, "
+                    "but the node has no 'disk' partition",
+                )
+        if node.profile not in doc.profiles:
+            yield p(
+                (*base, "profile"),
+                f"unknown hardware profile {node.profile!r} {known('profiles', doc.profiles)}",
+            )
+        if node.site is not None and node.site not in doc.sites:
+            yield p((*base, "site"), f"unknown site {node.site!r} {known('sites', doc.sites)}")
+        for i, mac in enumerate(node.macs):
+            if mac in macs:
+                other = "this node" if macs[mac] == name else f"node {macs[mac]!r}"
+                yield p((*base, "macs", i), f"MAC {mac} is used twice (also by {other})")
+            macs.setdefault(mac, name)

@@ -1,0 +1,439 @@
+"""The gRPC core: thin servicers over :class:`slim.core.service.CoreService`.
+
+Each method parses its request, calls one domain method and maps the answer.
+Errors: a :class:`slim.errors.SlimError` becomes its own status code with its
+message (logged without a traceback); anything else is logged with a
+traceback and answered INTERNAL.  Writes to SQLite run on one dedicated
+thread so the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from slim.core import service as dom
+from slim.core.redirect import RankedRelay, Tier
+from slim.core.registry import Policy
+from slim.core.state import BootEvent
+from slim.core.store import ObjectRef
+from slim.errors import InvalidArgument, SlimError, Unavailable
+from slim.v1 import core_pb2 as pb
+from slim.v1 import core_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+MAX_EVENTS_PER_STREAM = 10_000
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+POLICY_TO_PB = {
+    Policy.RAM: pb.POLICY_RAM,
+    Policy.DISK: pb.POLICY_DISK,
+    Policy.SYNC: pb.POLICY_SYNC,
+    Policy.NFS: pb.POLICY_NFS,
+}
+TIER_TO_PB = {
+    Tier.SITE: pb.RELAY_TIER_SITE,
+    Tier.PARENT: pb.RELAY_TIER_PARENT,
+    Tier.OTHER: pb.RELAY_TIER_OTHER,
+}
+FORMATS = {
+    pb.SCRIPT_FORMAT_UNSPECIFIED: "ipxe",
+    pb.SCRIPT_FORMAT_IPXE: "ipxe",
+    pb.SCRIPT_FORMAT_PXELINUX: "pxelinux",
+}
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, method: str) -> None:
+    if isinstance(exc, SlimError):
+        log.info("%s: %s: %s", method, exc.grpc_code, exc.message)
+        await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+    log.exception("%s: unexpected error", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (see the core's log)")
+
+
+def unary(
+    fn: Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[T]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[T]]:
+    """Map errors of a unary-response method to gRPC statuses."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> T:
+        try:
+            return await fn(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await _abort(context, exc, fn.__name__)
+            raise AssertionError("abort returned") from exc
+
+    return wrapper
+
+
+def _ts(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _seconds(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def _node_ref(ref: pb.NodeRef) -> dom.NodeRef:
+    which = ref.WhichOneof("ref")
+    if which == "name":
+        return dom.NodeRef(name=ref.name)
+    if which == "mac":
+        return dom.NodeRef(mac=ref.mac)
+    raise InvalidArgument("node is required (by name or by mac)")
+
+
+def _obj(ref: ObjectRef | None) -> pb.ObjectRef | None:
+    return pb.ObjectRef(digest=ref.digest, size=ref.size) if ref else None
+
+
+def relay_pb(r: RankedRelay) -> pb.RankedRelay:
+    return pb.RankedRelay(
+        name=r.name,
+        urls=r.urls,
+        site=r.site,
+        tier=TIER_TO_PB[r.tier],
+        score=r.score,
+        heartbeat_seen=r.heartbeat_seen,
+    )
+
+
+def plan_pb(plan: dom.BootPlan) -> pb.BootPlan:
+    dirs = []
+    for d in plan.directories:
+        nfs = pb.NfsMount(server=d.nfs.server, export=d.nfs.export, options=d.nfs.options) if d.nfs else None
+        dirs.append(
+            pb.DirectoryAction(
+                path=d.path,
+                policy=POLICY_TO_PB[d.policy],
+                archive=_obj(d.archive),
+                manifest=_obj(d.manifest),
+                nfs=nfs,
+                tmpfs_size=d.tmpfs_size,
+                bytes=d.bytes,
+                files=d.files,
+            )
+        )
+    return pb.BootPlan(
+        node=plan.node,
+        environment=plan.environment,
+        release_digest=plan.release_digest,
+        kernel=_obj(plan.kernel),
+        initrd=_obj(plan.initrd),
+        kernel_args=plan.kernel_args,
+        modules=plan.modules,
+        disk=plan.disk,
+        directories=dirs,
+        relays=[relay_pb(r) for r in plan.relays],
+        reason=plan.reason,
+        site=plan.site or "",
+    )
+
+
+def event_pb(e: BootEvent) -> pb.BootEvent:
+    return pb.BootEvent(
+        node=e.node,
+        boot_id=e.boot_id,
+        stage=e.stage,
+        time=_ts(e.time),
+        relay=e.relay,
+        bytes=e.bytes,
+        ok=e.ok,
+        message=e.message,
+        environment=e.environment,
+    )
+
+
+def node_pb(v: dom.NodeView) -> pb.NodeInfo:
+    info = pb.NodeInfo(
+        name=v.name,
+        macs=v.node.macs,
+        profile=v.node.profile,
+        default_environment=v.node.environment,
+        site=v.node.site or "",
+        disk=v.node.disk or "",
+        groups=v.node.groups,
+        next_environment=v.next_environment,
+    )
+    if v.next_boot is not None:
+        info.next_boot.CopyFrom(
+            pb.NextBoot(
+                environment=v.next_boot.environment, set_by=v.next_boot.set_by, set_at=_ts(v.next_boot.set_at)
+            )
+        )
+    if v.last_event is not None:
+        info.last_event.CopyFrom(event_pb(v.last_event))
+    return info
+
+
+def environment_pb(v: dom.EnvironmentView) -> pb.EnvironmentInfo:
+    return pb.EnvironmentInfo(
+        name=v.name,
+        feature=v.feature,
+        image=v.env.image,
+        kernel=v.env.kernel,
+        kernel_args=v.env.kernel_args,
+        description=v.env.description,
+        directories=[
+            pb.DirectoryInfo(
+                path=path,
+                policy=POLICY_TO_PB[spec.policy],
+                options=spec.nfs_options if spec.policy is Policy.NFS else "",
+            )
+            for path, spec in v.directories.items()
+        ],
+        release_digest=v.release_digest or "",
+    )
+
+
+def relay_info_pb(v: dom.RelayView) -> pb.RelayInfo:
+    info = pb.RelayInfo(
+        name=v.name,
+        urls=v.relay.urls,
+        site=v.relay.site,
+        parent=v.relay.parent or "",
+        capacity=v.relay.capacity,
+        status=str(v.status),
+    )
+    if v.beat is not None:
+        b = v.beat
+        info.last_heartbeat.CopyFrom(
+            pb.Heartbeat(
+                relay=b.relay,
+                load=b.load,
+                active_transfers=b.active_transfers,
+                egress_bytes_per_second=b.egress_bps,
+                cache_bytes=b.cache_bytes,
+                healthy=b.healthy,
+                message=b.message,
+            )
+        )
+        info.last_seen.CopyFrom(_ts(b.last_seen))
+    return info
+
+
+class _Base:
+    def __init__(self, service: dom.CoreService, writer: ThreadPoolExecutor) -> None:
+        self.service = service
+        self._writer = writer
+
+    async def write(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a domain method that writes to SQLite on the writer thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, functools.partial(fn, *args, **kwargs))
+
+
+class CoreServicer(_Base, pb_grpc.CoreServicer):
+    @unary
+    async def Locate(self, request: pb.LocateRequest, context: Any) -> pb.LocateResponse:
+        found = self.service.locate(_node_ref(request.node), request.origin)
+        return pb.LocateResponse(
+            node=found.node, site=found.site or "", relays=[relay_pb(r) for r in found.relays]
+        )
+
+    @unary
+    async def GetBootPlan(self, request: pb.GetBootPlanRequest, context: Any) -> pb.BootPlan:
+        return plan_pb(self.service.boot_plan(_node_ref(request.node), request.origin))
+
+    @unary
+    async def GetBootScript(self, request: pb.GetBootScriptRequest, context: Any) -> pb.BootScript:
+        if request.format not in FORMATS:
+            raise InvalidArgument(f"unknown script format {request.format}")
+        s = self.service.boot_script(request.mac, request.origin, FORMATS[request.format])
+        return pb.BootScript(
+            node=s.node,
+            default_environment=s.default_environment,
+            content_type=s.content_type,
+            script=s.script,
+        )
+
+    @unary
+    async def ReportBootEvents(
+        self, request_iterator: AsyncIterator[pb.BootEvent], context: Any
+    ) -> pb.ReportBootEventsResponse:
+        events: list[BootEvent] = []
+        now = self.service.clock()
+        async for e in request_iterator:
+            if len(events) >= MAX_EVENTS_PER_STREAM:
+                raise InvalidArgument(f"more than {MAX_EVENTS_PER_STREAM} events in one stream; split it")
+            when = _seconds(e.time) if e.HasField("time") else now
+            events.append(
+                BootEvent(
+                    e.node,
+                    e.boot_id,
+                    e.stage,
+                    when,
+                    e.relay,
+                    min(e.bytes, 2**63 - 1),
+                    e.ok,
+                    e.message,
+                    e.environment,
+                )
+            )
+        accepted = await self.write(self.service.report_events, events)
+        return pb.ReportBootEventsResponse(accepted=accepted)
+
+    async def RelayHeartbeat(
+        self, request_iterator: AsyncIterator[pb.Heartbeat], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.HeartbeatReply]:
+        relay = ""
+        try:
+            async for beat in request_iterator:
+                if not relay:
+                    relay = beat.relay
+                    log.info("relay %s: heartbeat stream opened", relay or "(unnamed)")
+                elif beat.relay != relay:
+                    raise InvalidArgument(
+                        f"one heartbeat stream carries one relay ({relay!r}), not {beat.relay!r}"
+                    )
+                interval = await self.write(
+                    self.service.heartbeat,
+                    beat.relay,
+                    beat.load,
+                    beat.active_transfers,
+                    beat.egress_bytes_per_second,
+                    beat.cache_bytes,
+                    beat.healthy,
+                    beat.message,
+                )
+                yield pb.HeartbeatReply(interval_ms=max(1, math.ceil(interval * 1000)))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status
+            await _abort(context, exc, "RelayHeartbeat")
+        finally:
+            if relay:
+                log.info("relay %s: heartbeat stream closed", relay)
+
+
+class AdminServicer(_Base, pb_grpc.AdminServicer):
+    @unary
+    async def SetNextBoot(self, request: pb.SetNextBootRequest, context: Any) -> pb.NodeInfo:
+        if not request.node:
+            raise InvalidArgument("node is required")
+        view = await self.write(self.service.set_next_boot, request.node, request.environment, request.set_by)
+        log.info(
+            "next boot of %s: %s (set by %s)",
+            request.node,
+            request.environment or "(cleared)",
+            request.set_by or "?",
+        )
+        return node_pb(view)
+
+    @unary
+    async def ListEnvironments(
+        self, request: pb.ListEnvironmentsRequest, context: Any
+    ) -> pb.ListEnvironmentsResponse:
+        return pb.ListEnvironmentsResponse(
+            environments=[environment_pb(v) for v in self.service.list_environments()]
+        )
+
+    @unary
+    async def GetEnvironment(self, request: pb.GetEnvironmentRequest, context: Any) -> pb.EnvironmentInfo:
+        return environment_pb(self.service.environment_view(request.name))
+
+    @unary
+    async def ListNodes(self, request: pb.ListNodesRequest, context: Any) -> pb.ListNodesResponse:
+        views = await self.write(self.service.list_nodes, request.group)
+        return pb.ListNodesResponse(nodes=[node_pb(v) for v in views])
+
+    @unary
+    async def GetNode(self, request: pb.GetNodeRequest, context: Any) -> pb.NodeInfo:
+        return node_pb(await self.write(self.service.get_node, _node_ref(request.node)))
+
+    @unary
+    async def ListRelays(self, request: pb.ListRelaysRequest, context: Any) -> pb.ListRelaysResponse:
+        return pb.ListRelaysResponse(relays=[relay_info_pb(v) for v in self.service.list_relays()])
+
+    @unary
+    async def ListBootEvents(
+        self, request: pb.ListBootEventsRequest, context: Any
+    ) -> pb.ListBootEventsResponse:
+        events = await self.write(self.service.list_events, request.node, request.limit)
+        return pb.ListBootEventsResponse(events=[event_pb(e) for e in events])
+
+
+class CoreServer:
+    """The gRPC server around one :class:`CoreService`; owns the writer thread."""
+
+    def __init__(self, service: dom.CoreService, listen: str = "127.0.0.1:50051") -> None:
+        self.service = service
+        self.listen = listen
+        self.port = 0
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slim-state")
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        pb_grpc.add_CoreServicer_to_server(CoreServicer(service, self._writer), self._server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(service, self._writer), self._server)
+
+    async def start(self) -> int:
+        """Bind and start; return the bound port (useful with port 0)."""
+        try:
+            self.port = self._server.add_insecure_port(self.listen)
+        except RuntimeError as exc:
+            raise Unavailable(f"cannot listen on {self.listen}: {exc}") from None
+        if self.port == 0:
+            raise Unavailable(f"cannot listen on {self.listen} (address in use or not local?)")
+        await self._server.start()
+        log.info("core listening on %s (port %d)", self.listen, self.port)
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting calls, give in-flight calls ``grace`` seconds, then cancel them."""
+        await self._server.stop(grace)
+        self._writer.shutdown(wait=True)
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def serve(
+    service: dom.CoreService, listen: str, grace: float, on_ready: Callable[[int], None] | None = None
+) -> None:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the registry."""
+    server = CoreServer(service, listen)
+    port = await server.start()
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def reload() -> None:
+        try:
+            service.reload_registry()
+        except SlimError as exc:
+            log.error("registry not reloaded, keeping the current one:\n%s", exc)
+
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    if on_ready is not None:
+        on_ready(port)
+    try:
+        await stopping.wait()
+        log.info("stopping: finishing in-flight calls (grace %.1f s)", grace)
+        await server.stop(grace)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    log.info("core stopped")

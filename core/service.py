@@ -1,0 +1,408 @@
+"""The core's domain: every answer the core gives, independent of transport.
+
+The gRPC servicers in :mod:`slim.core.server` parse a request, call one
+method here and map the result.  Nothing here imports grpc.
+
+Hot paths (locate, plan, boot script) read only memory: the registry, and
+caches of next-boot overrides and heartbeats that this class keeps in step
+with the database it writes through to (the core is the only writer).
+Methods that write (marked *writes*) touch SQLite; the gRPC layer runs them
+on one dedicated thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from slim.core.bootscript import Menu, MenuEntry, render_ipxe, render_pxelinux
+from slim.core.redirect import RankedRelay, Redirector, RelayStatus, parse_origin, relay_status
+from slim.core.registry import (
+    DirectorySpec,
+    Environment,
+    Node,
+    Policy,
+    Registry,
+    Relay,
+    load_registry,
+    normalize_mac,
+)
+from slim.core.state import BootEvent, NextBoot, RelayBeat, State
+from slim.core.store import ObjectRef, Release, Store
+from slim.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+MAX_KERNEL_ARG_RELAYS = 4
+MAX_EVENTS_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    """A node named by ``name`` or by ``mac`` (exactly one)."""
+
+    name: str = ""
+    mac: str = ""
+
+
+@dataclass(frozen=True)
+class Located:
+    node: str
+    site: str | None
+    relays: list[RankedRelay]
+
+
+@dataclass(frozen=True)
+class NfsMount:
+    server: str
+    export: str
+    options: str
+
+
+@dataclass(frozen=True)
+class DirectoryAction:
+    path: str
+    policy: Policy
+    archive: ObjectRef | None = None
+    manifest: ObjectRef | None = None
+    nfs: NfsMount | None = None
+    tmpfs_size: str = ""
+    bytes: int = 0
+    files: int = 0
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    node: str
+    environment: str
+    release_digest: str
+    kernel: ObjectRef
+    initrd: ObjectRef
+    kernel_args: str
+    modules: list[str]
+    disk: str
+    directories: list[DirectoryAction]
+    relays: list[RankedRelay]
+    reason: str
+    site: str | None
+
+
+@dataclass(frozen=True)
+class BootScript:
+    node: str
+    default_environment: str
+    content_type: str
+    script: str
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    node: Node
+    next_boot: NextBoot | None
+    next_environment: str
+    last_event: BootEvent | None
+
+
+@dataclass(frozen=True)
+class EnvironmentView:
+    name: str
+    env: Environment
+    feature: str
+    directories: dict[str, DirectorySpec]
+    release_digest: str | None
+
+
+@dataclass(frozen=True)
+class RelayView:
+    name: str
+    relay: Relay
+    status: RelayStatus
+    beat: RelayBeat | None
+
+
+class CoreService:
+    """The registry, the runtime state and the store, answering questions."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        state: State,
+        store: Store,
+        redirector: Redirector | None = None,
+        clock: Callable[[], float] = time.time,
+        registry_path: str | Path | None = None,
+    ) -> None:
+        self.registry = registry
+        self.registry_path = Path(registry_path) if registry_path else None
+        self.state = state
+        self.store = store
+        self.redirector = redirector or Redirector()
+        self.clock = clock
+        self._next_boots = state.next_boots()
+        self._beats = state.heartbeats()
+
+    # -- registry ------------------------------------------------------------
+    def reload_registry(self) -> Registry:
+        """Load the registry file again; on error keep the current one and raise."""
+        if self.registry_path is None:
+            raise FailedPrecondition("this core was started without a registry file")
+        self.registry = load_registry(self.registry_path)
+        log.info("registry reloaded from %s", self.registry_path)
+        return self.registry
+
+    def _node_name(self, ref: NodeRef) -> str:
+        if ref.name and ref.mac:
+            raise InvalidArgument("name the node by name or by MAC, not both")
+        if ref.name:
+            self.registry.node(ref.name)
+            return ref.name
+        if ref.mac:
+            return self.registry.node_name_by_mac(ref.mac)
+        raise InvalidArgument("a node name or MAC is required")
+
+    def next_environment(self, node: str) -> tuple[str, str]:
+        """(environment the node boots next, why: "next-boot" or "default")."""
+        nb = self._next_boots.get(node)
+        if nb is not None and nb.environment in self.registry.environments:
+            return nb.environment, "next-boot"
+        return self.registry.node(node).environment, "default"
+
+    # -- redirection ---------------------------------------------------------
+    def _rank(self, node: str, origin: str, assign: bool = True) -> tuple[str | None, list[RankedRelay]]:
+        if not origin:
+            raise InvalidArgument("the origin address of the node is required")
+        address = parse_origin(origin)
+        site, relays = self.redirector.rank(
+            self.registry, self._beats, address, self.clock(), self.registry.node(node).site, assign
+        )
+        if not relays:
+            raise Unavailable(f"no relay can serve node {node!r} from {address}: none is live")
+        return site, relays
+
+    def locate(self, ref: NodeRef, origin: str) -> Located:
+        node = self._node_name(ref)
+        site, relays = self._rank(node, origin)
+        return Located(node, site, relays)
+
+    # -- boot plan -----------------------------------------------------------
+    def _release(self, env_name: str) -> tuple[str, Release]:
+        found = self.store.release(env_name)
+        if found is None:
+            raise FailedPrecondition(
+                f"environment {env_name!r} has no release yet; build it with: slim ee build {env_name}"
+            )
+        return found
+
+    def _kernel_args(self, node: str, env_name: str, release_digest: str, relays: list[RankedRelay]) -> str:
+        node_cfg = self.registry.node(node)
+        profile = self.registry.profiles[node_cfg.profile]
+        env = self.registry.environments[env_name]
+        urls = ",".join(r.urls[0] for r in relays[:MAX_KERNEL_ARG_RELAYS])
+        parts = [
+            f"slim.node={node}",
+            f"slim.env={env_name}",
+            f"slim.release={release_digest}",
+            f"slim.relays={urls}",
+            profile.kernel_args,
+            env.kernel_args,
+        ]
+        return " ".join(p for p in parts if p)
+
+    def boot_plan(self, ref: NodeRef, origin: str) -> BootPlan:
+        node = self._node_name(ref)
+        node_cfg = self.registry.node(node)
+        env_name, reason = self.next_environment(node)
+        digest, release = self._release(env_name)
+        site, relays = self._rank(node, origin)
+        actions = []
+        for path, spec in self.registry.directories(env_name).items():
+            built = release.directories.get(path)
+
+            def stale(what: str, path: str = path) -> FailedPrecondition:
+                return FailedPrecondition(
+                    f"release {digest[:19]} of {env_name!r} has no {what} for {path}; "
+                    f"the registry changed since the build: slim ee build {env_name}"
+                )
+
+            if spec.policy.needs_disk and not node_cfg.disk:
+                raise FailedPrecondition(
+                    f"environment {env_name!r} puts {path} on disk but node {node!r} has no 'disk'"
+                )
+            action = DirectoryAction(
+                path,
+                spec.policy,
+                bytes=built.bytes if built else 0,
+                files=built.files if built else 0,
+            )
+            if spec.policy in (Policy.RAM, Policy.DISK):
+                if built is None or built.archive is None:
+                    raise stale("archive")
+                action = replace(action, archive=built.archive, tmpfs_size=spec.size or "")
+            elif spec.policy is Policy.SYNC:
+                if built is None or built.manifest is None:
+                    raise stale("manifest")
+                action = replace(action, manifest=built.manifest)
+            else:
+                server = self.registry.nfs_server_for(site or node_cfg.site)
+                if not server:
+                    raise FailedPrecondition(
+                        f"{env_name!r} shares {path} over NFS but no NFS server is configured "
+                        f"for site {site or node_cfg.site or '(none)'}; set sites.<site>.nfs_server "
+                        "or settings.nfs_server"
+                    )
+                root = self.registry.settings.nfs_export_root.rstrip("/")
+                export = f"{root}/{env_name}{'' if path == '/' else path}"
+                action = replace(action, nfs=NfsMount(server, export, spec.nfs_options))
+            actions.append(action)
+        profile = self.registry.profiles[node_cfg.profile]
+        return BootPlan(
+            node=node,
+            environment=env_name,
+            release_digest=digest,
+            kernel=release.kernel,
+            initrd=release.initrd,
+            kernel_args=self._kernel_args(node, env_name, digest, relays),
+            modules=list(profile.modules),
+            disk=node_cfg.disk or "",
+            directories=actions,
+            relays=relays,
+            reason=reason,
+            site=site,
+        )
+
+    # -- boot script ---------------------------------------------------------
+    def boot_script(self, mac: str, origin: str, fmt: str = "ipxe") -> BootScript:
+        if fmt not in ("ipxe", "pxelinux"):
+            raise InvalidArgument(f"unknown boot script format {fmt!r} (ipxe or pxelinux)")
+        node = self._node_name(NodeRef(mac=mac))
+        node_cfg = self.registry.node(node)
+        default, reason = self.next_environment(node)
+        self._release(default)  # the default must be bootable
+        _, relays = self._rank(node, origin)
+        entries, unbuilt = [], []
+        names = [default, *sorted(n for n in self.registry.environments if n != default)]
+        for env_name in names:
+            found = self.store.release(env_name)
+            if found is None:
+                unbuilt.append(env_name)
+                continue
+            digest, release = found
+            title = env_name + (" (next boot)" if env_name == default and reason == "next-boot" else "")
+            desc = self.registry.environments[env_name].description
+            entries.append(
+                MenuEntry(
+                    env_name,
+                    f"{title} - {desc}" if desc else title,
+                    release.kernel.digest,
+                    release.initrd.digest,
+                    self._kernel_args(node, env_name, digest, relays),
+                )
+            )
+        timeout = node_cfg.boot_menu_timeout
+        menu = Menu(
+            node=node,
+            mac=normalize_mac(mac),
+            default=default,
+            timeout=self.registry.settings.boot_menu_timeout if timeout is None else timeout,
+            entries=tuple(entries),
+            relay_urls=tuple(r.urls[0] for r in relays),
+            unbuilt=tuple(unbuilt),
+        )
+        if fmt == "ipxe":
+            return BootScript(node, default, "text/plain; charset=utf-8", render_ipxe(menu))
+        return BootScript(node, default, "text/plain; charset=utf-8", render_pxelinux(menu))
+
+    # -- writes --------------------------------------------------------------
+    def set_next_boot(self, node: str, environment: str, set_by: str) -> NodeView:
+        """*writes* Make ``environment`` (a name or a feature like ``ee:jdk14``) the
+        node's next boot; an empty environment clears the override."""
+        node_cfg = self.registry.node(node)
+        if not environment:
+            self.state.clear_next_boot(node)
+            self._next_boots.pop(node, None)
+            return self.node_view(node)
+        env_name = self.registry.resolve_environment(environment)
+        needing = [p for p, s in self.registry.directories(env_name).items() if s.policy.needs_disk]
+        if needing and not node_cfg.disk:
+            raise FailedPrecondition(
+                f"environment {env_name!r} copies {', '.join(needing)} to disk, "
+                f"but node {node!r} has no 'disk' partition"
+            )
+        nb = self.state.set_next_boot(node, env_name, set_by, self.clock())
+        self._next_boots[node] = nb
+        return self.node_view(node)
+
+    def report_events(self, events: Iterable[BootEvent]) -> int:
+        """*writes* Record boot events; every event's node must exist."""
+        batch = list(events)
+        for e in batch:
+            self.registry.node(e.node)
+        return self.state.add_boot_events(batch, self.clock())
+
+    def heartbeat(
+        self, relay: str, load: float, active: int, egress: float, cache: int, healthy: bool, message: str
+    ) -> float:
+        """*writes* Record a relay's beat; return the interval until the next one."""
+        if relay not in self.registry.relays:
+            raise NotFound(f"unknown relay {relay!r}; add it to the registry's relays")
+        for name, value in (("load", load), ("egress_bytes_per_second", egress)):
+            if not (value >= 0 and value < float("inf")):
+                raise InvalidArgument(f"heartbeat {name} must be a finite number >= 0, not {value}")
+        beat = RelayBeat(relay, load, active, egress, min(cache, 2**63 - 1), healthy, message, self.clock())
+        self.state.record_heartbeat(beat)
+        self._beats[relay] = beat
+        return self.registry.settings.heartbeat_interval
+
+    # -- admin reads ---------------------------------------------------------
+    def node_view(self, node: str) -> NodeView:
+        cfg = self.registry.node(node)
+        env, _ = self.next_environment(node)
+        events = self.state.boot_events(node, 1)
+        return NodeView(node, cfg, self._next_boots.get(node), env, events[0] if events else None)
+
+    def list_nodes(self, group: str = "") -> list[NodeView]:
+        last = self.state.last_events()
+        out = []
+        for name, cfg in sorted(self.registry.nodes.items()):
+            if group and group not in cfg.groups:
+                continue
+            env, _ = self.next_environment(name)
+            out.append(NodeView(name, cfg, self._next_boots.get(name), env, last.get(name)))
+        return out
+
+    def get_node(self, ref: NodeRef) -> NodeView:
+        return self.node_view(self._node_name(ref))
+
+    def environment_view(self, name: str) -> EnvironmentView:
+        env = self.registry.environment(name)
+        return EnvironmentView(
+            name,
+            env,
+            self.registry.feature_of(name),
+            self.registry.directories(name),
+            self.store.release_digest(name),
+        )
+
+    def list_environments(self) -> list[EnvironmentView]:
+        return [self.environment_view(n) for n in sorted(self.registry.environments)]
+
+    def list_relays(self) -> list[RelayView]:
+        now = self.clock()
+        stale_after = self.registry.settings.stale_after
+        return [
+            RelayView(
+                name, relay, relay_status(self._beats.get(name), now, stale_after), self._beats.get(name)
+            )
+            for name, relay in sorted(self.registry.relays.items())
+        ]
+
+    def list_events(self, node: str = "", limit: int = 0) -> list[BootEvent]:
+        if node:
+            self.registry.node(node)
+        if limit > MAX_EVENTS_LIMIT:
+            raise InvalidArgument(f"limit {limit} is above the maximum of {MAX_EVENTS_LIMIT}")
+        return self.state.boot_events(node or None, limit or 100)

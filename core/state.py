@@ -1,0 +1,254 @@
+"""Runtime state: next-boot overrides, boot events, relay heartbeats.
+
+SQLite in WAL mode, the embedded default.  The schema carries a version
+(``PRAGMA user_version``) and is brought up to date by the ordered
+:data:`MIGRATIONS` when the database opens; a database written by a newer
+SLIM is refused rather than guessed at.
+
+This class is synchronous and owns one connection; the gRPC core calls it
+from one dedicated thread so the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from slim.errors import FailedPrecondition, InvalidArgument
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the first schema
+    """
+    CREATE TABLE next_boot (
+        node        TEXT PRIMARY KEY,
+        environment TEXT NOT NULL,
+        set_by      TEXT NOT NULL,
+        set_at      REAL NOT NULL
+    );
+    CREATE TABLE boot_events (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        node        TEXT NOT NULL,
+        boot_id     TEXT NOT NULL,
+        stage       TEXT NOT NULL,
+        time        REAL NOT NULL,
+        relay       TEXT NOT NULL,
+        bytes       INTEGER NOT NULL,
+        ok          INTEGER NOT NULL,
+        message     TEXT NOT NULL,
+        environment TEXT NOT NULL,
+        received_at REAL NOT NULL
+    );
+    CREATE INDEX boot_events_node ON boot_events (node, id);
+    CREATE TABLE relay_heartbeats (
+        relay            TEXT PRIMARY KEY,
+        load             REAL NOT NULL,
+        active_transfers INTEGER NOT NULL,
+        egress_bps       REAL NOT NULL,
+        cache_bytes      INTEGER NOT NULL,
+        healthy          INTEGER NOT NULL,
+        message          TEXT NOT NULL,
+        last_seen        REAL NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+MAX_TEXT = 4096  # longest stage/message/relay text kept from a report
+
+
+@dataclass(frozen=True)
+class NextBoot:
+    node: str
+    environment: str
+    set_by: str
+    set_at: float
+
+
+@dataclass(frozen=True)
+class BootEvent:
+    node: str
+    boot_id: str
+    stage: str
+    time: float
+    relay: str = ""
+    bytes: int = 0
+    ok: bool = True
+    message: str = ""
+    environment: str = ""
+
+
+@dataclass(frozen=True)
+class RelayBeat:
+    relay: str
+    load: float
+    active_transfers: int
+    egress_bps: float
+    cache_bytes: int
+    healthy: bool
+    message: str
+    last_seen: float
+
+
+class State:
+    """The core's runtime state in one SQLite file (``":memory:"`` for tests)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise FailedPrecondition(f"cannot open state database {self.path}: {exc}") from None
+        try:
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if self.path != ":memory:" and mode != "wal":
+                raise FailedPrecondition(f"{self.path}: SQLite refused WAL mode (got {mode})")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise FailedPrecondition(f"{self.path} is not a usable SLIM state database: {exc}") from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise FailedPrecondition(
+                    f"{self.path} has schema version {version}, newer than this SLIM "
+                    f"understands ({SCHEMA_VERSION}); upgrade SLIM"
+                )
+            for number in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number + 1}")
+
+    # -- next-boot overrides -------------------------------------------------
+    def set_next_boot(self, node: str, environment: str, set_by: str, now: float | None = None) -> NextBoot:
+        nb = NextBoot(node, environment, set_by or "unknown", time.time() if now is None else now)
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO next_boot (node, environment, set_by, set_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (node) DO UPDATE SET environment = excluded.environment, "
+                "set_by = excluded.set_by, set_at = excluded.set_at",
+                (nb.node, nb.environment, nb.set_by[:MAX_TEXT], nb.set_at),
+            )
+        return nb
+
+    def clear_next_boot(self, node: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM next_boot WHERE node = ?", (node,)).rowcount > 0
+
+    def next_boots(self) -> dict[str, NextBoot]:
+        with self._lock:
+            rows = self._db.execute("SELECT node, environment, set_by, set_at FROM next_boot").fetchall()
+        return {r[0]: NextBoot(*r) for r in rows}
+
+    # -- boot events ---------------------------------------------------------
+    def add_boot_events(self, events: list[BootEvent], now: float | None = None) -> int:
+        received = time.time() if now is None else now
+        for e in events:
+            if not e.node or not e.stage:
+                raise InvalidArgument("a boot event needs a node and a stage")
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO boot_events (node, boot_id, stage, time, relay, bytes, ok, message, "
+                "environment, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        e.node,
+                        e.boot_id[:MAX_TEXT],
+                        e.stage[:MAX_TEXT],
+                        e.time,
+                        e.relay[:MAX_TEXT],
+                        e.bytes,
+                        int(e.ok),
+                        e.message[:MAX_TEXT],
+                        e.environment[:MAX_TEXT],
+                        received,
+                    )
+                    for e in events
+                ],
+            )
+        return len(events)
+
+    def boot_events(self, node: str | None = None, limit: int = 100) -> list[BootEvent]:
+        """The newest ``limit`` events (of one node, or all), newest first."""
+        query = (
+            "SELECT node, boot_id, stage, time, relay, bytes, ok, message, environment "
+            "FROM boot_events {} ORDER BY id DESC LIMIT ?"
+        )
+        with self._lock:
+            if node:
+                rows = self._db.execute(query.format("WHERE node = ?"), (node, limit)).fetchall()
+            else:
+                rows = self._db.execute(query.format(""), (limit,)).fetchall()
+        return [BootEvent(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows]
+
+    def last_events(self) -> dict[str, BootEvent]:
+        """Each node's most recent event."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT node, boot_id, stage, time, relay, bytes, ok, message, environment "
+                "FROM boot_events WHERE id IN (SELECT MAX(id) FROM boot_events GROUP BY node)"
+            ).fetchall()
+        return {r[0]: BootEvent(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows}
+
+    # -- relay heartbeats ----------------------------------------------------
+    def record_heartbeat(self, beat: RelayBeat) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO relay_heartbeats (relay, load, active_transfers, egress_bps, "
+                "cache_bytes, healthy, message, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (relay) DO UPDATE SET load = excluded.load, "
+                "active_transfers = excluded.active_transfers, egress_bps = excluded.egress_bps, "
+                "cache_bytes = excluded.cache_bytes, healthy = excluded.healthy, "
+                "message = excluded.message, last_seen = excluded.last_seen",
+                (
+                    beat.relay,
+                    beat.load,
+                    beat.active_transfers,
+                    beat.egress_bps,
+                    beat.cache_bytes,
+                    int(beat.healthy),
+                    beat.message[:MAX_TEXT],
+                    beat.last_seen,
+                ),
+            )
+
+    def heartbeats(self) -> dict[str, RelayBeat]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT relay, load, active_transfers, egress_bps, cache_bytes, healthy, message, "
+                "last_seen FROM relay_heartbeats"
+            ).fetchall()
+        return {r[0]: RelayBeat(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7]) for r in rows}

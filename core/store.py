@@ -1,0 +1,159 @@
+"""The content-addressed artifact store and EE release documents.
+
+Layout (under the store directory)::
+
+    objects/sha256/<hex>          immutable objects, named by their SHA-256
+    refs/environments/<name>      "sha256:<hex>" of the environment's current release
+
+A release is a small JSON document (itself an object) listing the digests of
+everything a node needs for one environment: kernel, initrd and, per
+directory, the copy-set archive and copy-if-needed manifest.  The only
+mutable thing is a ref; relays can cache objects forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from slim.core.registry import NAME_RE, Policy
+from slim.errors import FailedPrecondition, InvalidArgument, NotFound
+
+HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse_digest(digest: str) -> str:
+    """``sha256:<hex>`` (or bare hex) → hex; anything else is InvalidArgument."""
+    hexpart = digest[7:] if digest.startswith("sha256:") else digest
+    if not HEX_RE.match(hexpart):
+        raise InvalidArgument(f"{digest!r} is not a sha256 digest (want sha256:<64 lowercase hex>)")
+    return hexpart
+
+
+class ObjectRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class ReleaseDirectory(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    policy: Policy
+    archive: ObjectRef | None = None
+    manifest: ObjectRef | None = None
+    bytes: int = Field(0, ge=0)
+    files: int = Field(0, ge=0)
+
+
+class Release(BaseModel):
+    """What ``slim ee build`` publishes for one environment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: int = Field(1, alias="schema")
+    environment: str
+    kernel: ObjectRef
+    initrd: ObjectRef
+    directories: dict[str, ReleaseDirectory] = Field(default_factory=dict)
+    created: str = ""
+
+
+class Store:
+    """Reads (and, for builders, writes) the content-addressed store."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.objects = self.root / "objects" / "sha256"
+        self.refs = self.root / "refs" / "environments"
+        self._lock = threading.Lock()
+        self._ref_cache: dict[str, tuple[tuple[int, int], str]] = {}
+        self._release_cache: dict[str, Release] = {}
+
+    def object_path(self, digest: str) -> Path:
+        return self.objects / parse_digest(digest)
+
+    def put_bytes(self, data: bytes) -> ObjectRef:
+        """Store ``data`` atomically (temporary file, fsync, rename); idempotent."""
+        hexdigest = hashlib.sha256(data).hexdigest()
+        target = self.objects / hexdigest
+        if not target.exists():
+            self.objects.mkdir(parents=True, exist_ok=True)
+            _atomic_write(target, data)
+        return ObjectRef(digest=f"sha256:{hexdigest}", size=len(data))
+
+    def read_object(self, digest: str) -> bytes:
+        """An object's bytes, verified against its digest."""
+        hexdigest = parse_digest(digest)
+        try:
+            data = (self.objects / hexdigest).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"object sha256:{hexdigest} is not in the store {self.root}") from None
+        if hashlib.sha256(data).hexdigest() != hexdigest:
+            raise FailedPrecondition(f"object sha256:{hexdigest} in {self.root} is corrupt")
+        return data
+
+    def publish_release(self, release: Release) -> str:
+        """Store the release document and point the environment's ref at it."""
+        if not NAME_RE.match(release.environment):
+            raise InvalidArgument(f"{release.environment!r} is not an environment name")
+        doc = json.dumps(release.model_dump(mode="json", by_alias=True), sort_keys=True, indent=1)
+        ref = self.put_bytes(doc.encode())
+        self.refs.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.refs / release.environment, (ref.digest + "\n").encode())
+        return ref.digest
+
+    def release_digest(self, environment: str) -> str | None:
+        """The digest of the environment's current release, or None if never built."""
+        path = self.refs / environment
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        key = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            cached = self._ref_cache.get(environment)
+        if cached and cached[0] == key:
+            return cached[1]
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+        digest = f"sha256:{parse_digest(text)}"
+        with self._lock:
+            self._ref_cache[environment] = (key, digest)
+        return digest
+
+    def release(self, environment: str) -> tuple[str, Release] | None:
+        """The environment's current release (digest, document), or None if never built."""
+        digest = self.release_digest(environment)
+        if digest is None:
+            return None
+        with self._lock:
+            cached = self._release_cache.get(digest)
+        if cached is None:
+            try:
+                cached = Release.model_validate_json(self.read_object(digest))
+            except ValidationError as exc:
+                raise FailedPrecondition(
+                    f"release {digest} of environment {environment!r} is not a valid release "
+                    f"document: {exc.errors()[0]['msg']}"
+                ) from None
+            with self._lock:
+                self._release_cache[digest] = cached
+        return digest, cached
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

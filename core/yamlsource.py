@@ -1,0 +1,135 @@
+"""Load YAML keeping the line of every key, and refusing duplicate keys.
+
+PyYAML silently keeps the last of two equal keys; in a registry that hides a
+mistake (two nodes named alike, two policies for one directory), so a
+duplicate key is an error here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slim.errors import ConfigError, Problem
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass
+class YamlSource:
+    """A parsed YAML document and the line (1-based) of every path in it."""
+
+    file: str
+    data: Any
+    lines: dict[Loc, int] = field(default_factory=dict)
+
+    def line_of(self, loc: Loc) -> int | None:
+        """The line of ``loc``, or of its nearest ancestor that has one."""
+        for end in range(len(loc), -1, -1):
+            line = self.lines.get(tuple(loc[:end]))
+            if line is not None:
+                return line
+        return None
+
+    def problem(self, loc: Loc, message: str) -> Problem:
+        return Problem(self.file, self.line_of(loc), format_loc(loc), message)
+
+
+def format_loc(loc: Loc) -> str:
+    """``("environments", "base", "directories", "/usr")`` → ``environments.base.directories[/usr]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.replace("_", "").replace("-", "").isalnum() and out:
+            out += f".{part}"
+        elif not out:
+            out = part
+        else:
+            out += f"[{part}]"
+    return out or "(document)"
+
+
+def load_yaml_text(text: str, file: str) -> YamlSource:
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark is not None else None
+            what = exc.problem or exc.context or "invalid YAML"
+            raise ConfigError([Problem(file, line, "(syntax)", what)]) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError([Problem(file, None, "(syntax)", str(exc))]) from None
+        if root is None:
+            return YamlSource(file, {})
+        source = YamlSource(file, None)
+        problems: list[Problem] = []
+        _index(loader, root, (), source.lines, problems, file)
+        if problems:
+            raise ConfigError(problems)
+        try:
+            source.data = loader.construct_document(root)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark
+            raise ConfigError(
+                [Problem(file, mark.line + 1 if mark else None, "(syntax)", str(exc.problem))]
+            ) from None
+        return source
+    finally:
+        loader.dispose()
+
+
+def load_yaml_file(path: str | Path) -> YamlSource:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([Problem(str(p), None, "(file)", "no such file")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem(str(p), None, "(file)", f"cannot read: {exc}")]) from None
+    return load_yaml_text(text, str(p))
+
+
+def _index(
+    loader: yaml.SafeLoader,
+    node: yaml.Node,
+    loc: Loc,
+    lines: dict[Loc, int],
+    problems: list[Problem],
+    file: str,
+) -> None:
+    lines.setdefault(loc, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                problems.append(
+                    Problem(file, key_node.start_mark.line + 1, format_loc(loc), "keys must be plain")
+                )
+                continue
+            key = str(loader.construct_scalar(key_node))
+            line = key_node.start_mark.line + 1
+            if key == "<<":
+                problems.append(Problem(file, line, format_loc(loc), "YAML merge keys are not supported"))
+                continue
+            if key in seen:
+                problems.append(
+                    Problem(
+                        file,
+                        line,
+                        format_loc((*loc, key)),
+                        f"duplicate key {key!r} (first given on line {seen[key]})",
+                    )
+                )
+                continue
+            seen[key] = line
+            lines[(*loc, key)] = line
+            _index(loader, value_node, (*loc, key), lines, problems, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index(loader, item, (*loc, i), lines, problems, file)

@@ -1,0 +1,1 @@
+"""Slurm integration: ``sbatch --constraint=ee:NAME`` reboots nodes into that EE."""

@@ -1,0 +1,86 @@
+"""One error hierarchy for every SLIM component.
+
+Each class carries its HTTP status and its gRPC status code *name* (the
+transports map the name to ``grpc.StatusCode``; domain code never imports
+grpc or aiohttp).  Expected errors (every subclass of :class:`SlimError`) are
+logged without a traceback and answered with their status; anything else is a
+bug, logged with a traceback and answered as INTERNAL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+class SlimError(Exception):
+    """Base of every error SLIM raises on purpose."""
+
+    http_status: ClassVar[int] = 500
+    grpc_code: ClassVar[str] = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(SlimError):
+    """The request (or input file) is malformed."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class NotFound(SlimError):
+    """A named thing (node, environment, relay, object) does not exist."""
+
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+
+
+class AlreadyExists(SlimError):
+    http_status = 409
+    grpc_code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(SlimError):
+    """The request is valid but the system is not in a state to answer it
+    (an environment without a built release, a node without a disk for a disk
+    policy, ...)."""
+
+    http_status = 409
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class Unavailable(SlimError):
+    """Try again later: no healthy relay, a dependency is down, overloaded."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in a configuration file."""
+
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        return f"{where}: {self.field}: {self.message}"
+
+
+class ConfigError(InvalidArgument):
+    """A configuration file is invalid; ``problems`` lists every finding."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"{len(problems)} {noun} in configuration:\n{lines}")
