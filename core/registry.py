@@ -25,6 +25,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
     field_validator,
 )
@@ -102,6 +103,17 @@ def _check_url(value: str) -> str:
     return value if value.endswith("/") else value + "/"
 
 
+def _parse_network(value: Any) -> IPNetwork:
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a network in CIDR form (e.g. 10.1.0.0/16)")
+    try:
+        return ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a valid IPv4 or IPv6 network in CIDR form: {exc}") from None
+
+
 def _check_module(value: str) -> str:
     if not MODULE_RE.match(value):
         raise ValueError(f"{value!r} is not a kernel module name")
@@ -113,6 +125,7 @@ AbsPath = Annotated[str, AfterValidator(_check_abs_path)]
 Url = Annotated[str, AfterValidator(_check_url)]
 Mac = Annotated[str, AfterValidator(normalize_mac)]
 Module = Annotated[str, AfterValidator(_check_module)]
+Network = Annotated[IPNetwork, PlainValidator(_parse_network)]
 KernelArgs = Annotated[str, Field(max_length=2048)]
 
 
@@ -138,7 +151,7 @@ class Settings(_Model):
 
 
 class Site(_Model):
-    prefixes: list[IPNetwork] = Field(default_factory=list)
+    prefixes: list[Network] = Field(default_factory=list)
     nfs_server: str | None = None
     description: str = ""
 
@@ -331,9 +344,7 @@ def _build(source: YamlSource) -> Registry:
 
 
 def _pydantic_problem(source: YamlSource, err: Any) -> Problem:
-    loc: Loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    # drop pydantic's union/annotation markers such as "IPv4Network"
-    loc = tuple(p for p in loc if p not in ("IPv4Network", "IPv6Network"))
+    loc: Loc = tuple(err["loc"])
     msg: str = err["msg"]
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -344,8 +355,6 @@ def _pydantic_problem(source: YamlSource, err: Any) -> Problem:
         msg = f"unknown policy {err['input']!r} (choose one of: ram, disk, sync, nfs)"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    elif kind.startswith(("ip_v4", "ip_v6", "ip_any")) or "network" in kind:
-        msg = f"{err['input']!r} is not a valid IPv4 or IPv6 network in CIDR form"
     return source.problem(loc, msg)
 
 
