@@ -1,0 +1,530 @@
+"""The ``slim`` command.
+
+Only this module exits the process; library code raises
+:class:`slim.errors.SlimError`, which is printed here as ``error: ...`` with
+exit status 1.  Admin commands talk to a running core over gRPC
+(``--core``, or ``$SLIM_CORE``, default 127.0.0.1:50051).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.table import Table
+
+from slim import __version__
+from slim.errors import ConfigError, SlimError
+from slim.v1 import core_pb2 as pb
+from slim.v1 import core_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+# Tables are read in terminals and in logs: when output is not a terminal, do
+# not wrap at 80 columns.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+
+DEFAULT_CORE = "127.0.0.1:50051"
+CALL_TIMEOUT = 15.0
+POLICY_NAMES = {pb.POLICY_RAM: "ram", pb.POLICY_DISK: "disk", pb.POLICY_SYNC: "sync", pb.POLICY_NFS: "nfs"}
+TIER_NAMES = {pb.RELAY_TIER_SITE: "site", pb.RELAY_TIER_PARENT: "parent", pb.RELAY_TIER_OTHER: "other"}
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    sys.exit(1)
+
+
+@contextmanager
+def errors_to_exit() -> Iterator[None]:
+    """Turn SLIM errors and gRPC failures into a one-line message and exit 1."""
+    try:
+        yield
+    except ConfigError as exc:
+        fail(str(exc))
+    except SlimError as exc:
+        fail(exc.message)
+    except grpc.RpcError as exc:
+        code: grpc.StatusCode = exc.code()
+        details: str = exc.details() or ""
+        if code is grpc.StatusCode.UNAVAILABLE:
+            fail(f"cannot reach the core: {details}")
+        fail(f"{details} ({code.name})")
+
+
+class CoreClient:
+    """Blocking gRPC stubs for the CLI."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.insecure_channel(address)
+        self.core = pb_grpc.CoreStub(self.channel)
+        self.admin = pb_grpc.AdminStub(self.channel)
+
+    def call(self, method: Callable[..., T], request: Any) -> T:
+        return method(request, timeout=CALL_TIMEOUT, wait_for_ready=False)
+
+
+def _ts(ts: Any) -> str:
+    if not ts.seconds and not ts.nanos:
+        return "-"
+    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_json(msg: Message) -> None:
+    click.echo(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), indent=2, sort_keys=True))
+
+
+core_option = click.option(
+    "--core",
+    "core_address",
+    envvar="SLIM_CORE",
+    default=DEFAULT_CORE,
+    show_default=True,
+    help="Address (host:port) of the SLIM core's gRPC service; also $SLIM_CORE.",
+)
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print the answer as JSON instead of a table."
+)
+origin_option = click.option(
+    "--from",
+    "origin",
+    required=True,
+    metavar="ADDRESS",
+    help="The node's address as a relay would see it (IPv4 or IPv6); picks the site.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="slim")
+def main() -> None:
+    """SLIM: put the right Linux execution environment (EE) on a machine when a job needs it.
+
+    The core keeps the registry of EEs, nodes, relays and sites and decides
+    which relay serves which node; relays serve kernels, initrds and archives;
+    the agent in the initrd builds the EE on the node.
+    """
+
+
+# -- core ---------------------------------------------------------------------
+@main.group()
+def core() -> None:
+    """Run the core (the registry, runtime state and redirection service)."""
+
+
+@core.command("serve")
+@click.option(
+    "--registry",
+    "registry_path",
+    envvar="SLIM_REGISTRY",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("/etc/slim/registry.yaml"),
+    show_default=True,
+    help="The registry YAML file (sites, relays, profiles, environments, nodes). SIGHUP reloads it.",
+)
+@click.option(
+    "--state",
+    "state_path",
+    envvar="SLIM_STATE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("/var/lib/slim/state.db"),
+    show_default=True,
+    help="SQLite file for runtime state (next-boot overrides, boot events, heartbeats); created if missing.",
+)
+@click.option(
+    "--store",
+    "store_path",
+    envvar="SLIM_STORE",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/var/lib/slim/store"),
+    show_default=True,
+    help="Content-addressed artifact store holding built releases.",
+)
+@click.option(
+    "--listen",
+    default=DEFAULT_CORE,
+    show_default=True,
+    help="host:port for gRPC; port 0 picks a free port (printed on start).",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM/SIGINT: seconds in-flight calls may take to finish before they are cancelled.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Logging threshold (logs go to standard error).",
+)
+def core_serve(
+    registry_path: Path, state_path: Path, store_path: Path, listen: str, grace: float, log_level: str
+) -> None:
+    """Serve the core's gRPC API until SIGTERM or SIGINT (graceful stop); SIGHUP reloads the registry.
+
+    Prints "listening on HOST:PORT" on standard output once it accepts calls.
+    """
+    import uvloop
+
+    from slim.core.registry import load_registry
+    from slim.core.server import serve
+    from slim.core.service import CoreService
+    from slim.core.state import State
+    from slim.core.store import Store
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    with errors_to_exit():
+        registry = load_registry(registry_path)
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        state = State(state_path)
+        service = CoreService(registry, state, Store(store_path), registry_path=registry_path)
+        host = listen.rsplit(":", 1)[0]
+
+        def ready(port: int) -> None:
+            click.echo(f"listening on {host}:{port}")
+            sys.stdout.flush()
+
+        try:
+            uvloop.run(serve(service, listen, grace, ready))
+        finally:
+            state.close()
+
+
+# -- registry -----------------------------------------------------------------
+@main.group()
+def registry() -> None:
+    """Check registry files."""
+
+
+@registry.command("check")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def registry_check(file: Path) -> None:
+    """Validate FILE as a whole; print every problem with its line and field (exit 1 if any)."""
+    from slim.core.registry import load_registry
+
+    with errors_to_exit():
+        reg = load_registry(file)
+    counts = ", ".join(
+        f"{len(getattr(reg, k))} {k}" for k in ("sites", "relays", "profiles", "environments", "nodes")
+    )
+    console.print(f"{file}: ok ({counts})")
+
+
+# -- environments ---------------------------------------------------------------
+@main.group()
+def ee() -> None:
+    """Execution environments: list and show."""
+
+
+@ee.command("list")
+@core_option
+@json_option
+def ee_list(core_address: str, as_json: bool) -> None:
+    """List the environments, their Slurm feature and their current release."""
+    client = CoreClient(core_address)
+    with errors_to_exit():
+        resp = client.call(client.admin.ListEnvironments, pb.ListEnvironmentsRequest())
+    if as_json:
+        _print_json(resp)
+        return
+    table = Table("environment", "feature", "release", "directories", "description")
+    for e in resp.environments:
+        dirs = " ".join(f"{d.path}={POLICY_NAMES.get(d.policy, '?')}" for d in e.directories)
+        table.add_row(e.name, e.feature, e.release_digest[:19] or "(not built)", dirs, e.description)
+    console.print(table)
+
+
+@ee.command("show")
+@click.argument("name")
+@core_option
+@json_option
+def ee_show(name: str, core_address: str, as_json: bool) -> None:
+    """Show environment NAME: image, kernel, per-directory policies, release."""
+    client = CoreClient(core_address)
+    with errors_to_exit():
+        e = client.call(client.admin.GetEnvironment, pb.GetEnvironmentRequest(name=name))
+    if as_json:
+        _print_json(e)
+        return
+    console.print(f"[bold]{e.name}[/]  {e.description}")
+    console.print(f"  feature      {e.feature}")
+    console.print(f"  image        {e.image}")
+    console.print(f"  kernel       {e.kernel}  {e.kernel_args}")
+    console.print(f"  release      {e.release_digest or '(not built)'}")
+    table = Table("directory", "policy", "mount options")
+    for d in e.directories:
+        table.add_row(d.path, POLICY_NAMES.get(d.policy, "?"), d.options)
+    console.print(table)
+
+
+# -- nodes ----------------------------------------------------------------------
+@main.group()
+def node() -> None:
+    """Nodes: list, show, set the next boot, and ask what the core would answer."""
+
+
+def _node_ref(name_or_mac: str) -> pb.NodeRef:
+    from slim.core.registry import MAC_RE
+
+    if MAC_RE.match(name_or_mac.lower()):
+        return pb.NodeRef(mac=name_or_mac)
+    return pb.NodeRef(name=name_or_mac)
+
+
+def _event_text(e: pb.BootEvent) -> str:
+    status = "ok" if e.ok else f"FAILED {e.message}"
+    return f"{e.stage} {status} {_ts(e.time)}"
+
+
+@node.command("list")
+@click.option("--group", default="", help="Only nodes in this group.")
+@core_option
+@json_option
+def node_list(group: str, core_address: str, as_json: bool) -> None:
+    """List nodes with their default and next environment and last boot event."""
+    client = CoreClient(core_address)
+    with errors_to_exit():
+        resp = client.call(client.admin.ListNodes, pb.ListNodesRequest(group=group))
+    if as_json:
+        _print_json(resp)
+        return
+    table = Table("node", "MACs", "profile", "site", "default EE", "next boot", "last event")
+    for n in resp.nodes:
+        nxt = n.next_environment + (f" (set by {n.next_boot.set_by})" if n.HasField("next_boot") else "")
+        last = _event_text(n.last_event) if n.HasField("last_event") else "-"
+        table.add_row(n.name, " ".join(n.macs), n.profile, n.site or "-", n.default_environment, nxt, last)
+    console.print(table)
+
+
+@node.command("show")
+@click.argument("node_name", metavar="NODE")
+@core_option
+@json_option
+def node_show(node_name: str, core_address: str, as_json: bool) -> None:
+    """Show NODE (a name or a MAC)."""
+    client = CoreClient(core_address)
+    with errors_to_exit():
+        n = client.call(client.admin.GetNode, pb.GetNodeRequest(node=_node_ref(node_name)))
+    if as_json:
+        _print_json(n)
+        return
+    console.print(f"[bold]{n.name}[/]")
+    console.print(f"  MACs         {' '.join(n.macs)}")
+    console.print(f"  profile      {n.profile}")
+    console.print(f"  site         {n.site or '-'}")
+    console.print(f"  disk         {n.disk or '-'}")
+    console.print(f"  groups       {' '.join(n.groups) or '-'}")
+    console.print(f"  default EE   {n.default_environment}")
+    if n.HasField("next_boot"):
+        nb = n.next_boot
+        console.print(f"  next boot    {nb.environment} (set by {nb.set_by} at {_ts(nb.set_at)})")
+    else:
+        console.print(f"  next boot    {n.next_environment} (default)")
+    console.print(f"  last event   {_event_text(n.last_event) if n.HasField('last_event') else '-'}")
+
+
+@node.command("set-ee")
+@click.argument("node_name", metavar="NODE")
+@click.argument("environment", metavar="EE")
+@click.option("--by", "set_by", default=None, help="Who sets it, for the record (default: your user name).")
+@core_option
+def node_set_ee(node_name: str, environment: str, set_by: str | None, core_address: str) -> None:
+    """Make EE (a name, or a feature such as ee:jdk14) NODE's next boot; EE "default" clears it."""
+    import getpass
+
+    client = CoreClient(core_address)
+    env = "" if environment == "default" else environment
+    req = pb.SetNextBootRequest(node=node_name, environment=env, set_by=set_by or f"cli:{getpass.getuser()}")
+    with errors_to_exit():
+        n = client.call(client.admin.SetNextBoot, req)
+    console.print(f"{n.name}: next boot {n.next_environment}")
+
+
+@node.command("locate")
+@click.argument("node_name", metavar="NODE")
+@origin_option
+@core_option
+@json_option
+def node_locate(node_name: str, origin: str, core_address: str, as_json: bool) -> None:
+    """Which relays the core would send NODE (name or MAC) to, best first."""
+    client = CoreClient(core_address)
+    with errors_to_exit():
+        resp = client.call(client.core.Locate, pb.LocateRequest(node=_node_ref(node_name), origin=origin))
+    if as_json:
+        _print_json(resp)
+        return
+    console.print(f"node {resp.node} from {origin}: site {resp.site or '(no prefix matched)'}")
+    _relay_table(resp.relays)
+
+
+def _relay_table(relays: Any) -> None:
+    table = Table("#", "relay", "tier", "site", "score", "URL")
+    for i, r in enumerate(relays, 1):
+        seen = "" if r.heartbeat_seen else " (no heartbeat yet)"
+        table.add_row(str(i), r.name + seen, TIER_NAMES.get(r.tier, "?"), r.site, f"{r.score:.2f}", r.urls[0])
+    console.print(table)
+
+
+@node.command("plan")
+@click.argument("node_name", metavar="NODE")
+@origin_option
+@core_option
+@json_option
+def node_plan(node_name: str, origin: str, core_address: str, as_json: bool) -> None:
+    """The boot plan the agent on NODE would get: environment, objects, directory actions, relays."""
+    client = CoreClient(core_address)
+    with errors_to_exit():
+        p = client.call(
+            client.core.GetBootPlan, pb.GetBootPlanRequest(node=_node_ref(node_name), origin=origin)
+        )
+    if as_json:
+        _print_json(p)
+        return
+    console.print(
+        f"[bold]{p.node}[/] boots [bold]{p.environment}[/] ({p.reason}), release {p.release_digest}"
+    )
+    console.print(f"  kernel   {p.kernel.digest} ({p.kernel.size} bytes)")
+    console.print(f"  initrd   {p.initrd.digest} ({p.initrd.size} bytes)")
+    console.print(f"  args     {p.kernel_args}")
+    console.print(f"  modules  {' '.join(p.modules) or '-'}")
+    table = Table("directory", "policy", "source")
+    for d in p.directories:
+        if d.policy == pb.POLICY_NFS:
+            src = f"{d.nfs.server}:{d.nfs.export} ({d.nfs.options})"
+        elif d.policy == pb.POLICY_SYNC:
+            src = f"manifest {d.manifest.digest[:19]} onto {p.disk}"
+        else:
+            src = f"archive {d.archive.digest[:19]}" + (
+                f" onto {p.disk}" if d.policy == pb.POLICY_DISK else ""
+            )
+        table.add_row(d.path, POLICY_NAMES.get(d.policy, "?"), src)
+    console.print(table)
+    _relay_table(p.relays)
+
+
+@node.command("boot-script")
+@click.argument("mac")
+@origin_option
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["ipxe", "pxelinux"]),
+    default="ipxe",
+    show_default=True,
+    help="iPXE script, or pxelinux.cfg/01-<mac> file.",
+)
+@core_option
+def node_boot_script(mac: str, origin: str, fmt: str, core_address: str) -> None:
+    """Print the boot menu the node with MAC would get."""
+    client = CoreClient(core_address)
+    fmt_pb = pb.SCRIPT_FORMAT_IPXE if fmt == "ipxe" else pb.SCRIPT_FORMAT_PXELINUX
+    with errors_to_exit():
+        s = client.call(
+            client.core.GetBootScript, pb.GetBootScriptRequest(mac=mac, origin=origin, format=fmt_pb)
+        )
+    click.echo(s.script, nl=False)
+
+
+@node.command("events")
+@click.argument("node_name", metavar="[NODE]", required=False, default="")
+@click.option(
+    "--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="How many events."
+)
+@core_option
+@json_option
+def node_events(node_name: str, limit: int, core_address: str, as_json: bool) -> None:
+    """Recent boot events, newest first (of NODE, or of every node)."""
+    client = CoreClient(core_address)
+    with errors_to_exit():
+        resp = client.call(client.admin.ListBootEvents, pb.ListBootEventsRequest(node=node_name, limit=limit))
+    if as_json:
+        _print_json(resp)
+        return
+    table = Table("time", "node", "boot", "stage", "ok", "relay", "bytes", "message")
+    for e in resp.events:
+        table.add_row(
+            _ts(e.time),
+            e.node,
+            e.boot_id[:8],
+            e.stage,
+            "yes" if e.ok else "NO",
+            e.relay,
+            str(e.bytes),
+            e.message,
+        )
+    console.print(table)
+
+
+# -- relays -----------------------------------------------------------------------
+@main.group()
+def relay() -> None:
+    """Relays: list them with their live status."""
+
+
+@relay.command("list")
+@core_option
+@json_option
+def relay_list(core_address: str, as_json: bool) -> None:
+    """List relays with status (live, stale, unhealthy, unknown) and their last heartbeat."""
+    client = CoreClient(core_address)
+    with errors_to_exit():
+        resp = client.call(client.admin.ListRelays, pb.ListRelaysRequest())
+    if as_json:
+        _print_json(resp)
+        return
+    table = Table(
+        "relay", "site", "parent", "capacity", "status", "load", "active", "egress B/s", "last seen"
+    )
+    for r in resp.relays:
+        hb = r.last_heartbeat
+        seen = r.HasField("last_heartbeat")
+        table.add_row(
+            r.name,
+            r.site,
+            r.parent or "-",
+            f"{r.capacity:g}",
+            r.status,
+            f"{hb.load:g}" if seen else "-",
+            str(hb.active_transfers) if seen else "-",
+            f"{hb.egress_bytes_per_second:.0f}" if seen else "-",
+            _ts(r.last_seen),
+        )
+    console.print(table)
+
+
+# -- demo ---------------------------------------------------------------------------
+@main.command("demo")
+@click.option(
+    "--registry",
+    "registry_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Registry to demonstrate with (default: docs/registry.example.yaml of this checkout).",
+)
+def demo(registry_path: Path | None) -> None:
+    """Start a core on a free local port with the example registry and show what it answers."""
+    from slim.demo import run_demo
+
+    with errors_to_exit():
+        asyncio.run(run_demo(registry_path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""``slim demo``: a running core with the example registry, and what it answers.
+
+Starts ``slim core serve`` on a free loopback port (a real process, as an
+administrator would run it), publishes placeholder releases (the EE builder
+arrives with ``slim ee build``; until then kernel and archives are small
+stand-in objects), sends heartbeats as three relays would, then runs the
+admin commands and shows the redirection answers, a boot storm's spread, a
+boot plan and a boot menu.  Everything it creates lives in a temporary
+directory and is removed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import shlex
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from slim.core.registry import Policy, Registry, load_registry
+from slim.core.store import Release as ReleaseDoc
+from slim.core.store import ReleaseDirectory, Store
+from slim.errors import FailedPrecondition, NotFound
+from slim.v1 import core_pb2 as pb
+from slim.v1 import core_pb2_grpc as pb_grpc
+
+STARTUP_TIMEOUT = 30.0
+
+
+def example_registry() -> Path:
+    path = Path(__file__).resolve().parent.parent / "docs" / "registry.example.yaml"
+    if not path.exists():
+        raise NotFound(f"{path} not found: run the demo from a SLIM checkout, or pass --registry")
+    return path
+
+
+def publish_placeholder_releases(reg: Registry, store: Store, only: list[str] | None = None) -> None:
+    """Stand-in releases (tiny objects) so that plans and menus have digests to show."""
+    for name in reg.environments if only is None else only:
+        dirs = {}
+        for path, spec in reg.directories(name).items():
+            payload = f"placeholder {spec.policy} content of {path} in {name}\n".encode()
+            ref = store.put_bytes(payload)
+            dirs[path] = ReleaseDirectory(
+                policy=spec.policy,
+                archive=ref if spec.policy in (Policy.RAM, Policy.DISK) else None,
+                manifest=ref if spec.policy is Policy.SYNC else None,
+                bytes=len(payload),
+                files=1,
+            )
+        store.publish_release(
+            ReleaseDoc(
+                environment=name,
+                kernel=store.put_bytes(f"placeholder kernel of {name}\n".encode()),
+                initrd=store.put_bytes(f"placeholder initrd of {name}\n".encode()),
+                directories=dirs,
+                created="demo",
+            )
+        )
+
+
+async def _beats(relay: str, load: float) -> AsyncIterator[pb.Heartbeat]:
+    yield pb.Heartbeat(relay=relay, load=load, active_transfers=int(load), healthy=True)
+
+
+def say(text: str) -> None:
+    print(f"\n\033[1m{text}\033[0m", flush=True)
+
+
+async def run(cmd: list[str]) -> None:
+    shown = ["slim", *cmd[3:]] if cmd[:3] == [sys.executable, "-m", "slim.cli"] else cmd
+    print(f"\n$ {shlex.join(shown)}", flush=True)
+    proc = await asyncio.create_subprocess_exec(*cmd)
+    if await proc.wait() != 0:
+        raise FailedPrecondition(f"{shlex.join(shown)} failed")
+
+
+async def run_demo(registry_path: Path | None) -> None:
+    registry_path = registry_path or example_registry()
+    with tempfile.TemporaryDirectory(prefix="slim-demo-") as tmp:
+        store = Store(Path(tmp) / "store")
+        publish_placeholder_releases(load_registry(registry_path), store)
+        slim = [sys.executable, "-m", "slim.cli"]
+        serve = [
+            *slim,
+            "core",
+            "serve",
+            "--registry",
+            str(registry_path),
+            "--state",
+            f"{tmp}/state.db",
+            "--store",
+            str(store.root),
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "warning",
+        ]
+        say(f"Starting the core with {registry_path}")
+        print(f"$ {shlex.join(['slim', *serve[3:]])}", flush=True)
+        proc = await asyncio.create_subprocess_exec(*serve, stdout=asyncio.subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), STARTUP_TIMEOUT)
+            if not line.startswith(b"listening on "):
+                raise FailedPrecondition(f"the core did not start (said {line!r})")
+            address = line.decode().split()[-1]
+            print(line.decode().strip(), flush=True)
+            await _demo_calls(slim, address)
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(proc.wait(), STARTUP_TIMEOUT)
+        say(f"The core stopped cleanly (exit {proc.returncode}); demo files removed.")
+
+
+async def _demo_calls(slim: list[str], address: str) -> None:
+    env = {**os.environ, "SLIM_CORE": address}
+    os.environ.update(env)
+    async with grpc.aio.insecure_channel(address) as channel:
+        core = pb_grpc.CoreStub(channel)
+        say("Relays report their load (simulated heartbeats: relays arrive with `slim relay serve`)")
+        for relay, load in (("central", 8.0), ("mr-1", 3.0), ("mr-2", 1.0), ("lab-1", 0.0)):
+            async for reply in core.RelayHeartbeat(_beats(relay, load)):
+                print(f"  {relay}: load {load:g}, next beat in {reply.interval_ms} ms")
+        await run([*slim, "relay", "list"])
+        await run([*slim, "ee", "list"])
+        await run([*slim, "node", "list"])
+
+        say("Redirection: the origin address picks the site, load picks the relay")
+        await run([*slim, "node", "locate", "n001", "--from", "10.1.7.20"])
+        await run([*slim, "node", "locate", "lab-pc-07", "--from", "10.2.0.50"])
+        await run([*slim, "node", "locate", "vm1", "--from", "198.51.100.77"])
+
+        say("A boot storm: 200 nodes of the machine room ask at once")
+        first: collections.Counter[str] = collections.Counter()
+        answers = await asyncio.gather(
+            *(
+                core.Locate(pb.LocateRequest(node=pb.NodeRef(name="n001"), origin="10.1.9.9"), timeout=10)
+                for _ in range(200)
+            )
+        )
+        for a in answers:
+            first[a.relays[0].name] += 1
+        for name, count in sorted(first.items()):
+            print(f"  {name:8} {count:4} nodes  {'#' * (count // 4)}")
+        print("  (each answer counts toward the chosen relay's load until its next heartbeat)")
+
+        say("A Slurm job asks for ee:jdk14 on n001: its next boot changes")
+        await run([*slim, "node", "set-ee", "n001", "ee:jdk14", "--by", "demo"])
+        await run([*slim, "node", "plan", "n001", "--from", "10.1.7.20"])
+        say("The iPXE menu n001 gets from its relay")
+        await run([*slim, "node", "boot-script", "52:54:00:00:01:01", "--from", "10.1.7.20"])

@@ -1,0 +1,145 @@
+"""Shared fixtures: a test registry, a store with releases, a real core on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from slim.core.redirect import Redirector
+from slim.core.registry import Registry, load_registry
+from slim.core.server import CoreServer
+from slim.core.service import CoreService
+from slim.core.state import State
+from slim.core.store import Store
+from slim.demo import publish_placeholder_releases
+from slim.v1 import core_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TEST_REGISTRY = """\
+settings:
+  heartbeat_interval: 2
+  stale_after: 30
+  boot_menu_timeout: 3
+  nfs_server: 10.9.0.1
+sites:
+  room:
+    prefixes: [10.1.0.0/16, "fd00:1::/64"]
+    nfs_server: 10.1.0.1
+  lab:
+    prefixes: [10.2.0.0/16]
+relays:
+  hub:
+    urls: [http://10.9.0.2:8080/]
+    site: lab
+    capacity: 2
+  room-1:
+    urls: [http://10.1.0.2:8080/]
+    site: room
+    parent: hub
+  room-2:
+    urls: [http://10.1.0.3:8080/]
+    site: room
+    parent: hub
+  lab-1:
+    urls: [http://10.2.0.2:8080/]
+    site: lab
+profiles:
+  vm:
+    modules: [virtio_pci, virtio_net]
+    kernel_args: console=ttyS0
+environments:
+  base:
+    image: /srv/images/base
+    kernel_args: quiet
+    default_policy: ram
+    directories:
+      /usr: nfs
+      /tmp: {policy: ram, size: 256m}
+  jdk14:
+    image: /srv/images/jdk14
+    default_policy: sync
+    directories:
+      /usr: {policy: nfs, options: "ro,nolock,actimeo=900,proto=tcp"}
+      /var: disk
+  unbuilt:
+    image: /srv/images/unbuilt
+nodes:
+  n1:
+    macs: ["52:54:00:00:00:01"]
+    profile: vm
+    environment: base
+    site: room
+    disk: /dev/vda2
+    groups: [rack1]
+  n2:
+    macs: ["52:54:00:00:00:02", "52:54:00:00:00:22"]
+    profile: vm
+    environment: base
+    site: lab
+    groups: [rack2]
+  n3:
+    macs: ["52:54:00:00:00:03"]
+    profile: vm
+    environment: unbuilt
+"""
+
+
+@pytest.fixture
+def registry_file(tmp_path: Path) -> Path:
+    path = tmp_path / "registry.yaml"
+    path.write_text(TEST_REGISTRY)
+    return path
+
+
+@pytest.fixture
+def registry(registry_file: Path) -> Registry:
+    return load_registry(registry_file)
+
+
+@pytest.fixture
+def store(tmp_path: Path, registry: Registry) -> Store:
+    """A store with releases for every environment except ``unbuilt``."""
+    st = Store(tmp_path / "store")
+    publish_placeholder_releases(registry, st, only=["base", "jdk14"])
+    return st
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[State]:
+    st = State(tmp_path / "state.db")
+    yield st
+    st.close()
+
+
+@pytest.fixture
+def service(registry: Registry, registry_file: Path, state: State, store: Store) -> CoreService:
+    return CoreService(registry, state, store, Redirector(random.Random(7)), registry_path=registry_file)
+
+
+@dataclass
+class Core:
+    server: CoreServer
+    address: str
+    channel: grpc.aio.Channel
+    core: pb_grpc.CoreAsyncStub
+    admin: pb_grpc.AdminAsyncStub
+
+
+@pytest.fixture
+async def core(service: CoreService) -> AsyncIterator[Core]:
+    """A real gRPC core on 127.0.0.1, port 0, and a client channel to it."""
+    server = CoreServer(service, "127.0.0.1:0")
+    port = await server.start()
+    address = f"127.0.0.1:{port}"
+    channel = grpc.aio.insecure_channel(address)
+    try:
+        yield Core(server, address, channel, pb_grpc.CoreStub(channel), pb_grpc.AdminStub(channel))
+    finally:
+        await channel.close()
+        await server.stop(grace=1)

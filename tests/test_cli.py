@@ -1,0 +1,249 @@
+"""The `slim` command against a real `slim core serve` process on 127.0.0.1, port 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from slim.cli import main
+from slim.core.store import Store
+
+from .conftest import ROOT, TEST_REGISTRY
+
+STARTUP = 30.0
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[str]
+    address: str
+    registry_file: Path
+
+
+def start_core(registry_file: Path, tmp: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "slim.cli",
+            "core",
+            "serve",
+            "--registry",
+            str(registry_file),
+            "--state",
+            str(tmp / "state.db"),
+            "--store",
+            str(tmp / "store"),
+            "--listen",
+            "127.0.0.1:0",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def read_address(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the process prints it once it accepts calls
+    assert line.startswith("listening on 127.0.0.1:"), (line, proc.stderr.read() if proc.stderr else "")
+    return line.split()[-1]
+
+
+def stop(proc: subprocess.Popen[str], signal_it: bool = True) -> tuple[int, str]:
+    """SIGTERM ``proc`` (unless ``signal_it`` is false) and wait, bounded, for it to exit."""
+    if signal_it and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=STARTUP)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return proc.returncode, err
+
+
+@pytest.fixture
+def served(tmp_path: Path, registry_file: Path, store: Store) -> Iterator[Served]:
+    proc = start_core(registry_file, tmp_path)
+    try:
+        yield Served(proc, read_address(proc), registry_file)
+    finally:
+        stop(proc)
+
+
+def slim(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_registry_check(tmp_path: Path, registry_file: Path) -> None:
+    code, out = slim("registry", "check", str(registry_file))
+    assert code == 0 and "ok (2 sites, 4 relays, 1 profiles, 3 environments, 3 nodes)" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TEST_REGISTRY.replace("environment: unbuilt", "environment: nosuch"))
+    code, out = slim("registry", "check", str(bad))
+    line = TEST_REGISTRY.splitlines().index("    environment: unbuilt") + 1
+    assert code == 1
+    assert f"{bad}:{line}: nodes.n3.environment: unknown environment 'nosuch'" in out
+    code, out = slim("registry", "check", str(tmp_path / "missing.yaml"))
+    assert code == 1 and "no such file" in out
+
+
+def test_registry_check_example() -> None:
+    code, out = slim("registry", "check", str(ROOT / "docs" / "registry.example.yaml"))
+    assert code == 0, out
+
+
+def test_admin_commands(served: Served) -> None:
+    core = ("--core", served.address)
+    code, out = slim("node", "list", *core)
+    assert code == 0 and "n1" in out and "n3" in out
+    code, out = slim("node", "set-ee", "n1", "ee:jdk14", "--by", "tester", *core)
+    assert (code, out.strip()) == (0, "n1: next boot jdk14")
+    code, out = slim("node", "show", "52:54:00:00:00:01", *core)
+    assert code == 0 and "jdk14 (set by tester" in out
+    code, out = slim("node", "show", "n1", "--json", *core)
+    assert json.loads(out)["next_boot"]["environment"] == "jdk14"
+    code, out = slim("node", "set-ee", "n1", "default", *core)
+    assert (code, out.strip()) == (0, "n1: next boot base")
+    code, out = slim("ee", "list", *core)
+    assert code == 0 and "ee:jdk14" in out and "(not built)" in out
+    code, out = slim("ee", "show", "base", *core)
+    assert code == 0 and "/usr" in out and "ro,nolock,noatime,actimeo=600,proto=tcp" in out
+    code, out = slim("relay", "list", *core)
+    assert code == 0 and "unknown" in out and "room-1" in out
+    code, out = slim("node", "locate", "n1", "--from", "10.1.2.3", "--json", *core)
+    answer = json.loads(out)
+    assert answer["site"] == "room" and answer["relays"][0]["site"] == "room"
+    code, out = slim("node", "plan", "n1", "--from", "10.1.2.3", *core)
+    assert code == 0 and "10.1.0.1:/slim/base/usr" in out
+    code, out = slim("node", "boot-script", "52:54:00:00:00:01", "--from", "10.1.2.3", *core)
+    assert code == 0 and out.startswith("#!ipxe")
+    code, out = slim(
+        "node", "boot-script", "52:54:00:00:00:01", "--from", "10.1.2.3", "--format", "pxelinux", *core
+    )
+    assert code == 0 and "LOCALBOOT 0" in out
+    code, out = slim("node", "events", *core)
+    assert code == 0
+
+
+def test_errors_are_one_line_and_exit_1(served: Served) -> None:
+    core = ("--core", served.address)
+    code, out = slim("node", "show", "ghost", *core)
+    assert code == 1 and "error: unknown node 'ghost' (NOT_FOUND)" in out
+    code, out = slim("node", "set-ee", "n1", "nosuch", *core)
+    assert code == 1 and "known: base, jdk14, unbuilt" in out
+    code, out = slim("node", "plan", "n3", "--from", "10.1.2.3", *core)
+    assert code == 1 and "FAILED_PRECONDITION" in out and "slim ee build unbuilt" in out
+    code, out = slim("node", "locate", "n1", "--from", "not-an-ip", *core)
+    assert code == 1 and "INVALID_ARGUMENT" in out
+
+
+def test_unreachable_core(unused_tcp_port: int) -> None:
+    code, out = slim("node", "list", "--core", f"127.0.0.1:{unused_tcp_port}")
+    assert code == 1 and "cannot reach the core" in out
+
+
+def test_sigterm_stops_gracefully(served: Served) -> None:
+    code, err = stop(served.proc)
+    assert code == 0, err
+    assert "core stopped" in err
+
+
+def test_sighup_reloads_registry_and_keeps_old_one_on_error(served: Served) -> None:
+    core = ("--core", served.address)
+    added = TEST_REGISTRY + '  n4:\n    macs: ["52:54:00:00:00:04"]\n    profile: vm\n    environment: base\n'
+    served.registry_file.write_text(added)
+    served.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: slim("node", "show", "n4", *core)[0] == 0), "n4 never appeared"
+    served.registry_file.write_text(added.replace("profile: vm\n    environment: base\n", "profile: nope\n"))
+    served.proc.send_signal(signal.SIGHUP)
+    assert served.proc.stderr is not None
+    line = served.proc.stderr.readline()
+    while "registry not reloaded" not in line and line:
+        line = served.proc.stderr.readline()
+    assert "registry not reloaded" in line
+    assert slim("node", "show", "n4", *core)[0] == 0  # the previous registry still answers
+
+
+def test_serve_refuses_bad_registry(tmp_path: Path) -> None:
+    bad = tmp_path / "r.yaml"
+    bad.write_text("nodes: [1, 2]\n")
+    code, err = stop(start_core(bad, tmp_path), signal_it=False)
+    assert code == 1 and "nodes" in err
+
+
+def test_serve_refuses_busy_port(served: Served, tmp_path: Path, registry_file: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slim.cli", "core", "serve", "--registry", str(registry_file), "--state",
+         str(other / "s.db"), "--store", str(other / "st"), "--listen", served.address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    code, err = stop(proc, signal_it=False)
+    assert code == 1 and f"cannot listen on {served.address}" in err
+
+
+def test_every_option_has_help() -> None:
+    def walk(cmd: click.Command, path: str) -> Iterator[tuple[str, click.Command]]:
+        yield path, cmd
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, f"{path} {name}")
+
+    for path, cmd in walk(main, "slim"):
+        assert cmd.help, f"{path} has no help text"
+        for param in cmd.params:
+            if isinstance(param, click.Option) and param.name not in ("help", "version"):
+                assert param.help, f"{path} {param.opts} has no help text"
+        code, out = slim(*path.split()[1:], "--help")
+        assert code == 0 and "Usage:" in out
+
+
+def wait_for(condition: object, timeout: float = 20.0) -> bool:
+    """Poll ``condition`` (a callable) until true or ``timeout`` seconds pass."""
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def unused_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_demo_runs() -> None:
+    """The README's demo entry point, as `./run demo` calls it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "slim.cli", "demo"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "listening on 127.0.0.1:" in out
+    assert "site room" not in out  # the example registry, not the test one
+    assert "node n001 from 10.1.7.20: site machine-room" in out
+    assert "n001: next boot jdk14" in out
+    assert "#!ipxe" in out
+    assert "The core stopped cleanly (exit 0)" in out

@@ -1,0 +1,390 @@
+"""Loopback tests: the real gRPC core on 127.0.0.1 port 0; every RPC and its error statuses."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from typing import Any
+
+import grpc
+import pytest
+
+from slim.core.service import CoreService
+from slim.v1 import core_pb2 as pb
+
+from .conftest import Core
+
+ROOM = "10.1.4.4"
+
+
+async def expect_status(call: Awaitable[Any], code: grpc.StatusCode, *words: str) -> str:
+    """Await ``call``; assert it fails with ``code`` and a message containing ``words``."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == code, info.value.details()
+    details = info.value.details() or ""
+    for w in words:
+        assert w in details, details
+    return details
+
+
+async def beats(*hbs: pb.Heartbeat) -> AsyncIterator[pb.Heartbeat]:
+    for hb in hbs:
+        yield hb
+
+
+async def events(evs: Iterable[pb.BootEvent]) -> AsyncIterator[pb.BootEvent]:
+    for e in evs:
+        yield e
+
+
+async def heartbeat(c: Core, relay: str, load: float = 0.0, healthy: bool = True) -> list[pb.HeartbeatReply]:
+    call = c.core.RelayHeartbeat(beats(pb.Heartbeat(relay=relay, load=load, healthy=healthy)))
+    return [r async for r in call]
+
+
+def by_name(name: str) -> pb.NodeRef:
+    return pb.NodeRef(name=name)
+
+
+# -- Locate ------------------------------------------------------------------------
+async def test_locate_by_name_and_mac(core: Core) -> None:
+    await heartbeat(core, "room-1", load=5)
+    await heartbeat(core, "room-2", load=1)
+    resp = await core.core.Locate(pb.LocateRequest(node=by_name("n1"), origin=ROOM))
+    assert resp.node == "n1"
+    assert resp.site == "room"
+    names = [r.name for r in resp.relays]
+    assert names[:2] == ["room-2", "room-1"]  # lower load first
+    assert resp.relays[0].tier == pb.RELAY_TIER_SITE
+    assert names[2] == "hub" and resp.relays[2].tier == pb.RELAY_TIER_PARENT
+    assert resp.relays[3].tier == pb.RELAY_TIER_OTHER
+    by_mac = await core.core.Locate(
+        pb.LocateRequest(node=pb.NodeRef(mac="52-54-00-00-00-22"), origin="10.2.0.9")
+    )
+    assert by_mac.node == "n2" and by_mac.site == "lab"
+
+
+async def test_locate_ipv6_origin(core: Core) -> None:
+    resp = await core.core.Locate(pb.LocateRequest(node=by_name("n2"), origin="fd00:1::42"))
+    assert resp.site == "room"
+
+
+async def test_locate_errors(core: Core) -> None:
+    loc = core.core.Locate
+    nf = grpc.StatusCode.NOT_FOUND
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    await expect_status(loc(pb.LocateRequest(node=by_name("nosuch"), origin=ROOM)), nf, "nosuch")
+    await expect_status(
+        loc(pb.LocateRequest(node=pb.NodeRef(mac="52:54:00:99:99:99"), origin=ROOM)), nf, "MAC"
+    )
+    await expect_status(loc(pb.LocateRequest(node=pb.NodeRef(mac="zz:zz"), origin=ROOM)), bad, "MAC")
+    await expect_status(loc(pb.LocateRequest(origin=ROOM)), bad, "node")
+    await expect_status(loc(pb.LocateRequest(node=by_name("n1"), origin="10.1.999.1")), bad, "origin")
+    await expect_status(loc(pb.LocateRequest(node=by_name("n1"))), bad, "origin")
+
+
+async def test_locate_unavailable_when_no_relay_is_live(core: Core, service: CoreService) -> None:
+    for relay in ("hub", "room-1", "room-2", "lab-1"):
+        await heartbeat(core, relay, healthy=False)
+    await expect_status(
+        core.core.Locate(pb.LocateRequest(node=by_name("n1"), origin=ROOM)),
+        grpc.StatusCode.UNAVAILABLE,
+        "no relay",
+    )
+
+
+# -- GetBootPlan -------------------------------------------------------------------
+async def test_boot_plan(core: Core) -> None:
+    plan = await core.core.GetBootPlan(pb.GetBootPlanRequest(node=by_name("n1"), origin=ROOM))
+    assert plan.node == "n1" and plan.environment == "base" and plan.reason == "default"
+    assert plan.release_digest.startswith("sha256:")
+    assert plan.kernel.digest.startswith("sha256:") and plan.kernel.size > 0
+    assert list(plan.modules) == ["virtio_pci", "virtio_net"]
+    assert plan.disk == "/dev/vda2"
+    dirs = {d.path: d for d in plan.directories}
+    assert set(dirs) == {"/", "/tmp", "/usr"}
+    assert dirs["/"].policy == pb.POLICY_RAM and dirs["/"].archive.digest.startswith("sha256:")
+    assert dirs["/tmp"].tmpfs_size == "256m"
+    usr = dirs["/usr"]
+    assert usr.policy == pb.POLICY_NFS
+    assert (usr.nfs.server, usr.nfs.export) == ("10.1.0.1", "/slim/base/usr")
+    assert usr.nfs.options == "ro,nolock,noatime,actimeo=600,proto=tcp"
+    for arg in (
+        "slim.node=n1",
+        "slim.env=base",
+        f"slim.release={plan.release_digest}",
+        "console=ttyS0",
+        "quiet",
+    ):
+        assert arg in plan.kernel_args.split()
+    assert plan.relays[0].site == "room"
+
+
+async def test_boot_plan_follows_next_boot_and_sync(core: Core) -> None:
+    await core.admin.SetNextBoot(pb.SetNextBootRequest(node="n1", environment="ee:jdk14", set_by="test"))
+    plan = await core.core.GetBootPlan(pb.GetBootPlanRequest(node=by_name("n1"), origin=ROOM))
+    assert (plan.environment, plan.reason) == ("jdk14", "next-boot")
+    dirs = {d.path: d for d in plan.directories}
+    assert dirs["/"].policy == pb.POLICY_SYNC and dirs["/"].manifest.digest.startswith("sha256:")
+    assert dirs["/var"].policy == pb.POLICY_DISK and dirs["/var"].archive.size > 0
+    assert dirs["/usr"].nfs.options == "ro,nolock,actimeo=900,proto=tcp"
+
+
+async def test_boot_plan_errors(core: Core) -> None:
+    plan = core.core.GetBootPlan
+    await expect_status(
+        plan(pb.GetBootPlanRequest(node=by_name("n3"), origin=ROOM)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "unbuilt",
+        "slim ee build",
+    )
+    await expect_status(
+        plan(pb.GetBootPlanRequest(node=by_name("nosuch"), origin=ROOM)), grpc.StatusCode.NOT_FOUND
+    )
+    await expect_status(
+        plan(pb.GetBootPlanRequest(node=by_name("n1"), origin="nonsense")), grpc.StatusCode.INVALID_ARGUMENT
+    )
+
+
+# -- GetBootScript -----------------------------------------------------------------
+async def test_boot_script_ipxe_and_pxelinux(core: Core) -> None:
+    req = pb.GetBootScriptRequest(mac="52:54:00:00:00:01", origin=ROOM)
+    s = await core.core.GetBootScript(req)
+    assert s.node == "n1" and s.default_environment == "base"
+    assert s.script.startswith("#!ipxe\n")
+    assert "choose --default ee-base --timeout 3000" in s.script
+    assert "item ee-jdk14" in s.script
+    assert "# not built yet, so not offered: unbuilt" in s.script
+    req.format = pb.SCRIPT_FORMAT_PXELINUX
+    p = await core.core.GetBootScript(req)
+    assert "DEFAULT ee-base" in p.script and "LOCALBOOT 0" in p.script
+
+
+async def test_boot_script_errors(core: Core) -> None:
+    gs = core.core.GetBootScript
+    await expect_status(
+        gs(pb.GetBootScriptRequest(mac="52:54:00:aa:aa:aa", origin=ROOM)), grpc.StatusCode.NOT_FOUND
+    )
+    await expect_status(
+        gs(pb.GetBootScriptRequest(mac="52:54:00:00:00:01", origin=ROOM, format=99)),  # type: ignore[arg-type]
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "format",
+    )
+    await expect_status(
+        gs(pb.GetBootScriptRequest(mac="52:54:00:00:00:03", origin=ROOM)), grpc.StatusCode.FAILED_PRECONDITION
+    )
+
+
+# -- SetNextBoot -------------------------------------------------------------------
+async def test_set_next_boot(core: Core) -> None:
+    info = await core.admin.SetNextBoot(pb.SetNextBootRequest(node="n1", environment="jdk14", set_by="alice"))
+    assert info.next_environment == "jdk14"
+    assert info.next_boot.environment == "jdk14" and info.next_boot.set_by == "alice"
+    assert info.next_boot.set_at.seconds > 0
+    info = await core.admin.SetNextBoot(pb.SetNextBootRequest(node="n1", environment="ee=base"))
+    assert info.next_environment == "base"
+    cleared = await core.admin.SetNextBoot(pb.SetNextBootRequest(node="n1", environment=""))
+    assert not cleared.HasField("next_boot") and cleared.next_environment == "base"
+
+
+async def test_set_next_boot_errors(core: Core) -> None:
+    snb = core.admin.SetNextBoot
+    await expect_status(
+        snb(pb.SetNextBootRequest(node="n1", environment="nosuch")), grpc.StatusCode.NOT_FOUND, "known: base"
+    )
+    await expect_status(
+        snb(pb.SetNextBootRequest(node="zz", environment="base")), grpc.StatusCode.NOT_FOUND, "zz"
+    )
+    await expect_status(snb(pb.SetNextBootRequest(environment="base")), grpc.StatusCode.INVALID_ARGUMENT)
+    # jdk14 copies to disk; n2 has no disk partition
+    await expect_status(
+        snb(pb.SetNextBootRequest(node="n2", environment="jdk14")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "disk",
+    )
+
+
+# -- ReportBootEvents / ListBootEvents ---------------------------------------------
+async def test_report_and_list_boot_events(core: Core) -> None:
+    stages = ["dhcp", "plan", "fetch:/", "mount:/usr", "switch_root"]
+    sent = []
+    for i, stage in enumerate(stages):
+        ev = pb.BootEvent(node="n1", boot_id="b1", stage=stage, relay="room-1", bytes=i * 100, ok=True)
+        ev.time.FromSeconds(1_700_000_000 + i)
+        sent.append(ev)
+    resp = await core.core.ReportBootEvents(events(sent))
+    assert resp.accepted == len(stages)
+    listed = await core.admin.ListBootEvents(pb.ListBootEventsRequest(node="n1"))
+    assert [e.stage for e in listed.events] == stages[::-1]
+    assert listed.events[0].time.seconds == 1_700_000_004
+    assert listed.events[0].bytes == 400
+    limited = await core.admin.ListBootEvents(pb.ListBootEventsRequest(limit=2))
+    assert len(limited.events) == 2
+    node = await core.admin.GetNode(pb.GetNodeRequest(node=by_name("n1")))
+    assert node.last_event.stage == "switch_root"
+
+
+async def test_boot_event_errors(core: Core) -> None:
+    await expect_status(
+        core.core.ReportBootEvents(events([pb.BootEvent(node="ghost", stage="dhcp")])),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    await expect_status(
+        core.core.ReportBootEvents(events([pb.BootEvent(node="n1", stage="")])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    # a stream with an error writes nothing, even its valid events
+    mixed = [pb.BootEvent(node="n1", stage="dhcp"), pb.BootEvent(node="ghost", stage="dhcp")]
+    await expect_status(core.core.ReportBootEvents(events(mixed)), grpc.StatusCode.NOT_FOUND)
+    assert not (await core.admin.ListBootEvents(pb.ListBootEventsRequest())).events
+    lbe = core.admin.ListBootEvents
+    await expect_status(lbe(pb.ListBootEventsRequest(node="ghost")), grpc.StatusCode.NOT_FOUND)
+    await expect_status(
+        lbe(pb.ListBootEventsRequest(limit=10_001)), grpc.StatusCode.INVALID_ARGUMENT, "limit"
+    )
+
+
+# -- RelayHeartbeat / ListRelays ---------------------------------------------------
+async def test_heartbeat_stream_and_list_relays(core: Core) -> None:
+    call = core.core.RelayHeartbeat(
+        beats(
+            pb.Heartbeat(
+                relay="room-1", load=2, active_transfers=2, egress_bytes_per_second=1e6, healthy=True
+            ),
+            pb.Heartbeat(relay="room-1", load=3, active_transfers=3, cache_bytes=12345, healthy=True),
+        )
+    )
+    replies = [r async for r in call]
+    assert [r.interval_ms for r in replies] == [2000, 2000]
+    relays = {r.name: r for r in (await core.admin.ListRelays(pb.ListRelaysRequest())).relays}
+    assert relays["room-1"].status == "live"
+    assert relays["room-1"].last_heartbeat.load == 3
+    assert relays["room-1"].last_heartbeat.cache_bytes == 12345
+    assert relays["room-1"].last_seen.seconds > 0
+    assert relays["room-2"].status == "unknown"
+    await heartbeat(core, "room-2", healthy=False)
+    relays = {r.name: r for r in (await core.admin.ListRelays(pb.ListRelaysRequest())).relays}
+    assert relays["room-2"].status == "unhealthy"
+
+
+async def test_heartbeat_errors(core: Core) -> None:
+    async def drain(*hbs: pb.Heartbeat) -> None:
+        async for _ in core.core.RelayHeartbeat(beats(*hbs)):
+            pass
+
+    await expect_status(
+        drain(pb.Heartbeat(relay="nosuch", healthy=True)), grpc.StatusCode.NOT_FOUND, "nosuch"
+    )
+    await expect_status(
+        drain(pb.Heartbeat(relay="room-1", healthy=True), pb.Heartbeat(relay="room-2", healthy=True)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "one relay",
+    )
+    await expect_status(
+        drain(pb.Heartbeat(relay="room-1", load=-1, healthy=True)), grpc.StatusCode.INVALID_ARGUMENT, "load"
+    )
+    await expect_status(
+        drain(pb.Heartbeat(relay="room-1", load=float("nan"), healthy=True)), grpc.StatusCode.INVALID_ARGUMENT
+    )
+
+
+# -- admin reads -------------------------------------------------------------------
+async def test_environments(core: Core) -> None:
+    envs = {e.name: e for e in (await core.admin.ListEnvironments(pb.ListEnvironmentsRequest())).environments}
+    assert set(envs) == {"base", "jdk14", "unbuilt"}
+    assert envs["jdk14"].feature == "ee:jdk14"
+    assert envs["unbuilt"].release_digest == ""
+    assert envs["base"].release_digest.startswith("sha256:")
+    one = await core.admin.GetEnvironment(pb.GetEnvironmentRequest(name="base"))
+    assert [(d.path, d.policy) for d in one.directories] == [
+        ("/", pb.POLICY_RAM),
+        ("/tmp", pb.POLICY_RAM),
+        ("/usr", pb.POLICY_NFS),
+    ]
+    await expect_status(
+        core.admin.GetEnvironment(pb.GetEnvironmentRequest(name="zz")), grpc.StatusCode.NOT_FOUND
+    )
+
+
+async def test_nodes(core: Core) -> None:
+    nodes = (await core.admin.ListNodes(pb.ListNodesRequest())).nodes
+    assert [n.name for n in nodes] == ["n1", "n2", "n3"]
+    rack2 = (await core.admin.ListNodes(pb.ListNodesRequest(group="rack2"))).nodes
+    assert [n.name for n in rack2] == ["n2"]
+    n2 = await core.admin.GetNode(pb.GetNodeRequest(node=pb.NodeRef(mac="52:54:00:00:00:22")))
+    assert n2.name == "n2" and list(n2.macs) == ["52:54:00:00:00:02", "52:54:00:00:00:22"]
+    assert not n2.HasField("last_event")
+    await expect_status(core.admin.GetNode(pb.GetNodeRequest(node=by_name("zz"))), grpc.StatusCode.NOT_FOUND)
+    await expect_status(core.admin.GetNode(pb.GetNodeRequest()), grpc.StatusCode.INVALID_ARGUMENT)
+
+
+async def test_unexpected_error_is_internal_and_core_keeps_serving(
+    core: Core, service: CoreService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*args: object) -> None:
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(service, "locate", boom)
+    details = await expect_status(
+        core.core.Locate(pb.LocateRequest(node=by_name("n1"), origin=ROOM)),
+        grpc.StatusCode.INTERNAL,
+        "Locate",
+    )
+    assert "secret detail" not in details
+    monkeypatch.undo()
+    resp = await core.core.Locate(pb.LocateRequest(node=by_name("n1"), origin=ROOM))
+    assert resp.node == "n1"
+
+
+# -- graceful stop -----------------------------------------------------------------
+async def test_stop_finishes_in_flight_calls_within_grace(core: Core) -> None:
+    """A call in flight when stop begins goes on until it ends; new calls are refused."""
+    queue: asyncio.Queue[pb.Heartbeat | None] = asyncio.Queue()
+
+    async def from_queue() -> AsyncIterator[pb.Heartbeat]:
+        while (hb := await queue.get()) is not None:
+            yield hb
+
+    call = core.core.RelayHeartbeat(from_queue())
+    await queue.put(pb.Heartbeat(relay="room-1", load=1, healthy=True))
+    assert isinstance(await call.read(), pb.HeartbeatReply)  # the server is in the call
+    stopping = asyncio.ensure_future(core.server.stop(grace=30))
+    # wait (bounded) until the server refuses new calls: shutdown has begun
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    refused: grpc.StatusCode | None = None
+    while refused is None:
+        try:
+            await core.admin.ListRelays(pb.ListRelaysRequest(), timeout=2)
+        except grpc.aio.AioRpcError as exc:
+            refused = exc.code()
+        else:
+            assert loop.time() < deadline, "the server kept accepting new calls after stop()"
+            await asyncio.sleep(0.01)
+    assert refused in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    # the in-flight call still works, and ends cleanly
+    await queue.put(pb.Heartbeat(relay="room-1", load=2, healthy=True))
+    assert isinstance(await asyncio.wait_for(call.read(), 10), pb.HeartbeatReply)
+    await queue.put(None)
+    assert await asyncio.wait_for(call.code(), 10) == grpc.StatusCode.OK
+    assert core.server.service.list_relays()[2].beat is not None
+    await asyncio.wait_for(stopping, 25)  # returns long before the 30 s grace
+
+
+async def test_stop_cancels_calls_that_outlive_grace(core: Core) -> None:
+    forever = asyncio.Event()
+
+    async def endless() -> AsyncIterator[pb.Heartbeat]:
+        yield pb.Heartbeat(relay="room-1", healthy=True)
+        await forever.wait()
+        yield pb.Heartbeat(relay="room-1", healthy=True)  # pragma: no cover
+
+    call = core.core.RelayHeartbeat(endless())
+    first = await call.read()
+    assert isinstance(first, pb.HeartbeatReply)
+    await asyncio.wait_for(core.server.stop(grace=0.2), 10)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await asyncio.wait_for(call.read(), 10)
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    forever.set()
