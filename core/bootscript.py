@@ -10,11 +10,13 @@ to the next relay.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from slim.core.store import parse_digest
 
 MAX_FALLBACK_RELAYS = 3
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ def _label(env: str) -> str:
     return f"ee-{env}"
 
 
+def _one_line(text: str) -> str:
+    """Control characters (a multi-line description) would start a new script line."""
+    return _CONTROL_RE.sub(" ", text)
+
+
 def render_ipxe(menu: Menu) -> str:
     relays = menu.relay_urls[:MAX_FALLBACK_RELAYS]
     out = [
@@ -53,19 +60,20 @@ def render_ipxe(menu: Menu) -> str:
     ]
     out += [f"# not built yet, so not offered: {env}" for env in menu.unbuilt]
     default = _label(menu.default)
-    if menu.timeout > 0:
+    ms = round(menu.timeout * 1000)
+    if ms > 0:  # "choose --timeout 0" would wait forever
         out += [f"menu SLIM: {menu.node}", "item --gap -- Network execution environments"]
         for e in menu.entries:
-            out.append(f"item {_label(e.environment)} {e.title}")
+            out.append(f"item {_label(e.environment)} {_one_line(e.title)}")
         out += ["item --gap -- Other", "item local Boot from local disk"]
-        ms = round(menu.timeout * 1000)
         out += [f"choose --default {default} --timeout {ms} target || goto {default}", "goto ${target}"]
     else:
         out.append(f"goto {default}")
     for e in menu.entries:
         # initrd=initrd names the image for EFI-stub kernels (pxelinux reads its own INITRD)
         kernel = " || ".join(
-            f"kernel {object_url(r, e.kernel_digest)} initrd=initrd {e.kernel_args}" for r in relays
+            f"kernel {object_url(r, e.kernel_digest)} initrd=initrd {_one_line(e.kernel_args)}"
+            for r in relays
         )
         initrd = " || ".join(f"initrd --name initrd {object_url(r, e.initrd_digest)}" for r in relays)
         out += [
@@ -107,10 +115,10 @@ def render_pxelinux(menu: Menu) -> str:
         out += [
             "",
             f"LABEL {_label(e.environment)}",
-            f"  MENU LABEL {e.title}",
+            f"  MENU LABEL {_one_line(e.title)}",
             f"  KERNEL {object_url(relay, e.kernel_digest)}",
             f"  INITRD {object_url(relay, e.initrd_digest)}",
-            f"  APPEND {e.kernel_args}",
+            f"  APPEND {_one_line(e.kernel_args)}",
         ]
     out += ["", "LABEL local", "  MENU LABEL Boot from local disk", "  LOCALBOOT 0", ""]
     return "\n".join(out)

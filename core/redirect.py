@@ -85,20 +85,23 @@ class Redirector:
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()  # noqa: S311 - tie-breaking, not security
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._sent: dict[str, deque[float]] = {}
 
     def pending(self, relay: str, beat: RelayBeat | None, now: float, window: float) -> int:
-        """How many nodes were sent to ``relay`` since its last report (within ``window``)."""
-        sent = self._sent.get(relay)
-        if not sent:
-            return 0
-        horizon = now - window
-        if beat is not None:
-            horizon = max(horizon, beat.last_seen)
-        while sent and sent[0] <= horizon:
-            sent.popleft()
-        return len(sent)
+        """How many nodes were sent to ``relay`` since its last report (within ``window``).
+
+        A redirection made at the very instant of a report is still counted: the
+        report cannot have included that node yet."""
+        with self._lock:
+            sent = self._sent.get(relay)
+            if not sent:
+                return 0
+            expired = now - window
+            reported = beat.last_seen if beat is not None else expired
+            while sent and (sent[0] <= expired or sent[0] < reported):
+                sent.popleft()
+            return len(sent)
 
     def rank(
         self,

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainValidator,
@@ -91,7 +92,8 @@ def normalize_dir(value: str) -> str:
     """An environment directory: absolute, no ``..``, normalized (``/usr/`` → ``/usr``)."""
     _check_abs_path(value)
     norm = posixpath.normpath(value)
-    return "/" if norm == "//" else norm
+    # POSIX normpath keeps exactly two leading slashes ("//usr"); they name /usr here.
+    return "/" + norm.lstrip("/") if norm.startswith("//") else norm
 
 
 def _check_url(value: str) -> str:
@@ -114,6 +116,17 @@ def _parse_network(value: Any) -> IPNetwork:
         raise ValueError(f"{value!r} is not a valid IPv4 or IPv6 network in CIDR form: {exc}") from None
 
 
+def _mac_input(value: Any) -> Any:
+    # YAML 1.1 reads an unquoted MAC made of digits only, such as 52:54:00:00:01:01,
+    # as a base-60 integer; the digits are lost, so all we can do is say why.
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(
+            'a MAC address must be quoted, e.g. "52:54:00:00:01:01" '
+            "(YAML reads an unquoted MAC made of digits only as a number)"
+        )
+    return value
+
+
 def _check_module(value: str) -> str:
     if not MODULE_RE.match(value):
         raise ValueError(f"{value!r} is not a kernel module name")
@@ -123,7 +136,7 @@ def _check_module(value: str) -> str:
 Name = Annotated[str, AfterValidator(_check_name)]
 AbsPath = Annotated[str, AfterValidator(_check_abs_path)]
 Url = Annotated[str, AfterValidator(_check_url)]
-Mac = Annotated[str, AfterValidator(normalize_mac)]
+Mac = Annotated[str, BeforeValidator(_mac_input), AfterValidator(normalize_mac)]
 Module = Annotated[str, AfterValidator(_check_module)]
 Network = Annotated[IPNetwork, PlainValidator(_parse_network)]
 KernelArgs = Annotated[str, Field(max_length=2048)]
@@ -283,7 +296,7 @@ class Registry:
         raise NotFound(f"unknown environment {name_or_feature!r} (known: {known})")
 
     def feature_of(self, env_name: str) -> str:
-        env = self.environments[env_name]
+        env = self.environment(env_name)
         return env.feature or f"ee:{env_name}"
 
     def directories(self, env_name: str) -> dict[str, DirectorySpec]:
@@ -347,6 +360,8 @@ def _pydantic_problem(source: YamlSource, err: Any) -> Problem:
     loc: Loc = tuple(err["loc"])
     msg: str = err["msg"]
     kind = err["type"]
+    if loc and loc[-1] == "[key]":  # pydantic's marker for a bad mapping key: the key is the field
+        loc = loc[:-1]
     if kind == "extra_forbidden":
         msg = "unknown field (check the spelling; see docs/registry.md)"
     elif kind == "missing":

@@ -133,10 +133,13 @@ class State:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite may already have rolled back (RAISE(ROLLBACK), some I/O errors), and
+                # a failed COMMIT (a deferred constraint) leaves the transaction open.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
         with self._tx() as db:
@@ -154,13 +157,15 @@ class State:
 
     # -- next-boot overrides -------------------------------------------------
     def set_next_boot(self, node: str, environment: str, set_by: str, now: float | None = None) -> NextBoot:
-        nb = NextBoot(node, environment, set_by or "unknown", time.time() if now is None else now)
+        nb = NextBoot(
+            node, environment, (set_by or "unknown")[:MAX_TEXT], time.time() if now is None else now
+        )
         with self._tx() as db:
             db.execute(
                 "INSERT INTO next_boot (node, environment, set_by, set_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (node) DO UPDATE SET environment = excluded.environment, "
                 "set_by = excluded.set_by, set_at = excluded.set_at",
-                (nb.node, nb.environment, nb.set_by[:MAX_TEXT], nb.set_at),
+                (nb.node, nb.environment, nb.set_by, nb.set_at),
             )
         return nb
 

@@ -19,6 +19,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,12 +28,16 @@ from slim.core.registry import NAME_RE, Policy
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound
 
 HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+# A ref whose inode changed less than this long ago is re-read on every look-up: file
+# timestamps can be coarse (one tick, or a second) and every ref has the same size, so
+# a rewrite within one tick would otherwise look unchanged.
+RACY_REF_NS = 2_000_000_000
 
 
 def parse_digest(digest: str) -> str:
     """``sha256:<hex>`` (or bare hex) → hex; anything else is InvalidArgument."""
     hexpart = digest[7:] if digest.startswith("sha256:") else digest
-    if not HEX_RE.match(hexpart):
+    if not HEX_RE.fullmatch(hexpart):  # match() would take a trailing newline
         raise InvalidArgument(f"{digest!r} is not a sha256 digest (want sha256:<64 lowercase hex>)")
     return hexpart
 
@@ -72,7 +77,7 @@ class Store:
         self.objects = self.root / "objects" / "sha256"
         self.refs = self.root / "refs" / "environments"
         self._lock = threading.Lock()
-        self._ref_cache: dict[str, tuple[tuple[int, int], str]] = {}
+        self._ref_cache: dict[str, tuple[tuple[int, int, int, int], str]] = {}
         self._release_cache: dict[str, Release] = {}
 
     def object_path(self, digest: str) -> Path:
@@ -110,20 +115,23 @@ class Store:
 
     def release_digest(self, environment: str) -> str | None:
         """The digest of the environment's current release, or None if never built."""
+        if not NAME_RE.match(environment):
+            raise InvalidArgument(f"{environment!r} is not an environment name")
         path = self.refs / environment
         try:
             st = path.stat()
         except FileNotFoundError:
             return None
-        key = (st.st_mtime_ns, st.st_size)
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         with self._lock:
             cached = self._ref_cache.get(environment)
         if cached and cached[0] == key:
             return cached[1]
         text = path.read_text(encoding="ascii", errors="replace").strip()
         digest = f"sha256:{parse_digest(text)}"
-        with self._lock:
-            self._ref_cache[environment] = (key, digest)
+        if _now_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_REF_NS:
+            with self._lock:
+                self._ref_cache[environment] = (key, digest)
         return digest
 
     def release(self, environment: str) -> tuple[str, Release] | None:
@@ -144,6 +152,10 @@ class Store:
             with self._lock:
                 self._release_cache[digest] = cached
         return digest, cached
+
+
+def _now_ns() -> int:
+    return time.time_ns()
 
 
 def _atomic_write(target: Path, data: bytes) -> None:

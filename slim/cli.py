@@ -172,8 +172,21 @@ def core() -> None:
     show_default=True,
     help="Logging threshold (logs go to standard error).",
 )
+@click.option(
+    "--event-loop",
+    type=click.Choice(["uvloop", "asyncio"]),
+    default="uvloop",
+    show_default=True,
+    help="Event loop implementation (asyncio's own is there for comparison and debugging).",
+)
 def core_serve(
-    registry_path: Path, state_path: Path, store_path: Path, listen: str, grace: float, log_level: str
+    registry_path: Path,
+    state_path: Path,
+    store_path: Path,
+    listen: str,
+    grace: float,
+    log_level: str,
+    event_loop: str,
 ) -> None:
     """Serve the core's gRPC API until SIGTERM or SIGINT (graceful stop); SIGHUP reloads the registry.
 
@@ -202,7 +215,10 @@ def core_serve(
             sys.stdout.flush()
 
         try:
-            uvloop.run(serve(service, listen, grace, ready))
+            if event_loop == "uvloop":
+                uvloop.run(serve(service, listen, grace, ready))
+            else:
+                asyncio.run(serve(service, listen, grace, ready))
         finally:
             state.close()
 
