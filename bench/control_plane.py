@@ -5,13 +5,24 @@
 
 Starts the real core (`slim core serve`, a separate process) on 127.0.0.1
 port 0 with a synthetic registry of --nodes nodes on 4 sites and 12 relays,
-then drives it from --clients client processes (grpc.aio, --concurrency calls
-in flight each):
+then measures:
 
-- throughput: every client loops Locate + GetBootPlan for random nodes for
-  --seconds (and at most --max-calls per client); req/s counts both RPCs;
-- storm: every node asks once (Locate then GetBootPlan), all at once; the
-  time until the last answer.
+- throughput with h2load (nghttp2's HTTP/2 load generator, written in C, so
+  the load costs little of the machine's 2 cores): gRPC Locate and
+  GetBootPlan calls alternating, --h2load-requests of them, 4 connections with
+  32 streams each.  (LocateRequest and GetBootPlanRequest share their field
+  numbers, so one request body serves both.)  Skipped with a note if h2load
+  is missing (`apt-get install nghttp2-client`; `./run bench` installs it);
+- throughput with --clients Python grpc.aio client processes (--concurrency
+  calls in flight each), looping Locate + GetBootPlan for random nodes for
+  --seconds (at most --max-calls pairs per client): what relays, themselves
+  Python, can draw, though here they compete with the core for the CPUs;
+- storm: every one of the --nodes nodes asks once (Locate then GetBootPlan),
+  all at once, from the Python clients; the time until the last answer.
+
+For every run the core's CPU time per request is read from /proc: it is the
+figure least disturbed by this shared machine, and 10^6 / it is what one core
+of the core can answer.
 
 The same run is made against the core on uvloop (the default) and on the
 stock asyncio loop, side by side; each figure is the median of --repeat
@@ -31,8 +42,12 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import re
+import resource
+import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -42,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import uvloop
 
 from slim.core.registry import load_registry
 from slim.core.store import Store
@@ -140,8 +156,11 @@ async def _client(
                 latencies.append(time.perf_counter() - s)
                 done += 1
 
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         return {
+            "cpu_seconds": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
             "pairs": done,
             "errors": errors,
             "elapsed": time.perf_counter() - t0,
@@ -154,8 +173,20 @@ def _client_proc(args: tuple[Any, ...], queue: Any) -> None:
     queue.put(asyncio.run(_client(*args)))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_clients(
-    address: str, node_slices: list[list[int]], concurrency: int, seconds: float, max_calls: int, storm: bool
+    address: str,
+    node_slices: list[list[int]],
+    concurrency: int,
+    seconds: float,
+    max_calls: int,
+    storm: bool,
+    server_pid: int,
 ) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -168,20 +199,124 @@ def run_clients(
     ]
     for p in procs:
         p.start()
+    server_cpu0 = cpu_seconds(server_pid)
     results = [queue.get(timeout=seconds + 120) for _ in procs]
+    server_cpu = cpu_seconds(server_pid) - server_cpu0
     for p in procs:
         p.join(timeout=30)
     pairs = sum(r["pairs"] for r in results)
     lat = sorted(x for r in results for x in r["latencies"])
     wall = max(r["finished_at"] for r in results) - start_at
+    requests = 2 * pairs
     return {
         "pairs": pairs,
+        "server_cpu_us_per_request": round(1e6 * server_cpu / requests, 1),
+        "client_cpu_us_per_request": round(1e6 * sum(r["cpu_seconds"] for r in results) / requests, 1),
         "errors": sum(r["errors"] for r in results),
         "wall_seconds": wall,
         "requests_per_second": 2 * pairs / wall,
         "pair_latency_ms_p50": 1000 * lat[len(lat) // 2] if lat else None,
         "pair_latency_ms_p99": 1000 * lat[int(len(lat) * 0.99)] if lat else None,
     }
+
+
+def h2load_run(address: str, requests: int, server_pid: int) -> dict[str, Any] | None:
+    """Alternate Locate and GetBootPlan with h2load; None if h2load is not installed."""
+    if shutil.which("h2load") is None:
+        return None
+    msg = pb.LocateRequest(node=pb.NodeRef(name="n00042"), origin=origin_of(42)).SerializeToString()
+    with tempfile.NamedTemporaryFile(suffix=".grpc") as body:
+        body.write(b"\0" + struct.pack(">I", len(msg)) + msg)  # gRPC framing: uncompressed, length
+        body.flush()
+        cpu0 = cpu_seconds(server_pid)
+        out = subprocess.run(
+            ["h2load", "-n", str(requests), "-c", "4", "-m", "32", "-d", body.name,
+             "-H", "content-type: application/grpc", "-H", "te: trailers",
+             f"http://{address}/slim.v1.Core/Locate", f"http://{address}/slim.v1.Core/GetBootPlan"],
+            capture_output=True, text=True, timeout=600, check=True,
+        ).stdout  # fmt: skip
+        cpu = cpu_seconds(server_pid) - cpu0
+    done = re.search(r"finished in ([\d.]+)(ms|s), ([\d.]+) req/s", out)
+    ok = re.search(r"requests: .* (\d+) succeeded, (\d+) failed", out)
+    if not done or not ok:
+        raise SystemExit(f"cannot read h2load's output:\n{out}")
+    return {
+        "requests": requests,
+        "succeeded": int(ok.group(1)),
+        "failed": int(ok.group(2)),
+        "seconds": float(done.group(1)) / (1000 if done.group(2) == "ms" else 1),
+        "requests_per_second": float(done.group(3)),
+        "server_cpu_us_per_request": round(1e6 * cpu / requests, 1),
+    }
+
+
+def check_answers(address: str) -> tuple[bytes, bytes]:
+    """The h2load body must get real answers (h2load sees HTTP status, not grpc-status);
+    return them serialized (the floor server replays them)."""
+
+    async def ask() -> tuple[bytes, bytes]:
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = pb_grpc.CoreStub(ch)
+            ref = pb.NodeRef(name="n00042")
+            loc = await stub.Locate(pb.LocateRequest(node=ref, origin=origin_of(42)), timeout=30)
+            plan = await stub.GetBootPlan(pb.GetBootPlanRequest(node=ref, origin=origin_of(42)), timeout=30)
+            assert loc.relays and plan.directories, "the core gave empty answers"
+            return loc.SerializeToString(), plan.SerializeToString()
+
+    return asyncio.run(ask())
+
+
+def floor_handler(locate: bytes, plan: bytes) -> grpc.GenericRpcHandler:
+    """Locate and GetBootPlan answered with fixed, real-sized answers: gRPC's own cost."""
+    locate_msg = pb.LocateResponse.FromString(locate)
+    plan_msg = pb.BootPlan.FromString(plan)
+
+    async def answer_locate(request: pb.LocateRequest, context: Any) -> pb.LocateResponse:
+        return locate_msg
+
+    async def answer_plan(request: pb.GetBootPlanRequest, context: Any) -> pb.BootPlan:
+        return plan_msg
+
+    return grpc.method_handlers_generic_handler(
+        "slim.v1.Core",
+        {
+            "Locate": grpc.unary_unary_rpc_method_handler(
+                answer_locate,
+                request_deserializer=pb.LocateRequest.FromString,
+                response_serializer=pb.LocateResponse.SerializeToString,
+            ),
+            "GetBootPlan": grpc.unary_unary_rpc_method_handler(
+                answer_plan,
+                request_deserializer=pb.GetBootPlanRequest.FromString,
+                response_serializer=pb.BootPlan.SerializeToString,
+            ),
+        },
+    )
+
+
+async def serve_floor(answers: Path) -> None:
+    locate, plan = json.loads(answers.read_text())  # noqa: ASYNC240 - before serving
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((floor_handler(bytes.fromhex(locate), bytes.fromhex(plan)),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+def start_floor(answers: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--floor-server", str(answers)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("listening on "):
+        proc.kill()
+        raise SystemExit(f"floor server did not start: {line!r}")
+    return proc, line.split()[-1]
 
 
 def start_core(tmp: Path, registry: Path, loop: str) -> tuple[subprocess.Popen[str], str]:
@@ -207,11 +342,16 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="length of each throughput run")
     ap.add_argument("--max-calls", type=int, default=200_000, help="upper bound of pairs per client per run")
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure (the median is reported)")
+    ap.add_argument("--h2load-requests", type=int, default=40_000, help="requests per h2load run")
     ap.add_argument("--quick", action="store_true", help="small and short: 1,000 nodes, 2 s, 1 repeat")
     ap.add_argument("--out", type=Path, default=OUT, help="where to write the JSON results")
+    ap.add_argument("--floor-server", type=Path, help=argparse.SUPPRESS)  # internal: the floor server
     args = ap.parse_args()
+    if args.floor_server:
+        uvloop.run(serve_floor(args.floor_server))
+        return
     if args.quick:
-        args.nodes, args.seconds, args.repeat = 1000, 2.0, 1
+        args.nodes, args.seconds, args.repeat, args.h2load_requests = 1000, 2.0, 1, 4000
 
     results: dict[str, Any] = {
         "benchmark": "P5 control plane (Locate + GetBootPlan over gRPC, loopback)",
@@ -239,12 +379,16 @@ def main() -> None:
             proc, address = start_core(tmp, registry, loop)
             try:
                 asyncio.run(_heartbeats(address))
+                answers = check_answers(address)
+                h2 = [h2load_run(address, args.h2load_requests, proc.pid) for _ in range(args.repeat)]
                 tput = [
-                    run_clients(address, slices, args.concurrency, args.seconds, args.max_calls, storm=False)
+                    run_clients(
+                        address, slices, args.concurrency, args.seconds, args.max_calls, False, proc.pid
+                    )
                     for _ in range(args.repeat)
                 ]
                 storms = [
-                    run_clients(address, slices, args.concurrency, 600.0, args.nodes, storm=True)
+                    run_clients(address, slices, args.concurrency, 600.0, args.nodes, True, proc.pid)
                     for _ in range(args.repeat)
                 ]
             finally:
@@ -252,23 +396,58 @@ def main() -> None:
                 proc.wait(timeout=30)
             med = statistics.median(r["requests_per_second"] for r in tput)
             storm_s = statistics.median(r["wall_seconds"] for r in storms)
+            cpu_us = statistics.median(r["server_cpu_us_per_request"] for r in tput)
+            h2_runs = [r for r in h2 if r is not None]
+            h2_med = statistics.median(r["requests_per_second"] for r in h2_runs) if h2_runs else None
+            h2_cpu = statistics.median(r["server_cpu_us_per_request"] for r in h2_runs) if h2_runs else None
             results["variants"][loop] = {
-                "requests_per_second_median": round(med),
-                "throughput_runs": tput,
+                "h2load_requests_per_second_median": round(h2_med) if h2_med else None,
+                "h2load_server_cpu_us_per_request_median": h2_cpu,
+                "h2load_runs": h2_runs or "h2load not installed",
+                "python_clients_requests_per_second_median": round(med),
+                "python_clients_server_cpu_us_per_request_median": cpu_us,
+                "requests_per_second_per_server_core": round(1e6 / (h2_cpu or cpu_us)),
+                "python_clients_runs": tput,
                 "storm_nodes": args.nodes,
                 "storm_seconds_median": round(storm_s, 3),
                 "storm_runs": storms,
             }
+            h2_text = (
+                f"{h2_med:6.0f} req/s ({h2_cpu:4.0f} us CPU each)" if h2_med and h2_cpu else "   (no h2load)"
+            )
             print(
-                f"{loop:8}  {med:8.0f} req/s (Locate+GetBootPlan, median of {args.repeat})   "
-                f"storm of {args.nodes} nodes answered in {storm_s:6.2f} s   "
-                f"errors {sum(r['errors'] for r in tput + storms)}",
+                f"{loop:8} h2load {h2_text}   python clients {med:6.0f} req/s ({cpu_us:4.0f} us)   "
+                f"storm of {args.nodes} nodes: {storm_s:5.2f} s   "
+                f"errors {sum(r['errors'] for r in tput + storms) + sum(r['failed'] for r in h2_runs)}",
                 flush=True,
             )
+        if shutil.which("h2load"):
+            floor_file = tmp / "answers.json"
+            floor_file.write_text(json.dumps([answers[0].hex(), answers[1].hex()]))
+            fproc, faddress = start_floor(floor_file)
+            try:
+                fl = [h2load_run(faddress, args.h2load_requests, fproc.pid) for _ in range(args.repeat)]
+            finally:
+                fproc.send_signal(signal.SIGTERM)
+                fproc.wait(timeout=30)
+            fl_runs = [r for r in fl if r is not None]
+            f_med = statistics.median(r["requests_per_second"] for r in fl_runs)
+            f_cpu = statistics.median(r["server_cpu_us_per_request"] for r in fl_runs)
+            results["grpc_floor"] = {
+                "what": "a grpc.aio server on uvloop answering Locate and GetBootPlan with fixed, "
+                "real-sized answers: the cost of Python gRPC itself on this machine",
+                "h2load_requests_per_second_median": round(f_med),
+                "h2load_server_cpu_us_per_request_median": f_cpu,
+                "h2load_runs": fl_runs,
+            }
+            print(
+                f"floor    h2load {f_med:6.0f} req/s ({f_cpu:4.0f} us CPU each)   (fixed answers: gRPC alone)"
+            )
     u, a = results["variants"]["uvloop"], results["variants"]["asyncio"]
-    results["uvloop_over_asyncio"] = round(
-        u["requests_per_second_median"] / a["requests_per_second_median"], 3
-    )
+    key = "h2load_requests_per_second_median"
+    if not u[key]:
+        key = "python_clients_requests_per_second_median"
+    results["uvloop_over_asyncio"] = round(u[key] / a[key], 3)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")

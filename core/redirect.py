@@ -28,8 +28,8 @@ import random
 import threading
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from enum import IntEnum, StrEnum
+from typing import NamedTuple
 
 from slim.core.registry import IPAddress, Registry
 from slim.core.state import RelayBeat
@@ -42,6 +42,9 @@ class Tier(IntEnum):
     OTHER = 3
 
 
+TIERS = {"site": Tier.SITE, "parent": Tier.PARENT, "other": Tier.OTHER}
+
+
 class RelayStatus(StrEnum):
     LIVE = "live"
     STALE = "stale"
@@ -49,8 +52,7 @@ class RelayStatus(StrEnum):
     UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True)
-class RankedRelay:
+class RankedRelay(NamedTuple):  # a tuple: cheap to make, and a storm makes many
     name: str
     urls: tuple[str, ...]
     site: str
@@ -80,6 +82,10 @@ def relay_status(beat: RelayBeat | None, now: float, stale_after: float) -> Rela
     return RelayStatus.LIVE
 
 
+def _sort_key(k: tuple[int, bool, float, float, RankedRelay]) -> tuple[int, bool, float, float]:
+    return k[0], k[1], k[2], k[3]
+
+
 class Redirector:
     """Ranks relays; remembers its recent choices so that storms spread."""
 
@@ -94,14 +100,17 @@ class Redirector:
         A redirection made at the very instant of a report is still counted: the
         report cannot have included that node yet."""
         with self._lock:
-            sent = self._sent.get(relay)
-            if not sent:
-                return 0
-            expired = now - window
-            reported = beat.last_seen if beat is not None else expired
-            while sent and (sent[0] <= expired or sent[0] < reported):
-                sent.popleft()
-            return len(sent)
+            return self._pending(relay, beat, now, window)
+
+    def _pending(self, relay: str, beat: RelayBeat | None, now: float, window: float) -> int:
+        sent = self._sent.get(relay)
+        if not sent:
+            return 0
+        expired = now - window
+        reported = beat.last_seen if beat is not None else expired
+        while sent and (sent[0] <= expired or sent[0] < reported):
+            sent.popleft()
+        return len(sent)
 
     def rank(
         self,
@@ -116,32 +125,23 @@ class Redirector:
         counted as having one more node on its way."""
         settings = registry.settings
         site = registry.site_of_address(origin) or node_site
-        tiers: dict[str, Tier] = {}
-        if site is not None:
-            for name, relay in registry.relays.items():
-                if relay.site == site:
-                    tiers[name] = Tier.SITE
-            for name in list(tiers):
-                for parent in registry.parent_chain(name):
-                    tiers.setdefault(parent, Tier.PARENT)
-        for name in registry.relays:
-            tiers.setdefault(name, Tier.OTHER)
-
+        stale_before = now - settings.stale_after
+        window = settings.spread_window
+        random = self._rng.random
         with self._lock:
-            keyed: list[tuple[tuple[int, int, float, float], RankedRelay]] = []
-            for name, tier in tiers.items():
+            keyed: list[tuple[int, bool, float, float, RankedRelay]] = []
+            for name, tier_name in registry.relays_by_site(site):
                 relay = registry.relays[name]
                 beat = beats.get(name)
-                status = relay_status(beat, now, settings.stale_after)
-                if status in (RelayStatus.STALE, RelayStatus.UNHEALTHY):
-                    continue
-                load = (beat.load if beat else 0.0) + self.pending(name, beat, now, settings.spread_window)
+                if beat is not None and (beat.last_seen < stale_before or not beat.healthy):
+                    continue  # stale or unhealthy (see relay_status)
+                load = (beat.load if beat is not None else 0.0) + self._pending(name, beat, now, window)
                 score = load / relay.capacity
-                unknown = int(status is RelayStatus.UNKNOWN)
+                tier = TIERS[tier_name]
                 ranked = RankedRelay(name, tuple(relay.urls), relay.site, tier, score, beat is not None)
-                keyed.append(((int(tier), unknown, score, self._rng.random()), ranked))
-            keyed.sort(key=lambda kv: kv[0])
-            result = [r for _, r in keyed]
+                keyed.append((tier, beat is None, score, random(), ranked))
+            keyed.sort(key=_sort_key)
+            result = [k[4] for k in keyed[: settings.max_relays]]
             if assign and result:
                 self._sent.setdefault(result[0].name, deque()).append(now)
         return site, result

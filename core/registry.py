@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -44,6 +45,7 @@ FEATURE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z0-9_.]+$")
 MAC_RE = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
 MODULE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
+SITE_CACHE_SIZE = 65536  # addresses whose site is remembered
 DEFAULT_NFS_OPTIONS = "ro,nolock,noatime,actimeo=600,proto=tcp"
 
 
@@ -161,6 +163,7 @@ class Settings(_Model):
     spread_window: float = Field(
         30.0, gt=0, le=3600, description="seconds a redirection counts toward a relay's load"
     )
+    max_relays: int = Field(8, ge=1, le=1000, description="most relays in one ranked answer")
 
 
 class Site(_Model):
@@ -260,6 +263,9 @@ class Registry:
         self.nodes: Mapping[str, Node] = doc.nodes
         self._by_mac = {mac: name for name, node in doc.nodes.items() for mac in node.macs}
         self._by_feature = {self.feature_of(name): name for name in doc.environments}
+        self._directories: dict[str, Mapping[str, DirectorySpec]] = {}
+        self._relay_tiers: dict[str | None, tuple[tuple[str, str], ...]] = {}
+        self._site_cache: dict[IPAddress, str | None] = {}
 
     # -- lookups that raise NotFound with a useful message -------------------
     def node(self, name: str) -> Node:
@@ -299,13 +305,35 @@ class Registry:
         env = self.environment(env_name)
         return env.feature or f"ee:{env_name}"
 
-    def directories(self, env_name: str) -> dict[str, DirectorySpec]:
-        """The environment's directories, normalized, with ``/`` standing for the rest."""
-        env = self.environment(env_name)
-        out = {"/": DirectorySpec(policy=env.default_policy)}
-        for path, spec in env.directories.items():
-            out[normalize_dir(path)] = spec
-        return dict(sorted(out.items()))
+    def directories(self, env_name: str) -> Mapping[str, DirectorySpec]:
+        """The environment's directories, normalized and sorted, with ``/`` standing
+        for the rest (computed once; read-only)."""
+        cached = self._directories.get(env_name)
+        if cached is None:
+            env = self.environment(env_name)
+            out = {"/": DirectorySpec(policy=env.default_policy)}
+            for path, spec in env.directories.items():
+                out[normalize_dir(path)] = spec
+            cached = self._directories[env_name] = MappingProxyType(dict(sorted(out.items())))
+        return cached
+
+    def relays_by_site(self, site: str | None) -> tuple[tuple[str, str], ...]:
+        """Every relay as (name, tier) seen from ``site``: the site's relays ("site"),
+        their parent chains ("parent"), then the rest ("other"); computed once per site."""
+        cached = self._relay_tiers.get(site)
+        if cached is None:
+            tiers: dict[str, str] = {}
+            if site is not None:
+                for name, relay in self.relays.items():
+                    if relay.site == site:
+                        tiers[name] = "site"
+                for name in list(tiers):
+                    for parent in self.parent_chain(name):
+                        tiers.setdefault(parent, "parent")
+            for name in self.relays:
+                tiers.setdefault(name, "other")
+            cached = self._relay_tiers[site] = tuple(tiers.items())
+        return cached
 
     def nfs_server_for(self, site: str | None) -> str | None:
         if site is not None and site in self.sites and self.sites[site].nfs_server:
@@ -313,7 +341,19 @@ class Registry:
         return self.settings.nfs_server
 
     def site_of_address(self, address: IPAddress) -> str | None:
-        """The site whose prefix is the longest match for ``address``."""
+        """The site whose prefix is the longest match for ``address`` (remembered:
+        a node asks from the same address several times per boot)."""
+        try:
+            return self._site_cache[address]
+        except KeyError:
+            pass
+        site = self._match_site(address)
+        if len(self._site_cache) >= SITE_CACHE_SIZE:
+            self._site_cache.clear()
+        self._site_cache[address] = site
+        return site
+
+    def _match_site(self, address: IPAddress) -> str | None:
         best: tuple[int, str] | None = None
         for name, site in self.sites.items():
             for prefix in site.prefixes:

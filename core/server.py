@@ -36,6 +36,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 MAX_EVENTS_PER_STREAM = 10_000
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+_CACHE_SIZE = 4096  # entries in the message cache below; cleared when full
 
 POLICY_TO_PB = {
     Policy.RAM: pb.POLICY_RAM,
@@ -115,22 +116,18 @@ def relay_pb(r: RankedRelay) -> pb.RankedRelay:
     )
 
 
+_DIRS_PB: dict[tuple[dom.DirectoryAction, ...], list[pb.DirectoryAction]] = {}
+
+
 def plan_pb(plan: dom.BootPlan) -> pb.BootPlan:
-    dirs = []
-    for d in plan.directories:
-        nfs = pb.NfsMount(server=d.nfs.server, export=d.nfs.export, options=d.nfs.options) if d.nfs else None
-        dirs.append(
-            pb.DirectoryAction(
-                path=d.path,
-                policy=POLICY_TO_PB[d.policy],
-                archive=_obj(d.archive),
-                manifest=_obj(d.manifest),
-                nfs=nfs,
-                tmpfs_size=d.tmpfs_size,
-                bytes=d.bytes,
-                files=d.files,
-            )
-        )
+    # Plans of one environment share their directory actions (the same objects,
+    # compared by identity), so their messages are made once.
+    dirs = _DIRS_PB.get(plan.directories)
+    if dirs is None:
+        dirs = directories_pb(plan.directories)
+        if len(_DIRS_PB) >= _CACHE_SIZE:
+            _DIRS_PB.clear()
+        _DIRS_PB[plan.directories] = dirs
     return pb.BootPlan(
         node=plan.node,
         environment=plan.environment,
@@ -145,6 +142,25 @@ def plan_pb(plan: dom.BootPlan) -> pb.BootPlan:
         reason=plan.reason,
         site=plan.site or "",
     )
+
+
+def directories_pb(actions: tuple[dom.DirectoryAction, ...]) -> list[pb.DirectoryAction]:
+    dirs = []
+    for d in actions:
+        nfs = pb.NfsMount(server=d.nfs.server, export=d.nfs.export, options=d.nfs.options) if d.nfs else None
+        dirs.append(
+            pb.DirectoryAction(
+                path=d.path,
+                policy=POLICY_TO_PB[d.policy],
+                archive=_obj(d.archive),
+                manifest=_obj(d.manifest),
+                nfs=nfs,
+                tmpfs_size=d.tmpfs_size,
+                bytes=d.bytes,
+                files=d.files,
+            )
+        )
+    return dirs
 
 
 def event_pb(e: BootEvent) -> pb.BootEvent:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from slim.core.bootscript import Menu, MenuEntry, render_ipxe, render_pxelinux
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_KERNEL_ARG_RELAYS = 4
 MAX_EVENTS_LIMIT = 10_000
+ACTIONS_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class NfsMount:
     options: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: cached plans share these objects
 class DirectoryAction:
     path: str
     policy: Policy
@@ -84,7 +85,7 @@ class BootPlan:
     kernel_args: str
     modules: list[str]
     disk: str
-    directories: list[DirectoryAction]
+    directories: tuple[DirectoryAction, ...]
     relays: list[RankedRelay]
     reason: str
     site: str | None
@@ -112,7 +113,7 @@ class EnvironmentView:
     name: str
     env: Environment
     feature: str
-    directories: dict[str, DirectorySpec]
+    directories: Mapping[str, DirectorySpec]
     release_digest: str | None
 
 
@@ -144,6 +145,10 @@ class CoreService:
         self.clock = clock
         self._next_boots = state.next_boots()
         self._beats = state.heartbeats()
+        # directory actions per (environment, release, NFS server): the same for
+        # every node that boots them, so plans share them (valid for one registry)
+        self._actions: dict[tuple[str, str, str | None], tuple[DirectoryAction, ...]] = {}
+        self._actions_registry = registry
 
     # -- registry ------------------------------------------------------------
     def reload_registry(self) -> Registry:
@@ -218,46 +223,27 @@ class CoreService:
         env_name, reason = self.next_environment(node)
         digest, release = self._release(env_name)
         site, relays = self._rank(node, origin)
-        actions = []
-        for path, spec in self.registry.directories(env_name).items():
-            built = release.directories.get(path)
-
-            def stale(what: str, path: str = path) -> FailedPrecondition:
-                return FailedPrecondition(
-                    f"release {digest[:19]} of {env_name!r} has no {what} for {path}; "
-                    f"the registry changed since the build: slim ee build {env_name}"
-                )
-
-            if spec.policy.needs_disk and not node_cfg.disk:
+        if not node_cfg.disk:
+            needing = [p for p, spec in self.registry.directories(env_name).items() if spec.policy.needs_disk]
+            if needing:
                 raise FailedPrecondition(
-                    f"environment {env_name!r} puts {path} on disk but node {node!r} has no 'disk'"
+                    f"environment {env_name!r} puts {', '.join(needing)} on disk "
+                    f"but node {node!r} has no 'disk'"
                 )
-            action = DirectoryAction(
-                path,
-                spec.policy,
-                bytes=built.bytes if built else 0,
-                files=built.files if built else 0,
+        nfs_server = self.registry.nfs_server_for(site or node_cfg.site)
+        key = (env_name, digest, nfs_server)
+        if self._actions_registry is not self.registry:
+            self._actions.clear()
+            self._actions_registry = self.registry
+        actions = self._actions.get(key)
+        if actions is None:
+            actions = tuple(
+                self._action(env_name, digest, path, spec, release, nfs_server, site or node_cfg.site)
+                for path, spec in self.registry.directories(env_name).items()
             )
-            if spec.policy in (Policy.RAM, Policy.DISK):
-                if built is None or built.archive is None:
-                    raise stale("archive")
-                action = replace(action, archive=built.archive, tmpfs_size=spec.size or "")
-            elif spec.policy is Policy.SYNC:
-                if built is None or built.manifest is None:
-                    raise stale("manifest")
-                action = replace(action, manifest=built.manifest)
-            else:
-                server = self.registry.nfs_server_for(site or node_cfg.site)
-                if not server:
-                    raise FailedPrecondition(
-                        f"{env_name!r} shares {path} over NFS but no NFS server is configured "
-                        f"for site {site or node_cfg.site or '(none)'}; set sites.<site>.nfs_server "
-                        "or settings.nfs_server"
-                    )
-                root = self.registry.settings.nfs_export_root.rstrip("/")
-                export = f"{root}/{env_name}{'' if path == '/' else path}"
-                action = replace(action, nfs=NfsMount(server, export, spec.nfs_options))
-            actions.append(action)
+            if len(self._actions) >= ACTIONS_CACHE_SIZE:
+                self._actions.clear()
+            self._actions[key] = actions
         profile = self.registry.profiles[node_cfg.profile]
         return BootPlan(
             node=node,
@@ -273,6 +259,42 @@ class CoreService:
             reason=reason,
             site=site,
         )
+
+    def _action(
+        self,
+        env_name: str,
+        digest: str,
+        path: str,
+        spec: DirectorySpec,
+        release: Release,
+        nfs_server: str | None,
+        site: str | None,
+    ) -> DirectoryAction:
+        """What the agent does with one directory, with the release's objects."""
+        built = release.directories.get(path)
+        size = (built.bytes, built.files) if built else (0, 0)
+        policy = spec.policy
+        if policy is Policy.NFS:
+            if not nfs_server:
+                raise FailedPrecondition(
+                    f"{env_name!r} shares {path} over NFS but no NFS server is configured for site "
+                    f"{site or '(none)'}; set sites.<site>.nfs_server or settings.nfs_server"
+                )
+            root = self.registry.settings.nfs_export_root.rstrip("/")
+            export = f"{root}/{env_name}{'' if path == '/' else path}"
+            nfs = NfsMount(nfs_server, export, spec.nfs_options)
+            return DirectoryAction(path, policy, nfs=nfs, bytes=size[0], files=size[1])
+        what = "manifest" if policy is Policy.SYNC else "archive"
+        obj = None if built is None else built.manifest if policy is Policy.SYNC else built.archive
+        if obj is None:
+            raise FailedPrecondition(
+                f"release {digest[:19]} of {env_name!r} has no {what} for {path}; "
+                f"the registry changed since the build: slim ee build {env_name}"
+            )
+        if policy is Policy.SYNC:
+            return DirectoryAction(path, policy, manifest=obj, bytes=size[0], files=size[1])
+        tmpfs = spec.size or "" if policy is Policy.RAM else ""
+        return DirectoryAction(path, policy, archive=obj, tmpfs_size=tmpfs, bytes=size[0], files=size[1])
 
     # -- boot script ---------------------------------------------------------
     def boot_script(self, mac: str, origin: str, fmt: str = "ipxe") -> BootScript:

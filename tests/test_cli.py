@@ -247,3 +247,13 @@ def test_demo_runs() -> None:
     assert "n001: next boot jdk14" in out
     assert "#!ipxe" in out
     assert "The core stopped cleanly (exit 0)" in out
+
+
+def test_cli_reference_is_current() -> None:
+    """docs/cli.md is generated from the help texts; regenerate with tools/clidoc.py."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import clidoc
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    assert (ROOT / "docs" / "cli.md").read_text() == clidoc.render(), "run: python tools/clidoc.py"
