@@ -361,7 +361,7 @@ def main() -> None:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "parameters": {k: v for k, v in vars(args).items() if k not in ("out", "quick")},
+        "parameters": {k: v for k, v in vars(args).items() if k not in ("out", "quick", "floor_server")},
         "target_requests_per_second": 5000,
         "variants": {},
     }

@@ -70,17 +70,16 @@ def render_ipxe(menu: Menu) -> str:
     else:
         out.append(f"goto {default}")
     for e in menu.entries:
-        # initrd=initrd names the image for EFI-stub kernels (pxelinux reads its own INITRD)
-        kernel = " || ".join(
-            f"kernel {object_url(r, e.kernel_digest)} initrd=initrd {_one_line(e.kernel_args)}"
-            for r in relays
-        )
+        # each fetch falls back to the next relay; the arguments are set once
+        kernel = " || ".join(f"kernel {object_url(r, e.kernel_digest)} ${{slim-args}}" for r in relays)
         initrd = " || ".join(f"initrd --name initrd {object_url(r, e.initrd_digest)}" for r in relays)
         out += [
             "",
             f":{_label(e.environment)}",
             f"echo SLIM: booting {e.environment}",
             "imgfree",
+            # initrd=initrd names the image for EFI-stub kernels (pxelinux reads its own INITRD)
+            f"set slim-args initrd=initrd {_one_line(e.kernel_args)}",
             f"{kernel} || goto failed",
             f"{initrd} || goto failed",
             "boot || goto failed",

@@ -94,12 +94,14 @@ def test_ipxe_kernel_and_initrd_fall_back_over_three_relays() -> None:
     script = render_ipxe(make_menu())
     for entry in (BASE, JDK):
         block = section(script, f"ee-{entry.environment}")
+        assert command(block, "set") == f"set slim-args initrd=initrd {entry.kernel_args}"
         kernel = command(block, "kernel").split(" || ")
         assert kernel[-1] == "goto failed"
         assert kernel[:-1] == [
-            f"kernel {relay}objects/sha256/{hexof(entry.kernel_digest)} initrd=initrd {entry.kernel_args}"
+            f"kernel {relay}objects/sha256/{hexof(entry.kernel_digest)} ${{slim-args}}"
             for relay in RELAYS[:MAX_FALLBACK_RELAYS]
         ]
+        assert block.index(command(block, "set")) < block.index(command(block, "kernel"))
         initrd = command(block, "initrd").split(" || ")
         assert initrd == [
             f"initrd --name initrd {relay}objects/sha256/{hexof(entry.initrd_digest)}"
@@ -113,8 +115,7 @@ def test_ipxe_kernel_and_initrd_fall_back_over_three_relays() -> None:
 def test_ipxe_single_relay() -> None:
     block = section(render_ipxe(make_menu(relays=("http://only/",))), "ee-jdk14")
     assert command(block, "kernel") == (
-        f"kernel http://only/objects/sha256/{hexof(JDK.kernel_digest)} initrd=initrd "
-        f"{JDK.kernel_args} || goto failed"
+        f"kernel http://only/objects/sha256/{hexof(JDK.kernel_digest)} ${{slim-args}} || goto failed"
     )
     assert command(block, "initrd") == (
         f"initrd --name initrd http://only/objects/sha256/{hexof(JDK.initrd_digest)} || goto failed"
