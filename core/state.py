@@ -58,6 +58,7 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
+EVENT_COLUMNS = "node, boot_id, stage, time, relay, bytes, ok, message, environment"
 MAX_TEXT = 4096  # longest stage/message/relay text kept from a report
 
 
@@ -208,25 +209,21 @@ class State:
 
     def boot_events(self, node: str | None = None, limit: int = 100) -> list[BootEvent]:
         """The newest ``limit`` events (of one node, or all), newest first."""
-        query = (
-            "SELECT node, boot_id, stage, time, relay, bytes, ok, message, environment "
-            "FROM boot_events {} ORDER BY id DESC LIMIT ?"
-        )
-        with self._lock:
-            if node:
-                rows = self._db.execute(query.format("WHERE node = ?"), (node, limit)).fetchall()
-            else:
-                rows = self._db.execute(query.format(""), (limit,)).fetchall()
-        return [BootEvent(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows]
+        if node:
+            return self._events("WHERE node = ? ORDER BY id DESC LIMIT ?", (node, limit))
+        return self._events("ORDER BY id DESC LIMIT ?", (limit,))
 
     def last_events(self) -> dict[str, BootEvent]:
         """Each node's most recent event."""
+        events = self._events("WHERE id IN (SELECT MAX(id) FROM boot_events GROUP BY node)", ())
+        return {e.node: e for e in events}
+
+    def _events(self, where: str, args: tuple[object, ...]) -> list[BootEvent]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT node, boot_id, stage, time, relay, bytes, ok, message, environment "
-                "FROM boot_events WHERE id IN (SELECT MAX(id) FROM boot_events GROUP BY node)"
-            ).fetchall()
-        return {r[0]: BootEvent(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows}
+            # ``where`` is always one of the literals above; values go in as parameters
+            query = f"SELECT {EVENT_COLUMNS} FROM boot_events {where}"  # noqa: S608
+            rows = self._db.execute(query, args).fetchall()
+        return [BootEvent(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows]
 
     # -- relay heartbeats ----------------------------------------------------
     def record_heartbeat(self, beat: RelayBeat) -> None:
