@@ -42,6 +42,7 @@ class Tier(IntEnum):
     OTHER = 3
 
 
+MAX_REMEMBERED_NODES = 200_000  # node -> relay assignments kept for stickiness
 TIERS = {"site": Tier.SITE, "parent": Tier.PARENT, "other": Tier.OTHER}
 
 
@@ -93,6 +94,7 @@ class Redirector:
         self._rng = rng or random.Random()  # noqa: S311 - tie-breaking, not security
         self._lock = threading.RLock()
         self._sent: dict[str, deque[float]] = {}
+        self._assigned: dict[str, tuple[str, float]] = {}  # node -> (relay, when)
 
     def pending(self, relay: str, beat: RelayBeat | None, now: float, window: float) -> int:
         """How many nodes were sent to ``relay`` since its last report (within ``window``).
@@ -120,9 +122,15 @@ class Redirector:
         now: float,
         node_site: str | None = None,
         assign: bool = True,
+        node: str | None = None,
     ) -> tuple[str | None, list[RankedRelay]]:
-        """(matched site, relays best first).  With ``assign`` the first relay is
-        counted as having one more node on its way."""
+        """(matched site, relays best first).
+
+        With ``assign`` the first relay is counted as having one more node on
+        its way.  A ``node`` sent somewhere within the last ``spread_window``
+        seconds is sent there again while that relay is still in the answer,
+        and counted once: the boot script, plan and locate calls of one boot
+        agree on the relay."""
         settings = registry.settings
         site = registry.site_of_address(origin) or node_site
         stale_before = now - settings.stale_after
@@ -142,6 +150,25 @@ class Redirector:
                 keyed.append((tier, beat is None, score, random(), ranked))
             keyed.sort(key=_sort_key)
             result = [k[4] for k in keyed[: settings.max_relays]]
-            if assign and result:
+            if not result:
+                return site, result
+            previous = self._assigned.get(node) if node is not None else None
+            if previous is not None and now - previous[1] < window:
+                for i, r in enumerate(result):
+                    if r.name == previous[0]:
+                        if i:
+                            result.insert(0, result.pop(i))
+                        return site, result
+            if assign:
                 self._sent.setdefault(result[0].name, deque()).append(now)
+                if node is not None:
+                    if len(self._assigned) >= MAX_REMEMBERED_NODES:
+                        self._forget(now - window)
+                    self._assigned[node] = (result[0].name, now)
         return site, result
+
+    def _forget(self, before: float) -> None:
+        """Drop node assignments made before ``before`` (all, if that frees nothing)."""
+        self._assigned = {n: a for n, a in self._assigned.items() if a[1] >= before}
+        if len(self._assigned) >= MAX_REMEMBERED_NODES:
+            self._assigned.clear()

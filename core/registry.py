@@ -129,6 +129,20 @@ def _mac_input(value: Any) -> Any:
     return value
 
 
+HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def _check_host(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not HOSTNAME_RE.match(value):
+            raise ValueError(f"{value!r} is neither an IP address nor a host name") from None
+    return value
+
+
 def _check_module(value: str) -> str:
     if not MODULE_RE.match(value):
         raise ValueError(f"{value!r} is not a kernel module name")
@@ -141,6 +155,7 @@ Url = Annotated[str, AfterValidator(_check_url)]
 Mac = Annotated[str, BeforeValidator(_mac_input), AfterValidator(normalize_mac)]
 Module = Annotated[str, AfterValidator(_check_module)]
 Network = Annotated[IPNetwork, PlainValidator(_parse_network)]
+Host = Annotated[str, AfterValidator(_check_host)]
 KernelArgs = Annotated[str, Field(max_length=2048)]
 
 
@@ -158,7 +173,7 @@ class Settings(_Model):
     boot_menu_timeout: float = Field(
         5.0, ge=0, le=3600, description="seconds the boot menu waits before its default entry"
     )
-    nfs_server: str | None = Field(None, description="NFS server for sites that name none")
+    nfs_server: Host | None = Field(None, description="NFS server for sites that name none")
     nfs_export_root: AbsPath = Field("/slim", description="NFSv4 pseudo-path under which EEs are exported")
     spread_window: float = Field(
         30.0, gt=0, le=3600, description="seconds a redirection counts toward a relay's load"
@@ -168,7 +183,7 @@ class Settings(_Model):
 
 class Site(_Model):
     prefixes: list[Network] = Field(default_factory=list)
-    nfs_server: str | None = None
+    nfs_server: Host | None = None
     description: str = ""
 
 

@@ -24,7 +24,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from slim.core import service as dom
 from slim.core.redirect import RankedRelay, Tier
 from slim.core.registry import Policy
-from slim.core.state import BootEvent
+from slim.core.state import MAX_TEXT, BootEvent
 from slim.core.store import ObjectRef
 from slim.errors import InvalidArgument, SlimError, Unavailable
 from slim.v1 import core_pb2 as pb
@@ -82,13 +82,20 @@ def unary(
     return wrapper
 
 
+# protobuf Timestamps span 0001-01-01 to 9999-12-31; boot events must lie after 1970
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+
+
 def _ts(seconds: float) -> Timestamp:
     ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
+    clamped = min(max(seconds, 0.0), float(MAX_TIMESTAMP_SECONDS))  # never fail a read
+    ts.FromNanoseconds(int(clamped * 1e9))
     return ts
 
 
-def _seconds(ts: Timestamp) -> float:
+def _seconds(ts: Timestamp, what: str) -> float:
+    if not (0 <= ts.seconds <= MAX_TIMESTAMP_SECONDS and 0 <= ts.nanos < 1_000_000_000):
+        raise InvalidArgument(f"{what}: time {ts.seconds}.{ts.nanos:09d} is not between 1970 and 9999")
     return ts.seconds + ts.nanos / 1e9
 
 
@@ -259,20 +266,20 @@ class _Base:
 class CoreServicer(_Base, pb_grpc.CoreServicer):
     @unary
     async def Locate(self, request: pb.LocateRequest, context: Any) -> pb.LocateResponse:
-        found = self.service.locate(_node_ref(request.node), request.origin)
+        found = self.service.locate(_node_ref(request.node), request.origin, request.peek)
         return pb.LocateResponse(
             node=found.node, site=found.site or "", relays=[relay_pb(r) for r in found.relays]
         )
 
     @unary
     async def GetBootPlan(self, request: pb.GetBootPlanRequest, context: Any) -> pb.BootPlan:
-        return plan_pb(self.service.boot_plan(_node_ref(request.node), request.origin))
+        return plan_pb(self.service.boot_plan(_node_ref(request.node), request.origin, request.peek))
 
     @unary
     async def GetBootScript(self, request: pb.GetBootScriptRequest, context: Any) -> pb.BootScript:
         if request.format not in FORMATS:
             raise InvalidArgument(f"unknown script format {request.format}")
-        s = self.service.boot_script(request.mac, request.origin, FORMATS[request.format])
+        s = self.service.boot_script(request.mac, request.origin, FORMATS[request.format], request.peek)
         return pb.BootScript(
             node=s.node,
             default_environment=s.default_environment,
@@ -289,18 +296,19 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
         async for e in request_iterator:
             if len(events) >= MAX_EVENTS_PER_STREAM:
                 raise InvalidArgument(f"more than {MAX_EVENTS_PER_STREAM} events in one stream; split it")
-            when = _seconds(e.time) if e.HasField("time") else now
+            when = _seconds(e.time, f"event {len(events) + 1}") if e.HasField("time") else now
+            # text is cut as it arrives, so a stream holds at most MAX_EVENTS_PER_STREAM small events
             events.append(
                 BootEvent(
-                    e.node,
-                    e.boot_id,
-                    e.stage,
+                    e.node[:MAX_TEXT],
+                    e.boot_id[:MAX_TEXT],
+                    e.stage[:MAX_TEXT],
                     when,
-                    e.relay,
+                    e.relay[:MAX_TEXT],
                     min(e.bytes, 2**63 - 1),
                     e.ok,
-                    e.message,
-                    e.environment,
+                    e.message[:MAX_TEXT],
+                    e.environment[:MAX_TEXT],
                 )
             )
         accepted = await self.write(self.service.report_events, events)
@@ -312,6 +320,8 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
         relay = ""
         try:
             async for beat in request_iterator:
+                if not beat.relay:
+                    raise InvalidArgument("a heartbeat must name its relay")
                 if not relay:
                     relay = beat.relay
                     log.info("relay %s: heartbeat stream opened", relay or "(unnamed)")
@@ -363,6 +373,8 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
 
     @unary
     async def GetEnvironment(self, request: pb.GetEnvironmentRequest, context: Any) -> pb.EnvironmentInfo:
+        if not request.name:
+            raise InvalidArgument("an environment name is required")
         return environment_pb(self.service.environment_view(request.name))
 
     @unary
@@ -419,7 +431,8 @@ class CoreServer:
     async def stop(self, grace: float) -> None:
         """Stop accepting calls, give in-flight calls ``grace`` seconds, then cancel them."""
         await self._server.stop(grace)
-        self._writer.shutdown(wait=True)
+        # the writer may be finishing a transaction: wait for it off the event loop
+        await asyncio.get_running_loop().run_in_executor(None, self._writer.shutdown)
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
@@ -439,6 +452,8 @@ async def serve(
             service.reload_registry()
         except SlimError as exc:
             log.error("registry not reloaded, keeping the current one:\n%s", exc)
+        except Exception:
+            log.exception("registry not reloaded (unexpected error), keeping the current one")
 
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)

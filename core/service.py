@@ -23,6 +23,7 @@ from slim.core.redirect import RankedRelay, Redirector, RelayStatus, parse_origi
 from slim.core.registry import (
     DirectorySpec,
     Environment,
+    IPAddress,
     Node,
     Policy,
     Registry,
@@ -159,43 +160,65 @@ class CoreService:
         log.info("registry reloaded from %s", self.registry_path)
         return self.registry
 
-    def _node_name(self, ref: NodeRef) -> str:
+    # Methods that run on the writer thread take one snapshot of the registry
+    # (``reg = self.registry``) and use only it: SIGHUP swaps the registry on
+    # the event loop thread.
+
+    def _node_name(self, ref: NodeRef, reg: Registry | None = None) -> str:
+        reg = reg or self.registry
         if ref.name and ref.mac:
             raise InvalidArgument("name the node by name or by MAC, not both")
         if ref.name:
-            self.registry.node(ref.name)
+            reg.node(ref.name)
             return ref.name
         if ref.mac:
-            return self.registry.node_name_by_mac(ref.mac)
+            return reg.node_name_by_mac(ref.mac)
         raise InvalidArgument("a node name or MAC is required")
 
-    def next_environment(self, node: str) -> tuple[str, str]:
+    def next_environment(self, node: str, reg: Registry | None = None) -> tuple[str, str]:
         """(environment the node boots next, why: "next-boot" or "default")."""
+        reg = reg or self.registry
         nb = self._next_boots.get(node)
-        if nb is not None and nb.environment in self.registry.environments:
+        if nb is not None and nb.environment in reg.environments:
             return nb.environment, "next-boot"
-        return self.registry.node(node).environment, "default"
+        return reg.node(node).environment, "default"
 
     # -- redirection ---------------------------------------------------------
-    def _rank(self, node: str, origin: str, assign: bool = True) -> tuple[str | None, list[RankedRelay]]:
+    @staticmethod
+    def _origin(origin: str) -> IPAddress:
         if not origin:
             raise InvalidArgument("the origin address of the node is required")
-        address = parse_origin(origin)
+        return parse_origin(origin)
+
+    def _rank(self, node: str, address: IPAddress, peek: bool) -> tuple[str | None, list[RankedRelay]]:
         site, relays = self.redirector.rank(
-            self.registry, self._beats, address, self.clock(), self.registry.node(node).site, assign
+            self.registry,
+            self._beats,
+            address,
+            self.clock(),
+            self.registry.node(node).site,
+            assign=not peek,
+            node=node,
         )
         if not relays:
             raise Unavailable(f"no relay can serve node {node!r} from {address}: none is live")
         return site, relays
 
-    def locate(self, ref: NodeRef, origin: str) -> Located:
+    def locate(self, ref: NodeRef, origin: str, peek: bool = False) -> Located:
+        """Ranked relays for the node; ``peek`` (for tools) counts no redirection."""
         node = self._node_name(ref)
-        site, relays = self._rank(node, origin)
+        site, relays = self._rank(node, self._origin(origin), peek)
         return Located(node, site, relays)
 
     # -- boot plan -----------------------------------------------------------
     def _release(self, env_name: str) -> tuple[str, Release]:
-        found = self.store.release(env_name)
+        try:
+            found = self.store.release(env_name)
+        except (NotFound, InvalidArgument, OSError) as exc:
+            # the node asked nothing wrong: the store is broken for this environment
+            raise FailedPrecondition(
+                f"the release of environment {env_name!r} cannot be read: {exc}"
+            ) from None
         if found is None:
             raise FailedPrecondition(
                 f"environment {env_name!r} has no release yet; build it with: slim ee build {env_name}"
@@ -217,12 +240,14 @@ class CoreService:
         ]
         return " ".join(p for p in parts if p)
 
-    def boot_plan(self, ref: NodeRef, origin: str) -> BootPlan:
+    def boot_plan(self, ref: NodeRef, origin: str, peek: bool = False) -> BootPlan:
+        """The node's boot plan; ``peek`` (for tools) counts no redirection."""
         node = self._node_name(ref)
         node_cfg = self.registry.node(node)
+        address = self._origin(origin)
         env_name, reason = self.next_environment(node)
         digest, release = self._release(env_name)
-        site, relays = self._rank(node, origin)
+        site = self.registry.site_of_address(address) or node_cfg.site
         if not node_cfg.disk:
             needing = [p for p, spec in self.registry.directories(env_name).items() if spec.policy.needs_disk]
             if needing:
@@ -230,7 +255,7 @@ class CoreService:
                     f"environment {env_name!r} puts {', '.join(needing)} on disk "
                     f"but node {node!r} has no 'disk'"
                 )
-        nfs_server = self.registry.nfs_server_for(site or node_cfg.site)
+        nfs_server = self.registry.nfs_server_for(site)
         key = (env_name, digest, nfs_server)
         if self._actions_registry is not self.registry:
             self._actions.clear()
@@ -238,12 +263,13 @@ class CoreService:
         actions = self._actions.get(key)
         if actions is None:
             actions = tuple(
-                self._action(env_name, digest, path, spec, release, nfs_server, site or node_cfg.site)
+                self._action(env_name, digest, path, spec, release, nfs_server, site)
                 for path, spec in self.registry.directories(env_name).items()
             )
             if len(self._actions) >= ACTIONS_CACHE_SIZE:
                 self._actions.clear()
             self._actions[key] = actions
+        _, relays = self._rank(node, address, peek)  # last: a refused plan sends nobody anywhere
         profile = self.registry.profiles[node_cfg.profile]
         return BootPlan(
             node=node,
@@ -297,22 +323,24 @@ class CoreService:
         return DirectoryAction(path, policy, archive=obj, tmpfs_size=tmpfs, bytes=size[0], files=size[1])
 
     # -- boot script ---------------------------------------------------------
-    def boot_script(self, mac: str, origin: str, fmt: str = "ipxe") -> BootScript:
+    def boot_script(self, mac: str, origin: str, fmt: str = "ipxe", peek: bool = False) -> BootScript:
+        """The node's boot menu; ``peek`` (for tools) counts no redirection."""
         if fmt not in ("ipxe", "pxelinux"):
             raise InvalidArgument(f"unknown boot script format {fmt!r} (ipxe or pxelinux)")
         node = self._node_name(NodeRef(mac=mac))
         node_cfg = self.registry.node(node)
+        address = self._origin(origin)
         default, reason = self.next_environment(node)
         self._release(default)  # the default must be bootable
-        _, relays = self._rank(node, origin)
+        _, relays = self._rank(node, address, peek)
         entries, unbuilt = [], []
         names = [default, *sorted(n for n in self.registry.environments if n != default)]
         for env_name in names:
-            found = self.store.release(env_name)
-            if found is None:
+            try:
+                digest, release = self._release(env_name)
+            except FailedPrecondition:
                 unbuilt.append(env_name)
                 continue
-            digest, release = found
             title = env_name + (" (next boot)" if env_name == default and reason == "next-boot" else "")
             desc = self.registry.environments[env_name].description
             entries.append(
@@ -342,27 +370,30 @@ class CoreService:
     def set_next_boot(self, node: str, environment: str, set_by: str) -> NodeView:
         """*writes* Make ``environment`` (a name or a feature like ``ee:jdk14``) the
         node's next boot; an empty environment clears the override."""
-        node_cfg = self.registry.node(node)
+        reg = self.registry
+        node_cfg = reg.node(node)
         if not environment:
             self.state.clear_next_boot(node)
             self._next_boots.pop(node, None)
-            return self.node_view(node)
-        env_name = self.registry.resolve_environment(environment)
-        needing = [p for p, s in self.registry.directories(env_name).items() if s.policy.needs_disk]
+            return self.node_view(node, reg)
+        env_name = reg.resolve_environment(environment)
+        needing = [p for p, s in reg.directories(env_name).items() if s.policy.needs_disk]
         if needing and not node_cfg.disk:
             raise FailedPrecondition(
                 f"environment {env_name!r} copies {', '.join(needing)} to disk, "
                 f"but node {node!r} has no 'disk' partition"
             )
+        self._release(env_name)  # a node must not be sent to an EE that cannot boot
         nb = self.state.set_next_boot(node, env_name, set_by, self.clock())
         self._next_boots[node] = nb
-        return self.node_view(node)
+        return self.node_view(node, reg)
 
     def report_events(self, events: Iterable[BootEvent]) -> int:
         """*writes* Record boot events; every event's node must exist."""
         batch = list(events)
+        reg = self.registry
         for e in batch:
-            self.registry.node(e.node)
+            reg.node(e.node)
         return self.state.add_boot_events(batch, self.clock())
 
     def heartbeat(
@@ -380,24 +411,27 @@ class CoreService:
         return self.registry.settings.heartbeat_interval
 
     # -- admin reads ---------------------------------------------------------
-    def node_view(self, node: str) -> NodeView:
-        cfg = self.registry.node(node)
-        env, _ = self.next_environment(node)
+    def node_view(self, node: str, reg: Registry | None = None) -> NodeView:
+        reg = reg or self.registry
+        cfg = reg.node(node)
+        env, _ = self.next_environment(node, reg)
         events = self.state.boot_events(node, 1)
         return NodeView(node, cfg, self._next_boots.get(node), env, events[0] if events else None)
 
     def list_nodes(self, group: str = "") -> list[NodeView]:
+        reg = self.registry
         last = self.state.last_events()
         out = []
-        for name, cfg in sorted(self.registry.nodes.items()):
+        for name, cfg in sorted(reg.nodes.items()):
             if group and group not in cfg.groups:
                 continue
-            env, _ = self.next_environment(name)
+            env, _ = self.next_environment(name, reg)
             out.append(NodeView(name, cfg, self._next_boots.get(name), env, last.get(name)))
         return out
 
     def get_node(self, ref: NodeRef) -> NodeView:
-        return self.node_view(self._node_name(ref))
+        reg = self.registry
+        return self.node_view(self._node_name(ref, reg), reg)
 
     def environment_view(self, name: str) -> EnvironmentView:
         env = self.registry.environment(name)

@@ -69,7 +69,7 @@ def load_yaml_text(text: str, file: str) -> YamlSource:
             return YamlSource(file, {})
         source = YamlSource(file, None)
         problems: list[Problem] = []
-        _index(loader, root, (), source.lines, problems, file)
+        _index(loader, root, (), source.lines, problems, file, set())
         if problems:
             raise ConfigError(problems)
         try:
@@ -102,7 +102,19 @@ def _index(
     lines: dict[Loc, int],
     problems: list[Problem],
     file: str,
+    seen_nodes: set[int],
 ) -> None:
+    # An alias makes the composer hand out the same node twice.  Aliases are
+    # refused: a registry should read as it is, and an alias can loop forever
+    # or expand exponentially ("billion laughs").
+    if id(node) in seen_nodes and isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+        problems.append(
+            Problem(
+                file, node.start_mark.line + 1, format_loc(loc), "YAML anchors and aliases are not supported"
+            )
+        )
+        return
+    seen_nodes.add(id(node))
     lines.setdefault(loc, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
@@ -129,7 +141,7 @@ def _index(
                 continue
             seen[key] = line
             lines[(*loc, key)] = line
-            _index(loader, value_node, (*loc, key), lines, problems, file)
+            _index(loader, value_node, (*loc, key), lines, problems, file, seen_nodes)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _index(loader, item, (*loc, i), lines, problems, file)
+            _index(loader, item, (*loc, i), lines, problems, file, seen_nodes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -296,10 +297,13 @@ def node() -> None:
     """Nodes: list, show, set the next boot, and ask what the core would answer."""
 
 
-def _node_ref(name_or_mac: str) -> pb.NodeRef:
-    from slim.core.registry import MAC_RE
+SEPARATED_MAC_RE = re.compile(r"^[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
 
-    if MAC_RE.match(name_or_mac.lower()):
+
+def _node_ref(name_or_mac: str) -> pb.NodeRef:
+    """A MAC written with ':' or '-' names a node by MAC; anything else is a node name
+    (so a node may be named like a bare 12-digit hex MAC)."""
+    if SEPARATED_MAC_RE.match(name_or_mac.lower()):
         return pb.NodeRef(mac=name_or_mac)
     return pb.NodeRef(name=name_or_mac)
 
@@ -334,7 +338,7 @@ def node_list(group: str, core_address: str, as_json: bool) -> None:
 @core_option
 @json_option
 def node_show(node_name: str, core_address: str, as_json: bool) -> None:
-    """Show NODE (a name or a MAC)."""
+    """Show NODE (a name, or a MAC written with ":" or "-")."""
     client = CoreClient(core_address)
     with errors_to_exit():
         n = client.call(client.admin.GetNode, pb.GetNodeRequest(node=_node_ref(node_name)))
@@ -379,10 +383,15 @@ def node_set_ee(node_name: str, environment: str, set_by: str | None, core_addre
 @core_option
 @json_option
 def node_locate(node_name: str, origin: str, core_address: str, as_json: bool) -> None:
-    """Which relays the core would send NODE (name or MAC) to, best first."""
+    """Which relays the core would send NODE (name or MAC) to, best first.
+
+    Asks as a tool ("peek"): the answer does not count toward any relay's load.
+    """
     client = CoreClient(core_address)
     with errors_to_exit():
-        resp = client.call(client.core.Locate, pb.LocateRequest(node=_node_ref(node_name), origin=origin))
+        resp = client.call(
+            client.core.Locate, pb.LocateRequest(node=_node_ref(node_name), origin=origin, peek=True)
+        )
     if as_json:
         _print_json(resp)
         return
@@ -404,11 +413,15 @@ def _relay_table(relays: Any) -> None:
 @core_option
 @json_option
 def node_plan(node_name: str, origin: str, core_address: str, as_json: bool) -> None:
-    """The boot plan the agent on NODE would get: environment, objects, directory actions, relays."""
+    """The boot plan the agent on NODE would get: environment, objects, directory actions, relays.
+
+    Asks as a tool ("peek"): the answer does not count toward any relay's load.
+    """
     client = CoreClient(core_address)
     with errors_to_exit():
         p = client.call(
-            client.core.GetBootPlan, pb.GetBootPlanRequest(node=_node_ref(node_name), origin=origin)
+            client.core.GetBootPlan,
+            pb.GetBootPlanRequest(node=_node_ref(node_name), origin=origin, peek=True),
         )
     if as_json:
         _print_json(p)
@@ -453,7 +466,8 @@ def node_boot_script(mac: str, origin: str, fmt: str, core_address: str) -> None
     fmt_pb = pb.SCRIPT_FORMAT_IPXE if fmt == "ipxe" else pb.SCRIPT_FORMAT_PXELINUX
     with errors_to_exit():
         s = client.call(
-            client.core.GetBootScript, pb.GetBootScriptRequest(mac=mac, origin=origin, format=fmt_pb)
+            client.core.GetBootScript,
+            pb.GetBootScriptRequest(mac=mac, origin=origin, format=fmt_pb, peek=True),
         )
     click.echo(s.script, nl=False)
 

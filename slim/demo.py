@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import yaml
 
 from slim.core.registry import Policy, Registry, load_registry
 from slim.core.store import Release as ReleaseDoc
@@ -81,9 +82,31 @@ async def run(cmd: list[str]) -> None:
         raise FailedPrecondition(f"{shlex.join(shown)} failed")
 
 
+STORM_NODES = 200
+
+
+def with_storm_nodes(registry_path: Path, out: Path) -> Path:
+    """The registry plus STORM_NODES machine-room nodes (storm-000...) for the storm."""
+    doc = yaml.safe_load(registry_path.read_text(encoding="utf-8"))
+    nodes = doc.setdefault("nodes", {})
+    profile = next(iter(doc["profiles"]))
+    environment = next(iter(doc["environments"]))
+    for i in range(STORM_NODES):
+        nodes[f"storm-{i:03d}"] = {
+            "macs": [f"52:54:00:aa:{i >> 8:02x}:{i & 255:02x}"],
+            "profile": profile,
+            "environment": environment,
+            "groups": ["storm"],
+        }
+    out.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return out
+
+
 async def run_demo(registry_path: Path | None) -> None:
-    registry_path = registry_path or example_registry()
+    example = registry_path or example_registry()
+    load_registry(example)  # say what is wrong with it, with its own line numbers
     with tempfile.TemporaryDirectory(prefix="slim-demo-") as tmp:
+        registry_path = with_storm_nodes(example, Path(tmp) / "registry.yaml")
         store = Store(Path(tmp) / "store")
         publish_placeholder_releases(load_registry(registry_path), store)
         slim = [sys.executable, "-m", "slim.cli"]
@@ -102,7 +125,7 @@ async def run_demo(registry_path: Path | None) -> None:
             "--log-level",
             "warning",
         ]
-        say(f"Starting the core with {registry_path}")
+        say(f"Starting the core with {example} (plus {STORM_NODES} generated nodes for a boot storm)")
         print(f"$ {shlex.join(['slim', *serve[3:]])}", flush=True)
         proc = await asyncio.create_subprocess_exec(*serve, stdout=asyncio.subprocess.PIPE)
         try:
@@ -131,19 +154,21 @@ async def _demo_calls(slim: list[str], address: str) -> None:
                 print(f"  {relay}: load {load:g}, next beat in {reply.interval_ms} ms")
         await run([*slim, "relay", "list"])
         await run([*slim, "ee", "list"])
-        await run([*slim, "node", "list"])
+        await run([*slim, "node", "list", "--group", "gideon"])
 
         say("Redirection: the origin address picks the site, load picks the relay")
         await run([*slim, "node", "locate", "n001", "--from", "10.1.7.20"])
         await run([*slim, "node", "locate", "lab-pc-07", "--from", "10.2.0.50"])
         await run([*slim, "node", "locate", "vm1", "--from", "198.51.100.77"])
 
-        say("A boot storm: 200 nodes of the machine room ask at once")
+        say(f"A boot storm: {STORM_NODES} nodes of the machine room ask at once")
         first: collections.Counter[str] = collections.Counter()
         answers = await asyncio.gather(
             *(
-                core.Locate(pb.LocateRequest(node=pb.NodeRef(name="n001"), origin="10.1.9.9"), timeout=10)
-                for _ in range(200)
+                core.Locate(
+                    pb.LocateRequest(node=pb.NodeRef(name=f"storm-{i:03d}"), origin=f"10.1.9.{i}"), timeout=10
+                )
+                for i in range(STORM_NODES)
             )
         )
         for a in answers:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator, Awaitable, Iterable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
 from slim.core.service import CoreService
+from slim.core.store import Store
+from slim.demo import publish_placeholder_releases
 from slim.v1 import core_pb2 as pb
 
-from .conftest import Core
+from .conftest import TEST_REGISTRY, Core
 
 ROOM = "10.1.4.4"
 
@@ -388,3 +392,186 @@ async def test_stop_cancels_calls_that_outlive_grace(core: Core) -> None:
         await asyncio.wait_for(call.read(), 10)
     assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     forever.set()
+
+
+# -- statuses found in review ------------------------------------------------------
+async def test_event_times_out_of_range_are_refused_and_reads_keep_working(core: Core) -> None:
+    bad = pb.BootEvent(node="n1", stage="dhcp")
+    bad.time.seconds = 10**12
+    await expect_status(core.core.ReportBootEvents(events([bad])), grpc.StatusCode.INVALID_ARGUMENT, "9999")
+    negative = pb.BootEvent(node="n1", stage="dhcp")
+    negative.time.seconds = -5
+    await expect_status(core.core.ReportBootEvents(events([negative])), grpc.StatusCode.INVALID_ARGUMENT)
+    assert (await core.admin.ListNodes(pb.ListNodesRequest())).nodes
+
+
+async def test_too_many_events_in_one_stream(core: Core) -> None:
+    many = (pb.BootEvent(node="n1", stage="dhcp") for _ in range(10_001))
+    await expect_status(core.core.ReportBootEvents(events(many)), grpc.StatusCode.INVALID_ARGUMENT, "10000")
+    assert not (await core.admin.ListBootEvents(pb.ListBootEventsRequest())).events
+
+
+async def test_empty_names_are_invalid_arguments(core: Core) -> None:
+    async def drain() -> None:
+        async for _ in core.core.RelayHeartbeat(beats(pb.Heartbeat(relay="", healthy=True))):
+            pass
+
+    await expect_status(drain(), grpc.StatusCode.INVALID_ARGUMENT, "relay")
+    await expect_status(
+        core.admin.GetEnvironment(pb.GetEnvironmentRequest()), grpc.StatusCode.INVALID_ARGUMENT
+    )
+
+
+async def test_boot_script_argument_errors_and_unavailable(core: Core) -> None:
+    gs = core.core.GetBootScript
+    await expect_status(
+        gs(pb.GetBootScriptRequest(mac="nonsense", origin=ROOM)), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    await expect_status(
+        gs(pb.GetBootScriptRequest(mac="52:54:00:00:00:01")), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    for relay in ("hub", "room-1", "room-2", "lab-1"):
+        await heartbeat(core, relay, healthy=False)
+    await expect_status(
+        gs(pb.GetBootScriptRequest(mac="52:54:00:00:00:01", origin=ROOM)), grpc.StatusCode.UNAVAILABLE
+    )
+    await expect_status(
+        core.core.GetBootPlan(pb.GetBootPlanRequest(node=by_name("n1"), origin=ROOM)),
+        grpc.StatusCode.UNAVAILABLE,
+    )
+
+
+async def test_set_next_boot_refuses_an_unbuilt_environment(core: Core) -> None:
+    await expect_status(
+        core.admin.SetNextBoot(pb.SetNextBootRequest(node="n1", environment="unbuilt")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "slim ee build unbuilt",
+    )
+    node = await core.admin.GetNode(pb.GetNodeRequest(node=by_name("n1")))
+    assert not node.HasField("next_boot")
+
+
+async def test_plan_without_disk_after_the_registry_changed(
+    core: Core, service: CoreService, registry_file: Path
+) -> None:
+    await core.admin.SetNextBoot(pb.SetNextBootRequest(node="n1", environment="jdk14"))
+    registry_file.write_text(TEST_REGISTRY.replace("    disk: /dev/vda2\n", ""))
+    service.reload_registry()
+    await expect_status(
+        core.core.GetBootPlan(pb.GetBootPlanRequest(node=by_name("n1"), origin=ROOM)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "no 'disk'",
+    )
+
+
+async def test_plan_with_nfs_but_no_nfs_server(core: Core, service: CoreService, registry_file: Path) -> None:
+    registry_file.write_text(TEST_REGISTRY.replace("  nfs_server: 10.9.0.1\n", ""))
+    service.reload_registry()
+    await expect_status(
+        core.core.GetBootPlan(pb.GetBootPlanRequest(node=by_name("n2"), origin="10.2.0.7")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "no NFS server",
+    )
+    # the room site names its own server
+    plan = await core.core.GetBootPlan(pb.GetBootPlanRequest(node=by_name("n1"), origin=ROOM))
+    assert {d.nfs.server for d in plan.directories if d.policy == pb.POLICY_NFS} == {"10.1.0.1"}
+
+
+async def test_plan_when_the_release_lacks_a_directory(core: Core, store: Store) -> None:
+    found = store.release("base")
+    assert found is not None
+    _, release = found
+    dirs = {k: v for k, v in release.directories.items() if k != "/tmp"}
+    store.publish_release(release.model_copy(update={"directories": dirs}))
+    await expect_status(
+        core.core.GetBootPlan(pb.GetBootPlanRequest(node=by_name("n1"), origin=ROOM)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "no archive for /tmp",
+    )
+
+
+async def test_plan_when_the_release_document_is_missing(core: Core, store: Store) -> None:
+    digest = store.release_digest("base")
+    assert digest is not None
+    store.object_path(digest).unlink()
+    await expect_status(
+        core.core.GetBootPlan(pb.GetBootPlanRequest(node=by_name("n1"), origin=ROOM)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "cannot be read",
+    )
+
+
+# -- redirection over the wire -----------------------------------------------------
+SPREAD_REGISTRY = """\
+sites:
+  s: {prefixes: [10.0.0.0/8]}
+relays:
+  r1: {urls: [http://10.0.0.1/], site: s}
+  r2: {urls: [http://10.0.0.2/], site: s}
+  r3: {urls: [http://10.0.0.3/], site: s}
+  r4: {urls: [http://10.0.0.4/], site: s}
+profiles:
+  p: {}
+environments:
+  e: {image: /srv/e}
+nodes:
+"""
+
+
+@pytest.fixture
+def spread_registry(registry_file: Path) -> Path:
+    nodes = "".join(
+        f'  m{i:04d}: {{macs: ["52:54:00:01:{i >> 8:02x}:{i & 255:02x}"], profile: p, environment: e}}\n'
+        for i in range(1000)
+    )
+    registry_file.write_text(SPREAD_REGISTRY + nodes)
+    return registry_file
+
+
+async def test_a_thousand_locates_spread_over_four_equal_relays(
+    core: Core, service: CoreService, spread_registry: Path
+) -> None:
+    service.reload_registry()
+    for relay in ("r1", "r2", "r3", "r4"):
+        await heartbeat(core, relay, load=2)
+    answers = await asyncio.gather(
+        *(
+            core.core.Locate(pb.LocateRequest(node=by_name(f"m{i:04d}"), origin=f"10.0.{i >> 8}.{i & 255}"))
+            for i in range(1000)
+        )
+    )
+    firsts = collections.Counter(a.relays[0].name for a in answers)
+    assert set(firsts) == {"r1", "r2", "r3", "r4"}
+    for relay, count in firsts.items():
+        assert 200 <= count <= 300, (relay, firsts)
+    # counting each answer makes it even, not merely random: ties alone would
+    # scatter the counts by about +-14
+    assert max(firsts.values()) - min(firsts.values()) <= 2, firsts
+
+
+async def test_one_boot_keeps_its_relay_and_counts_once(
+    core: Core, service: CoreService, spread_registry: Path, store: Store
+) -> None:
+    publish_placeholder_releases(service.reload_registry(), store)
+    for relay in ("r1", "r2", "r3", "r4"):
+        await heartbeat(core, relay, load=2)
+    ref = by_name("m0001")
+    script = await core.core.GetBootScript(
+        pb.GetBootScriptRequest(mac="52:54:00:01:00:01", origin="10.0.0.9")
+    )
+    chosen = script.script.split("slim.relays=")[1].split(",")[0]
+    plan = await core.core.GetBootPlan(pb.GetBootPlanRequest(node=ref, origin="10.0.0.9"))
+    located = await core.core.Locate(pb.LocateRequest(node=ref, origin="10.0.0.9"))
+    assert plan.relays[0].urls[0] == chosen == located.relays[0].urls[0]
+    # counted once: another node sees that relay one node busier, the others not at all
+    other = await core.core.Locate(pb.LocateRequest(node=by_name("m0002"), origin="10.0.0.10", peek=True))
+    scores = {r.urls[0]: r.score for r in other.relays}
+    assert scores.pop(chosen) == 3.0
+    assert set(scores.values()) == {2.0}
+
+
+async def test_peek_counts_nothing(core: Core, service: CoreService, spread_registry: Path) -> None:
+    service.reload_registry()
+    for _ in range(5):
+        resp = await core.core.Locate(pb.LocateRequest(node=by_name("m0003"), origin="10.0.0.1", peek=True))
+        assert {r.score for r in resp.relays} == {0.0}

@@ -321,6 +321,24 @@ def test_duplicate_node_name() -> None:
     assert_problem(err, "nodes.n1", len(text.splitlines()) - 3, "duplicate key 'n1'")
 
 
+def test_yaml_aliases_are_refused_before_they_expand() -> None:
+    # a self-referencing alias would recurse forever; an alias bomb would exhaust memory
+    err = rejected("nodes: &a [*a]\n")
+    assert_problem(err, "nodes[0]", 1, "YAML anchors and aliases are not supported")
+    bomb = "a: &a [x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    err = rejected(bomb)
+    assert all("anchors and aliases" in str(p) for p in err.problems)
+
+
+def test_nfs_server_must_be_an_address_or_host_name() -> None:
+    text = BASE.replace("settings:\n", "settings:\n  nfs_server: nfs server\n", 1)
+    only_problem(text, "settings.nfs_server", "nfs_server:", "neither an IP address nor a host name")
+    for good in ("10.1.0.1", "fd00::1", "nfs-1.example.org"):
+        load_registry_text(BASE.replace("settings:\n", f"settings:\n  nfs_server: {good}\n", 1))
+
+
 def test_unknown_field() -> None:
     text = edit(BASE, "  n1:", "site: s1", "site: s1\n    grups: [rack1]")
     only_problem(text, "nodes.n1.grups", "grups:", "unknown field (check the spelling")

@@ -132,8 +132,11 @@ class LocateRequest(_message.Message):
 
     NODE_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
+    PEEK_FIELD_NUMBER: _builtins.int
     origin: _builtins.str
     """The node's address as the relay saw it (IPv4 or IPv6)."""
+    peek: _builtins.bool
+    """For tools: answer without counting a redirection toward the relay's load."""
     @_builtins.property
     def node(self) -> Global___NodeRef: ...
     def __init__(
@@ -141,10 +144,11 @@ class LocateRequest(_message.Message):
         *,
         node: Global___NodeRef | None = ...,
         origin: _builtins.str = ...,
+        peek: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "origin", b"origin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "origin", b"origin", "peek", b"peek"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -220,7 +224,10 @@ class GetBootPlanRequest(_message.Message):
 
     NODE_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
+    PEEK_FIELD_NUMBER: _builtins.int
     origin: _builtins.str
+    peek: _builtins.bool
+    """as in LocateRequest"""
     @_builtins.property
     def node(self) -> Global___NodeRef: ...
     def __init__(
@@ -228,10 +235,11 @@ class GetBootPlanRequest(_message.Message):
         *,
         node: Global___NodeRef | None = ...,
         origin: _builtins.str = ...,
+        peek: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "origin", b"origin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "origin", b"origin", "peek", b"peek"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -410,19 +418,23 @@ class GetBootScriptRequest(_message.Message):
     MAC_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
+    PEEK_FIELD_NUMBER: _builtins.int
     mac: _builtins.str
     origin: _builtins.str
     format: Global___ScriptFormat.ValueType
+    peek: _builtins.bool
+    """as in LocateRequest"""
     def __init__(
         self,
         *,
         mac: _builtins.str = ...,
         origin: _builtins.str = ...,
         format: Global___ScriptFormat.ValueType = ...,
+        peek: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "mac", b"mac", "origin", b"origin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "mac", b"mac", "origin", b"origin", "peek", b"peek"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -535,7 +547,9 @@ class Heartbeat(_message.Message):
     relay: _builtins.str
     """must be a relay of the registry"""
     load: _builtins.float
-    """current load in the relay's own units (active transfers)"""
+    """Current load: active transfers (the core adds the nodes it has sent the
+    relay since this beat, and divides by the relay's capacity).
+    """
     active_transfers: _builtins.int
     egress_bytes_per_second: _builtins.float
     cache_bytes: _builtins.int
