@@ -307,31 +307,28 @@ async def serve_floor(answers: Path) -> None:
     await server.stop(1)
 
 
-def start_floor(answers: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--floor-server", str(answers)], stdout=subprocess.PIPE, text=True
-    )
+def spawn_listening(cmd: list[str], what: str) -> tuple[subprocess.Popen[str], str]:
+    """Start a server that prints "listening on HOST:PORT" first; return it and the address."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("listening on "):
         proc.kill()
-        raise SystemExit(f"floor server did not start: {line!r}")
+        raise SystemExit(f"{what} did not start: {line!r}")
     return proc, line.split()[-1]
+
+
+def start_floor(answers: Path) -> tuple[subprocess.Popen[str], str]:
+    return spawn_listening([sys.executable, __file__, "--floor-server", str(answers)], "floor server")
 
 
 def start_core(tmp: Path, registry: Path, loop: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
+    return spawn_listening(
         [sys.executable, "-m", "slim.cli", "core", "serve", "--registry", str(registry),
          "--state", str(tmp / f"state-{loop}.db"), "--store", str(tmp / "store"),
          "--listen", "127.0.0.1:0", "--log-level", "warning", "--event-loop", loop],
-        stdout=subprocess.PIPE, text=True,
+        "core",
     )  # fmt: skip
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("listening on "):
-        proc.kill()
-        raise SystemExit(f"core did not start: {line!r}")
-    return proc, line.split()[-1]
 
 
 def main() -> None:

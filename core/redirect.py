@@ -53,6 +53,9 @@ class RelayStatus(StrEnum):
     UNKNOWN = "unknown"
 
 
+EXCLUDED = (RelayStatus.STALE, RelayStatus.UNHEALTHY)  # never in an answer
+
+
 class RankedRelay(NamedTuple):  # a tuple: cheap to make, and a storm makes many
     name: str
     urls: tuple[str, ...]
@@ -133,7 +136,7 @@ class Redirector:
         agree on the relay."""
         settings = registry.settings
         site = registry.site_of_address(origin) or node_site
-        stale_before = now - settings.stale_after
+        stale_after = settings.stale_after
         window = settings.spread_window
         random = self._rng.random
         with self._lock:
@@ -141,8 +144,8 @@ class Redirector:
             for name, tier_name in registry.relays_by_site(site):
                 relay = registry.relays[name]
                 beat = beats.get(name)
-                if beat is not None and (beat.last_seen < stale_before or not beat.healthy):
-                    continue  # stale or unhealthy (see relay_status)
+                if relay_status(beat, now, stale_after) in EXCLUDED:
+                    continue
                 load = (beat.load if beat is not None else 0.0) + self._pending(name, beat, now, window)
                 score = load / relay.capacity
                 tier = TIERS[tier_name]

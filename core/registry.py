@@ -238,6 +238,11 @@ class Environment(_Model):
     default_policy: Policy = Policy.RAM
     directories: dict[str, Annotated[DirectorySpec, Field()]] = Field(default_factory=dict)
 
+    def disk_paths(self) -> list[str]:
+        """The directories this environment puts on the node's disk ("/" for the rest)."""
+        paths = [d for d, spec in self.directories.items() if spec.policy.needs_disk]
+        return ["/", *paths] if self.default_policy.needs_disk else paths
+
     @field_validator("directories", mode="before")
     @classmethod
     def _short_form(cls, v: Any) -> Any:
@@ -509,10 +514,7 @@ def _cross_check(doc: _Document, source: YamlSource) -> Iterable[Problem]:
                 f"unknown environment {node.environment!r} {known('environments', doc.environments)}",
             )
         elif node.disk is None:
-            env = doc.environments[node.environment]
-            needing = [d for d, s in env.directories.items() if s.policy.needs_disk]
-            if env.default_policy.needs_disk:
-                needing.insert(0, "/")
+            needing = doc.environments[node.environment].disk_paths()
             if needing:
                 yield p(
                     (*base, "disk"),

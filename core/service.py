@@ -3,11 +3,12 @@
 The gRPC servicers in :mod:`slim.core.server` parse a request, call one
 method here and map the result.  Nothing here imports grpc.
 
-Hot paths (locate, plan, boot script) read only memory: the registry, and
-caches of next-boot overrides and heartbeats that this class keeps in step
-with the database it writes through to (the core is the only writer).
-Methods that write (marked *writes*) touch SQLite; the gRPC layer runs them
-on one dedicated thread.
+Hot paths (locate, plan, boot script) stay off the database: they read the
+registry, caches of next-boot overrides and heartbeats that this class keeps
+in step with the database it writes through to (the core is the only
+writer), and the store's release refs.  Methods that touch SQLite (marked
+*writes*, and the node and event reads) run on one dedicated thread in the
+gRPC layer; they take one snapshot of the registry.
 """
 
 from __future__ import annotations
@@ -225,6 +226,15 @@ class CoreService:
             )
         return found
 
+    @staticmethod
+    def _require_disk(reg: Registry, node: str, env_name: str) -> None:
+        needing = reg.environment(env_name).disk_paths()
+        if needing and not reg.node(node).disk:
+            raise FailedPrecondition(
+                f"environment {env_name!r} copies {', '.join(needing)} to disk, "
+                f"but node {node!r} has no 'disk' partition"
+            )
+
     def _kernel_args(self, node: str, env_name: str, release_digest: str, relays: list[RankedRelay]) -> str:
         node_cfg = self.registry.node(node)
         profile = self.registry.profiles[node_cfg.profile]
@@ -248,13 +258,7 @@ class CoreService:
         env_name, reason = self.next_environment(node)
         digest, release = self._release(env_name)
         site = self.registry.site_of_address(address) or node_cfg.site
-        if not node_cfg.disk:
-            needing = [p for p, spec in self.registry.directories(env_name).items() if spec.policy.needs_disk]
-            if needing:
-                raise FailedPrecondition(
-                    f"environment {env_name!r} puts {', '.join(needing)} on disk "
-                    f"but node {node!r} has no 'disk'"
-                )
+        self._require_disk(self.registry, node, env_name)
         nfs_server = self.registry.nfs_server_for(site)
         key = (env_name, digest, nfs_server)
         if self._actions_registry is not self.registry:
@@ -331,16 +335,16 @@ class CoreService:
         node_cfg = self.registry.node(node)
         address = self._origin(origin)
         default, reason = self.next_environment(node)
-        self._release(default)  # the default must be bootable
-        _, relays = self._rank(node, address, peek)
-        entries, unbuilt = [], []
-        names = [default, *sorted(n for n in self.registry.environments if n != default)]
-        for env_name in names:
+        releases = {default: self._release(default)}  # the default must be bootable
+        unbuilt = []
+        for env_name in sorted(n for n in self.registry.environments if n != default):
             try:
-                digest, release = self._release(env_name)
+                releases[env_name] = self._release(env_name)
             except FailedPrecondition:
                 unbuilt.append(env_name)
-                continue
+        _, relays = self._rank(node, address, peek)
+        entries = []
+        for env_name, (digest, release) in releases.items():
             title = env_name + (" (next boot)" if env_name == default and reason == "next-boot" else "")
             desc = self.registry.environments[env_name].description
             entries.append(
@@ -371,18 +375,13 @@ class CoreService:
         """*writes* Make ``environment`` (a name or a feature like ``ee:jdk14``) the
         node's next boot; an empty environment clears the override."""
         reg = self.registry
-        node_cfg = reg.node(node)
+        reg.node(node)
         if not environment:
             self.state.clear_next_boot(node)
             self._next_boots.pop(node, None)
             return self.node_view(node, reg)
         env_name = reg.resolve_environment(environment)
-        needing = [p for p, s in reg.directories(env_name).items() if s.policy.needs_disk]
-        if needing and not node_cfg.disk:
-            raise FailedPrecondition(
-                f"environment {env_name!r} copies {', '.join(needing)} to disk, "
-                f"but node {node!r} has no 'disk' partition"
-            )
+        self._require_disk(reg, node, env_name)
         self._release(env_name)  # a node must not be sent to an EE that cannot boot
         nb = self.state.set_next_boot(node, env_name, set_by, self.clock())
         self._next_boots[node] = nb
