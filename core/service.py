@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slim.core.bootscript import Menu, MenuEntry, render_ipxe, render_pxelinux
+from slim.core.nfs import pseudo_path
 from slim.core.redirect import RankedRelay, Redirector, RelayStatus, parse_origin, relay_status
 from slim.core.registry import (
     DirectorySpec,
@@ -310,21 +311,31 @@ class CoreService:
                     f"{env_name!r} shares {path} over NFS but no NFS server is configured for site "
                     f"{site or '(none)'}; set sites.<site>.nfs_server or settings.nfs_server"
                 )
-            root = self.registry.settings.nfs_export_root.rstrip("/")
-            export = f"{root}/{env_name}{'' if path == '/' else path}"
+            if built is None or built.manifest is None or built.policy is not Policy.NFS:
+                raise self._stale(env_name, digest, path, "NFS tree")
+            export = pseudo_path(self.registry.settings.nfs_export_root, built.manifest.digest)
             nfs = NfsMount(nfs_server, export, spec.nfs_options)
             return DirectoryAction(path, policy, nfs=nfs, bytes=size[0], files=size[1])
-        what = "manifest" if policy is Policy.SYNC else "archive"
-        obj = None if built is None else built.manifest if policy is Policy.SYNC else built.archive
+        obj = None if built is None else built.archive
         if obj is None:
-            raise FailedPrecondition(
-                f"release {digest[:19]} of {env_name!r} has no {what} for {path}; "
-                f"the registry changed since the build: slim ee build {env_name}"
-            )
+            raise self._stale(env_name, digest, path, "archive")
         if policy is Policy.SYNC:
-            return DirectoryAction(path, policy, manifest=obj, bytes=size[0], files=size[1])
+            if built is None or built.manifest is None:
+                raise self._stale(env_name, digest, path, "manifest")
+            # the archive fills an empty disk in one transfer; the manifest brings a
+            # filled one up to date file by file
+            return DirectoryAction(
+                path, policy, archive=obj, manifest=built.manifest, bytes=size[0], files=size[1]
+            )
         tmpfs = spec.size or "" if policy is Policy.RAM else ""
         return DirectoryAction(path, policy, archive=obj, tmpfs_size=tmpfs, bytes=size[0], files=size[1])
+
+    @staticmethod
+    def _stale(env_name: str, digest: str, path: str, what: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"release {digest[:19]} of {env_name!r} has no {what} for {path}; "
+            f"the registry changed since the build: slim ee build {env_name}"
+        )
 
     # -- boot script ---------------------------------------------------------
     def boot_script(self, mac: str, origin: str, fmt: str = "ipxe", peek: bool = False) -> BootScript:

@@ -3,6 +3,8 @@
 Layout (under the store directory)::
 
     objects/sha256/<hex>          immutable objects, named by their SHA-256
+    trees/sha256/<hex>            read-only directory trees for NFS export, named by
+                                  the digest of their manifest
     refs/environments/<name>      "sha256:<hex>" of the environment's current release
 
 A release is a small JSON document (itself an object) listing the digests of
@@ -20,7 +22,10 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -32,6 +37,7 @@ HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 # timestamps can be coarse (one tick, or a second) and every ref has the same size, so
 # a rewrite within one tick would otherwise look unchanged.
 RACY_REF_NS = 2_000_000_000
+COPY_CHUNK = 1 << 20
 
 
 def parse_digest(digest: str) -> str:
@@ -66,6 +72,7 @@ class Release(BaseModel):
     kernel: ObjectRef
     initrd: ObjectRef
     directories: dict[str, ReleaseDirectory] = Field(default_factory=dict)
+    kernel_release: str = ""
     created: str = ""
 
 
@@ -76,12 +83,68 @@ class Store:
         self.root = Path(root)
         self.objects = self.root / "objects" / "sha256"
         self.refs = self.root / "refs" / "environments"
+        self.trees = self.root / "trees" / "sha256"
         self._lock = threading.Lock()
         self._ref_cache: dict[str, tuple[tuple[int, int, int, int], str]] = {}
         self._release_cache: dict[str, Release] = {}
 
     def object_path(self, digest: str) -> Path:
         return self.objects / parse_digest(digest)
+
+    def tree_path(self, manifest_digest: str) -> Path:
+        """The read-only tree (for NFS export) whose manifest has ``manifest_digest``."""
+        return self.trees / parse_digest(manifest_digest)
+
+    def has(self, digest: str) -> bool:
+        return (self.objects / parse_digest(digest)).is_file()
+
+    def count_objects(self) -> int:
+        """How many objects the store holds (temporary files not counted)."""
+        try:
+            return sum(1 for name in os.listdir(self.objects) if HEX_RE.fullmatch(name))
+        except FileNotFoundError:
+            return 0
+
+    @contextmanager
+    def writer(self) -> Iterator[ObjectWriter]:
+        """A new object written as a stream: hashed as it is written into a temporary
+        file beside the objects, published under its digest when the block ends
+        (discarded if that object already exists, or if the block raises)."""
+        self.objects.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.objects, prefix=".new.")
+        w = ObjectWriter(os.fdopen(fd, "wb"))
+        try:
+            yield w
+            w.file.flush()
+            os.fsync(w.file.fileno())
+            w.file.close()
+            hexdigest = w.hash.hexdigest()
+            target = self.objects / hexdigest
+            w.ref = ObjectRef(digest=f"sha256:{hexdigest}", size=w.size)
+            if target.exists():
+                w.created = False
+            else:
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, target)
+                w.created = True
+        finally:
+            if not w.file.closed:
+                w.file.close()
+            Path(tmp).unlink(missing_ok=True)
+
+    def put_file(self, path: str | Path, expect: str | None = None) -> tuple[ObjectRef, bool]:
+        """Store a file's bytes (streamed); returns (ref, whether it was new).  With
+        ``expect`` (a digest) an existing object is taken without reading the file,
+        and a file whose bytes differ from ``expect`` is refused."""
+        if expect is not None and self.has(expect):
+            return ObjectRef(digest=expect, size=(self.objects / parse_digest(expect)).stat().st_size), False
+        with self.writer() as w, open(path, "rb") as f:
+            while chunk := f.read(COPY_CHUNK):
+                w.write(chunk)
+        assert w.ref is not None
+        if expect is not None and w.ref.digest != expect:
+            raise FailedPrecondition(f"{path} changed while it was being stored (rebuild)")
+        return w.ref, w.created
 
     def put_bytes(self, data: bytes) -> ObjectRef:
         """Store ``data`` atomically (temporary file, fsync, rename); idempotent."""
@@ -102,6 +165,22 @@ class Store:
         if hashlib.sha256(data).hexdigest() != hexdigest:
             raise FailedPrecondition(f"object sha256:{hexdigest} in {self.root} is corrupt")
         return data
+
+    def verify_object(self, digest: str) -> int:
+        """Re-hash one object (streamed); its size, or NotFound / FailedPrecondition."""
+        hexdigest = parse_digest(digest)
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with open(self.objects / hexdigest, "rb") as f:
+                while chunk := f.read(COPY_CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            raise NotFound(f"object sha256:{hexdigest} is not in the store {self.root}") from None
+        if h.hexdigest() != hexdigest:
+            raise FailedPrecondition(f"object sha256:{hexdigest} in {self.root} is corrupt")
+        return size
 
     def publish_release(self, release: Release) -> str:
         """Store the release document and point the environment's ref at it."""
@@ -152,6 +231,26 @@ class Store:
             with self._lock:
                 self._release_cache[digest] = cached
         return digest, cached
+
+
+class ObjectWriter:
+    """The file-like end of :meth:`Store.writer`."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.ref: ObjectRef | None = None  # set when the block ends
+        self.created = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.hash.update(data)
+        self.file.write(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
 
 
 def _now_ns() -> int:

@@ -13,8 +13,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,46 +22,18 @@ import click
 import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
-from rich.console import Console
 from rich.table import Table
 
-from slim import __version__
-from slim.errors import ConfigError, SlimError
+from slim import __version__, cli_ee
+from slim.cli_common import console, errors_to_exit, json_option
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
-# Tables are read in terminals and in logs: when output is not a terminal, do
-# not wrap at 80 columns.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
-
 DEFAULT_CORE = "127.0.0.1:50051"
 CALL_TIMEOUT = 15.0
 POLICY_NAMES = {pb.POLICY_RAM: "ram", pb.POLICY_DISK: "disk", pb.POLICY_SYNC: "sync", pb.POLICY_NFS: "nfs"}
 TIER_NAMES = {pb.RELAY_TIER_SITE: "site", pb.RELAY_TIER_PARENT: "parent", pb.RELAY_TIER_OTHER: "other"}
-
-
-def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
-    sys.exit(1)
-
-
-@contextmanager
-def errors_to_exit() -> Iterator[None]:
-    """Turn SLIM errors and gRPC failures into a one-line message and exit 1."""
-    try:
-        yield
-    except ConfigError as exc:
-        fail(str(exc))
-    except SlimError as exc:
-        fail(exc.message)
-    except grpc.RpcError as exc:
-        code: grpc.StatusCode = exc.code()
-        details: str = exc.details() or ""
-        if code is grpc.StatusCode.UNAVAILABLE:
-            fail(f"cannot reach the core: {details}")
-        fail(f"{details} ({code.name})")
 
 
 class CoreClient:
@@ -95,9 +66,6 @@ core_option = click.option(
     default=DEFAULT_CORE,
     show_default=True,
     help="Address (host:port) of the SLIM core's gRPC service; also $SLIM_CORE.",
-)
-json_option = click.option(
-    "--json", "as_json", is_flag=True, help="Print the answer as JSON instead of a table."
 )
 origin_option = click.option(
     "--from",
@@ -247,7 +215,7 @@ def registry_check(file: Path) -> None:
 # -- environments ---------------------------------------------------------------
 @main.group()
 def ee() -> None:
-    """Execution environments: list and show."""
+    """Execution environments: import images, build releases, verify; list and show (from the core)."""
 
 
 @ee.command("list")
@@ -554,6 +522,15 @@ def demo(registry_path: Path | None) -> None:
 
     with errors_to_exit():
         asyncio.run(run_demo(registry_path))
+
+
+# Commands that work on images and the store directly (slim/cli_ee.py).
+ee.add_command(cli_ee.ee_import)
+ee.add_command(cli_ee.ee_build)
+ee.add_command(cli_ee.ee_verify)
+ee.add_command(cli_ee.ee_table2)
+main.add_command(cli_ee.profile)
+main.add_command(cli_ee.nfs)
 
 
 if __name__ == "__main__":

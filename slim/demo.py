@@ -50,8 +50,8 @@ def publish_placeholder_releases(reg: Registry, store: Store, only: list[str] | 
             ref = store.put_bytes(payload)
             dirs[path] = ReleaseDirectory(
                 policy=spec.policy,
-                archive=ref if spec.policy in (Policy.RAM, Policy.DISK) else None,
-                manifest=ref if spec.policy is Policy.SYNC else None,
+                archive=None if spec.policy is Policy.NFS else ref,
+                manifest=ref,
                 bytes=len(payload),
                 files=1,
             )

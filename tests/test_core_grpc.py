@@ -99,7 +99,7 @@ async def test_locate_unavailable_when_no_relay_is_live(core: Core, service: Cor
 
 
 # -- GetBootPlan -------------------------------------------------------------------
-async def test_boot_plan(core: Core) -> None:
+async def test_boot_plan(core: Core, store: Store) -> None:
     plan = await core.core.GetBootPlan(pb.GetBootPlanRequest(node=by_name("n1"), origin=ROOM))
     assert plan.node == "n1" and plan.environment == "base" and plan.reason == "default"
     assert plan.release_digest.startswith("sha256:")
@@ -112,7 +112,11 @@ async def test_boot_plan(core: Core) -> None:
     assert dirs["/tmp"].tmpfs_size == "256m"
     usr = dirs["/usr"]
     assert usr.policy == pb.POLICY_NFS
-    assert (usr.nfs.server, usr.nfs.export) == ("10.1.0.1", "/slim/base/usr")
+    built = store.release("base")
+    assert built is not None
+    tree = built[1].directories["/usr"].manifest
+    assert tree is not None  # the export is named by the tree's content
+    assert (usr.nfs.server, usr.nfs.export) == ("10.1.0.1", f"/slim/{tree.digest[7:]}")
     assert usr.nfs.options == "ro,nolock,noatime,actimeo=600,proto=tcp"
     for arg in (
         "slim.node=n1",

@@ -319,11 +319,11 @@ class DirectoryAction(_message.Message):
     files: _builtins.int
     @_builtins.property
     def archive(self) -> Global___ObjectRef:
-        """ram, disk: tar+zstd of the directory"""
+        """ram, disk, sync (to fill an empty disk): tar+zstd of the directory"""
 
     @_builtins.property
     def manifest(self) -> Global___ObjectRef:
-        """sync: per-entry manifest"""
+        """sync: per-entry manifest (zstd JSON Lines, see docs/ee.md)"""
 
     @_builtins.property
     def nfs(self) -> Global___NfsMount:

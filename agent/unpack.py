@@ -1,0 +1,410 @@
+"""Safe creation of a file tree under a target directory, from tar archives or
+from another tree.
+
+Standard library only: the agent unpacks copy-set archives with this in the
+initrd, and the builder imports images and materializes NFS trees with it.
+
+Safety rules (every member is checked before anything is written for it):
+
+- names are relative, with no ``..`` component; a leading ``./`` is accepted,
+  an absolute name is refused (not silently made relative);
+- no member is created *through* a symlink: every parent directory is opened
+  with ``O_NOFOLLOW`` relative to its parent's descriptor, so a symlink
+  planted by an earlier member (or already in the target) stops extraction;
+- a member that replaces an existing non-directory unlinks it first (never
+  writes through it); replacing a directory with a non-directory is refused;
+- a hard link must name an earlier non-directory inside the target;
+- device nodes are created only when the writer allows them
+  (``devices=True``, for root file systems extracted as root); otherwise they
+  are refused;
+- symlink targets are stored as given (absolute targets are normal in a root
+  file system) and never followed.
+
+A refused member raises :class:`UnsafeEntry`; the caller extracts into a
+staging directory it can delete, so nothing half-made is used.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tarfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from slim.agent.tree import BLK, CHR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, check_relpath
+
+COPY_CHUNK = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafeEntry(Exception):
+    """An archive member (or tree entry) that would be unsafe or impossible to create."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path!r}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass
+class WriteStats:
+    entries: int = 0
+    files: int = 0  # non-directory entries
+    bytes: int = 0  # regular file bytes written
+    xattr_failures: int = 0
+
+
+class TreeWriter:
+    """Creates entries under ``root`` following the rules in the module docstring.
+
+    ``owners``: set uid/gid (default: when running as root).  ``devices``: allow
+    device nodes (default: when running as root).  Directory metadata is applied
+    by :meth:`finish`, deepest first, so read-only directories can be filled.
+    """
+
+    def __init__(self, root: str | Path, *, owners: bool | None = None, devices: bool | None = None) -> None:
+        self.root = Path(root)
+        root_is_root = os.geteuid() == 0
+        self.owners = root_is_root if owners is None else owners
+        self.devices = root_is_root if devices is None else devices
+        self.stats = WriteStats()
+        self.xattr_errors: list[str] = []
+        self._root_fd = os.open(self.root, _DIR_FLAGS)
+        self._cached: tuple[str, int] | None = None  # (parent path, fd) of the last entry
+        self._dirs: list[Entry] = []
+
+    # -- public ------------------------------------------------------------------
+    def add(self, entry: Entry, data: IO[bytes] | None = None) -> None:
+        """Create one entry; a FILE's bytes come from ``data`` (exactly ``entry.size``)."""
+        if entry.path == "":  # the target directory itself ("./" in a tar)
+            if entry.kind != DIR:
+                raise UnsafeEntry(".", "the archive's root is not a directory")
+            self._dirs.append(entry)
+            self.stats.entries += 1
+            return
+        try:
+            check_relpath(entry.path)
+        except ValueError as exc:
+            raise UnsafeEntry(entry.path, str(exc)) from None
+        parent, _, name = entry.path.rpartition("/")
+        pfd = self._parent_fd(entry.path, parent)
+        existing = _lstat_at(pfd, name)
+        if existing is not None:
+            if stat.S_ISDIR(existing.st_mode):
+                if entry.kind != DIR:
+                    raise UnsafeEntry(entry.path, "would replace a directory with a non-directory")
+            else:
+                os.unlink(name, dir_fd=pfd)  # never write through what was there
+        self.stats.entries += 1
+        if entry.kind == DIR:
+            if existing is None or not stat.S_ISDIR(existing.st_mode):
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            self._dirs.append(entry)
+            return
+        self.stats.files += 1
+        if entry.kind == FILE:
+            self._file(pfd, name, entry, data)
+        elif entry.kind == SYMLINK:
+            os.symlink(entry.target, name, dir_fd=pfd)
+            self._meta(pfd, name, entry, symlink=True)
+        elif entry.kind == HARDLINK:
+            self._hardlink(pfd, name, entry)
+        elif entry.kind in (CHR, BLK):
+            if not self.devices:
+                raise UnsafeEntry(entry.path, "device node refused: this target does not allow device nodes")
+            kind = stat.S_IFCHR if entry.kind == CHR else stat.S_IFBLK
+            os.mknod(name, kind | 0o600, os.makedev(*entry.rdev), dir_fd=pfd)
+            self._meta(pfd, name, entry)
+        elif entry.kind == FIFO:
+            os.mkfifo(name, 0o600, dir_fd=pfd)
+            self._meta(pfd, name, entry)
+        else:
+            raise UnsafeEntry(entry.path, f"unsupported entry type {entry.kind!r}")
+
+    def finish(self) -> None:
+        """Apply directory owners, modes, xattrs and times (deepest first)."""
+        for entry in sorted(self._dirs, key=lambda e: e.path.count("/") + bool(e.path), reverse=True):
+            fd = self._open_dir(entry.path)
+            try:
+                self._fd_meta(fd, entry)
+            finally:
+                if fd != self._root_fd:
+                    os.close(fd)
+        self._dirs.clear()
+
+    def close(self) -> None:
+        self._drop_cache()
+        os.close(self._root_fd)
+
+    def __enter__(self) -> TreeWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------
+    def _drop_cache(self) -> None:
+        if self._cached is not None:
+            os.close(self._cached[1])
+            self._cached = None
+
+    def _parent_fd(self, path: str, parent: str) -> int:
+        if not parent:
+            return self._root_fd
+        if self._cached is not None and self._cached[0] == parent:
+            return self._cached[1]
+        fd = self._walk(path, parent, create=True)
+        self._drop_cache()
+        self._cached = (parent, fd)
+        return fd
+
+    def _open_dir(self, path: str) -> int:
+        return self._root_fd if not path else self._walk(path, path, create=False)
+
+    def _walk(self, path: str, directory: str, *, create: bool) -> int:
+        """A descriptor for ``directory`` reached without following any symlink."""
+        fd = self._root_fd
+        done = ""
+        try:
+            for part in directory.split("/"):
+                done = f"{done}/{part}" if done else part
+                try:
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise UnsafeEntry(path, f"directory {done!r} is missing") from None
+                    os.mkdir(part, 0o755, dir_fd=fd)  # tar archives may omit parent entries
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+                    if stat.S_ISLNK(st.st_mode):
+                        target = os.readlink(part, dir_fd=fd)
+                        raise UnsafeEntry(path, f"goes through the symlink {done!r} (-> {target})") from None
+                    raise UnsafeEntry(path, f"{done!r} is not a directory") from None
+                if fd != self._root_fd:
+                    os.close(fd)
+                fd = nfd
+        except BaseException:
+            if fd != self._root_fd:
+                os.close(fd)
+            raise
+        return fd
+
+    def _file(self, pfd: int, name: str, entry: Entry, data: IO[bytes] | None) -> None:
+        fd = os.open(
+            name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd
+        )
+        try:
+            remaining = entry.size
+            if remaining and data is None:
+                raise UnsafeEntry(entry.path, "no data for a non-empty file")
+            while remaining > 0:
+                assert data is not None
+                chunk = data.read(min(COPY_CHUNK, remaining))
+                if not chunk:
+                    raise UnsafeEntry(entry.path, f"truncated: {remaining} of {entry.size} bytes missing")
+                _write_all(fd, chunk)
+                remaining -= len(chunk)
+            self.stats.bytes += entry.size
+            self._fd_meta(fd, entry)
+        finally:
+            os.close(fd)
+
+    def _hardlink(self, pfd: int, name: str, entry: Entry) -> None:
+        try:
+            check_relpath(entry.target)
+        except ValueError as exc:
+            raise UnsafeEntry(entry.path, f"hard link target: {exc}") from None
+        sparent, _, sname = entry.target.rpartition("/")
+        sfd = self._root_fd if not sparent else self._walk(entry.path, sparent, create=False)
+        try:
+            st = _lstat_at(sfd, sname)
+            if st is None:
+                raise UnsafeEntry(entry.path, f"hard link to {entry.target!r}, which is not in the target")
+            if stat.S_ISDIR(st.st_mode):
+                raise UnsafeEntry(entry.path, f"hard link to the directory {entry.target!r}")
+            os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
+        finally:
+            if sfd != self._root_fd:
+                os.close(sfd)
+
+    def _meta(self, pfd: int, name: str, entry: Entry, *, symlink: bool = False) -> None:
+        """Owner, mode, xattrs and time of a just-created symlink, device node or fifo
+        (by name relative to its parent's descriptor; nothing is opened or followed)."""
+        if self.owners:
+            os.chown(name, entry.uid, entry.gid, dir_fd=pfd, follow_symlinks=False)
+        if not symlink:
+            os.chmod(name, entry.mode, dir_fd=pfd)
+            if entry.xattrs:  # setxattr has no dir_fd form: go through an O_PATH descriptor
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                try:
+                    self._xattrs(f"/proc/self/fd/{fd}", entry)
+                finally:
+                    os.close(fd)
+        os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+
+    def _fd_meta(self, fd: int, entry: Entry) -> None:
+        # chown first: it clears setuid bits and file capabilities
+        if self.owners:
+            os.fchown(fd, entry.uid, entry.gid)
+        os.fchmod(fd, entry.mode)
+        self._xattrs(fd, entry)
+        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+
+    def _xattrs(self, target: int | str, entry: Entry) -> None:
+        for name, value in entry.xattrs:
+            try:
+                os.setxattr(target, name, value)
+            except OSError as exc:
+                self.stats.xattr_failures += 1
+                if len(self.xattr_errors) < 20:
+                    self.xattr_errors.append(f"{entry.path}: {name}: {exc.strerror}")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+# -- tar archives ------------------------------------------------------------------
+_TAR_KINDS = {
+    tarfile.REGTYPE: FILE,
+    tarfile.AREGTYPE: FILE,
+    tarfile.CONTTYPE: FILE,
+    tarfile.DIRTYPE: DIR,
+    tarfile.SYMTYPE: SYMLINK,
+    tarfile.LNKTYPE: HARDLINK,
+    tarfile.CHRTYPE: CHR,
+    tarfile.BLKTYPE: BLK,
+    tarfile.FIFOTYPE: FIFO,
+}
+
+
+def member_name(name: str) -> str:
+    """A tar member name as a tree path: ``./etc/`` → ``etc``, ``.`` → ``""``;
+    absolute names and ``..`` components raise ValueError."""
+    if name.startswith("/"):
+        raise ValueError(f"{name!r} is an absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"{name!r} contains '..'")
+    return "/".join(parts)
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    exact = member.pax_headers.get("mtime")
+    if exact is not None:  # keep nanoseconds: float seconds lose them
+        sec, _, frac = exact.partition(".")
+        try:
+            ns = int(sec) * 1_000_000_000
+            if frac:
+                ns += (1 if not sec.startswith("-") else -1) * int((frac + "000000000")[:9])
+            return ns
+        except ValueError:
+            pass
+    return int(member.mtime) * 1_000_000_000
+
+
+def entry_from_member(member: tarfile.TarInfo) -> Entry:
+    """The tree entry a tar member describes; UnsafeEntry if it cannot be one."""
+    try:
+        path = member_name(member.name)
+    except ValueError as exc:
+        raise UnsafeEntry(member.name, str(exc)) from None
+    kind = _TAR_KINDS.get(member.type)
+    if kind is None:
+        raise UnsafeEntry(member.name, f"unsupported member type {member.type!r}")
+    target = member.linkname
+    if kind == HARDLINK:
+        try:
+            target = member_name(member.linkname)
+        except ValueError as exc:
+            raise UnsafeEntry(member.name, f"hard link target: {exc}") from None
+    xattrs = tuple(
+        sorted(
+            (key[len("SCHILY.xattr.") :], value.encode("utf-8", "surrogateescape"))
+            for key, value in member.pax_headers.items()
+            if key.startswith("SCHILY.xattr.")
+        )
+    )
+    return Entry(
+        path=path,
+        kind=kind,
+        mode=member.mode & 0o7777,
+        uid=member.uid,
+        gid=member.gid,
+        mtime_ns=_mtime_ns(member),
+        size=member.size if kind == FILE else 0,
+        target=target if kind in (SYMLINK, HARDLINK) else "",
+        rdev=(member.devmajor, member.devminor) if kind in (CHR, BLK) else (0, 0),
+        xattrs=xattrs,
+    )
+
+
+def extract_tar(
+    stream: BinaryIO,
+    root: str | Path,
+    *,
+    owners: bool | None = None,
+    devices: bool | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> WriteStats:
+    """Unpack an uncompressed (or gzip/bzip2/xz) tar stream under ``root`` safely."""
+    with TreeWriter(root, owners=owners, devices=devices) as writer:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*", errors="surrogateescape") as tf:
+                for member in tf:
+                    entry = entry_from_member(member)
+                    data = tf.extractfile(member) if entry.kind == FILE else None
+                    writer.add(entry, data)
+                    if progress is not None:
+                        progress(writer.stats.bytes)
+        except tarfile.TarError as exc:
+            raise UnsafeEntry("(archive)", f"not a valid tar archive: {exc}") from None
+        writer.finish()
+        return writer.stats
+
+
+def copy_tree(
+    source: str | Path,
+    entries: Iterable[Entry],
+    root: str | Path,
+    *,
+    owners: bool | None = None,
+    devices: bool | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> WriteStats:
+    """Recreate ``entries`` (scanned from ``source``) under ``root``."""
+    src = os.fspath(source)
+    with TreeWriter(root, owners=owners, devices=devices) as writer:
+        for entry in entries:
+            if entry.kind == FILE:
+                with open(os.path.join(src, entry.path), "rb", opener=_nofollow) as f:
+                    if os.fstat(f.fileno()).st_size != entry.size:
+                        raise UnsafeEntry(entry.path, "changed size while being copied")
+                    writer.add(entry, f)
+            else:
+                writer.add(entry)
+            if progress is not None:
+                progress(writer.stats.bytes)
+        writer.finish()
+        return writer.stats
+
+
+def _nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -1,0 +1,337 @@
+"""``slim ee build``: an EE image → content-addressed objects and a release.
+
+For each directory of the environment (registry ``directories``, with ``/``
+standing for everything not listed):
+
+- ``ram``, ``disk``, ``sync``: a copy-set archive (tar + zstd, deterministic)
+  and a manifest; ``sync`` also stores every file (or, above 4 MiB, every
+  1 MiB chunk) as an object so copy-if-needed fetches only what changed;
+- ``nfs``: a manifest and the read-only tree for NFS export,
+  ``trees/sha256/<manifest digest>``, copied once.
+
+Plus the kernel (from the image) and an initrd holding the image's own kernel
+modules for every hardware profile.  Every object is named by its SHA-256, so
+rebuilding an unchanged image writes no new object and keeps the release.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import zstandard
+
+from slim.agent import manifest as mf
+from slim.agent.tree import FILE, Entry, ScanReport, scan
+from slim.agent.unpack import UnsafeEntry, copy_tree
+from slim.core import copyset
+from slim.core.initrd import InitrdBuilder, InitrdInfo, kernel_release, resolve_in_image, resolve_modules
+from slim.core.registry import Policy, Registry
+from slim.core.store import ObjectRef, Release, ReleaseDirectory, Store
+from slim.errors import FailedPrecondition, NotFound, SlimError
+
+MANIFEST_LEVEL = 19
+# Modules every initrd carries when the kernel has them (the agent mounts NFS
+# and may overlay a read-only tree), beside each hardware profile's own.
+EXTRA_MODULES = ("nfsv4", "overlay")
+
+Progress = Callable[[str, int, int], None]  # (what, done, total) in bytes
+
+
+@dataclass
+class DirectoryReport:
+    path: str
+    policy: Policy
+    files: int
+    bytes: int
+    archive: ObjectRef | None = None
+    manifest: ObjectRef | None = None
+    file_objects: int = 0  # sync: objects the node may fetch one by one
+    tree: str = ""  # nfs: the exported tree
+    seconds: float = 0.0
+
+
+@dataclass
+class BuildResult:
+    environment: str
+    digest: str
+    release: Release
+    unchanged: bool  # the release equals the current one: nothing was published
+    new_objects: int
+    kernel_release: str
+    initrd: InitrdInfo
+    directories: list[DirectoryReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def image_directory(image: Path, path: str) -> Path:
+    """``path`` of the environment inside ``image``: a real directory, reached without
+    following symlinks (a merged-usr ``/lib -> usr/lib`` must be listed as /usr/lib)."""
+    current = image
+    for part in [p for p in path.split("/") if p]:
+        current = current / part
+        try:
+            st = current.lstat()
+        except FileNotFoundError:
+            raise FailedPrecondition(f"the image {image} has no {path}") from None
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(current)
+            raise FailedPrecondition(
+                f"{path} in the image {image} is a symlink to {target}; list the directory it points to"
+            )
+        if not stat.S_ISDIR(st.st_mode):
+            raise FailedPrecondition(f"{path} in the image {image} is not a directory")
+    return current
+
+
+def _pruned(path: str, others: list[str]) -> list[str]:
+    """The other directories below ``path``, relative to it (their contents belong to
+    their own policy)."""
+    prefix = "/" if path == "/" else path + "/"
+    return [o[len(prefix) :] for o in others if o != path and o.startswith(prefix)]
+
+
+def build_environment(
+    registry: Registry,
+    store: Store,
+    name: str,
+    *,
+    level: int = copyset.DEFAULT_LEVEL,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Build environment ``name`` into ``store`` and publish its release."""
+    started = time.monotonic()
+    env = registry.environment(name)
+    image = Path(env.image)
+    if not image.is_dir():
+        raise FailedPrecondition(
+            f"the image of environment {name!r}, {image}, does not exist; "
+            f"import one with: slim ee import {name} --from DIR|TARBALL|debootstrap:SUITE"
+        )
+    before = store.count_objects()
+    directories = registry.directories(name)
+    paths = list(directories)
+    reports: list[DirectoryReport] = []
+    built: dict[str, ReleaseDirectory] = {}
+    notes: list[str] = []
+    for path, spec in directories.items():
+        t0 = time.monotonic()
+        root = image_directory(image, path)
+        scan_report = ScanReport()
+        entries = list(scan(root, prune=_pruned(path, paths), report=scan_report))
+        if scan_report.sockets:
+            notes.append(f"{path}: {len(scan_report.sockets)} socket(s) left out (no archive keeps sockets)")
+        if scan_report.other_filesystems:
+            notes.append(f"{path}: mounted file systems left out: {', '.join(scan_report.other_filesystems)}")
+        total = sum(e.size for e in entries if e.kind == FILE)
+        tick = _ticker(progress, f"{name} {path} ({spec.policy})", total)
+        report = DirectoryReport(path, spec.policy, files=0, bytes=total)
+        if spec.policy is Policy.NFS:
+            items = copyset.hash_tree(root, entries, tick)
+        else:
+            with store.writer() as w:
+                items = copyset.write_archive(root, entries, w, level, tick)  # type: ignore[arg-type]
+            report.archive = w.ref
+        manifest = mf.make(path, items)
+        report.files = manifest.files
+        with store.writer() as w:
+            w.write(zstandard.ZstdCompressor(level=MANIFEST_LEVEL).compress(mf.encode(manifest)))
+        report.manifest = w.ref
+        assert report.manifest is not None
+        if spec.policy is Policy.SYNC:
+            report.file_objects = _store_files(store, root, items)
+        elif spec.policy is Policy.NFS:
+            report.tree = str(_materialize_tree(store, root, entries, report.manifest.digest))
+        report.seconds = time.monotonic() - t0
+        reports.append(report)
+        built[path] = ReleaseDirectory(
+            policy=spec.policy,
+            archive=report.archive,
+            manifest=report.manifest,
+            bytes=report.bytes,
+            files=report.files,
+        )
+
+    kernel_path = resolve_in_image(image, env.kernel)
+    kver = kernel_release(image, env.kernel)
+    kernel_ref, _ = store.put_file(kernel_path)
+    modules = _initrd_modules(registry, image, kver)
+    initrd_builder = InitrdBuilder()
+    initrd_builder.add_modules(image, kver, modules)
+    with store.writer() as w:
+        initrd_info = initrd_builder.write(w)  # type: ignore[arg-type]
+    assert w.ref is not None
+    initrd_ref = w.ref
+
+    release = Release(
+        environment=name,
+        kernel=kernel_ref,
+        initrd=initrd_ref,
+        directories=built,
+        kernel_release=kver,
+        created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    current = store.release(name)
+    if current is not None and _same(current[1], release):
+        digest, release, unchanged = current[0], current[1], True
+    else:
+        digest, unchanged = store.publish_release(release), False
+    return BuildResult(
+        environment=name,
+        digest=digest,
+        release=release,
+        unchanged=unchanged,
+        new_objects=store.count_objects() - before,
+        kernel_release=kver,
+        initrd=initrd_info,
+        directories=reports,
+        notes=notes,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _same(a: Release, b: Release) -> bool:
+    return a.model_copy(update={"created": ""}) == b.model_copy(update={"created": ""})
+
+
+def _ticker(progress: Progress | None, what: str, total: int) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    progress(what, 0, total)
+    return lambda done: progress(what, done, total)
+
+
+def _initrd_modules(registry: Registry, image: Path, kver: str) -> list[str]:
+    """Every hardware profile's modules, plus EXTRA_MODULES the kernel has as modules."""
+    wanted = sorted({m for p in registry.profiles.values() for m in p.modules})
+    moddir = resolve_in_image(image, f"/lib/modules/{kver}")
+    for extra in EXTRA_MODULES:
+        try:
+            if resolve_modules(moddir, [extra]).modules and extra not in wanted:
+                wanted.append(extra)
+        except NotFound:
+            pass  # built in, or not in this kernel at all
+    return wanted
+
+
+def _store_files(store: Store, root: Path, items: list[mf.ManifestEntry]) -> int:
+    """Store each file of a copy-if-needed directory (whole, or in chunks); returns the
+    number of objects the manifest names."""
+    count = 0
+    for item in items:
+        if item.entry.kind != FILE:
+            continue
+        path = root / item.entry.path
+        if not item.chunks:
+            store.put_file(path, expect=f"sha256:{item.sha256}")
+            count += 1
+            continue
+        with open(path, "rb", opener=_nofollow) as f:
+            for chunk_hex in item.chunks:
+                data = f.read(mf.CHUNK_SIZE)
+                if not store.has(f"sha256:{chunk_hex}"):
+                    ref = store.put_bytes(data)
+                    if ref.digest != f"sha256:{chunk_hex}":
+                        raise FailedPrecondition(f"{path} changed while it was being stored; build again")
+                count += 1
+    return count
+
+
+def _nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _materialize_tree(store: Store, root: Path, entries: list[Entry], manifest_digest: str) -> Path:
+    """The directory's read-only copy for NFS export, made once per manifest digest."""
+    target = store.tree_path(manifest_digest)
+    if target.is_dir():
+        return target
+    store.trees.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=store.trees, prefix=".new."))
+    try:
+        copy_tree(root, entries, staging)
+        st = root.lstat()
+        if os.geteuid() == 0:
+            os.chown(staging, st.st_uid, st.st_gid)
+        os.chmod(staging, stat.S_IMODE(st.st_mode))
+        os.utime(staging, ns=(st.st_mtime_ns, st.st_mtime_ns))
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not target.is_dir():  # another build made the same tree meanwhile: keep that one
+                raise
+    except UnsafeEntry as exc:
+        raise FailedPrecondition(f"cannot copy {root} for NFS export: {exc}") from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@dataclass
+class VerifyReport:
+    objects: int = 0
+    bytes: int = 0
+    trees: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def verify_release(store: Store, release: Release) -> VerifyReport:
+    """Re-hash every object a release names (kernel, initrd, archives, manifests, the
+    file objects of copy-if-needed directories) and check each NFS tree against its
+    manifest; problems are collected, not raised."""
+    report = VerifyReport()
+    seen: set[str] = set()
+
+    def check(digest: str, what: str) -> bool:
+        if digest in seen:
+            return True
+        seen.add(digest)
+        try:
+            report.bytes += store.verify_object(digest)
+        except SlimError as exc:
+            report.problems.append(f"{what}: {exc.message}")
+            return False
+        report.objects += 1
+        return True
+
+    check(release.kernel.digest, "kernel")
+    check(release.initrd.digest, "initrd")
+    for path, built in release.directories.items():
+        if built.archive is not None:
+            check(built.archive.digest, f"{path} archive")
+        if built.manifest is None or not check(built.manifest.digest, f"{path} manifest"):
+            continue
+        try:
+            manifest = mf.decode(
+                zstandard.ZstdDecompressor().decompress(store.read_object(built.manifest.digest))
+            )
+        except (ValueError, zstandard.ZstdError) as exc:
+            report.problems.append(f"{path} manifest: {exc}")
+            continue
+        if built.policy is Policy.SYNC:
+            for item in manifest.entries:
+                for hexdigest in item.chunks or ((item.sha256,) if item.entry.kind == FILE else ()):
+                    check(f"sha256:{hexdigest}", f"{path}/{item.entry.path}")
+        elif built.policy is Policy.NFS:
+            tree = store.tree_path(built.manifest.digest)
+            if not tree.is_dir():
+                report.problems.append(f"{path}: the NFS tree {tree} is missing")
+                continue
+            try:
+                actual = copyset.hash_tree(tree, scan(tree))
+            except (OSError, SlimError) as exc:
+                report.problems.append(f"{path}: the NFS tree {tree} cannot be read: {exc}")
+                continue
+            if tuple(actual) != manifest.entries:
+                report.problems.append(f"{path}: the NFS tree {tree} differs from its manifest")
+            report.trees += 1
+    return report

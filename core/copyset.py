@@ -1,0 +1,175 @@
+"""Copy sets: one EE directory as a deterministic tar + zstd archive, hashed into
+a manifest in the same pass (the paper's "all files that need to be copied are
+packed into a compressed archive file", section 4.5).
+
+Deterministic: entries in tree order (slim.agent.tree), numeric owners only,
+modification times to the nanosecond (pax ``mtime``), xattrs as pax
+``SCHILY.xattr.*`` records (what GNU tar writes), no other time stamps, and a
+zstd frame made with a fixed worker setting (zstd's multi-threaded output does
+not depend on the number of threads).  Same tree → same bytes → same digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+from slim.agent.manifest import CHUNK_SIZE, CHUNKED_ABOVE, ManifestEntry
+from slim.agent.tree import BLK, CHR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry
+from slim.errors import FailedPrecondition
+
+DEFAULT_LEVEL = 9
+READ_CHUNK = 1 << 20
+_TAR_TYPES = {
+    DIR: tarfile.DIRTYPE,
+    FILE: tarfile.REGTYPE,
+    SYMLINK: tarfile.SYMTYPE,
+    HARDLINK: tarfile.LNKTYPE,
+    CHR: tarfile.CHRTYPE,
+    BLK: tarfile.BLKTYPE,
+    FIFO: tarfile.FIFOTYPE,
+}
+
+Progress = Callable[[int], None]  # bytes of file data processed so far
+
+
+def compressor(level: int = DEFAULT_LEVEL) -> zstandard.ZstdCompressor:
+    """The zstd settings of every SLIM archive (threads ≥ 1 keeps output independent of
+    the number of cores)."""
+    if not 1 <= level <= 22:
+        raise ValueError(f"zstd level {level} is out of range (1-22)")
+    return zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
+
+
+def tarinfo(entry: Entry) -> tarfile.TarInfo:
+    """The tar header of one entry."""
+    ti = tarfile.TarInfo(entry.path)
+    ti.type = _TAR_TYPES[entry.kind]
+    ti.mode = entry.mode
+    ti.uid, ti.gid = entry.uid, entry.gid
+    ti.uname = ti.gname = ""
+    sec, ns = divmod(entry.mtime_ns, 1_000_000_000)
+    ti.mtime = sec
+    pax: dict[str, str] = {}
+    if ns and sec >= 0:
+        pax["mtime"] = f"{sec}.{ns:09d}"
+    for name, value in entry.xattrs:
+        pax["SCHILY.xattr." + name] = value.decode("utf-8", "surrogateescape")
+    ti.pax_headers = pax
+    if entry.kind == FILE:
+        ti.size = entry.size
+    elif entry.kind in (SYMLINK, HARDLINK):
+        ti.linkname = entry.target
+    elif entry.kind in (CHR, BLK):
+        ti.devmajor, ti.devminor = entry.rdev
+    return ti
+
+
+class _HashingReader:
+    """Reads a file for tarfile while hashing it whole and in chunks."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self.f = f
+        self.whole = hashlib.sha256()
+        self.chunked = size > CHUNKED_ABOVE
+        self.chunks: list[str] = []
+        self._chunk = hashlib.sha256()
+        self._in_chunk = 0
+        self.read_bytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n if n >= 0 else READ_CHUNK)
+        self.update(data)
+        return data
+
+    def update(self, data: bytes) -> None:
+        self.whole.update(data)
+        self.read_bytes += len(data)
+        if not self.chunked:
+            return
+        view = memoryview(data)
+        while view:
+            take = min(len(view), CHUNK_SIZE - self._in_chunk)
+            self._chunk.update(view[:take])
+            self._in_chunk += take
+            view = view[take:]
+            if self._in_chunk == CHUNK_SIZE:
+                self._close_chunk()
+
+    def _close_chunk(self) -> None:
+        self.chunks.append(self._chunk.hexdigest())
+        self._chunk = hashlib.sha256()
+        self._in_chunk = 0
+
+    def finish(self) -> tuple[str, tuple[str, ...]]:
+        if self.chunked and self._in_chunk:
+            self._close_chunk()
+        return self.whole.hexdigest(), tuple(self.chunks)
+
+
+def _open(root: str, entry: Entry) -> BinaryIO:
+    fd = os.open(os.path.join(root, entry.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return os.fdopen(fd, "rb")
+
+
+def _changed(entry: Entry) -> FailedPrecondition:
+    return FailedPrecondition(f"{entry.path} changed while it was being read; build again")
+
+
+def hash_tree(
+    root: str | Path, entries: Iterable[Entry], progress: Progress | None = None
+) -> list[ManifestEntry]:
+    """The manifest entries of ``entries`` (files hashed), without an archive."""
+    return _pass(os.fspath(root), entries, None, progress)
+
+
+def write_archive(
+    root: str | Path,
+    entries: Iterable[Entry],
+    out: BinaryIO,
+    level: int = DEFAULT_LEVEL,
+    progress: Progress | None = None,
+) -> list[ManifestEntry]:
+    """Write the tar + zstd archive of ``entries`` to ``out``; return their manifest entries."""
+    cctx = compressor(level)
+    with (
+        cctx.stream_writer(out, closefd=False) as zout,
+        tarfile.open(fileobj=zout, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8") as tf,
+    ):
+        return _pass(os.fspath(root), entries, tf, progress)
+
+
+def _pass(
+    root: str, entries: Iterable[Entry], tf: tarfile.TarFile | None, progress: Progress | None
+) -> list[ManifestEntry]:
+    out: list[ManifestEntry] = []
+    done = 0
+    for entry in entries:
+        if entry.kind != FILE:
+            if tf is not None:
+                tf.addfile(tarinfo(entry))
+            out.append(ManifestEntry(entry))
+            continue
+        with _open(root, entry) as f:
+            if os.fstat(f.fileno()).st_size != entry.size:
+                raise _changed(entry)
+            reader = _HashingReader(f, entry.size)
+            if tf is not None:
+                tf.addfile(tarinfo(entry), reader)
+            else:
+                while chunk := f.read(READ_CHUNK):
+                    reader.update(chunk)
+            if reader.read_bytes != entry.size or f.read(1):
+                raise _changed(entry)
+        sha, chunks = reader.finish()
+        out.append(ManifestEntry(entry, sha, chunks))
+        done += entry.size
+        if progress is not None:
+            progress(done)
+    return out

@@ -1,0 +1,126 @@
+"""What every ``slim`` command shares: output consoles, the error exit, common
+options and progress display.  Only the CLI modules exit the process."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+
+import click
+import grpc
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from slim.errors import ConfigError, SlimError
+
+# Tables are read in terminals and in logs: when output is not a terminal, do
+# not wrap at 80 columns.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    sys.exit(1)
+
+
+@contextmanager
+def errors_to_exit() -> Iterator[None]:
+    """Turn SLIM errors and gRPC failures into a one-line message and exit 1."""
+    try:
+        yield
+    except ConfigError as exc:
+        fail(str(exc))
+    except SlimError as exc:
+        fail(exc.message)
+    except grpc.RpcError as exc:
+        code: grpc.StatusCode = exc.code()
+        details: str = exc.details() or ""
+        if code is grpc.StatusCode.UNAVAILABLE:
+            fail(f"cannot reach the core: {details}")
+        fail(f"{details} ({code.name})")
+
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print the answer as JSON instead of a table."
+)
+registry_option = click.option(
+    "--registry",
+    "registry_path",
+    envvar="SLIM_REGISTRY",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("/etc/slim/registry.yaml"),
+    show_default=True,
+    help="The registry YAML file (sites, relays, profiles, environments, nodes); also $SLIM_REGISTRY.",
+)
+store_option = click.option(
+    "--store",
+    "store_path",
+    envvar="SLIM_STORE",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/var/lib/slim/store"),
+    show_default=True,
+    help="Content-addressed artifact store holding built releases; also $SLIM_STORE.",
+)
+
+
+class StageProgress:
+    """Progress of long steps on standard error: a bar per step on a terminal, one
+    line per step (with its size and time when it ends) otherwise.  Called as
+    ``progress(what, done, total)`` with byte counts; total 0 when unknown."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.tty = err_console.is_terminal
+        self.enabled = enabled
+        self._bar: Progress | None = None
+        self._tasks: dict[str, TaskID] = {}
+        self._started: dict[str, tuple[float, int]] = {}
+        self._last: str | None = None
+
+    def __enter__(self) -> StageProgress:
+        if self.enabled and self.tty:
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TimeElapsedColumn(),
+                console=err_console,
+            )
+            self._bar.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        elif kind is None:
+            self._end_line()
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            task = self._tasks.get(what)
+            if task is None:
+                task = self._tasks[what] = self._bar.add_task(what, total=total or None)
+            self._bar.update(task, completed=done, total=total or None)
+            return
+        if what != self._last:
+            self._end_line()
+            self._last = what
+            self._started[what] = (time.monotonic(), 0)
+            size = f" ({total / 1e6:.1f} MB)" if total else ""
+            err_console.print(f"{what}{size} ...", soft_wrap=True)
+        self._started[what] = (self._started[what][0], done)
+
+    def _end_line(self) -> None:
+        if self._last is None:
+            return
+        t0, _ = self._started[self._last]
+        err_console.print(f"{self._last}: done in {time.monotonic() - t0:.1f} s", soft_wrap=True)
+        self._last = None

@@ -1,0 +1,236 @@
+"""``slim ee build``: objects, releases, NFS trees, copy-if-needed objects, rebuilds,
+verification, and the errors an administrator meets."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from slim.agent import manifest as mf
+from slim.agent.tree import scan
+from slim.agent.unpack import extract_tar
+from slim.core.build import build_environment, verify_release
+from slim.core.registry import Policy, Registry, load_registry_text
+from slim.core.store import Store
+from slim.errors import FailedPrecondition
+
+KVER = "6.1.0-99-test"
+
+
+def make_image(root: Path) -> None:
+    """A small root file system with a kernel, modules and every kind of directory."""
+    for d in (
+        "etc",
+        "usr/bin",
+        "usr/share/doc",
+        "var/lib",
+        "srv/data",
+        "tmp",
+        "boot",
+        f"lib/modules/{KVER}/kernel",
+    ):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "hostname").write_text("ee\n")
+    (root / "etc" / "motd").write_text("welcome\n" * 100)
+    (root / "usr" / "bin" / "tool").write_bytes(b"\x7fELF" + os.urandom(50_000))
+    (root / "usr" / "share" / "doc" / "README").write_text("read me\n" * 1000)
+    (root / "var" / "lib" / "state").write_text("0\n")
+    (root / "srv" / "data" / "small").write_text("small file\n")
+    (root / "srv" / "data" / "big").write_bytes(os.urandom(mf.CHUNKED_ABOVE + 100))
+    (root / "boot" / f"vmlinuz-{KVER}").write_bytes(b"KERNEL" + os.urandom(1000))
+    (root / "vmlinuz").symlink_to(f"boot/vmlinuz-{KVER}")
+    mods = root / "lib" / "modules" / KVER
+    for name in ("virtio", "virtio_ring", "virtio_pci", "virtio_net", "failover", "net_failover", "overlay"):
+        (mods / "kernel" / f"{name}.ko").write_bytes(name.encode() * 100)
+    (mods / "modules.dep").write_text(
+        "kernel/virtio.ko:\n"
+        "kernel/virtio_ring.ko:\n"
+        "kernel/virtio_pci.ko: kernel/virtio_ring.ko kernel/virtio.ko\n"
+        "kernel/failover.ko:\n"
+        "kernel/net_failover.ko: kernel/failover.ko\n"
+        "kernel/virtio_net.ko: kernel/net_failover.ko kernel/failover.ko "
+        "kernel/virtio_ring.ko kernel/virtio.ko\n"
+        "kernel/overlay.ko:\n"
+    )
+    (mods / "modules.builtin").write_text("kernel/fs/nfs/nfsv4.ko\n")
+
+
+def registry_for(image: Path) -> Registry:
+    return load_registry_text(
+        f"""
+settings: {{nfs_server: 10.0.0.1}}
+profiles:
+  vm: {{modules: [virtio_pci, virtio_net]}}
+environments:
+  base:
+    image: {image}
+    default_policy: ram
+    directories:
+      /usr: nfs
+      /srv: sync
+      /var: disk
+nodes:
+  n1: {{macs: ["52:54:00:00:00:01"], profile: vm, environment: base, disk: /dev/vda2}}
+"""
+    )
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    root = tmp_path / "image"
+    root.mkdir()
+    make_image(root)
+    return root
+
+
+def _unpack(store: Store, digest: str, into: Path) -> list[str]:
+    into.mkdir()
+    data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(store.read_object(digest)))
+    extract_tar(data, into)
+    return [e.path for e in scan(into)]
+
+
+def test_build_publishes_every_kind_of_object(tmp_path: Path, image: Path) -> None:
+    store = Store(tmp_path / "store")
+    res = build_environment(registry_for(image), store, "base")
+    assert not res.unchanged
+    rel = res.release
+    assert store.release("base") == (res.digest, rel)
+    assert set(rel.directories) == {"/", "/usr", "/srv", "/var"}
+    assert store.read_object(rel.kernel.digest) == (image / "boot" / f"vmlinuz-{KVER}").read_bytes()
+    assert rel.kernel_release == KVER
+    # the initrd holds the profile's modules with their dependencies, dependencies first
+    names = list(res.initrd.modules)
+    assert set(names) == {
+        "virtio",
+        "virtio_ring",
+        "virtio_pci",
+        "virtio_net",
+        "failover",
+        "net_failover",
+        "overlay",
+    }
+    assert names.index("failover") < names.index("net_failover") < names.index("virtio_net")
+
+    # "/" holds everything but the other directories' contents, which are mount points
+    root_paths = _unpack(store, rel.directories["/"].archive.digest, tmp_path / "root")  # type: ignore[union-attr]
+    assert "etc/motd" in root_paths and "usr" in root_paths and "srv" in root_paths
+    assert not any(p.startswith(("usr/", "srv/", "var/")) for p in root_paths)
+    var_paths = _unpack(store, rel.directories["/var"].archive.digest, tmp_path / "var")  # type: ignore[union-attr]
+    assert var_paths == ["lib", "lib/state"]
+
+    # nfs: a manifest and the read-only tree, identical to the image's /usr
+    usr = rel.directories["/usr"]
+    assert usr.policy is Policy.NFS and usr.archive is None and usr.manifest is not None
+    tree = store.tree_path(usr.manifest.digest)
+    assert list(scan(tree)) == list(scan(image / "usr"))
+    assert usr.files == 2 and usr.bytes == (image / "usr" / "bin" / "tool").stat().st_size + 8000
+
+    # sync: archive, manifest, and every file (the big one in chunks) as objects
+    srv = rel.directories["/srv"]
+    assert srv.archive is not None and srv.manifest is not None
+    manifest = mf.decode(zstandard.ZstdDecompressor().decompress(store.read_object(srv.manifest.digest)))
+    big = next(i for i in manifest.entries if i.entry.path == "data/big")
+    assert len(big.chunks) == 5 and all(store.has(f"sha256:{c}") for c in big.chunks)
+    small = next(i for i in manifest.entries if i.entry.path == "data/small")
+    assert store.read_object(f"sha256:{small.sha256}") == b"small file\n"
+
+    report = verify_release(store, rel)
+    assert report.problems == [] and report.trees == 1
+    assert report.objects == 2 + 4 + 3 + 1 + 5  # kernel, initrd, 3 archives, 4 manifests, 1 file, 5 chunks
+
+
+def test_rebuilding_an_unchanged_image_adds_no_object(tmp_path: Path, image: Path) -> None:
+    store = Store(tmp_path / "store")
+    reg = registry_for(image)
+    first = build_environment(reg, store, "base")
+    count = store.count_objects()
+    trees = sorted(os.listdir(store.trees))
+    second = build_environment(reg, store, "base")
+    assert second.unchanged and second.new_objects == 0 and second.digest == first.digest
+    assert store.count_objects() == count and sorted(os.listdir(store.trees)) == trees
+
+    (image / "etc" / "motd").write_text("changed\n")
+    third = build_environment(reg, store, "base")
+    assert not third.unchanged and third.digest != first.digest
+    assert third.release.directories["/usr"] == first.release.directories["/usr"]  # /usr untouched
+    # a new "/" archive, its manifest and the release document; nothing else
+    assert third.new_objects == 3
+    assert sorted(os.listdir(store.trees)) == trees
+
+
+def test_verify_reports_a_corrupt_object_and_a_damaged_tree(tmp_path: Path, image: Path) -> None:
+    store = Store(tmp_path / "store")
+    rel = build_environment(registry_for(image), store, "base").release
+    archive = store.object_path(rel.directories["/var"].archive.digest)  # type: ignore[union-attr]
+    os.chmod(archive, 0o644)
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 1
+    archive.write_bytes(bytes(data))
+    tree = store.tree_path(rel.directories["/usr"].manifest.digest)  # type: ignore[union-attr]
+    (tree / "share" / "doc" / "README").write_text("tampered\n")
+    problems = verify_release(store, rel).problems
+    assert any("/var archive" in p and "corrupt" in p for p in problems)
+    assert any("/usr" in p and "differs from its manifest" in p for p in problems)
+
+
+def test_build_errors_say_what_to_do(tmp_path: Path, image: Path) -> None:
+    store = Store(tmp_path / "store")
+    with pytest.raises(FailedPrecondition, match="slim ee import base"):
+        build_environment(registry_for(tmp_path / "missing"), store, "base")
+    (image / "srv").rename(image / "srv.real")
+    (image / "srv").symlink_to("srv.real")
+    with pytest.raises(FailedPrecondition, match=r"/srv in the image .* is a symlink to srv\.real"):
+        build_environment(registry_for(image), store, "base")
+    (image / "srv").unlink()
+    (image / "srv.real").rename(image / "srv")
+    (image / "vmlinuz").unlink()
+    with pytest.raises(FailedPrecondition, match="kernel"):
+        build_environment(registry_for(image), store, "base")
+    assert store.release("base") is None
+
+
+def _slim(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "slim.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_cli_build_and_verify(tmp_path: Path, image: Path) -> None:
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(
+        f"""
+profiles: {{vm: {{modules: [virtio_net]}}}}
+environments:
+  base: {{image: {image}, directories: {{/usr: nfs, /srv: sync}}}}
+"""
+    )
+    env = {**os.environ, "SLIM_REGISTRY": str(reg), "SLIM_STORE": str(tmp_path / "store")}
+    built = _slim("ee", "build", "base", "--json", env=env)
+    assert built.returncode == 0, built.stderr
+    doc = json.loads(built.stdout)[0]
+    assert doc["environment"] == "base" and not doc["unchanged"] and doc["new_objects"] > 0
+    assert {d["path"]: d["policy"] for d in doc["directories"]} == {"/": "ram", "/srv": "sync", "/usr": "nfs"}
+    again = _slim("ee", "build", "--all", env=env)
+    assert again.returncode == 0 and "unchanged, nothing published; 0 new objects" in again.stdout
+    ok = _slim("ee", "verify", env=env)
+    assert ok.returncode == 0 and "base sha256:" in ok.stdout and ": ok:" in ok.stdout
+    kernel = Path(tmp_path / "store" / "objects" / "sha256" / doc["kernel"]["digest"][7:])
+    os.chmod(kernel, 0o644)
+    kernel.write_bytes(b"corrupted")
+    bad = _slim("ee", "verify", "base", env=env)
+    assert bad.returncode == 1 and "kernel" in bad.stdout and "corrupt" in bad.stdout
+    unknown = _slim("ee", "build", "nosuch", env=env)
+    assert unknown.returncode == 1 and "unknown environment 'nosuch' (known: base)" in unknown.stderr

@@ -1,0 +1,116 @@
+"""Manifests: deterministic encoding, strict decoding, chunked big files; the
+tree scan they are made from."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from slim.agent import manifest as mf
+from slim.agent.tree import DIR, FILE, HARDLINK, SYMLINK, ScanReport, check_relpath, scan
+from slim.core import copyset
+
+
+def _tree(root: Path) -> None:
+    (root / "b").mkdir()
+    (root / "b" / "small").write_bytes(b"hello")
+    (root / "a").write_bytes(b"first")
+    (root / "b" / "big").write_bytes(os.urandom(mf.CHUNKED_ABOVE + 3 * mf.CHUNK_SIZE // 2))
+    os.link(root / "a", root / "b" / "a-again")
+    (root / "b" / "ln").symlink_to("../a")
+    (root / "usr").mkdir()
+    (root / "usr" / "hidden").write_text("pruned")
+
+
+def test_scan_is_sorted_preorder_with_hardlinks_and_prune(tmp_path: Path) -> None:
+    _tree(tmp_path)
+    entries = list(scan(tmp_path, prune=["usr"]))
+    assert [e.path for e in entries] == ["a", "b", "b/a-again", "b/big", "b/ln", "b/small", "usr"]
+    kinds = {e.path: e.kind for e in entries}
+    assert kinds == {
+        "a": FILE,
+        "b": DIR,
+        "b/a-again": HARDLINK,
+        "b/big": FILE,
+        "b/ln": SYMLINK,
+        "b/small": FILE,
+        "usr": DIR,
+    }
+    assert entries[2].target == "a"
+
+
+def test_scan_leaves_sockets_out_and_says_so(tmp_path: Path) -> None:
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(tmp_path / "s.sock"))
+        report = ScanReport()
+        assert list(scan(tmp_path, report=report)) == []
+        assert report.sockets == ["s.sock"]
+    finally:
+        sock.close()
+
+
+def test_manifest_round_trip_and_chunks(tmp_path: Path) -> None:
+    _tree(tmp_path)
+    items = copyset.hash_tree(tmp_path, scan(tmp_path))
+    big = next(i for i in items if i.entry.path == "b/big")
+    data = (tmp_path / "b" / "big").read_bytes()
+    assert big.sha256 == hashlib.sha256(data).hexdigest()
+    assert big.chunks == tuple(
+        hashlib.sha256(data[i : i + mf.CHUNK_SIZE]).hexdigest() for i in range(0, len(data), mf.CHUNK_SIZE)
+    )
+    small = next(i for i in items if i.entry.path == "b/small")
+    assert small.chunks == () and small.sha256 == hashlib.sha256(b"hello").hexdigest()
+    manifest = mf.make("/srv", items)
+    encoded = mf.encode(manifest)
+    assert mf.encode(mf.decode(encoded)) == encoded
+    assert mf.decode(encoded) == manifest
+    assert manifest.files == 6 and manifest.bytes == 5 + 5 + len(data) + len("pruned")
+
+
+def test_archive_pass_gives_the_same_manifest_as_hashing(tmp_path: Path) -> None:
+    _tree(tmp_path)
+    assert copyset.write_archive(tmp_path, scan(tmp_path), io.BytesIO()) == copyset.hash_tree(
+        tmp_path, scan(tmp_path)
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"path":"../x","type":"dir","mode":493,"uid":0,"gid":0,"mtime_ns":0}', "'..'"),
+        ('{"path":"/x","type":"dir","mode":493,"uid":0,"gid":0,"mtime_ns":0}', "absolute"),
+        ('{"path":"x","type":"socket","mode":493,"uid":0,"gid":0,"mtime_ns":0}', "unknown type"),
+        ('{"path":"x","type":"file","mode":420,"uid":0,"gid":0,"mtime_ns":0,"size":1}', "sha256"),
+        ('{"path":"x","type":"dir","mode":99999,"uid":0,"gid":0,"mtime_ns":0}', "'mode'"),
+        (
+            '{"path":"x","type":"hardlink","mode":420,"uid":0,"gid":0,"mtime_ns":0,"target":"/etc/passwd"}',
+            "absolute",
+        ),
+        ("not json", "line 2"),
+    ],
+)
+def test_bad_manifests_name_the_line(line: str, message: str) -> None:
+    header = '{"format":"slim-manifest","version":1,"directory":"/","entries":1,"chunk_size":1048576}'
+    with pytest.raises(ValueError, match=message):
+        mf.decode(f"{header}\n{line}\n".encode())
+
+
+def test_header_must_match() -> None:
+    with pytest.raises(ValueError, match="not a slim manifest"):
+        mf.decode(b'{"format":"other"}\n')
+    with pytest.raises(ValueError, match="version"):
+        mf.decode(b'{"format":"slim-manifest","version":99}\n')
+
+
+def test_check_relpath() -> None:
+    for bad in ("", "/a", "a//b", "a/./b", "a/..", "a\x00b"):
+        with pytest.raises(ValueError, match=r"path|component|NUL"):
+            check_relpath(bad)
+    assert check_relpath("a/b.c/d") == "a/b.c/d"

@@ -1,0 +1,290 @@
+"""Safe extraction: crafted archives are refused and write nothing outside the
+target; normal special files round-trip with owners, modes, times and xattrs."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from slim.agent.tree import Entry, scan
+from slim.agent.unpack import UnsafeEntry, copy_tree, extract_tar
+from slim.core import copyset
+
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="creating device nodes and other owners needs root")
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    buf.seek(0)
+    return buf
+
+
+def _file(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.mode = 0o644
+    return info, data
+
+
+def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info, None
+
+
+def _dir(name: str, mode: int = 0o755) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = mode
+    return info, None
+
+
+def _device(name: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.CHRTYPE
+    info.devmajor, info.devminor = 1, 3
+    info.mode = 0o666
+    return info, None
+
+
+@pytest.fixture
+def places(tmp_path: Path) -> tuple[Path, Path]:
+    """(target, outside): outside holds a sentinel that no extraction may touch."""
+    target = tmp_path / "target"
+    outside = tmp_path / "outside"
+    target.mkdir()
+    outside.mkdir()
+    (outside / "sentinel").write_text("original")
+    return target, outside
+
+
+def _snapshot(tmp_path: Path) -> set[tuple[str, int, int]]:
+    """Everything under tmp_path except the target: (path, size, mtime)."""
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(tmp_path):
+        dirnames[:] = [d for d in dirnames if Path(dirpath, d) != tmp_path / "target"]
+        for name in filenames + dirnames:
+            st = os.lstat(Path(dirpath, name))
+            out.add((str(Path(dirpath, name)), st.st_size, st.st_mtime_ns))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("members", "reason"),
+    [
+        ([_file("../escape")], "'..'"),
+        ([_file("a/../../escape")], "'..'"),
+        ([_file("/tmp/slim-test-absolute-escape")], "absolute path"),
+        ([_link("link", "../outside"), _file("link/sentinel", b"pwned")], "goes through the symlink 'link'"),
+        ([_link("link", "/"), _file("link/tmp/slim-test-escape", b"pwned")], "goes through the symlink"),
+        (
+            [_dir("d"), _link("d/up", "../../outside"), _file("d/up/new", b"pwned")],
+            "goes through the symlink 'd/up'",
+        ),
+        ([_link("hard", "../outside/sentinel", tarfile.LNKTYPE)], "'..'"),
+        ([_link("hard", "/etc/passwd", tarfile.LNKTYPE)], "absolute path"),
+        (
+            [_link("link", "../outside"), _link("hard", "link/sentinel", tarfile.LNKTYPE)],
+            "goes through the symlink 'link'",
+        ),
+        ([_link("hard", "missing", tarfile.LNKTYPE)], "not in the target"),
+        ([_dir("d"), _file("d", b"file over dir")], "would replace a directory"),
+    ],
+    ids=[
+        "dotdot",
+        "dotdot-inner",
+        "absolute",
+        "symlink-then-file-through-it",
+        "symlink-to-root-then-file",
+        "nested-symlink-out",
+        "hardlink-dotdot",
+        "hardlink-absolute",
+        "hardlink-through-symlink",
+        "hardlink-missing",
+        "file-over-directory",
+    ],
+)
+def test_crafted_archives_are_refused(
+    tmp_path: Path,
+    places: tuple[Path, Path],
+    members: list[tuple[tarfile.TarInfo, bytes | None]],
+    reason: str,
+) -> None:
+    target, outside = places
+    before = _snapshot(tmp_path)
+    with pytest.raises(UnsafeEntry) as err:
+        extract_tar(_tar(*members), target)
+    assert reason in str(err.value)
+    assert _snapshot(tmp_path) == before
+    assert (outside / "sentinel").read_text() == "original"
+    assert not Path("/tmp/slim-test-absolute-escape").exists()
+    assert not Path("/tmp/slim-test-escape").exists()
+
+
+def test_a_file_replacing_a_symlink_is_written_in_place_not_through_it(
+    tmp_path: Path, places: tuple[Path, Path]
+) -> None:
+    target, outside = places
+    extract_tar(_tar(_link("s", "../outside/sentinel"), _file("s", b"new")), target)
+    assert (outside / "sentinel").read_text() == "original"
+    assert not (target / "s").is_symlink()
+    assert (target / "s").read_bytes() == b"new"
+
+
+def test_a_symlink_already_in_the_target_is_not_followed(tmp_path: Path, places: tuple[Path, Path]) -> None:
+    target, outside = places
+    (target / "pre").symlink_to(outside)
+    with pytest.raises(UnsafeEntry, match="goes through the symlink 'pre'"):
+        extract_tar(_tar(_file("pre/sentinel", b"pwned")), target)
+    assert (outside / "sentinel").read_text() == "original"
+
+
+def test_device_nodes_are_refused_for_an_unprivileged_target(places: tuple[Path, Path]) -> None:
+    target, _ = places
+    with pytest.raises(UnsafeEntry, match="device node refused"):
+        extract_tar(_tar(_file("ok"), _device("null")), target, devices=False)
+    assert not (target / "null").exists()
+
+
+def test_junk_is_not_an_archive(places: tuple[Path, Path]) -> None:
+    target, _ = places
+    with pytest.raises(UnsafeEntry, match="not a valid tar archive"):
+        extract_tar(io.BytesIO(b"\x00\x01\xff" * 700), target)
+
+
+def test_truncated_archive_is_refused(places: tuple[Path, Path]) -> None:
+    target, _ = places
+    data = _tar(_file("big", b"y" * 100_000)).getvalue()
+    with pytest.raises(UnsafeEntry):
+        extract_tar(io.BytesIO(data[:20_000]), target)
+
+
+def _special_tree(src: Path) -> None:
+    """A tree with every kind of entry and the metadata that must survive."""
+    (src / "etc").mkdir()
+    (src / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    os.chmod(src / "etc" / "passwd", 0o644)
+    (src / "bin").mkdir()
+    (src / "bin" / "su").write_bytes(b"\x7fELF" + bytes(range(256)) * 40)
+    os.chmod(src / "bin" / "su", 0o4755)
+    os.link(src / "bin" / "su", src / "bin" / "su-hardlink")
+    (src / "bin" / "sh").symlink_to("/usr/bin/dash")
+    (src / "tmp").mkdir()
+    os.chmod(src / "tmp", 0o1777)
+    (src / "ro").mkdir()
+    (src / "ro" / "inside").write_text("in a read-only directory")
+    os.chmod(src / "ro", 0o555)
+    (src / "dev").mkdir()
+    os.mkfifo(src / "dev" / "fifo", 0o620)
+    os.setxattr(src / "etc" / "passwd", "user.slim", b"\x00\xff binary")
+    if ROOT:
+        os.mknod(src / "dev" / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        os.mknod(src / "dev" / "sda", stat.S_IFBLK | 0o660, os.makedev(8, 0))
+        os.chown(src / "etc" / "passwd", 1234, 5678)
+        os.chown(src / "bin" / "sh", 42, 43, follow_symlinks=False)
+        os.chmod(src / "bin" / "su", 0o4755)  # chown cleared nothing here; keep it explicit
+        os.setxattr(
+            src / "bin" / "su",
+            "security.capability",
+            bytes.fromhex("0100000200200000000000000000000000000000"),
+        )
+    os.utime(src / "etc" / "passwd", ns=(1_000_000_000, 1_234_567_891_123_456_789))
+
+
+def _entries(root: Path) -> list[Entry]:
+    return list(scan(root))
+
+
+def test_special_files_round_trip_through_our_archive(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    _special_tree(src)
+    buf = io.BytesIO()
+    copyset.write_archive(src, scan(src), buf)
+    buf.seek(0)
+    import zstandard
+
+    extract_tar(zstandard.ZstdDecompressor().stream_reader(buf), out)
+    assert _entries(out) == _entries(src)
+    assert stat.S_IMODE(os.stat(out / "bin" / "su").st_mode) == 0o4755
+    assert os.stat(out / "bin" / "su").st_ino == os.stat(out / "bin" / "su-hardlink").st_ino
+    assert os.getxattr(out / "etc" / "passwd", "user.slim") == b"\x00\xff binary"
+    assert os.stat(out / "etc" / "passwd").st_mtime_ns == 1_234_567_891_123_456_789
+    if ROOT:
+        assert os.stat(out / "etc" / "passwd").st_uid == 1234
+        assert os.lstat(out / "bin" / "sh").st_uid == 42
+        assert os.stat(out / "dev" / "null").st_rdev == os.makedev(1, 3)
+        assert stat.S_ISBLK(os.stat(out / "dev" / "sda").st_mode)
+        assert os.getxattr(out / "bin" / "su", "security.capability")[:4] == bytes.fromhex("01000002")
+
+
+def test_special_files_round_trip_by_copy(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    _special_tree(src)
+    copy_tree(src, scan(src), out)
+    assert _entries(out) == _entries(src)
+
+
+@needs_root
+def test_an_archive_made_by_gnu_tar_unpacks_identically(tmp_path: Path) -> None:
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar is not installed")
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    _special_tree(src)
+    archive = tmp_path / "gnu.tar"
+    subprocess.run(
+        [
+            "tar",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--numeric-owner",
+            "-cpf",
+            str(archive),
+            "-C",
+            str(src),
+            ".",
+        ],
+        check=True,
+    )
+    with archive.open("rb") as f:
+        extract_tar(f, out)
+
+    # GNU tar keeps whole-second times in this mode; compare everything else exactly
+    def seconds(e: Entry) -> Entry:
+        return dataclasses.replace(e, mtime_ns=e.mtime_ns // 10**9)
+
+    assert [seconds(e) for e in _entries(out)] == [seconds(e) for e in _entries(src)]
+    assert stat.S_IMODE(os.stat(out).st_mode) == stat.S_IMODE(os.stat(src).st_mode)
+
+
+def test_archives_are_deterministic(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    _special_tree(src)
+    one, two = io.BytesIO(), io.BytesIO()
+    copyset.write_archive(src, scan(src), one)
+    copyset.write_archive(src, scan(src), two)
+    assert one.getvalue() == two.getvalue()
+    os.utime(src / "etc" / "passwd", ns=(1, 2))
+    three = io.BytesIO()
+    copyset.write_archive(src, scan(src), three)
+    assert three.getvalue() != one.getvalue()
