@@ -908,16 +908,17 @@ def test_supervisor_retries_a_failing_restart(
         wait_for(lambda: server.pid is not None, 30, "ganesha to start")
         first = server.pid
         assert first is not None
-        # ganesha dies while something else takes its port: restarts fail, with backoff ...
-        with socket.socket() as squatter:
-            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            os.kill(first, signal.SIGKILL)
-            wait_for(lambda: not ours(first, server.config_path), 30, "ganesha to die")
-            squatter.bind(("127.0.0.1", port))
-            squatter.listen()
-            wait_for(lambda: caplog.text.count("restart failed") >= 2, 30, "failed restarts")
-            assert server.pid is None
-        # ... until the port is free again; an invalid registry by then does not stop it
+        # ganesha dies and cannot be started again (here: a server binary that fails at
+        # once, swapped in before the kill so no restart can race the test): restarts
+        # fail, with backoff ...
+        real = server.ganesha
+        server.ganesha = "/bin/false"
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: not ours(first, server.config_path), 30, "ganesha to die")
+        wait_for(lambda: caplog.text.count("restart failed") >= 2, 30, "failed restarts")
+        assert server.pid is None
+        # ... until it can start again; an invalid registry by then does not stop it
+        server.ganesha = real
         world.registry_path.write_text("environments: [")
         wait_for(lambda: server.pid is not None, 30, "ganesha to be restarted")
         assert rpc_null(port) and server.pid != first
