@@ -394,7 +394,7 @@ def copy_tree(
     with TreeWriter(root, owners=owners, devices=devices) as writer:
         for entry in entries:
             if entry.kind == FILE:
-                with open(os.path.join(src, entry.path), "rb", opener=_nofollow) as f:
+                with open(os.path.join(src, entry.path), "rb", opener=nofollow) as f:
                     if os.fstat(f.fileno()).st_size != entry.size:
                         raise UnsafeEntry(entry.path, "changed size while being copied")
                     writer.add(entry, f)
@@ -406,5 +406,16 @@ def copy_tree(
         return writer.stats
 
 
-def _nofollow(path: str, flags: int) -> int:
+def nofollow(path: str, flags: int) -> int:
+    """An ``opener`` for :func:`open` that refuses a symlink as the last component."""
     return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def copy_root_meta(source: str | Path, target: str | Path) -> None:
+    """Give ``target`` the owner (as root), mode and time of the directory ``source``
+    (tree copies list what is below a directory, not the directory itself)."""
+    st = os.lstat(source)
+    if os.geteuid() == 0:
+        os.chown(target, st.st_uid, st.st_gid)
+    os.chmod(target, stat.S_IMODE(st.st_mode))
+    os.utime(target, ns=(st.st_mtime_ns, st.st_mtime_ns))

@@ -30,7 +30,7 @@ import zstandard
 
 from slim.agent import manifest as mf
 from slim.agent.tree import FILE, Entry, ScanReport, scan
-from slim.agent.unpack import UnsafeEntry, copy_tree
+from slim.agent.unpack import UnsafeEntry, copy_root_meta, copy_tree, nofollow
 from slim.core import copyset
 from slim.core.initrd import InitrdBuilder, InitrdInfo, kernel_release, resolve_in_image, resolve_modules
 from slim.core.registry import Policy, Registry
@@ -42,7 +42,7 @@ MANIFEST_LEVEL = 19
 # and may overlay a read-only tree), beside each hardware profile's own.
 EXTRA_MODULES = ("nfsv4", "overlay")
 
-Progress = Callable[[str, int, int], None]  # (what, done, total) in bytes
+Progress = Callable[[str, int, int], None]  # (what, done, total) in bytes; total 0 when unknown
 
 
 @dataclass
@@ -132,7 +132,7 @@ def build_environment(
         if scan_report.other_filesystems:
             notes.append(f"{path}: mounted file systems left out: {', '.join(scan_report.other_filesystems)}")
         total = sum(e.size for e in entries if e.kind == FILE)
-        tick = _ticker(progress, f"{name} {path} ({spec.policy})", total)
+        tick = ticker(progress, f"{name} {path} ({spec.policy})", total)
         report = DirectoryReport(path, spec.policy, files=0, bytes=total)
         if spec.policy is Policy.NFS:
             items = copyset.hash_tree(root, entries, tick)
@@ -202,7 +202,8 @@ def _same(a: Release, b: Release) -> bool:
     return a.model_copy(update={"created": ""}) == b.model_copy(update={"created": ""})
 
 
-def _ticker(progress: Progress | None, what: str, total: int) -> Callable[[int], None] | None:
+def ticker(progress: Progress | None, what: str, total: int) -> Callable[[int], None] | None:
+    """A per-step ``done`` callback for ``progress(what, done, total)`` (None without one)."""
     if progress is None:
         return None
     progress(what, 0, total)
@@ -234,7 +235,7 @@ def _store_files(store: Store, root: Path, items: list[mf.ManifestEntry]) -> int
             store.put_file(path, expect=f"sha256:{item.sha256}")
             count += 1
             continue
-        with open(path, "rb", opener=_nofollow) as f:
+        with open(path, "rb", opener=nofollow) as f:
             for chunk_hex in item.chunks:
                 data = f.read(mf.CHUNK_SIZE)
                 if not store.has(f"sha256:{chunk_hex}"):
@@ -243,10 +244,6 @@ def _store_files(store: Store, root: Path, items: list[mf.ManifestEntry]) -> int
                         raise FailedPrecondition(f"{path} changed while it was being stored; build again")
                 count += 1
     return count
-
-
-def _nofollow(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 def _materialize_tree(store: Store, root: Path, entries: list[Entry], manifest_digest: str) -> Path:
@@ -258,11 +255,7 @@ def _materialize_tree(store: Store, root: Path, entries: list[Entry], manifest_d
     staging = Path(tempfile.mkdtemp(dir=store.trees, prefix=".new."))
     try:
         copy_tree(root, entries, staging)
-        st = root.lstat()
-        if os.geteuid() == 0:
-            os.chown(staging, st.st_uid, st.st_gid)
-        os.chmod(staging, stat.S_IMODE(st.st_mode))
-        os.utime(staging, ns=(st.st_mtime_ns, st.st_mtime_ns))
+        copy_root_meta(root, staging)
         try:
             os.rename(staging, target)
         except OSError:

@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -32,11 +31,11 @@ from typing import BinaryIO
 import zstandard
 
 from slim.agent.tree import FILE, ScanReport, scan
-from slim.agent.unpack import UnsafeEntry, WriteStats, copy_tree, extract_tar
+from slim.agent.unpack import UnsafeEntry, WriteStats, copy_root_meta, copy_tree, extract_tar
 from slim.core import copyset
+from slim.core.build import Progress, ticker
 from slim.errors import FailedPrecondition, InvalidArgument
 
-Progress = Callable[[str, int, int], None]  # (what, done, total); total 0 when unknown
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 SUITE_RE = re.compile(r"^[a-z][a-z0-9.+-]{0,40}$")
 VARIANTS = ("minbase", "buildd", "fakechroot", "-")
@@ -127,13 +126,6 @@ def _swap(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _ticker(progress: Progress | None, what: str, total: int) -> Callable[[int], None] | None:
-    if progress is None:
-        return None
-    progress(what, 0, total)
-    return lambda done: progress(what, done, total)
-
-
 def _from_directory(source: Path, staging: Path, progress: Progress | None) -> WriteStats:
     if source.resolve() == Path("/"):
         raise InvalidArgument("importing the running system's / is not supported; use debootstrap or a copy")
@@ -141,19 +133,11 @@ def _from_directory(source: Path, staging: Path, progress: Progress | None) -> W
     entries = list(scan(source, report=report))
     total = sum(e.size for e in entries if e.kind == FILE)
     try:
-        stats = copy_tree(source, entries, staging, progress=_ticker(progress, f"copy {source}", total))
+        stats = copy_tree(source, entries, staging, progress=ticker(progress, f"copy {source}", total))
     except UnsafeEntry as exc:
         raise FailedPrecondition(f"cannot import {source}: {exc}") from None
-    _copy_root_meta(source, staging)
+    copy_root_meta(source, staging)
     return stats
-
-
-def _copy_root_meta(source: Path, staging: Path) -> None:
-    st = source.lstat()
-    if os.geteuid() == 0:
-        os.chown(staging, st.st_uid, st.st_gid)
-    os.chmod(staging, st.st_mode & 0o7777)
-    os.utime(staging, ns=(st.st_mtime_ns, st.st_mtime_ns))
 
 
 def _open_archive(path: Path) -> BinaryIO:
@@ -166,7 +150,7 @@ def _open_archive(path: Path) -> BinaryIO:
 
 
 def _from_tarball(path: Path, staging: Path, progress: Progress | None) -> WriteStats:
-    tick = _ticker(progress, f"unpack {path.name}", 0)
+    tick = ticker(progress, f"unpack {path.name}", 0)
     with _open_archive(path) as stream:
         try:
             return extract_tar(stream, staging, progress=tick)
