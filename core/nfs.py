@@ -36,7 +36,6 @@ import re
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -46,7 +45,7 @@ from types import FrameType
 from typing import IO, Literal
 
 from slim.core.registry import HOSTNAME_RE, Policy, Registry, load_registry
-from slim.core.store import Store, parse_digest
+from slim.core.store import Store, atomic_write, parse_digest
 from slim.errors import FailedPrecondition, InvalidArgument, SlimError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -473,19 +472,6 @@ def _read_state(path: Path) -> dict[str, int]:
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # -- the supervisor ------------------------------------------------------------------------------------
 
 
@@ -612,7 +598,7 @@ class NfsServer:
     def _commit(self, exports: ExportSet, text: str) -> None:
         self._exports, self._config = exports, text
         state = {"exports": {e.tree: e.export_id for e in exports.exports}}
-        _write_atomic(self.state_path, json.dumps(state, indent=1, sort_keys=True) + "\n")
+        atomic_write(self.state_path, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
         for note in exports.notes:
             log.info("nfs: %s", note)
 
@@ -627,7 +613,7 @@ class NfsServer:
             self._acquire_workdir()
             try:
                 exports, text = self.render()
-                _write_atomic(self.config_path, text)
+                atomic_write(self.config_path, text.encode())
                 self._spawn()
                 self._commit(exports, text)
             except BaseException:
@@ -792,7 +778,7 @@ class NfsServer:
             if running and text == self._config:
                 return "unchanged"
             old, old_text = self._exports, self._config
-            _write_atomic(self.config_path, text)
+            atomic_write(self.config_path, text.encode())
             if not running:
                 self._acquire_workdir()
                 self._spawn()
@@ -974,7 +960,7 @@ class NfsServer:
             except SlimError as exc:
                 log.error("nfs: restarting with the last good configuration: %s", exc)
             else:
-                _write_atomic(self.config_path, text)
+                atomic_write(self.config_path, text.encode())
                 self._spawn()
                 self._commit(exports, text)
                 return

@@ -152,7 +152,7 @@ class Store:
         target = self.objects / hexdigest
         if not target.exists():
             self.objects.mkdir(parents=True, exist_ok=True)
-            _atomic_write(target, data)
+            atomic_write(target, data)
         return ObjectRef(digest=f"sha256:{hexdigest}", size=len(data))
 
     def read_object(self, digest: str) -> bytes:
@@ -189,7 +189,7 @@ class Store:
         doc = json.dumps(release.model_dump(mode="json", by_alias=True), sort_keys=True, indent=1)
         ref = self.put_bytes(doc.encode())
         self.refs.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.refs / release.environment, (ref.digest + "\n").encode())
+        atomic_write(self.refs / release.environment, (ref.digest + "\n").encode())
         return ref.digest
 
     def release_digest(self, environment: str) -> str | None:
@@ -257,7 +257,8 @@ def _now_ns() -> int:
     return time.time_ns()
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
+def atomic_write(target: Path, data: bytes) -> None:
+    """Replace ``target`` with ``data``: temporary file beside it, fsync, rename."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         with os.fdopen(fd, "wb") as f:

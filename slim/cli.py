@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from rich.table import Table
 
 from slim import __version__, cli_ee
-from slim.cli_common import console, errors_to_exit, json_option
+from slim.cli_common import console, errors_to_exit, json_option, registry_option, store_option
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
 
@@ -94,15 +94,7 @@ def core() -> None:
 
 
 @core.command("serve")
-@click.option(
-    "--registry",
-    "registry_path",
-    envvar="SLIM_REGISTRY",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("/etc/slim/registry.yaml"),
-    show_default=True,
-    help="The registry YAML file (sites, relays, profiles, environments, nodes). SIGHUP reloads it.",
-)
+@registry_option
 @click.option(
     "--state",
     "state_path",
@@ -112,15 +104,7 @@ def core() -> None:
     show_default=True,
     help="SQLite file for runtime state (next-boot overrides, boot events, heartbeats); created if missing.",
 )
-@click.option(
-    "--store",
-    "store_path",
-    envvar="SLIM_STORE",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("/var/lib/slim/store"),
-    show_default=True,
-    help="Content-addressed artifact store holding built releases.",
-)
+@store_option
 @click.option(
     "--listen",
     default=DEFAULT_CORE,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +14,7 @@ import pytest
 
 from slim.core.image import default_cache_dir
 from slim.core.store import Store
-
-
-def _need(condition: bool, why: str) -> None:
-    if not condition:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must be able to run this test: {why}")
-        pytest.skip(why)
+from tests.needs import need, need_tool
 
 
 def _slim(*args: str, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -37,9 +30,9 @@ def _slim(*args: str, env: dict[str, str], timeout: float = 900) -> subprocess.C
 
 @pytest.mark.slow
 def test_debootstrap_bookworm_imports_builds_and_verifies(tmp_path: Path) -> None:
-    _need(os.geteuid() == 0, "debootstrap needs root")
-    _need(shutil.which("debootstrap") is not None, "debootstrap is not installed")
-    _need(shutil.which("apt-get") is not None, "apt-get is not installed")
+    need(os.geteuid() == 0, "debootstrap needs root")
+    need_tool("debootstrap")
+    need_tool("apt-get", "apt")
     image = tmp_path / "images" / "base"
     store_dir = tmp_path / "store"
     registry = tmp_path / "registry.yaml"

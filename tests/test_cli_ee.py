@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from slim.core.nfs import pseudo_path
 from slim.core.store import Store
 from slim.core.table2 import TABLE2
+from tests.needs import need_tool
 from tests.test_build import make_image
 from tests.test_nfs import free_port, rpc_null, wait_for
 
@@ -50,10 +48,7 @@ def test_table2_then_profile(tmp_path: Path) -> None:
 
 
 def test_build_then_serve_the_nfs_trees(tmp_path: Path) -> None:
-    if shutil.which("ganesha.nfsd") is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must have nfs-ganesha")
-        pytest.skip("nfs-ganesha is not installed")
+    need_tool("ganesha.nfsd", "nfs-ganesha nfs-ganesha-vfs")
     image = tmp_path / "image"
     image.mkdir()
     make_image(image)

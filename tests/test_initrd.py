@@ -28,6 +28,7 @@ from slim.core.initrd import (
     resolve_modules,
 )
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound
+from tests.needs import need_tool
 
 KVER = "6.1.0-99-test"
 
@@ -52,17 +53,6 @@ alias fs-lonely lonely
 alias pci:v00001AF4d00001000sv*sd*bc*sc*i* virtio_net
 alias fs-ext4 ext4
 """
-
-
-def need_tool(name: str) -> str:
-    """The tool's path; a missing tool skips the test, or fails it when CI=true."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (apt-get install {name})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def module_paths() -> list[str]:

@@ -23,20 +23,10 @@ import pytest
 from slim.core.initrd import InitrdBuilder, kernel_release, resolve_in_image, resolve_modules
 from slim.core.kernel import download_kernel, install_kernel, kernel_package
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound
+from tests.needs import need_tool
 
 FAKE_KVER = "6.6.6-fake"
 REAL_MODULES = ["virtio_net", "virtio_pci", "nfsv4", "overlay"]
-
-
-def need_tool(name: str) -> str:
-    """The tool's path; a missing tool skips the test, or fails it when CI=true."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def make_deb(where: Path, files: dict[str, bytes], links: dict[str, str] | None = None) -> Path:

@@ -41,6 +41,7 @@ from slim.core.nfs import (
 from slim.core.registry import Policy, Registry, load_registry
 from slim.core.store import ObjectRef, Release, ReleaseDirectory, Store
 from slim.errors import FailedPrecondition, InvalidArgument, Unavailable
+from tests.needs import need, need_tool
 
 REGISTRY = """\
 settings:
@@ -598,15 +599,8 @@ def ganeshas_of(workdir: Path) -> list[int]:
 def ganesha() -> None:
     """Real-ganesha tests need ganesha.nfsd and root (FSAL VFS opens files by handle);
     skipped locally without them, failed in CI (CI=true)."""
-    reason = None
-    if shutil.which(nfs.GANESHA) is None:
-        reason = "ganesha.nfsd is not installed (apt-get install nfs-ganesha nfs-ganesha-vfs)"
-    elif os.geteuid() != 0:
-        reason = "ganesha.nfsd's VFS backend needs root"
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    need_tool(nfs.GANESHA, "nfs-ganesha nfs-ganesha-vfs")
+    need(os.geteuid() == 0, "ganesha.nfsd's VFS backend needs root")
 
 
 @pytest.fixture
