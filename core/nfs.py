@@ -44,6 +44,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Literal
 
+from slim import listen
 from slim.core.registry import HOSTNAME_RE, Policy, Registry, load_registry
 from slim.core.store import Store, atomic_write, parse_digest
 from slim.errors import FailedPrecondition, InvalidArgument, SlimError, Unavailable
@@ -271,34 +272,11 @@ def parse_clients(value: str | None) -> tuple[str, ...] | None:
 def parse_listen(value: str) -> tuple[str, int]:
     """``HOST:PORT``, ``[V6]:PORT``, ``HOST`` or ``:PORT`` → (address, port); the host must
     be an IP address (ganesha binds one address); defaults 0.0.0.0 and 2049."""
-    value = value.strip()
-    host, port_text = value, ""
-    if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise InvalidArgument(f"{value!r} is not HOST:PORT ([ADDRESS]:PORT for IPv6)")
-        port_text = rest[1:]
-    elif value.count(":") == 1:
-        host, _, port_text = value.partition(":")
-    host = host or "0.0.0.0"  # noqa: S104 - listening on every address is the default on purpose
-    try:
-        port = int(port_text) if port_text else DEFAULT_PORT
-    except ValueError:
-        raise InvalidArgument(f"{value!r}: port {port_text!r} is not a number") from None
-    return _check_bind(host), _check_port(port)
+    return listen.parse_listen(value, DEFAULT_PORT)
 
 
-def _check_bind(bind: str) -> str:
-    try:
-        return str(ipaddress.ip_address(bind))
-    except ValueError:
-        raise InvalidArgument(f"listen address {bind!r} is not an IP address") from None
-
-
-def _check_port(port: int) -> int:
-    if not 1 <= port <= 65535:
-        raise InvalidArgument(f"port {port} is not between 1 and 65535")
-    return port
+_check_bind = listen.check_bind
+_check_port = listen.check_port
 
 
 def _conf_string(value: str | Path, what: str) -> str:

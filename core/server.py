@@ -24,9 +24,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from slim.core import service as dom
 from slim.core.redirect import RankedRelay, Tier
 from slim.core.registry import Policy
+from slim.core.relayhub import RelayHub
 from slim.core.state import MAX_TEXT, BootEvent
 from slim.core.store import ObjectRef
-from slim.errors import InvalidArgument, SlimError, Unavailable
+from slim.errors import FailedPrecondition, InvalidArgument, SlimError, Unavailable
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
 
@@ -253,9 +254,10 @@ def relay_info_pb(v: dom.RelayView) -> pb.RelayInfo:
 
 
 class _Base:
-    def __init__(self, service: dom.CoreService, writer: ThreadPoolExecutor) -> None:
+    def __init__(self, service: dom.CoreService, writer: ThreadPoolExecutor, hub: RelayHub) -> None:
         self.service = service
         self._writer = writer
+        self.hub = hub
 
     async def write(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a domain method that writes to SQLite on the writer thread."""
@@ -317,35 +319,68 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
     async def RelayHeartbeat(
         self, request_iterator: AsyncIterator[pb.Heartbeat], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.HeartbeatReply]:
+        # Beats are read by a task; replies, and orders from Admin.Prefetch, come out of one queue.
+        queue: asyncio.Queue[pb.HeartbeatReply | None] | None = None
         relay = ""
-        try:
-            async for beat in request_iterator:
-                if not beat.relay:
-                    raise InvalidArgument("a heartbeat must name its relay")
-                if not relay:
-                    relay = beat.relay
-                    log.info("relay %s: heartbeat stream opened", relay or "(unnamed)")
-                elif beat.relay != relay:
-                    raise InvalidArgument(
-                        f"one heartbeat stream carries one relay ({relay!r}), not {beat.relay!r}"
+        opened = asyncio.Event()
+
+        async def read() -> None:
+            nonlocal queue, relay
+            try:
+                async for beat in request_iterator:
+                    if not beat.relay:
+                        raise InvalidArgument("a heartbeat must name its relay")
+                    if relay and beat.relay != relay:
+                        raise InvalidArgument(
+                            f"one heartbeat stream carries one relay ({relay!r}), not {beat.relay!r}"
+                        )
+                    interval = await self.write(
+                        self.service.heartbeat,
+                        beat.relay,
+                        beat.load,
+                        beat.active_transfers,
+                        beat.egress_bytes_per_second,
+                        beat.cache_bytes,
+                        beat.healthy,
+                        beat.message,
                     )
-                interval = await self.write(
-                    self.service.heartbeat,
-                    beat.relay,
-                    beat.load,
-                    beat.active_transfers,
-                    beat.egress_bytes_per_second,
-                    beat.cache_bytes,
-                    beat.healthy,
-                    beat.message,
-                )
-                yield pb.HeartbeatReply(interval_ms=max(1, math.ceil(interval * 1000)))
+                    if queue is None:
+                        relay = beat.relay
+                        queue = self.hub.connect(relay)
+                        opened.set()
+                        log.info("relay %s: heartbeat stream opened", relay)
+                    if beat.prefetch:
+                        self.hub.update(relay, beat.prefetch)
+                    self.hub.reply(
+                        relay,
+                        pb.HeartbeatReply(
+                            interval_ms=max(1, math.ceil(interval * 1000)),
+                            pinned_releases=self.service.current_releases(),
+                        ),
+                    )
+            finally:
+                opened.set()
+                if queue is not None:
+                    queue.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            await opened.wait()
+            while queue is not None:
+                item = await queue.get()
+                if item is None:
+                    break
+                yield item
+            await reader  # raises what ended the stream, if anything did
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             await _abort(context, exc, "RelayHeartbeat")
         finally:
-            if relay:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            if relay and queue is not None:
+                self.hub.disconnect(relay, queue)
                 log.info("relay %s: heartbeat stream closed", relay)
 
 
@@ -397,6 +432,31 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
         events = await self.write(self.service.list_events, request.node, request.limit)
         return pb.ListBootEventsResponse(events=[event_pb(e) for e in events])
 
+    async def Prefetch(
+        self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.PrefetchProgress]:
+        try:
+            if not request.environment:
+                raise InvalidArgument("an environment name is required")
+            digest, relays = self.service.prefetch_targets(request.environment, request.relays, request.nodes)
+            if not relays:
+                raise FailedPrecondition("no relay to warm: the registry has none for these nodes")
+            order_id, _ = self.hub.prefetch(request.environment, digest, relays)
+            log.info(
+                "prefetch %s: %s (%s) on %s, asked by %s",
+                order_id,
+                request.environment,
+                digest,
+                ", ".join(relays),
+                request.requested_by or "?",
+            )
+            async for relay, status in self.hub.watch(order_id):
+                yield pb.PrefetchProgress(relay=relay, status=status)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status
+            await _abort(context, exc, "Prefetch")
+
 
 class CoreServer:
     """The gRPC server around one :class:`CoreService`; owns the writer thread."""
@@ -413,8 +473,9 @@ class CoreServer:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ]
         )
-        pb_grpc.add_CoreServicer_to_server(CoreServicer(service, self._writer), self._server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(service, self._writer), self._server)
+        self.hub = RelayHub()
+        pb_grpc.add_CoreServicer_to_server(CoreServicer(service, self._writer, self.hub), self._server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(service, self._writer, self.hub), self._server)
 
     async def start(self) -> int:
         """Bind and start; return the bound port (useful with port 0)."""
@@ -439,11 +500,31 @@ class CoreServer:
 
 
 async def serve(
-    service: dom.CoreService, listen: str, grace: float, on_ready: Callable[[int], None] | None = None
+    service: dom.CoreService,
+    listen: str,
+    grace: float,
+    on_ready: Callable[[int], None] | None = None,
+    objects_listen: str | None = None,
+    on_objects: Callable[[int], None] | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads the registry."""
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the registry.  With
+    ``objects_listen``, also serve the store's objects over HTTP (the
+    upstream of the relays)."""
+    from slim.relay.server import ObjectServer
+
     server = CoreServer(service, listen)
     port = await server.start()
+    objects = None
+    if objects_listen:
+        objects = ObjectServer(service.store.objects, objects_listen)
+        try:
+            objects_port = await objects.start()
+        except BaseException:
+            await server.stop(0)
+            raise
+        log.info("objects served over http on %s (port %d)", objects_listen, objects_port)
+        if on_objects is not None:
+            on_objects(objects_port)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
@@ -463,6 +544,8 @@ async def serve(
     try:
         await stopping.wait()
         log.info("stopping: finishing in-flight calls (grace %.1f s)", grace)
+        if objects is not None:
+            await objects.stop()
         await server.stop(grace)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

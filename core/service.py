@@ -420,6 +420,48 @@ class CoreService:
         self._beats[relay] = beat
         return self.registry.settings.heartbeat_interval
 
+    # -- relays: pins and prefetch -------------------------------------------
+    def current_releases(self) -> list[str]:
+        """Digests of every environment's current release (what relays pin)."""
+        out = []
+        for name in sorted(self.registry.environments):
+            digest = self.store.release_digest(name)
+            if digest is not None:
+                out.append(digest)
+        return out
+
+    def prefetch_targets(
+        self, environment: str, relays: Iterable[str], nodes: Iterable[str]
+    ) -> tuple[str, list[str]]:
+        """(current release digest of ``environment``, relays to warm it).
+
+        Named relays; plus, for each node, its site's relays (for a site without
+        relays: the site's parents, else every relay); with neither, every relay."""
+        reg = self.registry
+        relays, nodes = list(relays), list(nodes)
+        reg.environment(environment)
+        digest = self.store.release_digest(environment)
+        if digest is None:
+            raise FailedPrecondition(
+                f"environment {environment!r} has no release yet; run slim ee build {environment}"
+            )
+        chosen: list[str] = []
+        for name in relays:
+            if name not in reg.relays:
+                raise NotFound(f"unknown relay {name!r}")
+            chosen.append(name)
+        for node in nodes:
+            site = reg.node(node).site
+            tiers = reg.relays_by_site(site)
+            for tier in ("site", "parent", "other"):
+                names = [n for n, t in tiers if t == tier]
+                if names:
+                    chosen.extend(names)
+                    break
+        if not relays and not nodes:
+            chosen = sorted(reg.relays)
+        return digest, list(dict.fromkeys(chosen))
+
     # -- admin reads ---------------------------------------------------------
     def node_view(self, node: str, reg: Registry | None = None) -> NodeView:
         reg = reg or self.registry

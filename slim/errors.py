@@ -62,6 +62,21 @@ class Unavailable(SlimError):
     grpc_code = "UNAVAILABLE"
 
 
+class Overloaded(Unavailable):
+    """Full right now (transfers, fetches or cache space): retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 2) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BadGateway(SlimError):
+    """An upstream (parent relay, the core's store) failed or sent bad bytes."""
+
+    http_status = 502
+    grpc_code = "UNAVAILABLE"
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong in a configuration file."""

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+import uvloop
 
 from slim.core.redirect import Redirector
 from slim.core.registry import Registry, load_registry
@@ -20,6 +22,18 @@ from slim.demo import publish_placeholder_releases
 from slim.v1 import core_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
+BOTH_LOOPS = ("tests.test_relay", "tests.test_relay_api")
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Relay tests run on uvloop (what relays run) and on the stock loop; the rest on the stock loop."""
+    module = getattr(item, "module", None)
+    if module is not None and module.__name__ in BOTH_LOOPS:
+        return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
 
 TEST_REGISTRY = """\
 settings:

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12slim/v1/core.proto\x12\x07slim.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"/\n\x07NodeRef\x12\x0e\n\x04name\x18\x01 \x01(\tH\x00\x12\r\n\x03mac\x18\x02 \x01(\tH\x00\x42\x05\n\x03ref\"M\n\rLocateRequest\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.slim.v1.NodeRef\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0c\n\x04peek\x18\x03 \x01(\x08\"\x80\x01\n\x0bRankedRelay\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04urls\x18\x02 \x03(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\x12 \n\x04tier\x18\x04 \x01(\x0e\x32\x12.slim.v1.RelayTier\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x16\n\x0eheartbeat_seen\x18\x06 \x01(\x08\"R\n\x0eLocateResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12$\n\x06relays\x18\x03 \x03(\x0b\x32\x14.slim.v1.RankedRelay\"R\n\x12GetBootPlanRequest\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.slim.v1.NodeRef\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0c\n\x04peek\x18\x03 \x01(\x08\")\n\tObjectRef\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\";\n\x08NfsMount\x12\x0e\n\x06server\x18\x01 \x01(\t\x12\x0e\n\x06\x65xport\x18\x02 \x01(\t\x12\x0f\n\x07options\x18\x03 \x01(\t\"\xdd\x01\n\x0f\x44irectoryAction\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x1f\n\x06policy\x18\x02 \x01(\x0e\x32\x0f.slim.v1.Policy\x12#\n\x07\x61rchive\x18\x03 \x01(\x0b\x32\x12.slim.v1.ObjectRef\x12$\n\x08manifest\x18\x04 \x01(\x0b\x32\x12.slim.v1.ObjectRef\x12\x1e\n\x03nfs\x18\x05 \x01(\x0b\x32\x11.slim.v1.NfsMount\x12\x12\n\ntmpfs_size\x18\x06 \x01(\t\x12\r\n\x05\x62ytes\x18\x07 \x01(\x04\x12\r\n\x05\x66iles\x18\x08 \x01(\x04\"\xb4\x02\n\x08\x42ootPlan\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x16\n\x0erelease_digest\x18\x03 \x01(\t\x12\"\n\x06kernel\x18\x04 \x01(\x0b\x32\x12.slim.v1.ObjectRef\x12\"\n\x06initrd\x18\x05 \x01(\x0b\x32\x12.slim.v1.ObjectRef\x12\x13\n\x0bkernel_args\x18\x06 \x01(\t\x12\x0f\n\x07modules\x18\x07 \x03(\t\x12\x0c\n\x04\x64isk\x18\x08 \x01(\t\x12-\n\x0b\x64irectories\x18\t \x03(\x0b\x32\x18.slim.v1.DirectoryAction\x12$\n\x06relays\x18\n \x03(\x0b\x32\x14.slim.v1.RankedRelay\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x0c\n\x04site\x18\x0c \x01(\t\"h\n\x14GetBootScriptRequest\x12\x0b\n\x03mac\x18\x01 \x01(\t\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12%\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x15.slim.v1.ScriptFormat\x12\x0c\n\x04peek\x18\x04 \x01(\x08\"]\n\nBootScript\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_environment\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x0e\n\x06script\x18\x04 \x01(\t\"\xb3\x01\n\tBootEvent\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05relay\x18\x05 \x01(\t\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\n\n\x02ok\x18\x07 \x01(\x08\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\t \x01(\t\",\n\x18ReportBootEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"\x9a\x01\n\tHeartbeat\x12\r\n\x05relay\x18\x01 \x01(\t\x12\x0c\n\x04load\x18\x02 \x01(\x01\x12\x18\n\x10\x61\x63tive_transfers\x18\x03 \x01(\r\x12\x1f\n\x17\x65gress_bytes_per_second\x18\x04 \x01(\x01\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x0f\n\x07message\x18\x07 \x01(\t\"%\n\x0eHeartbeatReply\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"G\n\x12SetNextBootRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x0e\n\x06set_by\x18\x03 \x01(\t\"\x19\n\x17ListEnvironmentsRequest\"O\n\rDirectoryInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x1f\n\x06policy\x18\x02 \x01(\x0e\x32\x0f.slim.v1.Policy\x12\x0f\n\x07options\x18\x03 \x01(\t\"\xbe\x01\n\x0f\x45nvironmentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\t\x12\x0e\n\x06kernel\x18\x04 \x01(\t\x12\x13\n\x0bkernel_args\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12+\n\x0b\x64irectories\x18\x07 \x03(\x0b\x32\x16.slim.v1.DirectoryInfo\x12\x16\n\x0erelease_digest\x18\x08 \x01(\t\"J\n\x18ListEnvironmentsResponse\x12.\n\x0c\x65nvironments\x18\x01 \x03(\x0b\x32\x18.slim.v1.EnvironmentInfo\"%\n\x15GetEnvironmentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x10ListNodesRequest\x12\r\n\x05group\x18\x01 \x01(\t\"[\n\x08NextBoot\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x0e\n\x06set_by\x18\x02 \x01(\t\x12*\n\x06set_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe8\x01\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04macs\x18\x02 \x03(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_environment\x18\x04 \x01(\t\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x0c\n\x04\x64isk\x18\x06 \x01(\t\x12\x0e\n\x06groups\x18\x07 \x03(\t\x12$\n\tnext_boot\x18\x08 \x01(\x0b\x32\x11.slim.v1.NextBoot\x12\x18\n\x10next_environment\x18\t \x01(\t\x12&\n\nlast_event\x18\n \x01(\x0b\x32\x12.slim.v1.BootEvent\"5\n\x11ListNodesResponse\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.slim.v1.NodeInfo\"0\n\x0eGetNodeRequest\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.slim.v1.NodeRef\"\x13\n\x11ListRelaysRequest\"\xc2\x01\n\tRelayInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04urls\x18\x02 \x03(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0e\n\x06parent\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x01\x12\x0e\n\x06status\x18\x06 \x01(\t\x12*\n\x0elast_heartbeat\x18\x07 \x01(\x0b\x32\x12.slim.v1.Heartbeat\x12-\n\tlast_seen\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"8\n\x12ListRelaysResponse\x12\"\n\x06relays\x18\x01 \x03(\x0b\x32\x12.slim.v1.RelayInfo\"4\n\x15ListBootEventsRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"<\n\x16ListBootEventsResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.slim.v1.BootEvent*b\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x0e\n\nPOLICY_RAM\x10\x01\x12\x0f\n\x0bPOLICY_DISK\x10\x02\x12\x0f\n\x0bPOLICY_SYNC\x10\x03\x12\x0e\n\nPOLICY_NFS\x10\x04*i\n\tRelayTier\x12\x1a\n\x16RELAY_TIER_UNSPECIFIED\x10\x00\x12\x13\n\x0fRELAY_TIER_SITE\x10\x01\x12\x15\n\x11RELAY_TIER_PARENT\x10\x02\x12\x14\n\x10RELAY_TIER_OTHER\x10\x03*a\n\x0cScriptFormat\x12\x1d\n\x19SCRIPT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12SCRIPT_FORMAT_IPXE\x10\x01\x12\x1a\n\x16SCRIPT_FORMAT_PXELINUX\x10\x02\x32\xd5\x02\n\x04\x43ore\x12\x39\n\x06Locate\x12\x16.slim.v1.LocateRequest\x1a\x17.slim.v1.LocateResponse\x12=\n\x0bGetBootPlan\x12\x1b.slim.v1.GetBootPlanRequest\x1a\x11.slim.v1.BootPlan\x12\x43\n\rGetBootScript\x12\x1d.slim.v1.GetBootScriptRequest\x1a\x13.slim.v1.BootScript\x12K\n\x10ReportBootEvents\x12\x12.slim.v1.BootEvent\x1a!.slim.v1.ReportBootEventsResponse(\x01\x12\x41\n\x0eRelayHeartbeat\x12\x12.slim.v1.Heartbeat\x1a\x17.slim.v1.HeartbeatReply(\x01\x30\x01\x32\x80\x04\n\x05\x41\x64min\x12=\n\x0bSetNextBoot\x12\x1b.slim.v1.SetNextBootRequest\x1a\x11.slim.v1.NodeInfo\x12W\n\x10ListEnvironments\x12 .slim.v1.ListEnvironmentsRequest\x1a!.slim.v1.ListEnvironmentsResponse\x12J\n\x0eGetEnvironment\x12\x1e.slim.v1.GetEnvironmentRequest\x1a\x18.slim.v1.EnvironmentInfo\x12\x42\n\tListNodes\x12\x19.slim.v1.ListNodesRequest\x1a\x1a.slim.v1.ListNodesResponse\x12\x35\n\x07GetNode\x12\x17.slim.v1.GetNodeRequest\x1a\x11.slim.v1.NodeInfo\x12\x45\n\nListRelays\x12\x1a.slim.v1.ListRelaysRequest\x1a\x1b.slim.v1.ListRelaysResponse\x12Q\n\x0eListBootEvents\x12\x1e.slim.v1.ListBootEventsRequest\x1a\x1f.slim.v1.ListBootEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12slim/v1/core.proto\x12\x07slim.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"/\n\x07NodeRef\x12\x0e\n\x04name\x18\x01 \x01(\tH\x00\x12\r\n\x03mac\x18\x02 \x01(\tH\x00\x42\x05\n\x03ref\"M\n\rLocateRequest\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.slim.v1.NodeRef\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0c\n\x04peek\x18\x03 \x01(\x08\"\x80\x01\n\x0bRankedRelay\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04urls\x18\x02 \x03(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\x12 \n\x04tier\x18\x04 \x01(\x0e\x32\x12.slim.v1.RelayTier\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x16\n\x0eheartbeat_seen\x18\x06 \x01(\x08\"R\n\x0eLocateResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12$\n\x06relays\x18\x03 \x03(\x0b\x32\x14.slim.v1.RankedRelay\"R\n\x12GetBootPlanRequest\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.slim.v1.NodeRef\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0c\n\x04peek\x18\x03 \x01(\x08\")\n\tObjectRef\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\";\n\x08NfsMount\x12\x0e\n\x06server\x18\x01 \x01(\t\x12\x0e\n\x06\x65xport\x18\x02 \x01(\t\x12\x0f\n\x07options\x18\x03 \x01(\t\"\xdd\x01\n\x0f\x44irectoryAction\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x1f\n\x06policy\x18\x02 \x01(\x0e\x32\x0f.slim.v1.Policy\x12#\n\x07\x61rchive\x18\x03 \x01(\x0b\x32\x12.slim.v1.ObjectRef\x12$\n\x08manifest\x18\x04 \x01(\x0b\x32\x12.slim.v1.ObjectRef\x12\x1e\n\x03nfs\x18\x05 \x01(\x0b\x32\x11.slim.v1.NfsMount\x12\x12\n\ntmpfs_size\x18\x06 \x01(\t\x12\r\n\x05\x62ytes\x18\x07 \x01(\x04\x12\r\n\x05\x66iles\x18\x08 \x01(\x04\"\xb4\x02\n\x08\x42ootPlan\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x16\n\x0erelease_digest\x18\x03 \x01(\t\x12\"\n\x06kernel\x18\x04 \x01(\x0b\x32\x12.slim.v1.ObjectRef\x12\"\n\x06initrd\x18\x05 \x01(\x0b\x32\x12.slim.v1.ObjectRef\x12\x13\n\x0bkernel_args\x18\x06 \x01(\t\x12\x0f\n\x07modules\x18\x07 \x03(\t\x12\x0c\n\x04\x64isk\x18\x08 \x01(\t\x12-\n\x0b\x64irectories\x18\t \x03(\x0b\x32\x18.slim.v1.DirectoryAction\x12$\n\x06relays\x18\n \x03(\x0b\x32\x14.slim.v1.RankedRelay\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x0c\n\x04site\x18\x0c \x01(\t\"h\n\x14GetBootScriptRequest\x12\x0b\n\x03mac\x18\x01 \x01(\t\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12%\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x15.slim.v1.ScriptFormat\x12\x0c\n\x04peek\x18\x04 \x01(\x08\"]\n\nBootScript\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_environment\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x0e\n\x06script\x18\x04 \x01(\t\"\xb3\x01\n\tBootEvent\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05relay\x18\x05 \x01(\t\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\n\n\x02ok\x18\x07 \x01(\x08\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\t \x01(\t\",\n\x18ReportBootEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"\xc5\x01\n\tHeartbeat\x12\r\n\x05relay\x18\x01 \x01(\t\x12\x0c\n\x04load\x18\x02 \x01(\x01\x12\x18\n\x10\x61\x63tive_transfers\x18\x03 \x01(\r\x12\x1f\n\x17\x65gress_bytes_per_second\x18\x04 \x01(\x01\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x0f\n\x07message\x18\x07 \x01(\t\x12)\n\x08prefetch\x18\x08 \x03(\x0b\x32\x17.slim.v1.PrefetchStatus\"h\n\x0eHeartbeatReply\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\x12\x17\n\x0fpinned_releases\x18\x02 \x03(\t\x12(\n\x08prefetch\x18\x03 \x03(\x0b\x32\x16.slim.v1.PrefetchOrder\"H\n\rPrefetchOrder\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x16\n\x0erelease_digest\x18\x03 \x01(\t\"\xbe\x01\n\x0ePrefetchStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0erelease_digest\x18\x02 \x01(\t\x12\x15\n\robjects_total\x18\x03 \x01(\x04\x12\x14\n\x0cobjects_done\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x04\x12\x12\n\nbytes_done\x18\x06 \x01(\x04\x12\x15\n\rbytes_fetched\x18\x07 \x01(\x04\x12\x0c\n\x04\x64one\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\"[\n\x0fPrefetchRequest\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x0e\n\x06relays\x18\x02 \x03(\t\x12\r\n\x05nodes\x18\x03 \x03(\t\x12\x14\n\x0crequested_by\x18\x04 \x01(\t\"J\n\x10PrefetchProgress\x12\r\n\x05relay\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0b\x32\x17.slim.v1.PrefetchStatus\"G\n\x12SetNextBootRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x0e\n\x06set_by\x18\x03 \x01(\t\"\x19\n\x17ListEnvironmentsRequest\"O\n\rDirectoryInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x1f\n\x06policy\x18\x02 \x01(\x0e\x32\x0f.slim.v1.Policy\x12\x0f\n\x07options\x18\x03 \x01(\t\"\xbe\x01\n\x0f\x45nvironmentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\t\x12\x0e\n\x06kernel\x18\x04 \x01(\t\x12\x13\n\x0bkernel_args\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12+\n\x0b\x64irectories\x18\x07 \x03(\x0b\x32\x16.slim.v1.DirectoryInfo\x12\x16\n\x0erelease_digest\x18\x08 \x01(\t\"J\n\x18ListEnvironmentsResponse\x12.\n\x0c\x65nvironments\x18\x01 \x03(\x0b\x32\x18.slim.v1.EnvironmentInfo\"%\n\x15GetEnvironmentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x10ListNodesRequest\x12\r\n\x05group\x18\x01 \x01(\t\"[\n\x08NextBoot\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x0e\n\x06set_by\x18\x02 \x01(\t\x12*\n\x06set_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe8\x01\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04macs\x18\x02 \x03(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_environment\x18\x04 \x01(\t\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x0c\n\x04\x64isk\x18\x06 \x01(\t\x12\x0e\n\x06groups\x18\x07 \x03(\t\x12$\n\tnext_boot\x18\x08 \x01(\x0b\x32\x11.slim.v1.NextBoot\x12\x18\n\x10next_environment\x18\t \x01(\t\x12&\n\nlast_event\x18\n \x01(\x0b\x32\x12.slim.v1.BootEvent\"5\n\x11ListNodesResponse\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.slim.v1.NodeInfo\"0\n\x0eGetNodeRequest\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.slim.v1.NodeRef\"\x13\n\x11ListRelaysRequest\"\xc2\x01\n\tRelayInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04urls\x18\x02 \x03(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0e\n\x06parent\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x01\x12\x0e\n\x06status\x18\x06 \x01(\t\x12*\n\x0elast_heartbeat\x18\x07 \x01(\x0b\x32\x12.slim.v1.Heartbeat\x12-\n\tlast_seen\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"8\n\x12ListRelaysResponse\x12\"\n\x06relays\x18\x01 \x03(\x0b\x32\x12.slim.v1.RelayInfo\"4\n\x15ListBootEventsRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"<\n\x16ListBootEventsResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.slim.v1.BootEvent*b\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x0e\n\nPOLICY_RAM\x10\x01\x12\x0f\n\x0bPOLICY_DISK\x10\x02\x12\x0f\n\x0bPOLICY_SYNC\x10\x03\x12\x0e\n\nPOLICY_NFS\x10\x04*i\n\tRelayTier\x12\x1a\n\x16RELAY_TIER_UNSPECIFIED\x10\x00\x12\x13\n\x0fRELAY_TIER_SITE\x10\x01\x12\x15\n\x11RELAY_TIER_PARENT\x10\x02\x12\x14\n\x10RELAY_TIER_OTHER\x10\x03*a\n\x0cScriptFormat\x12\x1d\n\x19SCRIPT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12SCRIPT_FORMAT_IPXE\x10\x01\x12\x1a\n\x16SCRIPT_FORMAT_PXELINUX\x10\x02\x32\xd5\x02\n\x04\x43ore\x12\x39\n\x06Locate\x12\x16.slim.v1.LocateRequest\x1a\x17.slim.v1.LocateResponse\x12=\n\x0bGetBootPlan\x12\x1b.slim.v1.GetBootPlanRequest\x1a\x11.slim.v1.BootPlan\x12\x43\n\rGetBootScript\x12\x1d.slim.v1.GetBootScriptRequest\x1a\x13.slim.v1.BootScript\x12K\n\x10ReportBootEvents\x12\x12.slim.v1.BootEvent\x1a!.slim.v1.ReportBootEventsResponse(\x01\x12\x41\n\x0eRelayHeartbeat\x12\x12.slim.v1.Heartbeat\x1a\x17.slim.v1.HeartbeatReply(\x01\x30\x01\x32\xc3\x04\n\x05\x41\x64min\x12=\n\x0bSetNextBoot\x12\x1b.slim.v1.SetNextBootRequest\x1a\x11.slim.v1.NodeInfo\x12W\n\x10ListEnvironments\x12 .slim.v1.ListEnvironmentsRequest\x1a!.slim.v1.ListEnvironmentsResponse\x12J\n\x0eGetEnvironment\x12\x1e.slim.v1.GetEnvironmentRequest\x1a\x18.slim.v1.EnvironmentInfo\x12\x42\n\tListNodes\x12\x19.slim.v1.ListNodesRequest\x1a\x1a.slim.v1.ListNodesResponse\x12\x35\n\x07GetNode\x12\x17.slim.v1.GetNodeRequest\x1a\x11.slim.v1.NodeInfo\x12\x45\n\nListRelays\x12\x1a.slim.v1.ListRelaysRequest\x1a\x1b.slim.v1.ListRelaysResponse\x12Q\n\x0eListBootEvents\x12\x1e.slim.v1.ListBootEventsRequest\x1a\x1f.slim.v1.ListBootEventsResponse\x12\x41\n\x08Prefetch\x12\x18.slim.v1.PrefetchRequest\x1a\x19.slim.v1.PrefetchProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slim.v1.core_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POLICY']._serialized_start=3104
-  _globals['_POLICY']._serialized_end=3202
-  _globals['_RELAYTIER']._serialized_start=3204
-  _globals['_RELAYTIER']._serialized_end=3309
-  _globals['_SCRIPTFORMAT']._serialized_start=3311
-  _globals['_SCRIPTFORMAT']._serialized_end=3408
+  _globals['_POLICY']._serialized_start=3650
+  _globals['_POLICY']._serialized_end=3748
+  _globals['_RELAYTIER']._serialized_start=3750
+  _globals['_RELAYTIER']._serialized_end=3855
+  _globals['_SCRIPTFORMAT']._serialized_start=3857
+  _globals['_SCRIPTFORMAT']._serialized_end=3954
   _globals['_NODEREF']._serialized_start=64
   _globals['_NODEREF']._serialized_end=111
   _globals['_LOCATEREQUEST']._serialized_start=113
@@ -65,43 +65,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORTBOOTEVENTSRESPONSE']._serialized_start=1513
   _globals['_REPORTBOOTEVENTSRESPONSE']._serialized_end=1557
   _globals['_HEARTBEAT']._serialized_start=1560
-  _globals['_HEARTBEAT']._serialized_end=1714
-  _globals['_HEARTBEATREPLY']._serialized_start=1716
-  _globals['_HEARTBEATREPLY']._serialized_end=1753
-  _globals['_SETNEXTBOOTREQUEST']._serialized_start=1755
-  _globals['_SETNEXTBOOTREQUEST']._serialized_end=1826
-  _globals['_LISTENVIRONMENTSREQUEST']._serialized_start=1828
-  _globals['_LISTENVIRONMENTSREQUEST']._serialized_end=1853
-  _globals['_DIRECTORYINFO']._serialized_start=1855
-  _globals['_DIRECTORYINFO']._serialized_end=1934
-  _globals['_ENVIRONMENTINFO']._serialized_start=1937
-  _globals['_ENVIRONMENTINFO']._serialized_end=2127
-  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_start=2129
-  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_end=2203
-  _globals['_GETENVIRONMENTREQUEST']._serialized_start=2205
-  _globals['_GETENVIRONMENTREQUEST']._serialized_end=2242
-  _globals['_LISTNODESREQUEST']._serialized_start=2244
-  _globals['_LISTNODESREQUEST']._serialized_end=2277
-  _globals['_NEXTBOOT']._serialized_start=2279
-  _globals['_NEXTBOOT']._serialized_end=2370
-  _globals['_NODEINFO']._serialized_start=2373
-  _globals['_NODEINFO']._serialized_end=2605
-  _globals['_LISTNODESRESPONSE']._serialized_start=2607
-  _globals['_LISTNODESRESPONSE']._serialized_end=2660
-  _globals['_GETNODEREQUEST']._serialized_start=2662
-  _globals['_GETNODEREQUEST']._serialized_end=2710
-  _globals['_LISTRELAYSREQUEST']._serialized_start=2712
-  _globals['_LISTRELAYSREQUEST']._serialized_end=2731
-  _globals['_RELAYINFO']._serialized_start=2734
-  _globals['_RELAYINFO']._serialized_end=2928
-  _globals['_LISTRELAYSRESPONSE']._serialized_start=2930
-  _globals['_LISTRELAYSRESPONSE']._serialized_end=2986
-  _globals['_LISTBOOTEVENTSREQUEST']._serialized_start=2988
-  _globals['_LISTBOOTEVENTSREQUEST']._serialized_end=3040
-  _globals['_LISTBOOTEVENTSRESPONSE']._serialized_start=3042
-  _globals['_LISTBOOTEVENTSRESPONSE']._serialized_end=3102
-  _globals['_CORE']._serialized_start=3411
-  _globals['_CORE']._serialized_end=3752
-  _globals['_ADMIN']._serialized_start=3755
-  _globals['_ADMIN']._serialized_end=4267
+  _globals['_HEARTBEAT']._serialized_end=1757
+  _globals['_HEARTBEATREPLY']._serialized_start=1759
+  _globals['_HEARTBEATREPLY']._serialized_end=1863
+  _globals['_PREFETCHORDER']._serialized_start=1865
+  _globals['_PREFETCHORDER']._serialized_end=1937
+  _globals['_PREFETCHSTATUS']._serialized_start=1940
+  _globals['_PREFETCHSTATUS']._serialized_end=2130
+  _globals['_PREFETCHREQUEST']._serialized_start=2132
+  _globals['_PREFETCHREQUEST']._serialized_end=2223
+  _globals['_PREFETCHPROGRESS']._serialized_start=2225
+  _globals['_PREFETCHPROGRESS']._serialized_end=2299
+  _globals['_SETNEXTBOOTREQUEST']._serialized_start=2301
+  _globals['_SETNEXTBOOTREQUEST']._serialized_end=2372
+  _globals['_LISTENVIRONMENTSREQUEST']._serialized_start=2374
+  _globals['_LISTENVIRONMENTSREQUEST']._serialized_end=2399
+  _globals['_DIRECTORYINFO']._serialized_start=2401
+  _globals['_DIRECTORYINFO']._serialized_end=2480
+  _globals['_ENVIRONMENTINFO']._serialized_start=2483
+  _globals['_ENVIRONMENTINFO']._serialized_end=2673
+  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_start=2675
+  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_end=2749
+  _globals['_GETENVIRONMENTREQUEST']._serialized_start=2751
+  _globals['_GETENVIRONMENTREQUEST']._serialized_end=2788
+  _globals['_LISTNODESREQUEST']._serialized_start=2790
+  _globals['_LISTNODESREQUEST']._serialized_end=2823
+  _globals['_NEXTBOOT']._serialized_start=2825
+  _globals['_NEXTBOOT']._serialized_end=2916
+  _globals['_NODEINFO']._serialized_start=2919
+  _globals['_NODEINFO']._serialized_end=3151
+  _globals['_LISTNODESRESPONSE']._serialized_start=3153
+  _globals['_LISTNODESRESPONSE']._serialized_end=3206
+  _globals['_GETNODEREQUEST']._serialized_start=3208
+  _globals['_GETNODEREQUEST']._serialized_end=3256
+  _globals['_LISTRELAYSREQUEST']._serialized_start=3258
+  _globals['_LISTRELAYSREQUEST']._serialized_end=3277
+  _globals['_RELAYINFO']._serialized_start=3280
+  _globals['_RELAYINFO']._serialized_end=3474
+  _globals['_LISTRELAYSRESPONSE']._serialized_start=3476
+  _globals['_LISTRELAYSRESPONSE']._serialized_end=3532
+  _globals['_LISTBOOTEVENTSREQUEST']._serialized_start=3534
+  _globals['_LISTBOOTEVENTSREQUEST']._serialized_end=3586
+  _globals['_LISTBOOTEVENTSRESPONSE']._serialized_start=3588
+  _globals['_LISTBOOTEVENTSRESPONSE']._serialized_end=3648
+  _globals['_CORE']._serialized_start=3957
+  _globals['_CORE']._serialized_end=4298
+  _globals['_ADMIN']._serialized_start=4301
+  _globals['_ADMIN']._serialized_end=4880
 # @@protoc_insertion_point(module_scope)

@@ -544,6 +544,7 @@ class Heartbeat(_message.Message):
     CACHE_BYTES_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    PREFETCH_FIELD_NUMBER: _builtins.int
     relay: _builtins.str
     """must be a relay of the registry"""
     load: _builtins.float
@@ -556,6 +557,12 @@ class Heartbeat(_message.Message):
     healthy: _builtins.bool
     message: _builtins.str
     """why unhealthy, if so"""
+    @_builtins.property
+    def prefetch(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrefetchStatus]:
+        """Progress of the prefetch orders the relay is working on or finished
+        since its last beat.  A relay beats early when this changes.
+        """
+
     def __init__(
         self,
         *,
@@ -566,10 +573,11 @@ class Heartbeat(_message.Message):
         cache_bytes: _builtins.int = ...,
         healthy: _builtins.bool = ...,
         message: _builtins.str = ...,
+        prefetch: _abc.Iterable[Global___PrefetchStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_transfers", b"active_transfers", "cache_bytes", b"cache_bytes", "egress_bytes_per_second", b"egress_bytes_per_second", "healthy", b"healthy", "load", b"load", "message", b"message", "relay", b"relay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_transfers", b"active_transfers", "cache_bytes", b"cache_bytes", "egress_bytes_per_second", b"egress_bytes_per_second", "healthy", b"healthy", "load", b"load", "message", b"message", "prefetch", b"prefetch", "relay", b"relay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -580,20 +588,167 @@ class HeartbeatReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    PINNED_RELEASES_FIELD_NUMBER: _builtins.int
+    PREFETCH_FIELD_NUMBER: _builtins.int
     interval_ms: _builtins.int
     """Send the next beat after this many milliseconds (the relay adds jitter)."""
+    @_builtins.property
+    def pinned_releases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The current releases ("sha256:<hex>" of each environment's release
+        document): the relay keeps (pins) their objects against eviction.
+        """
+
+    @_builtins.property
+    def prefetch(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrefetchOrder]:
+        """Warm these releases now."""
+
     def __init__(
         self,
         *,
         interval_ms: _builtins.int = ...,
+        pinned_releases: _abc.Iterable[_builtins.str] | None = ...,
+        prefetch: _abc.Iterable[Global___PrefetchOrder] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_ms", b"interval_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_ms", b"interval_ms", "pinned_releases", b"pinned_releases", "prefetch", b"prefetch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatReply: _TypeAlias = HeartbeatReply  # noqa: Y015
+
+@_typing.final
+class PrefetchOrder(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    RELEASE_DIGEST_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """chosen by the core; echoed in PrefetchStatus"""
+    environment: _builtins.str
+    release_digest: _builtins.str
+    """"sha256:<hex>" of the release document"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        environment: _builtins.str = ...,
+        release_digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "id", b"id", "release_digest", b"release_digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrefetchOrder: _TypeAlias = PrefetchOrder  # noqa: Y015
+
+@_typing.final
+class PrefetchStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RELEASE_DIGEST_FIELD_NUMBER: _builtins.int
+    OBJECTS_TOTAL_FIELD_NUMBER: _builtins.int
+    OBJECTS_DONE_FIELD_NUMBER: _builtins.int
+    BYTES_TOTAL_FIELD_NUMBER: _builtins.int
+    BYTES_DONE_FIELD_NUMBER: _builtins.int
+    BYTES_FETCHED_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    release_digest: _builtins.str
+    objects_total: _builtins.int
+    """0 until the release document is read"""
+    objects_done: _builtins.int
+    bytes_total: _builtins.int
+    bytes_done: _builtins.int
+    bytes_fetched: _builtins.int
+    """of bytes_done, fetched from upstream (the rest was cached)"""
+    done: _builtins.bool
+    error: _builtins.str
+    """set when done and failed"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        release_digest: _builtins.str = ...,
+        objects_total: _builtins.int = ...,
+        objects_done: _builtins.int = ...,
+        bytes_total: _builtins.int = ...,
+        bytes_done: _builtins.int = ...,
+        bytes_fetched: _builtins.int = ...,
+        done: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_fetched", b"bytes_fetched", "bytes_total", b"bytes_total", "done", b"done", "error", b"error", "id", b"id", "objects_done", b"objects_done", "objects_total", b"objects_total", "release_digest", b"release_digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrefetchStatus: _TypeAlias = PrefetchStatus  # noqa: Y015
+
+@_typing.final
+class PrefetchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    RELAYS_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    environment: _builtins.str
+    requested_by: _builtins.str
+    """for the core's log, e.g. "slurm job 42" """
+    @_builtins.property
+    def relays(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Relays by name.  With neither relays nor nodes: every relay of the registry."""
+
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The relays that serve these nodes: their site's relays (or, for a site
+        without relays, the relays the core would rank first).
+        """
+
+    def __init__(
+        self,
+        *,
+        environment: _builtins.str = ...,
+        relays: _abc.Iterable[_builtins.str] | None = ...,
+        nodes: _abc.Iterable[_builtins.str] | None = ...,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "nodes", b"nodes", "relays", b"relays", "requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrefetchRequest: _TypeAlias = PrefetchRequest  # noqa: Y015
+
+@_typing.final
+class PrefetchProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELAY_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    relay: _builtins.str
+    @_builtins.property
+    def status(self) -> Global___PrefetchStatus: ...
+    def __init__(
+        self,
+        *,
+        relay: _builtins.str = ...,
+        status: Global___PrefetchStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["relay", b"relay", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrefetchProgress: _TypeAlias = PrefetchProgress  # noqa: Y015
 
 @_typing.final
 class SetNextBootRequest(_message.Message):

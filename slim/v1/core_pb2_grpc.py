@@ -322,6 +322,11 @@ class AdminStub:
                 request_serializer=slim_dot_v1_dot_core__pb2.ListBootEventsRequest.SerializeToString,
                 response_deserializer=slim_dot_v1_dot_core__pb2.ListBootEventsResponse.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_stream(
+                '/slim.v1.Admin/Prefetch',
+                request_serializer=slim_dot_v1_dot_core__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=slim_dot_v1_dot_core__pb2.PrefetchProgress.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -370,6 +375,17 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """Ask relays to warm every object of an environment's current release.
+        The orders travel on the relays' heartbeat streams; the answer streams
+        each relay's progress until every relay is done (or failed).  A caller
+        that does not want to wait may cancel after the first message: the
+        orders stand.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -407,6 +423,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListBootEvents,
                     request_deserializer=slim_dot_v1_dot_core__pb2.ListBootEventsRequest.FromString,
                     response_serializer=slim_dot_v1_dot_core__pb2.ListBootEventsResponse.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=slim_dot_v1_dot_core__pb2.PrefetchRequest.FromString,
+                    response_serializer=slim_dot_v1_dot_core__pb2.PrefetchProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -599,6 +620,33 @@ class Admin:
             '/slim.v1.Admin/ListBootEvents',
             slim_dot_v1_dot_core__pb2.ListBootEventsRequest.SerializeToString,
             slim_dot_v1_dot_core__pb2.ListBootEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/slim.v1.Admin/Prefetch',
+            slim_dot_v1_dot_core__pb2.PrefetchRequest.SerializeToString,
+            slim_dot_v1_dot_core__pb2.PrefetchProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -126,6 +126,13 @@ class AdminStub:
     GetNode: _grpc.UnaryUnaryMultiCallable[_core_pb2.GetNodeRequest, _core_pb2.NodeInfo]
     ListRelays: _grpc.UnaryUnaryMultiCallable[_core_pb2.ListRelaysRequest, _core_pb2.ListRelaysResponse]
     ListBootEvents: _grpc.UnaryUnaryMultiCallable[_core_pb2.ListBootEventsRequest, _core_pb2.ListBootEventsResponse]
+    Prefetch: _grpc.UnaryStreamMultiCallable[_core_pb2.PrefetchRequest, _core_pb2.PrefetchProgress]
+    """Ask relays to warm every object of an environment's current release.
+    The orders travel on the relays' heartbeat streams; the answer streams
+    each relay's progress until every relay is done (or failed).  A caller
+    that does not want to wait may cancel after the first message: the
+    orders stand.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -139,6 +146,13 @@ class AdminAsyncStub(AdminStub):
     GetNode: _aio.UnaryUnaryMultiCallable[_core_pb2.GetNodeRequest, _core_pb2.NodeInfo]  # type: ignore[assignment]
     ListRelays: _aio.UnaryUnaryMultiCallable[_core_pb2.ListRelaysRequest, _core_pb2.ListRelaysResponse]  # type: ignore[assignment]
     ListBootEvents: _aio.UnaryUnaryMultiCallable[_core_pb2.ListBootEventsRequest, _core_pb2.ListBootEventsResponse]  # type: ignore[assignment]
+    Prefetch: _aio.UnaryStreamMultiCallable[_core_pb2.PrefetchRequest, _core_pb2.PrefetchProgress]  # type: ignore[assignment]
+    """Ask relays to warm every object of an environment's current release.
+    The orders travel on the relays' heartbeat streams; the answer streams
+    each relay's progress until every relay is done (or failed).  A caller
+    that does not want to wait may cancel after the first message: the
+    orders stand.
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Administration: reads and the next-boot override."""
@@ -191,5 +205,18 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _core_pb2.ListBootEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_core_pb2.ListBootEventsResponse, _abc.Awaitable[_core_pb2.ListBootEventsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Prefetch(
+        self,
+        request: _core_pb2.PrefetchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_core_pb2.PrefetchProgress], _abc.AsyncIterator[_core_pb2.PrefetchProgress]]:
+        """Ask relays to warm every object of an environment's current release.
+        The orders travel on the relays' heartbeat streams; the answer streams
+        each relay's progress until every relay is done (or failed).  A caller
+        that does not want to wait may cancel after the first message: the
+        orders stand.
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,241 @@
+"""The node API: what agents and iPXE ask a relay, answered by the core.
+
+Nodes speak only HTTP, only to relays; the relay calls the core over gRPC on
+the node's behalf with the node's origin address (the TCP peer), so that the
+core can pick the site and the best relays.  JSON bodies use plain numbers
+and lowercase enum names (see docs/relay.md); the agent parses them with the
+standard library.
+
+=====================================  =====================================
+``GET /boot/{mac}.ipxe``               the node's iPXE script (text)
+``GET /v1/locate?node=N`` or ``mac=M`` ranked relays for the node
+``GET /v1/nodes/{node}/plan``          the boot plan ({node}: name or MAC)
+``POST /v1/nodes/{node}/events``       boot events: one object, or
+                                       ``{"events": [...]}`` (at most 1000)
+=====================================  =====================================
+
+Errors come back as ``{"error": message}`` with the status the core's answer
+maps to (400, 404, 409; 503 with Retry-After when the core cannot be
+reached or too many calls are waiting on it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from slim.errors import InvalidArgument, Overloaded, SlimError
+from slim.relay.corelink import CoreLink
+from slim.v1 import core_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+MAC_RE = re.compile(r"(?:[0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}")
+MAX_EVENTS = 1000
+MAX_BODY = 1 << 20
+MAX_TEXT = 1024
+MAX_TIME = 253_402_300_799.0
+
+POLICY = {pb.POLICY_RAM: "ram", pb.POLICY_DISK: "disk", pb.POLICY_SYNC: "sync", pb.POLICY_NFS: "nfs"}
+TIER = {pb.RELAY_TIER_SITE: "site", pb.RELAY_TIER_PARENT: "parent", pb.RELAY_TIER_OTHER: "other"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def node_ref(text: str) -> pb.NodeRef:
+    return pb.NodeRef(mac=text) if MAC_RE.fullmatch(text) else pb.NodeRef(name=text)
+
+
+def _obj(ref: pb.ObjectRef, present: bool) -> dict[str, Any] | None:
+    return {"digest": ref.digest, "size": ref.size} if present else None
+
+
+def relay_json(r: pb.RankedRelay) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "urls": list(r.urls),
+        "site": r.site,
+        "tier": TIER.get(r.tier, "other"),
+        "score": r.score,
+        "heartbeat_seen": r.heartbeat_seen,
+    }
+
+
+def plan_json(p: pb.BootPlan) -> dict[str, Any]:
+    return {
+        "node": p.node,
+        "environment": p.environment,
+        "release_digest": p.release_digest,
+        "kernel": _obj(p.kernel, p.HasField("kernel")),
+        "initrd": _obj(p.initrd, p.HasField("initrd")),
+        "kernel_args": p.kernel_args,
+        "modules": list(p.modules),
+        "disk": p.disk,
+        "directories": [
+            {
+                "path": d.path,
+                "policy": POLICY.get(d.policy, "unspecified"),
+                "archive": _obj(d.archive, d.HasField("archive")),
+                "manifest": _obj(d.manifest, d.HasField("manifest")),
+                "nfs": (
+                    {"server": d.nfs.server, "export": d.nfs.export, "options": d.nfs.options}
+                    if d.HasField("nfs")
+                    else None
+                ),
+                "tmpfs_size": d.tmpfs_size,
+                "bytes": d.bytes,
+                "files": d.files,
+            }
+            for d in p.directories
+        ],
+        "relays": [relay_json(r) for r in p.relays],
+        "reason": p.reason,
+        "site": p.site,
+    }
+
+
+def _error(exc: SlimError) -> web.Response:
+    headers = {"Retry-After": str(getattr(exc, "retry_after", 2))} if exc.http_status == 503 else None
+    return web.json_response({"error": exc.message}, status=exc.http_status, headers=headers)
+
+
+def event_from_json(node: str, relay: str, rec: Any, index: int) -> pb.BootEvent:
+    where = f"event {index}"
+    if not isinstance(rec, dict):
+        raise InvalidArgument(f"{where}: expected an object, got {type(rec).__name__}")
+    known = {"boot_id", "stage", "time", "bytes", "ok", "message", "environment", "node"}
+    unknown = sorted(set(rec) - known)
+    if unknown:
+        raise InvalidArgument(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
+
+    def text(key: str, required: bool = False) -> str:
+        value = rec.get(key, "")
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{where}: {key} must be a string")
+        if required and not value:
+            raise InvalidArgument(f"{where}: {key} is required")
+        if len(value) > MAX_TEXT:
+            raise InvalidArgument(f"{where}: {key} is longer than {MAX_TEXT} characters")
+        return value
+
+    if rec.get("node", node) != node:
+        raise InvalidArgument(f"{where}: node {rec.get('node')!r} differs from the URL's {node!r}")
+    nbytes = rec.get("bytes", 0)
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 <= nbytes < 2**63:
+        raise InvalidArgument(f"{where}: bytes must be a whole number >= 0")
+    ok = rec.get("ok", True)
+    if not isinstance(ok, bool):
+        raise InvalidArgument(f"{where}: ok must be true or false")
+    event = pb.BootEvent(
+        node=node,
+        boot_id=text("boot_id", required=True),
+        stage=text("stage", required=True),
+        relay=relay,
+        bytes=nbytes,
+        ok=ok,
+        message=text("message"),
+        environment=text("environment"),
+    )
+    if "time" in rec:
+        t = rec["time"]
+        if isinstance(t, bool) or not isinstance(t, int | float) or not (0 <= t <= MAX_TIME) or math.isnan(t):
+            raise InvalidArgument(f"{where}: time must be seconds since 1970 (a number)")
+        ts = Timestamp()
+        ts.FromNanoseconds(int(t * 1e9))
+        event.time.CopyFrom(ts)
+    return event
+
+
+class NodeApi:
+    def __init__(self, link: CoreLink, relay: str, max_calls: int = 256) -> None:
+        self.link = link
+        self.relay = relay
+        self.max_calls = max_calls
+        self.calls = 0
+        self.errors = 0
+        self.overloaded = 0
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/boot/{mac}.ipxe", self._limited(self.boot_script))
+        app.router.add_get("/v1/locate", self._limited(self.locate))
+        app.router.add_get("/v1/nodes/{node}/plan", self._limited(self.plan))
+        app.router.add_post("/v1/nodes/{node}/events", self._limited(self.events))
+
+    def _limited(self, handler: Handler) -> Handler:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            if self.calls >= self.max_calls:
+                self.overloaded += 1
+                return _error(Overloaded(f"{self.calls} requests are waiting on the core; try again", 1))
+            self.calls += 1
+            try:
+                return await handler(request)
+            except SlimError as exc:
+                self.errors += 1
+                return _error(exc)
+            finally:
+                self.calls -= 1
+
+        return wrapped
+
+    @staticmethod
+    def _origin(request: web.Request) -> str:
+        return request.remote or ""
+
+    async def boot_script(self, request: web.Request) -> web.StreamResponse:
+        mac = request.match_info["mac"]
+        if not MAC_RE.fullmatch(mac):
+            raise InvalidArgument(f"{mac[:40]!r} is not a MAC address")
+        req = pb.GetBootScriptRequest(mac=mac, origin=self._origin(request), format=pb.SCRIPT_FORMAT_IPXE)
+        script = await self.link.call(self.link.core.GetBootScript, req)
+        return web.Response(
+            text=script.script, content_type="text/plain", headers={"Cache-Control": "no-store"}
+        )
+
+    async def locate(self, request: web.Request) -> web.StreamResponse:
+        node, mac = request.query.get("node", ""), request.query.get("mac", "")
+        if bool(node) == bool(mac):
+            raise InvalidArgument("name the node with ?node=NAME or ?mac=MAC (one of them)")
+        ref = pb.NodeRef(name=node) if node else pb.NodeRef(mac=mac)
+        found = await self.link.call(
+            self.link.core.Locate, pb.LocateRequest(node=ref, origin=self._origin(request))
+        )
+        return web.json_response(
+            {"node": found.node, "site": found.site, "relays": [relay_json(r) for r in found.relays]},
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def plan(self, request: web.Request) -> web.StreamResponse:
+        ref = node_ref(request.match_info["node"])
+        plan = await self.link.call(
+            self.link.core.GetBootPlan, pb.GetBootPlanRequest(node=ref, origin=self._origin(request))
+        )
+        return web.json_response(plan_json(plan), headers={"Cache-Control": "no-store"})
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        node = request.match_info["node"]
+        if MAC_RE.fullmatch(node):
+            raise InvalidArgument("report events under the node's name (the plan names it), not its MAC")
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
+        raw = await request.content.read(MAX_BODY + 1)
+        if len(raw) > MAX_BODY:
+            raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
+        try:
+            doc = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"body is not JSON: {exc}") from None
+        records = doc["events"] if isinstance(doc, dict) and "events" in doc else [doc]
+        if not isinstance(records, list) or not records:
+            raise InvalidArgument("events must be a non-empty list")
+        if len(records) > MAX_EVENTS:
+            raise InvalidArgument(f"more than {MAX_EVENTS} events in one request; send them in parts")
+        events = [event_from_json(node, self.relay, rec, i + 1) for i, rec in enumerate(records)]
+        accepted = await self.link.report_events(events)
+        return web.json_response({"accepted": accepted})

@@ -1,0 +1,389 @@
+"""``GET``/``HEAD /objects/sha256/<hex>``: immutable objects over HTTP, by sendfile.
+
+Shared by relays (objects from the cache, missing ones fetched upstream, see
+:mod:`slim.relay.fetch`) and the core's object server (objects straight from
+the store, nothing fetched).
+
+* ``ETag`` is ``"sha256:<hex>"``; responses are ``immutable`` for a year.
+* One byte range per request (``bytes=a-b``, ``a-``, ``-n``) for resuming;
+  an unsatisfiable range gets 416 with ``Content-Range: bytes */size``.  A
+  malformed or multi-part Range header is ignored (the whole object is
+  sent), as RFC 9110 allows.  ``If-Range`` and ``If-None-Match`` are honoured.
+* The name must be 64 lowercase hex digits (checked after percent-decoding),
+  so no request can name a path: anything else is 400.
+* Bodies go out with ``sendfile(2)``.  uvloop has no ``loop.sendfile``; here
+  the socket is duplicated and ``os.sendfile`` runs on the duplicate, waiting
+  for writability on it (the transport's own buffer is empty by then).
+* At most ``max_transfers`` responses at once; beyond that 503 with
+  Retry-After.  A cached object is marked in use while it is sent, so the
+  cache never evicts it under a reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, cast
+
+from aiohttp import web
+
+from slim.errors import NotFound, Overloaded, SlimError
+from slim.relay.cache import HEX_RE, CachedObject
+from slim.relay.fetch import Fetch
+
+log = logging.getLogger(__name__)
+
+SMALL = 128 * 1024  # bodies up to this size are read and sent with the headers in one write
+IMMUTABLE = "public, max-age=31536000, immutable"
+RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+
+try:  # uvloop is a dependency, but the code also runs on the stock loop
+    import uvloop
+
+    _UVLOOP: type | None = uvloop.Loop
+except ImportError:  # pragma: no cover
+    _UVLOOP = None
+
+
+class Source(Protocol):
+    """Where objects come from: a cache with an upstream, or the store."""
+
+    def acquire(self, hexdigest: str) -> CachedObject | None: ...
+    def release(self, obj: CachedObject) -> None: ...
+    def lost(self, obj: CachedObject) -> None: ...
+    def fetch(self, hexdigest: str) -> Fetch: ...  # NotFound when there is no upstream
+    async def head(self, hexdigest: str) -> int: ...
+
+
+@dataclass
+class ObjectCounters:
+    requests: int = 0
+    hits: int = 0  # served from disk
+    misses: int = 0  # served while (or after) fetching upstream
+    not_found: int = 0
+    bad_requests: int = 0
+    overloaded: int = 0
+    failed: int = 0  # cut short: upstream failure or bad digest
+    aborted: int = 0  # responses ended before their last byte (client gone or upstream failed)
+    bytes_sent: int = 0
+    active: int = 0
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal[False] | None:
+    """(start, end exclusive) for one satisfiable range; None to send everything;
+    False when the range cannot be satisfied (416)."""
+    if header is None:
+        return None
+    m = RANGE_RE.fullmatch(header.strip())
+    if m is None:  # multi-range, other units, garbage: ignore
+        return None
+    first, last = m.groups()
+    if not first and not last:
+        return None
+    if not first:  # suffix: the last n bytes
+        n = int(last)
+        if n == 0:
+            return False
+        return max(0, size - n), size
+    start = int(first)
+    end = size if not last else int(last) + 1
+    if last and end <= start:
+        return None  # syntactically invalid (last < first): ignore
+    if start >= size:
+        return False
+    return start, min(end, size)
+
+
+class ObjectRoutes:
+    def __init__(self, source: Source, max_transfers: int = 1024) -> None:
+        self.source = source
+        self.max_transfers = max_transfers
+        self.counters = ObjectCounters()
+        self.idle = asyncio.Event()  # set while no transfer is in progress
+        self.idle.set()
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/objects/sha256/{name}", self.handle)  # and HEAD
+        app.router.add_route("*", "/objects/{tail:.*}", self.bad_path)
+
+    async def bad_path(self, request: web.Request) -> web.StreamResponse:
+        self.counters.bad_requests += 1
+        raise web.HTTPNotFound(text="objects live at /objects/sha256/<64 lowercase hex digits>\n")
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        c = self.counters
+        c.requests += 1
+        name = request.match_info["name"]
+        if not HEX_RE.fullmatch(name):
+            c.bad_requests += 1
+            raise web.HTTPBadRequest(text=f"{name[:80]!r} is not a sha256 digest (64 lowercase hex digits)\n")
+        if c.active >= self.max_transfers:
+            c.overloaded += 1
+            raise web.HTTPServiceUnavailable(
+                text=f"relay busy: {c.active} transfers in progress\n", headers={"Retry-After": "1"}
+            )
+        c.active += 1
+        self.idle.clear()
+        try:
+            obj = self.source.acquire(name)
+            if obj is not None:
+                try:
+                    c.hits += 1
+                    return await self._send_cached(request, obj)
+                finally:
+                    self.source.release(obj)
+            if request.method == "HEAD":
+                size = await self.source.head(name)
+                return self._head_only(request, name, size)
+            c.misses += 1
+            return await self._send_fetching(request, self.source.fetch(name))
+        except SlimError as exc:
+            if isinstance(exc, NotFound):
+                c.not_found += 1
+            elif isinstance(exc, Overloaded):
+                c.overloaded += 1
+            else:
+                c.failed += 1
+            headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+            raise _http_error(exc, headers) from None
+        finally:
+            c.active -= 1
+            if not c.active:
+                self.idle.set()
+
+    # -- responses ----------------------------------------------------------
+    def _start(
+        self, request: web.Request, name: str, size: int
+    ) -> tuple[web.StreamResponse, int, int] | web.StreamResponse:
+        """Headers for a body of ``size`` bytes; (response, start, end) or a
+        finished 304/416 response."""
+        etag = f'"sha256:{name}"'
+        headers = {
+            "ETag": etag,
+            "Cache-Control": IMMUTABLE,
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
+        inm = request.headers.get("If-None-Match")
+        if inm is not None and (inm.strip() == "*" or etag in (t.strip() for t in inm.split(","))):
+            return web.Response(status=304, headers=headers)
+        rng = request.headers.get("Range")
+        if_range = request.headers.get("If-Range")
+        if if_range is not None and if_range.strip() != etag:
+            rng = None
+        parsed = parse_range(rng, size)
+        if parsed is False:
+            headers["Content-Range"] = f"bytes */{size}"
+            return web.Response(status=416, headers=headers)
+        resp = web.StreamResponse(headers=headers)
+        if parsed is None:
+            start, end = 0, size
+        else:
+            start, end = parsed
+            resp.set_status(206)
+            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        resp.content_length = end - start
+        return resp, start, end
+
+    def _head_only(self, request: web.Request, name: str, size: int) -> web.StreamResponse:
+        started = self._start(request, name, size)
+        if isinstance(started, web.StreamResponse):
+            return started
+        return started[0]  # headers only: aiohttp sends no body for HEAD
+
+    async def _send_cached(self, request: web.Request, obj: CachedObject) -> web.StreamResponse:
+        started = self._start(request, obj.hex, obj.size)
+        if isinstance(started, web.StreamResponse):
+            return started
+        resp, start, end = started
+        try:
+            fd = os.open(obj.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.source.lost(obj)
+            raise NotFound(f"object sha256:{obj.hex} vanished from the cache; ask again") from None
+        try:
+            count = end - start
+            if request.method == "HEAD":
+                return resp
+            if count <= SMALL:
+                body = os.pread(fd, count, start)
+                if len(body) != count:
+                    raise NotFound(f"object sha256:{obj.hex} is shorter on disk than recorded")
+                small = web.Response(status=resp.status, headers=resp.headers, body=body)
+                self.counters.bytes_sent += count
+                return small
+            try:
+                await resp.prepare(request)
+                await send_file(request, fd, start, count)
+                self.counters.bytes_sent += count
+                await resp.write_eof()
+            except ConnectionError:
+                return self._gone(request, resp)
+            return resp
+        finally:
+            os.close(fd)
+
+    async def _send_fetching(self, request: web.Request, fetch: Fetch) -> web.StreamResponse:
+        await fetch.started.wait()
+        if fetch.error is not None and fetch.obj is None:
+            raise fetch.error
+        if fetch.obj is not None:  # finished meanwhile: serve it from the cache like any hit
+            obj = self.source.acquire(fetch.hex)
+            if obj is not None:
+                try:
+                    return await self._send_cached(request, obj)
+                finally:
+                    self.source.release(obj)
+        assert fetch.size is not None and fetch.tmp is not None
+        started = self._start(request, fetch.hex, fetch.size)
+        if isinstance(started, web.StreamResponse):
+            return started
+        resp, start, end = started
+        try:
+            fd = os.open(fetch.tmp, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # published or failed between the checks above
+            if fetch.error is not None:
+                raise fetch.error from None
+            obj = self.source.acquire(fetch.hex)
+            if obj is None:
+                raise NotFound(f"object sha256:{fetch.hex} was evicted at once; ask again") from None
+            try:
+                return await self._send_cached(request, obj)
+            finally:
+                self.source.release(obj)
+        try:
+            await resp.prepare(request)
+            position = start
+            while position < end:
+                await fetch.wait_beyond(position)
+                if fetch.error is not None:
+                    self.counters.failed += 1
+                    log.info("cutting a response for sha256:%s short: %s", fetch.hex[:12], fetch.error)
+                    return self._gone(request, resp)
+                upto = min(end, fetch.available())
+                await send_file(request, fd, position, upto - position)
+                self.counters.bytes_sent += upto - position
+                position = upto
+            await resp.write_eof()
+            return resp
+        except ConnectionError:
+            return self._gone(request, resp)
+        finally:
+            os.close(fd)
+
+    def _gone(self, request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+        """End a response whose body cannot be completed: close the connection
+        (the client sees fewer bytes than Content-Length)."""
+        self.counters.aborted += 1
+        if request.transport is not None:
+            request.transport.abort()
+        return resp
+
+
+def _http_error(exc: SlimError, headers: dict[str, str] | None) -> web.HTTPException:
+    cls: type[web.HTTPException] = {
+        400: web.HTTPBadRequest,
+        404: web.HTTPNotFound,
+        409: web.HTTPConflict,
+        502: web.HTTPBadGateway,
+        503: web.HTTPServiceUnavailable,
+    }.get(exc.http_status, web.HTTPInternalServerError)
+    return cls(text=exc.message + "\n", headers=headers)
+
+
+async def send_file(request: web.Request, fd: int, offset: int, count: int) -> None:
+    """Send ``count`` bytes of ``fd`` from ``offset`` after the (prepared) headers."""
+    if count <= 0:
+        return
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client went away")
+    loop = asyncio.get_running_loop()
+    if _UVLOOP is not None and isinstance(loop, _UVLOOP):
+        await _flush(transport, request)
+        sock = transport.get_extra_info("socket")
+        await _sendfile_dup(loop, sock.fileno(), fd, offset, count)
+        return
+    with os.fdopen(os.dup(fd), "rb") as f:
+        await loop.sendfile(transport, f, offset, count)
+
+
+async def _flush(transport: asyncio.BaseTransport, request: web.Request) -> None:
+    """Wait until the transport's buffer is empty (headers, earlier chunks on the wire)."""
+    transport = cast(asyncio.WriteTransport, transport)  # uvloop's transports are not registered subclasses
+    if transport.get_write_buffer_size() == 0:
+        return
+    low_high = transport.get_write_buffer_limits()
+    transport.set_write_buffer_limits(high=0)
+    try:
+        writer = request._payload_writer
+        await writer.drain()
+    finally:
+        transport.set_write_buffer_limits(high=low_high[1], low=low_high[0])
+    if transport.get_write_buffer_size():
+        raise ConnectionResetError("could not flush the response headers")
+
+
+async def _sendfile_dup(
+    loop: asyncio.AbstractEventLoop, sockfd: int, fd: int, offset: int, count: int
+) -> None:
+    dup = os.dup(sockfd)
+    try:
+        while count > 0:
+            try:
+                n = os.sendfile(dup, fd, offset, count)
+            except BlockingIOError:
+                await _writable(loop, dup)
+                continue
+            if n == 0:
+                raise ConnectionResetError("the file is shorter than expected")
+            offset += n
+            count -= n
+    finally:
+        os.close(dup)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_writer(fd, ready)
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)
+
+
+class StoreSource:
+    """Objects straight from a store directory (the core's object server): nothing
+    is fetched or evicted."""
+
+    def __init__(self, objects_dir: str | Path) -> None:
+        self.objects_dir = Path(objects_dir)
+
+    def acquire(self, hexdigest: str) -> CachedObject | None:
+        path = self.objects_dir / hexdigest
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return CachedObject(hexdigest, st.st_size, path, readers=1)
+
+    def release(self, obj: CachedObject) -> None:
+        obj.readers -= 1
+
+    def lost(self, obj: CachedObject) -> None:
+        pass
+
+    def fetch(self, hexdigest: str) -> Fetch:
+        raise NotFound(f"object sha256:{hexdigest} is not in the store")
+
+    async def head(self, hexdigest: str) -> int:
+        raise NotFound(f"object sha256:{hexdigest} is not in the store")

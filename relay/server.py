@@ -1,0 +1,446 @@
+"""A relay: objects over HTTP (cached, fetched upstream), the node API, TFTP for
+stage 1, heartbeats and prefetch orders from the core, metrics.
+
+One process, one event loop (uvloop), plus one thread for TFTP and a small
+pool for file writes and hashing.  :class:`RelayServer` is used by
+``slim relay serve`` and, in-process, by the tests; :class:`ObjectServer` is
+the same object routes over the core's store (``slim core serve --objects``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from slim.errors import InvalidArgument, NotFound, SlimError, Unavailable
+from slim.listen import parse_listen
+from slim.relay.api import NodeApi
+from slim.relay.cache import ObjectCache
+from slim.relay.corelink import CoreLink
+from slim.relay.fetch import CachingSource, Fetcher
+from slim.relay.objects import ObjectRoutes, StoreSource
+from slim.relay.tftp import StageOneServer
+from slim.relay.warm import Warmer
+from slim.v1 import core_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HTTP_PORT = 8080
+IPXE_FILES = ("undionly.kpxe", "ipxe.efi", "snponly.efi", "undionly.kkpxe", "ipxe.pxe")
+PXELINUX_RE = re.compile(r"pxelinux\.cfg/01-((?:[0-9a-f]{2}-){5}[0-9a-f]{2})")
+EGRESS_WINDOW = 5.0
+
+
+@dataclass
+class RelayConfig:
+    upstreams: list[str]
+    cache_dir: Path
+    max_bytes: int
+    name: str = ""
+    core: str = ""
+    listen: str = f"0.0.0.0:{DEFAULT_HTTP_PORT}"
+    tftp_listen: str = ""  # "" = no TFTP; HOST:PORT
+    ipxe_dir: Path = Path("/usr/lib/ipxe")
+    max_transfers: int = 1024
+    max_fetches: int = 16
+    max_core_calls: int = 256
+    prefetch_concurrency: int = 4
+    access_log: bool = False
+    io_threads: int = 4
+    extra_static: dict[str, Path] = field(default_factory=dict)
+
+
+def parse_size(text: str) -> int:
+    """``123``, ``512K``, ``20M``, ``50G``, ``2T`` (powers of 1024) → bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", text)
+    if m is None:
+        raise InvalidArgument(f"{text!r} is not a size (e.g. 500M, 50G, 2T)")
+    number, unit = m.groups()
+    value = int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
+    if value <= 0:
+        raise InvalidArgument(f"{text!r}: a size must be more than 0")
+    return value
+
+
+def _http_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class _Egress:
+    """Bytes sent per second over a sliding window (for heartbeats)."""
+
+    def __init__(self) -> None:
+        self._samples: list[tuple[float, int]] = []
+
+    def rate(self, total: int) -> float:
+        now = time.monotonic()
+        self._samples.append((now, total))
+        while len(self._samples) > 2 and now - self._samples[0][0] > EGRESS_WINDOW:
+            self._samples.pop(0)
+        t0, b0 = self._samples[0]
+        return (total - b0) / (now - t0) if now > t0 else 0.0
+
+
+class RelayServer:
+    def __init__(self, config: RelayConfig) -> None:
+        if not config.upstreams:
+            raise InvalidArgument(
+                "a relay needs at least one --upstream (a parent relay or the core's object server)"
+            )
+        for u in config.upstreams:
+            if not re.fullmatch(r"https?://[^/\s]+/?", u):
+                raise InvalidArgument(f"upstream {u!r} is not an http://HOST:PORT base URL")
+        if config.core and not config.name:
+            raise InvalidArgument("a relay that talks to a core needs --name (its name in the registry)")
+        self.config = config
+        self.host, self.requested_port = parse_listen(config.listen, DEFAULT_HTTP_PORT, allow_ephemeral=True)
+        self.port = 0
+        self.tftp_port = 0
+        self.cache = ObjectCache(config.cache_dir, config.max_bytes)
+        self.io = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="slim-relay-io")
+        self.link = CoreLink(config.core) if config.core else None
+        self.started_at = time.time()
+        self._egress = _Egress()
+        self._poke = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.fetcher: Fetcher
+        self.source: CachingSource
+        self.objects: ObjectRoutes
+        self.warmer: Warmer
+        self.api: NodeApi | None = None
+        self.tftp: StageOneServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.metrics = CollectorRegistry(auto_describe=False)
+        self.metrics.register(_RelayCollector(self))
+
+    # -- life ---------------------------------------------------------------
+    async def start(self) -> int:
+        """Load the cache, listen, start TFTP and heartbeats; return the HTTP port."""
+        self._loop = asyncio.get_running_loop()
+        self.cache.load()
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5, sock_read=30),
+            auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=self.config.max_fetches * 2),
+        )
+        self.fetcher = Fetcher(
+            self.cache, self.config.upstreams, self._session, self.io, self.config.max_fetches
+        )
+        self.source = CachingSource(self.cache, self.fetcher)
+        self.objects = ObjectRoutes(self.source, self.config.max_transfers)
+        self.warmer = Warmer(self.source, self._poke.set, self.config.prefetch_concurrency)
+        app = web.Application(client_max_size=1 << 20)
+        self.objects.add_to(app)
+        if self.link is not None:
+            self.api = NodeApi(self.link, self.config.name, self.config.max_core_calls)
+            self.api.add_to(app)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        self.port = await self._listen(app)
+        if self.config.tftp_listen:
+            self.tftp_port = self._start_tftp()
+        if self.link is not None:
+            self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeats"))
+        log.info(
+            "relay %s serving http on %s:%d%s, upstream %s, cache %s (%d bytes)",
+            self.config.name or "(unnamed)",
+            self.host,
+            self.port,
+            f", tftp on port {self.tftp_port}" if self.tftp_port else "",
+            ", ".join(self.config.upstreams),
+            self.config.cache_dir,
+            self.config.max_bytes,
+        )
+        return self.port
+
+    async def _listen(self, app: web.Application) -> int:
+        self._runner = web.AppRunner(
+            app, access_log=log if self.config.access_log else None, handle_signals=False, shutdown_timeout=0
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.requested_port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise Unavailable(
+                f"cannot listen on {self.host}:{self.requested_port}: {exc.strerror or exc}"
+            ) from None
+        server = site._server
+        assert isinstance(server, asyncio.base_events.Server | object)
+        sockets: list[socket.socket] = list(getattr(server, "sockets", []) or [])
+        return int(sockets[0].getsockname()[1]) if sockets else self.requested_port
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking connections, let transfers finish for ``grace`` seconds, end the rest."""
+        self._stopping.set()
+        if self.tftp is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.tftp.stop, min(grace, 5.0))
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()  # no new connections
+            try:
+                await asyncio.wait_for(self.objects.idle.wait(), grace)
+            except TimeoutError:
+                log.warning(
+                    "%d transfers still running after %.1f s; ending them",
+                    self.objects.counters.active,
+                    grace,
+                )
+            await self._runner.cleanup()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.warmer.close()
+        await self.fetcher.close()
+        if self._session is not None:
+            await self._session.close()
+        if self.link is not None:
+            await self.link.close()
+        self.io.shutdown(wait=True)
+        log.info("relay stopped")
+
+    # -- heartbeats ---------------------------------------------------------
+    def heartbeat(self) -> pb.Heartbeat:
+        stats = self.cache.stats()
+        healthy, message = self.health()
+        return pb.Heartbeat(
+            relay=self.config.name,
+            load=float(self.objects.counters.active),
+            active_transfers=self.objects.counters.active,
+            egress_bytes_per_second=self._egress.rate(self.objects.counters.bytes_sent),
+            cache_bytes=stats.bytes,
+            healthy=healthy,
+            message=message,
+            prefetch=self.warmer.report(),
+        )
+
+    def _on_reply(self, reply: pb.HeartbeatReply) -> None:
+        self.warmer.set_releases(reply.pinned_releases)
+        for order in reply.prefetch:
+            self.warmer.order(order)
+
+    async def _heartbeats(self) -> None:
+        assert self.link is not None
+        await self.link.heartbeats(self.heartbeat, self._on_reply, self._poke, self._stopping)
+
+    def health(self) -> tuple[bool, str]:
+        try:
+            st = os.statvfs(self.cache.root)
+        except OSError as exc:
+            return False, f"cache directory {self.cache.root}: {exc.strerror}"
+        if not os.access(self.cache.tmp_dir, os.W_OK):
+            return False, f"cache directory {self.cache.tmp_dir} is not writable"
+        if st.f_bavail * st.f_frsize < 64 * 1024 * 1024:
+            return False, f"less than 64 MiB free on the cache file system ({self.cache.root})"
+        return True, ""
+
+    # -- HTTP ---------------------------------------------------------------
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        body = generate_latest(self.metrics)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def _healthz(self, request: web.Request) -> web.StreamResponse:
+        healthy, message = self.health()
+        stats = self.cache.stats()
+        doc = {
+            "healthy": healthy,
+            "message": message,
+            "relay": self.config.name,
+            "core_connected": self.link.connected if self.link is not None else None,
+            "cache_bytes": stats.bytes,
+            "cache_objects": stats.objects,
+            "max_bytes": stats.max_bytes,
+            "active_transfers": self.objects.counters.active,
+            "fetches_in_flight": self.fetcher.inflight,
+        }
+        return web.json_response(doc, status=200 if healthy else 503)
+
+    # -- TFTP ---------------------------------------------------------------
+    def _start_tftp(self) -> int:
+        host, port = parse_listen(self.config.tftp_listen, 69, allow_ephemeral=True)
+        static = {
+            name: self.config.ipxe_dir / name
+            for name in IPXE_FILES
+            if (self.config.ipxe_dir / name).is_file()
+        }
+        if not static:
+            log.warning(
+                "no iPXE binaries in %s (install Debian's ipxe package); TFTP serves pxelinux only",
+                self.config.ipxe_dir,
+            )
+        static.update(self.config.extra_static)
+        server = StageOneServer(static, self._tftp_dynamic, host=host, port=port)
+        self.tftp = server
+        return server.start()
+
+    def _tftp_dynamic(self, name: str, client: str) -> bytes | None:
+        """pxelinux.cfg/01-<mac> from the core (called on the TFTP thread)."""
+        m = PXELINUX_RE.fullmatch(name.lower())
+        if m is None or self.link is None or self._loop is None:
+            return None
+        link = self.link
+        req = pb.GetBootScriptRequest(
+            mac=m.group(1).replace("-", ":"), origin=client, format=pb.SCRIPT_FORMAT_PXELINUX
+        )
+        future = asyncio.run_coroutine_threadsafe(link.call(link.core.GetBootScript, req), self._loop)
+        try:
+            return future.result(timeout=link.timeout + 1).script.encode()
+        except NotFound:
+            return None
+
+
+class ObjectServer:
+    """Objects straight from a store over HTTP (the core's object server)."""
+
+    def __init__(self, objects_dir: Path, listen: str, max_transfers: int = 1024) -> None:
+        self.host, self.requested_port = parse_listen(listen, DEFAULT_HTTP_PORT, allow_ephemeral=True)
+        self.objects = ObjectRoutes(StoreSource(objects_dir), max_transfers)
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self.metrics = CollectorRegistry(auto_describe=False)
+        self.metrics.register(_ObjectCollector(self.objects, "slim_origin"))
+
+    async def start(self) -> int:
+        app = web.Application()
+        self.objects.add_to(app)
+
+        async def metrics(request: web.Request) -> web.StreamResponse:
+            return web.Response(
+                body=generate_latest(self.metrics), headers={"Content-Type": "text/plain; version=0.0.4"}
+            )
+
+        app.router.add_get("/metrics", metrics)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.requested_port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise Unavailable(
+                f"cannot listen on {self.host}:{self.requested_port}: {exc.strerror or exc}"
+            ) from None
+        sockets = list(getattr(site._server, "sockets", []) or [])
+        self.port = int(sockets[0].getsockname()[1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+class _ObjectCollector(Collector):
+    def __init__(self, routes: ObjectRoutes, prefix: str) -> None:
+        self.routes = routes
+        self.prefix = prefix
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.routes.counters
+        p = self.prefix
+        for name, value, doc in (
+            ("object_requests", c.requests, "object requests (GET and HEAD)"),
+            ("object_hits", c.hits, "object requests served from disk"),
+            ("object_misses", c.misses, "object requests that waited on an upstream fetch"),
+            ("object_not_found", c.not_found, "object requests answered 404"),
+            ("object_bad_requests", c.bad_requests, "object requests with a malformed name"),
+            ("object_overloaded", c.overloaded, "object requests answered 503 (busy or cache full)"),
+            ("object_failed", c.failed, "object responses cut short or answered 502"),
+            ("sent_bytes", c.bytes_sent, "object bytes sent to clients"),
+        ):
+            yield CounterMetricFamily(f"{p}_{name}", doc, value=value)
+        yield GaugeMetricFamily(f"{p}_active_transfers", "object responses in progress", value=c.active)
+
+
+class _RelayCollector(_ObjectCollector):
+    def __init__(self, relay: RelayServer) -> None:
+        super().__init__(ObjectRoutes.__new__(ObjectRoutes), "slim_relay")
+        self.relay = relay
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.relay
+        if not hasattr(r, "objects"):
+            return
+        self.routes = r.objects
+        yield from super().collect()
+        f = r.fetcher.counters
+        for name, value, doc in (
+            ("upstream_fetches", f.fetches, "objects fetched from upstream (one per cold object)"),
+            ("upstream_fetch_failures", f.fetch_failures, "upstream fetches that failed"),
+            ("upstream_verify_failures", f.verify_failures, "upstream objects whose sha256 did not match"),
+            ("upstream_resumed", f.resumed, "upstream transfers resumed by Range"),
+            ("upstream_bytes", f.bytes_fetched, "bytes received from upstream"),
+            ("cache_evictions", r.cache.evictions, "objects evicted from the cache"),
+        ):
+            yield CounterMetricFamily(f"slim_relay_{name}", doc, value=value)
+        s = r.cache.stats()
+        for name, value, doc in (
+            ("cache_bytes", s.bytes, "bytes of cached objects"),
+            ("cache_objects", s.objects, "cached objects"),
+            ("cache_reserved_bytes", s.reserved, "bytes reserved for fetches in flight"),
+            ("cache_max_bytes", s.max_bytes, "the cache's byte budget"),
+            ("cache_pinned_objects", s.pinned_objects, "cached objects of current releases (never evicted)"),
+            ("cache_pinned_bytes", s.pinned_bytes, "bytes of pinned objects"),
+            ("cache_in_use_objects", s.in_use, "cached objects being sent"),
+            ("fetches_in_flight", r.fetcher.inflight, "upstream fetches in progress"),
+            (
+                "core_connected",
+                int(bool(r.link and r.link.connected)),
+                "1 while the heartbeat stream is open",
+            ),
+        ):
+            yield GaugeMetricFamily(f"slim_relay_{name}", doc, value=value)
+        if r.api is not None:
+            for name, value, doc in (
+                ("api_errors", r.api.errors, "node API requests answered with an error"),
+                ("api_overloaded", r.api.overloaded, "node API requests answered 503 (too many waiting)"),
+            ):
+                yield CounterMetricFamily(f"slim_relay_{name}", doc, value=value)
+        if r.tftp is not None:
+            tftp = r.tftp.stats
+            for key in ("sessions", "completed", "failed", "bad_packets", "refused", "busy", "bytes_sent"):
+                yield CounterMetricFamily(
+                    f"slim_relay_tftp_{key}", f"TFTP {key.replace('_', ' ')}", value=getattr(tftp, key, 0)
+                )
+
+
+async def serve(
+    config: RelayConfig, grace: float, on_ready: Callable[[RelayServer], None] | None = None
+) -> None:
+    """Run a relay until SIGTERM or SIGINT."""
+    relay = RelayServer(config)
+    await relay.start()
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    if on_ready is not None:
+        on_ready(relay)
+    try:
+        await stopping.wait()
+        log.info("stopping: finishing transfers (grace %.1f s)", grace)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await relay.stop(grace)
+
+
+__all__ = ["ObjectServer", "RelayConfig", "RelayServer", "SlimError", "parse_size", "serve"]

@@ -1,0 +1,226 @@
+"""Prefetch orders and pins: which objects a relay warms and keeps.
+
+A release document names its objects: kernel, initrd, and per directory the
+copy-set archive and the manifest; a ``sync`` directory's manifest names
+every file object (or, for big files, the chunks) that copy-if-needed nodes
+fetch.  A prefetch order warms all of them, a few at a time, reporting
+progress on the heartbeat stream.  The core's replies list the current
+releases; every object of those that the relay holds is pinned (never
+evicted).  Objects of a ``sync`` manifest that is not cached yet are pinned
+once it is (after a prefetch, or the first node's fetch and the next refresh).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import zstandard
+from pydantic import ValidationError
+
+from slim.agent import manifest as mf
+from slim.core.registry import Policy
+from slim.core.store import Release, parse_digest
+from slim.errors import InvalidArgument, SlimError
+from slim.relay.fetch import CachingSource
+from slim.v1 import core_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+MAX_MANIFEST_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Wanted:
+    hex: str
+    size: int
+
+
+def _read(source: CachingSource, hexdigest: str) -> bytes:
+    obj = source.cache.acquire(hexdigest)
+    if obj is None:
+        raise InvalidArgument(f"object sha256:{hexdigest} left the cache while being read")
+    try:
+        return obj.path.read_bytes()
+    finally:
+        source.cache.release(obj)
+
+
+def release_objects(
+    source: CachingSource, release_hex: str, with_files: bool
+) -> tuple[Release, list[Wanted]]:
+    """The release's objects, from the cached release document (and, with
+    ``with_files``, the cached ``sync`` manifests)."""
+    try:
+        release = Release.model_validate_json(_read(source, release_hex))
+    except ValidationError as exc:
+        raise InvalidArgument(
+            f"release sha256:{release_hex} is not a release document: {exc.errors()[0]['msg']}"
+        ) from None
+    wanted = [Wanted(release_hex, 0)]
+    for ref in (release.kernel, release.initrd):
+        wanted.append(Wanted(parse_digest(ref.digest), ref.size))
+    for d in release.directories.values():
+        for part in (d.archive, d.manifest):
+            if part is not None:
+                wanted.append(Wanted(parse_digest(part.digest), part.size))
+    return release, wanted
+
+
+def manifest_objects(data: bytes) -> list[Wanted]:
+    """The file (or chunk) objects a ``sync`` manifest names."""
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_MANIFEST_BYTES)
+        manifest = mf.decode(raw)
+    except (zstandard.ZstdError, ValueError) as exc:
+        raise InvalidArgument(f"not a manifest: {exc}") from None
+    seen: set[str] = set()
+    out = []
+    for m in manifest.entries:
+        if m.chunks:
+            size = m.entry.size
+            for i, c in enumerate(m.chunks):
+                if c not in seen:
+                    seen.add(c)
+                    out.append(Wanted(c, min(mf.CHUNK_SIZE, size - i * mf.CHUNK_SIZE)))
+        elif m.sha256 and m.sha256 not in seen:
+            seen.add(m.sha256)
+            out.append(Wanted(m.sha256, m.entry.size))
+    return out
+
+
+def sync_manifests(release: Release) -> list[str]:
+    return [
+        parse_digest(d.manifest.digest)
+        for d in release.directories.values()
+        if d.policy is Policy.SYNC and d.manifest is not None
+    ]
+
+
+class Warmer:
+    """Runs prefetch orders and keeps the cache's pins in step with the core."""
+
+    def __init__(self, source: CachingSource, poke: Callable[[], None], concurrency: int = 4) -> None:
+        self.source = source
+        self.poke = poke
+        self.concurrency = concurrency
+        self.statuses: dict[str, pb.PrefetchStatus] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._releases: tuple[str, ...] = ()
+        self._pin_task: asyncio.Task[None] | None = None
+
+    # -- prefetch -----------------------------------------------------------
+    def order(self, order: pb.PrefetchOrder) -> None:
+        if order.id in self.statuses:
+            return
+        status = pb.PrefetchStatus(id=order.id, release_digest=order.release_digest)
+        self.statuses[order.id] = status
+        log.info("prefetch %s: warming %s (%s)", order.id, order.environment, order.release_digest)
+        self._spawn(self._prefetch(order, status), f"prefetch {order.id}")
+
+    def report(self) -> list[pb.PrefetchStatus]:
+        """Statuses for the next beat; a finished order is reported once more, then dropped."""
+        out = []
+        for status in self.statuses.values():
+            copy = pb.PrefetchStatus()
+            copy.CopyFrom(status)
+            out.append(copy)
+        for s in out:
+            if s.done:
+                self.statuses.pop(s.id, None)
+        return out
+
+    async def _prefetch(self, order: pb.PrefetchOrder, status: pb.PrefetchStatus) -> None:
+        try:
+            release_hex = parse_digest(order.release_digest)
+            await self.source.ensure(release_hex)
+            release, wanted = release_objects(self.source, release_hex, with_files=False)
+            wanted = wanted[1:]
+            for manifest_hex in sync_manifests(release):
+                await self.source.ensure(manifest_hex)
+                wanted.extend(manifest_objects(_read(self.source, manifest_hex)))
+            unique = list({w.hex: w for w in wanted}.values())
+            status.objects_total = len(unique)
+            status.bytes_total = sum(w.size for w in unique)
+            self.poke()
+            queue: asyncio.Queue[Wanted] = asyncio.Queue()
+            for w in unique:
+                queue.put_nowait(w)
+
+            async def worker() -> None:
+                while not queue.empty():
+                    w = queue.get_nowait()
+                    size, fetched = await self.source.ensure(w.hex)
+                    status.objects_done += 1
+                    status.bytes_done += size
+                    if fetched:
+                        status.bytes_fetched += size
+                    self.poke()
+
+            await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(unique)) or 1)))
+            log.info(
+                "prefetch %s: %d objects, %d bytes (%d fetched)",
+                order.id,
+                status.objects_done,
+                status.bytes_done,
+                status.bytes_fetched,
+            )
+            self.refresh_pins()
+        except SlimError as exc:
+            status.error = exc.message
+            log.warning("prefetch %s failed: %s", order.id, exc.message)
+        except Exception as exc:
+            status.error = f"internal error: {exc}"
+            log.exception("prefetch %s failed unexpectedly", order.id)
+        finally:
+            status.done = True
+            self.poke()
+
+    # -- pins ---------------------------------------------------------------
+    def set_releases(self, digests: Iterable[str]) -> None:
+        releases = tuple(sorted(digests))
+        if releases != self._releases:
+            self._releases = releases
+            self.refresh_pins()
+
+    def refresh_pins(self) -> None:
+        if self._pin_task is None or self._pin_task.done():
+            self._pin_task = self._spawn(self._pins(), "pins")
+        else:  # a refresh is running: run another one after it
+            prev = self._pin_task
+
+            async def after() -> None:
+                await asyncio.gather(prev, return_exceptions=True)
+                await self._pins()
+
+            self._pin_task = self._spawn(after(), "pins")
+
+    async def _pins(self) -> None:
+        pins: set[str] = set()
+        for digest in self._releases:
+            try:
+                release_hex = parse_digest(digest)
+                await self.source.ensure(release_hex)
+                release, wanted = release_objects(self.source, release_hex, with_files=True)
+                pins.update(w.hex for w in wanted)
+                for manifest_hex in sync_manifests(release):
+                    if manifest_hex in self.source.cache:
+                        pins.update(w.hex for w in manifest_objects(_read(self.source, manifest_hex)))
+            except SlimError as exc:
+                log.warning("cannot pin release %s: %s", digest, exc.message)
+        self.source.cache.set_pins(pins)
+        log.info("pins: %d objects of %d current releases", len(pins), len(self._releases))
+
+    def _spawn(self, coro: object, name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
