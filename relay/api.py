@@ -10,7 +10,7 @@ standard library.
 ``GET /boot/{mac}.ipxe``               the node's iPXE script (text)
 ``GET /v1/locate?node=N`` or ``mac=M`` ranked relays for the node
 ``GET /v1/nodes/{node}/plan``          the boot plan ({node}: name or MAC)
-``POST /v1/nodes/{node}/events``       boot events: one object, or
+``POST /v1/nodes/{node}/events``       boot events: one object, a list, or
                                        ``{"events": [...]}`` (at most 1000)
 =====================================  =====================================
 
@@ -231,7 +231,10 @@ class NodeApi:
             doc = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InvalidArgument(f"body is not JSON: {exc}") from None
-        records = doc["events"] if isinstance(doc, dict) and "events" in doc else [doc]
+        if isinstance(doc, dict) and "events" in doc:
+            records = doc["events"]
+        else:
+            records = doc if isinstance(doc, list) else [doc]
         if not isinstance(records, list) or not records:
             raise InvalidArgument("events must be a non-empty list")
         if len(records) > MAX_EVENTS:

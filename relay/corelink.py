@@ -99,6 +99,9 @@ class CoreLink:
                 nonlocal interval, replies
                 async for reply in call:
                     replies += 1
+                    if not self.connected:
+                        self.connected = True
+                        log.info("heartbeat stream to the core at %s open", self.address)
                     if reply.interval_ms:
                         interval = reply.interval_ms / 1000
                     on_reply(reply)
@@ -113,9 +116,7 @@ class CoreLink:
                     if reader.done():
                         reader.result()  # raises what ended the stream
                         raise grpc.aio.UsageError("the core closed the heartbeat stream")
-                    if replies and not self.connected:
-                        self.connected = True
-                        log.info("heartbeat stream to the core at %s open", self.address)
+                    if replies:
                         backoff = BACKOFF_MIN
                 await call.done_writing()
             except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:

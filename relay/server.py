@@ -430,17 +430,23 @@ async def serve(
     await relay.start()
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
+
+    def stop() -> None:
+        if stopping.is_set():
+            log.info("already stopping (transfers get %.1f s to finish)", grace)
+        stopping.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, stop)
     if on_ready is not None:
         on_ready(relay)
     try:
         await stopping.wait()
         log.info("stopping: finishing transfers (grace %.1f s)", grace)
+        await relay.stop(grace)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await relay.stop(grace)
 
 
 __all__ = ["ObjectServer", "RelayConfig", "RelayServer", "SlimError", "parse_size", "serve"]

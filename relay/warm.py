@@ -138,8 +138,10 @@ class Warmer:
             await self.source.ensure(release_hex)
             release, wanted = release_objects(self.source, release_hex, with_files=False)
             wanted = wanted[1:]
+            fetched_here: set[str] = set()  # manifests fetched to read them count as fetched by this order
             for manifest_hex in sync_manifests(release):
-                await self.source.ensure(manifest_hex)
+                if (await self.source.ensure(manifest_hex))[1]:
+                    fetched_here.add(manifest_hex)
                 wanted.extend(manifest_objects(_read(self.source, manifest_hex)))
             unique = list({w.hex: w for w in wanted}.values())
             status.objects_total = len(unique)
@@ -155,7 +157,7 @@ class Warmer:
                     size, fetched = await self.source.ensure(w.hex)
                     status.objects_done += 1
                     status.bytes_done += size
-                    if fetched:
+                    if fetched or w.hex in fetched_here:
                         status.bytes_fetched += size
                     self.poke()
 

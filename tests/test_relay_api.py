@@ -1,0 +1,409 @@
+"""A relay with a real core: the node API, heartbeats, pins, prefetch, TFTP from
+the core, metrics and health, and `slim relay serve` stopping gracefully.
+
+Real gRPC core and aiohttp relay on 127.0.0.1 port 0; the TFTP client is tftpy's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+import tftpy
+import zstandard
+
+from slim.agent import manifest as mf
+from slim.agent.tree import Entry
+from slim.core.registry import Policy
+from slim.core.service import CoreService
+from slim.core.store import ObjectRef, Release, ReleaseDirectory, Store
+from slim.v1 import core_pb2 as pb
+
+from .conftest import Core
+from .needs import need
+from .relayfix import blob, metrics, origin, relay, start_relay_process, stop_process, url
+
+IPXE = Path("/usr/lib/ipxe/undionly.kpxe")
+
+
+def publish_sync_release(store: Store, files: int = 12) -> tuple[str, set[str]]:
+    """A release of ``jdk14`` whose /var is copy-if-needed with a real manifest:
+    (release digest, every object digest (hex) a prefetch must warm)."""
+    items = []
+    wanted: set[str] = set()
+    for i in range(files):
+        data = blob(1000 + 997 * i, 100 + i)
+        ref = store.put_bytes(data)
+        wanted.add(ref.digest[7:])
+        items.append(
+            mf.ManifestEntry(
+                Entry(f"f{i:02d}", "file", 0o644, 0, 0, 0, size=len(data)), sha256=ref.digest[7:]
+            )
+        )
+    big = blob(5 * mf.CHUNK_SIZE + 17, 99)  # a chunked file: its chunks are the objects
+    chunks = []
+    for off in range(0, len(big), mf.CHUNK_SIZE):
+        ref = store.put_bytes(big[off : off + mf.CHUNK_SIZE])
+        chunks.append(ref.digest[7:])
+        wanted.add(ref.digest[7:])
+    items.append(
+        mf.ManifestEntry(
+            Entry("big", "file", 0o644, 0, 0, 0, size=len(big)),
+            sha256=hashlib.sha256(big).hexdigest(),
+            chunks=tuple(chunks),
+        )
+    )
+    manifest = store.put_bytes(zstandard.ZstdCompressor().compress(mf.encode(mf.make("/var", items))))
+    archive = store.put_bytes(blob(50_000, 7))
+    kernel, initrd = store.put_bytes(blob(40_000, 8)), store.put_bytes(blob(60_000, 9))
+    nfs_manifest = store.put_bytes(b"placeholder nfs manifest")
+    release = Release(
+        environment="jdk14",
+        kernel=kernel,
+        initrd=initrd,
+        directories={
+            "/": ReleaseDirectory(policy=Policy.SYNC, archive=archive, manifest=manifest, bytes=1, files=1),
+            "/usr": ReleaseDirectory(policy=Policy.NFS, manifest=nfs_manifest),
+            "/var": ReleaseDirectory(policy=Policy.DISK, archive=archive, manifest=manifest),
+        },
+    )
+    for r in (kernel, initrd, archive, manifest, nfs_manifest):
+        wanted.add(r.digest[7:])
+    digest = store.publish_release(release)
+    wanted.add(digest[7:])
+    return digest, wanted
+
+
+async def wait_until(predicate: object, seconds: float = 20.0) -> None:
+    """Poll ``predicate`` (a zero-argument callable) on the event loop, bounded."""
+    assert callable(predicate)
+    for _ in range(int(seconds / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"condition not met within {seconds} s")
+
+
+async def events_of(core: Core, node: str) -> list[pb.BootEvent]:
+    resp = await core.admin.ListBootEvents(pb.ListBootEventsRequest(node=node))
+    return list(resp.events)
+
+
+# -- the node API --------------------------------------------------------------------
+async def test_node_api_through_the_relay(core: Core, store: Store, tmp_path: Path) -> None:
+    async with (
+        origin(store) as o,
+        relay(tmp_path / "r", [url(o)], name="room-1", core=core.address) as r,
+        aiohttp.ClientSession() as s,
+    ):
+        base = url(r)
+        async with s.get(f"{base}/boot/52:54:00:00:00:01.ipxe") as resp:
+            assert resp.status == 200
+            script = await resp.text()
+            assert script.startswith("#!ipxe") and "n1" in script
+        async with s.get(f"{base}/boot/52-54-00-00-00-01.ipxe") as resp:
+            assert resp.status == 200
+        async with s.get(f"{base}/v1/locate", params={"node": "n1"}) as resp:
+            assert resp.status == 200
+            doc = await resp.json()
+            assert doc["node"] == "n1" and doc["relays"] and doc["relays"][0]["tier"] == "site"
+        async with s.get(f"{base}/v1/locate", params={"mac": "52:54:00:00:00:22"}) as resp:
+            assert (await resp.json())["node"] == "n2"
+        for ref in ("n1", "52:54:00:00:00:01"):
+            async with s.get(f"{base}/v1/nodes/{ref}/plan") as resp:
+                assert resp.status == 200
+                plan = await resp.json()
+                assert plan["node"] == "n1" and plan["environment"] == "base"
+                assert isinstance(plan["kernel"]["size"], int) and plan["kernel"]["digest"].startswith(
+                    "sha256:"
+                )
+                dirs = {d["path"]: d for d in plan["directories"]}
+                assert dirs["/"]["policy"] == "ram" and dirs["/usr"]["policy"] == "nfs"
+                assert dirs["/usr"]["nfs"]["options"].startswith("ro")
+                assert dirs["/usr"]["archive"] is None
+        # a node fetches its kernel through the relay by the plan's digest
+        async with s.get(f"{base}/objects/sha256/{plan['kernel']['digest'][7:]}") as resp:
+            assert resp.status == 200 and len(await resp.read()) == plan["kernel"]["size"]
+        events = {
+            "events": [
+                {
+                    "boot_id": "b1",
+                    "stage": "plan",
+                    "time": 1_700_000_000.5,
+                    "ok": True,
+                    "environment": "base",
+                },
+                {"boot_id": "b1", "stage": "fetch:/", "bytes": 1234, "message": "ok"},
+            ]
+        }
+        async with s.post(f"{base}/v1/nodes/n1/events", json=events) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["accepted"] == 2
+        async with s.post(
+            f"{base}/v1/nodes/n1/events", json={"boot_id": "b1", "stage": "switch_root"}
+        ) as resp:
+            assert (await resp.json())["accepted"] == 1
+        recorded = await events_of(core, "n1")
+        assert {e.stage for e in recorded} == {"plan", "fetch:/", "switch_root"}
+        assert all(e.relay == "room-1" for e in recorded)
+        assert next(e for e in recorded if e.stage == "fetch:/").bytes == 1234
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "words"),
+    [
+        ("GET", "/boot/52:54:00:99:99:99.ipxe", None, 404, "MAC"),
+        ("GET", "/boot/not-a-mac.ipxe", None, 400, "MAC"),
+        ("GET", "/v1/locate", None, 400, "?node="),
+        ("GET", "/v1/locate?node=n1&mac=52:54:00:00:00:01", None, 400, "one of them"),
+        ("GET", "/v1/nodes/nosuch/plan", None, 404, "nosuch"),
+        ("GET", "/v1/nodes/n3/plan", None, 409, "unbuilt"),
+        ("POST", "/v1/nodes/n1/events", b"{not json", 400, "not JSON"),
+        ("POST", "/v1/nodes/n1/events", b"[]", 400, "non-empty"),
+        ("POST", "/v1/nodes/n1/events", b'{"stage": "x"}', 400, "boot_id"),
+        ("POST", "/v1/nodes/n1/events", b'{"boot_id": "b", "stage": "x", "bytes": -1}', 400, "bytes"),
+        ("POST", "/v1/nodes/n1/events", b'{"boot_id": "b", "stage": "x", "time": "noon"}', 400, "time"),
+        ("POST", "/v1/nodes/n1/events", b'{"boot_id": "b", "stage": "x", "colour": 1}', 400, "colour"),
+        ("POST", "/v1/nodes/n1/events", b'{"boot_id": "b", "stage": "x", "node": "n2"}', 400, "differs"),
+        ("POST", "/v1/nodes/52:54:00:00:00:01/events", b'{"boot_id": "b", "stage": "x"}', 400, "name"),
+        ("POST", "/v1/nodes/nosuch/events", b'{"boot_id": "b", "stage": "x"}', 404, "nosuch"),
+    ],
+)
+async def test_node_api_errors(
+    core: Core,
+    store: Store,
+    tmp_path: Path,
+    method: str,
+    path: str,
+    body: bytes | None,
+    status: int,
+    words: str,
+) -> None:
+    async with (
+        origin(store) as o,
+        relay(tmp_path / "r", [url(o)], name="room-1", core=core.address) as r,
+        aiohttp.ClientSession() as s,
+        s.request(method, url(r) + path, data=body) as resp,
+    ):
+        assert resp.status == status, await resp.text()
+        doc = await resp.json()
+        assert words in doc["error"], doc
+
+
+async def test_node_api_when_the_core_is_down(store: Store, tmp_path: Path) -> None:
+    async with (
+        origin(store) as o,
+        relay(tmp_path / "r", [url(o)], name="room-1", core="127.0.0.1:1") as r,
+        aiohttp.ClientSession() as s,
+        s.get(f"{url(r)}/v1/nodes/n1/plan") as resp,
+    ):
+        assert resp.status == 503
+        assert resp.headers["Retry-After"]
+        assert "unreachable" in (await resp.json())["error"]
+
+
+async def test_oversized_event_body_is_refused(core: Core, store: Store, tmp_path: Path) -> None:
+    async with (
+        origin(store) as o,
+        relay(tmp_path / "r", [url(o)], name="room-1", core=core.address) as r,
+        aiohttp.ClientSession() as s,
+    ):
+        body = b'{"events": [' + b",".join([b'{"boot_id": "b", "stage": "x"}'] * 1001) + b"]}"
+        async with s.post(f"{url(r)}/v1/nodes/n1/events", data=body) as resp:
+            assert resp.status == 400 and "1000" in (await resp.json())["error"]
+        async with s.post(f"{url(r)}/v1/nodes/n1/events", data=io.BytesIO(b"x" * (2 << 20))) as resp:
+            assert resp.status in (400, 413)
+
+
+# -- heartbeats, pins, prefetch ------------------------------------------------------
+async def test_heartbeats_reach_the_core_and_pin_current_releases(
+    core: Core, store: Store, tmp_path: Path
+) -> None:
+    async with (
+        origin(store) as o,
+        relay(tmp_path / "r", [url(o)], name="room-1", core=core.address) as r,
+        aiohttp.ClientSession() as s,
+    ):
+        await wait_until(lambda: r.link is not None and r.link.connected)
+        relays = await core.admin.ListRelays(pb.ListRelaysRequest())
+        info = next(x for x in relays.relays if x.name == "room-1")
+        assert info.status == "live" and info.last_heartbeat.healthy
+        base = store.release("base")
+        assert base is not None
+        kernel = base[1].kernel.digest[7:]
+        await wait_until(lambda: kernel in r.cache.pins)  # the core's reply named the release
+        assert base[0][7:] in r.cache.pins
+        m = await metrics(s, url(r))
+        assert m["slim_relay_core_connected"] == 1
+        assert m["slim_relay_cache_pinned_objects"] >= 1  # the release document was fetched to read it
+        async with s.get(f"{url(r)}/healthz") as resp:
+            doc = await resp.json()
+            assert resp.status == 200 and doc["healthy"] and doc["core_connected"]
+
+
+async def test_prefetch_warms_every_object_and_reports_progress(
+    core: Core, service: CoreService, store: Store, tmp_path: Path
+) -> None:
+    digest, wanted = publish_sync_release(store)
+    async with (
+        origin(store) as o,
+        relay(tmp_path / "r", [url(o)], name="room-1", core=core.address) as r,
+        aiohttp.ClientSession() as s,
+    ):
+        await wait_until(lambda: r.link is not None and r.link.connected)
+        progress = [
+            p async for p in core.admin.Prefetch(pb.PrefetchRequest(environment="jdk14", nodes=["n1"]))
+        ]
+        relays = {p.relay for p in progress}
+        assert relays == {"room-1", "room-2"}  # n1's site has two relays; room-2 is not running
+        done = {p.relay: p.status for p in progress if p.status.done}
+        assert "not connected" in done["room-2"].error
+        warm = done["room-1"]
+        assert warm.error == "" and warm.release_digest == digest
+        assert warm.objects_done == warm.objects_total == len(wanted) - 1  # all but the release document
+        assert warm.bytes_done == warm.bytes_total == warm.bytes_fetched > 5 * mf.CHUNK_SIZE
+        assert all(h in r.cache for h in wanted)
+        before = (await metrics(s, url(o)))["slim_origin_object_requests_total"]
+        # every object is pinned once the release is current, and a second prefetch fetches nothing
+        await wait_until(lambda: wanted <= r.cache.pins)
+        again = [
+            p.status
+            async for p in core.admin.Prefetch(pb.PrefetchRequest(environment="jdk14", relays=["room-1"]))
+            if p.status.done
+        ]
+        assert again[-1].bytes_fetched == 0 and again[-1].objects_done == len(wanted) - 1
+        assert (await metrics(s, url(o)))["slim_origin_object_requests_total"] == before
+        # a node's requests are hits now
+        m0 = await metrics(s, url(r))
+        chunk = next(iter(wanted))
+        async with s.get(f"{url(r)}/objects/sha256/{chunk}") as resp:
+            assert resp.status == 200
+        m1 = await metrics(s, url(r))
+        assert m1["slim_relay_object_hits_total"] == m0["slim_relay_object_hits_total"] + 1
+
+
+async def test_prefetch_errors(core: Core, store: Store) -> None:
+    async def first(req: pb.PrefetchRequest) -> AsyncIterator[pb.PrefetchProgress]:
+        async for p in core.admin.Prefetch(req):
+            yield p
+
+    for req, code, words in (
+        (pb.PrefetchRequest(environment="nosuch"), grpc.StatusCode.NOT_FOUND, "nosuch"),
+        (pb.PrefetchRequest(environment="unbuilt"), grpc.StatusCode.FAILED_PRECONDITION, "slim ee build"),
+        (pb.PrefetchRequest(environment="base", relays=["nosuch"]), grpc.StatusCode.NOT_FOUND, "nosuch"),
+        (pb.PrefetchRequest(environment="base", nodes=["nosuch"]), grpc.StatusCode.NOT_FOUND, "nosuch"),
+        (pb.PrefetchRequest(), grpc.StatusCode.INVALID_ARGUMENT, "environment"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            _ = [p async for p in first(req)]
+        assert info.value.code() == code and words in (info.value.details() or "")
+    # no relay connected: every relay of the registry reports it, the call ends
+    statuses = [p async for p in core.admin.Prefetch(pb.PrefetchRequest(environment="base"))]
+    assert {p.relay for p in statuses} == {"hub", "room-1", "room-2", "lab-1"}
+    assert all(p.status.done and "not connected" in p.status.error for p in statuses)
+
+
+async def test_prefetch_of_a_broken_release_reports_the_error(
+    core: Core, store: Store, tmp_path: Path
+) -> None:
+    """The release names an object the origin does not have: the relay says so."""
+    release = store.release("base")
+    assert release is not None
+    missing = ObjectRef(digest="sha256:" + "ee" * 32, size=10)
+    store.publish_release(release[1].model_copy(update={"kernel": missing}))
+    async with origin(store) as o, relay(tmp_path / "r", [url(o)], name="room-1", core=core.address) as r:
+        await wait_until(lambda: r.link is not None and r.link.connected)
+        statuses = [
+            p.status
+            async for p in core.admin.Prefetch(pb.PrefetchRequest(environment="base", relays=["room-1"]))
+            if p.status.done
+        ]
+        assert "not on any upstream" in statuses[-1].error
+
+
+# -- TFTP ----------------------------------------------------------------------------
+async def test_tftp_serves_ipxe_and_pxelinux_from_the_core(core: Core, store: Store, tmp_path: Path) -> None:
+    need(IPXE.is_file(), "Debian's ipxe package (/usr/lib/ipxe/undionly.kpxe)")
+    async with (
+        origin(store) as o,
+        relay(tmp_path / "r", [url(o)], name="room-1", core=core.address, tftp_listen="127.0.0.1:0") as r,
+    ):
+        assert r.tftp_port
+
+        def download(name: str, out: Path) -> None:
+            tftpy.TftpClient("127.0.0.1", r.tftp_port).download(name, str(out), timeout=2)
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, download, "undionly.kpxe", tmp_path / "undi")
+        assert (tmp_path / "undi").read_bytes() == IPXE.read_bytes()
+        await loop.run_in_executor(None, download, "pxelinux.cfg/01-52-54-00-00-00-01", tmp_path / "cfg")
+        cfg = (tmp_path / "cfg").read_text()
+        assert "n1" in cfg and "KERNEL" in cfg.upper()
+        with pytest.raises(tftpy.TftpException):
+            await loop.run_in_executor(None, download, "pxelinux.cfg/01-52-54-00-99-99-99", tmp_path / "x")
+        with pytest.raises(tftpy.TftpException):
+            await loop.run_in_executor(None, download, "../../etc/passwd", tmp_path / "y")
+        assert r.tftp is not None and r.tftp.stats.completed == 2
+
+
+# -- the command ---------------------------------------------------------------------
+@pytest.mark.slow
+async def test_relay_serve_stops_gracefully_finishing_a_transfer(store: Store, tmp_path: Path) -> None:
+    data = blob(48 << 20, 12)
+    name = store.put_bytes(data).digest[7:]
+    async with origin(store) as o, aiohttp.ClientSession() as s:
+        p = start_relay_process(tmp_path / "r", url(o))
+        try:
+            async with s.get(f"{p.url}/objects/sha256/{name}") as resp:
+                first = await resp.content.readexactly(1 << 20)
+                p.kill(signal.SIGTERM)  # in the middle of the body: the transfer still completes
+                rest = await resp.read()
+            assert first + rest == data
+            _, err = await asyncio.get_running_loop().run_in_executor(None, p.proc.communicate, None, 30)
+        finally:
+            stop_process(p)
+        assert p.proc.returncode == 0, err
+        assert "Traceback" not in err
+
+
+async def test_cli_prefetch(core: Core, store: Store, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from slim.cli import main
+
+    _, wanted = publish_sync_release(store)
+    runner = CliRunner()
+    loop = asyncio.get_running_loop()
+    async with origin(store) as o, relay(tmp_path / "r", [url(o)], name="room-1", core=core.address) as r:
+        await wait_until(lambda: r.link is not None and r.link.connected)
+        ok = await loop.run_in_executor(
+            None,
+            runner.invoke,
+            main,
+            ["relay", "prefetch", "jdk14", "--relay", "room-1", "--core", core.address],
+        )
+        assert ok.exit_code == 0, ok.output
+        assert f"room-1: warm ({len(wanted) - 1}/{len(wanted) - 1} objects" in ok.output
+        assert all(h in r.cache for h in wanted)
+        bad = await loop.run_in_executor(
+            None,
+            runner.invoke,
+            main,
+            ["relay", "prefetch", "jdk14", "--relay", "room-2", "--core", core.address],
+        )
+        assert bad.exit_code == 1 and "not connected" in bad.output
+        quick = await loop.run_in_executor(
+            None, runner.invoke, main, ["relay", "prefetch", "base", "--no-wait", "--core", core.address]
+        )
+        assert quick.exit_code == 0 and "prefetch of base sent to" in quick.output
+        unknown = await loop.run_in_executor(
+            None, runner.invoke, main, ["relay", "prefetch", "nosuch", "--core", core.address]
+        )
+        assert unknown.exit_code == 1 and "nosuch" in unknown.output
