@@ -7,13 +7,14 @@ fetch.  A prefetch order warms all of them, a few at a time, reporting
 progress on the heartbeat stream.  The core's replies list the current
 releases; every object of those that the relay holds is pinned (never
 evicted).  Objects of a ``sync`` manifest that is not cached yet are pinned
-once it is (after a prefetch, or the first node's fetch and the next refresh).
+once it is (after a prefetch, or within a minute of a node fetching it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from slim.v1 import core_pb2 as pb
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST_BYTES = 512 * 1024 * 1024
+PIN_REFRESH = 60.0  # seconds between pin recomputations while the releases stay the same
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class Warmer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._releases: tuple[str, ...] = ()
         self._pin_task: asyncio.Task[None] | None = None
+        self._pinned_at = time.monotonic()
 
     # -- prefetch -----------------------------------------------------------
     def order(self, order: pb.PrefetchOrder) -> None:
@@ -182,8 +185,11 @@ class Warmer:
 
     # -- pins ---------------------------------------------------------------
     def set_releases(self, digests: Iterable[str]) -> None:
+        """The core's current releases (every heartbeat reply).  Pins are recomputed
+        when they change, and every PIN_REFRESH seconds anyway: manifests that
+        nodes fetched since then now pin their file objects too."""
         releases = tuple(sorted(digests))
-        if releases != self._releases:
+        if releases != self._releases or time.monotonic() - self._pinned_at > PIN_REFRESH:
             self._releases = releases
             self.refresh_pins()
 
@@ -200,6 +206,7 @@ class Warmer:
             self._pin_task = self._spawn(after(), "pins")
 
     async def _pins(self) -> None:
+        self._pinned_at = time.monotonic()
         pins: set[str] = set()
         for digest in self._releases:
             try:
