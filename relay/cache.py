@@ -45,6 +45,8 @@ class CachedObject:
     size: int
     path: Path
     readers: int = 0
+    body: bytes | None = None  # the bytes, for small objects kept in memory (see ObjectCache.remember)
+    head: bytes = b""  # the fast path's response headers, made once
 
 
 @dataclass(eq=False)
@@ -68,7 +70,7 @@ class CacheStats:
 
 
 class ObjectCache:
-    def __init__(self, root: str | Path, max_bytes: int) -> None:
+    def __init__(self, root: str | Path, max_bytes: int, memory_bytes: int = 64 << 20) -> None:
         if max_bytes <= 0:
             raise InvalidArgument(f"the cache budget must be positive, not {max_bytes} bytes")
         self.root = Path(root)
@@ -78,6 +80,8 @@ class ObjectCache:
         self.used = 0  # bytes of published objects
         self.reserved = 0  # bytes set aside for fetches in flight
         self.evictions = 0
+        self.memory_bytes = memory_bytes  # budget for small objects' bytes kept in memory
+        self.memory_used = 0
         self._lru: OrderedDict[str, CachedObject] = OrderedDict()  # least recently used first
         self._pins: frozenset[str] = frozenset()
 
@@ -132,10 +136,23 @@ class ObjectCache:
     def release(self, obj: CachedObject) -> None:
         obj.readers -= 1
 
+    def remember(self, obj: CachedObject, body: bytes) -> None:
+        """Keep a small object's bytes in memory while the memory budget allows
+        (first come, first kept; they go when the object is evicted)."""
+        if obj.body is None and self.memory_used + len(body) <= self.memory_bytes and obj.hex in self._lru:
+            obj.body = body
+            self.memory_used += len(body)
+
+    def _forget_body(self, obj: CachedObject) -> None:
+        if obj.body is not None:
+            self.memory_used -= len(obj.body)
+            obj.body = None
+
     def lost(self, obj: CachedObject) -> None:
         """The object's file vanished or is unreadable (removed by hand?): forget it."""
         if self._lru.get(obj.hex) is obj:
             del self._lru[obj.hex]
+            self._forget_body(obj)
             self.used -= obj.size
             log.warning("cache: object %s vanished from %s; forgotten", obj.hex, obj.path)
 
@@ -182,6 +199,7 @@ class ObjectCache:
         os.rename(tmp, final)
         old = self._lru.pop(hexdigest, None)
         if old is not None:  # a second copy of the same bytes: same name, same size
+            self._forget_body(old)
             self.used -= old.size
         obj = CachedObject(hexdigest, size, final)
         self._lru[hexdigest] = obj
@@ -209,6 +227,7 @@ class ObjectCache:
                 log.error("cache: cannot evict %s: %s", obj.path, exc)
                 continue
             del self._lru[hexdigest]
+            self._forget_body(obj)
             self.used -= obj.size
             freed += obj.size
             self.evictions += 1

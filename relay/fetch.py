@@ -320,6 +320,9 @@ class CachingSource:
     def lost(self, obj: CachedObject) -> None:
         self.cache.lost(obj)
 
+    def remember(self, obj: CachedObject, body: bytes) -> None:
+        self.cache.remember(obj, body)
+
     def fetch(self, hexdigest: str) -> Fetch:
         return self.fetcher.get(hexdigest)
 

@@ -11,9 +11,11 @@ the store, nothing fetched).
   sent), as RFC 9110 allows.  ``If-Range`` and ``If-None-Match`` are honoured.
 * The name must be 64 lowercase hex digits (checked after percent-decoding),
   so no request can name a path: anything else is 400.
-* Bodies go out with ``sendfile(2)``.  uvloop has no ``loop.sendfile``; here
-  the socket is duplicated and ``os.sendfile`` runs on the duplicate, waiting
-  for writability on it (the transport's own buffer is empty by then).
+* Bodies over SMALL go out with ``sendfile(2)``.  uvloop has no
+  ``loop.sendfile``; here the socket is duplicated and ``os.sendfile`` runs on
+  the duplicate, waiting for writability on it (the transport's own buffer is
+  empty by then).  Cached objects usually never get here: the fast path
+  (:mod:`slim.relay.fastpath`) answers them before aiohttp sees the request.
 * At most ``max_transfers`` responses at once; beyond that 503 with
   Retry-After.  A cached object is marked in use while it is sent, so the
   cache never evicts it under a reader.
@@ -41,13 +43,6 @@ SMALL = 128 * 1024  # bodies up to this size are read and sent with the headers 
 IMMUTABLE = "public, max-age=31536000, immutable"
 RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
-try:  # uvloop is a dependency, but the code also runs on the stock loop
-    import uvloop
-
-    _UVLOOP: type | None = uvloop.Loop
-except ImportError:  # pragma: no cover
-    _UVLOOP = None
-
 
 class Source(Protocol):
     """Where objects come from: a cache with an upstream, or the store."""
@@ -55,6 +50,7 @@ class Source(Protocol):
     def acquire(self, hexdigest: str) -> CachedObject | None: ...
     def release(self, obj: CachedObject) -> None: ...
     def lost(self, obj: CachedObject) -> None: ...
+    def remember(self, obj: CachedObject, body: bytes) -> None: ...
     def fetch(self, hexdigest: str) -> Fetch: ...  # NotFound when there is no upstream
     async def head(self, hexdigest: str) -> int: ...
 
@@ -108,7 +104,7 @@ class ObjectRoutes:
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/objects/sha256/{name}", self.handle)  # and HEAD
-        app.router.add_route("*", "/objects/{tail:.*}", self.bad_path)
+        app.router.add_get("/objects/{tail:.*}", self.bad_path)  # other methods: 405
 
     async def bad_path(self, request: web.Request) -> web.StreamResponse:
         self.counters.bad_requests += 1
@@ -302,14 +298,20 @@ async def send_file(request: web.Request, fd: int, offset: int, count: int) -> N
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the client went away")
-    loop = asyncio.get_running_loop()
-    if _UVLOOP is not None and isinstance(loop, _UVLOOP):
-        await _flush(transport, request)
-        sock = transport.get_extra_info("socket")
-        await _sendfile_dup(loop, sock.fileno(), fd, offset, count)
+    await _flush(transport, request)
+    await sendfile_fd(transport, fd, offset, count)
+
+
+async def sendfile_fd(transport: asyncio.BaseTransport, fd: int, offset: int, count: int) -> None:
+    """``sendfile(2)`` on a duplicate of the transport's socket (the transport's own
+    buffer must be empty).  uvloop has no ``loop.sendfile`` and refuses
+    ``add_writer`` on a transport's descriptor; a duplicate works on every loop."""
+    if count <= 0:
         return
-    with os.fdopen(os.dup(fd), "rb") as f:
-        await loop.sendfile(transport, f, offset, count)
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        raise ConnectionResetError("the connection is closed")
+    await _sendfile_dup(asyncio.get_running_loop(), sock.fileno(), fd, offset, count)
 
 
 async def _flush(transport: asyncio.BaseTransport, request: web.Request) -> None:
@@ -381,6 +383,9 @@ class StoreSource:
 
     def lost(self, obj: CachedObject) -> None:
         pass
+
+    def remember(self, obj: CachedObject, body: bytes) -> None:
+        pass  # the store's objects are not indexed in memory
 
     def fetch(self, hexdigest: str) -> Fetch:
         raise NotFound(f"object sha256:{hexdigest} is not in the store")

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from slim.listen import parse_listen
 from slim.relay.api import NodeApi
 from slim.relay.cache import ObjectCache
 from slim.relay.corelink import CoreLink
+from slim.relay.fastpath import FastPath
 from slim.relay.fetch import CachingSource, Fetcher
 from slim.relay.objects import ObjectRoutes, StoreSource
 from slim.relay.tftp import StageOneServer
@@ -58,6 +58,7 @@ class RelayConfig:
     ipxe_dir: Path = Path("/usr/lib/ipxe")
     max_transfers: int = 1024
     max_fetches: int = 16
+    memory_bytes: int = 64 << 20  # small objects' bytes kept in memory
     max_core_calls: int = 256
     prefetch_concurrency: int = 4
     access_log: bool = False
@@ -111,7 +112,7 @@ class RelayServer:
         self.host, self.requested_port = parse_listen(config.listen, DEFAULT_HTTP_PORT, allow_ephemeral=True)
         self.port = 0
         self.tftp_port = 0
-        self.cache = ObjectCache(config.cache_dir, config.max_bytes)
+        self.cache = ObjectCache(config.cache_dir, config.max_bytes, config.memory_bytes)
         self.io = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="slim-relay-io")
         self.link = CoreLink(config.core) if config.core else None
         self.started_at = time.time()
@@ -119,7 +120,7 @@ class RelayServer:
         self._poke = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._runner: web.AppRunner | None = None
+        self.front: HttpFront | None = None
         self._session: aiohttp.ClientSession | None = None
         self.fetcher: Fetcher
         self.source: CachingSource
@@ -172,40 +173,16 @@ class RelayServer:
         return self.port
 
     async def _listen(self, app: web.Application) -> int:
-        self._runner = web.AppRunner(
-            app, access_log=log if self.config.access_log else None, handle_signals=False, shutdown_timeout=0
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.requested_port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            raise Unavailable(
-                f"cannot listen on {self.host}:{self.requested_port}: {exc.strerror or exc}"
-            ) from None
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server | object)
-        sockets: list[socket.socket] = list(getattr(server, "sockets", []) or [])
-        return int(sockets[0].getsockname()[1]) if sockets else self.requested_port
+        self.front = HttpFront(app, self.objects, self.host, self.requested_port, self.config.access_log)
+        return await self.front.start()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking connections, let transfers finish for ``grace`` seconds, end the rest."""
         self._stopping.set()
         if self.tftp is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.tftp.stop, min(grace, 5.0))
-        if self._runner is not None:
-            for site in list(self._runner.sites):
-                await site.stop()  # no new connections
-            try:
-                await asyncio.wait_for(self.objects.idle.wait(), grace)
-            except TimeoutError:
-                log.warning(
-                    "%d transfers still running after %.1f s; ending them",
-                    self.objects.counters.active,
-                    grace,
-                )
-            await self._runner.cleanup()
+        if self.front is not None:
+            await self.front.stop(grace)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -308,6 +285,59 @@ class RelayServer:
             return None
 
 
+class HttpFront:
+    """An HTTP listener: the fast path for cached objects in front of an aiohttp app."""
+
+    def __init__(
+        self, app: web.Application, objects: ObjectRoutes, host: str, port: int, access_log: bool
+    ) -> None:
+        self.app = app
+        self.objects = objects
+        self.host = host
+        self.requested_port = port
+        self.access_log = access_log
+        self.port = 0
+        self.fast: FastPath | None = None
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self._runner = web.AppRunner(
+            self.app, access_log=log if self.access_log else None, handle_signals=False, shutdown_timeout=0
+        )
+        await self._runner.setup()
+        assert self._runner.server is not None
+        self.fast = FastPath(self.objects, self._runner.server)
+        try:
+            self._server = await asyncio.get_running_loop().create_server(
+                self.fast.protocol, self.host, self.requested_port, reuse_address=True, backlog=1024
+            )
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise Unavailable(
+                f"cannot listen on {self.host}:{self.requested_port}: {exc.strerror or exc}"
+            ) from None
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        """No new connections; transfers get ``grace`` seconds; then everything closes."""
+        if self._server is not None:
+            self._server.close()
+        if self.fast is not None:
+            self.fast.close_idle()
+        try:
+            await asyncio.wait_for(self.objects.idle.wait(), grace)
+        except TimeoutError:
+            log.warning(
+                "%d transfers still running after %.1f s; ending them", self.objects.counters.active, grace
+            )
+        if self.fast is not None:
+            await self.fast.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
 class ObjectServer:
     """Objects straight from a store over HTTP (the core's object server)."""
 
@@ -315,7 +345,7 @@ class ObjectServer:
         self.host, self.requested_port = parse_listen(listen, DEFAULT_HTTP_PORT, allow_ephemeral=True)
         self.objects = ObjectRoutes(StoreSource(objects_dir), max_transfers)
         self.port = 0
-        self._runner: web.AppRunner | None = None
+        self.front: HttpFront | None = None
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(_ObjectCollector(self.objects, "slim_origin"))
 
@@ -329,23 +359,13 @@ class ObjectServer:
             )
 
         app.router.add_get("/metrics", metrics)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.requested_port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            raise Unavailable(
-                f"cannot listen on {self.host}:{self.requested_port}: {exc.strerror or exc}"
-            ) from None
-        sockets = list(getattr(site._server, "sockets", []) or [])
-        self.port = int(sockets[0].getsockname()[1])
+        self.front = HttpFront(app, self.objects, self.host, self.requested_port, access_log=False)
+        self.port = await self.front.start()
         return self.port
 
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    async def stop(self, grace: float = 5.0) -> None:
+        if self.front is not None:
+            await self.front.stop(grace)
 
 
 class _ObjectCollector(Collector):

@@ -543,6 +543,13 @@ def relay_list(core_address: str, as_json: bool) -> None:
     "objects of current releases and objects being sent never are.",
 )
 @click.option(
+    "--memory-cache",
+    default="64M",
+    show_default=True,
+    help="Memory for the bytes of small cached objects (up to 128 KiB each), so that hits on them "
+    "cost no file system calls; 0 turns it off.",
+)
+@click.option(
     "--listen",
     default="0.0.0.0:8080",
     show_default=True,
@@ -605,6 +612,7 @@ def relay_serve(
     core_address: str,
     cache_dir: Path,
     max_bytes: str,
+    memory_cache: str,
     listen: str,
     tftp_port: int | None,
     tftp_listen: str,
@@ -637,6 +645,7 @@ def relay_serve(
             upstreams=list(upstreams),
             cache_dir=cache_dir,
             max_bytes=parse_size(max_bytes),
+            memory_bytes=0 if memory_cache.strip() in ("0", "") else parse_size(memory_cache),
             name=name,
             core=core_address,
             listen=listen,

@@ -425,3 +425,83 @@ async def test_sigkill_mid_download_resume_from_another_relay(objstore: Store, t
             r1.proc.communicate(timeout=10)
             code, err = stop_process(r2)
             assert code == 0, err
+
+
+# -- the fast path -------------------------------------------------------------------
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    length = int(headers.get("content-length", "0"))
+    body = await asyncio.wait_for(reader.readexactly(length), 10) if length else b""
+    return status, headers, body
+
+
+async def test_fast_path_keepalive_pipelining_and_handover(objstore: Store, tmp_path: Path) -> None:
+    small, large = blob(5000, 20), blob(3 * MiB, 21)
+    s_name, l_name = put(objstore, small), put(objstore, large)
+    async with (
+        origin(objstore) as core,
+        relay(tmp_path / "a", [url(core)]) as a,
+        aiohttp.ClientSession() as s,
+    ):
+        for n in (s_name, l_name):  # cache both (misses go through aiohttp)
+            await fetch_all(s, f"{url(a)}/objects/sha256/{n}")
+        assert a.front is not None and a.front.fast is not None
+        before = a.front.fast.handovers
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+        try:
+            get = "GET /objects/sha256/{} HTTP/1.1\r\nHost: x\r\n{}\r\n"
+            # three pipelined requests in one write: small, large, HEAD small
+            writer.write(
+                (
+                    get.format(s_name, "")
+                    + get.format(l_name, "")
+                    + get.format(s_name, "").replace("GET", "HEAD")
+                ).encode()
+            )
+            status, headers, body = await read_response(reader)
+            assert status == 200 and body == small and headers["etag"] == f'"sha256:{s_name}"'
+            status, headers, body = await read_response(reader)
+            assert status == 200 and body == large
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert b"200 OK" in head and f"Content-Length: {len(small)}".encode() in head
+            assert a.front.fast.handovers == before  # all three on the fast path
+            # a Range request on the same connection goes to aiohttp, which keeps the connection
+            writer.write(get.format(l_name, "Range: bytes=10-19\r\n").encode())
+            status, headers, body = await read_response(reader)
+            assert status == 206 and body == large[10:20]
+            assert a.front.fast.handovers == before + 1
+            writer.write(get.format(s_name, "").encode())
+            status, _, body = await read_response(reader)
+            assert status == 200 and body == small
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        # HTTP/1.0 without keep-alive: answered, then closed
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+        writer.write(f"GET /objects/sha256/{s_name} HTTP/1.0\r\n\r\n".encode())
+        status, headers, body = await read_response(reader)
+        assert status == 200 and body == small and headers["connection"] == "close"
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        await writer.wait_closed()
+        # garbage, and requests the fast path does not take, still get proper answers
+        host = "HTTP/1.1\r\nHost: x\r\n"
+        for raw, expected in (
+            (b"BLAH\r\n\r\n", 400),
+            (f"POST /objects/sha256/{s_name} {host}Content-Length: 2\r\n\r\nhi".encode(), 405),
+            (f'GET /objects/sha256/{s_name} {host}If-None-Match: "sha256:{s_name}"\r\n\r\n'.encode(), 304),
+            (f"GET /healthz {host}\r\n".encode(), 200),
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+            try:
+                writer.write(raw)
+                line = await asyncio.wait_for(reader.readline(), 10)
+                assert int(line.split()[1]) == expected, (raw, line)
+            finally:
+                writer.close()
+                await writer.wait_closed()
+        m = await metrics(s, url(a))
+        assert m["slim_relay_object_hits_total"] >= 5
