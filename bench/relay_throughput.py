@@ -9,10 +9,12 @@ directory (--tmp-dir; deleted at the end, whatever happens), as real processes
 this script starts and stops by PID:
 
 - the relay: ``slim relay serve --cache-dir DIR --max-bytes 4G --listen
-  127.0.0.1:0 --log-level warning`` (one process, uvloop, aiohttp; bodies above
-  128 KiB by sendfile, smaller ones read and written in one go), its cache
-  directory filled beforehand (a relay trusts and indexes the files it finds
-  there at start);
+  127.0.0.1:0 --log-level warning`` with its defaults (one process, uvloop;
+  cache hits on the fast path, not aiohttp; bodies above 128 KiB by sendfile,
+  smaller ones written with the headers in one go, from its 512 MiB memory
+  cache once read), its cache directory filled beforehand (a relay trusts and
+  indexes the files it finds there at start); for the small objects also
+  "relay-files", the same with ``--memory-cache 0``;
 - nginx (Debian's nginx-light), our own instance from a generated
   configuration: ``sendfile on; tcp_nopush on; access_log off;`` and keepalive,
   serving ``/objects/sha256/`` from **the same directory**, once with
@@ -283,13 +285,15 @@ def _listening_line(proc: subprocess.Popen[bytes], what: str, log: Path) -> int:
     return int(m.group(1))
 
 
-def start_relay(servers: Servers, name: str, cache_dir: Path, upstream: str, tmp: Path) -> Server:
+def start_relay(
+    servers: Servers, name: str, cache_dir: Path, upstream: str, tmp: Path, *extra: str
+) -> Server:
     log = tmp / f"{name}.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "slim.cli", "relay", "serve", "--upstream", upstream,
              "--cache-dir", str(cache_dir), "--max-bytes", "4G", "--listen", "127.0.0.1:0",
-             "--log-level", "warning"],
+             "--log-level", "warning", *extra],
             stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
         )  # fmt: skip
     return servers.add(Server(name, proc, _listening_line(proc, name, log), log))
@@ -765,7 +769,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     cpus = results["machine"]["cpus"]
     style = {
         "relay": ("SLIM relay\n(1 process)", "#d95f02"),
-        "aiohttp-floor": ("bare aiohttp\n(floor, memory)", "#e6ab02"),
+        "relay-files": ("relay, no\nmemory cache", "#fc8d62"),
+        "aiohttp-floor": ("bare\naiohttp", "#e6ab02"),
         "nginx-1-worker": ("nginx\n1 worker", "#7570b3"),
         "nginx-auto": (f"nginx\nauto ({cpus})", "#1b9e77"),
     }
@@ -921,7 +926,10 @@ def main() -> None:
         }
         workers = {n: servers[n].extra["worker_processes"] for n in ("nginx-1-worker", "nginx-auto")}
         results["servers"] = {
-            "relay": "slim relay serve --max-bytes 4G --log-level warning (uvloop, no access log)",
+            "relay": "slim relay serve --max-bytes 4G --log-level warning (defaults: uvloop, the fast path, "
+            "--memory-cache 512M, no access log)",
+            "relay-files": "small objects only: the same with --memory-cache 0 "
+            "(every hit opens and reads the file)",
             "nginx-1-worker": f"nginx worker_processes 1 ({workers['nginx-1-worker']} worker seen)",
             "nginx-auto": f"nginx worker_processes auto ({workers['nginx-auto']} workers seen)",
             "aiohttp-floor": "small objects only: a bare aiohttp app on uvloop answering from memory "
@@ -933,8 +941,10 @@ def main() -> None:
         results["large"] = bench_large(servers, data, args.large_clients, args.repeat)
         print("small objects ...", flush=True)
         floor = start_floor(pool, data.cache / "objects" / "sha256", 256 * KiB, tmp)
+        # the same relay without its memory cache: every small hit opens and reads the file
+        relay_files = start_relay(pool, "relay-files", data.cache, origin.base, tmp, "--memory-cache", "0")
         results["small"] = bench_small(
-            servers | {"aiohttp-floor": floor},
+            servers | {"relay-files": relay_files, "aiohttp-floor": floor},
             data,
             tmp,
             args.small_clients,
@@ -943,6 +953,7 @@ def main() -> None:
             args.seed,
         )
         pool.stop(floor)
+        pool.stop(relay_files)
         m = metrics(servers["relay"])
         results["relay_warm_cache_check"] = {
             "upstream_fetches": int(m["slim_relay_upstream_fetches_total"]),

@@ -523,8 +523,6 @@ async def serve(
             await server.stop(0)
             raise
         log.info("objects served over http on %s (port %d)", objects_listen, objects_port)
-        if on_objects is not None:
-            on_objects(objects_port)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
@@ -541,6 +539,8 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, reload)
     if on_ready is not None:
         on_ready(port)
+    if objects is not None and on_objects is not None:
+        on_objects(objects.port)
     try:
         await stopping.wait()
         log.info("stopping: finishing in-flight calls (grace %.1f s)", grace)

@@ -70,7 +70,7 @@ class CacheStats:
 
 
 class ObjectCache:
-    def __init__(self, root: str | Path, max_bytes: int, memory_bytes: int = 64 << 20) -> None:
+    def __init__(self, root: str | Path, max_bytes: int, memory_bytes: int = 512 << 20) -> None:
         if max_bytes <= 0:
             raise InvalidArgument(f"the cache budget must be positive, not {max_bytes} bytes")
         self.root = Path(root)

@@ -206,7 +206,13 @@ class ObjectRoutes:
             if request.method == "HEAD":
                 return resp
             if count <= SMALL:
-                body = os.pread(fd, count, start)
+                whole = obj.body
+                if whole is None and obj.size <= SMALL:
+                    whole = os.pread(fd, obj.size, 0)
+                    if len(whole) != obj.size:
+                        raise NotFound(f"object sha256:{obj.hex} is shorter on disk than recorded")
+                    self.source.remember(obj, whole)
+                body = whole[start:end] if whole is not None else os.pread(fd, count, start)
                 if len(body) != count:
                     raise NotFound(f"object sha256:{obj.hex} is shorter on disk than recorded")
                 small = web.Response(status=resp.status, headers=resp.headers, body=body)

@@ -58,7 +58,7 @@ class RelayConfig:
     ipxe_dir: Path = Path("/usr/lib/ipxe")
     max_transfers: int = 1024
     max_fetches: int = 16
-    memory_bytes: int = 64 << 20  # small objects' bytes kept in memory
+    memory_bytes: int = 512 << 20  # small objects' bytes kept in memory
     max_core_calls: int = 256
     prefetch_concurrency: int = 4
     access_log: bool = False

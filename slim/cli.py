@@ -544,7 +544,7 @@ def relay_list(core_address: str, as_json: bool) -> None:
 )
 @click.option(
     "--memory-cache",
-    default="64M",
+    default="512M",
     show_default=True,
     help="Memory for the bytes of small cached objects (up to 128 KiB each), so that hits on them "
     "cost no file system calls; 0 turns it off.",

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,3 +271,28 @@ def test_cli_reference_is_current() -> None:
     clidoc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(clidoc)
     assert (ROOT / "docs" / "cli.md").read_text() == clidoc.render(), "run: python tools/clidoc.py"
+
+
+def test_core_serve_objects_listen(registry_file: Path, tmp_path: Path) -> None:
+    """--objects-listen serves the store over HTTP: the relays' upstream."""
+    store = Store(tmp_path / "store")
+    ref = store.put_bytes(b"an object in the store\n")
+    proc = start_core(registry_file, tmp_path, "--objects-listen", "127.0.0.1:0")
+    try:
+        read_address(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("objects on 127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/objects/sha256/{ref.digest[7:]}", timeout=10
+        ) as r:
+            assert r.read() == b"an object in the store\n"
+            assert r.headers["ETag"] == f'"{ref.digest}"'
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/objects/sha256/{'0' * 64}", timeout=10)
+        assert info.value.code == 404
+        info.value.close()
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err

@@ -505,3 +505,20 @@ async def test_fast_path_keepalive_pipelining_and_handover(objstore: Store, tmp_
                 await writer.wait_closed()
         m = await metrics(s, url(a))
         assert m["slim_relay_object_hits_total"] >= 5
+
+
+async def test_memory_cache_stays_in_budget_and_follows_evictions(objstore: Store, tmp_path: Path) -> None:
+    objects = {put(objstore, d): d for d in (blob(50_000, 30 + i) for i in range(8))}
+    async with (
+        origin(objstore) as core,
+        relay(tmp_path / "a", [url(core)], max_bytes=220_000, memory_bytes=120_000) as a,
+        aiohttp.ClientSession() as s,
+    ):
+        for n, d in objects.items():
+            for _ in range(2):  # the first request fetches (aiohttp), the second is a hit (fast path)
+                assert await fetch_all(s, f"{url(a)}/objects/sha256/{n}") == d
+                held = [o for o in a.cache._lru.values() if o.body is not None]
+                assert a.cache.memory_used == sum(len(o.body or b"") for o in held) <= 120_000
+                assert all(o.body == objects[o.hex] for o in held)
+        assert a.cache.evictions > 0 and a.cache.memory_used > 0
+        assert a.cache.stats().bytes <= 220_000
