@@ -15,7 +15,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,7 @@ from slim.relay.cache import ObjectCache
 from slim.relay.corelink import CoreLink
 from slim.relay.fastpath import FastPath
 from slim.relay.fetch import CachingSource, Fetcher
-from slim.relay.objects import ObjectRoutes, StoreSource
+from slim.relay.objects import ObjectCounters, ObjectRoutes, StoreSource
 from slim.relay.tftp import StageOneServer
 from slim.relay.warm import Warmer
 from slim.v1 import core_pb2 as pb
@@ -368,51 +368,60 @@ class ObjectServer:
             await self.front.stop(grace)
 
 
+Row = tuple[str, float, str]  # metric name (without prefix), value, help
+
+
+def _families(prefix: str, counters: Iterable[Row], gauges: Iterable[Row]) -> Iterator[Metric]:
+    for name, value, doc in counters:
+        yield CounterMetricFamily(f"{prefix}_{name}", doc, value=value)
+    for name, value, doc in gauges:
+        yield GaugeMetricFamily(f"{prefix}_{name}", doc, value=value)
+
+
+def _object_rows(c: ObjectCounters) -> tuple[list[Row], list[Row]]:
+    """(counters, gauges) of the object routes."""
+    return [
+        ("object_requests", c.requests, "object requests (GET and HEAD)"),
+        ("object_hits", c.hits, "object requests served from disk or memory"),
+        ("object_misses", c.misses, "object requests that waited on an upstream fetch"),
+        ("object_not_found", c.not_found, "object requests answered 404"),
+        ("object_bad_requests", c.bad_requests, "object requests with a malformed name"),
+        ("object_overloaded", c.overloaded, "object requests answered 503 (busy or cache full)"),
+        ("object_failed", c.failed, "object responses cut short or answered 502"),
+        ("object_aborted", c.aborted, "object responses ended before their last byte"),
+        ("sent_bytes", c.bytes_sent, "object bytes sent to clients"),
+    ], [("active_transfers", c.active, "object responses in progress")]
+
+
 class _ObjectCollector(Collector):
     def __init__(self, routes: ObjectRoutes, prefix: str) -> None:
         self.routes = routes
         self.prefix = prefix
 
     def collect(self) -> Iterator[Metric]:
-        c = self.routes.counters
-        p = self.prefix
-        for name, value, doc in (
-            ("object_requests", c.requests, "object requests (GET and HEAD)"),
-            ("object_hits", c.hits, "object requests served from disk"),
-            ("object_misses", c.misses, "object requests that waited on an upstream fetch"),
-            ("object_not_found", c.not_found, "object requests answered 404"),
-            ("object_bad_requests", c.bad_requests, "object requests with a malformed name"),
-            ("object_overloaded", c.overloaded, "object requests answered 503 (busy or cache full)"),
-            ("object_failed", c.failed, "object responses cut short or answered 502"),
-            ("sent_bytes", c.bytes_sent, "object bytes sent to clients"),
-        ):
-            yield CounterMetricFamily(f"{p}_{name}", doc, value=value)
-        yield GaugeMetricFamily(f"{p}_active_transfers", "object responses in progress", value=c.active)
+        yield from _families(self.prefix, *_object_rows(self.routes.counters))
 
 
-class _RelayCollector(_ObjectCollector):
+class _RelayCollector(Collector):
     def __init__(self, relay: RelayServer) -> None:
-        super().__init__(ObjectRoutes.__new__(ObjectRoutes), "slim_relay")
         self.relay = relay
 
     def collect(self) -> Iterator[Metric]:
         r = self.relay
-        if not hasattr(r, "objects"):
+        if not hasattr(r, "objects"):  # not started
             return
-        self.routes = r.objects
-        yield from super().collect()
+        counters, gauges = _object_rows(r.objects.counters)
         f = r.fetcher.counters
-        for name, value, doc in (
+        counters += [
             ("upstream_fetches", f.fetches, "objects fetched from upstream (one per cold object)"),
             ("upstream_fetch_failures", f.fetch_failures, "upstream fetches that failed"),
             ("upstream_verify_failures", f.verify_failures, "upstream objects whose sha256 did not match"),
             ("upstream_resumed", f.resumed, "upstream transfers resumed by Range"),
             ("upstream_bytes", f.bytes_fetched, "bytes received from upstream"),
             ("cache_evictions", r.cache.evictions, "objects evicted from the cache"),
-        ):
-            yield CounterMetricFamily(f"slim_relay_{name}", doc, value=value)
+        ]
         s = r.cache.stats()
-        for name, value, doc in (
+        gauges += [
             ("cache_bytes", s.bytes, "bytes of cached objects"),
             ("cache_objects", s.objects, "cached objects"),
             ("cache_reserved_bytes", s.reserved, "bytes reserved for fetches in flight"),
@@ -420,26 +429,24 @@ class _RelayCollector(_ObjectCollector):
             ("cache_pinned_objects", s.pinned_objects, "cached objects of current releases (never evicted)"),
             ("cache_pinned_bytes", s.pinned_bytes, "bytes of pinned objects"),
             ("cache_in_use_objects", s.in_use, "cached objects being sent"),
+            ("cache_memory_bytes", r.cache.memory_used, "bytes of small objects kept in memory"),
             ("fetches_in_flight", r.fetcher.inflight, "upstream fetches in progress"),
             (
                 "core_connected",
                 int(bool(r.link and r.link.connected)),
                 "1 while the heartbeat stream is open",
             ),
-        ):
-            yield GaugeMetricFamily(f"slim_relay_{name}", doc, value=value)
+        ]
         if r.api is not None:
-            for name, value, doc in (
+            counters += [
                 ("api_errors", r.api.errors, "node API requests answered with an error"),
                 ("api_overloaded", r.api.overloaded, "node API requests answered 503 (too many waiting)"),
-            ):
-                yield CounterMetricFamily(f"slim_relay_{name}", doc, value=value)
+            ]
         if r.tftp is not None:
-            tftp = r.tftp.stats
+            t = r.tftp.stats
             for key in ("sessions", "completed", "failed", "bad_packets", "refused", "busy", "bytes_sent"):
-                yield CounterMetricFamily(
-                    f"slim_relay_tftp_{key}", f"TFTP {key.replace('_', ' ')}", value=getattr(tftp, key, 0)
-                )
+                counters.append((f"tftp_{key}", getattr(t, key), f"TFTP {key.replace('_', ' ')}"))
+        yield from _families("slim_relay", counters, gauges)
 
 
 async def serve(
