@@ -50,11 +50,9 @@ def _read(source: CachingSource, hexdigest: str) -> bytes:
         source.cache.release(obj)
 
 
-def release_objects(
-    source: CachingSource, release_hex: str, with_files: bool
-) -> tuple[Release, list[Wanted]]:
-    """The release's objects, from the cached release document (and, with
-    ``with_files``, the cached ``sync`` manifests)."""
+def release_objects(source: CachingSource, release_hex: str) -> tuple[Release, list[Wanted]]:
+    """The release document (cached) and the objects it names directly, the
+    document first (the objects of ``sync`` manifests: :func:`manifest_objects`)."""
     try:
         release = Release.model_validate_json(_read(source, release_hex))
     except ValidationError as exc:
@@ -139,7 +137,7 @@ class Warmer:
         try:
             release_hex = parse_digest(order.release_digest)
             await self.source.ensure(release_hex)
-            release, wanted = release_objects(self.source, release_hex, with_files=False)
+            release, wanted = release_objects(self.source, release_hex)
             wanted = wanted[1:]
             fetched_here: set[str] = set()  # manifests fetched to read them count as fetched by this order
             for manifest_hex in sync_manifests(release):
@@ -212,7 +210,7 @@ class Warmer:
             try:
                 release_hex = parse_digest(digest)
                 await self.source.ensure(release_hex)
-                release, wanted = release_objects(self.source, release_hex, with_files=True)
+                release, wanted = release_objects(self.source, release_hex)
                 pins.update(w.hex for w in wanted)
                 for manifest_hex in sync_manifests(release):
                     if manifest_hex in self.source.cache:
