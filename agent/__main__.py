@@ -1,0 +1,60 @@
+"""``python -m slim.agent``: build the node's environment from its plan.
+
+On a real boot the agent runs in the initrd with the kernel command line
+(``slim.node=… slim.relays=…``).  ``--no-reboot --target DIR`` builds the
+environment under DIR instead (tests, the namespace cluster, the Slurm
+simulation): no mounts, no switch_root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from slim.agent.ee import BootFailed, Builder, Reporter
+from slim.agent.fetch import FetchError, Relays
+from slim.agent.plan import BootArgs, PlanError, parse_plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="slim-agent", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cmdline", type=Path, default=Path("/proc/cmdline"), help="kernel command line file")
+    ap.add_argument("--node", help="node name (instead of slim.node on the command line)")
+    ap.add_argument(
+        "--relay", action="append", default=[], help="relay URL (repeatable; instead of slim.relays)"
+    )
+    ap.add_argument(
+        "--no-reboot", action="store_true", help="build under --target; no mounts, no switch_root"
+    )
+    ap.add_argument("--target", type=Path, help="where the environment is built (--no-reboot)")
+    args = ap.parse_args(argv)
+    try:
+        if args.node and args.relay:
+            boot = BootArgs(args.node, "", "", tuple(u.rstrip("/") for u in args.relay))
+        else:
+            boot = BootArgs.from_cmdline(args.cmdline.read_text())
+        if args.no_reboot and args.target is None:
+            raise PlanError("--no-reboot needs --target DIR")
+        relays = Relays(boot.relays)
+        try:
+            _, data = relays.call("GET", f"/v1/nodes/{boot.node}/plan")
+            plan = parse_plan(data)
+            if plan.relays:  # the plan's ranking is fresher than the command line's
+                relays.urls = list(dict.fromkeys([*plan.relays, *relays.urls]))
+                relays.current = 0
+            report = Reporter(relays, plan.node, plan.environment)
+            report("plan", len(data), message=f"{plan.environment} {plan.release_digest}")
+            Builder(plan, relays, args.target, report, args.no_reboot).run()
+            report("done", relays.stats.bytes, message=f"{relays.stats.objects} objects")
+        finally:
+            relays.close()
+    except (PlanError, FetchError, BootFailed, OSError) as exc:
+        print(f"slim-agent: {exc}", file=sys.stderr)
+        return 1
+    print(f"slim-agent: {plan.node} runs {plan.environment} under {args.target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

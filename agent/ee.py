@@ -1,0 +1,363 @@
+"""Building the execution environment from a plan (standard library only).
+
+Directories are done parents first ("/" before "/usr"):
+
+- ``ram`` and ``disk``: the copy-set archive (tar + zstd) is streamed from the
+  relays through ``zstd -dc`` into a staging directory beside its place, and
+  moved into place only when the archive's digest checked out; a bad digest
+  leaves nothing of it.  (On a real boot ``ram`` is a tmpfs and ``disk`` the
+  node's partition; in no-reboot mode both are plain directories.)
+- ``sync`` (copy-if-needed): the manifest is compared with what is already
+  there — size, mtime and mode first; the file is hashed only when the size
+  matches but the mtime does not — and only what differs is fetched, as the
+  file's object (or its 1 MiB chunks), each verified, into a temporary file
+  that replaces the old one.  What the manifest no longer lists is deleted.
+  Nothing outside the directory is touched, and directories the plan gives to
+  other entries are left alone.
+- ``nfs``: mounted read-only over NFSv4/TCP on a real boot; in no-reboot mode
+  only the mount point is made and the mount reported.
+
+Each step is a boot event (stage, time, bytes, ok, message) sent to the relay.
+At the end the active environment is written to ``run/slim/ee`` (JSON) inside
+the new root, where the EE can read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, BinaryIO, cast
+
+from slim.agent import manifest as mf
+from slim.agent.fetch import FetchError, Relays, now
+from slim.agent.plan import Directory, ObjectRef, Plan, PlanError
+from slim.agent.tree import FILE, Entry, scan
+from slim.agent.unpack import TreeWriter, UnsafeEntry, extract_tar
+
+MAX_MANIFEST_BYTES = 512 << 20
+
+
+class BootFailed(RuntimeError):
+    """A stage failed; the message names the stage and why (also reported to the core)."""
+
+
+@dataclass
+class Event:
+    stage: str
+    time: float
+    bytes: int = 0
+    ok: bool = True
+    message: str = ""
+
+
+@dataclass
+class Reporter:
+    """Boot events, sent to the relays as they happen (a failed send is kept for the next)."""
+
+    relays: Relays
+    node: str
+    environment: str
+    boot_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    events: list[Event] = field(default_factory=list)
+    _unsent: list[Event] = field(default_factory=list)
+
+    def __call__(self, stage: str, nbytes: int = 0, ok: bool = True, message: str = "") -> None:
+        event = Event(stage, now(), nbytes, ok, message)
+        self.events.append(event)
+        self._unsent.append(event)
+        self.flush()
+
+    def flush(self) -> None:
+        if not self._unsent or not self.node:
+            return
+        body = {
+            "events": [
+                {
+                    "boot_id": self.boot_id,
+                    "stage": e.stage,
+                    "time": e.time,
+                    "bytes": e.bytes,
+                    "ok": e.ok,
+                    "message": e.message[:1000],
+                    "environment": self.environment,
+                }
+                for e in self._unsent
+            ]
+        }
+        try:
+            self.relays.call("POST", f"/v1/nodes/{self.node}/events", body)
+        except FetchError:
+            return  # kept; sent with the next event
+        self._unsent.clear()
+
+
+@dataclass
+class Result:
+    bytes: int = 0  # bytes fetched for this directory
+    files: int = 0  # files written (sync: fetched)
+    deleted: int = 0
+
+
+class Builder:
+    def __init__(
+        self, plan: Plan, relays: Relays, target: str | Path, report: Reporter, no_reboot: bool
+    ) -> None:
+        if not no_reboot:
+            raise PlanError("only the no-reboot mode is built so far (give --no-reboot --target DIR)")
+        self.plan = plan
+        self.relays = relays
+        self.target = Path(target)
+        self.report = report
+        self.no_reboot = no_reboot
+        self.results: dict[str, Result] = {}
+
+    def run(self) -> None:
+        self.target.mkdir(parents=True, exist_ok=True)
+        for d in self.plan.directories:
+            stage = f"{'mount' if d.policy == 'nfs' else d.policy}:{d.path}"
+            try:
+                result = self.directory(d)
+            except (
+                FetchError,
+                UnsafeEntry,
+                PlanError,
+                OSError,
+                ValueError,
+                subprocess.SubprocessError,
+            ) as exc:
+                message = f"{stage}: {exc}"
+                self.report(stage, ok=False, message=message)
+                raise BootFailed(message) from exc
+            self.results[d.path] = result
+            self.report(stage, result.bytes, message=f"{result.files} files, {result.deleted} deleted")
+        self._write_active()
+
+    def _nested(self, d: Directory) -> list[str]:
+        """Paths (relative to ``d``) of the directories other entries of the plan manage."""
+        out = []
+        for other in self.plan.directories:
+            if other.path != d.path and (d.path == "/" or other.path.startswith(d.path + "/")):
+                out.append(other.path[len(d.path) :].lstrip("/"))
+        return out
+
+    def place(self, d: Directory) -> Path:
+        return self.target / d.rel if d.rel else self.target
+
+    def directory(self, d: Directory) -> Result:
+        dest = self.place(d)
+        if d.policy in ("ram", "disk"):
+            assert d.archive is not None
+            return self._unpack(d, d.archive, dest)
+        if d.policy == "sync":
+            return self._sync(d, dest)
+        dest.mkdir(parents=True, exist_ok=True)  # nfs: the mount point
+        return Result()
+
+    # -- full copies --------------------------------------------------------
+    def _unpack(self, d: Directory, archive: ObjectRef, dest: Path) -> Result:
+        dest.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".slim-staging-", dir=dest))
+        try:
+            fetched = self._extract(archive, staging)
+            _move_into(staging, dest, "", set(self._nested(d)), skip=staging.name)
+            return Result(bytes=fetched, files=d.files)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _extract(self, archive: ObjectRef, into: Path) -> int:
+        """Stream an archive through ``zstd -dc`` into ``into``; the fetched byte count."""
+        proc = subprocess.Popen(["zstd", "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None
+        failure: list[BaseException] = []
+        stdin: IO[bytes] = proc.stdin
+
+        def feed() -> None:
+            try:
+                self.relays.stream(archive, stdin.write)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                failure.append(exc)
+            finally:
+                try:
+                    stdin.close()
+                except OSError as exc:
+                    failure.append(exc)
+
+        feeder = threading.Thread(target=feed, name="fetch", daemon=True)
+        feeder.start()
+        tar_error: UnsafeEntry | None = None
+        try:
+            extract_tar(cast(BinaryIO, proc.stdout), into)
+            proc.stdout.read()  # let zstd finish
+        except UnsafeEntry as exc:
+            proc.kill()
+            tar_error = exc
+        finally:
+            feeder.join()
+            proc.stdout.close()
+            code = proc.wait()
+        if failure and not (tar_error is not None and isinstance(failure[0], BrokenPipeError)):
+            raise failure[0]  # the fetch's failure is the cause of whatever the unpacking saw
+        if tar_error is not None:
+            raise tar_error
+        if code != 0:
+            raise FetchError(f"{archive.digest}: zstd could not decompress the archive (exit {code})")
+        return archive.size
+
+    # -- copy-if-needed -----------------------------------------------------
+    def _sync(self, d: Directory, dest: Path) -> Result:
+        assert d.manifest is not None
+        dest.mkdir(parents=True, exist_ok=True)
+        raw = self.relays.read(d.manifest)
+        result = Result(bytes=d.manifest.size)
+        data = subprocess.run(
+            ["zstd", "-dcq"],
+            input=raw,
+            capture_output=True,
+            check=True,
+        ).stdout
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise PlanError(f"{d.path}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+        manifest = mf.decode(data)
+        nested = self._nested(d)
+        have = {e.path: e for e in scan(dest, prune=nested)}
+        wanted = {m.entry.path for m in manifest.entries}
+        with TreeWriter(dest) as writer:
+            for m in manifest.entries:
+                want, old = m.entry, have.get(m.entry.path)
+                if want.kind == FILE:
+                    if old is not None and old.kind == FILE and self._same_file(dest, old, m):
+                        if _meta(old) != _meta(want) or old.mtime_ns != want.mtime_ns:
+                            _set_meta(dest / want.path, want)  # the bytes are right: metadata only
+                        continue
+                    with self._fetch_file(m, dest) as tmp:
+                        writer.add(want, tmp)
+                    result.bytes += want.size
+                    result.files += 1
+                elif old is None or old.kind != want.kind or _meta(old) != _meta(want):
+                    writer.add(want)
+            writer.finish()
+        for path in sorted(set(have) - wanted, key=lambda p: p.count("/"), reverse=True):
+            if any(path == n or path.startswith(n + "/") for n in nested):
+                continue
+            full = dest / path
+            if full.is_dir() and not full.is_symlink():
+                shutil.rmtree(full)
+            else:
+                full.unlink(missing_ok=True)
+            result.deleted += 1
+        return result
+
+    @staticmethod
+    def _same_file(dest: Path, old: Entry, m: mf.ManifestEntry) -> bool:
+        want = m.entry
+        if old.size != want.size:
+            return False
+        if old.mtime_ns == want.mtime_ns:
+            return True
+        # same size, other mtime: in doubt, so hash (by chunks for a chunked file)
+        whole = hashlib.sha256()
+        chunks = []
+        with open(dest / old.path, "rb") as f:
+            for block in iter(lambda: f.read(mf.CHUNK_SIZE), b""):
+                whole.update(block)
+                if m.chunks:
+                    chunks.append(hashlib.sha256(block).hexdigest())
+        return tuple(chunks) == m.chunks if m.chunks else whole.hexdigest() == m.sha256
+
+    def _fetch_file(self, m: mf.ManifestEntry, dest: Path) -> _TempFile:
+        tmp = _TempFile(dest)
+        try:
+            parts = m.chunks or (m.sha256,)
+            size = m.entry.size
+            for i, part in enumerate(parts):
+                n = min(mf.CHUNK_SIZE, size - i * mf.CHUNK_SIZE) if m.chunks else size
+                self.relays.stream(ObjectRef(f"sha256:{part}", n), tmp.file.write)
+            tmp.file.flush()
+            tmp.file.seek(0)
+        except BaseException:
+            tmp.close()
+            raise
+        return tmp
+
+    def _write_active(self) -> None:
+        run = self.target / "run" / "slim"
+        run.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "node": self.plan.node,
+            "environment": self.plan.environment,
+            "release": self.plan.release_digest,
+            "boot_id": self.report.boot_id,
+            "time": now(),
+        }
+        (run / "ee").write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def _move_into(staging: Path, dest: Path, rel: str, nested: set[str], skip: str = "") -> None:
+    """Replace what is in ``dest`` with what is in ``staging``, except the
+    directories other entries of the plan manage (and the way down to them),
+    which keep their contents."""
+    for name in os.listdir(staging):
+        if name == skip:
+            continue
+        path = f"{rel}/{name}" if rel else name
+        new, old = staging / name, dest / name
+        old_is_dir = old.is_dir() and not old.is_symlink()
+        if path in nested and old_is_dir:
+            continue  # another directory's contents: left alone
+        if old_is_dir and new.is_dir() and any(n.startswith(path + "/") for n in nested):
+            _move_into(new, old, path, nested)
+            continue
+        if old_is_dir:
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+        os.rename(new, old)
+
+
+def _meta(e: Entry) -> tuple[object, ...]:
+    return (e.kind, e.mode, e.uid, e.gid, e.target, e.rdev)
+
+
+class _TempFile:
+    """A temporary file inside the directory being synced (same file system), removed on close."""
+
+    def __init__(self, dest: Path) -> None:
+        fd, name = tempfile.mkstemp(prefix=".slim-fetch-", dir=dest)
+        self.path = Path(name)
+        self.file = os.fdopen(fd, "w+b")
+
+    def __enter__(self) -> IO[bytes]:
+        return self.file
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _set_meta(path: Path, e: Entry) -> None:
+    """Owner (as root), mode and mtime of a regular file found by our own scan."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if os.geteuid() == 0:
+            os.fchown(fd, e.uid, e.gid)
+        os.fchmod(fd, e.mode)
+        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+    finally:
+        os.close(fd)
+
+
+def walk_events(events: list[Event]) -> Iterator[str]:
+    for e in events:
+        yield f"{e.time:.3f} {e.stage} {'ok' if e.ok else 'FAILED'} {e.bytes} {e.message}"

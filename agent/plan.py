@@ -1,0 +1,243 @@
+"""The kernel command line and the boot plan, parsed and checked.
+
+Standard library only (this runs in the initrd).  The relay hands the plan
+over as JSON (docs/relay.md); nothing in it is trusted: every directory must
+be an absolute, normalised path, digests must look like digests, and the
+policies must be known.  A plan that names a path outside what it manages
+(``..``, a relative path, a path twice) is refused before anything is done.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+POLICIES = ("ram", "disk", "sync", "nfs")
+MAX_PLAN_BYTES = 4 << 20
+
+
+class PlanError(ValueError):
+    """The plan (or command line) is unusable; the message names what is wrong."""
+
+
+def parse_cmdline(text: str) -> dict[str, str]:
+    """Linux's rules: words split on whitespace; double quotes group (anywhere in
+    a word) and are removed; ``key=value`` or a bare ``key`` (value "")."""
+    out: dict[str, str] = {}
+    word: list[str] = []
+    quoted = False
+    started = False
+    for ch in text + " ":
+        if ch == '"':
+            quoted = not quoted
+            started = True
+            continue
+        if ch.isspace() and not quoted:
+            if started:
+                key, _, value = "".join(word).partition("=")
+                out[key] = value
+            word, started = [], False
+            continue
+        word.append(ch)
+        started = True
+    return out
+
+
+@dataclass(frozen=True)
+class BootArgs:
+    """What the agent takes from the kernel command line (set by the core's boot script)."""
+
+    node: str
+    environment: str
+    release: str
+    relays: tuple[str, ...]
+
+    @classmethod
+    def from_cmdline(cls, text: str) -> BootArgs:
+        args = parse_cmdline(text)
+        missing = [k for k in ("slim.node", "slim.relays") if not args.get(k)]
+        if missing:
+            raise PlanError(f"kernel command line lacks {', '.join(missing)}")
+        relays = tuple(u.rstrip("/") for u in args["slim.relays"].split(",") if u)
+        for u in relays:
+            if not re.fullmatch(r"http://[^/\s]+", u):
+                raise PlanError(f"slim.relays: {u!r} is not an http://HOST:PORT URL")
+        release = args.get("slim.release", "")
+        if release and not DIGEST_RE.fullmatch(release):
+            raise PlanError(f"slim.release: {release!r} is not a sha256 digest")
+        return cls(args["slim.node"], args.get("slim.env", ""), release, relays)
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    digest: str
+    size: int
+
+    @property
+    def hex(self) -> str:
+        return self.digest[7:]
+
+
+@dataclass(frozen=True)
+class NfsMount:
+    server: str
+    export: str
+    options: str
+
+
+@dataclass(frozen=True)
+class Directory:
+    path: str  # absolute and normalised; "/" is everything no other entry covers
+    policy: str
+    archive: ObjectRef | None
+    manifest: ObjectRef | None
+    nfs: NfsMount | None
+    tmpfs_size: str
+    bytes: int
+    files: int
+
+    @property
+    def rel(self) -> str:
+        """The path relative to the EE's root ("" for "/")."""
+        return self.path.lstrip("/")
+
+
+@dataclass(frozen=True)
+class Plan:
+    node: str
+    environment: str
+    release_digest: str
+    kernel: ObjectRef | None
+    initrd: ObjectRef | None
+    modules: tuple[str, ...]
+    disk: str
+    directories: tuple[Directory, ...]  # parents before children
+    relays: tuple[str, ...]  # first URL of each ranked relay, best first
+
+
+def _ref(value: object, where: str) -> ObjectRef | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise PlanError(f"{where}: expected an object")
+    digest, size = value.get("digest"), value.get("size")
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+        raise PlanError(f"{where}: {digest!r} is not a sha256 digest")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise PlanError(f"{where}: size must be a whole number >= 0")
+    return ObjectRef(digest, size)
+
+
+def check_path(path: object) -> str:
+    """An absolute, normalised directory path inside the EE."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise PlanError(f"directory {path!r} is not an absolute path")
+    if path != "/" and (
+        path.endswith("/") or any(p in ("", ".", "..") for p in path[1:].split("/")) or "\0" in path
+    ):
+        raise PlanError(f"directory {path!r} is not a normalised path inside the environment")
+    return path
+
+
+def _text(rec: dict[str, object], key: str, where: str) -> str:
+    value = rec.get(key, "")
+    if not isinstance(value, str):
+        raise PlanError(f"{where}: {key} must be a string")
+    return value
+
+
+def _count(rec: dict[str, object], key: str, where: str) -> int:
+    value = rec.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise PlanError(f"{where}: {key} must be a whole number >= 0")
+    return value
+
+
+def parse_plan(data: bytes) -> Plan:
+    if len(data) > MAX_PLAN_BYTES:
+        raise PlanError(f"plan larger than {MAX_PLAN_BYTES} bytes")
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PlanError(f"plan is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise PlanError("plan is not a JSON object")
+    dirs_in = doc.get("directories")
+    if not isinstance(dirs_in, list) or not dirs_in:
+        raise PlanError("plan has no directories")
+    dirs: list[Directory] = []
+    seen: set[str] = set()
+    for i, rec in enumerate(dirs_in):
+        where = f"directory {i + 1}"
+        if not isinstance(rec, dict):
+            raise PlanError(f"{where}: expected an object")
+        path = check_path(rec.get("path"))
+        where = f"directory {path}"
+        if path in seen:
+            raise PlanError(f"{where} appears twice")
+        seen.add(path)
+        policy = rec.get("policy")
+        if policy not in POLICIES:
+            raise PlanError(f"{where}: unknown policy {policy!r}")
+        archive = _ref(rec.get("archive"), f"{where}: archive")
+        manifest = _ref(rec.get("manifest"), f"{where}: manifest")
+        nfs_in = rec.get("nfs")
+        nfs = None
+        if policy == "nfs":
+            if not isinstance(nfs_in, dict):
+                raise PlanError(f"{where}: an nfs directory needs its mount")
+            nfs = NfsMount(
+                _text(nfs_in, "server", where),
+                _text(nfs_in, "export", where),
+                _text(nfs_in, "options", where),
+            )
+            if not nfs.server or not nfs.export.startswith("/"):
+                raise PlanError(f"{where}: nfs mount needs a server and an absolute export path")
+        elif policy in ("ram", "disk") and archive is None:
+            raise PlanError(f"{where}: a {policy} directory needs its archive")
+        elif policy == "sync" and manifest is None:
+            raise PlanError(f"{where}: a sync directory needs its manifest")
+        size = _text(rec, "tmpfs_size", where)
+        if size and not re.fullmatch(r"\d+[kmgKMG%]?", size):
+            raise PlanError(f"{where}: tmpfs_size {size!r} is not a size")
+        dirs.append(
+            Directory(
+                path,
+                str(policy),
+                archive,
+                manifest,
+                nfs,
+                size,
+                _count(rec, "bytes", where),
+                _count(rec, "files", where),
+            )
+        )
+    if "/" not in seen:
+        raise PlanError("plan does not say what to do with / (the root)")
+    dirs.sort(key=lambda d: (d.path.count("/") if d.path != "/" else 0, d.path))
+    relays: list[str] = []
+    relays_in = doc.get("relays", [])
+    if not isinstance(relays_in, list):
+        raise PlanError("plan: relays must be a list")
+    for r in relays_in:
+        urls = r.get("urls") if isinstance(r, dict) else None
+        if isinstance(urls, list) and urls and isinstance(urls[0], str) and urls[0].startswith("http://"):
+            relays.append(urls[0].rstrip("/"))
+    modules = doc.get("modules", [])
+    if not isinstance(modules, list) or not all(
+        isinstance(m, str) and re.fullmatch(r"[\w-]+", m) for m in modules
+    ):
+        raise PlanError("plan: modules must be a list of module names")
+    return Plan(
+        node=_text(doc, "node", "plan"),
+        environment=_text(doc, "environment", "plan"),
+        release_digest=_text(doc, "release_digest", "plan"),
+        kernel=_ref(doc.get("kernel"), "plan: kernel"),
+        initrd=_ref(doc.get("initrd"), "plan: initrd"),
+        modules=tuple(modules),
+        disk=_text(doc, "disk", "plan"),
+        directories=tuple(dirs),
+        relays=tuple(relays),
+    )

@@ -1,0 +1,288 @@
+"""The agent in no-reboot mode against a real core, object server and relay on loopback:
+a built release (ram, disk, sync, nfs), copy-if-needed that fetches only what changed,
+resuming from another relay, and bad digests and bad plans refused."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from slim.agent.__main__ import main as agent_main
+from slim.agent.fetch import DigestMismatch, Relays
+from slim.agent.plan import BootArgs, ObjectRef, PlanError, parse_cmdline, parse_plan
+from slim.agent.tree import scan
+from slim.core.build import build_environment
+from slim.core.redirect import Redirector
+from slim.core.registry import load_registry
+from slim.core.server import CoreServer
+from slim.core.service import CoreService
+from slim.core.state import State
+from slim.core.store import Store
+
+from .relayfix import origin, relay, url
+from .test_build import make_image
+
+REGISTRY = """\
+settings: {{nfs_server: 10.0.0.1}}
+sites:
+  lab: {{prefixes: [127.0.0.0/8]}}
+relays:
+  r1: {{urls: ["{relay}"], site: lab}}
+profiles:
+  vm: {{modules: [virtio_pci, virtio_net]}}
+environments:
+  base:
+    image: {image}
+    default_policy: ram
+    directories:
+      /usr: nfs
+      /srv: sync
+      /var: disk
+nodes:
+  n1: {{macs: ["52:54:00:00:00:01"], profile: vm, environment: base, disk: /dev/vda2}}
+"""
+
+
+# -- pieces --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a=1 b c=", {"a": "1", "b": "", "c": ""}),
+        ('x="two words" y=z', {"x": "two words", "y": "z"}),
+        ('"q=a b" r', {"q": "a b", "r": ""}),
+        ("  slim.node=n1\n", {"slim.node": "n1"}),
+        ('k=a"b c"d', {"k": "ab cd"}),
+    ],
+)
+def test_parse_cmdline(text: str, expected: dict[str, str]) -> None:
+    assert parse_cmdline(text) == expected
+
+
+def test_boot_args_from_cmdline() -> None:
+    args = BootArgs.from_cmdline(
+        "console=ttyS0 slim.node=n1 slim.env=base slim.release=sha256:"
+        + "a" * 64
+        + " slim.relays=http://127.0.0.1:8080/,http://127.0.0.2:8080/ quiet"
+    )
+    assert args.node == "n1" and args.relays == ("http://127.0.0.1:8080", "http://127.0.0.2:8080")
+    for bad, words in (
+        ("slim.relays=http://x:1", "slim.node"),
+        ("slim.node=n1 slim.relays=ftp://x", "not an http"),
+        ("slim.node=n1 slim.relays=http://x:1 slim.release=md5:1", "slim.release"),
+    ):
+        with pytest.raises(PlanError, match=words):
+            BootArgs.from_cmdline(bad)
+
+
+def plan_doc(*dirs: dict[str, object]) -> bytes:
+    return json.dumps({"node": "n1", "environment": "e", "directories": list(dirs)}).encode()
+
+
+ARCH = {"digest": "sha256:" + "b" * 64, "size": 10}
+ROOT_DIR = {"path": "/", "policy": "ram", "archive": ARCH}
+
+
+@pytest.mark.parametrize(
+    ("dirs", "words"),
+    [
+        ([{"path": "etc", "policy": "ram", "archive": ARCH}], "absolute"),
+        ([ROOT_DIR, {"path": "/../etc", "policy": "ram", "archive": ARCH}], "normalised"),
+        ([ROOT_DIR, {"path": "/a//b", "policy": "ram", "archive": ARCH}], "normalised"),
+        ([ROOT_DIR, {"path": "/etc/", "policy": "ram", "archive": ARCH}], "normalised"),
+        ([ROOT_DIR, ROOT_DIR], "twice"),
+        ([{"path": "/usr", "policy": "ram", "archive": ARCH}], "root"),
+        ([{"path": "/", "policy": "tape", "archive": ARCH}], "policy"),
+        ([{"path": "/", "policy": "ram"}], "archive"),
+        ([{"path": "/", "policy": "ram", "archive": {"digest": "sha256:xyz", "size": 1}}], "digest"),
+        ([{"path": "/", "policy": "nfs", "nfs": {"server": "s", "export": "rel"}}], "export"),
+    ],
+)  # fmt: skip
+def test_plan_refuses(dirs: list[dict[str, object]], words: str) -> None:
+    with pytest.raises(PlanError, match=words):
+        parse_plan(plan_doc(*dirs))
+
+
+def test_plan_orders_parents_first() -> None:
+    plan = parse_plan(
+        plan_doc(
+            {"path": "/usr/local", "policy": "ram", "archive": ARCH},
+            {"path": "/", "policy": "ram", "archive": ARCH},
+            {"path": "/usr", "policy": "ram", "archive": ARCH},
+        )
+    )
+    assert [d.path for d in plan.directories] == ["/", "/usr", "/usr/local"]
+
+
+# -- a cluster on loopback -----------------------------------------------------------
+@dataclass
+class Site:
+    image: Path
+    store: Store
+    service: CoreService
+    relay_url: str
+    relay2_url: str
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[Site]:
+    image = tmp_path / "image"
+    image.mkdir()
+    make_image(image)
+    reg_file = tmp_path / "registry.yaml"
+    reg_file.write_text(REGISTRY.format(relay="http://127.0.0.1:9/", image=image))
+    store = Store(tmp_path / "store")
+    build_environment(load_registry(reg_file), store, "base")
+    state = State(tmp_path / "state.db")
+    service = CoreService(
+        load_registry(reg_file), state, store, Redirector(random.Random(1)), registry_path=reg_file
+    )
+    core = CoreServer(service, "127.0.0.1:0")
+    port = await core.start()
+    try:
+        async with (
+            origin(store) as o,
+            relay(tmp_path / "cache1", [url(o)], name="r1", core=f"127.0.0.1:{port}") as r1,
+            relay(tmp_path / "cache2", [url(o)]) as r2,
+        ):
+            # now that the relay's port is known, the registry names it (as an admin would)
+            reg_file.write_text(REGISTRY.format(relay=url(r1) + "/", image=image))
+            service.reload_registry()
+            yield Site(image, store, service, url(r1), url(r2))
+    finally:
+        await core.stop(1)
+        state.close()
+
+
+async def run_agent(*argv: str) -> int:
+    return await asyncio.get_running_loop().run_in_executor(None, agent_main, list(argv))
+
+
+def tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[object, ...]]:
+    out: dict[str, tuple[object, ...]] = {}
+    for e in scan(root):
+        if any(e.path == s or e.path.startswith(s + "/") for s in skip):
+            continue
+        digest = hashlib.sha256((root / e.path).read_bytes()).hexdigest() if e.kind == "file" else ""
+        out[e.path] = (e.kind, e.mode, e.mtime_ns if e.kind != "dir" else 0, e.target, digest)
+    return out
+
+
+async def test_no_reboot_builds_the_environment(site: Site, tmp_path: Path) -> None:
+    target = tmp_path / "node"
+    code = await run_agent("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
+    assert code == 0
+    # ram (/), disk (/var) and sync (/srv) hold exactly the image; /usr (nfs) is a mount point
+    built = tree(target, skip=("run", "usr"))
+    image = tree(site.image, skip=("usr",))
+    assert built == image
+    assert (target / "usr").is_dir() and not any((target / "usr").iterdir())
+    active = json.loads((target / "run" / "slim" / "ee").read_text())
+    assert active["node"] == "n1" and active["environment"] == "base"
+    assert active["release"] == site.store.release_digest("base")
+    events = list(reversed(site.service.list_events("n1")))
+    stages = [e.stage for e in events]
+    assert stages == ["plan", "ram:/", "sync:/srv", "mount:/usr", "disk:/var", "done"]  # parents first
+    assert all(e.ok and e.relay == "r1" and e.boot_id == active["boot_id"] for e in events)
+    assert [e.time for e in events] == sorted(e.time for e in events)
+
+
+async def test_sync_fetches_only_what_changed(site: Site, tmp_path: Path) -> None:
+    target = tmp_path / "node"
+    argv = ("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
+    assert await run_agent(*argv) == 0
+    first = {e.stage: e.bytes for e in site.service.list_events("n1")}
+    srv = target / "srv" / "data"
+    (srv / "small").write_text("changed locally\n")
+    (srv / "extra").write_text("not in the manifest\n")
+    os.utime(srv / "big", ns=(1, 1))  # same bytes, other mtime: hashed, not fetched
+    assert await run_agent(*argv) == 0
+    second = next(e for e in site.service.list_events("n1") if e.stage == "sync:/srv")
+    assert second.bytes < first["sync:/srv"]
+    assert "1 files, 1 deleted" in second.message
+    assert tree(target / "srv") == tree(site.image / "srv")
+
+
+async def test_digest_mismatch_stops_the_boot(site: Site, tmp_path: Path) -> None:
+    release = site.store.release("base")
+    assert release is not None
+    archive = release[1].directories["/"].archive
+    assert archive is not None
+    path = site.store.object_path(archive.digest)
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    target = tmp_path / "node"
+    code = await run_agent("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
+    assert code == 1
+    failed = [e for e in site.service.list_events("n1") if not e.ok]
+    assert (
+        failed
+        and failed[0].stage == "ram:/"
+        and ("sha256" in failed[0].message or "short" in failed[0].message)
+    )
+    assert not (target / "etc").exists() and not (target / "run").exists()  # none of it is used
+    assert [p.name for p in target.iterdir()] == []
+
+
+# -- resuming from another relay -----------------------------------------------------
+async def test_resume_from_the_next_relay(site: Site) -> None:
+    """A relay that breaks off after half of an object: the rest comes from the next by Range."""
+    release = site.store.release("base")
+    assert release is not None
+    ref = release[1].directories["/"].archive
+    assert ref is not None
+    data = site.store.read_object(ref.digest)
+
+    async def half(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        await resp.prepare(request)
+        await resp.write(data[: len(data) // 2])
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/objects/sha256/{name}", half)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    tcp = web.TCPSite(runner, "127.0.0.1", 0)
+    await tcp.start()
+    broken = f"http://127.0.0.1:{tcp._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        relays = Relays([broken, site.relay2_url])
+        got = bytearray()
+        loop = asyncio.get_running_loop()
+        used = await loop.run_in_executor(None, relays.stream, ObjectRef(ref.digest, ref.size), got.extend)
+        relays.close()
+        assert bytes(got) == data and used == site.relay2_url
+        assert relays.stats.resumed == 1 and relays.stats.relay_failures
+        # and a relay that sends wrong bytes is caught
+        bad = Relays([broken])
+        with pytest.raises(DigestMismatch):
+            await loop.run_in_executor(
+                None, bad.stream, ObjectRef("sha256:" + "0" * 64, len(data) // 2), got.extend
+            )
+        bad.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_unknown_node_is_a_clear_error(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = await run_agent(
+        "--node", "nosuch", "--relay", site.relay_url, "--no-reboot", "--target", str(tmp_path)
+    )
+    assert code == 1
+    assert "nosuch" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
