@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 import random
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,9 @@ from slim.agent.__main__ import main as agent_main
 from slim.agent.fetch import DigestMismatch, Relays
 from slim.agent.plan import BootArgs, ObjectRef, PlanError, parse_cmdline, parse_plan
 from slim.agent.tree import scan
+from slim.core.agentrt import add_runtime, collect
 from slim.core.build import build_environment
+from slim.core.initrd import InitrdBuilder
 from slim.core.redirect import Redirector
 from slim.core.registry import load_registry
 from slim.core.server import CoreServer
@@ -28,6 +32,7 @@ from slim.core.service import CoreService
 from slim.core.state import State
 from slim.core.store import Store
 
+from .needs import need, need_tool
 from .relayfix import origin, relay, url
 from .test_build import make_image
 
@@ -286,3 +291,41 @@ async def test_unknown_node_is_a_clear_error(
     assert code == 1
     assert "nosuch" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# -- the agent's runtime in the initrd -----------------------------------------------
+def unpack_initrd(tmp_path: Path) -> Path:
+    builder = InitrdBuilder()
+    add_runtime(builder, collect())
+    image = tmp_path / "initrd.zst"
+    with open(image, "wb") as out:
+        info = builder.write(out, level=3)
+    assert info.compressed_size < 25 << 20
+    root = tmp_path / "initrd"
+    root.mkdir()
+    subprocess.run(f"zstd -dc {image} | cpio -idm --quiet", shell=True, cwd=root, check=True)  # noqa: S602
+    return root
+
+
+async def test_initrd_runtime_runs_the_agent(site: Site, tmp_path: Path) -> None:
+    """The initrd's own Python (only what the agent imports) builds the environment, chrooted."""
+    need(os.geteuid() == 0, "root (chroot)")
+    for tool, package in (("cpio", "cpio"), ("zstd", "zstd"), ("busybox", "busybox-static")):
+        need_tool(tool, package)
+    chroot = shutil.which("chroot")
+    assert chroot is not None
+    loop = asyncio.get_running_loop()
+    root = await loop.run_in_executor(None, unpack_initrd, tmp_path)
+    assert (root / "init").stat().st_mode & 0o111
+    assert os.readlink(root / "bin" / "sh") == "busybox"
+    assert not list(root.rglob("*_ssl*")) and not list(root.rglob("libcrypto*"))  # left out
+    cmd = [
+        chroot, str(root), "/usr/bin/python3", "-S", "-B", "-m", "slim.agent",
+        "--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", "/target",
+    ]  # fmt: skip
+    env = {"PYTHONPATH": "/lib/slim", "PATH": "/bin:/usr/bin"}
+    proc = await loop.run_in_executor(
+        None, lambda: subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert tree(root / "target", skip=("run", "usr")) == tree(site.image, skip=("usr",))

@@ -1,0 +1,154 @@
+"""The agent's runtime in the initrd: busybox, zstd, a minimal Python, the agent.
+
+Everything comes from the build host (the core's machine: same architecture
+as the nodes), at the same paths, so that binaries find their libraries and
+Python finds its standard library without configuration:
+
+- busybox (Debian's ``busybox-static``) with a link per applet the boot needs;
+- ``zstd`` and the shared libraries ``ldd`` lists for it;
+- Debian's ``python3`` binary, its libraries, and only the standard-library
+  modules the agent imports — found by importing the agent with that very
+  Python and listing ``sys.modules`` — plus the extension modules among them
+  with their libraries;
+- the agent's package (``slim.agent``, standard library only) under
+  ``/lib/slim``.
+
+Nothing here runs the agent; :func:`add_runtime` only adds files to an
+:class:`~slim.core.initrd.InitrdBuilder`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slim.core.initrd import CpioArchive
+from slim.errors import FailedPrecondition
+
+AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
+PYTHON = Path("/usr/bin/python3")
+BUSYBOX = Path("/bin/busybox")
+ZSTD = Path("/usr/bin/zstd")
+APPLETS = (
+    "sh", "mount", "umount", "mkdir", "ln", "cat", "echo", "sleep", "ip", "udhcpc", "insmod",
+    "modprobe", "switch_root", "mknod", "ls", "rm", "mkfs.ext2", "poweroff", "reboot", "dmesg", "env",
+)  # fmt: skip
+AGENT_ROOT = "/lib/slim"  # PYTHONPATH in the initrd: /lib/slim/slim/agent/...
+
+_LDD_RE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
+
+# Imports every module the agent needs and prints where the standard-library ones live.
+# Optional to everything the agent uses (imported under try/except) and large (OpenSSL):
+# left out, and blocked in the probe so that nothing that needs them is missed.
+LEFT_OUT = ("_ssl", "ssl", "_hashlib", "_bz2", "bz2", "_lzma", "lzma")
+_PROBE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+for name in sys.argv[2].split(","):
+    sys.modules[name] = None  # import fails as if absent
+import slim.agent.__main__, slim.agent.ee, slim.agent.fetch, slim.agent.plan  # noqa
+import encodings.utf_8, encodings.latin_1, encodings.ascii, encodings.aliases  # noqa
+import runpy, importlib.util, importlib.machinery  # noqa: python -m needs these
+import encodings.idna  # noqa: http.client encodes host names with it, lazily
+out = {}
+for name, mod in sorted(sys.modules.items()):
+    f = getattr(mod, "__file__", None)
+    if f and not name.startswith("slim") and mod is not None:
+        out[name] = f
+print(json.dumps({"prefix": sys.prefix, "modules": out}))
+"""
+
+
+@dataclass
+class Runtime:
+    files: dict[str, Path] = field(default_factory=dict)  # path in the initrd -> source
+    links: dict[str, str] = field(default_factory=dict)  # path in the initrd -> target
+    python: str = ""
+
+    def add(self, path: Path, dest: str | None = None) -> None:
+        self.files[dest or str(path)] = path
+
+
+def _require(path: Path, package: str) -> Path:
+    if not path.exists():
+        raise FailedPrecondition(f"{path} is missing: install Debian's {package} package on the build host")
+    return path
+
+
+def shared_libraries(binary: Path) -> list[Path]:
+    """The libraries (and the loader) ``ldd`` lists for ``binary``."""
+    try:
+        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False).stdout
+    except FileNotFoundError:
+        raise FailedPrecondition("ldd is missing on the build host (Debian's libc-bin)") from None
+    if "not a dynamic executable" in out or "statically linked" in out:
+        return []
+    return [Path(m.group(1)) for m in _LDD_RE.finditer(out)]
+
+
+def _with_libraries(rt: Runtime, binary: Path) -> None:
+    rt.add(binary)
+    for lib in shared_libraries(binary):
+        rt.add(lib.resolve(), str(lib))  # the loader and libraries are often symlinks
+
+
+def collect(python: Path = PYTHON, busybox: Path = BUSYBOX, zstd: Path = ZSTD) -> Runtime:
+    rt = Runtime()
+    rt.add(_require(busybox, "busybox-static"), "/bin/busybox")
+    for applet in APPLETS:
+        rt.links[f"/bin/{applet}"] = "busybox"
+    _with_libraries(rt, _require(zstd, "zstd"))
+    exe = _require(python, "python3").resolve()
+    _with_libraries(rt, exe)
+    rt.links["/usr/bin/python3"] = exe.name
+    rt.python = "/usr/bin/python3"
+    probe = subprocess.run(
+        [str(exe), "-S", "-I", "-B", "-c", _PROBE, str(AGENT_DIR.parent), ",".join(LEFT_OUT)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        raise FailedPrecondition(f"{exe} cannot import the agent: {probe.stderr.strip()[-500:]}")
+    found = json.loads(probe.stdout)
+    prefix = Path(found["prefix"])
+    for name, file in found["modules"].items():
+        path = Path(file)
+        if not path.is_relative_to(prefix):
+            raise FailedPrecondition(f"the agent imports {name} from outside Python's prefix ({file})")
+        if path.suffix == ".so":
+            _with_libraries(rt, path)
+        else:
+            rt.add(path)
+    # getpath() finds the standard library by this landmark
+    rt.add(prefix / "lib" / f"python{exe.name.removeprefix('python')}" / "os.py")
+    for src in sorted(AGENT_DIR.glob("*.py")):
+        rt.add(src, f"{AGENT_ROOT}/slim/agent/{src.name}")
+    return rt
+
+
+INIT = """#!/bin/sh
+# SLIM initrd: bring up the basics, then hand over to the agent.
+PATH=/bin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+echo "slim: initrd up" > /dev/console
+exec env PYTHONPATH={root} /usr/bin/python3 -S -B -m slim.agent
+"""
+
+
+def add_runtime(archive: CpioArchive, rt: Runtime) -> None:
+    """Add the runtime's files and links, the agent's package, mount points and ``/init``
+    (parent directories are implied)."""
+    for d in ("proc", "sys", "dev", "run", "tmp", "newroot"):
+        archive.add_dir(d)
+    for dest, src in sorted(rt.files.items()):
+        archive.add_file(dest, src)
+    for dest, target in sorted(rt.links.items()):
+        archive.add_symlink(dest, target)
+    archive.add_bytes(f"{AGENT_ROOT}/slim/__init__.py", b"")
+    archive.add_bytes("/init", INIT.format(root=AGENT_ROOT).encode(), mode=0o755)
