@@ -9,10 +9,11 @@ simulation): no mounts, no switch_root.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from slim.agent.ee import BootFailed, Builder, Reporter
+from slim.agent.ee import BootFailed, Builder, Reporter, switch_root
 from slim.agent.fetch import FetchError, Relays
 from slim.agent.plan import BootArgs, PlanError, parse_plan
 
@@ -31,11 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.node and args.relay:
-            boot = BootArgs(args.node, "", "", tuple(u.rstrip("/") for u in args.relay))
+            boot = BootArgs(args.node, "", "", tuple(u.rstrip("/") for u in args.relay), "/sbin/init")
         else:
             boot = BootArgs.from_cmdline(args.cmdline.read_text())
         if args.no_reboot and args.target is None:
             raise PlanError("--no-reboot needs --target DIR")
+        if not args.no_reboot and os.getpid() != 1 and os.environ.get("SLIM_INITRD") != "1":
+            raise PlanError(
+                "a real boot runs only in the initrd (its /init); here use --no-reboot --target DIR"
+            )
         relays = Relays(boot.relays)
         try:
             _, data = relays.call("GET", f"/v1/nodes/{boot.node}/plan")
@@ -45,8 +50,13 @@ def main(argv: list[str] | None = None) -> int:
                 relays.current = 0
             report = Reporter(relays, plan.node, plan.environment)
             report("plan", len(data), message=f"{plan.environment} {plan.release_digest}")
-            Builder(plan, relays, args.target, report, args.no_reboot).run()
+            target = args.target if args.no_reboot else Path("/newroot")
+            Builder(plan, relays, target, report, args.no_reboot).run()
             report("done", relays.stats.bytes, message=f"{relays.stats.objects} objects")
+            if not args.no_reboot:
+                report("switch_root", message=boot.init)
+                relays.close()
+                switch_root(target, boot.init)
         finally:
             relays.close()
     except (PlanError, FetchError, BootFailed, OSError) as exc:

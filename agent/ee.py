@@ -111,8 +111,6 @@ class Builder:
     def __init__(
         self, plan: Plan, relays: Relays, target: str | Path, report: Reporter, no_reboot: bool
     ) -> None:
-        if not no_reboot:
-            raise PlanError("only the no-reboot mode is built so far (give --no-reboot --target DIR)")
         self.plan = plan
         self.relays = relays
         self.target = Path(target)
@@ -154,13 +152,29 @@ class Builder:
 
     def directory(self, d: Directory) -> Result:
         dest = self.place(d)
+        if not self.no_reboot:
+            self._mount(d, dest)
         if d.policy in ("ram", "disk"):
             assert d.archive is not None
             return self._unpack(d, d.archive, dest)
         if d.policy == "sync":
             return self._sync(d, dest)
-        dest.mkdir(parents=True, exist_ok=True)  # nfs: the mount point
+        dest.mkdir(parents=True, exist_ok=True)  # nfs: the mount point (mounted above on a real boot)
         return Result()
+
+    def _mount(self, d: Directory, dest: Path) -> None:
+        """On a real boot: a tmpfs for ram, the node's partition for disk and sync, NFSv4 for nfs."""
+        dest.mkdir(parents=True, exist_ok=True)
+        if d.policy == "ram":
+            options = f"size={d.tmpfs_size}" if d.tmpfs_size else "size=90%"
+            _run("mount", "-t", "tmpfs", "-o", f"mode=0755,{options}", "tmpfs", str(dest))
+        elif d.policy in ("disk", "sync"):
+            if not self.plan.disk:
+                raise PlanError(f"{d.path}: the plan names no disk partition for the {d.policy} policy")
+            _run("mount", self.plan.disk, str(dest))
+        else:
+            assert d.nfs is not None
+            _run("mount", "-t", "nfs4", "-o", d.nfs.options, f"{d.nfs.server}:{d.nfs.export}", str(dest))
 
     # -- full copies --------------------------------------------------------
     def _unpack(self, d: Directory, archive: ObjectRef, dest: Path) -> Result:
@@ -321,6 +335,17 @@ def _move_into(staging: Path, dest: Path, rel: str, nested: set[str], skip: str 
         elif old.exists() or old.is_symlink():
             old.unlink()
         os.rename(new, old)
+
+
+def _run(*argv: str) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise OSError(f"{' '.join(argv)}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
+
+
+def switch_root(target: Path, init: str) -> None:
+    """Replace this process with the EE's init (busybox switch_root empties the initramfs)."""
+    os.execv("/bin/switch_root", ["switch_root", str(target), init])  # noqa: S606
 
 
 def _meta(e: Entry) -> tuple[object, ...]:

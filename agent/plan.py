@@ -53,6 +53,7 @@ class BootArgs:
     environment: str
     release: str
     relays: tuple[str, ...]
+    init: str = "/sbin/init"  # what switch_root starts in the EE (slim.init=)
 
     @classmethod
     def from_cmdline(cls, text: str) -> BootArgs:
@@ -67,7 +68,10 @@ class BootArgs:
         release = args.get("slim.release", "")
         if release and not DIGEST_RE.fullmatch(release):
             raise PlanError(f"slim.release: {release!r} is not a sha256 digest")
-        return cls(args["slim.node"], args.get("slim.env", ""), release, relays)
+        init = args.get("slim.init", "/sbin/init")
+        if not init.startswith("/"):
+            raise PlanError(f"slim.init: {init!r} is not an absolute path")
+        return cls(args["slim.node"], args.get("slim.env", ""), release, relays, init)
 
 
 @dataclass(frozen=True)

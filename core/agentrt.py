@@ -131,13 +131,39 @@ def collect(python: Path = PYTHON, busybox: Path = BUSYBOX, zstd: Path = ZSTD) -
 
 
 INIT = """#!/bin/sh
-# SLIM initrd: bring up the basics, then hand over to the agent.
+# SLIM initrd: the basics, the hardware profile's drivers, DHCP, then the agent.
 PATH=/bin:/usr/bin
+export PATH
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "slim: initrd up" > /dev/console
-exec env PYTHONPATH={root} /usr/bin/python3 -S -B -m slim.agent
+if [ -f /etc/slim/modules ]; then
+    while read -r m; do insmod "$m" 2>/dev/null; done < /etc/slim/modules
+fi
+ip link set lo up
+for i in /sys/class/net/*; do
+    n=${{i##*/}}
+    [ "$n" = lo ] && continue
+    ip link set "$n" up
+    udhcpc -i "$n" -q -n -t 10 -s /etc/slim/udhcpc.sh && break
+done
+exec env SLIM_INITRD=1 PYTHONPATH={root} /usr/bin/python3 -S -B -m slim.agent
+"""
+
+UDHCPC = """#!/bin/sh
+# busybox udhcpc calls this with bound/renew/deconfig; configure the interface.
+case "$1" in
+bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route add default via "${router%% *}" dev "$interface"
+    ;;
+deconfig)
+    ip addr flush dev "$interface"
+    ;;
+esac
+exit 0
 """
 
 
@@ -152,3 +178,4 @@ def add_runtime(archive: CpioArchive, rt: Runtime) -> None:
         archive.add_symlink(dest, target)
     archive.add_bytes(f"{AGENT_ROOT}/slim/__init__.py", b"")
     archive.add_bytes("/init", INIT.format(root=AGENT_ROOT).encode(), mode=0o755)
+    archive.add_bytes("/etc/slim/udhcpc.sh", UDHCPC.encode(), mode=0o755)

@@ -32,6 +32,7 @@ from slim.agent import manifest as mf
 from slim.agent.tree import FILE, Entry, ScanReport, scan
 from slim.agent.unpack import UnsafeEntry, copy_root_meta, copy_tree, nofollow
 from slim.core import copyset
+from slim.core.agentrt import Runtime, add_runtime
 from slim.core.initrd import InitrdBuilder, InitrdInfo, kernel_release, resolve_in_image, resolve_modules
 from slim.core.registry import Policy, Registry
 from slim.core.store import ObjectRef, Release, ReleaseDirectory, Store
@@ -106,8 +107,11 @@ def build_environment(
     *,
     level: int = copyset.DEFAULT_LEVEL,
     progress: Progress | None = None,
+    runtime: Runtime | None = None,
 ) -> BuildResult:
-    """Build environment ``name`` into ``store`` and publish its release."""
+    """Build environment ``name`` into ``store`` and publish its release.  With
+    ``runtime`` the initrd also carries the agent and what it runs on
+    (:mod:`slim.core.agentrt`); without it, only the kernel modules."""
     started = time.monotonic()
     env = registry.environment(name)
     image = Path(env.image)
@@ -166,6 +170,8 @@ def build_environment(
     modules = _initrd_modules(registry, image, kver)
     initrd_builder = InitrdBuilder()
     initrd_builder.add_modules(image, kver, modules)
+    if runtime is not None:
+        add_runtime(initrd_builder, runtime)
     with store.writer() as w:
         initrd_info = initrd_builder.write(w)  # type: ignore[arg-type]
     assert w.ref is not None

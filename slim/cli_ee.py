@@ -183,6 +183,13 @@ def _build_json(res: Any) -> dict[str, Any]:
     default=None,
     help="zstd level of the copy-set archives (default 9; see docs/benchmarks for the trade-off).",
 )
+@click.option(
+    "--agent/--no-agent",
+    default=True,
+    show_default=True,
+    help="Put the agent and its runtime (busybox, zstd, a minimal python3, from this machine) into "
+    "the initrd; --no-agent leaves only the kernel modules.",
+)
 @json_option
 def ee_build(
     names: tuple[str, ...],
@@ -190,6 +197,7 @@ def ee_build(
     registry_path: Path,
     store_path: Path,
     level: int | None,
+    agent: bool,
     as_json: bool,
 ) -> None:
     """Build environments into content-addressed objects and publish their releases.
@@ -197,9 +205,11 @@ def ee_build(
     Per directory of the environment: ram/disk/sync get a deterministic tar+zstd
     archive and a manifest (sync also one object per file, so nodes fetch only
     what changed); nfs gets a manifest and a read-only tree for export.  Plus the
-    image's kernel and an initrd with its modules for every hardware profile.
+    image's kernel and an initrd with its modules for every hardware profile,
+    the agent and its runtime.
     Rebuilding an unchanged image adds no object and keeps the release.
     """
+    from slim.core.agentrt import collect
     from slim.core.build import build_environment
     from slim.core.copyset import DEFAULT_LEVEL
     from slim.core.registry import load_registry
@@ -213,11 +223,14 @@ def ee_build(
         for n in targets:
             reg.environment(n)  # unknown names fail before any work
         store = Store(store_path)
+        runtime = collect() if agent else None
         results = []
         with StageProgress(enabled=not as_json) as progress:
             for n in targets:
                 results.append(
-                    build_environment(reg, store, n, level=level or DEFAULT_LEVEL, progress=progress)
+                    build_environment(
+                        reg, store, n, level=level or DEFAULT_LEVEL, progress=progress, runtime=runtime
+                    )
                 )
     if as_json:
         click.echo(json.dumps([_build_json(r) for r in results], indent=2))
