@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -174,7 +175,11 @@ class Builder:
             _run("mount", self.plan.disk, str(dest))
         else:
             assert d.nfs is not None
-            _run("mount", "-t", "nfs4", "-o", d.nfs.options, f"{d.nfs.server}:{d.nfs.export}", str(dest))
+            options = d.nfs.options
+            if "addr=" not in options and re.fullmatch(r"[\d.]+|[0-9a-fA-F:]+", d.nfs.server):
+                options = f"{options},addr={d.nfs.server}" if options else f"addr={d.nfs.server}"
+            # busybox mount hands nfs4 options to the kernel as they are: the address must be there
+            _run("mount", "-t", "nfs4", "-o", options, f"{d.nfs.server}:{d.nfs.export}", str(dest))
 
     # -- full copies --------------------------------------------------------
     def _unpack(self, d: Directory, archive: ObjectRef, dest: Path) -> Result:
