@@ -139,6 +139,8 @@ class Builder:
             self.results[d.path] = result
             self.report(stage, result.bytes, message=f"{result.files} files, {result.deleted} deleted")
         self._write_active()
+        if not self.no_reboot:
+            os.sync()  # what went to the node's disk is there before the EE starts
 
     def _nested(self, d: Directory) -> list[str]:
         """Paths (relative to ``d``) of the directories other entries of the plan manage."""
@@ -172,7 +174,18 @@ class Builder:
         elif d.policy in ("disk", "sync"):
             if not self.plan.disk:
                 raise PlanError(f"{d.path}: the plan names no disk partition for the {d.policy} policy")
-            _run("mount", self.plan.disk, str(dest))
+            # The partition is mounted once, beside the new root; each directory is a bind
+            # mount of its own subdirectory there (so /var and /srv can share a partition).
+            disk_root = Path(DISK_ROOT)
+            if not os.path.ismount(disk_root):
+                disk_root.mkdir(parents=True, exist_ok=True)
+                if _is_blank(self.plan.disk):
+                    self.report("mkfs", message=f"{self.plan.disk} is blank: making an ext2 file system")
+                    _run("mke2fs", "-L", "slim", self.plan.disk)
+                _run("mount", self.plan.disk, str(disk_root))
+            source = disk_root / (d.rel or "root")
+            source.mkdir(parents=True, exist_ok=True)
+            _run("mount", "--bind", str(source), str(dest))
         else:
             assert d.nfs is not None
             options = d.nfs.options
@@ -340,6 +353,17 @@ def _move_into(staging: Path, dest: Path, rel: str, nested: set[str], skip: str 
         elif old.exists() or old.is_symlink():
             old.unlink()
         os.rename(new, old)
+
+
+DISK_ROOT = "/slim-disk"  # where the node's partition is mounted in the initrd
+
+
+def _is_blank(device: str) -> bool:
+    """Whether the first MiB of ``device`` is all zeros: only then is it safe to make a
+    file system on it (anything else might be someone's data; mounting it decides)."""
+    with open(device, "rb") as f:
+        head = f.read(1 << 20)
+    return not head.strip(b"\0")
 
 
 def _run(*argv: str) -> None:

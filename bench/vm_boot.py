@@ -50,6 +50,7 @@ MARKER = "SLIM-EE-MARKER"
 TEST_INIT = f"""#!/bin/sh
 mount -t proc proc /proc
 echo "{MARKER} $(tr -d '\\n' < /run/slim/ee)"
+sync
 echo o > /proc/sysrq-trigger
 """
 REGISTRY = """\

@@ -34,7 +34,7 @@ BUSYBOX = Path("/bin/busybox")
 ZSTD = Path("/usr/bin/zstd")
 APPLETS = (
     "sh", "mount", "umount", "mkdir", "ln", "cat", "echo", "sleep", "ip", "udhcpc", "insmod",
-    "modprobe", "switch_root", "mknod", "ls", "rm", "mkfs.ext2", "poweroff", "reboot", "dmesg", "env",
+    "modprobe", "switch_root", "mknod", "ls", "rm", "mke2fs", "poweroff", "reboot", "dmesg", "env",
 )  # fmt: skip
 AGENT_ROOT = "/lib/slim"  # PYTHONPATH in the initrd: /lib/slim/slim/agent/...
 
@@ -100,6 +100,7 @@ def collect(python: Path = PYTHON, busybox: Path = BUSYBOX, zstd: Path = ZSTD) -
     rt.add(_require(busybox, "busybox-static"), "/bin/busybox")
     for applet in APPLETS:
         rt.links[f"/bin/{applet}"] = "busybox"
+    rt.links["/sbin/modprobe"] = "../bin/busybox"  # where the kernel runs it to load modules on demand
     _with_libraries(rt, _require(zstd, "zstd"))
     exe = _require(python, "python3").resolve()
     _with_libraries(rt, exe)

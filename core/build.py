@@ -41,7 +41,9 @@ from slim.errors import FailedPrecondition, NotFound, SlimError
 MANIFEST_LEVEL = 19
 # Modules every initrd carries when the kernel has them (the agent mounts NFS
 # and may overlay a read-only tree), beside each hardware profile's own.
-EXTRA_MODULES = ("nfsv4", "overlay")
+# ext4 also mounts the ext2 the agent makes on blank disks; it asks the crypto API for
+# crc32c at mount time (not a modules.dep dependency), so that comes too.
+EXTRA_MODULES = ("nfsv4", "overlay", "ext4", "crc32c_generic")
 
 Progress = Callable[[str, int, int], None]  # (what, done, total) in bytes; total 0 when unknown
 
