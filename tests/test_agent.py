@@ -33,7 +33,7 @@ from slim.core.state import State
 from slim.core.store import Store
 
 from .needs import need, need_tool
-from .relayfix import origin, relay, url
+from .relayfix import origin, relay, start_relay_process, url
 from .test_build import make_image
 
 REGISTRY = """\
@@ -329,3 +329,27 @@ async def test_initrd_runtime_runs_the_agent(site: Site, tmp_path: Path) -> None
     )
     assert proc.returncode == 0, proc.stderr
     assert tree(root / "target", skip=("run", "usr")) == tree(site.image, skip=("usr",))
+
+
+async def test_relay_killed_mid_object_the_next_relay_finishes(site: Site, tmp_path: Path) -> None:
+    """A relay process SIGKILLed in the middle of an object: the agent resumes from the next by Range."""
+    data = random.Random(5).randbytes(48 << 20)  # more than socket buffers hold
+    ref = site.store.put_bytes(data)
+    loop = asyncio.get_running_loop()
+    victim = await loop.run_in_executor(None, start_relay_process, tmp_path / "victim", site.relay2_url)
+    try:
+        relays = Relays([victim.url, site.relay2_url])
+        got = bytearray()
+
+        def write(chunk: bytes) -> None:
+            got.extend(chunk)
+            if len(got) >= 1 << 20:
+                victim.kill()  # SIGKILL, with most of the object still to come
+
+        used = await loop.run_in_executor(None, relays.stream, ObjectRef(ref.digest, ref.size), write)
+        relays.close()
+        assert used == site.relay2_url and bytes(got) == data
+        assert relays.stats.resumed == 1 and victim.url in relays.stats.relay_failures[0]
+    finally:
+        victim.kill()
+        await loop.run_in_executor(None, victim.proc.communicate)

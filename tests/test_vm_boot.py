@@ -191,6 +191,8 @@ class Cluster:
             (e for e in events if e.boot_id == active["boot_id"]), key=lambda e: e.time.ToNanoseconds()
         )
         assert all(e.ok and e.relay == "r1" for e in mine), mine
+        # sorted by the agent's timestamps, the stages come out in the order the agent ran them
+        assert all(e.time.seconds > 1_700_000_000 for e in mine), mine
         return active, mine
 
 
