@@ -32,7 +32,7 @@ from typing import cast
 import httptools
 
 from slim.relay.cache import CachedObject
-from slim.relay.objects import IMMUTABLE, SMALL, ObjectRoutes, sendfile_fd
+from slim.relay.objects import IMMUTABLE, SMALL, ObjectRoutes, sendfile_fd, small_body
 
 log = logging.getLogger(__name__)
 
@@ -206,22 +206,18 @@ class FastConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         if head or obj.size <= SMALL:
-            body = obj.body
-            if body is None and not head:
-                try:
-                    body = _read(obj)
-                except FileNotFoundError:
-                    source.release(obj)
-                    source.lost(obj)
-                    return False  # aiohttp will fetch it again
-                source.remember(obj, body)
+            try:
+                body = b"" if head else small_body(source, obj)
+            except FileNotFoundError:
+                source.release(obj)
+                source.lost(obj)
+                return False  # aiohttp will fetch it again
             source.release(obj)
             del self.pending[:head_len]
             c.requests += 1
             c.hits += 1
-            payload = b"" if head or body is None else body
-            transport.writelines((self._headers(obj, not self._close), payload))
-            c.bytes_sent += len(payload)
+            transport.writelines((self._headers(obj, not self._close), body))
+            c.bytes_sent += len(body)
             if self._close:
                 transport.close()
             return True
@@ -323,14 +319,3 @@ class FastConnection(asyncio.Protocol):
         if self.pending:
             data, self.pending = bytes(self.pending), bytearray()
             proto.data_received(data)
-
-
-def _read(obj: CachedObject) -> bytes:
-    fd = os.open(obj.path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        body = os.pread(fd, obj.size, 0)
-    finally:
-        os.close(fd)
-    if len(body) != obj.size:
-        raise FileNotFoundError(f"{obj.path} is shorter than recorded")
-    return body

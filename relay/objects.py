@@ -196,28 +196,23 @@ class ObjectRoutes:
         if isinstance(started, web.StreamResponse):
             return started
         resp, start, end = started
+        count = end - start
+        if request.method != "HEAD" and obj.size <= SMALL:
+            try:
+                body = small_body(self.source, obj)[start:end]
+            except FileNotFoundError:
+                self.source.lost(obj)
+                raise NotFound(f"object sha256:{obj.hex} vanished from the cache; ask again") from None
+            self.counters.bytes_sent += count
+            return web.Response(status=resp.status, headers=resp.headers, body=body)
         try:
             fd = os.open(obj.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             self.source.lost(obj)
             raise NotFound(f"object sha256:{obj.hex} vanished from the cache; ask again") from None
         try:
-            count = end - start
             if request.method == "HEAD":
                 return resp
-            if count <= SMALL:
-                whole = obj.body
-                if whole is None and obj.size <= SMALL:
-                    whole = os.pread(fd, obj.size, 0)
-                    if len(whole) != obj.size:
-                        raise NotFound(f"object sha256:{obj.hex} is shorter on disk than recorded")
-                    self.source.remember(obj, whole)
-                body = whole[start:end] if whole is not None else os.pread(fd, count, start)
-                if len(body) != count:
-                    raise NotFound(f"object sha256:{obj.hex} is shorter on disk than recorded")
-                small = web.Response(status=resp.status, headers=resp.headers, body=body)
-                self.counters.bytes_sent += count
-                return small
             try:
                 await resp.prepare(request)
                 await send_file(request, fd, start, count)
@@ -284,6 +279,22 @@ class ObjectRoutes:
         if request.transport is not None:
             request.transport.abort()
         return resp
+
+
+def small_body(source: Source, obj: CachedObject) -> bytes:
+    """A small object's bytes: from memory, or read whole (and kept in memory while its
+    budget allows).  FileNotFoundError when the file is gone or shorter than recorded."""
+    if obj.body is not None:
+        return obj.body
+    fd = os.open(obj.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        body = os.pread(fd, obj.size, 0)
+    finally:
+        os.close(fd)
+    if len(body) != obj.size:
+        raise FileNotFoundError(f"{obj.path} is shorter than recorded")
+    source.remember(obj, body)
+    return body
 
 
 def _http_error(exc: SlimError, headers: dict[str, str] | None) -> web.HTTPException:
