@@ -31,22 +31,21 @@ import ipaddress
 import json
 import logging
 import os
-import random
 import re
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import IO, Literal
 
 from slim import listen
 from slim.core.registry import HOSTNAME_RE, Policy, Registry, load_registry
 from slim.core.store import Store, atomic_write, parse_digest
+from slim.core.supervise import backoff_delay, stop_signals
 from slim.errors import FailedPrecondition, InvalidArgument, SlimError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -885,7 +884,7 @@ class NfsServer:
                 rc = proc.poll() if proc is not None else -1
             if rc is not None:
                 if restart_at is None:
-                    delay = _backoff_delay(self.backoff, failures)
+                    delay = backoff_delay(self.backoff, failures)
                     how = "is not running" if proc is None else f"exited with status {rc}"
                     log.warning(
                         "nfs: %s %s; restarting in %.1fs. Its log ends:\n%s",
@@ -900,7 +899,7 @@ class NfsServer:
                     try:
                         self._restart_dead()
                     except SlimError as exc:
-                        restart_at = time.monotonic() + _backoff_delay(self.backoff, failures)
+                        restart_at = time.monotonic() + backoff_delay(self.backoff, failures)
                         log.error("nfs: restart failed (next try in %.1fs): %s", restart_at - now, exc)
                     else:
                         restart_at = None
@@ -959,40 +958,10 @@ def _core_part(text: str) -> str:
     return "\n".join(ln for ln in head.splitlines() if ln.strip() and not ln.startswith("#"))
 
 
-def _backoff_delay(backoff: tuple[float, float], failures: int) -> float:
-    first, most = backoff
-    return min(most, first * 2.0 ** min(failures, 30)) * random.uniform(0.5, 1.0)  # noqa: S311 - jitter
-
-
 def _short(line: str) -> str:
     # "24/11/2026 21:53:27 : epoch 6b060757 : vm : nfs-ganesha-32681[main] fn :COMP :LEVEL :msg"
     _, sep, rest = line.partition("] ")
     return rest.strip() if sep else line.strip()
-
-
-@contextlib.contextmanager
-def _signals(stop: threading.Event, reload_event: threading.Event) -> Iterator[None]:
-    """SIGTERM/SIGINT set ``stop``; SIGHUP sets ``reload_event`` (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    def on_hup(signum: int, frame: FrameType | None) -> None:
-        reload_event.set()
-
-    previous = {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, on_stop),
-        signal.SIGINT: signal.signal(signal.SIGINT, on_stop),
-        signal.SIGHUP: signal.signal(signal.SIGHUP, on_hup),
-    }
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def serve(
@@ -1024,5 +993,5 @@ def serve(
     )
     stop = stop_event if stop_event is not None else threading.Event()
     reload_event = threading.Event()
-    with _signals(stop, reload_event):
+    with stop_signals(stop, reload_event):
         server.run(stop, reload_event=reload_event, ready=ready)

@@ -15,6 +15,7 @@ import ipaddress
 import posixpath
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
@@ -34,6 +35,7 @@ from pydantic import (
 
 from slim.core.yamlsource import Loc, YamlSource, load_yaml_file, load_yaml_text
 from slim.errors import ConfigError, InvalidArgument, NotFound, Problem
+from slim.listen import parse_listen
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -157,6 +159,47 @@ Module = Annotated[str, AfterValidator(_check_module)]
 Network = Annotated[IPNetwork, PlainValidator(_parse_network)]
 Host = Annotated[str, AfterValidator(_check_host)]
 KernelArgs = Annotated[str, Field(max_length=2048)]
+INTERFACE_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+LEASE_RE = re.compile(r"^(\d+[smhdw]?|infinite)$")
+
+
+def _check_ipv4(value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 address") from None
+
+
+def _check_interface(value: str) -> str:
+    if not INTERFACE_RE.match(value):
+        raise ValueError(f"{value!r} is not a network interface name (at most 15 of A-Z a-z 0-9 _ . : @ -)")
+    return value
+
+
+def _check_lease(value: str) -> str:
+    if not LEASE_RE.match(value):
+        raise ValueError(f"{value!r} is not a lease time (seconds, or e.g. 45m, 12h, 2d, infinite)")
+    return value
+
+
+def _check_listen(value: str) -> str:
+    if value.startswith("unix:"):
+        if not value[5:].lstrip("/") or "\x00" in value:
+            raise ValueError(f"{value!r}: a unix socket needs a path, e.g. unix:/run/slim/core.sock")
+        return value
+    try:
+        parse_listen(value, 0, allow_ephemeral=True)
+    except InvalidArgument as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+IPv4 = Annotated[str, AfterValidator(_check_ipv4)]
+Interface = Annotated[str, AfterValidator(_check_interface)]
+LeaseTime = Annotated[
+    str, BeforeValidator(lambda v: str(v) if isinstance(v, int) else v), AfterValidator(_check_lease)
+]
+Listen = Annotated[str, AfterValidator(_check_listen)]
 
 
 class _Model(BaseModel):
@@ -181,10 +224,52 @@ class Settings(_Model):
     max_relays: int = Field(8, ge=1, le=1000, description="most relays in one ranked answer")
 
 
+class Dhcp(_Model):
+    """The network configuration service of one site: what dnsmasq answers there."""
+
+    mode: Literal["proxy", "full"] = Field(
+        "proxy", description="proxy: boot information only, the site's DHCP server gives addresses"
+    )
+    interface: Interface | None = Field(None, description="answer only on this interface (default: all)")
+    subnet: Network | None = Field(
+        None, description="the network answered (default: the site's first IPv4 prefix)"
+    )
+    range: list[IPv4] | None = Field(
+        None, min_length=2, max_length=2, description="full mode: first, last address"
+    )
+    router: IPv4 | None = Field(None, description="full mode: default gateway handed out")
+    dns: list[IPv4] = Field(default_factory=list, description="full mode: DNS servers handed out")
+    lease_time: LeaseTime = Field("1h", description="full mode: lease time")
+    relay: Name | None = Field(
+        None, description="relay serving TFTP and boot menus (default: the site's first)"
+    )
+    tftp_server: IPv4 | None = Field(None, description="TFTP address (default: the relay's URL host)")
+    open_enrollment: bool = Field(False, description="answer unknown MACs too")
+
+
 class Site(_Model):
     prefixes: list[Network] = Field(default_factory=list)
     nfs_server: Host | None = None
     description: str = ""
+    dhcp: Dhcp | None = None
+
+
+class Server(_Model):
+    """``slim serve``: the all-in-one server on one machine."""
+
+    state_dir: AbsPath = Field("/var/lib/slim", description="state.db, store/, cache/, nfs/, dhcp/")
+    core_listen: Listen = Field("127.0.0.1:50051", description="the core's gRPC (HOST:PORT or unix:PATH)")
+    objects_listen: Listen = Field(
+        "127.0.0.1:0", description="the core's object server (the relay's upstream)"
+    )
+    relay: Name | None = Field(None, description="which relay of the registry this server is")
+    relay_listen: Listen = Field("0.0.0.0:8080", description="the relay's HTTP")
+    tftp_listen: Listen | None = Field("0.0.0.0:69", description="the relay's TFTP (null: none)")
+    cache_max_bytes: str = Field(
+        "20G", pattern=r"^\d+(\.\d+)?[KMGTkmgt]?i?[Bb]?$", description="relay cache budget"
+    )
+    nfs_listen: Listen | None = Field("0.0.0.0:2049", description="nfs-ganesha (null: no NFS server)")
+    dhcp: bool = Field(True, description="run dnsmasq for the sites that have a dhcp section")
 
 
 class Relay(_Model):
@@ -196,6 +281,9 @@ class Relay(_Model):
 
 class HardwareProfile(_Model):
     firmware: Literal["bios", "uefi"] = "bios"
+    loader: Literal["ipxe", "pxelinux"] = Field(
+        "ipxe", description="pxelinux: the legacy path for firmware that cannot run iPXE"
+    )
     modules: list[Module] = Field(default_factory=list)
     kernel_args: KernelArgs = ""
 
@@ -268,6 +356,66 @@ class _Document(_Model):
     profiles: dict[Name, HardwareProfile] = Field(default_factory=dict)
     environments: dict[Name, Environment] = Field(default_factory=dict)
     nodes: dict[Name, Node] = Field(default_factory=dict)
+    server: Server = Field(default_factory=Server)
+
+
+@dataclass(frozen=True)
+class DhcpNetwork:
+    """A site's ``dhcp`` section with its defaults worked out."""
+
+    site: str
+    spec: Dhcp
+    subnet: ipaddress.IPv4Network
+    relay: str
+    relay_url: str  # ends with "/"
+    tftp_server: str
+
+
+def _resolve_dhcp(site_name: str, site: Site, relays: Mapping[str, Relay]) -> DhcpNetwork | tuple[str, str]:
+    """The resolved network, or (field, problem)."""
+    spec = site.dhcp
+    assert spec is not None
+    subnet = spec.subnet
+    if subnet is None:
+        subnet = next((n for n in site.prefixes if n.version == 4), None)
+        if subnet is None:
+            return "subnet", "no subnet given and the site has no IPv4 prefix to take it from"
+    if not isinstance(subnet, ipaddress.IPv4Network):
+        return "subnet", f"{subnet} is not an IPv4 network (DHCP here is IPv4)"
+    if spec.mode == "full":
+        if spec.range is None:
+            return "range", "full mode needs a range: [first, last] address to hand out"
+        first, last = (ipaddress.IPv4Address(a) for a in spec.range)
+        if first not in subnet or last not in subnet:
+            return "range", f"the range {first} - {last} is not inside {subnet}"
+        if first > last:
+            return "range", f"the range starts after it ends ({first} > {last})"
+    else:
+        for name in ("range", "router"):
+            if getattr(spec, name) is not None:
+                return name, "applies only to mode: full (in proxy mode the site's DHCP server hands it out)"
+        if spec.dns:
+            return "dns", "applies only to mode: full (in proxy mode the site's DHCP server hands it out)"
+    relay = spec.relay
+    if relay is None:
+        relay = next((n for n, r in relays.items() if r.site == site_name), None)
+        if relay is None:
+            return "relay", f"site {site_name!r} has no relay; name the one that serves it with 'relay:'"
+    elif relay not in relays:
+        listed = ", ".join(sorted(relays)) or "none defined"
+        return "relay", f"unknown relay {relay!r} (known relays: {listed})"
+    url = relays[relay].urls[0]
+    tftp = spec.tftp_server
+    if tftp is None:
+        host = urlsplit(url).hostname or ""
+        try:
+            tftp = str(ipaddress.IPv4Address(host))
+        except ValueError:
+            return "tftp_server", (
+                f"relay {relay!r} is at {url}, not at an IPv4 address; "
+                "give the TFTP address with 'tftp_server:'"
+            )
+    return DhcpNetwork(site_name, spec, subnet, relay, url, tftp)
 
 
 class Registry:
@@ -281,6 +429,12 @@ class Registry:
         self.profiles: Mapping[str, HardwareProfile] = doc.profiles
         self.environments: Mapping[str, Environment] = doc.environments
         self.nodes: Mapping[str, Node] = doc.nodes
+        self.server = doc.server
+        self.dhcp_networks: tuple[DhcpNetwork, ...] = tuple(
+            net
+            for name, site in doc.sites.items()
+            if site.dhcp is not None and isinstance(net := _resolve_dhcp(name, site, doc.relays), DhcpNetwork)
+        )
         self._by_mac = {mac: name for name, node in doc.nodes.items() for mac in node.macs}
         self._by_feature = {self.feature_of(name): name for name in doc.environments}
         self._directories: dict[str, Mapping[str, DirectorySpec]] = {}
@@ -450,6 +604,24 @@ def _cross_check(doc: _Document, source: YamlSource) -> Iterable[Problem]:
                     ("sites", name, "prefixes", i), f"{prefix} is also a prefix of site {owner[prefix]!r}"
                 )
             owner.setdefault(prefix, name)
+
+    # sites: DHCP sections resolve; two sites do not answer the same subnet
+    answered: dict[ipaddress.IPv4Network, str] = {}
+    for name, site in doc.sites.items():
+        if site.dhcp is None:
+            continue
+        net = _resolve_dhcp(name, site, doc.relays)
+        if isinstance(net, tuple):
+            yield p(("sites", name, "dhcp", net[0]), net[1])
+            continue
+        other = next((o for s, o in answered.items() if s.overlaps(net.subnet)), None)
+        if other is not None:
+            yield p(
+                ("sites", name, "dhcp", "subnet"), f"{net.subnet} overlaps the DHCP subnet of site {other!r}"
+            )
+        answered.setdefault(net.subnet, name)
+    if doc.server.relay is not None and doc.server.relay not in doc.relays:
+        yield p(("server", "relay"), f"unknown relay {doc.server.relay!r} {known('relays', doc.relays)}")
 
     # relays: site and parent exist; parent chains end
     for name, relay in doc.relays.items():

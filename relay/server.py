@@ -42,6 +42,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HTTP_PORT = 8080
 IPXE_FILES = ("undionly.kpxe", "ipxe.efi", "snponly.efi", "undionly.kkpxe", "ipxe.pxe")
+# the legacy path (Debian's pxelinux and syslinux-common), served when installed
+PXELINUX_FILES = {
+    "lpxelinux.0": Path("/usr/lib/PXELINUX/lpxelinux.0"),
+    "pxelinux.0": Path("/usr/lib/PXELINUX/pxelinux.0"),
+    "ldlinux.c32": Path("/usr/lib/syslinux/modules/bios/ldlinux.c32"),
+}
 PXELINUX_RE = re.compile(r"pxelinux\.cfg/01-((?:[0-9a-f]{2}-){5}[0-9a-f]{2})")
 EGRESS_WINDOW = 5.0
 
@@ -264,6 +270,7 @@ class RelayServer:
                 "no iPXE binaries in %s (install Debian's ipxe package); TFTP serves pxelinux only",
                 self.config.ipxe_dir,
             )
+        static.update({name: path for name, path in PXELINUX_FILES.items() if path.is_file()})
         static.update(self.config.extra_static)
         server = StageOneServer(static, self._tftp_dynamic, host=host, port=port)
         self.tftp = server

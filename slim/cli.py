@@ -24,7 +24,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.table import Table
 
-from slim import __version__, cli_ee
+from slim import __version__, cli_ee, cli_net
 from slim.cli_common import console, errors_to_exit, json_option, registry_option, store_option
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
@@ -109,7 +109,7 @@ def core() -> None:
     "--listen",
     default=DEFAULT_CORE,
     show_default=True,
-    help="host:port for gRPC; port 0 picks a free port (printed on start).",
+    help="host:port for gRPC (port 0 picks a free port, printed on start), or unix:PATH for a local socket.",
 )
 @click.option(
     "--objects-listen",
@@ -172,7 +172,7 @@ def core_serve(
         host = listen.rsplit(":", 1)[0]
 
         def ready(port: int) -> None:
-            click.echo(f"listening on {host}:{port}")
+            click.echo(f"listening on {listen if listen.startswith('unix:') else f'{host}:{port}'}")
             sys.stdout.flush()
 
         def objects_ready(port: int) -> None:
@@ -767,6 +767,8 @@ ee.add_command(cli_ee.ee_verify)
 ee.add_command(cli_ee.ee_table2)
 main.add_command(cli_ee.profile)
 main.add_command(cli_ee.nfs)
+main.add_command(cli_net.dhcp)
+main.add_command(cli_net.serve)
 
 
 if __name__ == "__main__":

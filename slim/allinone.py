@@ -1,0 +1,229 @@
+"""``slim serve``: every server of one machine, from one registry file.
+
+The registry's ``server`` section (docs/registry.md) says where each part
+listens and where state lives; this module starts, as child processes, the
+same commands an administrator would run one by one:
+
+* ``slim core serve`` — gRPC on ``core_listen``, the store over HTTP on
+  ``objects_listen`` (the relay's upstream);
+* ``slim relay serve`` — this machine's relay (``server.relay``): objects,
+  the node API, TFTP for stage 1;
+* ``slim nfs serve`` — nfs-ganesha, when an environment shares a directory
+  over NFS and ``nfs_listen`` is set;
+* ``slim dhcp serve`` — dnsmasq, when a site has a ``dhcp`` section and
+  ``server.dhcp`` is true.
+
+SIGHUP is passed on (the core, NFS and DHCP re-read the registry); SIGTERM or
+SIGINT stops them in reverse order.  If one of them exits, the others are
+stopped and ``slim serve`` exits non-zero naming it (a service manager
+restarts the whole).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slim.core.registry import Policy, Registry, load_registry
+from slim.errors import FailedPrecondition, Unavailable
+from slim.listen import parse_listen
+
+log = logging.getLogger(__name__)
+SLIM = [sys.executable, "-m", "slim.cli"]
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class Part:
+    name: str
+    proc: subprocess.Popen[str]
+    log: Path
+    lines: dict[str, str] = field(default_factory=dict)  # what it printed: prefix -> address
+
+
+def _connect(address: str) -> str:
+    """A HOST:PORT a local client can connect to (a wildcard bind means loopback)."""
+    if address.startswith("unix:"):
+        return address
+    host, port = address.rsplit(":", 1)
+    host = host.strip("[]")
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - comparing, not binding
+        host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class AllInOne:
+    def __init__(self, registry_path: Path, state_dir: Path | None = None, log_level: str = "info") -> None:
+        self.registry_path = registry_path.absolute()
+        self.registry: Registry = load_registry(self.registry_path)
+        srv = self.registry.server
+        self.state = (state_dir or Path(srv.state_dir)).absolute()
+        self.log_level = log_level
+        self.parts: list[Part] = []
+        self.relay = srv.relay or self._only_relay()
+        self.addresses: dict[str, str] = {}
+
+    def _only_relay(self) -> str:
+        relays = list(self.registry.relays)
+        if len(relays) == 1:
+            return relays[0]
+        listed = ", ".join(relays) or "none defined"
+        raise FailedPrecondition(
+            f"{self.registry_path}: say which relay this server is with server.relay (relays: {listed})"
+        )
+
+    @property
+    def wants_nfs(self) -> bool:
+        reg = self.registry
+        return self.registry.server.nfs_listen is not None and any(
+            spec.policy is Policy.NFS for env in reg.environments for spec in reg.directories(env).values()
+        )
+
+    @property
+    def wants_dhcp(self) -> bool:
+        return self.registry.server.dhcp and bool(self.registry.dhcp_networks)
+
+    # -- start ------------------------------------------------------------------------
+    def start(self, say: Callable[[str], None] = print) -> None:
+        """Start every part; return once each serves (raise, stopping what started, if one fails)."""
+        srv, state, reg = self.registry.server, self.state, str(self.registry_path)
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "logs").mkdir(exist_ok=True)
+        try:
+            core = self._start(
+                "core", ["core", "serve", "--registry", reg, "--state", str(state / "state.db"),
+                         "--store", str(state / "store"), "--listen", srv.core_listen,
+                         "--objects-listen", srv.objects_listen, "--log-level", self.log_level],
+                ["listening on", "objects on"],
+            )  # fmt: skip
+            self.addresses["core"] = core.lines["listening on"]
+            self.addresses["objects"] = core.lines["objects on"]
+            say(f"core listening on {self.addresses['core']} (objects on {self.addresses['objects']})")
+            relay_args = ["relay", "serve", "--name", self.relay, "--core", _connect(self.addresses["core"]),
+                          "--upstream", f"http://{_connect(self.addresses['objects'])}",
+                          "--cache-dir", str(state / "cache"), "--max-bytes", srv.cache_max_bytes,
+                          "--listen", srv.relay_listen, "--log-level", self.log_level]  # fmt: skip
+            expect = ["listening on"]
+            if srv.tftp_listen is not None:
+                host, port = parse_listen(srv.tftp_listen, 69, allow_ephemeral=True)
+                relay_args += ["--tftp-listen", host, "--tftp-port", str(port)]
+                expect.append("tftp on")
+            relay = self._start("relay", relay_args, expect)
+            self.addresses["relay"] = relay.lines["listening on"]
+            say(f"relay {self.relay} listening on {self.addresses['relay']}")
+            if "tftp on" in relay.lines:
+                self.addresses["tftp"] = relay.lines["tftp on"]
+                say(f"relay {self.relay} tftp on {self.addresses['tftp']}")
+            if self.wants_nfs:
+                assert srv.nfs_listen is not None
+                nfs = self._start(
+                    "nfs", ["nfs", "serve", "--registry", reg, "--store", str(state / "store"),
+                            "--listen", srv.nfs_listen, "--workdir", str(state / "nfs")],
+                    ["listening on"],
+                )  # fmt: skip
+                self.addresses["nfs"] = nfs.lines["listening on"]
+                say(f"nfs listening on {self.addresses['nfs']}")
+            if self.wants_dhcp:
+                dhcp = self._start(
+                    "dhcp",
+                    ["dhcp", "serve", "--registry", reg, "--workdir", str(state / "dhcp")],
+                    ["answering"],
+                )
+                self.addresses["dhcp"] = dhcp.lines["answering"]
+                say(f"dhcp answering {self.addresses['dhcp']}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, name: str, args: list[str], expect: list[str]) -> Part:
+        logfile = self.state / "logs" / f"{name}.log"
+        with open(logfile, "a") as err:
+            proc = subprocess.Popen(
+                [*SLIM, *args], stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True
+            )
+        part = Part(name, proc, logfile)
+        self.parts.append(part)
+        assert proc.stdout is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        # readline() returns at the child's first line or at its exit (EOF); the
+        # deadline bounds a child that prints other lines without the expected ones
+        while any(p not in part.lines for p in expect) and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            for prefix in expect:
+                if line.startswith(prefix):
+                    part.lines[prefix] = line[len(prefix) :].strip()
+        if any(p not in part.lines for p in expect):
+            raise Unavailable(f"{name} did not start (log: {logfile}):\n{self._tail(logfile)}")
+        return part
+
+    @staticmethod
+    def _tail(path: Path, lines: int = 15) -> str:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            return "  (no log)"
+        return "\n".join(f"  {ln}" for ln in text.splitlines()[-lines:])
+
+    # -- run / stop ---------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> str | None:
+        """Until ``stop`` is set or a part exits; returns the name of a part that exited."""
+        while not stop.wait(0.2):
+            for part in self.parts:
+                if part.proc.poll() is not None:
+                    log.error("%s exited with status %s; stopping the rest", part.name, part.proc.returncode)
+                    return part.name
+        return None
+
+    def reload(self) -> None:
+        for part in self.parts:
+            if part.name in ("core", "nfs", "dhcp") and part.proc.poll() is None:
+                part.proc.send_signal(signal.SIGHUP)
+
+    def stop(self, grace: float = 20.0) -> None:
+        for part in reversed(self.parts):
+            if part.proc.poll() is None:
+                part.proc.send_signal(signal.SIGTERM)
+            try:
+                part.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %gs; killing it", part.name, grace)
+                part.proc.kill()
+                part.proc.wait()
+            if part.proc.stdout is not None:
+                part.proc.stdout.close()
+        self.parts.clear()
+
+    def tail(self, name: str) -> str:
+        return self._tail(self.state / "logs" / f"{name}.log")
+
+
+def serve(registry_path: Path, state_dir: Path | None, log_level: str = "info") -> int:
+    """``slim serve``; returns the exit status."""
+    server = AllInOne(registry_path, state_dir, log_level)
+    stop = threading.Event()
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: stop.set()),
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: stop.set()),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, lambda *_: server.reload()),
+    }
+    try:
+        server.start(lambda line: print(line, flush=True))
+        print(f"ready (state in {server.state}, logs in {server.state / 'logs'})", flush=True)
+        dead = server.run(stop)
+        if dead is not None:
+            print(f"slim serve: {dead} exited; its log ends:\n{server.tail(dead)}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        server.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
