@@ -99,6 +99,13 @@ def render(registry: Registry, source: str = "the registry", sites: list[str] | 
         out += [f"interface={i}" for i in interfaces] + ["bind-interfaces"]
     else:
         out.append("# a site names no interface: answer on every interface")
+    if any(n.spec.mode == "full" for n in nets):
+        out += [
+            "# full mode: the range is ours (authoritative); no ping before each offer, which",
+            "# blocks dnsmasq ~3 s per new client and serializes a boot storm",
+            "dhcp-authoritative",
+            "no-ping",
+        ]
     out += [
         "",
         "# firmware by DHCP option 93 (client architecture); iPXE by its user class",
@@ -107,6 +114,16 @@ def render(registry: Registry, source: str = "the registry", sites: list[str] | 
         "",
         "# registered nodes (tag 'legacy': the hardware profile boots pxelinux)",
     ]
+    any_open = any(n.spec.open_enrollment for n in nets)
+    if not any_open:
+        out.append(f"dhcp-ignore=tag:!{KNOWN},tag:!{LEGACY}  # nobody else")
+    else:
+        closed = [n.site for n in nets if not n.spec.open_enrollment and not n.spec.interface]
+        if closed:
+            raise FailedPrecondition(
+                f"site(s) {', '.join(closed)} answer only registered MACs while another site has "
+                "open_enrollment: give them an 'interface' so that dnsmasq can tell the networks apart"
+            )
     hosts = 0
     for name, node in registry.nodes.items():
         profile = registry.profiles.get(node.profile)
@@ -128,8 +145,10 @@ def render(registry: Registry, source: str = "the registry", sites: list[str] | 
             out.append(f"dhcp-option=tag:{t},option:dns-server" + "".join(f",{d}" for d in n.spec.dns))
         if n.spec.open_enrollment:
             out.append("# open enrollment: unknown MACs are answered too")
-        else:
-            out.append(f"dhcp-ignore=tag:{t},tag:!{KNOWN},tag:!{LEGACY}")
+        elif not any_open:
+            out.append("# only registered MACs (dhcp-ignore above)")
+        else:  # dnsmasq applies dhcp-ignore before it picks the range: tell sites by interface
+            out.append(f"dhcp-ignore=tag:{n.spec.interface},tag:!{KNOWN},tag:!{LEGACY}")
         plain = f"tag:{t},tag:!{LEGACY},tag:!ipxe"
         if n.spec.mode == "proxy":
             # a PXE boot server menu of one item per architecture boots at once

@@ -74,6 +74,8 @@ class NetLab:
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen[bytes]] = []
         self._script = tmp / "udhcpc.sh"
+        self._script.write_text(UDHCPC_SCRIPT)
+        self._script.chmod(0o755)
         try:
             self._add_ns(self.server)
             _ip("-n", self.server, "link", "add", "br0", "type", "bridge")
@@ -147,12 +149,9 @@ class NetLab:
         self._procs.append(proc)
         return proc
 
-    def dhcp(self, node: str, tries: int = 4, timeout: float = 1.0) -> str | None:
+    def dhcp(self, node: str, tries: int = 3, timeout: float = 2.0) -> str | None:
         """Ask for an address on the node's eth0 (busybox udhcpc, bounded: ``tries``
         discovers ``timeout`` s apart); the address, or None if nobody answered."""
-        if not self._script.exists():
-            self._script.write_text(UDHCPC_SCRIPT)
-            self._script.chmod(0o755)
         n = self.nodes[node]
         lease = self.tmp / f"lease-{node}"
         lease.unlink(missing_ok=True)

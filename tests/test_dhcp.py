@@ -55,7 +55,7 @@ def test_proxy_is_the_default_and_renders_the_boot_chain() -> None:
     # only registered MACs; the pxelinux profile's node is tagged legacy
     assert "dhcp-host=52:54:00:77:00:01,set:known  # n1" in lines
     assert "dhcp-host=52:54:00:77:00:02,set:legacy  # n2" in lines
-    assert "dhcp-ignore=tag:site-lab,tag:!known,tag:!legacy" in lines
+    assert "dhcp-ignore=tag:!known,tag:!legacy  # nobody else" in lines
     # option 93 chooses the loader; TFTP from the relay's address
     assert "dhcp-match=set:efi64,option:client-arch,7" in lines
     assert any(
@@ -218,3 +218,17 @@ def test_dnsmasq_answers_known_macs_and_is_reloaded_on_registry_change(
     assert proc.wait(timeout=20) == 0
     assert not pid_file.exists()
     proc.stdout.close()
+
+
+def test_open_enrollment_beside_a_closed_site_tells_them_apart_by_interface() -> None:
+    text = reg("{open_enrollment: true, interface: eth1}") + (
+        "  n3: {macs: ['52:54:00:77:00:03'], profile: p, environment: base}\n"
+    )
+    text = text.replace(
+        "relays:", "  other:\n    prefixes: [10.78.0.0/24]\n    dhcp: {relay: r1, interface: eth2}\nrelays:"
+    )
+    lines = render(load_registry_text(text)).text.splitlines()
+    assert "dhcp-ignore=tag:eth2,tag:!known,tag:!legacy" in lines
+    assert not any(ln.startswith("dhcp-ignore=tag:!known") for ln in lines)
+    with pytest.raises(FailedPrecondition, match="give them an 'interface'"):
+        render(load_registry_text(text.replace(", interface: eth2", "")))
