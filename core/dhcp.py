@@ -106,6 +106,8 @@ def render(registry: Registry, source: str = "the registry", sites: list[str] | 
             "dhcp-authoritative",
             "no-ping",
         ]
+    if any(n.spec.router_advertisements for n in nets):
+        out.append("enable-ra  # IPv6 router advertisements on the interfaces that ask for them")
     out += [
         "",
         "# firmware by DHCP option 93 (client architecture); iPXE by its user class",
@@ -143,6 +145,9 @@ def render(registry: Registry, source: str = "the registry", sites: list[str] | 
             out.append(f"dhcp-range=set:{t},{first},{last},{mask},{n.spec.lease_time}")
             out.append(f"dhcp-option=tag:{t},option:router" + (f",{n.spec.router}" if n.spec.router else ""))
             out.append(f"dhcp-option=tag:{t},option:dns-server" + "".join(f",{d}" for d in n.spec.dns))
+        if n.spec.router_advertisements:
+            # iPXE configures IPv4 and IPv6 together and, with no IPv6 router, waits ~13 s
+            out.append(f"dhcp-range=set:{t},::,constructor:{n.spec.interface},ra-only")
         if n.spec.open_enrollment:
             out.append("# open enrollment: unknown MACs are answered too")
         elif not any_open:

@@ -245,6 +245,9 @@ class Dhcp(_Model):
     )
     tftp_server: IPv4 | None = Field(None, description="TFTP address (default: the relay's URL host)")
     open_enrollment: bool = Field(False, description="answer unknown MACs too")
+    router_advertisements: bool = Field(
+        False, description="send IPv6 router advertisements on 'interface' (iPXE waits ~13 s without)"
+    )
 
 
 class Site(_Model):
@@ -396,6 +399,8 @@ def _resolve_dhcp(site_name: str, site: Site, relays: Mapping[str, Relay]) -> Dh
                 return name, "applies only to mode: full (in proxy mode the site's DHCP server hands it out)"
         if spec.dns:
             return "dns", "applies only to mode: full (in proxy mode the site's DHCP server hands it out)"
+    if spec.router_advertisements and not spec.interface:
+        return "router_advertisements", "needs 'interface': dnsmasq advertises the prefixes of that interface"
     relay = spec.relay
     if relay is None:
         relay = next((n for n, r in relays.items() if r.site == site_name), None)

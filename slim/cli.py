@@ -746,18 +746,51 @@ def relay_prefetch(
 # -- demo ---------------------------------------------------------------------------
 @main.command("demo")
 @click.option(
+    "--control-plane",
+    is_flag=True,
+    help="Instead of booting a VM: start a core with the example registry and show what it answers "
+    "(redirection, a boot storm's spread, a plan, a menu); needs no root and takes seconds.",
+)
+@click.option(
     "--registry",
     "registry_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Registry to demonstrate with (default: docs/registry.example.yaml of this checkout).",
+    help="With --control-plane: the registry to demonstrate with (default: docs/registry.example.yaml).",
 )
-def demo(registry_path: Path | None) -> None:
-    """Start a core on a free local port with the example registry and show what it answers."""
-    from slim.demo import run_demo
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the demo's temporary directory goes (default: the system's temporary directory).",
+)
+@click.option("--keep", is_flag=True, help="Keep the demo's directory (EE, store, logs, console) afterwards.")
+def demo(control_plane: bool, registry_path: Path | None, workdir: Path | None, keep: bool) -> None:
+    """Build a demo EE, start `slim serve`, network-boot a QEMU VM into it, show the timeline.
 
+    Everything runs on this machine: `slim serve` (core, relay with TFTP,
+    nfs-ganesha, dnsmasq as proxy-DHCP) in a network namespace beside a plain
+    DHCP server playing the site's; the VM's UEFI firmware PXE-boots on a tap
+    device on that network: ipxe.efi over TFTP, the menu over HTTP, kernel and
+    initrd, the agent, switch_root into the EE.  Needs root; `./run demo`
+    installs what it needs first.  A few minutes on the first run (Debian is
+    downloaded with debootstrap and cached), about a minute after that.
+    """
+    if control_plane:
+        from slim.demo import run_demo
+
+        with errors_to_exit():
+            asyncio.run(run_demo(registry_path))
+        return
+    import os
+
+    from slim import bootdemo
+    from slim.cli_common import fail
+
+    if os.geteuid() != 0:
+        fail("the boot demo needs root (network namespaces, a tap device); try: sudo ./run demo")
     with errors_to_exit():
-        asyncio.run(run_demo(registry_path))
+        bootdemo.run(workdir, keep, say=lambda line: click.echo(line))
 
 
 # Commands that work on images and the store directly (slim/cli_ee.py).

@@ -62,7 +62,10 @@ class NodeNs:
 class NetLab:
     """``with NetLab(tmp) as lab: lab.add_node("n1", mac); lab.dhcp("n1")``."""
 
-    def __init__(self, tmp: Path, subnet: str = "10.77.0.0/24", tag: str | None = None) -> None:
+    def __init__(
+        self, tmp: Path, subnet: str = "10.77.0.0/24", tag: str | None = None, ipv6: str | None = None
+    ) -> None:
+        """``ipv6``: also give the bridge this address (e.g. a ULA ``fd77::1/64``)."""
         if os.geteuid() != 0:
             raise FailedPrecondition("the namespace lab needs root (it creates network namespaces)")
         self.tmp = tmp
@@ -80,6 +83,8 @@ class NetLab:
             self._add_ns(self.server)
             _ip("-n", self.server, "link", "add", "br0", "type", "bridge")
             _ip("-n", self.server, "addr", "add", f"{self.server_ip}/{self.subnet.prefixlen}", "dev", "br0")
+            if ipv6 is not None:
+                _ip("-n", self.server, "addr", "add", ipv6, "dev", "br0", "nodad")
             _ip("-n", self.server, "link", "set", "br0", "up")
         except BaseException:
             self.close()

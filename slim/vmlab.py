@@ -1,31 +1,43 @@
 """A one-machine lab: an EE booted in a QEMU VM through real `slim` servers.
 
-Used by tests/test_vm_boot.py and bench/vm_boot.py.  It imports a Debian
-bookworm EE (debootstrap minbase, cached) with / in RAM, /usr over NFSv4 and,
-optionally, /var on the VM's disk; builds it; and runs, as real processes on
-127.0.0.1, the core (with its object server), a relay and `slim nfs serve`.
-QEMU (TCG) with its own iPXE ROM then boots through the relay: 10.0.2.2 in
-the guest is the host's loopback.  The EE's init is a script on the NFS /usr
-that prints a marker with /run/slim/ee and powers the VM off.
+Used by tests/test_vm_boot.py, bench/vm_boot.py and ``slim demo``.  It imports
+a Debian bookworm EE (debootstrap minbase, cached) with / in RAM, /usr over
+NFSv4 and, optionally, /var on the VM's disk, and builds it.  The EE's init is
+a script on the NFS /usr that prints a marker with /run/slim/ee and powers
+the VM off.  Two networks:
 
-Every process is started here and stopped here, by PID (:meth:`Lab.close`).
+* ``user`` (QEMU user networking): the core (with its object server), a relay
+  and `slim nfs serve` run as processes on 127.0.0.1; QEMU's iPXE ROM is told
+  the relay's boot-script URL by QEMU's own DHCP (10.0.2.2 in the guest is the
+  host's loopback).
+* ``pxe`` (the whole chain on our servers): a network namespace with a bridge
+  (slim/netlab.py) runs `slim serve` — core, relay with TFTP on port 69,
+  nfs-ganesha, dnsmasq in proxy-DHCP mode — beside a plain dnsmasq playing
+  the site's own DHCP server.  QEMU joins the bridge on a tap device with UEFI
+  firmware (OVMF) whose native PXE gets its address from the site, boot
+  information from our proxy, ``ipxe.efi`` over our TFTP; iPXE then gets its
+  menu over HTTP from the relay, and boots the EE.
+
+Every process and namespace is created here and removed here (:meth:`Lab.close`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
+from slim.netlab import NetLab
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
 
@@ -40,13 +52,14 @@ sync
 echo o > /proc/sysrq-trigger
 """
 REGISTRY = """\
-settings: {{nfs_server: 10.0.2.2, boot_menu_timeout: 0, heartbeat_interval: 1}}
+settings: {{nfs_server: {server}, boot_menu_timeout: 0, heartbeat_interval: 1}}
 sites:
-  qemu: {{prefixes: [127.0.0.0/8, 10.0.2.0/24]}}
-relays:
-  r1: {{urls: ["http://10.0.2.2:{relay}/"], site: qemu}}
+  qemu:
+    prefixes: [{prefixes}]
+{dhcp}relays:
+  r1: {{urls: ["http://{server}:{relay}/"], site: qemu}}
 profiles:
-  vm: {{modules: [{modules}], kernel_args: "console=ttyS0 panic=-1"}}
+  vm: {{firmware: {firmware}, modules: [{modules}], kernel_args: "console=ttyS0 panic=-1"}}
 environments:
   vmtest:
     image: {image}
@@ -56,13 +69,44 @@ environments:
 {var}      /usr: {{policy: nfs, options: "ro,nolock,noatime,proto=tcp,port={nfs},vers=4.1"}}
 nodes:
   vm1: {{macs: ["{mac}"], profile: vm, environment: vmtest, site: qemu{disk}}}
+{server_section}"""
+# the pxe network: the bridge's subnet, our server, the site's own DHCP server
+PXE_SUBNET, PXE_SERVER, PXE_SITE_DHCP = "10.77.0.0/24", "10.77.0.1", "10.77.0.2"
+PXE_SERVER6 = "fd77::1/64"  # a private IPv6 prefix on the bridge: our router advertisements spare iPXE ~13 s
+PXE_SERVER_SECTION = """\
+server:
+  core_listen: unix:{tmp}/core.sock
+  relay_listen: {server}:8080
+  tftp_listen: {server}:69
+  nfs_listen: {server}:2049
 """
+SITE_DHCP = """\
+# the site's own DHCP server: addresses only, it knows nothing about booting
+port=0
+interface=eth0
+bind-interfaces
+dhcp-range=10.77.0.50,10.77.0.99,255.255.255.0,1h
+dhcp-leasefile={tmp}/site-dhcp.leases
+"""
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# console lines that mark the boot's stages (the first line matching each), in order
+MILESTONES = (
+    ("firmware PXE: address and boot file from DHCP", re.compile(r"Station IP address is")),
+    ("firmware PXE: ipxe.efi over TFTP", re.compile(r"NBP file downloaded successfully")),
+    ("iPXE: DHCP again, told the relay's boot URL", re.compile(r"Filename: http")),
+    ("iPXE: menu over HTTP", re.compile(r"\.ipxe\.\.\. ok")),
+    ("kernel and initrd over HTTP; kernel starts", re.compile(r"Linux version")),
+    ("EE's init runs", re.compile(MARKER)),
+)
 
 
 @dataclass
@@ -74,17 +118,28 @@ class Boot:
     kernel_started: float  # when "Linux version" came out on the console
     marker_at: float
     qemu_exit: int
+    milestones: dict[str, float] = field(default_factory=dict)  # label -> host clock
 
 
 class Lab:
-    def __init__(self, tmp: Path, var_policy: str | None = None, qemu: str = "qemu-system-x86_64") -> None:
-        self.tmp, self.qemu, self.var_policy = tmp, qemu, var_policy
-        self.image, self.store = tmp / "image", tmp / "store"
+    def __init__(
+        self,
+        tmp: Path,
+        var_policy: str | None = None,
+        qemu: str = "qemu-system-x86_64",
+        network: Literal["user", "pxe"] = "user",
+    ) -> None:
+        self.tmp, self.qemu, self.var_policy, self.network = tmp, qemu, var_policy, network
+        self.state = tmp / "state"
+        self.image, self.store = tmp / "image", self.state / "store"
         self.registry = tmp / "registry.yaml"
-        self.nfs_port = free_port()
-        self.relay_port = 9
+        pxe = network == "pxe"
+        self.nfs_port = 2049 if pxe else free_port()  # in the lab's own namespace, or on loopback
+        self.relay_port = 8080 if pxe else 9
+        self.said: list[str] = []  # what `slim serve` printed (pxe)
         self._procs: list[subprocess.Popen[str]] = []
         self._channel: grpc.Channel | None = None
+        self.netlab: NetLab | None = None
 
     # -- setup --------------------------------------------------------------
     def start(self) -> Lab:
@@ -96,6 +151,8 @@ class Lab:
         init.write_text(TEST_INIT)
         init.chmod(0o755)
         self.built = self.build()
+        if self.network == "pxe":
+            return self._start_pxe()
         core = self._start("core", "serve", "--registry", str(self.registry), "--store", str(self.store),
                            "--state", str(self.tmp / "state.db"), "--listen", "127.0.0.1:0",
                            "--objects-listen", "127.0.0.1:0")  # fmt: skip
@@ -111,6 +168,9 @@ class Lab:
                           "--listen", f"127.0.0.1:{self.nfs_port}",
                           "--workdir", str(self.tmp / "nfs"))  # fmt: skip
         self._ready(nfs, "listening on", "nfs")
+        return self._connect()
+
+    def _connect(self) -> Lab:
         self._channel = grpc.insecure_channel(self.core)
         self.admin = pb_grpc.AdminStub(self._channel)
         for _ in range(300):  # bounded: 30 s for the reloaded core to hear from the relay
@@ -120,11 +180,43 @@ class Lab:
             time.sleep(0.1)
         raise RuntimeError(f"the core never heard from the relay (see {self.tmp}/relay.log)")
 
+    def _start_pxe(self) -> Lab:
+        """The namespace, the site's DHCP server, `slim serve`; wait until the core hears the relay."""
+        self.netlab = lab = NetLab(self.tmp, PXE_SUBNET, ipv6=PXE_SERVER6)
+        lab.add_tap("tap0")
+        site = lab.add_host("site", PXE_SITE_DHCP)
+        conf = self.tmp / "site-dhcp.conf"
+        conf.write_text(SITE_DHCP.format(tmp=self.tmp))
+        lab.popen(site, "dnsmasq", "--keep-in-foreground", f"--conf-file={conf}", "--user=root",
+                  f"--log-facility={self.tmp}/site-dhcp.log",
+                  f"--pid-file={self.tmp}/site-dhcp.pid")  # fmt: skip
+        with open(self.tmp / "serve.log", "w") as err:
+            serve = lab.popen(lab.server, *SLIM, "serve", "--registry", str(self.registry),
+                              "--state-dir", str(self.state), stdout=subprocess.PIPE, stderr=err)  # fmt: skip
+        assert serve.stdout is not None
+        for _ in range(12):  # each part says where it listens, then "ready"; EOF if it failed
+            line = serve.stdout.readline().decode()
+            self.said.append(line.strip())
+            if not line or line.startswith("ready"):
+                break
+        serve.stdout.close()
+        if not self.said[-1].startswith("ready"):
+            logs = "".join(p.read_text()[-1500:] for p in sorted((self.state / "logs").glob("*.log")))
+            raise RuntimeError(f"slim serve did not start: {self.said}\n{logs}")
+        self.core = f"unix:{self.tmp}/core.sock"
+        return self._connect()
+
     def write_registry(self) -> None:
         """(Re)write the registry; a running core reloads it (SIGHUP)."""
         disk = self.var_policy is not None
+        pxe = self.network == "pxe"
         self.registry.write_text(
             REGISTRY.format(
+                server=PXE_SERVER if pxe else "10.0.2.2",
+                prefixes=PXE_SUBNET if pxe else "127.0.0.0/8, 10.0.2.0/24",
+                dhcp="    dhcp: {mode: proxy, interface: br0, router_advertisements: true}\n" if pxe else "",
+                firmware="uefi" if pxe else "bios",
+                server_section=PXE_SERVER_SECTION.format(tmp=self.tmp, server=PXE_SERVER) if pxe else "",
                 relay=self.relay_port,
                 image=self.image,
                 nfs=self.nfs_port,
@@ -137,6 +229,7 @@ class Lab:
         core = getattr(self, "_core", None)
         if core is not None:
             core.send_signal(signal.SIGHUP)
+        # (pxe: `slim serve`'s core is not ours to signal; the pxe lab is written once)
 
     def build(self) -> dict[str, Any]:
         """``slim ee build vmtest``: its JSON report."""
@@ -151,12 +244,24 @@ class Lab:
         """Boot the VM once; the console is read line by line and timestamped as lines arrive."""
         serial = self.tmp / "serial.log"
         started = time.time()
-        proc = subprocess.Popen(
-            [
-                self.qemu, "-accel", "tcg", "-m", "1024", "-nographic", "-no-reboot", "-boot", "n",
+        if self.netlab is not None:  # UEFI firmware's own PXE on the lab's bridge
+            vars_copy = self.tmp / "OVMF_VARS.fd"
+            shutil.copyfile(OVMF_VARS, vars_copy)
+            argv = [
+                *self.netlab.cmd(self.netlab.server, self.qemu),
+                "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                "-drive", f"if=pflash,format=raw,file={vars_copy}",
+                "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+                "-device", f"virtio-net-pci,netdev=n0,mac={MAC},romfile=",
+            ]  # fmt: skip
+        else:  # QEMU's iPXE ROM, told the boot script's URL by QEMU's own DHCP
+            argv = [
+                self.qemu, "-boot", "n",
                 "-netdev", f"user,id=n0,bootfile=http://10.0.2.2:{self.relay_port}/boot/{MAC}.ipxe",
-                "-device", f"virtio-net-pci,netdev=n0,mac={MAC}", *qemu_args,
-            ],
+                "-device", f"virtio-net-pci,netdev=n0,mac={MAC}",
+            ]  # fmt: skip
+        proc = subprocess.Popen(
+            [*argv, "-accel", "tcg", "-m", "1024", "-nographic", "-no-reboot", *qemu_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             text=True, errors="replace",
         )  # fmt: skip
@@ -164,11 +269,15 @@ class Lab:
         kernel_at = marker_at = 0.0
         active: dict[str, Any] = {}
         lines: list[str] = []
+        milestones: dict[str, float] = {}
         with open(serial, "w") as log:
             for line in proc.stdout:  # ends when QEMU exits (the EE powers the VM off)
                 now = time.time()
                 lines.append(line)
                 log.write(line)
+                for label, pattern in MILESTONES:
+                    if label not in milestones and pattern.search(line):
+                        milestones[label] = now
                 if not kernel_at and "Linux version" in line:
                     kernel_at = now
                 m = re.search(rf"{MARKER} (\{{.*\}})", line)
@@ -186,7 +295,7 @@ class Lab:
         mine = sorted(
             (e for e in events if e.boot_id == active["boot_id"]), key=lambda e: e.time.ToNanoseconds()
         )
-        return Boot(active, mine, console, started, kernel_at, marker_at, code)
+        return Boot(active, mine, console, started, kernel_at, marker_at, code, milestones)
 
     # -- processes ----------------------------------------------------------
     def _slim(self, *args: str) -> str:
@@ -215,6 +324,8 @@ class Lab:
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()
+        if self.netlab is not None:
+            self.netlab.close()  # stops `slim serve` and the site's DHCP server, removes the namespaces
         for p in reversed(self._procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

@@ -249,10 +249,14 @@ def unused_tcp_port() -> int:
 
 
 def test_demo_runs() -> None:
-    """The README's demo entry point, as `./run demo` calls it."""
+    """The control-plane demo (`slim demo --control-plane`): a core and its answers."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "slim.cli", "demo"], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-m", "slim.cli", "demo", "--control-plane"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout

@@ -232,3 +232,11 @@ def test_open_enrollment_beside_a_closed_site_tells_them_apart_by_interface() ->
     assert not any(ln.startswith("dhcp-ignore=tag:!known") for ln in lines)
     with pytest.raises(FailedPrecondition, match="give them an 'interface'"):
         render(load_registry_text(text.replace(", interface: eth2", "")))
+
+
+def test_router_advertisements_need_an_interface() -> None:
+    lines = render(load_registry_text(reg("{interface: br0, router_advertisements: true}"))).text.splitlines()
+    assert "dhcp-range=set:site-lab,::,constructor:br0,ra-only" in lines
+    assert any(ln.startswith("enable-ra") for ln in lines)
+    with pytest.raises(ConfigError, match="router_advertisements"):
+        load_registry_text(reg("{router_advertisements: true}"))

@@ -1,5 +1,11 @@
 """A real VM network-boots into an EE through our servers (the lab: slim/vmlab.py).
 
+The first test is the whole PXE chain on our own servers, through the README's
+demo entry point (`slim demo`): UEFI firmware PXE on a bridge in a network
+namespace, its address from the site's DHCP server, boot information from our
+proxy-DHCP (dnsmasq), ipxe.efi over our TFTP, the menu over HTTP, the EE.
+The others use QEMU user networking:
+
 QEMU (TCG) with its own iPXE ROM asks our relay for its iPXE script over HTTP;
 the script loads the kernel and our initrd from the relay; the initrd's agent
 (its own minimal Python) fetches the plan, unpacks / into a tmpfs, mounts /usr
@@ -11,15 +17,18 @@ server), relay, `slim nfs serve`.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from slim import bootdemo
 from slim.v1 import core_pb2 as pb
-from slim.vmlab import Boot, Lab
+from slim.vmlab import MAC, MILESTONES, OVMF_CODE, Boot, Lab
 
-from .needs import need_tool
+from .needs import need, need_tool
 
 
 def lab_for(tmp_path: Path, var_policy: str | None = None) -> Lab:
@@ -35,6 +44,37 @@ def checked(boot: Boot) -> list[pb.BootEvent]:
     # sorted by the agent's timestamps, the stages come out in the order the agent ran them
     assert all(e.time.seconds > 1_700_000_000 for e in boot.events), boot.events
     return boot.events
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_boots_a_vm_through_the_whole_pxe_chain_on_our_servers(tmp_path: Path) -> None:
+    need(os.geteuid() == 0, "namespaces and tap devices need root")
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("ganesha.nfsd", "nfs-ganesha"),
+                          ("debootstrap", None), ("dnsmasq", "dnsmasq-base")):  # fmt: skip
+        need_tool(tool, package)
+    need(OVMF_CODE.is_file(), f"{OVMF_CODE} is missing (apt-get install ovmf)")
+    said: list[str] = []
+    boot = bootdemo.run(tmp_path, keep=True, say=said.append)
+    (lab,) = tmp_path.glob("slim-demo-*")
+    console = re.sub(r"\x1b\[[0-9;]*m", "", boot.console)
+    # the firmware's own PXE: an address from the site's DHCP server (10.77.0.50-99), whose
+    # router it is; boot information from our proxy: ipxe.efi from the relay's TFTP
+    m = re.search(r"Station IP address is 10\.77\.0\.(\d+)", console)
+    assert m and 50 <= int(m.group(1)) <= 99, console[-3000:]
+    assert "Server IP address is 10.77.0.1" in console and "NBP filename is ipxe.efi" in console
+    assert "gw 10.77.0.2" in console
+    efi = Path("/usr/lib/ipxe/ipxe.efi").stat().st_size
+    assert f"sent 'ipxe.efi' ({efi} bytes)" in (lab / "state" / "logs" / "relay.log").read_text()
+    assert f"PXE(br0) {MAC} proxy" in (lab / "state" / "dhcp" / "dnsmasq.log").read_text()
+    # iPXE, recognized by its user class, is sent to the relay's boot script over HTTP
+    assert f"Filename: http://10.77.0.1:8080/boot/{MAC}.ipxe" in console
+    assert boot.active["node"] == "vm1" and boot.active["environment"] == "vmtest"
+    assert [e.stage for e in checked(boot)] == ["plan", "ram:/", "mount:/usr", "done", "switch_root"]
+    # the demo printed the whole timeline, each stage after the one before
+    assert [label for label, _ in MILESTONES] == list(boot.milestones), boot.milestones
+    assert sorted(boot.milestones.values()) == list(boot.milestones.values())
+    assert any("agent: switch_root" in line for line in said) and said[-1].startswith("    power-on to")
 
 
 @pytest.fixture
