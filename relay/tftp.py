@@ -830,7 +830,13 @@ class StageOneServer:
             log.info("TFTP %s:%d: sent %r (%d bytes)", client[0], client[1], session.name, sent)
         else:
             self.stats.failed += 1
-            log.warning("TFTP %s:%d: transfer of %r failed: %s", client[0], client[1], session.name, reason)
+            if sent == 0 and reason.startswith("client aborted: error 8 "):
+                # PXE firmware asks for tsize, then ends option negotiation (error 8) and asks again
+                log.info("TFTP %s:%d: %r: size query only (%s)", client[0], client[1], session.name, reason)
+            else:
+                log.warning(
+                    "TFTP %s:%d: transfer of %r failed: %s", client[0], client[1], session.name, reason
+                )
             already = isinstance(getattr(ctx, "last_pkt", None), TftpPacketERR)
             if reply and not already:
                 self._send_error(sock, client, code, message or reason)
