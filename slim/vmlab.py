@@ -59,7 +59,7 @@ sites:
 {dhcp}relays:
   r1: {{urls: ["http://{server}:{relay}/"], site: qemu}}
 profiles:
-  vm: {{firmware: {firmware}, modules: [{modules}], kernel_args: "console=ttyS0 panic=-1"}}
+  vm: {{firmware: {firmware}, loader: {loader}, modules: [{modules}], kernel_args: "console=ttyS0 panic=-1"}}
 environments:
   vmtest:
     image: {image}
@@ -128,8 +128,12 @@ class Lab:
         var_policy: str | None = None,
         qemu: str = "qemu-system-x86_64",
         network: Literal["user", "pxe"] = "user",
+        pxelinux: bool = False,
     ) -> None:
+        """``pxelinux`` (pxe network only): a BIOS VM whose profile boots the legacy way,
+        lpxelinux.0 over TFTP and its pxelinux.cfg/01-<mac> from the relay."""
         self.tmp, self.qemu, self.var_policy, self.network = tmp, qemu, var_policy, network
+        self.pxelinux = pxelinux
         self.state = tmp / "state"
         self.image, self.store = tmp / "image", self.state / "store"
         self.registry = tmp / "registry.yaml"
@@ -215,7 +219,8 @@ class Lab:
                 server=PXE_SERVER if pxe else "10.0.2.2",
                 prefixes=PXE_SUBNET if pxe else "127.0.0.0/8, 10.0.2.0/24",
                 dhcp="    dhcp: {mode: proxy, interface: br0, router_advertisements: true}\n" if pxe else "",
-                firmware="uefi" if pxe else "bios",
+                firmware="uefi" if pxe and not self.pxelinux else "bios",
+                loader="pxelinux" if self.pxelinux else "ipxe",
                 server_section=PXE_SERVER_SECTION.format(tmp=self.tmp, server=PXE_SERVER) if pxe else "",
                 relay=self.relay_port,
                 image=self.image,
@@ -244,7 +249,13 @@ class Lab:
         """Boot the VM once; the console is read line by line and timestamped as lines arrive."""
         serial = self.tmp / "serial.log"
         started = time.time()
-        if self.netlab is not None:  # UEFI firmware's own PXE on the lab's bridge
+        if self.netlab is not None and self.pxelinux:  # BIOS; QEMU's iPXE ROM as the PXE ROM
+            argv = [
+                *self.netlab.cmd(self.netlab.server, self.qemu), "-boot", "n",
+                "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+                "-device", f"virtio-net-pci,netdev=n0,mac={MAC}",
+            ]  # fmt: skip
+        elif self.netlab is not None:  # UEFI firmware's own PXE on the lab's bridge
             vars_copy = self.tmp / "OVMF_VARS.fd"
             shutil.copyfile(OVMF_VARS, vars_copy)
             argv = [

@@ -77,6 +77,26 @@ def test_demo_boots_a_vm_through_the_whole_pxe_chain_on_our_servers(tmp_path: Pa
     assert any("agent: switch_root" in line for line in said) and said[-1].startswith("    power-on to")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_legacy_pxelinux_path_boots_the_ee(tmp_path: Path) -> None:
+    """A node whose profile says loader: pxelinux (firmware that cannot run iPXE): our
+    proxy-DHCP hands it lpxelinux.0, which reads its pxelinux.cfg/01-<mac> from the
+    relay's TFTP (rendered by the core) and loads kernel and initrd over HTTP."""
+    need(os.geteuid() == 0, "namespaces and tap devices need root")
+    need(Path("/usr/lib/PXELINUX/lpxelinux.0").is_file(), "apt-get install pxelinux syslinux-common")
+    need_tool("dnsmasq", "dnsmasq-base")
+    with Lab(tmp_path, qemu=lab_for(tmp_path).qemu, network="pxe", pxelinux=True) as lab:
+        lab.start()
+        boot = lab.boot()
+    assert "PXELINUX 6.04" in boot.console
+    relay_log = (tmp_path / "state" / "logs" / "relay.log").read_text()
+    for name in ("lpxelinux.0", "ldlinux.c32", "pxelinux.cfg/01-52-54-00-12-34-56"):
+        assert f"sent '{name}'" in relay_log, name
+    assert boot.active["node"] == "vm1"
+    assert [e.stage for e in checked(boot)] == ["plan", "ram:/", "mount:/usr", "done", "switch_root"]
+
+
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
     with lab_for(tmp_path) as lab:
