@@ -287,6 +287,24 @@ class DhcpServer:
                 f"work directory {self.workdir} is in use by another slim dhcp serve"
             ) from None
         self._workdir_lock = f
+        stale = self._stale_dnsmasq()
+        if stale is not None:
+            self._workdir_lock = None
+            f.close()
+            raise FailedPrecondition(
+                f"dnsmasq (pid {stale}) from an earlier run still uses {self.config_path}; "
+                f"stop it first (kill {stale})"
+            )
+
+    def _stale_dnsmasq(self) -> int | None:
+        """A dnsmasq left running by a supervisor that was killed: its pid file names it
+        and its command line names our configuration."""
+        try:
+            pid = int(self.pid_path.read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if f"--conf-file={self.config_path}".encode() in cmdline else None
 
     def _spawn(self, config: DnsmasqConfig) -> None:
         binary = shutil.which(self.dnsmasq)

@@ -83,7 +83,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     build_environment(load_registry(registry), Store(state / "store"), "base")
     with NetLab(tmp_path) as lab:
         for i in range(1, NODES + 1):
-            lab.add_node(f"n{i}", MAC.format(i))
+            lab.add_node(f"n{i}", MAC.format(i), rate="100mbit" if i == 1 else None)
         lab.add_node("stranger", "52:54:00:77:01:ff")
         serve = lab.popen(
             lab.server, sys.executable, "-m", "slim.cli", "serve", "--registry", str(registry),
@@ -123,6 +123,12 @@ def test_namespace_cluster_gets_addresses_and_builds_every_node(cluster: Cluster
         assert stranger.result() is None  # an unknown MAC gets no address
     assert all(a is not None and a.startswith("10.77.0.1") for a in addresses.values()), addresses
     assert len(set(addresses.values())) == NODES
+    # n1's link is shaped (both directions) with a token bucket
+    for netns, dev in ((lab.nodes["n1"].netns, "eth0"), (lab.server, lab.nodes["n1"].veth)):
+        qdisc = subprocess.run(
+            lab.cmd(netns, "tc", "qdisc", "show", "dev", dev), capture_output=True, text=True
+        )
+        assert "tbf" in qdisc.stdout and "rate 100Mbit" in qdisc.stdout, qdisc.stdout
     roots = {n: cluster.tmp / "roots" / n for n in names}
     with ThreadPoolExecutor(NODES) as pool:
         results = dict(zip(names, pool.map(lambda n: agent(lab, n, roots[n]), names), strict=True))

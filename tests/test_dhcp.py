@@ -240,3 +240,30 @@ def test_router_advertisements_need_an_interface() -> None:
     assert any(ln.startswith("enable-ra") for ln in lines)
     with pytest.raises(ConfigError, match="router_advertisements"):
         load_registry_text(reg("{router_advertisements: true}"))
+
+
+@pytest.mark.slow
+def test_a_dnsmasq_left_by_a_killed_supervisor_is_named(netlab: NetLab, tmp_path: Path) -> None:
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(reg(FULL))
+    workdir = tmp_path / "dhcp"
+    proc = netlab.popen(
+        netlab.server, sys.executable, "-m", "slim.cli", "dhcp", "serve", "--registry", str(registry),
+        "--workdir", str(workdir), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith(b"answering")
+    proc.stdout.close()
+    dnsmasq = int((workdir / "dnsmasq.pid").read_text())
+    proc.kill()  # the supervisor dies; its dnsmasq (its own session) lives on
+    proc.wait()
+    try:
+        again = subprocess.run(
+            netlab.cmd(netlab.server, sys.executable, "-m", "slim.cli", "dhcp", "serve",
+                       "--registry", str(registry), "--workdir", str(workdir)),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert again.returncode != 0
+        assert f"dnsmasq (pid {dnsmasq}) from an earlier run" in again.stderr, again.stderr
+    finally:
+        os.kill(dnsmasq, 15)
