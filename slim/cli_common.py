@@ -13,6 +13,7 @@ from types import TracebackType
 import click
 import grpc
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from slim.errors import ConfigError, SlimError
@@ -24,7 +25,8 @@ err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isa
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    # the message is plain text: "[first, last]" in it is not markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     sys.exit(1)
 
 

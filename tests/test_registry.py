@@ -121,7 +121,7 @@ def base() -> Registry:
 def test_example_registry_loads() -> None:
     reg = load_registry(EXAMPLE)
     assert reg.source == str(EXAMPLE)
-    assert set(reg.nodes) == {"n001", "n002", "lab-pc-07", "vm1"}
+    assert set(reg.nodes) == {"n001", "n002", "n003", "lab-pc-07", "vm1"}
     assert reg.node("lab-pc-07").macs == ["52:54:00:00:03:07"]
     assert reg.node_name_by_mac("52:54:00:00:03:07") == "lab-pc-07"
     assert reg.node_name_by_mac("52:54:00:00:02:02") == "n002"
