@@ -1,13 +1,22 @@
 """P6 initrd and VM boot: initrd size, and how long a QEMU VM takes to boot into an EE.
 
-    .venv/bin/python bench/vm_boot.py [--repeat 3] [--out docs/benchmarks]
+    .venv/bin/python bench/vm_boot.py [--repeat 3] [--out docs/benchmarks] [--chains user,pxe,pxelinux]
 
 The lab of tests/test_vm_boot.py (slim/vmlab.py), on real `slim` processes: a Debian
 bookworm EE (debootstrap minbase, cached in /var/cache/slim) with / in RAM and
-/usr over NFSv4 from nfs-ganesha; core (with its object server), relay and
-`slim nfs serve` on 127.0.0.1; QEMU (TCG: this machine has no KVM) with its
-own iPXE ROM boots through the relay.  The serial console is read line by
-line and each line is timestamped as it arrives, so the figures are:
+/usr over NFSv4 from nfs-ganesha.  Three boot chains, side by side in one run:
+
+- ``user``: core, relay and `slim nfs serve` on 127.0.0.1; QEMU (TCG: this
+  machine has no KVM) with its own iPXE ROM, told the relay's boot-script URL
+  by QEMU's user-network DHCP;
+- ``pxe``: the whole chain on our servers (`slim serve` in a network namespace,
+  proxy-DHCP beside the site's DHCP server): UEFI firmware PXE, ipxe.efi over
+  TFTP, the menu over HTTP;
+- ``pxelinux``: the legacy path on the same network: a BIOS VM gets lpxelinux.0
+  over TFTP, its pxelinux.cfg/01-<mac> from the relay, kernel and initrd over HTTP.
+
+The serial console is read line by line and each line is timestamped as it
+arrives, so the figures are:
 
 - QEMU start → the EE's init printing its marker (whole boot, including
   iPXE's DHCP and the ~2 s "press Ctrl-B" pause);
@@ -16,7 +25,7 @@ line and each line is timestamped as it arrives, so the figures are:
 - the agent's own stages from its boot events (plan, ram:/, mount:/usr, done).
 
 Results go to docs/benchmarks/vm_boot.json.  Requires root, qemu-system-x86,
-ipxe-qemu, nfs-ganesha, debootstrap (``./run setup`` installs them).
+ipxe-qemu, ovmf, dnsmasq, pxelinux, nfs-ganesha, debootstrap (``./run setup`` installs them).
 This is a benchmark, not a test: it asserts nothing beyond the boot working.
 """
 
@@ -32,7 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from slim.vmlab import Boot, Lab
 
@@ -55,25 +64,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    ap.add_argument("--chains", default="user,pxe,pxelinux", help="boot chains to measure (comma-separated)")
     args = ap.parse_args()
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise SystemExit("qemu-system-x86_64 is missing: ./run setup installs it")
-    tmp = Path(tempfile.mkdtemp(prefix="slim-bench-vm-"))
-    runs = []
-    try:
-        with Lab(tmp, qemu=qemu) as lab:
-            lab.start()
-            build = lab.built
-            for i in range(args.repeat):
-                r = figures(lab.boot())
-                runs.append(r)
-                print(f"boot {i + 1}: QEMU → marker {r['qemu_start_to_marker_s']} s, "
-                      f"kernel → switch_root {r['kernel_start_to_switch_root_s']} s, "
-                      f"kernel → marker {r['kernel_start_to_marker_s']} s", flush=True)  # fmt: skip
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     keys = ("qemu_start_to_marker_s", "kernel_start_to_switch_root_s", "kernel_start_to_marker_s")
+    chains: dict[str, Any] = {}
+    build: dict[str, Any] = {}
+    for chain in args.chains.split(","):
+        tmp = Path(tempfile.mkdtemp(prefix="slim-bench-vm-"))
+        runs = []
+        try:
+            network: Literal["user", "pxe"] = "user" if chain == "user" else "pxe"
+            with Lab(tmp, qemu=qemu, network=network, pxelinux=chain == "pxelinux") as lab:
+                lab.start()
+                build = lab.built
+                for i in range(args.repeat):
+                    boot = lab.boot()
+                    r = figures(boot)
+                    r["milestones_s"] = {
+                        k: round(v - boot.qemu_started, 2) for k, v in boot.milestones.items()
+                    }
+                    runs.append(r)
+                    print(f"{chain} boot {i + 1}: QEMU → marker {r['qemu_start_to_marker_s']} s, "
+                          f"kernel → switch_root {r['kernel_start_to_switch_root_s']} s, "
+                          f"kernel → marker {r['kernel_start_to_marker_s']} s", flush=True)  # fmt: skip
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        chains[chain] = {"medians": {k: statistics.median(r[k] for r in runs) for k in keys}, "runs": runs}
     result = {
         "benchmark": "P6 initrd and VM boot",
         "command": "python bench/vm_boot.py " + " ".join(sys.argv[1:]),
@@ -81,12 +100,13 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "accel": "tcg (no KVM)"},
         "initrd": build["initrd"],
         "copy_set": list(build["directories"]),
-        "medians": {k: statistics.median(r[k] for r in runs) for k in keys},
-        "runs": runs,
+        "chains": chains,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vm_boot.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["medians"]), "initrd", build["initrd"])
+    for chain, c in chains.items():
+        print(chain, json.dumps(c["medians"]))
+    print("initrd", build["initrd"])
 
 
 if __name__ == "__main__":
