@@ -27,11 +27,9 @@ and a restart takes milliseconds; leases survive in the lease file).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -42,7 +40,7 @@ from typing import IO
 
 from slim.core.registry import DhcpNetwork, Registry, load_registry
 from slim.core.store import atomic_write
-from slim.core.supervise import backoff_delay, stop_signals
+from slim.core.supervise import backoff_delay, lock_workdir, stop_signals, terminate
 from slim.errors import FailedPrecondition, SlimError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -275,36 +273,11 @@ class DhcpServer:
             return "restarted"
 
     def _acquire_workdir(self) -> None:
-        if self._workdir_lock is not None:
-            return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        f = (self.workdir / "lock").open("ab")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise FailedPrecondition(
-                f"work directory {self.workdir} is in use by another slim dhcp serve"
-            ) from None
-        self._workdir_lock = f
-        stale = self._stale_dnsmasq()
-        if stale is not None:
-            self._workdir_lock = None
-            f.close()
-            raise FailedPrecondition(
-                f"dnsmasq (pid {stale}) from an earlier run still uses {self.config_path}; "
-                f"stop it first (kill {stale})"
+        if self._workdir_lock is None:
+            marker = f"--conf-file={self.config_path}"
+            self._workdir_lock = lock_workdir(
+                self.workdir, self.pid_path, marker, "dnsmasq", "slim dhcp serve"
             )
-
-    def _stale_dnsmasq(self) -> int | None:
-        """A dnsmasq left running by a supervisor that was killed: its pid file names it
-        and its command line names our configuration."""
-        try:
-            pid = int(self.pid_path.read_text().split()[0])
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            return None
-        return pid if f"--conf-file={self.config_path}".encode() in cmdline else None
 
     def _spawn(self, config: DnsmasqConfig) -> None:
         binary = shutil.which(self.dnsmasq)
@@ -348,13 +321,7 @@ class DhcpServer:
         log.info("dhcp: dnsmasq running (pid %d): %s; %d MACs known", proc.pid, sites, config.hosts)
 
     def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, self.stop_grace, "dnsmasq")
         self.pid_path.unlink(missing_ok=True)
 
     @staticmethod

@@ -25,7 +25,6 @@ docs/nfs.md for the administrator's view.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import ipaddress
 import json
@@ -45,7 +44,7 @@ from typing import IO, Literal
 from slim import listen
 from slim.core.registry import HOSTNAME_RE, Policy, Registry, load_registry
 from slim.core.store import Store, atomic_write, parse_digest
-from slim.core.supervise import backoff_delay, stop_signals
+from slim.core.supervise import backoff_delay, lock_workdir, stop_signals, terminate
 from slim.errors import FailedPrecondition, InvalidArgument, SlimError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -621,40 +620,14 @@ class NfsServer:
             self._spawn()
 
     def _acquire_workdir(self) -> None:
-        if self._workdir_lock is not None:
-            return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        f = (self.workdir / "lock").open("ab")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise FailedPrecondition(
-                f"work directory {self.workdir} is in use by another slim nfs serve"
-            ) from None
-        self._workdir_lock = f
-        stale = self._stale_ganesha()
-        if stale is not None:
-            self._release_workdir()
-            raise FailedPrecondition(
-                f"{GANESHA} (pid {stale}) from an earlier run still serves {self.config_path}; "
-                f"stop it first (kill {stale})"
-            )
+        if self._workdir_lock is None:
+            marker = str(self.config_path)
+            self._workdir_lock = lock_workdir(self.workdir, self.pid_path, marker, GANESHA, "slim nfs serve")
 
     def _release_workdir(self) -> None:
         f, self._workdir_lock = self._workdir_lock, None
         if f is not None:
             f.close()
-
-    def _stale_ganesha(self) -> int | None:
-        """A ganesha left running by an earlier supervisor of this work directory (one
-        that was killed): its pid file names it and its command line names our config."""
-        try:
-            pid = int(self.pid_path.read_text().split()[0])
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            return None
-        return pid if str(self.config_path).encode() in cmdline else None
 
     def _spawn(self) -> None:
         host, port = self.address
@@ -723,19 +696,7 @@ class NfsServer:
         log.info("nfs: %s running (pid %d) on %s:%d", GANESHA, proc.pid, self.bind, self.port)
 
     def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_grace)
-            except subprocess.TimeoutExpired:
-                log.warning(
-                    "nfs: %s (pid %d) ignored SIGTERM for %gs; killing it",
-                    GANESHA,
-                    proc.pid,
-                    self.stop_grace,
-                )
-                proc.kill()
-                proc.wait()
+        terminate(proc, self.stop_grace, f"nfs: {GANESHA}")
         self.pid_path.unlink(missing_ok=True)
 
     # -- reload --------------------------------------------------------------
