@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 import sys
 from collections.abc import Callable
@@ -25,7 +24,15 @@ from google.protobuf.message import Message
 from rich.table import Table
 
 from slim import __version__, cli_ee, cli_net
-from slim.cli_common import console, errors_to_exit, json_option, registry_option, store_option
+from slim.cli_common import (
+    console,
+    errors_to_exit,
+    json_option,
+    log_level_option,
+    registry_option,
+    setup_logging,
+    store_option,
+)
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
 
@@ -125,13 +132,7 @@ def core() -> None:
     show_default=True,
     help="On SIGTERM/SIGINT: seconds in-flight calls may take to finish before they are cancelled.",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-    help="Logging threshold (logs go to standard error).",
-)
+@log_level_option()
 @click.option(
     "--event-loop",
     type=click.Choice(["uvloop", "asyncio"]),
@@ -161,9 +162,7 @@ def core_serve(
     from slim.core.state import State
     from slim.core.store import Store
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging(log_level)
     with errors_to_exit():
         registry = load_registry(registry_path)
         state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -599,13 +598,7 @@ def relay_list(core_address: str, as_json: bool) -> None:
     show_default=True,
     help="On SIGTERM/SIGINT: seconds running transfers may take to finish.",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-    help="Logging threshold (logs go to standard error).",
-)
+@log_level_option()
 def relay_serve(
     name: str,
     upstreams: tuple[str, ...],
@@ -637,9 +630,7 @@ def relay_serve(
 
     from slim.relay.server import RelayConfig, RelayServer, parse_size, serve
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging(log_level)
     with errors_to_exit():
         config = RelayConfig(
             upstreams=list(upstreams),

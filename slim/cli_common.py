@@ -3,12 +3,14 @@ options and progress display.  Only the CLI modules exit the process."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Any, TypeVar
 
 import click
 import grpc
@@ -45,6 +47,28 @@ def errors_to_exit() -> Iterator[None]:
         if code is grpc.StatusCode.UNAVAILABLE:
             fail(f"cannot reach the core: {details}")
         fail(f"{details} ({code.name})")
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    """Servers log to standard error, one line per record."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def log_level_option(text: str = "Logging threshold (logs go to standard error).") -> Callable[[F], F]:
+    option: Callable[[F], F] = click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        default="info",
+        show_default=True,
+        help=text,
+    )
+    return option
 
 
 json_option = click.option(

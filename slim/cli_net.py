@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 import click
 
-from slim.cli_common import errors_to_exit, registry_option
+from slim.cli_common import errors_to_exit, log_level_option, registry_option, setup_logging
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 site_option = click.option(
     "--site",
     "sites",
@@ -68,9 +66,7 @@ def dhcp_serve(registry_path: Path, sites: tuple[str, ...], workdir: Path, log_d
     """
     from slim.core.dhcp import DhcpServer, serve
 
-    logging.basicConfig(
-        level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging("info")
 
     def ready(server: DhcpServer) -> None:
         config = server.config
@@ -91,13 +87,7 @@ def dhcp_serve(registry_path: Path, sites: tuple[str, ...], workdir: Path, log_d
     default=None,
     help="Where state, store, cache and logs live (default: the registry's server.state_dir).",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-    help="Logging threshold of the core and the relay (their logs: STATE_DIR/logs/).",
-)
+@log_level_option("Logging threshold of the core and the relay (their logs: STATE_DIR/logs/).")
 def serve(registry_path: Path, state_dir: Path | None, log_level: str) -> None:
     """Run everything one machine needs: core, relay (HTTP + TFTP), NFS and DHCP.
 
@@ -110,9 +100,7 @@ def serve(registry_path: Path, state_dir: Path | None, log_level: str) -> None:
     """
     from slim import allinone
 
-    logging.basicConfig(
-        level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging("info")
     with errors_to_exit():
         code = allinone.serve(registry_path, state_dir, log_level)
     sys.exit(code)
