@@ -177,7 +177,7 @@ def render(registry: Registry, source: str = "the registry", sites: list[str] | 
 class DhcpServer:
     """One ``dnsmasq`` for a registry, in its own work directory.
 
-    The work directory holds ``dnsmasq.conf``, ``dnsmasq.log``, ``dnsmasq.leases``,
+    The work directory holds ``dnsmasq.conf``, ``dnsmasq.log``, ``dnsmasq.leases`` (full mode),
     ``dnsmasq.pid`` and ``lock`` (one supervisor per work directory).  Only the
     process this object started is ever signalled, by its PID.
     """
@@ -335,15 +335,6 @@ class DhcpServer:
         text = self._read(self.workdir / "dnsmasq.out") + self._read(self.log_path)
         useful = [ln.strip() for ln in text.splitlines() if ln.strip()]
         return "\n".join(f"  {ln}" for ln in useful[-lines:]) or "  (dnsmasq said nothing)"
-
-    def leases(self) -> list[tuple[str, str]]:
-        """(MAC, address) of every lease dnsmasq has handed out (full mode)."""
-        out = []
-        for line in self._read(self.lease_path).splitlines():
-            parts = line.split()
-            if len(parts) >= 3:
-                out.append((parts[1], parts[2]))
-        return out
 
     # -- supervision ----------------------------------------------------------------
     def _restart_dead(self) -> None:

@@ -162,11 +162,11 @@ class AllInOne:
                 if line.startswith(prefix):
                     part.lines[prefix] = line[len(prefix) :].strip()
         if any(p not in part.lines for p in expect):
-            raise Unavailable(f"{name} did not start (log: {logfile}):\n{self._tail(logfile)}")
+            raise Unavailable(f"{name} did not start (log: {logfile}):\n{self.tail(logfile)}")
         return part
 
     @staticmethod
-    def _tail(path: Path, lines: int = 15) -> str:
+    def tail(path: Path, lines: int = 15) -> str:
         try:
             text = path.read_text(errors="replace")
         except OSError:
@@ -174,13 +174,13 @@ class AllInOne:
         return "\n".join(f"  {ln}" for ln in text.splitlines()[-lines:])
 
     # -- run / stop ---------------------------------------------------------------------
-    def run(self, stop: threading.Event) -> str | None:
-        """Until ``stop`` is set or a part exits; returns the name of a part that exited."""
+    def run(self, stop: threading.Event) -> Part | None:
+        """Until ``stop`` is set or a part exits; returns the part that exited."""
         while not stop.wait(0.2):
             for part in self.parts:
                 if part.proc.poll() is not None:
                     log.error("%s exited with status %s; stopping the rest", part.name, part.proc.returncode)
-                    return part.name
+                    return part
         return None
 
     def reload(self) -> None:
@@ -202,9 +202,6 @@ class AllInOne:
                 part.proc.stdout.close()
         self.parts.clear()
 
-    def tail(self, name: str) -> str:
-        return self._tail(self.state / "logs" / f"{name}.log")
-
 
 def serve(registry_path: Path, state_dir: Path | None, log_level: str = "info") -> int:
     """``slim serve``; returns the exit status."""
@@ -220,7 +217,7 @@ def serve(registry_path: Path, state_dir: Path | None, log_level: str = "info") 
         print(f"ready (state in {server.state}, logs in {server.state / 'logs'})", flush=True)
         dead = server.run(stop)
         if dead is not None:
-            print(f"slim serve: {dead} exited; its log ends:\n{server.tail(dead)}", file=sys.stderr)
+            print(f"slim serve: {dead.name} exited; its log ends:\n{server.tail(dead.log)}", file=sys.stderr)
             return 1
         return 0
     finally:
