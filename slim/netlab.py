@@ -16,6 +16,7 @@ private (10.x) and live only inside these namespaces.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import secrets
@@ -150,7 +151,10 @@ class NetLab:
         return ["ip", "netns", "exec", netns, *argv]
 
     def popen(self, netns: str, *argv: str, **kwargs: object) -> subprocess.Popen[bytes]:
-        proc: subprocess.Popen[bytes] = subprocess.Popen(self.cmd(netns, *argv), **kwargs)  # type: ignore[call-overload]
+        # its own process group, so that close() can take down what it started, too
+        proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+            self.cmd(netns, *argv), start_new_session=True, **kwargs
+        )
         self._procs.append(proc)
         return proc
 
@@ -179,11 +183,11 @@ class NetLab:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 20
         for proc in self._procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # anything left in its group
+            proc.wait()
         self._procs.clear()
         for ns in reversed(self._namespaces):
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True, timeout=30, check=False)

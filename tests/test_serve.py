@@ -7,6 +7,7 @@ which relay this machine is, a part that cannot start, a part that dies.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -59,9 +60,28 @@ def write(tmp: Path, more: str = "", server: str = "", relay_port: int = 0) -> P
 
 def start(registry: Path, tmp: Path) -> subprocess.Popen[str]:
     argv = ["serve", "--registry", str(registry), "--state-dir", str(tmp / "state")]
+    # its own process group: if a test fails, stop() takes its children down with it
     return subprocess.Popen(
-        [sys.executable, "-m", "slim.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "slim.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM (``slim serve`` stops its parts), then SIGKILL to the whole group."""
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for f in (proc.stdout, proc.stderr):
+        if f is not None:
+            f.close()
 
 
 def said_until_ready(proc: subprocess.Popen[str]) -> dict[str, str]:
@@ -111,12 +131,7 @@ def test_serve_runs_core_and_relay_and_stops_cleanly(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for f in (proc.stdout, proc.stderr):
-            if f is not None:
-                f.close()
+        stop(proc)
     logs = {p.name for p in (tmp_path / "state" / "logs").iterdir()}
     assert logs == {"core.log", "relay.log"}
 
@@ -159,9 +174,4 @@ def test_a_part_that_dies_stops_slim_serve(tmp_path: Path) -> None:
         assert proc.stderr is not None
         assert "relay exited" in proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for f in (proc.stdout, proc.stderr):
-            if f is not None:
-                f.close()
+        stop(proc)
