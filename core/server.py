@@ -204,6 +204,14 @@ def node_pb(v: dom.NodeView) -> pb.NodeInfo:
         )
     if v.last_event is not None:
         info.last_event.CopyFrom(event_pb(v.last_event))
+    if v.boot is not None:
+        b = v.boot
+        info.boot.CopyFrom(
+            pb.BootStatus(
+                boot_id=b.boot_id, environment=b.environment, state=b.state, stage=b.stage,
+                message=b.message, time=_ts(b.time),
+            )
+        )  # fmt: skip
     return info
 
 

@@ -103,12 +103,40 @@ class BootScript:
 
 
 @dataclass(frozen=True)
+class BootStatus:
+    """A node's most recent boot (see :func:`boot_status`)."""
+
+    boot_id: str
+    environment: str
+    state: str  # "booting", "up", "failed"
+    stage: str  # the stage that failed, or the latest one
+    message: str
+    time: float
+
+
+def boot_status(events: list[BootEvent]) -> BootStatus | None:
+    """The state of one boot from its events (oldest first): failed if any stage failed,
+    up once the agent reported "done" (the EE is built; switch_root follows at once),
+    booting until then."""
+    if not events:
+        return None
+    last = events[-1]
+    env = next((e.environment for e in reversed(events) if e.environment), "")
+    failed = next((e for e in events if not e.ok), None)
+    if failed is not None:
+        return BootStatus(last.boot_id, env, "failed", failed.stage, failed.message, last.time)
+    state = "up" if any(e.stage == "done" for e in events) else "booting"
+    return BootStatus(last.boot_id, env, state, last.stage, "", last.time)
+
+
+@dataclass(frozen=True)
 class NodeView:
     name: str
     node: Node
     next_boot: NextBoot | None
     next_environment: str
     last_event: BootEvent | None
+    boot: BootStatus | None = None
 
 
 @dataclass(frozen=True)
@@ -467,18 +495,22 @@ class CoreService:
         reg = reg or self.registry
         cfg = reg.node(node)
         env, _ = self.next_environment(node, reg)
-        events = self.state.boot_events(node, 1)
-        return NodeView(node, cfg, self._next_boots.get(node), env, events[0] if events else None)
+        boot = self.state.latest_boots(node).get(node, [])
+        return NodeView(
+            node, cfg, self._next_boots.get(node), env, boot[-1] if boot else None, boot_status(boot)
+        )
 
     def list_nodes(self, group: str = "") -> list[NodeView]:
         reg = self.registry
-        last = self.state.last_events()
+        boots = self.state.latest_boots()
         out = []
         for name, cfg in sorted(reg.nodes.items()):
             if group and group not in cfg.groups:
                 continue
             env, _ = self.next_environment(name, reg)
-            out.append(NodeView(name, cfg, self._next_boots.get(name), env, last.get(name)))
+            boot = boots.get(name, [])
+            last = boot[-1] if boot else None
+            out.append(NodeView(name, cfg, self._next_boots.get(name), env, last, boot_status(boot)))
         return out
 
     def get_node(self, ref: NodeRef) -> NodeView:

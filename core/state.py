@@ -213,6 +213,19 @@ class State:
             return self._events("WHERE node = ? ORDER BY id DESC LIMIT ?", (node, limit))
         return self._events("ORDER BY id DESC LIMIT ?", (limit,))
 
+    def latest_boots(self, node: str | None = None) -> dict[str, list[BootEvent]]:
+        """Each node's (or one node's) most recent boot: every event of the boot id of its
+        newest event, oldest first."""
+        latest = "SELECT node, boot_id FROM boot_events WHERE id IN (SELECT MAX(id) FROM boot_events"
+        if node:
+            events = self._events(f"WHERE (node, boot_id) IN ({latest} WHERE node = ?)) ORDER BY id", (node,))
+        else:
+            events = self._events(f"WHERE (node, boot_id) IN ({latest} GROUP BY node)) ORDER BY id", ())
+        out: dict[str, list[BootEvent]] = {}
+        for e in events:
+            out.setdefault(e.node, []).append(e)
+        return out
+
     def last_events(self) -> dict[str, BootEvent]:
         """Each node's most recent event."""
         events = self._events("WHERE id IN (SELECT MAX(id) FROM boot_events GROUP BY node)", ())

@@ -289,11 +289,14 @@ def node_list(group: str, core_address: str, as_json: bool) -> None:
     if as_json:
         _print_json(resp)
         return
-    table = Table("node", "MACs", "profile", "site", "default EE", "next boot", "last event")
+    table = Table("node", "MACs", "profile", "site", "default EE", "next boot", "running", "last event")
     for n in resp.nodes:
         nxt = n.next_environment + (f" (set by {n.next_boot.set_by})" if n.HasField("next_boot") else "")
         last = _event_text(n.last_event) if n.HasField("last_event") else "-"
-        table.add_row(n.name, " ".join(n.macs), n.profile, n.site or "-", n.default_environment, nxt, last)
+        running = f"{n.boot.environment}: {n.boot.state}" if n.HasField("boot") else "-"
+        table.add_row(
+            n.name, " ".join(n.macs), n.profile, n.site or "-", n.default_environment, nxt, running, last
+        )
     console.print(table)
 
 
@@ -321,7 +324,14 @@ def node_show(node_name: str, core_address: str, as_json: bool) -> None:
         console.print(f"  next boot    {nb.environment} (set by {nb.set_by} at {_ts(nb.set_at)})")
     else:
         console.print(f"  next boot    {n.next_environment} (default)")
+    console.print(f"  last boot    {_boot_text(n.boot) if n.HasField('boot') else '-'}", markup=False)
     console.print(f"  last event   {_event_text(n.last_event) if n.HasField('last_event') else '-'}")
+
+
+def _boot_text(b: pb.BootStatus) -> str:
+    """e.g. "jdk14: up (boot 3f2a..., 2026-11-25 02:30:01)" or "jdk14: failed at disk:/var: ..."."""
+    where = f" at {b.stage}: {b.message}" if b.state == "failed" else ""
+    return f"{b.environment or '?'}: {b.state}{where} (boot {b.boot_id}, {_ts(b.time)})"
 
 
 @node.command("set-ee")

@@ -231,6 +231,26 @@ async def test_report_and_list_boot_events(core: Core) -> None:
     assert len(limited.events) == 2
     node = await core.admin.GetNode(pb.GetNodeRequest(node=by_name("n1")))
     assert node.last_event.stage == "switch_root"
+    # no "done" yet: the boot is still going on; then it is up; a new boot that fails is failed
+    assert (node.boot.boot_id, node.boot.state, node.boot.stage) == ("b1", "booting", "switch_root")
+    done = pb.BootEvent(node="n1", boot_id="b1", stage="done", ok=True, environment="base")
+    done.time.FromSeconds(1_700_000_010)
+    await core.core.ReportBootEvents(events([done]))
+    node = await core.admin.GetNode(pb.GetNodeRequest(node=by_name("n1")))
+    assert (node.boot.state, node.boot.environment) == ("up", "base")
+    bad = pb.BootEvent(
+        node="n1", boot_id="b2", stage="ram:/", ok=False, message="no space", environment="jdk14"
+    )
+    bad.time.FromSeconds(1_700_000_020)
+    await core.core.ReportBootEvents(events([bad]))
+    listed_nodes = await core.admin.ListNodes(pb.ListNodesRequest())
+    n1 = next(n for n in listed_nodes.nodes if n.name == "n1")
+    assert (n1.boot.state, n1.boot.stage, n1.boot.message, n1.boot.environment) == (
+        "failed",
+        "ram:/",
+        "no space",
+        "jdk14",
+    )
 
 
 async def test_boot_event_errors(core: Core) -> None:

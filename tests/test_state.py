@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import slim.core.state as state_module
+from slim.core.service import boot_status
 from slim.core.state import MAX_TEXT, SCHEMA_VERSION, BootEvent, NextBoot, RelayBeat, State
 from slim.errors import FailedPrecondition, InvalidArgument
 
@@ -339,3 +340,30 @@ def test_concurrent_writers_lose_nothing(db_path: Path, shared: bool) -> None:
     finally:
         for st in {id(s): s for s in states}.values():
             st.close()
+
+
+def test_latest_boots_and_their_status(db: State) -> None:
+    def ev(node: str, boot: str, stage: str, t: float, ok: bool = True, env: str = "base") -> BootEvent:
+        return BootEvent(node, boot, stage, t, ok=ok, message="" if ok else "disk full", environment=env)
+
+    db.add_boot_events([ev("n1", "a", "plan", 1), ev("n1", "a", "done", 2), ev("n2", "x", "plan", 1)], now=5)
+    db.add_boot_events([ev("n1", "b", "plan", 3, env="jdk14"), ev("n1", "b", "ram:/", 4, env="jdk14")], now=6)
+    boots = db.latest_boots()
+    assert [e.stage for e in boots["n1"]] == ["plan", "ram:/"]  # boot b, oldest first
+    assert db.latest_boots("n2") == {"n2": boots["n2"]} and db.latest_boots("n9") == {}
+    booting = boot_status(boots["n1"])
+    assert booting is not None and (booting.environment, booting.state, booting.stage) == (
+        "jdk14",
+        "booting",
+        "ram:/",
+    )
+    db.add_boot_events([ev("n1", "b", "disk:/var", 5, ok=False, env="jdk14")], now=7)
+    failed = boot_status(db.latest_boots("n1")["n1"])
+    assert failed is not None and (failed.state, failed.stage, failed.message) == (
+        "failed",
+        "disk:/var",
+        "disk full",
+    )
+    up = boot_status(db.latest_boots("n2")["n2"] + [ev("n2", "x", "done", 2)])
+    assert up is not None and up.state == "up" and up.environment == "base"
+    assert boot_status([]) is None

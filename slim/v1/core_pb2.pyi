@@ -957,6 +957,7 @@ class NodeInfo(_message.Message):
     NEXT_BOOT_FIELD_NUMBER: _builtins.int
     NEXT_ENVIRONMENT_FIELD_NUMBER: _builtins.int
     LAST_EVENT_FIELD_NUMBER: _builtins.int
+    BOOT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     profile: _builtins.str
     default_environment: _builtins.str
@@ -976,6 +977,10 @@ class NodeInfo(_message.Message):
     def last_event(self) -> Global___BootEvent:
         """unset when the node never booted"""
 
+    @_builtins.property
+    def boot(self) -> Global___BootStatus:
+        """the most recent boot; unset when the node never booted"""
+
     def __init__(
         self,
         *,
@@ -989,14 +994,57 @@ class NodeInfo(_message.Message):
         next_boot: Global___NextBoot | None = ...,
         next_environment: _builtins.str = ...,
         last_event: Global___BootEvent | None = ...,
+        boot: Global___BootStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_event", b"last_event", "next_boot", b"next_boot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["boot", b"boot", "last_event", b"last_event", "next_boot", b"next_boot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_environment", b"default_environment", "disk", b"disk", "groups", b"groups", "last_event", b"last_event", "macs", b"macs", "name", b"name", "next_boot", b"next_boot", "next_environment", b"next_environment", "profile", b"profile", "site", b"site"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot", b"boot", "default_environment", b"default_environment", "disk", b"disk", "groups", b"groups", "last_event", b"last_event", "macs", b"macs", "name", b"name", "next_boot", b"next_boot", "next_environment", b"next_environment", "profile", b"profile", "site", b"site"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeInfo: _TypeAlias = NodeInfo  # noqa: Y015
+
+@_typing.final
+class BootStatus(_message.Message):
+    """A node's most recent boot, from the events its agent reported (one boot id)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOT_ID_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    boot_id: _builtins.str
+    environment: _builtins.str
+    state: _builtins.str
+    """"booting", "up" (the agent finished: stage "done"), "failed" """
+    stage: _builtins.str
+    """the stage that failed, or the latest one"""
+    message: _builtins.str
+    """what failed"""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """of the latest event"""
+
+    def __init__(
+        self,
+        *,
+        boot_id: _builtins.str = ...,
+        environment: _builtins.str = ...,
+        state: _builtins.str = ...,
+        stage: _builtins.str = ...,
+        message: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "environment", b"environment", "message", b"message", "stage", b"stage", "state", b"state", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BootStatus: _TypeAlias = BootStatus  # noqa: Y015
 
 @_typing.final
 class ListNodesResponse(_message.Message):
