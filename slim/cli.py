@@ -23,7 +23,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.table import Table
 
-from slim import __version__, cli_ee, cli_net
+from slim import __version__, cli_ee, cli_net, cli_slurm
 from slim.cli_common import (
     console,
     errors_to_exit,
@@ -803,6 +803,7 @@ main.add_command(cli_ee.profile)
 main.add_command(cli_ee.nfs)
 main.add_command(cli_net.dhcp)
 main.add_command(cli_net.serve)
+main.add_command(cli_slurm.slurm)
 
 
 if __name__ == "__main__":

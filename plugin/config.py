@@ -1,0 +1,164 @@
+"""``slim slurm config``: the Slurm side of SLIM, rendered from the registry.
+
+Slurm 22.05's changeable features go through ``node_features/helpers``, whose
+feature names may not contain ``:`` (REAL-PARTS.md); users write
+``--constraint=ee:jdk14``.  So:
+
+* ``helpers.conf`` lists every environment's feature with ``=`` (``ee=jdk14``),
+  all mutually exclusive (a node runs one EE), with our helper;
+* ``job_submit.lua`` rewrites ``ee:X`` to ``ee=X`` and rejects, at submit time,
+  an environment the registry does not know, naming the known ones;
+* ``slurm.conf`` gets the lines that load both, our RebootProgram and a
+  ResumeTimeout suited to boot times;
+* small wrapper scripts (helper, reboot) run ``slim slurm …`` with this Python
+  and the core's address: slurmd runs them with no PATH or environment of ours.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from slim.core.registry import Registry
+
+DEFAULT_RESUME_TIMEOUT = 900  # seconds: a reboot into a new EE, with room for slow firmware
+# slurmd and slurmctld run our scripts without our PATH; scontrol and friends live here on Debian.
+SLURM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class SlurmFiles:
+    helpers_conf: str
+    job_submit_lua: str
+    slurm_conf_lines: str
+    scripts: dict[str, str]  # file name -> content (executable)
+
+
+def slurm_feature(feature: str) -> str:
+    """``ee:jdk14`` as node_features/helpers spells it: ``ee=jdk14``."""
+    return feature.replace(":", "=", 1)
+
+
+def features(registry: Registry) -> dict[str, str]:
+    """Environment name -> its Slurm feature (``ee=jdk14``), sorted by name."""
+    return {name: slurm_feature(registry.feature_of(name)) for name in sorted(registry.environments)}
+
+
+def render(
+    registry: Registry,
+    *,
+    directory: Path,
+    core: str,
+    slurm_conf: Path,
+    reboot: str = "systemctl reboot",
+    resume_timeout: int = DEFAULT_RESUME_TIMEOUT,
+    python: str = sys.executable,
+    source: str = "the registry",
+) -> SlurmFiles:
+    """Everything ``slim slurm config`` writes into ``directory`` (the scripts live there)."""
+    feats = features(registry)
+    if not feats:
+        raise ValueError(f"{source} has no environments: nothing for Slurm to ask for")
+    helper, reboot_script = directory / "slim-helper", directory / "slim-reboot"
+    head = f"# Rendered by `slim slurm config` from {source}; do not edit (docs/slurm.md)."
+    helpers_conf = "\n".join(
+        [
+            head,
+            f"Feature={','.join(feats.values())} Helper={helper}",
+            f"MutuallyExclusive={','.join(feats.values())}",
+            "",
+        ]
+    )
+    prefixes = sorted({f.split("=", 1)[0] for f in feats.values()})
+    known = ", ".join(registry.feature_of(n) for n in feats)
+    lua_known = "\n".join(f'  ["{f}"] = true,' for f in feats.values())
+    lua_prefixes = ", ".join(f'"{p}"' for p in prefixes)
+    job_submit = f"""{head.replace("#", "--", 1)}
+-- Users ask for an execution environment with --constraint=ee:NAME; Slurm's
+-- node_features/helpers spells it ee=NAME.  Rewrite, and refuse unknown ones now.
+local known = {{
+{lua_known}
+}}
+local prefixes = {{ {lua_prefixes} }}
+local listed = "{known}"
+
+local function rewrite(features)
+  if features == nil or features == "" then
+    return features, nil
+  end
+  for _, p in ipairs(prefixes) do
+    features = string.gsub(features, "(%f[%w_.]" .. p .. "):([%w_.]+)", "%1=%2")
+  end
+  for _, p in ipairs(prefixes) do
+    for feature in string.gmatch(features, "%f[%w_.]" .. p .. "=[%w_.]+") do
+      if not known[feature] then
+        local asked = string.gsub(feature, "=", ":", 1)
+        return nil, "unknown execution environment '" .. asked .. "' (known: " .. listed .. ")"
+      end
+    end
+  end
+  return features, nil
+end
+
+function slurm_job_submit(job_desc, part_list, submit_uid)
+  local features, err = rewrite(job_desc.features)
+  if err ~= nil then
+    slurm.log_user("%s", err)
+    return slurm.ERROR
+  end
+  job_desc.features = features
+  return slurm.SUCCESS
+end
+
+function slurm_job_modify(job_desc, job_rec, part_list, modify_uid)
+  local features, err = rewrite(job_desc.features)
+  if err ~= nil then
+    slurm.log_user("%s", err)
+    return slurm.ERROR
+  end
+  job_desc.features = features
+  return slurm.SUCCESS
+end
+
+return slurm.SUCCESS
+"""
+    lines = "\n".join(
+        [
+            head,
+            "NodeFeaturesPlugins=node_features/helpers",
+            "JobSubmitPlugins=lua",
+            f"RebootProgram={reboot_script}",
+            f"ResumeTimeout={resume_timeout}",
+            "",
+        ]
+    )
+    slim = f"{shlex.quote(python)} -m slim.cli slurm"
+    env = f"SLIM_CORE={shlex.quote(core)} SLURM_CONF={shlex.quote(str(slurm_conf))} PATH={SLURM_PATH}"
+    scripts = {
+        helper.name: f'#!/bin/sh\n{head}\nexec env {env} {slim} helper "$@"\n',
+        reboot_script.name: (
+            f"#!/bin/sh\n{head}\nexec env {env} {slim} reboot --command {shlex.quote(reboot)}\n"
+        ),
+    }
+    return SlurmFiles(helpers_conf, job_submit, lines, scripts)
+
+
+def write(files: SlurmFiles, directory: Path) -> list[Path]:
+    """Write the files into ``directory`` (the scripts executable); return their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, text, mode in (
+        ("helpers.conf", files.helpers_conf, 0o644),
+        ("job_submit.lua", files.job_submit_lua, 0o644),
+        ("slurm.conf.slim", files.slurm_conf_lines, 0o644),
+        *((n, t, 0o755) for n, t in files.scripts.items()),
+    ):
+        path = directory / name
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_text(text)
+        tmp.chmod(mode)
+        tmp.replace(path)
+        out.append(path)
+    return out

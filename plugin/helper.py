@@ -1,0 +1,78 @@
+"""The node_features/helpers helper: what slurmd asks about a node's EE.
+
+slurmd runs it as root (REAL-PARTS.md):
+
+* with no arguments, at every start and registration: print the node's active
+  features, one per line.  We print the node's EE feature (``ee=jdk14``) only
+  once the core confirms that the node's most recent boot into it completed
+  (its agent reported "done"): a node is never handed to a job needing an EE
+  it does not run yet.  A boot still going on or a failed one prints nothing
+  (the failure goes to standard error, which slurmd logs).
+* with one argument (``ee=jdk14``): ask the core to make that EE the node's
+  next boot; Slurm then runs the RebootProgram.  An unknown EE or an
+  unreachable core exits non-zero with a message.
+
+The node is ``--node``, else ``$SLIM_NODE``, else the ``-N`` name of the slurmd
+that started us (several slurmd on one host), else the short host name.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from slim.plugin.config import slurm_feature
+from slim.v1 import core_pb2 as pb
+from slim.v1 import core_pb2_grpc as pb_grpc
+
+CALL_TIMEOUT = 15.0
+
+
+def slurmd_node_name(pid: int) -> str | None:
+    """The ``-N NAME`` (or ``-NNAME``) of process ``pid`` if it is a slurmd started so."""
+    try:
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return None
+    if not argv or not argv[0].endswith("slurmd"):
+        return None
+    for i, arg in enumerate(argv):
+        if arg == "-N" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("-N") and len(arg) > 2:
+            return arg[2:]
+    return None
+
+
+def node_name(explicit: str | None = None) -> str:
+    return (
+        explicit
+        or os.environ.get("SLIM_NODE")
+        or slurmd_node_name(os.getppid())
+        or socket.gethostname().split(".", 1)[0]
+    )
+
+
+def active_features(admin: pb_grpc.AdminStub, node: str) -> tuple[list[str], str]:
+    """(features to print, a note for the log): the EE's feature only if the node's most
+    recent boot into it is up."""
+    info = admin.GetNode(pb.GetNodeRequest(node=pb.NodeRef(name=node)), timeout=CALL_TIMEOUT)
+    if not info.HasField("boot"):
+        return [], f"slim: {node} has not booted an EE through SLIM yet"
+    b = info.boot
+    if b.state == "failed":
+        return [], f"slim: {node}'s boot into {b.environment} failed at {b.stage}: {b.message}"
+    if b.state != "up" or not b.environment:
+        return [], f"slim: {node} is still booting {b.environment} (at {b.stage})"
+    env = admin.GetEnvironment(pb.GetEnvironmentRequest(name=b.environment), timeout=CALL_TIMEOUT)
+    return [slurm_feature(env.feature)], ""
+
+
+def stage_next_boot(admin: pb_grpc.AdminStub, node: str, feature: str) -> str:
+    """Make the EE of ``feature`` (``ee=jdk14``, ``ee:jdk14`` or a name) the node's next boot;
+    returns the environment's name."""
+    info = admin.SetNextBoot(
+        pb.SetNextBootRequest(node=node, environment=feature, set_by="slurm:helper"), timeout=CALL_TIMEOUT
+    )
+    return info.next_environment

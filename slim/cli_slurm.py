@@ -1,0 +1,135 @@
+"""``slim slurm``: Slurm's side of SLIM (plugin/, docs/slurm.md)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import grpc
+
+from slim.cli_common import errors_to_exit, fail, registry_option
+
+core_option = click.option(
+    "--core",
+    "core_address",
+    envvar="SLIM_CORE",
+    default="127.0.0.1:50051",
+    show_default=True,
+    help="The core's gRPC address (HOST:PORT or unix:PATH); also $SLIM_CORE.",
+)
+node_option = click.option(
+    "--node",
+    default=None,
+    help="This node's name (default: $SLIM_NODE, else the -N name of the slurmd that runs us, "
+    "else the short host name).",
+)
+
+
+@click.group()
+def slurm() -> None:
+    """Slurm integration: sbatch --constraint=ee:NAME reboots the job's nodes into that EE."""
+
+
+@slurm.command("config")
+@registry_option
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where to write helpers.conf, job_submit.lua, slurm.conf.slim and the wrapper scripts "
+    "(default: the directory of --slurm-conf; Slurm reads helpers.conf and job_submit.lua there).",
+)
+@core_option
+@click.option(
+    "--slurm-conf",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("/etc/slurm/slurm.conf"),
+    show_default=True,
+    help="The cluster's slurm.conf (the scripts export it as SLURM_CONF).",
+)
+@click.option(
+    "--reboot",
+    "reboot_command",
+    default="systemctl reboot",
+    show_default=True,
+    help="The reboot action run on the node; {node} is its name, e.g. "
+    "'ipmitool -I lanplus -H {node}-bmc -U admin -E chassis power cycle'.",
+)
+@click.option(
+    "--resume-timeout",
+    type=click.IntRange(30, 86400),
+    default=900,
+    show_default=True,
+    help="Slurm's ResumeTimeout: seconds a reboot into a new EE may take before the node is marked down.",
+)
+def slurm_config(
+    registry_path: Path,
+    out: Path | None,
+    core_address: str,
+    slurm_conf: Path,
+    reboot_command: str,
+    resume_timeout: int,
+) -> None:
+    """Write the Slurm files for the registry's environments into --out.
+
+    helpers.conf (every environment's feature, mutually exclusive) and
+    job_submit.lua (rewrites ee:NAME to ee=NAME, rejects unknown environments
+    at submit time) go beside slurm.conf; slurm.conf.slim holds the lines to
+    add to slurm.conf (NodeFeaturesPlugins, JobSubmitPlugins, RebootProgram,
+    ResumeTimeout).  Prints what it wrote.
+    """
+    from slim.core.registry import load_registry
+    from slim.plugin.config import render, write
+    from slim.plugin.reboot import expand
+
+    out = out or slurm_conf.parent
+    with errors_to_exit():
+        expand(reboot_command, "n1")
+        files = render(
+            load_registry(registry_path), directory=out.absolute(), core=core_address, slurm_conf=slurm_conf,
+            reboot=reboot_command, resume_timeout=resume_timeout, source=str(registry_path),
+        )  # fmt: skip
+        for path in write(files, out):
+            click.echo(str(path))
+
+
+@slurm.command("helper")
+@click.argument("feature", required=False)
+@node_option
+@core_option
+def slurm_helper(feature: str | None, node: str | None, core_address: str) -> None:
+    """node_features/helpers: with no FEATURE print the node's active EE feature (only once
+    its boot into it completed); with FEATURE (ee=NAME) make NAME the node's next boot."""
+    from slim.plugin.helper import active_features, node_name, stage_next_boot
+    from slim.v1 import core_pb2_grpc as pb_grpc
+
+    name = node_name(node)
+    with grpc.insecure_channel(core_address) as channel, errors_to_exit():
+        admin = pb_grpc.AdminStub(channel)
+        if feature is None:
+            shown, note = active_features(admin, name)
+            for f in shown:
+                click.echo(f)
+            if note:
+                click.echo(note, err=True)
+            return
+        env = stage_next_boot(admin, name, feature)
+        click.echo(f"slim: {name} boots {env} next", err=True)
+
+
+@slurm.command("reboot")
+@click.option(
+    "--command", "command", default="systemctl reboot", show_default=True, help="The reboot action."
+)
+@node_option
+def slurm_reboot(command: str, node: str | None) -> None:
+    """RebootProgram: reboot this node (into the EE the helper staged) with --command."""
+    from slim.plugin.helper import node_name
+    from slim.plugin.reboot import run
+
+    try:
+        code = run(command, node_name(node))
+    except ValueError as exc:
+        fail(str(exc))
+    sys.exit(code)
