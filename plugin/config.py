@@ -8,10 +8,11 @@ feature names may not contain ``:`` (REAL-PARTS.md); users write
   all mutually exclusive (a node runs one EE), with our helper;
 * ``job_submit.lua`` rewrites ``ee:X`` to ``ee=X`` and rejects, at submit time,
   an environment the registry does not know, naming the known ones;
-* ``slurm.conf`` gets the lines that load both, our RebootProgram and a
-  ResumeTimeout suited to boot times;
-* small wrapper scripts (helper, reboot) run ``slim slurm …`` with this Python
-  and the core's address: slurmd runs them with no PATH or environment of ours.
+* ``slurm.conf`` gets the lines that load both, our RebootProgram and
+  PrologSlurmctld, and a ResumeTimeout suited to boot times;
+* small wrapper scripts (helper, reboot, prolog) run ``slim slurm …`` with this
+  Python and the core's address: slurmd and slurmctld run them with no PATH or
+  environment of ours (PrologSlurmctld with no PATH and no SLURM_CONF at all).
 """
 
 from __future__ import annotations
@@ -53,15 +54,18 @@ def render(
     core: str,
     slurm_conf: Path,
     reboot: str = "systemctl reboot",
+    simulate: tuple[Path, str] | None = None,
+    prolog_log: Path = Path("/var/log/slim/prolog.log"),
     resume_timeout: int = DEFAULT_RESUME_TIMEOUT,
     python: str = sys.executable,
     source: str = "the registry",
 ) -> SlurmFiles:
-    """Everything ``slim slurm config`` writes into ``directory`` (the scripts live there)."""
+    """Everything ``slim slurm config`` writes into ``directory`` (the scripts live there).
+    ``simulate`` = (roots directory, relay URL): the reboot script simulates reboots (tests)."""
     feats = features(registry)
     if not feats:
         raise ValueError(f"{source} has no environments: nothing for Slurm to ask for")
-    helper, reboot_script = directory / "slim-helper", directory / "slim-reboot"
+    helper, reboot_script, prolog = (directory / n for n in ("slim-helper", "slim-reboot", "slim-prolog"))
     head = f"# Rendered by `slim slurm config` from {source}; do not edit (docs/slurm.md)."
     helpers_conf = "\n".join(
         [
@@ -130,17 +134,22 @@ return slurm.SUCCESS
             "NodeFeaturesPlugins=node_features/helpers",
             "JobSubmitPlugins=lua",
             f"RebootProgram={reboot_script}",
+            f"PrologSlurmctld={prolog}",
             f"ResumeTimeout={resume_timeout}",
             "",
         ]
     )
     slim = f"{shlex.quote(python)} -m slim.cli slurm"
     env = f"SLIM_CORE={shlex.quote(core)} SLURM_CONF={shlex.quote(str(slurm_conf))} PATH={SLURM_PATH}"
+    if simulate is not None:
+        root, relay = simulate
+        action = f"--simulate {shlex.quote(str(root))} --relay {shlex.quote(relay)}"
+    else:
+        action = f"--command {shlex.quote(reboot)}"
     scripts = {
         helper.name: f'#!/bin/sh\n{head}\nexec env {env} {slim} helper "$@"\n',
-        reboot_script.name: (
-            f"#!/bin/sh\n{head}\nexec env {env} {slim} reboot --command {shlex.quote(reboot)}\n"
-        ),
+        reboot_script.name: f"#!/bin/sh\n{head}\nexec env {env} {slim} reboot {action}\n",
+        prolog.name: f"#!/bin/sh\n{head}\nexec env {env} {slim} prolog --log {shlex.quote(str(prolog_log))}\n",  # noqa: E501
     }
     return SlurmFiles(helpers_conf, job_submit, lines, scripts)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,6 +58,22 @@ def slurm() -> None:
     "'ipmitool -I lanplus -H {node}-bmc -U admin -E chassis power cycle'.",
 )
 @click.option(
+    "--prolog-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("/var/log/slim/prolog.log"),
+    show_default=True,
+    help="Where the PrologSlurmctld logs what it does (slurmctld does not keep its output).",
+)
+@click.option(
+    "--simulate-reboots",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="For tests: reboots are simulated, each node's EE is built under DIR/NODE (needs --relay).",
+)
+@click.option(
+    "--relay", default=None, help="With --simulate-reboots: the relay the simulated nodes boot from."
+)
+@click.option(
     "--resume-timeout",
     type=click.IntRange(30, 86400),
     default=900,
@@ -69,6 +86,9 @@ def slurm_config(
     core_address: str,
     slurm_conf: Path,
     reboot_command: str,
+    prolog_log: Path,
+    simulate_reboots: Path | None,
+    relay: str | None,
     resume_timeout: int,
 ) -> None:
     """Write the Slurm files for the registry's environments into --out.
@@ -77,18 +97,22 @@ def slurm_config(
     job_submit.lua (rewrites ee:NAME to ee=NAME, rejects unknown environments
     at submit time) go beside slurm.conf; slurm.conf.slim holds the lines to
     add to slurm.conf (NodeFeaturesPlugins, JobSubmitPlugins, RebootProgram,
-    ResumeTimeout).  Prints what it wrote.
+    PrologSlurmctld, ResumeTimeout).  Prints what it wrote.
     """
     from slim.core.registry import load_registry
     from slim.plugin.config import render, write
     from slim.plugin.reboot import expand
 
     out = out or slurm_conf.parent
+    if (simulate_reboots is None) != (relay is None):
+        fail("--simulate-reboots and --relay go together")
+    simulate = (simulate_reboots.absolute(), relay or "") if simulate_reboots is not None else None
     with errors_to_exit():
         expand(reboot_command, "n1")
         files = render(
             load_registry(registry_path), directory=out.absolute(), core=core_address, slurm_conf=slurm_conf,
-            reboot=reboot_command, resume_timeout=resume_timeout, source=str(registry_path),
+            reboot=reboot_command, simulate=simulate, prolog_log=prolog_log.absolute(),
+            resume_timeout=resume_timeout, source=str(registry_path),
         )  # fmt: skip
         for path in write(files, out):
             click.echo(str(path))
@@ -118,18 +142,82 @@ def slurm_helper(feature: str | None, node: str | None, core_address: str) -> No
         click.echo(f"slim: {name} boots {env} next", err=True)
 
 
+@slurm.command("prolog")
+@core_option
+@click.option(
+    "--log",
+    "log_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also append what it does to this file (slurmctld does not keep the prolog's output).",
+)
+@click.option(
+    "--boot-timeout",
+    type=click.FloatRange(1),
+    default=900.0,
+    show_default=True,
+    help="Seconds the nodes may take to run the EE before they are set DOWN.",
+)
+def slurm_prolog(core_address: str, log_file: Path | None, boot_timeout: float) -> None:
+    """PrologSlurmctld: prefetch the job's EE on its nodes' relays, wait until the nodes run it,
+    set nodes whose boot failed DOWN (with the reason) and exit 1 so Slurm requeues the job.
+
+    Reads SLURM_JOB_ID, SLURM_JOB_CONSTRAINTS and SLURM_JOB_NODELIST."""
+    import os
+    import time
+
+    from slim.plugin.prolog import run
+
+    def say(message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} slim prolog: {message}"
+        click.echo(line, err=True)
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            with log_file.open("a") as f:
+                f.write(line + "\n")
+
+    job = os.environ.get("SLURM_JOB_ID", "?")
+    try:
+        outcome = run(
+            core_address, job, os.environ.get("SLURM_JOB_CONSTRAINTS", ""),
+            os.environ.get("SLURM_JOB_NODELIST", ""), say, boot_timeout=boot_timeout,
+        )  # fmt: skip
+    except (grpc.RpcError, RuntimeError, subprocess.SubprocessError) as exc:
+        say(f"job {job}: failed: {exc}")
+        sys.exit(1)
+    sys.exit(1 if outcome.failed else 0)
+
+
 @slurm.command("reboot")
 @click.option(
     "--command", "command", default="systemctl reboot", show_default=True, help="The reboot action."
 )
+@click.option(
+    "--simulate",
+    "simulate_root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="For tests: no power action; stop this node's slurmd, rebuild its EE under SIMULATE/NODE "
+    "with the agent (no-reboot mode), start slurmd -b again.",
+)
+@click.option("--relay", default=None, help="With --simulate: the relay the agent boots from.")
 @node_option
-def slurm_reboot(command: str, node: str | None) -> None:
-    """RebootProgram: reboot this node (into the EE the helper staged) with --command."""
-    from slim.plugin.helper import node_name
-    from slim.plugin.reboot import run
+def slurm_reboot(command: str, simulate_root: Path | None, relay: str | None, node: str | None) -> None:
+    """RebootProgram: reboot this node (into the EE the helper staged) with --command
+    ({node} in it is the node's name)."""
+    import os
 
+    from slim.plugin.helper import node_name
+    from slim.plugin.reboot import run, simulate
+
+    name = node_name(node)
+    if simulate_root is not None:
+        if relay is None:
+            fail("--simulate needs --relay")
+        simulate(name, simulate_root, relay or "", os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+        return
     try:
-        code = run(command, node_name(node))
+        code = run(command, name)
     except ValueError as exc:
         fail(str(exc))
     sys.exit(code)

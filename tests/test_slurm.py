@@ -7,9 +7,9 @@ no arguments or one feature) against a real `slim core serve`.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -46,10 +46,11 @@ def test_helpers_conf_and_slurm_conf_lines(tmp_path: Path) -> None:
     lines = (out / "slurm.conf.slim").read_text().splitlines()
     assert "NodeFeaturesPlugins=node_features/helpers" in lines and "JobSubmitPlugins=lua" in lines
     assert f"RebootProgram={out}/slim-reboot" in lines and "ResumeTimeout=600" in lines
-    for script in ("slim-helper", "slim-reboot"):
+    assert f"PrologSlurmctld={out}/slim-prolog" in lines
+    for script in ("slim-helper", "slim-reboot", "slim-prolog"):
         text = (out / script).read_text()
         assert (out / script).stat().st_mode & 0o111 and text.startswith("#!/bin/sh\n")
-        assert "SLIM_CORE=127.0.0.1:1" in text and f"SLURM_CONF={out}/slurm.conf" in text
+        assert "SLIM_CORE=127.0.0.1:1" in text and f"SLURM_CONF={out}/slurm.conf" in text and "PATH=" in text
     assert "--command 'ipmitool -H {node}-bmc chassis power cycle'" in (out / "slim-reboot").read_text()
     assert expand("ipmitool -H {node}-bmc", "n 1; x") == "ipmitool -H 'n 1; x'-bmc"
     with pytest.raises(ValueError, match="empty"):
@@ -148,13 +149,17 @@ def test_helper_without_a_core_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_node_name_from_the_slurmd_that_runs_the_helper(tmp_path: Path) -> None:
-    sleep = shutil.which("sleep")
-    assert sleep is not None
-    fake = tmp_path / "slurmd"  # a process whose command line reads like "slurmd -D -N n7"
-    fake.symlink_to(sleep)
-    proc = subprocess.Popen([str(fake), "30", "-N", "n7"])
-    joined = subprocess.Popen([str(fake), "30", "-Nn8"])
+    fake = tmp_path / "slurmd"  # a process whose command line reads like "slurmd -c ... -N n7"
+    fake.symlink_to(Path(sys.executable).resolve())
+    wait = "import time; time.sleep(30)"
+    proc = subprocess.Popen([str(fake), "-c", wait, "-N", "n7"])
+    joined = subprocess.Popen([str(fake), "-c", wait, "-Nn8"])
     try:
+        deadline = time.monotonic() + 10  # until both have exec'd (the command line is theirs)
+        while time.monotonic() < deadline and not all(
+            Path(f"/proc/{p.pid}/cmdline").read_bytes().startswith(str(fake).encode()) for p in (proc, joined)
+        ):
+            time.sleep(0.01)
         assert slurmd_node_name(proc.pid) == "n7" and slurmd_node_name(joined.pid) == "n8"
     finally:
         for p in (proc, joined):
