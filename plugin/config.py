@@ -70,8 +70,11 @@ def render(
     helpers_conf = "\n".join(
         [
             head,
-            f"Feature={','.join(feats.values())} Helper={helper}",
+            # one feature per line: Slurm 22.05 refuses a list here
+            *(f"Feature={f} Helper={helper}" for f in feats.values()),
             f"MutuallyExclusive={','.join(feats.values())}",
+            "# seconds the helper may take: staging waits until the node's relays are warm",
+            "ExecTime=300",
             "",
         ]
     )

@@ -9,8 +9,10 @@ slurmd runs it as root (REAL-PARTS.md):
   it does not run yet.  A boot still going on or a failed one prints nothing
   (the failure goes to standard error, which slurmd logs).
 * with one argument (``ee=jdk14``): ask the core to make that EE the node's
-  next boot; Slurm then runs the RebootProgram.  An unknown EE or an
-  unreachable core exits non-zero with a message.
+  next boot, and have the relays that serve the node prefetch it, waiting
+  (bounded) until they are warm; Slurm then runs the RebootProgram, and the
+  node's boot finds every object cached.  An unknown EE or an unreachable core
+  exits non-zero with a message.
 
 The node is ``--node``, else ``$SLIM_NODE``, else the ``-N`` name of the slurmd
 that started us (several slurmd on one host), else the short host name.
@@ -45,11 +47,36 @@ def slurmd_node_name(pid: int) -> str | None:
     return None
 
 
+def parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+    fields = stat.rsplit(")", 1)[-1].split()
+    return int(fields[1]) if len(fields) > 1 else None
+
+
+def slurmd_ancestor(depth: int = 6) -> tuple[int, str] | None:
+    """(pid, node name) of the ``slurmd -N NAME`` that started us, directly or through a
+    shell or two (slurmd runs RebootProgram through ``sh -c``)."""
+    pid: int | None = os.getppid()
+    for _ in range(depth):
+        if pid is None or pid <= 1:
+            return None
+        name = slurmd_node_name(pid)
+        if name is not None:
+            return pid, name
+        pid = parent_of(pid)
+    return None
+
+
 def node_name(explicit: str | None = None) -> str:
+    ancestor = slurmd_ancestor()
     return (
         explicit
         or os.environ.get("SLIM_NODE")
-        or slurmd_node_name(os.getppid())
+        or (ancestor[1] if ancestor else None)
         or socket.gethostname().split(".", 1)[0]
     )
 
@@ -76,3 +103,20 @@ def stage_next_boot(admin: pb_grpc.AdminStub, node: str, feature: str) -> str:
         pb.SetNextBootRequest(node=node, environment=feature, set_by="slurm:helper"), timeout=CALL_TIMEOUT
     )
     return info.next_environment
+
+
+def warm_relays(admin: pb_grpc.AdminStub, node: str, env: str, timeout: float) -> list[str]:
+    """Have the relays that serve ``node`` prefetch ``env`` and wait until they are done;
+    one line per relay ("r1: warm, 23 objects, 4 fetched" or "r1: failed: ...")."""
+    request = pb.PrefetchRequest(environment=env, nodes=[node], requested_by=f"slurm helper on {node}")
+    out = []
+    for p in admin.Prefetch(request, timeout=timeout):
+        s = p.status
+        if s.done:
+            what = (
+                f"failed: {s.error}"
+                if s.error
+                else f"warm, {s.objects_done} objects, {s.bytes_fetched} B fetched"
+            )
+            out.append(f"{p.relay}: {what}")
+    return out

@@ -20,13 +20,13 @@ Each step is logged to standard error (and ``--log``).
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
+from slim.plugin.access import Slurm, backend
 from slim.plugin.config import slurm_feature
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
@@ -47,23 +47,6 @@ def job_environment(constraints: str, features: dict[str, str]) -> str | None:
     """The environment a job's constraints ask for (``features``: Slurm feature -> name)."""
     asked = [features[t] for t in _TOKEN_RE.findall(constraints or "") if t in features]
     return asked[0] if asked else None
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """``n[1-3],x`` -> ``[n1, n2, n3, x]`` with ``scontrol show hostnames``."""
-    proc = subprocess.run(
-        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=False
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"scontrol show hostnames {nodelist}: {proc.stderr.strip()}")
-    return proc.stdout.split()
-
-
-def set_down(node: str, reason: str) -> None:
-    subprocess.run(
-        ["scontrol", "update", f"NodeName={node}", "State=DOWN", f"Reason={reason[:200]}"],
-        capture_output=True, text=True, timeout=30, check=True,
-    )  # fmt: skip
 
 
 def prefetch(
@@ -125,6 +108,7 @@ def run(
     constraints: str,
     nodelist: str,
     say: Callable[[str], None],
+    slurm: Slurm | None = None,
     prefetch_timeout: float = 600.0,
     boot_timeout: float = 900.0,
 ) -> Outcome:
@@ -135,7 +119,8 @@ def run(
         if env is None:
             say(f"job {job}: no execution environment asked for ({constraints or 'no constraints'})")
             return Outcome(None, [], {}, {})
-        nodes = expand_nodelist(nodelist)
+        slurm = slurm or backend()
+        nodes = slurm.hostnames(nodelist)
         say(f"job {job}: {env} on {', '.join(nodes)}; prefetching on their relays")
         warmed = prefetch(admin, env, nodes, job, prefetch_timeout)
         for relay, what in sorted(warmed.items()):
@@ -143,5 +128,5 @@ def run(
         failed = wait_for_boots(admin, env, nodes, boot_timeout, lambda m: say(f"job {job}: {m}"))
     for node, reason in sorted(failed.items()):
         say(f"job {job}: {node} DOWN: {reason}")
-        set_down(node, reason)
+        slurm.set_down(node, reason)
     return Outcome(env, nodes, failed, warmed)

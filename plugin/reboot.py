@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from slim.plugin.helper import slurmd_ancestor
+
 
 def expand(command: str, node: str) -> str:
     """The command with ``{node}`` replaced (quoted for the shell)."""
@@ -42,7 +44,10 @@ def simulate(node: str, root_dir: Path, relay: str, slurm_conf: str, slurmd: str
     core), and if the agent succeeds start ``slurmd -b`` again (boot time taken as now, as
     Slurm wants after a reboot).  A failed boot leaves slurmd down, as on real hardware.
     The boot's output goes to ``root_dir/NAME.boot.log``."""
-    slurmd_pid = os.getppid()
+    found = slurmd_ancestor()
+    if found is None:
+        raise ValueError("a simulated reboot must be started by slurmd (its RebootProgram)")
+    slurmd_pid = found[0]
     if os.fork() > 0:
         return
     os.setsid()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import click
 import grpc
 
 from slim.cli_common import errors_to_exit, fail, registry_option
+from slim.errors import SlimError
 
 core_option = click.option(
     "--core",
@@ -122,10 +122,18 @@ def slurm_config(
 @click.argument("feature", required=False)
 @node_option
 @core_option
-def slurm_helper(feature: str | None, node: str | None, core_address: str) -> None:
+@click.option(
+    "--prefetch-timeout",
+    type=click.FloatRange(0),
+    default=240.0,
+    show_default=True,
+    help="With FEATURE: seconds to wait for the node's relays to be warm before the reboot "
+    "(stay below helpers.conf ExecTime).",
+)
+def slurm_helper(feature: str | None, node: str | None, core_address: str, prefetch_timeout: float) -> None:
     """node_features/helpers: with no FEATURE print the node's active EE feature (only once
     its boot into it completed); with FEATURE (ee=NAME) make NAME the node's next boot."""
-    from slim.plugin.helper import active_features, node_name, stage_next_boot
+    from slim.plugin.helper import active_features, node_name, stage_next_boot, warm_relays
     from slim.v1 import core_pb2_grpc as pb_grpc
 
     name = node_name(node)
@@ -140,6 +148,11 @@ def slurm_helper(feature: str | None, node: str | None, core_address: str) -> No
             return
         env = stage_next_boot(admin, name, feature)
         click.echo(f"slim: {name} boots {env} next", err=True)
+        try:
+            for line in warm_relays(admin, name, env, prefetch_timeout):
+                click.echo(f"slim: prefetch for {name}: {line}", err=True)
+        except grpc.RpcError as exc:  # the boot still works, from colder relays
+            click.echo(f"slim: prefetch for {name} not finished: {exc.details()}", err=True)
 
 
 @slurm.command("prolog")
@@ -182,8 +195,8 @@ def slurm_prolog(core_address: str, log_file: Path | None, boot_timeout: float) 
             core_address, job, os.environ.get("SLURM_JOB_CONSTRAINTS", ""),
             os.environ.get("SLURM_JOB_NODELIST", ""), say, boot_timeout=boot_timeout,
         )  # fmt: skip
-    except (grpc.RpcError, RuntimeError, subprocess.SubprocessError) as exc:
-        say(f"job {job}: failed: {exc}")
+    except (grpc.RpcError, SlimError) as exc:
+        say(f"job {job}: failed: {exc.details() if isinstance(exc, grpc.RpcError) else exc}")
         sys.exit(1)
     sys.exit(1 if outcome.failed else 0)
 
@@ -214,7 +227,10 @@ def slurm_reboot(command: str, simulate_root: Path | None, relay: str | None, no
     if simulate_root is not None:
         if relay is None:
             fail("--simulate needs --relay")
-        simulate(name, simulate_root, relay or "", os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+        try:
+            simulate(name, simulate_root, relay or "", os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+        except ValueError as exc:
+            fail(str(exc))
         return
     try:
         code = run(command, name)

@@ -41,7 +41,8 @@ def files(tmp: Path) -> Path:
 def test_helpers_conf_and_slurm_conf_lines(tmp_path: Path) -> None:
     out = files(tmp_path)
     helpers = (out / "helpers.conf").read_text().splitlines()
-    assert f"Feature=ee=base,ee=desktop,ee=jdk14 Helper={out}/slim-helper" in helpers
+    for feature in ("ee=base", "ee=desktop", "ee=jdk14"):
+        assert f"Feature={feature} Helper={out}/slim-helper" in helpers
     assert "MutuallyExclusive=ee=base,ee=desktop,ee=jdk14" in helpers
     lines = (out / "slurm.conf.slim").read_text().splitlines()
     assert "NodeFeaturesPlugins=node_features/helpers" in lines and "JobSubmitPlugins=lua" in lines
