@@ -109,7 +109,7 @@ local function rewrite(features)
   return features, nil
 end
 
-function slurm_job_submit(job_desc, part_list, submit_uid)
+local function apply(job_desc)
   local features, err = rewrite(job_desc.features)
   if err ~= nil then
     slurm.log_user("%s", err)
@@ -119,14 +119,12 @@ function slurm_job_submit(job_desc, part_list, submit_uid)
   return slurm.SUCCESS
 end
 
+function slurm_job_submit(job_desc, part_list, submit_uid)
+  return apply(job_desc)
+end
+
 function slurm_job_modify(job_desc, job_rec, part_list, modify_uid)
-  local features, err = rewrite(job_desc.features)
-  if err ~= nil then
-    slurm.log_user("%s", err)
-    return slurm.ERROR
-  end
-  job_desc.features = features
-  return slurm.SUCCESS
+  return apply(job_desc)
 end
 
 return slurm.SUCCESS

@@ -25,7 +25,9 @@ from rich.table import Table
 
 from slim import __version__, cli_ee, cli_net, cli_slurm
 from slim.cli_common import (
+    DEFAULT_CORE,
     console,
+    core_option,
     errors_to_exit,
     json_option,
     log_level_option,
@@ -37,7 +39,6 @@ from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
-DEFAULT_CORE = "127.0.0.1:50051"
 CALL_TIMEOUT = 15.0
 POLICY_NAMES = {pb.POLICY_RAM: "ram", pb.POLICY_DISK: "disk", pb.POLICY_SYNC: "sync", pb.POLICY_NFS: "nfs"}
 TIER_NAMES = {pb.RELAY_TIER_SITE: "site", pb.RELAY_TIER_PARENT: "parent", pb.RELAY_TIER_OTHER: "other"}
@@ -66,14 +67,6 @@ def _print_json(msg: Message) -> None:
     click.echo(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), indent=2, sort_keys=True))
 
 
-core_option = click.option(
-    "--core",
-    "core_address",
-    envvar="SLIM_CORE",
-    default=DEFAULT_CORE,
-    show_default=True,
-    help="Address (host:port) of the SLIM core's gRPC service; also $SLIM_CORE.",
-)
 origin_option = click.option(
     "--from",
     "origin",

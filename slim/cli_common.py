@@ -71,6 +71,15 @@ def log_level_option(text: str = "Logging threshold (logs go to standard error).
     return option
 
 
+DEFAULT_CORE = "127.0.0.1:50051"
+core_option = click.option(
+    "--core",
+    "core_address",
+    envvar="SLIM_CORE",
+    default=DEFAULT_CORE,
+    show_default=True,
+    help="Address of the SLIM core's gRPC service (HOST:PORT or unix:PATH); also $SLIM_CORE.",
+)
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print the answer as JSON instead of a table."
 )

@@ -8,17 +8,9 @@ from pathlib import Path
 import click
 import grpc
 
-from slim.cli_common import errors_to_exit, fail, registry_option
+from slim.cli_common import core_option, errors_to_exit, fail, registry_option
 from slim.errors import SlimError
 
-core_option = click.option(
-    "--core",
-    "core_address",
-    envvar="SLIM_CORE",
-    default="127.0.0.1:50051",
-    show_default=True,
-    help="The core's gRPC address (HOST:PORT or unix:PATH); also $SLIM_CORE.",
-)
 node_option = click.option(
     "--node",
     default=None,
