@@ -13,7 +13,9 @@ Directories are done parents first ("/" before "/usr"):
   file's object (or its 1 MiB chunks), each verified, into a temporary file
   that replaces the old one.  What the manifest no longer lists is deleted.
   Nothing outside the directory is touched, and directories the plan gives to
-  other entries are left alone.
+  other entries are left alone.  With nothing there to compare with (no file
+  yet: a first boot, a blank disk) the directory's archive is unpacked
+  instead, one compressed stream rather than a request per file.
 - ``nfs``: mounted read-only over NFSv4/TCP on a real boot; in no-reboot mode
   only the mount point is made and the mount reported.
 
@@ -41,7 +43,7 @@ from typing import IO, BinaryIO, cast
 from slim.agent import manifest as mf
 from slim.agent.fetch import FetchError, Relays, now
 from slim.agent.plan import Directory, ObjectRef, Plan, PlanError
-from slim.agent.tree import FILE, Entry, scan
+from slim.agent.tree import DIR, FILE, Entry, scan
 from slim.agent.unpack import TreeWriter, UnsafeEntry, extract_tar
 
 MAX_MANIFEST_BYTES = 512 << 20
@@ -161,6 +163,10 @@ class Builder:
             assert d.archive is not None
             return self._unpack(d, d.archive, dest)
         if d.policy == "sync":
+            if d.archive is not None and self._empty(d, dest):
+                # nothing to compare with (a first boot, a blank disk): one compressed
+                # stream instead of a request per file; the next boots compare
+                return self._unpack(d, d.archive, dest)
             return self._sync(d, dest)
         dest.mkdir(parents=True, exist_ok=True)  # nfs: the mount point (mounted above on a real boot)
         return Result()
@@ -245,6 +251,13 @@ class Builder:
         return archive.size
 
     # -- copy-if-needed -----------------------------------------------------
+    def _empty(self, d: Directory, dest: Path) -> bool:
+        """Nothing of ``d`` at ``dest`` yet: no file, link or device outside the directories
+        other entries manage (empty directories do not count: unpacking merges them)."""
+        if not dest.exists():
+            return True
+        return all(e.kind == DIR for e in scan(dest, prune=self._nested(d)))
+
     def _sync(self, d: Directory, dest: Path) -> Result:
         assert d.manifest is not None
         dest.mkdir(parents=True, exist_ok=True)

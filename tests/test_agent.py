@@ -353,3 +353,26 @@ async def test_relay_killed_mid_object_the_next_relay_finishes(site: Site, tmp_p
     finally:
         victim.kill()
         await loop.run_in_executor(None, victim.proc.communicate)
+
+
+async def test_sync_into_an_empty_place_unpacks_the_archive_then_compares(site: Site, tmp_path: Path) -> None:
+    """Copy-if-needed with nothing to compare with (a first boot, a blank disk) takes the
+    directory's one compressed archive instead of a request per file; the next run compares."""
+    target = tmp_path / "node"
+    found = site.store.release("base")
+    assert found is not None
+    srv = found[1].directories["/srv"]
+    assert srv.archive is not None and srv.manifest is not None
+    assert (
+        await run_agent("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
+        == 0
+    )
+    first = next(e for e in site.service.list_events("n1") if e.stage == "sync:/srv")
+    assert first.ok and first.bytes == srv.archive.size, first
+    assert tree(target / "srv") == tree(site.image / "srv")
+    assert (
+        await run_agent("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
+        == 0
+    )
+    again = next(e for e in site.service.list_events("n1") if e.stage == "sync:/srv")
+    assert again.message.startswith("0 files, 0 deleted") and again.bytes == srv.manifest.size, again
