@@ -96,6 +96,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from slim.listen import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "docs" / "benchmarks"
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
@@ -178,11 +180,6 @@ def warm_page_cache(paths: list[Path]) -> float:
 
 
 # -- processes ----------------------------------------------------------------------
-def free_port() -> int:
-    """A port the kernel just handed out (for nginx, which cannot listen on port 0 and tell)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def proc_cpu(pid: int) -> float:

@@ -31,7 +31,6 @@ import platform
 import random
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from slim.core.build import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
+from slim.listen import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SLIM = [sys.executable, "-m", "slim.cli"]
@@ -69,12 +69,6 @@ server:
   nfs_listen: null
   dhcp: false
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_tree(image: Path, files: int, rng: random.Random) -> list[Path]:

@@ -40,7 +40,7 @@ from typing import IO
 
 from slim.core.registry import DhcpNetwork, Registry, load_registry
 from slim.core.store import atomic_write
-from slim.core.supervise import backoff_delay, lock_workdir, stop_signals, terminate
+from slim.core.supervise import backoff_delay, file_signature, lock_workdir, stop_signals, terminate
 from slim.errors import FailedPrecondition, SlimError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -353,13 +353,6 @@ class DhcpServer:
                 config = self._config
             self._spawn(config)
 
-    def _signature(self) -> tuple[int, int, int, int] | None:
-        try:
-            st = self.registry_path.stat()
-        except OSError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
     def run(
         self,
         stop: threading.Event,
@@ -377,7 +370,7 @@ class DhcpServer:
             if ready is not None:
                 ready(self)
             failures, restart_at = 0, None
-            signature, up_since = self._signature(), time.monotonic()
+            signature, up_since = file_signature(self.registry_path), time.monotonic()
             while not stop.wait(min(self.interval, 0.25)):
                 now = time.monotonic()
                 if self.pid is None:
@@ -397,7 +390,7 @@ class DhcpServer:
                     continue
                 if failures and now - up_since > 60.0:
                     failures = 0
-                current = self._signature()
+                current = file_signature(self.registry_path)
                 if current == signature and not reload_event.is_set():
                     continue
                 signature = current

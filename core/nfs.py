@@ -44,7 +44,7 @@ from typing import IO, Literal
 from slim import listen
 from slim.core.registry import HOSTNAME_RE, Policy, Registry, load_registry
 from slim.core.store import Store, atomic_write, parse_digest
-from slim.core.supervise import backoff_delay, lock_workdir, stop_signals, terminate
+from slim.core.supervise import backoff_delay, file_signature, lock_workdir, stop_signals, terminate
 from slim.errors import FailedPrecondition, InvalidArgument, SlimError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -561,11 +561,7 @@ class NfsServer:
             return exports, text
 
     def _load_registry(self) -> Registry:
-        try:
-            st = self.registry_path.stat()
-            key: tuple[int, int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        except OSError:
-            key = None
+        key = file_signature(self.registry_path)
         if self._registry is None or key is None or key != self._registry_stat:
             self._registry = load_registry(self.registry_path)
             self._registry_stat = key
@@ -791,21 +787,14 @@ class NfsServer:
         """What is polled for changes: the registry file, every environment ref, and the
         trees directory (a tree removed from the store is unexported)."""
 
-        def sig(path: Path) -> tuple[int, int, int, int] | None:
-            try:
-                st = path.stat()
-            except OSError:
-                return None
-            return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
         try:
             refs = sorted(p.name for p in self.store.refs.iterdir())
         except OSError:
             refs = []
         return (
-            sig(self.registry_path),
-            tuple((name, sig(self.store.refs / name)) for name in refs),
-            sig(self.store.trees),
+            file_signature(self.registry_path),
+            tuple((name, file_signature(self.store.refs / name)) for name in refs),
+            file_signature(self.store.trees),
         )
 
     def run(

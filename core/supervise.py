@@ -92,3 +92,13 @@ def terminate(proc: subprocess.Popen[bytes], grace: float, name: str) -> None:
         log.warning("%s (pid %d) ignored SIGTERM for %gs; killing it", name, proc.pid, grace)
         proc.kill()
         proc.wait()
+
+
+def file_signature(path: Path) -> tuple[int, int, int, int] | None:
+    """What changes when a file is replaced or rewritten (inode, size, mtime, ctime); None
+    if it cannot be read.  Supervisors poll it to notice a new registry."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 from slim.errors import InvalidArgument
 
@@ -39,3 +40,11 @@ def check_port(port: int, allow_ephemeral: bool = False) -> int:
     if not low <= port <= 65535:
         raise InvalidArgument(f"port {port} is not between {low} and 65535")
     return port
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the kernel just handed out on ``host``, for servers that must be told a
+    port before they start (labs and benchmarks; another process could take it first)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

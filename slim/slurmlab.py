@@ -33,6 +33,7 @@ from pathlib import Path
 from slim.core.build import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
+from slim.listen import free_port
 
 SLIM = [sys.executable, "-m", "slim.cli"]
 REGISTRY = """\
@@ -81,12 +82,6 @@ ReturnToService=2
 {node_lines}
 PartitionName=all Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_images(root: Path) -> None:

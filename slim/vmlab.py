@@ -27,7 +27,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from typing import Any, Literal
 
 import grpc
 
+from slim.listen import free_port
 from slim.netlab import NetLab
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
@@ -90,12 +90,6 @@ dhcp-leasefile={tmp}/site-dhcp.leases
 """
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # console lines that mark the boot's stages (the first line matching each), in order

@@ -13,9 +13,10 @@ from pathlib import Path
 from slim.core.nfs import pseudo_path
 from slim.core.store import Store
 from slim.core.table2 import TABLE2
+from slim.listen import free_port
 from tests.needs import need_tool
 from tests.test_build import make_image
-from tests.test_nfs import free_port, rpc_null, wait_for
+from tests.test_nfs import rpc_null, wait_for
 
 
 def _slim(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -41,6 +41,7 @@ from slim.core.nfs import (
 from slim.core.registry import Policy, Registry, load_registry
 from slim.core.store import ObjectRef, Release, ReleaseDirectory, Store
 from slim.errors import FailedPrecondition, InvalidArgument, Unavailable
+from slim.listen import free_port
 from tests.needs import need, need_tool
 
 REGISTRY = """\
@@ -488,13 +489,6 @@ def test_missing_ganesha_binary(world: World, tmp_path: Path) -> None:
 
 
 # -- talking NFS by hand -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_for(cond: Callable[[], object], timeout: float, what: str) -> None:
