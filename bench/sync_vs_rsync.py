@@ -42,6 +42,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from slim import standin
 from slim.core.build import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
@@ -81,14 +82,7 @@ def make_tree(image: Path, files: int, rng: random.Random) -> list[Path]:
         path = d / f"f{i:05d}.dat"
         path.write_bytes(rng.randbytes(size))
         out.append(path)
-    kver = "6.1.0-bench"
-    mods = image / "lib" / "modules" / kver
-    mods.mkdir(parents=True)
-    (mods / "modules.dep").write_text("")
-    (mods / "modules.builtin").write_text("kernel/fs/nfs/nfsv4.ko\nkernel/fs/overlayfs/overlay.ko\n")
-    (image / "boot").mkdir()
-    (image / "boot" / f"vmlinuz-{kver}").write_bytes(b"kernel")
-    (image / "vmlinuz").symlink_to(f"boot/vmlinuz-{kver}")
+    standin.add_kernel(image)
     return out
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -26,23 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from slim.core.agentrt import UDHCPC
 from slim.errors import FailedPrecondition
-
-UDHCPC_SCRIPT = """#!/bin/sh
-# busybox udhcpc calls this with bound/renew/deconfig; configure eth0, note the address.
-case "$1" in
-bound|renew)
-    ip addr flush dev "$interface"
-    ip addr add "$ip/${mask:-24}" dev "$interface"
-    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
-    echo "$ip" > "$SLIM_LEASE"
-    ;;
-deconfig)
-    ip addr flush dev "$interface"
-    ;;
-esac
-exit 0
-"""
 
 
 def _ip(*args: str) -> None:
@@ -78,7 +64,7 @@ class NetLab:
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen[bytes]] = []
         self._script = tmp / "udhcpc.sh"
-        self._script.write_text(UDHCPC_SCRIPT)
+        self._script.write_text(UDHCPC)  # the initrd's own, as a node runs it
         self._script.chmod(0o755)
         try:
             self._add_ns(self.server)
@@ -162,18 +148,18 @@ class NetLab:
         """Ask for an address on the node's eth0 (busybox udhcpc, bounded: ``tries``
         discovers ``timeout`` s apart); the address, or None if nobody answered."""
         n = self.nodes[node]
-        lease = self.tmp / f"lease-{node}"
-        lease.unlink(missing_ok=True)
         wait = str(max(1, round(timeout)))
         argv = ["busybox", "udhcpc", "-i", "eth0", "-q", "-n", "-f", "-t", str(tries), "-T", wait,
                 "-A", "1", "-s", str(self._script)]  # fmt: skip
         subprocess.run(
-            self.cmd(n.netns, "env", f"SLIM_LEASE={lease}", *argv),
-            capture_output=True,
-            timeout=tries * (timeout + 2) + 10,
-            check=False,
+            self.cmd(n.netns, *argv), capture_output=True, timeout=tries * (timeout + 2) + 10, check=False
         )
-        n.address = lease.read_text().strip() if lease.exists() else None
+        shown = subprocess.run(
+            ["ip", "-n", n.netns, "-4", "-o", "addr", "show", "dev", "eth0"],
+            capture_output=True, text=True, timeout=30, check=False,
+        ).stdout  # fmt: skip
+        m = re.search(r"\binet (\d+\.\d+\.\d+\.\d+)/", shown)
+        n.address = m.group(1) if m else None
         return n.address
 
     # -- cleanup ------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from slim import standin
 from slim.core.build import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
@@ -91,16 +92,7 @@ def make_images(root: Path) -> None:
             (image / d).mkdir(parents=True, exist_ok=True)
         (image / "etc" / "os-release").write_text(f"NAME=slim-{name}\n")
         (image / "usr" / "bin" / "tool").write_bytes(b"#!/bin/sh\necho tool\n" + bytes(range(256)) * 64)
-        # a kernel the build can name, and the modules every initrd carries
-        kver = "6.1.0-slimlab"
-        mods = image / "lib" / "modules" / kver
-        (mods / "kernel").mkdir(parents=True)
-        (image / "boot").mkdir()
-        (image / "boot" / f"vmlinuz-{kver}").write_bytes(b"kernel " + name.encode())
-        (image / "vmlinuz").symlink_to(f"boot/vmlinuz-{kver}")
-        (mods / "kernel" / "overlay.ko").write_bytes(b"overlay" * 100)
-        (mods / "modules.dep").write_text("kernel/overlay.ko:\n")
-        (mods / "modules.builtin").write_text("kernel/fs/nfs/nfsv4.ko\n")
+        standin.add_kernel(image, name)
     (root / "jdk14" / "opt" / "jdk14").mkdir()
     (root / "jdk14" / "opt" / "jdk14" / "release").write_text('JAVA_VERSION="14.0.2"\n')
     (root / "jdk15" / "opt" / "jdk15").mkdir()
