@@ -195,7 +195,34 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sync_vs_rsync.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out / "sync_vs_rsync.png")
     print(json.dumps(medians, indent=1))
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Time and bytes, SLIM beside rsync, for each situation (medians)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    med = result["medians"]
+    cases = [("cold", "cold"), ("unchanged", "unchanged"), ("changed_1pct", "1 % changed")]
+    fig, (t_ax, b_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    xs = range(len(cases))
+    for ax, key, unit, scale in ((t_ax, "s", "seconds", 1.0), (b_ax, "bytes", "MB on the wire", 1e6)):
+        ax.bar([x - 0.2 for x in xs], [med[c][f"slim_{key}"] / scale for c, _ in cases], 0.4, label="SLIM")
+        ax.bar(
+            [x + 0.2 for x in xs], [med[c][f"rsync_{key}"] / scale for c, _ in cases], 0.4, label="rsync -a"
+        )
+        ax.set_xticks(list(xs), [label for _, label in cases])
+        ax.set_ylabel(unit)
+        ax.set_yscale("log")
+        ax.legend()
+    fig.suptitle(f"Copy-if-needed against rsync, {result['tree']['files']:,} files (medians)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

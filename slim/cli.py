@@ -23,7 +23,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.table import Table
 
-from slim import __version__, cli_ee, cli_net, cli_slurm
+from slim import __version__, cli_ee, cli_net, cli_simulate, cli_slurm
 from slim.cli_common import (
     DEFAULT_CORE,
     console,
@@ -797,6 +797,7 @@ main.add_command(cli_ee.nfs)
 main.add_command(cli_net.dhcp)
 main.add_command(cli_net.serve)
 main.add_command(cli_slurm.slurm)
+main.add_command(cli_simulate.simulate)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,10 @@ class NetLab:
         n.address = m.group(1) if m else None
         return n.address
 
+    def reap(self) -> None:
+        """Forget the processes that have ended (a long benchmark starts thousands)."""
+        self._procs = [p for p in self._procs if p.poll() is None]
+
     # -- cleanup ------------------------------------------------------------------------
     def close(self) -> None:
         for proc in self._procs:

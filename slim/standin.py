@@ -4,18 +4,22 @@ few bytes, where the lab never boots that kernel."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 KVER = "6.1.0-standin"
 
 
-def add_kernel(image: Path, label: str = "") -> None:
-    """``/boot/vmlinuz-KVER``, ``/vmlinuz`` pointing to it, and ``/lib/modules/KVER`` whose
-    modules.builtin lists what the initrd always wants (nfsv4, overlay)."""
+def add_kernel(image: Path, label: str = "", size: int = 0, directory: str = "boot") -> None:
+    """``/DIRECTORY/vmlinuz-KVER``, ``/vmlinuz`` pointing to it, and ``/lib/modules/KVER`` whose
+    modules.builtin lists what the initrd always wants (nfsv4, overlay).  ``size``: pad the
+    kernel with random bytes to this size (what a benchmark's nodes fetch; a kernel does
+    not compress); ``directory``: where it lives (a benchmark keeps it out of the copy set)."""
     mods = image / "lib" / "modules" / KVER
     mods.mkdir(parents=True)
     (mods / "modules.dep").write_text("")
     (mods / "modules.builtin").write_text("kernel/fs/nfs/nfsv4.ko\nkernel/fs/overlayfs/overlay.ko\n")
-    (image / "boot").mkdir()
-    (image / "boot" / f"vmlinuz-{KVER}").write_bytes(f"stand-in kernel {label}".encode())
-    (image / "vmlinuz").symlink_to(f"boot/vmlinuz-{KVER}")
+    (image / directory).mkdir(parents=True, exist_ok=True)
+    head = f"stand-in kernel {label}".encode()
+    (image / directory / f"vmlinuz-{KVER}").write_bytes(head + os.urandom(max(0, size - len(head))))
+    (image / "vmlinuz").symlink_to(f"{directory}/vmlinuz-{KVER}")
