@@ -11,7 +11,9 @@ Directories are done parents first ("/" before "/usr"):
   there — size, mtime and mode first; the file is hashed only when the size
   matches but the mtime does not — and only what differs is fetched, as the
   file's object (or its 1 MiB chunks), each verified, into a temporary file
-  that replaces the old one.  What the manifest no longer lists is deleted.
+  that replaces the old one (several at once, on connections of their own, so
+  that round trips overlap; written in tree order).  What the manifest no
+  longer lists is deleted.
   Nothing outside the directory is touched, and directories the plan gives to
   other entries are left alone.  With nothing there to compare with (no file
   yet: a first boot, a blank disk) the directory's archive is unpacked
@@ -26,6 +28,7 @@ the new root, where the EE can read it.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -36,6 +39,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO, cast
@@ -275,18 +279,26 @@ class Builder:
         nested = self._nested(d)
         have = {e.path: e for e in scan(dest, prune=nested)}
         wanted = {m.entry.path for m in manifest.entries}
-        with TreeWriter(dest) as writer:
+        fetch: list[mf.ManifestEntry] = []  # the files whose bytes differ, in tree order
+        for m in manifest.entries:
+            want, old = m.entry, have.get(m.entry.path)
+            if want.kind != FILE:
+                continue
+            if old is not None and old.kind == FILE and self._same_file(dest, old, m):
+                if _meta(old) != _meta(want) or old.mtime_ns != want.mtime_ns:
+                    _set_meta(dest / want.path, want)  # the bytes are right: metadata only
+            else:
+                fetch.append(m)
+        changed = {m.entry.path for m in fetch}
+        with TreeWriter(dest) as writer, _Fetcher(self, fetch, dest) as fetched:
             for m in manifest.entries:
                 want, old = m.entry, have.get(m.entry.path)
                 if want.kind == FILE:
-                    if old is not None and old.kind == FILE and self._same_file(dest, old, m):
-                        if _meta(old) != _meta(want) or old.mtime_ns != want.mtime_ns:
-                            _set_meta(dest / want.path, want)  # the bytes are right: metadata only
-                        continue
-                    with self._fetch_file(m, dest) as tmp:
-                        writer.add(want, tmp)
-                    result.bytes += want.size
-                    result.files += 1
+                    if want.path in changed:
+                        with fetched.next(m) as tmp:
+                            writer.add(want, tmp)
+                        result.bytes += want.size
+                        result.files += 1
                 elif old is None or old.kind != want.kind or _meta(old) != _meta(want):
                     writer.add(want)
             writer.finish()
@@ -317,21 +329,6 @@ class Builder:
                 if m.chunks:
                     chunks.append(hashlib.sha256(block).hexdigest())
         return tuple(chunks) == m.chunks if m.chunks else whole.hexdigest() == m.sha256
-
-    def _fetch_file(self, m: mf.ManifestEntry, dest: Path) -> _TempFile:
-        tmp = _TempFile(dest)
-        try:
-            parts = m.chunks or (m.sha256,)
-            size = m.entry.size
-            for i, part in enumerate(parts):
-                n = min(mf.CHUNK_SIZE, size - i * mf.CHUNK_SIZE) if m.chunks else size
-                self.relays.stream(ObjectRef(f"sha256:{part}", n), tmp.file.write)
-            tmp.file.flush()
-            tmp.file.seek(0)
-        except BaseException:
-            tmp.close()
-            raise
-        return tmp
 
     def _write_active(self) -> None:
         run = self.target / "run" / "slim"
@@ -369,6 +366,8 @@ def _move_into(staging: Path, dest: Path, rel: str, nested: set[str], skip: str 
 
 
 DISK_ROOT = "/slim-disk"  # where the node's partition is mounted in the initrd
+FETCH_THREADS = 4  # copy-if-needed: connections fetching changed files at once
+FETCH_AHEAD = 16  # ... and files fetched ahead of the one being written (open temporary files)
 
 
 def _is_blank(device: str) -> bool:
@@ -392,6 +391,80 @@ def switch_root(target: Path, init: str) -> None:
 
 def _meta(e: Entry) -> tuple[object, ...]:
     return (e.kind, e.mode, e.uid, e.gid, e.target, e.rdev)
+
+
+def _fetch_file(relays: Relays, m: mf.ManifestEntry, dest: Path) -> _TempFile:
+    tmp = _TempFile(dest)
+    try:
+        parts = m.chunks or (m.sha256,)
+        size = m.entry.size
+        for i, part in enumerate(parts):
+            n = min(mf.CHUNK_SIZE, size - i * mf.CHUNK_SIZE) if m.chunks else size
+            relays.stream(ObjectRef(f"sha256:{part}", n), tmp.file.write)
+        tmp.file.flush()
+        tmp.file.seek(0)
+    except BaseException:
+        tmp.close()
+        raise
+    return tmp
+
+
+class _Fetcher:
+    """Fetches the files copy-if-needed wants, ``FETCH_AHEAD`` at a time on ``FETCH_THREADS``
+    connections of their own (each a round trip the others need not wait for), and hands
+    them out in the order asked for; what is fetched but not taken is removed on exit."""
+
+    def __init__(self, builder: Builder, files: list[mf.ManifestEntry], dest: Path) -> None:
+        self.builder = builder
+        self.dest = dest
+        self.todo = iter(files)
+        self.pending: collections.deque[tuple[mf.ManifestEntry, Future[_TempFile]]] = collections.deque()
+        self.clones: list[Relays] = []
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="sync") if files else None
+
+    def _relays(self) -> Relays:
+        relays: Relays | None = getattr(self.local, "relays", None)
+        if relays is None:
+            relays = self.local.relays = self.builder.relays.clone()
+            with self.lock:
+                self.clones.append(relays)
+        return relays
+
+    def _fetch(self, m: mf.ManifestEntry) -> _TempFile:
+        return _fetch_file(self._relays(), m, self.dest)
+
+    def _fill(self) -> None:
+        while self.pool is not None and len(self.pending) < FETCH_AHEAD:
+            m = next(self.todo, None)
+            if m is None:
+                return
+            self.pending.append((m, self.pool.submit(self._fetch, m)))
+
+    def next(self, m: mf.ManifestEntry) -> _TempFile:
+        self._fill()
+        want, future = self.pending.popleft()
+        assert want is m, "files are taken in the order they were listed"
+        tmp = future.result()
+        self._fill()
+        return tmp
+
+    def __enter__(self) -> _Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is None:
+            return
+        for _, future in self.pending:
+            future.cancel()
+        self.pool.shutdown(wait=True)
+        for _, future in self.pending:
+            if not future.cancelled() and future.exception() is None:
+                future.result().close()
+        for relays in self.clones:
+            self.builder.relays.absorb(relays)
+            relays.close()
 
 
 class _TempFile:

@@ -50,6 +50,19 @@ class Relays:
         self._conns: dict[str, http.client.HTTPConnection] = {}
         self.current = 0  # index of the relay that served last: asked first next time
 
+    def clone(self) -> Relays:
+        """The same relays, in the same order, on connections of its own (for another thread)."""
+        other = Relays(self.urls, self.timeout, self.rounds)
+        other.current = self.current
+        return other
+
+    def absorb(self, other: Relays) -> None:
+        """Count what a clone fetched as ours."""
+        self.stats.objects += other.stats.objects
+        self.stats.bytes += other.stats.bytes
+        self.stats.resumed += other.stats.resumed
+        self.stats.relay_failures.extend(other.stats.relay_failures)
+
     def close(self) -> None:
         for c in self._conns.values():
             c.close()

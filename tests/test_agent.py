@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from slim.agent import ee
+from slim.agent import manifest as mf
 from slim.agent.__main__ import main as agent_main
 from slim.agent.fetch import DigestMismatch, Relays
 from slim.agent.plan import BootArgs, ObjectRef, PlanError, parse_cmdline, parse_plan
@@ -214,6 +216,42 @@ async def test_sync_fetches_only_what_changed(site: Site, tmp_path: Path) -> Non
     assert second.bytes < first["sync:/srv"]
     assert "1 files, 1 deleted" in second.message
     assert tree(target / "srv") == tree(site.image / "srv")
+
+
+async def test_sync_fetches_ahead_in_order_and_cleans_up_when_a_fetch_fails(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changed files are fetched on several connections ahead of the one being written; they
+    land in tree order, and a bad object fails the boot without leaving temporary files."""
+    monkeypatch.setattr(ee, "FETCH_THREADS", 2)
+    monkeypatch.setattr(ee, "FETCH_AHEAD", 2)  # both changed files at once
+    target = tmp_path / "node"
+    argv = ("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
+    assert await run_agent(*argv) == 0
+    srv = target / "srv" / "data"
+    size = (srv / "big").stat().st_size
+    (srv / "small").write_text("changed locally, and longer\n")
+    (srv / "big").write_bytes(os.urandom(size))
+    assert await run_agent(*argv) == 0
+    fixed = next(e for e in site.service.list_events("n1") if e.stage == "sync:/srv")
+    assert "2 files, 0 deleted" in fixed.message
+    assert tree(target / "srv") == tree(site.image / "srv")
+    # the relays' and the store's copies of big's first chunk go bad; small, after it in tree
+    # order, is fetched ahead meanwhile: the repair must fail, and clean up small's download
+    head = (site.image / "srv" / "data" / "big").read_bytes()[: mf.CHUNK_SIZE]
+    digest = hashlib.sha256(head).hexdigest()
+    damaged = [p for p in tmp_path.rglob(digest) if p.is_file()] + [
+        site.store.object_path(f"sha256:{digest}")
+    ]
+    for p in damaged:
+        os.chmod(p, 0o644)
+        p.write_bytes(b"damaged")
+    (srv / "small").write_text("changed again\n")
+    (srv / "big").write_bytes(os.urandom(size))
+    assert await run_agent(*argv) == 1
+    failed = [e for e in site.service.list_events("n1") if not e.ok]
+    assert failed and failed[0].stage == "sync:/srv", failed
+    assert not list(target.rglob(".slim-fetch-*"))  # nothing fetched ahead is left behind
 
 
 async def test_digest_mismatch_stops_the_boot(site: Site, tmp_path: Path) -> None:
