@@ -422,7 +422,7 @@ class _Fetcher:
         self.clones: list[Relays] = []
         self.local = threading.local()
         self.lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="sync") if files else None
+        self.pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="sync") if files else None
 
     def _relays(self) -> Relays:
         relays: Relays | None = getattr(self.local, "relays", None)

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 from rich.table import Table
@@ -219,7 +219,9 @@ def simulate_plan(
         seconds = parse_duration(target)
         topology, workload = _build(params)
         single = _run_single(topology, workload)
-        results = plan_relays(topology, workload, seconds, placements or ("core", "edge"), max_relays)
+        both: tuple[Literal["core", "edge"], ...] = ("core", "edge")
+        where = [p for p in both if not placements or p in placements]
+        results = plan_relays(topology, workload, seconds, where, max_relays)
     rows: list[dict[str, Any]] = []
     for r in results:
         rows.append(

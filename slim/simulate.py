@@ -337,8 +337,6 @@ def simulate(topology: Topology, workload: Workload) -> Result:
     t_ = topology
     eff = t_.efficiency
     capacity: dict[str, float] = {"core-cpu": t_.core_cpu}
-    # sources: the server, or the relays
-    sources = max(1, t_.relays)
     members: dict[str, int] = {}
     if t_.relays == 0:
         capacity["server"] = t_.server_link * eff / 8
@@ -361,19 +359,19 @@ def simulate(topology: Topology, workload: Workload) -> Result:
         capacity[f"sw{s}-ports"] = n * t_.node_link * eff / 8  # n identical ports, one cohort
         members[f"sw{s}-ports"] = n
         cohorts.append(CohortResult(s, n))
-        src = s % sources
         if t_.relays == 0:
             path = ["server", f"sw{s}-down", f"sw{s}-ports"]
         elif t_.placement == "core":
             path = ["relays", f"sw{s}-down", f"sw{s}-ports"]
-        else:  # the relay on switch src*k serves the switches src, src+R, src+2R, …
-            home = src
+        else:  # relay i sits on switch i and serves the switches i, i+R, i+2R, …
+            home = s % t_.relays
+            up = f"sw{home}-up"
             path = (
-                [f"relay{src}", f"sw{s}-ports"]
+                [f"relay{home}", f"sw{s}-ports"]
                 if home == s
-                else [f"relay{src}", f"sw{home}-up", f"sw{s}-down", f"sw{s}-ports"]
+                else [f"relay{home}", up, f"sw{s}-down", f"sw{s}-ports"]
             )
-            capacity.setdefault(f"sw{home}-up", t_.switch_uplink * eff / 8)
+            capacity.setdefault(up, t_.switch_uplink * eff / 8)
         paths.append(path)
         if not shared_cpu:
             capacity[f"sw{s}-cpu"] = float(n)
@@ -501,7 +499,7 @@ def plan_relays(
     topology: Topology,
     workload: Workload,
     target: float,
-    placements: Iterable[str] = ("core", "edge"),
+    placements: Iterable[Literal["core", "edge"]] = ("core", "edge"),
     max_relays: int | None = None,
 ) -> list[Result]:
     """The fewest relays, per placement, that boot every node within ``target`` seconds
@@ -513,14 +511,14 @@ def plan_relays(
         best: Result | None = None
         lo, hi = 1, most
         # makespan falls (or stays level) as relays are added: binary search the first that meets the target
-        top = simulate(replace(topology, relays=hi, placement=placement), workload)  # type: ignore[arg-type]
+        top = simulate(replace(topology, relays=hi, placement=placement), workload)
         if top.makespan > target:
             out.append(top)
             continue
         best = top
         while lo < hi:
             mid = (lo + hi) // 2
-            r = simulate(replace(topology, relays=mid, placement=placement), workload)  # type: ignore[arg-type]
+            r = simulate(replace(topology, relays=mid, placement=placement), workload)
             if r.makespan <= target:
                 best, hi = r, mid
             else:
