@@ -43,7 +43,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from slim.simulate import PAPER, Topology, lower_bound, plan_relays, simulate, workload_to_dict
+from slim.simulate import PAPER, Topology, Workload, lower_bound, plan_relays, simulate, workload_to_dict
 from slim.stormlab import BOOT_BYTES, POLICIES, TCP_OVER_ETHERNET, StormLab, solo, table2_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +61,87 @@ def lab_topology(n: int, node_rate: float, uplink: float, cores: float) -> Topol
         rtt=0.0001,
         efficiency=TCP_OVER_ETHERNET,
     )
+
+
+def real_storms(lab: StormLab, sizes: list[int], repeat: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every storm size, ``repeat`` rounds of full copy then copy-if-needed; the timelines
+    of the last round of the largest."""
+    storms: list[dict[str, Any]] = []
+    timelines: dict[str, Any] = {}
+    for n in sizes:
+        nodes = lab.node_names[:n]
+        for i in range(repeat):
+            for policy in ("full", "cin"):
+                wire0 = sum(lab.wire_bytes(x) for x in nodes)
+                t0 = time.time()
+                results = lab.storm(nodes, policy, fresh=policy == "full")
+                failed = [r for r in results if r.returncode != 0 or not r.done_at]
+                if failed:
+                    raise SystemExit(f"{failed[0].node} failed: {failed[0].stderr}")
+                took = max(r.done_at for r in results) - t0
+                wire = sum(lab.wire_bytes(x) for x in nodes) - wire0
+                storms.append({
+                    "nodes": n, "policy": policy, "round": i, "seconds": took,
+                    "median_node_s": statistics.median(r.done_at - t0 for r in results),
+                    "wire_bytes_per_node": wire / n,
+                })  # fmt: skip
+                if i == repeat - 1 and n == max(sizes):
+                    timelines[policy] = {r.node: r.timeline(t0) for r in results}
+                print(
+                    f"N={n} {policy} round {i + 1}: {took:.2f} s, {wire / n / 1e6:.2f} MB per node",
+                    flush=True,
+                )
+    return storms, timelines
+
+
+def predictions(
+    storms: list[dict[str, Any]],
+    calibration: dict[str, Workload],
+    sizes: list[int],
+    node_rate: float,
+    uplink: float,
+) -> list[dict[str, Any]]:
+    """The simulator beside each storm size's median."""
+    rows = []
+    for n in sizes:
+        for policy in ("full", "cin"):
+            measured = statistics.median(
+                s["seconds"] for s in storms if s["nodes"] == n and s["policy"] == policy
+            )
+            topo = lab_topology(n, node_rate, uplink, os.cpu_count() or 2)
+            sim = simulate(topo, calibration[policy])
+            bound, by = lower_bound(topo, calibration[policy])
+            error = (sim.makespan - measured) / measured
+            rows.append({
+                "nodes": n, "policy": policy, "measured_s": round(measured, 3),
+                "simulated_s": round(sim.makespan, 3), "error": round(error, 4),
+                "lower_bound_s": round(bound, 3), "lower_bound_by": by,
+                "simulated_bottleneck": sim.bottleneck, "measured_over_bound": round(measured / bound, 3),
+            })  # fmt: skip
+    return rows
+
+
+def projections(work: dict[str, Workload]) -> tuple[dict[str, Any], dict[str, Any], Topology, dict[str, Any]]:
+    """The paper's cluster (N = 1..272, then 272 with relays) and 10,000 nodes with relays."""
+    curve = [1, 2, 4, 8, 16, 24, 48, 96, 144, 192, 240, 272]
+    paper = {
+        policy: [{"nodes": n, **simulate(replace(PAPER, nodes=n), work[policy]).summary()} for n in curve]
+        for policy in ("full", "cin")
+    }
+    relayed = {
+        policy: [simulate(replace(PAPER, relays=r), work[policy]).summary() for r in (1, 2, 3, 4, 6)]
+        for policy in ("full", "cin")
+    }
+    campus = Topology(nodes=10_000, per_switch=24, switch_uplink=1e9, server_link=10e9, relay_link=10e9)
+    ten_k = {
+        policy: {
+            "server_alone": simulate(campus, work[policy]).summary(),
+            "plan_5min": [r.summary() for r in plan_relays(campus, work[policy], 300.0)],
+            "plan_2min": [r.summary() for r in plan_relays(campus, work[policy], 120.0)],
+        }
+        for policy in ("full", "cin")
+    }
+    return paper, relayed, campus, ten_k
 
 
 def main() -> None:
@@ -81,8 +162,6 @@ def main() -> None:
     node_rate, uplink = 100e6 * args.scale, 1e9 * args.scale
     started = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="slim-bench-p1-"))
-    storms: list[dict[str, Any]] = []
-    timelines: dict[str, Any] = {}
     try:
         image = table2_image(tmp, args.scale, cached=False)
         with StormLab(
@@ -101,34 +180,7 @@ def main() -> None:
                 flush=True,
             )
             lab.shape_uplink()
-            for n in sizes:
-                nodes = lab.node_names[:n]
-                for i in range(args.repeat):
-                    for policy in ("full", "cin"):
-                        wire0 = sum(lab.wire_bytes(x) for x in nodes)
-                        t0 = time.time()
-                        results = lab.storm(nodes, policy, fresh=policy == "full")
-                        failed = [r for r in results if r.returncode != 0 or not r.done_at]
-                        if failed:
-                            raise SystemExit(f"{failed[0].node} failed: {failed[0].stderr}")
-                        took = max(r.done_at for r in results) - t0
-                        wire = sum(lab.wire_bytes(x) for x in nodes) - wire0
-                        storms.append(
-                            {
-                                "nodes": n,
-                                "policy": policy,
-                                "round": i,
-                                "seconds": took,
-                                "median_node_s": statistics.median(r.done_at - t0 for r in results),
-                                "wire_bytes_per_node": wire / n,
-                            }
-                        )
-                        if i == args.repeat - 1 and n == max(sizes):
-                            timelines[policy] = {r.node: r.timeline(t0) for r in results}
-                        print(
-                            f"N={n} {policy} round {i + 1}: {took:.2f} s, {wire / n / 1e6:.2f} MB per node",
-                            flush=True,
-                        )
+            storms, timelines = real_storms(lab, sizes, args.repeat)
         full_scale = None
         if not args.no_full_scale:
             big = table2_image(tmp, 1.0, cached=True)
@@ -142,52 +194,12 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    # -- the simulator against the real storms ----------------------------------------------
-    rows = []
-    for n in sizes:
-        for policy in ("full", "cin"):
-            measured = statistics.median(
-                s["seconds"] for s in storms if s["nodes"] == n and s["policy"] == policy
-            )
-            topo = lab_topology(n, node_rate, uplink, os.cpu_count() or 2)
-            sim = simulate(topo, calibration[policy])
-            bound, by = lower_bound(topo, calibration[policy])
-            rows.append(
-                {
-                    "nodes": n,
-                    "policy": policy,
-                    "measured_s": round(measured, 3),
-                    "simulated_s": round(sim.makespan, 3),
-                    "error": round((sim.makespan - measured) / measured, 4),
-                    "lower_bound_s": round(bound, 3),
-                    "lower_bound_by": by,
-                    "simulated_bottleneck": sim.bottleneck,
-                    "measured_over_bound": round(measured / bound, 3),
-                }
-            )
+    rows = predictions(storms, calibration, sizes, node_rate, uplink)
     worst = max(abs(r["error"]) for r in rows)
-
-    # -- projections: the paper's cluster and 10,000 nodes -----------------------------------
     big_w = full_scale or {k: w.scaled(1 / args.scale) for k, w in calibration.items()}
-    big_w = {k: replace(w, boot_bytes=BOOT_BYTES) for k, w in big_w.items()}
-    curve = [1, 2, 4, 8, 16, 24, 48, 96, 144, 192, 240, 272]
-    paper = {
-        policy: [{"nodes": n, **simulate(replace(PAPER, nodes=n), big_w[policy]).summary()} for n in curve]
-        for policy in ("full", "cin")
-    }
-    relayed = {
-        policy: [simulate(replace(PAPER, relays=r), big_w[policy]).summary() for r in (1, 2, 3, 4, 6)]
-        for policy in ("full", "cin")
-    }
-    campus = Topology(nodes=10_000, per_switch=24, switch_uplink=1e9, server_link=10e9, relay_link=10e9)
-    ten_k = {
-        policy: {
-            "server_alone": simulate(campus, big_w[policy]).summary(),
-            "plan_5min": [r.summary() for r in plan_relays(campus, big_w[policy], 300.0)],
-            "plan_2min": [r.summary() for r in plan_relays(campus, big_w[policy], 120.0)],
-        }
-        for policy in ("full", "cin")
-    }
+    paper, relayed, campus, ten_k = projections(
+        {k: replace(w, boot_bytes=BOOT_BYTES) for k, w in big_w.items()}
+    )
     result = {
         "benchmark": "P1 boot storm (namespace cluster) and the simulator",
         "command": "python bench/boot_storm.py " + " ".join(sys.argv[1:]),

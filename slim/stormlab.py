@@ -76,7 +76,6 @@ def tbf_params(rate_bits: float) -> tuple[str, str]:
 class NodeResult:
     node: str
     launched: float  # wall clock, when the storm started this node
-    ended: float = 0.0
     returncode: int = 0
     boot_bytes: int = 0
     boot_files_at: float = 0.0  # wall clock: kernel and initrd fetched
@@ -117,9 +116,7 @@ class StormLab:
         node_rate: str | None = None,
         uplink_rate: str | None = None,
         extra_unshaped: int = 0,
-        level: int | None = None,
     ) -> None:
-        from slim.core import copyset
         from slim.core.build import build_environment
         from slim.core.registry import load_registry
         from slim.core.store import Store
@@ -146,13 +143,7 @@ class StormLab:
         state = tmp / "state"
         registry = load_registry(self.registry)
         self.builds = {
-            name: build_environment(
-                registry,
-                Store(state / "store"),
-                name,
-                level=level if level is not None else copyset.DEFAULT_LEVEL,
-            )
-            for name in environments
+            name: build_environment(registry, Store(state / "store"), name) for name in environments
         }
         # The nodes' roots are a tmpfs, as "ram" is on a real boot (and so that the host's
         # disk, shared by every node here, is not what is measured).
@@ -215,14 +206,14 @@ class StormLab:
 
     def shape_node(self, node: str, rate: str) -> None:
         n = self.lab.nodes[node]
-        burst, latency = tbf_params(_bits(rate))
+        burst, latency = tbf_params(parse_rate(rate))
         self.lab.shape(self.lab.server, n.veth, rate, burst, latency)
         self.lab.shape(n.netns, "eth0", rate, burst, latency)
 
     def shape_uplink(self) -> None:
         """The server's uplink: everything the server sends into the bridge."""
         if self.uplink_rate is not None:
-            burst, latency = tbf_params(_bits(self.uplink_rate))
+            burst, latency = tbf_params(parse_rate(self.uplink_rate))
             self.lab.shape(self.lab.server, "br0", self.uplink_rate, burst, latency)
 
     def wire_bytes(self, node: str) -> int:
@@ -310,11 +301,7 @@ class StormLab:
                 proc.kill()
                 out, err = proc.communicate()
             r = results[n]
-            r.ended, r.returncode, r.stderr = (
-                time.time(),
-                proc.returncode,
-                err.decode(errors="replace")[-3000:],
-            )
+            r.returncode, r.stderr = proc.returncode, err.decode(errors="replace")[-3000:]
             try:
                 said = json.loads(out.decode().strip().splitlines()[-1])
             except (IndexError, ValueError):
@@ -341,10 +328,6 @@ class StormLab:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _bits(rate: str) -> float:
-    return parse_rate(rate)
 
 
 # -- images and calibration (bench/boot_storm.py, bench/wan_boot.py) ---------------------
