@@ -368,6 +368,7 @@ def _move_into(staging: Path, dest: Path, rel: str, nested: set[str], skip: str 
 DISK_ROOT = "/slim-disk"  # where the node's partition is mounted in the initrd
 FETCH_THREADS = 4  # copy-if-needed: connections fetching changed files at once
 FETCH_AHEAD = 16  # ... and files fetched ahead of the one being written (open temporary files)
+FETCH_AHEAD_BYTES = 64 << 20  # ... and their bytes (beyond one file), in the directory being synced
 
 
 def _is_blank(device: str) -> bool:
@@ -410,15 +411,19 @@ def _fetch_file(relays: Relays, m: mf.ManifestEntry, dest: Path) -> _TempFile:
 
 
 class _Fetcher:
-    """Fetches the files copy-if-needed wants, ``FETCH_AHEAD`` at a time on ``FETCH_THREADS``
-    connections of their own (each a round trip the others need not wait for), and hands
-    them out in the order asked for; what is fetched but not taken is removed on exit."""
+    """Fetches the files copy-if-needed wants on ``FETCH_THREADS`` connections of their own
+    (each a round trip the others need not wait for), at most ``FETCH_AHEAD`` files and
+    ``FETCH_AHEAD_BYTES`` ahead of the one being written (the temporary files share the
+    directory's space), and hands them out in the order listed; what is fetched but not
+    taken is removed on exit."""
 
     def __init__(self, builder: Builder, files: list[mf.ManifestEntry], dest: Path) -> None:
         self.builder = builder
         self.dest = dest
-        self.todo = iter(files)
+        self.files = files
+        self.submitted = 0
         self.pending: collections.deque[tuple[mf.ManifestEntry, Future[_TempFile]]] = collections.deque()
+        self.pending_bytes = 0
         self.clones: list[Relays] = []
         self.local = threading.local()
         self.lock = threading.Lock()
@@ -436,17 +441,21 @@ class _Fetcher:
         return _fetch_file(self._relays(), m, self.dest)
 
     def _fill(self) -> None:
-        while self.pool is not None and len(self.pending) < FETCH_AHEAD:
-            m = next(self.todo, None)
-            if m is None:
-                return
+        while self.pool is not None and self.submitted < len(self.files) and len(self.pending) < FETCH_AHEAD:
+            m = self.files[self.submitted]
+            if self.pending and self.pending_bytes + m.entry.size > FETCH_AHEAD_BYTES:
+                return  # one file at a time when they are big
             self.pending.append((m, self.pool.submit(self._fetch, m)))
+            self.pending_bytes += m.entry.size
+            self.submitted += 1
 
     def next(self, m: mf.ManifestEntry) -> _TempFile:
         self._fill()
-        want, future = self.pending.popleft()
+        want, future = self.pending[0]
         assert want is m, "files are taken in the order they were listed"
-        tmp = future.result()
+        tmp = future.result()  # a failure stays pending: __exit__ sees it
+        self.pending.popleft()
+        self.pending_bytes -= m.entry.size
         self._fill()
         return tmp
 

@@ -61,6 +61,8 @@ class Relays:
         self.stats.objects += other.stats.objects
         self.stats.bytes += other.stats.bytes
         self.stats.resumed += other.stats.resumed
+        if other.stats.relay_failures:  # it moved on from a relay that failed: so do we
+            self.current = other.current
         self.stats.relay_failures.extend(other.stats.relay_failures)
 
     def close(self) -> None:

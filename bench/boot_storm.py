@@ -43,7 +43,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from slim.simulate import PAPER, Topology, Workload, lower_bound, plan_relays, simulate, workload_to_dict
+from slim.simulate import (
+    PAPER,
+    Topology,
+    Workload,
+    lower_bound,
+    plan_relays,
+    simulate,
+    workload_from_dict,
+    workload_to_dict,
+)
 from slim.stormlab import BOOT_BYTES, POLICIES, TCP_OVER_ETHERNET, StormLab, solo, table2_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,23 +153,10 @@ def projections(work: dict[str, Workload]) -> tuple[dict[str, Any], dict[str, An
     return paper, relayed, campus, ten_k
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--nodes", default="1,2,4,8,16,32,64", help="storm sizes, comma-separated")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--scale", type=float, default=0.1, help="image scale and rate scale of the real storms")
-    ap.add_argument(
-        "--no-full-scale",
-        action="store_true",
-        help="skip the full-scale calibration (paper projections use --scale's, times 1/scale)",
-    )
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("the boot storm needs root (network namespaces)")
-    sizes = sorted({int(x) for x in args.nodes.split(",")})
-    node_rate, uplink = 100e6 * args.scale, 1e9 * args.scale
-    started = time.time()
+def measure(
+    args: argparse.Namespace, sizes: list[int], node_rate: float, uplink: float
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Workload], dict[str, Workload] | None]:
+    """The real part: calibrations and storms."""
     tmp = Path(tempfile.mkdtemp(prefix="slim-bench-p1-"))
     try:
         image = table2_image(tmp, args.scale, cached=False)
@@ -194,6 +190,47 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    return storms, timelines, calibration, full_scale
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nodes", default="1,2,4,8,16,32,64", help="storm sizes, comma-separated")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--scale", type=float, default=0.1, help="image scale and rate scale of the real storms")
+    ap.add_argument(
+        "--no-full-scale",
+        action="store_true",
+        help="skip the full-scale calibration (paper projections use --scale's, times 1/scale)",
+    )
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    ap.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="FILE",
+        help="no storms: take the measurements (storms, calibrations, timelines) of an earlier run's "
+        "boot_storm.json and redo the simulator's side (after a change to the simulator)",
+    )
+    args = ap.parse_args()
+    started = time.time()
+    if args.from_json is not None:
+        earlier = json.loads(args.from_json.read_text())
+        storms, timelines = earlier["storms"], earlier["timelines"]
+        calibration = {k: workload_from_dict(w) for k, w in earlier["calibration"].items()}
+        full_scale = {k: workload_from_dict(w) for k, w in earlier["full_scale_calibration"].items()} or None
+        sizes = sorted({s["nodes"] for s in storms})
+        args.scale = earlier["lab"]["scale"]
+        node_rate, uplink = earlier["lab"]["node_link_bits"], earlier["lab"]["server_uplink_bits"]
+        command, date, took = earlier["command"], earlier["date"], earlier["took_s"]
+    else:
+        if os.geteuid() != 0:
+            raise SystemExit("the boot storm needs root (network namespaces)")
+        sizes = sorted({int(x) for x in args.nodes.split(",")})
+        node_rate, uplink = 100e6 * args.scale, 1e9 * args.scale
+        storms, timelines, calibration, full_scale = measure(args, sizes, node_rate, uplink)
+        command = "python bench/boot_storm.py " + " ".join(sys.argv[1:])
+        date, took = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), round(time.time() - started)
+
     rows = predictions(storms, calibration, sizes, node_rate, uplink)
     worst = max(abs(r["error"]) for r in rows)
     big_w = full_scale or {k: w.scaled(1 / args.scale) for k, w in calibration.items()}
@@ -202,9 +239,10 @@ def main() -> None:
     )
     result = {
         "benchmark": "P1 boot storm (namespace cluster) and the simulator",
-        "command": "python bench/boot_storm.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "took_s": round(time.time() - started),
+        "command": command,
+        "date": date,
+        "took_s": took,
+        "simulated_with": "python bench/boot_storm.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
         "lab": {
             "scale": args.scale,

@@ -70,34 +70,15 @@ def _topology_options(f: F) -> F:
 
 def _build(params: dict[str, Any]) -> tuple[Any, Any]:
     """(Topology, Workload) from the command's options."""
-    from slim.core.yamlsource import load_yaml_file
-    from slim.simulate import (
-        PAPER,
-        WORKLOADS,
-        parse_duration,
-        topology_from_dict,
-        workload_from_dict,
-    )
+    from slim.errors import InvalidArgument
+    from slim.simulate import PAPER, WORKLOADS, topology_from_dict, workload_from_dict
 
     data: dict[str, Any] = dict(PAPER.__dict__)
     if params.get("topology_file") is not None:
-        path: Path = params["topology_file"]
-        loaded = (
-            load_yaml_file(path).data if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
-        )
+        loaded = _load(params["topology_file"])
         data = {**data, **loaded} if isinstance(loaded, dict) else loaded
-    for key in ("nodes", "per_switch", "node_link", "switch_uplink", "server_link", "relay_link", "node_cpu"):
-        if params.get(key) is not None:
-            data[key] = params[key]
-    if params.get("node_cpu") not in (None, "dedicated"):
-        try:
-            data["node_cpu"] = float(params["node_cpu"])
-        except ValueError:
-            data["node_cpu"] = params["node_cpu"]  # the topology names what is wrong
-    for key in ("rtt", "boot_overhead"):
-        if params.get(key) is not None:
-            data[key] = parse_duration(params[key]) if params[key] not in ("0", "0s") else 0.0
-    for key in ("relays", "placement"):
+    for key in ("nodes", "per_switch", "node_link", "switch_uplink", "server_link", "relay_link", "node_cpu",
+                "rtt", "boot_overhead", "relays", "placement"):  # fmt: skip
         if params.get(key) is not None:
             data[key] = params[key]
     topology = topology_from_dict(data, str(params.get("topology_file") or "topology"))
@@ -107,14 +88,22 @@ def _build(params: dict[str, Any]) -> tuple[Any, Any]:
     else:
         wpath = Path(name)
         if not wpath.is_file():
-            from slim.errors import InvalidArgument
-
             raise InvalidArgument(f"workload {name!r}: not one of {', '.join(WORKLOADS)} and not a file")
-        loaded = (
-            load_yaml_file(wpath).data if wpath.suffix in (".yaml", ".yml") else json.loads(wpath.read_text())
-        )
-        workload = workload_from_dict(loaded, str(wpath))
+        workload = workload_from_dict(_load(wpath), str(wpath))
     return topology, workload
+
+
+def _load(path: Path) -> Any:
+    """A YAML (``.yaml``, ``.yml``) or JSON file; a syntax error names the file."""
+    from slim.core.yamlsource import load_yaml_file
+    from slim.errors import InvalidArgument
+
+    if path.suffix in (".yaml", ".yml"):
+        return load_yaml_file(path).data
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidArgument(f"{path}: not a JSON file ({exc}); YAML files end in .yaml") from None
 
 
 def _seconds(s: float) -> str:

@@ -55,7 +55,7 @@ def parse_rate(value: str | float) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         rate = float(value)
     else:
-        m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?bit)?\s*", str(value), re.IGNORECASE)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?bit)?\s*", str(value), re.IGNORECASE)
         if not m:
             raise InvalidArgument(f"rate {value!r}: write it as 100Mbit, 1Gbit, 3Mbit (bits per second)")
         rate = float(m.group(1)) * RATE_UNITS[(m.group(2) or "bit").lower()]
@@ -69,7 +69,7 @@ def parse_size(value: str | float) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         size = float(value)
     else:
-        m = re.fullmatch(r"\s*([\d.]+)\s*([kmg]i?b|b)?\s*", str(value), re.IGNORECASE)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmg]i?b|b)?\s*", str(value), re.IGNORECASE)
         if not m:
             raise InvalidArgument(f"size {value!r}: write it as 28.5MB, 15MiB or a number of bytes")
         size = float(m.group(1)) * SIZE_UNITS[(m.group(2) or "b").lower()]
@@ -78,17 +78,17 @@ def parse_size(value: str | float) -> float:
     return size
 
 
-def parse_duration(value: str | float) -> float:
-    """Seconds from ``300``, ``300s``, ``5min``, ``250ms``."""
+def parse_duration(value: str | float, zero: bool = False) -> float:
+    """Seconds from ``300``, ``300s``, ``5min``, ``250ms`` (``zero``: 0 is allowed)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
     else:
-        m = re.fullmatch(r"\s*([\d.]+)\s*(ms|s|min|m|h)?\s*", str(value), re.IGNORECASE)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|min|m|h)?\s*", str(value), re.IGNORECASE)
         if not m:
             raise InvalidArgument(f"duration {value!r}: write it as 300, 300s, 5min or 250ms")
         seconds = float(m.group(1)) * TIME_UNITS[(m.group(2) or "s").lower()]
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise InvalidArgument(f"duration {value!r} must be positive")
+    if not (math.isfinite(seconds) and (seconds > 0 or (zero and seconds == 0))):
+        raise InvalidArgument(f"duration {value!r} must be {'zero or more' if zero else 'positive'}")
     return seconds
 
 
@@ -173,6 +173,7 @@ class Workload:
     fetch_cpu_per_byte: float = 0.0  # the boot files' download (the node's HTTP client)
     plan_cpu: float = 0.00028  # the core's CPU per plan (+ locate): P5's figure
     requests: int = 2  # round trips besides the directories': plan, done
+    parallel_fetches: int = 4  # copy-if-needed's connections for changed files (the agent's FETCH_THREADS)
 
     def bytes_per_node(self) -> float:
         return self.boot_bytes + sum(
@@ -258,25 +259,10 @@ class Result:
 
     def busiest(self) -> dict[str, float]:
         """Busy fraction of the busiest resource of each kind: server link, relay links,
-        switch uplinks, node ports, node CPU, the core's CPU."""
-        names = {
-            "server": "server link",
-            "relay": "relay links",
-            "core-cpu": "core CPU",
-            "node-cpu": "node CPU",
-        }
+        switch uplinks, node links, node CPU, the core's CPU."""
         out: dict[str, float] = {}
         for r, u in self.utilization.items():
-            if r in names:
-                kind = names[r]
-            elif r.startswith("relay"):
-                kind = "relay links"
-            elif r.endswith("-ports"):
-                kind = "node links"
-            elif r.endswith("-cpu"):
-                kind = "node CPU"
-            else:
-                kind = "switch uplinks"
+            kind = _kind(r)
             out[kind] = max(out.get(kind, 0.0), u)
         return out
 
@@ -293,6 +279,20 @@ class Result:
             "utilization": {k: round(v, 3) for k, v in self.busiest().items()},
             "bytes_per_node": round(self.workload.bytes_per_node()),
         }
+
+
+def _kind(resource: str) -> str:
+    """What kind of resource a name is, as reports say it."""
+    names = {"server": "server link", "core-cpu": "core CPU", "node-cpu": "node CPU"}
+    if resource in names:
+        return names[resource]
+    if resource.startswith("relay"):
+        return "relay links"
+    if resource.endswith("-ports"):
+        return "node links"
+    if resource.endswith("-cpu"):
+        return "node CPU"
+    return "switch uplinks"
 
 
 def _allocate(tasks: list[_Task], capacity: dict[str, float], members: dict[str, int]) -> None:
@@ -332,9 +332,19 @@ def _allocate(tasks: list[_Task], capacity: dict[str, float], members: dict[str,
         active = [t for t in active if t.uses.get(tight, 0.0) <= 0]
 
 
-def simulate(topology: Topology, workload: Workload) -> Result:
-    """Boot every node at once; when each finishes each step, and the lower bound."""
-    t_ = topology
+@dataclass
+class _Network:
+    """Resources (payload bytes/s or cores) and, per switch, its nodes, their path from the
+    server or relay, and their CPU."""
+
+    capacity: dict[str, float]
+    members: dict[str, int]  # resources that are one per node of a cohort
+    nodes: list[int]
+    paths: list[list[str]]
+    cpus: list[str]
+
+
+def _network(t_: Topology) -> _Network:
     eff = t_.efficiency
     capacity: dict[str, float] = {"core-cpu": t_.core_cpu}
     members: dict[str, int] = {}
@@ -350,15 +360,12 @@ def simulate(topology: Topology, workload: Workload) -> Result:
     shared_cpu = t_.node_cpu != "dedicated"
     if shared_cpu:
         capacity["node-cpu"] = float(t_.node_cpu)
-    cohorts: list[CohortResult] = []
-    paths: list[list[str]] = []
-    cpus: list[str] = []
+    net = _Network(capacity, members, [], [], [])
     for s in range(t_.switches):
         n = min(t_.per_switch, t_.nodes - s * t_.per_switch)
         capacity[f"sw{s}-down"] = t_.switch_uplink * eff / 8
         capacity[f"sw{s}-ports"] = n * t_.node_link * eff / 8  # n identical ports, one cohort
         members[f"sw{s}-ports"] = n
-        cohorts.append(CohortResult(s, n))
         if t_.relays == 0:
             path = ["server", f"sw{s}-down", f"sw{s}-ports"]
         elif t_.placement == "core":
@@ -372,11 +379,21 @@ def simulate(topology: Topology, workload: Workload) -> Result:
                 else [f"relay{home}", up, f"sw{s}-down", f"sw{s}-ports"]
             )
             capacity.setdefault(up, t_.switch_uplink * eff / 8)
-        paths.append(path)
         if not shared_cpu:
             capacity[f"sw{s}-cpu"] = float(n)
             members[f"sw{s}-cpu"] = n
-        cpus.append("node-cpu" if shared_cpu else f"sw{s}-cpu")
+        net.nodes.append(n)
+        net.paths.append(path)
+        net.cpus.append("node-cpu" if shared_cpu else f"sw{s}-cpu")
+    return net
+
+
+def simulate(topology: Topology, workload: Workload) -> Result:
+    """Boot every node at once; when each finishes each step, and the lower bound."""
+    t_ = topology
+    network = _network(t_)
+    capacity, members, paths, cpus = network.capacity, network.members, network.paths, network.cpus
+    cohorts = [CohortResult(s, n) for s, n in enumerate(network.nodes)]
 
     def steps(c: int) -> list[_Task]:
         """The cohort's steps, in order."""
@@ -388,7 +405,8 @@ def simulate(topology: Topology, workload: Workload) -> Result:
         fetch = dict.fromkeys(net, 1.0)
         if workload.fetch_cpu_per_byte > 0:
             fetch[cpu] = workload.fetch_cpu_per_byte
-        out.append(_Task(c, workload.boot_bytes, fetch, math.inf, "kernel+initrd", m))
+        fetch_cap = 1.0 / workload.fetch_cpu_per_byte if workload.fetch_cpu_per_byte > 0 else math.inf
+        out.append(_Task(c, workload.boot_bytes, fetch, fetch_cap, "kernel+initrd", m))
         if workload.start_cpu > 0:
             out.append(_Task(c, workload.start_cpu, {cpu: 1.0}, 1.0, "agent start", m))
         out.append(_Task(c, workload.plan_cpu, {"core-cpu": 1.0}, 1.0, "plan", m))
@@ -412,8 +430,9 @@ def simulate(topology: Topology, workload: Workload) -> Result:
                 out.append(_Task(c, d.manifest_bytes, dict.fromkeys(net, 1.0), math.inf, stage, m))
             if d.cpu > 0:
                 out.append(_Task(c, d.cpu, {cpu: 1.0}, 1.0, stage, m))
-            if d.changed_files > 0 and t_.rtt > 0:
-                out.append(_Task(c, d.changed_files * t_.rtt, {}, 1.0, stage, m))
+            if d.changed_files > 0 and t_.rtt > 0:  # the agent overlaps them on its connections
+                trips = -(-d.changed_files // workload.parallel_fetches)
+                out.append(_Task(c, trips * t_.rtt, {}, 1.0, stage, m))
             if d.changed_bytes > 0:
                 out.append(_Task(c, d.changed_bytes, dict.fromkeys(net, 1.0), math.inf, stage, m))
         if workload.done_cpu > 0:
@@ -472,20 +491,20 @@ def _merge(c: CohortResult) -> CohortResult:
 
 
 def lower_bound(topology: Topology, workload: Workload) -> tuple[float, str]:
-    """The bandwidth lower bound: the most loaded link's bytes ÷ its payload rate."""
-    t_ = topology
-    eff = t_.efficiency
+    """The bandwidth lower bound: the most loaded link's bytes ÷ its payload rate (plus
+    ``boot_overhead``), and which kind of link that is."""
+    network = _network(topology)
     per_node = workload.bytes_per_node()
-    bounds = {"node link": per_node * 8 / (t_.node_link * eff)}
-    if t_.relays == 0:
-        bounds["server link"] = t_.nodes * per_node * 8 / (t_.server_link * eff)
-    else:
-        bounds["relay links"] = t_.nodes * per_node * 8 / (t_.relays * t_.relay_link * eff)
-    biggest = min(t_.per_switch, t_.nodes)
-    if t_.placement == "core" or t_.relays == 0 or t_.relays < t_.switches:
-        bounds["switch uplink"] = biggest * per_node * 8 / (t_.switch_uplink * eff)
-    by = max(bounds, key=lambda k: bounds[k])
-    return bounds[by] + t_.boot_overhead, by
+    load: dict[str, float] = {}
+    for n, path in zip(network.nodes, network.paths, strict=True):
+        for r in path:
+            load[r] = load.get(r, 0.0) + n * per_node
+    bound, by = 0.0, "node link"
+    for r, nbytes in load.items():
+        seconds = nbytes / network.capacity[r]
+        if seconds > bound:
+            bound, by = seconds, _kind(r)
+    return bound + topology.boot_overhead, by
 
 
 def prefetch_time(topology: Topology, workload: Workload) -> float:
@@ -503,7 +522,11 @@ def plan_relays(
     max_relays: int | None = None,
 ) -> list[Result]:
     """The fewest relays, per placement, that boot every node within ``target`` seconds
-    (each placement's search result; a placement that cannot meet it gives its best try)."""
+    (each placement's search result; a placement that cannot meet it gives its best try).
+    If the server alone meets it, the answer is that, with no relay."""
+    alone = simulate(replace(topology, relays=0), workload)
+    if alone.makespan <= target:
+        return [alone]  # no relay needed
     out = []
     for placement in placements:
         most = max_relays if max_relays is not None else (topology.switches if placement == "edge" else 64)
@@ -565,7 +588,7 @@ def topology_from_dict(data: dict[str, Any], where: str = "topology") -> Topolog
             elif k == "node_cpu":
                 kwargs[k] = v if v == "dedicated" else float(v)
             elif k in ("rtt", "boot_overhead"):
-                kwargs[k] = 0.0 if v in (0, "0") else parse_duration(v)
+                kwargs[k] = parse_duration(v, zero=True)
             else:
                 kwargs[k] = float(v)
         except (InvalidArgument, TypeError, ValueError) as exc:
@@ -580,55 +603,67 @@ def topology_to_dict(t: Topology) -> dict[str, Any]:
     return dict(t.__dict__)
 
 
+def _number(value: Any, what: str, whole: bool = False) -> float:
+    """A non-negative number (``whole``: an integer) from a workload file."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (whole and not isinstance(value, int))
+    ):
+        raise InvalidArgument(f"{what} must be a {'whole ' if whole else ''}number, not {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidArgument(f"{what} must not be negative, not {value!r}")
+    return float(value)
+
+
 def workload_from_dict(data: dict[str, Any], where: str = "workload") -> Workload:
     """A workload from its JSON/YAML form (``bench/boot_storm.py`` writes them)."""
     if not isinstance(data, dict):
         raise InvalidArgument(f"{where}: expected a mapping")
-    known = {
-        "boot_bytes",
-        "directories",
-        "start_cpu",
-        "done_cpu",
-        "fetch_cpu_per_byte",
-        "plan_cpu",
-        "requests",
-    }
+    seconds = ("start_cpu", "done_cpu", "fetch_cpu_per_byte", "plan_cpu")
+    counts = ("requests", "parallel_fetches")
+    known = {"boot_bytes", "directories", *seconds, *counts}
     unknown = set(data) - known - {"description"}
     if unknown:
         raise InvalidArgument(
             f"{where}: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})"
         )
-    if "boot_bytes" not in data or "directories" not in data:
-        raise InvalidArgument(f"{where}: needs boot_bytes and directories")
+    if "boot_bytes" not in data or not isinstance(data.get("directories"), list):
+        raise InvalidArgument(f"{where}: needs boot_bytes and a list of directories")
     dirs = []
     for i, d in enumerate(data["directories"]):
+        at = f"{where}: directories[{i}]"
         if not isinstance(d, dict) or "path" not in d or "policy" not in d:
-            raise InvalidArgument(f"{where}: directories[{i}] needs path and policy")
+            raise InvalidArgument(f"{at} needs path and policy")
         if d["policy"] not in ("ram", "disk", "sync", "nfs"):
-            raise InvalidArgument(f"{where}: directories[{i}].policy must be ram, disk, sync or nfs")
-        extra = set(d) - {f.name for f in Directory.__dataclass_fields__.values()}
+            raise InvalidArgument(f"{at}.policy must be ram, disk, sync or nfs")
+        extra = set(d) - set(Directory.__dataclass_fields__)
         if extra:
-            raise InvalidArgument(f"{where}: directories[{i}]: unknown field(s) {', '.join(sorted(extra))}")
-        dirs.append(
-            Directory(
-                path=str(d["path"]),
-                policy=d["policy"],
-                archive_bytes=parse_size(d.get("archive_bytes", 0)),
-                cpu=float(d.get("cpu", 0.0)),
-                manifest_bytes=parse_size(d.get("manifest_bytes", 0)),
-                changed_bytes=parse_size(d.get("changed_bytes", 0)),
-                changed_files=int(d.get("changed_files", 0)),
+            raise InvalidArgument(f"{at}: unknown field(s) {', '.join(sorted(extra))}")
+        try:
+            dirs.append(
+                Directory(
+                    path=str(d["path"]),
+                    policy=d["policy"],
+                    archive_bytes=parse_size(d.get("archive_bytes", 0)),
+                    cpu=_number(d.get("cpu", 0), "cpu"),
+                    manifest_bytes=parse_size(d.get("manifest_bytes", 0)),
+                    changed_bytes=parse_size(d.get("changed_bytes", 0)),
+                    changed_files=int(_number(d.get("changed_files", 0), "changed_files", whole=True)),
+                )
             )
-        )
-    kwargs = {
-        k: float(data[k]) for k in ("start_cpu", "done_cpu", "fetch_cpu_per_byte", "plan_cpu") if k in data
-    }
-    return Workload(
-        boot_bytes=parse_size(data["boot_bytes"]),
-        directories=tuple(dirs),
-        requests=int(data.get("requests", 2)),
-        **kwargs,
-    )
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{at}: {exc.message}") from exc
+    try:
+        w = Workload(boot_bytes=parse_size(data["boot_bytes"]), directories=tuple(dirs))
+        floats = {k: _number(data[k], k) for k in seconds if k in data}
+        ints = {k: int(_number(data[k], k, whole=True)) for k in counts if k in data}
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{where}: {exc.message}") from exc
+    if ints.get("parallel_fetches", 1) < 1:
+        raise InvalidArgument(f"{where}: parallel_fetches must be at least 1")
+    given: dict[str, Any] = {**floats, **ints}
+    return replace(w, **given)
 
 
 def workload_to_dict(w: Workload) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def test_one_node_takes_its_bytes_over_its_link() -> None:
     r = simulate(LAN, NET_ONLY)
     assert r.makespan == pytest.approx(40 * MB * 8 / 100e6)  # 3.2 s at 100 Mb/s
     assert r.lower_bound == pytest.approx(r.makespan)
-    assert r.lower_bound_by == "node link"
+    assert r.lower_bound_by == "node links"
     assert [s.stage for s in r.cohorts[0].stages] == ["kernel+initrd", "ram:/"]
 
 
@@ -89,7 +89,10 @@ def test_a_shared_cpu_pool_is_divided_among_the_nodes() -> None:
 def test_round_trips_count_for_copy_if_needed_changes() -> None:
     w = Workload(0.0, (Directory("/", "sync", changed_files=1000, changed_bytes=0),), start_cpu=0, plan_cpu=0)
     r = simulate(replace(LAN, rtt=0.04), w)
-    assert r.makespan == pytest.approx(0.04 * 2 + 1000 * 0.04)  # plan + done, then one per changed file
+    # plan and done, then one round trip per changed file, 4 at a time (the agent's connections)
+    assert r.makespan == pytest.approx(0.04 * 2 + 250 * 0.04)
+    one = simulate(replace(LAN, rtt=0.04), replace(w, parallel_fetches=1))
+    assert one.makespan == pytest.approx(0.04 * 2 + 1000 * 0.04)
 
 
 def test_relays_at_the_core_divide_the_server_load() -> None:
@@ -119,11 +122,41 @@ def test_plan_finds_the_fewest_relays_that_meet_the_target() -> None:
     assert hopeless.makespan > 1.0 and hopeless.topology.relays == 4  # the best it could do
 
 
-@pytest.mark.parametrize("n", [1, 7, 24, 272, 1000])
-def test_never_below_the_lower_bound(n: int) -> None:
-    for w in (NET_ONLY, replace(NET_ONLY, start_cpu=0.3)):
-        r = simulate(replace(PAPER, nodes=n), w)
-        assert r.makespan >= r.lower_bound * (1 - 1e-9)
+@pytest.mark.parametrize(
+    "topology",
+    [
+        *(replace(PAPER, nodes=n) for n in (1, 7, 24, 272, 1000)),
+        replace(PAPER, relays=3),
+        replace(PAPER, relays=11, placement="edge", relay_link=10e9),  # the last switch is part-full
+        Topology(nodes=10_000, relays=14, placement="edge", server_link=10e9, relay_link=10e9),
+    ],
+)
+def test_never_below_the_lower_bound_and_close_when_bandwidth_bound(topology: Topology) -> None:
+    r = simulate(topology, NET_ONLY)
+    assert r.makespan >= r.lower_bound * (1 - 1e-9)
+    # nothing but bytes: the storm is as long as the busiest link makes it, within the
+    # slack of links that are shared unevenly over time
+    assert r.makespan <= r.lower_bound * 1.5, (r.makespan, r.lower_bound, r.lower_bound_by)
+    assert simulate(topology, replace(NET_ONLY, start_cpu=0.3)).makespan >= r.lower_bound
+
+
+def test_edge_relays_bound_names_the_uplink_they_share() -> None:
+    t = Topology(nodes=10_000, relays=14, placement="edge", server_link=10e9, relay_link=10e9)
+    bound, by = lower_bound(t, NET_ONLY)
+    assert by == "switch uplinks"  # each relay's own switch uplink carries the switches it serves
+    r = simulate(t, NET_ONLY)
+    assert r.bottleneck == "switch uplinks" and bound <= r.makespan <= bound * 1.5
+
+
+def test_a_nodes_download_uses_at_most_one_core() -> None:
+    w = Workload(1e6, (), start_cpu=0, plan_cpu=0, fetch_cpu_per_byte=1e-6)  # 1 s of CPU
+    fast = Topology(nodes=1, node_link=1e12, rtt=0.0, efficiency=1.0, node_cpu=8)
+    assert simulate(fast, w).makespan == pytest.approx(1.0, rel=1e-3)
+
+
+def test_plan_says_when_no_relay_is_needed() -> None:
+    (alone,) = plan_relays(replace(PAPER, nodes=24), NET_ONLY, 300.0)
+    assert alone.topology.relays == 0 and alone.makespan <= 300.0
 
 
 def test_units() -> None:
@@ -135,6 +168,14 @@ def test_units() -> None:
             parse_rate(bad)
     with pytest.raises(InvalidArgument, match="duration"):
         parse_duration("soon")
+    for bad_number in ("1.2.3", "."):
+        with pytest.raises(InvalidArgument):
+            parse_rate(bad_number + "Mbit")
+        with pytest.raises(InvalidArgument):
+            parse_duration(bad_number + "ms")
+    assert parse_duration("0ms", zero=True) == 0 and parse_duration(".5s") == 0.5
+    with pytest.raises(InvalidArgument, match="positive"):
+        parse_duration("0s")
 
 
 @pytest.mark.parametrize(
@@ -157,6 +198,12 @@ def test_topology_errors_name_the_field(data: dict[str, object], message: str) -
 def test_workload_errors_name_the_field() -> None:
     with pytest.raises(InvalidArgument, match=r"w.json: directories\[0\].policy"):
         workload_from_dict({"boot_bytes": 1, "directories": [{"path": "/", "policy": "tape"}]}, "w.json")
+    with pytest.raises(InvalidArgument, match=r"w.json: directories\[0\]: cpu must be a number, not 'x'"):
+        workload_from_dict(
+            {"boot_bytes": 1, "directories": [{"path": "/", "policy": "ram", "cpu": "x"}]}, "w.json"
+        )
+    with pytest.raises(InvalidArgument, match=r"w.json: start_cpu must not be negative"):
+        workload_from_dict({"boot_bytes": 1, "directories": [], "start_cpu": -1}, "w.json")
     with pytest.raises(InvalidArgument, match=r"unknown field.*speed"):
         workload_from_dict({"boot_bytes": 1, "directories": [], "speed": 3}, "w.json")
     w = workload_from_dict(
@@ -211,7 +258,7 @@ def test_cli_storm_and_plan(tmp_path: Path) -> None:
     assert site["nodes"] == 200 and site["bytes_per_node"] == 10_000_000
 
 
-def test_cli_errors_are_one_line() -> None:
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     runner = CliRunner()
     got = runner.invoke(main, ["simulate", "storm", "--node-link", "fast"])
     assert got.exit_code == 1 and "node_link: rate 'fast'" in got.output
@@ -219,3 +266,9 @@ def test_cli_errors_are_one_line() -> None:
     assert got.exit_code == 1 and "not one of table2-full, table2-unchanged" in got.output
     got = runner.invoke(main, ["simulate", "plan", "--target", "soon"])
     assert got.exit_code == 1 and "duration 'soon'" in got.output
+    got = runner.invoke(main, ["simulate", "storm", "--rtt", "1.2.3"])
+    assert got.exit_code == 1 and "rtt: duration '1.2.3'" in got.output
+    assert runner.invoke(main, ["simulate", "storm", "--rtt", "0ms"]).exit_code == 0
+    (tmp_path / "broken.json").write_text("{not json")
+    got = runner.invoke(main, ["simulate", "storm", "--workload", str(tmp_path / "broken.json")])
+    assert got.exit_code == 1 and "broken.json: not a JSON file" in got.output
