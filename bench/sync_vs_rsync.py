@@ -43,6 +43,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from slim import standin
+from slim.allinone import await_ready
 from slim.core.build import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
@@ -141,9 +142,7 @@ def main() -> None:
                                  stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         procs.append(serve)
         assert serve.stdout is not None
-        while not serve.stdout.readline().startswith(b"ready"):
-            if serve.poll() is not None:
-                raise SystemExit("slim serve did not start")
+        await_ready(serve.stdout, tmp / "state" / "logs")
         (tmp / "rsyncd.conf").write_text(
             f"pid file = {tmp}/rsyncd.pid\nuse chroot = no\n[tree]\npath = {image}\nread only = yes\n"
         )

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from slim.core.registry import Policy, Registry, load_registry
 from slim.errors import FailedPrecondition, Unavailable
@@ -203,6 +204,28 @@ class AllInOne:
         self.parts.clear()
 
 
+READY = "ready"  # what `slim serve` prints, after where each part listens, once all are up
+
+
+def await_ready(stdout: IO[bytes] | IO[str], logs: Path, most: int = 20) -> list[str]:
+    """Read a started `slim serve`'s standard output up to its "ready" line and return the
+    lines (where each part listens, then "ready").  If it ends first (a part did not start),
+    RuntimeError with what it said and the tails of ``logs`` (a log file, or a directory of
+    them)."""
+    said: list[str] = []
+    for _ in range(most):
+        raw = stdout.readline()
+        line = raw.decode() if isinstance(raw, bytes) else raw
+        said.append(line.strip())
+        if not line or line.startswith(READY):
+            break
+    if not said[-1].startswith(READY):
+        files = sorted(logs.glob("*.log")) if logs.is_dir() else [logs]
+        tails = "".join(p.read_text(errors="replace")[-1500:] for p in files if p.is_file())
+        raise RuntimeError(f"slim serve did not start: {said}\n{tails}")
+    return said
+
+
 def serve(registry_path: Path, state_dir: Path | None, log_level: str = "info") -> int:
     """``slim serve``; returns the exit status."""
     server = AllInOne(registry_path, state_dir, log_level)
@@ -214,7 +237,7 @@ def serve(registry_path: Path, state_dir: Path | None, log_level: str = "info") 
     }
     try:
         server.start(lambda line: print(line, flush=True))
-        print(f"ready (state in {server.state}, logs in {server.state / 'logs'})", flush=True)
+        print(f"{READY} (state in {server.state}, logs in {server.state / 'logs'})", flush=True)
         dead = server.run(stop)
         if dead is not None:
             print(f"slim serve: {dead.name} exited; its log ends:\n{server.tail(dead.log)}", file=sys.stderr)

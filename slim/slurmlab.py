@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from slim import standin
+from slim.allinone import await_ready
 from slim.core.build import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
@@ -147,17 +148,10 @@ class SlurmLab:
                 stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
             )  # fmt: skip
         assert self._serve.stdout is not None
-        said = []
-        for _ in range(10):
-            line = self._serve.stdout.readline()
-            said.append(line)
-            if not line or line.startswith("ready"):
-                break
-        self._serve.stdout.close()
-        if not said[-1].startswith("ready"):
-            raise RuntimeError(
-                f"slim serve did not start: {said}\n{(self.tmp / 'serve.log').read_text()[-2000:]}"
-            )
+        try:
+            await_ready(self._serve.stdout, self.tmp / "serve.log")
+        finally:
+            self._serve.stdout.close()
 
     def boot(self, node: str) -> None:
         """Build ``node``'s root for its next EE with the agent (what a reboot does)."""

@@ -192,14 +192,9 @@ class StormLab:
                 stderr=subprocess.DEVNULL,
             )
             assert self.serve.stdout is not None
-            said = []
-            for _ in range(10):
-                line = self.serve.stdout.readline().decode()
-                said.append(line.strip())
-                if not line or line.startswith("ready"):
-                    break
-            if not said[-1].startswith("ready"):
-                raise RuntimeError(f"slim serve did not start: {said}; logs in {state / 'logs'}")
+            from slim.allinone import await_ready  # not at the top: nodes import this module too
+
+            await_ready(self.serve.stdout, state / "logs")
         except BaseException:
             self.close()
             raise

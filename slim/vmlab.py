@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import grpc
 
+from slim.allinone import await_ready
 from slim.listen import free_port
 from slim.netlab import NetLab
 from slim.v1 import core_pb2 as pb
@@ -192,15 +193,10 @@ class Lab:
             serve = lab.popen(lab.server, *SLIM, "serve", "--registry", str(self.registry),
                               "--state-dir", str(self.state), stdout=subprocess.PIPE, stderr=err)  # fmt: skip
         assert serve.stdout is not None
-        for _ in range(12):  # each part says where it listens, then "ready"; EOF if it failed
-            line = serve.stdout.readline().decode()
-            self.said.append(line.strip())
-            if not line or line.startswith("ready"):
-                break
-        serve.stdout.close()
-        if not self.said[-1].startswith("ready"):
-            logs = "".join(p.read_text()[-1500:] for p in sorted((self.state / "logs").glob("*.log")))
-            raise RuntimeError(f"slim serve did not start: {self.said}\n{logs}")
+        try:
+            self.said = await_ready(serve.stdout, self.state / "logs")
+        finally:
+            serve.stdout.close()
         self.core = f"unix:{self.tmp}/core.sock"
         return self._connect()
 

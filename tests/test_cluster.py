@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from slim.allinone import await_ready
 from slim.core.build import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
@@ -90,13 +91,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             "--state-dir", str(state), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         assert serve.stdout is not None
-        said = []
-        for _ in range(10):  # each part says where it listens, then "ready" (or it exits: EOF)
-            line = serve.stdout.readline().decode()
-            said.append(line.strip())
-            if not line or line.startswith("ready"):
-                break
-        assert said[-1].startswith("ready"), (said, (state / "logs").glob("*.log"))
+        said = await_ready(serve.stdout, state / "logs")  # where each part listens, then "ready"
         with grpc.insecure_channel(f"unix:{tmp_path}/core.sock") as channel:
             yield Cluster(lab, tmp_path, image, serve, pb_grpc.AdminStub(channel), said)
         serve.stdout.close()
