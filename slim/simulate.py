@@ -50,15 +50,20 @@ TIME_UNITS = {"ms": 1e-3, "s": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
 EPS = 1e-9
 
 
+def _quantity(value: str | float, units: dict[str, float], default: str, what: str, example: str) -> float:
+    """A number, or a number and one of ``units`` (case-insensitive; ``default`` when none)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    names = "|".join(sorted(units, key=len, reverse=True))
+    m = re.fullmatch(rf"\s*(\d+(?:\.\d*)?|\.\d+)\s*({names})?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise InvalidArgument(f"{what} {value!r}: write it as {example}")
+    return float(m.group(1)) * units[(m.group(2) or default).lower()]
+
+
 def parse_rate(value: str | float) -> float:
     """Bits per second from ``100Mbit``, ``1Gbit``, ``3Mbit`` (tc's spelling) or a number."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        rate = float(value)
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?bit)?\s*", str(value), re.IGNORECASE)
-        if not m:
-            raise InvalidArgument(f"rate {value!r}: write it as 100Mbit, 1Gbit, 3Mbit (bits per second)")
-        rate = float(m.group(1)) * RATE_UNITS[(m.group(2) or "bit").lower()]
+    rate = _quantity(value, RATE_UNITS, "bit", "rate", "100Mbit, 1Gbit, 3Mbit (bits per second)")
     if not (math.isfinite(rate) and rate > 0):
         raise InvalidArgument(f"rate {value!r} must be positive")
     return rate
@@ -66,13 +71,7 @@ def parse_rate(value: str | float) -> float:
 
 def parse_size(value: str | float) -> float:
     """Bytes from ``28.5MB``, ``15MiB``, ``1GB`` or a number."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        size = float(value)
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmg]i?b|b)?\s*", str(value), re.IGNORECASE)
-        if not m:
-            raise InvalidArgument(f"size {value!r}: write it as 28.5MB, 15MiB or a number of bytes")
-        size = float(m.group(1)) * SIZE_UNITS[(m.group(2) or "b").lower()]
+    size = _quantity(value, SIZE_UNITS, "b", "size", "28.5MB, 15MiB or a number of bytes")
     if not (math.isfinite(size) and size >= 0):
         raise InvalidArgument(f"size {value!r} must not be negative")
     return size
@@ -80,13 +79,7 @@ def parse_size(value: str | float) -> float:
 
 def parse_duration(value: str | float, zero: bool = False) -> float:
     """Seconds from ``300``, ``300s``, ``5min``, ``250ms`` (``zero``: 0 is allowed)."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|min|m|h)?\s*", str(value), re.IGNORECASE)
-        if not m:
-            raise InvalidArgument(f"duration {value!r}: write it as 300, 300s, 5min or 250ms")
-        seconds = float(m.group(1)) * TIME_UNITS[(m.group(2) or "s").lower()]
+    seconds = _quantity(value, TIME_UNITS, "s", "duration", "300, 300s, 5min or 250ms")
     if not (math.isfinite(seconds) and (seconds > 0 or (zero and seconds == 0))):
         raise InvalidArgument(f"duration {value!r} must be {'zero or more' if zero else 'positive'}")
     return seconds
