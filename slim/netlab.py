@@ -83,8 +83,9 @@ class NetLab:
         _ip("-n", name, "link", "set", "lo", "up")
 
     # -- topology -----------------------------------------------------------------------
-    def add_node(self, name: str, mac: str, rate: str | None = None) -> NodeNs:
-        """A node namespace on the bridge; ``rate`` (e.g. ``100mbit``) shapes its link."""
+    def add_node(self, name: str, mac: str, rate: str | None = None, address: str | None = None) -> NodeNs:
+        """A node namespace on the bridge; ``rate`` (e.g. ``100mbit``) shapes its link;
+        ``address``: a fixed one on ``eth0`` (in the lab's subnet), instead of asking DHCP."""
         netns = f"{self.tag}-{name}"
         veth = f"v{len(self.nodes)}"
         self._add_ns(netns)
@@ -93,7 +94,9 @@ class NetLab:
         _ip("-n", self.server, "link", "set", veth, "master", "br0")
         _ip("-n", self.server, "link", "set", veth, "up")
         _ip("-n", netns, "link", "set", "eth0", "up")
-        node = self.nodes[name] = NodeNs(name, netns, mac, veth)
+        if address is not None:
+            _ip("-n", netns, "addr", "add", f"{address}/{self.subnet.prefixlen}", "dev", "eth0")
+        node = self.nodes[name] = NodeNs(name, netns, mac, veth, address)
         if rate is not None:
             self.shape(self.server, veth, rate)
             self.shape(netns, "eth0", rate)

@@ -158,25 +158,9 @@ class StormLab:
         try:
             self.lab = NetLab(tmp, subnet="10.77.0.0/16", tag=f"st{os.getpid() % 100000}")
             for i, n in enumerate(every, start=1):
-                shaped = node_rate if n in self.node_names else None
-                self.lab.add_node(n, mac(i))
-                if shaped is not None:
-                    self.shape_node(n, shaped)
-                subprocess.run(
-                    [
-                        "ip",
-                        "-n",
-                        self.lab.nodes[n].netns,
-                        "addr",
-                        "add",
-                        f"10.77.{1 + i // 250}.{1 + i % 250}/16",
-                        "dev",
-                        "eth0",
-                    ],
-                    check=True,
-                    capture_output=True,
-                    timeout=30,
-                )
+                self.lab.add_node(n, mac(i), address=f"10.77.{1 + i // 250}.{1 + i % 250}")
+                if node_rate is not None and n in self.node_names:
+                    self.shape_node(n, node_rate)
             self.uplink_rate = uplink_rate
             self.serve = self.lab.popen(
                 self.lab.server,
