@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -20,6 +19,7 @@ from slim.core.state import State
 from slim.core.store import Store
 from slim.demo import publish_placeholder_releases
 from slim.v1 import core_pb2_grpc as pb_grpc
+from tests.support import TEST_REGISTRY, Core, Served, read_address, start_core, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 BOTH_LOOPS = ("tests.test_relay", "tests.test_relay_api")
@@ -33,75 +33,6 @@ def pytest_asyncio_loop_factories(
     if module is not None and module.__name__ in BOTH_LOOPS:
         return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
-
-
-TEST_REGISTRY = """\
-settings:
-  heartbeat_interval: 2
-  stale_after: 30
-  boot_menu_timeout: 3
-  nfs_server: 10.9.0.1
-sites:
-  room:
-    prefixes: [10.1.0.0/16, "fd00:1::/64"]
-    nfs_server: 10.1.0.1
-  lab:
-    prefixes: [10.2.0.0/16]
-relays:
-  hub:
-    urls: [http://10.9.0.2:8080/]
-    site: lab
-    capacity: 2
-  room-1:
-    urls: [http://10.1.0.2:8080/]
-    site: room
-    parent: hub
-  room-2:
-    urls: [http://10.1.0.3:8080/]
-    site: room
-    parent: hub
-  lab-1:
-    urls: [http://10.2.0.2:8080/]
-    site: lab
-profiles:
-  vm:
-    modules: [virtio_pci, virtio_net]
-    kernel_args: console=ttyS0
-environments:
-  base:
-    image: /srv/images/base
-    kernel_args: quiet
-    default_policy: ram
-    directories:
-      /usr: nfs
-      /tmp: {policy: ram, size: 256m}
-  jdk14:
-    image: /srv/images/jdk14
-    default_policy: sync
-    directories:
-      /usr: {policy: nfs, options: "ro,nolock,actimeo=900,proto=tcp"}
-      /var: disk
-  unbuilt:
-    image: /srv/images/unbuilt
-nodes:
-  n1:
-    macs: ["52:54:00:00:00:01"]
-    profile: vm
-    environment: base
-    site: room
-    disk: /dev/vda2
-    groups: [rack1]
-  n2:
-    macs: ["52:54:00:00:00:02", "52:54:00:00:00:22"]
-    profile: vm
-    environment: base
-    site: lab
-    groups: [rack2]
-  n3:
-    macs: ["52:54:00:00:00:03"]
-    profile: vm
-    environment: unbuilt
-"""
 
 
 @pytest.fixture
@@ -136,15 +67,6 @@ def service(registry: Registry, registry_file: Path, state: State, store: Store)
     return CoreService(registry, state, store, Redirector(random.Random(7)), registry_path=registry_file)
 
 
-@dataclass
-class Core:
-    server: CoreServer
-    address: str
-    channel: grpc.aio.Channel
-    core: pb_grpc.CoreAsyncStub
-    admin: pb_grpc.AdminAsyncStub
-
-
 @pytest.fixture
 async def core(service: CoreService) -> AsyncIterator[Core]:
     """A real gRPC core on 127.0.0.1, port 0, and a client channel to it."""
@@ -157,3 +79,12 @@ async def core(service: CoreService) -> AsyncIterator[Core]:
     finally:
         await channel.close()
         await server.stop(grace=1)
+
+
+@pytest.fixture
+def served(tmp_path: Path, registry_file: Path, store: Store) -> Iterator[Served]:
+    proc = start_core(registry_file, tmp_path)
+    try:
+        yield Served(proc, read_address(proc), registry_file)
+    finally:
+        stop(proc)

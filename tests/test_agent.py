@@ -33,10 +33,7 @@ from slim.core.server import CoreServer
 from slim.core.service import CoreService
 from slim.core.state import State
 from slim.core.store import Store
-
-from .needs import need, need_tool
-from .relayfix import origin, relay, start_relay_process, url
-from .test_build import make_image
+from tests.support import make_image, need, need_tool, origin, relay, start_relay_process, url
 
 REGISTRY = """\
 settings: {{nfs_server: 10.0.0.1}}

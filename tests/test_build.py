@@ -20,46 +20,7 @@ from slim.core.build import build_environment, verify_release
 from slim.core.registry import Policy, Registry, load_registry_text
 from slim.core.store import Store
 from slim.errors import FailedPrecondition
-
-KVER = "6.1.0-99-test"
-
-
-def make_image(root: Path) -> None:
-    """A small root file system with a kernel, modules and every kind of directory."""
-    for d in (
-        "etc",
-        "usr/bin",
-        "usr/share/doc",
-        "var/lib",
-        "srv/data",
-        "tmp",
-        "boot",
-        f"lib/modules/{KVER}/kernel",
-    ):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    (root / "etc" / "hostname").write_text("ee\n")
-    (root / "etc" / "motd").write_text("welcome\n" * 100)
-    (root / "usr" / "bin" / "tool").write_bytes(b"\x7fELF" + os.urandom(50_000))
-    (root / "usr" / "share" / "doc" / "README").write_text("read me\n" * 1000)
-    (root / "var" / "lib" / "state").write_text("0\n")
-    (root / "srv" / "data" / "small").write_text("small file\n")
-    (root / "srv" / "data" / "big").write_bytes(os.urandom(mf.CHUNKED_ABOVE + 100))
-    (root / "boot" / f"vmlinuz-{KVER}").write_bytes(b"KERNEL" + os.urandom(1000))
-    (root / "vmlinuz").symlink_to(f"boot/vmlinuz-{KVER}")
-    mods = root / "lib" / "modules" / KVER
-    for name in ("virtio", "virtio_ring", "virtio_pci", "virtio_net", "failover", "net_failover", "overlay"):
-        (mods / "kernel" / f"{name}.ko").write_bytes(name.encode() * 100)
-    (mods / "modules.dep").write_text(
-        "kernel/virtio.ko:\n"
-        "kernel/virtio_ring.ko:\n"
-        "kernel/virtio_pci.ko: kernel/virtio_ring.ko kernel/virtio.ko\n"
-        "kernel/failover.ko:\n"
-        "kernel/net_failover.ko: kernel/failover.ko\n"
-        "kernel/virtio_net.ko: kernel/net_failover.ko kernel/failover.ko "
-        "kernel/virtio_ring.ko kernel/virtio.ko\n"
-        "kernel/overlay.ko:\n"
-    )
-    (mods / "modules.builtin").write_text("kernel/fs/nfs/nfsv4.ko\n")
+from tests.support import KVER, make_image
 
 
 def registry_for(image: Path) -> Registry:

@@ -14,7 +14,7 @@ import pytest
 
 from slim.core.image import default_cache_dir
 from slim.core.store import Store
-from tests.needs import need, need_tool
+from tests.support import need, need_tool
 
 
 def _slim(*args: str, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -24,69 +23,9 @@ from click.testing import CliRunner
 
 from slim.cli import main
 from slim.core.store import Store
-
-from .conftest import ROOT, TEST_REGISTRY
+from tests.support import ROOT, TEST_REGISTRY, Served, read_address, start_core, stop
 
 STARTUP = 30.0
-
-
-@dataclass
-class Served:
-    proc: subprocess.Popen[str]
-    address: str
-    registry_file: Path
-
-
-def start_core(registry_file: Path, tmp: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "slim.cli",
-            "core",
-            "serve",
-            "--registry",
-            str(registry_file),
-            "--state",
-            str(tmp / "state.db"),
-            "--store",
-            str(tmp / "store"),
-            "--listen",
-            "127.0.0.1:0",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def read_address(proc: subprocess.Popen[str]) -> str:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # the process prints it once it accepts calls
-    assert line.startswith("listening on 127.0.0.1:"), (line, proc.stderr.read() if proc.stderr else "")
-    return line.split()[-1]
-
-
-def stop(proc: subprocess.Popen[str], signal_it: bool = True) -> tuple[int, str]:
-    """SIGTERM ``proc`` (unless ``signal_it`` is false) and wait, bounded, for it to exit."""
-    if signal_it and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=STARTUP)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    return proc.returncode, err
-
-
-@pytest.fixture
-def served(tmp_path: Path, registry_file: Path, store: Store) -> Iterator[Served]:
-    proc = start_core(registry_file, tmp_path)
-    try:
-        yield Served(proc, read_address(proc), registry_file)
-    finally:
-        stop(proc)
 
 
 def slim(*args: str) -> tuple[int, str]:

@@ -14,9 +14,7 @@ from slim.core.nfs import pseudo_path
 from slim.core.store import Store
 from slim.core.table2 import TABLE2
 from slim.listen import free_port
-from tests.needs import need_tool
-from tests.test_build import make_image
-from tests.test_nfs import rpc_null, wait_for
+from tests.support import make_image, need_tool, rpc_null, wait_for
 
 
 def _slim(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

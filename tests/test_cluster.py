@@ -27,9 +27,7 @@ from slim.core.store import Store
 from slim.netlab import NetLab
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
-
-from .test_build import make_image
-from .test_dhcp import need_netns
+from tests.support import make_image, need_netns
 
 NODES = 4
 MAC = "52:54:00:77:01:{:02x}"

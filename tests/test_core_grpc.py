@@ -15,8 +15,7 @@ from slim.core.service import CoreService
 from slim.core.store import Store
 from slim.demo import publish_placeholder_releases
 from slim.v1 import core_pb2 as pb
-
-from .conftest import TEST_REGISTRY, Core
+from tests.support import TEST_REGISTRY, Core
 
 ROOM = "10.1.4.4"
 

@@ -22,8 +22,7 @@ from slim.core.dhcp import render
 from slim.core.registry import load_registry, load_registry_text
 from slim.errors import ConfigError, FailedPrecondition
 from slim.netlab import NetLab
-
-from .needs import need, need_tool
+from tests.support import need_netns, need_tool
 
 BASE = """\
 sites:
@@ -150,12 +149,6 @@ def test_rendered_configuration_passes_dnsmasqs_own_check(tmp_path: Path) -> Non
 
 
 # -- the real dnsmasq in namespaces -------------------------------------------------------
-def need_netns() -> None:
-    need(os.geteuid() == 0, "network namespaces need root")
-    need_tool("dnsmasq", "dnsmasq-base")
-    need_tool("busybox", "busybox-static")
-
-
 @pytest.fixture
 def netlab(tmp_path: Path) -> Iterator[NetLab]:
     need_netns()

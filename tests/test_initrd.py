@@ -28,7 +28,7 @@ from slim.core.initrd import (
     resolve_modules,
 )
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound
-from tests.needs import need_tool
+from tests.support import need_tool
 
 KVER = "6.1.0-99-test"
 

@@ -23,7 +23,7 @@ import pytest
 from slim.core.initrd import InitrdBuilder, kernel_release, resolve_in_image, resolve_modules
 from slim.core.kernel import download_kernel, install_kernel, kernel_package
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound
-from tests.needs import need_tool
+from tests.support import need_tool
 
 FAKE_KVER = "6.6.6-fake"
 REAL_MODULES = ["virtio_net", "virtio_pci", "nfsv4", "overlay"]

@@ -15,7 +15,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from slim.core.registry import Policy, Registry, load_registry
 from slim.core.store import ObjectRef, Release, ReleaseDirectory, Store
 from slim.errors import FailedPrecondition, InvalidArgument, Unavailable
 from slim.listen import free_port
-from tests.needs import need, need_tool
+from tests.support import AUTH_SYS, need, need_tool, rpc_call, rpc_null, wait_for, xdr_opaque
 
 REGISTRY = """\
 settings:
@@ -491,67 +490,15 @@ def test_missing_ganesha_binary(world: World, tmp_path: Path) -> None:
 # -- talking NFS by hand -----------------------------------------------------------------------------
 
 
-def wait_for(cond: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)  # polling interval; the condition is what we wait for
-
-
-def _xdr_opaque(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data + b"\0" * (-len(data) % 4)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("connection closed")
-        buf += chunk
-    return buf
-
-
-def rpc_call(port: int, xid: int, proc: int, cred: bytes, args: bytes = b"") -> bytes:
-    """One ONC RPC call to program 100003 (NFS) version 4 over TCP (with the record
-    marker); returns the results after an accepted SUCCESS reply with the same xid."""
-    call = struct.pack(">6I", xid, 0, 2, 100003, 4, proc) + cred + struct.pack(">2I", 0, 0) + args
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(struct.pack(">I", 0x80000000 | len(call)) + call)
-        reply = b""
-        last = False
-        while not last:
-            (marker,) = struct.unpack(">I", _recv_exact(sock, 4))
-            last = bool(marker & 0x80000000)
-            reply += _recv_exact(sock, marker & 0x7FFFFFFF)
-    rxid, mtype, reply_stat, _flavor, verf_len = struct.unpack(">5I", reply[:20])
-    off = 20 + verf_len + (-verf_len % 4)
-    (accept_stat,) = struct.unpack(">I", reply[off : off + 4])
-    assert (rxid, mtype, reply_stat, accept_stat) == (xid, 1, 0, 0), "not an accepted SUCCESS reply"
-    return reply[off + 4 :]
-
-
-AUTH_NONE = struct.pack(">2I", 0, 0)
-AUTH_SYS = struct.pack(">I", 1) + _xdr_opaque(
-    struct.pack(">I", 0) + _xdr_opaque(b"slim-test") + struct.pack(">3I", 0, 0, 0)
-)
-
-
-def rpc_null(port: int) -> bool:
-    xid = random.getrandbits(32)
-    return rpc_call(port, xid, 0, AUTH_NONE) == b""
-
-
 def nfs_read(port: int, path: str) -> tuple[int, bytes | None]:
     """NFSv4.0 COMPOUND: PUTROOTFH, LOOKUP each component and, if the last names a file
     (``.../hello``), READ it with the anonymous stateid.  (status, data or None)."""
     parts = [p for p in path.split("/") if p]
     read = parts[-1] == "hello"
-    ops = struct.pack(">I", 24) + b"".join(struct.pack(">I", 15) + _xdr_opaque(p.encode()) for p in parts)
+    ops = struct.pack(">I", 24) + b"".join(struct.pack(">I", 15) + xdr_opaque(p.encode()) for p in parts)
     if read:
         ops += struct.pack(">I", 25) + struct.pack(">I", 0) + b"\0" * 12 + struct.pack(">QI", 0, 4096)
-    args = _xdr_opaque(b"") + struct.pack(">2I", 0, 1 + len(parts) + read) + ops
+    args = xdr_opaque(b"") + struct.pack(">2I", 0, 1 + len(parts) + read) + ops
     res = rpc_call(port, random.getrandbits(32), 1, AUTH_SYS, args)
     (status,) = struct.unpack(">I", res[:4])
     if status != NFS4_OK or not read:

@@ -20,8 +20,7 @@ import pytest
 
 from slim.core.store import Store
 from slim.relay.objects import parse_range
-
-from .relayfix import (
+from tests.support import (
     FakeUpstream,
     blob,
     metrics,

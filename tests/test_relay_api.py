@@ -25,10 +25,7 @@ from slim.core.registry import Policy
 from slim.core.service import CoreService
 from slim.core.store import ObjectRef, Release, ReleaseDirectory, Store
 from slim.v1 import core_pb2 as pb
-
-from .conftest import Core
-from .needs import need
-from .relayfix import blob, metrics, origin, relay, start_relay_process, stop_process, url
+from tests.support import Core, blob, metrics, need, origin, relay, start_relay_process, stop_process, url
 
 IPXE = Path("/usr/lib/ipxe/undionly.kpxe")
 

@@ -25,8 +25,7 @@ from slim.core.registry import load_registry
 from slim.core.store import Store
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
-
-from .test_build import make_image
+from tests.support import make_image
 
 REGISTRY = """\
 settings: {{heartbeat_interval: 0.2}}

@@ -21,9 +21,7 @@ from slim.plugin.helper import slurmd_node_name
 from slim.plugin.reboot import expand
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
-
-from .needs import need_tool
-from .test_cli import Served, served  # noqa: F401 - the fixture
+from tests.support import Served, need_tool
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "registry.example.yaml"
 
@@ -102,14 +100,14 @@ def test_job_submit_lua_rewrites_and_refuses(tmp_path: Path, features: str, rc: 
         )
 
 
-def helper(served: Served, *args: str) -> subprocess.CompletedProcess[str]:  # noqa: F811
+def helper(served: Served, *args: str) -> subprocess.CompletedProcess[str]:
     argv = ["slurm", "helper", "--node", "n1", "--core", served.address, *args]
     return subprocess.run(
         [sys.executable, "-m", "slim.cli", *argv], capture_output=True, text=True, timeout=60, check=False
     )
 
 
-def report(served: Served, boot: str, stage: str, env: str, ok: bool = True) -> None:  # noqa: F811
+def report(served: Served, boot: str, stage: str, env: str, ok: bool = True) -> None:
     """One boot event for n1, as a relay passes an agent's on."""
     event = pb.BootEvent(node="n1", boot_id=boot, stage=stage, ok=ok, environment=env)
     event.message = "" if ok else "no space left"
@@ -118,7 +116,7 @@ def report(served: Served, boot: str, stage: str, env: str, ok: bool = True) -> 
         pb_grpc.CoreStub(channel).ReportBootEvents(iter([event]), timeout=10)
 
 
-def test_helper_reports_an_ee_only_once_its_boot_completed(served: Served) -> None:  # noqa: F811
+def test_helper_reports_an_ee_only_once_its_boot_completed(served: Served) -> None:
     never = helper(served)
     assert never.returncode == 0 and never.stdout == "" and "has not booted" in never.stderr
     report(served, "b1", "plan", "base")

@@ -22,8 +22,7 @@ from slim.plugin.access import SlurmCli
 from slim.slurmlab import SlurmLab
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
-
-from .needs import need, need_tool
+from tests.support import need, need_tool
 
 
 @pytest.fixture

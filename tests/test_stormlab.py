@@ -9,8 +9,7 @@ import pytest
 
 from slim.simulate import Topology, simulate
 from slim.stormlab import POLICIES, StormLab, solo, table2_image
-
-from .test_dhcp import need_netns
+from tests.support import need_netns
 
 
 @pytest.mark.slow

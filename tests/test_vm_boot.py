@@ -27,8 +27,7 @@ import pytest
 from slim import bootdemo
 from slim.v1 import core_pb2 as pb
 from slim.vmlab import MAC, MILESTONES, OVMF_CODE, Boot, Lab
-
-from .needs import need, need_tool
+from tests.support import need, need_tool
 
 
 def lab_for(tmp_path: Path, var_policy: str | None = None) -> Lab:
