@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/boot_storm.py [--nodes 1,2,4,8,16,32,64] [--repeat 3] [--out docs/benchmarks]
 
-**The real storms** (``slim.stormlab``): `slim serve` in a server namespace;
+**The real storms** (``labs.stormlab``): `slim serve` in a server namespace;
 N node namespaces on tbf-shaped veths.  The paper's LAN is 100 Mb/s per node
 and 1 Gb/s to the server; here every rate *and* every byte is divided by 10
 (10 Mb/s per node, the server's side of the bridge at 100 Mb/s, the synthetic
@@ -43,6 +43,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from labs.stormlab import BOOT_BYTES, POLICIES, TCP_OVER_ETHERNET, StormLab, solo, table2_image
 from slim.simulate import (
     PAPER,
     Topology,
@@ -53,7 +54,6 @@ from slim.simulate import (
     workload_from_dict,
     workload_to_dict,
 )
-from slim.stormlab import BOOT_BYTES, POLICIES, TCP_OVER_ETHERNET, StormLab, solo, table2_image
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_FULL_S, PAPER_CIN_S = 300.0, 180.0  # the paper's 272 nodes: 5 min full copy, 3 min copy-if-needed

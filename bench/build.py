@@ -7,7 +7,7 @@ Run as root: the images hold device nodes and files of other owners.
 
 Trees, each made in a temporary directory and deleted at the end:
 
-- ``table2-copyset``: the synthetic Table-2 image (slim.core.table2, the paper's
+- ``table2-copyset``: the synthetic Table-2 image (labs.table2, the paper's
   Fedora Core 1 workload; --scale, default 1.0 ≈ 2.4 GB, 173k files) with
   /bin /boot /lib /sbin /usr pruned (they go over NFS): what SLIM copies,
   /dev /etc /var and the empty top-level directories;
@@ -17,7 +17,7 @@ Trees, each made in a temporary directory and deleted at the end:
 
 The debootstrap image comes from the import cache
 (``CACHE/debootstrap/bookworm-minbase-ARCH-base.tar.zst``, CACHE being
-$SLIM_CACHE_DIR or /var/cache/slim); without it, ``slim.core.image.import_image``
+$SLIM_CACHE_DIR or /var/cache/slim); without it, ``slim.core.build.image.import_image``
 runs debootstrap (network to the machine's default Debian mirror, ~30 s) and
 fills the cache.  "Pruned" is what the builder does: the directory itself is
 archived, its contents are not (``scan(prune=...)``; for tar, ``--anchored
@@ -25,12 +25,12 @@ archived, its contents are not (``scan(prune=...)``; for tar, ``--anchored
 
 Build variants, on each tree, side by side:
 
-- ``slim-zstd-L``: ``slim.core.copyset.write_archive`` at zstd level L for each of
+- ``slim-zstd-L``: ``slim.core.build.copyset.write_archive`` at zstd level L for each of
   --levels (default 1, 3, 9 = SLIM's default, 19), scan included: Python's
   tarfile writing pax headers, zstd with all cores (threads=-1) and a frame
   checksum, and sha256 of every file (whole, and per 1 MiB chunk above 4 MiB)
   in the same pass, which the manifest needs and plain tar does not do;
-- ``slim-hash-only``: ``slim.core.copyset.hash_tree``, SLIM's pass without the
+- ``slim-hash-only``: ``slim.core.build.copyset.hash_tree``, SLIM's pass without the
   archive: what the hashing alone costs;
 - ``tar-gzip-6``: ``tar --numeric-owner --xattrs --sort=name -cf - -C DIR . | gzip -6``;
 - ``tar-zstd-L``: the same tar ``| zstd -L -T0`` for each of --tar-zstd-levels (3, 19).
@@ -77,11 +77,11 @@ import zstandard
 from rich.console import Console
 from rich.table import Table
 
+from labs.table2 import generate
 from slim.agent.tree import DIR, FILE, Entry, scan
 from slim.agent.unpack import extract_tar
-from slim.core.copyset import DEFAULT_LEVEL, hash_tree, write_archive
-from slim.core.image import import_image
-from slim.core.table2 import generate
+from slim.core.build.copyset import DEFAULT_LEVEL, hash_tree, write_archive
+from slim.core.build.image import import_image
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "benchmarks" / "build.json"

@@ -59,9 +59,9 @@ from typing import Any
 import grpc
 import uvloop
 
+from labs.controlplane import publish_placeholder_releases
 from slim.core.registry import load_registry
 from slim.core.store import Store
-from slim.demo import publish_placeholder_releases
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
 

@@ -96,7 +96,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from slim.listen import free_port
+from labs.host import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "docs" / "benchmarks"

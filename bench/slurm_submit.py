@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from slim.slurmlab import SlurmLab
+from labs.slurmlab import SlurmLab
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -42,12 +42,12 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from slim import standin
+from labs import standin
+from labs.host import free_port
 from slim.allinone import await_ready
-from slim.core.build import build_environment
+from slim.core.build.release import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
-from slim.listen import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SLIM = [sys.executable, "-m", "slim.cli"]

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from slim.vmlab import Boot, Lab
+from labs.vmlab import Boot, Lab
 
 ROOT = Path(__file__).resolve().parent.parent
 

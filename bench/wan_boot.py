@@ -35,8 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slim.simulate import Topology, lower_bound, parse_rate, simulate, workload_to_dict
-from slim.stormlab import POLICIES, TCP_OVER_ETHERNET, StormLab, solo, table2_image
+from labs.stormlab import POLICIES, TCP_OVER_ETHERNET, StormLab, solo, table2_image
+from slim.simulate import Topology, lower_bound, simulate, workload_to_dict
+from slim.vocabulary import parse_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_WAN_S = 220.0  # 3 min 40 s

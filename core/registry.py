@@ -16,7 +16,6 @@ import posixpath
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
@@ -33,44 +32,21 @@ from pydantic import (
     field_validator,
 )
 
+from slim.config import ByteSize, Listen
 from slim.core.yamlsource import Loc, YamlSource, load_yaml_file, load_yaml_text
 from slim.errors import ConfigError, InvalidArgument, NotFound, Problem
-from slim.listen import parse_listen
+from slim.vocabulary import NAME_RE, Policy, normalize_mac, tmpfs_size
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # Slurm's node_features/helpers accepts [A-Za-z_=][A-Za-z0-9_.=]*; the shipped
 # job_submit.lua turns "ee:X" into "ee=X", so both halves must fit that.
 FEATURE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z0-9_.]+$")
-MAC_RE = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
 MODULE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 SITE_CACHE_SIZE = 65536  # addresses whose site is remembered
 DEFAULT_NFS_OPTIONS = "ro,nolock,noatime,actimeo=600,proto=tcp"
-
-
-class Policy(StrEnum):
-    """How one directory of an environment reaches the node (paper sections 4.3-4.4)."""
-
-    RAM = "ram"  # full copy into a tmpfs
-    DISK = "disk"  # full copy onto the node's partition
-    SYNC = "sync"  # copy-if-needed against a manifest, onto the node's partition
-    NFS = "nfs"  # read-only NFSv4 over TCP
-
-    @property
-    def needs_disk(self) -> bool:
-        return self in (Policy.DISK, Policy.SYNC)
-
-
-def normalize_mac(value: str) -> str:
-    """``52-54-00-AB-CD-EF`` / ``525400abcdef`` → ``52:54:00:ab:cd:ef``."""
-    v = value.strip().lower()
-    if not MAC_RE.match(v):
-        raise ValueError(f"{value!r} is not a MAC address (want six hex pairs like 52:54:00:12:34:56)")
-    hexdigits = v.replace(":", "").replace("-", "")
-    return ":".join(hexdigits[i : i + 2] for i in range(0, 12, 2))
 
 
 def _check_name(value: str) -> str:
@@ -182,24 +158,11 @@ def _check_lease(value: str) -> str:
     return value
 
 
-def _check_listen(value: str) -> str:
-    if value.startswith("unix:"):
-        if not value[5:].lstrip("/") or "\x00" in value:
-            raise ValueError(f"{value!r}: a unix socket needs a path, e.g. unix:/run/slim/core.sock")
-        return value
-    try:
-        parse_listen(value, 0, allow_ephemeral=True)
-    except InvalidArgument as exc:
-        raise ValueError(str(exc)) from None
-    return value
-
-
 IPv4 = Annotated[str, AfterValidator(_check_ipv4)]
 Interface = Annotated[str, AfterValidator(_check_interface)]
 LeaseTime = Annotated[
     str, BeforeValidator(lambda v: str(v) if isinstance(v, int) else v), AfterValidator(_check_lease)
 ]
-Listen = Annotated[str, AfterValidator(_check_listen)]
 
 
 class _Model(BaseModel):
@@ -268,8 +231,8 @@ class Server(_Model):
     relay: Name | None = Field(None, description="which relay of the registry this server is")
     relay_listen: Listen = Field("0.0.0.0:8080", description="the relay's HTTP")
     tftp_listen: Listen | None = Field("0.0.0.0:69", description="the relay's TFTP (null: none)")
-    cache_max_bytes: str = Field(
-        "20G", pattern=r"^\d+(\.\d+)?[KMGTkmgt]?i?[Bb]?$", description="relay cache budget"
+    cache_max_bytes: ByteSize = Field(
+        20 << 30, gt=0, description="relay cache budget (a size: 20G, 500GB, ...)"
     )
     nfs_listen: Listen | None = Field("0.0.0.0:2049", description="nfs-ganesha (null: no NFS server)")
     dhcp: bool = Field(True, description="run dnsmasq for the sites that have a dhcp section")
@@ -294,14 +257,15 @@ class HardwareProfile(_Model):
 class DirectorySpec(_Model):
     policy: Policy
     options: str | None = Field(None, description="NFS mount options (nfs policy only)")
-    size: str | None = Field(None, description="tmpfs size for ram, e.g. 512m or 20% (ram only)")
+    size: str | None = Field(None, description="tmpfs size for ram, e.g. 512M, 2G or 20% (ram only)")
 
     @field_validator("size")
     @classmethod
     def _size(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"\d+[kmgKMG%]?", v):
-            raise ValueError(f"{v!r} is not a tmpfs size (e.g. 512m, 2g or 50%)")
-        return v
+        try:
+            return None if v is None else tmpfs_size(v)
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from None
 
     @field_validator("options")
     @classmethod

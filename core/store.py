@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 import threading
 import time
@@ -29,23 +28,14 @@ from typing import BinaryIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from slim.core.registry import NAME_RE, Policy
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound
+from slim.vocabulary import HEX_RE, NAME_RE, Policy, parse_digest
 
-HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 # A ref whose inode changed less than this long ago is re-read on every look-up: file
 # timestamps can be coarse (one tick, or a second) and every ref has the same size, so
 # a rewrite within one tick would otherwise look unchanged.
 RACY_REF_NS = 2_000_000_000
 COPY_CHUNK = 1 << 20
-
-
-def parse_digest(digest: str) -> str:
-    """``sha256:<hex>`` (or bare hex) → hex; anything else is InvalidArgument."""
-    hexpart = digest[7:] if digest.startswith("sha256:") else digest
-    if not HEX_RE.fullmatch(hexpart):  # match() would take a trailing newline
-        raise InvalidArgument(f"{digest!r} is not a sha256 digest (want sha256:<64 lowercase hex>)")
-    return hexpart
 
 
 class ObjectRef(BaseModel):

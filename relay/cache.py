@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -33,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slim.errors import InvalidArgument, Overloaded
+from slim.vocabulary import HEX_RE
 
 log = logging.getLogger(__name__)
-
-HEX_RE = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(eq=False)

@@ -34,8 +34,9 @@ from typing import Literal, Protocol, cast
 from aiohttp import web
 
 from slim.errors import NotFound, Overloaded, SlimError
-from slim.relay.cache import HEX_RE, CachedObject
+from slim.relay.cache import CachedObject
 from slim.relay.fetch import Fetch
+from slim.vocabulary import HEX_RE
 
 log = logging.getLogger(__name__)
 

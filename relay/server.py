@@ -72,18 +72,6 @@ class RelayConfig:
     extra_static: dict[str, Path] = field(default_factory=dict)
 
 
-def parse_size(text: str) -> int:
-    """``123``, ``512K``, ``20M``, ``50G``, ``2T`` (powers of 1024) → bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", text)
-    if m is None:
-        raise InvalidArgument(f"{text!r} is not a size (e.g. 500M, 50G, 2T)")
-    number, unit = m.groups()
-    value = int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
-    if value <= 0:
-        raise InvalidArgument(f"{text!r}: a size must be more than 0")
-    return value
-
-
 def _http_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -483,4 +471,4 @@ async def serve(
             loop.remove_signal_handler(sig)
 
 
-__all__ = ["ObjectServer", "RelayConfig", "RelayServer", "SlimError", "parse_size", "serve"]
+__all__ = ["ObjectServer", "RelayConfig", "RelayServer", "SlimError", "serve"]

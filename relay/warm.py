@@ -22,11 +22,11 @@ import zstandard
 from pydantic import ValidationError
 
 from slim.agent import manifest as mf
-from slim.core.registry import Policy
-from slim.core.store import Release, parse_digest
+from slim.core.store import Release
 from slim.errors import InvalidArgument, SlimError
 from slim.relay.fetch import CachingSource
 from slim.v1 import core_pb2 as pb
+from slim.vocabulary import Policy, parse_digest
 
 log = logging.getLogger(__name__)
 

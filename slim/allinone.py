@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from slim.core.registry import Policy, Registry, load_registry
+from slim.core.registry import Registry, load_registry
 from slim.errors import FailedPrecondition, Unavailable
 from slim.listen import parse_listen
+from slim.vocabulary import Policy
 
 log = logging.getLogger(__name__)
 SLIM = [sys.executable, "-m", "slim.cli"]
@@ -109,7 +110,7 @@ class AllInOne:
             say(f"core listening on {self.addresses['core']} (objects on {self.addresses['objects']})")
             relay_args = ["relay", "serve", "--name", self.relay, "--core", _connect(self.addresses["core"]),
                           "--upstream", f"http://{_connect(self.addresses['objects'])}",
-                          "--cache-dir", str(state / "cache"), "--max-bytes", srv.cache_max_bytes,
+                          "--cache-dir", str(state / "cache"), "--max-bytes", str(srv.cache_max_bytes),
                           "--listen", srv.relay_listen, "--log-level", self.log_level]  # fmt: skip
             expect = ["listening on"]
             if srv.tftp_listen is not None:

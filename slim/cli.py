@@ -149,10 +149,10 @@ def core_serve(
     """
     import uvloop
 
+    from slim.core.control.server import serve
+    from slim.core.control.service import CoreService
+    from slim.core.control.state import State
     from slim.core.registry import load_registry
-    from slim.core.server import serve
-    from slim.core.service import CoreService
-    from slim.core.state import State
     from slim.core.store import Store
 
     setup_logging(log_level)
@@ -631,7 +631,8 @@ def relay_serve(
     """
     import uvloop
 
-    from slim.relay.server import RelayConfig, RelayServer, parse_size, serve
+    from slim.relay.server import RelayConfig, RelayServer, serve
+    from slim.vocabulary import parse_size
 
     setup_logging(log_level)
     with errors_to_exit():
@@ -771,14 +772,14 @@ def demo(control_plane: bool, registry_path: Path | None, workdir: Path | None, 
     downloaded with debootstrap and cached), about a minute after that.
     """
     if control_plane:
-        from slim.demo import run_demo
+        from labs.controlplane import run_demo
 
         with errors_to_exit():
             asyncio.run(run_demo(registry_path))
         return
     import os
 
-    from slim import bootdemo
+    from labs import bootdemo
     from slim.cli_common import fail
 
     if os.geteuid() != 0:

@@ -92,7 +92,7 @@ def ee_import(
     absolute names, paths through symlinks, or (when not root) device nodes are
     refused.
     """
-    from slim.core.image import import_image
+    from slim.core.build.image import import_image
     from slim.core.registry import load_registry
 
     with errors_to_exit():
@@ -209,9 +209,9 @@ def ee_build(
     the agent and its runtime.
     Rebuilding an unchanged image adds no object and keeps the release.
     """
-    from slim.core.agentrt import collect
-    from slim.core.build import build_environment
-    from slim.core.copyset import DEFAULT_LEVEL
+    from slim.core.build.agentrt import collect
+    from slim.core.build.copyset import DEFAULT_LEVEL
+    from slim.core.build.release import build_environment
     from slim.core.registry import load_registry
     from slim.core.store import Store
 
@@ -267,7 +267,7 @@ def ee_build(
 def ee_verify(names: tuple[str, ...], registry_path: Path, store_path: Path) -> None:
     """Re-hash every object of the environments' current releases (all built ones by default)
     and check each NFS tree against its manifest; exit 1 if anything is missing or corrupt."""
-    from slim.core.build import verify_release
+    from slim.core.build.release import verify_release
     from slim.core.registry import load_registry
     from slim.core.store import Store
 
@@ -318,7 +318,7 @@ def profile(image: str, registry_path: Path, copy_policy: str, snippet: bool, as
 
     IMAGE is a directory, or the name of an environment of the registry (its image).
     """
-    from slim.core.profile import profile_image, render_table
+    from slim.core.build.profile import profile_image, render_table
 
     with errors_to_exit():
         root = Path(image)
@@ -353,7 +353,7 @@ def profile(image: str, registry_path: Path, copy_policy: str, snippet: bool, as
 def ee_table2(target: Path, scale: float, seed: int) -> None:
     """Write a synthetic image into TARGET (empty or missing) with the file counts and sizes
     per directory of the paper's Table 2 (Fedora Core 1), for benchmarks and tests."""
-    from slim.core.table2 import generate
+    from labs.table2 import generate
 
     with errors_to_exit(), StageProgress() as progress:
         rows = generate(target, scale, seed, lambda done, total: progress("files", done, total))
@@ -420,7 +420,7 @@ def nfs_config(
     workdir: Path | None,
 ) -> None:
     """Print the NFS configuration for every environment's current nfs trees (NFSv4, TCP, read-only)."""
-    from slim.core.nfs import parse_clients, parse_listen, render_config
+    from slim.core.daemons.nfs import parse_clients, parse_listen, render_config
 
     with errors_to_exit():
         bind, port = parse_listen(listen)
@@ -449,7 +449,7 @@ def nfs_serve(registry_path: Path, store_path: Path, listen: str, clients: str |
     release changes (and at SIGHUP) and makes ganesha pick the change up.  Prints
     "listening on HOST:PORT" once ganesha accepts connections.
     """
-    from slim.core.nfs import parse_clients, parse_listen, serve
+    from slim.core.daemons.nfs import parse_clients, parse_listen, serve
 
     with errors_to_exit():
         bind, port = parse_listen(listen)

@@ -37,7 +37,7 @@ def dhcp_config(registry_path: Path, sites: tuple[str, ...]) -> None:
     lpxelinux.0.  Only registered MACs are answered, unless the site has
     open_enrollment.
     """
-    from slim.core.dhcp import render
+    from slim.core.daemons.dhcp import render
     from slim.core.registry import load_registry
 
     with errors_to_exit():
@@ -64,7 +64,7 @@ def dhcp_serve(registry_path: Path, sites: tuple[str, ...], workdir: Path, log_d
     registry is reported and the running configuration kept.  Prints
     "answering SITE (MODE on SUBNET), ..." once dnsmasq runs.
     """
-    from slim.core.dhcp import DhcpServer, serve
+    from slim.core.daemons.dhcp import DhcpServer, serve
 
     setup_logging("info")
 

@@ -202,7 +202,8 @@ def simulate_plan(
     target: str, placements: tuple[str, ...], max_relays: int | None, as_json: bool, **params: Any
 ) -> None:
     """Capacity planning: the fewest relays, and where, to boot every node within --target."""
-    from slim.simulate import parse_duration, plan_relays, prefetch_time
+    from slim.simulate import plan_relays, prefetch_time
+    from slim.vocabulary import parse_duration
 
     with errors_to_exit():
         seconds = parse_duration(target)

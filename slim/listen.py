@@ -1,9 +1,9 @@
-"""``--listen`` values: ``HOST:PORT``, ``[V6]:PORT``, ``HOST`` or ``:PORT``."""
+"""``--listen`` values: ``HOST:PORT``, ``[V6]:PORT``, ``HOST`` or ``:PORT``; and for
+gRPC, ``unix:PATH``."""
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 
 from slim.errors import InvalidArgument
 
@@ -42,9 +42,11 @@ def check_port(port: int, allow_ephemeral: bool = False) -> int:
     return port
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port the kernel just handed out on ``host``, for servers that must be told a
-    port before they start (labs and benchmarks; another process could take it first)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def check_listen(value: str) -> str:
+    """``value`` if it is HOST:PORT (port 0: any free port) or ``unix:PATH`` (gRPC)."""
+    if value.startswith("unix:"):
+        if not value[5:].lstrip("/") or "\x00" in value:
+            raise InvalidArgument(f"{value!r}: a unix socket needs a path, e.g. unix:/run/slim/core.sock")
+        return value
+    parse_listen(value, 0, allow_ephemeral=True)
+    return value

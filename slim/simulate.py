@@ -37,52 +37,14 @@ warm them before a storm; :func:`prefetch_time` says how long that takes).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from slim.errors import InvalidArgument
+from slim.vocabulary import parse_duration, parse_rate, parse_size
 
-RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
-SIZE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
-TIME_UNITS = {"ms": 1e-3, "s": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
 EPS = 1e-9
-
-
-def _quantity(value: str | float, units: dict[str, float], default: str, what: str, example: str) -> float:
-    """A number, or a number and one of ``units`` (case-insensitive; ``default`` when none)."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    names = "|".join(sorted(units, key=len, reverse=True))
-    m = re.fullmatch(rf"\s*(\d+(?:\.\d*)?|\.\d+)\s*({names})?\s*", str(value), re.IGNORECASE)
-    if not m:
-        raise InvalidArgument(f"{what} {value!r}: write it as {example}")
-    return float(m.group(1)) * units[(m.group(2) or default).lower()]
-
-
-def parse_rate(value: str | float) -> float:
-    """Bits per second from ``100Mbit``, ``1Gbit``, ``3Mbit`` (tc's spelling) or a number."""
-    rate = _quantity(value, RATE_UNITS, "bit", "rate", "100Mbit, 1Gbit, 3Mbit (bits per second)")
-    if not (math.isfinite(rate) and rate > 0):
-        raise InvalidArgument(f"rate {value!r} must be positive")
-    return rate
-
-
-def parse_size(value: str | float) -> float:
-    """Bytes from ``28.5MB``, ``15MiB``, ``1GB`` or a number."""
-    size = _quantity(value, SIZE_UNITS, "b", "size", "28.5MB, 15MiB or a number of bytes")
-    if not (math.isfinite(size) and size >= 0):
-        raise InvalidArgument(f"size {value!r} must not be negative")
-    return size
-
-
-def parse_duration(value: str | float, zero: bool = False) -> float:
-    """Seconds from ``300``, ``300s``, ``5min``, ``250ms`` (``zero``: 0 is allowed)."""
-    seconds = _quantity(value, TIME_UNITS, "s", "duration", "300, 300s, 5min or 250ms")
-    if not (math.isfinite(seconds) and (seconds > 0 or (zero and seconds == 0))):
-        raise InvalidArgument(f"duration {value!r} must be {'zero or more' if zero else 'positive'}")
-    return seconds
 
 
 # -- what is simulated -------------------------------------------------------------------

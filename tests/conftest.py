@@ -11,13 +11,13 @@ import grpc
 import pytest
 import uvloop
 
-from slim.core.redirect import Redirector
+from labs.controlplane import publish_placeholder_releases
+from slim.core.control.redirect import Redirector
+from slim.core.control.server import CoreServer
+from slim.core.control.service import CoreService
+from slim.core.control.state import State
 from slim.core.registry import Registry, load_registry
-from slim.core.server import CoreServer
-from slim.core.service import CoreService
-from slim.core.state import State
 from slim.core.store import Store
-from slim.demo import publish_placeholder_releases
 from slim.v1 import core_pb2_grpc as pb_grpc
 from tests.support import TEST_REGISTRY, Core, Served, read_address, start_core, stop
 

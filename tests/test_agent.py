@@ -24,14 +24,14 @@ from slim.agent.__main__ import main as agent_main
 from slim.agent.fetch import DigestMismatch, Relays
 from slim.agent.plan import BootArgs, ObjectRef, PlanError, parse_cmdline, parse_plan
 from slim.agent.tree import scan
-from slim.core.agentrt import add_runtime, collect
-from slim.core.build import build_environment
-from slim.core.initrd import InitrdBuilder
-from slim.core.redirect import Redirector
+from slim.core.build.agentrt import add_runtime, collect
+from slim.core.build.initrd import InitrdBuilder
+from slim.core.build.release import build_environment
+from slim.core.control.redirect import Redirector
+from slim.core.control.server import CoreServer
+from slim.core.control.service import CoreService
+from slim.core.control.state import State
 from slim.core.registry import load_registry
-from slim.core.server import CoreServer
-from slim.core.service import CoreService
-from slim.core.state import State
 from slim.core.store import Store
 from tests.support import make_image, need, need_tool, origin, relay, start_relay_process, url
 

@@ -1,4 +1,4 @@
-"""slim.core.bootscript: rendering iPXE scripts and pxelinux configs from a Menu."""
+"""slim.core.control.bootscript: rendering iPXE scripts and pxelinux configs from a Menu."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from slim.core.bootscript import MAX_FALLBACK_RELAYS, Menu, MenuEntry, render_ipxe, render_pxelinux
+from slim.core.control.bootscript import MAX_FALLBACK_RELAYS, Menu, MenuEntry, render_ipxe, render_pxelinux
 
 RELAYS = ("http://r1:8080/", "http://r2:8080/", "https://r3/slim/", "http://r4/")
 

@@ -16,10 +16,11 @@ import zstandard
 from slim.agent import manifest as mf
 from slim.agent.tree import scan
 from slim.agent.unpack import extract_tar
-from slim.core.build import build_environment, verify_release
-from slim.core.registry import Policy, Registry, load_registry_text
+from slim.core.build.release import build_environment, verify_release
+from slim.core.registry import Registry, load_registry_text
 from slim.core.store import Store
 from slim.errors import FailedPrecondition
+from slim.vocabulary import Policy
 from tests.support import KVER, make_image
 
 

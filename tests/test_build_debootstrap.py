@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from slim.core.image import default_cache_dir
+from slim.core.build.image import default_cache_dir
 from slim.core.store import Store
 from tests.support import need, need_tool
 

@@ -10,10 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from slim.core.nfs import pseudo_path
+from labs.host import free_port
+from labs.table2 import TABLE2
+from slim.core.daemons.nfs import pseudo_path
 from slim.core.store import Store
-from slim.core.table2 import TABLE2
-from slim.listen import free_port
 from tests.support import make_image, need_tool, rpc_null, wait_for
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from labs.netlab import NetLab
 from slim.allinone import await_ready
-from slim.core.build import build_environment
+from slim.core.build.release import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
-from slim.netlab import NetLab
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
 from tests.support import make_image, need_netns

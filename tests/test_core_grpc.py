@@ -11,9 +11,9 @@ from typing import Any
 import grpc
 import pytest
 
-from slim.core.service import CoreService
+from labs.controlplane import publish_placeholder_releases
+from slim.core.control.service import CoreService
 from slim.core.store import Store
-from slim.demo import publish_placeholder_releases
 from slim.v1 import core_pb2 as pb
 from tests.support import TEST_REGISTRY, Core
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from slim.core.dhcp import render
+from labs.netlab import NetLab
+from slim.core.daemons.dhcp import render
 from slim.core.registry import load_registry, load_registry_text
 from slim.errors import ConfigError, FailedPrecondition
-from slim.netlab import NetLab
 from tests.support import need_netns, need_tool
 
 BASE = """\

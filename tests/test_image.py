@@ -13,8 +13,8 @@ import pytest
 import zstandard
 
 from slim.agent.tree import scan
-from slim.core import copyset
-from slim.core.image import import_image
+from slim.core.build import copyset
+from slim.core.build.image import import_image
 from slim.errors import InvalidArgument
 
 

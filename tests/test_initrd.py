@@ -1,4 +1,4 @@
-"""slim.core.initrd: kernel version, module closure, cpio "newc" writer, initrd builder.
+"""slim.core.build.initrd: kernel version, module closure, cpio "newc" writer, initrd builder.
 
 The archives are read back with the real GNU cpio and zstd (skipped when missing, unless CI=true).
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from slim.core.initrd import (
+from slim.core.build.initrd import (
     CpioArchive,
     InitrdBuilder,
     Module,

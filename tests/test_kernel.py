@@ -1,4 +1,4 @@
-"""slim.core.kernel: a Debian kernel package into an image.
+"""slim.core.build.kernel: a Debian kernel package into an image.
 
 The fast tests install a small package built here with dpkg-deb; the slow ones download the
 real kernel with the machine's apt (cached in $SLIM_CACHE_DIR/kernel, default
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from slim.core.initrd import InitrdBuilder, kernel_release, resolve_in_image, resolve_modules
-from slim.core.kernel import download_kernel, install_kernel, kernel_package
+from slim.core.build.initrd import InitrdBuilder, kernel_release, resolve_in_image, resolve_modules
+from slim.core.build.kernel import download_kernel, install_kernel, kernel_package
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound
 from tests.support import need_tool
 

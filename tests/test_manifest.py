@@ -12,7 +12,7 @@ import pytest
 
 from slim.agent import manifest as mf
 from slim.agent.tree import DIR, FILE, HARDLINK, SYMLINK, ScanReport, check_relpath, scan
-from slim.core import copyset
+from slim.core.build import copyset
 
 
 def _tree(root: Path) -> None:

@@ -1,4 +1,4 @@
-"""slim.core.nfs: exports of content-addressed trees, ganesha/exports rendering, and a real
+"""slim.core.daemons.nfs: exports of content-addressed trees, ganesha/exports rendering, and a real
 ganesha.nfsd under the supervisor (loopback only, free ports, NFSv4 spoken by hand)."""
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from slim.core import nfs
-from slim.core.nfs import (
+from labs.host import free_port
+from slim.core.daemons import nfs
+from slim.core.daemons.nfs import (
     EXPORT_ID_SLOTS,
     FIRST_EXPORT_ID,
     ExportSet,
@@ -37,10 +38,10 @@ from slim.core.nfs import (
     render_exports,
     render_ganesha,
 )
-from slim.core.registry import Policy, Registry, load_registry
+from slim.core.registry import Registry, load_registry
 from slim.core.store import ObjectRef, Release, ReleaseDirectory, Store
 from slim.errors import FailedPrecondition, InvalidArgument, Unavailable
-from slim.listen import free_port
+from slim.vocabulary import Policy
 from tests.support import AUTH_SYS, need, need_tool, rpc_call, rpc_null, wait_for, xdr_opaque
 
 REGISTRY = """\
@@ -807,7 +808,7 @@ def test_serve_stops_ganesha_on_sigterm(world: World, tmp_path: Path) -> None:
     port = free_port()
     workdir = tmp_path / "w"
     code = (
-        "import sys; from slim.core.nfs import serve; "
+        "import sys; from slim.core.daemons.nfs import serve; "
         "serve(sys.argv[1], sys.argv[2], sys.argv[3], bind='127.0.0.1', port=int(sys.argv[4]))"
     )
     proc = subprocess.Popen(
@@ -833,7 +834,7 @@ def test_serve_stops_ganesha_on_sigterm(world: World, tmp_path: Path) -> None:
 def test_supervisor_retries_a_failing_restart(
     world: World, server_factory: Callable[..., NfsServer], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="slim.core.nfs")
+    caplog.set_level(logging.INFO, logger="slim.core.daemons.nfs")
     server = server_factory(interval=0.05, backoff=(0.05, 0.2))
     port = server.port
     stop = threading.Event()

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from slim.core.profile import (
+from slim.core.build.profile import (
     ACCESS_CLASSES,
     MIB,
     READ_ONLY,
@@ -26,8 +26,9 @@ from slim.core.profile import (
     profile_image,
     render_table,
 )
-from slim.core.registry import Policy, load_registry_text
+from slim.core.registry import load_registry_text
 from slim.errors import InvalidArgument, NotFound
+from slim.vocabulary import Policy
 
 REGISTRY_HEAD = """\
 profiles:

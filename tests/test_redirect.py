@@ -9,10 +9,11 @@ from collections.abc import Mapping
 
 import pytest
 
-from slim.core.redirect import RankedRelay, Redirector, RelayStatus, Tier, parse_origin, relay_status
+from slim.core.control.redirect import RankedRelay, Redirector, RelayStatus, parse_origin, relay_status
+from slim.core.control.state import RelayBeat
 from slim.core.registry import Registry, load_registry_text
-from slim.core.state import RelayBeat
 from slim.errors import InvalidArgument
+from slim.vocabulary import Tier
 
 NOW = 1_000_000.0
 STALE_AFTER = 20.0

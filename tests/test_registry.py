@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from slim.core.registry import Policy, Registry, load_registry, load_registry_text, normalize_dir
+from slim.core.registry import Registry, load_registry, load_registry_text, normalize_dir
 from slim.errors import ConfigError, InvalidArgument, NotFound
+from slim.vocabulary import Policy
 
 EXAMPLE = Path(__file__).parent.parent / "docs" / "registry.example.yaml"
 FILE = "reg.yaml"

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from slim.core.build import build_environment
+from slim.core.build.release import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
 from slim.v1 import core_pb2 as pb

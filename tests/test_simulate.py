@@ -17,14 +17,12 @@ from slim.simulate import (
     Topology,
     Workload,
     lower_bound,
-    parse_duration,
-    parse_rate,
-    parse_size,
     plan_relays,
     simulate,
     topology_from_dict,
     workload_from_dict,
 )
+from slim.vocabulary import parse_duration, parse_rate, parse_size
 
 MB = 1e6
 # a workload with nothing but network: 10 MB of boot files and a 30 MB archive, no CPU

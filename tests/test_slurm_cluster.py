@@ -18,8 +18,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from labs.slurmlab import SlurmLab
 from slim.plugin.access import SlurmCli
-from slim.slurmlab import SlurmLab
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
 from tests.support import need, need_tool

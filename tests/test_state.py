@@ -1,4 +1,4 @@
-"""slim.core.state: the SQLite runtime state, on real files."""
+"""slim.core.control.state: the SQLite runtime state, on real files."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-import slim.core.state as state_module
-from slim.core.service import boot_status
-from slim.core.state import MAX_TEXT, SCHEMA_VERSION, BootEvent, NextBoot, RelayBeat, State
+import slim.core.control.state as state_module
+from slim.core.control.service import boot_status
+from slim.core.control.state import MAX_TEXT, SCHEMA_VERSION, BootEvent, NextBoot, RelayBeat, State
 from slim.errors import FailedPrecondition, InvalidArgument
 
 TABLES = {"next_boot", "boot_events", "relay_heartbeats"}

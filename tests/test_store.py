@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import slim.core.store as store_module
-from slim.core.registry import Policy
-from slim.core.store import ObjectRef, Release, ReleaseDirectory, Store, parse_digest
+from slim.core.store import ObjectRef, Release, ReleaseDirectory, Store
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound
+from slim.vocabulary import Policy, parse_digest
 
 HEX = hashlib.sha256(b"x").hexdigest()
 

@@ -1,4 +1,4 @@
-"""The boot-storm lab (slim.stormlab) the P1/P2 benchmarks run: real `slim serve`, shaped
+"""The boot-storm lab (labs.stormlab) the P1/P2 benchmarks run: real `slim serve`, shaped
 node namespaces, the core's per-node timelines, and the calibration the simulator reads."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from labs.stormlab import POLICIES, StormLab, solo, table2_image
 from slim.simulate import Topology, simulate
-from slim.stormlab import POLICIES, StormLab, solo, table2_image
 from tests.support import need_netns
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from labs import table2
+from labs.table2 import MIB, MTIME_NS, TABLE2, GeneratedDir, Table2Row, generate
 from slim.agent import tree
-from slim.core import table2
-from slim.core.profile import READ_ONLY, READ_WRITE, SHARED, VIRTUAL, profile_image
-from slim.core.table2 import MIB, MTIME_NS, TABLE2, GeneratedDir, Table2Row, generate
+from slim.core.build.profile import READ_ONLY, READ_WRITE, SHARED, VIRTUAL, profile_image
 from slim.errors import FailedPrecondition, InvalidArgument
 
 SCALE = 0.01  # 1,728 entries, 25 MB: about a second to write

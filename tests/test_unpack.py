@@ -16,7 +16,7 @@ import pytest
 
 from slim.agent.tree import Entry, scan
 from slim.agent.unpack import UnsafeEntry, copy_tree, extract_tar
-from slim.core import copyset
+from slim.core.build import copyset
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="creating device nodes and other owners needs root")

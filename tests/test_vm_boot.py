@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from slim import bootdemo
+from labs import bootdemo
+from labs.vmlab import MAC, MILESTONES, OVMF_CODE, Boot, Lab
 from slim.v1 import core_pb2 as pb
-from slim.vmlab import MAC, MILESTONES, OVMF_CODE, Boot, Lab
 from tests.support import need, need_tool
 
 

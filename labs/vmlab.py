@@ -36,9 +36,9 @@ from typing import Any, Literal
 
 import grpc
 
+from labs.host import free_port
+from labs.netlab import NetLab
 from slim.allinone import await_ready
-from slim.listen import free_port
-from slim.netlab import NetLab
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
 

@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from slim.agent import tree
-from slim.core.registry import Policy
+from slim.vocabulary import Policy
 from slim.errors import InvalidArgument, NotFound
 
 MIB = 1 << 20  # a "MB" of the paper's Table 2, as du -m counts

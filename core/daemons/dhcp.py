@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from slim.core.daemons.supervisor import backoff_delay, file_signature, lock_workdir, stop_signals, terminate
 from slim.core.registry import DhcpNetwork, Registry, load_registry
 from slim.core.store import atomic_write
-from slim.core.supervise import backoff_delay, file_signature, lock_workdir, stop_signals, terminate
 from slim.errors import FailedPrecondition, SlimError, Unavailable
 
 log = logging.getLogger(__name__)

@@ -42,10 +42,11 @@ from pathlib import Path
 from typing import IO, Literal
 
 from slim import listen
-from slim.core.registry import HOSTNAME_RE, Policy, Registry, load_registry
-from slim.core.store import Store, atomic_write, parse_digest
-from slim.core.supervise import backoff_delay, file_signature, lock_workdir, stop_signals, terminate
+from slim.core.daemons.supervisor import backoff_delay, file_signature, lock_workdir, stop_signals, terminate
+from slim.core.registry import HOSTNAME_RE, Registry, load_registry
+from slim.core.store import Store, atomic_write
 from slim.errors import FailedPrecondition, InvalidArgument, SlimError, Unavailable
+from slim.vocabulary import Policy, parse_digest
 
 log = logging.getLogger(__name__)
 

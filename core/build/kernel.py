@@ -4,7 +4,7 @@
 fetches its .deb into a cache, :func:`install_kernel` unpacks it into an image, runs depmod
 and links ``/vmlinuz``.
 
-The package is unpacked chroot-style (see :func:`slim.core.initrd.resolve_in_image`), not
+The package is unpacked chroot-style (see :func:`slim.core.build.initrd.resolve_in_image`), not
 with ``dpkg -x``: that replaces an image's ``/lib -> usr/lib`` link (merged /usr, as in every
 debootstrap image) with a directory and breaks the image.
 """
@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from slim.core.initrd import KVER_RE, resolve_in_image
+from slim.core.build.initrd import KVER_RE, resolve_in_image
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound, SlimError, Unavailable
 
 APT_TIMEOUT = 120.0  # apt-cache, dpkg: local work

@@ -28,10 +28,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from slim import standin
-from slim.core.table2 import generate
-from slim.netlab import NetLab
-from slim.simulate import Directory, Workload, parse_rate
+from labs import standin
+from labs.netlab import NetLab
+from labs.table2 import generate
+from slim.simulate import Directory, Workload
+from slim.vocabulary import parse_rate
 
 SERVER = "10.77.0.1"
 RELAY = f"http://{SERVER}:8080"
@@ -117,7 +118,7 @@ class StormLab:
         uplink_rate: str | None = None,
         extra_unshaped: int = 0,
     ) -> None:
-        from slim.core.build import build_environment
+        from slim.core.build.release import build_environment
         from slim.core.registry import load_registry
         from slim.core.store import Store
 
@@ -258,7 +259,7 @@ class StormLab:
             argv = [
                 sys.executable,
                 "-m",
-                "slim.stormlab",
+                "labs.stormlab",
                 "--relay",
                 RELAY,
                 "--mac",
@@ -424,11 +425,11 @@ def _boot_files(relay: str, mac: str) -> int:
 
 
 def node_main(argv: list[str] | None = None) -> int:
-    """``python -m slim.stormlab --relay URL --mac MAC --node NAME --target DIR``: one node's boot
+    """``python -m labs.stormlab --relay URL --mac MAC --node NAME --target DIR``: one node's boot
     after its firmware; prints one JSON line (boot bytes, times, CPU per stage)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="slim.stormlab", description=node_main.__doc__)
+    ap = argparse.ArgumentParser(prog="labs.stormlab", description=node_main.__doc__)
     ap.add_argument("--relay", required=True)
     ap.add_argument("--mac", required=True)
     ap.add_argument("--node", required=True)

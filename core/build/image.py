@@ -32,8 +32,8 @@ import zstandard
 
 from slim.agent.tree import FILE, ScanReport, scan
 from slim.agent.unpack import UnsafeEntry, WriteStats, copy_root_meta, copy_tree, extract_tar
-from slim.core import copyset
-from slim.core.build import Progress, ticker
+from slim.core.build import copyset
+from slim.core.build.release import Progress, ticker
 from slim.errors import FailedPrecondition, InvalidArgument
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -101,7 +101,7 @@ def import_image(
         if stats.xattr_failures:
             result.notes.append(f"{stats.xattr_failures} extended attribute(s) could not be set")
         if add_kernel:
-            from slim.core.kernel import download_kernel, install_kernel
+            from slim.core.build.kernel import download_kernel, install_kernel
 
             if progress is not None:
                 progress("kernel: apt-get download", 0, 0)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from slim.vmlab import Boot, Lab
+from labs.vmlab import Boot, Lab
 
 
 def timeline(boot: Boot) -> list[tuple[float, str]]:

@@ -31,10 +31,11 @@ import zstandard
 from slim.agent import manifest as mf
 from slim.agent.tree import FILE, Entry, ScanReport, scan
 from slim.agent.unpack import UnsafeEntry, copy_root_meta, copy_tree, nofollow
-from slim.core import copyset
-from slim.core.agentrt import Runtime, add_runtime
-from slim.core.initrd import InitrdBuilder, InitrdInfo, kernel_release, resolve_in_image, resolve_modules
-from slim.core.registry import Policy, Registry
+from slim.core.build import copyset
+from slim.core.build.agentrt import Runtime, add_runtime
+from slim.core.build.initrd import InitrdBuilder, InitrdInfo, kernel_release, resolve_in_image, resolve_modules
+from slim.core.registry import Registry
+from slim.vocabulary import Policy
 from slim.core.store import ObjectRef, Release, ReleaseDirectory, Store
 from slim.errors import FailedPrecondition, NotFound, SlimError
 
@@ -113,7 +114,7 @@ def build_environment(
 ) -> BuildResult:
     """Build environment ``name`` into ``store`` and publish its release.  With
     ``runtime`` the initrd also carries the agent and what it runs on
-    (:mod:`slim.core.agentrt`); without it, only the kernel modules."""
+    (:mod:`slim.core.build.agentrt`); without it, only the kernel modules."""
     started = time.monotonic()
     env = registry.environment(name)
     image = Path(env.image)

@@ -24,12 +24,13 @@ from pathlib import Path
 import grpc
 import yaml
 
-from slim.core.registry import Policy, Registry, load_registry
+from slim.core.registry import Registry, load_registry
 from slim.core.store import Release as ReleaseDoc
 from slim.core.store import ReleaseDirectory, Store
 from slim.errors import FailedPrecondition, NotFound
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
+from slim.vocabulary import Policy
 
 STARTUP_TIMEOUT = 30.0
 

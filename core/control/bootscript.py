@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from slim.core.store import parse_digest
+from slim.vocabulary import parse_digest
 
 MAX_FALLBACK_RELAYS = 3
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")

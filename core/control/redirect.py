@@ -28,22 +28,15 @@ import random
 import threading
 from collections import deque
 from collections.abc import Mapping
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from typing import NamedTuple
 
+from slim.core.control.state import RelayBeat
 from slim.core.registry import IPAddress, Registry
-from slim.core.state import RelayBeat
 from slim.errors import InvalidArgument
-
-
-class Tier(IntEnum):
-    SITE = 1
-    PARENT = 2
-    OTHER = 3
-
+from slim.vocabulary import Tier
 
 MAX_REMEMBERED_NODES = 200_000  # node -> relay assignments kept for stickiness
-TIERS = {"site": Tier.SITE, "parent": Tier.PARENT, "other": Tier.OTHER}
 
 
 class RelayStatus(StrEnum):
@@ -148,7 +141,7 @@ class Redirector:
                     continue
                 load = (beat.load if beat is not None else 0.0) + self._pending(name, beat, now, window)
                 score = load / relay.capacity
-                tier = TIERS[tier_name]
+                tier = Tier[tier_name.upper()]
                 ranked = RankedRelay(name, tuple(relay.urls), relay.site, tier, score, beat is not None)
                 keyed.append((tier, beat is None, score, random(), ranked))
             keyed.sort(key=_sort_key)

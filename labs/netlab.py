@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from slim.core.agentrt import UDHCPC
+from slim.core.build.agentrt import UDHCPC
 from slim.errors import FailedPrecondition
 
 

@@ -1,4 +1,4 @@
-"""The gRPC core: thin servicers over :class:`slim.core.service.CoreService`.
+"""The gRPC core: thin servicers over :class:`slim.core.control.service.CoreService`.
 
 Each method parses its request, calls one domain method and maps the answer.
 Errors: a :class:`slim.errors.SlimError` becomes its own status code with its
@@ -21,15 +21,15 @@ from typing import Any, ParamSpec, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from slim.core import service as dom
-from slim.core.redirect import RankedRelay, Tier
-from slim.core.registry import Policy
-from slim.core.relayhub import RelayHub
-from slim.core.state import MAX_TEXT, BootEvent
+from slim.core.control import service as dom
+from slim.core.control.redirect import RankedRelay
+from slim.core.control.relayhub import RelayHub
+from slim.core.control.state import MAX_TEXT, BootEvent
 from slim.core.store import ObjectRef
 from slim.errors import FailedPrecondition, InvalidArgument, SlimError, Unavailable
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
+from slim.vocabulary import Policy, Tier
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ Python finds its standard library without configuration:
   ``/lib/slim``.
 
 Nothing here runs the agent; :func:`add_runtime` only adds files to an
-:class:`~slim.core.initrd.InitrdBuilder`.
+:class:`~slim.core.build.initrd.InitrdBuilder`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slim.core.initrd import CpioArchive
+import slim.agent
+from slim.core.build.initrd import CpioArchive
 from slim.errors import FailedPrecondition
 
-AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
+AGENT_DIR = Path(slim.agent.__file__).resolve().parent  # what goes under AGENT_ROOT/slim/agent
 PYTHON = Path("/usr/bin/python3")
 BUSYBOX = Path("/bin/busybox")
 ZSTD = Path("/usr/bin/zstd")

@@ -30,12 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from slim import standin
+from labs import standin
+from labs.host import free_port
 from slim.allinone import await_ready
-from slim.core.build import build_environment
+from slim.core.build.release import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
-from slim.listen import free_port
 
 SLIM = [sys.executable, "-m", "slim.cli"]
 REGISTRY = """\

@@ -1,6 +1,6 @@
 """The core's domain: every answer the core gives, independent of transport.
 
-The gRPC servicers in :mod:`slim.core.server` parse a request, call one
+The gRPC servicers in :mod:`slim.core.control.server` parse a request, call one
 method here and map the result.  Nothing here imports grpc.
 
 Hot paths (locate, plan, boot script) stay off the database: they read the
@@ -19,23 +19,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from slim.core.bootscript import Menu, MenuEntry, render_ipxe, render_pxelinux
-from slim.core.nfs import pseudo_path
-from slim.core.redirect import RankedRelay, Redirector, RelayStatus, parse_origin, relay_status
-from slim.core.registry import (
-    DirectorySpec,
-    Environment,
-    IPAddress,
-    Node,
-    Policy,
-    Registry,
-    Relay,
-    load_registry,
-    normalize_mac,
-)
-from slim.core.state import BootEvent, NextBoot, RelayBeat, State
+from slim.core.control.bootscript import Menu, MenuEntry, render_ipxe, render_pxelinux
+from slim.core.control.redirect import RankedRelay, Redirector, RelayStatus, parse_origin, relay_status
+from slim.core.control.state import BootEvent, NextBoot, RelayBeat, State
+from slim.core.daemons.nfs import pseudo_path
+from slim.core.registry import DirectorySpec, Environment, IPAddress, Node, Registry, Relay, load_registry
 from slim.core.store import ObjectRef, Release, Store
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from slim.vocabulary import Policy, normalize_mac
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,27 @@
+"""What every lab needs of this machine: where the checkout is (processes a lab starts
+that import ``labs`` get it on PYTHONPATH: ``labs/`` is not installed with the package),
+and free ports for servers that must be told theirs before they start."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: labs/ is beside slim/
+
+
+def lab_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with the checkout first on
+    PYTHONPATH, for a process that runs ``python -m labs.…``."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the kernel just handed out on ``host``, for servers that must be told a
+    port before they start (another process could take it first)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,100 @@
+"""What the processes' configuration models share: field types, and building or loading
+a model with errors that name the field.
+
+Each serving process has one pydantic model, validated when it is built: the core's
+(:class:`slim.core.control.config.CoreConfig`), a relay's
+(:class:`slim.relay.config.RelayConfig`), nfs-ganesha's and dnsmasq's supervisors'
+(:mod:`slim.core.daemons`).  The CLI builds them from its options; ``slim serve``
+builds them from the registry and hands each child process its model as a JSON file
+(``--config FILE``), so a part started by ``slim serve`` and one started by hand read
+the same settings the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
+
+from slim.errors import ConfigError, Problem, SlimError
+from slim.listen import check_listen
+from slim.vocabulary import parse_size
+
+T = TypeVar("T")
+M = TypeVar("M", bound="ProcessConfig")
+
+
+def value_error(check: Callable[[T], T]) -> Callable[[T], T]:
+    """``check`` with its SlimError turned into the ValueError pydantic validators raise."""
+
+    def checked(value: T) -> T:
+        try:
+            return check(value)
+        except SlimError as exc:
+            raise ValueError(exc.message) from None
+
+    return checked
+
+
+def _size(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except SlimError as exc:
+            raise ValueError(exc.message) from None
+    return value
+
+
+Listen = Annotated[str, AfterValidator(value_error(check_listen))]  # HOST:PORT or unix:PATH
+ByteSize = Annotated[int, BeforeValidator(_size)]  # bytes, or a size: 20G, 500MB (slim.vocabulary)
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ProcessConfig(BaseModel):
+    """Base of the processes' models: unknown fields are errors; built once, not changed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def build(cls: type[M], source: str = "the command line", **values: Any) -> M:
+        """The model from ``values``; a ConfigError naming each bad field (as an option of
+        the command line, ``--max-bytes``, when ``source`` is the command line)."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            options = source == "the command line"
+            raise ConfigError([_problem(source, err, options) for err in exc.errors()]) from None
+
+    @classmethod
+    def load(cls: type[M], path: Path) -> M:
+        """The model from a JSON file (as ``slim serve`` writes them)."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError([Problem(str(path), None, "(document)", f"cannot read it: {exc}")]) from None
+        if not isinstance(data, dict):
+            raise ConfigError([Problem(str(path), None, "(document)", "not a JSON object of settings")])
+        return cls.build(str(path), **data)
+
+    def dump(self, path: Path) -> Path:
+        """Write the model as JSON to ``path`` (what :meth:`load` reads)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+def _problem(source: str, err: Any, options: bool) -> Problem:
+    loc = [str(p) for p in err["loc"]]
+    name = loc[0] if loc else "(document)"
+    field = f"--{name.replace('_', '-')}" if options and loc else ".".join(loc) or "(document)"
+    msg: str = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown setting"
+    elif err["type"] == "missing":
+        msg = "required setting is missing"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return Problem(source, None, field, msg)
