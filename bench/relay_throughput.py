@@ -307,7 +307,7 @@ def start_origin(servers: Servers, objects_dir: Path, tmp: Path) -> Server:
 
 
 async def _serve_origin(objects_dir: Path) -> None:
-    from slim.relay.server import ObjectServer
+    from slim.objects.server import ObjectServer
 
     server = ObjectServer(objects_dir, "127.0.0.1:0")
     port = await server.start()

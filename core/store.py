@@ -1,4 +1,5 @@
-"""The content-addressed artifact store and EE release documents.
+"""The content-addressed artifact store: objects, NFS trees, and each environment's
+current release (the document's model: :mod:`slim.release`).
 
 Layout (under the store directory)::
 
@@ -26,44 +27,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound
-from slim.vocabulary import HEX_RE, NAME_RE, Policy, parse_digest
+from slim.release import ObjectRef, Release
+from slim.vocabulary import HEX_RE, NAME_RE, parse_digest
 
 # A ref whose inode changed less than this long ago is re-read on every look-up: file
 # timestamps can be coarse (one tick, or a second) and every ref has the same size, so
 # a rewrite within one tick would otherwise look unchanged.
 RACY_REF_NS = 2_000_000_000
 COPY_CHUNK = 1 << 20
-
-
-class ObjectRef(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
-    size: int = Field(ge=0)
-
-
-class ReleaseDirectory(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    policy: Policy
-    archive: ObjectRef | None = None
-    manifest: ObjectRef | None = None
-    bytes: int = Field(0, ge=0)
-    files: int = Field(0, ge=0)
-
-
-class Release(BaseModel):
-    """What ``slim ee build`` publishes for one environment."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    schema_version: int = Field(1, alias="schema")
-    environment: str
-    kernel: ObjectRef
-    initrd: ObjectRef
-    directories: dict[str, ReleaseDirectory] = Field(default_factory=dict)
-    kernel_release: str = ""
-    created: str = ""
 
 
 class Store:

@@ -25,9 +25,10 @@ import grpc
 import yaml
 
 from slim.core.registry import Registry, load_registry
-from slim.core.store import Release as ReleaseDoc
-from slim.core.store import ReleaseDirectory, Store
+from slim.core.store import Store
 from slim.errors import FailedPrecondition, NotFound
+from slim.release import Release as ReleaseDoc
+from slim.release import ReleaseDirectory
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
 from slim.vocabulary import Policy

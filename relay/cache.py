@@ -32,19 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slim.errors import InvalidArgument, Overloaded
+from slim.objects.source import CachedObject
 from slim.vocabulary import HEX_RE
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class CachedObject:
-    hex: str
-    size: int
-    path: Path
-    readers: int = 0
-    body: bytes | None = None  # the bytes, for small objects kept in memory (see ObjectCache.remember)
-    head: bytes = b""  # the fast path's response headers, made once
 
 
 @dataclass(eq=False)

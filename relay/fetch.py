@@ -32,13 +32,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from slim.errors import BadGateway, NotFound, Overloaded, SlimError
-from slim.relay.cache import CachedObject, ObjectCache, Reservation
+from slim.errors import BadGateway, NotFound, SlimError
+from slim.objects.source import CachedObject, Fetch
+from slim.relay.cache import ObjectCache, Reservation
 
 log = logging.getLogger(__name__)
 
@@ -54,41 +54,6 @@ class FetchCounters:
     verify_failures: int = 0
     resumed: int = 0  # upstream connections resumed by Range
     bytes_fetched: int = 0
-
-
-class Fetch:
-    """One object on its way from upstream; readers follow ``written``."""
-
-    def __init__(self, hexdigest: str) -> None:
-        self.hex = hexdigest
-        self.size: int | None = None  # known once an upstream answered
-        self.written = 0
-        self.tmp: Path | None = None
-        self.obj: CachedObject | None = None  # set when published
-        self.error: SlimError | None = None
-        self.started = asyncio.Event()  # size known, or failed
-        self._tick = asyncio.Event()
-
-    @property
-    def finished(self) -> bool:
-        return self.obj is not None or self.error is not None
-
-    def available(self) -> int:
-        """Bytes readers may send: all once verified, else all but the last."""
-        if self.obj is not None:
-            return self.obj.size
-        if self.size is None:
-            return 0
-        return min(self.written, self.size - 1)
-
-    def _notify(self) -> None:
-        tick, self._tick = self._tick, asyncio.Event()
-        tick.set()
-
-    async def wait_beyond(self, position: int) -> None:
-        """Return once more than ``position`` bytes are available, or the fetch ended."""
-        while not self.finished and self.available() <= position:
-            await self._tick.wait()
 
 
 def _write_and_hash(fd: int, h: Any, data: bytes | bytearray) -> None:
@@ -299,9 +264,6 @@ class Fetcher:
         if self._on_bytes is not None:
             self._on_bytes(len(data))
         fetch._notify()
-
-
-__all__ = ["Fetch", "FetchCounters", "Fetcher", "Overloaded"]
 
 
 class CachingSource:

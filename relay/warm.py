@@ -16,28 +16,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
-import zstandard
 from pydantic import ValidationError
 
-from slim.agent import manifest as mf
-from slim.core.store import Release
 from slim.errors import InvalidArgument, SlimError
 from slim.relay.fetch import CachingSource
+from slim.release import Named, Release, decode_manifest, manifest_objects
 from slim.v1 import core_pb2 as pb
-from slim.vocabulary import Policy, parse_digest
+from slim.vocabulary import parse_digest
 
 log = logging.getLogger(__name__)
 
-MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 PIN_REFRESH = 60.0  # seconds between pin recomputations while the releases stay the same
-
-
-@dataclass(frozen=True)
-class Wanted:
-    hex: str
-    size: int
 
 
 def _read(source: CachingSource, hexdigest: str) -> bytes:
@@ -50,53 +40,27 @@ def _read(source: CachingSource, hexdigest: str) -> bytes:
         source.cache.release(obj)
 
 
-def release_objects(source: CachingSource, release_hex: str) -> tuple[Release, list[Wanted]]:
+def release_objects(source: CachingSource, release_hex: str) -> tuple[Release, list[Named]]:
     """The release document (cached) and the objects it names directly, the
-    document first (the objects of ``sync`` manifests: :func:`manifest_objects`)."""
+    document first (the objects of ``sync`` manifests: :func:`manifest_wanted`)."""
     try:
         release = Release.model_validate_json(_read(source, release_hex))
     except ValidationError as exc:
         raise InvalidArgument(
             f"release sha256:{release_hex} is not a release document: {exc.errors()[0]['msg']}"
         ) from None
-    wanted = [Wanted(release_hex, 0)]
-    for ref in (release.kernel, release.initrd):
-        wanted.append(Wanted(parse_digest(ref.digest), ref.size))
-    for d in release.directories.values():
-        for part in (d.archive, d.manifest):
-            if part is not None:
-                wanted.append(Wanted(parse_digest(part.digest), part.size))
+    wanted = [Named(release_hex, 0)]
+    wanted += [Named(parse_digest(ref.digest), ref.size) for ref in release.objects()]
     return release, wanted
 
 
-def manifest_objects(data: bytes) -> list[Wanted]:
-    """The file (or chunk) objects a ``sync`` manifest names."""
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_MANIFEST_BYTES)
-        manifest = mf.decode(raw)
-    except (zstandard.ZstdError, ValueError) as exc:
-        raise InvalidArgument(f"not a manifest: {exc}") from None
-    seen: set[str] = set()
-    out = []
-    for m in manifest.entries:
-        if m.chunks:
-            size = m.entry.size
-            for i, c in enumerate(m.chunks):
-                if c not in seen:
-                    seen.add(c)
-                    out.append(Wanted(c, min(mf.CHUNK_SIZE, size - i * mf.CHUNK_SIZE)))
-        elif m.sha256 and m.sha256 not in seen:
-            seen.add(m.sha256)
-            out.append(Wanted(m.sha256, m.entry.size))
-    return out
+def manifest_wanted(data: bytes) -> list[Named]:
+    """The file (or chunk) objects a stored ``sync`` manifest names."""
+    return manifest_objects(decode_manifest(data))
 
 
 def sync_manifests(release: Release) -> list[str]:
-    return [
-        parse_digest(d.manifest.digest)
-        for d in release.directories.values()
-        if d.policy is Policy.SYNC and d.manifest is not None
-    ]
+    return [parse_digest(ref.digest) for ref in release.sync_manifests()]
 
 
 class Warmer:
@@ -143,12 +107,12 @@ class Warmer:
             for manifest_hex in sync_manifests(release):
                 if (await self.source.ensure(manifest_hex))[1]:
                     fetched_here.add(manifest_hex)
-                wanted.extend(manifest_objects(_read(self.source, manifest_hex)))
+                wanted.extend(manifest_wanted(_read(self.source, manifest_hex)))
             unique = list({w.hex: w for w in wanted}.values())
             status.objects_total = len(unique)
             status.bytes_total = sum(w.size for w in unique)
             self.poke()
-            queue: asyncio.Queue[Wanted] = asyncio.Queue()
+            queue: asyncio.Queue[Named] = asyncio.Queue()
             for w in unique:
                 queue.put_nowait(w)
 
@@ -214,7 +178,7 @@ class Warmer:
                 pins.update(w.hex for w in wanted)
                 for manifest_hex in sync_manifests(release):
                     if manifest_hex in self.source.cache:
-                        pins.update(w.hex for w in manifest_objects(_read(self.source, manifest_hex)))
+                        pins.update(w.hex for w in manifest_wanted(_read(self.source, manifest_hex)))
             except SlimError as exc:
                 log.warning("cannot pin release %s: %s", digest, exc.message)
         self.source.cache.set_pins(pins)

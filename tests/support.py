@@ -29,7 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from slim.agent import manifest as mf
 from slim.core.control.server import CoreServer
 from slim.core.store import Store
-from slim.relay.server import ObjectServer, RelayConfig, RelayServer
+from slim.objects.server import ObjectServer
+from slim.relay.server import RelayConfig, RelayServer
 from slim.v1 import core_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent

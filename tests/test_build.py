@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from slim.agent import manifest as mf
 from slim.agent.tree import scan
 from slim.agent.unpack import extract_tar
 from slim.core.build.release import build_environment, verify_release
 from slim.core.registry import Registry, load_registry_text
 from slim.core.store import Store
 from slim.errors import FailedPrecondition
+from slim.release import decode_manifest
 from slim.vocabulary import Policy
 from tests.support import KVER, make_image
 
@@ -98,7 +98,7 @@ def test_build_publishes_every_kind_of_object(tmp_path: Path, image: Path) -> No
     # sync: archive, manifest, and every file (the big one in chunks) as objects
     srv = rel.directories["/srv"]
     assert srv.archive is not None and srv.manifest is not None
-    manifest = mf.decode(zstandard.ZstdDecompressor().decompress(store.read_object(srv.manifest.digest)))
+    manifest = decode_manifest(store.read_object(srv.manifest.digest))
     big = next(i for i in manifest.entries if i.entry.path == "data/big")
     assert len(big.chunks) == 5 and all(store.has(f"sha256:{c}") for c in big.chunks)
     small = next(i for i in manifest.entries if i.entry.path == "data/small")

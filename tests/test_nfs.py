@@ -39,8 +39,9 @@ from slim.core.daemons.nfs import (
     render_ganesha,
 )
 from slim.core.registry import Registry, load_registry
-from slim.core.store import ObjectRef, Release, ReleaseDirectory, Store
+from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument, Unavailable
+from slim.release import ObjectRef, Release, ReleaseDirectory
 from slim.vocabulary import Policy
 from tests.support import AUTH_SYS, need, need_tool, rpc_call, rpc_null, wait_for, xdr_opaque
 

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from slim.core.store import Store
-from slim.relay.objects import parse_range
+from slim.objects.routes import parse_range
 from tests.support import (
     FakeUpstream,
     blob,

@@ -22,7 +22,8 @@ import zstandard
 from slim.agent import manifest as mf
 from slim.agent.tree import Entry
 from slim.core.control.service import CoreService
-from slim.core.store import ObjectRef, Release, ReleaseDirectory, Store
+from slim.core.store import Store
+from slim.release import ObjectRef, Release, ReleaseDirectory
 from slim.v1 import core_pb2 as pb
 from slim.vocabulary import Policy
 from tests.support import Core, blob, metrics, need, origin, relay, start_relay_process, stop_process, url

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import slim.core.store as store_module
-from slim.core.store import ObjectRef, Release, ReleaseDirectory, Store
+from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound
+from slim.release import ObjectRef, Release, ReleaseDirectory
 from slim.vocabulary import Policy, parse_digest
 
 HEX = hashlib.sha256(b"x").hexdigest()

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import zstandard
 
 from slim.agent import manifest as mf
 from slim.agent.tree import FILE, Entry, ScanReport, scan
@@ -36,10 +35,10 @@ from slim.core.build.agentrt import Runtime, add_runtime
 from slim.core.build.initrd import InitrdBuilder, InitrdInfo, kernel_release, resolve_in_image, resolve_modules
 from slim.core.registry import Registry
 from slim.vocabulary import Policy
-from slim.core.store import ObjectRef, Release, ReleaseDirectory, Store
-from slim.errors import FailedPrecondition, NotFound, SlimError
+from slim.core.store import Store
+from slim.release import decode_manifest, encode_manifest, ObjectRef, Release, ReleaseDirectory
+from slim.errors import FailedPrecondition, InvalidArgument, NotFound, SlimError
 
-MANIFEST_LEVEL = 19
 # Modules every initrd carries when the kernel has them (the agent mounts NFS
 # and may overlay a read-only tree), beside each hardware profile's own.
 # ext4 also mounts the ext2 the agent makes on blank disks; it asks the crypto API for
@@ -150,7 +149,7 @@ def build_environment(
         manifest = mf.make(path, items)
         report.files = manifest.files
         with store.writer() as w:
-            w.write(zstandard.ZstdCompressor(level=MANIFEST_LEVEL).compress(mf.encode(manifest)))
+            w.write(encode_manifest(manifest))
         report.manifest = w.ref
         assert report.manifest is not None
         if spec.policy is Policy.SYNC:
@@ -313,11 +312,9 @@ def verify_release(store: Store, release: Release) -> VerifyReport:
         if built.manifest is None or not check(built.manifest.digest, f"{path} manifest"):
             continue
         try:
-            manifest = mf.decode(
-                zstandard.ZstdDecompressor().decompress(store.read_object(built.manifest.digest))
-            )
-        except (ValueError, zstandard.ZstdError) as exc:
-            report.problems.append(f"{path} manifest: {exc}")
+            manifest = decode_manifest(store.read_object(built.manifest.digest))
+        except InvalidArgument as exc:
+            report.problems.append(f"{path} manifest: {exc.message}")
             continue
         if built.policy is Policy.SYNC:
             for item in manifest.entries:

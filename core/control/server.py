@@ -25,8 +25,8 @@ from slim.core.control import service as dom
 from slim.core.control.redirect import RankedRelay
 from slim.core.control.relayhub import RelayHub
 from slim.core.control.state import MAX_TEXT, BootEvent
-from slim.core.store import ObjectRef
 from slim.errors import FailedPrecondition, InvalidArgument, SlimError, Unavailable
+from slim.release import ObjectRef
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
 from slim.vocabulary import Policy, Tier
@@ -518,7 +518,7 @@ async def serve(
     """Run until SIGTERM or SIGINT; SIGHUP reloads the registry.  With
     ``objects_listen``, also serve the store's objects over HTTP (the
     upstream of the relays)."""
-    from slim.relay.server import ObjectServer
+    from slim.objects.server import ObjectServer
 
     server = CoreServer(service, listen)
     port = await server.start()

@@ -24,8 +24,9 @@ from slim.core.control.redirect import RankedRelay, Redirector, RelayStatus, par
 from slim.core.control.state import BootEvent, NextBoot, RelayBeat, State
 from slim.core.daemons.nfs import pseudo_path
 from slim.core.registry import DirectorySpec, Environment, IPAddress, Node, Registry, Relay, load_registry
-from slim.core.store import ObjectRef, Release, Store
+from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from slim.release import ObjectRef, Release
 from slim.vocabulary import Policy, normalize_mac
 
 log = logging.getLogger(__name__)

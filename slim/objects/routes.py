@@ -15,7 +15,7 @@ the store, nothing fetched).
   ``loop.sendfile``; here the socket is duplicated and ``os.sendfile`` runs on
   the duplicate, waiting for writability on it (the transport's own buffer is
   empty by then).  Cached objects usually never get here: the fast path
-  (:mod:`slim.relay.fastpath`) answers them before aiohttp sees the request.
+  (:mod:`slim.objects.fastpath`) answers them before aiohttp sees the request.
 * At most ``max_transfers`` responses at once; beyond that 503 with
   Retry-After.  A cached object is marked in use while it is sent, so the
   cache never evicts it under a reader.
@@ -28,14 +28,12 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal, Protocol, cast
+from typing import Literal, cast
 
 from aiohttp import web
 
 from slim.errors import NotFound, Overloaded, SlimError
-from slim.relay.cache import CachedObject
-from slim.relay.fetch import Fetch
+from slim.objects.source import CachedObject, Fetch, Source
 from slim.vocabulary import HEX_RE
 
 log = logging.getLogger(__name__)
@@ -43,17 +41,6 @@ log = logging.getLogger(__name__)
 SMALL = 128 * 1024  # bodies up to this size are read and sent with the headers in one write
 IMMUTABLE = "public, max-age=31536000, immutable"
 RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
-
-
-class Source(Protocol):
-    """Where objects come from: a cache with an upstream, or the store."""
-
-    def acquire(self, hexdigest: str) -> CachedObject | None: ...
-    def release(self, obj: CachedObject) -> None: ...
-    def lost(self, obj: CachedObject) -> None: ...
-    def remember(self, obj: CachedObject, body: bytes) -> None: ...
-    def fetch(self, hexdigest: str) -> Fetch: ...  # NotFound when there is no upstream
-    async def head(self, hexdigest: str) -> int: ...
 
 
 @dataclass
@@ -379,34 +366,3 @@ async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         await fut
     finally:
         loop.remove_writer(fd)
-
-
-class StoreSource:
-    """Objects straight from a store directory (the core's object server): nothing
-    is fetched or evicted."""
-
-    def __init__(self, objects_dir: str | Path) -> None:
-        self.objects_dir = Path(objects_dir)
-
-    def acquire(self, hexdigest: str) -> CachedObject | None:
-        path = self.objects_dir / hexdigest
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return None
-        return CachedObject(hexdigest, st.st_size, path, readers=1)
-
-    def release(self, obj: CachedObject) -> None:
-        obj.readers -= 1
-
-    def lost(self, obj: CachedObject) -> None:
-        pass
-
-    def remember(self, obj: CachedObject, body: bytes) -> None:
-        pass  # the store's objects are not indexed in memory
-
-    def fetch(self, hexdigest: str) -> Fetch:
-        raise NotFound(f"object sha256:{hexdigest} is not in the store")
-
-    async def head(self, hexdigest: str) -> int:
-        raise NotFound(f"object sha256:{hexdigest} is not in the store")

@@ -7,14 +7,14 @@ spends on a whole small response.  So each connection starts on this
 protocol: it splits the byte stream into request heads itself, parses each
 with httptools (llhttp, the parser Node.js uses), and answers plain
 ``GET``/``HEAD`` of a cached object directly: small bodies in one write with
-the headers, large ones by ``sendfile`` (see :mod:`slim.relay.objects`).
+the headers, large ones by ``sendfile`` (see :mod:`slim.objects.routes`).
 
 Anything else — a miss (which needs a fetch), a ``Range`` or conditional
 request, another path, a request with a body, a head that does not parse —
 hands the connection over to aiohttp: its protocol is swapped in on the same
 transport and given the bytes from the start of that request on.  The
 connection stays with aiohttp from then on, and aiohttp gives every answer
-the full treatment (:class:`slim.relay.objects.ObjectRoutes`).  Both paths
+the full treatment (:class:`slim.objects.routes.ObjectRoutes`).  Both paths
 count in the same counters and mark objects in use the same way.
 """
 
@@ -31,8 +31,8 @@ from typing import cast
 
 import httptools
 
-from slim.relay.cache import CachedObject
-from slim.relay.objects import IMMUTABLE, SMALL, ObjectRoutes, sendfile_fd, small_body
+from slim.objects.routes import IMMUTABLE, SMALL, ObjectRoutes, sendfile_fd, small_body
+from slim.objects.source import CachedObject
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,112 @@
+"""The release document and the manifests it names: the contract between the core, which
+builds and publishes them, and the relays, which warm and pin what they name.
+
+A release is a small JSON document (itself a content-addressed object) listing the
+digests of everything a node needs for one environment: kernel, initrd and, per
+directory, the copy-set archive and the copy-if-needed manifest.  A manifest (format:
+:mod:`slim.agent.manifest`) is stored compressed with zstd; :func:`decode_manifest` is
+the one decoder outside the agent (the agent, standard library only, runs ``zstd -d``
+in the initrd and calls :func:`slim.agent.manifest.decode` itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import zstandard
+from pydantic import BaseModel, ConfigDict, Field
+
+from slim.agent import manifest as mf
+from slim.agent.tree import FILE
+from slim.errors import InvalidArgument
+from slim.vocabulary import MAX_MANIFEST_BYTES, Policy
+
+MANIFEST_LEVEL = 19  # zstd level of stored manifests: small, and written once
+
+
+class ObjectRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class ReleaseDirectory(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    policy: Policy
+    archive: ObjectRef | None = None
+    manifest: ObjectRef | None = None
+    bytes: int = Field(0, ge=0)
+    files: int = Field(0, ge=0)
+
+
+class Release(BaseModel):
+    """What ``slim ee build`` publishes for one environment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: int = Field(1, alias="schema")
+    environment: str
+    kernel: ObjectRef
+    initrd: ObjectRef
+    directories: dict[str, ReleaseDirectory] = Field(default_factory=dict)
+    kernel_release: str = ""
+    created: str = ""
+
+    def objects(self) -> list[ObjectRef]:
+        """The objects the document names directly: kernel, initrd, then each directory's
+        archive and manifest (the files a ``sync`` manifest names: :func:`manifest_objects`)."""
+        refs = [self.kernel, self.initrd]
+        for d in self.directories.values():
+            refs.extend(part for part in (d.archive, d.manifest) if part is not None)
+        return refs
+
+    def sync_manifests(self) -> list[ObjectRef]:
+        """The manifests of ``sync`` directories: their files are objects too."""
+        return [
+            d.manifest
+            for d in self.directories.values()
+            if d.policy is Policy.SYNC and d.manifest is not None
+        ]
+
+
+def encode_manifest(manifest: mf.Manifest) -> bytes:
+    """A manifest as the store keeps it: JSON Lines, compressed with zstd."""
+    return zstandard.ZstdCompressor(level=MANIFEST_LEVEL).compress(mf.encode(manifest))
+
+
+def decode_manifest(data: bytes) -> mf.Manifest:
+    """A stored manifest (zstd, at most MAX_MANIFEST_BYTES decompressed), checked;
+    InvalidArgument says what is wrong."""
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_MANIFEST_BYTES)
+    except zstandard.ZstdError as exc:
+        raise InvalidArgument(f"not a manifest: {exc}") from None
+    try:
+        return mf.decode(raw)
+    except ValueError as exc:
+        raise InvalidArgument(f"not a manifest: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Named:
+    """One object a manifest names: a file's (or a chunk's) digest and size."""
+
+    hex: str
+    size: int
+
+
+def manifest_objects(manifest: mf.Manifest) -> list[Named]:
+    """The file objects (or, for big files, the chunks) of a ``sync`` manifest, each once,
+    in manifest order."""
+    seen: set[str] = set()
+    out = []
+    for m in manifest.entries:
+        if m.chunks:
+            size = m.entry.size
+            for i, c in enumerate(m.chunks):
+                if c not in seen:
+                    seen.add(c)
+                    out.append(Named(c, min(mf.CHUNK_SIZE, size - i * mf.CHUNK_SIZE)))
+        elif m.entry.kind == FILE and m.sha256 and m.sha256 not in seen:
+            seen.add(m.sha256)
+            out.append(Named(m.sha256, m.entry.size))
+    return out
