@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from slim.agent.ee import BootFailed, Builder, Reporter, switch_root
@@ -18,7 +19,9 @@ from slim.agent.fetch import FetchError, Relays
 from slim.agent.plan import BootArgs, PlanError, parse_plan
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | None = None) -> int:
+    """The agent; ``observe(stage, boot_id)`` is called at each boot event (for a lab that
+    runs the agent in its own process)."""
     ap = argparse.ArgumentParser(prog="slim-agent", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cmdline", type=Path, default=Path("/proc/cmdline"), help="kernel command line file")
     ap.add_argument("--node", help="node name (instead of slim.node on the command line)")
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             if plan.relays:  # the plan's ranking is fresher than the command line's
                 relays.urls = list(dict.fromkeys([*plan.relays, *relays.urls]))
                 relays.current = 0
-            report = Reporter(relays, plan.node, plan.environment)
+            report = Reporter(relays, plan.node, plan.environment, observe=observe)
             report("plan", len(data), message=f"{plan.environment} {plan.release_digest}")
             target = args.target if args.no_reboot else Path("/newroot")
             Builder(plan, relays, target, report, args.no_reboot).run()

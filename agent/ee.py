@@ -38,7 +38,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +75,14 @@ class Reporter:
     environment: str
     boot_id: str = field(default_factory=lambda: secrets.token_hex(8))
     events: list[Event] = field(default_factory=list)
+    # called with each stage and the boot id before the event is sent (the storm lab
+    # measures the CPU each stage took)
+    observe: Callable[[str, str], None] | None = None
     _unsent: list[Event] = field(default_factory=list)
 
     def __call__(self, stage: str, nbytes: int = 0, ok: bool = True, message: str = "") -> None:
+        if self.observe is not None:
+            self.observe(stage, self.boot_id)
         event = Event(stage, now(), nbytes, ok, message)
         self.events.append(event)
         self._unsent.append(event)

@@ -59,7 +59,7 @@ from typing import Any
 import grpc
 import uvloop
 
-from labs.controlplane import publish_placeholder_releases
+from labs.placeholders import publish_placeholder_releases
 from slim.core.registry import load_registry
 from slim.core.store import Store
 from slim.v1 import core_pb2 as pb

@@ -1,4 +1,5 @@
-"""``slim demo``: an EE built, `slim serve` started, a VM network-booted into the EE.
+"""The boot demo (``./run demo``, ``python -m labs.bootdemo``): an EE built, `slim serve`
+started, a VM network-booted into the EE.
 
 The whole chain runs on this machine, on our own servers (slim/vmlab.py, the
 ``pxe`` lab): a Debian bookworm EE is imported with debootstrap (cached) and
@@ -62,3 +63,34 @@ def run(workdir: Path | None = None, keep: bool = False, say: Callable[[str], No
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import os
+    import sys
+
+    from slim.errors import SlimError
+
+    ap = argparse.ArgumentParser(prog="python -m labs.bootdemo", description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--workdir", type=Path, default=None,
+        help="where the demo's temporary directory goes (default: the system's temporary directory)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the demo's directory (EE, store, logs, console)"
+    )
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("error: the boot demo needs root (network namespaces, a tap device); try: sudo ./run demo")
+        return 1
+    try:
+        run(args.workdir, args.keep)
+    except SlimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,12 +1,12 @@
-"""``slim demo``: a running core with the example registry, and what it answers.
+"""The control-plane demo (``./run demo --control-plane``, ``python -m labs.controlplane``):
+a running core with the example registry, and what it answers.
 
 Starts ``slim core serve`` on a free loopback port (a real process, as an
-administrator would run it), publishes placeholder releases (the EE builder
-arrives with ``slim ee build``; until then kernel and archives are small
-stand-in objects), sends heartbeats as three relays would, then runs the
-admin commands and shows the redirection answers, a boot storm's spread, a
-boot plan and a boot menu.  Everything it creates lives in a temporary
-directory and is removed at the end.
+administrator would run it), publishes placeholder releases (kernel and
+archives are small stand-in objects, :mod:`labs.placeholders`), sends
+heartbeats as three relays would, then runs the admin commands and shows the
+redirection answers, a boot storm's spread, a boot plan and a boot menu.
+Everything it creates lives in a temporary directory and is removed at the end.
 """
 
 from __future__ import annotations
@@ -21,17 +21,14 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import yaml
 
-from slim.core.registry import Registry, load_registry
+from labs.placeholders import publish_placeholder_releases
+from slim.core.registry import load_registry
 from slim.core.store import Store
 from slim.errors import FailedPrecondition, NotFound
-from slim.release import Release as ReleaseDoc
-from slim.release import ReleaseDirectory
+from slim.rpc import AsyncCoreClient
 from slim.v1 import core_pb2 as pb
-from slim.v1 import core_pb2_grpc as pb_grpc
-from slim.vocabulary import Policy
 
 STARTUP_TIMEOUT = 30.0
 
@@ -41,31 +38,6 @@ def example_registry() -> Path:
     if not path.exists():
         raise NotFound(f"{path} not found: run the demo from a SLIM checkout, or pass --registry")
     return path
-
-
-def publish_placeholder_releases(reg: Registry, store: Store, only: list[str] | None = None) -> None:
-    """Stand-in releases (tiny objects) so that plans and menus have digests to show."""
-    for name in reg.environments if only is None else only:
-        dirs = {}
-        for path, spec in reg.directories(name).items():
-            payload = f"placeholder {spec.policy} content of {path} in {name}\n".encode()
-            ref = store.put_bytes(payload)
-            dirs[path] = ReleaseDirectory(
-                policy=spec.policy,
-                archive=None if spec.policy is Policy.NFS else ref,
-                manifest=ref,
-                bytes=len(payload),
-                files=1,
-            )
-        store.publish_release(
-            ReleaseDoc(
-                environment=name,
-                kernel=store.put_bytes(f"placeholder kernel of {name}\n".encode()),
-                initrd=store.put_bytes(f"placeholder initrd of {name}\n".encode()),
-                directories=dirs,
-                created="demo",
-            )
-        )
 
 
 async def _beats(relay: str, load: float) -> AsyncIterator[pb.Heartbeat]:
@@ -148,8 +120,8 @@ async def run_demo(registry_path: Path | None) -> None:
 async def _demo_calls(slim: list[str], address: str) -> None:
     env = {**os.environ, "SLIM_CORE": address}
     os.environ.update(env)
-    async with grpc.aio.insecure_channel(address) as channel:
-        core = pb_grpc.CoreStub(channel)
+    async with AsyncCoreClient(address) as client:
+        core = client.core
         say("Relays report their load (simulated heartbeats: relays arrive with `slim relay serve`)")
         for relay, load in (("central", 8.0), ("mr-1", 3.0), ("mr-2", 1.0), ("lab-1", 0.0)):
             async for reply in core.RelayHeartbeat(_beats(relay, load)):
@@ -184,3 +156,28 @@ async def _demo_calls(slim: list[str], address: str) -> None:
         await run([*slim, "node", "plan", "n001", "--from", "10.1.7.20"])
         say("The iPXE menu n001 gets from its relay")
         await run([*slim, "node", "boot-script", "52:54:00:00:01:01", "--from", "10.1.7.20"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from slim.errors import SlimError
+
+    ap = argparse.ArgumentParser(prog="python -m labs.controlplane", description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="the registry to show (default: docs/registry.example.yaml)",
+    )
+    args = ap.parse_args(argv)
+    try:
+        asyncio.run(run_demo(args.registry))
+    except SlimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,7 @@ Real parts: munged, slurmctld and one ``slurmd -N nX`` per node (Debian's
 Slurm 22.05, see ../shared/design/REAL-PARTS.md), `slim serve` (core on a unix
 socket, relay on loopback), and the files `slim slurm config` renders.  A
 node's "machine" is its slurmd; its root is ``roots/nX``, built by the agent
-(no-reboot mode).  Reboots are simulated (``slim slurm reboot --simulate``):
+(no-reboot mode).  Reboots are simulated (:mod:`labs.slurmreboot`, the RebootProgram's command):
 slurmd stops, the agent rebuilds the root for the next EE, ``slurmd -b``
 starts again.
 
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from labs import standin
+from labs import slurmreboot, standin
 from labs.host import free_port
 from slim.allinone import await_ready
 from slim.core.build.release import build_environment
@@ -183,7 +183,7 @@ class SlurmLab:
         )  # fmt: skip
         subprocess.run(
             [*SLIM, "slurm", "config", "--registry", str(self.registry), "--core", self.core,
-             "--slurm-conf", str(self.conf), "--simulate-reboots", str(self.roots), "--relay", self.relay,
+             "--slurm-conf", str(self.conf), "--reboot", slurmreboot.command(self.roots, self.relay),
              "--prolog-log", str(self.prolog_log), "--resume-timeout", "120"],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip

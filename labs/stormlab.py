@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from labs import standin
+from labs.host import lab_env
 from labs.netlab import NetLab
 from labs.table2 import generate
 from slim.simulate import Directory, Workload
@@ -210,27 +211,20 @@ class StormLab:
         return int(m.group(1)) if m else 0
 
     def set_environment(self, nodes: list[str], environment: str) -> None:
-        import grpc
-
+        from slim.rpc import CoreClient
         from slim.v1 import core_pb2 as pb
-        from slim.v1 import core_pb2_grpc as pb_grpc
 
-        with grpc.insecure_channel(f"unix:{self.tmp}/core.sock") as channel:
-            admin = pb_grpc.AdminStub(channel)
+        with CoreClient(f"unix:{self.tmp}/core.sock", timeout=10) as client:
             for n in nodes:
-                admin.SetNextBoot(
-                    pb.SetNextBootRequest(node=n, environment=environment, set_by="storm"), timeout=10
-                )
+                request = pb.SetNextBootRequest(node=n, environment=environment, set_by="storm")
+                client.call(client.admin.SetNextBoot, request)
 
     def events(self, node: str) -> list[dict[str, Any]]:
-        import grpc
-
+        from slim.rpc import CoreClient
         from slim.v1 import core_pb2 as pb
-        from slim.v1 import core_pb2_grpc as pb_grpc
 
-        with grpc.insecure_channel(f"unix:{self.tmp}/core.sock") as channel:
-            admin = pb_grpc.AdminStub(channel)
-            got = admin.ListBootEvents(pb.ListBootEventsRequest(node=node), timeout=10).events
+        with CoreClient(f"unix:{self.tmp}/core.sock", timeout=10) as client:
+            got = client.call(client.admin.ListBootEvents, pb.ListBootEventsRequest(node=node)).events
         return [
             {
                 "boot_id": e.boot_id,
@@ -271,7 +265,7 @@ class StormLab:
             ]
             results[n] = NodeResult(n, time.time())
             procs[n] = self.lab.popen(
-                self.lab.nodes[n].netns, *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                self.lab.nodes[n].netns, *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=lab_env()
             )
         deadline = time.monotonic() + timeout
         for n, proc in procs.items():
@@ -389,7 +383,7 @@ def solo(lab: StormLab, node: str, repeat: int) -> dict[str, Workload]:
         (cin,) = lab.storm([node], "cin", fresh=False)
         for r in (full, cin):
             if r.returncode != 0:
-                raise SystemExit(f"solo boot of {node} failed: {r.stderr}")
+                raise RuntimeError(f"solo boot of {node} failed: {r.stderr}")
         got["full"].append(workload_of(lab, "full", full))
         got["cin"].append(workload_of(lab, "cin", cin, previous=full))
     return {k: median_workload(v) for k, v in got.items()}
@@ -440,19 +434,16 @@ def node_main(argv: list[str] | None = None) -> int:
     boot_files_at = time.time()
     cpu["kernel+initrd"] = _cpu()
     import slim.agent.__main__ as agent  # imported now, as the initrd's Python starts after the kernel
-    from slim.agent import ee
 
     ids: list[str] = []
-    original = ee.Reporter.__call__
 
-    def probe(self: ee.Reporter, stage: str, *a: Any, **k: Any) -> None:  # the CPU spent up to each event
+    def probe(stage: str, boot_id: str) -> None:  # the CPU spent up to each event
         cpu[stage] = _cpu()
         if not ids:
-            ids.append(self.boot_id)
-        original(self, stage, *a, **k)
+            ids.append(boot_id)
 
-    ee.Reporter.__call__ = probe  # type: ignore[method-assign]
-    code = agent.main(["--no-reboot", "--target", args.target, "--node", args.node, "--relay", args.relay])
+    argv = ["--no-reboot", "--target", args.target, "--node", args.node, "--relay", args.relay]
+    code = agent.main(argv, observe=probe)
     cpu["end"] = _cpu()
     print(
         json.dumps(

@@ -34,13 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import grpc
-
 from labs.host import free_port
 from labs.netlab import NetLab
 from slim.allinone import await_ready
+from slim.rpc import CoreClient
 from slim.v1 import core_pb2 as pb
-from slim.v1 import core_pb2_grpc as pb_grpc
 
 SLIM = [sys.executable, "-m", "slim.cli"]
 MAC = "52:54:00:12:34:56"
@@ -137,7 +135,7 @@ class Lab:
         self.relay_port = 8080 if pxe else 9
         self.said: list[str] = []  # what `slim serve` printed (pxe)
         self._procs: list[subprocess.Popen[str]] = []
-        self._channel: grpc.Channel | None = None
+        self._client: CoreClient | None = None
         self.netlab: NetLab | None = None
 
     # -- setup --------------------------------------------------------------
@@ -170,10 +168,10 @@ class Lab:
         return self._connect()
 
     def _connect(self) -> Lab:
-        self._channel = grpc.insecure_channel(self.core)
-        self.admin = pb_grpc.AdminStub(self._channel)
+        self._client = CoreClient(self.core, timeout=5)
+        self.admin = self._client.admin
         for _ in range(300):  # bounded: 30 s for the reloaded core to hear from the relay
-            relays = self.admin.ListRelays(pb.ListRelaysRequest(), timeout=5).relays
+            relays = self._client.call(self.admin.ListRelays, pb.ListRelaysRequest()).relays
             if any(r.urls[0].endswith(f":{self.relay_port}/") and r.status == "live" for r in relays):
                 return self
             time.sleep(0.1)
@@ -292,7 +290,8 @@ class Lab:
         console = "".join(lines)
         if not active:
             raise AssertionError(f"no marker (qemu exit {code}):\n{console[-3000:]}")
-        events = self.admin.ListBootEvents(pb.ListBootEventsRequest(node="vm1"), timeout=5).events
+        assert self._client is not None
+        events = self._client.call(self.admin.ListBootEvents, pb.ListBootEventsRequest(node="vm1")).events
         mine = sorted(
             (e for e in events if e.boot_id == active["boot_id"]), key=lambda e: e.time.ToNanoseconds()
         )
@@ -323,8 +322,8 @@ class Lab:
         raise RuntimeError(f"{name} did not start: {(self.tmp / f'{name}.log').read_text()[-2000:]}")
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
+        if self._client is not None:
+            self._client.close()
         if self.netlab is not None:
             self.netlab.close()  # stops `slim serve` and the site's DHCP server, removes the namespaces
         for p in reversed(self._procs):

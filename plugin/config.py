@@ -54,14 +54,12 @@ def render(
     core: str,
     slurm_conf: Path,
     reboot: str = "systemctl reboot",
-    simulate: tuple[Path, str] | None = None,
     prolog_log: Path = Path("/var/log/slim/prolog.log"),
     resume_timeout: int = DEFAULT_RESUME_TIMEOUT,
     python: str = sys.executable,
     source: str = "the registry",
 ) -> SlurmFiles:
-    """Everything ``slim slurm config`` writes into ``directory`` (the scripts live there).
-    ``simulate`` = (roots directory, relay URL): the reboot script simulates reboots (tests)."""
+    """Everything ``slim slurm config`` writes into ``directory`` (the scripts live there)."""
     feats = features(registry)
     if not feats:
         raise ValueError(f"{source} has no environments: nothing for Slurm to ask for")
@@ -142,11 +140,7 @@ return slurm.SUCCESS
     )
     slim = f"{shlex.quote(python)} -m slim.cli slurm"
     env = f"SLIM_CORE={shlex.quote(core)} SLURM_CONF={shlex.quote(str(slurm_conf))} PATH={SLURM_PATH}"
-    if simulate is not None:
-        root, relay = simulate
-        action = f"--simulate {shlex.quote(str(root))} --relay {shlex.quote(relay)}"
-    else:
-        action = f"--command {shlex.quote(reboot)}"
+    action = f"--command {shlex.quote(reboot)}"
     scripts = {
         helper.name: f'#!/bin/sh\n{head}\nexec env {env} {slim} helper "$@"\n',
         reboot_script.name: f"#!/bin/sh\n{head}\nexec env {env} {slim} reboot {action}\n",

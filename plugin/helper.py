@@ -25,10 +25,8 @@ import socket
 from pathlib import Path
 
 from slim.plugin.config import slurm_feature
+from slim.rpc import CoreClient
 from slim.v1 import core_pb2 as pb
-from slim.v1 import core_pb2_grpc as pb_grpc
-
-CALL_TIMEOUT = 15.0
 
 
 def slurmd_node_name(pid: int) -> str | None:
@@ -81,10 +79,10 @@ def node_name(explicit: str | None = None) -> str:
     )
 
 
-def active_features(admin: pb_grpc.AdminStub, node: str) -> tuple[list[str], str]:
+def active_features(client: CoreClient, node: str) -> tuple[list[str], str]:
     """(features to print, a note for the log): the EE's feature only if the node's most
     recent boot into it is up."""
-    info = admin.GetNode(pb.GetNodeRequest(node=pb.NodeRef(name=node)), timeout=CALL_TIMEOUT)
+    info = client.call(client.admin.GetNode, pb.GetNodeRequest(node=pb.NodeRef(name=node)))
     if not info.HasField("boot"):
         return [], f"slim: {node} has not booted an EE through SLIM yet"
     b = info.boot
@@ -92,25 +90,25 @@ def active_features(admin: pb_grpc.AdminStub, node: str) -> tuple[list[str], str
         return [], f"slim: {node}'s boot into {b.environment} failed at {b.stage}: {b.message}"
     if b.state != "up" or not b.environment:
         return [], f"slim: {node} is still booting {b.environment} (at {b.stage})"
-    env = admin.GetEnvironment(pb.GetEnvironmentRequest(name=b.environment), timeout=CALL_TIMEOUT)
+    env = client.call(client.admin.GetEnvironment, pb.GetEnvironmentRequest(name=b.environment))
     return [slurm_feature(env.feature)], ""
 
 
-def stage_next_boot(admin: pb_grpc.AdminStub, node: str, feature: str) -> str:
+def stage_next_boot(client: CoreClient, node: str, feature: str) -> str:
     """Make the EE of ``feature`` (``ee=jdk14``, ``ee:jdk14`` or a name) the node's next boot;
     returns the environment's name."""
-    info = admin.SetNextBoot(
-        pb.SetNextBootRequest(node=node, environment=feature, set_by="slurm:helper"), timeout=CALL_TIMEOUT
+    info = client.call(
+        client.admin.SetNextBoot, pb.SetNextBootRequest(node=node, environment=feature, set_by="slurm:helper")
     )
     return info.next_environment
 
 
-def warm_relays(admin: pb_grpc.AdminStub, node: str, env: str, timeout: float) -> list[str]:
+def warm_relays(client: CoreClient, node: str, env: str, timeout: float) -> list[str]:
     """Have the relays that serve ``node`` prefetch ``env`` and wait until they are done;
     one line per relay ("r1: warm, 23 objects, 4 fetched" or "r1: failed: ...")."""
     request = pb.PrefetchRequest(environment=env, nodes=[node], requested_by=f"slurm helper on {node}")
     out = []
-    for p in admin.Prefetch(request, timeout=timeout):
+    for p in client.stream(client.admin.Prefetch, request, timeout):
         s = p.status
         if s.done:
             what = (

@@ -24,14 +24,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
-
 from slim.plugin.access import Slurm, backend
 from slim.plugin.config import slurm_feature
+from slim.rpc import CoreClient
 from slim.v1 import core_pb2 as pb
-from slim.v1 import core_pb2_grpc as pb_grpc
 
-CALL_TIMEOUT = 15.0
 _TOKEN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*=[A-Za-z0-9_.]+")
 
 
@@ -49,13 +46,11 @@ def job_environment(constraints: str, features: dict[str, str]) -> str | None:
     return asked[0] if asked else None
 
 
-def prefetch(
-    admin: pb_grpc.AdminStub, env: str, nodes: list[str], job: str, timeout: float
-) -> dict[str, str]:
+def prefetch(client: CoreClient, env: str, nodes: list[str], job: str, timeout: float) -> dict[str, str]:
     """Order the prefetch and follow it to the end; relay -> what became of it."""
     request = pb.PrefetchRequest(environment=env, nodes=nodes, requested_by=f"slurm job {job}")
     final: dict[str, str] = {}
-    for p in admin.Prefetch(request, timeout=timeout):
+    for p in client.stream(client.admin.Prefetch, request, timeout):
         s = p.status
         if s.done:
             final[p.relay] = f"failed: {s.error}" if s.error else (
@@ -65,7 +60,7 @@ def prefetch(
 
 
 def wait_for_boots(
-    admin: pb_grpc.AdminStub,
+    client: CoreClient,
     env: str,
     nodes: list[str],
     timeout: float,
@@ -76,7 +71,7 @@ def wait_for_boots(
     node -> failure reason for those that failed (or did not finish within ``timeout``)."""
 
     def boot(node: str) -> pb.BootStatus | None:
-        info = admin.GetNode(pb.GetNodeRequest(node=pb.NodeRef(name=node)), timeout=CALL_TIMEOUT)
+        info = client.call(client.admin.GetNode, pb.GetNodeRequest(node=pb.NodeRef(name=node)))
         return info.boot if info.HasField("boot") else None
 
     # a node already up in env is ready; any other waits for a boot newer than the one now
@@ -112,9 +107,8 @@ def run(
     prefetch_timeout: float = 600.0,
     boot_timeout: float = 900.0,
 ) -> Outcome:
-    with grpc.insecure_channel(core) as channel:
-        admin = pb_grpc.AdminStub(channel)
-        envs = admin.ListEnvironments(pb.ListEnvironmentsRequest(), timeout=CALL_TIMEOUT).environments
+    with CoreClient(core) as client:
+        envs = client.call(client.admin.ListEnvironments, pb.ListEnvironmentsRequest()).environments
         env = job_environment(constraints, {slurm_feature(e.feature): e.name for e in envs})
         if env is None:
             say(f"job {job}: no execution environment asked for ({constraints or 'no constraints'})")
@@ -122,10 +116,10 @@ def run(
         slurm = slurm or backend()
         nodes = slurm.hostnames(nodelist)
         say(f"job {job}: {env} on {', '.join(nodes)}; prefetching on their relays")
-        warmed = prefetch(admin, env, nodes, job, prefetch_timeout)
+        warmed = prefetch(client, env, nodes, job, prefetch_timeout)
         for relay, what in sorted(warmed.items()):
             say(f"job {job}: relay {relay}: {what}")
-        failed = wait_for_boots(admin, env, nodes, boot_timeout, lambda m: say(f"job {job}: {m}"))
+        failed = wait_for_boots(client, env, nodes, boot_timeout, lambda m: say(f"job {job}: {m}"))
     for node, reason in sorted(failed.items()):
         say(f"job {job}: {node} DOWN: {reason}")
         slurm.set_down(node, reason)

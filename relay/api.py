@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,24 +32,21 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from slim.errors import InvalidArgument, Overloaded, SlimError
 from slim.relay.corelink import CoreLink
+from slim.rpc import policy_name, tier_name
 from slim.v1 import core_pb2 as pb
+from slim.vocabulary import MAX_EVENT_TEXT, MAX_TIMESTAMP_SECONDS, names_a_mac
 
 log = logging.getLogger(__name__)
 
-MAC_RE = re.compile(r"(?:[0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}")
 MAX_EVENTS = 1000
 MAX_BODY = 1 << 20
-MAX_TEXT = 1024
-MAX_TIME = 253_402_300_799.0
 
-POLICY = {pb.POLICY_RAM: "ram", pb.POLICY_DISK: "disk", pb.POLICY_SYNC: "sync", pb.POLICY_NFS: "nfs"}
-TIER = {pb.RELAY_TIER_SITE: "site", pb.RELAY_TIER_PARENT: "parent", pb.RELAY_TIER_OTHER: "other"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def node_ref(text: str) -> pb.NodeRef:
-    return pb.NodeRef(mac=text) if MAC_RE.fullmatch(text) else pb.NodeRef(name=text)
+    return pb.NodeRef(mac=text) if names_a_mac(text) else pb.NodeRef(name=text)
 
 
 def _obj(ref: pb.ObjectRef, present: bool) -> dict[str, Any] | None:
@@ -62,7 +58,7 @@ def relay_json(r: pb.RankedRelay) -> dict[str, Any]:
         "name": r.name,
         "urls": list(r.urls),
         "site": r.site,
-        "tier": TIER.get(r.tier, "other"),
+        "tier": tier_name(r.tier),
         "score": r.score,
         "heartbeat_seen": r.heartbeat_seen,
     }
@@ -81,7 +77,7 @@ def plan_json(p: pb.BootPlan) -> dict[str, Any]:
         "directories": [
             {
                 "path": d.path,
-                "policy": POLICY.get(d.policy, "unspecified"),
+                "policy": policy_name(d.policy, "unspecified"),
                 "archive": _obj(d.archive, d.HasField("archive")),
                 "manifest": _obj(d.manifest, d.HasField("manifest")),
                 "nfs": (
@@ -121,8 +117,8 @@ def event_from_json(node: str, relay: str, rec: Any, index: int) -> pb.BootEvent
             raise InvalidArgument(f"{where}: {key} must be a string")
         if required and not value:
             raise InvalidArgument(f"{where}: {key} is required")
-        if len(value) > MAX_TEXT:
-            raise InvalidArgument(f"{where}: {key} is longer than {MAX_TEXT} characters")
+        if len(value) > MAX_EVENT_TEXT:
+            raise InvalidArgument(f"{where}: {key} is longer than {MAX_EVENT_TEXT} characters")
         return value
 
     if rec.get("node", node) != node:
@@ -145,7 +141,12 @@ def event_from_json(node: str, relay: str, rec: Any, index: int) -> pb.BootEvent
     )
     if "time" in rec:
         t = rec["time"]
-        if isinstance(t, bool) or not isinstance(t, int | float) or not (0 <= t <= MAX_TIME) or math.isnan(t):
+        if (
+            isinstance(t, bool)
+            or not isinstance(t, int | float)
+            or not (0 <= t <= MAX_TIMESTAMP_SECONDS)
+            or math.isnan(t)
+        ):
             raise InvalidArgument(f"{where}: time must be seconds since 1970 (a number)")
         ts = Timestamp()
         ts.FromNanoseconds(int(t * 1e9))
@@ -190,7 +191,7 @@ class NodeApi:
 
     async def boot_script(self, request: web.Request) -> web.StreamResponse:
         mac = request.match_info["mac"]
-        if not MAC_RE.fullmatch(mac):
+        if not names_a_mac(mac):
             raise InvalidArgument(f"{mac[:40]!r} is not a MAC address")
         req = pb.GetBootScriptRequest(mac=mac, origin=self._origin(request), format=pb.SCRIPT_FORMAT_IPXE)
         script = await self.link.call(self.link.core.GetBootScript, req)
@@ -220,7 +221,7 @@ class NodeApi:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         node = request.match_info["node"]
-        if MAC_RE.fullmatch(node):
+        if names_a_mac(node):
             raise InvalidArgument("report events under the node's name (the plan names it), not its MAC")
         if request.content_length is not None and request.content_length > MAX_BODY:
             raise InvalidArgument(f"body larger than {MAX_BODY} bytes")

@@ -1,7 +1,7 @@
 """The relay's side of the core's gRPC contract: calls, heartbeats, orders.
 
-* :class:`CoreLink` makes unary calls with a deadline and maps gRPC statuses
-  to :mod:`slim.errors` (a core that cannot be reached is ``Unavailable``).
+* :class:`CoreLink` makes unary calls with a deadline; a failed call raises the
+  core's error (:mod:`slim.rpc`; a core that cannot be reached is ``Unreachable``).
 * :meth:`CoreLink.heartbeats` keeps one heartbeat stream open for the relay's
   life: a beat every interval the core asks for, with ±20 % jitter so that
   relays restarted together do not beat together; early beats when prefetch
@@ -19,9 +19,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from slim.errors import FailedPrecondition, InvalidArgument, NotFound, SlimError, Unavailable
+from slim.rpc import AsyncCoreClient
 from slim.v1 import core_pb2 as pb
-from slim.v1 import core_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -31,53 +30,26 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 JITTER = 0.2
 
-_STATUS: dict[grpc.StatusCode, type[SlimError]] = {
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-}
-
-
-def map_rpc_error(exc: grpc.aio.AioRpcError, address: str) -> SlimError:
-    code = exc.code()
-    cls = _STATUS.get(code)
-    if cls is not None:
-        return cls(exc.details() or code.name)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-        return Unavailable(f"core at {address} unreachable: {exc.details() or code.name}")
-    return Unavailable(f"core at {address} failed: {code.name}: {exc.details()}")
-
 
 class CoreLink:
+    """The relay's connection to the core: one channel for its life (kept alive), unary
+    calls with a deadline, the heartbeat stream."""
+
     def __init__(self, address: str, timeout: float = CALL_TIMEOUT) -> None:
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(
-            address,
-            options=[
-                ("grpc.keepalive_time_ms", 20_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.http2.max_pings_without_data", 0),
-                ("grpc.keepalive_permit_without_calls", 1),
-            ],
-        )
-        self.core = pb_grpc.CoreStub(self.channel)
+        self.client = AsyncCoreClient(address, timeout, keepalive=True)
+        self.core = self.client.core
         self.connected = False  # a heartbeat stream is open
 
     async def close(self) -> None:
-        await self.channel.close(grace=None)
+        await self.client.close()
 
     async def call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
-        try:
-            return await method(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise map_rpc_error(exc, self.address) from None
+        return await self.client.call(method, request)
 
     async def report_events(self, events: Sequence[pb.BootEvent]) -> int:
-        try:
-            resp = await self.core.ReportBootEvents(iter(events), timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise map_rpc_error(exc, self.address) from None
+        resp = await self.client.send(self.core.ReportBootEvents, events)
         return resp.accepted
 
     async def heartbeats(

@@ -14,14 +14,25 @@ from typing import ClassVar
 
 
 class SlimError(Exception):
-    """Base of every error SLIM raises on purpose."""
+    """Base of every error SLIM raises on purpose.
+
+    An error that came back from another SLIM process over gRPC (:mod:`slim.rpc`)
+    knows where from: ``origin`` is that server's address and ``status`` the status
+    code it answered with."""
 
     http_status: ClassVar[int] = 500
     grpc_code: ClassVar[str] = "INTERNAL"
+    origin: str = ""
+    status: str = ""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    @classmethod
+    def from_message(cls, message: str) -> SlimError:
+        """An error of this class with only its message (what travels over gRPC)."""
+        return cls(message)
 
     def __str__(self) -> str:
         return self.message
@@ -70,6 +81,19 @@ class Overloaded(Unavailable):
         self.retry_after = retry_after
 
 
+class Unreachable(Unavailable):
+    """A server (the core) could not be reached, or did not answer in time."""
+
+    def __init__(self, address: str, details: str) -> None:
+        super().__init__(f"core at {address} unreachable: {details}")
+        self.address = address
+        self.details = details
+
+    @classmethod
+    def from_message(cls, message: str) -> SlimError:
+        return Unavailable(message)
+
+
 class BadGateway(SlimError):
     """An upstream (parent relay, the core's store) failed or sent bad bytes."""
 
@@ -99,3 +123,13 @@ class ConfigError(InvalidArgument):
         lines = "\n".join(f"  {p}" for p in problems)
         noun = "problem" if len(problems) == 1 else "problems"
         super().__init__(f"{len(problems)} {noun} in configuration:\n{lines}")
+
+    @classmethod
+    def from_message(cls, message: str) -> SlimError:
+        return InvalidArgument(message)  # the problems themselves do not travel
+
+
+def error_class(name: str) -> type[SlimError] | None:
+    """The error class of this module called ``name`` (how gRPC errors name theirs)."""
+    found = globals().get(name)
+    return found if isinstance(found, type) and issubclass(found, SlimError) else None

@@ -11,7 +11,7 @@ import grpc
 import pytest
 import uvloop
 
-from labs.controlplane import publish_placeholder_releases
+from labs.placeholders import publish_placeholder_releases
 from slim.core.control.redirect import Redirector
 from slim.core.control.server import CoreServer
 from slim.core.control.service import CoreService

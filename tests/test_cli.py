@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import queue
 import re
 import signal
@@ -21,6 +20,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from labs.host import lab_env
 from slim.cli import main
 from slim.core.store import Store
 from tests.support import ROOT, TEST_REGISTRY, Served, read_address, start_core, stop
@@ -188,10 +188,10 @@ def unused_tcp_port() -> int:
 
 
 def test_demo_runs() -> None:
-    """The control-plane demo (`slim demo --control-plane`): a core and its answers."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """The control-plane demo (`./run demo --control-plane`): a core and its answers."""
+    env = {**lab_env(), "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "slim.cli", "demo", "--control-plane"],
+        [sys.executable, "-m", "labs.controlplane"],
         capture_output=True,
         text=True,
         timeout=120,

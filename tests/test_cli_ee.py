@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from labs.host import free_port
+from labs.host import free_port, lab_env
 from labs.table2 import TABLE2
 from slim.core.daemons.nfs import pseudo_path
 from slim.core.store import Store
@@ -28,9 +28,21 @@ def _slim(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     )
 
 
+def _table2(*args: str) -> subprocess.CompletedProcess[str]:
+    """The Table-2 generator's command (a lab: ``python -m labs.table2``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "labs.table2", *args],
+        capture_output=True,
+        text=True,
+        env=lab_env(),
+        timeout=120,
+        check=False,
+    )
+
+
 def test_table2_then_profile(tmp_path: Path) -> None:
     image = tmp_path / "t2"
-    made = _slim("ee", "table2", str(image), "--scale", "0.002", "--seed", "3")
+    made = _table2(str(image), "--scale", "0.002", "--seed", "3")
     assert made.returncode == 0, made.stderr
     assert "/usr" in made.stdout
     prof = _slim("profile", str(image), "--json")
@@ -40,7 +52,7 @@ def test_table2_then_profile(tmp_path: Path) -> None:
         assert rows[row.path]["files"] == row.scaled_files(0.002)
         assert rows[row.path]["bytes"] == row.scaled_bytes(0.002)
         assert rows[row.path]["policy"] == ("nfs" if row.access == "read-only" else "ram")
-    again = _slim("ee", "table2", str(image), "--scale", "0.002")
+    again = _table2(str(image), "--scale", "0.002")
     assert again.returncode == 1 and "not empty" in again.stderr
     snippet = _slim("profile", str(image), "--snippet")
     assert snippet.returncode == 0 and "/usr: nfs" in snippet.stdout

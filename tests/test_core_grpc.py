@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from labs.controlplane import publish_placeholder_releases
+from labs.placeholders import publish_placeholder_releases
 from slim.core.control.service import CoreService
 from slim.core.store import Store
 from slim.v1 import core_pb2 as pb

@@ -24,32 +24,21 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from slim.core.control import service as dom
 from slim.core.control.redirect import RankedRelay
 from slim.core.control.relayhub import RelayHub
-from slim.core.control.state import MAX_TEXT, BootEvent
+from slim.core.control.state import BootEvent
 from slim.errors import FailedPrecondition, InvalidArgument, SlimError, Unavailable
 from slim.release import ObjectRef
+from slim.rpc import MAX_MESSAGE_BYTES, POLICY_TO_PB, TIER_TO_PB, error_metadata, status_code
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
-from slim.vocabulary import Policy, Tier
+from slim.vocabulary import MAX_STORED_TEXT, MAX_TIMESTAMP_SECONDS, Policy
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
 MAX_EVENTS_PER_STREAM = 10_000
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 _CACHE_SIZE = 4096  # entries in the message cache below; cleared when full
 
-POLICY_TO_PB = {
-    Policy.RAM: pb.POLICY_RAM,
-    Policy.DISK: pb.POLICY_DISK,
-    Policy.SYNC: pb.POLICY_SYNC,
-    Policy.NFS: pb.POLICY_NFS,
-}
-TIER_TO_PB = {
-    Tier.SITE: pb.RELAY_TIER_SITE,
-    Tier.PARENT: pb.RELAY_TIER_PARENT,
-    Tier.OTHER: pb.RELAY_TIER_OTHER,
-}
 FORMATS = {
     pb.SCRIPT_FORMAT_UNSPECIFIED: "ipxe",
     pb.SCRIPT_FORMAT_IPXE: "ipxe",
@@ -60,7 +49,7 @@ FORMATS = {
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, method: str) -> None:
     if isinstance(exc, SlimError):
         log.info("%s: %s: %s", method, exc.grpc_code, exc.message)
-        await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+        await context.abort(status_code(exc), exc.message, trailing_metadata=error_metadata(exc))
     log.exception("%s: unexpected error", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (see the core's log)")
 
@@ -84,7 +73,6 @@ def unary(
 
 
 # protobuf Timestamps span 0001-01-01 to 9999-12-31; boot events must lie after 1970
-MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
 
 def _ts(seconds: float) -> Timestamp:
@@ -310,15 +298,15 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
             # text is cut as it arrives, so a stream holds at most MAX_EVENTS_PER_STREAM small events
             events.append(
                 BootEvent(
-                    e.node[:MAX_TEXT],
-                    e.boot_id[:MAX_TEXT],
-                    e.stage[:MAX_TEXT],
+                    e.node[:MAX_STORED_TEXT],
+                    e.boot_id[:MAX_STORED_TEXT],
+                    e.stage[:MAX_STORED_TEXT],
                     when,
-                    e.relay[:MAX_TEXT],
+                    e.relay[:MAX_STORED_TEXT],
                     min(e.bytes, 2**63 - 1),
                     e.ok,
-                    e.message[:MAX_TEXT],
-                    e.environment[:MAX_TEXT],
+                    e.message[:MAX_STORED_TEXT],
+                    e.environment[:MAX_STORED_TEXT],
                 )
             )
         accepted = await self.write(self.service.report_events, events)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slim.errors import FailedPrecondition, InvalidArgument
+from slim.vocabulary import MAX_STORED_TEXT
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the first schema
@@ -59,7 +60,6 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 EVENT_COLUMNS = "node, boot_id, stage, time, relay, bytes, ok, message, environment"
-MAX_TEXT = 4096  # longest stage/message/relay text kept from a report
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class State:
     # -- next-boot overrides -------------------------------------------------
     def set_next_boot(self, node: str, environment: str, set_by: str, now: float | None = None) -> NextBoot:
         nb = NextBoot(
-            node, environment, (set_by or "unknown")[:MAX_TEXT], time.time() if now is None else now
+            node, environment, (set_by or "unknown")[:MAX_STORED_TEXT], time.time() if now is None else now
         )
         with self._tx() as db:
             db.execute(
@@ -192,14 +192,14 @@ class State:
                 [
                     (
                         e.node,
-                        e.boot_id[:MAX_TEXT],
-                        e.stage[:MAX_TEXT],
+                        e.boot_id[:MAX_STORED_TEXT],
+                        e.stage[:MAX_STORED_TEXT],
                         e.time,
-                        e.relay[:MAX_TEXT],
+                        e.relay[:MAX_STORED_TEXT],
                         e.bytes,
                         int(e.ok),
-                        e.message[:MAX_TEXT],
-                        e.environment[:MAX_TEXT],
+                        e.message[:MAX_STORED_TEXT],
+                        e.environment[:MAX_STORED_TEXT],
                         received,
                     )
                     for e in events
@@ -255,7 +255,7 @@ class State:
                     beat.egress_bps,
                     beat.cache_bytes,
                     int(beat.healthy),
-                    beat.message[:MAX_TEXT],
+                    beat.message[:MAX_STORED_TEXT],
                     beat.last_seen,
                 ),
             )

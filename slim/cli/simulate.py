@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 import click
 from rich.table import Table
 
-from slim.cli_common import console, errors_to_exit, json_option
+from slim.cli.common import console, errors_to_exit, json_option
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -1,24 +1,29 @@
 """What every ``slim`` command shares: output consoles, the error exit, common
-options and progress display.  Only the CLI modules exit the process."""
+options, the core's client, time stamps, JSON output and progress display.  Only
+the CLI modules exit the process."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 import click
-import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from slim.errors import ConfigError, SlimError
+from slim.errors import ConfigError, SlimError, Unreachable
+from slim.rpc import CoreClient
 
 # Tables are read in terminals and in logs: when output is not a terminal, do
 # not wrap at 80 columns.
@@ -34,19 +39,32 @@ def fail(message: str) -> None:
 
 @contextmanager
 def errors_to_exit() -> Iterator[None]:
-    """Turn SLIM errors and gRPC failures into a one-line message and exit 1."""
+    """Turn SLIM errors (the core's too) into a one-line message and exit 1."""
     try:
         yield
     except ConfigError as exc:
         fail(str(exc))
+    except Unreachable as exc:
+        fail(f"cannot reach the core at {exc.address}: {exc.details}")
     except SlimError as exc:
-        fail(exc.message)
-    except grpc.RpcError as exc:
-        code: grpc.StatusCode = exc.code()
-        details: str = exc.details() or ""
-        if code is grpc.StatusCode.UNAVAILABLE:
-            fail(f"cannot reach the core: {details}")
-        fail(f"{details} ({code.name})")
+        # the core's answer says which status it was, as gRPC names it
+        fail(f"{exc.message} ({exc.status})" if exc.origin else exc.message)
+
+
+def core_client(address: str) -> CoreClient:
+    """The core's client for the commands that ask it (``--core``)."""
+    return CoreClient(address)
+
+
+def timestamp(ts: Any) -> str:
+    """A protobuf Timestamp as ``2026-11-25 02:30:01`` (UTC); ``-`` if unset."""
+    if not ts.seconds and not ts.nanos:
+        return "-"
+    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def print_json(msg: Message) -> None:
+    click.echo(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), indent=2, sort_keys=True))
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -79,6 +97,13 @@ core_option = click.option(
     default=DEFAULT_CORE,
     show_default=True,
     help="Address of the SLIM core's gRPC service (HOST:PORT or unix:PATH); also $SLIM_CORE.",
+)
+origin_option = click.option(
+    "--from",
+    "origin",
+    required=True,
+    metavar="ADDRESS",
+    help="The node's address as a relay would see it (IPv4 or IPv6); picks the site.",
 )
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print the answer as JSON instead of a table."

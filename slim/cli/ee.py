@@ -1,5 +1,6 @@
-"""``slim ee import|build|verify|table2``, ``slim profile`` and ``slim nfs``: the
-commands that work on images and the store directly, on the core's host."""
+"""``slim ee``: environments: what the core knows of them (list, show), and the commands
+that work on images and the store directly, on the core's host (import, build, verify);
+``slim profile``: the paper's Table 2 for an image."""
 
 from __future__ import annotations
 
@@ -10,15 +11,66 @@ from typing import Any
 import click
 from rich.table import Table
 
-from slim.cli_common import (
+from slim.cli.common import (
     StageProgress,
     console,
+    core_client,
+    core_option,
     errors_to_exit,
     fail,
     json_option,
+    print_json,
     registry_option,
     store_option,
 )
+from slim.rpc import policy_name
+from slim.v1 import core_pb2 as pb
+
+
+@click.group()
+def ee() -> None:
+    """Execution environments: import images, build releases, verify; list and show (from the core)."""
+
+
+@ee.command("list")
+@core_option
+@json_option
+def ee_list(core_address: str, as_json: bool) -> None:
+    """List the environments, their Slurm feature and their current release."""
+    client = core_client(core_address)
+    with errors_to_exit():
+        resp = client.call(client.admin.ListEnvironments, pb.ListEnvironmentsRequest())
+    if as_json:
+        print_json(resp)
+        return
+    table = Table("environment", "feature", "release", "directories", "description")
+    for e in resp.environments:
+        dirs = " ".join(f"{d.path}={policy_name(d.policy)}" for d in e.directories)
+        table.add_row(e.name, e.feature, e.release_digest[:19] or "(not built)", dirs, e.description)
+    console.print(table)
+
+
+@ee.command("show")
+@click.argument("name")
+@core_option
+@json_option
+def ee_show(name: str, core_address: str, as_json: bool) -> None:
+    """Show environment NAME: image, kernel, per-directory policies, release."""
+    client = core_client(core_address)
+    with errors_to_exit():
+        e = client.call(client.admin.GetEnvironment, pb.GetEnvironmentRequest(name=name))
+    if as_json:
+        print_json(e)
+        return
+    console.print(f"[bold]{e.name}[/]  {e.description}")
+    console.print(f"  feature      {e.feature}")
+    console.print(f"  image        {e.image}")
+    console.print(f"  kernel       {e.kernel}  {e.kernel_args}")
+    console.print(f"  release      {e.release_digest or '(not built)'}")
+    table = Table("directory", "policy", "mount options")
+    for d in e.directories:
+        table.add_row(d.path, policy_name(d.policy), d.options)
+    console.print(table)
 
 
 def _mb(n: int) -> str:
@@ -30,7 +82,7 @@ def _short(digest: str | None) -> str:
 
 
 # -- slim ee import ---------------------------------------------------------------
-@click.command("import")
+@ee.command("import")
 @click.argument("name")
 @click.option(
     "--from",
@@ -172,7 +224,7 @@ def _build_json(res: Any) -> dict[str, Any]:
     }
 
 
-@click.command("build")
+@ee.command("build")
 @click.argument("names", nargs=-1, metavar="NAME...")
 @click.option("--all", "build_all", is_flag=True, help="Build every environment of the registry.")
 @registry_option
@@ -260,7 +312,7 @@ def ee_build(
 
 
 # -- slim ee verify -----------------------------------------------------------------
-@click.command("verify")
+@ee.command("verify")
 @click.argument("names", nargs=-1, metavar="[NAME]...")
 @registry_option
 @store_option
@@ -337,124 +389,3 @@ def profile(image: str, registry_path: Path, copy_policy: str, snippet: bool, as
         console.print(render_table(result))
         console.print("\nRegistry snippet (paste under environments.<name>):\n")
         console.print(result.registry_snippet(indent=2), markup=False, highlight=False)
-
-
-# -- slim ee table2 -------------------------------------------------------------------
-@click.command("table2")
-@click.argument("target", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--scale",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="Fraction of the paper's file counts and sizes (1.0: 173k files, about 2.4 GB).",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed: same seed and scale, same tree.")
-def ee_table2(target: Path, scale: float, seed: int) -> None:
-    """Write a synthetic image into TARGET (empty or missing) with the file counts and sizes
-    per directory of the paper's Table 2 (Fedora Core 1), for benchmarks and tests."""
-    from labs.table2 import generate
-
-    with errors_to_exit(), StageProgress() as progress:
-        rows = generate(target, scale, seed, lambda done, total: progress("files", done, total))
-    table = Table(title=f"Table-2 image at {target} (scale {scale:g}, seed {seed})", title_justify="left")
-    for col in ("directory", "files", "MB (2^20 bytes)"):
-        table.add_column(col, justify="left" if col == "directory" else "right")
-    for row in rows:
-        table.add_row(row.path, str(row.files), f"{row.bytes / 2**20:.1f}")
-    console.print(table)
-
-
-# -- slim nfs -------------------------------------------------------------------------
-@click.group()
-def nfs() -> None:
-    """Read-only NFSv4 exports of the environments' nfs directories (nfs-ganesha)."""
-
-
-listen_option = click.option(
-    "--listen",
-    default="0.0.0.0:2049",
-    show_default=True,
-    help="Address and TCP port ganesha listens on (HOST:PORT, [V6]:PORT).",
-)
-clients_option = click.option(
-    "--clients",
-    default=None,
-    metavar="CIDR|HOST,...",
-    help="Only these clients may mount (default: every client).",
-)
-workdir_option = click.option(
-    "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("/var/lib/slim/nfs"),
-    show_default=True,
-    help="The server's own directory: ganesha.conf, log, pid file, recovery data, export ids.",
-)
-
-
-@nfs.command("config")
-@registry_option
-@store_option
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["ganesha", "exports"]),
-    default="ganesha",
-    show_default=True,
-    help="ganesha: nfs-ganesha configuration; exports: kernel nfsd /etc/exports lines.",
-)
-@listen_option
-@clients_option
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="A 'slim nfs serve' work directory: include the trees that server still exports, with their ids.",
-)
-def nfs_config(
-    registry_path: Path,
-    store_path: Path,
-    fmt: str,
-    listen: str,
-    clients: str | None,
-    workdir: Path | None,
-) -> None:
-    """Print the NFS configuration for every environment's current nfs trees (NFSv4, TCP, read-only)."""
-    from slim.core.daemons.nfs import parse_clients, parse_listen, render_config
-
-    with errors_to_exit():
-        bind, port = parse_listen(listen)
-        text = render_config(
-            registry_path,
-            store_path,
-            fmt="exports" if fmt == "exports" else "ganesha",
-            workdir=workdir,
-            bind=bind,
-            port=port,
-            clients=parse_clients(clients),
-        )
-    click.echo(text, nl=False)
-
-
-@nfs.command("serve")
-@registry_option
-@store_option
-@listen_option
-@clients_option
-@workdir_option
-def nfs_serve(registry_path: Path, store_path: Path, listen: str, clients: str | None, workdir: Path) -> None:
-    """Run nfs-ganesha with the rendered configuration and supervise it until SIGTERM/SIGINT.
-
-    Restarts ganesha if it dies; re-renders when the registry or an environment's
-    release changes (and at SIGHUP) and makes ganesha pick the change up.  Prints
-    "listening on HOST:PORT" once ganesha accepts connections.
-    """
-    from slim.core.daemons.nfs import parse_clients, parse_listen, serve
-
-    with errors_to_exit():
-        bind, port = parse_listen(listen)
-
-        def ready(server: Any) -> None:
-            click.echo(f"listening on {bind}:{port}")
-
-        serve(registry_path, store_path, workdir, bind, port, parse_clients(clients), ready=ready)

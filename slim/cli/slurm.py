@@ -6,9 +6,8 @@ import sys
 from pathlib import Path
 
 import click
-import grpc
 
-from slim.cli_common import core_option, errors_to_exit, fail, registry_option
+from slim.cli.common import core_client, core_option, errors_to_exit, fail, registry_option
 from slim.errors import SlimError
 
 node_option = click.option(
@@ -57,15 +56,6 @@ def slurm() -> None:
     help="Where the PrologSlurmctld logs what it does (slurmctld does not keep its output).",
 )
 @click.option(
-    "--simulate-reboots",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="For tests: reboots are simulated, each node's EE is built under DIR/NODE (needs --relay).",
-)
-@click.option(
-    "--relay", default=None, help="With --simulate-reboots: the relay the simulated nodes boot from."
-)
-@click.option(
     "--resume-timeout",
     type=click.IntRange(30, 86400),
     default=900,
@@ -79,8 +69,6 @@ def slurm_config(
     slurm_conf: Path,
     reboot_command: str,
     prolog_log: Path,
-    simulate_reboots: Path | None,
-    relay: str | None,
     resume_timeout: int,
 ) -> None:
     """Write the Slurm files for the registry's environments into --out.
@@ -96,14 +84,11 @@ def slurm_config(
     from slim.plugin.reboot import expand
 
     out = out or slurm_conf.parent
-    if (simulate_reboots is None) != (relay is None):
-        fail("--simulate-reboots and --relay go together")
-    simulate = (simulate_reboots.absolute(), relay or "") if simulate_reboots is not None else None
     with errors_to_exit():
         expand(reboot_command, "n1")
         files = render(
             load_registry(registry_path), directory=out.absolute(), core=core_address, slurm_conf=slurm_conf,
-            reboot=reboot_command, simulate=simulate, prolog_log=prolog_log.absolute(),
+            reboot=reboot_command, prolog_log=prolog_log.absolute(),
             resume_timeout=resume_timeout, source=str(registry_path),
         )  # fmt: skip
         for path in write(files, out):
@@ -126,25 +111,23 @@ def slurm_helper(feature: str | None, node: str | None, core_address: str, prefe
     """node_features/helpers: with no FEATURE print the node's active EE feature (only once
     its boot into it completed); with FEATURE (ee=NAME) make NAME the node's next boot."""
     from slim.plugin.helper import active_features, node_name, stage_next_boot, warm_relays
-    from slim.v1 import core_pb2_grpc as pb_grpc
 
     name = node_name(node)
-    with grpc.insecure_channel(core_address) as channel, errors_to_exit():
-        admin = pb_grpc.AdminStub(channel)
+    with errors_to_exit(), core_client(core_address) as client:
         if feature is None:
-            shown, note = active_features(admin, name)
+            shown, note = active_features(client, name)
             for f in shown:
                 click.echo(f)
             if note:
                 click.echo(note, err=True)
             return
-        env = stage_next_boot(admin, name, feature)
+        env = stage_next_boot(client, name, feature)
         click.echo(f"slim: {name} boots {env} next", err=True)
         try:
-            for line in warm_relays(admin, name, env, prefetch_timeout):
+            for line in warm_relays(client, name, env, prefetch_timeout):
                 click.echo(f"slim: prefetch for {name}: {line}", err=True)
-        except grpc.RpcError as exc:  # the boot still works, from colder relays
-            click.echo(f"slim: prefetch for {name} not finished: {exc.details()}", err=True)
+        except SlimError as exc:  # the boot still works, from colder relays
+            click.echo(f"slim: prefetch for {name} not finished: {exc.message}", err=True)
 
 
 @slurm.command("prolog")
@@ -187,45 +170,29 @@ def slurm_prolog(core_address: str, log_file: Path | None, boot_timeout: float) 
             core_address, job, os.environ.get("SLURM_JOB_CONSTRAINTS", ""),
             os.environ.get("SLURM_JOB_NODELIST", ""), say, boot_timeout=boot_timeout,
         )  # fmt: skip
-    except (grpc.RpcError, SlimError) as exc:
-        say(f"job {job}: failed: {exc.details() if isinstance(exc, grpc.RpcError) else exc}")
+    except SlimError as exc:
+        say(f"job {job}: failed: {exc.message}")
         sys.exit(1)
     sys.exit(1 if outcome.failed else 0)
 
 
 @slurm.command("reboot")
 @click.option(
-    "--command", "command", default="systemctl reboot", show_default=True, help="The reboot action."
+    "--command",
+    "command",
+    default="systemctl reboot",
+    show_default=True,
+    help="The reboot action, run with /bin/sh; {node} in it is the node's name.",
 )
-@click.option(
-    "--simulate",
-    "simulate_root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="For tests: no power action; stop this node's slurmd, rebuild its EE under SIMULATE/NODE "
-    "with the agent (no-reboot mode), start slurmd -b again.",
-)
-@click.option("--relay", default=None, help="With --simulate: the relay the agent boots from.")
 @node_option
-def slurm_reboot(command: str, simulate_root: Path | None, relay: str | None, node: str | None) -> None:
+def slurm_reboot(command: str, node: str | None) -> None:
     """RebootProgram: reboot this node (into the EE the helper staged) with --command
-    ({node} in it is the node's name)."""
-    import os
-
+    ({node} in it is the node's name); exits with the command's status."""
     from slim.plugin.helper import node_name
-    from slim.plugin.reboot import run, simulate
+    from slim.plugin.reboot import run
 
-    name = node_name(node)
-    if simulate_root is not None:
-        if relay is None:
-            fail("--simulate needs --relay")
-        try:
-            simulate(name, simulate_root, relay or "", os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
-        except ValueError as exc:
-            fail(str(exc))
-        return
     try:
-        code = run(command, name)
+        code = run(command, node_name(node))
     except ValueError as exc:
         fail(str(exc))
     sys.exit(code)

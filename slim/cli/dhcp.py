@@ -1,4 +1,4 @@
-"""``slim dhcp`` (dnsmasq from the registry) and ``slim serve`` (everything on one machine)."""
+"""``slim dhcp``: the network configuration service, dnsmasq from the registry."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from slim.cli_common import errors_to_exit, log_level_option, registry_option, setup_logging
+from slim.cli.common import errors_to_exit, registry_option, setup_logging
 
 site_option = click.option(
     "--site",
@@ -77,30 +77,3 @@ def dhcp_serve(registry_path: Path, sites: tuple[str, ...], workdir: Path, log_d
 
     with errors_to_exit():
         serve(registry_path, workdir, sites=list(sites) or None, log_dhcp=log_dhcp, ready=ready)
-
-
-@click.command("serve")
-@registry_option
-@click.option(
-    "--state-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where state, store, cache and logs live (default: the registry's server.state_dir).",
-)
-@log_level_option("Logging threshold of the core and the relay (their logs: STATE_DIR/logs/).")
-def serve(registry_path: Path, state_dir: Path | None, log_level: str) -> None:
-    """Run everything one machine needs: core, relay (HTTP + TFTP), NFS and DHCP.
-
-    One registry file configures it all; its 'server' section says where each
-    part listens (docs/registry.md).  nfs-ganesha runs when an environment
-    shares a directory over NFS; dnsmasq when a site has a dhcp section.
-    Prints where each part listens, then "ready".  SIGHUP re-reads the
-    registry; SIGTERM/SIGINT stops everything.  Exits non-zero if a part
-    exits on its own.
-    """
-    from slim import allinone
-
-    setup_logging("info")
-    with errors_to_exit():
-        code = allinone.serve(registry_path, state_dir, log_level)
-    sys.exit(code)

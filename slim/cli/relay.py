@@ -1,0 +1,279 @@
+"""``slim relay``: run a relay, list the relays with their live status, warm them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from slim.cli.common import (
+    StageProgress,
+    console,
+    core_client,
+    core_option,
+    errors_to_exit,
+    json_option,
+    log_level_option,
+    print_json,
+    setup_logging,
+    timestamp,
+)
+from slim.v1 import core_pb2 as pb
+
+
+@click.group()
+def relay() -> None:
+    """Relays: run one, list them with their live status, warm them for an environment."""
+
+
+@relay.command("list")
+@core_option
+@json_option
+def relay_list(core_address: str, as_json: bool) -> None:
+    """List relays with status (live, stale, unhealthy, unknown) and their last heartbeat."""
+    client = core_client(core_address)
+    with errors_to_exit():
+        resp = client.call(client.admin.ListRelays, pb.ListRelaysRequest())
+    if as_json:
+        print_json(resp)
+        return
+    table = Table(
+        "relay", "site", "parent", "capacity", "status", "load", "active", "egress B/s", "last seen"
+    )
+    for r in resp.relays:
+        hb = r.last_heartbeat
+        seen = r.HasField("last_heartbeat")
+        table.add_row(
+            r.name,
+            r.site,
+            r.parent or "-",
+            f"{r.capacity:g}",
+            r.status,
+            f"{hb.load:g}" if seen else "-",
+            str(hb.active_transfers) if seen else "-",
+            f"{hb.egress_bytes_per_second:.0f}" if seen else "-",
+            timestamp(r.last_seen),
+        )
+    console.print(table)
+
+
+@relay.command("serve")
+@click.option(
+    "--name",
+    envvar="SLIM_RELAY_NAME",
+    default="",
+    help="This relay's name in the registry (required with --core); also $SLIM_RELAY_NAME.",
+)
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    required=True,
+    metavar="URL",
+    help="Where missing objects come from: a parent relay or the core's object server "
+    "(slim core serve --objects-listen), as http://HOST:PORT.  Repeat for fallbacks, tried in order.",
+)
+@click.option(
+    "--core",
+    "core_address",
+    envvar="SLIM_CORE",
+    default="",
+    help="The core's gRPC address (host:port): answers the node API, receives heartbeats, sends "
+    "prefetch orders.  Without it the relay only serves objects.  Also $SLIM_CORE.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/var/cache/slim/relay"),
+    show_default=True,
+    help="Where cached objects live (created if missing).",
+)
+@click.option(
+    "--max-bytes",
+    default="20G",
+    show_default=True,
+    help="Cache budget: 20G or 20GiB (powers of 1024), 500GB (powers of 1000).  Least recently used "
+    "objects are evicted; objects of current releases and objects being sent never are.",
+)
+@click.option(
+    "--memory-cache",
+    default="512M",
+    show_default=True,
+    help="Memory for the bytes of small cached objects (up to 128 KiB each), so that hits on them "
+    "cost no file system calls; 0 turns it off.",
+)
+@click.option(
+    "--listen",
+    default="0.0.0.0:8080",
+    show_default=True,
+    help="HOST:PORT for HTTP (objects, node API, /metrics, /healthz); port 0 picks a free port.",
+)
+@click.option(
+    "--tftp-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve stage 1 over TFTP on this UDP port (69 for real PXE; 0 picks a free port).  "
+    "Off when not given.",
+)
+@click.option(
+    "--tftp-listen",
+    default="0.0.0.0",  # noqa: S104 - PXE clients broadcast-discover; every address is the default
+    show_default=True,
+    help="Address for TFTP.",
+)
+@click.option(
+    "--ipxe-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/usr/lib/ipxe"),
+    show_default=True,
+    help="Where the iPXE binaries served over TFTP are (Debian's ipxe package: undionly.kpxe, ipxe.efi).",
+)
+@click.option(
+    "--max-transfers",
+    type=click.IntRange(1),
+    default=1024,
+    show_default=True,
+    help="Object responses at once; more get 503 with Retry-After.",
+)
+@click.option(
+    "--max-fetches",
+    type=click.IntRange(1),
+    default=16,
+    show_default=True,
+    help="Upstream fetches at once (more wait their turn).",
+)
+@click.option(
+    "--access-log", is_flag=True, help="Log every HTTP request (off by default: it costs throughput)."
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM/SIGINT: seconds running transfers may take to finish.",
+)
+@log_level_option()
+def relay_serve(
+    name: str,
+    upstreams: tuple[str, ...],
+    core_address: str,
+    cache_dir: Path,
+    max_bytes: str,
+    memory_cache: str,
+    listen: str,
+    tftp_port: int | None,
+    tftp_listen: str,
+    ipxe_dir: Path,
+    max_transfers: int,
+    max_fetches: int,
+    access_log: bool,
+    grace: float,
+    log_level: str,
+) -> None:
+    """Run a relay: an edge cache of objects, the node API, and TFTP for stage 1.
+
+    Objects (GET/HEAD /objects/sha256/<hex>) come from the cache or, once per
+    object however many nodes ask, from the first upstream that has them,
+    verified while they stream.  Nodes ask the relay for their boot script,
+    plan and relays, and report boot events; the relay asks the core.
+
+    Prints "listening on HOST:PORT" (and "tftp on HOST:PORT") on standard output
+    once it serves.  SIGTERM or SIGINT stops it gracefully.
+    """
+    import uvloop
+
+    from slim.relay.server import RelayConfig, RelayServer, serve
+    from slim.vocabulary import parse_size
+
+    setup_logging(log_level)
+    with errors_to_exit():
+        config = RelayConfig(
+            upstreams=list(upstreams),
+            cache_dir=cache_dir,
+            max_bytes=parse_size(max_bytes),
+            memory_bytes=0 if memory_cache.strip() in ("0", "") else parse_size(memory_cache),
+            name=name,
+            core=core_address,
+            listen=listen,
+            tftp_listen=f"{tftp_listen}:{tftp_port}" if tftp_port is not None else "",
+            ipxe_dir=ipxe_dir,
+            max_transfers=max_transfers,
+            max_fetches=max_fetches,
+            access_log=access_log,
+        )
+
+        def ready(r: RelayServer) -> None:
+            click.echo(f"listening on {r.host}:{r.port}")
+            if r.tftp_port:
+                click.echo(f"tftp on {tftp_listen}:{r.tftp_port}")
+            sys.stdout.flush()
+
+        uvloop.run(serve(config, grace, ready))
+
+
+@relay.command("prefetch")
+@click.argument("environment")
+@click.option("--relay", "relays", multiple=True, metavar="NAME", help="Warm this relay (repeatable).")
+@click.option(
+    "--node",
+    "nodes",
+    multiple=True,
+    metavar="NODE",
+    help="Warm the relays that serve this node: its site's relays (repeatable).",
+)
+@click.option("--no-wait", is_flag=True, help="Send the orders and return without following progress.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=3600.0,
+    show_default=True,
+    help="Give up following progress after this many seconds (the relays carry on).",
+)
+@core_option
+def relay_prefetch(
+    environment: str,
+    relays: tuple[str, ...],
+    nodes: tuple[str, ...],
+    no_wait: bool,
+    timeout: float,
+    core_address: str,
+) -> None:
+    """Warm relays with every object of ENVIRONMENT's current release.
+
+    The core sends the order down each relay's heartbeat stream; progress
+    comes back the same way.  Without --relay or --node, every relay of the
+    registry is asked.  Exits non-zero if any relay fails (or is not connected).
+    """
+    import getpass
+
+    request = pb.PrefetchRequest(
+        environment=environment,
+        relays=relays,
+        nodes=nodes,
+        requested_by=f"slim relay prefetch ({getpass.getuser()})",
+    )
+    failed: dict[str, str] = {}
+    final: dict[str, pb.PrefetchStatus] = {}
+    with errors_to_exit(), core_client(core_address) as client, StageProgress() as progress:
+        for p in client.stream(client.admin.Prefetch, request, timeout):
+            s = p.status
+            final[p.relay] = s
+            if s.bytes_total or s.done:
+                progress(f"{p.relay}: {environment}", s.bytes_done, s.bytes_total)
+            if s.done and s.error:
+                failed[p.relay] = s.error
+            if no_wait and len(final) >= 1:
+                break  # ends (cancels) the call: the orders are out
+    if no_wait:
+        click.echo(f"prefetch of {environment} sent to {', '.join(sorted(final)) or 'no relay'}")
+        return
+    for relay_name, s in sorted(final.items()):
+        state = f"failed: {s.error}" if s.error else "warm"
+        click.echo(
+            f"{relay_name}: {state} ({s.objects_done}/{s.objects_total} objects, {s.bytes_done} bytes, "
+            f"{s.bytes_fetched} fetched)"
+        )
+    if failed:
+        raise SystemExit(1)

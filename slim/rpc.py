@@ -1,0 +1,226 @@
+"""Speaking the core's gRPC contract (``protos/slim/v1/core.proto``): the one place that
+opens channels and stubs, and that maps statuses to SLIM's errors both ways.
+
+* **Clients** — the CLI, the Slurm plugin and the labs use :class:`CoreClient`
+  (blocking); a relay's link to the core uses :class:`AsyncCoreClient` (asyncio).
+  Every failed call raises a :class:`~slim.errors.SlimError` (:func:`error_from_rpc`),
+  never a ``grpc.RpcError``.
+* **Errors** — a servicer aborts with the error class's status code *and* the class
+  name in the trailing metadata (:func:`error_metadata`), because several classes
+  share a code (``Overloaded`` and ``BadGateway`` are both UNAVAILABLE).  A client
+  rebuilds that class; a status without the name (from a proxy, or no server at all)
+  falls back to the code: NOT_FOUND is :class:`~slim.errors.NotFound`, an unreachable
+  server :class:`~slim.errors.Unreachable`, and so on.
+* **Names** — the contract's enums and the vocabulary's: :data:`POLICY_TO_PB`,
+  :data:`TIER_TO_PB` and their inverses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from slim.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    SlimError,
+    Unavailable,
+    Unreachable,
+    error_class,
+)
+from slim.v1 import core_pb2 as pb
+from slim.v1 import core_pb2_grpc as pb_grpc
+from slim.vocabulary import Policy, Tier
+
+T = TypeVar("T")
+CALL_TIMEOUT = 15.0  # seconds a unary call may take, unless the caller says otherwise
+ERROR_KEY = "slim-error"  # trailing metadata: the name of the SlimError class
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# For channels that live as long as the process (a relay's): notice a dead core within
+# half a minute even while no call is running.
+KEEPALIVE = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+
+POLICY_TO_PB = {
+    Policy.RAM: pb.POLICY_RAM,
+    Policy.DISK: pb.POLICY_DISK,
+    Policy.SYNC: pb.POLICY_SYNC,
+    Policy.NFS: pb.POLICY_NFS,
+}
+POLICY_FROM_PB = {v: k for k, v in POLICY_TO_PB.items()}
+TIER_TO_PB = {
+    Tier.SITE: pb.RELAY_TIER_SITE,
+    Tier.PARENT: pb.RELAY_TIER_PARENT,
+    Tier.OTHER: pb.RELAY_TIER_OTHER,
+}
+TIER_FROM_PB = {v: k for k, v in TIER_TO_PB.items()}
+
+_BY_CODE: dict[grpc.StatusCode, type[SlimError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+}
+_NO_ANSWER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
+def policy_name(value: int, unknown: str = "?") -> str:
+    """A DirectoryPolicy of the contract as the vocabulary spells it (``unknown`` if none)."""
+    found = POLICY_FROM_PB.get(value)  # type: ignore[call-overload]
+    return str(found) if found is not None else unknown
+
+
+def tier_name(value: int) -> str:
+    """A RelayTier of the contract as the vocabulary spells it (``other`` if unknown)."""
+    return TIER_FROM_PB.get(value, Tier.OTHER).label  # type: ignore[call-overload, no-any-return]
+
+
+# -- errors -------------------------------------------------------------------------------------
+def status_code(exc: SlimError) -> grpc.StatusCode:
+    return grpc.StatusCode[exc.grpc_code]
+
+
+def error_metadata(exc: SlimError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata a servicer aborts with, naming ``exc``'s class."""
+    return ((ERROR_KEY, type(exc).__name__),)
+
+
+def error_from_rpc(exc: grpc.RpcError, address: str) -> SlimError:
+    """The SlimError a failed call stands for (see the module's docstring)."""
+    call: Any = exc  # a grpc.Call or an AioRpcError: both have these
+    code: grpc.StatusCode = call.code()
+    details: str = call.details() or code.name
+    name = ""
+    for key, value in call.trailing_metadata() or ():  # (key, value) pairs in both
+        if key == ERROR_KEY:
+            name = value.decode() if isinstance(value, bytes) else str(value)
+    cls = error_class(name) or _BY_CODE.get(code)
+    err: SlimError
+    if cls is not None:
+        err = cls.from_message(details)
+    elif code in _NO_ANSWER:
+        err = Unreachable(address, details)
+    else:
+        err = Unavailable(f"core at {address} failed: {code.name}: {details}")
+    err.origin, err.status = address, code.name
+    return err
+
+
+# -- channels -------------------------------------------------------------------------------------
+def _options(keepalive: bool) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    return options + list(KEEPALIVE) if keepalive else options
+
+
+def channel(address: str, *, keepalive: bool = False) -> grpc.Channel:
+    """A blocking channel to ``address`` (``HOST:PORT`` or ``unix:PATH``)."""
+    return grpc.insecure_channel(address, options=_options(keepalive))
+
+
+def aio_channel(address: str, *, keepalive: bool = False) -> grpc.aio.Channel:
+    """An asyncio channel to ``address``; ``keepalive`` for a channel kept for the
+    process's life."""
+    return grpc.aio.insecure_channel(address, options=_options(keepalive))
+
+
+class CoreClient:
+    """The core's two services on one blocking channel: ``core`` (what relays ask for
+    nodes) and ``admin`` (what tools ask).  Use it as a context manager, or close it."""
+
+    def __init__(self, address: str, timeout: float = CALL_TIMEOUT) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = channel(address)
+        self.core = pb_grpc.CoreStub(self.channel)
+        self.admin = pb_grpc.AdminStub(self.channel)
+
+    def call(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
+        """A unary call, e.g. ``client.call(client.admin.GetNode, request)``."""
+        try:
+            return method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.address) from None
+
+    def send(self, method: Callable[..., T], requests: Iterable[Any], timeout: float | None = None) -> T:
+        """A client-streaming call (e.g. ReportBootEvents)."""
+        return self.call(method, iter(requests), timeout)
+
+    def stream(self, method: Callable[..., Any], request: Any, timeout: float) -> Iterator[Any]:
+        """The answers of a server-streaming call (e.g. Prefetch) until it ends or
+        ``timeout`` passes; stopping early (``break``) cancels the call."""
+        call = method(request, timeout=timeout)
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.address) from None
+        finally:
+            call.cancel()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> CoreClient:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncCoreClient:
+    """The same on an asyncio channel (``keepalive`` for one kept for the process's life)."""
+
+    def __init__(self, address: str, timeout: float = CALL_TIMEOUT, *, keepalive: bool = False) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = aio_channel(address, keepalive=keepalive)
+        self.core = pb_grpc.CoreStub(self.channel)
+        self.admin = pb_grpc.AdminStub(self.channel)
+
+    async def call(
+        self, method: Callable[..., Awaitable[T]], request: Any, deadline: float | None = None
+    ) -> T:
+        """A unary call; ``deadline``: seconds it may take (default: the client's)."""
+        try:
+            return await method(request, timeout=deadline or self.timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.address) from None
+
+    async def send(
+        self, method: Callable[..., Awaitable[T]], requests: Iterable[Any], deadline: float | None = None
+    ) -> T:
+        return await self.call(method, iter(requests), deadline)
+
+    async def stream(self, method: Callable[..., Any], request: Any, deadline: float) -> AsyncIterator[Any]:
+        call = method(request, timeout=deadline)
+        try:
+            async for answer in call:
+                yield answer
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.address) from None
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)
+
+    async def __aenter__(self) -> AsyncCoreClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
