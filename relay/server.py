@@ -17,21 +17,22 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from slim.errors import InvalidArgument, NotFound
+from slim.errors import NotFound
 from slim.listen import parse_listen
 from slim.objects.routes import ObjectRoutes
 from slim.objects.server import HttpFront, metric_families, object_metrics
 from slim.relay.api import NodeApi
 from slim.relay.cache import ObjectCache
+from slim.relay.config import DEFAULT_HTTP_PORT, RelayConfig
 from slim.relay.corelink import CoreLink
 from slim.relay.fetch import CachingSource, Fetcher
 from slim.relay.tftp import StageOneServer
@@ -40,7 +41,6 @@ from slim.v1 import core_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HTTP_PORT = 8080
 IPXE_FILES = ("undionly.kpxe", "ipxe.efi", "snponly.efi", "undionly.kkpxe", "ipxe.pxe")
 # the legacy path (Debian's pxelinux and syslinux-common), served when installed
 PXELINUX_FILES = {
@@ -50,26 +50,6 @@ PXELINUX_FILES = {
 }
 PXELINUX_RE = re.compile(r"pxelinux\.cfg/01-((?:[0-9a-f]{2}-){5}[0-9a-f]{2})")
 EGRESS_WINDOW = 5.0
-
-
-@dataclass
-class RelayConfig:
-    upstreams: list[str]
-    cache_dir: Path
-    max_bytes: int
-    name: str = ""
-    core: str = ""
-    listen: str = f"0.0.0.0:{DEFAULT_HTTP_PORT}"
-    tftp_listen: str = ""  # "" = no TFTP; HOST:PORT
-    ipxe_dir: Path = Path("/usr/lib/ipxe")
-    max_transfers: int = 1024
-    max_fetches: int = 16
-    memory_bytes: int = 512 << 20  # small objects' bytes kept in memory
-    max_core_calls: int = 256
-    prefetch_concurrency: int = 4
-    access_log: bool = False
-    io_threads: int = 4
-    extra_static: dict[str, Path] = field(default_factory=dict)
 
 
 def _http_url(host: str, port: int) -> str:
@@ -93,15 +73,6 @@ class _Egress:
 
 class RelayServer:
     def __init__(self, config: RelayConfig) -> None:
-        if not config.upstreams:
-            raise InvalidArgument(
-                "a relay needs at least one --upstream (a parent relay or the core's object server)"
-            )
-        for u in config.upstreams:
-            if not re.fullmatch(r"https?://[^/\s]+/?", u):
-                raise InvalidArgument(f"upstream {u!r} is not an http://HOST:PORT base URL")
-        if config.core and not config.name:
-            raise InvalidArgument("a relay that talks to a core needs --name (its name in the registry)")
         self.config = config
         self.host, self.requested_port = parse_listen(config.listen, DEFAULT_HTTP_PORT, allow_ephemeral=True)
         self.port = 0
@@ -150,7 +121,7 @@ class RelayServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         self.port = await self._listen(app)
-        if self.config.tftp_listen:
+        if self.config.tftp_listen is not None:
             self.tftp_port = self._start_tftp()
         if self.link is not None:
             self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeats"))
@@ -247,6 +218,7 @@ class RelayServer:
 
     # -- TFTP ---------------------------------------------------------------
     def _start_tftp(self) -> int:
+        assert self.config.tftp_listen is not None
         host, port = parse_listen(self.config.tftp_listen, 69, allow_ephemeral=True)
         static = {
             name: self.config.ipxe_dir / name
@@ -327,10 +299,8 @@ class _RelayCollector(Collector):
         yield from metric_families("slim_relay", counters, gauges)
 
 
-async def serve(
-    config: RelayConfig, grace: float, on_ready: Callable[[RelayServer], None] | None = None
-) -> None:
-    """Run a relay until SIGTERM or SIGINT."""
+async def serve(config: RelayConfig, on_ready: Callable[[RelayServer], None] | None = None) -> None:
+    """Run a relay until SIGTERM or SIGINT (transfers get ``config.grace`` seconds)."""
     relay = RelayServer(config)
     await relay.start()
     loop = asyncio.get_running_loop()
@@ -338,7 +308,7 @@ async def serve(
 
     def stop() -> None:
         if stopping.is_set():
-            log.info("already stopping (transfers get %.1f s to finish)", grace)
+            log.info("already stopping (transfers get %.1f s to finish)", config.grace)
         stopping.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -347,8 +317,13 @@ async def serve(
         on_ready(relay)
     try:
         await stopping.wait()
-        log.info("stopping: finishing transfers (grace %.1f s)", grace)
-        await relay.stop(grace)
+        log.info("stopping: finishing transfers (grace %.1f s)", config.grace)
+        await relay.stop(config.grace)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def run(config: RelayConfig, on_ready: Callable[[RelayServer], None] | None = None) -> None:
+    """``slim relay serve``: a relay on uvloop until SIGTERM or SIGINT."""
+    uvloop.run(serve(config, on_ready))

@@ -30,7 +30,8 @@ from slim.agent import manifest as mf
 from slim.core.control.server import CoreServer
 from slim.core.store import Store
 from slim.objects.server import ObjectServer
-from slim.relay.server import RelayConfig, RelayServer
+from slim.relay.config import RelayConfig
+from slim.relay.server import RelayServer
 from slim.v1 import core_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,9 +267,9 @@ def url(server: ObjectServer | RelayServer) -> str:
 async def relay(
     cache_dir: Path, upstreams: list[str], max_bytes: int = 1 << 30, **kw: object
 ) -> AsyncIterator[RelayServer]:
-    config = RelayConfig(upstreams=upstreams, cache_dir=cache_dir, max_bytes=max_bytes, listen="127.0.0.1:0")
-    for k, v in kw.items():
-        setattr(config, k, v)
+    config = RelayConfig(
+        upstreams=upstreams, cache_dir=cache_dir, max_bytes=max_bytes, listen="127.0.0.1:0", **kw
+    )
     server = RelayServer(config)
     await server.start()
     try:

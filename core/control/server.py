@@ -19,13 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 import grpc
+import uvloop
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from slim.core.control import service as dom
+from slim.core.control.config import CoreConfig
 from slim.core.control.redirect import RankedRelay
 from slim.core.control.relayhub import RelayHub
-from slim.core.control.state import BootEvent
+from slim.core.control.state import BootEvent, State
+from slim.core.registry import load_registry
+from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument, SlimError, Unavailable
+from slim.objects.server import ObjectServer
 from slim.release import ObjectRef
 from slim.rpc import MAX_MESSAGE_BYTES, POLICY_TO_PB, TIER_TO_PB, error_metadata, status_code
 from slim.v1 import core_pb2 as pb
@@ -497,53 +502,84 @@ class CoreServer:
 
 async def serve(
     service: dom.CoreService,
-    listen: str,
-    grace: float,
+    config: CoreConfig,
     on_ready: Callable[[int], None] | None = None,
-    objects_listen: str | None = None,
     on_objects: Callable[[int], None] | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads the registry.  With
-    ``objects_listen``, also serve the store's objects over HTTP (the
-    upstream of the relays)."""
-    from slim.objects.server import ObjectServer
-
-    server = CoreServer(service, listen)
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the registry (read off the event
+    loop, swapped on it).  With ``config.objects_listen``, also serve the store's
+    objects over HTTP (the upstream of the relays)."""
+    server = CoreServer(service, config.listen)
     port = await server.start()
     objects = None
-    if objects_listen:
-        objects = ObjectServer(service.store.objects, objects_listen)
+    if config.objects_listen:
+        objects = ObjectServer(service.store.objects, config.objects_listen)
         try:
             objects_port = await objects.start()
         except BaseException:
             await server.stop(0)
             raise
-        log.info("objects served over http on %s (port %d)", objects_listen, objects_port)
+        log.info("objects served over http on %s (port %d)", config.objects_listen, objects_port)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
+    reloading = asyncio.Lock()
+    reloads: set[asyncio.Task[None]] = set()
 
-    def reload() -> None:
-        try:
-            service.reload_registry()
-        except SlimError as exc:
-            log.error("registry not reloaded, keeping the current one:\n%s", exc)
-        except Exception:
-            log.exception("registry not reloaded (unexpected error), keeping the current one")
+    async def reload() -> None:
+        async with reloading:  # one at a time, in the order the signals came
+            try:
+                registry = await loop.run_in_executor(None, service.read_registry)
+            except SlimError as exc:
+                log.error("registry not reloaded, keeping the current one:\n%s", exc)
+                return
+            except Exception:
+                log.exception("registry not reloaded (unexpected error), keeping the current one")
+                return
+            service.use_registry(registry)
+
+    def on_hup() -> None:
+        task = loop.create_task(reload(), name="registry reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     if on_ready is not None:
         on_ready(port)
     if objects is not None and on_objects is not None:
         on_objects(objects.port)
     try:
         await stopping.wait()
-        log.info("stopping: finishing in-flight calls (grace %.1f s)", grace)
+        log.info("stopping: finishing in-flight calls (grace %.1f s)", config.grace)
         if objects is not None:
             await objects.stop()
-        await server.stop(grace)
+        await server.stop(config.grace)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        for task in list(reloads):
+            task.cancel()
+        await asyncio.gather(*reloads, return_exceptions=True)
     log.info("core stopped")
+
+
+def run(
+    config: CoreConfig,
+    on_ready: Callable[[int], None] | None = None,
+    on_objects: Callable[[int], None] | None = None,
+) -> None:
+    """``slim core serve``: open the registry, state and store of ``config`` and serve
+    until SIGTERM or SIGINT, on the event loop ``config`` names."""
+    registry = load_registry(config.registry)
+    config.state.parent.mkdir(parents=True, exist_ok=True)
+    state = State(config.state)
+    try:
+        service = dom.CoreService(registry, state, Store(config.store), registry_path=config.registry)
+        main = serve(service, config, on_ready, on_objects)
+        if config.event_loop == "uvloop":
+            uvloop.run(main)
+        else:
+            asyncio.run(main)
+    finally:
+        state.close()

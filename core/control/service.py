@@ -174,13 +174,23 @@ class CoreService:
         self._actions_registry = registry
 
     # -- registry ------------------------------------------------------------
-    def reload_registry(self) -> Registry:
-        """Load the registry file again; on error keep the current one and raise."""
+    def read_registry(self) -> Registry:
+        """Load the registry file again (any thread: nothing changes until
+        :meth:`use_registry`); raise if it is invalid."""
         if self.registry_path is None:
             raise FailedPrecondition("this core was started without a registry file")
-        self.registry = load_registry(self.registry_path)
+        return load_registry(self.registry_path)
+
+    def use_registry(self, registry: Registry) -> None:
+        """Answer from ``registry`` from now on (on the event loop's thread)."""
+        self.registry = registry
         log.info("registry reloaded from %s", self.registry_path)
-        return self.registry
+
+    def reload_registry(self) -> Registry:
+        """Load the registry file again and use it; on error keep the current one and raise."""
+        registry = self.read_registry()
+        self.use_registry(registry)
+        return registry
 
     # Methods that run on the writer thread take one snapshot of the registry
     # (``reg = self.registry``) and use only it: SIGHUP swaps the registry on

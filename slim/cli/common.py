@@ -16,13 +16,15 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from slim.errors import ConfigError, SlimError, Unreachable
+from slim.config import ProcessConfig
+from slim.errors import ConfigError, InvalidArgument, SlimError, Unreachable
 from slim.rpc import CoreClient
 
 # Tables are read in terminals and in logs: when output is not a terminal, do
@@ -76,6 +78,7 @@ def setup_logging(level: str) -> None:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C", bound=ProcessConfig)
 
 
 def log_level_option(text: str = "Logging threshold (logs go to standard error).") -> Callable[[F], F]:
@@ -126,6 +129,37 @@ store_option = click.option(
     show_default=True,
     help="Content-addressed artifact store holding built releases; also $SLIM_STORE.",
 )
+
+
+def config_option(part: str) -> Callable[[F], F]:
+    """``--config FILE``: every setting of a serving command from a JSON file (what
+    ``slim serve`` writes), instead of its options."""
+    option: Callable[[F], F] = click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=f"Take every setting from FILE (JSON, as `slim serve` writes STATE_DIR/config/{part}.json) "
+        "instead of the options.",
+    )
+    return option
+
+
+def settings(model: type[C], config_file: Path | None, **values: Any) -> C:
+    """The process's settings: from ``config_file`` if given (refusing options given on
+    the command line beside it), else from the options' ``values`` (model field names)."""
+    ctx = click.get_current_context()
+    if config_file is None:
+        return model.build(**values)
+    given = [
+        param.opts[0]
+        for param in ctx.command.params
+        if param.name not in (None, "config_file")
+        and ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE
+    ]
+    if given:
+        raise InvalidArgument(f"--config {config_file} holds every setting: drop {', '.join(given)}")
+    return model.load(config_file)
 
 
 class StageProgress:

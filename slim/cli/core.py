@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 
@@ -10,9 +9,11 @@ import click
 
 from slim.cli.common import (
     DEFAULT_CORE,
+    config_option,
     errors_to_exit,
     log_level_option,
     registry_option,
+    settings,
     setup_logging,
     store_option,
 )
@@ -63,6 +64,7 @@ def core() -> None:
     show_default=True,
     help="Event loop implementation (asyncio's own is there for comparison and debugging).",
 )
+@config_option("core")
 def core_serve(
     registry_path: Path,
     state_path: Path,
@@ -72,40 +74,33 @@ def core_serve(
     grace: float,
     log_level: str,
     event_loop: str,
+    config_file: Path | None,
 ) -> None:
     """Serve the core's gRPC API until SIGTERM or SIGINT (graceful stop); SIGHUP reloads the registry.
 
-    Prints "listening on HOST:PORT" on standard output once it accepts calls.
+    Prints "listening on HOST:PORT" on standard output once it accepts calls
+    (and "objects on HOST:PORT" with --objects-listen).
     """
-    import uvloop
+    from slim.core.control.config import CoreConfig
+    from slim.core.control.server import run
 
-    from slim.core.control.server import serve
-    from slim.core.control.service import CoreService
-    from slim.core.control.state import State
-    from slim.core.registry import load_registry
-    from slim.core.store import Store
-
-    setup_logging(log_level)
     with errors_to_exit():
-        registry = load_registry(registry_path)
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        state = State(state_path)
-        service = CoreService(registry, state, Store(store_path), registry_path=registry_path)
-        host = listen.rsplit(":", 1)[0]
+        config = settings(
+            CoreConfig, config_file, registry=registry_path, state=state_path, store=store_path,
+            listen=listen, objects_listen=objects_listen, grace=grace, log_level=log_level,
+            event_loop=event_loop,
+        )  # fmt: skip
+        setup_logging(config.log_level)
+        host = config.listen.rsplit(":", 1)[0]
 
         def ready(port: int) -> None:
-            click.echo(f"listening on {listen if listen.startswith('unix:') else f'{host}:{port}'}")
+            click.echo(
+                f"listening on {config.listen if config.listen.startswith('unix:') else f'{host}:{port}'}"
+            )
             sys.stdout.flush()
 
         def objects_ready(port: int) -> None:
-            click.echo(f"objects on {(objects_listen or '').rsplit(':', 1)[0]}:{port}")
+            click.echo(f"objects on {(config.objects_listen or '').rsplit(':', 1)[0]}:{port}")
             sys.stdout.flush()
 
-        run = serve(service, listen, grace, ready, objects_listen, objects_ready)
-        try:
-            if event_loop == "uvloop":
-                uvloop.run(run)
-            else:
-                asyncio.run(run)
-        finally:
-            state.close()
+        run(config, ready, objects_ready)

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from slim.cli.common import (
     StageProgress,
+    config_option,
     console,
     core_client,
     core_option,
@@ -17,6 +18,7 @@ from slim.cli.common import (
     json_option,
     log_level_option,
     print_json,
+    settings,
     setup_logging,
     timestamp,
 )
@@ -70,7 +72,6 @@ def relay_list(core_address: str, as_json: bool) -> None:
     "--upstream",
     "upstreams",
     multiple=True,
-    required=True,
     metavar="URL",
     help="Where missing objects come from: a parent relay or the core's object server "
     "(slim core serve --objects-listen), as http://HOST:PORT.  Repeat for fallbacks, tried in order.",
@@ -155,6 +156,7 @@ def relay_list(core_address: str, as_json: bool) -> None:
     help="On SIGTERM/SIGINT: seconds running transfers may take to finish.",
 )
 @log_level_option()
+@config_option("relay")
 def relay_serve(
     name: str,
     upstreams: tuple[str, ...],
@@ -171,6 +173,7 @@ def relay_serve(
     access_log: bool,
     grace: float,
     log_level: str,
+    config_file: Path | None,
 ) -> None:
     """Run a relay: an edge cache of objects, the node API, and TFTP for stage 1.
 
@@ -182,35 +185,27 @@ def relay_serve(
     Prints "listening on HOST:PORT" (and "tftp on HOST:PORT") on standard output
     once it serves.  SIGTERM or SIGINT stops it gracefully.
     """
-    import uvloop
+    from slim.relay.config import RelayConfig
+    from slim.relay.server import RelayServer, run
 
-    from slim.relay.server import RelayConfig, RelayServer, serve
-    from slim.vocabulary import parse_size
-
-    setup_logging(log_level)
     with errors_to_exit():
-        config = RelayConfig(
-            upstreams=list(upstreams),
-            cache_dir=cache_dir,
-            max_bytes=parse_size(max_bytes),
-            memory_bytes=0 if memory_cache.strip() in ("0", "") else parse_size(memory_cache),
-            name=name,
-            core=core_address,
-            listen=listen,
-            tftp_listen=f"{tftp_listen}:{tftp_port}" if tftp_port is not None else "",
-            ipxe_dir=ipxe_dir,
-            max_transfers=max_transfers,
-            max_fetches=max_fetches,
-            access_log=access_log,
-        )
+        bracketed = f"[{tftp_listen}]" if ":" in tftp_listen else tftp_listen
+        config = settings(
+            RelayConfig, config_file, upstreams=list(upstreams), cache_dir=cache_dir, max_bytes=max_bytes,
+            memory_bytes=memory_cache, name=name, core=core_address or None, listen=listen,
+            tftp_listen=f"{bracketed}:{tftp_port}" if tftp_port is not None else None, ipxe_dir=ipxe_dir,
+            max_transfers=max_transfers, max_fetches=max_fetches, access_log=access_log, grace=grace,
+            log_level=log_level,
+        )  # fmt: skip
+        setup_logging(config.log_level)
 
         def ready(r: RelayServer) -> None:
             click.echo(f"listening on {r.host}:{r.port}")
-            if r.tftp_port:
-                click.echo(f"tftp on {tftp_listen}:{r.tftp_port}")
+            if r.tftp_port and config.tftp_listen is not None:
+                click.echo(f"tftp on {config.tftp_listen.rsplit(':', 1)[0]}:{r.tftp_port}")
             sys.stdout.flush()
 
-        uvloop.run(serve(config, grace, ready))
+        run(config, ready)
 
 
 @relay.command("prefetch")

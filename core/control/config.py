@@ -1,0 +1,38 @@
+"""The core's settings (``slim core serve``): one model, validated when built.
+
+The CLI builds it from its options (or ``--config FILE``); ``slim serve`` builds it from
+the registry's ``server`` section and hands it to its core as a JSON file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field
+
+from slim.config import Listen, LogLevel, ProcessConfig, value_error
+from slim.listen import parse_listen
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+def _http_listen(value: str) -> str:
+    parse_listen(value, 0, allow_ephemeral=True)
+    return value
+
+
+class CoreConfig(ProcessConfig):
+    registry: Path = Field(Path("/etc/slim/registry.yaml"), description="the registry YAML file")
+    state: Path = Field(
+        Path("/var/lib/slim/state.db"),
+        description="SQLite file for runtime state (next-boot overrides, boot events, heartbeats)",
+    )
+    store: Path = Field(Path("/var/lib/slim/store"), description="the content-addressed artifact store")
+    listen: Listen = Field(DEFAULT_LISTEN, description="gRPC: HOST:PORT (port 0: any free port) or unix:PATH")
+    objects_listen: Annotated[str, AfterValidator(value_error(_http_listen))] | None = Field(
+        None, description="also serve the store's objects over HTTP here (the relays' upstream)"
+    )
+    grace: float = Field(10.0, ge=0, description="seconds in-flight calls may take to finish on SIGTERM")
+    log_level: LogLevel = "info"
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"

@@ -1,0 +1,71 @@
+"""A relay's settings (``slim relay serve``): one model, validated when built.
+
+The CLI builds it from its options (or ``--config FILE``); ``slim serve`` builds it for
+its own relay from the registry and hands it over as a JSON file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, Field, model_validator
+
+from slim.config import ByteSize, Listen, LogLevel, ProcessConfig, value_error
+from slim.errors import InvalidArgument
+from slim.listen import parse_listen
+
+DEFAULT_HTTP_PORT = 8080
+
+
+def _upstream(value: str) -> str:
+    if not re.fullmatch(r"https?://[^/\s]+/?", value):
+        raise InvalidArgument(f"upstream {value!r} is not an http://HOST:PORT base URL")
+    return value
+
+
+def _host_port(value: str) -> str:
+    parse_listen(value, 0, allow_ephemeral=True)
+    return value
+
+
+def _some(upstreams: list[str]) -> list[str]:
+    if not upstreams:
+        raise InvalidArgument(
+            "a relay needs at least one upstream (a parent relay or the core's object server)"
+        )
+    return upstreams
+
+
+Upstream = Annotated[str, AfterValidator(value_error(_upstream))]
+HostPort = Annotated[str, AfterValidator(value_error(_host_port))]
+
+
+class RelayConfig(ProcessConfig):
+    upstreams: Annotated[list[Upstream], AfterValidator(value_error(_some))] = Field(
+        description="where missing objects come from: parent relays or the core's object server"
+    )
+    cache_dir: Path = Field(Path("/var/cache/slim/relay"), description="where cached objects live")
+    max_bytes: ByteSize = Field(20 << 30, gt=0, description="the cache's byte budget")
+    memory_bytes: ByteSize = Field(512 << 20, ge=0, description="small objects' bytes kept in memory")
+    name: str = Field("", description="this relay's name in the registry (needed with core)")
+    core: Listen | None = Field(None, description="the core's gRPC address; none: objects only")
+    listen: HostPort = Field(f"0.0.0.0:{DEFAULT_HTTP_PORT}", description="HTTP: HOST:PORT (0: any port)")
+    tftp_listen: HostPort | None = Field(None, description="TFTP for stage 1: HOST:PORT; none: no TFTP")
+    ipxe_dir: Path = Field(Path("/usr/lib/ipxe"), description="the iPXE binaries served over TFTP")
+    max_transfers: int = Field(1024, ge=1, description="object responses at once (more get 503)")
+    max_fetches: int = Field(16, ge=1, description="upstream fetches at once")
+    max_core_calls: int = Field(256, ge=1, description="node API calls waiting on the core at once")
+    prefetch_concurrency: int = Field(4, ge=1, description="objects a prefetch order fetches at once")
+    io_threads: int = Field(4, ge=1, description="threads for file writes and hashing")
+    access_log: bool = False
+    extra_static: dict[str, Path] = Field(default_factory=dict, description="more files served over TFTP")
+    grace: float = Field(10.0, ge=0, description="seconds transfers may take to finish on SIGTERM")
+    log_level: LogLevel = "info"
+
+    @model_validator(mode="after")
+    def _named_with_core(self) -> RelayConfig:
+        if self.core and not self.name:
+            raise ValueError("a relay that talks to a core needs --name (its name in the registry)")
+        return self
