@@ -17,8 +17,10 @@ reader may still need to reopen it).  When nothing can be evicted, reserving
 fails with :class:`~slim.errors.Overloaded` and the request gets 503 with
 Retry-After.
 
-Everything here runs on the event loop thread; methods never block on
-anything but a local ``stat``, ``rename`` or ``unlink``.
+Everything here runs on the event loop thread, but for :meth:`ObjectCache.load`
+(at start, before anything else uses the cache) and :meth:`ObjectCache.place`,
+which run on the relay's I/O pool.  Eviction unlinks on the loop, so that the
+files never hold more than the budget (see tests/support.py, LOOP_BLOCKING_ALLOWED).
 """
 
 from __future__ import annotations
@@ -179,13 +181,17 @@ class ObjectCache:
             reservation.open = False
             self.reserved -= reservation.size
 
-    def publish(self, hexdigest: str, tmp: Path, reservation: Reservation) -> CachedObject:
-        """Move a verified temporary file into place (the caller fsynced it)."""
+    def place(self, hexdigest: str, tmp: Path) -> None:
+        """Move a verified, fsynced temporary file into place, read-only: a rename, so it
+        runs off the event loop (the fetcher's I/O pool); then :meth:`publish` it."""
+        os.chmod(tmp, 0o444)
+        os.rename(tmp, self.objects_dir / hexdigest)
+
+    def publish(self, hexdigest: str, reservation: Reservation) -> CachedObject:
+        """Index an object :meth:`place` put in place, in the space ``reservation`` held."""
         size = reservation.size
         self.cancel(reservation)
         final = self.objects_dir / hexdigest
-        os.chmod(tmp, 0o444)
-        os.rename(tmp, final)
         old = self._lru.pop(hexdigest, None)
         if old is not None:  # a second copy of the same bytes: same name, same size
             self._forget_body(old)

@@ -54,7 +54,7 @@ class CoreLink:
 
     async def heartbeats(
         self,
-        beat: Callable[[], pb.Heartbeat],
+        beat: Callable[[], Awaitable[pb.Heartbeat]],
         on_reply: Callable[[pb.HeartbeatReply], None],
         poke: asyncio.Event,
         stopping: asyncio.Event,
@@ -81,7 +81,7 @@ class CoreLink:
             try:
                 reader = asyncio.create_task(read())
                 while not stopping.is_set():
-                    await call.write(beat())
+                    await call.write(await beat())
                     wait = interval * random.uniform(1 - JITTER, 1 + JITTER)  # noqa: S311 - jitter
                     await _first(poke.wait(), stopping.wait(), reader, seconds=wait)
                     poke.clear()

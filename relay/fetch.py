@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -66,6 +67,11 @@ def _write_and_hash(fd: int, h: Any, data: bytes | bytearray) -> None:
 
 def _finish_file(fd: int) -> None:
     os.fsync(fd)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 class Fetcher:
@@ -137,6 +143,7 @@ class Fetcher:
 
     async def _run(self, fetch: Fetch) -> None:
         reservation: Reservation | None = None
+        error: SlimError | None = None
         fd = -1
         try:
             async with self._slots:
@@ -205,24 +212,28 @@ class Fetcher:
                 await asyncio.get_running_loop().run_in_executor(self.io, _finish_file, fd)
                 os.close(fd)
                 fd = -1
-                fetch.obj = self.cache.publish(fetch.hex, fetch.tmp, reservation)
+                await asyncio.get_running_loop().run_in_executor(
+                    self.io, self.cache.place, fetch.hex, fetch.tmp
+                )
+                fetch.obj = self.cache.publish(fetch.hex, reservation)
                 reservation = None
         except SlimError as exc:
-            fetch.error = exc
+            error = exc
         except asyncio.CancelledError:
-            fetch.error = BadGateway("the relay is shutting down")
+            error = BadGateway("the relay is shutting down")
             raise
         except Exception as exc:  # a bug: log it, fail this fetch only
             log.exception("fetch %s failed unexpectedly", fetch.hex)
-            fetch.error = BadGateway(f"internal error fetching sha256:{fetch.hex}: {exc}")
+            error = BadGateway(f"internal error fetching sha256:{fetch.hex}: {exc}")
         finally:
             if fd >= 0:
                 os.close(fd)
             if reservation is not None:
                 self.cache.cancel(reservation)
             if fetch.obj is None and fetch.tmp is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    fetch.tmp.unlink()
+                # gone before anyone learns the fetch failed (off the loop: an unlink)
+                await asyncio.get_running_loop().run_in_executor(self.io, _remove, fetch.tmp)
+            fetch.error = error
             if fetch.error is not None:
                 self.counters.fetch_failures += 1
                 log.warning("fetch %s failed: %s", fetch.hex[:12], fetch.error)

@@ -101,7 +101,8 @@ class RelayServer:
     async def start(self) -> int:
         """Load the cache, listen, start TFTP and heartbeats; return the HTTP port."""
         self._loop = asyncio.get_running_loop()
-        self.cache.load()
+        # a scan of the whole cache directory: off the loop (nothing else uses the cache yet)
+        await self._loop.run_in_executor(self.io, self.cache.load)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5, sock_read=30),
             auto_decompress=False,
@@ -122,7 +123,8 @@ class RelayServer:
         app.router.add_get("/healthz", self._healthz)
         self.port = await self._listen(app)
         if self.config.tftp_listen is not None:
-            self.tftp_port = self._start_tftp()
+            # the TFTP server runs on a thread of its own; starting it touches the disk
+            self.tftp_port = await self._loop.run_in_executor(self.io, self._start_tftp)
         if self.link is not None:
             self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeats"))
         log.info(
@@ -157,13 +159,14 @@ class RelayServer:
             await self._session.close()
         if self.link is not None:
             await self.link.close()
-        self.io.shutdown(wait=True)
+        # writes in flight finish (their fetches are cancelled): wait for them off the loop
+        await asyncio.get_running_loop().run_in_executor(None, self.io.shutdown)
         log.info("relay stopped")
 
     # -- heartbeats ---------------------------------------------------------
-    def heartbeat(self) -> pb.Heartbeat:
+    async def heartbeat(self) -> pb.Heartbeat:
+        healthy, message = await self._health()
         stats = self.cache.stats()
-        healthy, message = self.health()
         return pb.Heartbeat(
             relay=self.config.name,
             load=float(self.objects.counters.active),
@@ -184,6 +187,10 @@ class RelayServer:
         assert self.link is not None
         await self.link.heartbeats(self.heartbeat, self._on_reply, self._poke, self._stopping)
 
+    async def _health(self) -> tuple[bool, str]:
+        """:meth:`health`, off the event loop (it asks the file system)."""
+        return await asyncio.get_running_loop().run_in_executor(self.io, self.health)
+
     def health(self) -> tuple[bool, str]:
         try:
             st = os.statvfs(self.cache.root)
@@ -201,7 +208,7 @@ class RelayServer:
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def _healthz(self, request: web.Request) -> web.StreamResponse:
-        healthy, message = self.health()
+        healthy, message = await self._health()
         stats = self.cache.stats()
         doc = {
             "healthy": healthy,
@@ -217,9 +224,8 @@ class RelayServer:
         return web.json_response(doc, status=200 if healthy else 503)
 
     # -- TFTP ---------------------------------------------------------------
-    def _start_tftp(self) -> int:
-        assert self.config.tftp_listen is not None
-        host, port = parse_listen(self.config.tftp_listen, 69, allow_ephemeral=True)
+    def _tftp_files(self) -> dict[str, Path]:
+        """The files served over TFTP: the iPXE binaries and pxelinux that are installed."""
         static = {
             name: self.config.ipxe_dir / name
             for name in IPXE_FILES
@@ -232,7 +238,12 @@ class RelayServer:
             )
         static.update({name: path for name, path in PXELINUX_FILES.items() if path.is_file()})
         static.update(self.config.extra_static)
-        server = StageOneServer(static, self._tftp_dynamic, host=host, port=port)
+        return static
+
+    def _start_tftp(self) -> int:
+        assert self.config.tftp_listen is not None
+        host, port = parse_listen(self.config.tftp_listen, 69, allow_ephemeral=True)
+        server = StageOneServer(self._tftp_files(), self._tftp_dynamic, host=host, port=port)
         self.tftp = server
         return server.start()
 

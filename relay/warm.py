@@ -30,21 +30,20 @@ log = logging.getLogger(__name__)
 PIN_REFRESH = 60.0  # seconds between pin recomputations while the releases stay the same
 
 
-def _read(source: CachingSource, hexdigest: str) -> bytes:
+async def _read(source: CachingSource, hexdigest: str) -> bytes:
+    """A cached object's bytes, read off the event loop (marked in use meanwhile)."""
     obj = source.cache.acquire(hexdigest)
     if obj is None:
         raise InvalidArgument(f"object sha256:{hexdigest} left the cache while being read")
     try:
-        return obj.path.read_bytes()
+        return await asyncio.get_running_loop().run_in_executor(None, obj.path.read_bytes)
     finally:
         source.cache.release(obj)
 
 
-def release_objects(source: CachingSource, release_hex: str) -> tuple[Release, list[Named]]:
-    """The release document (cached) and the objects it names directly, the
-    document first (the objects of ``sync`` manifests: :func:`manifest_wanted`)."""
+def _release(release_hex: str, data: bytes) -> tuple[Release, list[Named]]:
     try:
-        release = Release.model_validate_json(_read(source, release_hex))
+        release = Release.model_validate_json(data)
     except ValidationError as exc:
         raise InvalidArgument(
             f"release sha256:{release_hex} is not a release document: {exc.errors()[0]['msg']}"
@@ -54,9 +53,20 @@ def release_objects(source: CachingSource, release_hex: str) -> tuple[Release, l
     return release, wanted
 
 
-def manifest_wanted(data: bytes) -> list[Named]:
-    """The file (or chunk) objects a stored ``sync`` manifest names."""
-    return manifest_objects(decode_manifest(data))
+async def release_objects(source: CachingSource, release_hex: str) -> tuple[Release, list[Named]]:
+    """The release document (cached) and the objects it names directly, the
+    document first (the objects of ``sync`` manifests: :func:`manifest_wanted`)."""
+    data = await _read(source, release_hex)
+    return await asyncio.get_running_loop().run_in_executor(None, _release, release_hex, data)
+
+
+async def manifest_wanted(source: CachingSource, hexdigest: str) -> list[Named]:
+    """The file (or chunk) objects a cached ``sync`` manifest names: read, decompressed
+    (up to 512 MiB) and parsed off the event loop."""
+    data = await _read(source, hexdigest)
+    return await asyncio.get_running_loop().run_in_executor(
+        None, lambda: manifest_objects(decode_manifest(data))
+    )
 
 
 def sync_manifests(release: Release) -> list[str]:
@@ -101,13 +111,13 @@ class Warmer:
         try:
             release_hex = parse_digest(order.release_digest)
             await self.source.ensure(release_hex)
-            release, wanted = release_objects(self.source, release_hex)
+            release, wanted = await release_objects(self.source, release_hex)
             wanted = wanted[1:]
             fetched_here: set[str] = set()  # manifests fetched to read them count as fetched by this order
             for manifest_hex in sync_manifests(release):
                 if (await self.source.ensure(manifest_hex))[1]:
                     fetched_here.add(manifest_hex)
-                wanted.extend(manifest_wanted(_read(self.source, manifest_hex)))
+                wanted.extend(await manifest_wanted(self.source, manifest_hex))
             unique = list({w.hex: w for w in wanted}.values())
             status.objects_total = len(unique)
             status.bytes_total = sum(w.size for w in unique)
@@ -174,11 +184,11 @@ class Warmer:
             try:
                 release_hex = parse_digest(digest)
                 await self.source.ensure(release_hex)
-                release, wanted = release_objects(self.source, release_hex)
+                release, wanted = await release_objects(self.source, release_hex)
                 pins.update(w.hex for w in wanted)
                 for manifest_hex in sync_manifests(release):
                     if manifest_hex in self.source.cache:
-                        pins.update(w.hex for w in manifest_wanted(_read(self.source, manifest_hex)))
+                        pins.update(w.hex for w in await manifest_wanted(self.source, manifest_hex))
             except SlimError as exc:
                 log.warning("cannot pin release %s: %s", digest, exc.message)
         self.source.cache.set_pins(pins)

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 import uvloop
+from blockbuster import blockbuster_ctx
 
 from labs.placeholders import publish_placeholder_releases
 from slim.core.control.redirect import Redirector
@@ -19,7 +20,7 @@ from slim.core.control.state import State
 from slim.core.registry import Registry, load_registry
 from slim.core.store import Store
 from slim.v1 import core_pb2_grpc as pb_grpc
-from tests.support import TEST_REGISTRY, Core, Served, read_address, start_core, stop
+from tests.support import LOOP_BLOCKING_ALLOWED, TEST_REGISTRY, Core, Served, read_address, start_core, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 BOTH_LOOPS = ("tests.test_relay", "tests.test_relay_api")
@@ -88,3 +89,26 @@ def served(tmp_path: Path, registry_file: Path, store: Store) -> Iterator[Served
         yield Served(proc, read_address(proc), registry_file)
     finally:
         stop(proc)
+
+
+# -- the event loop must not block ------------------------------------------------------------
+# The relay's and the core's async tests run with blockbuster on: a blocking call (file or
+# socket I/O, os.stat, sqlite, time.sleep, a held lock...) made on a running event loop by
+# the code that runs there — the relay, the object server, the core's control plane, the
+# gRPC client — or by anything it calls, fails the test.  (A test's own set-up, writing
+# objects into a store say, is not checked.)  Deliberate exceptions, each with its reason,
+# are in tests/support.py (LOOP_BLOCKING_ALLOWED).
+LOOP_CHECKED = ("tests.test_relay", "tests.test_relay_api", "tests.test_core_grpc")
+ON_THE_LOOP = ["slim.relay", "slim.objects", "slim.core.control", "slim.rpc"]
+
+
+@pytest.fixture(autouse=True)
+def loop_not_blocked(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.module.__name__ not in LOOP_CHECKED:
+        yield
+        return
+    with blockbuster_ctx(ON_THE_LOOP) as bb:
+        for functions, file, callers, _reason in LOOP_BLOCKING_ALLOWED:
+            for function in functions:
+                bb.functions[function].can_block_in(file, callers)
+        yield

@@ -28,6 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from slim.agent import manifest as mf
 from slim.core.control.server import CoreServer
+from slim.core.control.service import CoreService
+from slim.core.registry import Registry
 from slim.core.store import Store
 from slim.objects.server import ObjectServer
 from slim.relay.config import RelayConfig
@@ -451,3 +453,46 @@ AUTH_SYS = struct.pack(">I", 1) + xdr_opaque(
 def rpc_null(port: int) -> bool:
     xid = random.getrandbits(32)
     return rpc_call(port, xid, 0, AUTH_NONE) == b""
+
+
+async def reload_registry(service: CoreService) -> Registry:
+    """What the core's SIGHUP does: the registry file read off the event loop, used on it."""
+    registry = await asyncio.to_thread(service.read_registry)
+    service.use_registry(registry)
+    return registry
+
+
+# -- blocking calls on the event loop, on purpose ----------------------------------------------
+# (function, file, functions it may be called from, why): the one list of exceptions to
+# the loop-blocking check (tests/conftest.py, loop_not_blocked).
+LOOP_BLOCKING_ALLOWED: list[tuple[tuple[str, ...], str, set[str], str]] = [
+    (
+        ("io.TextIOWrapper.write", "io.BufferedWriter.write"), "logging/__init__.py", {"emit"},
+        "a log record: one line to standard error or the log file, as every asyncio server writes them",
+    ),
+    (
+        ("os.stat",), "objects/source.py", {"acquire"},
+        "the core's object server: one stat per request, of a store object (the relays' upstream; each "
+        "object is fetched once per relay), to learn its size",
+    ),
+    (
+        ("os.stat", "io.TextIOWrapper.read"), "core/store.py", {"release_digest"},
+        "the core's hot path (locate, plan, menu, heartbeat replies): one stat of an environment's "
+        "release ref, so that a rebuild is seen at once; the 72-byte ref is read again only when it changed",
+    ),
+    (
+        ("io.BufferedReader.read",), "core/store.py", {"release"},
+        "the same hot path: a release document (a few KB) is read once, when its ref names a new one, "
+        "and kept",
+    ),
+    (
+        ("os.sendfile",), "objects/routes.py", {"_sendfile_dup"},
+        "sendfile to a non-blocking socket, as asyncio's own loop.sendfile does (uvloop has none): it "
+        "never waits for the client; the file's pages come from the page cache",
+    ),
+    (
+        ("os.unlink",), "relay/cache.py", {"_evict"},
+        "eviction removes a cached file on the loop, in the same step as its bytes leave the budget, so "
+        "the cache directory never holds more than --max-bytes",
+    ),
+]  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from labs.host import free_port, lab_env
 from labs.table2 import TABLE2
-from slim.core.daemons.nfs import pseudo_path
+from slim.core.daemons.exports import pseudo_path
 from slim.core.store import Store
 from tests.support import make_image, need_tool, rpc_null, wait_for
 

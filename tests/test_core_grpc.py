@@ -15,7 +15,7 @@ from labs.placeholders import publish_placeholder_releases
 from slim.core.control.service import CoreService
 from slim.core.store import Store
 from slim.v1 import core_pb2 as pb
-from tests.support import TEST_REGISTRY, Core
+from tests.support import TEST_REGISTRY, Core, reload_registry
 
 ROOM = "10.1.4.4"
 
@@ -479,7 +479,7 @@ async def test_plan_without_disk_after_the_registry_changed(
 ) -> None:
     await core.admin.SetNextBoot(pb.SetNextBootRequest(node="n1", environment="jdk14"))
     registry_file.write_text(TEST_REGISTRY.replace("    disk: /dev/vda2\n", ""))
-    service.reload_registry()
+    await reload_registry(service)
     await expect_status(
         core.core.GetBootPlan(pb.GetBootPlanRequest(node=by_name("n1"), origin=ROOM)),
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -489,7 +489,7 @@ async def test_plan_without_disk_after_the_registry_changed(
 
 async def test_plan_with_nfs_but_no_nfs_server(core: Core, service: CoreService, registry_file: Path) -> None:
     registry_file.write_text(TEST_REGISTRY.replace("  nfs_server: 10.9.0.1\n", ""))
-    service.reload_registry()
+    await reload_registry(service)
     await expect_status(
         core.core.GetBootPlan(pb.GetBootPlanRequest(node=by_name("n2"), origin="10.2.0.7")),
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -554,7 +554,7 @@ def spread_registry(registry_file: Path) -> Path:
 async def test_a_thousand_locates_spread_over_four_equal_relays(
     core: Core, service: CoreService, spread_registry: Path
 ) -> None:
-    service.reload_registry()
+    await reload_registry(service)
     for relay in ("r1", "r2", "r3", "r4"):
         await heartbeat(core, relay, load=2)
     answers = await asyncio.gather(
@@ -575,7 +575,7 @@ async def test_a_thousand_locates_spread_over_four_equal_relays(
 async def test_one_boot_keeps_its_relay_and_counts_once(
     core: Core, service: CoreService, spread_registry: Path, store: Store
 ) -> None:
-    publish_placeholder_releases(service.reload_registry(), store)
+    publish_placeholder_releases(await reload_registry(service), store)
     for relay in ("r1", "r2", "r3", "r4"):
         await heartbeat(core, relay, load=2)
     ref = by_name("m0001")
@@ -594,7 +594,7 @@ async def test_one_boot_keeps_its_relay_and_counts_once(
 
 
 async def test_peek_counts_nothing(core: Core, service: CoreService, spread_registry: Path) -> None:
-    service.reload_registry()
+    await reload_registry(service)
     for _ in range(5):
         resp = await core.core.Locate(pb.LocateRequest(node=by_name("m0003"), origin="10.0.0.1", peek=True))
         assert {r.score for r in resp.relays} == {0.0}

@@ -1,5 +1,6 @@
-"""slim.core.daemons.nfs: exports of content-addressed trees, ganesha/exports rendering, and a real
-ganesha.nfsd under the supervisor (loopback only, free ports, NFSv4 spoken by hand)."""
+"""slim.core.daemons.exports and .ganesha: exports of content-addressed trees, ganesha/exports
+rendering, and a real ganesha.nfsd under the supervisor (loopback only, free ports, NFSv4 spoken
+by hand)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,11 @@ from pathlib import Path
 import pytest
 
 from labs.host import free_port
-from slim.core.daemons import nfs
-from slim.core.daemons.nfs import (
+from slim.core.daemons import ganesha as nfs
+from slim.core.daemons.exports import (
     EXPORT_ID_SLOTS,
     FIRST_EXPORT_ID,
     ExportSet,
-    NfsServer,
     assign_export_ids,
     collect_exports,
     export_id_for,
@@ -38,6 +38,7 @@ from slim.core.daemons.nfs import (
     render_exports,
     render_ganesha,
 )
+from slim.core.daemons.ganesha import NfsServer
 from slim.core.registry import Registry, load_registry
 from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -809,7 +810,7 @@ def test_serve_stops_ganesha_on_sigterm(world: World, tmp_path: Path) -> None:
     port = free_port()
     workdir = tmp_path / "w"
     code = (
-        "import sys; from slim.core.daemons.nfs import serve; "
+        "import sys; from slim.core.daemons.ganesha import serve; "
         "serve(sys.argv[1], sys.argv[2], sys.argv[3], bind='127.0.0.1', port=int(sys.argv[4]))"
     )
     proc = subprocess.Popen(
@@ -835,7 +836,7 @@ def test_serve_stops_ganesha_on_sigterm(world: World, tmp_path: Path) -> None:
 def test_supervisor_retries_a_failing_restart(
     world: World, server_factory: Callable[..., NfsServer], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="slim.core.daemons.nfs")
+    caplog.set_level(logging.INFO, logger="slim.core.daemons.ganesha")
     server = server_factory(interval=0.05, backoff=(0.05, 0.2))
     port = server.port
     stop = threading.Event()

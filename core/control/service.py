@@ -22,7 +22,7 @@ from pathlib import Path
 from slim.core.control.bootscript import Menu, MenuEntry, render_ipxe, render_pxelinux
 from slim.core.control.redirect import RankedRelay, Redirector, RelayStatus, parse_origin, relay_status
 from slim.core.control.state import BootEvent, NextBoot, RelayBeat, State
-from slim.core.daemons.nfs import pseudo_path
+from slim.core.daemons.exports import pseudo_path
 from slim.core.registry import DirectorySpec, Environment, IPAddress, Node, Registry, Relay, load_registry
 from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from slim.cli.common import errors_to_exit, registry_option, setup_logging
+from slim.cli.common import config_option, errors_to_exit, registry_option, settings, setup_logging
 
 site_option = click.option(
     "--site",
@@ -56,7 +56,10 @@ def dhcp_config(registry_path: Path, sites: tuple[str, ...]) -> None:
     help="dnsmasq's directory: dnsmasq.conf, dnsmasq.log, dnsmasq.leases, dnsmasq.pid.",
 )
 @click.option("--log-dhcp", is_flag=True, help="Have dnsmasq log every DHCP exchange in detail.")
-def dhcp_serve(registry_path: Path, sites: tuple[str, ...], workdir: Path, log_dhcp: bool) -> None:
+@config_option("dhcp")
+def dhcp_serve(
+    registry_path: Path, sites: tuple[str, ...], workdir: Path, log_dhcp: bool, config_file: Path | None
+) -> None:
     """Run dnsmasq with the rendered configuration and supervise it until SIGTERM/SIGINT.
 
     Restarts dnsmasq if it dies (with backoff) and when the registry file
@@ -64,7 +67,7 @@ def dhcp_serve(registry_path: Path, sites: tuple[str, ...], workdir: Path, log_d
     registry is reported and the running configuration kept.  Prints
     "answering SITE (MODE on SUBNET), ..." once dnsmasq runs.
     """
-    from slim.core.daemons.dhcp import DhcpServer, serve
+    from slim.core.daemons.dnsmasq import DhcpConfig, DhcpServer, run
 
     setup_logging("info")
 
@@ -76,4 +79,8 @@ def dhcp_serve(registry_path: Path, sites: tuple[str, ...], workdir: Path, log_d
         sys.stdout.flush()
 
     with errors_to_exit():
-        serve(registry_path, workdir, sites=list(sites) or None, log_dhcp=log_dhcp, ready=ready)
+        config = settings(
+            DhcpConfig, config_file, registry=registry_path, workdir=workdir, sites=list(sites) or None,
+            log_dhcp=log_dhcp,
+        )  # fmt: skip
+        run(config, ready)

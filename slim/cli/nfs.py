@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
-from slim.cli.common import errors_to_exit, registry_option, store_option
+from slim.cli.common import config_option, errors_to_exit, registry_option, settings, store_option
 
 
 @click.group()
@@ -64,7 +63,7 @@ def nfs_config(
     workdir: Path | None,
 ) -> None:
     """Print the NFS configuration for every environment's current nfs trees (NFSv4, TCP, read-only)."""
-    from slim.core.daemons.nfs import parse_clients, parse_listen, render_config
+    from slim.core.daemons.exports import parse_clients, parse_listen, render_config
 
     with errors_to_exit():
         bind, port = parse_listen(listen)
@@ -86,19 +85,31 @@ def nfs_config(
 @listen_option
 @clients_option
 @workdir_option
-def nfs_serve(registry_path: Path, store_path: Path, listen: str, clients: str | None, workdir: Path) -> None:
+@config_option("nfs")
+def nfs_serve(
+    registry_path: Path,
+    store_path: Path,
+    listen: str,
+    clients: str | None,
+    workdir: Path,
+    config_file: Path | None,
+) -> None:
     """Run nfs-ganesha with the rendered configuration and supervise it until SIGTERM/SIGINT.
 
     Restarts ganesha if it dies; re-renders when the registry or an environment's
     release changes (and at SIGHUP) and makes ganesha pick the change up.  Prints
     "listening on HOST:PORT" once ganesha accepts connections.
     """
-    from slim.core.daemons.nfs import parse_clients, parse_listen, serve
+    from slim.core.daemons.ganesha import NfsConfig, NfsServer, run
 
     with errors_to_exit():
-        bind, port = parse_listen(listen)
+        config = settings(
+            NfsConfig, config_file, registry=registry_path, store=store_path, listen=listen,
+            clients=None if clients is None else clients.split(","), workdir=workdir,
+        )  # fmt: skip
+        bind, port = config.address
 
-        def ready(server: Any) -> None:
+        def ready(server: NfsServer) -> None:
             click.echo(f"listening on {bind}:{port}")
 
-        serve(registry_path, store_path, workdir, bind, port, parse_clients(clients), ready=ready)
+        run(config, ready)

@@ -82,11 +82,16 @@ class FastPath:
                 conn.close()
 
     async def close(self) -> None:
+        """Close every connection; responses still being sent (after the grace period the
+        caller gave them) are ended, and waited for until each released its file."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
         for conn in list(self.connections):
             conn.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 class FastConnection(asyncio.Protocol):
@@ -247,6 +252,7 @@ class FastConnection(asyncio.Protocol):
             routes.source.lost(obj)
             self._done_large(ok=False)
             return
+        ok = False
         try:
             assert transport is not None
             transport.write(self._headers(obj, not self._close))
@@ -255,12 +261,13 @@ class FastConnection(asyncio.Protocol):
             c.bytes_sent += obj.size
             ok = True
         except (ConnectionError, AssertionError):
-            c.aborted += 1
-            ok = False
-        finally:
+            pass
+        finally:  # also when cancelled (FastPath.close)
             os.close(fd)
             routes.source.release(obj)
-        self._done_large(ok)
+            if not ok:
+                c.aborted += 1
+            self._done_large(ok)
 
     def _done_large(self, ok: bool) -> None:
         routes = self.shared.routes
