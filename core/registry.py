@@ -35,7 +35,7 @@ from pydantic import (
 from slim.config import ByteSize, Listen
 from slim.core.yamlsource import Loc, YamlSource, load_yaml_file, load_yaml_text
 from slim.errors import ConfigError, InvalidArgument, NotFound, Problem
-from slim.vocabulary import NAME_RE, Policy, normalize_mac, tmpfs_size
+from slim.vocabulary import HOSTNAME_RE, NAME_RE, Policy, normalize_mac, tmpfs_size
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -105,11 +105,6 @@ def _mac_input(value: Any) -> Any:
             "(YAML reads an unquoted MAC made of digits only as a number)"
         )
     return value
-
-
-HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
 
 
 def _check_host(value: str) -> str:

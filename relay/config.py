@@ -12,7 +12,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field, model_validator
 
-from slim.config import ByteSize, Listen, LogLevel, ProcessConfig, value_error
+from slim.config import Address, ByteSize, LogLevel, ProcessConfig, value_error
 from slim.errors import InvalidArgument
 from slim.listen import parse_listen
 
@@ -50,7 +50,7 @@ class RelayConfig(ProcessConfig):
     max_bytes: ByteSize = Field(20 << 30, gt=0, description="the cache's byte budget")
     memory_bytes: ByteSize = Field(512 << 20, ge=0, description="small objects' bytes kept in memory")
     name: str = Field("", description="this relay's name in the registry (needed with core)")
-    core: Listen | None = Field(None, description="the core's gRPC address; none: objects only")
+    core: Address | None = Field(None, description="the core's gRPC address; none: objects only")
     listen: HostPort = Field(f"0.0.0.0:{DEFAULT_HTTP_PORT}", description="HTTP: HOST:PORT (0: any port)")
     tftp_listen: HostPort | None = Field(None, description="TFTP for stage 1: HOST:PORT; none: no TFTP")
     ipxe_dir: Path = Field(Path("/usr/lib/ipxe"), description="the iPXE binaries served over TFTP")

@@ -1,8 +1,10 @@
 """``slim serve``: every server of one machine, from one registry file.
 
 The registry's ``server`` section (docs/registry.md) says where each part
-listens and where state lives; this module starts, as child processes, the
-same commands an administrator would run one by one:
+listens and where state lives; this module builds each part's settings model
+from it, writes it to ``STATE_DIR/config/PART.json`` and starts, as child
+processes, the same commands an administrator would run one by one
+(``slim PART serve --config STATE_DIR/config/PART.json``):
 
 * ``slim core serve`` — gRPC on ``core_listen``, the store over HTTP on
   ``objects_listen`` (the relay's upstream);
@@ -32,9 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from slim.config import ProcessConfig
+from slim.core.control.config import CoreConfig
+from slim.core.daemons.dnsmasq import DhcpConfig
+from slim.core.daemons.ganesha import NfsConfig
 from slim.core.registry import Registry, load_registry
 from slim.errors import FailedPrecondition, Unavailable
-from slim.listen import parse_listen
+from slim.relay.config import RelayConfig
 from slim.vocabulary import Policy
 
 log = logging.getLogger(__name__)
@@ -94,49 +100,43 @@ class AllInOne:
 
     # -- start ------------------------------------------------------------------------
     def start(self, say: Callable[[str], None] = print) -> None:
-        """Start every part; return once each serves (raise, stopping what started, if one fails)."""
-        srv, state, reg = self.registry.server, self.state, str(self.registry_path)
+        """Start every part; return once each serves (raise, stopping what started, if one fails).
+
+        Each part is ``slim PART serve --config STATE_DIR/config/PART.json``: its settings
+        model, built here from the registry's ``server`` section and validated before
+        anything starts."""
+        srv, state, reg = self.registry.server, self.state, self.registry_path
         state.mkdir(parents=True, exist_ok=True)
         (state / "logs").mkdir(exist_ok=True)
+        source = f"{reg}: server"
         try:
-            core = self._start(
-                "core", ["core", "serve", "--registry", reg, "--state", str(state / "state.db"),
-                         "--store", str(state / "store"), "--listen", srv.core_listen,
-                         "--objects-listen", srv.objects_listen, "--log-level", self.log_level],
-                ["listening on", "objects on"],
-            )  # fmt: skip
+            core = self._start("core", CoreConfig.build(
+                source, registry=reg, state=state / "state.db", store=state / "store", listen=srv.core_listen,
+                objects_listen=srv.objects_listen, log_level=self.log_level,
+            ), ["listening on", "objects on"])  # fmt: skip
             self.addresses["core"] = core.lines["listening on"]
             self.addresses["objects"] = core.lines["objects on"]
             say(f"core listening on {self.addresses['core']} (objects on {self.addresses['objects']})")
-            relay_args = ["relay", "serve", "--name", self.relay, "--core", _connect(self.addresses["core"]),
-                          "--upstream", f"http://{_connect(self.addresses['objects'])}",
-                          "--cache-dir", str(state / "cache"), "--max-bytes", str(srv.cache_max_bytes),
-                          "--listen", srv.relay_listen, "--log-level", self.log_level]  # fmt: skip
-            expect = ["listening on"]
-            if srv.tftp_listen is not None:
-                host, port = parse_listen(srv.tftp_listen, 69, allow_ephemeral=True)
-                relay_args += ["--tftp-listen", host, "--tftp-port", str(port)]
-                expect.append("tftp on")
-            relay = self._start("relay", relay_args, expect)
+            relay = self._start("relay", RelayConfig.build(
+                source, name=self.relay, core=_connect(self.addresses["core"]),
+                upstreams=[f"http://{_connect(self.addresses['objects'])}"], cache_dir=state / "cache",
+                max_bytes=srv.cache_max_bytes, listen=srv.relay_listen, tftp_listen=srv.tftp_listen,
+                log_level=self.log_level,
+            ), ["listening on"] + (["tftp on"] if srv.tftp_listen is not None else []))  # fmt: skip
             self.addresses["relay"] = relay.lines["listening on"]
             say(f"relay {self.relay} listening on {self.addresses['relay']}")
             if "tftp on" in relay.lines:
                 self.addresses["tftp"] = relay.lines["tftp on"]
                 say(f"relay {self.relay} tftp on {self.addresses['tftp']}")
             if self.wants_nfs:
-                assert srv.nfs_listen is not None
-                nfs = self._start(
-                    "nfs", ["nfs", "serve", "--registry", reg, "--store", str(state / "store"),
-                            "--listen", srv.nfs_listen, "--workdir", str(state / "nfs")],
-                    ["listening on"],
-                )  # fmt: skip
+                nfs = self._start("nfs", NfsConfig.build(
+                    source, registry=reg, store=state / "store", listen=srv.nfs_listen, workdir=state / "nfs",
+                ), ["listening on"])  # fmt: skip
                 self.addresses["nfs"] = nfs.lines["listening on"]
                 say(f"nfs listening on {self.addresses['nfs']}")
             if self.wants_dhcp:
                 dhcp = self._start(
-                    "dhcp",
-                    ["dhcp", "serve", "--registry", reg, "--workdir", str(state / "dhcp")],
-                    ["answering"],
+                    "dhcp", DhcpConfig.build(source, registry=reg, workdir=state / "dhcp"), ["answering"]
                 )
                 self.addresses["dhcp"] = dhcp.lines["answering"]
                 say(f"dhcp answering {self.addresses['dhcp']}")
@@ -144,11 +144,18 @@ class AllInOne:
             self.stop()
             raise
 
-    def _start(self, name: str, args: list[str], expect: list[str]) -> Part:
+    def _start(self, name: str, config: ProcessConfig, expect: list[str]) -> Part:
+        """``slim NAME serve --config STATE_DIR/config/NAME.json`` with ``config`` written
+        there; returns once it printed each of ``expect`` (raises if it does not)."""
+        settings = config.dump(self.state / "config" / f"{name}.json")
         logfile = self.state / "logs" / f"{name}.log"
         with open(logfile, "a") as err:
             proc = subprocess.Popen(
-                [*SLIM, *args], stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True
+                [*SLIM, name, "serve", "--config", str(settings)],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                text=True,
             )
         part = Part(name, proc, logfile)
         self.parts.append(part)

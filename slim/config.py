@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from slim.errors import ConfigError, Problem, SlimError
-from slim.listen import check_listen
+from slim.listen import check_address, check_listen
 from slim.vocabulary import parse_size
 
 T = TypeVar("T")
@@ -48,7 +48,8 @@ def _size(value: Any) -> Any:
     return value
 
 
-Listen = Annotated[str, AfterValidator(value_error(check_listen))]  # HOST:PORT or unix:PATH
+Listen = Annotated[str, AfterValidator(value_error(check_listen))]  # to bind: IP:PORT or unix:PATH
+Address = Annotated[str, AfterValidator(value_error(check_address))]  # to connect to: HOST:PORT or unix:PATH
 ByteSize = Annotated[int, BeforeValidator(_size)]  # bytes, or a size: 20G, 500MB (slim.vocabulary)
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -59,14 +60,15 @@ class ProcessConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @classmethod
-    def build(cls: type[M], source: str = "the command line", **values: Any) -> M:
-        """The model from ``values``; a ConfigError naming each bad field (as an option of
-        the command line, ``--max-bytes``, when ``source`` is the command line)."""
+    def build(
+        cls: type[M], source: str = "the command line", names: dict[str, str] | None = None, **values: Any
+    ) -> M:
+        """The model from ``values``; a ConfigError naming each bad field as ``source``
+        spells it (``names``: field -> its option, ``--max-bytes``; by default the field)."""
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            options = source == "the command line"
-            raise ConfigError([_problem(source, err, options) for err in exc.errors()]) from None
+            raise ConfigError([_problem(source, err, names or {}) for err in exc.errors()]) from None
 
     @classmethod
     def load(cls: type[M], path: Path) -> M:
@@ -86,10 +88,12 @@ class ProcessConfig(BaseModel):
         return path
 
 
-def _problem(source: str, err: Any, options: bool) -> Problem:
-    loc = [str(p) for p in err["loc"]]
-    name = loc[0] if loc else "(document)"
-    field = f"--{name.replace('_', '-')}" if options and loc else ".".join(loc) or "(document)"
+def _problem(source: str, err: Any, names: dict[str, str]) -> Problem:
+    loc = list(err["loc"])
+    if loc and loc[0] in names:  # an option: its message quotes the value (of a repeated one)
+        field = names[loc[0]]
+    else:  # a file: upstreams[1]
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(document)"
     msg: str = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown setting"

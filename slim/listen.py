@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 
 from slim.errors import InvalidArgument
+from slim.vocabulary import HOSTNAME_RE
 
 
 def parse_listen(value: str, default_port: int, allow_ephemeral: bool = False) -> tuple[str, int]:
@@ -49,4 +50,22 @@ def check_listen(value: str) -> str:
             raise InvalidArgument(f"{value!r}: a unix socket needs a path, e.g. unix:/run/slim/core.sock")
         return value
     parse_listen(value, 0, allow_ephemeral=True)
+    return value
+
+
+def check_address(value: str) -> str:
+    """``value`` if it is an address to connect to: HOST:PORT (HOST a name or an IP
+    address, ``[V6]:PORT`` for IPv6) or ``unix:PATH``."""
+    if value.startswith("unix:"):
+        return check_listen(value)
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit():
+        raise InvalidArgument(f"{value!r} is not HOST:PORT (or unix:PATH)")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not HOSTNAME_RE.match(host):
+            raise InvalidArgument(f"{value!r}: {host!r} is neither a host name nor an IP address") from None
+    check_port(int(port))
     return value

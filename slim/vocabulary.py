@@ -135,6 +135,9 @@ def names_a_mac(text: str) -> bool:
 
 # -- names ---------------------------------------------------------------------------------------
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # sites, relays, environments, nodes
+HOSTNAME_RE = re.compile(  # a DNS host name (RFC 1123)
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 HEX_RE = re.compile(r"^[0-9a-f]{64}$")  # an object's name: its sha256
 
 

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from labs.host import lab_env
 from slim.cli import main
+from slim.core.control.config import CoreConfig
 from slim.core.store import Store
 from tests.support import ROOT, TEST_REGISTRY, Served, read_address, start_core, stop
 
@@ -239,3 +240,34 @@ def test_core_serve_objects_listen(registry_file: Path, tmp_path: Path) -> None:
     finally:
         code, err = stop(proc)
     assert code == 0, err
+
+
+def test_serving_commands_read_their_settings_from_a_file(registry_file: Path, tmp_path: Path) -> None:
+    """--config FILE (what slim serve writes) instead of the options: the file is what runs;
+    options beside it, unknown or bad settings are refused with the file and field named."""
+    config = CoreConfig.build(
+        registry=registry_file, state=tmp_path / "state.db", store=tmp_path / "store", listen="127.0.0.1:0"
+    ).dump(tmp_path / "core.json")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slim.cli", "core", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        address = read_address(proc)
+        assert slim("node", "show", "n1", "--core", address)[0] == 0
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    code, out = slim("core", "serve", "--config", str(config), "--listen", "127.0.0.1:1")
+    assert code == 1 and f"--config {config} holds every setting: drop --listen" in out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"registry": str(registry_file), "listn": "127.0.0.1:0", "grace": -1}))
+    code, out = slim("core", "serve", "--config", str(bad))
+    assert code == 1 and f"{bad}: listn: unknown setting" in out and f"{bad}: grace: " in out
+    code, out = slim("relay", "serve", "--upstream", "ftp://x", "--max-bytes", "lots", "--core", "h:x")
+    assert code == 1
+    assert "--upstream: upstream 'ftp://x' is not an http://HOST:PORT base URL" in out
+    assert "--max-bytes: size 'lots' is not a size" in out
+    assert "--core: 'h:x' is not HOST:PORT" in out
+    code, out = slim("relay", "serve", "--upstream", "http://core:8081", "--core", "core.example:50051")
+    assert code == 1 and "needs --name" in out

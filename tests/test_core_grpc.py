@@ -14,6 +14,8 @@ import pytest
 from labs.placeholders import publish_placeholder_releases
 from slim.core.control.service import CoreService
 from slim.core.store import Store
+from slim.errors import NotFound, Unavailable
+from slim.rpc import ERROR_KEY, AsyncCoreClient
 from slim.v1 import core_pb2 as pb
 from tests.support import TEST_REGISTRY, Core, reload_registry
 
@@ -598,3 +600,20 @@ async def test_peek_counts_nothing(core: Core, service: CoreService, spread_regi
     for _ in range(5):
         resp = await core.core.Locate(pb.LocateRequest(node=by_name("m0003"), origin="10.0.0.1", peek=True))
         assert {r.score for r in resp.relays} == {0.0}
+
+
+async def test_the_core_names_its_error_class(core: Core) -> None:
+    """The core aborts with the error's class name in the trailing metadata, so a client
+    tells "the core has no live relay" (Unavailable) from "no core answered" (Unreachable),
+    which share UNAVAILABLE."""
+    for relay in ("hub", "room-1", "room-2", "lab-1"):
+        await heartbeat(core, relay, healthy=False)
+    async with AsyncCoreClient(core.address) as client:
+        with pytest.raises(Unavailable) as info:
+            await client.call(client.core.Locate, pb.LocateRequest(node=by_name("n1"), origin=ROOM))
+        assert type(info.value) is Unavailable and "none is live" in info.value.message
+        with pytest.raises(NotFound):
+            await client.call(client.admin.GetNode, pb.GetNodeRequest(node=by_name("nosuch")))
+    with pytest.raises(grpc.aio.AioRpcError) as raw:
+        await core.core.Locate(pb.LocateRequest(node=by_name("n1"), origin=ROOM))
+    assert (ERROR_KEY, "Unavailable") in tuple(raw.value.trailing_metadata() or ())

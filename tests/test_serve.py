@@ -8,6 +8,7 @@ which relay this machine is, a part that cannot start, a part that dies.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -172,5 +173,28 @@ def test_a_part_that_dies_stops_slim_serve(tmp_path: Path) -> None:
         assert proc.wait(timeout=60) == 1
         assert proc.stderr is not None
         assert "relay exited" in proc.stderr.read()
+    finally:
+        stop(proc)
+
+
+def test_each_part_gets_its_settings_as_a_file(tmp_path: Path) -> None:
+    """slim serve builds each part's settings model from the registry and starts it with
+    --config STATE_DIR/config/PART.json: the file is what the part runs with."""
+    registry = write(tmp_path)
+    proc = start(registry, tmp_path)
+    try:
+        said = said_until_ready(proc)
+        assert "ready" in said, (said, proc.stderr.read() if proc.stderr else "")
+        configs = tmp_path / "state" / "config"
+        assert sorted(p.name for p in configs.iterdir()) == ["core.json", "relay.json"]
+        core = json.loads((configs / "core.json").read_text())
+        assert core["registry"] == str(registry) and core["listen"] == "127.0.0.1:0"
+        assert core["state"] == str(tmp_path / "state" / "state.db")
+        relay = json.loads((configs / "relay.json").read_text())
+        assert relay["name"] == "local" and relay["max_bytes"] == 20 << 30  # the default "20G"
+        assert relay["tftp_listen"] == "127.0.0.1:0"
+        assert relay["cache_dir"] == str(tmp_path / "state" / "cache")
+        (objects,) = [v.rstrip(")") for k, v in said.items() if k.startswith("core listening on")]
+        assert relay["upstreams"] == [f"http://{objects}"]  # the core's object server, once it listened
     finally:
         stop(proc)

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Literal
 
 from slim import listen
-from slim.core.registry import HOSTNAME_RE, Registry, load_registry
+from slim.core.registry import Registry, load_registry
 from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument, SlimError
-from slim.vocabulary import Policy, parse_digest
+from slim.vocabulary import HOSTNAME_RE, Policy, parse_digest
 
 log = logging.getLogger(__name__)
 

@@ -150,7 +150,15 @@ def settings(model: type[C], config_file: Path | None, **values: Any) -> C:
     the command line beside it), else from the options' ``values`` (model field names)."""
     ctx = click.get_current_context()
     if config_file is None:
-        return model.build(**values)
+        # a bad value is named by its option: the parameter of the field's name (or
+        # NAME_path, NAME_address) that the command has
+        names = {
+            field: param.opts[0]
+            for field in values
+            for param in ctx.command.params
+            if param.name in (field, f"{field}_path", f"{field}_address") and param.opts
+        }
+        return model.build(names=names, **values)
     given = [
         param.opts[0]
         for param in ctx.command.params

@@ -100,6 +100,7 @@ def relay_list(core_address: str, as_json: bool) -> None:
 )
 @click.option(
     "--memory-cache",
+    "memory_bytes",
     default="512M",
     show_default=True,
     help="Memory for the bytes of small cached objects (up to 128 KiB each), so that hits on them "
@@ -163,7 +164,7 @@ def relay_serve(
     core_address: str,
     cache_dir: Path,
     max_bytes: str,
-    memory_cache: str,
+    memory_bytes: str,
     listen: str,
     tftp_port: int | None,
     tftp_listen: str,
@@ -185,6 +186,7 @@ def relay_serve(
     Prints "listening on HOST:PORT" (and "tftp on HOST:PORT") on standard output
     once it serves.  SIGTERM or SIGINT stops it gracefully.
     """
+    from slim.listen import parse_listen
     from slim.relay.config import RelayConfig
     from slim.relay.server import RelayServer, run
 
@@ -192,7 +194,7 @@ def relay_serve(
         bracketed = f"[{tftp_listen}]" if ":" in tftp_listen else tftp_listen
         config = settings(
             RelayConfig, config_file, upstreams=list(upstreams), cache_dir=cache_dir, max_bytes=max_bytes,
-            memory_bytes=memory_cache, name=name, core=core_address or None, listen=listen,
+            memory_bytes=memory_bytes, name=name, core=core_address or None, listen=listen,
             tftp_listen=f"{bracketed}:{tftp_port}" if tftp_port is not None else None, ipxe_dir=ipxe_dir,
             max_transfers=max_transfers, max_fetches=max_fetches, access_log=access_log, grace=grace,
             log_level=log_level,
@@ -202,7 +204,8 @@ def relay_serve(
         def ready(r: RelayServer) -> None:
             click.echo(f"listening on {r.host}:{r.port}")
             if r.tftp_port and config.tftp_listen is not None:
-                click.echo(f"tftp on {config.tftp_listen.rsplit(':', 1)[0]}:{r.tftp_port}")
+                host = parse_listen(config.tftp_listen, 69, allow_ephemeral=True)[0]
+                click.echo(f"tftp on {host}:{r.tftp_port}")
             sys.stdout.flush()
 
         run(config, ready)

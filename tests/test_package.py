@@ -1,0 +1,74 @@
+"""What `pip install .` installs: every product module, no lab, and a `slim` command that
+lists only product commands (the labs live in labs/, run from a checkout)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT
+
+PRODUCT = {"slim": ROOT / "slim", "slim/core": ROOT / "core", "slim/relay": ROOT / "relay",
+           "slim/agent": ROOT / "agent", "slim/plugin": ROOT / "plugin"}  # fmt: skip
+LINKS = {"core", "relay", "agent", "plugin"}  # slim/core -> ../core etc.
+COMMANDS = {"core", "dhcp", "ee", "nfs", "node", "profile", "registry", "relay", "serve", "simulate", "slurm"}
+
+
+def product_modules() -> set[str]:
+    """Every .py file of the product as the wheel names it (slim/core/control/server.py)."""
+    out = set()
+    for prefix, folder in PRODUCT.items():
+        for path in folder.rglob("*.py"):
+            rel = path.relative_to(folder)
+            if prefix == "slim" and rel.parts[0] in LINKS:
+                continue  # the symbolic links: counted under their own folder
+            out.add(f"{prefix}/{rel}")
+    return out
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_the_product_and_no_lab(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+         str(ROOT)],
+        check=True, capture_output=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("slim-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert product_modules() <= names, sorted(product_modules() - names)
+    assert not {n for n in names if n.startswith(("labs/", "tests/", "bench/", "tools/"))}
+    assert {"slim/py.typed", "slim/v1/core_pb2.pyi"} <= names
+
+    # installed on its own, the package imports no lab and offers only product commands
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+
+    def python(code: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+
+    where = python("import slim.core.control.server as s; print(s.__file__)")
+    assert where.returncode == 0 and where.stdout.startswith(str(target)), where
+    for lab in ("labs", "labs.vmlab", "slim.vmlab", "slim.stormlab", "slim.demo", "slim.core.table2"):
+        found = python(f"import {lab}")
+        assert found.returncode != 0 and "ModuleNotFoundError" in found.stderr, (lab, found)
+    helped = subprocess.run(
+        [sys.executable, "-m", "slim.cli", "--help"], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert helped.returncode == 0, helped.stderr
+    commands = {
+        line.split()[0] for line in helped.stdout.split("Commands:", 1)[1].splitlines() if line.strip()
+    }
+    assert commands == COMMANDS
