@@ -50,6 +50,7 @@ from slim.agent.plan import Directory, ObjectRef, Plan, PlanError
 from slim.agent.tree import DIR, FILE, Entry, scan
 from slim.agent.unpack import TreeWriter, UnsafeEntry, extract_tar
 
+# a copy of slim.vocabulary.MAX_MANIFEST_BYTES: the agent imports only the standard library
 MAX_MANIFEST_BYTES = 512 << 20
 
 

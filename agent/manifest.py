@@ -33,7 +33,7 @@ FORMAT = "slim-manifest"
 VERSION = 1
 CHUNK_SIZE = 1 << 20
 CHUNKED_ABOVE = 4 << 20
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+_HEX = re.compile(r"^[0-9a-f]{64}$")  # slim.vocabulary.HEX_RE, copied: standard library only here
 
 
 @dataclass(frozen=True, slots=True)

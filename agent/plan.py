@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-POLICIES = ("ram", "disk", "sync", "nfs")
+POLICIES = ("ram", "disk", "sync", "nfs")  # slim.vocabulary.Policy's names (the agent: stdlib only)
 MAX_PLAN_BYTES = 4 << 20
 
 

@@ -248,7 +248,7 @@ def main() -> None:
             "scale": args.scale,
             "node_link_bits": node_rate,
             "server_uplink_bits": uplink,
-            "image": "synthetic Table-2 image (slim ee table2)",
+            "image": "synthetic Table-2 image (labs/table2.py)",
             "copied": "/ except /bin /lib /sbin /usr (NFS)",
         },
         "calibration": {k: workload_to_dict(w) for k, w in calibration.items()},

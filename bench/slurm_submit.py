@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/slurm_submit.py [--repeat 3] [--out docs/benchmarks]
 
-The lab of tests/test_slurm_cluster.py (slim/slurmlab.py): slurmctld and three
+The lab of tests/test_slurm_cluster.py (labs/slurmlab.py): slurmctld and three
 ``slurmd -N`` on this host, `slim serve`, the files `slim slurm config` renders,
 simulated reboots (slurmd stops, the agent rebuilds the node's root for the next
 EE, ``slurmd -b``).  Each round submits a 2-node job for the EE the nodes do not

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/vm_boot.py [--repeat 3] [--out docs/benchmarks] [--chains user,pxe,pxelinux]
 
-The lab of tests/test_vm_boot.py (slim/vmlab.py), on real `slim` processes: a Debian
+The lab of tests/test_vm_boot.py (labs/vmlab.py), on real `slim` processes: a Debian
 bookworm EE (debootstrap minbase, cached in /var/cache/slim) with / in RAM and
 /usr over NFSv4 from nfs-ganesha.  Three boot chains, side by side in one run:
 

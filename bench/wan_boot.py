@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/wan_boot.py [--rate 3mbit] [--repeat 3] [--out docs/benchmarks]
 
-The synthetic Table-2 image at full scale (``slim ee table2``: 173k files,
+The synthetic Table-2 image at full scale (``python -m labs.table2``: 173k files,
 2.4 GB; /bin /lib /sbin /usr over NFS as in the paper, the rest, 95 MB, copied)
 with a stand-in kernel + initrd of the real ones' size (14.9 MB).  `slim
 serve` (core and relay) in a server namespace; one node namespace on a veth

@@ -1,7 +1,7 @@
 """The boot demo (``./run demo``, ``python -m labs.bootdemo``): an EE built, `slim serve`
 started, a VM network-booted into the EE.
 
-The whole chain runs on this machine, on our own servers (slim/vmlab.py, the
+The whole chain runs on this machine, on our own servers (labs/vmlab.py, the
 ``pxe`` lab): a Debian bookworm EE is imported with debootstrap (cached) and
 built; a network namespace with a bridge gets `slim serve` (core, relay with
 TFTP, nfs-ganesha, dnsmasq as proxy-DHCP) and a plain dnsmasq playing the
@@ -68,9 +68,8 @@ def run(workdir: Path | None = None, keep: bool = False, say: Callable[[str], No
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
-    import sys
 
-    from slim.errors import SlimError
+    from slim.cli.common import errors_to_exit
 
     ap = argparse.ArgumentParser(prog="python -m labs.bootdemo", description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -84,11 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("error: the boot demo needs root (network namespaces, a tap device); try: sudo ./run demo")
         return 1
-    try:
+    with errors_to_exit():
         run(args.workdir, args.keep)
-    except SlimError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -161,7 +161,7 @@ async def _demo_calls(slim: list[str], address: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from slim.errors import SlimError
+    from slim.cli.common import errors_to_exit
 
     ap = argparse.ArgumentParser(prog="python -m labs.controlplane", description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -171,11 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the registry to show (default: docs/registry.example.yaml)",
     )
     args = ap.parse_args(argv)
-    try:
+    with errors_to_exit():  # a bad registry: one line, exit 1
         asyncio.run(run_demo(args.registry))
-    except SlimError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     return 0
 
 

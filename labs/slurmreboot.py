@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         simulate(args.node, args.roots, args.relay, os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
     except ValueError as exc:
-        print(f"labs.slurmreboot: {exc}", file=sys.stderr)
-        return 1
+        ap.error(str(exc))  # exits 2, naming what is wrong
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Stand-in pieces for small lab images (slim/slurmlab.py, bench/): enough for
+"""Stand-in pieces for small lab images (labs/slurmlab.py, bench/): enough for
 `slim ee build` to name a kernel and find the modules every initrd carries, in a
 few bytes, where the lab never boots that kernel."""
 

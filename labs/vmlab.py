@@ -1,6 +1,6 @@
 """A one-machine lab: an EE booted in a QEMU VM through real `slim` servers.
 
-Used by tests/test_vm_boot.py, bench/vm_boot.py and ``slim demo``.  It imports
+Used by tests/test_vm_boot.py, bench/vm_boot.py and the boot demo (labs/bootdemo.py).  It imports
 a Debian bookworm EE (debootstrap minbase, cached) with / in RAM, /usr over
 NFSv4 and, optionally, /var on the VM's disk, and builds it.  The EE's init is
 a script on the NFS /usr that prints a marker with /run/slim/ee and powers
@@ -11,7 +11,7 @@ the VM off.  Two networks:
   the relay's boot-script URL by QEMU's own DHCP (10.0.2.2 in the guest is the
   host's loopback).
 * ``pxe`` (the whole chain on our servers): a network namespace with a bridge
-  (slim/netlab.py) runs `slim serve` — core, relay with TFTP on port 69,
+  (labs/netlab.py) runs `slim serve` — core, relay with TFTP on port 69,
   nfs-ganesha, dnsmasq in proxy-DHCP mode — beside a plain dnsmasq playing
   the site's own DHCP server.  QEMU joins the bridge on a tap device with UEFI
   firmware (OVMF) whose native PXE gets its address from the site, boot

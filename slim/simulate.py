@@ -637,7 +637,7 @@ def workload_to_dict(w: Workload) -> dict[str, Any]:
 
 
 #: The paper's Fedora Core 1 image as SLIM builds it (the synthetic Table-2 image,
-#: ``slim ee table2``, at full scale): /bin /lib /sbin /usr over NFS, the rest copied
+#: ``python -m labs.table2``, at full scale): /bin /lib /sbin /usr over NFS, the rest copied
 #: (24,275 files, 99.6 MB: a 32.0 MB archive at zstd -9, a 0.28 MB manifest).  Boot files:
 #: Debian's kernel (7.9 MB) and SLIM's initrd (7.0 MB).  CPU: one node booting alone,
 #: measured with getrusage by ``bench/wan_boot.py`` (unpacking into RAM: 2.0 s; comparing

@@ -1,7 +1,7 @@
 """The network configuration service: dnsmasq rendered from the registry, run for real.
 
 Unit tests check the rendering and the registry's checks; the rest run the real
-dnsmasq in network namespaces this test creates (slim/netlab.py), with busybox
+dnsmasq in network namespaces this test creates (labs/netlab.py), with busybox
 udhcpc as the client, and finally a whole namespace cluster: `slim serve` on the
 server side, four nodes that get addresses and build their EE with the agent, and
 a stranger that gets nothing.

@@ -1,6 +1,6 @@
 """`sbatch --constraint=ee:jdk14` on a real Slurm: slurmctld and three slurmd on this host.
 
-The lab (slim/slurmlab.py) runs munged, slurmctld, ``slurmd -N n1..n3``,
+The lab (labs/slurmlab.py) runs munged, slurmctld, ``slurmd -N n1..n3``,
 `slim serve` and the files `slim slurm config` renders; reboots are simulated
 (slurmd stops, the agent rebuilds the node's root for its next EE, ``slurmd
 -b``).  Every node starts on base.

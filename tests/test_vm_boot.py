@@ -1,7 +1,7 @@
-"""A real VM network-boots into an EE through our servers (the lab: slim/vmlab.py).
+"""A real VM network-boots into an EE through our servers (the lab: labs/vmlab.py).
 
 The first test is the whole PXE chain on our own servers, through the README's
-demo entry point (`slim demo`): UEFI firmware PXE on a bridge in a network
+demo entry point (`./run demo`, labs/bootdemo.py): UEFI firmware PXE on a bridge in a network
 namespace, its address from the site's DHCP server, boot information from our
 proxy-DHCP (dnsmasq), ipxe.efi over our TFTP, the menu over HTTP, the EE.
 The others use QEMU user networking:

@@ -27,8 +27,8 @@ from rich.table import Table
 from rich.text import Text
 
 from slim.agent import tree
-from slim.vocabulary import Policy
 from slim.errors import InvalidArgument, NotFound
+from slim.vocabulary import Policy
 
 MIB = 1 << 20  # a "MB" of the paper's Table 2, as du -m counts
 

@@ -26,18 +26,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-
 from slim.agent import manifest as mf
 from slim.agent.tree import FILE, Entry, ScanReport, scan
 from slim.agent.unpack import UnsafeEntry, copy_root_meta, copy_tree, nofollow
 from slim.core.build import copyset
 from slim.core.build.agentrt import Runtime, add_runtime
-from slim.core.build.initrd import InitrdBuilder, InitrdInfo, kernel_release, resolve_in_image, resolve_modules
+from slim.core.build.initrd import (
+    InitrdBuilder,
+    InitrdInfo,
+    kernel_release,
+    resolve_in_image,
+    resolve_modules,
+)
 from slim.core.registry import Registry
-from slim.vocabulary import Policy
 from slim.core.store import Store
-from slim.release import decode_manifest, encode_manifest, ObjectRef, Release, ReleaseDirectory
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound, SlimError
+from slim.release import ObjectRef, Release, ReleaseDirectory, decode_manifest, encode_manifest
+from slim.vocabulary import Policy
 
 # Modules every initrd carries when the kernel has them (the agent mounts NFS
 # and may overlay a read-only tree), beside each hardware profile's own.
