@@ -20,6 +20,7 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
+from slim.agent.unpack import member_name
 from slim.core.build.initrd import KVER_RE, resolve_in_image
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound, SlimError, Unavailable
 
@@ -205,14 +206,20 @@ def _unpack(deb: Path, root: Path) -> list[str]:
 
 
 def _member_path(name: str) -> str | None:
-    parts = [p for p in PurePosixPath(name).parts if p not in ("/", ".")]
-    if ".." in parts:
-        raise FailedPrecondition(f"package member {name!r} leaves the image")
-    return "/".join(parts) or None
+    """The member's path in the image by the agent's rule for archive members (relative,
+    no ``..``); None for the package's root."""
+    try:
+        return member_name(name) or None
+    except ValueError as exc:
+        raise FailedPrecondition(f"package member {name!r} leaves the image: {exc}") from None
 
 
 def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, rel: str, root: Path) -> None:
-    """One package member into the image; owners are not kept (a kernel package is root's)."""
+    """One package member into the image, as dpkg would in a chroot: the image's own links
+    (merged /usr: /lib -> usr/lib) are followed inside it (resolve_in_image), which the
+    agent's strict writer (slim.agent.unpack.TreeWriter) refuses on purpose, and a file in
+    the way of a package directory is an error, not replaced.  Owners are not kept (a
+    kernel package is root's)."""
     if member.isdir():
         target = resolve_in_image(root, "/" + rel)
         if not target.is_dir():
