@@ -1,6 +1,7 @@
 """P1 boot storm: N nodes booting at once on a namespace cluster, and the simulator beside it.
 
-    .venv/bin/python bench/boot_storm.py [--nodes 1,2,4,8,16,32,64] [--repeat 3] [--out docs/benchmarks]
+    PYTHONPATH=. .venv/bin/python bench/boot_storm.py [--nodes 1,2,4,8,16,32,64] [--repeat 3] \
+        [--out docs/benchmarks]
 
 **The real storms** (``labs.stormlab``): `slim serve` in a server namespace;
 N node namespaces on tbf-shaped veths.  The paper's LAN is 100 Mb/s per node

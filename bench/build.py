@@ -1,7 +1,7 @@
 """Build: SLIM's copy-set archives against ``tar | gzip`` and ``tar | zstd``, same trees, one run.
 
-    .venv/bin/python bench/build.py            # full run (about 9 minutes on 2 cores)
-    .venv/bin/python bench/build.py --quick    # a short smoke run (Table-2 scale 0.1, 1 repeat)
+    PYTHONPATH=. .venv/bin/python bench/build.py            # full run (about 9 minutes on 2 cores)
+    PYTHONPATH=. .venv/bin/python bench/build.py --quick    # a short smoke run (Table-2 scale 0.1, 1 repeat)
 
 Run as root: the images hold device nodes and files of other owners.
 

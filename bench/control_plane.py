@@ -1,7 +1,7 @@
 """P5 control plane: Locate + GetBootPlan requests per second, and a 10,000-node storm.
 
-    .venv/bin/python bench/control_plane.py            # full run (about a minute)
-    .venv/bin/python bench/control_plane.py --quick    # a short smoke run
+    PYTHONPATH=. .venv/bin/python bench/control_plane.py            # full run (about a minute)
+    PYTHONPATH=. .venv/bin/python bench/control_plane.py --quick    # a short smoke run
 
 Starts the real core (`slim core serve`, a separate process) on 127.0.0.1
 port 0 with a synthetic registry of --nodes nodes on 4 sites and 12 relays,

@@ -1,7 +1,7 @@
 """P3 relay throughput: the relay against nginx on the same files, and a cold cache's origin egress.
 
-    .venv/bin/python bench/relay_throughput.py            # full run (about 10 minutes)
-    .venv/bin/python bench/relay_throughput.py --quick    # a short smoke run (about a minute)
+    PYTHONPATH=. .venv/bin/python bench/relay_throughput.py            # full run (about 10 minutes)
+    PYTHONPATH=. .venv/bin/python bench/relay_throughput.py --quick    # a short smoke run (about a minute)
 
 Everything runs on 127.0.0.1 with ports picked by the kernel (nginx cannot
 report a port 0, so it gets one the kernel just handed out), in a temporary

@@ -1,6 +1,6 @@
 """Slurm: from `sbatch --constraint=ee:NAME` to the job's start, with and without a reboot.
 
-    .venv/bin/python bench/slurm_submit.py [--repeat 3] [--out docs/benchmarks]
+    PYTHONPATH=. .venv/bin/python bench/slurm_submit.py [--repeat 3] [--out docs/benchmarks]
 
 The lab of tests/test_slurm_cluster.py (labs/slurmlab.py): slurmctld and three
 ``slurmd -N`` on this host, `slim serve`, the files `slim slurm config` renders,

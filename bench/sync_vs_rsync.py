@@ -1,6 +1,6 @@
 """P4 copy-if-needed against rsync: the same 10,000-file tree, the same run.
 
-    .venv/bin/python bench/sync_vs_rsync.py [--files 10000] [--repeat 3] [--out docs/benchmarks]
+    PYTHONPATH=. .venv/bin/python bench/sync_vs_rsync.py [--files 10000] [--repeat 3] [--out docs/benchmarks]
 
 One tree (10,000 files of 1-32 KiB, a few larger) is an environment whose
 directories all use the ``sync`` policy (copy-if-needed).  It is built and

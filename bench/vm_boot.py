@@ -1,6 +1,7 @@
 """P6 initrd and VM boot: initrd size, and how long a QEMU VM takes to boot into an EE.
 
-    .venv/bin/python bench/vm_boot.py [--repeat 3] [--out docs/benchmarks] [--chains user,pxe,pxelinux]
+    PYTHONPATH=. .venv/bin/python bench/vm_boot.py [--repeat 3] [--out docs/benchmarks] \
+        [--chains user,pxe,pxelinux]
 
 The lab of tests/test_vm_boot.py (labs/vmlab.py), on real `slim` processes: a Debian
 bookworm EE (debootstrap minbase, cached in /var/cache/slim) with / in RAM and

@@ -1,6 +1,6 @@
 """P2 WAN boot: one node behind a 3 Mb/s link booting the paper's Table-2 image through a relay.
 
-    .venv/bin/python bench/wan_boot.py [--rate 3mbit] [--repeat 3] [--out docs/benchmarks]
+    PYTHONPATH=. .venv/bin/python bench/wan_boot.py [--rate 3mbit] [--repeat 3] [--out docs/benchmarks]
 
 The synthetic Table-2 image at full scale (``python -m labs.table2``: 173k files,
 2.4 GB; /bin /lib /sbin /usr over NFS as in the paper, the rest, 95 MB, copied)

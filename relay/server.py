@@ -2,9 +2,10 @@
 stage 1, heartbeats and prefetch orders from the core, metrics.
 
 One process, one event loop (uvloop), plus one thread for TFTP and a small
-pool for file writes and hashing.  :class:`RelayServer` is used by
-``slim relay serve`` and, in-process, by the tests; :class:`ObjectServer` is
-the same object routes over the core's store (``slim core serve --objects``).
+pool for file work (writes, hashing, reads of manifests, the cache's scan at
+start).  :class:`RelayServer` is used by ``slim relay serve`` and, in-process,
+by the tests.  The object routes and the listener are :mod:`slim.objects`,
+which the core's object server (``slim core serve --objects-listen``) uses too.
 """
 
 from __future__ import annotations

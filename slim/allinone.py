@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from slim.config import ProcessConfig
 from slim.core.control.config import CoreConfig
@@ -109,35 +109,47 @@ class AllInOne:
         state.mkdir(parents=True, exist_ok=True)
         (state / "logs").mkdir(exist_ok=True)
         source = f"{reg}: server"
+        # every part's settings, checked before any part starts; the relay's core and
+        # upstream (the core's object server) are known once the core listens: until then
+        # the relay's settings are checked with stand-ins for them
+        core_config = CoreConfig.build(
+            source, registry=reg, state=state / "state.db", store=state / "store", listen=srv.core_listen,
+            objects_listen=srv.objects_listen, log_level=self.log_level,
+        )  # fmt: skip
+        relay_settings: dict[str, Any] = {
+            "name": self.relay, "cache_dir": state / "cache", "max_bytes": srv.cache_max_bytes,
+            "listen": srv.relay_listen, "tftp_listen": srv.tftp_listen, "log_level": self.log_level,
+        }  # fmt: skip
+        RelayConfig.build(source, core="127.0.0.1:1", upstreams=["http://127.0.0.1:1"], **relay_settings)
+        nfs_config = NfsConfig.build(
+            source, registry=reg, store=state / "store", listen=srv.nfs_listen, workdir=state / "nfs"
+        ) if self.wants_nfs else None  # fmt: skip
+        dhcp_config = (
+            DhcpConfig.build(source, registry=reg, workdir=state / "dhcp") if self.wants_dhcp else None
+        )
         try:
-            core = self._start("core", CoreConfig.build(
-                source, registry=reg, state=state / "state.db", store=state / "store", listen=srv.core_listen,
-                objects_listen=srv.objects_listen, log_level=self.log_level,
-            ), ["listening on", "objects on"])  # fmt: skip
+            core = self._start("core", core_config, ["listening on", "objects on"])
             self.addresses["core"] = core.lines["listening on"]
             self.addresses["objects"] = core.lines["objects on"]
             say(f"core listening on {self.addresses['core']} (objects on {self.addresses['objects']})")
-            relay = self._start("relay", RelayConfig.build(
-                source, name=self.relay, core=_connect(self.addresses["core"]),
-                upstreams=[f"http://{_connect(self.addresses['objects'])}"], cache_dir=state / "cache",
-                max_bytes=srv.cache_max_bytes, listen=srv.relay_listen, tftp_listen=srv.tftp_listen,
-                log_level=self.log_level,
-            ), ["listening on"] + (["tftp on"] if srv.tftp_listen is not None else []))  # fmt: skip
+            relay_config = RelayConfig.build(
+                source, core=_connect(self.addresses["core"]),
+                upstreams=[f"http://{_connect(self.addresses['objects'])}"], **relay_settings,
+            )  # fmt: skip
+            relay = self._start(
+                "relay", relay_config, ["listening on", *(["tftp on"] if srv.tftp_listen else [])]
+            )
             self.addresses["relay"] = relay.lines["listening on"]
             say(f"relay {self.relay} listening on {self.addresses['relay']}")
             if "tftp on" in relay.lines:
                 self.addresses["tftp"] = relay.lines["tftp on"]
                 say(f"relay {self.relay} tftp on {self.addresses['tftp']}")
-            if self.wants_nfs:
-                nfs = self._start("nfs", NfsConfig.build(
-                    source, registry=reg, store=state / "store", listen=srv.nfs_listen, workdir=state / "nfs",
-                ), ["listening on"])  # fmt: skip
+            if nfs_config is not None:
+                nfs = self._start("nfs", nfs_config, ["listening on"])
                 self.addresses["nfs"] = nfs.lines["listening on"]
                 say(f"nfs listening on {self.addresses['nfs']}")
-            if self.wants_dhcp:
-                dhcp = self._start(
-                    "dhcp", DhcpConfig.build(source, registry=reg, workdir=state / "dhcp"), ["answering"]
-                )
+            if dhcp_config is not None:
+                dhcp = self._start("dhcp", dhcp_config, ["answering"])
                 self.addresses["dhcp"] = dhcp.lines["answering"]
                 say(f"dhcp answering {self.addresses['dhcp']}")
         except BaseException:

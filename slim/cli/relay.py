@@ -81,7 +81,7 @@ def relay_list(core_address: str, as_json: bool) -> None:
     "core_address",
     envvar="SLIM_CORE",
     default="",
-    help="The core's gRPC address (host:port): answers the node API, receives heartbeats, sends "
+    help="The core's gRPC address (HOST:PORT or unix:PATH): answers the node API, receives heartbeats, sends "
     "prefetch orders.  Without it the relay only serves objects.  Also $SLIM_CORE.",
 )
 @click.option(
