@@ -85,9 +85,8 @@ class Unreachable(Unavailable):
     """A server (the core) could not be reached, or did not answer in time."""
 
     def __init__(self, address: str, details: str) -> None:
+        self.address, self.details = address, details  # where, and what gRPC said
         super().__init__(f"core at {address} unreachable: {details}")
-        self.address = address
-        self.details = details
 
     @classmethod
     def from_message(cls, message: str) -> SlimError:
