@@ -23,7 +23,6 @@ bytes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -69,9 +68,17 @@ def _finish_file(fd: int) -> None:
     os.fsync(fd)
 
 
+def _create(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
 def _remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    try:
         path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # left for the cache's next start, which empties tmp/
+        log.warning("cannot remove %s: %s", path, exc)
 
 
 class Fetcher:
@@ -172,8 +179,8 @@ class Fetcher:
                                 reservation = self.cache.reserve(resp.content_length)
                                 self._serial += 1
                                 fetch.tmp = self.cache.tmp_path(fetch.hex, self._serial)
-                                fd = os.open(
-                                    fetch.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+                                fd = await asyncio.get_running_loop().run_in_executor(
+                                    self.io, _create, fetch.tmp
                                 )
                                 fetch.size = resp.content_length
                                 fetch.started.set()
@@ -212,6 +219,8 @@ class Fetcher:
                 await asyncio.get_running_loop().run_in_executor(self.io, _finish_file, fd)
                 os.close(fd)
                 fd = -1
+                # cancelled meanwhile (only when the relay stops), the rename still ends in
+                # its thread: the object is indexed by the cache's next load()
                 await asyncio.get_running_loop().run_in_executor(
                     self.io, self.cache.place, fetch.hex, fetch.tmp
                 )
@@ -230,16 +239,20 @@ class Fetcher:
                 os.close(fd)
             if reservation is not None:
                 self.cache.cancel(reservation)
-            if fetch.obj is None and fetch.tmp is not None:
-                # gone before anyone learns the fetch failed (off the loop: an unlink)
-                await asyncio.get_running_loop().run_in_executor(self.io, _remove, fetch.tmp)
-            fetch.error = error
-            if fetch.error is not None:
-                self.counters.fetch_failures += 1
-                log.warning("fetch %s failed: %s", fetch.hex[:12], fetch.error)
-            self._inflight.pop(fetch.hex, None)
-            fetch.started.set()
-            fetch._notify()
+            try:
+                if fetch.obj is None and fetch.tmp is not None:
+                    # gone before anyone learns the fetch failed (off the loop: an unlink)
+                    await asyncio.get_running_loop().run_in_executor(self.io, _remove, fetch.tmp)
+            finally:  # whatever became of that, the readers learn how the fetch ended
+                if fetch.obj is None and error is None:
+                    error = BadGateway("the relay is shutting down")
+                fetch.error = error
+                if fetch.error is not None:
+                    self.counters.fetch_failures += 1
+                    log.warning("fetch %s failed: %s", fetch.hex[:12], fetch.error)
+                self._inflight.pop(fetch.hex, None)
+                fetch.started.set()
+                fetch._notify()
 
     @staticmethod
     def _check_resume(base: str, resp: aiohttp.ClientResponse, fetch: Fetch) -> None:

@@ -189,8 +189,9 @@ class RelayServer:
         await self.link.heartbeats(self.heartbeat, self._on_reply, self._poke, self._stopping)
 
     async def _health(self) -> tuple[bool, str]:
-        """:meth:`health`, off the event loop (it asks the file system)."""
-        return await asyncio.get_running_loop().run_in_executor(self.io, self.health)
+        """:meth:`health`, off the event loop (it asks the file system), and not on the I/O
+        pool either: a storm's writes there must not hold up heartbeats and /healthz."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.health)
 
     def health(self) -> tuple[bool, str]:
         try:

@@ -50,6 +50,10 @@ def _size(value: Any) -> Any:
 
 Listen = Annotated[str, AfterValidator(value_error(check_listen))]  # to bind: IP:PORT or unix:PATH
 Address = Annotated[str, AfterValidator(value_error(check_address))]  # to connect to: HOST:PORT or unix:PATH
+# what a gRPC server binds: HOST:PORT (a name too, as gRPC resolves it; port 0: any) or unix:PATH
+GrpcListen = Annotated[
+    str, AfterValidator(value_error(lambda value: check_address(value, allow_ephemeral=True)))
+]
 ByteSize = Annotated[int, BeforeValidator(_size)]  # bytes, or a size: 20G, 500MB (slim.vocabulary)
 LogLevel = Literal["debug", "info", "warning", "error"]
 

@@ -53,11 +53,19 @@ def check_listen(value: str) -> str:
     return value
 
 
-def check_address(value: str) -> str:
-    """``value`` if it is an address to connect to: HOST:PORT (HOST a name or an IP
-    address, ``[V6]:PORT`` for IPv6) or ``unix:PATH``."""
+GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix-abstract:", "vsock:")  # gRPC target names
+
+
+def check_address(value: str, allow_ephemeral: bool = False) -> str:
+    """``value`` if it is a gRPC address: HOST:PORT (HOST a name or an IP address,
+    ``[V6]:PORT`` for IPv6; port 0 only with ``allow_ephemeral``), ``unix:PATH``, or a
+    gRPC target name (``dns:///core:50051``, ``ipv4:10.0.0.1:50051``, ...)."""
     if value.startswith("unix:"):
         return check_listen(value)
+    if value.startswith(GRPC_SCHEMES):
+        if not value.split(":", 1)[1].strip("/"):
+            raise InvalidArgument(f"{value!r}: the gRPC target names no address")
+        return value
     host, sep, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not host or not port.isdigit():
@@ -67,5 +75,5 @@ def check_address(value: str) -> str:
     except ValueError:
         if not HOSTNAME_RE.match(host):
             raise InvalidArgument(f"{value!r}: {host!r} is neither a host name nor an IP address") from None
-    check_port(int(port))
+    check_port(int(port), allow_ephemeral)
     return value

@@ -9,8 +9,9 @@ opens channels and stubs, and that maps statuses to SLIM's errors both ways.
   name in the trailing metadata (:func:`error_metadata`), because several classes
   share a code (``Overloaded`` and ``BadGateway`` are both UNAVAILABLE).  A client
   rebuilds that class; a status without the name (from a proxy, or no server at all)
-  falls back to the code: NOT_FOUND is :class:`~slim.errors.NotFound`, an unreachable
-  server :class:`~slim.errors.Unreachable`, and so on.
+  falls back to the code: NOT_FOUND is :class:`~slim.errors.NotFound`, UNAVAILABLE
+  (no server answered) :class:`~slim.errors.Unreachable`, any other
+  :class:`~slim.errors.Unavailable`; the error keeps the status (``status``).
 * **Names** — the contract's enums and the vocabulary's: :data:`POLICY_TO_PB`,
   :data:`TIER_TO_PB` and their inverses.
 """
@@ -70,7 +71,6 @@ _BY_CODE: dict[grpc.StatusCode, type[SlimError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
 }
-_NO_ANSWER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
 def policy_name(value: int, unknown: str = "?") -> str:
@@ -107,10 +107,12 @@ def error_from_rpc(exc: grpc.RpcError, address: str) -> SlimError:
     err: SlimError
     if cls is not None:
         err = cls.from_message(details)
-    elif code in _NO_ANSWER:
+    elif code is grpc.StatusCode.UNAVAILABLE:  # and no class name: no server answered
         err = Unreachable(address, details)
-    else:
-        err = Unavailable(f"core at {address} failed: {code.name}: {details}")
+    elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        err = Unavailable(f"the core at {address} did not answer in time: {details}")
+    else:  # INTERNAL, CANCELLED, UNKNOWN, ...: the status is said beside the message
+        err = Unavailable(f"the core at {address} failed: {details}")
     err.origin, err.status = address, code.name
     return err
 

@@ -98,7 +98,7 @@ def served(tmp_path: Path, registry_file: Path, store: Store) -> Iterator[Served
 # gRPC client — or by anything it calls, fails the test.  (A test's own set-up, writing
 # objects into a store say, is not checked.)  Deliberate exceptions, each with its reason,
 # are in tests/support.py (LOOP_BLOCKING_ALLOWED).
-LOOP_CHECKED = ("tests.test_relay", "tests.test_relay_api", "tests.test_core_grpc")
+LOOP_CHECKED = ("tests.test_relay", "tests.test_relay_api", "tests.test_core_grpc", "tests.test_agent")
 ON_THE_LOOP = ["slim.relay", "slim.objects", "slim.core.control", "slim.rpc"]
 
 

@@ -30,10 +30,19 @@ from slim.core.build.release import build_environment
 from slim.core.control.redirect import Redirector
 from slim.core.control.server import CoreServer
 from slim.core.control.service import CoreService
-from slim.core.control.state import State
+from slim.core.control.state import BootEvent, State
 from slim.core.registry import load_registry
 from slim.core.store import Store
-from tests.support import make_image, need, need_tool, origin, relay, start_relay_process, url
+from tests.support import (
+    make_image,
+    need,
+    need_tool,
+    origin,
+    relay,
+    reload_registry,
+    start_relay_process,
+    url,
+)
 
 REGISTRY = """\
 settings: {{nfs_server: 10.0.0.1}}
@@ -135,6 +144,10 @@ class Site:
     relay_url: str
     relay2_url: str
 
+    async def events(self) -> list[BootEvent]:
+        """n1's boot events from the core's state (read off the event loop, as the core does)."""
+        return await asyncio.to_thread(self.service.list_events, "n1")
+
 
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[Site]:
@@ -145,9 +158,14 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     reg_file.write_text(REGISTRY.format(relay="http://127.0.0.1:9/", image=image))
     store = Store(tmp_path / "store")
     build_environment(load_registry(reg_file), store, "base")
-    state = State(tmp_path / "state.db")
-    service = CoreService(
-        load_registry(reg_file), state, store, Redirector(random.Random(1)), registry_path=reg_file
+    state = await asyncio.to_thread(State, tmp_path / "state.db")  # off the loop, as the core does
+    service = await asyncio.to_thread(  # it reads the state: off the loop, as the core starts
+        CoreService,
+        load_registry(reg_file),
+        state,
+        store,
+        Redirector(random.Random(1)),
+        registry_path=reg_file,
     )
     core = CoreServer(service, "127.0.0.1:0")
     port = await core.start()
@@ -159,11 +177,11 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
         ):
             # now that the relay's port is known, the registry names it (as an admin would)
             reg_file.write_text(REGISTRY.format(relay=url(r1) + "/", image=image))
-            service.reload_registry()
+            await reload_registry(service)
             yield Site(image, store, service, url(r1), url(r2))
     finally:
         await core.stop(1)
-        state.close()
+        await asyncio.to_thread(state.close)
 
 
 async def run_agent(*argv: str) -> int:
@@ -192,7 +210,7 @@ async def test_no_reboot_builds_the_environment(site: Site, tmp_path: Path) -> N
     active = json.loads((target / "run" / "slim" / "ee").read_text())
     assert active["node"] == "n1" and active["environment"] == "base"
     assert active["release"] == site.store.release_digest("base")
-    events = list(reversed(site.service.list_events("n1")))
+    events = list(reversed(await site.events()))
     stages = [e.stage for e in events]
     assert stages == ["plan", "ram:/", "sync:/srv", "mount:/usr", "disk:/var", "done"]  # parents first
     assert all(e.ok and e.relay == "r1" and e.boot_id == active["boot_id"] for e in events)
@@ -203,13 +221,13 @@ async def test_sync_fetches_only_what_changed(site: Site, tmp_path: Path) -> Non
     target = tmp_path / "node"
     argv = ("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
     assert await run_agent(*argv) == 0
-    first = {e.stage: e.bytes for e in site.service.list_events("n1")}
+    first = {e.stage: e.bytes for e in await site.events()}
     srv = target / "srv" / "data"
     (srv / "small").write_text("changed locally\n")
     (srv / "extra").write_text("not in the manifest\n")
     os.utime(srv / "big", ns=(1, 1))  # same bytes, other mtime: hashed, not fetched
     assert await run_agent(*argv) == 0
-    second = next(e for e in site.service.list_events("n1") if e.stage == "sync:/srv")
+    second = next(e for e in await site.events() if e.stage == "sync:/srv")
     assert second.bytes < first["sync:/srv"]
     assert "1 files, 1 deleted" in second.message
     assert tree(target / "srv") == tree(site.image / "srv")
@@ -230,7 +248,7 @@ async def test_sync_fetches_ahead_in_order_and_cleans_up_when_a_fetch_fails(
     (srv / "small").write_text("changed locally, and longer\n")
     (srv / "big").write_bytes(os.urandom(size))
     assert await run_agent(*argv) == 0
-    fixed = next(e for e in site.service.list_events("n1") if e.stage == "sync:/srv")
+    fixed = next(e for e in await site.events() if e.stage == "sync:/srv")
     assert "2 files, 0 deleted" in fixed.message
     assert tree(target / "srv") == tree(site.image / "srv")
     # the relays' and the store's copies of big's first chunk go bad; small, after it in tree
@@ -246,7 +264,7 @@ async def test_sync_fetches_ahead_in_order_and_cleans_up_when_a_fetch_fails(
     (srv / "small").write_text("changed again\n")
     (srv / "big").write_bytes(os.urandom(size))
     assert await run_agent(*argv) == 1
-    failed = [e for e in site.service.list_events("n1") if not e.ok]
+    failed = [e for e in await site.events() if not e.ok]
     assert failed and failed[0].stage == "sync:/srv", failed
     assert not list(target.rglob(".slim-fetch-*"))  # nothing fetched ahead is left behind
 
@@ -264,7 +282,7 @@ async def test_digest_mismatch_stops_the_boot(site: Site, tmp_path: Path) -> Non
     target = tmp_path / "node"
     code = await run_agent("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
     assert code == 1
-    failed = [e for e in site.service.list_events("n1") if not e.ok]
+    failed = [e for e in await site.events() if not e.ok]
     assert (
         failed
         and failed[0].stage == "ram:/"
@@ -402,12 +420,12 @@ async def test_sync_into_an_empty_place_unpacks_the_archive_then_compares(site: 
         await run_agent("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
         == 0
     )
-    first = next(e for e in site.service.list_events("n1") if e.stage == "sync:/srv")
+    first = next(e for e in await site.events() if e.stage == "sync:/srv")
     assert first.ok and first.bytes == srv.archive.size, first
     assert tree(target / "srv") == tree(site.image / "srv")
     assert (
         await run_agent("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
         == 0
     )
-    again = next(e for e in site.service.list_events("n1") if e.stage == "sync:/srv")
+    again = next(e for e in await site.events() if e.stage == "sync:/srv")
     assert again.message.startswith("0 files, 0 deleted") and again.bytes == srv.manifest.size, again

@@ -26,6 +26,7 @@ from slim.core.daemons import ganesha as nfs
 from slim.core.daemons.exports import (
     EXPORT_ID_SLOTS,
     FIRST_EXPORT_ID,
+    GANESHA,
     ExportSet,
     assign_export_ids,
     collect_exports,
@@ -543,7 +544,7 @@ def ganeshas_of(workdir: Path) -> list[int]:
 def ganesha() -> None:
     """Real-ganesha tests need ganesha.nfsd and root (FSAL VFS opens files by handle);
     skipped locally without them, failed in CI (CI=true)."""
-    need_tool(nfs.GANESHA, "nfs-ganesha nfs-ganesha-vfs")
+    need_tool(GANESHA, "nfs-ganesha nfs-ganesha-vfs")
     need(os.geteuid() == 0, "ganesha.nfsd's VFS backend needs root")
 
 
@@ -716,7 +717,7 @@ def test_start_failures_quote_the_log(world: World, server_factory: Callable[...
 def test_rejected_configuration_fails_the_start(
     monkeypatch: pytest.MonkeyPatch, server_factory: Callable[..., NfsServer]
 ) -> None:
-    real = nfs.render_ganesha
+    real = render_ganesha
 
     def broken(*args: object, **kw: object) -> str:
         return real(*args, **kw).replace("Squash = No_Root_Squash;", "Squash = Sometimes;")  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ no server at all is Unreachable.  On a real grpc.aio server on 127.0.0.1, port 0
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from typing import Any
@@ -45,6 +46,8 @@ def abort_args(name: str) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], 
 
 class AsyncServicer(pb_grpc.CoreServicer):
     async def Locate(self, request: pb.LocateRequest, context: Any) -> pb.LocateResponse:
+        if request.node.name == "slow":  # past the client's deadline
+            await asyncio.sleep(5)
         code, details, metadata = abort_args(request.node.name)
         await context.abort(code, details, trailing_metadata=metadata)
         raise AssertionError("abort returned")
@@ -107,8 +110,16 @@ async def test_the_class_comes_back(address: str, name: str, cls: type[SlimError
 
 async def test_an_unknown_status_is_the_core_failing(address: str) -> None:
     async with AsyncCoreClient(address) as client:
-        with pytest.raises(Unavailable, match=f"core at {address} failed: INTERNAL: boom"):
+        with pytest.raises(Unavailable, match=f"the core at {address} failed: boom") as info:
             await client.call(client.core.Locate, locate("internal"))
+    assert info.value.status == "INTERNAL" and not isinstance(info.value, Unreachable)
+
+
+async def test_a_core_too_slow_is_not_unreachable(address: str) -> None:
+    async with AsyncCoreClient(address, timeout=0.2) as client:
+        with pytest.raises(Unavailable, match="did not answer in time") as info:
+            await client.call(client.core.Locate, locate("slow"))
+    assert info.value.status == "DEADLINE_EXCEEDED" and not isinstance(info.value, Unreachable)
 
 
 def test_blocking_client_and_no_server(sync_address: str, unused_tcp_port: int) -> None:

@@ -15,7 +15,7 @@ import slim.core.control.state as state_module
 from slim.core.control.service import boot_status
 from slim.core.control.state import SCHEMA_VERSION, BootEvent, NextBoot, RelayBeat, State
 from slim.errors import FailedPrecondition, InvalidArgument
-from slim.vocabulary import MAX_STORED_TEXT
+from slim.vocabulary import MAX_STORED_TEXT as MAX_TEXT
 
 TABLES = {"next_boot", "boot_events", "relay_heartbeats"}
 
@@ -172,8 +172,8 @@ def test_next_boot_set_overwrite_clear(db: State) -> None:
 
 
 def test_next_boot_set_by_is_truncated_consistently(db: State) -> None:
-    returned = db.set_next_boot("n1", "base", "x" * (MAX_STORED_TEXT + 10), now=1.0)
-    assert len(returned.set_by) == MAX_STORED_TEXT
+    returned = db.set_next_boot("n1", "base", "x" * (MAX_TEXT + 10), now=1.0)
+    assert len(returned.set_by) == MAX_TEXT
     assert db.next_boots()["n1"] == returned
 
 
@@ -235,11 +235,11 @@ def test_invalid_event_writes_nothing(db: State) -> None:
 
 
 def test_long_texts_are_truncated(db: State) -> None:
-    long = "m" * (MAX_STORED_TEXT * 3)
+    long = "m" * (MAX_TEXT * 3)
     db.add_boot_events([BootEvent("n1", long, long, 1.0, long, 0, True, long, long)])
     (stored,) = db.boot_events()
     for text in (stored.boot_id, stored.stage, stored.relay, stored.message, stored.environment):
-        assert text == "m" * MAX_STORED_TEXT
+        assert text == "m" * MAX_TEXT
 
 
 def test_events_survive_reopen(db_path: Path) -> None:
@@ -299,10 +299,10 @@ def test_heartbeat_record_upsert_and_reopen(db_path: Path) -> None:
     st.record_heartbeat(other)
     assert st.heartbeats() == {"r1": first, "r2": other}
 
-    updated = RelayBeat("r1", 0.9, 17, 9.5e8, 2**63 - 1, False, "m" * (MAX_STORED_TEXT + 1), 200.0)
+    updated = RelayBeat("r1", 0.9, 17, 9.5e8, 2**63 - 1, False, "m" * (MAX_TEXT + 1), 200.0)
     st.record_heartbeat(updated)
     got = st.heartbeats()["r1"]
-    assert got == RelayBeat("r1", 0.9, 17, 9.5e8, 2**63 - 1, False, "m" * MAX_STORED_TEXT, 200.0)
+    assert got == RelayBeat("r1", 0.9, 17, 9.5e8, 2**63 - 1, False, "m" * MAX_TEXT, 200.0)
     assert got.healthy is False
     st.close()
 

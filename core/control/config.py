@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
-from slim.config import Listen, LogLevel, ProcessConfig, value_error
+from slim.config import GrpcListen, LogLevel, ProcessConfig, value_error
 from slim.listen import parse_listen
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -29,7 +29,9 @@ class CoreConfig(ProcessConfig):
         description="SQLite file for runtime state (next-boot overrides, boot events, heartbeats)",
     )
     store: Path = Field(Path("/var/lib/slim/store"), description="the content-addressed artifact store")
-    listen: Listen = Field(DEFAULT_LISTEN, description="gRPC: HOST:PORT (port 0: any free port) or unix:PATH")
+    listen: GrpcListen = Field(
+        DEFAULT_LISTEN, description="gRPC: HOST:PORT (port 0: any free port) or unix:PATH"
+    )
     objects_listen: Annotated[str, AfterValidator(value_error(_http_listen))] | None = Field(
         None, description="also serve the store's objects over HTTP here (the relays' upstream)"
     )

@@ -29,18 +29,15 @@ from pydantic import AfterValidator, Field
 from slim.config import ProcessConfig, value_error
 from slim.core.daemons.exports import (
     DEFAULT_PORT,
+    GANESHA,
     STATE_FILE,
     ExportSet,
     collect_exports,
     normalize_clients,
     parse_listen,
     read_state,
+    render_ganesha,
 )
-
-# GANESHA (the binary run) and render_ganesha (what it runs, looked up here at each render,
-# so tests can replace it) are this module's too: hence "as"
-from slim.core.daemons.exports import GANESHA as GANESHA
-from slim.core.daemons.exports import render_ganesha as render_ganesha
 from slim.core.daemons.supervisor import Supervisor, file_signature
 from slim.core.registry import Registry, load_registry
 from slim.core.store import Store, atomic_write

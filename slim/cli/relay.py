@@ -194,7 +194,7 @@ def relay_serve(
         bracketed = f"[{tftp_listen}]" if ":" in tftp_listen else tftp_listen
         config = settings(
             RelayConfig, config_file, upstreams=list(upstreams), cache_dir=cache_dir, max_bytes=max_bytes,
-            memory_bytes=memory_bytes, name=name, core=core_address or None, listen=listen,
+            memory_bytes=memory_bytes.strip() or "0", name=name, core=core_address or None, listen=listen,
             tftp_listen=f"{bracketed}:{tftp_port}" if tftp_port is not None else None, ipxe_dir=ipxe_dir,
             max_transfers=max_transfers, max_fetches=max_fetches, access_log=access_log, grace=grace,
             log_level=log_level,
