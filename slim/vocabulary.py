@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 from enum import IntEnum, StrEnum
 
 from slim.errors import InvalidArgument
@@ -45,33 +46,37 @@ SIZE_UNITS: dict[str, int] = {
     **{f"{p}ib": 1024 ** (i + 1) for i, p in enumerate("kmgt")},
     **{f"{p}b": 1000 ** (i + 1) for i, p in enumerate("kmgt")},
 }
-RATE_UNITS: dict[str, float] = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
-TIME_UNITS: dict[str, float] = {"ms": 1e-3, "s": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
+RATE_UNITS: dict[str, int] = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
+TIME_UNITS: dict[str, float] = {"ms": 0.001, "s": 1, "min": 60, "m": 60, "h": 3600}
 SIZE_EXAMPLE = "4096, 512M, 20G (powers of 1024), 15MiB, or 28.5MB (powers of 1000)"
+MAX_SIZE = 2**63 - 1  # bytes: what a signed 64-bit count holds
 _NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
 
 
-def _quantity(value: str | float, units: dict[str, float] | dict[str, int], default: str) -> float | None:
+def _quantity(value: str | float, units: dict[str, float] | dict[str, int], default: str) -> Decimal | None:
     """A number, or a number and one of ``units`` (case-insensitive; ``default`` when
-    none); None if ``value`` is neither."""
+    none), exactly; None if ``value`` is neither."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        return Decimal(value) if math.isfinite(value) else None
     if not isinstance(value, str):
         return None
     names = "|".join(sorted((u for u in units if u), key=len, reverse=True))
     m = re.fullmatch(rf"\s*{_NUMBER}\s*({names})?\s*", value, re.IGNORECASE)
     if not m:
         return None
-    return float(m.group(1)) * units[(m.group(2) or default).lower()]
+    return Decimal(m.group(1)) * Decimal(str(units[(m.group(2) or default).lower()]))
 
 
 def parse_size(value: str | float, what: str = "size") -> int:
-    """Bytes from a size in the grammar above (or a number of bytes); zero is allowed."""
+    """Bytes from a size in the grammar above (or a number of bytes); zero is allowed,
+    fractions of a byte are dropped, and sizes stop at MAX_SIZE (8 EiB)."""
     size = _quantity(value, SIZE_UNITS, "")
     if size is None:
         raise InvalidArgument(f"{what} {value!r} is not a size: write it as {SIZE_EXAMPLE}")
-    if not (math.isfinite(size) and size >= 0):
+    if size < 0:
         raise InvalidArgument(f"{what} {value!r} must not be negative")
+    if size > MAX_SIZE:
+        raise InvalidArgument(f"{what} {value!r} is more than {MAX_SIZE} bytes")
     return int(size)
 
 
@@ -97,9 +102,9 @@ def parse_rate(value: str | float, what: str = "rate") -> float:
     rate = _quantity(value, RATE_UNITS, "bit")
     if rate is None:
         raise InvalidArgument(f"{what} {value!r}: write it as 100Mbit, 1Gbit, 3Mbit (bits per second)")
-    if not (math.isfinite(rate) and rate > 0):
+    if not 0 < rate <= MAX_SIZE * 8:
         raise InvalidArgument(f"{what} {value!r} must be positive")
-    return rate
+    return float(rate)
 
 
 def parse_duration(value: str | float, zero: bool = False, what: str = "duration") -> float:
@@ -107,9 +112,9 @@ def parse_duration(value: str | float, zero: bool = False, what: str = "duration
     seconds = _quantity(value, TIME_UNITS, "s")
     if seconds is None:
         raise InvalidArgument(f"{what} {value!r}: write it as 300, 300s, 5min or 250ms")
-    if not (math.isfinite(seconds) and (seconds > 0 or (zero and seconds == 0))):
+    if not (0 < seconds <= MAX_SIZE or (zero and seconds == 0)):
         raise InvalidArgument(f"{what} {value!r} must be {'zero or more' if zero else 'positive'}")
-    return seconds
+    return float(seconds)
 
 
 # -- MAC addresses ----------------------------------------------------------------------------

@@ -47,6 +47,16 @@ def test_what_is_not_a_size_says_how_to_write_one(text: str) -> None:
         parse_size(text)
 
 
+def test_sizes_are_exact_and_bounded() -> None:
+    assert parse_size("9007199254740993") == 9007199254740993  # beyond a float's 53 bits
+    assert parse_size(" 2 G ") == 2 << 30 and parse_size("0.5K") == 512 and parse_size("1.5") == 1
+    for huge in ("99999999999999999999999T", 10**30):
+        with pytest.raises(InvalidArgument, match="is more than 9223372036854775807 bytes"):
+            parse_size(huge)
+    with pytest.raises(InvalidArgument, match="is not a size"):
+        parse_size(float("nan"))
+
+
 def test_tmpfs_sizes_in_the_kernels_spelling() -> None:
     assert tmpfs_size("256m") == "256m" and tmpfs_size("2G") == "2g" and tmpfs_size("512KiB") == "512k"
     assert tmpfs_size("50%") == "50%"
