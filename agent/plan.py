@@ -204,6 +204,7 @@ def parse_plan(data: bytes) -> Plan:
         elif policy == "sync" and manifest is None:
             raise PlanError(f"{where}: a sync directory needs its manifest")
         size = _text(rec, "tmpfs_size", where)
+        # the core sends slim.vocabulary.tmpfs_size's kernel spelling; checked here by a copy
         if size and not re.fullmatch(r"\d+[kmgKMG%]?", size):
             raise PlanError(f"{where}: tmpfs_size {size!r} is not a size")
         dirs.append(

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
 
-    from slim.cli.common import errors_to_exit
+    from slim.cli.common import errors_to_exit, fail
 
     ap = argparse.ArgumentParser(prog="python -m labs.bootdemo", description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
-        print("error: the boot demo needs root (network namespaces, a tap device); try: sudo ./run demo")
-        return 1
+        fail("the boot demo needs root (network namespaces, a tap device); try: sudo ./run demo")
     with errors_to_exit():
         run(args.workdir, args.keep)
     return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +38,7 @@ from slim.relay.fetch import CachingSource, Fetcher
 from slim.relay.tftp import StageOneServer
 from slim.relay.warm import Warmer
 from slim.v1 import core_pb2 as pb
+from slim.vocabulary import names_a_mac, normalize_mac
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ PXELINUX_FILES = {
     "pxelinux.0": Path("/usr/lib/PXELINUX/pxelinux.0"),
     "ldlinux.c32": Path("/usr/lib/syslinux/modules/bios/ldlinux.c32"),
 }
-PXELINUX_RE = re.compile(r"pxelinux\.cfg/01-((?:[0-9a-f]{2}-){5}[0-9a-f]{2})")
+PXELINUX_CFG = "pxelinux.cfg/01-"  # + the node's MAC with '-' (pxelinux's ARP type 01)
 EGRESS_WINDOW = 5.0
 
 
@@ -251,13 +251,13 @@ class RelayServer:
 
     def _tftp_dynamic(self, name: str, client: str) -> bytes | None:
         """pxelinux.cfg/01-<mac> from the core (called on the TFTP thread)."""
-        m = PXELINUX_RE.fullmatch(name.lower())
-        if m is None or self.link is None or self._loop is None:
+        mac = name.lower().removeprefix(PXELINUX_CFG)
+        if mac == name.lower() or "-" not in mac or not names_a_mac(mac) or self.link is None:
+            return None
+        if self._loop is None:
             return None
         link = self.link
-        req = pb.GetBootScriptRequest(
-            mac=m.group(1).replace("-", ":"), origin=client, format=pb.SCRIPT_FORMAT_PXELINUX
-        )
+        req = pb.GetBootScriptRequest(mac=normalize_mac(mac), origin=client, format=pb.SCRIPT_FORMAT_PXELINUX)
         future = asyncio.run_coroutine_threadsafe(link.call(link.core.GetBootScript, req), self._loop)
         try:
             return future.result(timeout=link.timeout + 1).script.encode()

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from slim.errors import InvalidArgument
-from slim.vocabulary import parse_duration, parse_rate, parse_size
+from slim.vocabulary import Policy, parse_duration, parse_rate, parse_size
 
 EPS = 1e-9
 
@@ -590,8 +590,9 @@ def workload_from_dict(data: dict[str, Any], where: str = "workload") -> Workloa
         at = f"{where}: directories[{i}]"
         if not isinstance(d, dict) or "path" not in d or "policy" not in d:
             raise InvalidArgument(f"{at} needs path and policy")
-        if d["policy"] not in ("ram", "disk", "sync", "nfs"):
-            raise InvalidArgument(f"{at}.policy must be ram, disk, sync or nfs")
+        if d["policy"] not in set(Policy):
+            *most, last = Policy
+            raise InvalidArgument(f"{at}.policy must be {', '.join(most)} or {last}")
         extra = set(d) - set(Directory.__dataclass_fields__)
         if extra:
             raise InvalidArgument(f"{at}: unknown field(s) {', '.join(sorted(extra))}")

@@ -209,9 +209,9 @@ def _member_path(name: str) -> str | None:
     """The member's path in the image by the agent's rule for archive members (relative,
     no ``..``); None for the package's root."""
     try:
-        return member_name(name) or None
+        return member_name(name.lstrip("/")) or None  # dpkg reads /boot/x as ./boot/x
     except ValueError as exc:
-        raise FailedPrecondition(f"package member {name!r} leaves the image: {exc}") from None
+        raise FailedPrecondition(f"a package member leaves the image: {exc}") from None
 
 
 def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, rel: str, root: Path) -> None:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from click.core import ParameterSource
@@ -23,9 +23,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from slim.config import ProcessConfig
 from slim.errors import ConfigError, InvalidArgument, SlimError, Unreachable
-from slim.rpc import CoreClient
+
+if TYPE_CHECKING:  # imported where used: `slim --help` and the Slurm helper start quicker
+    from slim.config import ProcessConfig
+    from slim.rpc import CoreClient
 
 # Tables are read in terminals and in logs: when output is not a terminal, do
 # not wrap at 80 columns.
@@ -55,6 +57,8 @@ def errors_to_exit() -> Iterator[None]:
 
 def core_client(address: str) -> CoreClient:
     """The core's client for the commands that ask it (``--core``)."""
+    from slim.rpc import CoreClient
+
     return CoreClient(address)
 
 
@@ -78,7 +82,7 @@ def setup_logging(level: str) -> None:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
-C = TypeVar("C", bound=ProcessConfig)
+C = TypeVar("C", bound="ProcessConfig")
 
 
 def log_level_option(text: str = "Logging threshold (logs go to standard error).") -> Callable[[F], F]:
