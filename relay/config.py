@@ -12,9 +12,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field, model_validator
 
-from slim.config import Address, ByteSize, LogLevel, ProcessConfig, value_error
+from slim.config import Address, ByteSize, HostPort, LogLevel, ProcessConfig, value_error
 from slim.errors import InvalidArgument
-from slim.listen import parse_listen
 
 DEFAULT_HTTP_PORT = 8080
 
@@ -22,11 +21,6 @@ DEFAULT_HTTP_PORT = 8080
 def _upstream(value: str) -> str:
     if not re.fullmatch(r"https?://[^/\s]+/?", value):
         raise InvalidArgument(f"upstream {value!r} is not an http://HOST:PORT base URL")
-    return value
-
-
-def _host_port(value: str) -> str:
-    parse_listen(value, 0, allow_ephemeral=True)
     return value
 
 
@@ -39,7 +33,6 @@ def _some(upstreams: list[str]) -> list[str]:
 
 
 Upstream = Annotated[str, AfterValidator(value_error(_upstream))]
-HostPort = Annotated[str, AfterValidator(value_error(_host_port))]
 
 
 class RelayConfig(ProcessConfig):

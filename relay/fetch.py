@@ -64,10 +64,6 @@ def _write_and_hash(fd: int, h: Any, data: bytes | bytearray) -> None:
     h.update(data)
 
 
-def _finish_file(fd: int) -> None:
-    os.fsync(fd)
-
-
 def _create(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
@@ -216,14 +212,14 @@ class Fetcher:
                     raise BadGateway(
                         f"upstream sent bytes whose sha256 is {h.hexdigest()}, not {fetch.hex}; discarded"
                     )
-                await asyncio.get_running_loop().run_in_executor(self.io, _finish_file, fd)
+                # fsynced and renamed into place in one trip off the loop; cancelled meanwhile
+                # (only when the relay stops), the rename still ends in its thread and the
+                # cache's next load() indexes the object
+                await asyncio.get_running_loop().run_in_executor(
+                    self.io, self._settle, fd, fetch.hex, fetch.tmp
+                )
                 os.close(fd)
                 fd = -1
-                # cancelled meanwhile (only when the relay stops), the rename still ends in
-                # its thread: the object is indexed by the cache's next load()
-                await asyncio.get_running_loop().run_in_executor(
-                    self.io, self.cache.place, fetch.hex, fetch.tmp
-                )
                 fetch.obj = self.cache.publish(fetch.hex, reservation)
                 reservation = None
         except SlimError as exc:
@@ -253,6 +249,11 @@ class Fetcher:
                 self._inflight.pop(fetch.hex, None)
                 fetch.started.set()
                 fetch._notify()
+
+    def _settle(self, fd: int, hexdigest: str, tmp: Path) -> None:
+        """A verified object's file: on disk for good, then in its place in the cache."""
+        os.fsync(fd)
+        self.cache.place(hexdigest, tmp)
 
     @staticmethod
     def _check_resume(base: str, resp: aiohttp.ClientResponse, fetch: Fetch) -> None:

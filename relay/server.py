@@ -251,10 +251,11 @@ class RelayServer:
 
     def _tftp_dynamic(self, name: str, client: str) -> bytes | None:
         """pxelinux.cfg/01-<mac> from the core (called on the TFTP thread)."""
-        mac = name.lower().removeprefix(PXELINUX_CFG)
-        if mac == name.lower() or "-" not in mac or not names_a_mac(mac) or self.link is None:
+        name = name.lower()
+        if not name.startswith(PXELINUX_CFG) or self.link is None or self._loop is None:
             return None
-        if self._loop is None:
+        mac = name[len(PXELINUX_CFG) :]
+        if "-" not in mac or not names_a_mac(mac):  # pxelinux writes the MAC with '-'
             return None
         link = self.link
         req = pb.GetBootScriptRequest(mac=normalize_mac(mac), origin=client, format=pb.SCRIPT_FORMAT_PXELINUX)

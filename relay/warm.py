@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from pydantic import ValidationError
 
@@ -27,16 +28,18 @@ from slim.vocabulary import parse_digest
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 PIN_REFRESH = 60.0  # seconds between pin recomputations while the releases stay the same
 
 
-async def _read(source: CachingSource, hexdigest: str) -> bytes:
-    """A cached object's bytes, read off the event loop (marked in use meanwhile)."""
+async def _parse(source: CachingSource, hexdigest: str, parse: Callable[[bytes], T]) -> T:
+    """``parse`` of a cached object's bytes, read and parsed in one trip off the event loop
+    (the object is marked in use meanwhile, so it is not evicted under the reader)."""
     obj = source.cache.acquire(hexdigest)
     if obj is None:
         raise InvalidArgument(f"object sha256:{hexdigest} left the cache while being read")
     try:
-        return await asyncio.get_running_loop().run_in_executor(None, obj.path.read_bytes)
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: parse(obj.path.read_bytes()))
     finally:
         source.cache.release(obj)
 
@@ -56,17 +59,13 @@ def _release(release_hex: str, data: bytes) -> tuple[Release, list[Named]]:
 async def release_objects(source: CachingSource, release_hex: str) -> tuple[Release, list[Named]]:
     """The release document (cached) and the objects it names directly, the
     document first (the objects of ``sync`` manifests: :func:`manifest_wanted`)."""
-    data = await _read(source, release_hex)
-    return await asyncio.get_running_loop().run_in_executor(None, _release, release_hex, data)
+    return await _parse(source, release_hex, lambda data: _release(release_hex, data))
 
 
 async def manifest_wanted(source: CachingSource, hexdigest: str) -> list[Named]:
     """The file (or chunk) objects a cached ``sync`` manifest names: read, decompressed
     (up to 512 MiB) and parsed off the event loop."""
-    data = await _read(source, hexdigest)
-    return await asyncio.get_running_loop().run_in_executor(
-        None, lambda: manifest_objects(decode_manifest(data))
-    )
+    return await _parse(source, hexdigest, lambda data: manifest_objects(decode_manifest(data)))
 
 
 def sync_manifests(release: Release) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from slim.errors import ConfigError, Problem, SlimError
-from slim.listen import check_address, check_listen
+from slim.listen import check_address, check_host_port, check_listen
 from slim.vocabulary import parse_size
 
 T = TypeVar("T")
@@ -48,6 +48,7 @@ def _size(value: Any) -> Any:
     return value
 
 
+HostPort = Annotated[str, AfterValidator(value_error(check_host_port))]  # to bind: IP:PORT
 Listen = Annotated[str, AfterValidator(value_error(check_listen))]  # to bind: IP:PORT or unix:PATH
 Address = Annotated[str, AfterValidator(value_error(check_address))]  # to connect to: HOST:PORT or unix:PATH
 # what a gRPC server binds: HOST:PORT (a name too, as gRPC resolves it; port 0: any) or unix:PATH

@@ -43,14 +43,19 @@ def check_port(port: int, allow_ephemeral: bool = False) -> int:
     return port
 
 
+def check_host_port(value: str) -> str:
+    """``value`` if it is an address to bind: IP:PORT, ``[V6]:PORT`` (port 0: any free port)."""
+    parse_listen(value, 0, allow_ephemeral=True)
+    return value
+
+
 def check_listen(value: str) -> str:
     """``value`` if it is HOST:PORT (port 0: any free port) or ``unix:PATH`` (gRPC)."""
     if value.startswith("unix:"):
         if not value[5:].lstrip("/") or "\x00" in value:
             raise InvalidArgument(f"{value!r}: a unix socket needs a path, e.g. unix:/run/slim/core.sock")
         return value
-    parse_listen(value, 0, allow_ephemeral=True)
-    return value
+    return check_host_port(value)
 
 
 GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix-abstract:", "vsock:")  # gRPC target names

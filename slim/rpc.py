@@ -18,7 +18,7 @@ opens channels and stubs, and that maps statuses to SLIM's errors both ways.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -155,10 +155,6 @@ class CoreClient:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.address) from None
 
-    def send(self, method: Callable[..., T], requests: Iterable[Any], timeout: float | None = None) -> T:
-        """A client-streaming call (e.g. ReportBootEvents)."""
-        return self.call(method, iter(requests), timeout)
-
     def stream(self, method: Callable[..., Any], request: Any, timeout: float) -> Iterator[Any]:
         """The answers of a server-streaming call (e.g. Prefetch) until it ends or
         ``timeout`` passes; stopping early (``break``) cancels the call."""
@@ -205,16 +201,6 @@ class AsyncCoreClient:
         self, method: Callable[..., Awaitable[T]], requests: Iterable[Any], deadline: float | None = None
     ) -> T:
         return await self.call(method, iter(requests), deadline)
-
-    async def stream(self, method: Callable[..., Any], request: Any, deadline: float) -> AsyncIterator[Any]:
-        call = method(request, timeout=deadline)
-        try:
-            async for answer in call:
-                yield answer
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.address) from None
-        finally:
-            call.cancel()
 
     async def close(self) -> None:
         await self.channel.close(grace=None)

@@ -7,19 +7,13 @@ the registry's ``server`` section and hands it to its core as a JSON file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import Field
 
-from slim.config import GrpcListen, LogLevel, ProcessConfig, value_error
-from slim.listen import parse_listen
+from slim.config import GrpcListen, HostPort, LogLevel, ProcessConfig
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
-
-
-def _http_listen(value: str) -> str:
-    parse_listen(value, 0, allow_ephemeral=True)
-    return value
 
 
 class CoreConfig(ProcessConfig):
@@ -32,7 +26,7 @@ class CoreConfig(ProcessConfig):
     listen: GrpcListen = Field(
         DEFAULT_LISTEN, description="gRPC: HOST:PORT (port 0: any free port) or unix:PATH"
     )
-    objects_listen: Annotated[str, AfterValidator(value_error(_http_listen))] | None = Field(
+    objects_listen: HostPort | None = Field(
         None, description="also serve the store's objects over HTTP here (the relays' upstream)"
     )
     grace: float = Field(10.0, ge=0, description="seconds in-flight calls may take to finish on SIGTERM")
