@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
             raise PlanError(
                 "a real boot runs only in the initrd (its /init); here use --no-reboot --target DIR"
             )
-        relays = Relays(boot.relays)
+        relays = Relays(boot.relays, deadline=boot.deadline)
         try:
             _, data = relays.call("GET", f"/v1/nodes/{boot.node}/plan")
             plan = parse_plan(data)

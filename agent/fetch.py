@@ -4,23 +4,41 @@ Every object is verified: bytes are hashed as they stream, and a digest that
 does not match raises :class:`DigestMismatch` (the caller throws away what it
 wrote).  When a relay fails mid-object (connection refused or broken, a 5xx,
 a short body), the transfer resumes with a ``Range`` request from the next
-relay of the list, at the byte where it stopped; each relay is tried at most
-``rounds`` times.  One keep-alive connection per relay.
+relay of the list, at the byte where it stopped; a relay that fails so is
+left at once for the next, and tried at most ``rounds`` times per request.
+
+A relay that sheds load answers 503: it is asked again after its
+``Retry-After`` (seconds or an HTTP date, at most :data:`MAX_RETRY_AFTER`),
+or after a doubling backoff when it names none, each wait stretched by up to
+half again at random so that a storm of nodes does not come back at once;
+meanwhile the other relays of the list are asked.  Busy relays are asked again
+for as long as the *boot deadline* allows: ``deadline`` seconds (the kernel
+argument ``slim.deadline=``, default :data:`DEFAULT_DEADLINE`) from the start
+of the boot, shared by every request and every clone.  One keep-alive
+connection per relay.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import http.client
 import json
+import random
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from slim.agent.plan import ObjectRef
+from slim.agent.plan import DEFAULT_DEADLINE, ObjectRef
 
 CHUNK = 1 << 20
+MAX_RETRY_AFTER = 60.0  # a relay that asks for longer is asked again after this
+BACKOFF_FIRST = 0.5  # a 503 without Retry-After: 0.5, 1, 2, ... seconds
+BACKOFF_MAX = 30.0
+JITTER = 0.5  # each wait is stretched by up to this fraction, never shortened
+BUSY = (429, 503)  # "come back later": waited for, not counted as a failure
 
 
 class FetchError(RuntimeError):
@@ -37,22 +55,132 @@ class FetchStats:
     bytes: int = 0
     resumed: int = 0
     relay_failures: list[str] = field(default_factory=list)
+    busy: int = 0  # answers 503 (or 429): the relay asked us to come back later
+    waited: float = 0.0  # seconds slept waiting for busy relays
+
+
+def retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (a number of seconds or an HTTP date,
+    RFC 9110 10.2.3), between 0 and :data:`MAX_RETRY_AFTER`; None when absent or unreadable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        seconds = float(int(text))
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+class _Attempts:
+    """Which relay to ask next for one request, and what each answered.
+
+    Relays are asked in turn from ``relays.current``; one that fails (down,
+    broken, an error) is left at once for the next and dropped after ``rounds``
+    failures; one that is busy is asked again when its wait is over, the others
+    meanwhile.  When no relay may be asked before the boot deadline, or every
+    relay failed ``rounds`` times, :class:`FetchError` says what each answered."""
+
+    def __init__(self, relays: Relays, what: str) -> None:
+        self.relays = relays
+        self.what = what
+        self.urls = list(relays.urls)
+        self.cursor = relays.current
+        self.failures = dict.fromkeys(self.urls, 0)
+        self.busy = dict.fromkeys(self.urls, 0)
+        self.ready = dict.fromkeys(self.urls, 0.0)  # monotonic time it may be asked again
+        self.answers: dict[str, str] = {}
+
+    def next(self) -> str:
+        r = self.relays
+        while True:
+            n = len(self.urls)
+            live = [
+                u for u in (self.urls[(self.cursor + i) % n] for i in range(n)) if self.failures[u] < r.rounds
+            ]
+            if not live:
+                raise FetchError(f"{self.what}: no relay could serve it: {self.summary()}")
+            now = time.monotonic()
+            if now >= r.deadline_at:
+                raise self.past_deadline()
+            for u in live:
+                if self.ready[u] <= now:
+                    self.cursor = self.urls.index(u) + 1
+                    return u
+            wake = min(self.ready[u] for u in live)
+            if wake >= r.deadline_at:
+                raise self.past_deadline()
+            r.stats.waited += wake - now
+            time.sleep(wake - now)
+
+    def failed(self, url: str, answer: str) -> None:
+        self.failures[url] += 1
+        self.answers[url] = answer
+
+    def busy_answer(self, url: str, status: int, message: str, header: str | None) -> None:
+        self.relays.stats.busy += 1
+        self.busy[url] += 1
+        told = retry_after(header)
+        if told is None:
+            wait = min(BACKOFF_FIRST * 2 ** (self.busy[url] - 1), BACKOFF_MAX)
+            how = "no Retry-After"
+        else:
+            wait = told
+            how = f"Retry-After {header}"
+        wait = max(wait, 0.05) * (1 + JITTER * self.relays.rng.random())
+        self.ready[url] = time.monotonic() + wait
+        self.answers[url] = f"{status}: {message} ({how})"
+
+    def past_deadline(self) -> FetchError:
+        r = self.relays
+        return FetchError(
+            f"{self.what}: the boot deadline ({r.deadline:g} s, slim.deadline=) passes before "
+            f"a relay may be asked again: {self.summary()}"
+        )
+
+    def summary(self) -> str:
+        parts = []
+        for u in self.urls:
+            answer = self.answers.get(u, "not asked")
+            if self.busy[u] > 1:
+                answer += f", busy {self.busy[u]} times"
+            parts.append(f"{u}: {answer}")
+        return "; ".join(parts)
 
 
 class Relays:
-    def __init__(self, urls: Sequence[str], timeout: float = 30.0, rounds: int = 2) -> None:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        timeout: float = 30.0,
+        rounds: int = 2,
+        deadline: float = DEFAULT_DEADLINE,
+    ) -> None:
+        """``deadline``: seconds from now within which busy relays are asked again."""
         if not urls:
             raise FetchError("no relay to ask")
+        if not deadline > 0:
+            raise FetchError(f"the boot deadline must be a positive number of seconds, not {deadline!r}")
         self.urls = [u.rstrip("/") for u in urls]
         self.timeout = timeout
         self.rounds = rounds
+        self.deadline = deadline
+        self.deadline_at = time.monotonic() + deadline
         self.stats = FetchStats()
+        self.rng = random.Random()  # noqa: S311 - jitter, not secret
         self._conns: dict[str, http.client.HTTPConnection] = {}
         self.current = 0  # index of the relay that served last: asked first next time
 
     def clone(self) -> Relays:
         """The same relays, in the same order, on connections of its own (for another thread)."""
-        other = Relays(self.urls, self.timeout, self.rounds)
+        other = Relays(self.urls, self.timeout, self.rounds, self.deadline)
+        other.deadline_at = self.deadline_at  # one deadline for the whole boot
         other.current = self.current
         return other
 
@@ -61,6 +189,8 @@ class Relays:
         self.stats.objects += other.stats.objects
         self.stats.bytes += other.stats.bytes
         self.stats.resumed += other.stats.resumed
+        self.stats.busy += other.stats.busy
+        self.stats.waited += other.stats.waited
         if other.stats.relay_failures:  # it moved on from a relay that failed: so do we
             self.current = other.current
         self.stats.relay_failures.extend(other.stats.relay_failures)
@@ -83,17 +213,15 @@ class Relays:
         if conn is not None:
             conn.close()
 
-    def _order(self) -> list[str]:
-        n = len(self.urls)
-        return [self.urls[(self.current + i) % n] for i in range(n)] * self.rounds
-
     # -- API ----------------------------------------------------------------
     def call(self, method: str, path: str, body: object = None) -> tuple[str, bytes]:
-        """(relay URL, body) of the first relay that answers 200 (404/400/409 are final)."""
-        errors: list[str] = []
+        """(relay URL, body) of the first relay that answers 200 (404/400/409 are final;
+        503 is asked again after its Retry-After, within the boot deadline)."""
+        attempts = _Attempts(self, f"{method} {path}")
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        for url in self._order():
+        while True:
+            url = attempts.next()
             try:
                 conn = self._conn(url)
                 conn.request(method, path, body=payload, headers=headers)
@@ -101,7 +229,7 @@ class Relays:
                 data = resp.read()
             except (OSError, http.client.HTTPException) as exc:
                 self._drop(url)
-                errors.append(f"{url}: {exc or type(exc).__name__}")
+                attempts.failed(url, f"{exc or type(exc).__name__}")
                 continue
             if resp.status == 200:
                 self.current = self.urls.index(url)
@@ -109,8 +237,10 @@ class Relays:
             message = _error_text(data)
             if resp.status in (400, 404, 409):
                 raise FetchError(f"{url}{path}: {resp.status}: {message}")
-            errors.append(f"{url}: {resp.status}: {message}")
-        raise FetchError(f"{method} {path}: no relay answered: " + "; ".join(errors))
+            if resp.status in BUSY:
+                attempts.busy_answer(url, resp.status, message, resp.getheader("Retry-After"))
+            else:
+                attempts.failed(url, f"{resp.status}: {message}")
 
     # -- objects ------------------------------------------------------------
     def stream(self, ref: ObjectRef, write: Callable[[bytes], object]) -> str:
@@ -118,9 +248,10 @@ class Relays:
         return the relay that sent the last byte.  DigestMismatch if the bytes are wrong."""
         h = hashlib.sha256()
         got = 0
-        errors: list[str] = []
+        attempts = _Attempts(self, ref.digest)
         path = f"/objects/sha256/{ref.hex}"
-        for url in self._order():
+        while True:
+            url = attempts.next()
             headers = {"Range": f"bytes={got}-"} if got else {}
             try:
                 conn = self._conn(url)
@@ -128,12 +259,16 @@ class Relays:
                 resp = conn.getresponse()
                 if resp.status == 404:
                     resp.read()
-                    errors.append(f"{url}: not found")
+                    attempts.failed(url, "not found")
                     continue
                 if resp.status != (206 if got else 200):
-                    resp.read()
-                    errors.append(f"{url}: answered {resp.status}")
-                    self._drop(url)
+                    data = resp.read()
+                    if resp.status in BUSY:
+                        message = _error_text(data)
+                        attempts.busy_answer(url, resp.status, message, resp.getheader("Retry-After"))
+                    else:
+                        attempts.failed(url, f"answered {resp.status} at byte {got}")
+                        self._drop(url)
                     continue
                 if got:
                     self.stats.resumed += 1
@@ -150,7 +285,7 @@ class Relays:
                     raise http.client.IncompleteRead(b"", ref.size - got)
             except (OSError, http.client.HTTPException) as exc:
                 self._drop(url)
-                errors.append(f"{url}: {exc or type(exc).__name__} at byte {got}")
+                attempts.failed(url, f"{exc or type(exc).__name__} at byte {got}")
                 self.stats.relay_failures.append(f"{url} at byte {got} of {ref.digest}")
                 continue
             self.current = self.urls.index(url)
@@ -159,7 +294,6 @@ class Relays:
             self.stats.objects += 1
             self.stats.bytes += got
             return url
-        raise FetchError(f"{ref.digest}: no relay could send it: " + "; ".join(errors))
 
     def read(self, ref: ObjectRef) -> bytes:
         parts: list[bytes] = []

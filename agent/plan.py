@@ -16,6 +16,7 @@ from dataclasses import dataclass
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 POLICIES = ("ram", "disk", "sync", "nfs")  # slim.vocabulary.Policy's names (the agent: stdlib only)
 MAX_PLAN_BYTES = 4 << 20
+DEFAULT_DEADLINE = 900.0  # seconds a boot's fetches may wait for busy relays (slim.deadline=)
 
 
 class PlanError(ValueError):
@@ -54,6 +55,7 @@ class BootArgs:
     release: str
     relays: tuple[str, ...]
     init: str = "/sbin/init"  # what switch_root starts in the EE (slim.init=)
+    deadline: float = DEFAULT_DEADLINE  # seconds for the boot's fetches (slim.deadline=)
 
     @classmethod
     def from_cmdline(cls, text: str) -> BootArgs:
@@ -71,7 +73,21 @@ class BootArgs:
         init = args.get("slim.init", "/sbin/init")
         if not init.startswith("/"):
             raise PlanError(f"slim.init: {init!r} is not an absolute path")
-        return cls(args["slim.node"], args.get("slim.env", ""), release, relays, init)
+        deadline = _seconds(args.get("slim.deadline", ""), "slim.deadline", DEFAULT_DEADLINE)
+        return cls(args["slim.node"], args.get("slim.env", ""), release, relays, init, deadline)
+
+
+def _seconds(text: str, key: str, default: float) -> float:
+    """A positive number of seconds (``900``, ``1.5``); ``default`` when empty."""
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise PlanError(f"{key}: {text!r} is not a positive number of seconds")
+    return value
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,324 @@
+"""The agent's HTTP client against relays that shed load: 503 with Retry-After is waited
+for (within the boot deadline), a relay that is down is left at once, resuming by Range
+survives a busy relay; and a storm of 200 agents against one relay process with
+``--max-transfers 8`` where every agent finishes.
+
+Real servers on 127.0.0.1 port 0: scripted aiohttp servers for the focused cases, a
+``slim relay serve`` process for the storm.  Waits are asserted by what the client
+counted and planned (``stats.busy``, ``stats.waited``, requests seen), not by clocks."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from slim.agent.fetch import MAX_RETRY_AFTER, FetchError, Relays, retry_after
+from slim.agent.plan import DEFAULT_DEADLINE, BootArgs, ObjectRef, PlanError
+from slim.core.store import Store
+from tests.support import blob, origin, put, start_relay_process, stop_process, url
+
+MiB = 1 << 20
+DATA = blob(3 * MiB + 17, 16)
+REF = ObjectRef("sha256:" + hashlib.sha256(DATA).hexdigest(), len(DATA))
+
+
+class Scripted:
+    """A relay stand-in that answers its first requests from a script — ``(status,
+    Retry-After or None)``, or ``"cut"`` for half the object and a closed connection —
+    then serves the object (honouring ``Range: bytes=N-``) and the plan."""
+
+    def __init__(self, script: list[tuple[int, str | None] | str]) -> None:
+        self.script = list(script)
+        self.requests: list[str] = []  # the Range header of each request ("" for none)
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(request.headers.get("Range", ""))
+        if self.script:
+            step = self.script.pop(0)
+            if step == "cut":
+                resp = web.StreamResponse(headers={"Content-Length": str(len(DATA))})
+                await resp.prepare(request)
+                await resp.write(DATA[: len(DATA) // 2])
+                assert request.transport is not None
+                request.transport.close()
+                return resp
+            assert isinstance(step, tuple)
+            status, after = step
+            headers = {"Retry-After": after} if after is not None else {}
+            return web.json_response({"error": "relay busy"}, status=status, headers=headers)
+        if request.path.startswith("/v1/"):
+            return web.json_response({"ok": True})
+        start = 0
+        if rng := request.headers.get("Range"):
+            start = int(rng.removeprefix("bytes=").rstrip("-"))
+            return web.Response(
+                body=DATA[start:],
+                status=206,
+                headers={"Content-Range": f"bytes {start}-{len(DATA) - 1}/{len(DATA)}"},
+            )
+        return web.Response(body=DATA)
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/objects/sha256/{name}", self.handle)
+        app.router.add_get("/v1/nodes/{node}/plan", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@asynccontextmanager
+async def scripted(*script: tuple[int, str | None] | str) -> AsyncIterator[Scripted]:
+    server = Scripted(list(script))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def refused_url() -> str:
+    """A loopback port nothing listens on (bound, then closed: connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def fetch(relays: Relays) -> tuple[str, bytes]:
+    got = bytearray()
+    try:
+        used = relays.stream(REF, got.extend)
+    finally:
+        relays.close()
+    return used, bytes(got)
+
+
+async def in_thread(relays: Relays) -> tuple[str, bytes]:
+    return await asyncio.get_running_loop().run_in_executor(None, fetch, relays)
+
+
+# -- Retry-After ---------------------------------------------------------------------
+def test_retry_after_seconds_and_dates() -> None:
+    now = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert retry_after(None) is None
+    assert retry_after("3") == 3.0 and retry_after(" 0 ") == 0.0
+    assert retry_after("86400") == MAX_RETRY_AFTER  # capped
+    assert retry_after(format_datetime(now + timedelta(seconds=7), usegmt=True), now) == 7.0
+    assert retry_after(format_datetime(now - timedelta(seconds=7), usegmt=True), now) == 0.0  # past: now
+    for bad in ("soon", "-1", "1.5", ""):
+        assert retry_after(bad, now) is None
+
+
+def test_boot_deadline_from_the_command_line() -> None:
+    base = "slim.node=n1 slim.relays=http://127.0.0.1:1"
+    assert BootArgs.from_cmdline(base).deadline == DEFAULT_DEADLINE
+    assert BootArgs.from_cmdline(base + " slim.deadline=120").deadline == 120.0
+    for bad in ("0", "-5", "soon", "nan", "inf"):
+        with pytest.raises(PlanError, match=f"slim.deadline: '{bad}' is not a positive number of seconds"):
+            BootArgs.from_cmdline(f"{base} slim.deadline={bad}")
+    with pytest.raises(FetchError, match="boot deadline must be a positive"):
+        Relays(["http://127.0.0.1:1"], deadline=0)
+
+
+async def test_busy_relay_is_asked_again_after_its_retry_after() -> None:
+    """Three 503s (seconds, an HTTP date, none) on the only relay, more than ``rounds``:
+    each is waited for as told, and the fourth request gets the object."""
+    soon = format_datetime(datetime.now(UTC) + timedelta(seconds=1), usegmt=True)
+    async with scripted((503, "1"), (503, soon), (503, None)) as relay:
+        relays = Relays([relay.url], rounds=2)
+        used, got = await in_thread(relays)
+    assert used == relay.url and got == DATA
+    assert len(relay.requests) == 4 and relays.stats.busy == 3
+    assert relays.stats.relay_failures == []
+    # what it planned to sleep: at least the 1 s asked for (the date may be a second
+    # nearer by the time it is read), and the backoff of a bare 503
+    assert relays.stats.waited >= 1.0 + 0.5
+
+
+async def test_api_call_waits_for_a_busy_relay() -> None:
+    """The plan (and events) go through the same waiting: 503 + Retry-After, then 200."""
+    async with scripted((503, "1"), (503, "1"), (503, "1")) as relay:
+        relays = Relays([relay.url], rounds=1)
+        loop = asyncio.get_running_loop()
+        used, body = await loop.run_in_executor(None, relays.call, "GET", "/v1/nodes/n1/plan")
+        relays.close()
+    assert used == relay.url and body == b'{"ok": true}'
+    assert len(relay.requests) == 4 and relays.stats.busy == 3 and relays.stats.waited > 0
+
+
+async def test_deadline_shorter_than_retry_after_fails_naming_it() -> None:
+    async with scripted((503, "30")) as relay:
+        relays = Relays([relay.url], deadline=5)
+        with pytest.raises(FetchError) as err:
+            await in_thread(relays)
+    text = str(err.value)
+    assert "boot deadline (5 s, slim.deadline=)" in text
+    assert f"{relay.url}: 503: relay busy (Retry-After 30)" in text
+    assert len(relay.requests) == 1 and relays.stats.waited == 0  # gave up without sleeping
+
+
+async def test_down_relay_is_left_at_once_for_the_next() -> None:
+    down = refused_url()
+    async with scripted() as relay:
+        relays = Relays([down, relay.url])
+        used, got = await in_thread(relays)
+    assert used == relay.url and got == DATA
+    assert len(relay.requests) == 1 and relays.stats.waited == 0 and relays.stats.busy == 0
+    assert relays.stats.relay_failures == [f"{down} at byte 0 of {REF.digest}"]
+
+
+async def test_busy_relay_is_passed_over_for_a_free_one() -> None:
+    async with scripted((503, "30")) as busy, scripted() as free:
+        relays = Relays([busy.url, free.url])
+        used, got = await in_thread(relays)
+    assert used == free.url and got == DATA
+    assert relays.stats.busy == 1 and relays.stats.waited == 0
+
+
+async def test_resume_by_range_after_a_cut_and_a_busy_answer() -> None:
+    """Half the object, the connection cut; then 503; then the rest by Range."""
+    async with scripted("cut", (503, "1")) as relay:
+        relays = Relays([relay.url], rounds=2)
+        used, got = await in_thread(relays)
+    half = len(DATA) // 2
+    assert used == relay.url and got == DATA and relays.stats.resumed == 1 and relays.stats.busy == 1
+    assert relay.requests == ["", f"bytes={half}-", f"bytes={half}-"]
+
+
+async def test_all_down_says_what_each_answered() -> None:
+    down = refused_url()
+    async with scripted((500, None), (500, None)) as broken:
+        relays = Relays([down, broken.url], rounds=2)
+        with pytest.raises(FetchError) as err:
+            await in_thread(relays)
+    text = str(err.value)
+    assert "no relay could serve it" in text
+    assert f"{broken.url}: answered 500 at byte 0" in text and f"{down}: " in text
+    assert len(broken.requests) == 2 and relays.stats.waited == 0
+
+
+# -- a storm against one relay ---------------------------------------------------------
+STORM_AGENTS = 200
+STORM_SIZE = 8 * MiB
+MAX_TRANSFERS = 8
+PACE = 0.01  # seconds an agent spends on each 1 MiB chunk it receives (a bounded pace)
+
+
+def overloaded(relay_url: str) -> float:
+    with urllib.request.urlopen(f"{relay_url}/metrics", timeout=10) as resp:  # noqa: S310 - loopback
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "slim_relay_object_overloaded_total":
+                return sample.value
+    raise AssertionError("the relay's /metrics has no slim_relay_object_overloaded_total")
+
+
+def hold_slots(relay_url: str, name: str, n: int) -> list[socket.socket]:
+    """``n`` requests for the object that read nothing: with a tiny receive buffer each
+    keeps one of the relay's transfer slots busy (the object outgrows the socket buffers)."""
+    port = int(relay_url.rsplit(":", 1)[1])
+    held = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", port))
+        s.sendall(f"GET /objects/sha256/{name} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
+        assert s.recv(12).startswith(b"HTTP/1.1 200")
+        held.append(s)
+    return held
+
+
+def storm(relay_url: str, ref: ObjectRef) -> tuple[list[Relays], list[str], float]:
+    """Hold every slot, start the agents (each is shed at once), free the slots once the
+    relay counted a 503 for each agent, and let them all finish; bounded in time."""
+    held = hold_slots(relay_url, ref.hex, MAX_TRANSFERS)
+    agents = [Relays([relay_url], deadline=240) for _ in range(STORM_AGENTS)]
+    errors: list[str] = []
+    received = [0] * STORM_AGENTS
+
+    def agent(i: int) -> None:
+        def write(chunk: bytes) -> None:
+            received[i] += len(chunk)
+            time.sleep(PACE)  # the pace of a node writing what it gets, not synchronisation
+
+        try:
+            agents[i].stream(ref, write)  # returns only when the sha256 matched
+            if received[i] != ref.size:
+                errors.append(f"agent {i}: {received[i]} bytes of {ref.size}")
+        except Exception as exc:  # noqa: BLE001 - every failure is reported below
+            errors.append(f"agent {i}: {exc}")
+        finally:
+            agents[i].close()
+
+    threads = [threading.Thread(target=agent, args=(i,), daemon=True) for i in range(STORM_AGENTS)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while overloaded(relay_url) < STORM_AGENTS:  # every agent was shed at least once
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {overloaded(relay_url)} 503s with every slot held")
+            time.sleep(0.05)  # polling interval; the count is what we wait for
+    finally:
+        for s in held:
+            s.close()
+    end = time.monotonic() + 240
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "agents still fetching after 240 s"
+    return agents, errors, overloaded(relay_url)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_storm_of_200_agents_against_8_transfer_slots_all_finish(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    data = blob(STORM_SIZE, 17)
+    name = put(store, data)
+    ref = ObjectRef(f"sha256:{name}", len(data))
+    loop = asyncio.get_running_loop()
+    async with origin(store) as core:
+        relay = await loop.run_in_executor(
+            None,
+            start_relay_process,
+            tmp_path / "relay",
+            url(core),
+            "--max-transfers",
+            str(MAX_TRANSFERS),
+        )
+        try:
+            warm = Relays([relay.url])  # the relay fetches the object once from upstream
+            await loop.run_in_executor(None, warm.read, ref)
+            warm.close()
+            agents, errors, shed = await loop.run_in_executor(None, storm, relay.url, ref)
+        finally:
+            await loop.run_in_executor(None, stop_process, relay)
+    assert errors == []
+    assert all(a.stats.objects == 1 and a.stats.bytes == ref.size for a in agents)
+    assert all(a.stats.busy >= 1 for a in agents)  # each was shed, waited, and came back
+    assert shed >= STORM_AGENTS and shed == sum(a.stats.busy for a in agents)
