@@ -352,6 +352,43 @@ async def test_budget_under_churn_never_evicts_pinned_or_in_use(objstore: Store,
         assert held in objects
 
 
+async def test_eviction_takes_the_least_recently_used_first(objstore: Store, tmp_path: Path) -> None:
+    """Five equal objects fill the budget; reading a, c and then b (a HEAD is a read too)
+    leaves d, e, a, c, b from least to most recently used; each new object evicts exactly
+    the next of those, and a read between two arrivals moves an object to the back."""
+    size = 100_000
+    a, b, c, d, e, f, g, h, i = (put(objstore, blob(size, 200 + n)) for n in range(9))
+    async with (
+        origin(objstore) as core,
+        relay(tmp_path / "a", [url(core)], max_bytes=5 * size) as r,
+        aiohttp.ClientSession() as s,
+    ):
+        target = f"{url(r)}/objects/sha256/"
+
+        async def cached() -> set[str]:
+            return {n for n in (a, b, c, d, e, f, g, h, i) if n in r.cache}
+
+        for n in (a, b, c, d, e):
+            await fetch_all(s, target + n)
+        assert await cached() == {a, b, c, d, e} and r.cache.evictions == 0
+        await fetch_all(s, target + a)
+        await fetch_all(s, target + c)
+        async with s.head(target + b) as resp:
+            assert resp.status == 200
+        await fetch_all(s, target + f)  # evicts d, the least recently used
+        assert await cached() == {a, b, c, e, f}
+        await fetch_all(s, target + g)  # then e
+        assert await cached() == {a, b, c, f, g}
+        await fetch_all(s, target + a)  # a moves behind f and g: c goes next, not a
+        await fetch_all(s, target + h)
+        assert await cached() == {a, b, f, g, h}
+        await fetch_all(s, target + i)  # then b
+        assert await cached() == {a, f, g, h, i}
+        assert r.cache.evictions == 4
+        assert sorted(p.name for p in r.cache.objects_dir.iterdir()) == sorted([a, f, g, h, i])
+        assert (await metrics(s, url(r)))["slim_relay_cache_evictions_total"] == 4
+
+
 async def test_object_larger_than_budget_is_503(objstore: Store, tmp_path: Path) -> None:
     name = put(objstore, blob(200_000, 9))
     async with (
@@ -392,6 +429,7 @@ async def test_too_many_transfers_get_503(objstore: Store, tmp_path: Path) -> No
         async with s.get(target) as resp:
             assert resp.status == 503
             assert resp.headers["Retry-After"] == "1"
+        assert (await metrics(s, url(a)))["slim_relay_object_overloaded_total"] == 1  # 503s counted
         await held.read()
         held.release()
         assert await fetch_all(s, target)
