@@ -14,7 +14,9 @@ half again at random so that a storm of nodes does not come back at once;
 meanwhile the other relays of the list are asked.  Busy relays are asked again
 for as long as the *boot deadline* allows: ``deadline`` seconds (the kernel
 argument ``slim.deadline=``, default :data:`DEFAULT_DEADLINE`) from the start
-of the boot, shared by every request and every clone.  One keep-alive
+of the boot, shared by every request and every clone.  The deadline bounds
+waiting only: a long transfer, or a request to a relay that need not be waited
+for, is never cut short by it.  One keep-alive
 connection per relay.
 """
 
@@ -107,9 +109,7 @@ class _Attempts:
             if not live:
                 raise FetchError(f"{self.what}: no relay could serve it: {self.summary()}")
             now = time.monotonic()
-            if now >= r.deadline_at:
-                raise self.past_deadline()
-            for u in live:
+            for u in live:  # a relay that need not be waited for is asked, deadline or not
                 if self.ready[u] <= now:
                     self.cursor = self.urls.index(u) + 1
                     return u

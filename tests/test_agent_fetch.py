@@ -181,6 +181,19 @@ async def test_deadline_shorter_than_retry_after_fails_naming_it() -> None:
     assert len(relay.requests) == 1 and relays.stats.waited == 0  # gave up without sleeping
 
 
+async def test_deadline_bounds_waiting_only() -> None:
+    """Past the deadline a relay that need not be waited for still serves (a long boot is
+    not cut short); one that is busy is not waited for."""
+    async with scripted() as free, scripted((503, "1")) as busy:
+        late = Relays([free.url], deadline=1e-9)
+        used, got = await in_thread(late)
+        assert used == free.url and got == DATA
+        late = Relays([busy.url], deadline=1e-9)
+        with pytest.raises(FetchError, match="boot deadline"):
+            await in_thread(late)
+    assert len(busy.requests) == 1
+
+
 async def test_down_relay_is_left_at_once_for_the_next() -> None:
     down = refused_url()
     async with scripted() as relay:
