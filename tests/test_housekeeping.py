@@ -330,3 +330,71 @@ def test_ee_build_puts_the_store_in_the_registrys_state_dir(releases: Releases) 
     code, out = slim("ee", "build", "base", "--registry", str(releases.registry_path), "--no-agent", "--json")
     assert code == 0, out
     assert releases.store.release_history("base")[-1] in out
+
+
+# -- a running `slim nfs serve` drops the trees gc removed ---------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_nfs_serve_stops_exporting_the_trees_gc_removed(tmp_path: Path) -> None:
+    from labs.host import free_port
+    from slim.core.daemons import ganesha as nfs
+    from slim.core.daemons.exports import GANESHA, pseudo_path
+    from tests.support import need, need_tool, wait_for
+    from tests.test_nfs import NFS4_OK, NFS4ERR_NOENT, nfs_read
+
+    need_tool(GANESHA, "nfs-ganesha nfs-ganesha-vfs")
+    need(os.geteuid() == 0, "ganesha.nfsd's VFS backend needs root")
+    image = tmp_path / "image"
+    image.mkdir()
+    make_image(image)
+    registry_path = tmp_path / "registry.yaml"
+    registry_path.write_text(REGISTRY.format(image=image, state_dir=tmp_path / "state"))
+    registry = load_registry(registry_path)
+    store = Store(tmp_path / "state" / "store")
+    digests = [rebuild(registry, store, image, 1)]
+
+    def usr_tree(digest: str) -> str:
+        built = Release.model_validate_json(store.read_object(digest)).directories["/usr"]
+        assert built.manifest is not None
+        return pseudo_path("/slim", built.manifest.digest)
+
+    port = free_port()
+    stop_serving = threading.Event()
+    started: list[nfs.NfsServer] = []
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            nfs.serve(
+                registry_path, store.root, tmp_path / "nfs", bind="127.0.0.1", port=port,
+                stop_event=stop_serving, interval=0.05, ready=started.append,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - handed to the test thread, which reports it
+            failure.append(exc)
+
+    thread = threading.Thread(target=serve, name="nfs-serve")
+    thread.start()
+    try:
+        wait_for(lambda: started or failure, 30, "ganesha to start")
+        assert not failure, failure
+        for version in (2, 3):  # each new release's tree is exported, the older ones stay
+            digests.append(rebuild(registry, store, image, version))
+            wait_for(lambda: nfs_read(port, usr_tree(digests[-1]))[0] == NFS4_OK, 30, "the new tree")
+        trees = [usr_tree(d) for d in digests]
+        assert all(nfs_read(port, t)[0] == NFS4_OK for t in trees)
+        pid = started[0].pid
+
+        result = collect_garbage(store, keep_previous=1, booted={}, min_age=0)
+        assert result.count("tree") == 1
+
+        wait_for(lambda: nfs_read(port, trees[0])[0] == NFS4ERR_NOENT, 30, "the removed tree's export to go")
+        assert all(nfs_read(port, t)[0] == NFS4_OK for t in trees[1:])
+        assert started[0].pid == pid  # by SIGHUP, not a restart
+        exports = started[0].exports
+        assert exports is not None and {e.pseudo for e in exports.exports} == set(trees[1:])
+    finally:
+        stop_serving.set()
+        thread.join(60)
+    assert not thread.is_alive() and not failure
