@@ -4,6 +4,7 @@ boots of record from a real state database, and the pruning of old boot events."
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -398,3 +399,90 @@ def test_nfs_serve_stops_exporting_the_trees_gc_removed(tmp_path: Path) -> None:
         stop_serving.set()
         thread.join(60)
     assert not thread.is_alive() and not failure
+
+
+# -- acceptance: gc on a namespace cluster -------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_gc_keeping_one_previous_and_a_node_still_boots(tmp_path: Path) -> None:
+    """Three releases of `base` published while `slim serve` runs; a node boots the current
+    one (agent, no-reboot mode, in its own namespace); `slim store gc --keep-previous 1`
+    removes exactly the oldest release's unshared objects and its tree; the node boots again."""
+    import subprocess
+    import sys
+
+    import grpc
+
+    from labs.netlab import NetLab
+    from slim.allinone import await_ready
+    from slim.v1 import core_pb2 as pb
+    from slim.v1 import core_pb2_grpc as pb_grpc
+    from tests.support import need_netns
+    from tests.test_cluster import MAC, agent
+    from tests.test_cluster import REGISTRY as CLUSTER
+
+    need_netns()
+    image = tmp_path / "image"
+    image.mkdir()
+    make_image(image)
+    node = f'  n1: {{macs: ["{MAC.format(1)}"], profile: ns, environment: base, site: lab, disk: /dev/sda1}}'
+    registry_path = tmp_path / "registry.yaml"
+    registry_path.write_text(CLUSTER.format(image=image, nodes=node, tmp=tmp_path))
+    registry = load_registry(registry_path)
+    state = tmp_path / "state"
+    store = Store(state / "store")
+    digests = [rebuild(registry, store, image, v) for v in (1, 2, 3)]
+    old_objects, old_trees = uses(store, digests[0])
+    kept = [uses(store, d) for d in digests[1:]]
+    gone_objects = old_objects - kept[0][0] - kept[1][0]
+    assert old_objects - gone_objects  # shared objects, which must stay
+    with NetLab(tmp_path) as lab:
+        lab.add_node("n1", MAC.format(1))
+        serve = lab.popen(
+            lab.server, sys.executable, "-m", "slim.cli", "serve", "--registry", str(registry_path),
+            "--state-dir", str(state), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert serve.stdout is not None
+        await_ready(serve.stdout, state / "logs")
+        with grpc.insecure_channel(f"unix:{tmp_path}/core.sock") as channel:
+            admin = pb_grpc.AdminStub(channel)
+            assert lab.dhcp("n1") is not None
+            first = agent(lab, "n1", tmp_path / "roots" / "a")
+            assert first.returncode == 0, first.stderr[-2000:]
+
+            code, out = slim(
+                "store",
+                "gc",
+                "--store",
+                str(store.root),
+                "--state",
+                str(state / "state.db"),
+                "--keep-previous",
+                "1",
+                "--min-age",
+                "0",
+                "--json",
+            )
+            assert code == 0, out
+
+            doc = json.loads(out)
+            assert doc["booted"] == {"n1": digests[2]}
+            assert {g["digest"][7:] for g in doc["removed"] if g["kind"] == "object"} == gone_objects
+            assert {g["digest"][7:] for g in doc["removed"] if g["kind"] == "tree"} == old_trees - kept[0][
+                1
+            ] - kept[1][1]
+            assert doc["objects"] == len(gone_objects) and doc["trees"] == 1
+            objects, trees = on_disk(store)
+            assert objects == kept[0][0] | kept[1][0] and trees == kept[0][1] | kept[1][1]
+
+            again = agent(lab, "n1", tmp_path / "roots" / "b")
+            assert again.returncode == 0, again.stderr[-2000:]
+            active = json.loads((tmp_path / "roots" / "b" / "run" / "slim" / "ee").read_text())
+            events = admin.ListBootEvents(pb.ListBootEventsRequest(node="n1"), timeout=10).events
+            stages = {e.stage for e in events if e.boot_id == active["boot_id"]}
+            assert {"plan", "done"} <= stages and all(e.ok for e in events)
+        serve.terminate()
+        serve.wait(60)
+        serve.stdout.close()
