@@ -7,6 +7,10 @@ Layout (under the store directory)::
     trees/sha256/<hex>            read-only directory trees for NFS export, named by
                                   the digest of their manifest
     refs/environments/<name>      "sha256:<hex>" of the environment's current release
+    refs/history/<name>           every release the ref has pointed at, oldest first, one
+                                  "sha256:<hex> <UTC time>" line each (append-only; read
+                                  by ``slim store gc`` to keep the previous releases)
+    lock                          held shared by builds, exclusively by ``slim store gc``
 
 A release is a small JSON document (itself an object) listing the digests of
 everything a node needs for one environment: kernel, initrd and, per
@@ -16,6 +20,7 @@ mutable thing is a ref; relays can cache objects forever.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -24,12 +29,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
 from pydantic import ValidationError
 
-from slim.errors import FailedPrecondition, InvalidArgument, NotFound
+from slim.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from slim.release import ObjectRef, Release
 from slim.vocabulary import HEX_RE, NAME_RE, parse_digest
 
@@ -38,6 +44,7 @@ from slim.vocabulary import HEX_RE, NAME_RE, parse_digest
 # a rewrite within one tick would otherwise look unchanged.
 RACY_REF_NS = 2_000_000_000
 COPY_CHUNK = 1 << 20
+LOCK_POLL = 0.1  # seconds between tries of a store lock held by someone else
 
 
 class Store:
@@ -48,6 +55,8 @@ class Store:
         self.objects = self.root / "objects" / "sha256"
         self.refs = self.root / "refs" / "environments"
         self.trees = self.root / "trees" / "sha256"
+        self.history = self.root / "refs" / "history"
+        self.lock_path = self.root / "lock"
         self._lock = threading.Lock()
         self._ref_cache: dict[str, tuple[tuple[int, int, int, int], str]] = {}
         self._release_cache: dict[str, Release] = {}
@@ -153,8 +162,114 @@ class Store:
         doc = json.dumps(release.model_dump(mode="json", by_alias=True), sort_keys=True, indent=1)
         ref = self.put_bytes(doc.encode())
         self.refs.mkdir(parents=True, exist_ok=True)
+        self._record(release.environment, ref.digest)
         atomic_write(self.refs / release.environment, (ref.digest + "\n").encode())
         return ref.digest
+
+    def _record(self, environment: str, digest: str) -> None:
+        """Append ``digest`` to the environment's release history if the ref changes (a
+        store from before the history first records the release it points at)."""
+        current = self.release_digest(environment)
+        if current == digest:
+            return
+        self.history.mkdir(parents=True, exist_ok=True)
+        path = self.history / environment
+        lines = [] if current is None or path.exists() else [current]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        text = "".join(f"{d} {now}\n" for d in [*lines, digest])
+        # one write of a few short lines with O_APPEND: concurrent publishers never interleave
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, text.encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def environments(self) -> list[str]:
+        """The environments that have a ref (a current release), sorted."""
+        try:
+            names = os.listdir(self.refs)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if NAME_RE.match(n) and (self.refs / n).is_file())
+
+    def release_history(self, environment: str) -> list[str]:
+        """Every release digest the environment's ref has pointed at, oldest first (empty
+        for a store from before the history); malformed lines are skipped."""
+        if not NAME_RE.match(environment):
+            raise InvalidArgument(f"{environment!r} is not an environment name")
+        try:
+            text = (self.history / environment).read_text(encoding="ascii", errors="replace")
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in text.splitlines():
+            word = line.split(" ", 1)[0]
+            if word.startswith("sha256:") and HEX_RE.fullmatch(word[7:]):
+                out.append(word)
+        return out
+
+    def kept_releases(self, environment: str, previous: int) -> list[str]:
+        """The environment's current release and the ``previous`` distinct releases its ref
+        pointed at before it, newest first (only the current one without a history)."""
+        if previous < 0:
+            raise InvalidArgument(
+                f"the number of previous releases to keep must be 0 or more, not {previous}"
+            )
+        current = self.release_digest(environment)
+        if current is None:
+            return []
+        kept = [current]
+        for digest in reversed(self.release_history(environment)):
+            if len(kept) > previous:
+                break
+            if digest not in kept:
+                kept.append(digest)
+        return kept
+
+    def read_release(self, digest: str, of: str = "") -> Release:
+        """A release document by its digest (cached), checked; ``of`` completes the error
+        message (" of environment 'x'")."""
+        with self._lock:
+            cached = self._release_cache.get(digest)
+        if cached is None:
+            try:
+                cached = Release.model_validate_json(self.read_object(digest))
+            except ValidationError as exc:
+                raise FailedPrecondition(
+                    f"release {digest}{of} is not a valid release document: {exc.errors()[0]['msg']}"
+                ) from None
+            with self._lock:
+                self._release_cache[digest] = cached
+        return cached
+
+    @contextmanager
+    def locked(self, *, exclusive: bool, wait: float | None = None) -> Iterator[None]:
+        """Hold the store's lock: shared by builds (many at once), exclusive for garbage
+        collection.  ``wait``: give up after that many seconds with :class:`Unavailable`
+        (None: wait as long as it takes)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            deadline = None if wait is None else time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        what = (
+                            "a build (slim ee build)" if exclusive else "garbage collection (slim store gc)"
+                        )
+                        raise Unavailable(
+                            f"the store {self.root} is in use by {what}: its lock {self.lock_path} "
+                            f"was still held after {wait:g} s"
+                        ) from None
+                    time.sleep(LOCK_POLL)
+            yield
+        finally:
+            os.close(fd)
 
     def release_digest(self, environment: str) -> str | None:
         """The digest of the environment's current release, or None if never built."""
@@ -182,19 +297,7 @@ class Store:
         digest = self.release_digest(environment)
         if digest is None:
             return None
-        with self._lock:
-            cached = self._release_cache.get(digest)
-        if cached is None:
-            try:
-                cached = Release.model_validate_json(self.read_object(digest))
-            except ValidationError as exc:
-                raise FailedPrecondition(
-                    f"release {digest} of environment {environment!r} is not a valid release "
-                    f"document: {exc.errors()[0]['msg']}"
-                ) from None
-            with self._lock:
-                self._release_cache[digest] = cached
-        return digest, cached
+        return digest, self.read_release(digest, f" of environment {environment!r}")
 
 
 class ObjectWriter:

@@ -47,7 +47,7 @@ SIZE_UNITS: dict[str, int] = {
     **{f"{p}b": 1000 ** (i + 1) for i, p in enumerate("kmgt")},
 }
 RATE_UNITS: dict[str, int] = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
-TIME_UNITS: dict[str, float] = {"ms": 0.001, "s": 1, "min": 60, "m": 60, "h": 3600}
+TIME_UNITS: dict[str, float] = {"ms": 0.001, "s": 1, "min": 60, "m": 60, "h": 3600, "d": 86400}
 SIZE_EXAMPLE = "4096, 512M, 20G (powers of 1024), 15MiB, or 28.5MB (powers of 1000)"
 MAX_SIZE = 2**63 - 1  # bytes: what a signed 64-bit count holds
 _NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"

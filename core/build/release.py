@@ -118,7 +118,22 @@ def build_environment(
 ) -> BuildResult:
     """Build environment ``name`` into ``store`` and publish its release.  With
     ``runtime`` the initrd also carries the agent and what it runs on
-    (:mod:`slim.core.build.agentrt`); without it, only the kernel modules."""
+    (:mod:`slim.core.build.agentrt`); without it, only the kernel modules.  The store's
+    lock is held (shared) throughout: ``slim store gc`` never removes what a build is
+    writing and has not published yet."""
+    with store.locked(exclusive=False):
+        return _build(registry, store, name, level=level, progress=progress, runtime=runtime)
+
+
+def _build(
+    registry: Registry,
+    store: Store,
+    name: str,
+    *,
+    level: int,
+    progress: Progress | None,
+    runtime: Runtime | None,
+) -> BuildResult:
     started = time.monotonic()
     env = registry.environment(name)
     image = Path(env.image)

@@ -14,17 +14,22 @@ import functools
 import logging
 import math
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections import Counter as Tally
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 import grpc
 import uvloop
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from slim.core.control import service as dom
 from slim.core.control.config import CoreConfig
-from slim.core.control.redirect import RankedRelay
+from slim.core.control.redirect import RankedRelay, RelayStatus
 from slim.core.control.relayhub import RelayHub
 from slim.core.control.state import BootEvent, State
 from slim.core.registry import load_registry
@@ -459,6 +464,115 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
             await _abort(context, exc, "Prefetch")
 
 
+# -- metrics --------------------------------------------------------------------------------------
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0)
+BOOT_STATES = ("booting", "up", "failed")  # always exported (0 when none); any other state as it comes
+
+
+class CallMetrics(grpc.aio.ServerInterceptor):
+    """Counts every gRPC call by method and status and times it (streams: until they end)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Counter(
+            "slim_core_grpc_calls",
+            "gRPC calls ended, by method and status",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "slim_core_grpc_call_seconds",
+            "gRPC call duration, by method",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def _done(self, method: str, context: Any, started: float, exc: BaseException | None) -> None:
+        if exc is None:
+            code = "OK"
+        elif isinstance(exc, asyncio.CancelledError):
+            code = "CANCELLED"
+        elif isinstance(exc, grpc.aio.AbortError):
+            status = context.code()
+            code = status.name if isinstance(status, grpc.StatusCode) else str(status)
+        else:
+            code = "UNKNOWN"
+        self.calls.labels(method, code).inc()
+        self.seconds.labels(method).observe(time.monotonic() - started)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        found = await continuation(details)
+        if found is None:  # an unknown method: grpc answers UNIMPLEMENTED
+            return found  # type: ignore[return-value]
+        handler: Any = found
+        method = str(getattr(details, "method", "")).rsplit("/", 1)[-1]
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary or handler.stream_unary:
+            inner = handler.unary_unary or handler.stream_unary
+
+            async def single(request: Any, context: Any) -> Any:
+                started = time.monotonic()
+                try:
+                    answer = await inner(request, context)
+                except BaseException as exc:
+                    self._done(method, context, started, exc)
+                    raise
+                self._done(method, context, started, None)
+                return answer
+
+            if handler.unary_unary:
+                return grpc.unary_unary_rpc_method_handler(single, **codec)
+            return grpc.stream_unary_rpc_method_handler(single, **codec)
+        streams = handler.unary_stream or handler.stream_stream
+
+        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            started = time.monotonic()
+            try:
+                async for answer in streams(request, context):
+                    yield answer
+            except BaseException as exc:
+                self._done(method, context, started, exc)
+                raise
+            self._done(method, context, started, None)
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(stream, **codec)
+        return grpc.stream_stream_rpc_method_handler(stream, **codec)
+
+
+class StateMetrics(Collector):
+    """Nodes by the state of their latest boot (``never``: no boot of record) and relays by
+    health, read when scraped (run it on the writer thread: it reads SQLite)."""
+
+    def __init__(self, service: dom.CoreService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        boots = Tally(dict.fromkeys((*BOOT_STATES, "never"), 0))
+        boots.update(v.boot.state if v.boot is not None else "never" for v in self.service.list_nodes())
+        family = GaugeMetricFamily(
+            "slim_core_nodes", "nodes by the state of their latest boot", labels=["state"]
+        )
+        for state, count in sorted(boots.items()):
+            family.add_metric([state], count)
+        yield family
+        relays = Tally({str(status): 0 for status in RelayStatus})
+        relays.update(str(v.status) for v in self.service.list_relays())
+        family = GaugeMetricFamily(
+            "slim_core_relays", "relays by health (from their heartbeats)", labels=["status"]
+        )
+        for status, count in sorted(relays.items()):
+            family.add_metric([status], count)
+        yield family
+
+
 class CoreServer:
     """The gRPC server around one :class:`CoreService`; owns the writer thread."""
 
@@ -467,12 +581,15 @@ class CoreServer:
         self.listen = listen
         self.port = 0
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slim-state")
+        self.metrics = CollectorRegistry(auto_describe=False)
+        self.metrics.register(StateMetrics(service))
         self._server = grpc.aio.server(
+            interceptors=[CallMetrics(self.metrics)],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ]
+            ],
         )
         self.hub = RelayHub()
         pb_grpc.add_CoreServicer_to_server(CoreServicer(service, self._writer, self.hub), self._server)
@@ -499,6 +616,11 @@ class CoreServer:
     async def wait(self) -> None:
         await self._server.wait_for_termination()
 
+    @property
+    def writer(self) -> ThreadPoolExecutor:
+        """The thread that touches SQLite (metrics are generated there too)."""
+        return self._writer
+
 
 async def serve(
     service: dom.CoreService,
@@ -513,7 +635,8 @@ async def serve(
     port = await server.start()
     objects = None
     if config.objects_listen:
-        objects = ObjectServer(service.store.objects, config.objects_listen)
+        objects = ObjectServer(service.store.objects, config.objects_listen, metrics_executor=server.writer)
+        objects.metrics.register(_Registered(server.metrics))
         try:
             objects_port = await objects.start()
         except BaseException:
@@ -562,6 +685,16 @@ async def serve(
             task.cancel()
         await asyncio.gather(*reloads, return_exceptions=True)
     log.info("core stopped")
+
+
+class _Registered(Collector):
+    """Another registry's metrics, collected into this one."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.registry.collect()
 
 
 def run(

@@ -11,9 +11,11 @@ from one dedicated thread so the event loop never waits on the disk.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,6 +62,8 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 EVENT_COLUMNS = "node, boot_id, stage, time, relay, bytes, ok, message, environment"
+# the agent's "plan" event says "ENVIRONMENT sha256:<release digest>" (agent/__main__.py)
+_RELEASE_IN_MESSAGE = re.compile(r"\bsha256:[0-9a-f]{64}\b")
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,18 @@ class State:
             rows = self._db.execute(query, args).fetchall()
         return [BootEvent(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows]
 
+    def prune_boot_events(self, before: float, dry_run: bool = False) -> int:
+        """Delete the events received before ``before`` (seconds since the epoch), except
+        those of each node's newest boot; how many went (``dry_run``: would go)."""
+        where = (
+            "WHERE received_at < ? AND (node, boot_id) NOT IN (SELECT node, boot_id FROM boot_events "
+            "WHERE id IN (SELECT MAX(id) FROM boot_events GROUP BY node))"
+        )
+        with self._tx() as db:
+            if dry_run:
+                return int(db.execute(f"SELECT COUNT(*) FROM boot_events {where}", (before,)).fetchone()[0])  # noqa: S608
+            return db.execute(f"DELETE FROM boot_events {where}", (before,)).rowcount  # noqa: S608
+
     # -- relay heartbeats ----------------------------------------------------
     def record_heartbeat(self, beat: RelayBeat) -> None:
         with self._tx() as db:
@@ -267,3 +283,34 @@ class State:
                 "last_seen FROM relay_heartbeats"
             ).fetchall()
         return {r[0]: RelayBeat(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7]) for r in rows}
+
+
+def booted_releases(path: str | Path) -> dict[str, str]:
+    """Each node's release of record: the digest its newest ``plan`` event names (the
+    release its last boot uses, or the one before if that boot has not fetched its plan
+    yet).  Reads ``path`` read-only, beside a running core (WAL allows a reader); a
+    missing file is :class:`FailedPrecondition` (a wrong path must not look like "no
+    node booted anything")."""
+    if not Path(path).is_file():
+        raise FailedPrecondition(f"state database {path} does not exist (give the core's --state)")
+    uri = f"file:{urllib.parse.quote(str(Path(path).absolute()))}?mode=ro"
+    try:
+        db = sqlite3.connect(uri, uri=True)
+    except sqlite3.Error as exc:
+        raise FailedPrecondition(f"cannot open state database {path}: {exc}") from None
+    try:
+        db.execute("PRAGMA busy_timeout = 5000")
+        rows = db.execute(
+            "SELECT node, message FROM boot_events WHERE id IN "
+            "(SELECT MAX(id) FROM boot_events WHERE stage = 'plan' GROUP BY node)"
+        ).fetchall()
+    except sqlite3.DatabaseError as exc:
+        raise FailedPrecondition(f"{path} is not a readable SLIM state database: {exc}") from None
+    finally:
+        db.close()
+    out: dict[str, str] = {}
+    for node, message in rows:
+        found = _RELEASE_IN_MESSAGE.search(message)
+        if found:
+            out[node] = found.group(0)
+    return out

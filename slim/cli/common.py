@@ -129,10 +129,27 @@ store_option = click.option(
     "store_path",
     envvar="SLIM_STORE",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("/var/lib/slim/store"),
-    show_default=True,
-    help="Content-addressed artifact store holding built releases; also $SLIM_STORE.",
+    default=None,
+    help="Content-addressed artifact store holding built releases; also $SLIM_STORE "
+    "(default: STATE_DIR/store, STATE_DIR being the registry's server.state_dir, /var/lib/slim "
+    "unless it says otherwise: where `slim serve` keeps it).",
 )
+DEFAULT_STATE_DIR = Path("/var/lib/slim")
+
+
+def state_dir(registry_path: Path) -> Path:
+    """The registry's ``server.state_dir`` (where ``slim serve`` keeps the store and the
+    state database); /var/lib/slim if the registry file does not exist."""
+    if not registry_path.exists():
+        return DEFAULT_STATE_DIR
+    from slim.core.registry import load_registry
+
+    return Path(load_registry(registry_path).server.state_dir)
+
+
+def store_path_or_default(store_path: Path | None, registry_path: Path) -> Path:
+    """``--store`` as given, else STATE_DIR/store (see :func:`state_dir`)."""
+    return store_path if store_path is not None else state_dir(registry_path) / "store"
 
 
 def config_option(part: str) -> Callable[[F], F]:

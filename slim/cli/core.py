@@ -15,7 +15,9 @@ from slim.cli.common import (
     registry_option,
     settings,
     setup_logging,
+    state_dir,
     store_option,
+    store_path_or_default,
 )
 
 
@@ -31,9 +33,10 @@ def core() -> None:
     "state_path",
     envvar="SLIM_STATE",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("/var/lib/slim/state.db"),
-    show_default=True,
-    help="SQLite file for runtime state (next-boot overrides, boot events, heartbeats); created if missing.",
+    default=None,
+    help="SQLite file for runtime state (next-boot overrides, boot events, heartbeats); created if missing "
+    "(default: STATE_DIR/state.db, STATE_DIR being the registry's server.state_dir, /var/lib/slim unless "
+    "it says otherwise).",
 )
 @store_option
 @click.option(
@@ -67,8 +70,8 @@ def core() -> None:
 @config_option("core")
 def core_serve(
     registry_path: Path,
-    state_path: Path,
-    store_path: Path,
+    state_path: Path | None,
+    store_path: Path | None,
     listen: str,
     objects_listen: str | None,
     grace: float,
@@ -85,6 +88,9 @@ def core_serve(
     from slim.core.control.server import run
 
     with errors_to_exit():
+        if config_file is None:
+            state_path = state_path or state_dir(registry_path) / "state.db"
+            store_path = store_path_or_default(store_path, registry_path)
         config = settings(
             CoreConfig, config_file, registry=registry_path, state=state_path, store=store_path,
             listen=listen, objects_listen=objects_listen, grace=grace, log_level=log_level,

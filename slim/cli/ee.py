@@ -22,6 +22,7 @@ from slim.cli.common import (
     print_json,
     registry_option,
     store_option,
+    store_path_or_default,
 )
 from slim.rpc import policy_name
 from slim.v1 import core_pb2 as pb
@@ -247,7 +248,7 @@ def ee_build(
     names: tuple[str, ...],
     build_all: bool,
     registry_path: Path,
-    store_path: Path,
+    store_path: Path | None,
     level: int | None,
     agent: bool,
     as_json: bool,
@@ -274,7 +275,7 @@ def ee_build(
             fail("name at least one environment, or --all")
         for n in targets:
             reg.environment(n)  # unknown names fail before any work
-        store = Store(store_path)
+        store = Store(store_path if store_path is not None else Path(reg.server.state_dir) / "store")
         runtime = collect() if agent else None
         results = []
         with StageProgress(enabled=not as_json) as progress:
@@ -316,7 +317,7 @@ def ee_build(
 @click.argument("names", nargs=-1, metavar="[NAME]...")
 @registry_option
 @store_option
-def ee_verify(names: tuple[str, ...], registry_path: Path, store_path: Path) -> None:
+def ee_verify(names: tuple[str, ...], registry_path: Path, store_path: Path | None) -> None:
     """Re-hash every object of the environments' current releases (all built ones by default)
     and check each NFS tree against its manifest; exit 1 if anything is missing or corrupt."""
     from slim.core.build.release import verify_release
@@ -326,7 +327,7 @@ def ee_verify(names: tuple[str, ...], registry_path: Path, store_path: Path) -> 
     failed = False
     with errors_to_exit():
         reg = load_registry(registry_path)
-        store = Store(store_path)
+        store = Store(store_path_or_default(store_path, registry_path))
         targets = list(names) or sorted(reg.environments)
         for n in targets:
             reg.environment(n)

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from slim.cli.common import config_option, errors_to_exit, registry_option, settings, store_option
+from slim.cli.common import (
+    config_option,
+    errors_to_exit,
+    registry_option,
+    settings,
+    store_option,
+    store_path_or_default,
+)
 
 
 @click.group()
@@ -56,7 +63,7 @@ workdir_option = click.option(
 )
 def nfs_config(
     registry_path: Path,
-    store_path: Path,
+    store_path: Path | None,
     fmt: str,
     listen: str,
     clients: str | None,
@@ -69,7 +76,7 @@ def nfs_config(
         bind, port = parse_listen(listen)
         text = render_config(
             registry_path,
-            store_path,
+            store_path_or_default(store_path, registry_path),
             fmt="exports" if fmt == "exports" else "ganesha",
             workdir=workdir,
             bind=bind,
@@ -88,7 +95,7 @@ def nfs_config(
 @config_option("nfs")
 def nfs_serve(
     registry_path: Path,
-    store_path: Path,
+    store_path: Path | None,
     listen: str,
     clients: str | None,
     workdir: Path,
@@ -104,7 +111,8 @@ def nfs_serve(
 
     with errors_to_exit():
         config = settings(
-            NfsConfig, config_file, registry=registry_path, store=store_path, listen=listen,
+            NfsConfig, config_file, registry=registry_path, listen=listen,
+            store=store_path if config_file else store_path_or_default(store_path, registry_path),
             clients=None if clients is None else clients.split(","), workdir=workdir,
         )  # fmt: skip
         bind, port = config.address

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor
 from pathlib import Path
 
 from aiohttp import web
@@ -81,7 +82,16 @@ class HttpFront:
 class ObjectServer:
     """Objects straight from a store over HTTP (the core's object server)."""
 
-    def __init__(self, objects_dir: Path, listen: str, max_transfers: int = 1024) -> None:
+    def __init__(
+        self,
+        objects_dir: Path,
+        listen: str,
+        max_transfers: int = 1024,
+        metrics_executor: Executor | None = None,
+    ) -> None:
+        """``metrics_executor``: where ``/metrics`` is generated (for collectors registered in
+        :attr:`metrics` that must not run on the event loop); None: on the loop."""
+        self.metrics_executor = metrics_executor
         self.host, self.requested_port = parse_listen(listen, DEFAULT_HTTP_PORT, allow_ephemeral=True)
         self.objects = ObjectRoutes(StoreSource(objects_dir), max_transfers)
         self.port = 0
@@ -94,9 +104,12 @@ class ObjectServer:
         self.objects.add_to(app)
 
         async def metrics(request: web.Request) -> web.StreamResponse:
-            return web.Response(
-                body=generate_latest(self.metrics), headers={"Content-Type": "text/plain; version=0.0.4"}
-            )
+            if self.metrics_executor is None:
+                body = generate_latest(self.metrics)
+            else:
+                loop = asyncio.get_running_loop()
+                body = await loop.run_in_executor(self.metrics_executor, generate_latest, self.metrics)
+            return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
         app.router.add_get("/metrics", metrics)
         self.front = HttpFront(app, self.objects, self.host, self.requested_port, access_log=False)
