@@ -78,8 +78,13 @@ def normalize_dir(value: str) -> str:
 
 def _check_url(value: str) -> str:
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+    if parts.scheme == "https":
+        raise ValueError(
+            f"{value!r}: relays serve plain HTTP only (no TLS yet, and the nodes' agent has no ssl); "
+            "use http://"
+        )
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// URL with a host")
     if parts.query or parts.fragment:
         raise ValueError(f"{value!r}: a relay URL takes no query or fragment")
     return value if value.endswith("/") else value + "/"
@@ -385,8 +390,9 @@ def _resolve_dhcp(site_name: str, site: Site, relays: Mapping[str, Relay]) -> Dh
 class Registry:
     """A validated registry.  Build it with :func:`load_registry`."""
 
-    def __init__(self, doc: _Document, source: str) -> None:
-        self.source = source
+    def __init__(self, doc: _Document, source: YamlSource) -> None:
+        self.source = source.file
+        self._yaml = source
         self.settings = doc.settings
         self.sites: Mapping[str, Site] = doc.sites
         self.relays: Mapping[str, Relay] = doc.relays
@@ -404,6 +410,22 @@ class Registry:
         self._directories: dict[str, Mapping[str, DirectorySpec]] = {}
         self._relay_tiers: dict[str | None, tuple[tuple[str, str], ...]] = {}
         self._site_cache: dict[IPAddress, str | None] = {}
+
+    def problem(self, loc: Loc, message: str) -> Problem:
+        """A problem at ``loc`` (e.g. ``("profiles", "vm", "modules", 0)``) with its file and line,
+        for checks made after loading (``slim registry check`` against the images)."""
+        return self._yaml.problem(loc, message)
+
+    def relay_upstreams(self, name: str) -> list[str]:
+        """Where relay ``name`` fetches missing objects: its parent's URLs, in order; empty for a
+        relay without a parent (its upstream is the core's object server, which the registry
+        does not name)."""
+        try:
+            relay = self.relays[name]
+        except KeyError:
+            known = ", ".join(sorted(self.relays)) or "none"
+            raise NotFound(f"unknown relay {name!r} (known: {known})") from None
+        return [] if relay.parent is None else list(self.relays[relay.parent].urls)
 
     # -- lookups that raise NotFound with a useful message -------------------
     def node(self, name: str) -> Node:
@@ -531,7 +553,7 @@ def _build(source: YamlSource) -> Registry:
     problems = list(_cross_check(doc, source))
     if problems:
         raise ConfigError(problems)
-    return Registry(doc, source.file)
+    return Registry(doc, source)
 
 
 def _pydantic_problem(source: YamlSource, err: Any) -> Problem:

@@ -1,7 +1,7 @@
 """A Slurm cluster on one machine, booting its nodes through SLIM (tests and benchmarks).
 
 Real parts: munged, slurmctld and one ``slurmd -N nX`` per node (Debian's
-Slurm 22.05, see ../shared/design/REAL-PARTS.md), `slim serve` (core on a unix
+Slurm 22.05, see docs/slurm.md "Slurm 22.05 as measured here"), `slim serve` (core on a unix
 socket, relay on loopback), and the files `slim slurm config` renders.  A
 node's "machine" is its slurmd; its root is ``roots/nX``, built by the agent
 (no-reboot mode).  Reboots are simulated (:mod:`labs.slurmreboot`, the RebootProgram's command):

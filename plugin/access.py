@@ -7,7 +7,7 @@
 * :class:`PySlurm` — pyslurm, where a build matching the installed Slurm's
   major version exists (``pip install slim[pyslurm]``).  PyPI has pyslurm only
   for Slurm 25.11, and Debian bookworm ships 22.05, so this backend is not
-  tested on this machine (REAL-PARTS.md); it is chosen only when pyslurm
+  tested on this machine (docs/slurm.md); it is chosen only when pyslurm
   imports.
 
 :func:`backend` picks pyslurm when it imports and the CLI otherwise.

@@ -1,7 +1,7 @@
 """``slim slurm config``: the Slurm side of SLIM, rendered from the registry.
 
 Slurm 22.05's changeable features go through ``node_features/helpers``, whose
-feature names may not contain ``:`` (REAL-PARTS.md); users write
+feature names may not contain ``:`` (docs/slurm.md); users write
 ``--constraint=ee:jdk14``.  So:
 
 * ``helpers.conf`` lists every environment's feature with ``=`` (``ee=jdk14``),

@@ -1,6 +1,6 @@
 """The node_features/helpers helper: what slurmd asks about a node's EE.
 
-slurmd runs it as root (REAL-PARTS.md):
+slurmd runs it as root (docs/slurm.md, "Slurm 22.05 as measured here"):
 
 * with no arguments, at every start and registration: print the node's active
   features, one per line.  We print the node's EE feature (``ee=jdk14``) only

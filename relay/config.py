@@ -27,7 +27,8 @@ def _upstream(value: str) -> str:
 def _some(upstreams: list[str]) -> list[str]:
     if not upstreams:
         raise InvalidArgument(
-            "a relay needs at least one upstream (a parent relay or the core's object server)"
+            "a relay needs at least one upstream (a parent relay or the core's object server): "
+            "give --upstream, or --registry with a relay that has a parent"
         )
     return upstreams
 

@@ -16,9 +16,10 @@ processes, the same commands an administrator would run one by one
   ``server.dhcp`` is true.
 
 SIGHUP is passed on (the core, NFS and DHCP re-read the registry); SIGTERM or
-SIGINT stops them in reverse order.  If one of them exits, the others are
-stopped and ``slim serve`` exits non-zero naming it (a service manager
-restarts the whole).
+SIGINT stops them in reverse order, and ``slim serve`` says what it stopped and how
+each ended (``slim serve stopped on SIGTERM: relay (exit 0), core (exit 0)``).  If
+one of them exits, the others are stopped and ``slim serve`` exits non-zero naming
+it (a service manager restarts the whole).
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ class AllInOne:
         (state / "logs").mkdir(exist_ok=True)
         source = f"{reg}: server"
         # every part's settings, checked before any part starts; the relay's core and
-        # upstream (the core's object server) are known once the core listens: until then
-        # the relay's settings are checked with stand-ins for them
+        # the core's object server are known once the core listens: until then the relay's
+        # settings are checked with stand-ins for them
         core_config = CoreConfig.build(
             source, registry=reg, state=state / "state.db", store=state / "store", listen=srv.core_listen,
             objects_listen=srv.objects_listen, log_level=self.log_level,
@@ -120,7 +121,12 @@ class AllInOne:
             "name": self.relay, "cache_dir": state / "cache", "max_bytes": srv.cache_max_bytes,
             "listen": srv.relay_listen, "tftp_listen": srv.tftp_listen, "log_level": self.log_level,
         }  # fmt: skip
-        RelayConfig.build(source, core="127.0.0.1:1", upstreams=["http://127.0.0.1:1"], **relay_settings)
+        # the relay's upstreams: its parent's URLs if the registry gives it one, then the core's
+        # object server (known once the core listens: a stand-in until then)
+        parent = self.registry.relay_upstreams(self.relay)
+        RelayConfig.build(
+            source, core="127.0.0.1:1", upstreams=[*parent, "http://127.0.0.1:1"], **relay_settings
+        )
         nfs_config = NfsConfig.build(
             source, registry=reg, store=state / "store", listen=srv.nfs_listen, workdir=state / "nfs"
         ) if self.wants_nfs else None  # fmt: skip
@@ -132,10 +138,11 @@ class AllInOne:
             self.addresses["core"] = core.lines["listening on"]
             self.addresses["objects"] = core.lines["objects on"]
             say(f"core listening on {self.addresses['core']} (objects on {self.addresses['objects']})")
+            # the relay's parent in the registry first (if it has one), the core's objects last
+            upstreams = [*parent, f"http://{_connect(self.addresses['objects'])}"]
             relay_config = RelayConfig.build(
-                source, core=_connect(self.addresses["core"]),
-                upstreams=[f"http://{_connect(self.addresses['objects'])}"], **relay_settings,
-            )  # fmt: skip
+                source, core=_connect(self.addresses["core"]), upstreams=upstreams, **relay_settings
+            )
             relay = self._start(
                 "relay", relay_config, ["listening on", *(["tftp on"] if srv.tftp_listen else [])]
             )
@@ -209,7 +216,9 @@ class AllInOne:
             if part.name in ("core", "nfs", "dhcp") and part.proc.poll() is None:
                 part.proc.send_signal(signal.SIGHUP)
 
-    def stop(self, grace: float = 20.0) -> None:
+    def stop(self, grace: float = 20.0) -> list[str]:
+        """Stop every part, last started first; what stopped, as ``NAME (exit STATUS)``."""
+        stopped: list[str] = []
         for part in reversed(self.parts):
             if part.proc.poll() is None:
                 part.proc.send_signal(signal.SIGTERM)
@@ -221,7 +230,9 @@ class AllInOne:
                 part.proc.wait()
             if part.proc.stdout is not None:
                 part.proc.stdout.close()
+            stopped.append(f"{part.name} (exit {part.proc.returncode})")
         self.parts.clear()
+        return stopped
 
 
 READY = "ready"  # what `slim serve` prints, after where each part listens, once all are up
@@ -250,9 +261,15 @@ def serve(registry_path: Path, state_dir: Path | None, log_level: str = "info") 
     """``slim serve``; returns the exit status."""
     server = AllInOne(registry_path, state_dir, log_level)
     stop = threading.Event()
+    why: list[str] = []  # the signal that stopped it
+
+    def on_signal(signum: int, _frame: object) -> None:
+        why.append(signal.Signals(signum).name)
+        stop.set()
+
     previous = {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: stop.set()),
-        signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: stop.set()),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, on_signal),
+        signal.SIGINT: signal.signal(signal.SIGINT, on_signal),
         signal.SIGHUP: signal.signal(signal.SIGHUP, lambda *_: server.reload()),
     }
     try:
@@ -264,6 +281,9 @@ def serve(registry_path: Path, state_dir: Path | None, log_level: str = "info") 
             return 1
         return 0
     finally:
-        server.stop()
+        stopped = server.stop()
+        if stopped:  # what it stopped, last started first (a negative status: killed by that signal)
+            cause = f" on {why[0]}" if why else ""
+            print(f"slim serve stopped{cause}: {', '.join(stopped)}", flush=True)
         for signum, handler in previous.items():
             signal.signal(signum, handler)

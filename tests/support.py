@@ -356,14 +356,14 @@ class RelayProcess:
             self.proc.send_signal(sig)
 
 
-def start_relay_process(cache_dir: Path, upstream: str, *extra: str) -> RelayProcess:
+def start_relay_process(cache_dir: Path, upstream: str | None, *extra: str) -> RelayProcess:
+    """``slim relay serve`` on 127.0.0.1 port 0; ``upstream`` None: no --upstream (give --registry)."""
     proc = subprocess.Popen(
         [
             *SLIM,
             "relay",
             "serve",
-            "--upstream",
-            upstream,
+            *(["--upstream", upstream] if upstream is not None else []),
             "--cache-dir",
             str(cache_dir),
             "--listen",

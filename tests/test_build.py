@@ -18,7 +18,7 @@ from slim.agent.unpack import extract_tar
 from slim.core.build.release import build_environment, verify_release
 from slim.core.registry import Registry, load_registry_text
 from slim.core.store import Store
-from slim.errors import FailedPrecondition
+from slim.errors import FailedPrecondition, NotFound
 from slim.release import decode_manifest
 from slim.vocabulary import Policy
 from tests.support import KVER, make_image
@@ -159,6 +159,31 @@ def test_build_errors_say_what_to_do(tmp_path: Path, image: Path) -> None:
     assert store.release("base") is None
 
 
+def test_a_module_typo_fails_before_any_object_is_written(tmp_path: Path, image: Path) -> None:
+    store = Store(tmp_path / "store")
+    reg = load_registry_text(f"""
+profiles: {{vm: {{modules: [virtio-netx]}}}}
+environments: {{base: {{image: {image}}}}}
+""")
+    with pytest.raises(NotFound, match=f"kernel {KVER} has no module 'virtio-netx'; closest: virtio_net"):
+        build_environment(reg, store, "base")
+    assert store.count_objects() == 0
+
+
+def test_a_stand_in_kernel_and_no_modules_are_warned_about(tmp_path: Path, image: Path) -> None:
+    reg = load_registry_text(f"environments: {{base: {{image: {image}}}}}")
+    res = build_environment(reg, Store(tmp_path / "store"), "base")
+    assert len(res.warnings) == 1 and "does not look like a Linux kernel image" in res.warnings[0]
+    # a bzImage header and a modules.dep that lists nothing
+    kernel = image / "boot" / f"vmlinuz-{KVER}"
+    kernel.write_bytes(bytes(0x202) + b"HdrS" + bytes(100))
+    (image / "lib" / "modules" / KVER / "modules.dep").write_text("")
+    res = build_environment(reg, Store(tmp_path / "store"), "base")
+    assert len(res.warnings) == 1 and f"/lib/modules/{KVER}/modules.dep lists no modules" in res.warnings[0]
+    (image / "lib" / "modules" / KVER / "modules.dep").write_text("kernel/overlay.ko:\n")
+    assert build_environment(reg, Store(tmp_path / "store"), "base").warnings == []
+
+
 def _slim(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "slim.cli", *args],
@@ -184,6 +209,8 @@ environments:
     assert built.returncode == 0, built.stderr
     doc = json.loads(built.stdout)[0]
     assert doc["environment"] == "base" and not doc["unchanged"] and doc["new_objects"] > 0
+    assert "warning: base: the kernel /vmlinuz" in built.stderr  # the tests' kernel is a stand-in
+    assert doc["warnings"] and "does not look like a Linux kernel image" in doc["warnings"][0]
     assert {d["path"]: d["policy"] for d in doc["directories"]} == {"/": "ram", "/srv": "sync", "/usr": "nfs"}
     again = _slim("ee", "build", "--all", env=env)
     assert again.returncode == 0 and "unchanged, nothing published; 0 new objects" in again.stdout

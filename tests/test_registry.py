@@ -299,9 +299,12 @@ def test_relay_with_unknown_site() -> None:
 
 def test_relay_with_invalid_url() -> None:
     text = edit(BASE, "  r1:", "http://10.1.0.1:8080/", "ftp://10.1.0.1/")
-    only_problem(
-        text, "relays.r1.urls[0]", "ftp://10.1.0.1/", "is not an http:// or https:// URL with a host"
-    )
+    only_problem(text, "relays.r1.urls[0]", "ftp://10.1.0.1/", "is not an http:// URL with a host")
+
+
+def test_relay_url_with_https_is_refused_until_relays_serve_it() -> None:
+    text = edit(BASE, "  r1:", "http://10.1.0.1:8080/", "https://10.1.0.1/")
+    only_problem(text, "relays.r1.urls[0]", "https://10.1.0.1/", "relays serve plain HTTP only (no TLS yet")
 
 
 def test_relay_url_with_query() -> None:
@@ -623,3 +626,123 @@ sites:
 def test_site_of_address_longest_prefix(address: str, site: str | None) -> None:
     reg = load_registry_text(NESTED, file=FILE)
     assert reg.site_of_address(ipaddress.ip_address(address)) == site
+
+
+# --- slim registry check against the images' kernels ----------------------------------------
+
+
+def fake_kernel_image(root: Path, kver: str, modules: dict[str, str], builtin: tuple[str, ...] = ()) -> Path:
+    """An image with ``/vmlinuz`` → ``boot/vmlinuz-KVER`` and ``lib/modules/KVER``: ``modules``
+    maps a module's path to its modules.dep dependencies; ``builtin``: modules.builtin lines."""
+    mods = root / "lib" / "modules" / kver
+    mods.mkdir(parents=True)
+    for path in modules:
+        (mods / path).parent.mkdir(parents=True, exist_ok=True)
+        (mods / path).write_bytes(b"module")
+    (mods / "modules.dep").write_text("".join(f"{p}: {d}\n" for p, d in modules.items()))
+    (mods / "modules.builtin").write_text("".join(f"{b}\n" for b in builtin))
+    (mods / "modules.alias").write_text("alias intel-gbe e1000\n")
+    (root / "boot").mkdir()
+    (root / "boot" / f"vmlinuz-{kver}").write_bytes(b"kernel")
+    (root / "vmlinuz").symlink_to(f"boot/vmlinuz-{kver}")
+    return root
+
+
+INTEL = {
+    "kernel/drivers/net/ethernet/intel/e1000/e1000.ko": "",
+    "kernel/net/core/fail-over.ko": "",
+    "kernel/drivers/net/net_failover.ko": "kernel/net/core/fail-over.ko",
+}
+
+
+def images_registry(tmp_path: Path, modules: str, **images: Path) -> Path:
+    envs = "".join(f"  {name}: {{image: {image}}}\n" for name, image in images.items())
+    file = tmp_path / "registry.yaml"
+    file.write_text(
+        f"profiles:\n  pc: {{modules: {modules}}}\n  vm: {{modules: [e1000]}}\nenvironments:\n{envs}"
+    )
+    return file
+
+
+def test_profile_modules_are_read_as_modprobe_reads_them(tmp_path: Path) -> None:
+    from slim.core.build.release import check_profile_modules
+
+    image = fake_kernel_image(tmp_path / "img", "6.1.0-1-test", INTEL, builtin=("kernel/fs/ext4/ext4.ko",))
+    # "-" and "_" alike both ways, a built-in module, an alias
+    modules = "[e1000, fail_over, net-failover, ext4, intel_gbe]"
+    found = check_profile_modules(load_registry(images_registry(tmp_path, modules, base=image)))
+    assert found.problems == []
+    assert found.checked == {"base": "6.1.0-1-test"} and found.skipped == {}
+
+
+def test_a_module_typo_is_named_with_its_closest_match_and_line(tmp_path: Path) -> None:
+    from slim.core.build.release import check_profile_modules
+
+    intel = fake_kernel_image(tmp_path / "intel", "6.1.0-1-test", INTEL)
+    virtio = fake_kernel_image(tmp_path / "virtio", "6.1.0-2-test", {"kernel/virtio_net.ko": ""})
+    file = images_registry(tmp_path, "[e1000x, fail_over]", intel=intel, virtio=virtio)
+    found = check_profile_modules(load_registry(file))
+    lines = file.read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if "e1000x" in text)
+    by_field = {p.field: p for p in found.problems}
+    # the typo, in each kernel; e1000 and fail_over only where the kernel lacks them
+    assert sorted(by_field) == ["profiles.pc.modules[0]", "profiles.pc.modules[1]", "profiles.vm.modules[0]"]
+    typo = [p for p in found.problems if p.field == "profiles.pc.modules[0]"]
+    assert len(typo) == 2 and all(p.line == line and p.file == str(file) for p in typo)
+    assert any(
+        p.message == "kernel 6.1.0-1-test has no module 'e1000x'; closest: e1000 (environment intel)"
+        for p in typo
+    )
+    assert by_field["profiles.vm.modules[0]"].message.endswith("(environment virtio)")
+    assert found.checked == {"intel": "6.1.0-1-test", "virtio": "6.1.0-2-test"}
+
+
+def test_images_without_a_kernel_yet_are_skipped_with_why(tmp_path: Path) -> None:
+    from slim.core.build.release import check_profile_modules
+
+    bare = tmp_path / "bare"
+    (bare / "etc").mkdir(parents=True)
+    file = images_registry(tmp_path, "[nosuch]", missing=tmp_path / "nowhere", bare=bare)
+    found = check_profile_modules(load_registry(file))
+    assert found.problems == [] and found.checked == {}
+    assert found.skipped["missing"] == f"no image at {tmp_path / 'nowhere'} yet"
+    assert "has no kernel at /vmlinuz" in found.skipped["bare"]
+
+
+def test_an_image_without_modules_dep_is_a_problem_of_its_environment(tmp_path: Path) -> None:
+    from slim.core.build.release import check_profile_modules
+
+    image = fake_kernel_image(tmp_path / "img", "6.1.0-1-test", INTEL)
+    (image / "lib" / "modules" / "6.1.0-1-test" / "modules.dep").unlink()
+    found = check_profile_modules(load_registry(images_registry(tmp_path, "[e1000]", base=image)))
+    assert [(p.field, p.message.split(";")[0]) for p in found.problems] == [
+        ("environments.base.image", f"{image}/lib/modules/6.1.0-1-test has no modules.dep")
+    ]
+
+
+def test_registry_check_cli_refuses_a_typo_and_says_what_it_checked(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from slim.cli import main
+
+    image = fake_kernel_image(tmp_path / "img", "6.1.0-1-test", INTEL)
+    bad = images_registry(tmp_path, "[e1000x]", base=image, later=tmp_path / "nowhere")
+    result = CliRunner().invoke(main, ["registry", "check", str(bad)])
+    assert result.exit_code == 1
+    assert (
+        "profiles.pc.modules[0]: kernel 6.1.0-1-test has no module 'e1000x'; closest: e1000" in result.output
+    )
+    assert (
+        f"note: environment later: kernel not checked: no image at {tmp_path / 'nowhere'} yet"
+        in result.output
+    )
+    # the file alone is fine
+    result = CliRunner().invoke(main, ["registry", "check", "--no-images", str(bad)])
+    assert (
+        result.exit_code == 0
+        and "ok (0 sites, 0 relays, 2 profiles, 2 environments, 0 nodes)" in result.output
+    )
+    good = images_registry(tmp_path, "[e1000]", base=image)
+    result = CliRunner().invoke(main, ["registry", "check", str(good)])
+    assert result.exit_code == 0, result.output
+    assert "profiles' modules found in the kernels of base (6.1.0-1-test)" in result.output

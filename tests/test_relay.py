@@ -464,6 +464,77 @@ async def test_sigkill_mid_download_resume_from_another_relay(objstore: Store, t
             assert code == 0, err
 
 
+# -- the upstream from the registry ----------------------------------------------------
+def two_tier_registry(tmp_path: Path, hub_url: str) -> Path:
+    """A registry in which relay ``edge`` has ``hub`` (at ``hub_url``) as its parent."""
+    file = tmp_path / "registry.yaml"
+    file.write_text(
+        f"""
+sites: {{lo: {{prefixes: [127.0.0.0/8]}}}}
+relays:
+  hub: {{urls: ["{hub_url}"], site: lo}}
+  edge: {{urls: ["http://127.0.0.1:9/"], site: lo, parent: hub}}
+"""
+    )
+    return file
+
+
+async def test_a_relay_fetches_through_the_parent_its_registry_names(objstore: Store, tmp_path: Path) -> None:
+    data, other = blob(3 * MiB, 21), blob(MiB, 22)
+    name, other_name = put(objstore, data), put(objstore, other)
+    async with (
+        origin(objstore) as core,
+        relay(tmp_path / "hub", [url(core)]) as hub,
+        aiohttp.ClientSession() as s,
+    ):
+        registry = two_tier_registry(tmp_path, url(hub))
+        edge = start_relay_process(tmp_path / "edge", None, "--registry", str(registry), "--name", "edge")
+        try:
+            assert await fetch_all(s, f"{edge.url}/objects/sha256/{name}") == data
+        finally:
+            code, err = stop_process(edge)
+            assert code == 0, err
+        hub_seen = await metrics(s, url(hub))
+        assert hub_seen["slim_relay_upstream_fetches_total"] == 1  # the edge's miss went through the hub
+        # --upstream overrides the registry: straight to the core's object server
+        direct = start_relay_process(
+            tmp_path / "direct", url(core), "--registry", str(registry), "--name", "edge"
+        )
+        try:
+            assert await fetch_all(s, f"{direct.url}/objects/sha256/{other_name}") == other
+            direct_seen = await metrics(s, direct.url)
+        finally:
+            code, err = stop_process(direct)
+            assert code == 0, err
+        assert direct_seen["slim_relay_upstream_fetches_total"] == 1
+        assert (await metrics(s, url(hub)))["slim_relay_upstream_fetches_total"] == 1  # the hub saw nothing
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--name", "hub"],
+            "relay 'hub' has no parent in REG: its upstream is the core's object server; give",
+        ),
+        (["--name", "nosuch"], "unknown relay 'nosuch' (known: edge, hub)"),
+        ([], "--registry needs --name"),
+    ],
+)
+def test_a_relay_without_a_parent_in_the_registry_needs_upstream(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    from click.testing import CliRunner
+
+    from slim.cli import main
+
+    registry = two_tier_registry(tmp_path, "http://127.0.0.1:9/")
+    argv = ["relay", "serve", "--registry", str(registry), "--cache-dir", str(tmp_path / "c"), *args]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 1
+    assert message.replace("REG", str(registry)) in result.output
+
+
 # -- the fast path -------------------------------------------------------------------
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)

@@ -198,3 +198,25 @@ def test_each_part_gets_its_settings_as_a_file(tmp_path: Path) -> None:
         assert relay["upstreams"] == [f"http://{objects}"]  # the core's object server, once it listened
     finally:
         stop(proc)
+
+
+def test_the_relays_parent_is_its_upstream_and_stopping_is_said(tmp_path: Path) -> None:
+    """A relay whose registry entry names a parent fetches from the parent's URLs first, then the
+    core's object server; on SIGTERM slim serve says what it stopped."""
+    registry = write(
+        tmp_path, more='  hub: {urls: ["http://127.0.0.2:9/"], site: lo}\n', server="  relay: local\n"
+    )
+    registry.write_text(registry.read_text().replace("site: lo}\n", "site: lo, parent: hub}\n", 1))
+    proc = start(registry, tmp_path)
+    try:
+        said = said_until_ready(proc)
+        assert "ready" in said, (said, proc.stderr.read() if proc.stderr else "")
+        relay = json.loads((tmp_path / "state" / "config" / "relay.json").read_text())
+        (objects,) = [v.rstrip(")") for k, v in said.items() if k.startswith("core listening on")]
+        assert relay["upstreams"] == ["http://127.0.0.2:9/", f"http://{objects}"]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        assert "slim serve stopped on SIGTERM: relay (exit 0), core (exit 0)" in out
+    finally:
+        stop(proc)

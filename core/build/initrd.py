@@ -102,6 +102,44 @@ def kernel_release(image_root: Path, kernel: str = "/vmlinuz") -> str:
     )
 
 
+# How a bootable kernel file begins: (offset, bytes).  x86 bzImage ("HdrS" boot protocol
+# header), an EFI/PE image or zboot, arm64 Image, riscv Image, gzip (Debian's arm64 vmlinuz), ELF.
+KERNEL_MAGIC = (
+    (0x202, b"HdrS"),
+    (0, b"MZ"),
+    (0x38, b"ARM\x64"),
+    (0x30, b"RSC\x05"),
+    (0, b"\x1f\x8b"),
+    (0, b"\x7fELF"),
+)
+
+
+def kernel_warnings(image_root: Path, kernel: str, kver: str) -> list[str]:
+    """Why the image's kernel (version ``kver``) may not boot a node, for ``slim ee build`` to
+    warn: a file that does not begin like any kernel image, a modules.dep that lists no module
+    (a stand-in kernel, or one whose modules were never installed)."""
+    out: list[str] = []
+    found = resolve_in_image(image_root, kernel)
+    with open(found, "rb") as f:
+        head = f.read(0x210)
+    if not any(head[at : at + len(magic)] == magic for at, magic in KERNEL_MAGIC):
+        out.append(
+            f"the kernel {kernel} ({found.name}) does not look like a Linux kernel image "
+            "(no bzImage, EFI, arm64, riscv, gzip or ELF header): a node cannot boot it; "
+            "install one with slim ee import --add-kernel"
+        )
+    modules_dir = resolve_in_image(image_root, f"/lib/modules/{kver}")
+    if not any(
+        line.strip() and not line.startswith("#") for line in _read_lines(modules_dir / "modules.dep")
+    ):
+        out.append(
+            f"/lib/modules/{kver}/modules.dep lists no modules: the initrd carries none, so a node "
+            "has only what is built into the kernel (no NIC driver, NFS or overlay as modules); "
+            "install the kernel's modules and run depmod"
+        )
+    return out
+
+
 def _dirs(path: Path) -> list[str]:
     try:
         return sorted(p.name for p in path.iterdir() if p.is_dir())

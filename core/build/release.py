@@ -35,12 +35,13 @@ from slim.core.build.initrd import (
     InitrdBuilder,
     InitrdInfo,
     kernel_release,
+    kernel_warnings,
     resolve_in_image,
     resolve_modules,
 )
 from slim.core.registry import Registry
 from slim.core.store import Store
-from slim.errors import FailedPrecondition, InvalidArgument, NotFound, SlimError
+from slim.errors import FailedPrecondition, InvalidArgument, NotFound, Problem, SlimError
 from slim.release import ObjectRef, Release, ReleaseDirectory, decode_manifest, encode_manifest
 from slim.vocabulary import Policy
 
@@ -77,6 +78,7 @@ class BuildResult:
     initrd: InitrdInfo
     directories: list[DirectoryReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the release may not boot: e.g. a stand-in kernel
     seconds: float = 0.0
 
 
@@ -142,6 +144,12 @@ def _build(
             f"the image of environment {name!r}, {image}, does not exist; "
             f"import one with: slim ee import {name} --from DIR|TARBALL|debootstrap:SUITE"
         )
+    # the kernel and the profiles' modules first: a module name the kernel lacks fails
+    # here, not after the directories (slim registry check finds it earlier still)
+    kernel_path = resolve_in_image(image, env.kernel)
+    kver = kernel_release(image, env.kernel)
+    modules = _initrd_modules(registry, image, kver)
+    warnings = kernel_warnings(image, env.kernel, kver)
     before = store.count_objects()
     directories = registry.directories(name)
     paths = list(directories)
@@ -186,10 +194,7 @@ def _build(
             files=report.files,
         )
 
-    kernel_path = resolve_in_image(image, env.kernel)
-    kver = kernel_release(image, env.kernel)
     kernel_ref, _ = store.put_file(kernel_path)
-    modules = _initrd_modules(registry, image, kver)
     initrd_builder = InitrdBuilder()
     initrd_builder.add_modules(image, kver, modules)
     if runtime is not None:
@@ -222,6 +227,7 @@ def _build(
         initrd=initrd_info,
         directories=reports,
         notes=notes,
+        warnings=warnings,
         seconds=time.monotonic() - started,
     )
 
@@ -239,9 +245,11 @@ def ticker(progress: Progress | None, what: str, total: int) -> Callable[[int], 
 
 
 def _initrd_modules(registry: Registry, image: Path, kver: str) -> list[str]:
-    """Every hardware profile's modules, plus EXTRA_MODULES the kernel has as modules."""
+    """Every hardware profile's modules (checked: an unknown name is NotFound naming the
+    closest), plus EXTRA_MODULES the kernel has as modules."""
     wanted = sorted({m for p in registry.profiles.values() for m in p.modules})
     moddir = resolve_in_image(image, f"/lib/modules/{kver}")
+    resolve_modules(moddir, wanted)
     for extra in EXTRA_MODULES:
         try:
             if resolve_modules(moddir, [extra]).modules and extra not in wanted:
@@ -354,3 +362,55 @@ def verify_release(store: Store, release: Release) -> VerifyReport:
                 report.problems.append(f"{path}: the NFS tree {tree} differs from its manifest")
             report.trees += 1
     return report
+
+
+# --- slim registry check: the profiles' modules against the images' kernels ------------------
+
+
+@dataclass
+class ModuleCheck:
+    """What :func:`check_profile_modules` found."""
+
+    problems: list[Problem] = field(default_factory=list)  # what a build would refuse
+    checked: dict[str, str] = field(default_factory=dict)  # environment → kernel release
+    skipped: dict[str, str] = field(default_factory=dict)  # environment → why its kernel was not checked
+
+
+def check_profile_modules(registry: Registry) -> ModuleCheck:
+    """Every hardware profile's modules against the kernel of every environment whose image
+    has one, read as modprobe reads them (``-`` and ``_`` alike, built-in modules and
+    aliases count).  Every profile against every environment, because that is what a build
+    does: each initrd carries every profile's modules (a node may be sent to any
+    environment).  An environment without an image or a kernel yet is skipped, with why."""
+    out = ModuleCheck()
+    missing: dict[tuple[str, int, str], tuple[list[str], str]] = {}  # (profile, index, kver) → envs, why
+    for env_name, env in registry.environments.items():
+        image = Path(env.image)
+        if not image.is_dir():
+            out.skipped[env_name] = f"no image at {image} yet"
+            continue
+        try:
+            kver = kernel_release(image, env.kernel)
+        except FailedPrecondition as exc:
+            out.skipped[env_name] = exc.message
+            continue
+        moddir = resolve_in_image(image, f"/lib/modules/{kver}")
+        try:
+            resolve_modules(moddir, [])  # reads modules.dep, as a build does
+        except FailedPrecondition as exc:
+            out.problems.append(registry.problem(("environments", env_name, "image"), exc.message))
+            continue
+        out.checked[env_name] = kver
+        for profile_name, profile in registry.profiles.items():
+            for i, module in enumerate(profile.modules):
+                try:
+                    resolve_modules(moddir, [module])
+                except SlimError as exc:
+                    envs, _ = missing.setdefault((profile_name, i, kver), ([], exc.message))
+                    envs.append(env_name)
+    for (profile_name, i, _), (envs, why) in missing.items():
+        which = "environment" if len(envs) == 1 else "environments"
+        out.problems.append(
+            registry.problem(("profiles", profile_name, "modules", i), f"{why} ({which} {', '.join(envs)})")
+        )
+    return out

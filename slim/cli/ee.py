@@ -221,6 +221,7 @@ def _build_json(res: Any) -> dict[str, Any]:
             for d in res.directories
         ],
         "notes": res.notes,
+        "warnings": res.warnings,
         "seconds": round(res.seconds, 3),
     }
 
@@ -285,6 +286,8 @@ def ee_build(
                         reg, store, n, level=level or DEFAULT_LEVEL, progress=progress, runtime=runtime
                     )
                 )
+                for warning in results[-1].warnings:  # standard error, with --json too
+                    click.echo(f"warning: {n}: {warning}", err=True)
     if as_json:
         click.echo(json.dumps([_build_json(r) for r in results], indent=2))
         return

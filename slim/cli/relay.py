@@ -74,7 +74,16 @@ def relay_list(core_address: str, as_json: bool) -> None:
     multiple=True,
     metavar="URL",
     help="Where missing objects come from: a parent relay or the core's object server "
-    "(slim core serve --objects-listen), as http://HOST:PORT.  Repeat for fallbacks, tried in order.",
+    "(slim core serve --objects-listen), as http://HOST:PORT.  Repeat for fallbacks, tried in order.  "
+    "Overrides what --registry says.",
+)
+@click.option(
+    "--registry",
+    "registry_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Without --upstream: take the upstream from this registry file, the URLs of the parent "
+    "its relay --name names (a relay without a parent still needs --upstream: the core's object server).",
 )
 @click.option(
     "--core",
@@ -161,6 +170,7 @@ def relay_list(core_address: str, as_json: bool) -> None:
 def relay_serve(
     name: str,
     upstreams: tuple[str, ...],
+    registry_path: Path | None,
     core_address: str,
     cache_dir: Path,
     max_bytes: str,
@@ -191,6 +201,8 @@ def relay_serve(
     from slim.relay.server import RelayServer, run
 
     with errors_to_exit():
+        if registry_path is not None and not upstreams and config_file is None:
+            upstreams = tuple(registry_upstreams(registry_path, name))
         bracketed = f"[{tftp_listen}]" if ":" in tftp_listen else tftp_listen
         config = settings(
             RelayConfig, config_file, upstreams=list(upstreams), cache_dir=cache_dir, max_bytes=max_bytes,
@@ -209,6 +221,23 @@ def relay_serve(
             sys.stdout.flush()
 
         run(config, ready)
+
+
+def registry_upstreams(registry_path: Path, name: str) -> list[str]:
+    """Relay ``name``'s upstreams from the registry: its parent's URLs (InvalidArgument
+    for a relay without a name or a parent)."""
+    from slim.core.registry import load_registry
+    from slim.errors import InvalidArgument
+
+    if not name:
+        raise InvalidArgument("--registry needs --name: which relay of the registry this is")
+    found = load_registry(registry_path).relay_upstreams(name)
+    if not found:
+        raise InvalidArgument(
+            f"relay {name!r} has no parent in {registry_path}: its upstream is the core's object server; "
+            "give it with --upstream http://HOST:PORT (slim core serve --objects-listen)"
+        )
+    return found
 
 
 @relay.command("prefetch")
