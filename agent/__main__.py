@@ -4,6 +4,11 @@ On a real boot the agent runs in the initrd with the kernel command line
 (``slim.node=… slim.relays=…``).  ``--no-reboot --target DIR`` builds the
 environment under DIR instead (tests, the namespace cluster, the Slurm
 simulation): no mounts, no switch_root.
+
+A real boot ends at ``switch_root``: the boot is ``starting`` until the environment
+itself reports ``up`` (see :mod:`slim.agent.report_up`).  In no-reboot mode no
+environment runs, so nothing reports ``up``: a lab that needs the boot ``up`` reports
+it on the environment's behalf (``labs.onbehalf``), saying so.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from slim.agent import report_up
 from slim.agent.ee import BootFailed, Builder, Reporter, switch_root
-from slim.agent.fetch import FetchError, Relays
+from slim.agent.fetch import FetchError, Relays, now
 from slim.agent.plan import BootArgs, PlanError, parse_plan
 
 
@@ -35,7 +41,7 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
     args = ap.parse_args(argv)
     try:
         if args.node and args.relay:
-            boot = BootArgs(args.node, "", "", tuple(u.rstrip("/") for u in args.relay), "/sbin/init")
+            boot = BootArgs(args.node, "", "", tuple(u.rstrip("/") for u in args.relay))
         else:
             boot = BootArgs.from_cmdline(args.cmdline.read_text())
         if args.no_reboot and args.target is None:
@@ -46,18 +52,40 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
             )
         relays = Relays(boot.relays, deadline=boot.deadline)
         try:
+            asked = now()
             _, data = relays.call("GET", f"/v1/nodes/{boot.node}/plan")
+            answered = now()
             plan = parse_plan(data)
             if plan.relays:  # the plan's ranking is fresher than the command line's
                 relays.urls = list(dict.fromkeys([*plan.relays, *relays.urls]))
                 relays.current = 0
             report = Reporter(relays, plan.node, plan.environment, observe=observe)
-            report("plan", len(data), message=f"{plan.environment} {plan.release_digest}")
+            if boot.boot_id:  # the boot script's: the loader's transfers are already under it
+                report.boot_id = boot.boot_id
+            clock = ""
+            if plan.relay_time is not None:  # the relay's clock, read half-way through the call
+                report.offset = plan.relay_time - (asked + answered) / 2
+                clock = f"; clock {report.offset:+.3f} s from the relay's"
+            report(
+                "plan",
+                len(data),
+                message=f"{plan.environment} {plan.release_digest}{clock}",
+                duration=answered - asked,
+            )
             target = args.target if args.no_reboot else Path("/newroot")
             Builder(plan, relays, target, report, args.no_reboot).run()
             report("done", relays.stats.bytes, message=f"{relays.stats.objects} objects")
             if not args.no_reboot:
-                report("switch_root", message=boot.init)
+                nfs = any(d.nfs is not None for d in plan.directories)
+                try:
+                    report_up.install(
+                        target, node=plan.node, boot_id=report.boot_id, environment=plan.environment,
+                        relays=relays.urls, init=boot.init, nfs=nfs,
+                    )  # fmt: skip
+                except OSError as exc:
+                    report("report-up", ok=False, message=f"cannot leave the up report in /run: {exc}")
+                    raise BootFailed(f"report-up: {exc}") from exc
+                report("switch_root", message=f"{boot.init}: the environment reports up itself")
                 relays.close()
                 switch_root(target, boot.init)
         finally:

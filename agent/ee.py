@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from typing import IO, BinaryIO, cast
 from slim.agent import manifest as mf
 from slim.agent.fetch import FetchError, Relays, now
 from slim.agent.plan import Directory, ObjectRef, Plan, PlanError
+from slim.agent.report_up import RUN_OPTIONS
 from slim.agent.tree import DIR, FILE, Entry, scan
 from slim.agent.unpack import TreeWriter, UnsafeEntry, extract_tar
 
@@ -65,6 +67,7 @@ class Event:
     bytes: int = 0
     ok: bool = True
     message: str = ""
+    duration: float = 0.0  # seconds the stage took, ending at ``time``
 
 
 @dataclass
@@ -79,12 +82,20 @@ class Reporter:
     # called with each stage and the boot id before the event is sent (the storm lab
     # measures the CPU each stage took)
     observe: Callable[[str, str], None] | None = None
+    # seconds to add to this node's clock to read the relay's (see Plan.relay_time)
+    offset: float = 0.0
     _unsent: list[Event] = field(default_factory=list)
 
-    def __call__(self, stage: str, nbytes: int = 0, ok: bool = True, message: str = "") -> None:
+    def now(self) -> float:
+        """The time on the relay's clock."""
+        return now() + self.offset
+
+    def __call__(
+        self, stage: str, nbytes: int = 0, ok: bool = True, message: str = "", duration: float = 0.0
+    ) -> None:
         if self.observe is not None:
             self.observe(stage, self.boot_id)
-        event = Event(stage, now(), nbytes, ok, message)
+        event = Event(stage, self.now(), nbytes, ok, message, max(0.0, duration))
         self.events.append(event)
         self._unsent.append(event)
         self.flush()
@@ -102,6 +113,7 @@ class Reporter:
                     "ok": e.ok,
                     "message": e.message[:1000],
                     "environment": self.environment,
+                    "duration": round(e.duration, 6),
                 }
                 for e in self._unsent
             ]
@@ -135,6 +147,7 @@ class Builder:
         self.target.mkdir(parents=True, exist_ok=True)
         for d in self.plan.directories:
             stage = f"{'mount' if d.policy == 'nfs' else d.policy}:{d.path}"
+            started = time.monotonic()
             try:
                 result = self.directory(d)
             except (
@@ -146,10 +159,19 @@ class Builder:
                 subprocess.SubprocessError,
             ) as exc:
                 message = f"{stage}: {exc}"
-                self.report(stage, ok=False, message=message)
+                self.report(stage, ok=False, message=message, duration=time.monotonic() - started)
                 raise BootFailed(message) from exc
             self.results[d.path] = result
-            self.report(stage, result.bytes, message=f"{result.files} files, {result.deleted} deleted")
+            if d.nfs is not None:
+                what = f"{d.nfs.server}:{d.nfs.export} read-only over NFSv4" + (
+                    "" if self.no_reboot else f" ({d.nfs.options})" if d.nfs.options else ""
+                )
+                message = f"mounted {what}" if not self.no_reboot else f"mount point for {what} (not mounted)"
+            elif d.policy == "sync":
+                message = f"{result.files} files fetched, {result.deleted} deleted"
+            else:
+                message = f"{result.files} files unpacked"
+            self.report(stage, result.bytes, message=message, duration=time.monotonic() - started)
         self._write_active()
         if not self.no_reboot:
             os.sync()  # what went to the node's disk is there before the EE starts
@@ -337,6 +359,12 @@ class Builder:
         return tuple(chunks) == m.chunks if m.chunks else whole.hexdigest() == m.sha256
 
     def _write_active(self) -> None:
+        if not self.no_reboot:
+            # the EE's /run: RAM that its init keeps (systemd does not mount over a mounted
+            # /run), so nothing here touches the image or a disk
+            run_dir = self.target / "run"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _run("mount", "-t", "tmpfs", "-o", RUN_OPTIONS, "tmpfs", str(run_dir))
         run = self.target / "run" / "slim"
         run.mkdir(parents=True, exist_ok=True)
         doc = {
@@ -344,7 +372,7 @@ class Builder:
             "environment": self.plan.environment,
             "release": self.plan.release_digest,
             "boot_id": self.report.boot_id,
-            "time": now(),
+            "time": self.report.now(),
         }
         (run / "ee").write_text(json.dumps(doc, indent=1) + "\n")
 

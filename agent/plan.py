@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+BOOT_ID_RE = re.compile(r"[0-9a-f]{1,64}")
 POLICIES = ("ram", "disk", "sync", "nfs")  # slim.vocabulary.Policy's names (the agent: stdlib only)
 MAX_PLAN_BYTES = 4 << 20
 DEFAULT_DEADLINE = 900.0  # seconds a boot's fetches may wait for busy relays (slim.deadline=)
@@ -56,6 +57,7 @@ class BootArgs:
     relays: tuple[str, ...]
     init: str = "/sbin/init"  # what switch_root starts in the EE (slim.init=)
     deadline: float = DEFAULT_DEADLINE  # seconds for the boot's fetches (slim.deadline=)
+    boot_id: str = ""  # the core's id for this boot (slim.boot=, from the boot script)
 
     @classmethod
     def from_cmdline(cls, text: str) -> BootArgs:
@@ -74,7 +76,10 @@ class BootArgs:
         if not init.startswith("/"):
             raise PlanError(f"slim.init: {init!r} is not an absolute path")
         deadline = _seconds(args.get("slim.deadline", ""), "slim.deadline", DEFAULT_DEADLINE)
-        return cls(args["slim.node"], args.get("slim.env", ""), release, relays, init, deadline)
+        boot_id = args.get("slim.boot", "")
+        if boot_id and not BOOT_ID_RE.fullmatch(boot_id):
+            raise PlanError(f"slim.boot: {boot_id[:80]!r} is not a boot id (1 to 64 hex digits)")
+        return cls(args["slim.node"], args.get("slim.env", ""), release, relays, init, deadline, boot_id)
 
 
 def _seconds(text: str, key: str, default: float) -> float:
@@ -135,6 +140,7 @@ class Plan:
     disk: str
     directories: tuple[Directory, ...]  # parents before children
     relays: tuple[str, ...]  # first URL of each ranked relay, best first
+    relay_time: float | None = None  # the relay's clock when it sent the plan
 
 
 def _ref(value: object, where: str) -> ObjectRef | None:
@@ -261,4 +267,13 @@ def parse_plan(data: bytes) -> Plan:
         disk=_text(doc, "disk", "plan"),
         directories=tuple(dirs),
         relays=tuple(relays),
+        relay_time=_time(doc.get("relay_time")),
     )
+
+
+def _time(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e11:
+        raise PlanError("plan: relay_time must be seconds since 1970")
+    return float(value)

@@ -185,6 +185,13 @@ class Settings(_Model):
         30.0, gt=0, le=3600, description="seconds a redirection counts toward a relay's load"
     )
     max_relays: int = Field(8, ge=1, le=1000, description="most relays in one ranked answer")
+    up_timeout: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="seconds after switch_root within which a booted environment must report 'up', "
+        "or its boot is failed",
+    )
 
 
 class Dhcp(_Model):
@@ -292,6 +299,9 @@ class Environment(_Model):
     description: str = ""
     default_policy: Policy = Policy.RAM
     directories: dict[str, Annotated[DirectorySpec, Field()]] = Field(default_factory=dict)
+    up_timeout: float | None = Field(
+        None, gt=0, le=86400, description="this environment's settings.up_timeout (seconds)"
+    )
 
     def disk_paths(self) -> list[str]:
         """The directories this environment puts on the node's disk ("/" for the rest)."""
@@ -460,6 +470,14 @@ class Registry:
             return self._by_feature[feature]
         known = ", ".join(sorted(self.environments)) or "none"
         raise NotFound(f"unknown environment {name_or_feature!r} (known: {known})")
+
+    def up_timeout(self, env_name: str) -> float:
+        """Seconds after switch_root within which ``env_name`` must report ``up`` (an
+        environment no longer in the registry: the registry-wide setting)."""
+        env = self.environments.get(env_name)
+        if env is not None and env.up_timeout is not None:
+            return env.up_timeout
+        return self.settings.up_timeout
 
     def feature_of(self, env_name: str) -> str:
         env = self.environment(env_name)

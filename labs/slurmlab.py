@@ -10,7 +10,9 @@ starts again.
 
 Three small environments: ``base``; ``jdk14`` (base plus /opt/jdk14/release,
 the file that proves a job ran on jdk14); ``jdk15``, whose release lacks one
-object, so a boot into it fails.  Every node starts on base.
+object, so a boot into it fails; ``jdk16``, whose simulated environment dies right after
+switch_root (labs.onbehalf.CRASH_MARKER): it never reports up, so the core fails the boot
+after its 5 s ``up_timeout``.  Every node starts on base.
 
 Everything is started here and stopped by :meth:`SlurmLab.close` (by PID, from
 the pid files the daemons write).
@@ -30,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from labs import slurmreboot, standin
+from labs import onbehalf, slurmreboot, standin
 from labs.host import free_port
 from slim.allinone import await_ready
 from slim.core.build.release import build_environment
@@ -50,6 +52,7 @@ environments:
   base: {{image: {tmp}/images/base}}
   jdk14: {{image: {tmp}/images/jdk14, description: base + OpenJDK 14}}
   jdk15: {{image: {tmp}/images/jdk15, description: a release with an object missing}}
+  jdk16: {{image: {tmp}/images/jdk16, description: its init dies after switch_root, up_timeout: 5}}
 nodes:
 {nodes}
 server:
@@ -86,8 +89,11 @@ PartitionName=all Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
 
 
+ENVIRONMENTS = ("base", "jdk14", "jdk15", "jdk16")
+
+
 def make_images(root: Path) -> None:
-    for name in ("base", "jdk14", "jdk15"):
+    for name in ENVIRONMENTS:
         image = root / name
         for d in ("etc", "usr/bin", "var/lib", "opt"):
             (image / d).mkdir(parents=True, exist_ok=True)
@@ -98,6 +104,9 @@ def make_images(root: Path) -> None:
     (root / "jdk14" / "opt" / "jdk14" / "release").write_text('JAVA_VERSION="14.0.2"\n')
     (root / "jdk15" / "opt" / "jdk15").mkdir()
     (root / "jdk15" / "opt" / "jdk15" / "release").write_text('JAVA_VERSION="15.0.1"\n' * 1000)
+    crash = root / "jdk16" / onbehalf.CRASH_MARKER
+    crash.parent.mkdir(parents=True)
+    crash.write_text("the simulated environment never reports up\n")
 
 
 class SlurmLab:
@@ -123,7 +132,7 @@ class SlurmLab:
         nodes = "\n".join(node.format(n, i) for i, n in enumerate(self.names, 1))
         self.registry.write_text(REGISTRY.format(tmp=tmp, relay=self.relay_port, nodes=nodes))
         reg, store = load_registry(self.registry), Store(tmp / "state" / "store")
-        for env in ("base", "jdk14", "jdk15"):
+        for env in ENVIRONMENTS:
             build_environment(reg, store, env)
         self._break_jdk15(store)
         self._start_serve()
@@ -160,6 +169,7 @@ class SlurmLab:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"the agent could not boot {node}:\n{proc.stderr[-2000:]}")
+        onbehalf.report(self.relay, self.roots / node, "labs.slurmlab")
 
     def _start_slurm(self) -> None:
         tmp = self.tmp

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from labs import onbehalf
 from labs.host import ROOT
 from slim.plugin.helper import slurmd_ancestor
 
@@ -75,6 +76,9 @@ def simulate(node: str, root_dir: Path, relay: str, slurm_conf: str, slurmd: str
                     [slurmd, "-b", "-N", node, "-f", slurm_conf], timeout=60, check=False
                 ).returncode
                 print(f"{time.strftime('%T')} slurmd -b started ({code})", flush=True)
+                if code == 0:  # slurmd stands for the environment: it is up
+                    said = onbehalf.report(relay, target, "labs.slurmreboot")
+                    print(f"{time.strftime('%T')} reported {said} on the environment's behalf", flush=True)
     finally:
         os._exit(code)
 

@@ -88,6 +88,8 @@ def active_features(client: CoreClient, node: str) -> tuple[list[str], str]:
     b = info.boot
     if b.state == "failed":
         return [], f"slim: {node}'s boot into {b.environment} failed at {b.stage}: {b.message}"
+    if b.state == "starting":
+        return [], f"slim: {node} is starting {b.environment}: its init runs, it has not reported up"
     if b.state != "up" or not b.environment:
         return [], f"slim: {node} is still booting {b.environment} (at {b.stage})"
     env = client.call(client.admin.GetEnvironment, pb.GetEnvironmentRequest(name=b.environment))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,9 +33,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from slim.errors import InvalidArgument, Overloaded, SlimError
 from slim.relay.corelink import CoreLink
+from slim.relay.observe import BootObserver
 from slim.rpc import policy_name, tier_name
 from slim.v1 import core_pb2 as pb
-from slim.vocabulary import MAX_EVENT_TEXT, MAX_TIMESTAMP_SECONDS, names_a_mac
+from slim.vocabulary import MAX_EVENT_TEXT, MAX_STAGE_SECONDS, MAX_TIMESTAMP_SECONDS, names_a_mac
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ def event_from_json(node: str, relay: str, rec: Any, index: int) -> pb.BootEvent
     where = f"event {index}"
     if not isinstance(rec, dict):
         raise InvalidArgument(f"{where}: expected an object, got {type(rec).__name__}")
-    known = {"boot_id", "stage", "time", "bytes", "ok", "message", "environment", "node"}
+    known = {"boot_id", "stage", "time", "bytes", "ok", "message", "environment", "node", "duration"}
     unknown = sorted(set(rec) - known)
     if unknown:
         raise InvalidArgument(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
@@ -129,6 +131,13 @@ def event_from_json(node: str, relay: str, rec: Any, index: int) -> pb.BootEvent
     ok = rec.get("ok", True)
     if not isinstance(ok, bool):
         raise InvalidArgument(f"{where}: ok must be true or false")
+    duration = rec.get("duration", 0)
+    if (
+        isinstance(duration, bool)
+        or not isinstance(duration, int | float)
+        or not 0 <= duration <= MAX_STAGE_SECONDS
+    ):
+        raise InvalidArgument(f"{where}: duration must be seconds from 0 to {MAX_STAGE_SECONDS:g}")
     event = pb.BootEvent(
         node=node,
         boot_id=text("boot_id", required=True),
@@ -138,6 +147,7 @@ def event_from_json(node: str, relay: str, rec: Any, index: int) -> pb.BootEvent
         ok=ok,
         message=text("message"),
         environment=text("environment"),
+        duration=float(duration),
     )
     if "time" in rec:
         t = rec["time"]
@@ -155,9 +165,12 @@ def event_from_json(node: str, relay: str, rec: Any, index: int) -> pb.BootEvent
 
 
 class NodeApi:
-    def __init__(self, link: CoreLink, relay: str, max_calls: int = 256) -> None:
+    def __init__(
+        self, link: CoreLink, relay: str, max_calls: int = 256, observer: BootObserver | None = None
+    ) -> None:
         self.link = link
         self.relay = relay
+        self.observer = observer
         self.max_calls = max_calls
         self.calls = 0
         self.errors = 0
@@ -193,10 +206,18 @@ class NodeApi:
         mac = request.match_info["mac"]
         if not names_a_mac(mac):
             raise InvalidArgument(f"{mac[:40]!r} is not a MAC address")
-        req = pb.GetBootScriptRequest(mac=mac, origin=self._origin(request), format=pb.SCRIPT_FORMAT_IPXE)
+        started = time.time()
+        origin = self._origin(request)
+        req = pb.GetBootScriptRequest(mac=mac, origin=origin, format=pb.SCRIPT_FORMAT_IPXE)
         script = await self.link.call(self.link.core.GetBootScript, req)
+        body = script.script.encode()
+        if self.observer is not None:
+            self.observer.script_served(
+                script.node, script.boot_id, script.default_environment, origin, started, len(body),
+                "iPXE script over HTTP",
+            )  # fmt: skip
         return web.Response(
-            text=script.script, content_type="text/plain", headers={"Cache-Control": "no-store"}
+            body=body, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}
         )
 
     async def locate(self, request: web.Request) -> web.StreamResponse:
@@ -217,7 +238,10 @@ class NodeApi:
         plan = await self.link.call(
             self.link.core.GetBootPlan, pb.GetBootPlanRequest(node=ref, origin=self._origin(request))
         )
-        return web.json_response(plan_json(plan), headers={"Cache-Control": "no-store"})
+        # the relay's clock: the agent sets its events' times by it (a node's clock at
+        # power-on is its RTC's, whole seconds at best), so one timeline has one clock
+        doc = {**plan_json(plan), "relay_time": time.time()}
+        return web.json_response(doc, headers={"Cache-Control": "no-store"})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         node = request.match_info["node"]

@@ -35,6 +35,7 @@ from slim.relay.cache import ObjectCache
 from slim.relay.config import DEFAULT_HTTP_PORT, RelayConfig
 from slim.relay.corelink import CoreLink
 from slim.relay.fetch import CachingSource, Fetcher
+from slim.relay.observe import BootObserver
 from slim.relay.tftp import StageOneServer
 from slim.relay.warm import Warmer
 from slim.v1 import core_pb2 as pb
@@ -93,6 +94,7 @@ class RelayServer:
         self.objects: ObjectRoutes
         self.warmer: Warmer
         self.api: NodeApi | None = None
+        self.observer: BootObserver | None = None  # with a core: what the relay sees of boots
         self.tftp: StageOneServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.metrics = CollectorRegistry(auto_describe=False)
@@ -113,12 +115,16 @@ class RelayServer:
             self.cache, self.config.upstreams, self._session, self.io, self.config.max_fetches
         )
         self.source = CachingSource(self.cache, self.fetcher)
-        self.objects = ObjectRoutes(self.source, self.config.max_transfers)
+        if self.link is not None:
+            self.observer = BootObserver(self.config.name, self.link.report_events)
+            self._tasks.append(asyncio.create_task(self.observer.run(), name="boot events"))
+        observe = self.observer.object_served if self.observer is not None else None
+        self.objects = ObjectRoutes(self.source, self.config.max_transfers, observe)
         self.warmer = Warmer(self.source, self._poke.set, self.config.prefetch_concurrency)
         app = web.Application(client_max_size=1 << 20)
         self.objects.add_to(app)
         if self.link is not None:
-            self.api = NodeApi(self.link, self.config.name, self.config.max_core_calls)
+            self.api = NodeApi(self.link, self.config.name, self.config.max_core_calls, self.observer)
             self.api.add_to(app)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
@@ -245,7 +251,10 @@ class RelayServer:
     def _start_tftp(self) -> int:
         assert self.config.tftp_listen is not None
         host, port = parse_listen(self.config.tftp_listen, 69, allow_ephemeral=True)
-        server = StageOneServer(self._tftp_files(), self._tftp_dynamic, host=host, port=port)
+        on_transfer = self.observer.tftp_done if self.observer is not None else None
+        server = StageOneServer(
+            self._tftp_files(), self._tftp_dynamic, host=host, port=port, on_transfer=on_transfer
+        )
         self.tftp = server
         return server.start()
 
@@ -259,11 +268,20 @@ class RelayServer:
             return None
         link = self.link
         req = pb.GetBootScriptRequest(mac=normalize_mac(mac), origin=client, format=pb.SCRIPT_FORMAT_PXELINUX)
+        started = time.time()
         future = asyncio.run_coroutine_threadsafe(link.call(link.core.GetBootScript, req), self._loop)
         try:
-            return future.result(timeout=link.timeout + 1).script.encode()
+            script = future.result(timeout=link.timeout + 1)
         except NotFound:
             return None
+        body = script.script.encode()
+        observer = self.observer
+        if observer is not None:
+            self._loop.call_soon_threadsafe(
+                observer.script_served, script.node, script.boot_id, script.default_environment, client,
+                started, len(body), f"pxelinux config {name} over TFTP",
+            )  # fmt: skip
+        return body
 
 
 class _RelayCollector(Collector):
@@ -305,6 +323,14 @@ class _RelayCollector(Collector):
             counters += [
                 ("api_errors", r.api.errors, "node API requests answered with an error"),
                 ("api_overloaded", r.api.overloaded, "node API requests answered 503 (too many waiting)"),
+            ]
+        if r.observer is not None:
+            o = r.observer.counters
+            counters += [
+                ("boot_events_recorded", o.recorded, "boot events the relay recorded itself"),
+                ("boot_events_sent", o.sent, "... and sent to the core"),
+                ("boot_events_dropped", o.dropped, "... dropped (queue full, or refused by the core)"),
+                ("tftp_transfers_matched", o.tftp_matched, "TFTP transfers joined to a boot by address"),
             ]
         if r.tftp is not None:
             t = r.tftp.stats

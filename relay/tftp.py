@@ -87,7 +87,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -206,6 +206,12 @@ class _Session:
     name: str
     context: Any  # tftpy.TftpContexts.TftpContextServer
     fileobj: IO[bytes]
+    started: float = field(default_factory=time.time)
+
+
+# called on the TFTP thread when a transfer ends: client address, name, started, ended
+# (time.time()), bytes sent, whether it completed (size queries are not transfers)
+TransferHook = Callable[[str, str, float, float, int, bool], None]
 
 
 def clean_name(raw: str) -> str:
@@ -333,6 +339,7 @@ class StageOneServer:
         retries: int = 3,
         *,
         max_sessions: int = MAX_SESSIONS,
+        on_transfer: TransferHook | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise InvalidArgument(f"TFTP port {port} is not in 0..65535")
@@ -357,6 +364,7 @@ class StageOneServer:
         self.timeout = timeout
         self.retries = retries
         self.max_sessions = max_sessions
+        self.on_transfer = on_transfer
         self.stats = TftpStats()
 
         self._lock = threading.Lock()  # start() and stop()
@@ -840,6 +848,12 @@ class StageOneServer:
             already = isinstance(getattr(ctx, "last_pkt", None), TftpPacketERR)
             if reply and not already:
                 self._send_error(sock, client, code, message or reason)
+        size_query = not ok and sent == 0
+        if self.on_transfer is not None and not size_query:
+            try:
+                self.on_transfer(client[0], session.name, session.started, time.time(), sent, ok)
+            except Exception:
+                log.exception("TFTP transfer hook failed")
         try:
             ctx.end()
         except Exception as err:  # noqa: BLE001 - costs this request or session only

@@ -182,5 +182,6 @@ class Tier(IntEnum):
 # -- limits the core and the relays share ------------------------------------------------------------
 MAX_TIMESTAMP_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the last protobuf Timestamp
 MAX_EVENT_TEXT = 1024  # characters of a boot event's stage, message, ... that a relay accepts
+MAX_STAGE_SECONDS = 7 * 86400.0  # the longest a boot stage may say it took
 MAX_STORED_TEXT = 4096  # characters of any text the core stores (longer is cut)
 MAX_MANIFEST_BYTES = 512 * 1024 * 1024  # a manifest, decompressed

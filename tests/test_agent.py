@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from slim.agent import ee
+from labs.host import free_port
+from slim.agent import ee, report_up
 from slim.agent import manifest as mf
 from slim.agent.__main__ import main as agent_main
 from slim.agent.fetch import DigestMismatch, Relays
@@ -229,7 +230,7 @@ async def test_sync_fetches_only_what_changed(site: Site, tmp_path: Path) -> Non
     assert await run_agent(*argv) == 0
     second = next(e for e in await site.events() if e.stage == "sync:/srv")
     assert second.bytes < first["sync:/srv"]
-    assert "1 files, 1 deleted" in second.message
+    assert "1 files fetched, 1 deleted" in second.message
     assert tree(target / "srv") == tree(site.image / "srv")
 
 
@@ -249,7 +250,7 @@ async def test_sync_fetches_ahead_in_order_and_cleans_up_when_a_fetch_fails(
     (srv / "big").write_bytes(os.urandom(size))
     assert await run_agent(*argv) == 0
     fixed = next(e for e in await site.events() if e.stage == "sync:/srv")
-    assert "2 files, 0 deleted" in fixed.message
+    assert "2 files fetched, 0 deleted" in fixed.message
     assert tree(target / "srv") == tree(site.image / "srv")
     # the relays' and the store's copies of big's first chunk go bad; small, after it in tree
     # order, is fetched ahead meanwhile: the repair must fail, and clean up small's download
@@ -428,4 +429,73 @@ async def test_sync_into_an_empty_place_unpacks_the_archive_then_compares(site: 
         == 0
     )
     again = next(e for e in await site.events() if e.stage == "sync:/srv")
-    assert again.message.startswith("0 files, 0 deleted") and again.bytes == srv.manifest.size, again
+    assert again.message.startswith("0 files fetched, 0 deleted") and again.bytes == srv.manifest.size, again
+
+
+# -- the environment's own report that it is up -----------------------------------------
+
+
+def _systemd_root(root: Path, target: str = "graphical.target") -> None:
+    (root / "lib" / "systemd" / "system").mkdir(parents=True)
+    (root / "lib" / "systemd" / "systemd").write_text("")
+    (root / "sbin").mkdir()
+    (root / "sbin" / "init").symlink_to("/lib/systemd/systemd")  # absolute: resolved inside root
+    (root / "lib" / "systemd" / "system" / "default.target").symlink_to(target)
+
+
+def test_report_up_for_a_systemd_environment_is_a_unit_in_its_ram(tmp_path: Path) -> None:
+    need_tool("busybox", "busybox-static")
+    root = tmp_path / "newroot"
+    _systemd_root(root)
+    written = report_up.install(
+        root, node="n1", boot_id="ab12", environment="base", relays=["http://r1:1"], init="/sbin/init",
+        nfs=True, macs=["52:54:00:12:34:56"], busybox=Path(shutil.which("busybox") or "/bin/busybox"),
+    )  # fmt: skip
+    assert all(p.startswith("/run/") for p in written), written  # RAM only: nothing in the image
+    unit = (root / "run/systemd/system/slim-up.service").read_text()
+    assert "After=graphical.target" in unit and "ExecStart=/run/slim/busybox sh /run/slim/report" in unit
+    wants = root / "run/systemd/system/graphical.target.wants/slim-up.service"
+    assert os.readlink(wants) == "../slim-up.service"
+    network = (root / "run/systemd/network/00-slim-boot.network").read_text()
+    assert "MACAddress=52:54:00:12:34:56" in network and "Unmanaged=yes" in network
+    assert "mac:52:54:00:12:34:56" in (root / "run/NetworkManager/conf.d/00-slim-boot.conf").read_text()
+
+
+def test_report_up_for_another_init_is_only_the_script(tmp_path: Path) -> None:
+    need_tool("busybox", "busybox-static")
+    root = tmp_path / "newroot"
+    (root / "sbin").mkdir(parents=True)
+    (root / "sbin" / "init").write_text("#!/bin/sh\n")
+    written = report_up.install(
+        root, node="n1", boot_id="ab12", environment="base", relays=["http://r1:1"], init="/sbin/init",
+        nfs=False, busybox=Path(shutil.which("busybox") or "/bin/busybox"),
+    )  # fmt: skip
+    assert written == ["/run/slim/busybox", "/run/slim/report"]
+
+
+async def test_report_script_tells_the_core_the_environment_is_up(site: Site, tmp_path: Path) -> None:
+    """The script the agent leaves in /run, run by busybox as the EE's init would, posts
+    `up` for the boot to the relays; the first relay is down, the second takes it."""
+    busybox = need_tool("busybox", "busybox-static")
+    root = tmp_path / "newroot"
+    (root / "sbin").mkdir(parents=True)
+    (root / "sbin" / "init").write_text("#!/bin/sh\n")
+    await asyncio.to_thread(
+        site.service.report_events, [BootEvent("n1", "beef01", "switch_root", 1.0, environment="base")]
+    )
+    report_up.install(
+        root, node="n1", boot_id="beef01", environment="base", init="/sbin/init", nfs=False,
+        relays=[f"http://127.0.0.1:{free_port()}", site.relay_url], busybox=Path(busybox),
+    )  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        busybox, "sh", str(root / "run/slim/report"), 'reached "the" target\n',
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err
+    assert f"reported up to {site.relay_url}" in out.decode()
+    (up,) = [e for e in await site.events() if e.stage == "up"]
+    assert (up.boot_id, up.ok, up.environment, up.relay) == ("beef01", True, "base", "r1")
+    assert up.message == "reached the target"  # quotes and control characters dropped
+    view = await asyncio.to_thread(site.service.node_view, "n1")
+    assert view.boot is not None and view.boot.state == "up"

@@ -7,7 +7,14 @@ from dataclasses import replace
 
 import pytest
 
-from slim.core.control.bootscript import MAX_FALLBACK_RELAYS, Menu, MenuEntry, render_ipxe, render_pxelinux
+from slim.core.control.bootscript import (
+    MAX_FALLBACK_RELAYS,
+    MAX_FETCH_ROUNDS,
+    Menu,
+    MenuEntry,
+    render_ipxe,
+    render_pxelinux,
+)
 
 RELAYS = ("http://r1:8080/", "http://r2:8080/", "https://r3/slim/", "http://r4/")
 
@@ -96,7 +103,7 @@ def test_ipxe_kernel_and_initrd_fall_back_over_three_relays() -> None:
         block = section(script, f"ee-{entry.environment}")
         assert command(block, "set") == f"set slim-args initrd=initrd {entry.kernel_args}"
         kernel = command(block, "kernel").split(" || ")
-        assert kernel[-1] == "goto failed"
+        assert kernel[-1] == f"goto ee-{entry.environment}-wait"
         assert kernel[:-1] == [
             f"kernel {relay}objects/sha256/{hexof(entry.kernel_digest)} ${{slim-args}}"
             for relay in RELAYS[:MAX_FALLBACK_RELAYS]
@@ -106,19 +113,56 @@ def test_ipxe_kernel_and_initrd_fall_back_over_three_relays() -> None:
         assert initrd == [
             f"initrd --name initrd {relay}objects/sha256/{hexof(entry.initrd_digest)}"
             for relay in RELAYS[:MAX_FALLBACK_RELAYS]
-        ] + ["goto failed"]
+        ] + [f"goto ee-{entry.environment}-wait"]
         assert block.index(command(block, "kernel")) < block.index(command(block, "initrd"))
-        assert block[-1] == "boot || goto failed"
+        assert block.index(command(block, "initrd")) < block.index("boot || goto failed")
     assert RELAYS[3] not in script
 
 
 def test_ipxe_single_relay() -> None:
     block = section(render_ipxe(make_menu(relays=("http://only/",))), "ee-jdk14")
     assert command(block, "kernel") == (
-        f"kernel http://only/objects/sha256/{hexof(JDK.kernel_digest)} ${{slim-args}} || goto failed"
+        f"kernel http://only/objects/sha256/{hexof(JDK.kernel_digest)} ${{slim-args}} || goto ee-jdk14-wait"
     )
     assert command(block, "initrd") == (
-        f"initrd --name initrd http://only/objects/sha256/{hexof(JDK.initrd_digest)} || goto failed"
+        f"initrd --name initrd http://only/objects/sha256/{hexof(JDK.initrd_digest)} || goto ee-jdk14-wait"
+    )
+
+
+def test_ipxe_waits_and_goes_round_the_relays_again_a_bounded_number_of_times() -> None:
+    """Every relay down or busy (503): wait (the core jitters how long) and fetch again,
+    at most MAX_FETCH_ROUNDS rounds, then the failed path (which asks for a new script)."""
+    script = render_ipxe(replace(make_menu(), retry_wait=7))
+    lines = lines_of(script)
+    assert lines.index("set slim-round 0") < lines.index(":ee-base")
+    block = section(script, "ee-base")
+    fetch, wait = block.index(":ee-base-fetch"), block.index(":ee-base-wait")
+    assert fetch < block.index(command(block, "kernel")) < wait
+    assert block[wait:] == [
+        ":ee-base-wait",
+        "inc slim-round",
+        f"iseq ${{slim-round}} {MAX_FETCH_ROUNDS} && goto failed ||",
+        "echo SLIM: no relay could send the kernel and initrd; round ${slim-round}, again in 7 seconds",
+        "sleep 7",
+        "goto ee-base-fetch",
+    ]
+    assert command(section(script, "failed"), "sleep") == "sleep 14"
+
+
+def test_boot_id_names_the_boot_in_kernel_and_initrd_urls() -> None:
+    menu = replace(make_menu(relays=("http://only/",)), boot_id="0123456789abcdef")
+    block = section(render_ipxe(menu), "ee-base")
+    assert (
+        f"/objects/sha256/{hexof(BASE.kernel_digest)}?boot=0123456789abcdef&stage=kernel ${{slim-args}}"
+        in command(block, "kernel")
+    )
+    assert f"/objects/sha256/{hexof(BASE.initrd_digest)}?boot=0123456789abcdef&stage=initrd " in command(
+        block, "initrd"
+    )
+    pxe = render_pxelinux(menu)
+    assert (
+        f"  KERNEL http://only/objects/sha256/{hexof(BASE.kernel_digest)}?boot=0123456789abcdef&stage=kernel"
+        in pxe
     )
 
 

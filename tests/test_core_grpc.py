@@ -232,13 +232,19 @@ async def test_report_and_list_boot_events(core: Core) -> None:
     assert len(limited.events) == 2
     node = await core.admin.GetNode(pb.GetNodeRequest(node=by_name("n1")))
     assert node.last_event.stage == "switch_root"
-    # no "done" yet: the boot is still going on; then it is up; a new boot that fails is failed
-    assert (node.boot.boot_id, node.boot.state, node.boot.stage) == ("b1", "booting", "switch_root")
-    done = pb.BootEvent(node="n1", boot_id="b1", stage="done", ok=True, environment="base")
-    done.time.FromSeconds(1_700_000_010)
-    await core.core.ReportBootEvents(events([done]))
+    # switch_root done: the environment's init runs, but only the environment says it is up
+    assert (node.boot.boot_id, node.boot.state, node.boot.stage) == ("b1", "starting", "switch_root")
+    assert node.boot.since.seconds > 1_700_000_004  # the core's clock, not the event's
+    up = pb.BootEvent(stage="up", boot_id="b1", ok=True, environment="base", message="multi-user.target")
+    await core.core.ReportBootEvents(events([up]))  # no node: the boot id names it; no time: now
     node = await core.admin.GetNode(pb.GetNodeRequest(node=by_name("n1")))
-    assert (node.boot.state, node.boot.environment) == ("up", "base")
+    assert (node.boot.state, node.boot.environment, node.boot.message) == ("up", "base", "multi-user.target")
+    whole = await core.admin.ListBootEvents(pb.ListBootEventsRequest(node="n1", boot_id="latest"))
+    assert [e.stage for e in whole.events] == [*stages, "up"]  # oldest first
+    await expect_status(
+        core.core.ReportBootEvents(events([pb.BootEvent(stage="kernel", boot_id="nobody")])),
+        grpc.StatusCode.NOT_FOUND,
+    )
     bad = pb.BootEvent(
         node="n1", boot_id="b2", stage="ram:/", ok=False, message="no space", environment="jdk14"
     )

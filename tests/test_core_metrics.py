@@ -44,11 +44,11 @@ def test_core_metrics_after_calls(registry_file: Path, tmp_path: Path, store: St
         assert code == 1 and "nosuch" in out
 
         def events() -> Iterator[pb.BootEvent]:
-            for stage in ("plan", "done"):
+            for stage in ("plan", "done", "switch_root", "up"):
                 yield pb.BootEvent(node="n1", boot_id="b1", stage=stage, ok=True, environment="base")
 
         with grpc.insecure_channel(address) as channel:
-            assert pb_grpc.CoreStub(channel).ReportBootEvents(events(), timeout=10).accepted == 2
+            assert pb_grpc.CoreStub(channel).ReportBootEvents(events(), timeout=10).accepted == 4
 
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             assert r.headers["Content-Type"].startswith("text/plain")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import re
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -148,7 +149,7 @@ async def test_node_api_through_the_relay(core: Core, store: Store, tmp_path: Pa
             f"{base}/v1/nodes/n1/events", json={"boot_id": "b1", "stage": "switch_root"}
         ) as resp:
             assert (await resp.json())["accepted"] == 1
-        recorded = await events_of(core, "n1")
+        recorded = [e for e in await events_of(core, "n1") if e.boot_id == "b1"]
         assert {e.stage for e in recorded} == {"plan", "fetch:/", "switch_root"}
         assert all(e.relay == "room-1" for e in recorded)
         assert next(e for e in recorded if e.stage == "fetch:/").bytes == 1234
@@ -405,3 +406,69 @@ async def test_cli_prefetch(core: Core, store: Store, tmp_path: Path) -> None:
             None, runner.invoke, main, ["relay", "prefetch", "nosuch", "--core", core.address]
         )
         assert unknown.exit_code == 1 and "nosuch" in unknown.output
+
+
+# -- what the relay sees of a boot ---------------------------------------------------
+async def test_relay_records_stage_one_script_kernel_and_initrd_under_the_core_boot_id(
+    core: Core, store: Store, tmp_path: Path
+) -> None:
+    """TFTP (matched by address and time), the boot script (the core names the boot), the
+    kernel and initrd (their URLs name it), each with bytes and a duration; the agent's
+    events join the same boot through slim.boot=; a second relay serving the initrd
+    knows no node and the core finds it by the boot id."""
+    need(IPXE.is_file(), "Debian's ipxe package (/usr/lib/ipxe/undionly.kpxe)")
+    async with (
+        origin(store) as o,
+        relay(tmp_path / "r", [url(o)], name="room-1", core=core.address, tftp_listen="127.0.0.1:0") as r,
+        relay(tmp_path / "r2", [url(o)], name="room-2", core=core.address) as r2,
+        aiohttp.ClientSession() as s,
+    ):
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            None,
+            lambda: tftpy.TftpClient("127.0.0.1", r.tftp_port).download(
+                "undionly.kpxe", str(tmp_path / "undi"), timeout=2
+            ),
+        )
+        async with s.get(f"{url(r)}/boot/52:54:00:00:00:01.ipxe") as resp:
+            script = await resp.text()
+        boot_id = re.search(r"slim\.boot=([0-9a-f]+)", script)
+        assert boot_id, script
+        bid = boot_id.group(1)
+        kernel_url = re.search(r"kernel (\S+\?boot=\S+)", script)
+        initrd_url = re.search(r"initrd --name initrd (\S+\?boot=\S+)", script)
+        assert kernel_url and initrd_url and f"?boot={bid}&stage=kernel" in kernel_url.group(1)
+        # the registry's relay URLs are not these test relays': only the path and query are asked
+        kernel_path = "/objects/" + kernel_url.group(1).split("/objects/", 1)[1]
+        initrd_path = "/objects/" + initrd_url.group(1).split("/objects/", 1)[1]
+        async with s.get(url(r) + kernel_path) as resp:
+            kernel = await resp.read()
+        async with s.get(url(r2) + initrd_path) as resp:  # another relay: it knows no node
+            initrd = await resp.read()
+        async with s.post(  # the agent, under the boot script's id
+            f"{url(r)}/v1/nodes/n1/events", json={"boot_id": bid, "stage": "plan", "environment": "base"}
+        ) as resp:
+            assert resp.status == 200
+
+        async def recorded() -> dict[str, pb.BootEvent]:
+            got = await core.admin.ListBootEvents(pb.ListBootEventsRequest(boot_id=bid))
+            return {e.stage: e for e in got.events}
+
+        for _ in range(500):  # bounded: the relays send their own events in the background
+            events = await recorded()
+            if {"tftp:undionly.kpxe", "script", "kernel", "initrd", "plan"} <= set(events):
+                break
+            await asyncio.sleep(0.02)
+        assert set(events) == {"tftp:undionly.kpxe", "script", "kernel", "initrd", "plan"}, events
+        assert all(e.node == "n1" for e in events.values())
+        tftp = events["tftp:undionly.kpxe"]
+        assert tftp.bytes == IPXE.stat().st_size and "by address and time" in tftp.message
+        assert events["script"].bytes == len(script.encode()) and events["script"].relay == "room-1"
+        assert (events["kernel"].bytes, events["kernel"].relay) == (len(kernel), "room-1")
+        assert (events["initrd"].bytes, events["initrd"].relay) == (len(initrd), "room-2")
+        assert all(e.duration >= 0 for e in events.values())
+        order = [events[k].time.ToNanoseconds() for k in ("tftp:undionly.kpxe", "script", "kernel", "initrd")]
+        assert order == sorted(order)
+        async with aiohttp.ClientSession() as s2:
+            counted = await metrics(s2, url(r))
+        assert counted["slim_relay_tftp_transfers_matched_total"] == 1

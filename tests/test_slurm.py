@@ -123,6 +123,10 @@ def test_helper_reports_an_ee_only_once_its_boot_completed(served: Served) -> No
     booting = helper(served)
     assert booting.stdout == "" and "still booting base" in booting.stderr
     report(served, "b1", "done", "base")
+    report(served, "b1", "switch_root", "base")
+    starting = helper(served)  # the agent is done: only the environment says it is up
+    assert starting.stdout == "" and "starting base" in starting.stderr
+    report(served, "b1", "up", "base")
     assert helper(served).stdout == "ee=base\n"
     # staging: the core records the next boot
     staged = helper(served, "ee=jdk14")

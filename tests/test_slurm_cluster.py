@@ -54,7 +54,10 @@ def test_sbatch_constraint_reboots_nodes_into_the_environment(lab: SlurmLab) -> 
     # an environment nobody has is refused at submit, naming the known ones
     refused = lab.slurm("sbatch", "--constraint=ee:nosuch", "--wrap", "true", check=False)
     assert refused.returncode != 0
-    assert "unknown execution environment 'ee:nosuch' (known: ee:base, ee:jdk14, ee:jdk15)" in refused.stderr
+    assert (
+        "unknown execution environment 'ee:nosuch' (known: ee:base, ee:jdk14, ee:jdk15, ee:jdk16)"
+        in refused.stderr
+    )
 
     before = relay_counters(lab)
     booted = boot_ids(lab)
@@ -94,4 +97,18 @@ def test_sbatch_constraint_reboots_nodes_into_the_environment(lab: SlurmLab) -> 
     queued = slurm.job(broken)
     assert queued is not None and queued.state == "PENDING" and queued.restarts >= 1, queued
     assert slurm.hostnames("n[1-3]") == ["n1", "n2", "n3"]
+
+    # an environment whose init dies right after switch_root never reports up: once its
+    # up_timeout (5 s) has passed the core fails the boot, and the prolog treats that as
+    # a failed boot: the node DOWN with the core's reason, the job requeued
+    crashed = lab.sbatch("-N1", "-w", "n2", "--constraint=ee:jdk16", "--wrap", "true")
+    lab.wait_nodes(lambda nodes: nodes["n2"][0].startswith("down"), 240)
+    assert boot_ids(lab)["n2"][1:] == ("jdk16", "failed")
+    n2 = slurm.nodes()["n2"]
+    assert (
+        n2.reason
+        == "slim: boot into jdk16 failed at up: no report from the environment 5 s after switch_root"
+    )
+    requeued = slurm.job(crashed)
+    assert requeued is not None and requeued.state == "PENDING" and requeued.restarts >= 1, requeued
     assert not (lab.tmp / f"job-{broken}.out").exists() or (lab.tmp / f"job-{broken}.out").read_text() == ""

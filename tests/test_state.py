@@ -86,29 +86,40 @@ def _fill(st: State) -> None:
 def test_existing_database_is_upgraded_and_keeps_its_rows(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    st = State(db_path)
-    _fill(st)
-    st.close()
-    assert user_version(db_path) == 1
-
+    real = state_module.MIGRATIONS
+    # a database written by the first SLIM (schema 1: no stage durations)
+    monkeypatch.setattr(state_module, "MIGRATIONS", real[:1])
+    monkeypatch.setattr(state_module, "SCHEMA_VERSION", 1)  # computed once at import
+    with raw(db_path) as conn:
+        for statement in real[0].split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(
+            "INSERT INTO boot_events (node, boot_id, stage, time, relay, bytes, ok, message, environment, "
+            "received_at) VALUES ('n1', 'b1', 'kernel', 1.0, 'r1', 5, 1, '', 'base', 3.0)"
+        )
+        conn.execute("PRAGMA user_version = 1")
+    # this SLIM's migrations, and one more a later SLIM might add
     migrations = (
-        *state_module.MIGRATIONS[:1],
+        *real,
         "ALTER TABLE next_boot ADD COLUMN note TEXT NOT NULL DEFAULT 'kept';"
         "CREATE INDEX next_boot_env ON next_boot (environment)",
     )
     monkeypatch.setattr(state_module, "MIGRATIONS", migrations)
-    # SCHEMA_VERSION is len(MIGRATIONS), computed once at import
     monkeypatch.setattr(state_module, "SCHEMA_VERSION", len(migrations))
-
     st = State(db_path)
     try:
-        assert st.schema_version == 2
+        assert st.schema_version == len(migrations)
+        (old,) = st.boot_events()
+        assert (old.stage, old.bytes, old.duration, old.received_at) == ("kernel", 5, 0.0, 3.0)
+        _fill(st)
         assert st.next_boots() == {"n1": NextBoot("n1", "jdk14", "alice", 100.0)}
-        assert [e.stage for e in st.boot_events()] == ["initrd", "kernel"]
+        assert [e.stage for e in st.boot_events()] == ["initrd", "kernel", "kernel"]
         assert set(st.heartbeats()) == {"r1"}
+        assert st.node_of_boot("b1") == "n1"
     finally:
         st.close()
-    assert user_version(db_path) == 2
+    assert user_version(db_path) == len(migrations)
     with raw(db_path) as conn:
         assert conn.execute("SELECT note FROM next_boot").fetchall() == [("kept",)]
 
@@ -116,14 +127,14 @@ def test_existing_database_is_upgraded_and_keeps_its_rows(
 def test_a_failing_migration_changes_nothing(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     State(db_path).close()
     migrations = (
-        *state_module.MIGRATIONS[:1],
+        *state_module.MIGRATIONS,
         "ALTER TABLE next_boot ADD COLUMN note TEXT; ALTER TABLE no_such_table ADD COLUMN x TEXT",
     )
     monkeypatch.setattr(state_module, "MIGRATIONS", migrations)
     monkeypatch.setattr(state_module, "SCHEMA_VERSION", len(migrations))
     with pytest.raises(FailedPrecondition, match="not a usable SLIM state database"):
         State(db_path)
-    assert user_version(db_path) == 1
+    assert user_version(db_path) == len(migrations) - 1
     with raw(db_path) as conn:
         columns = {r[1] for r in conn.execute("PRAGMA table_info(next_boot)")}
     assert "note" not in columns
@@ -217,7 +228,7 @@ def test_boot_events_newest_first_with_limit_and_filter(db: State) -> None:
 
 
 def test_boot_event_fields_round_trip(db: State) -> None:
-    e = BootEvent("n1", "b-1", "fetch", 12.5, "relay-a", 2**63 - 1, False, "timeout", "jdk14")
+    e = BootEvent("n1", "b-1", "fetch", 12.5, "relay-a", 2**63 - 1, False, "timeout", "jdk14", 2.25)
     db.add_boot_events([e])
     assert db.boot_events() == [e]
     assert db.last_events() == {"n1": e}
@@ -365,6 +376,19 @@ def test_latest_boots_and_their_status(db: State) -> None:
         "disk:/var",
         "disk full",
     )
-    up = boot_status(db.latest_boots("n2")["n2"] + [ev("n2", "x", "done", 2)])
-    assert up is not None and up.state == "up" and up.environment == "base"
+    # the agent done is not up: only the running environment says so
+    n2 = db.latest_boots("n2")["n2"] + [ev("n2", "x", "done", 2)]
+    done = boot_status(n2)
+    assert done is not None and done.state == "booting" and done.environment == "base"
+    db.add_boot_events([ev("n2", "x", "done", 2), ev("n2", "x", "switch_root", 3)], now=10)
+    n2 = db.latest_boots("n2")["n2"]
+    starting = boot_status(n2, now=39.0, up_timeout=30)
+    assert starting is not None and (starting.state, starting.since) == ("starting", 10.0)
+    late = boot_status(n2, now=41.0, up_timeout=30)
+    assert late is not None and (late.state, late.stage, late.message, late.since) == (
+        "failed", "up", "no report from the environment 30 s after switch_root", 40.0
+    )  # fmt: skip
+    db.add_boot_events([ev("n2", "x", "up", 4)], now=20)
+    up = boot_status(db.latest_boots("n2")["n2"], now=1000.0, up_timeout=30)
+    assert up is not None and (up.state, up.since, up.environment) == ("up", 20.0, "base")
     assert boot_status([]) is None

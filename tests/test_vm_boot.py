@@ -146,13 +146,13 @@ def test_vm_disk_then_sync_transfers_only_changes(tmp_path: Path) -> None:
             "switch_root",
         ]
         unchanged = next(e for e in events if e.stage == "sync:/var")
-        assert unchanged.message.startswith("0 files, 0 deleted"), unchanged.message
+        assert unchanged.message.startswith("0 files fetched, 0 deleted"), unchanged.message
         # one file changes in the image: only it is fetched
         changed = lab.image / "var" / "lib" / "slim-test-changed"
         changed.write_bytes(b"x" * 300_000)
         lab.build()
         again = next(e for e in checked(lab.boot(*drive)) if e.stage == "sync:/var")
-        assert again.message.startswith("1 files, 0 deleted"), again.message
+        assert again.message.startswith("1 files fetched, 0 deleted"), again.message
         assert (
             300_000 <= again.bytes - unchanged.bytes < 300_000 + 64_000
         )  # the file (+ a slightly larger manifest)

@@ -37,10 +37,18 @@ class Menu:
     entries: tuple[MenuEntry, ...]
     relay_urls: tuple[str, ...]  # base URLs, best first
     unbuilt: tuple[str, ...] = ()
+    boot_id: str = ""  # named in the kernel and initrd URLs, so relays join their transfers to the boot
+    retry_wait: int = 5  # seconds between rounds over the relays (the core jitters it per script)
 
 
-def object_url(base: str, digest: str) -> str:
-    return f"{base}objects/sha256/{parse_digest(digest)}"
+MAX_FETCH_ROUNDS = 12  # rounds over the relays before the script gives up (then it asks again)
+
+
+def object_url(base: str, digest: str, boot_id: str = "", stage: str = "") -> str:
+    """The object's URL at a relay; with a boot id, the URL names the boot and the stage
+    (``kernel``, ``initrd``), so that the relay records the download under the boot."""
+    url = f"{base}objects/sha256/{parse_digest(digest)}"
+    return f"{url}?boot={boot_id}&stage={stage}" if boot_id else url
 
 
 def _label(env: str) -> str:
@@ -69,20 +77,35 @@ def render_ipxe(menu: Menu) -> str:
         out += [f"choose --default {default} --timeout {ms} target || goto {default}", "goto ${target}"]
     else:
         out.append(f"goto {default}")
+    out.append("set slim-round 0")
     for e in menu.entries:
-        # each fetch falls back to the next relay; the arguments are set once
-        kernel = " || ".join(f"kernel {object_url(r, e.kernel_digest)} ${{slim-args}}" for r in relays)
-        initrd = " || ".join(f"initrd --name initrd {object_url(r, e.initrd_digest)}" for r in relays)
+        # each fetch falls back to the next relay; when every relay failed (down, or busy:
+        # 503) the script waits and goes round again, up to MAX_FETCH_ROUNDS times
+        label = _label(e.environment)
+        kernel = " || ".join(
+            f"kernel {object_url(r, e.kernel_digest, menu.boot_id, 'kernel')} ${{slim-args}}" for r in relays
+        )
+        initrd = " || ".join(
+            f"initrd --name initrd {object_url(r, e.initrd_digest, menu.boot_id, 'initrd')}" for r in relays
+        )
         out += [
             "",
-            f":{_label(e.environment)}",
+            f":{label}",
             f"echo SLIM: booting {e.environment}",
-            "imgfree",
             # initrd=initrd names the image for EFI-stub kernels (pxelinux reads its own INITRD)
             f"set slim-args initrd=initrd {_one_line(e.kernel_args)}",
-            f"{kernel} || goto failed",
-            f"{initrd} || goto failed",
+            f":{label}-fetch",
+            "imgfree",
+            f"{kernel} || goto {label}-wait",
+            f"{initrd} || goto {label}-wait",
             "boot || goto failed",
+            f":{label}-wait",
+            "inc slim-round",
+            f"iseq ${{slim-round}} {MAX_FETCH_ROUNDS} && goto failed ||",
+            f"echo SLIM: no relay could send the kernel and initrd; round ${{slim-round}}, "
+            f"again in {menu.retry_wait} seconds",
+            f"sleep {menu.retry_wait}",
+            f"goto {label}-fetch",
         ]
     out += [
         "",
@@ -91,8 +114,8 @@ def render_ipxe(menu: Menu) -> str:
         "sanboot --no-describe --drive 0x80 || exit",
         "",
         ":failed",
-        "echo SLIM: boot failed; asking again in 10 seconds",
-        "sleep 10",
+        f"echo SLIM: boot failed; asking again in {menu.retry_wait * 2} seconds",
+        f"sleep {menu.retry_wait * 2}",
         f"chain --autofree {relays[0]}boot/${{mac}}.ipxe || goto failed" if relays else "goto local",
         "",
     ]
@@ -115,8 +138,8 @@ def render_pxelinux(menu: Menu) -> str:
             "",
             f"LABEL {_label(e.environment)}",
             f"  MENU LABEL {_one_line(e.title)}",
-            f"  KERNEL {object_url(relay, e.kernel_digest)}",
-            f"  INITRD {object_url(relay, e.initrd_digest)}",
+            f"  KERNEL {object_url(relay, e.kernel_digest, menu.boot_id, 'kernel')}",
+            f"  INITRD {object_url(relay, e.initrd_digest, menu.boot_id, 'initrd')}",
             f"  APPEND {_one_line(e.kernel_args)}",
         ]
     out += ["", "LABEL local", "  MENU LABEL Boot from local disk", "  LOCALBOOT 0", ""]

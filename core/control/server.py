@@ -40,7 +40,7 @@ from slim.release import ObjectRef
 from slim.rpc import MAX_MESSAGE_BYTES, POLICY_TO_PB, TIER_TO_PB, error_metadata, status_code
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
-from slim.vocabulary import MAX_STORED_TEXT, MAX_TIMESTAMP_SECONDS, Policy
+from slim.vocabulary import MAX_STAGE_SECONDS, MAX_STORED_TEXT, MAX_TIMESTAMP_SECONDS, Policy
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,12 @@ def _seconds(ts: Timestamp, what: str) -> float:
     if not (0 <= ts.seconds <= MAX_TIMESTAMP_SECONDS and 0 <= ts.nanos < 1_000_000_000):
         raise InvalidArgument(f"{what}: time {ts.seconds}.{ts.nanos:09d} is not between 1970 and 9999")
     return ts.seconds + ts.nanos / 1e9
+
+
+def _duration(value: float, index: int) -> float:
+    if not 0 <= value <= MAX_STAGE_SECONDS:  # NaN fails too
+        raise InvalidArgument(f"event {index}: duration {value} is not between 0 and {MAX_STAGE_SECONDS:g} s")
+    return value
 
 
 def _node_ref(ref: pb.NodeRef) -> dom.NodeRef:
@@ -180,6 +186,7 @@ def event_pb(e: BootEvent) -> pb.BootEvent:
         ok=e.ok,
         message=e.message,
         environment=e.environment,
+        duration=e.duration,
     )
 
 
@@ -207,7 +214,7 @@ def node_pb(v: dom.NodeView) -> pb.NodeInfo:
         info.boot.CopyFrom(
             pb.BootStatus(
                 boot_id=b.boot_id, environment=b.environment, state=b.state, stage=b.stage,
-                message=b.message, time=_ts(b.time),
+                message=b.message, time=_ts(b.time), since=_ts(b.since),
             )
         )  # fmt: skip
     return info
@@ -293,6 +300,7 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
             default_environment=s.default_environment,
             content_type=s.content_type,
             script=s.script,
+            boot_id=s.boot_id,
         )
 
     @unary
@@ -317,6 +325,7 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
                     e.ok,
                     e.message[:MAX_STORED_TEXT],
                     e.environment[:MAX_STORED_TEXT],
+                    _duration(e.duration, len(events) + 1),
                 )
             )
         accepted = await self.write(self.service.report_events, events)
@@ -435,7 +444,7 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
     async def ListBootEvents(
         self, request: pb.ListBootEventsRequest, context: Any
     ) -> pb.ListBootEventsResponse:
-        events = await self.write(self.service.list_events, request.node, request.limit)
+        events = await self.write(self.service.list_events, request.node, request.limit, request.boot_id)
         return pb.ListBootEventsResponse(events=[event_pb(e) for e in events])
 
     async def Prefetch(

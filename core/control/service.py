@@ -14,9 +14,10 @@ gRPC layer; they take one snapshot of the registry.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slim.core.control.bootscript import Menu, MenuEntry, render_ipxe, render_pxelinux
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 MAX_KERNEL_ARG_RELAYS = 4
 MAX_EVENTS_LIMIT = 10_000
 ACTIONS_CACHE_SIZE = 4096
+RETRY_WAIT = 4  # seconds (to twice that, jittered) a boot script waits before asking the relays again
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class BootScript:
     default_environment: str
     content_type: str
     script: str
+    boot_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,25 +103,53 @@ class BootStatus:
 
     boot_id: str
     environment: str
-    state: str  # "booting", "up", "failed"
+    state: str  # "booting", "starting", "up", "failed"
     stage: str  # the stage that failed, or the latest one
     message: str
-    time: float
+    time: float  # of the latest event
+    since: float = 0.0  # when the boot entered its state (the core's clock)
 
 
-def boot_status(events: list[BootEvent]) -> BootStatus | None:
-    """The state of one boot from its events (oldest first): failed if any stage failed,
-    up once the agent reported "done" (the EE is built; switch_root follows at once),
-    booting until then."""
+UP_STAGE = "up"  # reported by the running environment itself (or a lab on its behalf)
+SWITCH_ROOT_STAGE = "switch_root"
+
+
+def no_report_reason(timeout: float) -> str:
+    return f"no report from the environment {timeout:g} s after switch_root"
+
+
+def boot_status(
+    events: list[BootEvent], now: float | None = None, up_timeout: float | None = None
+) -> BootStatus | None:
+    """The state of one boot from its events (in the order they arrived):
+
+    - ``failed`` if any stage failed, or if the environment has not reported ``up``
+      ``up_timeout`` seconds after switch_root (the core's clock, from ``now``);
+    - ``up`` once the running environment reported in (stage "up");
+    - ``starting`` after switch_root: the environment's init runs, it has not reported;
+    - ``booting`` until then (firmware, loader, the agent building the environment).
+    """
     if not events:
         return None
     last = events[-1]
     env = next((e.environment for e in reversed(events) if e.environment), "")
     failed = next((e for e in events if not e.ok), None)
     if failed is not None:
-        return BootStatus(last.boot_id, env, "failed", failed.stage, failed.message, last.time)
-    state = "up" if any(e.stage == "done" for e in events) else "booting"
-    return BootStatus(last.boot_id, env, state, last.stage, "", last.time)
+        return BootStatus(
+            last.boot_id, env, "failed", failed.stage, failed.message, last.time, failed.received_at
+        )
+    up = next((e for e in events if e.stage == UP_STAGE), None)
+    if up is not None:
+        return BootStatus(last.boot_id, env, "up", last.stage, up.message, last.time, up.received_at)
+    started = next((e for e in events if e.stage == SWITCH_ROOT_STAGE), None)
+    if started is not None:
+        if up_timeout is not None and now is not None and now - started.received_at > up_timeout:
+            return BootStatus(
+                last.boot_id, env, "failed", UP_STAGE, no_report_reason(up_timeout), last.time,
+                started.received_at + up_timeout,
+            )  # fmt: skip
+        return BootStatus(last.boot_id, env, "starting", last.stage, "", last.time, started.received_at)
+    return BootStatus(last.boot_id, env, "booting", last.stage, "", last.time, events[0].received_at)
 
 
 @dataclass(frozen=True)
@@ -266,7 +297,9 @@ class CoreService:
                 f"but node {node!r} has no 'disk' partition"
             )
 
-    def _kernel_args(self, node: str, env_name: str, release_digest: str, relays: list[RankedRelay]) -> str:
+    def _kernel_args(
+        self, node: str, env_name: str, release_digest: str, relays: list[RankedRelay], boot_id: str = ""
+    ) -> str:
         node_cfg = self.registry.node(node)
         profile = self.registry.profiles[node_cfg.profile]
         env = self.registry.environments[env_name]
@@ -276,6 +309,7 @@ class CoreService:
             f"slim.env={env_name}",
             f"slim.release={release_digest}",
             f"slim.relays={urls}",
+            f"slim.boot={boot_id}" if boot_id else "",
             profile.kernel_args,
             env.kernel_args,
         ]
@@ -384,6 +418,8 @@ class CoreService:
             except FailedPrecondition:
                 unbuilt.append(env_name)
         _, relays = self._rank(node, address, peek)
+        # the boot this script starts: its kernel, initrd and agent name it (tools peeking: none)
+        boot_id = "" if peek else secrets.token_hex(8)
         entries = []
         for env_name, (digest, release) in releases.items():
             title = env_name + (" (next boot)" if env_name == default and reason == "next-boot" else "")
@@ -394,7 +430,7 @@ class CoreService:
                     f"{title} - {desc}" if desc else title,
                     release.kernel.digest,
                     release.initrd.digest,
-                    self._kernel_args(node, env_name, digest, relays),
+                    self._kernel_args(node, env_name, digest, relays, boot_id),
                 )
             )
         timeout = node_cfg.boot_menu_timeout
@@ -406,10 +442,12 @@ class CoreService:
             entries=tuple(entries),
             relay_urls=tuple(r.urls[0] for r in relays),
             unbuilt=tuple(unbuilt),
+            boot_id=boot_id,
+            retry_wait=RETRY_WAIT + secrets.randbelow(RETRY_WAIT + 1),  # jitter: a storm spreads out
         )
         if fmt == "ipxe":
-            return BootScript(node, default, "text/plain; charset=utf-8", render_ipxe(menu))
-        return BootScript(node, default, "text/plain; charset=utf-8", render_pxelinux(menu))
+            return BootScript(node, default, "text/plain; charset=utf-8", render_ipxe(menu), boot_id)
+        return BootScript(node, default, "text/plain; charset=utf-8", render_pxelinux(menu), boot_id)
 
     # -- writes --------------------------------------------------------------
     def set_next_boot(self, node: str, environment: str, set_by: str) -> NodeView:
@@ -429,11 +467,17 @@ class CoreService:
         return self.node_view(node, reg)
 
     def report_events(self, events: Iterable[BootEvent]) -> int:
-        """*writes* Record boot events; every event's node must exist."""
+        """*writes* Record boot events; every event's node must exist.  An event with a boot
+        id and no node (a relay saw an object of that boot fetched) joins that boot's node."""
         batch = list(events)
         reg = self.registry
-        for e in batch:
-            reg.node(e.node)
+        for i, e in enumerate(batch):
+            if not e.node and e.boot_id:
+                node = self.state.node_of_boot(e.boot_id)
+                if node is None:
+                    raise NotFound(f"event {i + 1}: no boot {e.boot_id[:40]!r} is known; name its node")
+                batch[i] = replace(e, node=node)
+            reg.node(batch[i].node)
         return self.state.add_boot_events(batch, self.clock())
 
     def heartbeat(
@@ -499,8 +543,13 @@ class CoreService:
         env, _ = self.next_environment(node, reg)
         boot = self.state.latest_boots(node).get(node, [])
         return NodeView(
-            node, cfg, self._next_boots.get(node), env, boot[-1] if boot else None, boot_status(boot)
+            node, cfg, self._next_boots.get(node), env, boot[-1] if boot else None, self._status(reg, boot)
         )
+
+    def _status(self, reg: Registry, events: list[BootEvent]) -> BootStatus | None:
+        """:func:`boot_status` with the environment's time to report ``up``."""
+        env = next((e.environment for e in reversed(events) if e.environment), "")
+        return boot_status(events, self.clock(), reg.up_timeout(env))
 
     def list_nodes(self, group: str = "") -> list[NodeView]:
         reg = self.registry
@@ -512,7 +561,7 @@ class CoreService:
             env, _ = self.next_environment(name, reg)
             boot = boots.get(name, [])
             last = boot[-1] if boot else None
-            out.append(NodeView(name, cfg, self._next_boots.get(name), env, last, boot_status(boot)))
+            out.append(NodeView(name, cfg, self._next_boots.get(name), env, last, self._status(reg, boot)))
         return out
 
     def get_node(self, ref: NodeRef) -> NodeView:
@@ -542,9 +591,21 @@ class CoreService:
             for name, relay in sorted(self.registry.relays.items())
         ]
 
-    def list_events(self, node: str = "", limit: int = 0) -> list[BootEvent]:
+    def list_events(self, node: str = "", limit: int = 0, boot_id: str = "") -> list[BootEvent]:
+        """The newest events (of one node, or all), newest first; or with ``boot_id`` every
+        event of one boot, oldest first (``latest``: the node's latest boot)."""
         if node:
             self.registry.node(node)
         if limit > MAX_EVENTS_LIMIT:
             raise InvalidArgument(f"limit {limit} is above the maximum of {MAX_EVENTS_LIMIT}")
+        if boot_id == "latest":
+            if not node:
+                raise InvalidArgument("boot id 'latest' needs a node")
+            latest = self.state.latest_boots(node).get(node, [])
+            return self.state.boot(latest[-1].boot_id) if latest else []
+        if boot_id:
+            events = self.state.boot(boot_id)
+            if node:
+                events = [e for e in events if e.node == node]
+            return events[: limit or MAX_EVENTS_LIMIT]
         return self.state.boot_events(node or None, limit or 100)

@@ -18,7 +18,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from slim.errors import FailedPrecondition, InvalidArgument
@@ -58,10 +58,15 @@ MIGRATIONS: tuple[str, ...] = (
         last_seen        REAL NOT NULL
     );
     """,
+    # 2: how long a stage took (relays time their own transfers); boots by id
+    """
+    ALTER TABLE boot_events ADD COLUMN duration REAL NOT NULL DEFAULT 0;
+    CREATE INDEX boot_events_boot ON boot_events (boot_id);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-EVENT_COLUMNS = "node, boot_id, stage, time, relay, bytes, ok, message, environment"
+EVENT_COLUMNS = "node, boot_id, stage, time, relay, bytes, ok, message, environment, duration, received_at"
 # the agent's "plan" event says "ENVIRONMENT sha256:<release digest>" (agent/__main__.py)
 _RELEASE_IN_MESSAGE = re.compile(r"\bsha256:[0-9a-f]{64}\b")
 
@@ -85,6 +90,9 @@ class BootEvent:
     ok: bool = True
     message: str = ""
     environment: str = ""
+    duration: float = 0.0  # seconds the stage took, ending at ``time``
+    # the core's clock when it was recorded (set by the database; not part of an event's value)
+    received_at: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -192,7 +200,7 @@ class State:
         with self._tx() as db:
             db.executemany(
                 "INSERT INTO boot_events (node, boot_id, stage, time, relay, bytes, ok, message, "
-                "environment, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "environment, duration, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         e.node,
@@ -204,6 +212,7 @@ class State:
                         int(e.ok),
                         e.message[:MAX_STORED_TEXT],
                         e.environment[:MAX_STORED_TEXT],
+                        e.duration,
                         received,
                     )
                     for e in events
@@ -216,6 +225,18 @@ class State:
         if node:
             return self._events("WHERE node = ? ORDER BY id DESC LIMIT ?", (node, limit))
         return self._events("ORDER BY id DESC LIMIT ?", (limit,))
+
+    def boot(self, boot_id: str) -> list[BootEvent]:
+        """Every event of one boot, oldest first (by the time each stage ended)."""
+        return self._events("WHERE boot_id = ? ORDER BY time, id", (boot_id,))
+
+    def node_of_boot(self, boot_id: str) -> str | None:
+        """The node a boot id belongs to (from its first event), if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT node FROM boot_events WHERE boot_id = ? ORDER BY id LIMIT 1", (boot_id,)
+            ).fetchone()
+        return None if row is None else str(row[0])
 
     def latest_boots(self, node: str | None = None) -> dict[str, list[BootEvent]]:
         """Each node's (or one node's) most recent boot: every event of the boot id of its
@@ -240,7 +261,9 @@ class State:
             # ``where`` is always one of the literals above; values go in as parameters
             query = f"SELECT {EVENT_COLUMNS} FROM boot_events {where}"  # noqa: S608
             rows = self._db.execute(query, args).fetchall()
-        return [BootEvent(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows]
+        return [
+            BootEvent(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8], r[9], r[10]) for r in rows
+        ]
 
     def prune_boot_events(self, before: float, dry_run: bool = False) -> int:
         """Delete the events received before ``before`` (seconds since the epoch), except

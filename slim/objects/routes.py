@@ -27,6 +27,8 @@ import asyncio
 import logging
 import os
 import re
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -82,10 +84,16 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal[Fals
     return start, min(end, size)
 
 
+# called when a request whose URL names a boot (``?boot=``) has been answered: its query,
+# when it started (time.time()), the status (0: broken off) and the body bytes sent
+Observer = Callable[[Mapping[str, str], float, int, int], None]
+
+
 class ObjectRoutes:
-    def __init__(self, source: Source, max_transfers: int = 1024) -> None:
+    def __init__(self, source: Source, max_transfers: int = 1024, observe: Observer | None = None) -> None:
         self.source = source
         self.max_transfers = max_transfers
+        self.observe = observe
         self.counters = ObjectCounters()
         self.idle = asyncio.Event()  # set while no transfer is in progress
         self.idle.set()
@@ -99,6 +107,22 @@ class ObjectRoutes:
         raise web.HTTPNotFound(text="objects live at /objects/sha256/<64 lowercase hex digits>\n")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.observe is None or "boot" not in request.query:
+            return await self._handle(request)
+        started = time.time()
+        try:
+            resp = await self._handle(request)
+        except web.HTTPException as exc:
+            self.observe(request.query, started, exc.status, 0)
+            raise
+        except BaseException:
+            self.observe(request.query, started, 0, 0)
+            raise
+        if request.method != "HEAD":
+            self.observe(request.query, started, resp.status, resp.content_length or 0)
+        return resp
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         c = self.counters
         c.requests += 1
         name = request.match_info["name"]

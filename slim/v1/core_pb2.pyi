@@ -448,10 +448,15 @@ class BootScript(_message.Message):
     DEFAULT_ENVIRONMENT_FIELD_NUMBER: _builtins.int
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     SCRIPT_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     default_environment: _builtins.str
     content_type: _builtins.str
     script: _builtins.str
+    boot_id: _builtins.str
+    """The boot this script starts: its kernel arguments carry slim.boot=<id> and its
+    kernel and initrd URLs ?boot=<id>, so every event of the boot joins it.
+    """
     def __init__(
         self,
         *,
@@ -459,10 +464,11 @@ class BootScript(_message.Message):
         default_environment: _builtins.str = ...,
         content_type: _builtins.str = ...,
         script: _builtins.str = ...,
+        boot_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "default_environment", b"default_environment", "node", b"node", "script", b"script"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "content_type", b"content_type", "default_environment", b"default_environment", "node", b"node", "script", b"script"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -481,16 +487,22 @@ class BootEvent(_message.Message):
     OK_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     boot_id: _builtins.str
-    """A boot's stages share a boot id chosen by the agent (random, per boot)."""
+    """A boot's stages share a boot id: the core's (slim.boot=, from the boot script), or
+    one the agent chose when it booted without one.  A relay may report an event with a
+    boot id and no node: the core names the node that boot id belongs to.
+    """
     stage: _builtins.str
-    """e.g. dhcp, plan, fetch:/etc, mount:/usr, switch_root"""
+    """e.g. tftp:ipxe.efi, script, kernel, plan, ram:/, mount:/usr, switch_root, up"""
     relay: _builtins.str
     bytes: _builtins.int
     ok: _builtins.bool
     message: _builtins.str
     environment: _builtins.str
+    duration: _builtins.float
+    """seconds the stage took, ending at `time` (0: an instant)"""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -505,10 +517,11 @@ class BootEvent(_message.Message):
         ok: _builtins.bool = ...,
         message: _builtins.str = ...,
         environment: _builtins.str = ...,
+        duration: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "bytes", b"bytes", "environment", b"environment", "message", b"message", "node", b"node", "ok", b"ok", "relay", b"relay", "stage", b"stage", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "bytes", b"bytes", "duration", b"duration", "environment", b"environment", "message", b"message", "node", b"node", "ok", b"ok", "relay", b"relay", "stage", b"stage", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1016,10 +1029,13 @@ class BootStatus(_message.Message):
     STAGE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
     boot_id: _builtins.str
     environment: _builtins.str
     state: _builtins.str
-    """"booting", "up" (the agent finished: stage "done"), "failed" """
+    """"booting" (loading, or the agent building the EE), "starting" (switch_root done;
+    the EE's init runs), "up" (the running EE reported in), "failed"
+    """
     stage: _builtins.str
     """the stage that failed, or the latest one"""
     message: _builtins.str
@@ -1027,6 +1043,10 @@ class BootStatus(_message.Message):
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """of the latest event"""
+
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """when the boot entered its state (the core's clock)"""
 
     def __init__(
         self,
@@ -1037,10 +1057,11 @@ class BootStatus(_message.Message):
         stage: _builtins.str = ...,
         message: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "environment", b"environment", "message", b"message", "stage", b"stage", "state", b"state", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "environment", b"environment", "message", b"message", "since", b"since", "stage", b"stage", "state", b"state", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1171,19 +1192,23 @@ class ListBootEventsRequest(_message.Message):
 
     NODE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """"" for all nodes"""
     limit: _builtins.int
     """0 means 100; at most 10000"""
+    boot_id: _builtins.str
+    """only this boot's events; with a node and "latest": its latest boot's"""
     def __init__(
         self,
         *,
         node: _builtins.str = ...,
         limit: _builtins.int = ...,
+        boot_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "limit", b"limit", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,211 @@
+"""What the agent leaves in the environment's RAM so that the environment itself can say it
+is up (standard library only; a real boot only).
+
+A boot is ``up`` only when the running environment reports in, never because the agent
+got as far as switch_root.  Before it execs the EE's init the agent mounts a tmpfs on the
+new root's ``/run`` (systemd keeps a ``/run`` that is already mounted) and writes there:
+
+- ``/run/slim/busybox``: the initrd's static busybox (its ``wget`` posts the report);
+- ``/run/slim/report``: a shell script that posts one event, stage ``up``, to the relays of
+  the plan (each in turn, a bounded number of rounds, jittered), under the boot's id; the
+  event carries no time, so the relay that takes it stamps it;
+- for a systemd EE (its init resolves to ``systemd``): ``slim-up.service`` under
+  ``/run/systemd/system``, wanted by and ordered after the EE's default target, which runs
+  the script once that target is reached.  Another init runs ``/run/slim/report`` itself
+  (docs/agent.md);
+- when a directory is on NFS, the boot NIC is marked unmanaged for systemd-networkd and
+  NetworkManager (``/run/systemd/network``, ``/run/NetworkManager/conf.d``), so that the
+  EE's network manager does not take down the link its ``/usr`` lives on.
+
+Nothing is written to the image or to a disk: everything is in the tmpfs on ``/run``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+from pathlib import Path, PurePosixPath
+
+BUSYBOX = Path("/bin/busybox")  # in the initrd (core/build/agentrt.py puts it there)
+RUN_OPTIONS = "mode=0755,nosuid,nodev,size=20%"  # what systemd would mount /run with
+UNIT = "slim-up.service"
+REPORT_ROUNDS = 20  # rounds over the relays before the script gives up
+DEFAULT_TARGET = "multi-user.target"
+MAX_SYMLINK_HOPS = 40
+
+REPORT_SCRIPT = """\
+#!/run/slim/busybox sh
+# Written by the SLIM agent into this environment's RAM.  Tells SLIM, through a relay,
+# that the environment is up: run it once the environment's init has started what it
+# starts (systemd: slim-up.service does).  Usage: /run/slim/report [MESSAGE]
+bb="${{0%/*}}/busybox"  # beside this script: /run/slim/busybox
+node={node}
+boot={boot}
+environment={environment}
+relays={relays}
+message=$(printf '%s' "${{1:-the environment is up}}" | $bb tr -cd 'A-Za-z0-9 ._:/+=-' | $bb head -c 200)
+body='{{"events":[{{"boot_id":"'$boot'","stage":"up","ok":true,"environment":"'$environment'","message":"'$message'"}}]}}'
+round=0
+while [ $round -lt {rounds} ]; do
+  for url in $relays; do
+    if $bb timeout 15 $bb wget -q -O /dev/null --header 'Content-Type: application/json' \\
+        --post-data "$body" "$url/v1/nodes/$node/events"; then
+      echo "slim: reported up to $url"
+      exit 0
+    fi
+  done
+  round=$((round + 1))
+  $bb sleep $((2 + $($bb awk 'BEGIN {{ srand(); print int(rand() * 4) }}')))
+done
+echo "slim: no relay took the report that $node is up" >&2
+exit 1
+"""
+
+UNIT_TEXT = """\
+# Written by the SLIM agent into this environment's RAM (not part of the image).
+[Unit]
+Description=SLIM: report that this environment is up
+After={target}
+
+[Service]
+Type=oneshot
+ExecStart=/run/slim/busybox sh /run/slim/report "systemd reached {target}"
+"""
+
+NETWORKD_TEXT = """\
+# Written by the SLIM agent: this NIC carries the environment's NFS directories.
+[Match]
+MACAddress={macs}
+
+[Link]
+Unmanaged=yes
+"""
+
+NETWORKMANAGER_TEXT = """\
+# Written by the SLIM agent: this NIC carries the environment's NFS directories.
+[keyfile]
+unmanaged-devices={devices}
+"""
+
+
+def resolve_in(root: Path, path: str) -> Path:
+    """``path`` inside ``root`` as a chroot would resolve it (absolute links stay inside)."""
+    todo = [c for c in reversed(PurePosixPath(path).parts) if c not in ("/", "", ".")]
+    done: list[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop()
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        here = root.joinpath(*done, part)
+        if not here.is_symlink() or hops >= MAX_SYMLINK_HOPS:
+            done.append(part)
+            continue
+        hops += 1
+        target = PurePosixPath(os.readlink(here))
+        if target.is_absolute():
+            done = []
+        todo.extend(c for c in reversed(target.parts) if c not in ("/", "", "."))
+    return root.joinpath(*done)
+
+
+def uses_systemd(root: Path, init: str) -> bool:
+    return resolve_in(root, init).name == "systemd"
+
+
+def default_target(root: Path) -> str:
+    """The name of the EE's default target (what ``default.target`` links to)."""
+    for where in ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system"):
+        link = root / where / "default.target"
+        if link.is_symlink():
+            name = PurePosixPath(os.readlink(link)).name
+            if name.endswith(".target") and name != "default.target":
+                return name
+    return DEFAULT_TARGET
+
+
+def boot_macs() -> list[str]:
+    """MAC addresses of the interfaces the initrd configured (those with a route)."""
+    names: set[str] = set()
+    try:
+        with open("/proc/net/route") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields:
+                    names.add(fields[0])
+    except OSError:
+        return []
+    macs = []
+    for name in sorted(names):
+        try:
+            mac = Path(f"/sys/class/net/{name}/address").read_text().strip()
+        except OSError:
+            continue
+        if mac and mac != "00:00:00:00:00:00":
+            macs.append(mac)
+    return macs
+
+
+def install(
+    root: Path,
+    *,
+    node: str,
+    boot_id: str,
+    environment: str,
+    relays: list[str],
+    init: str,
+    nfs: bool,
+    macs: list[str] | None = None,
+    busybox: Path = BUSYBOX,
+) -> list[str]:
+    """Write the report (and, for systemd, its unit) under ``root``/run; the paths written.
+
+    ``root/run`` must already be the tmpfs the EE will keep."""
+    run = root / "run"
+    slim = run / "slim"
+    slim.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+
+    def write(path: Path, text: str, mode: int = 0o644) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(mode)
+        written.append("/" + str(path.relative_to(root)))
+
+    shutil.copyfile(busybox, slim / "busybox")
+    (slim / "busybox").chmod(0o755)
+    written.append("/run/slim/busybox")
+    write(
+        slim / "report",
+        REPORT_SCRIPT.format(
+            node=shlex.quote(node),
+            boot=shlex.quote(boot_id),
+            environment=shlex.quote(environment),
+            relays=shlex.quote(" ".join(relays)),
+            rounds=REPORT_ROUNDS,
+        ),
+        0o755,
+    )
+    if uses_systemd(root, init):
+        target = default_target(root)
+        units = run / "systemd" / "system"
+        write(units / UNIT, UNIT_TEXT.format(target=target))
+        wants = units / f"{target}.wants"
+        wants.mkdir(parents=True, exist_ok=True)
+        (wants / UNIT).symlink_to(f"../{UNIT}")
+        written.append(f"/run/systemd/system/{target}.wants/{UNIT}")
+    if nfs:
+        found = boot_macs() if macs is None else macs
+        if found:
+            write(
+                run / "systemd" / "network" / "00-slim-boot.network",
+                NETWORKD_TEXT.format(macs=" ".join(found)),
+            )
+            write(
+                run / "NetworkManager" / "conf.d" / "00-slim-boot.conf",
+                NETWORKMANAGER_TEXT.format(devices=";".join(f"mac:{m}" for m in found)),
+            )
+    return written
