@@ -56,8 +56,8 @@ def figures(boot: Boot) -> dict[str, Any]:
         "kernel_start_to_switch_root_s": round(t["switch_root"] - boot.kernel_started, 2),
         "kernel_start_to_marker_s": round(boot.marker_at - boot.kernel_started, 2),
         "qemu_start_to_kernel_s": round(boot.kernel_started - boot.qemu_started, 2),
-        "agent_stages_s": {e.stage: round(t[e.stage] - t["plan"], 2) for e in boot.events},
-        "agent_bytes": {e.stage: e.bytes for e in boot.events if e.bytes},
+        "agent_stages_s": {s: round(t[s] - t["plan"], 2) for s in boot.agent_stages},
+        "agent_bytes": {e.stage: e.bytes for e in boot.events if e.bytes and e.stage in boot.agent_stages},
     }
 
 

@@ -7,7 +7,10 @@ built; a network namespace with a bridge gets `slim serve` (core, relay with
 TFTP, nfs-ganesha, dnsmasq as proxy-DHCP) and a plain dnsmasq playing the
 site's DHCP server; a QEMU VM with UEFI firmware joins the bridge on a tap
 device, PXE-boots (ipxe.efi over TFTP, the menu over HTTP), runs the agent in
-its initrd and switch_roots into the EE.  Then the per-stage timeline.
+its initrd and switch_roots into the EE, whose systemd reports it up.  Then the
+boot's timeline as the product tells it: ``slim node timeline vm1`` (the relays'
+records of stage 1, script, kernel and initrd, the agent's stages, the EE's own
+report), optionally drawn (``--plot FILE.png``).
 
 Needs root (namespaces, tap), QEMU, OVMF, nfs-ganesha, dnsmasq, debootstrap:
 ``./run demo`` installs them.  Everything is removed at the end unless
@@ -23,40 +26,39 @@ from collections.abc import Callable
 from pathlib import Path
 
 from labs.vmlab import Boot, Lab
+from slim import timeline
 
 
-def timeline(boot: Boot) -> list[tuple[float, str]]:
-    """(seconds since QEMU started, what) for the console's milestones and the agent's
-    events (the agent's clock is the guest's, set from the host at power-on)."""
-    rows = [(at - boot.qemu_started, label) for label, at in boot.milestones.items()]
-    for e in boot.events:
-        at = e.time.seconds + e.time.nanos / 1e9
-        detail = f" ({e.bytes / 1e6:.1f} MB)" if e.bytes else ""
-        rows.append((at - boot.qemu_started, f"agent: {e.stage}{detail}"))
-    return sorted(rows)
-
-
-def run(workdir: Path | None = None, keep: bool = False, say: Callable[[str], None] = print) -> Boot:
+def run(
+    workdir: Path | None = None,
+    keep: bool = False,
+    say: Callable[[str], None] = print,
+    plot: Path | None = None,
+) -> Boot:
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="slim-demo-", dir=workdir))
     started = time.monotonic()
     try:
-        with Lab(tmp, network="pxe") as lab:
-            say("1/3 Building the demo EE (Debian bookworm minbase; the first run downloads it) ...")
+        with Lab(tmp, network="pxe", init="systemd") as lab:
+            say("1/3 Building the demo EE (Debian bookworm with systemd; the first run downloads it) ...")
             lab.start()
             say(f"    built in {time.monotonic() - started:.0f} s; slim serve says:")
             for line in lab.said:
                 say(f"      {line}")
-            say("2/3 Booting a QEMU VM (UEFI PXE, TCG) on the lab's bridge ...")
+            say("2/3 Booting a QEMU VM (UEFI PXE, TCG) on the lab's bridge, until its EE reports up ...")
             boot = lab.boot()
-            say(f"3/3 The VM runs {boot.active['environment']} (release {boot.active['release'][:19]}...):")
-            say("      seconds  stage")
-            for at, what in timeline(boot):
-                say(f"      {at:7.1f}  {what}")
-            total = boot.marker_at - boot.qemu_started
+            say(f"3/3 The VM runs {boot.active['environment']} (release {boot.active['release'][:19]}...); "
+                "slim node timeline vm1 says:")  # fmt: skip
+            args = ["node", "timeline", "vm1", "--core", lab.core]
+            if plot is not None:
+                args += ["--plot", str(plot.resolve())]
+            for line in lab.slim(*args).splitlines():
+                say(f"      {line}")
+            t = timeline.build("vm1", boot.events, boot.status)
             say(
-                f"    power-on to the EE's init: {total:.1f} s"
+                f"    the firmware ran {t.power_on - boot.qemu_started:.1f} s from QEMU's start before the "
+                f"first request; power-on to up: {t.total:.1f} s"
                 + (f"; everything is in {tmp}" if keep else "")
             )
             return boot
@@ -79,11 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--keep", action="store_true", help="keep the demo's directory (EE, store, logs, console)"
     )
+    ap.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="FILE.png",
+        help="also draw the boot's timeline into FILE.png",
+    )
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         fail("the boot demo needs root (network namespaces, a tap device); try: sudo ./run demo")
     with errors_to_exit():
-        run(args.workdir, args.keep)
+        run(args.workdir, args.keep, plot=args.plot)
     return 0
 
 

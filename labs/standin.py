@@ -23,3 +23,14 @@ def add_kernel(image: Path, label: str = "", size: int = 0, directory: str = "bo
     head = f"stand-in kernel {label}".encode()
     (image / directory / f"vmlinuz-{KVER}").write_bytes(head + os.urandom(max(0, size - len(head))))
     (image / "vmlinuz").symlink_to(f"{directory}/vmlinuz-{KVER}")
+    add_init(image)
+
+
+def add_init(image: Path) -> None:
+    """An executable ``/sbin/init`` (a build refuses an image without one); never run:
+    the labs' nodes boot in no-reboot mode."""
+    init = image / "sbin" / "init"
+    if not init.exists():
+        init.parent.mkdir(parents=True, exist_ok=True)
+        init.write_text("#!/bin/sh\n# a stand-in init: the labs never run it\nexec sleep infinity\n")
+        init.chmod(0o755)

@@ -1,10 +1,13 @@
 """A one-machine lab: an EE booted in a QEMU VM through real `slim` servers.
 
 Used by tests/test_vm_boot.py, bench/vm_boot.py and the boot demo (labs/bootdemo.py).  It imports
-a Debian bookworm EE (debootstrap minbase, cached) with / in RAM, /usr over
-NFSv4 and, optionally, /var on the VM's disk, and builds it.  The EE's init is
-a script on the NFS /usr that prints a marker with /run/slim/ee and powers
-the VM off.  Two networks:
+a Debian bookworm EE (`slim ee import --from debootstrap:bookworm`: minbase with
+systemd, cached) with / in RAM, /usr over NFSv4 and, optionally, /var on the VM's
+disk, and builds it.  Its init is either the image's own systemd (``init="systemd"``:
+the EE reports up through the unit the agent leaves in its /run; the lab then stops
+the VM) or, quicker, a test script on the NFS /usr (``init="test"``) that reports up
+with /run/slim/report, prints a marker with /run/slim/ee and powers the VM off.  A
+boot ends when the core says it is up or failed.  Two networks:
 
 * ``user`` (QEMU user networking): the core (with its object server), a relay
   and `slim nfs serve` run as processes on 127.0.0.1; QEMU's iPXE ROM is told
@@ -29,11 +32,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from labs.busyfront import BusyFront
 from labs.host import free_port
 from labs.netlab import NetLab
 from slim.allinone import await_ready
@@ -46,10 +51,16 @@ MARKER = "SLIM-EE-MARKER"
 BOOT_TIMEOUT = 300.0
 TEST_INIT = f"""#!/bin/sh
 mount -t proc proc /proc
+/run/slim/report "slim-test-init started" || echo "SLIM-TEST: no relay took the report"
 echo "{MARKER} $(tr -d '\\n' < /run/slim/ee)"
 sync
 echo o > /proc/sysrq-trigger
 """
+# an init that dies at once: the kernel panics (panic=-1 reboots it; QEMU -no-reboot exits)
+CRASH_INIT = "#!/bin/sh\necho SLIM-TEST: this init dies\nexit 1\n"
+TEST_INIT_PATH = "/usr/local/sbin/slim-test-init"
+CRASH_INIT_PATH = "/usr/local/sbin/slim-crash-init"
+NIC_MODULES = {"virtio-net-pci": "virtio_pci, virtio_net", "e1000": "e1000"}
 REGISTRY = """\
 settings: {{nfs_server: {server}, boot_menu_timeout: 0, heartbeat_interval: 1}}
 sites:
@@ -63,8 +74,8 @@ environments:
   vmtest:
     image: {image}
     default_policy: ram
-    kernel_args: "slim.init=/usr/local/sbin/slim-test-init"
-    directories:
+    kernel_args: "{kernel_args}"
+{up_timeout}    directories:
 {var}      /usr: {{policy: nfs, options: "ro,nolock,noatime,proto=tcp,port={nfs},vers=4.1"}}
 nodes:
   vm1: {{macs: ["{mac}"], profile: vm, environment: vmtest, site: qemu{disk}}}
@@ -98,20 +109,68 @@ MILESTONES = (
     ("iPXE: DHCP again, told the relay's boot URL", re.compile(r"Filename: http")),
     ("iPXE: menu over HTTP", re.compile(r"\.ipxe\.\.\. ok")),
     ("kernel and initrd over HTTP; kernel starts", re.compile(r"Linux version")),
-    ("EE's init runs", re.compile(MARKER)),
+    ("EE's init runs", re.compile(rf"{MARKER}|Reached target.*[Mm]ulti-[Uu]ser")),  # test init, or systemd
 )
 
 
 @dataclass
 class Boot:
-    active: dict[str, Any]  # the EE's /run/slim/ee
-    events: list[pb.BootEvent]  # this boot's events, by the agent's timestamps
+    active: dict[str, Any]  # the EE's /run/slim/ee (from the test init's marker, or from the core)
+    events: list[pb.BootEvent]  # every event of this boot (relays' and agent's), oldest first
     console: str
     qemu_started: float  # host clock
     kernel_started: float  # when "Linux version" came out on the console
-    marker_at: float
-    qemu_exit: int
+    marker_at: float  # the test init's marker, or when the lab saw the core say "up"
+    qemu_exit: int | None  # None: the lab stopped the VM (a systemd EE runs on)
     milestones: dict[str, float] = field(default_factory=dict)  # label -> host clock
+    status: pb.BootStatus | None = None  # the core's word on this boot, at its end
+
+    @property
+    def agent_stages(self) -> list[str]:
+        """The stages the agent and the environment reported (not the relays' own)."""
+        return [
+            e.stage for e in self.events if e.stage not in RELAY_STAGES and not e.stage.startswith("tftp:")
+        ]
+
+
+RELAY_STAGES = ("script", "kernel", "initrd")  # and tftp:NAME: what relays record themselves
+
+
+class _Console:
+    """QEMU's console, read on a thread: lines timestamped as they arrive, the milestones,
+    the kernel's start and the test init's marker."""
+
+    def __init__(self, proc: subprocess.Popen[str], log: Path) -> None:
+        self.lines: list[str] = []
+        self.milestones: dict[str, float] = {}
+        self.kernel_at = self.marker_at = 0.0
+        self.active: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._read, args=(proc, log), name="console", daemon=True)
+        self._thread.start()
+
+    def _read(self, proc: subprocess.Popen[str], log: Path) -> None:
+        assert proc.stdout is not None
+        with open(log, "w") as out:
+            for line in proc.stdout:  # ends when QEMU exits
+                now = time.time()
+                self.lines.append(line)
+                out.write(line)
+                for label, pattern in MILESTONES:
+                    if label not in self.milestones and pattern.search(line):
+                        self.milestones[label] = now
+                if not self.kernel_at and "Linux version" in line:
+                    self.kernel_at = now
+                m = re.search(rf"{MARKER} (\{{.*\}})", line)
+                if m:
+                    self.marker_at, self.active = now, json.loads(m.group(1))
+        proc.stdout.close()
+
+    def join(self) -> None:
+        self._thread.join(30)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
 
 
 class Lab:
@@ -122,11 +181,22 @@ class Lab:
         qemu: str = "qemu-system-x86_64",
         network: Literal["user", "pxe"] = "user",
         pxelinux: bool = False,
+        init: Literal["test", "systemd"] = "test",
+        nic: Literal["virtio-net-pci", "e1000"] = "virtio-net-pci",
+        up_timeout: float | None = None,
+        busy: list[int | None] | None = None,
     ) -> None:
         """``pxelinux`` (pxe network only): a BIOS VM whose profile boots the legacy way,
-        lpxelinux.0 over TFTP and its pxelinux.cfg/01-<mac> from the relay."""
+        lpxelinux.0 over TFTP and its pxelinux.cfg/01-<mac> from the relay.  ``init``: the
+        image's own systemd, or the test script (see the module's docstring); ``nic``: the
+        VM's network card (the profile loads its driver); ``up_timeout``: the
+        environment's; ``busy`` (user network): a busy front (labs.busyfront) before the
+        relay refuses the first object requests with 503, with these Retry-Afters."""
         self.tmp, self.qemu, self.var_policy, self.network = tmp, qemu, var_policy, network
         self.pxelinux = pxelinux
+        self.init_path: str | None = TEST_INIT_PATH if init == "test" else None  # None: the image's
+        self.nic, self.up_timeout, self.busy = nic, up_timeout, busy
+        self.front: BusyFront | None = None
         self.state = tmp / "state"
         self.image, self.store = tmp / "image", self.state / "store"
         self.registry = tmp / "registry.yaml"
@@ -144,9 +214,10 @@ class Lab:
         self.write_registry()
         self._slim("ee", "import", "vmtest", "--from", "debootstrap:bookworm", "--add-kernel",
                    "--registry", str(self.registry))  # fmt: skip
-        init = self.image / "usr" / "local" / "sbin" / "slim-test-init"  # on /usr: it runs from NFS
-        init.write_text(TEST_INIT)
-        init.chmod(0o755)
+        for path, text in ((TEST_INIT_PATH, TEST_INIT), (CRASH_INIT_PATH, CRASH_INIT)):
+            init = self.image / path.lstrip("/")  # on /usr: it runs from NFS
+            init.write_text(text)
+            init.chmod(0o755)
         self.built = self.build()
         if self.network == "pxe":
             return self._start_pxe()
@@ -160,6 +231,9 @@ class Lab:
                             "--upstream", f"http://{objects}", "--cache-dir", str(self.tmp / "cache"),
                             "--max-bytes", "2G", "--listen", "127.0.0.1:0")  # fmt: skip
         self.relay_port = int(self._ready(relay, "listening on", "relay").rsplit(":", 1)[1])
+        if self.busy:  # the guest reaches the relay through the busy front
+            self.front = BusyFront(f"http://127.0.0.1:{self.relay_port}", self.busy)
+            self.relay_port = self.front.start()
         self.write_registry()  # the registry names the relay where the guest reaches it
         nfs = self._start("nfs", "serve", "--registry", str(self.registry), "--store", str(self.store),
                           "--listen", f"127.0.0.1:{self.nfs_port}",
@@ -214,7 +288,9 @@ class Lab:
                 image=self.image,
                 nfs=self.nfs_port,
                 mac=MAC,
-                modules="virtio_pci, virtio_net" + (", virtio_blk" if disk else ""),
+                modules=NIC_MODULES[self.nic] + (", virtio_blk" if disk else ""),
+                kernel_args=f"slim.init={self.init_path}" if self.init_path else "",
+                up_timeout=f"    up_timeout: {self.up_timeout:g}\n" if self.up_timeout else "",
                 var=f"      /var: {self.var_policy}\n" if disk else "",
                 disk=", disk: /dev/vda" if disk else "",
             )
@@ -234,14 +310,17 @@ class Lab:
 
     # -- booting ------------------------------------------------------------
     def boot(self, *qemu_args: str) -> Boot:
-        """Boot the VM once; the console is read line by line and timestamped as lines arrive."""
+        """Boot the VM once, until the core says the boot is up or failed (and, with the test
+        init, until the VM powered itself off); the console is read on a thread and
+        timestamped as lines arrive."""
         serial = self.tmp / "serial.log"
+        before = self._status()
         started = time.time()
         if self.netlab is not None and self.pxelinux:  # BIOS; QEMU's iPXE ROM as the PXE ROM
             argv = [
                 *self.netlab.cmd(self.netlab.server, self.qemu), "-boot", "n",
                 "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-                "-device", f"virtio-net-pci,netdev=n0,mac={MAC}",
+                "-device", f"{self.nic},netdev=n0,mac={MAC}",
             ]  # fmt: skip
         elif self.netlab is not None:  # UEFI firmware's own PXE on the lab's bridge
             vars_copy = self.tmp / "OVMF_VARS.fd"
@@ -251,53 +330,86 @@ class Lab:
                 "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
                 "-drive", f"if=pflash,format=raw,file={vars_copy}",
                 "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-                "-device", f"virtio-net-pci,netdev=n0,mac={MAC},romfile=",
+                "-device", f"{self.nic},netdev=n0,mac={MAC},romfile=",
             ]  # fmt: skip
         else:  # QEMU's iPXE ROM, told the boot script's URL by QEMU's own DHCP
             argv = [
                 self.qemu, "-boot", "n",
                 "-netdev", f"user,id=n0,bootfile=http://10.0.2.2:{self.relay_port}/boot/{MAC}.ipxe",
-                "-device", f"virtio-net-pci,netdev=n0,mac={MAC}",
+                "-device", f"{self.nic},netdev=n0,mac={MAC}",
             ]  # fmt: skip
+        # -no-reboot: a kernel panic (an init that died) ends QEMU instead of booting again
         proc = subprocess.Popen(
             [*argv, "-accel", "tcg", "-m", "1024", "-nographic", "-no-reboot", *qemu_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             text=True, errors="replace",
         )  # fmt: skip
-        assert proc.stdout is not None
-        kernel_at = marker_at = 0.0
-        active: dict[str, Any] = {}
-        lines: list[str] = []
-        milestones: dict[str, float] = {}
-        with open(serial, "w") as log:
-            for line in proc.stdout:  # ends when QEMU exits (the EE powers the VM off)
-                now = time.time()
-                lines.append(line)
-                log.write(line)
-                for label, pattern in MILESTONES:
-                    if label not in milestones and pattern.search(line):
-                        milestones[label] = now
-                if not kernel_at and "Linux version" in line:
-                    kernel_at = now
-                m = re.search(rf"{MARKER} (\{{.*\}})", line)
-                if m:
-                    marker_at, active = now, json.loads(m.group(1))
-                if now - started > BOOT_TIMEOUT:
-                    proc.kill()
-                    break
-        code = proc.wait(timeout=30)
-        proc.stdout.close()
-        console = "".join(lines)
-        if not active:
-            raise AssertionError(f"no marker (qemu exit {code}):\n{console[-3000:]}")
+        console = _Console(proc, serial)
+        status: pb.BootStatus | None = None
+        up_seen = 0.0
+        stopped = False
+        try:
+            deadline = started + BOOT_TIMEOUT + (self.up_timeout or 0)
+            while time.time() < deadline:  # bounded; the core's state is polled
+                exited = proc.poll() is not None
+                current = self._status()
+                if current is not None and (before is None or current.boot_id != before.boot_id):
+                    status = current
+                    if status.state == "up" and not up_seen:
+                        up_seen = time.time()
+                    done = status.state in ("up", "failed")
+                    if done and (exited or self.init_path is None or status.state == "failed"):
+                        break
+                if exited and (status is None or status.state not in ("starting", "booting")):
+                    break  # QEMU is gone and nothing more will come
+                time.sleep(0.5)
+        finally:
+            if proc.poll() is None:  # a systemd EE runs on, or the deadline passed
+                stopped = True
+                proc.kill()
+            code = proc.wait(timeout=30)
+            console.join()
+        if status is None or status.state not in ("up", "failed"):
+            raise AssertionError(
+                f"the boot did not end (core: {status}, qemu exit {code}):\n{console.text[-3000:]}"
+            )
         assert self._client is not None
-        events = self._client.call(self.admin.ListBootEvents, pb.ListBootEventsRequest(node="vm1")).events
-        mine = sorted(
-            (e for e in events if e.boot_id == active["boot_id"]), key=lambda e: e.time.ToNanoseconds()
-        )
-        return Boot(active, mine, console, started, kernel_at, marker_at, code, milestones)
+        events = self._client.call(
+            self.admin.ListBootEvents, pb.ListBootEventsRequest(node="vm1", boot_id=status.boot_id)
+        ).events
+        active = console.active
+        if not active:  # no test init to print /run/slim/ee: the core knows the boot
+            plan = next((e for e in events if e.stage == "plan"), None)
+            release = plan.message.split()[1] if plan is not None and len(plan.message.split()) > 1 else ""
+            active = {"node": "vm1", "environment": status.environment, "boot_id": status.boot_id,
+                      "release": release.rstrip(";")}  # fmt: skip
+        marker_at = console.marker_at or up_seen
+        return Boot(
+            active, list(events), console.text, started, console.kernel_at, marker_at,
+            None if stopped else code, console.milestones, status,
+        )  # fmt: skip
+
+    def wait_for_kernel_args(self, text: str, seconds: float = 30.0) -> None:
+        """Until the core (which reloads the registry on SIGHUP) boots vm1 with ``text`` in
+        its kernel arguments; bounded."""
+        assert self._client is not None
+        req = pb.GetBootScriptRequest(mac=MAC, origin="10.0.2.15", peek=True)
+        for _ in range(int(seconds / 0.1)):
+            if text in self._client.call(self._client.core.GetBootScript, req).script:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the core did not take the new registry within {seconds} s")
+
+    def _status(self) -> pb.BootStatus | None:
+        assert self._client is not None
+        node = self._client.call(self.admin.GetNode, pb.GetNodeRequest(node=pb.NodeRef(name="vm1")))
+        return node.boot if node.HasField("boot") else None
 
     # -- processes ----------------------------------------------------------
+    def slim(self, *args: str) -> str:
+        """Run ``slim ARGS`` (the product's command); its standard output."""
+        return self._slim(*args)
+
     def _slim(self, *args: str) -> str:
         proc = subprocess.run([*SLIM, *args], capture_output=True, text=True, timeout=900, check=False)
         if proc.returncode != 0:
@@ -324,6 +436,8 @@ class Lab:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+        if self.front is not None:
+            self.front.close()
         if self.netlab is not None:
             self.netlab.close()  # stops `slim serve` and the site's DHCP server, removes the namespaces
         for p in reversed(self._procs):

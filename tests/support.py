@@ -160,6 +160,9 @@ def make_image(root: Path) -> None:
     (root / "srv" / "data" / "big").write_bytes(os.urandom(mf.CHUNKED_ABOVE + 100))
     (root / "boot" / f"vmlinuz-{KVER}").write_bytes(b"KERNEL" + os.urandom(1000))
     (root / "vmlinuz").symlink_to(f"boot/vmlinuz-{KVER}")
+    (root / "sbin").mkdir(exist_ok=True)
+    (root / "sbin" / "init").write_text("#!/bin/sh\nexec sleep infinity\n")
+    (root / "sbin" / "init").chmod(0o755)
     mods = root / "lib" / "modules" / KVER
     for name in ("virtio", "virtio_ring", "virtio_pci", "virtio_net", "failover", "net_failover", "overlay"):
         (mods / "kernel" / f"{name}.ko").write_bytes(name.encode() * 100)

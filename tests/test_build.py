@@ -184,6 +184,33 @@ def test_a_stand_in_kernel_and_no_modules_are_warned_about(tmp_path: Path, image
     assert build_environment(reg, Store(tmp_path / "store"), "base").warnings == []
 
 
+def test_an_environment_without_its_init_cannot_be_built(tmp_path: Path, image: Path) -> None:
+    """Without the init a node would reach switch_root and the kernel would panic."""
+    store = Store(tmp_path / "store")
+    init = image / "sbin" / "init"
+    init.unlink()
+    reg = load_registry_text(f"environments: {{base: {{image: {image}}}}}")
+    with pytest.raises(FailedPrecondition, match=r"its init is missing in image .*systemd-sysv.*slim\.init="):
+        build_environment(reg, store, "base")
+    # a link into the image (absolute, as /sbin/init -> /lib/systemd/systemd is) that leads nowhere
+    init.symlink_to("/lib/systemd/systemd")
+    with pytest.raises(FailedPrecondition, match="its init is missing"):
+        build_environment(reg, store, "base")
+    (image / "lib" / "systemd").mkdir(parents=True)
+    (image / "lib" / "systemd" / "systemd").write_text("#!/bin/sh\n")
+    with pytest.raises(FailedPrecondition, match=r"is not executable \(chmod \+x"):
+        build_environment(reg, store, "base")
+    assert store.count_objects() == 0
+    (image / "lib" / "systemd" / "systemd").chmod(0o755)
+    build_environment(reg, store, "base")
+    # the init the environment names is the one that must be there
+    named = load_registry_text(
+        f"environments: {{base: {{image: {image}, kernel_args: 'quiet slim.init=/usr/local/sbin/go'}}}}"
+    )
+    with pytest.raises(FailedPrecondition, match=r"its init \(slim\.init=/usr/local/sbin/go\) is missing"):
+        build_environment(named, store, "base")
+
+
 def _slim(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "slim.cli", *args],

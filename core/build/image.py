@@ -7,8 +7,10 @@ Sources:
   unpacked safely (see slim.agent.unpack: no ``..``, no absolute names, nothing
   through symlinks, devices only as root);
 - ``debootstrap:SUITE``: a fresh Debian system made with debootstrap (minbase
-  variant by default), cached as an archive under the cache directory so a
-  second import of the same suite does not download again.
+  variant by default) plus an init system (:data:`INIT_PACKAGES`: systemd as
+  ``/sbin/init`` and udev, so the environment boots to its multi-user target;
+  ``init=False`` leaves them out), cached as an archive under the cache directory
+  so a second import of the same suite and packages does not download again.
 
 Owners, modes, symlinks, hard links, device nodes, times and xattrs are kept.
 The image is built in a staging directory beside the target and swapped in
@@ -39,6 +41,9 @@ from slim.errors import FailedPrecondition, InvalidArgument
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 SUITE_RE = re.compile(r"^[a-z][a-z0-9.+-]{0,40}$")
 VARIANTS = ("minbase", "buildd", "fakechroot", "-")
+# what a debootstrap import adds so that the environment boots: systemd as /sbin/init, and
+# udev (without it systemd waits 90 s for the console's device before its getty)
+INIT_PACKAGES = ("systemd-sysv", "udev")
 DEBOOTSTRAP_TIMEOUT = 1800
 CACHE_LEVEL = 3
 
@@ -73,6 +78,7 @@ def import_image(
     cache_dir: Path | None = None,
     variant: str = "minbase",
     include: tuple[str, ...] = (),
+    init: bool = True,
     add_kernel: bool = False,
     progress: Progress | None = None,
 ) -> ImportResult:
@@ -88,6 +94,8 @@ def import_image(
     try:
         result = ImportResult(target=target, source=source, entries=0, files=0, bytes=0)
         if source.startswith("debootstrap:"):
+            if init:
+                include = (*include, *(p for p in INIT_PACKAGES if p not in include))
             stats, result.cached = _from_debootstrap(source, staging, cache, variant, include, progress)
         else:
             path = Path(source)

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from slim.agent import manifest as mf
+from slim.agent.plan import parse_cmdline
 from slim.agent.tree import FILE, Entry, ScanReport, scan
 from slim.agent.unpack import UnsafeEntry, copy_root_meta, copy_tree, nofollow
 from slim.core.build import copyset
@@ -109,6 +110,37 @@ def _pruned(path: str, others: list[str]) -> list[str]:
     return [o[len(prefix) :] for o in others if o != path and o.startswith(prefix)]
 
 
+DEFAULT_INIT = "/sbin/init"
+
+
+def init_of(kernel_args: str) -> str:
+    """The init an environment's nodes start after switch_root: ``slim.init=`` in its kernel
+    arguments (the last one, as the agent reads them), else /sbin/init."""
+    return parse_cmdline(kernel_args).get("slim.init") or DEFAULT_INIT
+
+
+def check_init(name: str, image: Path, kernel_args: str) -> str:
+    """The environment's init, which must be an executable file in the image (after links,
+    as in the image): without it a node reaches switch_root and the kernel panics."""
+    init = init_of(kernel_args)
+    if not init.startswith("/"):
+        raise FailedPrecondition(f"environment {name!r}: slim.init={init!r} is not an absolute path")
+    found = resolve_in_image(image, init)
+    named = "its init" if init == DEFAULT_INIT else f"its init (slim.init={init})"
+    if not found.is_file():
+        raise FailedPrecondition(
+            f"environment {name!r}: {named} is missing in image {image}, so it would not boot. "
+            "Add an init system to the image (slim ee import --from debootstrap:SUITE installs "
+            "systemd-sysv by default; in a chroot: apt-get install systemd-sysv), or name the "
+            "program to start with slim.init=PATH in the environment's kernel_args"
+        )
+    if not os.access(found, os.X_OK) or not found.stat().st_mode & 0o111:
+        raise FailedPrecondition(
+            f"environment {name!r}: {named} in image {image} is not executable (chmod +x {found})"
+        )
+    return init
+
+
 def build_environment(
     registry: Registry,
     store: Store,
@@ -144,6 +176,7 @@ def _build(
             f"the image of environment {name!r}, {image}, does not exist; "
             f"import one with: slim ee import {name} --from DIR|TARBALL|debootstrap:SUITE"
         )
+    check_init(name, image, env.kernel_args)
     # the kernel and the profiles' modules first: a module name the kernel lacks fails
     # here, not after the directories (slim registry check finds it earlier still)
     kernel_path = resolve_in_image(image, env.kernel)

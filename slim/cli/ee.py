@@ -120,6 +120,14 @@ def _short(digest: str | None) -> str:
     help="debootstrap: extra Debian packages to install (comma-separated).",
 )
 @click.option(
+    "--init/--no-init",
+    default=True,
+    show_default=True,
+    help="debootstrap: install an init system (systemd-sysv and udev) so that the environment boots "
+    "to its multi-user target; --no-init for a tree whose init you add yourself (slim ee build "
+    "refuses an image without /sbin/init or the slim.init= its environment names).",
+)
+@click.option(
     "--add-kernel",
     is_flag=True,
     help="Unpack the machine's Debian kernel package (apt-get download linux-image-<arch>) into the image, "
@@ -134,6 +142,7 @@ def ee_import(
     cache_dir: Path | None,
     variant: str,
     include: str,
+    init: bool,
     add_kernel: bool,
     as_json: bool,
 ) -> None:
@@ -160,6 +169,7 @@ def ee_import(
                 cache_dir=cache_dir,
                 variant=variant,
                 include=packages,
+                init=init,
                 add_kernel=add_kernel,
                 progress=progress,
             )

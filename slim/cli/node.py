@@ -1,23 +1,31 @@
-"""``slim node``: nodes from the core: list, show, set the next boot, and what the core
-would answer a node (relays, plan, boot menu)."""
+"""``slim node``: nodes from the core: list, show, set the next boot, what the core
+would answer a node (relays, plan, boot menu), and a boot's timeline."""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 import click
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.timestamp_pb2 import Timestamp
 from rich.table import Table
 
+from slim import timeline
 from slim.cli.common import (
     console,
     core_client,
     core_option,
+    err_console,
     errors_to_exit,
     json_option,
     origin_option,
     print_json,
     timestamp,
 )
+from slim.errors import NotFound
 from slim.rpc import policy_name, tier_name
 from slim.v1 import core_pb2 as pb
 from slim.vocabulary import names_a_mac
@@ -46,18 +54,26 @@ def _event_text(e: pb.BootEvent) -> str:
 @core_option
 @json_option
 def node_list(group: str, core_address: str, as_json: bool) -> None:
-    """List nodes with their default and next environment and last boot event."""
+    """List nodes: default and next EE, latest boot's state and since when, last event.
+
+    The state is the core's: booting, starting (after switch_root), up (the environment
+    reported in) or failed (where and why), with how long ago the boot entered it.
+    """
     client = core_client(core_address)
     with errors_to_exit():
         resp = client.call(client.admin.ListNodes, pb.ListNodesRequest(group=group))
     if as_json:
-        print_json(resp)
+        doc = MessageToDict(resp, preserving_proto_field_name=True)
+        for n, d in zip(resp.nodes, doc.get("nodes", []), strict=True):
+            _add_since_epoch(n, d)
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
         return
-    table = Table("node", "MACs", "profile", "site", "default EE", "next boot", "running", "last event")
+    now = time.time()
+    table = Table("node", "MACs", "profile", "site", "default EE", "next boot", "latest boot", "last event")
     for n in resp.nodes:
         nxt = n.next_environment + (f" (set by {n.next_boot.set_by})" if n.HasField("next_boot") else "")
         last = _event_text(n.last_event) if n.HasField("last_event") else "-"
-        running = f"{n.boot.environment}: {n.boot.state}" if n.HasField("boot") else "-"
+        running = f"{n.boot.environment or '?'}: {_state_text(n.boot, now)}" if n.HasField("boot") else "-"
         table.add_row(
             n.name, " ".join(n.macs), n.profile, n.site or "-", n.default_environment, nxt, running, last
         )
@@ -74,7 +90,9 @@ def node_show(node_name: str, core_address: str, as_json: bool) -> None:
     with errors_to_exit():
         n = client.call(client.admin.GetNode, pb.GetNodeRequest(node=_node_ref(node_name)))
     if as_json:
-        print_json(n)
+        doc = MessageToDict(n, preserving_proto_field_name=True)
+        _add_since_epoch(n, doc)
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
         return
     console.print(f"[bold]{n.name}[/]")
     console.print(f"  MACs         {' '.join(n.macs)}")
@@ -93,9 +111,43 @@ def node_show(node_name: str, core_address: str, as_json: bool) -> None:
 
 
 def _boot_text(b: pb.BootStatus) -> str:
-    """e.g. "jdk14: up (boot 3f2a..., 2026-11-25 02:30:01)" or "jdk14: failed at disk:/var: ..."."""
+    """e.g. "jdk14: up 3 min ago (boot 3f2a..., latest event 2026-11-25 02:30:01)" or
+    "jdk14: failed 1 h ago at up: no report from the environment 300 s after switch_root (...)"."""
+    return (
+        f"{b.environment or '?'}: {_state_text(b, time.time())}"
+        f" (boot {b.boot_id}, latest event {timestamp(b.time)})"
+    )
+
+
+def _state_text(b: pb.BootStatus, now: float) -> str:
+    """The state, how long ago the boot entered it, and where and why it failed:
+    "up 3 min ago", "starting 12 s ago", "failed 1 h ago at disk:/var: ..."."""
+    since = f" {_ago(now - _epoch(b.since))}" if b.HasField("since") else ""
     where = f" at {b.stage}: {b.message}" if b.state == "failed" else ""
-    return f"{b.environment or '?'}: {b.state}{where} (boot {b.boot_id}, {timestamp(b.time)})"
+    return f"{b.state}{since}{where}"
+
+
+def _epoch(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def _ago(seconds: float) -> str:
+    """``12 s ago``, ``3 min ago``, ``5 h ago``, ``2 d ago`` (a clock behind the core's: 0 s)."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s ago"
+    if s < 3600:
+        return f"{s // 60} min ago"
+    if s < 48 * 3600:
+        return f"{s // 3600} h ago"
+    return f"{s // 86400} d ago"
+
+
+def _add_since_epoch(n: pb.NodeInfo, doc: dict[str, Any]) -> None:
+    """--json: the boot's ``since`` as epoch seconds too (``since_epoch``), beside the
+    protobuf JSON's RFC 3339 text."""
+    if n.HasField("boot") and n.boot.HasField("since") and "boot" in doc:
+        doc["boot"]["since_epoch"] = _epoch(n.boot.since)
 
 
 @node.command("set-ee")
@@ -225,16 +277,67 @@ def node_events(node_name: str, limit: int, core_address: str, as_json: bool) ->
     if as_json:
         print_json(resp)
         return
-    table = Table("time", "node", "boot", "stage", "ok", "relay", "bytes", "message")
+    table = Table("time", "node", "boot", "stage", "took", "ok", "relay", "bytes", "message")
     for e in resp.events:
         table.add_row(
             timestamp(e.time),
             e.node,
             e.boot_id[:8],
             e.stage,
+            f"{e.duration:.2f} s" if e.duration else "-",
             "yes" if e.ok else "NO",
             e.relay,
             str(e.bytes),
             e.message,
         )
     console.print(table)
+
+
+@node.command("timeline")
+@click.argument("node_name", metavar="NODE")
+@click.option(
+    "--boot",
+    "boot_id",
+    default="latest",
+    show_default=True,
+    help="Which boot: its id (boot_id in `slim node events NODE --json`), or latest.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE.png",
+    help="Also draw the timeline as a PNG (needs matplotlib: pip install 'slim[plot]').",
+)
+@core_option
+@json_option
+def node_timeline(
+    node_name: str, boot_id: str, plot_path: Path | None, core_address: str, as_json: bool
+) -> None:
+    """NODE's boot (name or MAC), stage by stage, from power-on to up.
+
+    Seconds are counted from the first request the relays saw (stage 1 over TFTP, or the
+    boot script): each row is a stage's start and how long it took, what it loaded and
+    who recorded it (a relay, the agent, the environment).  The last line says how long
+    power-on to up took, or to the failure, or to the latest stage so far.
+    """
+    client = core_client(core_address)
+    with errors_to_exit():
+        n = client.call(client.admin.GetNode, pb.GetNodeRequest(node=_node_ref(node_name)))
+        resp = client.call(
+            client.admin.ListBootEvents, pb.ListBootEventsRequest(node=n.name, boot_id=boot_id)
+        )
+        if not resp.events:
+            if boot_id == "latest":
+                raise NotFound(f"no boot recorded for node {n.name} yet")
+            raise NotFound(f"node {n.name} has no boot {boot_id} (see: slim node events {n.name})")
+        t = timeline.build(n.name, resp.events, n.boot if n.HasField("boot") else None)
+        if as_json:
+            click.echo(json.dumps(t.to_json(), indent=2, sort_keys=True))
+        else:
+            for line in timeline.render(t):
+                click.echo(line)
+        if plot_path is not None:
+            timeline.plot(t, plot_path)
+            (err_console if as_json else console).print(f"wrote {plot_path}", markup=False)
