@@ -22,7 +22,7 @@ from pathlib import Path
 from slim.agent import report_up
 from slim.agent.ee import BootFailed, Builder, Reporter, switch_root
 from slim.agent.fetch import FetchError, Relays, now
-from slim.agent.plan import BootArgs, PlanError, parse_plan
+from slim.agent.plan import BootArgs, PlanError, parse_cmdline, parse_plan
 
 
 def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | None = None) -> int:
@@ -81,11 +81,17 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
                     report_up.install(
                         target, node=plan.node, boot_id=report.boot_id, environment=plan.environment,
                         relays=relays.urls, init=boot.init, nfs=nfs,
+                        unit=parse_cmdline(args.cmdline.read_text()).get("systemd.unit", ""),
                     )  # fmt: skip
                 except OSError as exc:
                     report("report-up", ok=False, message=f"cannot leave the up report in /run: {exc}")
                     raise BootFailed(f"report-up: {exc}") from exc
                 report("switch_root", message=f"{boot.init}: the environment reports up itself")
+                if not report.drain():
+                    print(
+                        "slim-agent: no relay took the last boot events; switching root anyway",
+                        file=sys.stderr,
+                    )
                 relays.close()
                 switch_root(target, boot.init)
         finally:

@@ -124,6 +124,16 @@ class Reporter:
             return  # kept; sent with the next event
         self._unsent.clear()
 
+    def drain(self, tries: int = 5, pause: float = 2.0) -> bool:
+        """Send what is still unsent, a few times (before switch_root no event follows to
+        carry it: a lost switch_root would leave the core waiting for nothing)."""
+        for _ in range(tries):
+            if not self._unsent:
+                return True
+            time.sleep(pause)
+            self.flush()
+        return not self._unsent
+
 
 @dataclass
 class Result:
@@ -172,7 +182,12 @@ class Builder:
             else:
                 message = f"{result.files} files unpacked"
             self.report(stage, result.bytes, message=message, duration=time.monotonic() - started)
-        self._write_active()
+        try:
+            self._write_active()
+        except OSError as exc:
+            message = f"run: the environment's /run: {exc}"
+            self.report("run", ok=False, message=message)
+            raise BootFailed(message) from exc
         if not self.no_reboot:
             os.sync()  # what went to the node's disk is there before the EE starts
 

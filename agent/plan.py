@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-BOOT_ID_RE = re.compile(r"[0-9a-f]{1,64}")
+BOOT_ID_RE = re.compile(r"[0-9a-f]{1,64}")  # copies of slim.vocabulary's (the agent: stdlib only)
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 POLICIES = ("ram", "disk", "sync", "nfs")  # slim.vocabulary.Policy's names (the agent: stdlib only)
 MAX_PLAN_BYTES = 4 << 20
 DEFAULT_DEADLINE = 900.0  # seconds a boot's fetches may wait for busy relays (slim.deadline=)
@@ -257,9 +258,14 @@ def parse_plan(data: bytes) -> Plan:
         isinstance(m, str) and re.fullmatch(r"[\w-]+", m) for m in modules
     ):
         raise PlanError("plan: modules must be a list of module names")
+    node, environment = _text(doc, "node", "plan"), _text(doc, "environment", "plan")
+    for key, value in (("node", node), ("environment", environment)):
+        # they go into URLs, JSON and the EE's /run (the core's names never fail this)
+        if value and not NAME_RE.fullmatch(value):
+            raise PlanError(f"plan: {key} {value[:80]!r} is not a name (letters, digits, '_', '.', '-')")
     return Plan(
-        node=_text(doc, "node", "plan"),
-        environment=_text(doc, "environment", "plan"),
+        node=node,
+        environment=environment,
         release_digest=_text(doc, "release_digest", "plan"),
         kernel=_ref(doc.get("kernel"), "plan: kernel"),
         initrd=_ref(doc.get("initrd"), "plan: initrd"),

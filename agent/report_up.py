@@ -22,9 +22,11 @@ Nothing is written to the image or to a disk: everything is in the tmpfs on ``/r
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
+import urllib.parse
 from pathlib import Path, PurePosixPath
 
 BUSYBOX = Path("/bin/busybox")  # in the initrd (core/build/agentrt.py puts it there)
@@ -39,26 +41,26 @@ REPORT_SCRIPT = """\
 # Written by the SLIM agent into this environment's RAM.  Tells SLIM, through a relay,
 # that the environment is up: run it once the environment's init has started what it
 # starts (systemd: slim-up.service does).  Usage: /run/slim/report [MESSAGE]
+set -f
 bb="${{0%/*}}/busybox"  # beside this script: /run/slim/busybox
-node={node}
-boot={boot}
-environment={environment}
+url_path={url_path}
 relays={relays}
 message=$(printf '%s' "${{1:-the environment is up}}" | $bb tr -cd 'A-Za-z0-9 ._:/+=-' | $bb head -c 200)
-body='{{"events":[{{"boot_id":"'$boot'","stage":"up","ok":true,"environment":"'$environment'","message":"'$message'"}}]}}'
+body={head}"$message"{tail}
 round=0
 while [ $round -lt {rounds} ]; do
   for url in $relays; do
     if $bb timeout 15 $bb wget -q -O /dev/null --header 'Content-Type: application/json' \\
-        --post-data "$body" "$url/v1/nodes/$node/events"; then
+        --post-data "$body" "$url$url_path"; then
       echo "slim: reported up to $url"
       exit 0
     fi
   done
   round=$((round + 1))
-  $bb sleep $((2 + $($bb awk 'BEGIN {{ srand(); print int(rand() * 4) }}')))
+  # 2 to 5 s, from the kernel's randomness: a storm's nodes do not come back together
+  $bb sleep $((2 + $($bb od -An -N1 -tu1 /dev/urandom) % 4))
 done
-echo "slim: no relay took the report that $node is up" >&2
+echo "slim: no relay took the report that this environment is up" >&2
 exit 1
 """
 
@@ -116,8 +118,11 @@ def uses_systemd(root: Path, init: str) -> bool:
     return resolve_in(root, init).name == "systemd"
 
 
-def default_target(root: Path) -> str:
-    """The name of the EE's default target (what ``default.target`` links to)."""
+def default_target(root: Path, unit: str = "") -> str:
+    """The target the EE boots to: ``unit`` (``systemd.unit=`` on the kernel command line)
+    when it names a target, else what the image's ``default.target`` links to."""
+    if unit.endswith(".target") and "/" not in unit:
+        return unit
     for where in ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system"):
         link = root / where / "default.target"
         if link.is_symlink():
@@ -160,6 +165,7 @@ def install(
     nfs: bool,
     macs: list[str] | None = None,
     busybox: Path = BUSYBOX,
+    unit: str = "",
 ) -> list[str]:
     """Write the report (and, for systemd, its unit) under ``root``/run; the paths written.
 
@@ -178,19 +184,27 @@ def install(
     shutil.copyfile(busybox, slim / "busybox")
     (slim / "busybox").chmod(0o755)
     written.append("/run/slim/busybox")
+    # the event's JSON is made here, whole but for the message (which the script cleans)
+    head, _, tail = json.dumps(
+        {
+            "events": [
+                {"boot_id": boot_id, "stage": "up", "ok": True, "environment": environment, "message": "@"}
+            ]
+        }
+    ).partition('"@"')
     write(
         slim / "report",
         REPORT_SCRIPT.format(
-            node=shlex.quote(node),
-            boot=shlex.quote(boot_id),
-            environment=shlex.quote(environment),
+            url_path=shlex.quote(f"/v1/nodes/{urllib.parse.quote(node, safe='')}/events"),
             relays=shlex.quote(" ".join(relays)),
+            head=shlex.quote(head + '"'),
+            tail=shlex.quote('"' + tail),
             rounds=REPORT_ROUNDS,
         ),
         0o755,
     )
     if uses_systemd(root, init):
-        target = default_target(root)
+        target = default_target(root, unit)
         units = run / "systemd" / "system"
         write(units / UNIT, UNIT_TEXT.format(target=target))
         wants = units / f"{target}.wants"

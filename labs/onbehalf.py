@@ -55,7 +55,13 @@ def post(relay: str, node: str, body: object) -> None:
             with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
                 resp.read()
             return
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:  # the relay (or core) refuses it: asking again changes nothing
+                raise RuntimeError(
+                    f"{relay} refused the report for {node}: {exc.code} {exc.read()[:200]!r}"
+                ) from None
+            last = exc
         except (urllib.error.URLError, OSError) as exc:
             last = exc
-            time.sleep(0.2 * (attempt + 1))
+        time.sleep(0.2 * (attempt + 1))
     raise RuntimeError(f"{relay} took no report for {node}: {last}")

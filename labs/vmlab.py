@@ -44,6 +44,7 @@ from labs.netlab import NetLab
 from slim.allinone import await_ready
 from slim.rpc import CoreClient
 from slim.v1 import core_pb2 as pb
+from slim.vocabulary import relay_observed
 
 SLIM = [sys.executable, "-m", "slim.cli"]
 MAC = "52:54:00:12:34:56"
@@ -128,12 +129,7 @@ class Boot:
     @property
     def agent_stages(self) -> list[str]:
         """The stages the agent and the environment reported (not the relays' own)."""
-        return [
-            e.stage for e in self.events if e.stage not in RELAY_STAGES and not e.stage.startswith("tftp:")
-        ]
-
-
-RELAY_STAGES = ("script", "kernel", "initrd")  # and tftp:NAME: what relays record themselves
+        return [e.stage for e in self.events if not relay_observed(e.stage)]
 
 
 class _Console:

@@ -4,10 +4,11 @@ slurmd runs it as root (docs/slurm.md, "Slurm 22.05 as measured here"):
 
 * with no arguments, at every start and registration: print the node's active
   features, one per line.  We print the node's EE feature (``ee=jdk14``) only
-  once the core confirms that the node's most recent boot into it completed
-  (its agent reported "done"): a node is never handed to a job needing an EE
-  it does not run yet.  A boot still going on or a failed one prints nothing
-  (the failure goes to standard error, which slurmd logs).
+  once the core confirms that the node's most recent boot into it is up (the
+  running EE itself reported in): a node is never handed to a job needing an
+  EE it does not run yet.  A boot still going on (booting, or starting: its
+  init runs but has not reported) or a failed one prints nothing (the reason
+  goes to standard error, which slurmd logs).
 * with one argument (``ee=jdk14``): ask the core to make that EE the node's
   next boot, and have the relays that serve the node prefetch it, waiting
   (bounded) until they are warm; Slurm then runs the RebootProgram, and the

@@ -149,18 +149,19 @@ def event_from_json(node: str, relay: str, rec: Any, index: int) -> pb.BootEvent
         environment=text("environment"),
         duration=float(duration),
     )
-    if "time" in rec:
-        t = rec["time"]
-        if (
-            isinstance(t, bool)
-            or not isinstance(t, int | float)
-            or not (0 <= t <= MAX_TIMESTAMP_SECONDS)
-            or math.isnan(t)
-        ):
-            raise InvalidArgument(f"{where}: time must be seconds since 1970 (a number)")
-        ts = Timestamp()
-        ts.FromNanoseconds(int(t * 1e9))
-        event.time.CopyFrom(ts)
+    # no time: the relay's clock as the event arrives (the EE's report sends none), so that
+    # every event of a boot the relays see is on one clock (the agent's are set by the plan's)
+    t = rec.get("time", time.time())
+    if (
+        isinstance(t, bool)
+        or not isinstance(t, int | float)
+        or not (0 <= t <= MAX_TIMESTAMP_SECONDS)
+        or math.isnan(t)
+    ):
+        raise InvalidArgument(f"{where}: time must be seconds since 1970 (a number)")
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    event.time.CopyFrom(ts)
     return event
 
 

@@ -11,13 +11,21 @@ does, on its own clock, each event with how long the transfer took:
   served the script knows the node; another relay sends the boot id alone and the core
   finds the node by it.
 - ``tftp:NAME``: stage 1 over TFTP.  TFTP carries only the client's address, and behind
-  proxy-DHCP or NAT an address is weak evidence: a transfer is joined to the boot whose
-  script is next asked for from the same address within :data:`TFTP_WINDOW` seconds, and
-  the event says it was matched by address and time.
+  proxy-DHCP or NAT an address is weak evidence: the transfers from an address since the
+  previous script asked from it (within :data:`TFTP_WINDOW` seconds; the latest of each
+  name) are joined to the boot whose script that address asks for next, and the event
+  says it was matched by address and time.  (A pxelinux config over TFTP is the script
+  itself: it is not stage 1.)
+
+A transfer that failed (a relay that answered 503, a download broken off) is recorded
+as a failed attempt; the loader goes on to another try or another relay, so an attempt
+never decides a boot's state (the agent's stages and the environment's report do).
 
 Events are queued and sent to the core by one background task (:meth:`BootObserver.run`),
-in batches; the queue is bounded (the oldest go first, counted) so a core that is away
-never costs the relay its memory.
+in batches; the queue is bounded (when it is full, new events are dropped and counted) so
+a core that is away never costs the relay its memory.  A batch the core refuses (a node
+since removed from the registry) is sent again event by event, so one bad event costs
+only itself.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import re
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,8 +41,9 @@ from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from slim.errors import InvalidArgument, NotFound, SlimError
+from slim.errors import InvalidArgument, NotFound
 from slim.v1 import core_pb2 as pb
+from slim.vocabulary import BOOT_ID_RE
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +52,8 @@ MAX_TFTP_KEPT = 1024  # recent TFTP transfers remembered for matching
 MAX_QUEUED = 10_000  # events waiting for the core
 MAX_BATCH = 500
 MAX_BOOTS_KEPT = 4096  # boot id -> node, for the scripts this relay served
-BOOT_ID_RE = re.compile(r"[0-9a-f]{1,64}")
 OBJECT_STAGES = ("kernel", "initrd")
+PXELINUX_CONFIG = "pxelinux.cfg/"
 RETRY_MIN, RETRY_MAX = 0.5, 30.0
 
 
@@ -84,11 +93,14 @@ class BootObserver:
         self._tftp: collections.deque[TftpTransfer] = collections.deque(maxlen=MAX_TFTP_KEPT)
         self._tftp_lock = threading.Lock()  # TFTP transfers end on the TFTP thread
         self._nodes: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # address -> when the latest script was asked from it (TFTP before that is claimed)
+        self._scripts: collections.OrderedDict[str, float] = collections.OrderedDict()
 
     # -- observations ---------------------------------------------------------
     def tftp_done(self, address: str, name: str, started: float, ended: float, nbytes: int, ok: bool) -> None:
         """A TFTP transfer ended (any thread); kept until a boot script claims it."""
+        if name.lower().startswith(PXELINUX_CONFIG):
+            return  # the script itself (script_served records it), not stage 1
         with self._tftp_lock:
             self._tftp.append(TftpTransfer(address, name, started, ended, nbytes, ok))
 
@@ -134,20 +146,28 @@ class BootObserver:
         )  # fmt: skip
 
     def _claim_tftp(self, address: str, before: float) -> list[TftpTransfer]:
+        """The transfers from ``address`` since its previous script (within the window),
+        the latest of each name; the rest of that address's are forgotten."""
+        since = max(before - TFTP_WINDOW, self._scripts.get(address, 0.0))
+        self._scripts[address] = before
+        self._scripts.move_to_end(address)
+        while len(self._scripts) > MAX_BOOTS_KEPT:
+            self._scripts.popitem(last=False)
+        latest: dict[str, TftpTransfer] = {}
         with self._tftp_lock:
-            mine = [
-                t for t in self._tftp if t.address == address and before - TFTP_WINDOW <= t.started <= before
-            ]
-            for t in mine:
+            for t in [t for t in self._tftp if t.address == address and t.started <= before]:
                 self._tftp.remove(t)
+                if t.started >= since:
+                    latest[t.name] = t
+        mine = sorted(latest.values(), key=lambda t: t.started)
         self.counters.tftp_matched += len(mine)
         return mine
 
     def _record(self, event: pb.BootEvent) -> None:
         event.relay = self.relay
         if len(self._queue) >= MAX_QUEUED:
-            self._queue.popleft()
-            self.counters.dropped += 1
+            self.counters.dropped += 1  # the newest go: the sender pops what it sent from the left
+            return
         self._queue.append(event)
         self.counters.recorded += 1
         self._wake.set()
@@ -162,21 +182,31 @@ class BootObserver:
             while self._queue:
                 batch = [self._queue[i] for i in range(min(MAX_BATCH, len(self._queue)))]
                 try:
-                    await self.send(batch)
-                except SlimError as exc:
-                    if isinstance(exc, NotFound | InvalidArgument):
-                        # the core will never take these (a boot it does not know): drop them
-                        log.warning("the core refused %d boot events: %s", len(batch), exc)
-                        self._pop(len(batch))
-                        self.counters.dropped += len(batch)
-                        continue
+                    sent = await self._send(batch)
+                except Exception as exc:  # noqa: BLE001 - the core is away or broken: wait, never die
                     log.info("boot events wait for the core (%s); again in %.1f s", exc, backoff)
-                    await asyncio.sleep(backoff)
+                    await asyncio.sleep(backoff * random.uniform(1.0, 1.5))  # noqa: S311 - jitter
                     backoff = min(RETRY_MAX, backoff * 2)
                     continue
                 self._pop(len(batch))
-                self.counters.sent += len(batch)
+                self.counters.sent += sent
+                self.counters.dropped += len(batch) - sent
                 backoff = RETRY_MIN
+
+    async def _send(self, batch: list[pb.BootEvent]) -> int:
+        """Send a batch; the events the core took.  A batch it refuses (an event it will
+        never take) goes again event by event, so that one costs only itself."""
+        try:
+            await self.send(batch)
+            return len(batch)
+        except (NotFound, InvalidArgument) as exc:
+            if len(batch) == 1:
+                log.warning("the core refused a boot event (%s): %s", batch[0].stage, exc)
+                return 0
+        taken = 0
+        for event in batch:
+            taken += await self._send([event])
+        return taken
 
     def _pop(self, n: int) -> None:
         for _ in range(min(n, len(self._queue))):

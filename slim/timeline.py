@@ -24,10 +24,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from slim.errors import FailedPrecondition, InvalidArgument
 from slim.v1 import core_pb2 as pb
+from slim.vocabulary import LOADER_STAGES, SWITCH_ROOT_STAGE, UP_STAGE, relay_observed
 
-RELAY_STAGES = ("script", "kernel", "initrd")  # and tftp:<file>: what a relay observes
-UP = "up"
-SWITCH_ROOT = "switch_root"
+RELAY_STAGES = LOADER_STAGES  # and tftp:<file>: what a relay observes
+UP = UP_STAGE
+SWITCH_ROOT = SWITCH_ROOT_STAGE
 ON_BEHALF = re.compile(r"^reported by (\S+) on the environment's behalf")
 INSTALL_PLOT = "pip install 'slim[plot]'"
 LABELS = {"script": "boot script"}
@@ -98,7 +99,7 @@ def _label(stage: str) -> str:
 
 
 def _source(e: pb.BootEvent) -> str:
-    if e.stage.startswith("tftp:") or e.stage in RELAY_STAGES:
+    if relay_observed(e.stage):
         return f"relay {e.relay}" if e.relay else "relay"
     said = ON_BEHALF.match(e.message)
     if said:
@@ -107,8 +108,9 @@ def _source(e: pb.BootEvent) -> str:
 
 
 def _state(stages: Sequence[Stage]) -> tuple[str, str, str]:
-    """(state, failed_at, reason) from the events alone (no timeout: the core knows it)."""
-    failed = next((s for s in stages if not s.ok), None)
+    """(state, failed_at, reason) from the events alone (no timeout: the core knows it), as
+    the core's boot_status: a relay's failed attempt does not fail the boot."""
+    failed = next((s for s in stages if not s.ok and not relay_observed(s.stage)), None)
     if failed is not None:
         return "failed", failed.stage, failed.message
     names = {s.stage for s in stages}

@@ -144,6 +144,19 @@ HOSTNAME_RE = re.compile(  # a DNS host name (RFC 1123)
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
 HEX_RE = re.compile(r"^[0-9a-f]{64}$")  # an object's name: its sha256
+BOOT_ID_RE = re.compile(r"[0-9a-f]{1,64}")  # a boot's id (the core's: 16 hex digits); fullmatch
+
+# -- a boot's stages (boot events) -------------------------------------------------
+UP_STAGE = "up"  # the running environment reported in (or a lab on its behalf)
+SWITCH_ROOT_STAGE = "switch_root"  # the agent exec'd the environment's init
+LOADER_STAGES = ("script", "kernel", "initrd")  # recorded by relays themselves; and tftp:NAME
+
+
+def relay_observed(stage: str) -> bool:
+    """A stage a relay recorded itself (stage 1, the script, kernel, initrd): an attempt of
+    the loader's, which goes on to another try or relay when one fails, so it never decides
+    a boot's state."""
+    return stage in LOADER_STAGES or stage.startswith("tftp:")
 
 
 def parse_digest(digest: str) -> str:

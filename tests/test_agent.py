@@ -459,6 +459,15 @@ def test_report_up_for_a_systemd_environment_is_a_unit_in_its_ram(tmp_path: Path
     network = (root / "run/systemd/network/00-slim-boot.network").read_text()
     assert "MACAddress=52:54:00:12:34:56" in network and "Unmanaged=yes" in network
     assert "mac:52:54:00:12:34:56" in (root / "run/NetworkManager/conf.d/00-slim-boot.conf").read_text()
+    # systemd.unit= on the kernel command line names the target the EE boots to
+    again = tmp_path / "again"
+    _systemd_root(again)
+    report_up.install(
+        again, node="n1", boot_id="ab12", environment="base", relays=["http://r1:1"], init="/sbin/init",
+        nfs=False, busybox=Path(shutil.which("busybox") or "/bin/busybox"), unit="multi-user.target",
+    )  # fmt: skip
+    assert "After=multi-user.target" in (again / "run/systemd/system/slim-up.service").read_text()
+    assert not (again / "run/systemd/network").exists()  # nothing on NFS: the EE manages its NICs
 
 
 def test_report_up_for_another_init_is_only_the_script(tmp_path: Path) -> None:

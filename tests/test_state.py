@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 import slim.core.control.state as state_module
-from slim.core.control.service import boot_status
+from slim.core.control.service import ORPHAN_SECONDS, CoreService, boot_status
 from slim.core.control.state import SCHEMA_VERSION, BootEvent, NextBoot, RelayBeat, State
+from slim.core.registry import Registry
+from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument
 from slim.vocabulary import MAX_STORED_TEXT as MAX_TEXT
 
@@ -392,3 +394,41 @@ def test_latest_boots_and_their_status(db: State) -> None:
     up = boot_status(db.latest_boots("n2")["n2"], now=1000.0, up_timeout=30)
     assert up is not None and (up.state, up.since, up.environment) == ("up", 20.0, "base")
     assert boot_status([]) is None
+
+
+def test_events_of_an_unknown_boot_wait_for_their_node_then_expire(
+    registry: Registry, state: State, store: Store
+) -> None:
+    """A relay's record naming only a boot id waits for the event that names the boot's
+    node; one that no such event follows within ORPHAN_SECONDS is dropped."""
+    clock = [1000.0]
+    service = CoreService(registry, state, store, clock=lambda: clock[0])
+    assert service.report_events([BootEvent("", "b-late", "kernel", 1.0, bytes=7)]) == 1
+    assert service.report_events([BootEvent("", "b-never", "initrd", 1.0)]) == 1
+    assert state.boot("b-late") == [] and state.boot("b-never") == []
+    clock[0] += ORPHAN_SECONDS / 2
+    service.report_events([BootEvent("n1", "b-late", "script", 0.5)])
+    assert [(e.node, e.stage, e.bytes) for e in state.boot("b-late")] == [
+        ("n1", "script", 0),
+        ("n1", "kernel", 7),
+    ]
+    clock[0] += ORPHAN_SECONDS
+    service.report_events([BootEvent("n1", "b-never", "script", 0.5)])  # too late: it was dropped
+    assert [e.stage for e in state.boot("b-never")] == ["script"]
+
+
+def test_a_relays_failed_attempt_does_not_fail_the_boot() -> None:
+    """A relay that answered the loader 503 (or whose download broke off) records a failed
+    attempt; the loader tries again, so only the agent's stages and the report decide."""
+    busy = BootEvent("n1", "b", "kernel", 1.0, ok=False, message="answered 503")
+    events = [
+        BootEvent("n1", "b", "tftp:ipxe.efi", 0.5, ok=False, message="timed out"),
+        BootEvent("n1", "b", "script", 0.9),
+        busy,
+        BootEvent("n1", "b", "kernel", 2.0, bytes=9),
+        BootEvent("n1", "b", "plan", 3.0, environment="base"),
+    ]
+    status = boot_status(events)
+    assert status is not None and status.state == "booting", status
+    agent_failed = boot_status([*events, BootEvent("n1", "b", "ram:/", 4.0, ok=False, message="disk full")])
+    assert agent_failed is not None and (agent_failed.state, agent_failed.stage) == ("failed", "ram:/")

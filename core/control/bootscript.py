@@ -5,7 +5,11 @@ compute nodes skip it.  Here a node's menu lists every built environment
 (its next-boot or default one first and preselected) and "local disk"; with a
 timeout of 0 there is no menu and the default boots at once.  Kernel and
 initrd come over HTTP from the node's ranked relays, each fetch falling back
-to the next relay.
+to the next relay; when every relay failed (down, or busy beyond what iPXE's
+own wait on a 503 with Retry-After covers) the script waits — how long, the
+core jitters per script — and goes round the relays again, at most
+MAX_FETCH_ROUNDS times.  The kernel and initrd URLs name the boot
+(``?boot=ID&stage=kernel``), so that relays record the downloads under it.
 """
 
 from __future__ import annotations

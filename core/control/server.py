@@ -475,7 +475,12 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
 
 # -- metrics --------------------------------------------------------------------------------------
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0)
-BOOT_STATES = ("booting", "up", "failed")  # always exported (0 when none); any other state as it comes
+BOOT_STATES = (
+    "booting",
+    "starting",
+    "up",
+    "failed",
+)  # always exported (0 when none); any other state as it comes
 
 
 class CallMetrics(grpc.aio.ServerInterceptor):

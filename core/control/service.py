@@ -28,13 +28,15 @@ from slim.core.registry import DirectorySpec, Environment, IPAddress, Node, Regi
 from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from slim.release import ObjectRef, Release
-from slim.vocabulary import Policy, normalize_mac
+from slim.vocabulary import SWITCH_ROOT_STAGE, UP_STAGE, Policy, normalize_mac, relay_observed
 
 log = logging.getLogger(__name__)
 
 MAX_KERNEL_ARG_RELAYS = 4
 MAX_EVENTS_LIMIT = 10_000
 ACTIONS_CACHE_SIZE = 4096
+ORPHAN_SECONDS = 600.0  # how long an event naming only an unknown boot id waits for its node
+MAX_ORPHANS = 10_000  # ... and how many may wait
 RETRY_WAIT = 4  # seconds (to twice that, jittered) a boot script waits before asking the relays again
 
 
@@ -110,10 +112,6 @@ class BootStatus:
     since: float = 0.0  # when the boot entered its state (the core's clock)
 
 
-UP_STAGE = "up"  # reported by the running environment itself (or a lab on its behalf)
-SWITCH_ROOT_STAGE = "switch_root"
-
-
 def no_report_reason(timeout: float) -> str:
     return f"no report from the environment {timeout:g} s after switch_root"
 
@@ -123,7 +121,7 @@ def boot_status(
 ) -> BootStatus | None:
     """The state of one boot from its events (in the order they arrived):
 
-    - ``failed`` if any stage failed, or if the environment has not reported ``up``
+    - ``failed`` if a stage of the agent's failed, or if the environment has not reported ``up``
       ``up_timeout`` seconds after switch_root (the core's clock, from ``now``);
     - ``up`` once the running environment reported in (stage "up");
     - ``starting`` after switch_root: the environment's init runs, it has not reported;
@@ -133,7 +131,9 @@ def boot_status(
         return None
     last = events[-1]
     env = next((e.environment for e in reversed(events) if e.environment), "")
-    failed = next((e for e in events if not e.ok), None)
+    # a relay's record of a failed attempt (a 503, a broken download) does not fail the boot:
+    # the loader tries again; the agent's stages and the environment's report decide
+    failed = next((e for e in events if not e.ok and not relay_observed(e.stage)), None)
     if failed is not None:
         return BootStatus(
             last.boot_id, env, "failed", failed.stage, failed.message, last.time, failed.received_at
@@ -199,6 +199,9 @@ class CoreService:
         self.clock = clock
         self._next_boots = state.next_boots()
         self._beats = state.heartbeats()
+        # boot id -> (arrived, event) of events that name no node, waiting for one that does
+        self._orphans: dict[str, list[tuple[float, BootEvent]]] = {}
+        self._orphan_count = 0
         # directory actions per (environment, release, NFS server): the same for
         # every node that boots them, so plans share them (valid for one registry)
         self._actions: dict[tuple[str, str, str | None], tuple[DirectoryAction, ...]] = {}
@@ -467,18 +470,46 @@ class CoreService:
         return self.node_view(node, reg)
 
     def report_events(self, events: Iterable[BootEvent]) -> int:
-        """*writes* Record boot events; every event's node must exist.  An event with a boot
-        id and no node (a relay saw an object of that boot fetched) joins that boot's node."""
-        batch = list(events)
+        """*writes* Record boot events; the number taken.  Every named node must exist.
+
+        An event with a boot id and no node (a relay saw an object URL of that boot
+        fetched) joins that boot's node.  When no event names that boot yet (the relay
+        that sent the script has not reported it), it waits, in memory, up to
+        ``ORPHAN_SECONDS`` for one that does; then it is dropped (anyone can put
+        ``?boot=`` on a URL)."""
         reg = self.registry
-        for i, e in enumerate(batch):
+        now = self.clock()
+        self._expire_orphans(now)
+        batch: list[BootEvent] = []
+        taken = 0
+        for e in events:
             if not e.node and e.boot_id:
-                node = self.state.node_of_boot(e.boot_id)
+                node = self.state.node_of_boot(e.boot_id) or next(
+                    (b.node for b in batch if b.boot_id == e.boot_id), None
+                )
                 if node is None:
-                    raise NotFound(f"event {i + 1}: no boot {e.boot_id[:40]!r} is known; name its node")
-                batch[i] = replace(e, node=node)
-            reg.node(batch[i].node)
-        return self.state.add_boot_events(batch, self.clock())
+                    if self._orphan_count < MAX_ORPHANS:
+                        self._orphans.setdefault(e.boot_id, []).append((now, e))
+                        self._orphan_count += 1
+                        taken += 1
+                    continue
+                e = replace(e, node=node)
+            reg.node(e.node)
+            batch.append(e)
+        for e in list(batch):  # events that waited for their boot's node
+            waiting = self._orphans.pop(e.boot_id, None) if e.boot_id else None
+            if waiting:
+                self._orphan_count -= len(waiting)
+                batch.extend(replace(o, node=e.node) for _, o in waiting)
+        if batch:
+            self.state.add_boot_events(batch, now)
+        return taken + len(batch)
+
+    def _expire_orphans(self, now: float) -> None:
+        for boot_id in [b for b, waiting in self._orphans.items() if now - waiting[0][0] > ORPHAN_SECONDS]:
+            gone = self._orphans.pop(boot_id)
+            self._orphan_count -= len(gone)
+            log.info("dropped %d boot event(s) of boot %s: no event named its node", len(gone), boot_id[:16])
 
     def heartbeat(
         self, relay: str, load: float, active: int, egress: float, cache: int, healthy: bool, message: str
@@ -602,7 +633,7 @@ class CoreService:
             if not node:
                 raise InvalidArgument("boot id 'latest' needs a node")
             latest = self.state.latest_boots(node).get(node, [])
-            return self.state.boot(latest[-1].boot_id) if latest else []
+            return [e for e in self.state.boot(latest[-1].boot_id) if e.node == node] if latest else []
         if boot_id:
             events = self.state.boot(boot_id)
             if node:

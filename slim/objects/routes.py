@@ -84,6 +84,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal[Fals
     return start, min(end, size)
 
 
+ABORTED = "slim.aborted"  # request key: the response was cut short (see ObjectRoutes._gone)
 # called when a request whose URL names a boot (``?boot=``) has been answered: its query,
 # when it started (time.time()), the status (0: broken off) and the body bytes sent
 Observer = Callable[[Mapping[str, str], float, int, int], None]
@@ -119,7 +120,13 @@ class ObjectRoutes:
             self.observe(request.query, started, 0, 0)
             raise
         if request.method != "HEAD":
-            self.observe(request.query, started, resp.status, resp.content_length or 0)
+            broken = request.get(ABORTED, False)  # the client saw fewer bytes than Content-Length
+            self.observe(
+                request.query,
+                started,
+                0 if broken else resp.status,
+                0 if broken else resp.content_length or 0,
+            )
         return resp
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -288,6 +295,7 @@ class ObjectRoutes:
         """End a response whose body cannot be completed: close the connection
         (the client sees fewer bytes than Content-Length)."""
         self.counters.aborted += 1
+        request[ABORTED] = True
         if request.transport is not None:
             request.transport.abort()
         return resp
