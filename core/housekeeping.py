@@ -10,8 +10,9 @@ of its ``sync`` directories and the trees of its ``nfs`` directories.  Everythin
 
 It never races a build: it holds the store's lock exclusively (builds hold it shared,
 :meth:`Store.locked`), and the minimum age protects writers that do not take the lock.
-A tree is renamed out of the way first (``.gc.<hex>``), so it disappears at once and
-``slim nfs serve`` stops exporting it at its next poll.
+A tree is renamed out of the way first (into a ``.gc.*`` directory), so it disappears at
+once and ``slim nfs serve`` stops exporting it at its next poll; what a crashed run left
+(``.gc.*``, and a writer's ``.new.*`` older than the minimum age) goes at the next run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -89,6 +91,8 @@ def collect_garbage(
         objects, trees = _live(store, keep_previous, result)
         result.kept_objects, result.kept_trees = len(objects), len(trees)
         cutoff = (time.time() if now is None else now) - min_age
+        if not dry_run:
+            _leftovers(store, cutoff, result)
         for kind, directory, live in (("object", store.objects, objects), ("tree", store.trees, trees)):
             for hexdigest, st in _entries(directory):
                 if hexdigest in live:
@@ -97,16 +101,44 @@ def collect_garbage(
                     result.young += 1
                     continue
                 path = directory / hexdigest
-                if kind == "object":
-                    garbage = Garbage("object", f"sha256:{hexdigest}", st.st_size)
+                # objects are files and trees directories; anything else under such a name
+                # (a link, say) is removed as itself and never followed
+                as_tree = kind == "tree" and stat.S_ISDIR(st.st_mode)
+                size = _tree_bytes(path) if as_tree else st.st_size
+                try:
                     if not dry_run:
-                        path.unlink(missing_ok=True)
-                else:
-                    garbage = Garbage("tree", f"sha256:{hexdigest}", _tree_bytes(path))
-                    if not dry_run:
-                        _remove_tree(path)
-                result.removed.append(garbage)
+                        _remove_tree(path) if as_tree else path.unlink(missing_ok=True)
+                except OSError as exc:
+                    result.notes.append(f"{kind} sha256:{hexdigest} could not be removed: {exc}")
+                    continue
+                result.removed.append(Garbage(kind, f"sha256:{hexdigest}", size))  # type: ignore[arg-type]
     return result
+
+
+def _leftovers(store: Store, cutoff: float, result: Collection) -> None:
+    """Remove what crashed runs left: trees a collection was deleting (``.gc.*``) and a
+    writer's temporary files older than the cutoff (``.new.*``)."""
+    for directory in (store.objects, store.trees):
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            path = directory / name
+            try:
+                st = path.lstat()
+                if not (name.startswith(".gc.") or (name.startswith(".new.") and st.st_mtime <= cutoff)):
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    _delete_tree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                result.notes.append(f"leftover {path} could not be removed: {exc}")
+                continue
+            result.notes.append(f"removed a crashed run's leftover {path.name}")
 
 
 def _live(store: Store, keep_previous: int, result: Collection) -> tuple[set[str], set[str]]:
@@ -184,10 +216,15 @@ def _tree_bytes(path: Path) -> int:
 
 
 def _remove_tree(path: Path) -> None:
-    """Rename the tree out of its name (it disappears at once), then delete it; the
-    copy's read-only directories are made writable first."""
-    doomed = path.with_name(f".gc.{path.name}")
-    os.rename(path, doomed)
+    """Rename the tree out of its name (it disappears at once), then delete it."""
+    doomed = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".gc.{path.name[:12]}."))
+    os.rename(path, doomed / "tree")
+    _delete_tree(doomed)
+
+
+def _delete_tree(doomed: Path) -> None:
+    """Delete a tree whose read-only directories are made writable first (links are not
+    followed)."""
     for parent, dirs, _files in os.walk(doomed):
         for name in [".", *dirs]:
             d = os.path.join(parent, name)

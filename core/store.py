@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
 import threading
 import time
@@ -43,6 +44,7 @@ from slim.vocabulary import HEX_RE, NAME_RE, parse_digest
 # timestamps can be coarse (one tick, or a second) and every ref has the same size, so
 # a rewrite within one tick would otherwise look unchanged.
 RACY_REF_NS = 2_000_000_000
+DIGEST_IN_TEXT = re.compile(r"sha256:[0-9a-f]{64}")
 COPY_CHUNK = 1 << 20
 LOCK_POLL = 0.1  # seconds between tries of a store lock held by someone else
 
@@ -178,8 +180,11 @@ class Store:
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         text = "".join(f"{d} {now}\n" for d in [*lines, digest])
         # one write of a few short lines with O_APPEND: concurrent publishers never interleave
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                text = "\n" + text  # a torn line before (a crash mid-append) is closed first
             os.write(fd, text.encode("ascii"))
             os.fsync(fd)
         finally:
@@ -202,12 +207,9 @@ class Store:
             text = (self.history / environment).read_text(encoding="ascii", errors="replace")
         except FileNotFoundError:
             return []
-        out = []
-        for line in text.splitlines():
-            word = line.split(" ", 1)[0]
-            if word.startswith("sha256:") and HEX_RE.fullmatch(word[7:]):
-                out.append(word)
-        return out
+        # every digest, wherever it is on a line: a torn append (a crash mid-write) may have
+        # left a line without its end, which the next record then shares
+        return DIGEST_IN_TEXT.findall(text)
 
     def kept_releases(self, environment: str, previous: int) -> list[str]:
         """The environment's current release and the ``previous`` distinct releases its ref
@@ -220,7 +222,10 @@ class Store:
         if current is None:
             return []
         kept = [current]
-        for digest in reversed(self.release_history(environment)):
+        history = self.release_history(environment)
+        if current in history:  # what follows it was appended but never made current (a crash)
+            history = history[: len(history) - history[::-1].index(current)]
+        for digest in reversed(history):
             if len(kept) > previous:
                 break
             if digest not in kept:

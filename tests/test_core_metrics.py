@@ -4,6 +4,7 @@ their latency, nodes by the state of their latest boot, relays by health — fro
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,10 +50,26 @@ def test_core_metrics_after_calls(registry_file: Path, tmp_path: Path, store: St
 
         with grpc.insecure_channel(address) as channel:
             assert pb_grpc.CoreStub(channel).ReportBootEvents(events(), timeout=10).accepted == 4
+            # one relay's heartbeat stream: one beat, its reply, then the relay goes
+            beats = pb_grpc.CoreStub(channel).RelayHeartbeat(
+                iter([pb.Heartbeat(relay="room-1", load=1, healthy=True)]), timeout=10
+            )
+            assert next(beats).interval_ms > 0
+            beats.cancel()
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            assert r.headers["Content-Type"].startswith("text/plain")
-            got = samples(r.read().decode())
+        def ended(got: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
+            return sum(
+                got.get(("slim_core_grpc_calls_total", (("code", code), ("method", "RelayHeartbeat"))), 0.0)
+                for code in ("OK", "CANCELLED")
+            )
+
+        for _ in range(100):  # bounded: the core sees the cancelled stream end on its own time
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                assert r.headers["Content-Type"].startswith("text/plain")
+                got = samples(r.read().decode())
+            if ended(got):
+                break
+            time.sleep(0.1)
     finally:
         code, err = stop(proc)
     assert code == 0, err
@@ -66,10 +83,12 @@ def test_core_metrics_after_calls(registry_file: Path, tmp_path: Path, store: St
     assert value("slim_core_grpc_call_seconds_count", method="ListNodes") == 2
     assert value("slim_core_grpc_call_seconds_bucket", method="ListNodes", le="+Inf") == 2
     assert value("slim_core_grpc_call_seconds_sum", method="GetNode") > 0
-    # n1 booted to its end; n2 and n3 never booted; no relay has sent a heartbeat
+    # n1 booted and its environment reported up; n2 and n3 never booted; room-1 beat once
     assert value("slim_core_nodes", state="up") == 1
     assert value("slim_core_nodes", state="never") == 2
     assert value("slim_core_nodes", state="failed") == 0
-    assert value("slim_core_relays", status="unknown") == 4
-    assert value("slim_core_relays", status="live") == 0
+    assert value("slim_core_relays", status="unknown") == 3
+    assert value("slim_core_relays", status="live") == 1
+    # the stream, counted once when it ended (the relay left: cancelled, or its beats ran out)
+    assert ended(got) == 1
     assert ("slim_origin_object_requests_total", ()) in got  # the object server's own, beside them

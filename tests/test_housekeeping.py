@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,7 +203,8 @@ def test_a_build_holding_the_lock_makes_gc_refuse_or_wait(releases: Releases) ->
             target=lambda: done.append(collect_garbage(store, keep_previous=0, min_age=0, wait=60))
         )
         gc.start()
-        assert not done  # it cannot have run: the build holds the lock
+        gc.join(0.5)  # half a second in, it still waits: the build holds the lock
+        assert gc.is_alive() and not done
         release_lock.set()
         gc.join(60)
         assert done and done[0].removed
@@ -220,7 +222,8 @@ def test_build_waits_for_gc(releases: Releases) -> None:
             target=lambda: built.append(rebuild(releases.registry, store, releases.image, 4))
         )
         t.start()
-        assert not built  # it cannot have finished: gc holds the lock
+        t.join(0.5)  # half a second in, it still waits: gc holds the lock
+        assert t.is_alive() and not built
     t.join(120)
     assert built and store.release_digest("base") == built[0]
 
@@ -249,6 +252,42 @@ def test_history_and_kept_releases(tmp_path: Path, releases: Releases) -> None:
     assert store.kept_releases("base", 2) == [current]
     new = rebuild(releases.registry, store, releases.image, 5)
     assert store.release_history("base") == [current, new]
+
+
+def test_a_torn_or_phantom_history_line_costs_no_kept_release(releases: Releases) -> None:
+    """A crash mid-append leaves a line without its end; a crash between the history's
+    append and the ref's write leaves a release that was never current."""
+    store = releases.store
+    d1, d2, d3 = releases.digests
+    history = store.history / "base"
+    history.write_text(f"{d1} t\n{d2} t\n{d3} 2026-12-")  # torn: no newline
+    phantom = "sha256:" + "e" * 64
+    store._record("base", phantom)  # the append a publish makes; then "the crash": no ref write
+    assert store.release_history("base") == [d1, d2, d3, phantom]
+    assert history.read_text().count("\n") == 4  # the torn line was closed first
+    assert store.kept_releases("base", 1) == [d3, d2]  # the phantom took no slot
+
+
+def test_gc_removes_a_crashed_runs_leftovers_and_never_follows_a_link(
+    tmp_path: Path, releases: Releases
+) -> None:
+    store = releases.store
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o500)
+    (outside / "keep").write_text("not the store's\n")
+    link = store.trees / ("f" * 64)
+    link.symlink_to(outside)
+    leftover = store.trees / ".gc.abc.123"
+    (leftover / "tree" / "sub").mkdir(parents=True)
+    (leftover / "tree" / "sub" / "file").write_text("x")
+    (leftover / "tree" / "sub").chmod(0o500)
+    result = collect_garbage(store, keep_previous=5, min_age=0)
+    assert not link.is_symlink() and not leftover.exists()
+    assert (outside / "keep").read_text() == "not the store's\n"
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o500  # untouched
+    assert ("tree", "sha256:" + "f" * 64) in {(g.kind, g.digest) for g in result.removed}
+    assert any(".gc.abc.123" in note for note in result.notes)
+    outside.chmod(0o700)
 
 
 def test_missing_store_and_not_a_store(tmp_path: Path) -> None:
@@ -283,6 +322,20 @@ def test_prune_boot_events_keeps_each_nodes_newest_boot(tmp_path: Path) -> None:
         assert state.prune_boot_events(200.0) == 3
         left = {(e.node, e.boot_id) for e in state.boot_events(limit=100)}
         assert left == {("n1", "d"), ("n2", "c")}
+    finally:
+        state.close()
+
+
+def test_prune_keeps_the_boot_whose_plan_names_the_release_a_node_runs(tmp_path: Path) -> None:
+    """A node's newest boot may have no plan yet (a script fetched, a boot that failed
+    early): the boot of its newest plan, which says what it runs, is kept too."""
+    digest = "sha256:" + "a" * 64
+    state = State(tmp_path / "state.db")
+    try:
+        state.add_boot_events([BootEvent("n1", "a", "plan", 1.0, message=f"base {digest}")], now=100.0)
+        state.add_boot_events([BootEvent("n1", "b", "script", 2.0)], now=150.0)
+        assert state.prune_boot_events(200.0) == 0
+        assert booted_releases(tmp_path / "state.db") == {"n1": digest}
     finally:
         state.close()
 

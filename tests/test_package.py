@@ -16,7 +16,20 @@ from tests.support import ROOT
 PRODUCT = {"slim": ROOT / "slim", "slim/core": ROOT / "core", "slim/relay": ROOT / "relay",
            "slim/agent": ROOT / "agent", "slim/plugin": ROOT / "plugin"}  # fmt: skip
 LINKS = {"core", "relay", "agent", "plugin"}  # slim/core -> ../core etc.
-COMMANDS = {"core", "dhcp", "ee", "nfs", "node", "profile", "registry", "relay", "serve", "simulate", "slurm"}
+COMMANDS = {
+    "core",
+    "dhcp",
+    "ee",
+    "nfs",
+    "node",
+    "profile",
+    "registry",
+    "relay",
+    "serve",
+    "simulate",
+    "slurm",
+    "store",
+}
 
 
 def product_modules() -> set[str]:

@@ -706,7 +706,14 @@ def test_images_without_a_kernel_yet_are_skipped_with_why(tmp_path: Path) -> Non
     found = check_profile_modules(load_registry(file))
     assert found.problems == [] and found.checked == {}
     assert found.skipped["missing"] == f"no image at {tmp_path / 'nowhere'} yet"
-    assert "has no kernel at /vmlinuz" in found.skipped["bare"]
+    assert found.skipped["bare"] == f"no kernel at /vmlinuz in {bare} yet"
+    # a kernel file whose modules are not there: what the build refuses, a problem here too
+    (bare / "boot").mkdir()
+    (bare / "boot" / "vmlinuz-6.1.0-9-test").write_bytes(b"kernel")
+    (bare / "vmlinuz").symlink_to("boot/vmlinuz-6.1.0-9-test")
+    found = check_profile_modules(load_registry(file))
+    assert [p.field for p in found.problems] == ["environments.bare.kernel"], found.problems
+    assert "/lib/modules/6.1.0-9-test" in found.problems[0].message
 
 
 def test_an_image_without_modules_dep_is_a_problem_of_its_environment(tmp_path: Path) -> None:

@@ -496,9 +496,11 @@ async def test_a_relay_fetches_through_the_parent_its_registry_names(objstore: S
             assert code == 0, err
         hub_seen = await metrics(s, url(hub))
         assert hub_seen["slim_relay_upstream_fetches_total"] == 1  # the edge's miss went through the hub
-        # --upstream overrides the registry: straight to the core's object server
+        # --upstream comes after the parent: with the parent down, the core's object server serves
+        (tmp_path / "down").mkdir()
+        parent_down = two_tier_registry(tmp_path / "down", "http://127.0.0.1:9/")
         direct = start_relay_process(
-            tmp_path / "direct", url(core), "--registry", str(registry), "--name", "edge"
+            tmp_path / "direct", url(core), "--registry", str(parent_down), "--name", "edge"
         )
         try:
             assert await fetch_all(s, f"{direct.url}/objects/sha256/{other_name}") == other

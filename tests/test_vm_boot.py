@@ -99,6 +99,8 @@ def test_demo_boots_a_vm_through_the_whole_pxe_chain_on_our_servers(tmp_path: Pa
     sizes = {e.stage: e.bytes for e in boot.events}
     assert sizes["tftp:ipxe.efi"] == efi
     assert (sizes["kernel"], sizes["initrd"]) == (release[1].kernel.size, release[1].initrd.size)
+    root_archive = release[1].directories["/"].archive
+    assert root_archive is not None and sizes["ram:/"] == root_archive.size  # "/" in RAM: its archive
     # the demo printed the product's timeline (slim node timeline), and its figure agrees
     t = timeline.build("vm1", boot.events, boot.status)
     assert f"      power-on (first request) to up: {t.total:.1f} s" in said, said

@@ -414,7 +414,8 @@ def check_profile_modules(registry: Registry) -> ModuleCheck:
     has one, read as modprobe reads them (``-`` and ``_`` alike, built-in modules and
     aliases count).  Every profile against every environment, because that is what a build
     does: each initrd carries every profile's modules (a node may be sent to any
-    environment).  An environment without an image or a kernel yet is skipped, with why."""
+    environment).  An environment without an image or a kernel file yet is skipped, with
+    why; a kernel the build would refuse (its modules missing) is a problem."""
     out = ModuleCheck()
     missing: dict[tuple[str, int, str], tuple[list[str], str]] = {}  # (profile, index, kver) → envs, why
     for env_name, env in registry.environments.items():
@@ -422,10 +423,13 @@ def check_profile_modules(registry: Registry) -> ModuleCheck:
         if not image.is_dir():
             out.skipped[env_name] = f"no image at {image} yet"
             continue
+        if not resolve_in_image(image, env.kernel).is_file():
+            out.skipped[env_name] = f"no kernel at {env.kernel} in {image} yet"
+            continue
         try:
             kver = kernel_release(image, env.kernel)
-        except FailedPrecondition as exc:
-            out.skipped[env_name] = exc.message
+        except FailedPrecondition as exc:  # a kernel the build would refuse (no modules, no version)
+            out.problems.append(registry.problem(("environments", env_name, "kernel"), exc.message))
             continue
         moddir = resolve_in_image(image, f"/lib/modules/{kver}")
         try:

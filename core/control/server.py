@@ -548,13 +548,22 @@ class CallMetrics(grpc.aio.ServerInterceptor):
 
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
             started = time.monotonic()
+            answers = streams(request, context)
             try:
-                async for answer in streams(request, context):
+                async for answer in answers:
                     yield answer
+            except GeneratorExit:  # closed while paused at yield: the call was cancelled
+                self._done(method, context, started, asyncio.CancelledError())
+                raise
             except BaseException as exc:
                 self._done(method, context, started, exc)
                 raise
-            self._done(method, context, started, None)
+            else:
+                self._done(method, context, started, None)
+            finally:
+                close = getattr(answers, "aclose", None)
+                if close is not None:
+                    await close()  # the servicer's own clean-up (a relay's disconnect) runs now
 
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(stream, **codec)

@@ -63,7 +63,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE boot_events ADD COLUMN duration REAL NOT NULL DEFAULT 0;
     CREATE INDEX boot_events_boot ON boot_events (boot_id);
     """,
+    # 3: pruning old events by when they arrived
+    """
+    CREATE INDEX boot_events_received ON boot_events (received_at);
+    """,
 )
+PRUNE_BATCH = 5000  # events deleted per transaction
 SCHEMA_VERSION = len(MIGRATIONS)
 
 EVENT_COLUMNS = "node, boot_id, stage, time, relay, bytes, ok, message, environment, duration, received_at"
@@ -267,15 +272,30 @@ class State:
 
     def prune_boot_events(self, before: float, dry_run: bool = False) -> int:
         """Delete the events received before ``before`` (seconds since the epoch), except
-        those of each node's newest boot; how many went (``dry_run``: would go)."""
-        where = (
-            "WHERE received_at < ? AND (node, boot_id) NOT IN (SELECT node, boot_id FROM boot_events "
-            "WHERE id IN (SELECT MAX(id) FROM boot_events GROUP BY node))"
+        those of each node's newest boot and of the boot of its newest ``plan`` (what
+        :func:`booted_releases` reads: the release the node runs); how many went
+        (``dry_run``: would go).  In batches, each its own short transaction, so that the
+        core's writes are never held up for long."""
+        keep = (
+            "(node, boot_id) NOT IN (SELECT node, boot_id FROM boot_events WHERE id IN "
+            "(SELECT MAX(id) FROM boot_events GROUP BY node) OR id IN "
+            "(SELECT MAX(id) FROM boot_events WHERE stage = 'plan' GROUP BY node))"
         )
-        with self._tx() as db:
-            if dry_run:
-                return int(db.execute(f"SELECT COUNT(*) FROM boot_events {where}", (before,)).fetchone()[0])  # noqa: S608
-            return db.execute(f"DELETE FROM boot_events {where}", (before,)).rowcount  # noqa: S608
+        if dry_run:
+            with self._lock:
+                query = f"SELECT COUNT(*) FROM boot_events WHERE received_at < ? AND {keep}"  # noqa: S608
+                return int(self._db.execute(query, (before,)).fetchone()[0])
+        gone = 0
+        while True:
+            with self._tx() as db:
+                batch = db.execute(
+                    f"DELETE FROM boot_events WHERE id IN (SELECT id FROM boot_events "  # noqa: S608
+                    f"WHERE received_at < ? AND {keep} LIMIT ?)",
+                    (before, PRUNE_BATCH),
+                ).rowcount
+            gone += batch
+            if batch < PRUNE_BATCH:
+                return gone
 
     # -- relay heartbeats ----------------------------------------------------
     def record_heartbeat(self, beat: RelayBeat) -> None:

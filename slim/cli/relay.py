@@ -22,6 +22,7 @@ from slim.cli.common import (
     setup_logging,
     timestamp,
 )
+from slim.errors import InvalidArgument
 from slim.v1 import core_pb2 as pb
 
 
@@ -75,15 +76,16 @@ def relay_list(core_address: str, as_json: bool) -> None:
     metavar="URL",
     help="Where missing objects come from: a parent relay or the core's object server "
     "(slim core serve --objects-listen), as http://HOST:PORT.  Repeat for fallbacks, tried in order.  "
-    "Overrides what --registry says.",
+    "With --registry: tried after the parent's URLs (as slim serve does).",
 )
 @click.option(
     "--registry",
     "registry_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Without --upstream: take the upstream from this registry file, the URLs of the parent "
-    "its relay --name names (a relay without a parent still needs --upstream: the core's object server).",
+    help="Take the upstream from this registry file: the URLs of the parent its relay --name names, "
+    "then any --upstream (a relay without a parent needs --upstream: the core's object server).  "
+    "Not with --config.",
 )
 @click.option(
     "--core",
@@ -201,8 +203,10 @@ def relay_serve(
     from slim.relay.server import RelayServer, run
 
     with errors_to_exit():
-        if registry_path is not None and not upstreams and config_file is None:
-            upstreams = tuple(registry_upstreams(registry_path, name))
+        if registry_path is not None:
+            if config_file is not None:
+                raise InvalidArgument("--registry and --config: give the upstreams in the --config file")
+            upstreams = (*registry_upstreams(registry_path, name, bool(upstreams)), *upstreams)
         bracketed = f"[{tftp_listen}]" if ":" in tftp_listen else tftp_listen
         config = settings(
             RelayConfig, config_file, upstreams=list(upstreams), cache_dir=cache_dir, max_bytes=max_bytes,
@@ -223,16 +227,15 @@ def relay_serve(
         run(config, ready)
 
 
-def registry_upstreams(registry_path: Path, name: str) -> list[str]:
+def registry_upstreams(registry_path: Path, name: str, fallback: bool = False) -> list[str]:
     """Relay ``name``'s upstreams from the registry: its parent's URLs (InvalidArgument
-    for a relay without a name or a parent)."""
+    for a relay without a name, or without a parent and no ``fallback`` upstream)."""
     from slim.core.registry import load_registry
-    from slim.errors import InvalidArgument
 
     if not name:
         raise InvalidArgument("--registry needs --name: which relay of the registry this is")
     found = load_registry(registry_path).relay_upstreams(name)
-    if not found:
+    if not found and not fallback:
         raise InvalidArgument(
             f"relay {name!r} has no parent in {registry_path}: its upstream is the core's object server; "
             "give it with --upstream http://HOST:PORT (slim core serve --objects-listen)"
