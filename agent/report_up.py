@@ -92,7 +92,9 @@ unmanaged-devices={devices}
 
 
 def resolve_in(root: Path, path: str) -> Path:
-    """``path`` inside ``root`` as a chroot would resolve it (absolute links stay inside)."""
+    """``path`` inside ``root`` as a chroot would resolve it (absolute links stay inside).
+    A copy of slim.core.build.initrd.resolve_in_image (the agent imports only the standard
+    library), which stops following links after MAX_SYMLINK_HOPS instead of raising."""
     todo = [c for c in reversed(PurePosixPath(path).parts) if c not in ("/", "", ".")]
     done: list[str] = []
     hops = 0
