@@ -5,6 +5,11 @@ On a real boot the agent runs in the initrd with the kernel command line
 environment under DIR instead (tests, the namespace cluster, the Slurm
 simulation): no mounts, no switch_root.
 
+Every plan is signed by the core; the agent checks the signature against the public
+keys it trusts (:mod:`slim.agent.verify`: the initrd's /etc/slim/keys, or ``--trust``)
+before it fetches or mounts anything, and refuses a plan for another node, for another
+request (its nonce) or expired, reporting why.
+
 A real boot ends at ``switch_root``: the boot is ``starting`` until the environment
 itself reports ``up`` (see :mod:`slim.agent.report_up`).  In no-reboot mode no
 environment runs, so nothing reports ``up``: a lab that needs the boot ``up`` reports
@@ -15,14 +20,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from slim.agent import report_up
 from slim.agent.ee import BootFailed, Builder, Reporter, switch_root
 from slim.agent.fetch import FetchError, Relays, now
 from slim.agent.plan import BootArgs, PlanError, parse_cmdline, parse_plan
+from slim.agent.verify import KEYS_DIR, check, trusted_keys
 
 
 def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | None = None) -> int:
@@ -38,6 +46,15 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
         "--no-reboot", action="store_true", help="build under --target; no mounts, no switch_root"
     )
     ap.add_argument("--target", type=Path, help="where the environment is built (--no-reboot)")
+    ap.add_argument(
+        "--trust",
+        type=Path,
+        action="append",
+        default=[],
+        help="a public key (.pub) or a directory of them that plans must be signed by (repeatable; "
+        f"default on a real boot: {KEYS_DIR}, which the build fills; with --no-reboot: required, "
+        "for example STATE_DIR/keys/signing.pub)",
+    )
     args = ap.parse_args(argv)
     try:
         if args.node and args.relay:
@@ -50,12 +67,26 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
             raise PlanError(
                 "a real boot runs only in the initrd (its /init); here use --no-reboot --target DIR"
             )
+        if args.no_reboot and not args.trust:
+            raise PlanError(
+                "--no-reboot needs --trust KEY: the core's public key (STATE_DIR/keys/signing.pub)"
+            )
+        keys = trusted_keys(args.trust or [KEYS_DIR])
         relays = Relays(boot.relays, deadline=boot.deadline)
         try:
+            nonce = secrets.token_hex(16)
             asked = now()
-            _, data = relays.call("GET", f"/v1/nodes/{boot.node}/plan")
+            _, data = relays.call("GET", f"/v1/nodes/{boot.node}/plan?nonce={nonce}")
             answered = now()
-            plan = parse_plan(data)
+            try:  # before anything is fetched or mounted
+                checked = check(data, keys, boot.node, nonce, answered)
+                plan = replace(parse_plan(checked.document), relay_time=checked.relay_time)
+            except PlanError as exc:
+                refused = Reporter(relays, boot.node, "", observe=observe)
+                if boot.boot_id:
+                    refused.boot_id = boot.boot_id
+                refused("plan", ok=False, message=f"plan refused: {exc}", duration=answered - asked)
+                raise
             if plan.relays:  # the plan's ranking is fresher than the command line's
                 relays.urls = list(dict.fromkeys([*plan.relays, *relays.urls]))
                 relays.current = 0
@@ -69,7 +100,7 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
             report(
                 "plan",
                 len(data),
-                message=f"{plan.environment} {plan.release_digest}{clock}",
+                message=f"{plan.environment} {plan.release_digest}{clock}; signed: {Path(checked.key).name}",
                 duration=answered - asked,
             )
             target = args.target if args.no_reboot else Path("/newroot")

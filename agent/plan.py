@@ -273,13 +273,4 @@ def parse_plan(data: bytes) -> Plan:
         disk=_text(doc, "disk", "plan"),
         directories=tuple(dirs),
         relays=tuple(relays),
-        relay_time=_time(doc.get("relay_time")),
     )
-
-
-def _time(value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e11:
-        raise PlanError("plan: relay_time must be seconds since 1970")
-    return float(value)

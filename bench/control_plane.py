@@ -325,7 +325,7 @@ def start_floor(answers: Path) -> tuple[subprocess.Popen[str], str]:
 def start_core(tmp: Path, registry: Path, loop: str) -> tuple[subprocess.Popen[str], str]:
     return spawn_listening(
         [sys.executable, "-m", "slim.cli", "core", "serve", "--registry", str(registry),
-         "--state", str(tmp / f"state-{loop}.db"), "--store", str(tmp / "store"),
+         "--state", str(tmp / f"state-{loop}.db"), "--store", str(tmp / "store"), "--keys", str(tmp / "keys"),
          "--listen", "127.0.0.1:0", "--log-level", "warning", "--event-loop", loop],
         "core",
     )  # fmt: skip

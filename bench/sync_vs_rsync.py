@@ -94,12 +94,12 @@ def relay_sent(relay: str) -> float:
                 if s.name == "slim_relay_sent_bytes_total")  # fmt: skip
 
 
-def agent(target: Path, relay: str) -> tuple[float, int]:
-    """(seconds, bytes): one copy-if-needed run of the agent."""
+def agent(target: Path, relay: str, trust: Path) -> tuple[float, int]:
+    """(seconds, bytes): one copy-if-needed run of the agent (``trust``: the core's public key)."""
     before = relay_sent(relay)
     started = time.monotonic()
     argv = [sys.executable, "-m", "slim.agent", "--no-reboot", "--target", str(target),
-            "--node", "n1", "--relay", relay]  # fmt: skip
+            "--node", "n1", "--relay", relay, "--trust", str(trust)]  # fmt: skip
     subprocess.run(argv, check=True, capture_output=True, timeout=1800)
     return time.monotonic() - started, int(relay_sent(relay) - before)
 
@@ -154,7 +154,7 @@ def main() -> None:
         for i in range(args.repeat):
             slim_t, rsync_t = tmp / f"slim{i}", tmp / f"rsync{i}"
             for name in ("cold", "unchanged"):
-                s = agent(slim_t, relay)
+                s = agent(slim_t, relay, tmp / "state" / "keys" / "signing.pub")
                 r = rsync(port, rsync_t)
                 rows[name].append({"slim_s": s[0], "slim_bytes": s[1], "rsync_s": r[0], "rsync_bytes": r[1]})
             for f in rng.sample(files, len(files) // 100):  # 1 %: rewritten in place, same size
@@ -162,7 +162,7 @@ def main() -> None:
             started = time.monotonic()
             build_environment(load_registry(registry), store, "tree")
             build_s = time.monotonic() - started
-            s = agent(slim_t, relay)
+            s = agent(slim_t, relay, tmp / "state" / "keys" / "signing.pub")
             r = rsync(port, rsync_t)
             rows["changed_1pct"].append({"slim_s": s[0], "slim_bytes": s[1], "rsync_s": r[0],
                                          "rsync_bytes": r[1], "slim_build_s": build_s})  # fmt: skip

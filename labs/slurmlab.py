@@ -120,6 +120,7 @@ class SlurmLab:
         self.relay_port = free_port()
         self.relay = f"http://127.0.0.1:{self.relay_port}"
         self.core = f"unix:{tmp}/core.sock"
+        self.trust = tmp / "state" / "keys" / "signing.pub"  # `slim serve` makes the core's key there
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._serve: subprocess.Popen[str] | None = None
         self.munge: Path | None = None
@@ -165,7 +166,7 @@ class SlurmLab:
     def boot(self, node: str) -> None:
         """Build ``node``'s root for its next EE with the agent (what a reboot does)."""
         argv = [sys.executable, "-m", "slim.agent", "--no-reboot", "--target", str(self.roots / node),
-                "--node", node, "--relay", self.relay]  # fmt: skip
+                "--node", node, "--relay", self.relay, "--trust", str(self.trust)]  # fmt: skip
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"the agent could not boot {node}:\n{proc.stderr[-2000:]}")
@@ -193,7 +194,8 @@ class SlurmLab:
         )  # fmt: skip
         subprocess.run(
             [*SLIM, "slurm", "config", "--registry", str(self.registry), "--core", self.core,
-             "--slurm-conf", str(self.conf), "--reboot", slurmreboot.command(self.roots, self.relay),
+             "--slurm-conf", str(self.conf),
+             "--reboot", slurmreboot.command(self.roots, self.relay, self.trust),
              "--prolog-log", str(self.prolog_log), "--resume-timeout", "120"],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip

@@ -31,14 +31,17 @@ from labs.host import ROOT
 from slim.plugin.helper import slurmd_ancestor
 
 
-def command(roots: Path, relay: str) -> str:
-    """The ``--reboot`` template for ``slim slurm config`` ({node}: the node's name)."""
+def command(roots: Path, relay: str, trust: Path) -> str:
+    """The ``--reboot`` template for ``slim slurm config`` ({node}: the node's name);
+    ``trust``: the core's public key, which the agent checks plans against."""
     argv = ["env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "labs.slurmreboot",
-            "--roots", str(roots), "--relay", relay]  # fmt: skip
+            "--roots", str(roots), "--relay", relay, "--trust", str(trust)]  # fmt: skip
     return shlex.join(argv) + " --node {node}"
 
 
-def simulate(node: str, root_dir: Path, relay: str, slurm_conf: str, slurmd: str = "slurmd") -> None:
+def simulate(
+    node: str, root_dir: Path, relay: str, trust: Path, slurm_conf: str, slurmd: str = "slurmd"
+) -> None:
     """The reboot: slurmd waits for its RebootProgram, so this returns at once and the rest
     runs detached (see the module's docstring)."""
     found = slurmd_ancestor()
@@ -68,7 +71,7 @@ def simulate(node: str, root_dir: Path, relay: str, slurm_conf: str, slurmd: str
             target = root_dir / node
             shutil.rmtree(target, ignore_errors=True)
             agent = [sys.executable, "-m", "slim.agent", "--no-reboot", "--target", str(target),
-                     "--node", node, "--relay", relay]  # fmt: skip
+                     "--node", node, "--relay", relay, "--trust", str(trust)]  # fmt: skip
             rc = subprocess.run(agent, timeout=600, check=False).returncode
             print(f"{time.strftime('%T')} agent exited with {rc}", flush=True)
             if rc == 0:
@@ -88,9 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--roots", type=Path, required=True, help="the nodes' roots: ROOTS/NAME")
     ap.add_argument("--relay", required=True, help="the relay the simulated nodes boot from")
     ap.add_argument("--node", required=True, help="this node's name")
+    ap.add_argument("--trust", type=Path, required=True, help="the core's public key (plans are checked)")
     args = ap.parse_args(argv)
     try:
-        simulate(args.node, args.roots, args.relay, os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+        simulate(
+            args.node,
+            args.roots,
+            args.relay,
+            args.trust,
+            os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"),
+        )
     except ValueError as exc:
         ap.error(str(exc))  # exits 2, naming what is wrong
     return 0

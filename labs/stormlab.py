@@ -143,6 +143,7 @@ class StormLab:
             REGISTRY.format(server=SERVER, relay=RELAY, environments=envs, nodes=node_lines, tmp=tmp)
         )
         state = tmp / "state"
+        self.trust = state / "keys" / "signing.pub"  # `slim serve` makes the core's key there
         registry = load_registry(self.registry)
         self.builds = {
             name: build_environment(registry, Store(state / "store"), name) for name in environments
@@ -262,6 +263,8 @@ class StormLab:
                 n,
                 "--target",
                 str(roots[n]),
+                "--trust",
+                str(self.trust),
             ]
             results[n] = NodeResult(n, time.time())
             procs[n] = self.lab.popen(
@@ -428,6 +431,7 @@ def node_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mac", required=True)
     ap.add_argument("--node", required=True)
     ap.add_argument("--target", required=True)
+    ap.add_argument("--trust", required=True, help="the core's public key, which plans are checked against")
     args = ap.parse_args(argv)
     cpu: dict[str, float] = {"start": _cpu()}
     boot_bytes = _boot_files(args.relay, args.mac)
@@ -442,7 +446,8 @@ def node_main(argv: list[str] | None = None) -> int:
         if not ids:
             ids.append(boot_id)
 
-    argv = ["--no-reboot", "--target", args.target, "--node", args.node, "--relay", args.relay]
+    argv = ["--no-reboot", "--target", args.target, "--node", args.node, "--relay", args.relay,
+            "--trust", args.trust]  # fmt: skip
     code = agent.main(argv, observe=probe)
     cpu["end"] = _cpu()
     print(

@@ -195,6 +195,8 @@ class Lab:
         self.front: BusyFront | None = None
         self.state = tmp / "state"
         self.image, self.store = tmp / "image", self.state / "store"
+        self.keys = self.state / "keys"  # the core's signing key (slim serve's STATE_DIR/keys); the build
+        # puts its public key into the initrd, whose agent refuses plans it did not sign
         self.registry = tmp / "registry.yaml"
         pxe = network == "pxe"
         self.nfs_port = 2049 if pxe else free_port()  # in the lab's own namespace, or on loopback
@@ -218,6 +220,7 @@ class Lab:
         if self.network == "pxe":
             return self._start_pxe()
         core = self._start("core", "serve", "--registry", str(self.registry), "--store", str(self.store),
+                           "--keys", str(self.keys),
                            "--state", str(self.tmp / "state.db"), "--listen", "127.0.0.1:0",
                            "--objects-listen", "127.0.0.1:0")  # fmt: skip
         self._core = core
@@ -299,7 +302,16 @@ class Lab:
     def build(self) -> dict[str, Any]:
         """``slim ee build vmtest``: its JSON report."""
         out = self._slim(
-            "ee", "build", "vmtest", "--json", "--registry", str(self.registry), "--store", str(self.store)
+            "ee",
+            "build",
+            "vmtest",
+            "--json",
+            "--registry",
+            str(self.registry),
+            "--store",
+            str(self.store),
+            "--keys",
+            str(self.keys),
         )
         report: dict[str, Any] = json.loads(out)[0]
         return report

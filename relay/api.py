@@ -34,9 +34,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from slim.errors import InvalidArgument, Overloaded, SlimError
 from slim.relay.corelink import CoreLink
 from slim.relay.observe import BootObserver
-from slim.rpc import policy_name, tier_name
+from slim.rpc import tier_name
 from slim.v1 import core_pb2 as pb
-from slim.vocabulary import MAX_EVENT_TEXT, MAX_STAGE_SECONDS, MAX_TIMESTAMP_SECONDS, names_a_mac
+from slim.vocabulary import BOOT_ID_RE, MAX_EVENT_TEXT, MAX_STAGE_SECONDS, MAX_TIMESTAMP_SECONDS, names_a_mac
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ def node_ref(text: str) -> pb.NodeRef:
     return pb.NodeRef(mac=text) if names_a_mac(text) else pb.NodeRef(name=text)
 
 
-def _obj(ref: pb.ObjectRef, present: bool) -> dict[str, Any] | None:
-    return {"digest": ref.digest, "size": ref.size} if present else None
-
-
 def relay_json(r: pb.RankedRelay) -> dict[str, Any]:
     return {
         "name": r.name,
@@ -63,39 +59,6 @@ def relay_json(r: pb.RankedRelay) -> dict[str, Any]:
         "tier": tier_name(r.tier),
         "score": r.score,
         "heartbeat_seen": r.heartbeat_seen,
-    }
-
-
-def plan_json(p: pb.BootPlan) -> dict[str, Any]:
-    return {
-        "node": p.node,
-        "environment": p.environment,
-        "release_digest": p.release_digest,
-        "kernel": _obj(p.kernel, p.HasField("kernel")),
-        "initrd": _obj(p.initrd, p.HasField("initrd")),
-        "kernel_args": p.kernel_args,
-        "modules": list(p.modules),
-        "disk": p.disk,
-        "directories": [
-            {
-                "path": d.path,
-                "policy": policy_name(d.policy, "unspecified"),
-                "archive": _obj(d.archive, d.HasField("archive")),
-                "manifest": _obj(d.manifest, d.HasField("manifest")),
-                "nfs": (
-                    {"server": d.nfs.server, "export": d.nfs.export, "options": d.nfs.options}
-                    if d.HasField("nfs")
-                    else None
-                ),
-                "tmpfs_size": d.tmpfs_size,
-                "bytes": d.bytes,
-                "files": d.files,
-            }
-            for d in p.directories
-        ],
-        "relays": [relay_json(r) for r in p.relays],
-        "reason": p.reason,
-        "site": p.site,
     }
 
 
@@ -236,12 +199,21 @@ class NodeApi:
 
     async def plan(self, request: web.Request) -> web.StreamResponse:
         ref = node_ref(request.match_info["node"])
+        nonce = request.query.get("nonce", "")
+        if nonce and not BOOT_ID_RE.fullmatch(nonce):
+            raise InvalidArgument(f"nonce {nonce[:80]!r} is not 1 to 64 hex digits")
         plan = await self.link.call(
-            self.link.core.GetBootPlan, pb.GetBootPlanRequest(node=ref, origin=self._origin(request))
+            self.link.core.GetBootPlan,
+            pb.GetBootPlanRequest(node=ref, origin=self._origin(request), nonce=nonce),
         )
-        # the relay's clock: the agent sets its events' times by it (a node's clock at
-        # power-on is its RTC's, whole seconds at best), so one timeline has one clock
-        doc = {**plan_json(plan), "relay_time": time.time()}
+        doc: dict[str, Any] = {
+            # what the agent acts on: the core's signed document, untouched
+            "document": plan.document.decode(),
+            "signature": plan.signature,
+            # the relay's clock: the agent sets its events' times by it (a node's clock at
+            # power-on is its RTC's, whole seconds at best), so one timeline has one clock
+            "relay_time": time.time(),
+        }
         return web.json_response(doc, headers={"Cache-Control": "no-store"})
 
     async def events(self, request: web.Request) -> web.StreamResponse:

@@ -114,7 +114,8 @@ class AllInOne:
         # the core's object server are known once the core listens: until then the relay's
         # settings are checked with stand-ins for them
         core_config = CoreConfig.build(
-            source, registry=reg, state=state / "state.db", store=state / "store", listen=srv.core_listen,
+            source, registry=reg, state=state / "state.db", store=state / "store", keys=state / "keys",
+            listen=srv.core_listen,
             objects_listen=srv.objects_listen, log_level=self.log_level,
         )  # fmt: skip
         relay_settings: dict[str, Any] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from slim.core.control.service import CoreService
 from slim.core.control.state import State
 from slim.core.registry import Registry, load_registry
 from slim.core.store import Store
+from slim.signing import SigningKey
 from slim.v1 import core_pb2_grpc as pb_grpc
 from tests.support import LOOP_BLOCKING_ALLOWED, TEST_REGISTRY, Core, Served, read_address, start_core, stop
 
@@ -65,7 +67,10 @@ def state(tmp_path: Path) -> Iterator[State]:
 
 @pytest.fixture
 def service(registry: Registry, registry_file: Path, state: State, store: Store) -> CoreService:
-    return CoreService(registry, state, store, Redirector(random.Random(7)), registry_path=registry_file)
+    signer = SigningKey.load_or_create(registry_file.parent / "keys")  # the core's, as it makes it
+    return CoreService(
+        registry, state, store, Redirector(random.Random(7)), registry_path=registry_file, signer=signer
+    )
 
 
 @pytest.fixture
@@ -112,3 +117,19 @@ def loop_not_blocked(request: pytest.FixtureRequest) -> Iterator[None]:
             for function in functions:
                 bb.functions[function].can_block_in(file, callers)
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def keys_never_on_the_machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A command a test runs without --keys (a build, a core) would make or read the
+    machine's STATE_DIR/keys: $SLIM_KEYS points every such command at a directory of the
+    session's instead, and the machine's /var/lib/slim is never touched."""
+    before = os.environ.get("SLIM_KEYS")
+    os.environ["SLIM_KEYS"] = str(tmp_path_factory.mktemp("keys"))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("SLIM_KEYS", None)
+        else:
+            os.environ["SLIM_KEYS"] = before

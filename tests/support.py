@@ -212,6 +212,8 @@ def start_core(registry_file: Path, tmp: Path, *extra: str) -> subprocess.Popen[
             str(tmp / "state.db"),
             "--store",
             str(tmp / "store"),
+            "--keys",
+            str(tmp / "keys"),
             "--listen",
             "127.0.0.1:0",
             *extra,

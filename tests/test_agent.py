@@ -5,12 +5,14 @@ resuming from another relay, and bad digests and bad plans refused."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
 import random
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +30,14 @@ from slim.agent.tree import scan
 from slim.core.build.agentrt import add_runtime, collect
 from slim.core.build.initrd import InitrdBuilder
 from slim.core.build.release import build_environment
+from slim.core.control.plandoc import plan_document
 from slim.core.control.redirect import Redirector
 from slim.core.control.server import CoreServer
-from slim.core.control.service import CoreService
+from slim.core.control.service import CoreService, NodeRef
 from slim.core.control.state import BootEvent, State
 from slim.core.registry import load_registry
 from slim.core.store import Store
+from slim.signing import PUBLIC_FILE, PublicKey, SigningKey
 from tests.support import (
     make_image,
     need,
@@ -144,6 +148,8 @@ class Site:
     service: CoreService
     relay_url: str
     relay2_url: str
+    trust: Path  # the core's public key file (what --trust names)
+    key_id: str
 
     async def events(self) -> list[BootEvent]:
         """n1's boot events from the core's state (read off the event loop, as the core does)."""
@@ -160,6 +166,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     store = Store(tmp_path / "store")
     build_environment(load_registry(reg_file), store, "base")
     state = await asyncio.to_thread(State, tmp_path / "state.db")  # off the loop, as the core does
+    signer = SigningKey.load_or_create(tmp_path / "keys")
     service = await asyncio.to_thread(  # it reads the state: off the loop, as the core starts
         CoreService,
         load_registry(reg_file),
@@ -167,6 +174,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
         store,
         Redirector(random.Random(1)),
         registry_path=reg_file,
+        signer=signer,
     )
     core = CoreServer(service, "127.0.0.1:0")
     port = await core.start()
@@ -179,7 +187,9 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
             # now that the relay's port is known, the registry names it (as an admin would)
             reg_file.write_text(REGISTRY.format(relay=url(r1) + "/", image=image))
             await reload_registry(service)
-            yield Site(image, store, service, url(r1), url(r2))
+            yield Site(
+                image, store, service, url(r1), url(r2), tmp_path / "keys" / PUBLIC_FILE, signer.public.id
+            )
     finally:
         await core.stop(1)
         await asyncio.to_thread(state.close)
@@ -201,7 +211,17 @@ def tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[object, ...]
 
 async def test_no_reboot_builds_the_environment(site: Site, tmp_path: Path) -> None:
     target = tmp_path / "node"
-    code = await run_agent("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
+    code = await run_agent(
+        "--node",
+        "n1",
+        "--relay",
+        site.relay_url,
+        "--trust",
+        str(site.trust),
+        "--no-reboot",
+        "--target",
+        str(target),
+    )
     assert code == 0
     # ram (/), disk (/var) and sync (/srv) hold exactly the image; /usr (nfs) is a mount point
     built = tree(target, skip=("run", "usr"))
@@ -220,7 +240,17 @@ async def test_no_reboot_builds_the_environment(site: Site, tmp_path: Path) -> N
 
 async def test_sync_fetches_only_what_changed(site: Site, tmp_path: Path) -> None:
     target = tmp_path / "node"
-    argv = ("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
+    argv = (
+        "--node",
+        "n1",
+        "--relay",
+        site.relay_url,
+        "--trust",
+        str(site.trust),
+        "--no-reboot",
+        "--target",
+        str(target),
+    )
     assert await run_agent(*argv) == 0
     first = {e.stage: e.bytes for e in await site.events()}
     srv = target / "srv" / "data"
@@ -242,7 +272,17 @@ async def test_sync_fetches_ahead_in_order_and_cleans_up_when_a_fetch_fails(
     monkeypatch.setattr(ee, "FETCH_THREADS", 2)
     monkeypatch.setattr(ee, "FETCH_AHEAD", 2)  # both changed files at once
     target = tmp_path / "node"
-    argv = ("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
+    argv = (
+        "--node",
+        "n1",
+        "--relay",
+        site.relay_url,
+        "--trust",
+        str(site.trust),
+        "--no-reboot",
+        "--target",
+        str(target),
+    )
     assert await run_agent(*argv) == 0
     srv = target / "srv" / "data"
     size = (srv / "big").stat().st_size
@@ -281,7 +321,17 @@ async def test_digest_mismatch_stops_the_boot(site: Site, tmp_path: Path) -> Non
     data[len(data) // 2] ^= 1
     path.write_bytes(bytes(data))
     target = tmp_path / "node"
-    code = await run_agent("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
+    code = await run_agent(
+        "--node",
+        "n1",
+        "--relay",
+        site.relay_url,
+        "--trust",
+        str(site.trust),
+        "--no-reboot",
+        "--target",
+        str(target),
+    )
     assert code == 1
     failed = [e for e in await site.events() if not e.ok]
     assert (
@@ -340,7 +390,15 @@ async def test_unknown_node_is_a_clear_error(
     site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = await run_agent(
-        "--node", "nosuch", "--relay", site.relay_url, "--no-reboot", "--target", str(tmp_path)
+        "--node",
+        "nosuch",
+        "--relay",
+        site.relay_url,
+        "--trust",
+        str(site.trust),
+        "--no-reboot",
+        "--target",
+        str(tmp_path),
     )
     assert code == 1
     assert "nosuch" in capsys.readouterr().err
@@ -348,9 +406,11 @@ async def test_unknown_node_is_a_clear_error(
 
 
 # -- the agent's runtime in the initrd -----------------------------------------------
-def unpack_initrd(tmp_path: Path) -> Path:
+def unpack_initrd(tmp_path: Path, trust: Path) -> Path:
     builder = InitrdBuilder()
-    add_runtime(builder, collect())
+    runtime = collect()
+    runtime.trust([PublicKey.from_text(trust.read_text())])
+    add_runtime(builder, runtime)
     image = tmp_path / "initrd.zst"
     with open(image, "wb") as out:
         info = builder.write(out, level=3)
@@ -369,13 +429,15 @@ async def test_initrd_runtime_runs_the_agent(site: Site, tmp_path: Path) -> None
     chroot = shutil.which("chroot")
     assert chroot is not None
     loop = asyncio.get_running_loop()
-    root = await loop.run_in_executor(None, unpack_initrd, tmp_path)
+    root = await loop.run_in_executor(None, unpack_initrd, tmp_path, site.trust)
+    assert [p.name for p in (root / "etc" / "slim" / "keys").iterdir()] == [f"{site.key_id}.pub"]
     assert (root / "init").stat().st_mode & 0o111
     assert os.readlink(root / "bin" / "sh") == "busybox"
     assert not list(root.rglob("*_ssl*")) and not list(root.rglob("libcrypto*"))  # left out
     cmd = [
         chroot, str(root), "/usr/bin/python3", "-S", "-B", "-m", "slim.agent",
-        "--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", "/target",
+        "--node", "n1", "--relay", site.relay_url, "--trust", "/etc/slim/keys",  # the initrd's own
+        "--no-reboot", "--target", "/target",
     ]  # fmt: skip
     env = {"PYTHONPATH": "/lib/slim", "PATH": "/bin:/usr/bin"}
     proc = await loop.run_in_executor(
@@ -418,14 +480,34 @@ async def test_sync_into_an_empty_place_unpacks_the_archive_then_compares(site: 
     srv = found[1].directories["/srv"]
     assert srv.archive is not None and srv.manifest is not None
     assert (
-        await run_agent("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
+        await run_agent(
+            "--node",
+            "n1",
+            "--relay",
+            site.relay_url,
+            "--trust",
+            str(site.trust),
+            "--no-reboot",
+            "--target",
+            str(target),
+        )
         == 0
     )
     first = next(e for e in await site.events() if e.stage == "sync:/srv")
     assert first.ok and first.bytes == srv.archive.size, first
     assert tree(target / "srv") == tree(site.image / "srv")
     assert (
-        await run_agent("--node", "n1", "--relay", site.relay_url, "--no-reboot", "--target", str(target))
+        await run_agent(
+            "--node",
+            "n1",
+            "--relay",
+            site.relay_url,
+            "--trust",
+            str(site.trust),
+            "--no-reboot",
+            "--target",
+            str(target),
+        )
         == 0
     )
     again = next(e for e in await site.events() if e.stage == "sync:/srv")
@@ -508,3 +590,72 @@ async def test_report_script_tells_the_core_the_environment_is_up(site: Site, tm
     assert up.message == "reached the target"  # quotes and control characters dropped
     view = await asyncio.to_thread(site.service.node_view, "n1")
     assert view.boot is not None and view.boot.state == "up"
+
+
+# -- plans the agent must refuse ---------------------------------------------------------
+def _doctored(site: Site, nonce: str, case: str) -> dict[str, object]:
+    """The relay's answer to a plan request, as someone on the path (or a relay) would forge it."""
+    plan = site.service.boot_plan(NodeRef(name="n1"), "127.0.0.1", peek=True)
+    signer = site.service.signer
+    assert signer is not None
+    issued = time.time()
+    if case == "expired":
+        issued -= 3 * 86400
+    if case == "another node":
+        plan = dataclasses.replace(plan, node="n9")
+    document = plan_document(plan, "00" * 16 if case == "replayed" else nonce, issued)
+    signature = (SigningKey.generate() if case == "another key" else signer).sign(document)
+    if case == "one byte changed":
+        document = document.replace(b'"ram"', b'"rAm"', 1)
+    return {"document": document.decode(), "signature": signature, "relay_time": time.time()}
+
+
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        ("one byte changed", "signature does not verify against the trusted keys"),
+        ("another key", "signature does not verify against the trusted keys"),
+        ("expired", "the signed plan expired"),
+        ("another node", "the signed plan is for node 'n9', not 'n1'"),
+        ("replayed", "its nonce is not ours"),
+    ],
+)
+async def test_a_forged_plan_is_refused_before_anything_is_fetched(
+    site: Site, tmp_path: Path, case: str, why: str
+) -> None:
+    asked: list[str] = []
+    reported: list[dict[str, object]] = []
+
+    async def plan(request: web.Request) -> web.Response:
+        return web.json_response(await asyncio.to_thread(_doctored, site, request.query["nonce"], case))
+
+    async def anything(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.Response(status=404)
+
+    async def events(request: web.Request) -> web.Response:
+        reported.extend((await request.json())["events"])
+        return web.json_response({"accepted": 1})
+
+    app = web.Application()
+    app.router.add_get("/v1/nodes/n1/plan", plan)
+    app.router.add_post("/v1/nodes/n1/events", events)
+    app.router.add_route("*", "/{tail:.*}", anything)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    forger = web.TCPSite(runner, "127.0.0.1", 0)
+    await forger.start()
+    port = forger._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        target = tmp_path / "node"
+        code = await run_agent(
+            "--node", "n1", "--relay", f"http://127.0.0.1:{port}", "--trust", str(site.trust),
+            "--no-reboot", "--target", str(target),
+        )  # fmt: skip
+    finally:
+        await runner.cleanup()
+    assert code == 1
+    assert asked == [] and not target.exists()  # nothing fetched, nothing made
+    (refused,) = reported
+    assert refused["stage"] == "plan" and refused["ok"] is False
+    assert why in str(refused["message"]), refused

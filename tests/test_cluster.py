@@ -95,10 +95,12 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         serve.stdout.close()
 
 
-def agent(lab: NetLab, node: str, target: Path) -> subprocess.CompletedProcess[str]:
+def agent(lab: NetLab, node: str, target: Path, state: Path) -> subprocess.CompletedProcess[str]:
+    """The agent in ``node``'s namespace, trusting the key of the `slim serve` whose state is ``state``."""
     argv = lab.cmd(
         lab.nodes[node].netns, sys.executable, "-m", "slim.agent", "--no-reboot", "--target", str(target),
         "--node", node, "--relay", f"http://{lab.server_ip}:8080",
+        "--trust", str(state / "keys" / "signing.pub"),
     )  # fmt: skip
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
 
@@ -124,7 +126,9 @@ def test_namespace_cluster_gets_addresses_and_builds_every_node(cluster: Cluster
         assert "tbf" in qdisc.stdout and "rate 100Mbit" in qdisc.stdout, qdisc.stdout
     roots = {n: cluster.tmp / "roots" / n for n in names}
     with ThreadPoolExecutor(NODES) as pool:
-        results = dict(zip(names, pool.map(lambda n: agent(lab, n, roots[n]), names), strict=True))
+        results = dict(
+            zip(names, pool.map(lambda n: agent(lab, n, roots[n], cluster.tmp / "state"), names), strict=True)
+        )
     for node, proc in results.items():
         assert proc.returncode == 0, (node, proc.stderr[-2000:])
     for node, root in roots.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from slim.core.control.service import CoreService
 from slim.core.store import Store
 from slim.errors import NotFound, Unavailable
 from slim.rpc import ERROR_KEY, AsyncCoreClient
+from slim.signing import verify
 from slim.v1 import core_pb2 as pb
 from tests.support import TEST_REGISTRY, Core, reload_registry
 
@@ -128,6 +130,15 @@ async def test_boot_plan(core: Core, store: Store) -> None:
     ):
         assert arg in plan.kernel_args.split()
     assert plan.relays[0].site == "room"
+    # what the agent acts on: the same plan as a document the core signed, for this request
+    signed = await core.core.GetBootPlan(pb.GetBootPlanRequest(node=by_name("n1"), origin=ROOM, nonce="ab12"))
+    signer = core.server.service.signer
+    assert signer is not None
+    assert verify(signed.document, signed.signature, [signer.public], "plan") == signer.public
+    doc = json.loads(signed.document)
+    assert (doc["node"], doc["nonce"], doc["release_digest"]) == ("n1", "ab12", plan.release_digest)
+    assert doc["expires_at"] - doc["issued_at"] == 300
+    assert [d["path"] for d in doc["directories"]] == [d.path for d in plan.directories]
 
 
 async def test_boot_plan_follows_next_boot_and_sync(core: Core) -> None:
@@ -153,6 +164,11 @@ async def test_boot_plan_errors(core: Core) -> None:
     )
     await expect_status(
         plan(pb.GetBootPlanRequest(node=by_name("n1"), origin="nonsense")), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    await expect_status(
+        plan(pb.GetBootPlanRequest(node=by_name("n1"), origin=ROOM, nonce="not hex")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "nonce",
     )
 
 

@@ -502,7 +502,7 @@ def test_gc_keeping_one_previous_and_a_node_still_boots(tmp_path: Path) -> None:
         with grpc.insecure_channel(f"unix:{tmp_path}/core.sock") as channel:
             admin = pb_grpc.AdminStub(channel)
             assert lab.dhcp("n1") is not None
-            first = agent(lab, "n1", tmp_path / "roots" / "a")
+            first = agent(lab, "n1", tmp_path / "roots" / "a", tmp_path / "state")
             assert first.returncode == 0, first.stderr[-2000:]
 
             code, out = slim(
@@ -530,7 +530,7 @@ def test_gc_keeping_one_previous_and_a_node_still_boots(tmp_path: Path) -> None:
             objects, trees = on_disk(store)
             assert objects == kept[0][0] | kept[1][0] and trees == kept[0][1] | kept[1][1]
 
-            again = agent(lab, "n1", tmp_path / "roots" / "b")
+            again = agent(lab, "n1", tmp_path / "roots" / "b", tmp_path / "state")
             assert again.returncode == 0, again.stderr[-2000:]
             active = json.loads((tmp_path / "roots" / "b" / "run" / "slim" / "ee").read_text())
             events = admin.ListBootEvents(pb.ListBootEventsRequest(node="n1"), timeout=10).events

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import re
 import signal
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from slim.agent.tree import Entry
 from slim.core.control.service import CoreService
 from slim.core.store import Store
 from slim.release import ObjectRef, Release, ReleaseDirectory
+from slim.signing import verify
 from slim.v1 import core_pb2 as pb
 from slim.vocabulary import Policy
 from tests.support import Core, blob, metrics, need, origin, relay, start_relay_process, stop_process, url
@@ -116,10 +118,18 @@ async def test_node_api_through_the_relay(core: Core, store: Store, tmp_path: Pa
         async with s.get(f"{base}/v1/locate", params={"mac": "52:54:00:00:00:22"}) as resp:
             assert (await resp.json())["node"] == "n2"
         for ref in ("n1", "52:54:00:00:00:01"):
-            async with s.get(f"{base}/v1/nodes/{ref}/plan") as resp:
+            async with s.get(f"{base}/v1/nodes/{ref}/plan", params={"nonce": "c0ffee"}) as resp:
                 assert resp.status == 200
-                plan = await resp.json()
-                assert plan["node"] == "n1" and plan["environment"] == "base"
+                envelope = await resp.json()
+                # the core's signed document, handed on untouched; the relay's clock beside it
+                assert isinstance(envelope["relay_time"], float)
+                signer = core.server.service.signer
+                assert signer is not None
+                document = envelope["document"].encode()
+                assert verify(document, envelope["signature"], [signer.public], "plan") == signer.public
+                plan = json.loads(document)
+                assert plan["node"] == "n1" and plan["environment"] == "base" and plan["nonce"] == "c0ffee"
+                assert plan["issued_at"] < plan["expires_at"]
                 assert isinstance(plan["kernel"]["size"], int) and plan["kernel"]["digest"].startswith(
                     "sha256:"
                 )
@@ -163,6 +173,7 @@ async def test_node_api_through_the_relay(core: Core, store: Store, tmp_path: Pa
         ("GET", "/v1/locate", None, 400, "?node="),
         ("GET", "/v1/locate?node=n1&mac=52:54:00:00:00:01", None, 400, "one of them"),
         ("GET", "/v1/nodes/nosuch/plan", None, 404, "nosuch"),
+        ("GET", "/v1/nodes/n1/plan?nonce=not-hex", None, 400, "nonce"),
         ("GET", "/v1/nodes/n3/plan", None, 409, "unbuilt"),
         ("POST", "/v1/nodes/n1/events", b"{not json", 400, "not JSON"),
         ("POST", "/v1/nodes/n1/events", b"[]", 400, "non-empty"),

@@ -10,6 +10,9 @@ Python finds its standard library without configuration:
   modules the agent imports — found by importing the agent with that very
   Python and listing ``sys.modules`` — plus the extension modules among them
   with their libraries;
+- Debian's ``signify-openbsd`` and its libraries, and the core's public keys under
+  ``/etc/slim/keys`` (:meth:`Runtime.trust`): the agent checks each plan's signature
+  with them before it fetches or mounts anything;
 - the agent's package (``slim.agent``, standard library only) under
   ``/lib/slim``.
 
@@ -22,17 +25,21 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import slim.agent
 from slim.core.build.initrd import CpioArchive
 from slim.errors import FailedPrecondition
+from slim.signing import PublicKey
 
 AGENT_DIR = Path(slim.agent.__file__).resolve().parent  # what goes under AGENT_ROOT/slim/agent
 PYTHON = Path("/usr/bin/python3")
 BUSYBOX = Path("/bin/busybox")
 ZSTD = Path("/usr/bin/zstd")
+SIGNIFY = Path("/usr/bin/signify-openbsd")  # checks the core's signature of each plan
+KEYS_DIR = "/etc/slim/keys"  # the public keys the agent trusts (slim.agent.verify)
 APPLETS = (
     "sh", "mount", "umount", "mkdir", "ln", "cat", "echo", "sleep", "ip", "udhcpc", "insmod",
     "modprobe", "switch_root", "mknod", "ls", "rm", "mke2fs", "poweroff", "reboot", "dmesg", "env",
@@ -67,10 +74,25 @@ print(json.dumps({"prefix": sys.prefix, "modules": out}))
 class Runtime:
     files: dict[str, Path] = field(default_factory=dict)  # path in the initrd -> source
     links: dict[str, str] = field(default_factory=dict)  # path in the initrd -> target
+    data: dict[str, bytes] = field(default_factory=dict)  # path in the initrd -> contents
     python: str = ""
 
     def add(self, path: Path, dest: str | None = None) -> None:
         self.files[dest or str(path)] = path
+
+    def trust(self, keys: Sequence[PublicKey]) -> None:
+        """The public keys the agent accepts plans from (the core's, current first)."""
+        if not keys:
+            raise FailedPrecondition(
+                "no public key to put into the initrd: the agent would refuse every plan"
+            )
+        for key in keys:
+            self.data[f"{KEYS_DIR}/{key.id}.pub"] = key.text().encode()
+
+    @property
+    def trusted(self) -> list[str]:
+        """The ids of the keys the initrd trusts."""
+        return sorted(p.rsplit("/", 1)[1].removesuffix(".pub") for p in self.data if p.startswith(KEYS_DIR))
 
 
 def _require(path: Path, package: str) -> Path:
@@ -96,13 +118,16 @@ def _with_libraries(rt: Runtime, binary: Path) -> None:
         rt.add(lib.resolve(), str(lib))  # the loader and libraries are often symlinks
 
 
-def collect(python: Path = PYTHON, busybox: Path = BUSYBOX, zstd: Path = ZSTD) -> Runtime:
+def collect(
+    python: Path = PYTHON, busybox: Path = BUSYBOX, zstd: Path = ZSTD, signify: Path = SIGNIFY
+) -> Runtime:
     rt = Runtime()
     rt.add(_require(busybox, "busybox-static"), "/bin/busybox")
     for applet in APPLETS:
         rt.links[f"/bin/{applet}"] = "busybox"
     rt.links["/sbin/modprobe"] = "../bin/busybox"  # where the kernel runs it to load modules on demand
     _with_libraries(rt, _require(zstd, "zstd"))
+    _with_libraries(rt, _require(signify, "signify-openbsd"))
     exe = _require(python, "python3").resolve()
     _with_libraries(rt, exe)
     rt.links["/usr/bin/python3"] = exe.name
@@ -178,6 +203,12 @@ def add_runtime(archive: CpioArchive, rt: Runtime) -> None:
         archive.add_file(dest, src)
     for dest, target in sorted(rt.links.items()):
         archive.add_symlink(dest, target)
+    if not any(p.startswith(KEYS_DIR) for p in rt.data):
+        raise FailedPrecondition(
+            "the agent's runtime trusts no key (Runtime.trust): it would refuse every plan"
+        )
+    for dest, data in sorted(rt.data.items()):
+        archive.add_bytes(dest, data)
     archive.add_bytes(f"{AGENT_ROOT}/slim/__init__.py", b"")
     archive.add_bytes("/init", INIT.format(root=AGENT_ROOT).encode(), mode=0o755)
     archive.add_bytes("/etc/slim/udhcpc.sh", UDHCPC.encode(), mode=0o755)

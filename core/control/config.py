@@ -23,6 +23,15 @@ class CoreConfig(ProcessConfig):
         description="SQLite file for runtime state (next-boot overrides, boot events, heartbeats)",
     )
     store: Path = Field(Path("/var/lib/slim/store"), description="the content-addressed artifact store")
+    keys: Path | None = Field(
+        None,
+        description="the signing key's directory (signing.key, signing.pub; made on first start); "
+        "default: 'keys' beside the state database",
+    )
+
+    @property
+    def key_dir(self) -> Path:
+        return self.keys if self.keys is not None else self.state.parent / "keys"
     listen: GrpcListen = Field(
         DEFAULT_LISTEN, description="gRPC: HOST:PORT (port 0: any free port) or unix:PATH"
     )

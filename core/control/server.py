@@ -38,6 +38,7 @@ from slim.errors import FailedPrecondition, InvalidArgument, SlimError, Unavaila
 from slim.objects.server import ObjectServer
 from slim.release import ObjectRef
 from slim.rpc import MAX_MESSAGE_BYTES, POLICY_TO_PB, TIER_TO_PB, error_metadata, status_code
+from slim.signing import SigningKey
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
 from slim.vocabulary import MAX_STAGE_SECONDS, MAX_STORED_TEXT, MAX_TIMESTAMP_SECONDS, Policy
@@ -288,7 +289,10 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
 
     @unary
     async def GetBootPlan(self, request: pb.GetBootPlanRequest, context: Any) -> pb.BootPlan:
-        return plan_pb(self.service.boot_plan(_node_ref(request.node), request.origin, request.peek))
+        plan = self.service.boot_plan(_node_ref(request.node), request.origin, request.peek)
+        answer = plan_pb(plan)
+        answer.document, answer.signature = self.service.sign_plan(plan, request.nonce)
+        return answer
 
     @unary
     async def GetBootScript(self, request: pb.GetBootScriptRequest, context: Any) -> pb.BootScript:
@@ -731,7 +735,11 @@ def run(
     config.state.parent.mkdir(parents=True, exist_ok=True)
     state = State(config.state)
     try:
-        service = dom.CoreService(registry, state, Store(config.store), registry_path=config.registry)
+        signer = SigningKey.load_or_create(config.key_dir)
+        log.info("plans signed with key %s (%s)", signer.public.id, config.key_dir)
+        service = dom.CoreService(
+            registry, state, Store(config.store), registry_path=config.registry, signer=signer
+        )
         main = serve(service, config, on_ready, on_objects)
         if config.event_loop == "uvloop":
             uvloop.run(main)

@@ -28,7 +28,8 @@ from slim.core.registry import DirectorySpec, Environment, IPAddress, Node, Regi
 from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from slim.release import ObjectRef, Release
-from slim.vocabulary import SWITCH_ROOT_STAGE, UP_STAGE, Policy, normalize_mac, relay_observed
+from slim.signing import SigningKey
+from slim.vocabulary import BOOT_ID_RE, SWITCH_ROOT_STAGE, UP_STAGE, Policy, normalize_mac, relay_observed
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,10 @@ class CoreService:
         redirector: Redirector | None = None,
         clock: Callable[[], float] = time.time,
         registry_path: str | Path | None = None,
+        signer: SigningKey | None = None,
     ) -> None:
         self.registry = registry
+        self.signer = signer  # signs boot plans (None: plans go unsigned, and agents refuse them)
         self.registry_path = Path(registry_path) if registry_path else None
         self.state = state
         self.store = store
@@ -403,6 +406,16 @@ class CoreService:
             f"release {digest[:19]} of {env_name!r} has no {what} for {path}; "
             f"the registry changed since the build: slim ee build {env_name}"
         )
+
+    def sign_plan(self, plan: BootPlan, nonce: str) -> tuple[bytes, str]:
+        """(the plan's document, the core's signature of it; "" without a key): see
+        :mod:`slim.core.control.plandoc`."""
+        from slim.core.control.plandoc import plan_document
+
+        if nonce and not BOOT_ID_RE.fullmatch(nonce):
+            raise InvalidArgument(f"nonce {nonce[:80]!r} is not 1 to 64 hex digits")
+        document = plan_document(plan, nonce, self.clock())
+        return document, self.signer.sign(document, f"plan for {plan.node}") if self.signer else ""
 
     # -- boot script ---------------------------------------------------------
     def boot_script(self, mac: str, origin: str, fmt: str = "ipxe", peek: bool = False) -> BootScript:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import click
 
 from slim import __version__
-from slim.cli import core, dhcp, ee, nfs, node, registry, relay, serve, simulate, slurm, store
+from slim.cli import core, dhcp, ee, keys, nfs, node, registry, relay, serve, simulate, slurm, store
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -32,6 +32,7 @@ for command in (
     ee.ee,
     ee.profile,
     store.store,
+    keys.keys,
     node.node,
     relay.relay,
     nfs.nfs,

@@ -134,6 +134,15 @@ store_option = click.option(
     "(default: STATE_DIR/store, STATE_DIR being the registry's server.state_dir, /var/lib/slim "
     "unless it says otherwise: where `slim serve` keeps it).",
 )
+keys_option = click.option(
+    "--keys",
+    "keys_path",
+    envvar="SLIM_KEYS",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The core's signing key directory (signing.key, signing.pub; made on first use); also "
+    "$SLIM_KEYS (default: STATE_DIR/keys).",
+)
 DEFAULT_STATE_DIR = Path("/var/lib/slim")
 
 
@@ -150,6 +159,11 @@ def state_dir(registry_path: Path) -> Path:
 def store_path_or_default(store_path: Path | None, registry_path: Path) -> Path:
     """``--store`` as given, else STATE_DIR/store (see :func:`state_dir`)."""
     return store_path if store_path is not None else state_dir(registry_path) / "store"
+
+
+def keys_path_or_default(keys_path: Path | None, registry_path: Path) -> Path:
+    """``--keys`` as given, else STATE_DIR/keys (see :func:`state_dir`)."""
+    return keys_path if keys_path is not None else state_dir(registry_path) / "keys"
 
 
 def config_option(part: str) -> Callable[[F], F]:

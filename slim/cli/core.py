@@ -11,6 +11,8 @@ from slim.cli.common import (
     DEFAULT_CORE,
     config_option,
     errors_to_exit,
+    keys_option,
+    keys_path_or_default,
     log_level_option,
     registry_option,
     settings,
@@ -67,11 +69,13 @@ def core() -> None:
     show_default=True,
     help="Event loop implementation (asyncio's own is there for comparison and debugging).",
 )
+@keys_option
 @config_option("core")
 def core_serve(
     registry_path: Path,
     state_path: Path | None,
     store_path: Path | None,
+    keys_path: Path | None,
     listen: str,
     objects_listen: str | None,
     grace: float,
@@ -80,6 +84,9 @@ def core_serve(
     config_file: Path | None,
 ) -> None:
     """Serve the core's gRPC API until SIGTERM or SIGINT (graceful stop); SIGHUP reloads the registry.
+
+    Boot plans are signed with the key in --keys (made there on first start if missing;
+    back it up: docs/security.md).
 
     Prints "listening on HOST:PORT" on standard output once it accepts calls
     (and "objects on HOST:PORT" with --objects-listen).
@@ -91,9 +98,10 @@ def core_serve(
         if config_file is None:
             state_path = state_path or state_dir(registry_path) / "state.db"
             store_path = store_path_or_default(store_path, registry_path)
+            keys_path = keys_path_or_default(keys_path, registry_path)
         config = settings(
             CoreConfig, config_file, registry=registry_path, state=state_path, store=store_path,
-            listen=listen, objects_listen=objects_listen, grace=grace, log_level=log_level,
+            keys=keys_path, listen=listen, objects_listen=objects_listen, grace=grace, log_level=log_level,
             event_loop=event_loop,
         )  # fmt: skip
         setup_logging(config.log_level)

@@ -19,6 +19,7 @@ from slim.cli.common import (
     errors_to_exit,
     fail,
     json_option,
+    keys_option,
     print_json,
     registry_option,
     store_option,
@@ -254,6 +255,7 @@ def _build_json(res: Any) -> dict[str, Any]:
     help="Put the agent and its runtime (busybox, zstd, a minimal python3, from this machine) into "
     "the initrd; --no-agent leaves only the kernel modules.",
 )
+@keys_option
 @json_option
 def ee_build(
     names: tuple[str, ...],
@@ -262,6 +264,7 @@ def ee_build(
     store_path: Path | None,
     level: int | None,
     agent: bool,
+    keys_path: Path | None,
     as_json: bool,
 ) -> None:
     """Build environments into content-addressed objects and publish their releases.
@@ -270,7 +273,8 @@ def ee_build(
     archive and a manifest (sync also one object per file, so nodes fetch only
     what changed); nfs gets a manifest and a read-only tree for export.  Plus the
     image's kernel and an initrd with its modules for every hardware profile,
-    the agent and its runtime.
+    the agent and its runtime, and the core's public key (from --keys, made there
+    if missing): the agent refuses any plan that key did not sign.
     Rebuilding an unchanged image adds no object and keeps the release.
     """
     from slim.core.build.agentrt import collect
@@ -278,6 +282,7 @@ def ee_build(
     from slim.core.build.release import build_environment
     from slim.core.registry import load_registry
     from slim.core.store import Store
+    from slim.signing import SigningKey
 
     with errors_to_exit():
         reg = load_registry(registry_path)
@@ -288,6 +293,9 @@ def ee_build(
             reg.environment(n)  # unknown names fail before any work
         store = Store(store_path if store_path is not None else Path(reg.server.state_dir) / "store")
         runtime = collect() if agent else None
+        if runtime is not None:
+            keys = Path(keys_path) if keys_path is not None else Path(reg.server.state_dir) / "keys"
+            runtime.trust([SigningKey.load_or_create(keys).public])
         results = []
         with StageProgress(enabled=not as_json) as progress:
             for n in targets:

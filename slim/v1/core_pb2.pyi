@@ -225,9 +225,12 @@ class GetBootPlanRequest(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
     PEEK_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
     origin: _builtins.str
     peek: _builtins.bool
     """as in LocateRequest"""
+    nonce: _builtins.str
+    """The agent's nonce (hex): the signed document names it, so a plan cannot be replayed."""
     @_builtins.property
     def node(self) -> Global___NodeRef: ...
     def __init__(
@@ -236,10 +239,11 @@ class GetBootPlanRequest(_message.Message):
         node: Global___NodeRef | None = ...,
         origin: _builtins.str = ...,
         peek: _builtins.bool = ...,
+        nonce: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "origin", b"origin", "peek", b"peek"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "nonce", b"nonce", "origin", b"origin", "peek", b"peek"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -365,6 +369,8 @@ class BootPlan(_message.Message):
     RELAYS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     SITE_FIELD_NUMBER: _builtins.int
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     environment: _builtins.str
     release_digest: _builtins.str
@@ -375,6 +381,12 @@ class BootPlan(_message.Message):
     reason: _builtins.str
     """Why this environment: "next-boot" (an override) or "default"."""
     site: _builtins.str
+    document: _builtins.bytes
+    """What the agent acts on: the plan as canonical JSON (the fields above, plus the nonce,
+    when it was issued and until when it holds), and the core's signature of exactly these
+    bytes in signify's format (docs/security.md).  Empty when the core has no signing key.
+    """
+    signature: _builtins.str
     @_builtins.property
     def kernel(self) -> Global___ObjectRef: ...
     @_builtins.property
@@ -402,10 +414,12 @@ class BootPlan(_message.Message):
         relays: _abc.Iterable[Global___RankedRelay] | None = ...,
         reason: _builtins.str = ...,
         site: _builtins.str = ...,
+        document: _builtins.bytes = ...,
+        signature: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["initrd", b"initrd", "kernel", b"kernel"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["directories", b"directories", "disk", b"disk", "environment", b"environment", "initrd", b"initrd", "kernel", b"kernel", "kernel_args", b"kernel_args", "modules", b"modules", "node", b"node", "reason", b"reason", "relays", b"relays", "release_digest", b"release_digest", "site", b"site"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directories", b"directories", "disk", b"disk", "document", b"document", "environment", b"environment", "initrd", b"initrd", "kernel", b"kernel", "kernel_args", b"kernel_args", "modules", b"modules", "node", b"node", "reason", b"reason", "relays", b"relays", "release_digest", b"release_digest", "signature", b"signature", "site", b"site"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,110 @@
+"""The plan's signature, checked before anything is fetched or mounted (standard library only).
+
+The relay hands over ``{"document": "<the plan, canonical JSON>", "signature": "<signify
+signature>", "relay_time": …}``; the core signed the document's exact bytes
+(slim.core.control.plandoc).  The agent runs Debian's ``signify-openbsd`` — in the initrd,
+beside the public keys the build put in ``/etc/slim/keys`` — against each trusted key, and
+acts only on a document one of them signed, that names its node and the nonce it asked
+with, and that has not expired (by this node's clock, with :data:`CLOCK_SLACK`).  Then the
+plan's digests carry that trust to every object and tree.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from slim.agent.plan import PlanError
+
+KEYS_DIR = Path("/etc/slim/keys")  # in the initrd (core/build/agentrt.py puts them there)
+SIGNIFY = ("/usr/bin/signify-openbsd", "signify-openbsd", "signify")
+CLOCK_SLACK = 3600.0  # a node's clock at power-on (its RTC) may be off by this much
+MAX_ENVELOPE_BYTES = 8 << 20
+
+
+class PlanRefused(PlanError):
+    """The plan is not one the core signed for this node and this request (says why)."""
+
+
+@dataclass(frozen=True)
+class Checked:
+    document: bytes  # what the agent parses (parse_plan)
+    key: str  # the trusted public key file that verified it
+    relay_time: float | None  # the relay's clock (not signed: only for the events' times)
+
+
+def trusted_keys(paths: list[Path]) -> list[Path]:
+    """The public key files: each path a ``.pub`` file or a directory of them."""
+    keys: list[Path] = []
+    for p in paths:
+        keys.extend(sorted(p.glob("*.pub")) if p.is_dir() else [p] if p.is_file() else [])
+    if not keys:
+        raise PlanRefused(
+            f"no trusted public key in {', '.join(map(str, paths))}: every plan would be refused"
+        )
+    return keys
+
+
+def signify() -> str:
+    for name in SIGNIFY:
+        found = shutil.which(name)
+        if found:
+            return found
+    raise PlanRefused("cannot check the plan's signature: signify-openbsd is not installed")
+
+
+def check(envelope: bytes, keys: list[Path], node: str, nonce: str, now: float) -> Checked:
+    """The signed document in the relay's answer, once it has proved itself (PlanRefused if not)."""
+    if len(envelope) > MAX_ENVELOPE_BYTES:
+        raise PlanRefused(f"the relay's answer is larger than {MAX_ENVELOPE_BYTES} bytes")
+    try:
+        doc = json.loads(envelope)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PlanRefused(f"the relay's answer is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("document"), str):
+        raise PlanRefused("the relay's answer has no plan document")
+    signature = doc.get("signature")
+    if not isinstance(signature, str) or not signature:
+        raise PlanRefused("the plan is not signed (the core has no signing key?)")
+    relay_time = doc.get("relay_time")
+    if isinstance(relay_time, bool) or not isinstance(relay_time, int | float) or not 0 < relay_time < 1e11:
+        relay_time = None
+    document = doc["document"].encode()
+    key = _verified_by(document, signature, keys)
+    try:
+        plan = json.loads(document)
+    except ValueError as exc:
+        raise PlanRefused(f"the signed plan is not JSON: {exc}") from None
+    if not isinstance(plan, dict):
+        raise PlanRefused("the signed plan is not a JSON object")
+    if plan.get("node") != node:
+        raise PlanRefused(f"the signed plan is for node {plan.get('node')!r}, not {node!r}")
+    if plan.get("nonce") != nonce:
+        raise PlanRefused("the signed plan answers another request (its nonce is not ours): a replay?")
+    expires = plan.get("expires_at")
+    if isinstance(expires, bool) or not isinstance(expires, int | float):
+        raise PlanRefused("the signed plan says not until when it holds (expires_at)")
+    if now > expires + CLOCK_SLACK:
+        raise PlanRefused(f"the signed plan expired {now - expires:.0f} s ago (by this node's clock)")
+    return Checked(document, str(key), float(relay_time) if relay_time is not None else None)
+
+
+def _verified_by(document: bytes, signature: str, keys: list[Path]) -> Path:
+    binary = signify()
+    with tempfile.TemporaryDirectory(prefix="slim-plan-") as tmp:
+        doc, sig = Path(tmp) / "plan", Path(tmp) / "plan.sig"
+        doc.write_bytes(document)
+        sig.write_text(signature)
+        for key in keys:
+            run = subprocess.run(
+                [binary, "-V", "-q", "-p", str(key), "-m", str(doc), "-x", str(sig)],
+                capture_output=True, timeout=30, check=False,
+            )  # fmt: skip
+            if run.returncode == 0:
+                return key
+    names = ", ".join(k.name for k in keys)
+    raise PlanRefused(f"the plan's signature does not verify against the trusted keys ({names})")
