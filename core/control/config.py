@@ -28,10 +28,6 @@ class CoreConfig(ProcessConfig):
         description="the signing key's directory (signing.key, signing.pub; made on first start); "
         "default: 'keys' beside the state database",
     )
-
-    @property
-    def key_dir(self) -> Path:
-        return self.keys if self.keys is not None else self.state.parent / "keys"
     listen: GrpcListen = Field(
         DEFAULT_LISTEN, description="gRPC: HOST:PORT (port 0: any free port) or unix:PATH"
     )
@@ -41,3 +37,8 @@ class CoreConfig(ProcessConfig):
     grace: float = Field(10.0, ge=0, description="seconds in-flight calls may take to finish on SIGTERM")
     log_level: LogLevel = "info"
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+
+    @property
+    def key_dir(self) -> Path:
+        """Where the signing key is: ``keys``, else beside the state database."""
+        return self.keys if self.keys is not None else self.state.parent / "keys"
