@@ -126,6 +126,8 @@ def _entry(rec: Any) -> ManifestEntry:
         raise ValueError("'sha256' must be 64 lowercase hex digits")
     if not isinstance(chunks, list) or not all(isinstance(c, str) and _HEX.fullmatch(c) for c in chunks):
         raise ValueError("'chunks' must be a list of sha256 hex digests")
+    if chunks and kind != FILE:  # they would name objects to fetch (slim.release.manifest_objects)
+        raise ValueError(f"'chunks' given for a {kind}, not a file")
     rdev = rec.get("rdev", [0, 0])
     if not (isinstance(rdev, list) and len(rdev) == 2 and all(isinstance(x, int) and x >= 0 for x in rdev)):
         raise ValueError("'rdev' must be [major, minor]")
@@ -144,8 +146,8 @@ def _entry(rec: Any) -> ManifestEntry:
         gid=_int(rec, "gid", 0, 2**32 - 1),
         mtime_ns=_int(rec, "mtime_ns", -(2**63), 2**63 - 1),
         size=size,
-        target=target,
-        rdev=(rdev[0], rdev[1]),
+        target=target if kind in (SYMLINK, HARDLINK) else "",  # as encode() writes them:
+        rdev=(rdev[0], rdev[1]) if kind in (CHR, BLK) else (0, 0),  # a field of another kind is ignored
         xattrs=xattrs,
     )
     return ManifestEntry(entry, sha if kind == FILE else "", tuple(chunks))

@@ -266,10 +266,11 @@ class TreeWriter:
         for name, value in entry.xattrs:
             try:
                 os.setxattr(target, name, value)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: a NUL in the name (a pax key)
                 self.stats.xattr_failures += 1
                 if len(self.xattr_errors) < 20:
-                    self.xattr_errors.append(f"{entry.path}: {name}: {exc.strerror}")
+                    why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                    self.xattr_errors.append(f"{entry.path}: {name}: {why}")
 
 
 def _write_all(fd: int, data: bytes) -> None:

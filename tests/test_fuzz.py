@@ -484,6 +484,35 @@ def test_manifest_digest_with_a_newline_is_refused() -> None:
         mf.decode(f"{json.dumps(header)}\n{json.dumps(entry)}\n".encode())
 
 
+def test_manifest_chunks_of_a_non_file_are_refused() -> None:
+    """Found by the long pass: a symlink with chunks decoded with them (and its release
+    listed them as objects of negative size); encoding dropped them."""
+    header = {"format": "slim-manifest", "version": 1, "chunk_size": 1 << 20, "entries": 1, "directory": "/e"}
+    entry = {"path": "l", "type": "symlink", "target": "x", "mode": 511, "uid": 0, "gid": 0, "mtime_ns": 0}
+    entry["chunks"] = ["d" * 64]
+    with pytest.raises(ValueError, match="'chunks' given for a symlink"):
+        mf.decode(f"{json.dumps(header)}\n{json.dumps(entry)}\n".encode())
+
+
+def test_manifest_fields_of_another_kind_are_ignored() -> None:
+    """Found by the long pass: a directory's ``target`` or a file's ``rdev`` survived
+    decoding (encoding drops them), so a manifest did not round-trip."""
+    header = {"format": "slim-manifest", "version": 1, "chunk_size": 1 << 20, "entries": 1, "directory": "/e"}
+    entry = {"path": "d", "type": "dir", "mode": 493, "uid": 0, "gid": 0, "mtime_ns": 0}
+    entry |= {"target": "x", "rdev": [1, 3]}
+    m = mf.decode(f"{json.dumps(header)}\n{json.dumps(entry)}\n".encode())
+    assert (m.entries[0].entry.target, m.entries[0].entry.rdev) == ("", (0, 0))
+    assert mf.decode(mf.encode(m)) == m
+
+
+def test_tar_xattr_name_with_nul_is_an_xattr_failure(tmp_path: Path) -> None:
+    """Found by the long pass: a pax xattr name with a NUL raised ValueError out of
+    extract_tar; like any xattr the target cannot take, it is counted and named."""
+    stats = extract_tar(io.BytesIO(_tar(pax_headers={"SCHILY.xattr.user.a\0b": "v"})), tmp_path, owners=False)
+    assert stats.xattr_failures == 1
+    assert (tmp_path / "f").is_file()
+
+
 def _tar(**fields: Any) -> bytes:
     buf = io.BytesIO()
     fmt = fields.pop("format", tarfile.PAX_FORMAT)
