@@ -33,7 +33,7 @@ FORMAT = "slim-manifest"
 VERSION = 1
 CHUNK_SIZE = 1 << 20
 CHUNKED_ABOVE = 4 << 20
-_HEX = re.compile(r"^[0-9a-f]{64}$")  # slim.vocabulary.HEX_RE, copied: standard library only here
+_HEX = re.compile(r"[0-9a-f]{64}")  # slim.vocabulary.HEX_RE, copied: standard library only here
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +122,12 @@ def _entry(rec: Any) -> ManifestEntry:
         check_relpath(target)
     sha = rec.get("sha256", "")
     chunks = rec.get("chunks", [])
-    if kind == FILE and (not isinstance(sha, str) or not _HEX.match(sha)):
+    if kind == FILE and (not isinstance(sha, str) or not _HEX.fullmatch(sha)):
         raise ValueError("'sha256' must be 64 lowercase hex digits")
-    if not isinstance(chunks, list) or not all(isinstance(c, str) and _HEX.match(c) for c in chunks):
+    if not isinstance(chunks, list) or not all(isinstance(c, str) and _HEX.fullmatch(c) for c in chunks):
         raise ValueError("'chunks' must be a list of sha256 hex digests")
+    if chunks and kind != FILE:  # they would name objects to fetch (slim.release.manifest_objects)
+        raise ValueError(f"'chunks' given for a {kind}, not a file")
     rdev = rec.get("rdev", [0, 0])
     if not (isinstance(rdev, list) and len(rdev) == 2 and all(isinstance(x, int) and x >= 0 for x in rdev)):
         raise ValueError("'rdev' must be [major, minor]")
@@ -144,8 +146,8 @@ def _entry(rec: Any) -> ManifestEntry:
         gid=_int(rec, "gid", 0, 2**32 - 1),
         mtime_ns=_int(rec, "mtime_ns", -(2**63), 2**63 - 1),
         size=size,
-        target=target,
-        rdev=(rdev[0], rdev[1]),
+        target=target if kind in (SYMLINK, HARDLINK) else "",  # as encode() writes them:
+        rdev=(rdev[0], rdev[1]) if kind in (CHR, BLK) else (0, 0),  # a field of another kind is ignored
         xattrs=xattrs,
     )
     return ManifestEntry(entry, sha if kind == FILE else "", tuple(chunks))
@@ -158,8 +160,10 @@ def decode(data: bytes) -> Manifest:
         raise ValueError("empty manifest")
     try:
         header = json.loads(lines[0])
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:
         raise ValueError(f"line 1: not JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError("line 1: not JSON: nested too deeply") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError("line 1: not a slim manifest header")
     if header.get("version") != VERSION:
@@ -170,8 +174,10 @@ def decode(data: bytes) -> Manifest:
     for n, line in enumerate(lines[1:], start=2):
         try:
             entries.append(_entry(json.loads(line)))
-        except (ValueError, json.JSONDecodeError) as exc:
+        except ValueError as exc:
             raise ValueError(f"line {n}: {exc}") from None
+        except RecursionError:
+            raise ValueError(f"line {n}: nested too deeply") from None
     if header.get("entries") != len(entries):
         raise ValueError(f"header says {header.get('entries')} entries, found {len(entries)}")
     directory = header.get("directory")

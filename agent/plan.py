@@ -183,12 +183,15 @@ def _count(rec: dict[str, object], key: str, where: str) -> int:
 
 
 def parse_plan(data: bytes) -> Plan:
+    """The plan in ``data`` (JSON), checked; PlanError says what is wrong."""
     if len(data) > MAX_PLAN_BYTES:
         raise PlanError(f"plan larger than {MAX_PLAN_BYTES} bytes")
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise PlanError(f"plan is not JSON: {exc}") from None
+    except RecursionError:
+        raise PlanError("plan is not JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise PlanError("plan is not a JSON object")
     dirs_in = doc.get("directories")

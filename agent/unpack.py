@@ -38,6 +38,11 @@ from typing import IO, BinaryIO
 from slim.agent.tree import BLK, CHR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, check_relpath
 
 COPY_CHUNK = 1 << 20
+NAME_MAX = 255  # bytes in one path component (Linux)
+PATH_MAX = 4096  # bytes in a symlink's target, with its NUL
+MAX_ID = 2**32 - 2  # largest uid or gid (2**32 - 1 is chown's "unchanged")
+MAX_MAJOR, MAX_MINOR = 2**12 - 1, 2**20 - 1  # what mknod(2) takes (a 32-bit dev_t)
+MIN_NS, MAX_NS = -(2**63), 2**63 - 1  # times utimensat can take, as nanoseconds
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -261,10 +266,11 @@ class TreeWriter:
         for name, value in entry.xattrs:
             try:
                 os.setxattr(target, name, value)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: a NUL in the name (a pax key)
                 self.stats.xattr_failures += 1
                 if len(self.xattr_errors) < 20:
-                    self.xattr_errors.append(f"{entry.path}: {name}: {exc.strerror}")
+                    why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                    self.xattr_errors.append(f"{entry.path}: {name}: {why}")
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -307,17 +313,41 @@ def member_name(name: str) -> str:
 
 
 def _mtime_ns(member: tarfile.TarInfo) -> int:
+    """The member's time in nanoseconds; UnsafeEntry if it is no time a file can have."""
     exact = member.pax_headers.get("mtime")
-    if exact is not None:  # keep nanoseconds: float seconds lose them
+    ns: int | None = None
+    if exact is not None and len(exact) <= 40:  # keep nanoseconds: float seconds lose them
         sec, _, frac = exact.partition(".")
         try:
             ns = int(sec) * 1_000_000_000
             if frac:
                 ns += (1 if not sec.startswith("-") else -1) * int((frac + "000000000")[:9])
-            return ns
         except ValueError:
-            pass
-    return int(member.mtime) * 1_000_000_000
+            ns = None
+    if ns is None:
+        try:
+            ns = int(member.mtime) * 1_000_000_000
+        except (ValueError, OverflowError):  # a pax mtime of "nan" or "inf"
+            raise UnsafeEntry(member.name, f"mtime {member.mtime!r} is not a time") from None
+    if not MIN_NS <= ns <= MAX_NS:
+        raise UnsafeEntry(member.name, f"mtime {ns} ns is out of range")
+    return ns
+
+
+def _check_member(member: tarfile.TarInfo, path: str, target: str, kind: str) -> None:
+    """What the file system could not take, refused before anything is written: names
+    of more than NAME_MAX bytes a component, link targets of PATH_MAX bytes, owners
+    and device numbers outside their types (tarfile reads base-256 numbers of any size)."""
+    for name in (path, target) if kind == HARDLINK else (path,):
+        if any(len(os.fsencode(part)) > NAME_MAX for part in name.split("/")):
+            raise UnsafeEntry(member.name, f"a name component is longer than {NAME_MAX} bytes")
+    if kind == SYMLINK and (len(os.fsencode(target)) >= PATH_MAX or "\0" in target):
+        raise UnsafeEntry(member.name, f"symlink target longer than {PATH_MAX - 1} bytes or with NUL")
+    for what, value in (("uid", member.uid), ("gid", member.gid)):
+        if not 0 <= value <= MAX_ID:
+            raise UnsafeEntry(member.name, f"{what} {value} is out of range")
+    if kind in (CHR, BLK) and not (0 <= member.devmajor <= MAX_MAJOR and 0 <= member.devminor <= MAX_MINOR):
+        raise UnsafeEntry(member.name, f"device {member.devmajor}:{member.devminor} is out of range")
 
 
 def entry_from_member(member: tarfile.TarInfo) -> Entry:
@@ -335,6 +365,7 @@ def entry_from_member(member: tarfile.TarInfo) -> Entry:
             target = member_name(member.linkname)
         except ValueError as exc:
             raise UnsafeEntry(member.name, f"hard link target: {exc}") from None
+    _check_member(member, path, target, kind)
     xattrs = tuple(
         sorted(
             (key[len("SCHILY.xattr.") :], value.encode("utf-8", "surrogateescape"))

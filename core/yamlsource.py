@@ -54,34 +54,46 @@ def format_loc(loc: Loc) -> str:
 
 
 def load_yaml_text(text: str, file: str) -> YamlSource:
-    loader = yaml.SafeLoader(text)
+    """Parse ``text``; ConfigError names the file, the line and what is wrong."""
     try:
-        try:
-            root = loader.get_single_node()
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line = mark.line + 1 if mark is not None else None
-            what = exc.problem or exc.context or "invalid YAML"
-            raise ConfigError([Problem(file, line, "(syntax)", what)]) from None
-        except yaml.YAMLError as exc:
-            raise ConfigError([Problem(file, None, "(syntax)", str(exc))]) from None
-        if root is None:
-            return YamlSource(file, {})
-        source = YamlSource(file, None)
-        problems: list[Problem] = []
-        _index(loader, root, (), source.lines, problems, file, set())
-        if problems:
-            raise ConfigError(problems)
-        try:
-            source.data = loader.construct_document(root)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark
-            raise ConfigError(
-                [Problem(file, mark.line + 1 if mark else None, "(syntax)", str(exc.problem))]
-            ) from None
-        return source
+        loader = yaml.SafeLoader(text)  # refuses control characters at once
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(file, None, "(syntax)", str(exc).replace("\n", " "))]) from None
+    try:
+        return _load(loader, file)
+    except RecursionError:  # PyYAML's composer and constructor recurse once per level
+        raise ConfigError([Problem(file, None, "(syntax)", "nested too deeply")]) from None
     finally:
         loader.dispose()
+
+
+def _load(loader: yaml.SafeLoader, file: str) -> YamlSource:
+    try:
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        what = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError([Problem(file, line, "(syntax)", what)]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(file, None, "(syntax)", str(exc))]) from None
+    if root is None:
+        return YamlSource(file, {})
+    source = YamlSource(file, None)
+    problems: list[Problem] = []
+    _index(loader, root, (), source.lines, problems, file, set())
+    if problems:
+        raise ConfigError(problems)
+    try:
+        source.data = loader.construct_document(root)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        raise ConfigError(
+            [Problem(file, mark.line + 1 if mark else None, "(syntax)", str(exc.problem))]
+        ) from None
+    except (ValueError, OverflowError) as exc:  # a date like 2001-13-45, an int of 5000 digits
+        raise ConfigError([Problem(file, None, "(syntax)", f"a value cannot be read: {exc}")]) from None
+    return source
 
 
 def load_yaml_file(path: str | Path) -> YamlSource:

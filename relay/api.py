@@ -84,6 +84,11 @@ def event_from_json(node: str, relay: str, rec: Any, index: int) -> pb.BootEvent
             raise InvalidArgument(f"{where}: {key} is required")
         if len(value) > MAX_EVENT_TEXT:
             raise InvalidArgument(f"{where}: {key} is longer than {MAX_EVENT_TEXT} characters")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # JSON's lone surrogates ("\\ud800"): protobuf refuses them
+                raise InvalidArgument(f"{where}: {key} is not valid Unicode (a lone surrogate)") from None
         return value
 
     if rec.get("node", node) != node:
@@ -126,6 +131,28 @@ def event_from_json(node: str, relay: str, rec: Any, index: int) -> pb.BootEvent
     ts.FromNanoseconds(int(t * 1e9))
     event.time.CopyFrom(ts)
     return event
+
+
+def events_from_body(node: str, relay: str, raw: bytes) -> list[pb.BootEvent]:
+    """The events of a ``POST /v1/nodes/{node}/events`` body (one object, a list, or
+    ``{"events": [...]}``); InvalidArgument says what is wrong."""
+    if len(raw) > MAX_BODY:
+        raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:  # not JSON, not UTF-8, a number of more than 4300 digits
+        raise InvalidArgument(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument("body is not JSON: nested too deeply") from None
+    if isinstance(doc, dict) and "events" in doc:
+        records = doc["events"]
+    else:
+        records = doc if isinstance(doc, list) else [doc]
+    if not isinstance(records, list) or not records:
+        raise InvalidArgument("events must be a non-empty list")
+    if len(records) > MAX_EVENTS:
+        raise InvalidArgument(f"more than {MAX_EVENTS} events in one request; send them in parts")
+    return [event_from_json(node, relay, rec, i + 1) for i, rec in enumerate(records)]
 
 
 class NodeApi:
@@ -223,20 +250,6 @@ class NodeApi:
         if request.content_length is not None and request.content_length > MAX_BODY:
             raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
         raw = await request.content.read(MAX_BODY + 1)
-        if len(raw) > MAX_BODY:
-            raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
-        try:
-            doc = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidArgument(f"body is not JSON: {exc}") from None
-        if isinstance(doc, dict) and "events" in doc:
-            records = doc["events"]
-        else:
-            records = doc if isinstance(doc, list) else [doc]
-        if not isinstance(records, list) or not records:
-            raise InvalidArgument("events must be a non-empty list")
-        if len(records) > MAX_EVENTS:
-            raise InvalidArgument(f"more than {MAX_EVENTS} events in one request; send them in parts")
-        events = [event_from_json(node, self.relay, rec, i + 1) for i, rec in enumerate(records)]
+        events = events_from_body(node, self.relay, raw)
         accepted = await self.link.report_events(events)
         return web.json_response({"accepted": accepted})

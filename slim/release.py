@@ -77,6 +77,12 @@ def decode_manifest(data: bytes) -> mf.Manifest:
     """A stored manifest (zstd, at most MAX_MANIFEST_BYTES decompressed), checked;
     InvalidArgument says what is wrong."""
     try:
+        # decompress() allocates what the frame header says, whatever max_output_size says
+        declared = zstandard.frame_content_size(data)
+        if declared > MAX_MANIFEST_BYTES:
+            raise InvalidArgument(
+                f"not a manifest: it says it has {declared} bytes (at most {MAX_MANIFEST_BYTES})"
+            )
         raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_MANIFEST_BYTES)
     except zstandard.ZstdError as exc:
         raise InvalidArgument(f"not a manifest: {exc}") from None

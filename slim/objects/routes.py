@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 SMALL = 128 * 1024  # bodies up to this size are read and sent with the headers in one write
 IMMUTABLE = "public, max-age=31536000, immutable"
-RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+RANGE_RE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")  # longer numbers: ignored (malformed)
 
 
 @dataclass
@@ -60,8 +60,9 @@ class ObjectCounters:
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal[False] | None:
-    """(start, end exclusive) for one satisfiable range; None to send everything;
-    False when the range cannot be satisfied (416)."""
+    """(start, end exclusive) for one satisfiable range; None to send everything
+    (no header, or one that is malformed: numbers of more than 19 digits too);
+    False when the range cannot be satisfied (416).  Never raises."""
     if header is None:
         return None
     m = RANGE_RE.fullmatch(header.strip())
@@ -72,7 +73,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal[Fals
         return None
     if not first:  # suffix: the last n bytes
         n = int(last)
-        if n == 0:
+        if n == 0 or size == 0:  # nothing to send the last n bytes of: 416 (RFC 9110 14.1.1)
             return False
         return max(0, size - n), size
     start = int(first)
