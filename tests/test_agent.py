@@ -151,6 +151,11 @@ class Site:
     trust: Path  # the core's public key file (what --trust names)
     key_id: str
 
+    def argv(self, target: Path, node: str = "n1") -> tuple[str, ...]:
+        """The agent's arguments for ``node`` in no-reboot mode through r1, building ``target``."""
+        return ("--node", node, "--relay", self.relay_url, "--trust", str(self.trust), "--no-reboot",
+                "--target", str(target))  # fmt: skip
+
     async def events(self) -> list[BootEvent]:
         """n1's boot events from the core's state (read off the event loop, as the core does)."""
         return await asyncio.to_thread(self.service.list_events, "n1")
@@ -211,17 +216,7 @@ def tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[object, ...]
 
 async def test_no_reboot_builds_the_environment(site: Site, tmp_path: Path) -> None:
     target = tmp_path / "node"
-    code = await run_agent(
-        "--node",
-        "n1",
-        "--relay",
-        site.relay_url,
-        "--trust",
-        str(site.trust),
-        "--no-reboot",
-        "--target",
-        str(target),
-    )
+    code = await run_agent(*site.argv(target))
     assert code == 0
     # ram (/), disk (/var) and sync (/srv) hold exactly the image; /usr (nfs) is a mount point
     built = tree(target, skip=("run", "usr"))
@@ -240,17 +235,7 @@ async def test_no_reboot_builds_the_environment(site: Site, tmp_path: Path) -> N
 
 async def test_sync_fetches_only_what_changed(site: Site, tmp_path: Path) -> None:
     target = tmp_path / "node"
-    argv = (
-        "--node",
-        "n1",
-        "--relay",
-        site.relay_url,
-        "--trust",
-        str(site.trust),
-        "--no-reboot",
-        "--target",
-        str(target),
-    )
+    argv = site.argv(target)
     assert await run_agent(*argv) == 0
     first = {e.stage: e.bytes for e in await site.events()}
     srv = target / "srv" / "data"
@@ -272,17 +257,7 @@ async def test_sync_fetches_ahead_in_order_and_cleans_up_when_a_fetch_fails(
     monkeypatch.setattr(ee, "FETCH_THREADS", 2)
     monkeypatch.setattr(ee, "FETCH_AHEAD", 2)  # both changed files at once
     target = tmp_path / "node"
-    argv = (
-        "--node",
-        "n1",
-        "--relay",
-        site.relay_url,
-        "--trust",
-        str(site.trust),
-        "--no-reboot",
-        "--target",
-        str(target),
-    )
+    argv = site.argv(target)
     assert await run_agent(*argv) == 0
     srv = target / "srv" / "data"
     size = (srv / "big").stat().st_size
@@ -321,17 +296,7 @@ async def test_digest_mismatch_stops_the_boot(site: Site, tmp_path: Path) -> Non
     data[len(data) // 2] ^= 1
     path.write_bytes(bytes(data))
     target = tmp_path / "node"
-    code = await run_agent(
-        "--node",
-        "n1",
-        "--relay",
-        site.relay_url,
-        "--trust",
-        str(site.trust),
-        "--no-reboot",
-        "--target",
-        str(target),
-    )
+    code = await run_agent(*site.argv(target))
     assert code == 1
     failed = [e for e in await site.events() if not e.ok]
     assert (
@@ -389,17 +354,7 @@ async def test_resume_from_the_next_relay(site: Site) -> None:
 async def test_unknown_node_is_a_clear_error(
     site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = await run_agent(
-        "--node",
-        "nosuch",
-        "--relay",
-        site.relay_url,
-        "--trust",
-        str(site.trust),
-        "--no-reboot",
-        "--target",
-        str(tmp_path),
-    )
+    code = await run_agent(*site.argv(tmp_path, node="nosuch"))
     assert code == 1
     assert "nosuch" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -479,37 +434,11 @@ async def test_sync_into_an_empty_place_unpacks_the_archive_then_compares(site: 
     assert found is not None
     srv = found[1].directories["/srv"]
     assert srv.archive is not None and srv.manifest is not None
-    assert (
-        await run_agent(
-            "--node",
-            "n1",
-            "--relay",
-            site.relay_url,
-            "--trust",
-            str(site.trust),
-            "--no-reboot",
-            "--target",
-            str(target),
-        )
-        == 0
-    )
+    assert await run_agent(*site.argv(target)) == 0
     first = next(e for e in await site.events() if e.stage == "sync:/srv")
     assert first.ok and first.bytes == srv.archive.size, first
     assert tree(target / "srv") == tree(site.image / "srv")
-    assert (
-        await run_agent(
-            "--node",
-            "n1",
-            "--relay",
-            site.relay_url,
-            "--trust",
-            str(site.trust),
-            "--no-reboot",
-            "--target",
-            str(target),
-        )
-        == 0
-    )
+    assert await run_agent(*site.argv(target)) == 0
     again = next(e for e in await site.events() if e.stage == "sync:/srv")
     assert again.message.startswith("0 files fetched, 0 deleted") and again.bytes == srv.manifest.size, again
 
