@@ -20,6 +20,7 @@ COMMANDS = {
     "core",
     "dhcp",
     "ee",
+    "keys",
     "nfs",
     "node",
     "profile",
