@@ -48,6 +48,7 @@ from slim.allinone import await_ready
 from slim.core.build.release import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
+from slim.signing import SigningKey
 
 ROOT = Path(__file__).resolve().parent.parent
 SLIM = [sys.executable, "-m", "slim.cli"]
@@ -137,7 +138,9 @@ def main() -> None:
         registry = tmp / "registry.yaml"
         registry.write_text(REGISTRY.format(image=image, tmp=tmp, relay=relay_port))
         store = Store(tmp / "state" / "store")
-        build_environment(load_registry(registry), store, "tree")
+        build_environment(
+            load_registry(registry), store, "tree", signer=SigningKey.load_or_create(tmp / "state" / "keys")
+        )
         serve = subprocess.Popen([*SLIM, "serve", "--registry", str(registry)], stdout=subprocess.PIPE,
                                  stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         procs.append(serve)
@@ -160,7 +163,12 @@ def main() -> None:
             for f in rng.sample(files, len(files) // 100):  # 1 %: rewritten in place, same size
                 f.write_bytes(rng.randbytes(f.stat().st_size))
             started = time.monotonic()
-            build_environment(load_registry(registry), store, "tree")
+            build_environment(
+                load_registry(registry),
+                store,
+                "tree",
+                signer=SigningKey.load_or_create(tmp / "state" / "keys"),
+            )
             build_s = time.monotonic() - started
             s = agent(slim_t, relay, tmp / "state" / "keys" / "signing.pub")
             r = rsync(port, rsync_t)

@@ -38,6 +38,7 @@ from pydantic import ValidationError
 
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from slim.release import ObjectRef, Release
+from slim.signing import SigningKey
 from slim.vocabulary import HEX_RE, NAME_RE, parse_digest
 
 # A ref whose inode changed less than this long ago is re-read on every look-up: file
@@ -60,7 +61,7 @@ class Store:
         self.history = self.root / "refs" / "history"
         self.lock_path = self.root / "lock"
         self._lock = threading.Lock()
-        self._ref_cache: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+        self._ref_cache: dict[str, tuple[tuple[int, int, int, int], str, str]] = {}
         self._release_cache: dict[str, Release] = {}
 
     def object_path(self, digest: str) -> Path:
@@ -157,15 +158,18 @@ class Store:
             raise FailedPrecondition(f"object sha256:{hexdigest} in {self.root} is corrupt")
         return size
 
-    def publish_release(self, release: Release) -> str:
-        """Store the release document and point the environment's ref at it."""
+    def publish_release(self, release: Release, signer: SigningKey | None = None) -> str:
+        """Store the release document and point the environment's ref at it; with ``signer``
+        the ref also holds the core's signature of the document (relays pin and warm only
+        releases whose signature they can check)."""
         if not NAME_RE.match(release.environment):
             raise InvalidArgument(f"{release.environment!r} is not an environment name")
-        doc = json.dumps(release.model_dump(mode="json", by_alias=True), sort_keys=True, indent=1)
-        ref = self.put_bytes(doc.encode())
+        doc = json.dumps(release.model_dump(mode="json", by_alias=True), sort_keys=True, indent=1).encode()
+        ref = self.put_bytes(doc)
         self.refs.mkdir(parents=True, exist_ok=True)
         self._record(release.environment, ref.digest)
-        atomic_write(self.refs / release.environment, (ref.digest + "\n").encode())
+        signature = signer.sign(doc, f"release {ref.digest[7:19]} of {release.environment}") if signer else ""
+        atomic_write(self.refs / release.environment, (ref.digest + "\n" + signature).encode())
         return ref.digest
 
     def _record(self, environment: str, digest: str) -> None:
@@ -278,6 +282,18 @@ class Store:
 
     def release_digest(self, environment: str) -> str | None:
         """The digest of the environment's current release, or None if never built."""
+        found = self._ref(environment)
+        return found[0] if found is not None else None
+
+    def release_signature(self, environment: str) -> str:
+        """The core's signature of the environment's current release document ("" if it has
+        none: built without the key, or never built)."""
+        found = self._ref(environment)
+        return found[1] if found is not None else ""
+
+    def _ref(self, environment: str) -> tuple[str, str] | None:
+        """(digest, signature) of the environment's ref: its first line, then a signify
+        signature if the build signed it."""
         if not NAME_RE.match(environment):
             raise InvalidArgument(f"{environment!r} is not an environment name")
         path = self.refs / environment
@@ -289,13 +305,13 @@ class Store:
         with self._lock:
             cached = self._ref_cache.get(environment)
         if cached and cached[0] == key:
-            return cached[1]
-        text = path.read_text(encoding="ascii", errors="replace").strip()
-        digest = f"sha256:{parse_digest(text)}"
+            return cached[1], cached[2]
+        first, _, signature = path.read_text(encoding="ascii", errors="replace").partition("\n")
+        digest = f"sha256:{parse_digest(first.strip())}"
         if _now_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_REF_NS:
             with self._lock:
-                self._ref_cache[environment] = (key, digest)
-        return digest
+                self._ref_cache[environment] = (key, digest, signature)
+        return digest, signature
 
     def release(self, environment: str) -> tuple[str, Release] | None:
         """The environment's current release (digest, document), or None if never built."""

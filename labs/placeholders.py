@@ -6,11 +6,15 @@ from __future__ import annotations
 from slim.core.registry import Registry
 from slim.core.store import Store
 from slim.release import Release, ReleaseDirectory
+from slim.signing import SigningKey
 from slim.vocabulary import Policy
 
 
-def publish_placeholder_releases(reg: Registry, store: Store, only: list[str] | None = None) -> None:
-    """Stand-in releases (tiny objects) so that plans and menus have digests to show."""
+def publish_placeholder_releases(
+    reg: Registry, store: Store, only: list[str] | None = None, signer: SigningKey | None = None
+) -> None:
+    """Stand-in releases (tiny objects) so that plans and menus have digests to show;
+    ``signer`` (the core's key) signs them, as a build does."""
     for name in reg.environments if only is None else only:
         dirs = {}
         for path, spec in reg.directories(name).items():
@@ -30,5 +34,6 @@ def publish_placeholder_releases(reg: Registry, store: Store, only: list[str] | 
                 initrd=store.put_bytes(f"placeholder initrd of {name}\n".encode()),
                 directories=dirs,
                 created="demo",
-            )
+            ),
+            signer,
         )

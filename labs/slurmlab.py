@@ -38,6 +38,7 @@ from slim.allinone import await_ready
 from slim.core.build.release import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
+from slim.signing import SigningKey
 
 SLIM = [sys.executable, "-m", "slim.cli"]
 REGISTRY = """\
@@ -133,8 +134,9 @@ class SlurmLab:
         nodes = "\n".join(node.format(n, i) for i, n in enumerate(self.names, 1))
         self.registry.write_text(REGISTRY.format(tmp=tmp, relay=self.relay_port, nodes=nodes))
         reg, store = load_registry(self.registry), Store(tmp / "state" / "store")
+        signer = SigningKey.load_or_create(tmp / "state" / "keys")  # what `slim serve` will sign with
         for env in ENVIRONMENTS:
-            build_environment(reg, store, env)
+            build_environment(reg, store, env, signer=signer)
         self._break_jdk15(store)
         self._start_serve()
         self.roots.mkdir()

@@ -122,6 +122,7 @@ class StormLab:
         from slim.core.build.release import build_environment
         from slim.core.registry import load_registry
         from slim.core.store import Store
+        from slim.signing import SigningKey
 
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
@@ -145,8 +146,10 @@ class StormLab:
         state = tmp / "state"
         self.trust = state / "keys" / "signing.pub"  # `slim serve` makes the core's key there
         registry = load_registry(self.registry)
+        signer = SigningKey.load_or_create(state / "keys")  # what `slim serve` will sign with
         self.builds = {
-            name: build_environment(registry, Store(state / "store"), name) for name in environments
+            name: build_environment(registry, Store(state / "store"), name, signer=signer)
+            for name in environments
         }
         # The nodes' roots are a tmpfs, as "ram" is on a real boot (and so that the host's
         # disk, shared by every node here, is not what is measured).

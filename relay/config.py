@@ -56,6 +56,11 @@ class RelayConfig(ProcessConfig):
     access_log: bool = False
     extra_static: dict[str, Path] = Field(default_factory=dict, description="more files served over TFTP")
     grace: float = Field(10.0, ge=0, description="seconds transfers may take to finish on SIGTERM")
+    trust: list[Path] = Field(
+        default_factory=list,
+        description="the core's public keys (signify .pub files): only releases they signed are "
+        "pinned or prefetched; none: nothing is",
+    )
     log_level: LogLevel = "info"
 
     @model_validator(mode="after")

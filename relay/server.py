@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from slim.errors import NotFound
+from slim.errors import FailedPrecondition, InvalidArgument, NotFound
 from slim.listen import parse_listen
 from slim.objects.routes import ObjectRoutes
 from slim.objects.server import HttpFront, metric_families, object_metrics
@@ -38,6 +38,7 @@ from slim.relay.fetch import CachingSource, Fetcher
 from slim.relay.observe import BootObserver
 from slim.relay.tftp import StageOneServer
 from slim.relay.warm import Warmer
+from slim.signing import PublicKey
 from slim.v1 import core_pb2 as pb
 from slim.vocabulary import names_a_mac, normalize_mac
 
@@ -120,7 +121,10 @@ class RelayServer:
             self._tasks.append(asyncio.create_task(self.observer.run(), name="boot events"))
         observe = self.observer.object_served if self.observer is not None else None
         self.objects = ObjectRoutes(self.source, self.config.max_transfers, observe)
-        self.warmer = Warmer(self.source, self._poke.set, self.config.prefetch_concurrency)
+        trusted = await self._loop.run_in_executor(
+            self.io, trusted_keys, self.config.trust
+        )  # files: off the loop
+        self.warmer = Warmer(self.source, self._poke.set, self.config.prefetch_concurrency, trusted)
         app = web.Application(client_max_size=1 << 20)
         self.objects.add_to(app)
         if self.link is not None:
@@ -186,7 +190,7 @@ class RelayServer:
         )
 
     def _on_reply(self, reply: pb.HeartbeatReply) -> None:
-        self.warmer.set_releases(reply.pinned_releases)
+        self.warmer.set_releases(reply.pinned_releases, reply.release_signatures)
         for order in reply.prefetch:
             self.warmer.order(order)
 
@@ -284,6 +288,21 @@ class RelayServer:
         return body
 
 
+def trusted_keys(paths: list[Path]) -> list[PublicKey]:
+    """The core's public keys a relay trusts (``--trust``); a bad file is a clear error."""
+    keys = []
+    for path in paths:
+        try:
+            keys.append(PublicKey.from_text(Path(path).read_text(), str(path)))
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot read the trusted key {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"{path} is not a signify public key") from None
+    if not keys:
+        log.warning("no --trust key: this relay pins and prefetches no release")
+    return keys
+
+
 class _RelayCollector(Collector):
     def __init__(self, relay: RelayServer) -> None:
         self.relay = relay
@@ -301,6 +320,11 @@ class _RelayCollector(Collector):
             ("upstream_resumed", f.resumed, "upstream transfers resumed by Range"),
             ("upstream_bytes", f.bytes_fetched, "bytes received from upstream"),
             ("cache_evictions", r.cache.evictions, "objects evicted from the cache"),
+            (
+                "releases_refused",
+                len(r.warmer.refused),
+                "releases not pinned or warmed: no trusted signature",
+            ),
         ]
         s = r.cache.stats()
         gauges += [

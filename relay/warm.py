@@ -8,6 +8,11 @@ progress on the heartbeat stream.  The core's replies list the current
 releases; every object of those that the relay holds is pinned (never
 evicted).  Objects of a ``sync`` manifest that is not cached yet are pinned
 once it is (after a prefetch, or within a minute of a node fetching it).
+
+A release is pinned or warmed only if the core signed its document with a key the
+relay trusts (``--trust``): the document is fetched (an object like any other) and its
+signature checked before anything it names is fetched or pinned; a release that fails is
+refused, counted and logged, never warmed.
 """
 
 from __future__ import annotations
@@ -15,14 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
 from pydantic import ValidationError
 
-from slim.errors import InvalidArgument, SlimError
+from slim.errors import FailedPrecondition, InvalidArgument, SlimError
 from slim.relay.fetch import CachingSource
 from slim.release import Named, Release, decode_manifest, manifest_objects
+from slim.signing import PublicKey, verify
 from slim.v1 import core_pb2 as pb
 from slim.vocabulary import parse_digest
 
@@ -75,10 +81,19 @@ def sync_manifests(release: Release) -> list[str]:
 class Warmer:
     """Runs prefetch orders and keeps the cache's pins in step with the core."""
 
-    def __init__(self, source: CachingSource, poke: Callable[[], None], concurrency: int = 4) -> None:
+    def __init__(
+        self,
+        source: CachingSource,
+        poke: Callable[[], None],
+        concurrency: int = 4,
+        trusted: Iterable[PublicKey] = (),
+    ) -> None:
         self.source = source
         self.poke = poke
         self.concurrency = concurrency
+        self.trusted = list(trusted)
+        self.signatures: dict[str, str] = {}  # release digest -> the core's signature (from its replies)
+        self.refused: set[str] = set()  # releases whose signature did not check: counted once each
         self.statuses: dict[str, pb.PrefetchStatus] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._releases: tuple[str, ...] = ()
@@ -110,6 +125,7 @@ class Warmer:
         try:
             release_hex = parse_digest(order.release_digest)
             await self.source.ensure(release_hex)
+            await self._check(order.release_digest, order.release_signature)
             release, wanted = await release_objects(self.source, release_hex)
             wanted = wanted[1:]
             fetched_here: set[str] = set()  # manifests fetched to read them count as fetched by this order
@@ -155,10 +171,12 @@ class Warmer:
             self.poke()
 
     # -- pins ---------------------------------------------------------------
-    def set_releases(self, digests: Iterable[str]) -> None:
-        """The core's current releases (every heartbeat reply).  Pins are recomputed
-        when they change, and every PIN_REFRESH seconds anyway: manifests that
-        nodes fetched since then now pin their file objects too."""
+    def set_releases(self, digests: Iterable[str], signatures: Mapping[str, str] | None = None) -> None:
+        """The core's current releases and their signatures (every heartbeat reply).  Pins
+        are recomputed when they change, and every PIN_REFRESH seconds anyway: manifests
+        that nodes fetched since then now pin their file objects too."""
+        if signatures is not None:
+            self.signatures = dict(signatures)
         releases = tuple(sorted(digests))
         if releases != self._releases or time.monotonic() - self._pinned_at > PIN_REFRESH:
             self._releases = releases
@@ -183,6 +201,7 @@ class Warmer:
             try:
                 release_hex = parse_digest(digest)
                 await self.source.ensure(release_hex)
+                await self._check(digest, self.signatures.get(digest, ""))
                 release, wanted = await release_objects(self.source, release_hex)
                 pins.update(w.hex for w in wanted)
                 for manifest_hex in sync_manifests(release):
@@ -192,6 +211,25 @@ class Warmer:
                 log.warning("cannot pin release %s: %s", digest, exc.message)
         self.source.cache.set_pins(pins)
         log.info("pins: %d objects of %d current releases", len(pins), len(self._releases))
+
+    async def _check(self, digest: str, signature: str) -> None:
+        """FailedPrecondition unless the core signed the (cached) release document with a
+        trusted key."""
+        try:
+            if not signature:
+                raise FailedPrecondition(f"release {digest} comes without the core's signature")
+            if not self.trusted:
+                raise FailedPrecondition("this relay trusts no key (--trust): it warms and pins no release")
+            await _parse(
+                self.source,
+                parse_digest(digest),
+                lambda data: verify(data, signature, self.trusted, "release"),
+            )
+        except (FailedPrecondition, InvalidArgument) as exc:
+            if digest not in self.refused:
+                self.refused.add(digest)
+                log.warning("release %s refused: %s", digest, exc.message)
+            raise FailedPrecondition(f"release {digest} refused: {exc.message}") from None
 
     def _spawn(self, coro: object, name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]

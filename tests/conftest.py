@@ -54,7 +54,10 @@ def registry(registry_file: Path) -> Registry:
 def store(tmp_path: Path, registry: Registry) -> Store:
     """A store with releases for every environment except ``unbuilt``."""
     st = Store(tmp_path / "store")
-    publish_placeholder_releases(registry, st, only=["base", "jdk14"])
+    # signed with the core's key (the service fixture's), as a build signs them
+    publish_placeholder_releases(
+        registry, st, only=["base", "jdk14"], signer=SigningKey.load_or_create(tmp_path / "keys")
+    )
     return st
 
 

@@ -484,9 +484,10 @@ LOOP_BLOCKING_ALLOWED: list[tuple[tuple[str, ...], str, set[str], str]] = [
         "object is fetched once per relay), to learn its size",
     ),
     (
-        ("os.stat", "io.TextIOWrapper.read"), "core/store.py", {"release_digest"},
+        ("os.stat", "io.TextIOWrapper.read"), "core/store.py", {"_ref"},
         "the core's hot path (locate, plan, menu, heartbeat replies): one stat of an environment's "
-        "release ref, so that a rebuild is seen at once; the 72-byte ref is read again only when it changed",
+        "release ref, so that a rebuild is seen at once; the ref (its digest and signature, under 300 "
+        "bytes) is read again only when it changed",
     ),
     (
         ("io.BufferedReader.read",), "core/store.py", {"release"},

@@ -250,3 +250,23 @@ environments:
     assert bad.returncode == 1 and "kernel" in bad.stdout and "corrupt" in bad.stdout
     unknown = _slim("ee", "build", "nosuch", env=env)
     assert unknown.returncode == 1 and "unknown environment 'nosuch' (known: base)" in unknown.stderr
+
+
+def test_a_build_signs_its_release_and_a_rebuild_with_another_key_signs_it_again(
+    tmp_path: Path, image: Path
+) -> None:
+    from slim.signing import SigningKey, verify
+
+    store, reg = Store(tmp_path / "store"), registry_for(image)
+    unsigned = build_environment(reg, store, "base")
+    assert store.release_signature("base") == ""  # built without the core's key: relays will not pin it
+    key = SigningKey.generate()
+    signed = build_environment(reg, store, "base", signer=key)
+    assert signed.unchanged and signed.digest == unsigned.digest  # the same release, now signed
+    document = store.read_object(signed.digest)
+    assert verify(document, store.release_signature("base"), [key.public], "release") == key.public
+    assert store.release_digest("base") == signed.digest  # the ref's first line is still the digest
+    other = SigningKey.generate()
+    build_environment(reg, store, "base", signer=other)
+    assert verify(document, store.release_signature("base"), [other.public], "release") == other.public
+    assert store.release_history("base") == [unsigned.digest]  # signing is not a new release

@@ -25,6 +25,7 @@ from slim.allinone import await_ready
 from slim.core.build.release import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
+from slim.signing import SigningKey
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
 from tests.support import make_image, need_netns
@@ -79,7 +80,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     registry = tmp_path / "registry.yaml"
     registry.write_text(REGISTRY.format(image=image, nodes=nodes, tmp=tmp_path))
     state = tmp_path / "state"
-    build_environment(load_registry(registry), Store(state / "store"), "base")
+    signer = SigningKey.load_or_create(state / "keys")  # what `slim serve` will sign with
+    build_environment(load_registry(registry), Store(state / "store"), "base", signer=signer)
     with NetLab(tmp_path) as lab:
         for i in range(1, NODES + 1):
             lab.add_node(f"n{i}", MAC.format(i), rate="100mbit" if i == 1 else None)

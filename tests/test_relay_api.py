@@ -26,7 +26,7 @@ from slim.agent.tree import Entry
 from slim.core.control.service import CoreService
 from slim.core.store import Store
 from slim.release import ObjectRef, Release, ReleaseDirectory
-from slim.signing import verify
+from slim.signing import SigningKey, verify
 from slim.v1 import core_pb2 as pb
 from slim.vocabulary import Policy
 from tests.support import Core, blob, metrics, need, origin, relay, start_relay_process, stop_process, url
@@ -34,7 +34,7 @@ from tests.support import Core, blob, metrics, need, origin, relay, start_relay_
 IPXE = Path("/usr/lib/ipxe/undionly.kpxe")
 
 
-def publish_sync_release(store: Store, files: int = 12) -> tuple[str, set[str]]:
+def publish_sync_release(store: Store, signer: SigningKey, files: int = 12) -> tuple[str, set[str]]:
     """A release of ``jdk14`` whose /var is copy-if-needed with a real manifest:
     (release digest, every object digest (hex) a prefetch must warm)."""
     items = []
@@ -77,7 +77,7 @@ def publish_sync_release(store: Store, files: int = 12) -> tuple[str, set[str]]:
     )
     for r in (kernel, initrd, archive, manifest, nfs_manifest):
         wanted.add(r.digest[7:])
-    digest = store.publish_release(release)
+    digest = store.publish_release(release, signer)
     wanted.add(digest[7:])
     return digest, wanted
 
@@ -233,12 +233,17 @@ async def test_oversized_event_body_is_refused(core: Core, store: Store, tmp_pat
 
 
 # -- heartbeats, pins, prefetch ------------------------------------------------------
+def core_key(tmp_path: Path) -> list[Path]:
+    """The fixtures' core key's public half (what --trust names)."""
+    return [tmp_path / "keys" / "signing.pub"]
+
+
 async def test_heartbeats_reach_the_core_and_pin_current_releases(
     core: Core, store: Store, tmp_path: Path
 ) -> None:
     async with (
         origin(store) as o,
-        relay(tmp_path / "r", [url(o)], name="room-1", core=core.address) as r,
+        relay(tmp_path / "r", [url(o)], name="room-1", core=core.address, trust=core_key(tmp_path)) as r,
         aiohttp.ClientSession() as s,
     ):
         await wait_until(lambda: r.link is not None and r.link.connected)
@@ -261,10 +266,10 @@ async def test_heartbeats_reach_the_core_and_pin_current_releases(
 async def test_prefetch_warms_every_object_and_reports_progress(
     core: Core, service: CoreService, store: Store, tmp_path: Path
 ) -> None:
-    digest, wanted = publish_sync_release(store)
+    digest, wanted = publish_sync_release(store, SigningKey.load_or_create(tmp_path / "keys"))
     async with (
         origin(store) as o,
-        relay(tmp_path / "r", [url(o)], name="room-1", core=core.address) as r,
+        relay(tmp_path / "r", [url(o)], name="room-1", core=core.address, trust=core_key(tmp_path)) as r,
         aiohttp.ClientSession() as s,
     ):
         await wait_until(lambda: r.link is not None and r.link.connected)
@@ -327,8 +332,13 @@ async def test_prefetch_of_a_broken_release_reports_the_error(
     release = store.release("base")
     assert release is not None
     missing = ObjectRef(digest="sha256:" + "ee" * 32, size=10)
-    store.publish_release(release[1].model_copy(update={"kernel": missing}))
-    async with origin(store) as o, relay(tmp_path / "r", [url(o)], name="room-1", core=core.address) as r:
+    store.publish_release(
+        release[1].model_copy(update={"kernel": missing}), SigningKey.load_or_create(tmp_path / "keys")
+    )
+    async with (
+        origin(store) as o,
+        relay(tmp_path / "r", [url(o)], name="room-1", core=core.address, trust=core_key(tmp_path)) as r,
+    ):
         await wait_until(lambda: r.link is not None and r.link.connected)
         statuses = [
             p.status
@@ -336,6 +346,40 @@ async def test_prefetch_of_a_broken_release_reports_the_error(
             if p.status.done
         ]
         assert "not on any upstream" in statuses[-1].error
+
+
+async def test_a_relay_pins_and_warms_only_releases_its_trusted_key_signed(
+    core: Core, store: Store, tmp_path: Path
+) -> None:
+    """jdk14 published unsigned, base signed by the core: a relay that trusts the core
+    pins and warms base only; one that trusts another key pins and warms nothing."""
+    jdk14 = store.release("jdk14")
+    assert jdk14 is not None
+    store.publish_release(jdk14[1])  # the same document, without the core's signature
+    other = tmp_path / "other"
+    (other / "signing.pub").parent.mkdir()
+    (other / "signing.pub").write_text(SigningKey.generate().public.text())
+    base = store.release("base")
+    assert base is not None
+    for trust, pinned in ((core_key(tmp_path), True), ([other / "signing.pub"], False)):
+        async with (
+            origin(store) as o,
+            relay(tmp_path / f"r{pinned}", [url(o)], name="room-1", core=core.address, trust=trust) as r,
+            aiohttp.ClientSession() as s,
+        ):
+            await wait_until(lambda: r.link is not None and r.link.connected)
+            refusals = 1 if pinned else 2  # jdk14 only; or both
+            await wait_until(lambda r=r, n=refusals: len(r.warmer.refused) == n)
+            assert (base[1].kernel.digest[7:] in r.cache.pins) is pinned
+            assert jdk14[1].kernel.digest[7:] not in r.cache.pins
+            assert (await metrics(s, url(r)))["slim_relay_releases_refused_total"] == len(r.warmer.refused)
+            statuses = [
+                p.status
+                async for p in core.admin.Prefetch(pb.PrefetchRequest(environment="jdk14", relays=["room-1"]))
+                if p.status.done
+            ]
+            assert "comes without the core's signature" in statuses[-1].error
+            assert jdk14[1].initrd.digest[7:] not in r.cache  # nothing it names was fetched
 
 
 # -- TFTP ----------------------------------------------------------------------------
@@ -388,10 +432,13 @@ async def test_cli_prefetch(core: Core, store: Store, tmp_path: Path) -> None:
 
     from slim.cli import main
 
-    _, wanted = publish_sync_release(store)
+    _, wanted = publish_sync_release(store, SigningKey.load_or_create(tmp_path / "keys"))
     runner = CliRunner()
     loop = asyncio.get_running_loop()
-    async with origin(store) as o, relay(tmp_path / "r", [url(o)], name="room-1", core=core.address) as r:
+    async with (
+        origin(store) as o,
+        relay(tmp_path / "r", [url(o)], name="room-1", core=core.address, trust=core_key(tmp_path)) as r,
+    ):
         await wait_until(lambda: r.link is not None and r.link.connected)
         ok = await loop.run_in_executor(
             None,

@@ -44,6 +44,7 @@ from slim.core.registry import Registry
 from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound, Problem, SlimError
 from slim.release import ObjectRef, Release, ReleaseDirectory, decode_manifest, encode_manifest
+from slim.signing import SigningKey, verify
 from slim.vocabulary import Policy
 
 # Modules every initrd carries when the kernel has them (the agent mounts NFS
@@ -141,6 +142,18 @@ def check_init(name: str, image: Path, kernel_args: str) -> str:
     return init
 
 
+def _signed_by(store: Store, name: str, digest: str, signer: SigningKey) -> bool:
+    """Whether the environment's current release carries ``signer``'s signature."""
+    signature = store.release_signature(name)
+    if not signature:
+        return False
+    try:
+        verify(store.read_object(digest), signature, [signer.public], "release")
+    except SlimError:
+        return False
+    return True
+
+
 def build_environment(
     registry: Registry,
     store: Store,
@@ -149,14 +162,16 @@ def build_environment(
     level: int = copyset.DEFAULT_LEVEL,
     progress: Progress | None = None,
     runtime: Runtime | None = None,
+    signer: SigningKey | None = None,
 ) -> BuildResult:
     """Build environment ``name`` into ``store`` and publish its release.  With
     ``runtime`` the initrd also carries the agent and what it runs on
-    (:mod:`slim.core.build.agentrt`); without it, only the kernel modules.  The store's
-    lock is held (shared) throughout: ``slim store gc`` never removes what a build is
-    writing and has not published yet."""
+    (:mod:`slim.core.build.agentrt`); without it, only the kernel modules.  With
+    ``signer`` (the core's key) the release is signed: relays pin and warm only signed
+    releases.  The store's lock is held (shared) throughout: ``slim store gc`` never
+    removes what a build is writing and has not published yet."""
     with store.locked(exclusive=False):
-        return _build(registry, store, name, level=level, progress=progress, runtime=runtime)
+        return _build(registry, store, name, level=level, progress=progress, runtime=runtime, signer=signer)
 
 
 def _build(
@@ -167,6 +182,7 @@ def _build(
     level: int,
     progress: Progress | None,
     runtime: Runtime | None,
+    signer: SigningKey | None = None,
 ) -> BuildResult:
     started = time.monotonic()
     env = registry.environment(name)
@@ -248,8 +264,10 @@ def _build(
     current = store.release(name)
     if current is not None and _same(current[1], release):
         digest, release, unchanged = current[0], current[1], True
+        if signer is not None and not _signed_by(store, name, digest, signer):
+            store.publish_release(release, signer)  # the same document, signed (by this key)
     else:
-        digest, unchanged = store.publish_release(release), False
+        digest, unchanged = store.publish_release(release, signer), False
     return BuildResult(
         environment=name,
         digest=digest,

@@ -80,12 +80,15 @@ class RelayHub:
         event.set()
 
     def prefetch(
-        self, environment: str, digest: str, relays: list[str]
+        self, environment: str, digest: str, relays: list[str], signature: str = ""
     ) -> tuple[str, dict[str, pb.PrefetchStatus]]:
-        """Send the order to each relay; (order id, first status per relay)."""
+        """Send the order (with the release's signature) to each relay; (order id, first
+        status per relay)."""
         order_id = secrets.token_hex(6)
         statuses: dict[str, pb.PrefetchStatus] = {}
-        order = pb.PrefetchOrder(id=order_id, environment=environment, release_digest=digest)
+        order = pb.PrefetchOrder(
+            id=order_id, environment=environment, release_digest=digest, release_signature=signature
+        )
         for relay in relays:
             status = pb.PrefetchStatus(id=order_id, release_digest=digest)
             if not self.reply(relay, pb.HeartbeatReply(prefetch=[order])):

@@ -370,11 +370,13 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
                         log.info("relay %s: heartbeat stream opened", relay)
                     if beat.prefetch:
                         self.hub.update(relay, beat.prefetch)
+                    signatures = self.service.release_signatures()
                     self.hub.reply(
                         relay,
                         pb.HeartbeatReply(
                             interval_ms=max(1, math.ceil(interval * 1000)),
-                            pinned_releases=self.service.current_releases(),
+                            pinned_releases=list(signatures),
+                            release_signatures={d: s for d, s in signatures.items() if s},
                         ),
                     )
             finally:
@@ -460,7 +462,8 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
             digest, relays = self.service.prefetch_targets(request.environment, request.relays, request.nodes)
             if not relays:
                 raise FailedPrecondition("no relay to warm: the registry has none for these nodes")
-            order_id, _ = self.hub.prefetch(request.environment, digest, relays)
+            signature = self.service.store.release_signature(request.environment)
+            order_id, _ = self.hub.prefetch(request.environment, digest, relays, signature)
             log.info(
                 "prefetch %s: %s (%s) on %s, asked by %s",
                 order_id,

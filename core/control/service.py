@@ -541,11 +541,16 @@ class CoreService:
     # -- relays: pins and prefetch -------------------------------------------
     def current_releases(self) -> list[str]:
         """Digests of every environment's current release (what relays pin)."""
-        out = []
+        return list(self.release_signatures())
+
+    def release_signatures(self) -> dict[str, str]:
+        """Every environment's current release: digest -> the core's signature of it ("" if
+        the build did not sign it: relays then neither pin nor warm it)."""
+        out = {}
         for name in sorted(self.registry.environments):
             digest = self.store.release_digest(name)
             if digest is not None:
-                out.append(digest)
+                out[digest] = self.store.release_signature(name)
         return out
 
     def prefetch_targets(

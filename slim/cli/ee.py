@@ -292,16 +292,23 @@ def ee_build(
         for n in targets:
             reg.environment(n)  # unknown names fail before any work
         store = Store(store_path if store_path is not None else Path(reg.server.state_dir) / "store")
+        keys = Path(keys_path) if keys_path is not None else Path(reg.server.state_dir) / "keys"
+        signer = SigningKey.load_or_create(keys)  # signs the releases; the initrd trusts it
         runtime = collect() if agent else None
         if runtime is not None:
-            keys = Path(keys_path) if keys_path is not None else Path(reg.server.state_dir) / "keys"
-            runtime.trust([SigningKey.load_or_create(keys).public])
+            runtime.trust([signer.public])
         results = []
         with StageProgress(enabled=not as_json) as progress:
             for n in targets:
                 results.append(
                     build_environment(
-                        reg, store, n, level=level or DEFAULT_LEVEL, progress=progress, runtime=runtime
+                        reg,
+                        store,
+                        n,
+                        level=level or DEFAULT_LEVEL,
+                        progress=progress,
+                        runtime=runtime,
+                        signer=signer,
                     )
                 )
                 for warning in results[-1].warnings:  # standard error, with --json too

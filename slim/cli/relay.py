@@ -167,6 +167,14 @@ def relay_list(core_address: str, as_json: bool) -> None:
     show_default=True,
     help="On SIGTERM/SIGINT: seconds running transfers may take to finish.",
 )
+@click.option(
+    "--trust",
+    "trust",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The core's public key (slim keys export; STATE_DIR/keys/signing.pub on the core's host).  "
+    "Repeatable.  Only releases it signed are pinned or prefetched; without it, none is.",
+)
 @log_level_option()
 @config_option("relay")
 def relay_serve(
@@ -185,6 +193,7 @@ def relay_serve(
     max_fetches: int,
     access_log: bool,
     grace: float,
+    trust: tuple[Path, ...],
     log_level: str,
     config_file: Path | None,
 ) -> None:
@@ -213,6 +222,7 @@ def relay_serve(
             memory_bytes=memory_bytes.strip() or "0", name=name, core=core_address or None, listen=listen,
             tftp_listen=f"{bracketed}:{tftp_port}" if tftp_port is not None else None, ipxe_dir=ipxe_dir,
             max_transfers=max_transfers, max_fetches=max_fetches, access_log=access_log, grace=grace,
+            trust=list(trust),
             log_level=log_level,
         )  # fmt: skip
         setup_logging(config.log_level)

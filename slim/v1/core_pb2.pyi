@@ -614,9 +614,30 @@ Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
 class HeartbeatReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ReleaseSignaturesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     INTERVAL_MS_FIELD_NUMBER: _builtins.int
     PINNED_RELEASES_FIELD_NUMBER: _builtins.int
     PREFETCH_FIELD_NUMBER: _builtins.int
+    RELEASE_SIGNATURES_FIELD_NUMBER: _builtins.int
     interval_ms: _builtins.int
     """Send the next beat after this many milliseconds (the relay adds jitter)."""
     @_builtins.property
@@ -629,16 +650,23 @@ class HeartbeatReply(_message.Message):
     def prefetch(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrefetchOrder]:
         """Warm these releases now."""
 
+    @_builtins.property
+    def release_signatures(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The core's signature (signify's format) of each pinned release document, by digest:
+        a relay pins only releases it can check against its trusted keys.
+        """
+
     def __init__(
         self,
         *,
         interval_ms: _builtins.int = ...,
         pinned_releases: _abc.Iterable[_builtins.str] | None = ...,
         prefetch: _abc.Iterable[Global___PrefetchOrder] | None = ...,
+        release_signatures: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_ms", b"interval_ms", "pinned_releases", b"pinned_releases", "prefetch", b"prefetch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_ms", b"interval_ms", "pinned_releases", b"pinned_releases", "prefetch", b"prefetch", "release_signatures", b"release_signatures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -651,21 +679,25 @@ class PrefetchOrder(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     ENVIRONMENT_FIELD_NUMBER: _builtins.int
     RELEASE_DIGEST_FIELD_NUMBER: _builtins.int
+    RELEASE_SIGNATURE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """chosen by the core; echoed in PrefetchStatus"""
     environment: _builtins.str
     release_digest: _builtins.str
     """"sha256:<hex>" of the release document"""
+    release_signature: _builtins.str
+    """the core's signature of it: a relay warms only what verifies"""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         environment: _builtins.str = ...,
         release_digest: _builtins.str = ...,
+        release_signature: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "id", b"id", "release_digest", b"release_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "id", b"id", "release_digest", b"release_digest", "release_signature", b"release_signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
