@@ -24,11 +24,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from slim.errors import FailedPrecondition, InvalidArgument
 from slim.v1 import core_pb2 as pb
-from slim.vocabulary import LOADER_STAGES, SWITCH_ROOT_STAGE, UP_STAGE, relay_observed
+from slim.vocabulary import SWITCH_ROOT_STAGE, UP_STAGE, relay_observed
 
-RELAY_STAGES = LOADER_STAGES  # and tftp:<file>: what a relay observes
-UP = UP_STAGE
-SWITCH_ROOT = SWITCH_ROOT_STAGE
 ON_BEHALF = re.compile(r"^reported by (\S+) on the environment's behalf")
 INSTALL_PLOT = "pip install 'slim[plot]'"
 LABELS = {"script": "boot script"}
@@ -69,7 +66,7 @@ class Timeline:
     @property
     def total(self) -> float:
         """Seconds from power-on to the end of ``up``, or else of the latest stage."""
-        up = [s.end for s in self.stages if s.stage == UP and s.ok]
+        up = [s.end for s in self.stages if s.stage == UP_STAGE and s.ok]
         if up:
             return up[0]
         return max((s.end for s in self.stages), default=0.0)
@@ -104,7 +101,7 @@ def _source(e: pb.BootEvent) -> str:
     said = ON_BEHALF.match(e.message)
     if said:
         return f"{said.group(1)} for the environment"
-    return "environment" if e.stage == UP else "agent"
+    return "environment" if e.stage == UP_STAGE else "agent"
 
 
 def _state(stages: Sequence[Stage]) -> tuple[str, str, str]:
@@ -114,9 +111,9 @@ def _state(stages: Sequence[Stage]) -> tuple[str, str, str]:
     if failed is not None:
         return "failed", failed.stage, failed.message
     names = {s.stage for s in stages}
-    if UP in names:
+    if UP_STAGE in names:
         return "up", "", ""
-    return ("starting" if SWITCH_ROOT in names else "booting"), "", ""
+    return ("starting" if SWITCH_ROOT_STAGE in names else "booting"), "", ""
 
 
 def build(node: str, events: Sequence[pb.BootEvent], status: pb.BootStatus | None = None) -> Timeline:
@@ -204,7 +201,7 @@ def render(t: Timeline) -> list[str]:
 def _summary(t: Timeline) -> str:
     if not t.stages:
         return f"no stage recorded ({t.state})"
-    if t.state == "up" and any(s.stage == UP and s.ok for s in t.stages):
+    if t.state == "up" and any(s.stage == UP_STAGE and s.ok for s in t.stages):
         return f"power-on (first request) to up: {t.total:.1f} s"
     latest = max(t.stages, key=lambda s: s.end)
     if t.state == "failed":

@@ -539,10 +539,6 @@ class CoreService:
         return self.registry.settings.heartbeat_interval
 
     # -- relays: pins and prefetch -------------------------------------------
-    def current_releases(self) -> list[str]:
-        """Digests of every environment's current release (what relays pin)."""
-        return list(self.release_signatures())
-
     def release_signatures(self) -> dict[str, str]:
         """Every environment's current release: digest -> the core's signature of it ("" if
         the build did not sign it: relays then neither pin nor warm it)."""
