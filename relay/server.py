@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from slim.errors import FailedPrecondition, InvalidArgument, NotFound
+from slim.errors import NotFound
 from slim.listen import parse_listen
 from slim.objects.routes import ObjectRoutes
 from slim.objects.server import HttpFront, metric_families, object_metrics
@@ -38,7 +38,7 @@ from slim.relay.fetch import CachingSource, Fetcher
 from slim.relay.observe import BootObserver
 from slim.relay.tftp import StageOneServer
 from slim.relay.warm import Warmer
-from slim.signing import PublicKey
+from slim.signing import PublicKey, read_public_keys
 from slim.v1 import core_pb2 as pb
 from slim.vocabulary import names_a_mac, normalize_mac
 
@@ -290,14 +290,7 @@ class RelayServer:
 
 def trusted_keys(paths: list[Path]) -> list[PublicKey]:
     """The core's public keys a relay trusts (``--trust``); a bad file is a clear error."""
-    keys = []
-    for path in paths:
-        try:
-            keys.append(PublicKey.from_text(Path(path).read_text(), str(path)))
-        except OSError as exc:
-            raise FailedPrecondition(f"cannot read the trusted key {path}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise InvalidArgument(f"{path} is not a signify public key") from None
+    keys = read_public_keys(paths)
     if not keys:
         log.warning("no --trust key: this relay pins and prefetches no release")
     return keys

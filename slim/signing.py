@@ -169,16 +169,17 @@ def verify(data: bytes, signature: str, trusted: Iterable[PublicKey], what: str 
     return key
 
 
-def public_keys(directory: Path) -> list[PublicKey]:
-    """The public keys a directory holds (``*.pub``, signify format), current first."""
-    directory = Path(directory)
-    paths = sorted(directory.glob("*.pub"), key=lambda p: (p.name != PUBLIC_FILE, p.name))
+def read_public_keys(paths: Iterable[Path]) -> list[PublicKey]:
+    """The public keys in these files (signify format); a file that cannot be read, or is
+    not a key, is a clear error."""
     keys = []
-    for p in paths:
+    for path in paths:
         try:
-            keys.append(PublicKey.from_text(p.read_text(), str(p)))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise FailedPrecondition(f"cannot read the public key {p}: {exc}") from None
+            keys.append(PublicKey.from_text(Path(path).read_text(), str(path)))
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot read the public key {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"{path} is not a signify public key") from None
     return keys
 
 

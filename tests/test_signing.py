@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from slim.errors import FailedPrecondition, InvalidArgument
-from slim.signing import KEY_FILE, PUBLIC_FILE, PublicKey, SigningKey, public_keys, verify
+from slim.signing import KEY_FILE, PUBLIC_FILE, PublicKey, SigningKey, read_public_keys, verify
 from tests.support import need_tool
 
 PLAN = b'{"node": "n1", "nonce": "00ff"}\n'
@@ -22,7 +22,7 @@ def test_a_key_is_made_once_and_kept_private(tmp_path: Path) -> None:
     assert stat.S_IMODE((keys / KEY_FILE).stat().st_mode) == 0o600
     again = SigningKey.load_or_create(keys)
     assert again.public == first.public and len(first.public.id) == 16
-    assert public_keys(keys) == [first.public]
+    assert read_public_keys([keys / PUBLIC_FILE]) == [first.public]
     assert PublicKey.from_text((keys / PUBLIC_FILE).read_text()) == first.public
 
 

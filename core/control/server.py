@@ -459,10 +459,11 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
         try:
             if not request.environment:
                 raise InvalidArgument("an environment name is required")
-            digest, relays = self.service.prefetch_targets(request.environment, request.relays, request.nodes)
+            digest, signature, relays = self.service.prefetch_targets(
+                request.environment, request.relays, request.nodes
+            )
             if not relays:
                 raise FailedPrecondition("no relay to warm: the registry has none for these nodes")
-            signature = self.service.store.release_signature(request.environment)
             order_id, _ = self.hub.prefetch(request.environment, digest, relays, signature)
             log.info(
                 "prefetch %s: %s (%s) on %s, asked by %s",

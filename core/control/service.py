@@ -551,8 +551,9 @@ class CoreService:
 
     def prefetch_targets(
         self, environment: str, relays: Iterable[str], nodes: Iterable[str]
-    ) -> tuple[str, list[str]]:
-        """(current release digest of ``environment``, relays to warm it).
+    ) -> tuple[str, str, list[str]]:
+        """(current release digest of ``environment``, the core's signature of it, relays to
+        warm it).
 
         Named relays; plus, for each node, its site's relays (for a site without
         relays: the site's parents, else every relay); with neither, every relay."""
@@ -579,7 +580,7 @@ class CoreService:
                     break
         if not relays and not nodes:
             chosen = sorted(reg.relays)
-        return digest, list(dict.fromkeys(chosen))
+        return digest, self.store.release_signature(environment), list(dict.fromkeys(chosen))
 
     # -- admin reads ---------------------------------------------------------
     def node_view(self, node: str, reg: Registry | None = None) -> NodeView:
