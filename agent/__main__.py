@@ -22,15 +22,48 @@ import argparse
 import os
 import secrets
 import sys
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from slim.agent import report_up
+from slim.agent import secrets as node_secrets
 from slim.agent.ee import BootFailed, Builder, Reporter, switch_root
 from slim.agent.fetch import FetchError, Relays, now
-from slim.agent.plan import BootArgs, PlanError, parse_cmdline, parse_plan
+from slim.agent.plan import BootArgs, Plan, PlanError, parse_cmdline, parse_plan
 from slim.agent.verify import KEYS_DIR, check, trusted_keys
+
+TOKEN_FILE = Path("/etc/slim/node.token")  # where boot media put a node's token in its initrd
+
+
+def read_token(path: Path | None, default: bool) -> str:
+    """The node's token from ``path`` (or, on a real boot, :data:`TOKEN_FILE` if present);
+    "" if none: the node is then identified by its name or MAC, where its site allows it."""
+    if path is None:
+        if not default or not TOKEN_FILE.exists():
+            return ""
+        path = TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise PlanError(f"the node token {path}: {exc.strerror}") from None
+    if not token or len(token) > 256 or not token.isascii() or not token.isprintable() or " " in token:
+        raise PlanError(f"the node token in {path} is not a SLIM token (slim node enroll prints one)")
+    return token
+
+
+def fetch_secrets(plan: Plan, relays: Relays, target: Path, report: Reporter) -> None:
+    """The node's secret files, into the built environment (their contents are never said)."""
+    asked = now()
+    try:
+        query = urllib.parse.urlencode({"environment": plan.environment})
+        _, data = relays.call("GET", f"/v1/nodes/{urllib.parse.quote(plan.node, safe='')}/secrets?{query}")
+        written = node_secrets.install(target, node_secrets.parse(data))
+    except (FetchError, PlanError, OSError) as exc:
+        report("secrets", ok=False, message=str(exc)[:500], duration=now() - asked)
+        raise BootFailed(f"secrets: {exc}") from exc
+    report("secrets", message=f"{len(written)} file(s)", duration=now() - asked)
 
 
 def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | None = None) -> int:
@@ -55,6 +88,13 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
         f"default on a real boot: {KEYS_DIR}, which the build fills; with --no-reboot: required, "
         "for example STATE_DIR/keys/signing.pub)",
     )
+    ap.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help=f"the node's token (slim node enroll), sent with every call to the relays (default on a "
+        f"real boot: {TOKEN_FILE} in the initrd, if there is one)",
+    )
     args = ap.parse_args(argv)
     try:
         if args.node and args.relay:
@@ -72,7 +112,8 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
                 "--no-reboot needs --trust KEY: the core's public key (STATE_DIR/keys/signing.pub)"
             )
         keys = trusted_keys(args.trust or [KEYS_DIR])
-        relays = Relays(boot.relays, deadline=boot.deadline)
+        token = read_token(args.token_file, default=not args.no_reboot)
+        relays = Relays(boot.relays, deadline=boot.deadline, token=token)
         try:
             nonce = secrets.token_hex(16)
             asked = now()
@@ -105,13 +146,15 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
             )
             target = args.target if args.no_reboot else Path("/newroot")
             Builder(plan, relays, target, report, args.no_reboot).run()
+            if plan.secrets:
+                fetch_secrets(plan, relays, target, report)
             report("done", relays.stats.bytes, message=f"{relays.stats.objects} objects")
             if not args.no_reboot:
                 nfs = any(d.nfs is not None for d in plan.directories)
                 try:
                     report_up.install(
                         target, node=plan.node, boot_id=report.boot_id, environment=plan.environment,
-                        relays=relays.urls, init=boot.init, nfs=nfs,
+                        relays=relays.urls, init=boot.init, nfs=nfs, token=token,
                         unit=parse_cmdline(args.cmdline.read_text()).get("systemd.unit", ""),
                     )  # fmt: skip
                 except OSError as exc:

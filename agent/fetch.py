@@ -161,8 +161,10 @@ class Relays:
         timeout: float = 30.0,
         rounds: int = 2,
         deadline: float = DEFAULT_DEADLINE,
+        token: str = "",
     ) -> None:
-        """``deadline``: seconds from now within which busy relays are asked again."""
+        """``deadline``: seconds from now within which busy relays are asked again;
+        ``token``: the node's token, sent with every node API call (``Authorization``)."""
         if not urls:
             raise FetchError("no relay to ask")
         if not deadline > 0:
@@ -176,10 +178,11 @@ class Relays:
         self.rng = random.Random()  # noqa: S311 - jitter, not secret
         self._conns: dict[str, http.client.HTTPConnection] = {}
         self.current = 0  # index of the relay that served last: asked first next time
+        self.token = token
 
     def clone(self) -> Relays:
         """The same relays, in the same order, on connections of its own (for another thread)."""
-        other = Relays(self.urls, self.timeout, self.rounds, self.deadline)
+        other = Relays(self.urls, self.timeout, self.rounds, self.deadline, self.token)
         other.deadline_at = self.deadline_at  # one deadline for the whole boot
         other.current = self.current
         return other
@@ -220,6 +223,8 @@ class Relays:
         attempts = _Attempts(self, f"{method} {path}")
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         while True:
             url = attempts.next()
             try:
@@ -235,7 +240,7 @@ class Relays:
                 self.current = self.urls.index(url)
                 return url, data
             message = _error_text(data)
-            if resp.status in (400, 404, 409):
+            if resp.status in (400, 401, 403, 404, 409):
                 raise FetchError(f"{url}{path}: {resp.status}: {message}")
             if resp.status in BUSY:
                 attempts.busy_answer(url, resp.status, message, resp.getheader("Retry-After"))

@@ -142,6 +142,7 @@ class Plan:
     directories: tuple[Directory, ...]  # parents before children
     relays: tuple[str, ...]  # first URL of each ranked relay, best first
     relay_time: float | None = None  # the relay's clock when it sent the plan
+    secrets: int = 0  # secret files to ask the relays for (GET /v1/nodes/{node}/secrets)
 
 
 def _ref(value: object, where: str) -> ObjectRef | None:
@@ -276,4 +277,5 @@ def parse_plan(data: bytes) -> Plan:
         disk=_text(doc, "disk", "plan"),
         directories=tuple(dirs),
         relays=tuple(relays),
+        secrets=_count(doc, "secrets", "plan") if "secrets" in doc else 0,
     )

@@ -6,9 +6,11 @@ got as far as switch_root.  Before it execs the EE's init the agent mounts a tmp
 new root's ``/run`` (systemd keeps a ``/run`` that is already mounted) and writes there:
 
 - ``/run/slim/busybox``: the initrd's static busybox (its ``wget`` posts the report);
-- ``/run/slim/report``: a shell script that posts one event, stage ``up``, to the relays of
-  the plan (each in turn, a bounded number of rounds, jittered), under the boot's id; the
-  event carries no time, so the relay that takes it stamps it;
+- ``/run/slim/report`` (mode 0700: root's): a shell script that posts one event, stage
+  ``up``, to the relays of the plan (each in turn, a bounded number of rounds, jittered),
+  under the boot's id; the event carries no time, so the relay that takes it stamps it;
+- ``/run/slim/token`` (mode 0600), when the node has a token (``slim node enroll``): the
+  report sends it, so that only root on the node speaks for the node;
 - for a systemd EE (its init resolves to ``systemd``): ``slim-up.service`` under
   ``/run/systemd/system``, wanted by and ordered after the EE's default target, which runs
   the script once that target is reached.  Another init runs ``/run/slim/report`` itself
@@ -47,11 +49,15 @@ url_path={url_path}
 relays={relays}
 message=$(printf '%s' "${{1:-the environment is up}}" | $bb tr -cd 'A-Za-z0-9 ._:/+=-' | $bb head -c 200)
 body={head}"$message"{tail}
+set --  # the message is read: the arguments now carry the node's token, if it has one
+if [ -r "${{0%/*}}/token" ]; then
+  set -- --header "Authorization: Bearer $($bb cat "${{0%/*}}/token")"
+fi
 round=0
 while [ $round -lt {rounds} ]; do
   for url in $relays; do
     if $bb timeout 15 $bb wget -q -O /dev/null --header 'Content-Type: application/json' \\
-        --post-data "$body" "$url$url_path"; then
+        "$@" --post-data "$body" "$url$url_path"; then
       echo "slim: reported up to $url"
       exit 0
     fi
@@ -168,6 +174,7 @@ def install(
     macs: list[str] | None = None,
     busybox: Path = BUSYBOX,
     unit: str = "",
+    token: str = "",
 ) -> list[str]:
     """Write the report (and, for systemd, its unit) under ``root``/run; the paths written.
 
@@ -175,6 +182,7 @@ def install(
     run = root / "run"
     slim = run / "slim"
     slim.mkdir(parents=True, exist_ok=True)
+    slim.chmod(0o755)
     written: list[str] = []
 
     def write(path: Path, text: str, mode: int = 0o644) -> None:
@@ -203,8 +211,10 @@ def install(
             tail=shlex.quote('"' + tail),
             rounds=REPORT_ROUNDS,
         ),
-        0o755,
+        0o700,  # root's: the node's users do not speak for it
     )
+    if token:  # the node's token, in RAM, root's only: the report sends it
+        write(slim / "token", token + "\n", 0o600)
     if uses_systemd(root, init):
         target = default_target(root, unit)
         units = run / "systemd" / "system"

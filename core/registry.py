@@ -169,6 +169,9 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
 
+NodeIdentity = Literal["mac", "token"]
+
+
 class Settings(_Model):
     """Registry-wide settings; every field has a default."""
 
@@ -185,6 +188,11 @@ class Settings(_Model):
         30.0, gt=0, le=3600, description="seconds a redirection counts toward a relay's load"
     )
     max_relays: int = Field(8, ge=1, le=1000, description="most relays in one ranked answer")
+    node_identity: NodeIdentity = Field(
+        "token",
+        description="how a node calling from an address of no site (the internet) proves who it is: "
+        "token (its node token, slim node enroll) or mac (its name or MAC, which anyone can claim)",
+    )
     up_timeout: float = Field(
         300.0,
         gt=0,
@@ -225,6 +233,17 @@ class Site(_Model):
     nfs_server: Host | None = None
     description: str = ""
     dhcp: Dhcp | None = None
+    node_identity: NodeIdentity = Field(
+        "mac",
+        description="how a node calling from this site's addresses proves who it is: mac (its name "
+        "or MAC, as PXE gives it: anyone on the site's network can claim any node) or token (its "
+        "node token, slim node enroll)",
+    )
+    secrets_without_token: bool = Field(
+        False,
+        description="give per-node secrets to this site's nodes identified by MAC, over plain HTTP "
+        "(anyone on the site's network can then ask for any of its nodes' secrets)",
+    )
 
 
 class Server(_Model):
@@ -291,6 +310,29 @@ def _directory_spec(value: Any) -> Any:
     return {"policy": value} if isinstance(value, str) else value
 
 
+def _check_mode(value: str) -> str:
+    if not re.fullmatch(r"0?[0-7]{3}", value):
+        raise ValueError(f"mode {value!r} is not an octal file mode such as 0400 or 0600")
+    return value
+
+
+def _check_owner(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?", value):
+        raise ValueError(f"owner {value!r} is not USER or USER:GROUP (names or numbers)")
+    return value
+
+
+class SecretFile(_Model):
+    """A per-node secret: a file on the core's host, delivered into a node's RAM at boot."""
+
+    source: AbsPath = Field(description="the file on the core's host (read when a node asks)")
+    path: AbsPath = Field(description="where it goes in the environment (in a ram directory)")
+    mode: Annotated[str, AfterValidator(_check_mode)] = Field("0400", description="its file mode, octal")
+    owner: Annotated[str, AfterValidator(_check_owner)] = Field(
+        "root", description="USER or USER:GROUP, names (the environment's) or numbers"
+    )
+
+
 class Environment(_Model):
     image: AbsPath
     kernel: AbsPath = "/vmlinuz"
@@ -301,6 +343,9 @@ class Environment(_Model):
     directories: dict[str, Annotated[DirectorySpec, Field()]] = Field(default_factory=dict)
     up_timeout: float | None = Field(
         None, gt=0, le=86400, description="this environment's settings.up_timeout (seconds)"
+    )
+    secrets: list[SecretFile] = Field(
+        default_factory=list, description="secret files every node booting it receives (docs/security.md)"
     )
 
     def disk_paths(self) -> list[str]:
@@ -322,6 +367,9 @@ class Node(_Model):
     environment: Name
     site: Name | None = None
     disk: AbsPath | None = Field(None, description="partition for disk and sync policies")
+    secrets: list[SecretFile] = Field(
+        default_factory=list, description="secret files this node receives, whatever it boots"
+    )
     groups: list[Name] = Field(default_factory=list)
     boot_menu_timeout: float | None = Field(None, ge=0, le=3600)
 
@@ -591,6 +639,33 @@ def _pydantic_problem(source: YamlSource, err: Any) -> Problem:
     return source.problem(loc, msg)
 
 
+def secret_refusal(env: Environment, path: str) -> str | None:
+    """Why a secret cannot go to ``path`` in ``env`` (None if it can): it must land in RAM,
+    in a directory of the ``ram`` policy (longest match), never on a disk or NFS."""
+    try:
+        norm = normalize_dir(path)
+    except ValueError as exc:
+        return f"secret path {exc}"
+    if norm == "/":
+        return "a secret is a file, not /"
+    best, policy = "/", env.default_policy
+    for raw, spec in env.directories.items():
+        try:
+            d = normalize_dir(raw)
+        except ValueError:
+            continue
+        if (norm == d or norm.startswith(d.rstrip("/") + "/")) and len(d) > len(best):
+            best, policy = d, spec.policy
+    if norm == best:
+        return f"{path} is a directory of the environment, not a file in one"
+    if policy is not Policy.RAM:
+        return (
+            f"{path} is in {best} ({policy.value}): secrets go only into RAM, a directory of the "
+            "ram policy (never onto a disk or NFS)"
+        )
+    return None
+
+
 def _cross_check(doc: _Document, source: YamlSource) -> Iterable[Problem]:
     def p(loc: Loc, msg: str) -> Problem:
         return source.problem(loc, msg)
@@ -646,6 +721,18 @@ def _cross_check(doc: _Document, source: YamlSource) -> Iterable[Problem]:
                 break
             chain.append(parent)
             parent = doc.relays[parent].parent
+
+    # secrets: only into RAM (a ram directory of the environment), one per path
+    for name, env in doc.environments.items():
+        paths: set[str] = set()
+        for i, secret in enumerate(env.secrets):
+            sloc: Loc = ("environments", name, "secrets", i, "path")
+            why = secret_refusal(env, secret.path)
+            if why:
+                yield p(sloc, why)
+            if secret.path in paths:
+                yield p(sloc, f"two secrets for {secret.path}")
+            paths.add(secret.path)
 
     # environments: directories and features
     features: dict[str, str] = {}

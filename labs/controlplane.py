@@ -96,6 +96,8 @@ async def run_demo(registry_path: Path | None) -> None:
             str(store.root),
             "--listen",
             "127.0.0.1:0",
+            "--ca",
+            f"{tmp}/ca",
             "--log-level",
             "warning",
         ]
@@ -107,9 +109,10 @@ async def run_demo(registry_path: Path | None) -> None:
             line = await asyncio.wait_for(proc.stdout.readline(), STARTUP_TIMEOUT)
             if not line.startswith(b"listening on "):
                 raise FailedPrecondition(f"the core did not start (said {line!r})")
-            address = line.decode().split()[-1]
             print(line.decode().strip(), flush=True)
-            await _demo_calls(slim, address)
+            # as root on the core's host: its local socket (relays and remote admins would use
+            # certificates of its CA, docs/security.md); the simulated relays below too
+            await _demo_calls(slim, f"unix:{tmp}/core.sock")
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
@@ -152,7 +155,7 @@ async def _demo_calls(slim: list[str], address: str) -> None:
         print("  (each answer counts toward the chosen relay's load until its next heartbeat)")
 
         say("A Slurm job asks for ee:jdk14 on n001: its next boot changes")
-        await run([*slim, "node", "set-ee", "n001", "ee:jdk14", "--by", "demo"])
+        await run([*slim, "node", "set-ee", "n001", "ee:jdk14"])
         await run([*slim, "node", "plan", "n001", "--from", "10.1.7.20"])
         say("The iPXE menu n001 gets from its relay")
         await run([*slim, "node", "boot-script", "52:54:00:00:01:01", "--from", "10.1.7.20"])

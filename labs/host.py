@@ -25,3 +25,12 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def enroll(ca_dir: Path, name: str, role: str, out: Path) -> Path:
+    """An identity directory for ``name`` in ``role`` from the CA in ``ca_dir`` (made if
+    missing), as `slim relay enroll` / `slim admin enroll` write it."""
+    from slim.pki import CertificateAuthority
+
+    CertificateAuthority.load_or_create(ca_dir).enroll(name, role, out)  # type: ignore[arg-type]
+    return out

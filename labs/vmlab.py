@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from labs.busyfront import BusyFront
-from labs.host import free_port
+from labs.host import enroll, free_port
 from labs.netlab import NetLab
 from slim.allinone import await_ready
-from slim.rpc import CoreClient
+from slim.rpc import NONE, CoreClient, Credentials
 from slim.v1 import core_pb2 as pb
 from slim.vocabulary import relay_observed
 
@@ -219,14 +219,17 @@ class Lab:
         self.built = self.build()
         if self.network == "pxe":
             return self._start_pxe()
+        ca = self.tmp / "ca"  # the lab's own CA: the relay and the lab's client get certificates of it
+        relay_identity = enroll(ca, "r1", "relay", self.tmp / "relay-r1")
+        self.identity = enroll(ca, "lab", "admin", self.tmp / "admin-lab")
         core = self._start("core", "serve", "--registry", str(self.registry), "--store", str(self.store),
-                           "--keys", str(self.keys),
+                           "--keys", str(self.keys), "--ca", str(ca), "--no-socket",
                            "--state", str(self.tmp / "state.db"), "--listen", "127.0.0.1:0",
                            "--objects-listen", "127.0.0.1:0")  # fmt: skip
         self._core = core
         self.core = self._ready(core, "listening on", "core")
         objects = self._ready(core, "objects on", "core")
-        relay = self._start("relay", "serve", "--name", "r1", "--core", self.core,
+        relay = self._start("relay", "serve", "--identity", str(relay_identity), "--core", self.core,
                             "--upstream", f"http://{objects}", "--cache-dir", str(self.tmp / "cache"),
                             "--max-bytes", "2G", "--listen", "127.0.0.1:0")  # fmt: skip
         self.relay_port = int(self._ready(relay, "listening on", "relay").rsplit(":", 1)[1])
@@ -241,7 +244,9 @@ class Lab:
         return self._connect()
 
     def _connect(self) -> Lab:
-        self._client = CoreClient(self.core, timeout=5)
+        identity = getattr(self, "identity", None)
+        credentials = Credentials.from_identity(identity) if identity is not None else NONE
+        self._client = CoreClient(self.core, timeout=5, credentials=credentials)
         self.admin = self._client.admin
         for _ in range(300):  # bounded: 30 s for the reloaded core to hear from the relay
             relays = self._client.call(self.admin.ListRelays, pb.ListRelaysRequest()).relays

@@ -58,8 +58,10 @@ def render(
     resume_timeout: int = DEFAULT_RESUME_TIMEOUT,
     python: str = sys.executable,
     source: str = "the registry",
+    identity: Path | None = None,
 ) -> SlurmFiles:
-    """Everything ``slim slurm config`` writes into ``directory`` (the scripts live there)."""
+    """Everything ``slim slurm config`` writes into ``directory`` (the scripts live there);
+    with ``identity`` (an admin identity directory), the scripts call the core with it."""
     feats = features(registry)
     if not feats:
         raise ValueError(f"{source} has no environments: nothing for Slurm to ask for")
@@ -140,6 +142,8 @@ return slurm.SUCCESS
     )
     slim = f"{shlex.quote(python)} -m slim.cli slurm"
     env = f"SLIM_CORE={shlex.quote(core)} SLURM_CONF={shlex.quote(str(slurm_conf))} PATH={SLURM_PATH}"
+    if identity is not None:
+        env += f" SLIM_IDENTITY={shlex.quote(str(identity))}"
     action = f"--command {shlex.quote(reboot)}"
     scripts = {
         helper.name: f'#!/bin/sh\n{head}\nexec env {env} {slim} helper "$@"\n',

@@ -100,9 +100,7 @@ def active_features(client: CoreClient, node: str) -> tuple[list[str], str]:
 def stage_next_boot(client: CoreClient, node: str, feature: str) -> str:
     """Make the EE of ``feature`` (``ee=jdk14``, ``ee:jdk14`` or a name) the node's next boot;
     returns the environment's name."""
-    info = client.call(
-        client.admin.SetNextBoot, pb.SetNextBootRequest(node=node, environment=feature, set_by="slurm:helper")
-    )
+    info = client.call(client.admin.SetNextBoot, pb.SetNextBootRequest(node=node, environment=feature))
     return info.next_environment
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from slim.plugin.access import Slurm, backend
 from slim.plugin.config import slurm_feature
-from slim.rpc import CoreClient
+from slim.rpc import CoreClient, credentials_from_environment
 from slim.v1 import core_pb2 as pb
 
 _TOKEN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*=[A-Za-z0-9_.]+")
@@ -107,7 +107,7 @@ def run(
     prefetch_timeout: float = 600.0,
     boot_timeout: float = 900.0,
 ) -> Outcome:
-    with CoreClient(core) as client:
+    with CoreClient(core, credentials=credentials_from_environment(core)) as client:
         envs = client.call(client.admin.ListEnvironments, pb.ListEnvironmentsRequest()).environments
         env = job_environment(constraints, {slurm_feature(e.feature): e.name for e in envs})
         if env is None:

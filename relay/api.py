@@ -12,15 +12,21 @@ standard library.
 ``GET /v1/nodes/{node}/plan``          the boot plan ({node}: name or MAC)
 ``POST /v1/nodes/{node}/events``       boot events: one object, a list, or
                                        ``{"events": [...]}`` (at most 1000)
+``GET /v1/nodes/{node}/secrets``       the node's secret files (never cached)
 =====================================  =====================================
 
+A node may send its token (``Authorization: Bearer TOKEN``, from ``slim node
+enroll``); the relay passes it and the node's address to the core, which checks
+that the caller may speak for that node (docs/security.md).
+
 Errors come back as ``{"error": message}`` with the status the core's answer
-maps to (400, 404, 409; 503 with Retry-After when the core cannot be
+maps to (400, 401, 403, 404, 409; 503 with Retry-After when the core cannot be
 reached or too many calls are waiting on it).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -31,7 +37,7 @@ from typing import Any
 from aiohttp import web
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from slim.errors import InvalidArgument, Overloaded, SlimError
+from slim.errors import InvalidArgument, Overloaded, SlimError, Unauthenticated
 from slim.relay.corelink import CoreLink
 from slim.relay.observe import BootObserver
 from slim.rpc import tier_name
@@ -172,6 +178,7 @@ class NodeApi:
         app.router.add_get("/v1/locate", self._limited(self.locate))
         app.router.add_get("/v1/nodes/{node}/plan", self._limited(self.plan))
         app.router.add_post("/v1/nodes/{node}/events", self._limited(self.events))
+        app.router.add_get("/v1/nodes/{node}/secrets", self._limited(self.secrets))
 
     def _limited(self, handler: Handler) -> Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
@@ -193,13 +200,26 @@ class NodeApi:
     def _origin(request: web.Request) -> str:
         return request.remote or ""
 
+    @staticmethod
+    def _token(request: web.Request) -> str:
+        """The node's token (``Authorization: Bearer TOKEN``), passed to the core unread."""
+        header = request.headers.get("Authorization", "")
+        if not header:
+            return ""
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip() or len(token) > 256:
+            raise Unauthenticated("Authorization must read 'Bearer TOKEN' (the node's token)")
+        return token.strip()
+
     async def boot_script(self, request: web.Request) -> web.StreamResponse:
         mac = request.match_info["mac"]
         if not names_a_mac(mac):
             raise InvalidArgument(f"{mac[:40]!r} is not a MAC address")
         started = time.time()
         origin = self._origin(request)
-        req = pb.GetBootScriptRequest(mac=mac, origin=origin, format=pb.SCRIPT_FORMAT_IPXE)
+        req = pb.GetBootScriptRequest(
+            mac=mac, origin=origin, format=pb.SCRIPT_FORMAT_IPXE, node_token=self._token(request)
+        )
         script = await self.link.call(self.link.core.GetBootScript, req)
         body = script.script.encode()
         if self.observer is not None:
@@ -217,7 +237,8 @@ class NodeApi:
             raise InvalidArgument("name the node with ?node=NAME or ?mac=MAC (one of them)")
         ref = pb.NodeRef(name=node) if node else pb.NodeRef(mac=mac)
         found = await self.link.call(
-            self.link.core.Locate, pb.LocateRequest(node=ref, origin=self._origin(request))
+            self.link.core.Locate,
+            pb.LocateRequest(node=ref, origin=self._origin(request), node_token=self._token(request)),
         )
         return web.json_response(
             {"node": found.node, "site": found.site, "relays": [relay_json(r) for r in found.relays]},
@@ -231,7 +252,9 @@ class NodeApi:
             raise InvalidArgument(f"nonce {nonce[:80]!r} is not 1 to 64 hex digits")
         plan = await self.link.call(
             self.link.core.GetBootPlan,
-            pb.GetBootPlanRequest(node=ref, origin=self._origin(request), nonce=nonce),
+            pb.GetBootPlanRequest(
+                node=ref, origin=self._origin(request), nonce=nonce, node_token=self._token(request)
+            ),
         )
         doc: dict[str, Any] = {
             # what the agent acts on: the core's signed document, untouched
@@ -243,13 +266,44 @@ class NodeApi:
         }
         return web.json_response(doc, headers={"Cache-Control": "no-store"})
 
+    async def secrets(self, request: web.Request) -> web.StreamResponse:
+        """The node's secret files, from the core, handed on and forgotten: never cached,
+        logged or put in an event (the core decides who may have them)."""
+        ref = node_ref(request.match_info["node"])
+        environment = request.query.get("environment", "")
+        if len(environment) > 63:
+            raise InvalidArgument("environment: at most 63 characters")
+        answer = await self.link.call(
+            self.link.core.GetNodeSecrets,
+            pb.GetNodeSecretsRequest(
+                node=ref, origin=self._origin(request), node_token=self._token(request),
+                environment=environment, secure=request.secure,
+            ),
+        )  # fmt: skip
+        doc = {
+            "secrets": [
+                {
+                    "path": f.path,
+                    "mode": f.mode,
+                    "owner": f.owner,
+                    "content": base64.b64encode(f.content).decode(),
+                }
+                for f in answer.secrets
+            ]
+        }
+        return web.json_response(doc, headers={"Cache-Control": "no-store"})
+
     async def events(self, request: web.Request) -> web.StreamResponse:
         node = request.match_info["node"]
         if names_a_mac(node):
             raise InvalidArgument("report events under the node's name (the plan names it), not its MAC")
         if request.content_length is not None and request.content_length > MAX_BODY:
             raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
+        token = self._token(request)
         raw = await request.content.read(MAX_BODY + 1)
         events = events_from_body(node, self.relay, raw)
+        for event in events:  # the node's own: the core checks it is that node
+            event.origin = self._origin(request)
+            event.node_token = token
         accepted = await self.link.report_events(events)
         return web.json_response({"accepted": accepted})

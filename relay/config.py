@@ -43,8 +43,18 @@ class RelayConfig(ProcessConfig):
     cache_dir: Path = Field(Path("/var/cache/slim/relay"), description="where cached objects live")
     max_bytes: ByteSize = Field(20 << 30, gt=0, description="the cache's byte budget")
     memory_bytes: ByteSize = Field(512 << 20, ge=0, description="small objects' bytes kept in memory")
-    name: str = Field("", description="this relay's name in the registry (needed with core)")
+    name: str = Field(
+        "", description="this relay's name in the registry (default: its certificate's, from identity)"
+    )
     core: Address | None = Field(None, description="the core's gRPC address; none: objects only")
+    identity: Path | None = Field(
+        None,
+        description="the relay's identity directory (key.pem, cert.pem, ca.pem from slim relay "
+        "enroll): its certificate for mutual TLS with the core",
+    )
+    core_insecure: bool = Field(
+        False, description="plaintext gRPC to a core run with tls: false (no identity needed)"
+    )
     listen: HostPort = Field(f"0.0.0.0:{DEFAULT_HTTP_PORT}", description="HTTP: HOST:PORT (0: any port)")
     tftp_listen: HostPort | None = Field(None, description="TFTP for stage 1: HOST:PORT; none: no TFTP")
     ipxe_dir: Path = Field(Path("/usr/lib/ipxe"), description="the iPXE binaries served over TFTP")
@@ -65,6 +75,12 @@ class RelayConfig(ProcessConfig):
 
     @model_validator(mode="after")
     def _named_with_core(self) -> RelayConfig:
-        if self.core and not self.name:
+        tcp = self.core is not None and not self.core.startswith("unix:")
+        if tcp and not self.core_insecure and self.identity is None:
+            raise ValueError(
+                "a relay that talks to a core over TCP needs --identity (a directory from `slim relay "
+                "enroll NAME` on the core's host): the core takes only relays with SLIM's certificates"
+            )
+        if self.core and not self.name and self.identity is None:
             raise ValueError("a relay that talks to a core needs --name (its name in the registry)")
         return self

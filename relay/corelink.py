@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from slim.rpc import AsyncCoreClient
+from slim.rpc import NONE, AsyncCoreClient, Credentials
 from slim.v1 import core_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,10 @@ class CoreLink:
     """The relay's connection to the core: one channel for its life (kept alive), unary
     calls with a deadline, the heartbeat stream."""
 
-    def __init__(self, address: str, timeout: float = CALL_TIMEOUT) -> None:
+    def __init__(self, address: str, timeout: float = CALL_TIMEOUT, credentials: Credentials = NONE) -> None:
         self.address = address
         self.timeout = timeout
-        self.client = AsyncCoreClient(address, timeout, keepalive=True)
+        self.client = AsyncCoreClient(address, timeout, keepalive=True, credentials=credentials)
         self.core = self.client.core
         self.connected = False  # a heartbeat stream is open
 

@@ -26,10 +26,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from slim.errors import NotFound
+from slim.errors import InvalidArgument, NotFound
 from slim.listen import parse_listen
 from slim.objects.routes import ObjectRoutes
 from slim.objects.server import HttpFront, metric_families, object_metrics
+from slim.pki import identity_of_pem
 from slim.relay.api import NodeApi
 from slim.relay.cache import ObjectCache
 from slim.relay.config import DEFAULT_HTTP_PORT, RelayConfig
@@ -38,6 +39,7 @@ from slim.relay.fetch import CachingSource, Fetcher
 from slim.relay.observe import BootObserver
 from slim.relay.tftp import StageOneServer
 from slim.relay.warm import Warmer
+from slim.rpc import NONE, Credentials
 from slim.signing import PublicKey, read_public_keys
 from slim.v1 import core_pb2 as pb
 from slim.vocabulary import names_a_mac, normalize_mac
@@ -82,7 +84,7 @@ class RelayServer:
         self.tftp_port = 0
         self.cache = ObjectCache(config.cache_dir, config.max_bytes, config.memory_bytes)
         self.io = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="slim-relay-io")
-        self.link = CoreLink(config.core) if config.core else None
+        self.link: CoreLink | None = None  # with a core: made in start (reading the identity)
         self.started_at = time.time()
         self._egress = _Egress()
         self._poke = asyncio.Event()
@@ -101,12 +103,36 @@ class RelayServer:
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(_RelayCollector(self))
 
+    def _credentials(self) -> Credentials:
+        """The relay's credentials for the core; its name from its certificate if not given."""
+        if self.config.core_insecure:
+            return Credentials(insecure=True)
+        if self.config.identity is None:
+            return NONE  # a unix: core
+        credentials = Credentials.from_identity(self.config.identity)
+        assert credentials.cert is not None
+        identity = identity_of_pem(credentials.cert)
+        if identity.role != "relay":
+            raise InvalidArgument(
+                f"{self.config.identity} holds an {identity.role} certificate, not a relay's"
+            )
+        if self.config.name and self.config.name != identity.name:
+            raise InvalidArgument(
+                f"--name {self.config.name} but the certificate in {self.config.identity} is relay "
+                f"{identity.name}'s (the core knows a relay by its certificate)"
+            )
+        self.config = self.config.model_copy(update={"name": identity.name})
+        return credentials
+
     # -- life ---------------------------------------------------------------
     async def start(self) -> int:
         """Load the cache, listen, start TFTP and heartbeats; return the HTTP port."""
         self._loop = asyncio.get_running_loop()
         # a scan of the whole cache directory: off the loop (nothing else uses the cache yet)
         await self._loop.run_in_executor(self.io, self.cache.load)
+        if self.config.core:
+            credentials = await self._loop.run_in_executor(self.io, self._credentials)
+            self.link = CoreLink(self.config.core, credentials=credentials)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5, sock_read=30),
             auto_decompress=False,

@@ -40,13 +40,37 @@ from slim.core.control.config import CoreConfig
 from slim.core.daemons.dnsmasq import DhcpConfig
 from slim.core.daemons.ganesha import NfsConfig
 from slim.core.registry import Registry, load_registry
-from slim.errors import FailedPrecondition, Unavailable
+from slim.errors import FailedPrecondition, SlimError, Unavailable
 from slim.relay.config import RelayConfig
 from slim.vocabulary import Policy
 
 log = logging.getLogger(__name__)
 SLIM = [sys.executable, "-m", "slim.cli"]
 START_TIMEOUT = 60.0
+
+
+def local_relay_identity(ca_dir: Path, name: str, out: Path) -> Path:
+    """The identity of ``slim serve``'s own relay (``out``): issued by the CA in ``ca_dir``
+    (made if missing) on first start, kept while it is valid for more than 30 days."""
+    from cryptography import x509
+
+    from slim.pki import CertificateAuthority, Revocations, identity_of, read_identity
+
+    ca = CertificateAuthority.load_or_create(ca_dir)
+    try:
+        files = read_identity(out)
+        cert = x509.load_pem_x509_certificate(files.cert)
+        who = identity_of(cert)
+        left = cert.not_valid_after_utc.timestamp() - time.time()
+        usable = who.name == name and files.ca == ca.cert_pem and left > 30 * 86400
+        revocations = Revocations(ca_dir)
+        revocations.refresh()
+        if usable and revocations.refusal(who) is None:
+            return out
+    except SlimError:
+        pass  # none yet, or not usable: a new one
+    ca.enroll(name, "relay", out)
+    return out
 
 
 @dataclass
@@ -118,10 +142,12 @@ class AllInOne:
             listen=srv.core_listen,
             objects_listen=srv.objects_listen, log_level=self.log_level,
         )  # fmt: skip
+        identity = local_relay_identity(core_config.ca_dir, self.relay, state / "relays" / self.relay)
         relay_settings: dict[str, Any] = {
             "name": self.relay, "cache_dir": state / "cache", "max_bytes": srv.cache_max_bytes,
             "listen": srv.relay_listen, "tftp_listen": srv.tftp_listen, "log_level": self.log_level,
             "trust": [state / "keys" / "signing.pub"],  # the core's key, made when it first starts
+            "identity": identity,  # mutual TLS with the core, as any relay
         }  # fmt: skip
         # the relay's upstreams: its parent's URLs if the registry gives it one, then the core's
         # object server (known once the core listens: a stand-in until then)

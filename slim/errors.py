@@ -57,6 +57,22 @@ class AlreadyExists(SlimError):
     grpc_code = "ALREADY_EXISTS"
 
 
+class Unauthenticated(SlimError):
+    """The caller did not say who it is, or its credential is not valid (expired, revoked,
+    unknown)."""
+
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(SlimError):
+    """The caller is known but may not do this (a relay calling Admin, node A's token
+    asking for node B)."""
+
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
+
+
 class FailedPrecondition(SlimError):
     """The request is valid but the system is not in a state to answer it
     (an environment without a built release, a node without a disk for a disk

@@ -18,7 +18,10 @@ opens channels and stubs, and that maps statuses to SLIM's errors both ways.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -29,7 +32,9 @@ from slim.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     SlimError,
+    Unauthenticated,
     Unavailable,
     Unreachable,
     error_class,
@@ -70,6 +75,8 @@ _BY_CODE: dict[grpc.StatusCode, type[SlimError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 
@@ -126,25 +133,123 @@ def _options(keepalive: bool) -> list[tuple[str, Any]]:
     return options + list(KEEPALIVE) if keepalive else options
 
 
-def channel(address: str, *, keepalive: bool = False) -> grpc.Channel:
+@dataclass(frozen=True)
+class Credentials:
+    """How a client proves who it is to the core, and knows the core is the core.
+
+    * a ``unix:`` address: the local socket (no credential: the socket's mode is the check);
+    * ``key`` and ``cert`` (an identity of SLIM's CA, :mod:`slim.pki`): mutual TLS;
+    * ``token``: an admin token over TLS (the core's ``admin_listen``);
+    * ``ca``: the CA the core's certificate must chain to (needed for both; the name
+      checked is :data:`slim.pki.CORE_NAME`, whatever address is dialled);
+    * ``insecure``: plaintext, for a core run with ``tls: false``.
+    """
+
+    ca: bytes | None = None
+    key: bytes | None = None
+    cert: bytes | None = None
+    token: str | None = None
+    insecure: bool = False
+
+    @classmethod
+    def from_identity(cls, directory: Path) -> Credentials:
+        """The identity directory ``slim relay enroll`` or ``slim admin enroll`` wrote."""
+        from slim.pki import read_identity
+
+        files = read_identity(directory)
+        return cls(ca=files.ca, key=files.key, cert=files.cert)
+
+    def describe(self) -> str:
+        if self.insecure:
+            return "plaintext"
+        return "certificate" if self.cert else "token" if self.token else "no credential"
+
+
+NONE = Credentials()
+
+
+def credentials_from_environment(address: str) -> Credentials:
+    """How the CLI (and the Slurm plugin) proves who it is to the core at ``address``, from
+    the environment: ``$SLIM_IDENTITY`` (an identity directory: mutual TLS), else
+    ``$SLIM_TOKEN`` or ``$SLIM_TOKEN_FILE`` (an admin token) with ``$SLIM_CA`` (the CA's
+    certificate, a file or directory), else ``$SLIM_INSECURE=1`` (a core run with tls:
+    false).  A ``unix:`` address needs none (the local socket)."""
+    from slim.pki import read_ca
+
+    if address.startswith("unix:"):
+        return NONE
+    if os.environ.get("SLIM_INSECURE", "") in ("1", "true", "yes"):
+        return Credentials(insecure=True)
+    identity = os.environ.get("SLIM_IDENTITY")
+    if identity:
+        return Credentials.from_identity(Path(identity))
+    token = os.environ.get("SLIM_TOKEN", "")
+    token_file = os.environ.get("SLIM_TOKEN_FILE", "")
+    if not token and token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise InvalidArgument(f"$SLIM_TOKEN_FILE {token_file}: {exc.strerror}") from None
+    ca = os.environ.get("SLIM_CA", "")
+    if token and not ca:
+        raise InvalidArgument(
+            "an admin token needs $SLIM_CA (the CA's certificate, ca.crt) to check the core by"
+        )
+    return Credentials(ca=read_ca(Path(ca)) if ca else None, token=token or None)
+
+
+def _tls(address: str, credentials: Credentials) -> tuple[grpc.ChannelCredentials, list[tuple[str, Any]]]:
+    from slim.pki import CORE_NAME
+
+    if credentials.ca is None:
+        raise InvalidArgument(
+            f"the core at {address} speaks TLS: give an identity (--identity DIR, $SLIM_IDENTITY), "
+            "or a token with the CA's certificate ($SLIM_TOKEN_FILE and $SLIM_CA), or use its "
+            "local socket (unix:PATH)"
+        )
+    tls = grpc.ssl_channel_credentials(credentials.ca, credentials.key, credentials.cert)
+    if credentials.token:
+        tls = grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(credentials.token))
+    return tls, [("grpc.ssl_target_name_override", CORE_NAME)]
+
+
+def channel(address: str, credentials: Credentials = NONE, *, keepalive: bool = False) -> grpc.Channel:
     """A blocking channel to ``address`` (``HOST:PORT`` or ``unix:PATH``)."""
-    return grpc.insecure_channel(address, options=_options(keepalive))
+    options = _options(keepalive)
+    if address.startswith("unix:"):
+        return grpc.secure_channel(
+            address, grpc.local_channel_credentials(grpc.LocalConnectionType.UDS), options
+        )
+    if credentials.insecure:
+        return grpc.insecure_channel(address, options=options)
+    tls, more = _tls(address, credentials)
+    return grpc.secure_channel(address, tls, options + more)
 
 
-def aio_channel(address: str, *, keepalive: bool = False) -> grpc.aio.Channel:
+def aio_channel(
+    address: str, credentials: Credentials = NONE, *, keepalive: bool = False
+) -> grpc.aio.Channel:
     """An asyncio channel to ``address``; ``keepalive`` for a channel kept for the
     process's life."""
-    return grpc.aio.insecure_channel(address, options=_options(keepalive))
+    options = _options(keepalive)
+    if address.startswith("unix:"):
+        return grpc.aio.secure_channel(
+            address, grpc.local_channel_credentials(grpc.LocalConnectionType.UDS), options
+        )
+    if credentials.insecure:
+        return grpc.aio.insecure_channel(address, options=options)
+    tls, more = _tls(address, credentials)
+    return grpc.aio.secure_channel(address, tls, options + more)
 
 
 class CoreClient:
     """The core's two services on one blocking channel: ``core`` (what relays ask for
     nodes) and ``admin`` (what tools ask).  Use it as a context manager, or close it."""
 
-    def __init__(self, address: str, timeout: float = CALL_TIMEOUT) -> None:
+    def __init__(self, address: str, timeout: float = CALL_TIMEOUT, credentials: Credentials = NONE) -> None:
         self.address = address
         self.timeout = timeout
-        self.channel = channel(address)
+        self.channel = channel(address, credentials)
         self.core = pb_grpc.CoreStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
 
@@ -181,10 +286,17 @@ class CoreClient:
 class AsyncCoreClient:
     """The same on an asyncio channel (``keepalive`` for one kept for the process's life)."""
 
-    def __init__(self, address: str, timeout: float = CALL_TIMEOUT, *, keepalive: bool = False) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float = CALL_TIMEOUT,
+        *,
+        keepalive: bool = False,
+        credentials: Credentials = NONE,
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self.channel = aio_channel(address, keepalive=keepalive)
+        self.channel = aio_channel(address, credentials, keepalive=keepalive)
         self.core = pb_grpc.CoreStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
 

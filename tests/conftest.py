@@ -8,21 +8,35 @@ import random
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 import uvloop
 from blockbuster import blockbuster_ctx
 
 from labs.placeholders import publish_placeholder_releases
 from slim.core.control.redirect import Redirector
-from slim.core.control.server import CoreServer
+from slim.core.control.server import CoreServer, ServerTls
 from slim.core.control.service import CoreService
 from slim.core.control.state import State
 from slim.core.registry import Registry, load_registry
 from slim.core.store import Store
+from slim.pki import CertificateAuthority
+from slim.rpc import aio_channel
 from slim.signing import SigningKey
 from slim.v1 import core_pb2_grpc as pb_grpc
-from tests.support import LOOP_BLOCKING_ALLOWED, TEST_REGISTRY, Core, Served, read_address, start_core, stop
+from tests.support import (
+    LOOP_BLOCKING_ALLOWED,
+    PKI,
+    TEST_REGISTRY,
+    Core,
+    Served,
+    TestPki,
+    admin_credentials,
+    pki,
+    read_address,
+    short_socket,
+    start_core,
+    stop,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BOTH_LOOPS = ("tests.test_relay", "tests.test_relay_api")
@@ -78,16 +92,26 @@ def service(registry: Registry, registry_file: Path, state: State, store: Store)
 
 @pytest.fixture
 async def core(service: CoreService) -> AsyncIterator[Core]:
-    """A real gRPC core on 127.0.0.1, port 0, and a client channel to it."""
-    server = CoreServer(service, "127.0.0.1:0")
+    """A real gRPC core on 127.0.0.1, port 0, with TLS on, as it runs: relay calls (``core``)
+    over its local socket (which may speak as any relay), admin calls (``admin``) with an
+    admin certificate of the session's CA over mutual TLS."""
+    loop = asyncio.get_running_loop()
+    tls = await loop.run_in_executor(None, ServerTls.from_ca, pki().ca_dir, ())
+    credentials = await loop.run_in_executor(None, admin_credentials)
+    sock = short_socket()
+    server = CoreServer(service, "127.0.0.1:0", tls=tls, socket=sock)
     port = await server.start()
     address = f"127.0.0.1:{port}"
-    channel = grpc.aio.insecure_channel(address)
+    local = aio_channel(f"unix:{sock}")
+    admin = aio_channel(address, credentials)
     try:
-        yield Core(server, address, channel, pb_grpc.CoreStub(channel), pb_grpc.AdminStub(channel))
+        yield Core(server, address, local, pb_grpc.CoreStub(local), pb_grpc.AdminStub(admin))
     finally:
-        await channel.close()
+        await local.close()
+        await admin.close()
         await server.stop(grace=1)
+        Path(sock).unlink(missing_ok=True)
+        Path(sock).parent.rmdir()
 
 
 @pytest.fixture
@@ -120,6 +144,28 @@ def loop_not_blocked(request: pytest.FixtureRequest) -> Iterator[None]:
             for function in functions:
                 bb.functions[function].can_block_in(file, callers)
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def session_ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One CA for the session (as `slim ca init` makes it): every core a test starts trusts it
+    ($SLIM_CA_DIR), the CLI calls with an admin certificate of it ($SLIM_IDENTITY), relays get
+    theirs from :func:`tests.support.relay_identity`.  The machine's STATE_DIR/ca is never used."""
+    root = tmp_path_factory.mktemp("pki")
+    CertificateAuthority.init(root / "ca")
+    PKI.append(TestPki(root / "ca", root))
+    saved = {k: os.environ.get(k) for k in ("SLIM_CA_DIR", "SLIM_IDENTITY")}
+    os.environ["SLIM_CA_DIR"] = str(root / "ca")
+    os.environ["SLIM_IDENTITY"] = str(pki().identity("tester", "admin"))
+    try:
+        yield
+    finally:
+        PKI.clear()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -14,10 +14,11 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -32,8 +33,10 @@ from slim.core.control.service import CoreService
 from slim.core.registry import Registry
 from slim.core.store import Store
 from slim.objects.server import ObjectServer
+from slim.pki import CertificateAuthority
 from slim.relay.config import RelayConfig
 from slim.relay.server import RelayServer
+from slim.rpc import Credentials
 from slim.v1 import core_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +70,9 @@ def need_netns() -> None:
 # -- the test registry ------------------------------------------------------------------------
 TEST_REGISTRY = """\
 settings:
+  # the tests' nodes call from 127.0.0.1, an address of no site: identified by name or MAC
+  # there (the default for such addresses is a node token: tests/test_trust.py)
+  node_identity: mac
   heartbeat_interval: 2
   stale_after: 30
   boot_menu_timeout: 3
@@ -190,6 +196,50 @@ class Core:
     admin: pb_grpc.AdminAsyncStub
 
 
+# -- the session's CA ---------------------------------------------------------------------------
+@dataclass
+class TestPki:
+    """The CA every test's core trusts (made once per session by tests/conftest.py), and
+    identities issued from it, one per (role, name)."""
+
+    ca_dir: Path
+    root: Path
+    _made: dict[tuple[str, str], Path] = field(default_factory=dict)
+
+    def identity(self, name: str, role: str = "relay") -> Path:
+        found = self._made.get((role, name))
+        if found is None:
+            found = self.root / f"{role}-{name}"
+            CertificateAuthority.load(self.ca_dir).enroll(name, role, found)  # type: ignore[arg-type]
+            self._made[(role, name)] = found
+        return found
+
+
+PKI: list[TestPki] = []  # the session's, set by tests/conftest.py
+
+
+def pki() -> TestPki:
+    return PKI[0]
+
+
+def relay_identity(name: str) -> Path:
+    """An identity of relay ``name`` from the session's CA."""
+    return pki().identity(name, "relay")
+
+
+def relay_credentials(name: str) -> Credentials:
+    return Credentials.from_identity(relay_identity(name))
+
+
+def admin_credentials() -> Credentials:
+    return Credentials.from_identity(pki().identity("tester", "admin"))
+
+
+def short_socket() -> str:
+    """A path for a local socket short enough for AF_UNIX (108 bytes), in a fresh directory."""
+    return str(Path(tempfile.mkdtemp(prefix="slim-")) / "core.sock")
+
+
 # -- the core as a process ------------------------------------------------------------------
 @dataclass
 class Served:
@@ -216,6 +266,7 @@ def start_core(registry_file: Path, tmp: Path, *extra: str) -> subprocess.Popen[
             str(tmp / "keys"),
             "--listen",
             "127.0.0.1:0",
+            *(["--no-socket"] if "--socket" not in extra else []),
             *extra,
         ],
         stdout=subprocess.PIPE,
@@ -274,6 +325,9 @@ def url(server: ObjectServer | RelayServer) -> str:
 async def relay(
     cache_dir: Path, upstreams: list[str], max_bytes: int = 1 << 30, **kw: object
 ) -> AsyncIterator[RelayServer]:
+    core = kw.get("core")
+    if isinstance(core, str) and not core.startswith("unix:") and "identity" not in kw:
+        kw["identity"] = relay_identity(str(kw.get("name") or "room-1"))  # as `slim relay enroll` gives
     config = RelayConfig(
         upstreams=upstreams, cache_dir=cache_dir, max_bytes=max_bytes, listen="127.0.0.1:0", **kw
     )

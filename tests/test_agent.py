@@ -8,12 +8,15 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
+import secrets
 import shutil
+import stat
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +35,7 @@ from slim.core.build.initrd import InitrdBuilder
 from slim.core.build.release import build_environment
 from slim.core.control.plandoc import plan_document
 from slim.core.control.redirect import Redirector
-from slim.core.control.server import CoreServer
+from slim.core.control.server import CoreServer, ServerTls
 from slim.core.control.service import CoreService, NodeRef
 from slim.core.control.state import BootEvent, State
 from slim.core.registry import load_registry
@@ -43,6 +46,7 @@ from tests.support import (
     need,
     need_tool,
     origin,
+    pki,
     relay,
     reload_registry,
     start_relay_process,
@@ -181,7 +185,8 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
         registry_path=reg_file,
         signer=signer,
     )
-    core = CoreServer(service, "127.0.0.1:0")
+    tls = await asyncio.to_thread(ServerTls.from_ca, pki().ca_dir)  # TLS on, as the core runs
+    core = CoreServer(service, "127.0.0.1:0", tls=tls)
     port = await core.start()
     try:
         async with (
@@ -588,3 +593,142 @@ async def test_a_forged_plan_is_refused_before_anything_is_fetched(
     (refused,) = reported
     assert refused["stage"] == "plan" and refused["ok"] is False
     assert why in str(refused["message"]), refused
+
+
+# -- a node that proves who it is with its token ------------------------------------------
+async def test_a_node_with_a_token_boots_where_its_site_asks_for_one(site: Site, tmp_path: Path) -> None:
+    """At a site with node_identity: token, the agent's plan request needs the node's token
+    (slim node enroll); with it the node builds, its events count, and the up report it
+    leaves in RAM (root's only) carries the token too."""
+    registry = Path(str(site.service.registry_path))
+    text = registry.read_text().replace(
+        "prefixes: [127.0.0.0/8]", "prefixes: [127.0.0.0/8], node_identity: token"
+    )
+    registry.write_text(text)
+    await reload_registry(site.service)
+    code = await run_agent(*site.argv(tmp_path / "no-token"))
+    assert code == 1
+    assert not (tmp_path / "no-token").exists()  # refused before anything was fetched
+    issued = await asyncio.to_thread(site.service.issue_token, "node", "n1", None)
+    token_file = tmp_path / "node.token"
+    token_file.write_text(issued.text + "\n")
+    assert await run_agent(*site.argv(tmp_path / "ee"), "--token-file", str(token_file)) == 0
+    stages = [e.stage for e in await site.events()]
+    assert "plan" in stages and "done" in stages
+    # the up report: only root on the node may run it, and it sends the token
+    busybox = need_tool("busybox", "busybox-static")
+    root = tmp_path / "newroot"
+    (root / "sbin").mkdir(parents=True)
+    (root / "sbin" / "init").write_text("#!/bin/sh\n")
+    report_up.install(
+        root, node="n1", boot_id="cafe01", environment="base", init="/sbin/init", nfs=False,
+        relays=[site.relay_url], busybox=Path(busybox), token=issued.text,
+    )  # fmt: skip
+    assert stat.S_IMODE((root / "run/slim/report").stat().st_mode) == 0o700
+    assert stat.S_IMODE((root / "run/slim/token").stat().st_mode) == 0o600
+    proc = await asyncio.create_subprocess_exec(
+        busybox,
+        "sh",
+        str(root / "run/slim/report"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err
+    assert [e.boot_id for e in await site.events() if e.stage == "up"] == ["cafe01"]
+    # revoked: refused on its next call
+    await asyncio.to_thread(site.service.revoke_tokens, issued.record.id)
+    assert await run_agent(*site.argv(tmp_path / "revoked"), "--token-file", str(token_file)) == 1
+
+
+# -- per-node secrets ----------------------------------------------------------------------
+SECRETS = """\
+    secrets:
+      - {{source: {env_secret}, path: /etc/munge/munge.key, mode: "0400"}}
+nodes:
+  n1:
+    macs: ["52:54:00:00:00:01"]
+    profile: vm
+    environment: base
+    disk: /dev/vda2
+    secrets: [{{source: {n1_secret}, path: /etc/ssh/ssh_host_ed25519_key, mode: "0600"}}]
+  n2:
+    macs: ["52:54:00:00:00:02"]
+    profile: vm
+    environment: base
+    disk: /dev/vda2
+"""
+
+
+def _with_secrets(text: str, env_secret: Path, n1_secret: Path, site: str) -> str:
+    head, _, _ = text.partition("nodes:\n")
+    head = head.replace("lab: {prefixes: [127.0.0.0/8]}", f"lab: {{prefixes: [127.0.0.0/8], {site}}}")
+    return head + SECRETS.format(env_secret=env_secret, n1_secret=n1_secret)
+
+
+def _everything_under(*roots: Path) -> Iterator[Path]:
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                yield path
+
+
+async def test_a_node_secret_reaches_its_node_only_and_nothing_else_keeps_it(
+    site: Site, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A secret of the environment and one of n1: both arrive in n1's EE at their paths and
+    modes; n2 gets the environment's only; their bytes are in no store object, relay cache
+    file, state database, event or log line.  At a MAC site that has not opted in, or for
+    a token over plain HTTP, nothing is sent and the boot fails saying why."""
+    caplog.set_level(logging.DEBUG)
+    env_bytes, n1_bytes = secrets.token_hex(24).encode(), secrets.token_hex(24).encode()
+    env_secret, n1_secret = tmp_path / "munge.key", tmp_path / "n1.key"
+    env_secret.write_bytes(env_bytes)
+    n1_secret.write_bytes(n1_bytes)
+    registry = Path(str(site.service.registry_path))
+    plain = registry.read_text()
+
+    async def use(site_settings: str) -> None:
+        registry.write_text(_with_secrets(plain, env_secret, n1_secret, site_settings))
+        await reload_registry(site.service)
+
+    # a MAC site that has not said secrets may go to MAC-identified nodes: refused
+    await use("node_identity: mac")
+    assert await run_agent(*site.argv(tmp_path / "refused")) == 1
+    (failed,) = [e for e in await site.events() if e.stage == "secrets"]
+    assert not failed.ok and "secrets_without_token: true" in failed.message
+    # a token over plain HTTP: refused too (secrets go to token nodes over TLS only)
+    await use("node_identity: token")
+    issued = await asyncio.to_thread(site.service.issue_token, "node", "n1", None)
+    (tmp_path / "n1.token").write_text(issued.text)
+    argv = (*site.argv(tmp_path / "plain-http"), "--token-file", str(tmp_path / "n1.token"))
+    assert await run_agent(*argv) == 1
+    assert any("over TLS only" in e.message for e in await site.events() if e.stage == "secrets")
+    # the site opts in, in writing: n1 gets both, n2 only the environment's
+    await use("secrets_without_token: true")
+    assert await run_agent(*site.argv(tmp_path / "n1")) == 0
+    assert await run_agent(*site.argv(tmp_path / "n2", node="n2")) == 0
+    for root, expected in (
+        (
+            tmp_path / "n1",
+            {"/etc/munge/munge.key": (env_bytes, 0o400), "/etc/ssh/ssh_host_ed25519_key": (n1_bytes, 0o600)},
+        ),
+        (tmp_path / "n2", {"/etc/munge/munge.key": (env_bytes, 0o400)}),
+    ):
+        for path, (content, mode) in expected.items():
+            f = root / path.lstrip("/")
+            assert (
+                f.read_bytes() == content and stat.S_IMODE(f.stat().st_mode) == mode and f.stat().st_uid == 0
+            )
+    assert not (tmp_path / "n2" / "etc/ssh/ssh_host_ed25519_key").exists()
+    # nowhere else: the store, the relays' caches, the core's state, events, logs
+    state = Path(site.service.state.path)
+    kept = [tmp_path / "store", tmp_path / "cache1", tmp_path / "cache2"]
+    for stored in [*_everything_under(*kept), *state.parent.glob(state.name + "*")]:
+        data = stored.read_bytes()
+        assert env_bytes not in data and n1_bytes not in data, stored
+    events = [*await site.events(), *await asyncio.to_thread(site.service.list_events, "n2")]
+    assert any(e.stage == "secrets" and e.ok and e.message == "2 file(s)" for e in events)
+    for e in events:
+        assert env_bytes.decode() not in e.message and n1_bytes.decode() not in e.message
+    assert env_bytes.decode() not in caplog.text and n1_bytes.decode() not in caplog.text

@@ -24,7 +24,7 @@ from labs.host import lab_env
 from slim.cli import main
 from slim.core.control.config import CoreConfig
 from slim.core.store import Store
-from tests.support import ROOT, TEST_REGISTRY, Served, read_address, start_core, stop
+from tests.support import ROOT, TEST_REGISTRY, Served, pki, read_address, start_core, stop
 
 STARTUP = 30.0
 
@@ -56,10 +56,10 @@ def test_admin_commands(served: Served) -> None:
     core = ("--core", served.address)
     code, out = slim("node", "list", *core)
     assert code == 0 and "n1" in out and "n3" in out
-    code, out = slim("node", "set-ee", "n1", "ee:jdk14", "--by", "tester", *core)
+    code, out = slim("node", "set-ee", "n1", "ee:jdk14", *core)
     assert (code, out.strip()) == (0, "n1: next boot jdk14")
     code, out = slim("node", "show", "52:54:00:00:00:01", *core)
-    assert code == 0 and "jdk14 (set by tester" in out
+    assert code == 0 and "jdk14 (set by admin:tester" in out  # the credential's principal
     code, out = slim("node", "show", "n1", "--json", *core)
     assert json.loads(out)["next_boot"]["environment"] == "jdk14"
     code, out = slim("node", "set-ee", "n1", "default", *core)
@@ -246,8 +246,9 @@ def test_serving_commands_read_their_settings_from_a_file(registry_file: Path, t
     """--config FILE (what slim serve writes) instead of the options: the file is what runs;
     options beside it, unknown or bad settings are refused with the file and field named."""
     config = CoreConfig.build(
-        registry=registry_file, state=tmp_path / "state.db", store=tmp_path / "store", listen="127.0.0.1:0"
-    ).dump(tmp_path / "core.json")
+        registry=registry_file, state=tmp_path / "state.db", store=tmp_path / "store", listen="127.0.0.1:0",
+        ca=pki().ca_dir, local_socket=False,
+    ).dump(tmp_path / "core.json")  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "slim.cli", "core", "serve", "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -270,4 +271,6 @@ def test_serving_commands_read_their_settings_from_a_file(registry_file: Path, t
     assert "--max-bytes: size 'lots' is not a size" in out
     assert "--core: 'h:x' is not HOST:PORT" in out
     code, out = slim("relay", "serve", "--upstream", "http://core:8081", "--core", "core.example:50051")
+    assert code == 1 and "needs --identity" in out and "slim relay enroll" in out
+    code, out = slim("relay", "serve", "--upstream", "http://core:8081", "--core", "unix:/run/x.sock")
     assert code == 1 and "needs --name" in out

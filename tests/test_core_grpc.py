@@ -19,7 +19,7 @@ from slim.errors import NotFound, Unavailable
 from slim.rpc import ERROR_KEY, AsyncCoreClient
 from slim.signing import verify
 from slim.v1 import core_pb2 as pb
-from tests.support import TEST_REGISTRY, Core, reload_registry
+from tests.support import TEST_REGISTRY, Core, admin_credentials, relay_credentials, reload_registry
 
 ROOM = "10.1.4.4"
 
@@ -205,7 +205,8 @@ async def test_boot_script_errors(core: Core) -> None:
 async def test_set_next_boot(core: Core) -> None:
     info = await core.admin.SetNextBoot(pb.SetNextBootRequest(node="n1", environment="jdk14", set_by="alice"))
     assert info.next_environment == "jdk14"
-    assert info.next_boot.environment == "jdk14" and info.next_boot.set_by == "alice"
+    # "set by" is who the credential says, not what the client wrote
+    assert info.next_boot.environment == "jdk14" and info.next_boot.set_by == "admin:tester"
     assert info.next_boot.set_at.seconds > 0
     info = await core.admin.SetNextBoot(pb.SetNextBootRequest(node="n1", environment="ee=base"))
     assert info.next_environment == "base"
@@ -636,12 +637,17 @@ async def test_the_core_names_its_error_class(core: Core) -> None:
     which share UNAVAILABLE."""
     for relay in ("hub", "room-1", "room-2", "lab-1"):
         await heartbeat(core, relay, healthy=False)
-    async with AsyncCoreClient(core.address) as client:
+    relay_side = await asyncio.to_thread(relay_credentials, "room-1")
+    admin_side = await asyncio.to_thread(admin_credentials)
+    async with (
+        AsyncCoreClient(core.address, credentials=relay_side) as client,
+        AsyncCoreClient(core.address, credentials=admin_side) as admin,
+    ):
         with pytest.raises(Unavailable) as info:
             await client.call(client.core.Locate, pb.LocateRequest(node=by_name("n1"), origin=ROOM))
         assert type(info.value) is Unavailable and "none is live" in info.value.message
         with pytest.raises(NotFound):
-            await client.call(client.admin.GetNode, pb.GetNodeRequest(node=by_name("nosuch")))
+            await admin.call(admin.admin.GetNode, pb.GetNodeRequest(node=by_name("nosuch")))
     with pytest.raises(grpc.aio.AioRpcError) as raw:
         await core.core.Locate(pb.LocateRequest(node=by_name("n1"), origin=ROOM))
     assert (ERROR_KEY, "Unavailable") in tuple(raw.value.trailing_metadata() or ())

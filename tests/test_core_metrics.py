@@ -9,15 +9,15 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
+from slim import rpc
 from slim.cli import main
 from slim.core.store import Store
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
-from tests.support import read_address, start_core, stop
+from tests.support import read_address, relay_credentials, start_core, stop
 
 
 def slim(*args: str) -> tuple[int, str]:
@@ -48,7 +48,7 @@ def test_core_metrics_after_calls(registry_file: Path, tmp_path: Path, store: St
             for stage in ("plan", "done", "switch_root", "up"):
                 yield pb.BootEvent(node="n1", boot_id="b1", stage=stage, ok=True, environment="base")
 
-        with grpc.insecure_channel(address) as channel:
+        with rpc.channel(address, relay_credentials("room-1")) as channel:
             assert pb_grpc.CoreStub(channel).ReportBootEvents(events(), timeout=10).accepted == 4
             # one relay's heartbeat stream: one beat, its reply, then the relay goes
             beats = pb_grpc.CoreStub(channel).RelayHeartbeat(

@@ -17,6 +17,8 @@ PRODUCT = {"slim": ROOT / "slim", "slim/core": ROOT / "core", "slim/relay": ROOT
            "slim/agent": ROOT / "agent", "slim/plugin": ROOT / "plugin"}  # fmt: skip
 LINKS = {"core", "relay", "agent", "plugin"}  # slim/core -> ../core etc.
 COMMANDS = {
+    "admin",
+    "ca",
     "core",
     "dhcp",
     "ee",

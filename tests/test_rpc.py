@@ -22,9 +22,11 @@ from slim.errors import (
     Unavailable,
     Unreachable,
 )
-from slim.rpc import AsyncCoreClient, CoreClient, error_metadata, status_code
+from slim.rpc import AsyncCoreClient, CoreClient, Credentials, error_metadata, status_code
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
+
+PLAIN = Credentials(insecure=True)  # the stand-in servers below speak plaintext gRPC
 
 RAISED: dict[str, SlimError] = {
     "overloaded": Overloaded("too busy"),
@@ -100,7 +102,7 @@ def locate(name: str) -> pb.LocateRequest:
     ],
 )
 async def test_the_class_comes_back(address: str, name: str, cls: type[SlimError], status: str) -> None:
-    async with AsyncCoreClient(address) as client:
+    async with AsyncCoreClient(address, credentials=PLAIN) as client:
         with pytest.raises(SlimError) as info:
             await client.call(client.core.Locate, locate(name))
     assert type(info.value) is cls
@@ -109,24 +111,24 @@ async def test_the_class_comes_back(address: str, name: str, cls: type[SlimError
 
 
 async def test_an_unknown_status_is_the_core_failing(address: str) -> None:
-    async with AsyncCoreClient(address) as client:
+    async with AsyncCoreClient(address, credentials=PLAIN) as client:
         with pytest.raises(Unavailable, match=f"the core at {address} failed: boom") as info:
             await client.call(client.core.Locate, locate("internal"))
     assert info.value.status == "INTERNAL" and not isinstance(info.value, Unreachable)
 
 
 async def test_a_core_too_slow_is_not_unreachable(address: str) -> None:
-    async with AsyncCoreClient(address, timeout=0.2) as client:
+    async with AsyncCoreClient(address, timeout=0.2, credentials=PLAIN) as client:
         with pytest.raises(Unavailable, match="did not answer in time") as info:
             await client.call(client.core.Locate, locate("slow"))
     assert info.value.status == "DEADLINE_EXCEEDED" and not isinstance(info.value, Unreachable)
 
 
 def test_blocking_client_and_no_server(sync_address: str, unused_tcp_port: int) -> None:
-    with CoreClient(sync_address) as client, pytest.raises(Overloaded, match="too busy"):
+    with CoreClient(sync_address, credentials=PLAIN) as client, pytest.raises(Overloaded, match="too busy"):
         client.call(client.core.Locate, locate("overloaded"))
     nobody = f"127.0.0.1:{unused_tcp_port}"
-    with CoreClient(nobody, timeout=5) as client, pytest.raises(Unreachable) as info:
+    with CoreClient(nobody, timeout=5, credentials=PLAIN) as client, pytest.raises(Unreachable) as info:
         client.call(client.core.Locate, locate("x"))
     assert info.value.address == nobody and "unreachable" in info.value.message
     assert InvalidArgument("a local error").origin == ""

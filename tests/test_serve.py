@@ -18,14 +18,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-import grpc
 import pytest
 
 from slim.core.build.release import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
+from slim.rpc import CoreClient
 from slim.v1 import core_pb2 as pb
-from slim.v1 import core_pb2_grpc as pb_grpc
 from tests.support import make_image
 
 REGISTRY = """\
@@ -116,11 +115,13 @@ def test_serve_runs_core_and_relay_and_stops_cleanly(tmp_path: Path) -> None:
         assert said["relay local tftp on"].startswith("127.0.0.1:")
         assert not any(k.startswith(("nfs", "dhcp")) for k in said)  # nothing shared over NFS; no dhcp site
         # the relay serves the release's objects, fetched from the core's object server
-        with grpc.insecure_channel(core[0].removeprefix("core listening on ").split()[0]) as channel:
-            admin = pb_grpc.AdminStub(channel)
+        # root on this host asks over the core's local socket; the relay came in with the
+        # certificate slim serve enrolled for it (mutual TLS)
+        assert (tmp_path / "state" / "relays" / "local" / "cert.pem").exists()
+        with CoreClient(f"unix:{tmp_path}/state/core.sock") as client:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                relays = admin.ListRelays(pb.ListRelaysRequest(), timeout=5).relays
+                relays = client.call(client.admin.ListRelays, pb.ListRelaysRequest()).relays
                 if relays and relays[0].status == "live":
                     break
                 time.sleep(0.1)

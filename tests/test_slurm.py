@@ -12,16 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from slim.core.registry import load_registry
 from slim.plugin.config import render, write
 from slim.plugin.helper import slurmd_node_name
 from slim.plugin.reboot import expand
+from slim.rpc import CoreClient
 from slim.v1 import core_pb2 as pb
-from slim.v1 import core_pb2_grpc as pb_grpc
-from tests.support import Served, need_tool
+from tests.support import Served, admin_credentials, need_tool, relay_credentials
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "registry.example.yaml"
 
@@ -112,8 +111,8 @@ def report(served: Served, boot: str, stage: str, env: str, ok: bool = True) -> 
     event = pb.BootEvent(node="n1", boot_id=boot, stage=stage, ok=ok, environment=env)
     event.message = "" if ok else "no space left"
     event.time.GetCurrentTime()
-    with grpc.insecure_channel(served.address) as channel:
-        pb_grpc.CoreStub(channel).ReportBootEvents(iter([event]), timeout=10)
+    with CoreClient(served.address, credentials=relay_credentials("room-1")) as client:
+        client.call(client.core.ReportBootEvents, iter([event]))
 
 
 def test_helper_reports_an_ee_only_once_its_boot_completed(served: Served) -> None:
@@ -131,10 +130,10 @@ def test_helper_reports_an_ee_only_once_its_boot_completed(served: Served) -> No
     # staging: the core records the next boot
     staged = helper(served, "ee=jdk14")
     assert staged.returncode == 0 and "n1 boots jdk14 next" in staged.stderr
-    with grpc.insecure_channel(served.address) as channel:
-        admin = pb_grpc.AdminStub(channel)
-        node = admin.GetNode(pb.GetNodeRequest(node=pb.NodeRef(name="n1")), timeout=10)
-    assert node.next_environment == "jdk14" and node.next_boot.set_by == "slurm:helper"
+    with CoreClient(served.address, credentials=admin_credentials()) as client:
+        node = client.call(client.admin.GetNode, pb.GetNodeRequest(node=pb.NodeRef(name="n1")))
+    # set by: who the helper's credential says ($SLIM_IDENTITY, the tests' admin certificate)
+    assert node.next_environment == "jdk14" and node.next_boot.set_by == "admin:tester"
     # a failed boot: no feature, and why
     report(served, "b2", "disk:/var", "jdk14", ok=False)
     failed = helper(served)

@@ -68,6 +68,7 @@ def plan_document(plan: BootPlan, nonce: str, issued_at: float, lifetime: float 
         "relays": [_relay(r) for r in plan.relays],
         "reason": plan.reason,
         "site": plan.site or "",
+        "secrets": plan.secrets,
         "nonce": nonce,
         "issued_at": round(issued_at, 3),
         "expires_at": round(issued_at + lifetime, 3),

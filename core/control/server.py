@@ -13,11 +13,14 @@ import asyncio
 import functools
 import logging
 import math
+import os
 import signal
 import time
 from collections import Counter as Tally
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import grpc
@@ -28,14 +31,16 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from slim.core.control import service as dom
+from slim.core.control.auth import Authenticator, Kind, TokenRecord
 from slim.core.control.config import CoreConfig
 from slim.core.control.redirect import RankedRelay, RelayStatus
 from slim.core.control.relayhub import RelayHub
 from slim.core.control.state import BootEvent, State
 from slim.core.registry import load_registry
 from slim.core.store import Store
-from slim.errors import FailedPrecondition, InvalidArgument, SlimError, Unavailable
+from slim.errors import FailedPrecondition, InvalidArgument, PermissionDenied, SlimError, Unavailable
 from slim.objects.server import ObjectServer
+from slim.pki import REFRESH_SECONDS, CertificateAuthority, Revocations
 from slim.release import ObjectRef
 from slim.rpc import MAX_MESSAGE_BYTES, POLICY_TO_PB, TIER_TO_PB, error_metadata, status_code
 from slim.signing import SigningKey
@@ -267,11 +272,33 @@ def relay_info_pb(v: dom.RelayView) -> pb.RelayInfo:
     return info
 
 
+_KINDS: dict[pb.TokenKind.ValueType, Kind] = {pb.TOKEN_KIND_ADMIN: "admin", pb.TOKEN_KIND_NODE: "node"}
+KIND_TO_PB = {v: k for k, v in _KINDS.items()}
+
+
+def _token_kind(value: pb.TokenKind.ValueType) -> Kind | None:
+    if value and value not in _KINDS:
+        raise InvalidArgument(f"unknown token kind {value}")
+    return _KINDS.get(value)
+
+
+def token_pb(r: TokenRecord) -> pb.TokenInfo:
+    info = pb.TokenInfo(id=r.id, kind=KIND_TO_PB[r.kind], name=r.name, created=_ts(r.created))
+    if r.expires is not None:
+        info.expires.CopyFrom(_ts(r.expires))
+    if r.revoked_at is not None:
+        info.revoked.CopyFrom(_ts(r.revoked_at))
+    return info
+
+
 class _Base:
-    def __init__(self, service: dom.CoreService, writer: ThreadPoolExecutor, hub: RelayHub) -> None:
+    def __init__(
+        self, service: dom.CoreService, writer: ThreadPoolExecutor, hub: RelayHub, auth: Authenticator
+    ) -> None:
         self.service = service
         self._writer = writer
         self.hub = hub
+        self.auth = auth
 
     async def write(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a domain method that writes to SQLite on the writer thread."""
@@ -282,14 +309,22 @@ class _Base:
 class CoreServicer(_Base, pb_grpc.CoreServicer):
     @unary
     async def Locate(self, request: pb.LocateRequest, context: Any) -> pb.LocateResponse:
-        found = self.service.locate(_node_ref(request.node), request.origin, request.peek)
+        caller = await self.auth.relay_or_peek(context, request.peek)
+        found = self.service.locate(
+            _node_ref(request.node), request.origin, request.peek, token=request.node_token or None,
+            vouched=request.peek and caller.role != "relay",
+        )  # fmt: skip
         return pb.LocateResponse(
             node=found.node, site=found.site or "", relays=[relay_pb(r) for r in found.relays]
         )
 
     @unary
     async def GetBootPlan(self, request: pb.GetBootPlanRequest, context: Any) -> pb.BootPlan:
-        plan = self.service.boot_plan(_node_ref(request.node), request.origin, request.peek)
+        caller = await self.auth.relay_or_peek(context, request.peek)
+        plan = self.service.boot_plan(
+            _node_ref(request.node), request.origin, request.peek, token=request.node_token or None,
+            vouched=request.peek and caller.role != "relay",
+        )  # fmt: skip
         answer = plan_pb(plan)
         answer.document, answer.signature = self.service.sign_plan(plan, request.nonce)
         return answer
@@ -298,7 +333,15 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
     async def GetBootScript(self, request: pb.GetBootScriptRequest, context: Any) -> pb.BootScript:
         if request.format not in FORMATS:
             raise InvalidArgument(f"unknown script format {request.format}")
-        s = self.service.boot_script(request.mac, request.origin, FORMATS[request.format], request.peek)
+        caller = await self.auth.relay_or_peek(context, request.peek)
+        s = self.service.boot_script(
+            request.mac,
+            request.origin,
+            FORMATS[request.format],
+            request.peek,
+            token=request.node_token or None,
+            vouched=request.peek and caller.role != "relay",
+        )
         return pb.BootScript(
             node=s.node,
             default_environment=s.default_environment,
@@ -308,12 +351,35 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
         )
 
     @unary
+    async def GetNodeSecrets(self, request: pb.GetNodeSecretsRequest, context: Any) -> pb.NodeSecrets:
+        await self.auth.relay(context)  # never to an admin peeking
+        files = await asyncio.get_running_loop().run_in_executor(  # reads files: off the loop
+            None,
+            self.service.node_secrets,
+            _node_ref(request.node),
+            request.origin,
+            request.node_token or None,
+            request.environment,
+            request.secure,
+        )
+        return pb.NodeSecrets(
+            secrets=[pb.SecretFile(path=f.path, mode=f.mode, owner=f.owner, content=f.content) for f in files]
+        )
+
+    @unary
     async def ReportBootEvents(
         self, request_iterator: AsyncIterator[pb.BootEvent], context: Any
     ) -> pb.ReportBootEventsResponse:
+        caller = await self.auth.relay(context)
         events: list[BootEvent] = []
+        tokens: dict[int, str] = {}  # event index -> the node's token, checked by the service
+        origins: dict[int, str] = {}  # ... and where a node's own event came from
         now = self.service.clock()
         async for e in request_iterator:
+            if e.node_token:
+                tokens[len(events)] = e.node_token[:MAX_STORED_TEXT]
+            if e.origin:
+                origins[len(events)] = e.origin[:MAX_STORED_TEXT]
             if len(events) >= MAX_EVENTS_PER_STREAM:
                 raise InvalidArgument(f"more than {MAX_EVENTS_PER_STREAM} events in one stream; split it")
             when = _seconds(e.time, f"event {len(events) + 1}") if e.HasField("time") else now
@@ -324,7 +390,7 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
                     e.boot_id[:MAX_STORED_TEXT],
                     e.stage[:MAX_STORED_TEXT],
                     when,
-                    e.relay[:MAX_STORED_TEXT],
+                    caller.relay or e.relay[:MAX_STORED_TEXT],  # a relay is who its certificate says
                     min(e.bytes, 2**63 - 1),
                     e.ok,
                     e.message[:MAX_STORED_TEXT],
@@ -332,7 +398,7 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
                     _duration(e.duration, len(events) + 1),
                 )
             )
-        accepted = await self.write(self.service.report_events, events)
+        accepted = await self.write(self.service.report_events, events, tokens, origins)
         return pb.ReportBootEventsResponse(accepted=accepted)
 
     async def RelayHeartbeat(
@@ -346,7 +412,15 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
         async def read() -> None:
             nonlocal queue, relay
             try:
+                caller = await self.auth.relay(context)
                 async for beat in request_iterator:
+                    if caller.relay:  # the name is the certificate's, whatever the beat says
+                        if beat.relay and beat.relay != caller.relay:
+                            raise PermissionDenied(
+                                f"{caller.principal} cannot heartbeat as relay {beat.relay!r}"
+                            )
+                        beat.relay = caller.relay
+                        await self.auth.caller(context)  # revoked since the stream opened: it ends now
                     if not beat.relay:
                         raise InvalidArgument("a heartbeat must name its relay")
                     if relay and beat.relay != relay:
@@ -408,14 +482,17 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
 class AdminServicer(_Base, pb_grpc.AdminServicer):
     @unary
     async def SetNextBoot(self, request: pb.SetNextBootRequest, context: Any) -> pb.NodeInfo:
+        caller = await self.auth.admin(context)
         if not request.node:
             raise InvalidArgument("node is required")
-        view = await self.write(self.service.set_next_boot, request.node, request.environment, request.set_by)
+        view = await self.write(
+            self.service.set_next_boot, request.node, request.environment, caller.principal
+        )
         log.info(
             "next boot of %s: %s (set by %s)",
             request.node,
             request.environment or "(cleared)",
-            request.set_by or "?",
+            caller.principal,
         )
         return node_pb(view)
 
@@ -423,40 +500,74 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
     async def ListEnvironments(
         self, request: pb.ListEnvironmentsRequest, context: Any
     ) -> pb.ListEnvironmentsResponse:
+        await self.auth.admin(context)
         return pb.ListEnvironmentsResponse(
             environments=[environment_pb(v) for v in self.service.list_environments()]
         )
 
     @unary
     async def GetEnvironment(self, request: pb.GetEnvironmentRequest, context: Any) -> pb.EnvironmentInfo:
+        await self.auth.admin(context)
         if not request.name:
             raise InvalidArgument("an environment name is required")
         return environment_pb(self.service.environment_view(request.name))
 
     @unary
     async def ListNodes(self, request: pb.ListNodesRequest, context: Any) -> pb.ListNodesResponse:
+        await self.auth.admin(context)
         views = await self.write(self.service.list_nodes, request.group)
         return pb.ListNodesResponse(nodes=[node_pb(v) for v in views])
 
     @unary
     async def GetNode(self, request: pb.GetNodeRequest, context: Any) -> pb.NodeInfo:
+        await self.auth.admin(context)
         return node_pb(await self.write(self.service.get_node, _node_ref(request.node)))
 
     @unary
     async def ListRelays(self, request: pb.ListRelaysRequest, context: Any) -> pb.ListRelaysResponse:
+        await self.auth.admin(context)
         return pb.ListRelaysResponse(relays=[relay_info_pb(v) for v in self.service.list_relays()])
 
     @unary
     async def ListBootEvents(
         self, request: pb.ListBootEventsRequest, context: Any
     ) -> pb.ListBootEventsResponse:
+        await self.auth.admin(context)
         events = await self.write(self.service.list_events, request.node, request.limit, request.boot_id)
         return pb.ListBootEventsResponse(events=[event_pb(e) for e in events])
+
+    @unary
+    async def IssueToken(self, request: pb.IssueTokenRequest, context: Any) -> pb.IssuedToken:
+        caller = await self.auth.admin(context)
+        kind = _token_kind(request.kind)
+        if kind is None:
+            raise InvalidArgument("a token's kind is required (admin or node)")
+        ttl = request.ttl_seconds or None
+        new = await self.write(self.service.issue_token, kind, request.name, ttl, request.retire_others_after)
+        log.info("%s token %s issued to %s by %s", kind, new.record.id, new.record.name, caller.principal)
+        return pb.IssuedToken(info=token_pb(new.record), token=new.text)
+
+    @unary
+    async def ListTokens(self, request: pb.ListTokensRequest, context: Any) -> pb.ListTokensResponse:
+        await self.auth.admin(context)
+        records = self.service.list_tokens(_token_kind(request.kind), request.name)
+        return pb.ListTokensResponse(tokens=[token_pb(r) for r in records])
+
+    @unary
+    async def RevokeTokens(self, request: pb.RevokeTokensRequest, context: Any) -> pb.ListTokensResponse:
+        caller = await self.auth.admin(context)
+        revoked = await self.write(
+            self.service.revoke_tokens, request.id, _token_kind(request.kind), request.name
+        )
+        for r in revoked:
+            log.info("%s token %s of %s revoked by %s", r.kind, r.id, r.name, caller.principal)
+        return pb.ListTokensResponse(tokens=[token_pb(r) for r in revoked])
 
     async def Prefetch(
         self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.PrefetchProgress]:
         try:
+            caller = await self.auth.admin(context)
             if not request.environment:
                 raise InvalidArgument("an environment name is required")
             digest, signature, relays = self.service.prefetch_targets(
@@ -471,7 +582,7 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
                 request.environment,
                 digest,
                 ", ".join(relays),
-                request.requested_by or "?",
+                f"{caller.principal} ({request.requested_by})" if request.requested_by else caller.principal,
             )
             async for relay, status in self.hub.watch(order_id):
                 yield pb.PrefetchProgress(relay=relay, status=status)
@@ -604,13 +715,51 @@ class StateMetrics(Collector):
         yield family
 
 
-class CoreServer:
-    """The gRPC server around one :class:`CoreService`; owns the writer thread."""
+@dataclass(frozen=True)
+class ServerTls:
+    """The core's TLS: its key and certificate, the CA its callers' certificates must
+    chain to, and the CA's record of which of them are valid (:mod:`slim.pki`)."""
 
-    def __init__(self, service: dom.CoreService, listen: str = "127.0.0.1:50051") -> None:
+    key: bytes
+    cert: bytes
+    ca: bytes
+    revocations: Revocations
+
+    @classmethod
+    def from_ca(cls, ca_dir: Path, names: tuple[str, ...] = ()) -> ServerTls:
+        """The CA in ``ca_dir`` (made if missing) and the core's certificate from it."""
+        ca = CertificateAuthority.load_or_create(ca_dir)
+        key, cert = ca.server_identity(names)
+        return cls(key, cert, ca.cert_pem, Revocations(ca_dir))
+
+
+class CoreServer:
+    """The gRPC server around one :class:`CoreService`; owns the writer thread.
+
+    ``listen``: mutual TLS with ``tls`` (relays and admin certificates), plaintext without
+    (every caller trusted); a ``unix:`` address is a local socket either way.
+    ``admin_listen``: TLS, callers authenticated by admin token.  ``socket``: a local
+    socket, mode 0600 (root on the core's host).  See :mod:`slim.core.control.auth`."""
+
+    def __init__(
+        self,
+        service: dom.CoreService,
+        listen: str = "127.0.0.1:50051",
+        *,
+        tls: ServerTls | None = None,
+        admin_listen: str | None = None,
+        socket: str | None = None,
+    ) -> None:
         self.service = service
         self.listen = listen
+        self.tls = tls
+        self.admin_listen = admin_listen
+        self.socket = socket
         self.port = 0
+        self.admin_port = 0
+        self._watch: asyncio.Task[None] | None = None
+        if admin_listen and tls is None:
+            raise InvalidArgument("admin_listen (admin tokens over TLS) needs TLS on")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slim-state")
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(StateMetrics(service))
@@ -623,23 +772,82 @@ class CoreServer:
             ],
         )
         self.hub = RelayHub()
-        pb_grpc.add_CoreServicer_to_server(CoreServicer(service, self._writer, self.hub), self._server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(service, self._writer, self.hub), self._server)
+        self.auth = Authenticator(tls.revocations if tls else None, service.tokens, service.clock)
+        pb_grpc.add_CoreServicer_to_server(
+            CoreServicer(service, self._writer, self.hub, self.auth), self._server
+        )
+        pb_grpc.add_AdminServicer_to_server(
+            AdminServicer(service, self._writer, self.hub, self.auth), self._server
+        )
+
+    def _bind(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
+        try:
+            if credentials is None:
+                port = self._server.add_insecure_port(address)
+            else:
+                port = self._server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            raise Unavailable(f"cannot listen on {address}: {exc}") from None
+        if port == 0:
+            raise Unavailable(f"cannot listen on {address} (address in use or not local?)")
+        return port
+
+    async def _local(self, address: str) -> int:
+        path = Path(address.removeprefix("unix:"))
+        loop = asyncio.get_running_loop()
+        if len(os.fsencode(path)) > 107:
+            raise InvalidArgument(f"the local socket path {path} is longer than AF_UNIX's 107 bytes")
+        # a socket left by a core that died goes; the new one is for root (or the core's user) only
+        await loop.run_in_executor(None, functools.partial(path.unlink, missing_ok=True))
+        port = self._bind(address, grpc.local_server_credentials(grpc.LocalConnectionType.UDS))
+        await loop.run_in_executor(None, path.chmod, 0o600)
+        return port
 
     async def start(self) -> int:
-        """Bind and start; return the bound port (useful with port 0)."""
-        try:
-            self.port = self._server.add_insecure_port(self.listen)
-        except RuntimeError as exc:
-            raise Unavailable(f"cannot listen on {self.listen}: {exc}") from None
-        if self.port == 0:
-            raise Unavailable(f"cannot listen on {self.listen} (address in use or not local?)")
+        """Bind and start; return the bound port of ``listen`` (useful with port 0)."""
+        if self.listen.startswith("unix:"):
+            self.port = await self._local(self.listen)
+        elif self.tls is None:
+            log.warning("TLS is off: every caller of %s is trusted (tls: false)", self.listen)
+            self.port = self._bind(self.listen, None)
+        else:
+            pairs = [(self.tls.key, self.tls.cert)]
+            mutual = grpc.ssl_server_credentials(
+                pairs, root_certificates=self.tls.ca, require_client_auth=True
+            )
+            self.port = self._bind(self.listen, mutual)
+        if self.admin_listen and self.tls is not None:
+            server_only = grpc.ssl_server_credentials([(self.tls.key, self.tls.cert)])
+            self.admin_port = self._bind(self.admin_listen, server_only)
+        if self.socket and f"unix:{self.socket}" != self.listen:
+            await self._local(f"unix:{self.socket}")
+        if self.tls is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.tls.revocations.refresh)
+            self._watch = asyncio.create_task(self._watch_revocations(), name="revocations")
         await self._server.start()
-        log.info("core listening on %s (port %d)", self.listen, self.port)
+        log.info(
+            "core listening on %s (port %d)%s%s", self.listen, self.port,
+            f", admin tokens on {self.admin_listen} (port {self.admin_port})" if self.admin_port else "",
+            f", local socket {self.socket}" if self.socket else "",
+        )  # fmt: skip
         return self.port
+
+    async def _watch_revocations(self) -> None:
+        """Re-read the CA's record when it changes (a revocation takes effect within a second)."""
+        assert self.tls is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(REFRESH_SECONDS)
+            try:
+                await loop.run_in_executor(None, self.tls.revocations.refresh)
+            except SlimError as exc:  # a damaged file: keep the last good record, and say so
+                log.error("%s", exc)
 
     async def stop(self, grace: float) -> None:
         """Stop accepting calls, give in-flight calls ``grace`` seconds, then cancel them."""
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
         await self._server.stop(grace)
         # the writer may be finishing a transaction: wait for it off the event loop
         await asyncio.get_running_loop().run_in_executor(None, self._writer.shutdown)
@@ -658,11 +866,22 @@ async def serve(
     config: CoreConfig,
     on_ready: Callable[[int], None] | None = None,
     on_objects: Callable[[int], None] | None = None,
+    on_admin: Callable[[int], None] | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the registry (read off the event
     loop, swapped on it).  With ``config.objects_listen``, also serve the store's
     objects over HTTP (the upstream of the relays)."""
-    server = CoreServer(service, config.listen)
+    loop = asyncio.get_running_loop()
+    tls = None
+    if config.tls:  # files: read off the event loop
+        tls = await loop.run_in_executor(None, ServerTls.from_ca, config.ca_dir, tuple(config.tls_names))
+    server = CoreServer(
+        service,
+        config.listen,
+        tls=tls,
+        admin_listen=config.admin_listen,
+        socket=str(config.socket_path) if config.socket_path else None,
+    )
     port = await server.start()
     objects = None
     if config.objects_listen:
@@ -674,7 +893,6 @@ async def serve(
             await server.stop(0)
             raise
         log.info("objects served over http on %s (port %d)", config.objects_listen, objects_port)
-    loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     reloading = asyncio.Lock()
     reloads: set[asyncio.Task[None]] = set()
@@ -703,6 +921,8 @@ async def serve(
         on_ready(port)
     if objects is not None and on_objects is not None:
         on_objects(objects.port)
+    if server.admin_port and on_admin is not None:
+        on_admin(server.admin_port)
     try:
         await stopping.wait()
         log.info("stopping: finishing in-flight calls (grace %.1f s)", config.grace)
@@ -732,6 +952,7 @@ def run(
     config: CoreConfig,
     on_ready: Callable[[int], None] | None = None,
     on_objects: Callable[[int], None] | None = None,
+    on_admin: Callable[[int], None] | None = None,
 ) -> None:
     """``slim core serve``: open the registry, state and store of ``config`` and serve
     until SIGTERM or SIGINT, on the event loop ``config`` names."""
@@ -744,7 +965,7 @@ def run(
         service = dom.CoreService(
             registry, state, Store(config.store), registry_path=config.registry, signer=signer
         )
-        main = serve(service, config, on_ready, on_objects)
+        main = serve(service, config, on_ready, on_objects, on_admin)
         if config.event_loop == "uvloop":
             uvloop.run(main)
         else:

@@ -17,16 +17,34 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from slim.core.control.auth import Kind, NewToken, TokenBook, TokenRecord, new_token
 from slim.core.control.bootscript import Menu, MenuEntry, render_ipxe, render_pxelinux
 from slim.core.control.redirect import RankedRelay, Redirector, RelayStatus, parse_origin, relay_status
 from slim.core.control.state import BootEvent, NextBoot, RelayBeat, State
 from slim.core.daemons.exports import pseudo_path
-from slim.core.registry import DirectorySpec, Environment, IPAddress, Node, Registry, Relay, load_registry
+from slim.core.registry import (
+    DirectorySpec,
+    Environment,
+    IPAddress,
+    Node,
+    Registry,
+    Relay,
+    SecretFile,
+    load_registry,
+    secret_refusal,
+)
 from slim.core.store import Store
-from slim.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from slim.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from slim.release import ObjectRef, Release
 from slim.signing import SigningKey
 from slim.vocabulary import BOOT_ID_RE, SWITCH_ROOT_STAGE, UP_STAGE, Policy, normalize_mac, relay_observed
@@ -38,6 +56,9 @@ MAX_EVENTS_LIMIT = 10_000
 ACTIONS_CACHE_SIZE = 4096
 ORPHAN_SECONDS = 600.0  # how long an event naming only an unknown boot id waits for its node
 MAX_ORPHANS = 10_000  # ... and how many may wait
+DAY = 86400.0
+DEFAULT_TOKEN_TTL: dict[Kind, float] = {"admin": 90 * DAY, "node": 3650 * DAY}
+MAX_TOKEN_TTL = 3650 * DAY
 RETRY_WAIT = 4  # seconds (to twice that, jittered) a boot script waits before asking the relays again
 
 
@@ -89,6 +110,17 @@ class BootPlan:
     relays: list[RankedRelay]
     reason: str
     site: str | None
+    secrets: int = 0  # secret files the node is to ask for (GetNodeSecrets)
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret file as a node receives it."""
+
+    path: str
+    mode: int
+    owner: str
+    content: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -202,6 +234,7 @@ class CoreService:
         self.clock = clock
         self._next_boots = state.next_boots()
         self._beats = state.heartbeats()
+        self.tokens = TokenBook(state.tokens())
         # boot id -> (arrived, event) of events that name no node, waiting for one that does
         self._orphans: dict[str, list[tuple[float, BootEvent]]] = {}
         self._orphan_count = 0
@@ -273,10 +306,35 @@ class CoreService:
             raise Unavailable(f"no relay can serve node {node!r} from {address}: none is live")
         return site, relays
 
-    def locate(self, ref: NodeRef, origin: str, peek: bool = False) -> Located:
-        """Ranked relays for the node; ``peek`` (for tools) counts no redirection."""
+    def identify(self, node: str, address: IPAddress, token: str | None, reg: Registry | None = None) -> str:
+        """Check that the caller at ``address`` may speak for ``node``: with a token, it must
+        be the node's; without one, the site of ``address`` must identify nodes by MAC
+        (``node_identity``; addresses of no site: ``settings.node_identity``).  Returns how
+        the node was identified (``token`` or ``mac``)."""
+        reg = reg or self.registry
+        if token:
+            self.check_node_token(node, token)
+            return "token"
+        site = reg.site_of_address(address)
+        mode = reg.sites[site].node_identity if site else reg.settings.node_identity
+        if mode == "token":
+            where = f"site {site!r}" if site else "an address of no site"
+            raise Unauthenticated(
+                f"node {node} calling from {address} ({where}) must send its node token "
+                "(slim node enroll); MAC and name are not accepted there (node_identity: token)"
+            )
+        return "mac"
+
+    def locate(
+        self, ref: NodeRef, origin: str, peek: bool = False, token: str | None = None, vouched: bool = False
+    ) -> Located:
+        """Ranked relays for the node; ``peek`` (for tools) counts no redirection.  The caller
+        must speak for the node (:meth:`identify`) unless ``vouched`` (an admin)."""
         node = self._node_name(ref)
-        site, relays = self._rank(node, self._origin(origin), peek)
+        address = self._origin(origin)
+        if not vouched:
+            self.identify(node, address, token)
+        site, relays = self._rank(node, address, peek)
         return Located(node, site, relays)
 
     # -- boot plan -----------------------------------------------------------
@@ -321,11 +379,16 @@ class CoreService:
         ]
         return " ".join(p for p in parts if p)
 
-    def boot_plan(self, ref: NodeRef, origin: str, peek: bool = False) -> BootPlan:
-        """The node's boot plan; ``peek`` (for tools) counts no redirection."""
+    def boot_plan(
+        self, ref: NodeRef, origin: str, peek: bool = False, token: str | None = None, vouched: bool = False
+    ) -> BootPlan:
+        """The node's boot plan; ``peek`` (for tools) counts no redirection; identified as
+        :meth:`locate`."""
         node = self._node_name(ref)
         node_cfg = self.registry.node(node)
         address = self._origin(origin)
+        if not vouched:
+            self.identify(node, address, token)
         env_name, reason = self.next_environment(node)
         digest, release = self._release(env_name)
         site = self.registry.site_of_address(address) or node_cfg.site
@@ -346,6 +409,7 @@ class CoreService:
             self._actions[key] = actions
         _, relays = self._rank(node, address, peek)  # last: a refused plan sends nobody anywhere
         profile = self.registry.profiles[node_cfg.profile]
+        secrets = self.secret_files(self.registry, node, env_name)
         return BootPlan(
             node=node,
             environment=env_name,
@@ -359,7 +423,61 @@ class CoreService:
             relays=relays,
             reason=reason,
             site=site,
+            secrets=len(secrets),
         )
+
+    # -- secrets -------------------------------------------------------------
+    @staticmethod
+    def secret_files(reg: Registry, node: str, env_name: str) -> list[SecretFile]:
+        """The secret files ``node`` receives booting ``env_name``: the environment's, then
+        the node's (a node's file replaces the environment's at the same path)."""
+        env = reg.environments[env_name]
+        files = {s.path: s for s in env.secrets}
+        for secret in reg.node(node).secrets:
+            why = secret_refusal(env, secret.path)
+            if why:
+                raise FailedPrecondition(f"node {node}'s secret cannot go into {env_name}: {why}")
+            files[secret.path] = secret
+        return list(files.values())
+
+    def node_secrets(
+        self, ref: NodeRef, origin: str, token: str | None, environment: str, secure: bool
+    ) -> list[Secret]:
+        """*reads files* The node's secrets, for the node only (see GetNodeSecrets): with its
+        token over TLS, or where its site allows MAC identity for secrets."""
+        reg = self.registry
+        node = self._node_name(ref, reg)
+        address = self._origin(origin)
+        how = self.identify(node, address, token, reg)
+        env_name = environment or self.next_environment(node, reg)[0]
+        if env_name not in reg.environments:
+            raise NotFound(f"unknown environment {env_name!r}")
+        files = self.secret_files(reg, node, env_name)
+        if not files:
+            return []
+        site = reg.site_of_address(address)
+        if how == "token" and not secure:
+            raise PermissionDenied(
+                f"node {node}'s secrets go over TLS only: ask the relay over https:// (this request "
+                "came over plain HTTP)"
+            )
+        if how == "mac" and not (site and reg.sites[site].secrets_without_token):
+            where = f"site {site!r}" if site else "an address of no site"
+            raise PermissionDenied(
+                f"node {node} was identified by its name or MAC at {where}: its secrets go only to a "
+                "node that sends its token, unless the site allows it (secrets_without_token: true)"
+            )
+        out = []
+        for f in files:
+            try:
+                content = Path(f.source).read_bytes()
+            except OSError as exc:
+                raise FailedPrecondition(
+                    f"the secret for {f.path} cannot be read on the core's host ({f.source}: {exc.strerror})"
+                ) from None
+            out.append(Secret(f.path, int(f.mode, 8), f.owner, content))
+        log.info("%d secret file(s) sent to %s (%s, %s)", len(out), node, env_name, how)
+        return out
 
     def _action(
         self,
@@ -418,13 +536,24 @@ class CoreService:
         return document, self.signer.sign(document, f"plan for {plan.node}") if self.signer else ""
 
     # -- boot script ---------------------------------------------------------
-    def boot_script(self, mac: str, origin: str, fmt: str = "ipxe", peek: bool = False) -> BootScript:
-        """The node's boot menu; ``peek`` (for tools) counts no redirection."""
+    def boot_script(
+        self,
+        mac: str,
+        origin: str,
+        fmt: str = "ipxe",
+        peek: bool = False,
+        token: str | None = None,
+        vouched: bool = False,
+    ) -> BootScript:
+        """The node's boot menu; ``peek`` (for tools) counts no redirection; identified as
+        :meth:`locate`."""
         if fmt not in ("ipxe", "pxelinux"):
             raise InvalidArgument(f"unknown boot script format {fmt!r} (ipxe or pxelinux)")
         node = self._node_name(NodeRef(mac=mac))
         node_cfg = self.registry.node(node)
         address = self._origin(origin)
+        if not vouched:
+            self.identify(node, address, token)
         default, reason = self.next_environment(node)
         releases = {default: self._release(default)}  # the default must be bootable
         unbuilt = []
@@ -482,7 +611,12 @@ class CoreService:
         self._next_boots[node] = nb
         return self.node_view(node, reg)
 
-    def report_events(self, events: Iterable[BootEvent]) -> int:
+    def report_events(
+        self,
+        events: Iterable[BootEvent],
+        tokens: Mapping[int, str] | None = None,
+        origins: Mapping[int, str] | None = None,
+    ) -> int:
         """*writes* Record boot events; the number taken.  Every named node must exist.
 
         An event with a boot id and no node (a relay saw an object URL of that boot
@@ -495,7 +629,16 @@ class CoreService:
         self._expire_orphans(now)
         batch: list[BootEvent] = []
         taken = 0
-        for e in events:
+        tokens, origins = tokens or {}, origins or {}
+        for index, e in enumerate(events):
+            if index in origins or index in tokens:  # a node's own event: is it that node?
+                if not e.node:
+                    raise InvalidArgument(f"event {index + 1}: a node's own event must name the node")
+                reg.node(e.node)
+                if index in tokens:
+                    self.check_node_token(e.node, tokens[index])
+                else:
+                    self.identify(e.node, self._origin(origins[index]), None, reg)
             if not e.node and e.boot_id:
                 node = self.state.node_of_boot(e.boot_id) or next(
                     (b.node for b in batch if b.boot_id == e.boot_id), None
@@ -517,6 +660,68 @@ class CoreService:
         if batch:
             self.state.add_boot_events(batch, now)
         return taken + len(batch)
+
+    # -- tokens --------------------------------------------------------------
+    def issue_token(
+        self, kind: Kind, name: str, ttl: float | None, retire_others_after: float = 0
+    ) -> NewToken:
+        """*writes* A new ``kind`` token for ``name`` (a node of the registry, for a node
+        token); ``ttl`` seconds (None: the default).  With ``retire_others_after``, the
+        name's other tokens of that kind expire that many seconds from now (rotation)."""
+        if kind == "node":
+            self.registry.node(name)
+        elif not name or len(name) > 63 or not name.isprintable():
+            raise InvalidArgument(f"admin name {name[:80]!r}: give 1 to 63 printable characters")
+        if ttl is None:
+            ttl = DEFAULT_TOKEN_TTL[kind]
+        elif not 0 < ttl <= MAX_TOKEN_TTL:
+            raise InvalidArgument(
+                f"a token's lifetime must be between 0 and {MAX_TOKEN_TTL:g} s, not {ttl:g}"
+            )
+        if not 0 <= retire_others_after <= MAX_TOKEN_TTL:  # NaN fails too
+            raise InvalidArgument(f"retire_others_after {retire_others_after:g} s is out of range")
+        now = self.clock()
+        new = new_token(kind, name, now, ttl)
+        self.state.add_token(new.record)
+        self.tokens.put(new.record)
+        if retire_others_after:
+            until = now + retire_others_after
+            for r in self.tokens.records():
+                mine = r.kind == kind and r.name == name and r.id != new.record.id and r.revoked_at is None
+                if mine and (r.expires is None or r.expires > until):
+                    self.state.expire_token(r.id, until)
+                    self.tokens.put(replace(r, expires=until))
+        return new
+
+    def list_tokens(self, kind: Kind | None = None, name: str = "") -> list[TokenRecord]:
+        return [r for r in self.tokens.records() if kind in (None, r.kind) and name in ("", r.name)]
+
+    def revoke_tokens(
+        self, token_id: str = "", kind: Kind | None = None, name: str = ""
+    ) -> list[TokenRecord]:
+        """*writes* Revoke one token (by id) or every token of ``kind`` and ``name``."""
+        if token_id:
+            hit = [r for r in self.tokens.records() if r.id == token_id]
+        elif kind and name:
+            hit = [r for r in self.tokens.records() if r.kind == kind and r.name == name]
+        else:
+            raise InvalidArgument("name the token by id, or by kind and name")
+        hit = [r for r in hit if r.revoked_at is None]
+        if not hit:
+            raise NotFound(f"no unrevoked token {token_id or f'{kind}:{name}'}")
+        now = self.clock()
+        self.state.revoke_tokens([r.id for r in hit], now)
+        revoked = [replace(r, revoked_at=now) for r in hit]
+        for r in revoked:
+            self.tokens.put(r)
+        return revoked
+
+    def check_node_token(self, node: str, token: str) -> None:
+        """Raise unless ``token`` is a valid token of ``node`` (UNAUTHENTICATED, or
+        PERMISSION_DENIED for another node's token)."""
+        record = self.tokens.check(token, "node", self.clock())
+        if record.name != node:
+            raise PermissionDenied(f"node token {record.id} is {record.name}'s, not {node}'s")
 
     def _expire_orphans(self, now: float) -> None:
         for boot_id in [b for b, waiting in self._orphans.items() if now - waiting[0][0] > ORPHAN_SECONDS]:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slim.core.control.auth import TokenRecord
 from slim.errors import FailedPrecondition, InvalidArgument
 from slim.vocabulary import MAX_STORED_TEXT
 
@@ -66,6 +67,18 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: pruning old events by when they arrived
     """
     CREATE INDEX boot_events_received ON boot_events (received_at);
+    """,
+    # 4: admin and node tokens (the secret only hashed)
+    """
+    CREATE TABLE tokens (
+        id          TEXT PRIMARY KEY,
+        kind        TEXT NOT NULL,
+        name        TEXT NOT NULL,
+        hash        TEXT NOT NULL,
+        created     REAL NOT NULL,
+        expires     REAL,
+        revoked_at  REAL
+    );
     """,
 )
 PRUNE_BATCH = 5000  # events deleted per transaction
@@ -172,6 +185,33 @@ class State:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number + 1}")
+
+    # -- tokens ----------------------------------------------------------------
+    def add_token(self, record: TokenRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO tokens (id, kind, name, hash, created, expires, revoked_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record.id, record.kind, record.name, record.hash, record.created, record.expires, None),
+            )
+
+    def revoke_tokens(self, ids: list[str], now: float) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                [(now, token_id) for token_id in ids],
+            )
+
+    def expire_token(self, token_id: str, expires: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE tokens SET expires = ? WHERE id = ?", (expires, token_id))
+
+    def tokens(self) -> list[TokenRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, kind, name, hash, created, expires, revoked_at FROM tokens"
+            ).fetchall()
+        return [TokenRecord(*row) for row in rows]
 
     # -- next-boot overrides -------------------------------------------------
     def set_next_boot(self, node: str, environment: str, set_by: str, now: float | None = None) -> NextBoot:

@@ -2,7 +2,8 @@
 
 Only the CLI exits the process; library code raises :class:`slim.errors.SlimError`,
 printed here as ``error: ...`` with exit status 1.  Commands that ask a running core
-reach it over gRPC (``--core``, or ``$SLIM_CORE``, default 127.0.0.1:50051).
+reach it over gRPC (``--core``, or ``$SLIM_CORE``; default its local socket,
+``unix:/var/lib/slim/core.sock``; credentials: :func:`slim.cli.common.client_credentials`).
 Modules import what a command needs inside the command, so that ``slim --help``
 stays quick.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import click
 
 from slim import __version__
-from slim.cli import core, dhcp, ee, keys, nfs, node, registry, relay, serve, simulate, slurm, store
+from slim.cli import ca, core, dhcp, ee, keys, nfs, node, registry, relay, serve, simulate, slurm, store
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -33,6 +34,8 @@ for command in (
     ee.profile,
     store.store,
     keys.keys,
+    ca.ca,
+    ca.admin,
     node.node,
     relay.relay,
     nfs.nfs,

@@ -56,10 +56,12 @@ def errors_to_exit() -> Iterator[None]:
 
 
 def core_client(address: str) -> CoreClient:
-    """The core's client for the commands that ask it (``--core``)."""
-    from slim.rpc import CoreClient
+    """The core's client for the commands that ask it (``--core``; credentials:
+    :func:`slim.rpc.credentials_from_environment`)."""
+    from slim.rpc import CoreClient, credentials_from_environment
 
-    return CoreClient(address)
+    with errors_to_exit():
+        return CoreClient(address, credentials=credentials_from_environment(address))
 
 
 def timestamp(ts: Any) -> str:
@@ -96,14 +98,17 @@ def log_level_option(text: str = "Logging threshold (logs go to standard error).
     return option
 
 
-DEFAULT_CORE = "127.0.0.1:50051"
+DEFAULT_CORE = "unix:/var/lib/slim/core.sock"  # the core's local socket (root on its host)
+DEFAULT_CORE_LISTEN = "127.0.0.1:50051"
 core_option = click.option(
     "--core",
     "core_address",
     envvar="SLIM_CORE",
     default=DEFAULT_CORE,
     show_default=True,
-    help="Address of the SLIM core's gRPC service (HOST:PORT or unix:PATH); also $SLIM_CORE.",
+    help="Address of the SLIM core's gRPC service: unix:PATH (its local socket, root on its host) or "
+    "HOST:PORT (TLS: credentials from $SLIM_IDENTITY, or $SLIM_TOKEN/$SLIM_TOKEN_FILE with $SLIM_CA; "
+    "docs/security.md); also $SLIM_CORE.",
 )
 origin_option = click.option(
     "--from",

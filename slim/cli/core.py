@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from slim.cli.common import (
-    DEFAULT_CORE,
+    DEFAULT_CORE_LISTEN,
     config_option,
     errors_to_exit,
     keys_option,
@@ -43,9 +43,48 @@ def core() -> None:
 @store_option
 @click.option(
     "--listen",
-    default=DEFAULT_CORE,
+    default=DEFAULT_CORE_LISTEN,
     show_default=True,
-    help="host:port for gRPC (port 0 picks a free port, printed on start), or unix:PATH for a local socket.",
+    help="host:port for gRPC with mutual TLS: relays and admins with a certificate of SLIM's CA "
+    "(port 0 picks a free port, printed on start); or unix:PATH for a local socket.",
+)
+@click.option(
+    "--admin-listen",
+    metavar="HOST:PORT",
+    default=None,
+    help="Also take admin calls here, over TLS, authenticated by admin token (slim admin token create).",
+)
+@click.option(
+    "--ca",
+    "ca_path",
+    envvar="SLIM_CA_DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The CA's directory (made on first start if missing; default: STATE_DIR/ca); also $SLIM_CA_DIR.",
+)
+@click.option(
+    "--tls-name",
+    "tls_names",
+    multiple=True,
+    metavar="NAME",
+    help="A DNS name or address to add to the core's certificate (repeatable; clients check the "
+    "name slim-core, always in it).",
+)
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The local socket, mode 0600: root on this host may make every call without a credential "
+    "(default: STATE_DIR/core.sock).",
+)
+@click.option("--no-socket", is_flag=True, help="Open no local socket.")
+@click.option(
+    "--insecure-no-tls",
+    "no_tls",
+    is_flag=True,
+    help="Plaintext gRPC and no authentication at all: every caller of --listen may do anything. "
+    "Only where everyone who can reach the port is trusted (docs/security.md).",
 )
 @click.option(
     "--objects-listen",
@@ -77,6 +116,12 @@ def core_serve(
     store_path: Path | None,
     keys_path: Path | None,
     listen: str,
+    admin_listen: str | None,
+    ca_path: Path | None,
+    tls_names: tuple[str, ...],
+    socket_path: Path | None,
+    no_socket: bool,
+    no_tls: bool,
     objects_listen: str | None,
     grace: float,
     log_level: str,
@@ -88,8 +133,14 @@ def core_serve(
     Boot plans are signed with the key in --keys (made there on first start if missing;
     back it up: docs/security.md).
 
+    Callers are authenticated (docs/security.md): relays and admins by a certificate of
+    SLIM's CA on --listen (slim relay enroll, slim admin enroll), admins by token on
+    --admin-listen (slim admin token create), root by the local socket.  The CA is made in
+    --ca on first start if missing.
+
     Prints "listening on HOST:PORT" on standard output once it accepts calls
-    (and "objects on HOST:PORT" with --objects-listen).
+    (and "objects on HOST:PORT" with --objects-listen, "admin on HOST:PORT" with
+    --admin-listen).
     """
     from slim.core.control.config import CoreConfig
     from slim.core.control.server import run
@@ -102,7 +153,8 @@ def core_serve(
         config = settings(
             CoreConfig, config_file, registry=registry_path, state=state_path, store=store_path,
             keys=keys_path, listen=listen, objects_listen=objects_listen, grace=grace, log_level=log_level,
-            event_loop=event_loop,
+            event_loop=event_loop, admin_listen=admin_listen, ca=ca_path, tls_names=list(tls_names),
+            socket=socket_path, local_socket=not no_socket, tls=not no_tls,
         )  # fmt: skip
         setup_logging(config.log_level)
         host = config.listen.rsplit(":", 1)[0]
@@ -117,4 +169,8 @@ def core_serve(
             click.echo(f"objects on {(config.objects_listen or '').rsplit(':', 1)[0]}:{port}")
             sys.stdout.flush()
 
-        run(config, ready, objects_ready)
+        def admin_ready(port: int) -> None:
+            click.echo(f"admin on {(config.admin_listen or '').rsplit(':', 1)[0]}:{port}")
+            sys.stdout.flush()
+
+        run(config, ready, objects_ready, admin_ready)

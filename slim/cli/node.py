@@ -153,15 +153,16 @@ def _add_since_epoch(n: pb.NodeInfo, doc: dict[str, Any]) -> None:
 @node.command("set-ee")
 @click.argument("node_name", metavar="NODE")
 @click.argument("environment", metavar="EE")
-@click.option("--by", "set_by", default=None, help="Who sets it, for the record (default: your user name).")
 @core_option
-def node_set_ee(node_name: str, environment: str, set_by: str | None, core_address: str) -> None:
-    """Make EE (a name, or a feature such as ee:jdk14) NODE's next boot; EE "default" clears it."""
-    import getpass
+def node_set_ee(node_name: str, environment: str, core_address: str) -> None:
+    """Make EE (a name, or a feature such as ee:jdk14) NODE's next boot; EE "default" clears it.
 
-    client = core_client(core_address)
+    The core records who set it from the credential the call was made with (admin:NAME,
+    token:NAME, local:root)."""
+    with errors_to_exit():
+        client = core_client(core_address)
     env = "" if environment == "default" else environment
-    req = pb.SetNextBootRequest(node=node_name, environment=env, set_by=set_by or f"cli:{getpass.getuser()}")
+    req = pb.SetNextBootRequest(node=node_name, environment=env)
     with errors_to_exit():
         n = client.call(client.admin.SetNextBoot, req)
     console.print(f"{n.name}: next boot {n.next_environment}")
@@ -341,3 +342,50 @@ def node_timeline(
         if plot_path is not None:
             timeline.plot(t, plot_path)
             (err_console if as_json else console).print(f"wrote {plot_path}", markup=False)
+
+
+@node.command("enroll")
+@click.argument("name")
+@click.option(
+    "--ttl", default=None, metavar="DURATION", help="How long the token is valid (default: 10 years)."
+)
+@click.option(
+    "--rotate", is_flag=True, help="The node's older tokens expire in an hour (a new one for its boot media)."
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the token to this file (mode 0600) instead of printing it.",
+)
+@core_option
+def node_enroll(name: str, ttl: str | None, rotate: bool, out: Path | None, core_address: str) -> None:
+    """Issue node NAME a token (printed once; the core keeps its hash).
+
+    A node that sends its token (Authorization: Bearer) may fetch its own boot script and
+    plan and report its own events, nothing of another node's; at sites with
+    node_identity: token (and from addresses of no site, by default) it must."""
+    from slim.cli.ca import _issue, _ttl
+
+    _issue("node", name, _ttl(ttl), 3600.0 if rotate else 0.0, out, core_address)
+
+
+@node.command("revoke")
+@click.argument("id_or_name")
+@core_option
+def node_revoke(id_or_name: str, core_address: str) -> None:
+    """Revoke a node token by id, or every token of node NAME (effective on its next call)."""
+    from slim.cli.ca import revoke_tokens
+
+    revoke_tokens("node", id_or_name, core_address)
+
+
+@node.command("tokens")
+@click.argument("name", required=False, default="")
+@core_option
+@json_option
+def node_tokens(name: str, core_address: str, as_json: bool) -> None:
+    """The node tokens issued (of NAME, or every node's): id, expiry, revoked; never the secret."""
+    from slim.cli.ca import list_tokens
+
+    list_tokens("node", name, core_address, as_json)

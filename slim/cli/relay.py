@@ -18,6 +18,7 @@ from slim.cli.common import (
     json_option,
     log_level_option,
     print_json,
+    registry_option,
     settings,
     setup_logging,
     timestamp,
@@ -67,7 +68,7 @@ def relay_list(core_address: str, as_json: bool) -> None:
     "--name",
     envvar="SLIM_RELAY_NAME",
     default="",
-    help="This relay's name in the registry (required with --core); also $SLIM_RELAY_NAME.",
+    help="This relay's name in the registry (default: the name in its --identity); also $SLIM_RELAY_NAME.",
 )
 @click.option(
     "--upstream",
@@ -175,6 +176,21 @@ def relay_list(core_address: str, as_json: bool) -> None:
     help="The core's public key (slim keys export; STATE_DIR/keys/signing.pub on the core's host).  "
     "Repeatable.  Only releases it signed are pinned or prefetched; without it, none is.",
 )
+@click.option(
+    "--identity",
+    "identity",
+    envvar="SLIM_RELAY_IDENTITY",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The relay's identity directory (key.pem, cert.pem, ca.pem; slim relay enroll NAME on the "
+    "core's host): its certificate for mutual TLS with the core, whose name is the relay's.  "
+    "Needed with a --core HOST:PORT.  Also $SLIM_RELAY_IDENTITY.",
+)
+@click.option(
+    "--core-insecure",
+    is_flag=True,
+    help="Plaintext gRPC to a core run with --insecure-no-tls (no identity).",
+)
 @log_level_option()
 @config_option("relay")
 def relay_serve(
@@ -194,6 +210,8 @@ def relay_serve(
     access_log: bool,
     grace: float,
     trust: tuple[Path, ...],
+    identity: Path | None,
+    core_insecure: bool,
     log_level: str,
     config_file: Path | None,
 ) -> None:
@@ -212,6 +230,13 @@ def relay_serve(
     from slim.relay.server import RelayServer, run
 
     with errors_to_exit():
+        if identity is not None and not name and config_file is None:
+            from slim.pki import CERT_PEM, identity_of_pem
+
+            try:
+                name = identity_of_pem((identity / CERT_PEM).read_bytes()).name
+            except OSError as exc:
+                raise InvalidArgument(f"--identity {identity}: {exc.strerror}: {exc.filename}") from None
         if registry_path is not None:
             if config_file is not None:
                 raise InvalidArgument("--registry and --config: give the upstreams in the --config file")
@@ -222,7 +247,7 @@ def relay_serve(
             memory_bytes=memory_bytes.strip() or "0", name=name, core=core_address or None, listen=listen,
             tftp_listen=f"{bracketed}:{tftp_port}" if tftp_port is not None else None, ipxe_dir=ipxe_dir,
             max_transfers=max_transfers, max_fetches=max_fetches, access_log=access_log, grace=grace,
-            trust=list(trust),
+            trust=list(trust), identity=identity, core_insecure=core_insecure,
             log_level=log_level,
         )  # fmt: skip
         setup_logging(config.log_level)
@@ -317,3 +342,60 @@ def relay_prefetch(
         )
     if failed:
         raise SystemExit(1)
+
+
+@relay.command("enroll")
+@click.argument("name")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write the identity here (default: ./NAME); copy it to the relay's host.",
+)
+@click.option(
+    "--days",
+    type=click.IntRange(1, 3650),
+    default=365,
+    show_default=True,
+    help="How long the certificate is valid.",
+)
+@registry_option
+@click.option(
+    "--ca",
+    "ca_path",
+    envvar="SLIM_CA_DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The CA's directory; also $SLIM_CA_DIR (default: STATE_DIR/ca).",
+)
+def relay_enroll(name: str, out: Path | None, days: int, registry_path: Path, ca_path: Path | None) -> None:
+    """Issue relay NAME its certificate (on the core's host): key.pem, cert.pem and ca.pem
+    in one directory, which the relay takes with --identity.  The core knows the relay by
+    the name in it, whatever the relay says."""
+    from slim.cli.ca import enroll
+
+    with errors_to_exit():
+        from slim.core.registry import load_registry
+
+        if registry_path.exists() and name not in load_registry(registry_path).relays:
+            raise InvalidArgument(f"the registry {registry_path} has no relay {name!r}")
+    enroll(registry_path, ca_path, name, "relay", out, days)
+
+
+@relay.command("revoke")
+@click.argument("name")
+@registry_option
+@click.option(
+    "--ca",
+    "ca_path",
+    envvar="SLIM_CA_DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The CA's directory; also $SLIM_CA_DIR (default: STATE_DIR/ca).",
+)
+def relay_revoke(name: str, registry_path: Path, ca_path: Path | None) -> None:
+    """Revoke relay NAME's certificates: the core refuses its next call, and ends its
+    heartbeat stream at its next beat."""
+    from slim.cli.ca import revoke
+
+    revoke(registry_path, ca_path, name, "relay")

@@ -62,6 +62,14 @@ def slurm() -> None:
     show_default=True,
     help="Slurm's ResumeTimeout: seconds a reboot into a new EE may take before the node is marked down.",
 )
+@click.option(
+    "--identity",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="An admin identity directory (slim admin enroll slurm) the scripts call the core with "
+    "(exported as SLIM_IDENTITY; it must be readable where slurmctld and slurmd run them).  "
+    "Not needed when --core is the core's local socket.",
+)
 def slurm_config(
     registry_path: Path,
     out: Path | None,
@@ -70,6 +78,7 @@ def slurm_config(
     reboot_command: str,
     prolog_log: Path,
     resume_timeout: int,
+    identity: Path | None,
 ) -> None:
     """Write the Slurm files for the registry's environments into --out.
 
@@ -90,6 +99,7 @@ def slurm_config(
             load_registry(registry_path), directory=out.absolute(), core=core_address, slurm_conf=slurm_conf,
             reboot=reboot_command, prolog_log=prolog_log.absolute(),
             resume_timeout=resume_timeout, source=str(registry_path),
+            identity=identity.absolute() if identity is not None else None,
         )  # fmt: skip
         for path in write(files, out):
             click.echo(str(path))

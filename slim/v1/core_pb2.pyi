@@ -100,6 +100,23 @@ SCRIPT_FORMAT_IPXE: ScriptFormat.ValueType  # 1
 SCRIPT_FORMAT_PXELINUX: ScriptFormat.ValueType  # 2
 Global___ScriptFormat: _TypeAlias = ScriptFormat  # noqa: Y015
 
+class _TokenKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TokenKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TokenKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOKEN_KIND_UNSPECIFIED: _TokenKind.ValueType  # 0
+    TOKEN_KIND_ADMIN: _TokenKind.ValueType  # 1
+    TOKEN_KIND_NODE: _TokenKind.ValueType  # 2
+
+class TokenKind(_TokenKind, metaclass=_TokenKindEnumTypeWrapper): ...
+
+TOKEN_KIND_UNSPECIFIED: TokenKind.ValueType  # 0
+TOKEN_KIND_ADMIN: TokenKind.ValueType  # 1
+TOKEN_KIND_NODE: TokenKind.ValueType  # 2
+Global___TokenKind: _TypeAlias = TokenKind  # noqa: Y015
+
 @_typing.final
 class NodeRef(_message.Message):
     """A node is named either way; exactly one must be set."""
@@ -133,10 +150,13 @@ class LocateRequest(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
     PEEK_FIELD_NUMBER: _builtins.int
+    NODE_TOKEN_FIELD_NUMBER: _builtins.int
     origin: _builtins.str
     """The node's address as the relay saw it (IPv4 or IPv6)."""
     peek: _builtins.bool
     """For tools: answer without counting a redirection toward the relay's load."""
+    node_token: _builtins.str
+    """as in GetBootPlanRequest"""
     @_builtins.property
     def node(self) -> Global___NodeRef: ...
     def __init__(
@@ -145,10 +165,11 @@ class LocateRequest(_message.Message):
         node: Global___NodeRef | None = ...,
         origin: _builtins.str = ...,
         peek: _builtins.bool = ...,
+        node_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "origin", b"origin", "peek", b"peek"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "node_token", b"node_token", "origin", b"origin", "peek", b"peek"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -226,11 +247,14 @@ class GetBootPlanRequest(_message.Message):
     ORIGIN_FIELD_NUMBER: _builtins.int
     PEEK_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
+    NODE_TOKEN_FIELD_NUMBER: _builtins.int
     origin: _builtins.str
     peek: _builtins.bool
     """as in LocateRequest"""
     nonce: _builtins.str
     """The agent's nonce (hex): the signed document names it, so a plan cannot be replayed."""
+    node_token: _builtins.str
+    """The node's token, if it sent one (the relay passes it on): the node must be its."""
     @_builtins.property
     def node(self) -> Global___NodeRef: ...
     def __init__(
@@ -240,10 +264,11 @@ class GetBootPlanRequest(_message.Message):
         origin: _builtins.str = ...,
         peek: _builtins.bool = ...,
         nonce: _builtins.str = ...,
+        node_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "nonce", b"nonce", "origin", b"origin", "peek", b"peek"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "node_token", b"node_token", "nonce", b"nonce", "origin", b"origin", "peek", b"peek"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -433,11 +458,14 @@ class GetBootScriptRequest(_message.Message):
     ORIGIN_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     PEEK_FIELD_NUMBER: _builtins.int
+    NODE_TOKEN_FIELD_NUMBER: _builtins.int
     mac: _builtins.str
     origin: _builtins.str
     format: Global___ScriptFormat.ValueType
     peek: _builtins.bool
     """as in LocateRequest"""
+    node_token: _builtins.str
+    """as in GetBootPlanRequest"""
     def __init__(
         self,
         *,
@@ -445,10 +473,11 @@ class GetBootScriptRequest(_message.Message):
         origin: _builtins.str = ...,
         format: Global___ScriptFormat.ValueType = ...,
         peek: _builtins.bool = ...,
+        node_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "mac", b"mac", "origin", b"origin", "peek", b"peek"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "mac", b"mac", "node_token", b"node_token", "origin", b"origin", "peek", b"peek"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -502,6 +531,8 @@ class BootEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     ENVIRONMENT_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
+    NODE_TOKEN_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     boot_id: _builtins.str
     """A boot's stages share a boot id: the core's (slim.boot=, from the boot script), or
@@ -517,6 +548,12 @@ class BootEvent(_message.Message):
     environment: _builtins.str
     duration: _builtins.float
     """seconds the stage took, ending at `time` (0: an instant)"""
+    node_token: _builtins.str
+    """The token of the node the event is about, if it sent one (never stored or answered)."""
+    origin: _builtins.str
+    """Where a node's own event came from (the relay's TCP peer): the core identifies the
+    node as for a plan.  Empty: the relay's own observation (the relay is who vouches).
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -532,10 +569,12 @@ class BootEvent(_message.Message):
         message: _builtins.str = ...,
         environment: _builtins.str = ...,
         duration: _builtins.float = ...,
+        node_token: _builtins.str = ...,
+        origin: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "bytes", b"bytes", "duration", b"duration", "environment", b"environment", "message", b"message", "node", b"node", "ok", b"ok", "relay", b"relay", "stage", b"stage", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "bytes", b"bytes", "duration", b"duration", "environment", b"environment", "message", b"message", "node", b"node", "node_token", b"node_token", "ok", b"ok", "origin", b"origin", "relay", b"relay", "stage", b"stage", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -820,6 +859,7 @@ class SetNextBootRequest(_message.Message):
     environment: _builtins.str
     """An environment name, or a feature such as "ee:jdk14"; "" clears the override."""
     set_by: _builtins.str
+    """Ignored: the core records who set it from the caller's credential."""
     def __init__(
         self,
         *,
@@ -1281,3 +1321,255 @@ class ListBootEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListBootEventsResponse: _TypeAlias = ListBootEventsResponse  # noqa: Y015
+
+@_typing.final
+class TokenInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    EXPIRES_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    kind: Global___TokenKind.ValueType
+    name: _builtins.str
+    """the admin's name, or the node's"""
+    @_builtins.property
+    def created(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires(self) -> _timestamp_pb2.Timestamp:
+        """unset: never"""
+
+    @_builtins.property
+    def revoked(self) -> _timestamp_pb2.Timestamp:
+        """unset: not revoked"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        kind: Global___TokenKind.ValueType = ...,
+        name: _builtins.str = ...,
+        created: _timestamp_pb2.Timestamp | None = ...,
+        expires: _timestamp_pb2.Timestamp | None = ...,
+        revoked: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "expires", b"expires", "revoked", b"revoked"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "expires", b"expires", "id", b"id", "kind", b"kind", "name", b"name", "revoked", b"revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenInfo: _TypeAlias = TokenInfo  # noqa: Y015
+
+@_typing.final
+class IssueTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    RETIRE_OTHERS_AFTER_FIELD_NUMBER: _builtins.int
+    kind: Global___TokenKind.ValueType
+    name: _builtins.str
+    """a node of the registry, for a node token"""
+    ttl_seconds: _builtins.float
+    """0: the default (admin: 90 days; node: 10 years)"""
+    retire_others_after: _builtins.float
+    """Rotation: the name's other tokens of this kind expire this many seconds from now
+    (if they would later); 0 leaves them as they are.
+    """
+    def __init__(
+        self,
+        *,
+        kind: Global___TokenKind.ValueType = ...,
+        name: _builtins.str = ...,
+        ttl_seconds: _builtins.float = ...,
+        retire_others_after: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "retire_others_after", b"retire_others_after", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueTokenRequest: _TypeAlias = IssueTokenRequest  # noqa: Y015
+
+@_typing.final
+class IssuedToken(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """shown once"""
+    @_builtins.property
+    def info(self) -> Global___TokenInfo: ...
+    def __init__(
+        self,
+        *,
+        info: Global___TokenInfo | None = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["info", b"info", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssuedToken: _TypeAlias = IssuedToken  # noqa: Y015
+
+@_typing.final
+class ListTokensRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    kind: Global___TokenKind.ValueType
+    """unspecified: both"""
+    name: _builtins.str
+    """"": every name"""
+    def __init__(
+        self,
+        *,
+        kind: Global___TokenKind.ValueType = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTokensRequest: _TypeAlias = ListTokensRequest  # noqa: Y015
+
+@_typing.final
+class ListTokensResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenInfo]: ...
+    def __init__(
+        self,
+        *,
+        tokens: _abc.Iterable[Global___TokenInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTokensResponse: _TypeAlias = ListTokensResponse  # noqa: Y015
+
+@_typing.final
+class RevokeTokensRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    kind: Global___TokenKind.ValueType
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        kind: Global___TokenKind.ValueType = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeTokensRequest: _TypeAlias = RevokeTokensRequest  # noqa: Y015
+
+@_typing.final
+class GetNodeSecretsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    NODE_TOKEN_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    SECURE_FIELD_NUMBER: _builtins.int
+    origin: _builtins.str
+    node_token: _builtins.str
+    environment: _builtins.str
+    """the plan's ("": the node's next environment)"""
+    secure: _builtins.bool
+    """the node asked its relay over TLS"""
+    @_builtins.property
+    def node(self) -> Global___NodeRef: ...
+    def __init__(
+        self,
+        *,
+        node: Global___NodeRef | None = ...,
+        origin: _builtins.str = ...,
+        node_token: _builtins.str = ...,
+        environment: _builtins.str = ...,
+        secure: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "node", b"node", "node_token", b"node_token", "origin", b"origin", "secure", b"secure"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNodeSecretsRequest: _TypeAlias = GetNodeSecretsRequest  # noqa: Y015
+
+@_typing.final
+class SecretFile(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """in the environment (a ram directory)"""
+    mode: _builtins.int
+    owner: _builtins.str
+    """USER or USER:GROUP, names or numbers"""
+    content: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        mode: _builtins.int = ...,
+        owner: _builtins.str = ...,
+        content: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "mode", b"mode", "owner", b"owner", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecretFile: _TypeAlias = SecretFile  # noqa: Y015
+
+@_typing.final
+class NodeSecrets(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecretFile]: ...
+    def __init__(
+        self,
+        *,
+        secrets: _abc.Iterable[Global___SecretFile] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["secrets", b"secrets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeSecrets: _TypeAlias = NodeSecrets  # noqa: Y015

@@ -60,6 +60,11 @@ class CoreStub:
                 request_serializer=slim_dot_v1_dot_core__pb2.Heartbeat.SerializeToString,
                 response_deserializer=slim_dot_v1_dot_core__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.GetNodeSecrets = channel.unary_unary(
+                '/slim.v1.Core/GetNodeSecrets',
+                request_serializer=slim_dot_v1_dot_core__pb2.GetNodeSecretsRequest.SerializeToString,
+                response_deserializer=slim_dot_v1_dot_core__pb2.NodeSecrets.FromString,
+                _registered_method=True)
 
 
 class CoreServicer:
@@ -101,6 +106,15 @@ class CoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetNodeSecrets(self, request, context):
+        """A node's secret files (the registry's secrets of its environment and its own),
+        for that node only: identified by its token over TLS, or at a site that allows
+        MAC identity for secrets (secrets_without_token).  Never cached, logged or stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +142,11 @@ def add_CoreServicer_to_server(servicer, server):
                     servicer.RelayHeartbeat,
                     request_deserializer=slim_dot_v1_dot_core__pb2.Heartbeat.FromString,
                     response_serializer=slim_dot_v1_dot_core__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'GetNodeSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNodeSecrets,
+                    request_deserializer=slim_dot_v1_dot_core__pb2.GetNodeSecretsRequest.FromString,
+                    response_serializer=slim_dot_v1_dot_core__pb2.NodeSecrets.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -276,6 +295,33 @@ class Core:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def GetNodeSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slim.v1.Core/GetNodeSecrets',
+            slim_dot_v1_dot_core__pb2.GetNodeSecretsRequest.SerializeToString,
+            slim_dot_v1_dot_core__pb2.NodeSecrets.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """Administration: reads and the next-boot override.
@@ -326,6 +372,21 @@ class AdminStub:
                 '/slim.v1.Admin/Prefetch',
                 request_serializer=slim_dot_v1_dot_core__pb2.PrefetchRequest.SerializeToString,
                 response_deserializer=slim_dot_v1_dot_core__pb2.PrefetchProgress.FromString,
+                _registered_method=True)
+        self.IssueToken = channel.unary_unary(
+                '/slim.v1.Admin/IssueToken',
+                request_serializer=slim_dot_v1_dot_core__pb2.IssueTokenRequest.SerializeToString,
+                response_deserializer=slim_dot_v1_dot_core__pb2.IssuedToken.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/slim.v1.Admin/ListTokens',
+                request_serializer=slim_dot_v1_dot_core__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=slim_dot_v1_dot_core__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeTokens = channel.unary_unary(
+                '/slim.v1.Admin/RevokeTokens',
+                request_serializer=slim_dot_v1_dot_core__pb2.RevokeTokensRequest.SerializeToString,
+                response_deserializer=slim_dot_v1_dot_core__pb2.ListTokensResponse.FromString,
                 _registered_method=True)
 
 
@@ -386,6 +447,28 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueToken(self, request, context):
+        """Tokens: admin tokens (for the core's admin_listen) and node tokens (a node's
+        identity where MAC and origin are not enough).  The token's text is answered once;
+        the core keeps only its hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeTokens(self, request, context):
+        """Revoke by id, or every token of a kind and name; effective on the next call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -428,6 +511,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Prefetch,
                     request_deserializer=slim_dot_v1_dot_core__pb2.PrefetchRequest.FromString,
                     response_serializer=slim_dot_v1_dot_core__pb2.PrefetchProgress.SerializeToString,
+            ),
+            'IssueToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueToken,
+                    request_deserializer=slim_dot_v1_dot_core__pb2.IssueTokenRequest.FromString,
+                    response_serializer=slim_dot_v1_dot_core__pb2.IssuedToken.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=slim_dot_v1_dot_core__pb2.ListTokensRequest.FromString,
+                    response_serializer=slim_dot_v1_dot_core__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeTokens,
+                    request_deserializer=slim_dot_v1_dot_core__pb2.RevokeTokensRequest.FromString,
+                    response_serializer=slim_dot_v1_dot_core__pb2.ListTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -647,6 +745,87 @@ class Admin:
             '/slim.v1.Admin/Prefetch',
             slim_dot_v1_dot_core__pb2.PrefetchRequest.SerializeToString,
             slim_dot_v1_dot_core__pb2.PrefetchProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slim.v1.Admin/IssueToken',
+            slim_dot_v1_dot_core__pb2.IssueTokenRequest.SerializeToString,
+            slim_dot_v1_dot_core__pb2.IssuedToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slim.v1.Admin/ListTokens',
+            slim_dot_v1_dot_core__pb2.ListTokensRequest.SerializeToString,
+            slim_dot_v1_dot_core__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slim.v1.Admin/RevokeTokens',
+            slim_dot_v1_dot_core__pb2.RevokeTokensRequest.SerializeToString,
+            slim_dot_v1_dot_core__pb2.ListTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

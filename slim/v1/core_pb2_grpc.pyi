@@ -50,6 +50,11 @@ class CoreStub:
     """A stream of boot events from one relay; answered once the stream ends."""
     RelayHeartbeat: _grpc.StreamStreamMultiCallable[_core_pb2.Heartbeat, _core_pb2.HeartbeatReply]
     """A relay's live load; the core answers each beat with the next interval."""
+    GetNodeSecrets: _grpc.UnaryUnaryMultiCallable[_core_pb2.GetNodeSecretsRequest, _core_pb2.NodeSecrets]
+    """A node's secret files (the registry's secrets of its environment and its own),
+    for that node only: identified by its token over TLS, or at a site that allows
+    MAC identity for secrets (secrets_without_token).  Never cached, logged or stored.
+    """
 
 @_typing.type_check_only
 class CoreAsyncStub(CoreStub):
@@ -66,6 +71,11 @@ class CoreAsyncStub(CoreStub):
     """A stream of boot events from one relay; answered once the stream ends."""
     RelayHeartbeat: _aio.StreamStreamMultiCallable[_core_pb2.Heartbeat, _core_pb2.HeartbeatReply]  # type: ignore[assignment]
     """A relay's live load; the core answers each beat with the next interval."""
+    GetNodeSecrets: _aio.UnaryUnaryMultiCallable[_core_pb2.GetNodeSecretsRequest, _core_pb2.NodeSecrets]  # type: ignore[assignment]
+    """A node's secret files (the registry's secrets of its environment and its own),
+    for that node only: identified by its token over TLS, or at a site that allows
+    MAC identity for secrets (secrets_without_token).  Never cached, logged or stored.
+    """
 
 class CoreServicer(metaclass=_abc_1.ABCMeta):
     """Node-facing calls (through a relay) and relay calls."""
@@ -110,6 +120,17 @@ class CoreServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_core_pb2.HeartbeatReply], _abc.AsyncIterator[_core_pb2.HeartbeatReply]]:
         """A relay's live load; the core answers each beat with the next interval."""
 
+    @_abc_1.abstractmethod
+    def GetNodeSecrets(
+        self,
+        request: _core_pb2.GetNodeSecretsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_core_pb2.NodeSecrets, _abc.Awaitable[_core_pb2.NodeSecrets]]:
+        """A node's secret files (the registry's secrets of its environment and its own),
+        for that node only: identified by its token over TLS, or at a site that allows
+        MAC identity for secrets (secrets_without_token).  Never cached, logged or stored.
+        """
+
 def add_CoreServicer_to_server(servicer: CoreServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class AdminStub:
@@ -133,6 +154,14 @@ class AdminStub:
     that does not want to wait may cancel after the first message: the
     orders stand.
     """
+    IssueToken: _grpc.UnaryUnaryMultiCallable[_core_pb2.IssueTokenRequest, _core_pb2.IssuedToken]
+    """Tokens: admin tokens (for the core's admin_listen) and node tokens (a node's
+    identity where MAC and origin are not enough).  The token's text is answered once;
+    the core keeps only its hash.
+    """
+    ListTokens: _grpc.UnaryUnaryMultiCallable[_core_pb2.ListTokensRequest, _core_pb2.ListTokensResponse]
+    RevokeTokens: _grpc.UnaryUnaryMultiCallable[_core_pb2.RevokeTokensRequest, _core_pb2.ListTokensResponse]
+    """Revoke by id, or every token of a kind and name; effective on the next call."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -153,6 +182,14 @@ class AdminAsyncStub(AdminStub):
     that does not want to wait may cancel after the first message: the
     orders stand.
     """
+    IssueToken: _aio.UnaryUnaryMultiCallable[_core_pb2.IssueTokenRequest, _core_pb2.IssuedToken]  # type: ignore[assignment]
+    """Tokens: admin tokens (for the core's admin_listen) and node tokens (a node's
+    identity where MAC and origin are not enough).  The token's text is answered once;
+    the core keeps only its hash.
+    """
+    ListTokens: _aio.UnaryUnaryMultiCallable[_core_pb2.ListTokensRequest, _core_pb2.ListTokensResponse]  # type: ignore[assignment]
+    RevokeTokens: _aio.UnaryUnaryMultiCallable[_core_pb2.RevokeTokensRequest, _core_pb2.ListTokensResponse]  # type: ignore[assignment]
+    """Revoke by id, or every token of a kind and name; effective on the next call."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Administration: reads and the next-boot override."""
@@ -218,5 +255,31 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         that does not want to wait may cancel after the first message: the
         orders stand.
         """
+
+    @_abc_1.abstractmethod
+    def IssueToken(
+        self,
+        request: _core_pb2.IssueTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_core_pb2.IssuedToken, _abc.Awaitable[_core_pb2.IssuedToken]]:
+        """Tokens: admin tokens (for the core's admin_listen) and node tokens (a node's
+        identity where MAC and origin are not enough).  The token's text is answered once;
+        the core keeps only its hash.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTokens(
+        self,
+        request: _core_pb2.ListTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_core_pb2.ListTokensResponse, _abc.Awaitable[_core_pb2.ListTokensResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeTokens(
+        self,
+        request: _core_pb2.RevokeTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_core_pb2.ListTokensResponse, _abc.Awaitable[_core_pb2.ListTokensResponse]]:
+        """Revoke by id, or every token of a kind and name; effective on the next call."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
