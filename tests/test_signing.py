@@ -3,6 +3,7 @@ this module and by Debian's signify-openbsd (what a node's initrd runs)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import stat
 import subprocess
@@ -12,6 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from slim.cli import main
+from slim.core.registry import Registry
+from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument
 from slim.signing import (
     KEY_FILE,
@@ -183,3 +186,66 @@ def test_trusted_keys_follow_their_files(tmp_path: Path, caplog: pytest.LogCaptu
     assert "still trusting keys" in caplog.text and "signify's format" in caplog.text
     with pytest.raises(InvalidArgument, match="signify's format"):
         TrustedKeys([extra])  # ... but at first, it is an error
+
+
+# -- slim keys rotate -----------------------------------------------------------------
+def keys_cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["keys", *args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_slim_keys_rotate_begins_and_finishes_and_says_when_it_cannot(
+    tmp_path: Path, registry_file: Path, store: Store
+) -> None:
+    """No environment to rebuild: only a release of one the registry no longer names, which
+    is left as it was.  (Rebuilding, and nodes booting: tests/test_agent.py.)"""
+    where = ("--keys", str(tmp_path / "keys"), "--registry", str(registry_file))
+    found = store.release("base")
+    assert found is not None
+    elsewhere = Store(tmp_path / "elsewhere")
+    elsewhere.publish_release(found[1].model_copy(update={"environment": "gone"}))
+    at = ("--store", str(elsewhere.root))
+    code, out = keys_cli("rotate", "--finish", *where, *at)
+    assert code == 1 and "no key rotation is under way" in out
+    old = SigningKey.load(tmp_path / "keys" / KEY_FILE)
+    code, out = keys_cli("show", *where)
+    assert code == 0 and f"trusted: {old.public.id}; no rotation under way" in out
+    code, out = keys_cli("rotate", *where, *at)
+    assert code == 0, out
+    new = SigningKey.load(tmp_path / "keys" / KEY_FILE)
+    assert new.public != old.public
+    assert "gone: not in the registry any more, its release is left as it was" in out
+    assert f"signed with key {new.public.id} from now on" in out
+    assert "nothing to restart" in out and f"key {old.public.id} stays trusted" in out
+    assert elsewhere.release_signature("gone") == ""
+    code, out = keys_cli("show", "--json", *where)
+    shown = json.loads(out)
+    assert shown["trusted"] == [new.public.id, old.public.id] and shown["rotating"] is True
+    code, out = keys_cli("rotate", *where, *at)
+    assert code == 1 and "a key rotation is under way" in out and "slim keys rotate --finish" in out
+    assert SigningKey.load(tmp_path / "keys" / KEY_FILE).public == new.public
+    code, out = keys_cli("rotate", "--finish", "--json", *where, *at)
+    assert code == 0, out
+    done = json.loads(out)
+    assert (done["step"], done["signing"], done["previous"], done["trusted"]) == (
+        "finish", new.public.id, old.public.id, [new.public.id]
+    )  # fmt: skip
+    assert (done["rebuilt"], done["not_in_registry"]) == ([], ["gone"])
+    code, out = keys_cli("show", "--json", *where)
+    assert json.loads(out)["trusted"] == [new.public.id] and json.loads(out)["previous"] is None
+
+
+def test_a_rotation_whose_rebuild_fails_leaves_the_keys_as_they_were(
+    tmp_path: Path, registry: Registry, registry_file: Path, store: Store
+) -> None:
+    """The store's releases name images that do not exist here: nothing can be rebuilt, so
+    no initrd would trust the new key, and the rotation does not begin."""
+    where = ("--keys", str(tmp_path / "keys"), "--registry", str(registry_file), "--store", str(store.root))
+    old = SigningKey.load(tmp_path / "keys" / KEY_FILE)  # the store fixture's signer
+    signatures = {n: store.release_signature(n) for n in store.environments()}
+    code, out = keys_cli("rotate", *where)
+    assert code == 1
+    assert "environment 'base' could not be rebuilt, so the key rotation has not begun" in out
+    assert "/srv/images/base" in out
+    assert KeyDirectory(tmp_path / "keys").trusted() == [old.public]
+    assert {n: store.release_signature(n) for n in store.environments()} == signatures
