@@ -172,6 +172,19 @@ class Store:
         atomic_write(self.refs / release.environment, (ref.digest + "\n" + signature).encode())
         return ref.digest
 
+    def sign_release(self, environment: str, signer: SigningKey) -> str:
+        """Sign the environment's current release again (a key rotation): the same document,
+        byte for byte, and its ref's signature replaced; the digest is returned.  The caller
+        keeps other publishers out meanwhile (``slim keys rotate`` holds the key directory,
+        which builds hold too)."""
+        digest = self.release_digest(environment)
+        if digest is None:
+            raise NotFound(f"environment {environment!r} has never been built (slim ee build {environment})")
+        doc = self.read_object(digest)
+        signature = signer.sign(doc, f"release {digest[7:19]} of {environment}")
+        atomic_write(self.refs / environment, (digest + "\n" + signature).encode())
+        return digest
+
     def _record(self, environment: str, digest: str) -> None:
         """Append ``digest`` to the environment's release history if the ref changes (a
         store from before the history first records the release it points at)."""

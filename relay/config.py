@@ -68,8 +68,9 @@ class RelayConfig(ProcessConfig):
     grace: float = Field(10.0, ge=0, description="seconds transfers may take to finish on SIGTERM")
     trust: list[Path] = Field(
         default_factory=list,
-        description="the core's public keys (signify .pub files): only releases they signed are "
-        "pinned or prefetched; none: nothing is",
+        description="the core's public keys: signify .pub files, or directories of them (the core's "
+        "key directory: both keys during a rotation), read again when they change; only releases "
+        "they signed are pinned or prefetched; none: nothing is",
     )
     log_level: LogLevel = "info"
 

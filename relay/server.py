@@ -40,7 +40,7 @@ from slim.relay.observe import BootObserver
 from slim.relay.tftp import StageOneServer
 from slim.relay.warm import Warmer
 from slim.rpc import NONE, Credentials
-from slim.signing import PublicKey, read_public_keys
+from slim.signing import TrustedKeys
 from slim.v1 import core_pb2 as pb
 from slim.vocabulary import names_a_mac, normalize_mac
 
@@ -314,10 +314,11 @@ class RelayServer:
         return body
 
 
-def trusted_keys(paths: list[Path]) -> list[PublicKey]:
-    """The core's public keys a relay trusts (``--trust``); a bad file is a clear error."""
-    keys = read_public_keys(paths)
-    if not keys:
+def trusted_keys(paths: list[Path]) -> TrustedKeys:
+    """The core's public keys a relay trusts (``--trust``: files, or the core's key directory,
+    read again when they change); a bad file is a clear error."""
+    keys = TrustedKeys(paths)
+    if not keys.current():
         log.warning("no --trust key: this relay pins and prefetches no release")
     return keys
 

@@ -12,7 +12,8 @@ once it is (after a prefetch, or within a minute of a node fetching it).
 A release is pinned or warmed only if the core signed its document with a key the
 relay trusts (``--trust``): the document is fetched (an object like any other) and its
 signature checked before anything it names is fetched or pinned; a release that fails is
-refused, counted and logged, never warmed.
+refused, counted and logged, never warmed.  The trusted keys are read again when their files
+change (a key rotation), and a release whose signature changes is checked again at once.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pydantic import ValidationError
 from slim.errors import FailedPrecondition, InvalidArgument, SlimError
 from slim.relay.fetch import CachingSource
 from slim.release import Named, Release, decode_manifest, manifest_objects
-from slim.signing import PublicKey, verify
+from slim.signing import TrustedKeys, verify
 from slim.v1 import core_pb2 as pb
 from slim.vocabulary import parse_digest
 
@@ -86,12 +87,12 @@ class Warmer:
         source: CachingSource,
         poke: Callable[[], None],
         concurrency: int = 4,
-        trusted: Iterable[PublicKey] = (),
+        trusted: TrustedKeys | None = None,
     ) -> None:
         self.source = source
         self.poke = poke
         self.concurrency = concurrency
-        self.trusted = list(trusted)
+        self.trusted = trusted if trusted is not None else TrustedKeys([])
         self.signatures: dict[str, str] = {}  # release digest -> the core's signature (from its replies)
         self.refused: set[str] = set()  # releases whose signature did not check: counted once each
         self.statuses: dict[str, pb.PrefetchStatus] = {}
@@ -173,12 +174,14 @@ class Warmer:
     # -- pins ---------------------------------------------------------------
     def set_releases(self, digests: Iterable[str], signatures: Mapping[str, str] | None = None) -> None:
         """The core's current releases and their signatures (every heartbeat reply).  Pins
-        are recomputed when they change, and every PIN_REFRESH seconds anyway: manifests
-        that nodes fetched since then now pin their file objects too."""
+        are recomputed when they change (a release signed again: a key rotation), and every
+        PIN_REFRESH seconds anyway: manifests that nodes fetched since then now pin their
+        file objects too."""
+        resigned = signatures is not None and dict(signatures) != self.signatures
         if signatures is not None:
             self.signatures = dict(signatures)
         releases = tuple(sorted(digests))
-        if releases != self._releases or time.monotonic() - self._pinned_at > PIN_REFRESH:
+        if resigned or releases != self._releases or time.monotonic() - self._pinned_at > PIN_REFRESH:
             self._releases = releases
             self.refresh_pins()
 
@@ -218,12 +221,12 @@ class Warmer:
         try:
             if not signature:
                 raise FailedPrecondition(f"release {digest} comes without the core's signature")
-            if not self.trusted:
+            if not self.trusted.paths:
                 raise FailedPrecondition("this relay trusts no key (--trust): it warms and pins no release")
-            await _parse(
+            await _parse(  # off the loop: the trusted keys' files are looked at too
                 self.source,
                 parse_digest(digest),
-                lambda data: verify(data, signature, self.trusted, "release"),
+                lambda data: verify(data, signature, self.trusted.current(), "release"),
             )
         except (FailedPrecondition, InvalidArgument) as exc:
             if digest not in self.refused:

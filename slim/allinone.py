@@ -146,7 +146,7 @@ class AllInOne:
         relay_settings: dict[str, Any] = {
             "name": self.relay, "cache_dir": state / "cache", "max_bytes": srv.cache_max_bytes,
             "listen": srv.relay_listen, "tftp_listen": srv.tftp_listen, "log_level": self.log_level,
-            "trust": [state / "keys" / "signing.pub"],  # the core's key, made when it first starts
+            "trust": [state / "keys"],  # the core's keys (made when it first starts; both during a rotation)
             "identity": identity,  # mutual TLS with the core, as any relay
         }  # fmt: skip
         # the relay's upstreams: its parent's URLs if the registry gives it one, then the core's

@@ -549,6 +549,15 @@ LOOP_BLOCKING_ALLOWED: list[tuple[tuple[str, ...], str, set[str], str]] = [
         "and kept",
     ),
     (
+        ("os.stat",), "slim/signing.py", {"_stamp"},
+        "the core's signer, per plan it signs: one stat of the key file, so that a new key (slim keys "
+        "rotate) signs from the next plan on, as the store's refs are seen at once",
+    ),
+    (
+        ("io.BufferedReader.read",), "slim/signing.py", {"load"},
+        "the same: the key file (under 200 bytes) is read again only when that stat says it changed",
+    ),
+    (
         ("os.sendfile",), "objects/routes.py", {"_sendfile_dup"},
         "sendfile to a non-blocking socket, as asyncio's own loop.sendfile does (uvloop has none): it "
         "never waits for the client; the file's pages come from the page cache",

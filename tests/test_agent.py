@@ -17,11 +17,14 @@ import stat
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zstandard
 from aiohttp import web
+from click.testing import CliRunner
 
 from labs.host import free_port
 from slim.agent import ee, report_up
@@ -30,6 +33,7 @@ from slim.agent.__main__ import main as agent_main
 from slim.agent.fetch import DigestMismatch, Relays
 from slim.agent.plan import BootArgs, ObjectRef, PlanError, parse_cmdline, parse_plan
 from slim.agent.tree import scan
+from slim.cli import main as cli_main
 from slim.core.build.agentrt import add_runtime, collect
 from slim.core.build.initrd import InitrdBuilder
 from slim.core.build.release import build_environment
@@ -40,7 +44,7 @@ from slim.core.control.service import CoreService, NodeRef
 from slim.core.control.state import BootEvent, State
 from slim.core.registry import load_registry
 from slim.core.store import Store
-from slim.signing import PUBLIC_FILE, PublicKey, SigningKey
+from slim.signing import KEY_FILE, PUBLIC_FILE, PublicKey, ReloadingSigner, Signer, SigningKey, verify
 from tests.support import (
     make_image,
     need,
@@ -175,7 +179,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     store = Store(tmp_path / "store")
     build_environment(load_registry(reg_file), store, "base")
     state = await asyncio.to_thread(State, tmp_path / "state.db")  # off the loop, as the core does
-    signer = SigningKey.load_or_create(tmp_path / "keys")
+    signer = ReloadingSigner(tmp_path / "keys")  # as `slim core serve` signs: a new key there is taken up
     service = await asyncio.to_thread(  # it reads the state: off the loop, as the core starts
         CoreService,
         load_registry(reg_file),
@@ -732,3 +736,126 @@ async def test_a_node_secret_reaches_its_node_only_and_nothing_else_keeps_it(
     for e in events:
         assert env_bytes.decode() not in e.message and n1_bytes.decode() not in e.message
     assert env_bytes.decode() not in caplog.text and n1_bytes.decode() not in caplog.text
+
+
+# -- a key rotation ------------------------------------------------------------------------
+def initrd_keys(store: Store, into: Path) -> list[str]:
+    """The ids of the public keys the initrd of base's current release trusts (its
+    /etc/slim/keys, unpacked under ``into``: what --trust then names, as the initrd's agent
+    uses it)."""
+    found = store.release("base")
+    assert found is not None
+    archive = zstandard.ZstdDecompressor().stream_reader(store.read_object(found[1].initrd.digest)).read()
+    into.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet", "etc/slim/keys/*"], input=archive, cwd=into, check=True)
+    return sorted(p.name.removesuffix(".pub") for p in (into / "etc" / "slim" / "keys").iterdir())
+
+
+@asynccontextmanager
+async def plan_signed_by(site: Site, signer: Signer) -> AsyncIterator[tuple[str, list[dict[str, object]]]]:
+    """A relay that answers n1's plan (the core's own, for the agent's nonce) signed by
+    ``signer``, and records the events posted to it: (its URL, the events).  The plan names
+    the real relay, so an agent that accepts it boots through that one."""
+    reported: list[dict[str, object]] = []
+
+    def answer(nonce: str) -> dict[str, object]:
+        plan = site.service.boot_plan(NodeRef(name="n1"), "127.0.0.1", peek=True)
+        document = plan_document(plan, nonce, time.time())
+        return {"document": document.decode(), "signature": signer.sign(document), "relay_time": time.time()}
+
+    async def plan(request: web.Request) -> web.Response:
+        return web.json_response(await asyncio.to_thread(answer, request.query["nonce"]))
+
+    async def events(request: web.Request) -> web.Response:
+        reported.extend((await request.json())["events"])
+        return web.json_response({"accepted": 1})
+
+    app = web.Application()
+    app.router.add_get("/v1/nodes/n1/plan", plan)
+    app.router.add_post("/v1/nodes/n1/events", events)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    server = web.TCPSite(runner, "127.0.0.1", 0)
+    await server.start()
+    try:
+        yield f"http://127.0.0.1:{server._server.sockets[0].getsockname()[1]}", reported  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+
+
+async def last_plan_event(site: Site) -> BootEvent:
+    return next(e for e in await site.events() if e.stage == "plan")
+
+
+async def slim_cli(*args: str) -> str:
+    """``slim ARGS`` (off the event loop, as a command runs beside the core); its standard output."""
+    result = await asyncio.to_thread(CliRunner().invoke, cli_main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.mark.slow
+async def test_key_rotation_boots_nodes_whose_initrd_trusts_both_then_refuses_the_old_key(
+    site: Site, tmp_path: Path
+) -> None:
+    """slim keys rotate, without a VM: the rebuilt initrd trusts both keys, and a node that
+    trusts what it trusts boots from the plans the running core now signs with the new key
+    (and from one the old key signed); after --finish, the next initrd trusts the new key
+    alone, and a plan the old key signed is refused before anything is fetched, saying why."""
+    need_tool("cpio", "cpio")
+    keys = tmp_path / "keys"
+    where = (
+        "--registry",
+        str(tmp_path / "registry.yaml"),
+        "--store",
+        str(site.store.root),
+        "--keys",
+        str(keys),
+    )
+    old = SigningKey.load(keys / KEY_FILE)  # kept by the test: the rotation deletes it
+    began = json.loads(await slim_cli("keys", "rotate", "--json", *where))
+    new = SigningKey.load(keys / KEY_FILE).public
+    assert (began["signing"], began["previous"]) == (new.id, old.public.id)
+    digest = site.store.release_digest("base")
+    assert digest is not None and [(r["environment"], r["release"]) for r in began["rebuilt"]] == [
+        ("base", digest)
+    ]
+    assert await asyncio.to_thread(initrd_keys, site.store, tmp_path / "during") == sorted(
+        [old.public.id, new.id]
+    )
+    assert (
+        verify(site.store.read_object(digest), site.store.release_signature("base"), [new], "release") == new
+    )
+    # a build during the rotation makes the same initrd (both keys), signed with the new key
+    (rebuilt,) = json.loads(await slim_cli("ee", "build", "base", "--json", *where))
+    assert rebuilt["unchanged"] and site.store.release_digest("base") == digest
+    trust = str(tmp_path / "during" / "etc" / "slim" / "keys")
+
+    def argv(relay: str, target: Path) -> tuple[str, ...]:
+        return ("--node", "n1", "--relay", relay, "--trust", trust, "--no-reboot", "--target", str(target))
+
+    # the running core signs with the new key: the node boots
+    assert await run_agent(*argv(site.relay_url, tmp_path / "a")) == 0
+    event = await last_plan_event(site)
+    assert event.ok and event.message.endswith(f"signed: {new.id}.pub"), event
+    assert (tmp_path / "a" / "run" / "slim" / "ee").is_file()
+    # a plan the old key signed (one on its way when the rotation began) boots it too
+    async with plan_signed_by(site, old) as (relay_url, _):
+        assert await run_agent(*argv(relay_url, tmp_path / "b")) == 0
+    event = await last_plan_event(site)
+    assert event.ok and event.message.endswith(f"signed: {old.public.id}.pub"), event
+
+    finished = await slim_cli("keys", "rotate", "--finish", *where)
+    assert f"rotation finished: key {old.public.id} is no longer trusted" in finished
+    after = site.store.release_digest("base")
+    assert f"base: release {after} rebuilt; its initrd trusts {new.id}\n" in finished
+    assert await asyncio.to_thread(initrd_keys, site.store, tmp_path / "after") == [new.id]
+    trust = str(tmp_path / "after" / "etc" / "slim" / "keys")
+    async with plan_signed_by(site, old) as (relay_url, reported):
+        assert await run_agent(*argv(relay_url, tmp_path / "c")) == 1
+    (refused,) = reported
+    assert refused["stage"] == "plan" and refused["ok"] is False
+    assert f"does not verify against the trusted keys ({new.id}.pub)" in str(refused["message"]), refused
+    assert not (tmp_path / "c").exists()  # nothing fetched, nothing made
+    assert await run_agent(*argv(site.relay_url, tmp_path / "d")) == 0
+    assert (await last_plan_event(site)).message.endswith(f"signed: {new.id}.pub")

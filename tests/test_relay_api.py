@@ -26,7 +26,7 @@ from slim.agent.tree import Entry
 from slim.core.control.service import CoreService
 from slim.core.store import Store
 from slim.release import ObjectRef, Release, ReleaseDirectory
-from slim.signing import SigningKey, verify
+from slim.signing import KeyDirectory, SigningKey, verify
 from slim.v1 import core_pb2 as pb
 from slim.vocabulary import Policy
 from tests.support import Core, blob, metrics, need, origin, relay, start_relay_process, stop_process, url
@@ -382,6 +382,38 @@ async def test_a_relay_pins_and_warms_only_releases_its_trusted_key_signed(
             ]
             assert "comes without the core's signature" in statuses[-1].error
             assert jdk14[1].initrd.digest[7:] not in r.cache  # nothing it names was fetched
+
+
+async def test_a_relay_given_the_key_directory_follows_a_key_rotation(
+    core: Core, store: Store, tmp_path: Path
+) -> None:
+    """During a rotation, a relay that trusts the core's key directory (as slim serve's does)
+    pins releases signed with either key; once the rotation ends, it refuses one the old key
+    signed.  No restart: it reads the directory again when it changes."""
+    keys = KeyDirectory(tmp_path / "keys")  # the store's releases are signed with its key
+    old = keys.signer()
+    base, jdk14 = store.release("base"), store.release("jdk14")
+    assert base is not None and jdk14 is not None
+
+    def again(release: Release, signer: SigningKey) -> str:
+        """A new release of the same environment (same objects, another date), signed by ``signer``."""
+        return store.publish_release(release.model_copy(update={"created": f"{signer.public.id}"}), signer)
+
+    async with (
+        origin(store) as o,
+        relay(tmp_path / "r", [url(o)], name="room-1", core=core.address, trust=[keys.path]) as r,
+    ):
+        await wait_until(lambda: {base[0][7:], jdk14[0][7:]} <= r.cache.pins)
+        new = SigningKey.generate()
+        keys.begin_rotation(new)
+        base_new = again(base[1], new)
+        await wait_until(lambda: base_new[7:] in r.cache.pins)  # the new key's release: pinned
+        assert jdk14[0][7:] in r.cache.pins and not r.warmer.refused  # the old key's: still pinned
+        keys.finish_rotation()
+        jdk14_old = again(jdk14[1], old)
+        await wait_until(lambda: jdk14_old in r.warmer.refused)
+        assert jdk14_old[7:] not in r.cache.pins and base_new[7:] in r.cache.pins
+        assert r.warmer.refused == {jdk14_old}
 
 
 # -- TFTP ----------------------------------------------------------------------------

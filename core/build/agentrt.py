@@ -81,11 +81,14 @@ class Runtime:
         self.files[dest or str(path)] = path
 
     def trust(self, keys: Sequence[PublicKey]) -> None:
-        """The public keys the agent accepts plans from (the core's, current first)."""
+        """The public keys the agent accepts plans from (the core's: during a key rotation,
+        the new and the previous), instead of any trusted before."""
         if not keys:
             raise FailedPrecondition(
                 "no public key to put into the initrd: the agent would refuse every plan"
             )
+        for path in [p for p in self.data if p.startswith(f"{KEYS_DIR}/")]:
+            del self.data[path]
         for key in keys:
             self.data[f"{KEYS_DIR}/{key.id}.pub"] = key.text().encode()
 

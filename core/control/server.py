@@ -43,7 +43,7 @@ from slim.objects.server import ObjectServer
 from slim.pki import REFRESH_SECONDS, CertificateAuthority, Revocations
 from slim.release import ObjectRef
 from slim.rpc import MAX_MESSAGE_BYTES, POLICY_TO_PB, TIER_TO_PB, error_metadata, status_code
-from slim.signing import SigningKey
+from slim.signing import ReloadingSigner
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
 from slim.vocabulary import MAX_STAGE_SECONDS, MAX_STORED_TEXT, MAX_TIMESTAMP_SECONDS, Policy
@@ -960,7 +960,7 @@ def run(
     config.state.parent.mkdir(parents=True, exist_ok=True)
     state = State(config.state)
     try:
-        signer = SigningKey.load_or_create(config.key_dir)
+        signer = ReloadingSigner(config.key_dir)  # a new key there (slim keys rotate) is taken up at once
         log.info("plans signed with key %s (%s)", signer.public.id, config.key_dir)
         service = dom.CoreService(
             registry, state, Store(config.store), registry_path=config.registry, signer=signer

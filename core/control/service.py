@@ -46,7 +46,7 @@ from slim.errors import (
     Unavailable,
 )
 from slim.release import ObjectRef, Release
-from slim.signing import SigningKey
+from slim.signing import Signer
 from slim.vocabulary import BOOT_ID_RE, SWITCH_ROOT_STAGE, UP_STAGE, Policy, normalize_mac, relay_observed
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ class CoreService:
         redirector: Redirector | None = None,
         clock: Callable[[], float] = time.time,
         registry_path: str | Path | None = None,
-        signer: SigningKey | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.registry = registry
         self.signer = signer  # signs boot plans (None: plans go unsigned, and agents refuse them)

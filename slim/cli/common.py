@@ -145,8 +145,8 @@ keys_option = click.option(
     envvar="SLIM_KEYS",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="The core's signing key directory (signing.key, signing.pub; made on first use); also "
-    "$SLIM_KEYS (default: STATE_DIR/keys).",
+    help="The core's signing key directory (signing.key, signing.pub, and previous.pub during a "
+    "rotation; made on first use); also $SLIM_KEYS (default: STATE_DIR/keys).",
 )
 DEFAULT_STATE_DIR = Path("/var/lib/slim")
 

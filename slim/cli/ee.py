@@ -5,6 +5,7 @@ that work on images and the store directly, on the core's host (import, build, v
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -273,8 +274,9 @@ def ee_build(
     archive and a manifest (sync also one object per file, so nodes fetch only
     what changed); nfs gets a manifest and a read-only tree for export.  Plus the
     image's kernel and an initrd with its modules for every hardware profile,
-    the agent and its runtime, and the core's public key (from --keys, made there
-    if missing): the agent refuses any plan that key did not sign.
+    the agent and its runtime, and the core's public keys (from --keys, the key made
+    there if missing; both keys during a rotation, slim keys rotate): the agent refuses
+    any plan they did not sign.
     Rebuilding an unchanged image adds no object and keeps the release.
     """
     from slim.core.build.agentrt import collect
@@ -282,9 +284,9 @@ def ee_build(
     from slim.core.build.release import build_environment
     from slim.core.registry import load_registry
     from slim.core.store import Store
-    from slim.signing import SigningKey
+    from slim.signing import KeyDirectory, SigningKey
 
-    with errors_to_exit():
+    with errors_to_exit(), ExitStack() as held:
         reg = load_registry(registry_path)
         targets = sorted(reg.environments) if build_all else list(names)
         if not targets:
@@ -293,10 +295,13 @@ def ee_build(
             reg.environment(n)  # unknown names fail before any work
         store = Store(store_path if store_path is not None else Path(reg.server.state_dir) / "store")
         keys = Path(keys_path) if keys_path is not None else Path(reg.server.state_dir) / "keys"
-        signer = SigningKey.load_or_create(keys)  # signs the releases; the initrd trusts it
+        SigningKey.load_or_create(keys)  # made if missing
+        # held (shared) to the end: a key rotation waits for this build, or it for the rotation
+        keydir = held.enter_context(KeyDirectory(keys).held(exclusive=False))
+        signer = keydir.signer()  # signs the releases
         runtime = collect() if agent else None
         if runtime is not None:
-            runtime.trust([signer.public])
+            runtime.trust(keydir.trusted())  # the signer's key; during a rotation the previous one too
         results = []
         with StageProgress(enabled=not as_json) as progress:
             for n in targets:

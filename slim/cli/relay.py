@@ -172,9 +172,10 @@ def relay_list(core_address: str, as_json: bool) -> None:
     "--trust",
     "trust",
     multiple=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The core's public key (slim keys export; STATE_DIR/keys/signing.pub on the core's host).  "
-    "Repeatable.  Only releases it signed are pinned or prefetched; without it, none is.",
+    type=click.Path(path_type=Path),
+    help="The core's public key (slim keys export), or a directory of .pub files: on the core's "
+    "host, STATE_DIR/keys, which holds both keys during a rotation.  Repeatable; read again when "
+    "they change.  Only releases they signed are pinned or prefetched; without it, none is.",
 )
 @click.option(
     "--identity",
