@@ -11,7 +11,6 @@ a symbolic link, and never says their contents anywhere: events name how many th
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import os
 import posixpath
@@ -67,7 +66,7 @@ def parse(data: bytes) -> list[Secret]:
             raise PlanError(f"{where}: content must be base64 of at most {MAX_SECRET_BYTES} bytes")
         try:
             raw = base64.b64decode(content, validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, and non-ASCII text (found by the long fuzzing pass)
             raise PlanError(f"{where}: content is not base64") from None
         out.append(Secret(path, mode, owner, raw))
     return out
@@ -106,27 +105,40 @@ def owner_ids(root: Path, owner: str) -> tuple[int, int]:
     return uid, uid
 
 
+def _install_one(top: str, s: Secret, index: int) -> None:
+    dest = Path(top) / s.path.lstrip("/")
+    parent = dest.parent
+    parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    real = os.path.realpath(parent)
+    if real != str(parent) or not (real == top or real.startswith(top.rstrip("/") + "/")):
+        raise PlanError(f"secrets: {s.path}: its directory leads elsewhere (a symbolic link): refused")
+    uid, gid = owner_ids(Path(top), s.owner)
+    tmp = parent / f".slim-secret-{os.getpid()}-{index}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, s.content)
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, s.mode)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    if dest.is_dir() and not dest.is_symlink():
+        tmp.unlink()
+        raise PlanError(f"secrets: {s.path} is a directory in the environment")
+    os.replace(tmp, dest)  # a symbolic link at dest is replaced, not followed
+
+
 def install(root: Path, secrets: list[Secret]) -> list[str]:
     """Write each secret under ``root`` at its path, mode and owner; the paths written.  A
     parent directory that is a symbolic link, or leads out of ``root``, is refused."""
     top = os.path.realpath(root)
     written: list[str] = []
     for s in secrets:
-        dest = Path(top) / s.path.lstrip("/")
-        parent = dest.parent
-        parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        real = os.path.realpath(parent)
-        if real != str(parent) or not (real == top or real.startswith(top.rstrip("/") + "/")):
-            raise PlanError(f"secrets: {s.path}: its directory leads elsewhere (a symbolic link): refused")
-        uid, gid = owner_ids(Path(top), s.owner)
-        tmp = parent / f".slim-secret-{os.getpid()}-{len(written)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, s.content)
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, s.mode)
-        finally:
-            os.close(fd)
-        os.replace(tmp, dest)  # a symbolic link at dest is replaced, not followed
+            _install_one(top, s, len(written))
+        except OSError as exc:
+            raise PlanError(f"secrets: {s.path}: cannot write it ({exc.strerror or exc})") from None
         written.append(s.path)
     return written

@@ -27,11 +27,14 @@ from pathlib import Path
 import zstandard
 
 from slim.agent import manifest as mf
+from slim.agent import secrets as node_secrets
 from slim.agent.plan import BootArgs, PlanError, parse_plan
 from slim.agent.unpack import UnsafeEntry, extract_tar
+from slim.core.control.auth import bearer, parse_token
 from slim.core.registry import load_registry_text
-from slim.errors import ConfigError, InvalidArgument
+from slim.errors import ConfigError, InvalidArgument, Unauthenticated
 from slim.objects.routes import parse_range
+from slim.pki import identity_of_pem
 from slim.relay import tftp
 from slim.relay.api import events_from_body, node_ref
 from slim.release import decode_manifest
@@ -211,6 +214,43 @@ def _assert_inside(root: Path) -> None:
             assert (st.st_dev, st.st_ino) != (outside.st_dev, outside.st_ino)
 
 
+def check_secrets(data: bytes) -> None:
+    """A relay's secrets answer, parsed, then written under ``outer/root``: nothing may
+    appear or change outside ``root``."""
+    parsed = node_secrets.parse(data)
+    with tempfile.TemporaryDirectory(prefix="slim-fuzz-secrets-") as tmp:
+        outer = Path(tmp)
+        root = outer / "root"
+        (root / "etc").mkdir(parents=True)
+        (root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\nmunge:x:120:130::/:/bin/false\n")
+        (root / "etc" / "group").write_text("root:x:0:\nmunge:x:130:\n")
+        (outer / "sentinel").write_bytes(b"untouched")
+        try:
+            written = node_secrets.install(root, parsed)
+        finally:
+            assert sorted(p.name for p in outer.iterdir()) == ["root", "sentinel"]
+            assert (outer / "sentinel").read_bytes() == b"untouched"
+        for secret in parsed:
+            if secret.path in written:
+                assert (root / secret.path.lstrip("/")).read_bytes() in {s.content for s in parsed}
+
+
+# -- credentials (core/control/auth.py, slim/pki.py) ---------------------------------
+
+
+def check_credentials(data: bytes) -> None:
+    """An ``authorization`` header, a token's text, a certificate a caller presents."""
+    text = _text(data)
+    with contextlib.suppress(Unauthenticated):
+        token = bearer([("authorization", text)])
+        assert token is None or token == token.strip()
+    with contextlib.suppress(Unauthenticated):
+        kind, token_id, secret = parse_token(text)
+        assert kind in ("admin", "node") and len(token_id) == 16 and len(secret) == 43
+    identity = identity_of_pem(data)
+    assert identity.role in ("relay", "admin", "core") and identity.name
+
+
 # -- the size/duration/rate vocabulary (slim/vocabulary.py) ---------------------------
 
 
@@ -252,6 +292,13 @@ TARGETS: dict[str, Target] = {
         Target("tar", "agent/unpack.py extract_tar", check_tar, (UnsafeEntry,)),
         Target(
             "vocabulary", "slim/vocabulary.py parse_size, parse_duration, parse_rate", check_vocabulary, ()
+        ),
+        Target("secrets", "agent/secrets.py parse, install", check_secrets, (PlanError,)),
+        Target(
+            "credentials",
+            "core/control/auth.py bearer, parse_token; slim/pki.py identity_of_pem",
+            check_credentials,
+            (InvalidArgument,),
         ),
     )
 }

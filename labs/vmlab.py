@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -50,9 +51,13 @@ SLIM = [sys.executable, "-m", "slim.cli"]
 MAC = "52:54:00:12:34:56"
 MARKER = "SLIM-EE-MARKER"
 BOOT_TIMEOUT = 300.0
+CONSOLE_GRACE = 20.0  # seconds after "up" the console may take to show what the EE printed
+SECRET_PATH = "/etc/slim-test/secret"  # noqa: S105 - a path, not a password: a per-node secret the lab's registry names (in RAM: / is ram)
 TEST_INIT = f"""#!/bin/sh
 mount -t proc proc /proc
-/run/slim/report "slim-test-init started" || echo "SLIM-TEST: no relay took the report"
+# the environment's secret (registry `secrets`): its digest and mode say it arrived, not its bytes
+secret="secret $(sha256sum {SECRET_PATH} | cut -c1-64) $(stat -c %a {SECRET_PATH})"
+/run/slim/report "slim-test-init started $secret" || echo "SLIM-TEST: no relay took the report"
 echo "{MARKER} $(tr -d '\\n' < /run/slim/ee)"
 sync
 echo o > /proc/sysrq-trigger
@@ -67,6 +72,7 @@ settings: {{nfs_server: {server}, boot_menu_timeout: 0, heartbeat_interval: 1}}
 sites:
   qemu:
     prefixes: [{prefixes}]
+    secrets_without_token: true  # the lab's own network: PXE carries no token
 {dhcp}relays:
   r1: {{urls: ["http://{server}:{relay}/"], site: qemu}}
 profiles:
@@ -76,7 +82,8 @@ environments:
     image: {image}
     default_policy: ram
     kernel_args: "{kernel_args}"
-{up_timeout}    directories:
+{up_timeout}    secrets: [{{source: {secret}, path: {secret_path}, mode: "0400"}}]
+    directories:
 {var}      /usr: {{policy: nfs, options: "ro,nolock,noatime,proto=tcp,port={nfs},vers=4.1"}}
 nodes:
   vm1: {{macs: ["{mac}"], profile: vm, environment: vmtest, site: qemu{disk}}}
@@ -104,13 +111,14 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
 # console lines that mark the boot's stages (the first line matching each), in order
+INIT_MILESTONE = "EE's init runs"
 MILESTONES = (
     ("firmware PXE: address and boot file from DHCP", re.compile(r"Station IP address is")),
     ("firmware PXE: ipxe.efi over TFTP", re.compile(r"NBP file downloaded successfully")),
     ("iPXE: DHCP again, told the relay's boot URL", re.compile(r"Filename: http")),
     ("iPXE: menu over HTTP", re.compile(r"\.ipxe\.\.\. ok")),
     ("kernel and initrd over HTTP; kernel starts", re.compile(r"Linux version")),
-    ("EE's init runs", re.compile(rf"{MARKER}|Reached target.*[Mm]ulti-[Uu]ser")),  # test init, or systemd
+    (INIT_MILESTONE, re.compile(rf"{MARKER}|Reached target.*[Mm]ulti-[Uu]ser")),  # test init, or systemd
 )
 
 
@@ -125,6 +133,7 @@ class Boot:
     qemu_exit: int | None  # None: the lab stopped the VM (a systemd EE runs on)
     milestones: dict[str, float] = field(default_factory=dict)  # label -> host clock
     status: pb.BootStatus | None = None  # the core's word on this boot, at its end
+    secret: bytes = b""  # the environment's secret file as the core has it (the guest reports its digest)
 
     @property
     def agent_stages(self) -> list[str]:
@@ -198,6 +207,7 @@ class Lab:
         self.keys = self.state / "keys"  # the core's signing key (slim serve's STATE_DIR/keys); the build
         # puts its public key into the initrd, whose agent refuses plans it did not sign
         self.registry = tmp / "registry.yaml"
+        self.secret = tmp / "vm.secret"  # the environment's secret, on the core's side
         pxe = network == "pxe"
         self.nfs_port = 2049 if pxe else free_port()  # in the lab's own namespace, or on loopback
         self.relay_port = 8080 if pxe else 9
@@ -280,6 +290,9 @@ class Lab:
         """(Re)write the registry; a running core reloads it (SIGHUP)."""
         disk = self.var_policy is not None
         pxe = self.network == "pxe"
+        if not self.secret.exists():
+            self.secret.write_text(secrets.token_hex(32) + "\n")
+            self.secret.chmod(0o600)
         self.registry.write_text(
             REGISTRY.format(
                 server=PXE_SERVER if pxe else "10.0.2.2",
@@ -297,6 +310,8 @@ class Lab:
                 up_timeout=f"    up_timeout: {self.up_timeout:g}\n" if self.up_timeout else "",
                 var=f"      /var: {self.var_policy}\n" if disk else "",
                 disk=", disk: /dev/vda" if disk else "",
+                secret=self.secret,
+                secret_path=SECRET_PATH,
             )
         )
         core = getattr(self, "_core", None)
@@ -371,7 +386,10 @@ class Lab:
                     if status.state == "up" and not up_seen:
                         up_seen = time.time()
                     done = status.state in ("up", "failed")
-                    if done and (exited or self.init_path is None or status.state == "failed"):
+                    # a systemd EE runs on: stop it once the serial console (slower than the
+                    # network the report takes) has shown its init's milestone, or 20 s after up
+                    shown = INIT_MILESTONE in console.milestones or time.time() - up_seen > CONSOLE_GRACE
+                    if done and (exited or status.state == "failed" or (self.init_path is None and shown)):
                         break
                 if exited and (status is None or status.state not in ("starting", "booting")):
                     break  # QEMU is gone and nothing more will come
@@ -399,7 +417,7 @@ class Lab:
         marker_at = console.marker_at or up_seen
         return Boot(
             active, list(events), console.text, started, console.kernel_at, marker_at,
-            None if stopped else code, console.milestones, status,
+            None if stopped else code, console.milestones, status, self.secret.read_bytes(),
         )  # fmt: skip
 
     def wait_for_kernel_args(self, text: str, seconds: float = 30.0) -> None:

@@ -125,9 +125,12 @@ class Identity:
 
 def identity_of(cert: x509.Certificate) -> Identity:
     """The name, role and serial of a SLIM certificate (no chain check: TLS did that)."""
-    subject = cert.subject
-    names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    units = subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    try:  # the subject is parsed when first read (a malformed one: ValueError, found by fuzzing)
+        subject = cert.subject
+        names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        units = subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    except (ValueError, TypeError) as exc:  # cryptography's two ways of saying "malformed"
+        raise InvalidArgument(f"the certificate's subject cannot be read: {exc}") from None
     if len(names) != 1 or len(units) != 1 or units[0].value not in ROLES:
         raise InvalidArgument("the certificate is not one SLIM's CA issues (no CN and OU role)")
     role: Role = units[0].value
@@ -137,7 +140,7 @@ def identity_of(cert: x509.Certificate) -> Identity:
 def identity_of_pem(pem: bytes) -> Identity:
     try:
         cert = x509.load_pem_x509_certificate(pem)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion: found by fuzzing
         raise InvalidArgument(f"not a PEM certificate: {exc}") from None
     return identity_of(cert)
 
@@ -321,7 +324,7 @@ class CertificateAuthority:
                 fresh = cert.not_valid_after_utc - _now() > dt.timedelta(days=RENEW_DAYS)
                 if fresh and wanted <= have and cert.issuer == self.cert.subject:
                     return key_path.read_bytes(), cert_path.read_bytes()
-            except (ValueError, x509.ExtensionNotFound):
+            except (ValueError, x509.InvalidVersion, x509.ExtensionNotFound):
                 pass  # unreadable or not ours: issue a new one
         key, cert_pem = self.issue(CORE_NAME, "core", dns_names=tuple(sorted(wanted - {CORE_NAME})))
         _write_private(key_path, key)
@@ -442,7 +445,7 @@ def read_ca(path: Path) -> bytes:
             raise InvalidArgument(f"CA certificate {candidate}: {exc.strerror}") from None
         try:
             x509.load_pem_x509_certificate(data)
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             raise InvalidArgument(f"{candidate} is not a PEM certificate") from None
         return data
     raise InvalidArgument(f"no CA certificate at {path}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from hashlib import sha256
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ def lab_for(tmp_path: Path, var_policy: str | None = None) -> Lab:
     return Lab(tmp_path, var_policy, qemu)
 
 
-AGENT_STAGES = ["plan", "ram:/", "mount:/usr", "done", "switch_root", "up"]
+AGENT_STAGES = ["plan", "ram:/", "mount:/usr", "secrets", "done", "switch_root", "up"]
 
 
 def checked(boot: Boot) -> list[pb.BootEvent]:
@@ -53,6 +54,8 @@ def checked(boot: Boot) -> list[pb.BootEvent]:
     assert ends == sorted(ends), [(e.stage, e.time.ToNanoseconds()) for e in boot.events]
     up = next(e for e in boot.events if e.stage == "up")
     assert "slim-test-init" in up.message or "systemd reached" in up.message, up.message
+    if "slim-test-init" in up.message:  # the environment's secret arrived, with its mode
+        assert f"secret {sha256(boot.secret).hexdigest()} 400" in up.message, up.message
     return boot.events
 
 
@@ -203,7 +206,17 @@ def test_vm_disk_then_sync_transfers_only_changes(tmp_path: Path) -> None:
         lab.start()
         events = checked(lab.boot(*drive))
         stages = [e.stage for e in events if e.stage not in ("script", "kernel", "initrd")]
-        assert stages == ["plan", "ram:/", "mount:/usr", "mkfs", "disk:/var", "done", "switch_root", "up"]
+        assert stages == [
+            "plan",
+            "ram:/",
+            "mount:/usr",
+            "mkfs",
+            "disk:/var",
+            "secrets",
+            "done",
+            "switch_root",
+            "up",
+        ]
         full = next(e.bytes for e in events if e.stage == "disk:/var")
         # the same image as copy-if-needed: nothing but the manifest crosses the wire
         lab.var_policy = "sync"
@@ -216,6 +229,7 @@ def test_vm_disk_then_sync_transfers_only_changes(tmp_path: Path) -> None:
             "ram:/",
             "mount:/usr",
             "sync:/var",
+            "secrets",
             "done",
             "switch_root",
             "up",
