@@ -7,7 +7,9 @@ spends on a whole small response.  So each connection starts on this
 protocol: it splits the byte stream into request heads itself, parses each
 with httptools (llhttp, the parser Node.js uses), and answers plain
 ``GET``/``HEAD`` of a cached object directly: small bodies in one write with
-the headers, large ones by ``sendfile`` (see :mod:`slim.objects.routes`).
+the headers, large ones by ``sendfile`` (see :mod:`slim.objects.routes`), or
+over TLS in pieces through the TLS transport.  An HTTPS listener runs the same
+protocol behind asyncio's (or uvloop's) TLS layer.
 
 Anything else — a miss (which needs a fetch), a ``Range`` or conditional
 request, another path, a request with a body, a head that does not parse —
@@ -31,7 +33,16 @@ from typing import cast
 
 import httptools
 
-from slim.objects.routes import IMMUTABLE, SMALL, ObjectRoutes, sendfile_fd, small_body
+from slim.objects.routes import (
+    IMMUTABLE,
+    SMALL,
+    TLS_CHUNK,
+    ObjectRoutes,
+    is_tls,
+    read_chunk,
+    sendfile_fd,
+    small_body,
+)
 from slim.objects.source import CachedObject
 
 log = logging.getLogger(__name__)
@@ -259,8 +270,11 @@ class FastConnection(asyncio.Protocol):
         try:
             assert transport is not None
             transport.write(self._headers(obj, not self._close))
-            await self._drain()
-            await sendfile_fd(transport, fd, 0, obj.size)
+            if is_tls(transport):
+                await self._send_tls(transport, fd, obj.size)
+            else:
+                await self._drain()
+                await sendfile_fd(transport, fd, 0, obj.size)
             c.bytes_sent += obj.size
             ok = True
         except (ConnectionError, AssertionError):
@@ -289,6 +303,25 @@ class FastConnection(asyncio.Protocol):
             return
         self.transport.resume_reading()
         self._process()
+
+    async def _send_tls(self, transport: asyncio.Transport, fd: int, size: int) -> None:
+        """The body over TLS: read off the loop, written through the transport (no
+        sendfile), waiting while the transport asks us to pause."""
+        offset = 0
+        while offset < size:
+            data = await read_chunk(fd, offset, min(TLS_CHUNK, size - offset))
+            if self.transport is None:
+                raise ConnectionResetError("connection lost")
+            transport.write(data)
+            offset += len(data)
+            while self._paused:
+                if self.transport is None:
+                    raise ConnectionResetError("connection lost")
+                self._writable = asyncio.get_running_loop().create_future()
+                try:
+                    await self._writable
+                finally:
+                    self._writable = None
 
     async def _drain(self) -> None:
         """Wait until the transport's buffer is empty."""

@@ -16,6 +16,9 @@ the store, nothing fetched).
   the duplicate, waiting for writability on it (the transport's own buffer is
   empty by then).  Cached objects usually never get here: the fast path
   (:mod:`slim.objects.fastpath`) answers them before aiohttp sees the request.
+  Over TLS (an HTTPS listener) there is no sendfile: the bytes are read in
+  :data:`TLS_CHUNK` pieces off the event loop and written through the TLS
+  transport, waiting whenever its buffer is full.
 * At most ``max_transfers`` responses at once; beyond that 503 with
   Retry-After.  A cached object is marked in use while it is sent, so the
   cache never evicts it under a reader.
@@ -41,6 +44,7 @@ from slim.vocabulary import HEX_RE
 log = logging.getLogger(__name__)
 
 SMALL = 128 * 1024  # bodies up to this size are read and sent with the headers in one write
+TLS_CHUNK = 256 * 1024  # over TLS: bytes read (off the loop) and written per step
 IMMUTABLE = "public, max-age=31536000, immutable"
 RANGE_RE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")  # longer numbers: ignored (malformed)
 
@@ -235,7 +239,7 @@ class ObjectRoutes:
                 return resp
             try:
                 await resp.prepare(request)
-                await send_file(request, fd, start, count)
+                await send_file(request, resp, fd, start, count)
                 self.counters.bytes_sent += count
                 await resp.write_eof()
             except ConnectionError:
@@ -282,7 +286,7 @@ class ObjectRoutes:
                     log.info("cutting a response for sha256:%s short: %s", fetch.hex[:12], fetch.error)
                     return self._gone(request, resp)
                 upto = min(end, fetch.available())
-                await send_file(request, fd, position, upto - position)
+                await send_file(request, resp, fd, position, upto - position)
                 self.counters.bytes_sent += upto - position
                 position = upto
             await resp.write_eof()
@@ -329,23 +333,48 @@ def _http_error(exc: SlimError, headers: dict[str, str] | None) -> web.HTTPExcep
     return cls(text=exc.message + "\n", headers=headers)
 
 
-async def send_file(request: web.Request, fd: int, offset: int, count: int) -> None:
-    """Send ``count`` bytes of ``fd`` from ``offset`` after the (prepared) headers."""
+async def send_file(request: web.Request, resp: web.StreamResponse, fd: int, offset: int, count: int) -> None:
+    """Send ``count`` bytes of ``fd`` from ``offset`` after the (prepared) headers of
+    ``resp``: by sendfile, or over TLS through the transport."""
     if count <= 0:
         return
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the client went away")
+    if is_tls(transport):
+        end = offset + count
+        while offset < end:
+            data = await read_chunk(fd, offset, min(TLS_CHUNK, end - offset))
+            await resp.write(data)  # waits while the transport's buffer is full
+            offset += len(data)
+        return
     await _flush(transport, request)
     await sendfile_fd(transport, fd, offset, count)
+
+
+def is_tls(transport: asyncio.BaseTransport) -> bool:
+    """Whether the connection is TLS (then sendfile would bypass the encryption)."""
+    return transport.get_extra_info("ssl_object") is not None
+
+
+async def read_chunk(fd: int, offset: int, count: int) -> bytes:
+    """Up to ``count`` bytes of ``fd`` at ``offset``, read off the event loop;
+    ConnectionResetError when the file ends first (it is shorter than recorded)."""
+    data = await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, count, offset)
+    if not data:
+        raise ConnectionResetError("the file is shorter than expected")
+    return data
 
 
 async def sendfile_fd(transport: asyncio.BaseTransport, fd: int, offset: int, count: int) -> None:
     """``sendfile(2)`` on a duplicate of the transport's socket (the transport's own
     buffer must be empty).  uvloop has no ``loop.sendfile`` and refuses
-    ``add_writer`` on a transport's descriptor; a duplicate works on every loop."""
+    ``add_writer`` on a transport's descriptor; a duplicate works on every loop.
+    Never on a TLS connection (:func:`is_tls`): the bytes would bypass the encryption."""
     if count <= 0:
         return
+    if is_tls(transport):
+        raise RuntimeError("sendfile on a TLS connection would send plaintext")
     sock = transport.get_extra_info("socket")
     if sock is None:
         raise ConnectionResetError("the connection is closed")
