@@ -77,17 +77,19 @@ def normalize_dir(value: str) -> str:
 
 
 def _check_url(value: str) -> str:
+    """A relay's base URL: ``http://`` (iPXE and PXE on a LAN) or ``https://`` (a relay with
+    ``https_listen``: nodes check its certificate against SLIM's CA)."""
     parts = urlsplit(value)
-    if parts.scheme == "https":
-        raise ValueError(
-            f"{value!r}: relays serve plain HTTP only (no TLS yet, and the nodes' agent has no ssl); "
-            "use http://"
-        )
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"{value!r} is not an http:// URL with a host")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// URL with a host (or https://)")
     if parts.query or parts.fragment:
         raise ValueError(f"{value!r}: a relay URL takes no query or fragment")
     return value if value.endswith("/") else value + "/"
+
+
+def relay_tls_name(relay: str) -> str:
+    """The DNS name in relay ``relay``'s certificate (:mod:`slim.pki` issues it so)."""
+    return f"{relay}.relay.slim"
 
 
 def _parse_network(value: Any) -> IPNetwork:
@@ -256,6 +258,9 @@ class Server(_Model):
     )
     relay: Name | None = Field(None, description="which relay of the registry this server is")
     relay_listen: Listen = Field("0.0.0.0:8080", description="the relay's HTTP")
+    relay_https_listen: Listen | None = Field(
+        None, description="the relay's HTTPS, beside its HTTP (null: none), for https:// relay URLs"
+    )
     tftp_listen: Listen | None = Field("0.0.0.0:69", description="the relay's TFTP (null: none)")
     cache_max_bytes: ByteSize = Field(
         20 << 30, gt=0, description="relay cache budget (a size: 20G, 500GB, ...)"
@@ -477,13 +482,17 @@ class Registry:
     def relay_upstreams(self, name: str) -> list[str]:
         """Where relay ``name`` fetches missing objects: its parent's URLs, in order; empty for a
         relay without a parent (its upstream is the core's object server, which the registry
-        does not name)."""
+        does not name).  An https URL carries the name the parent's certificate must show
+        (``URL#PARENT.relay.slim``, :class:`slim.relay.config.Upstream`)."""
         try:
             relay = self.relays[name]
         except KeyError:
             known = ", ".join(sorted(self.relays)) or "none"
             raise NotFound(f"unknown relay {name!r} (known: {known})") from None
-        return [] if relay.parent is None else list(self.relays[relay.parent].urls)
+        if relay.parent is None:
+            return []
+        tls = relay_tls_name(relay.parent)
+        return [u + f"#{tls}" if u.startswith("https:") else u for u in self.relays[relay.parent].urls]
 
     # -- lookups that raise NotFound with a useful message -------------------
     def node(self, name: str) -> Node:

@@ -7,6 +7,7 @@ its own relay from the registry and hands it over as a JSON file.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -14,13 +15,47 @@ from pydantic import AfterValidator, Field, model_validator
 
 from slim.config import Address, ByteSize, HostPort, LogLevel, ProcessConfig, value_error
 from slim.errors import InvalidArgument
+from slim.pki import CORE_NAME
 
 DEFAULT_HTTP_PORT = 8080
+_UPSTREAM_RE = re.compile(r"(https?)://([^/\s#]+)/?(?:#([A-Za-z0-9][A-Za-z0-9._-]{0,252}))?")
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One upstream: its base URL and, over HTTPS, the name its certificate must carry.
+
+    ``http://HOST:PORT``: plain HTTP, unauthenticated (the digests still check every byte).
+    ``https://HOST:PORT``: the certificate must chain to SLIM's CA and name ``slim-core``
+    (the core's object server), whatever HOST is.  ``https://HOST:PORT#NAME``: the same for
+    the name NAME instead, for a parent relay ``PARENT.relay.slim`` (what the registry's
+    parents become, :func:`slim.core.registry.Registry.relay_upstreams`).  The fragment is
+    never sent."""
+
+    base: str  # scheme://host:port, without a trailing slash or fragment
+    peer: str  # https: the DNS name the upstream's certificate must carry; "" for http
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.peer)
+
+    @classmethod
+    def parse(cls, value: str) -> Upstream:
+        m = _UPSTREAM_RE.fullmatch(value.strip())
+        if m is None:
+            raise InvalidArgument(
+                f"upstream {value!r} is not an http://HOST:PORT or https://HOST:PORT[#NAME] base URL"
+            )
+        scheme, host, name = m.groups()
+        if scheme == "http" and name:
+            raise InvalidArgument(
+                f"upstream {value!r}: #{name} names the certificate to expect, which only https:// has"
+            )
+        return cls(f"{scheme}://{host}", (name or CORE_NAME) if scheme == "https" else "")
 
 
 def _upstream(value: str) -> str:
-    if not re.fullmatch(r"https?://[^/\s]+/?", value):
-        raise InvalidArgument(f"upstream {value!r} is not an http://HOST:PORT base URL")
+    Upstream.parse(value)
     return value
 
 
@@ -33,11 +68,11 @@ def _some(upstreams: list[str]) -> list[str]:
     return upstreams
 
 
-Upstream = Annotated[str, AfterValidator(value_error(_upstream))]
+UpstreamUrl = Annotated[str, AfterValidator(value_error(_upstream))]
 
 
 class RelayConfig(ProcessConfig):
-    upstreams: Annotated[list[Upstream], AfterValidator(value_error(_some))] = Field(
+    upstreams: Annotated[list[UpstreamUrl], AfterValidator(value_error(_some))] = Field(
         description="where missing objects come from: parent relays or the core's object server"
     )
     cache_dir: Path = Field(Path("/var/cache/slim/relay"), description="where cached objects live")
@@ -56,6 +91,16 @@ class RelayConfig(ProcessConfig):
         False, description="plaintext gRPC to a core run with tls: false (no identity needed)"
     )
     listen: HostPort = Field(f"0.0.0.0:{DEFAULT_HTTP_PORT}", description="HTTP: HOST:PORT (0: any port)")
+    https_listen: HostPort | None = Field(
+        None,
+        description="HTTPS, beside listen: HOST:PORT (0: any port), the same objects and node API "
+        "with the identity's certificate; none: no HTTPS",
+    )
+    upstream_ca: Path | None = Field(
+        None,
+        description="the CA certificate https upstreams must chain to (a PEM file, or an identity or "
+        "CA directory); default: the identity's ca.pem",
+    )
     tftp_listen: HostPort | None = Field(None, description="TFTP for stage 1: HOST:PORT; none: no TFTP")
     ipxe_dir: Path = Field(Path("/usr/lib/ipxe"), description="the iPXE binaries served over TFTP")
     max_transfers: int = Field(1024, ge=1, description="object responses at once (more get 503)")
@@ -84,4 +129,15 @@ class RelayConfig(ProcessConfig):
             )
         if self.core and not self.name and self.identity is None:
             raise ValueError("a relay that talks to a core needs --name (its name in the registry)")
+        if self.https_listen is not None and self.identity is None:
+            raise ValueError(
+                "https_listen needs --identity: the relay serves HTTPS with its certificate "
+                "(slim relay enroll NAME)"
+            )
+        secure = [u for u in self.upstreams if Upstream.parse(u).tls]
+        if secure and self.identity is None and self.upstream_ca is None:
+            raise ValueError(
+                f"upstream {secure[0]} is https: give --identity (its ca.pem) or --upstream-ca, the CA "
+                "certificate the upstream's must chain to"
+            )
         return self

@@ -18,6 +18,14 @@ published, and the next request fetches again.
 An upstream connection that breaks mid-object is resumed with a Range
 request, from the same or the next upstream; the digest covers the joined
 bytes.
+
+An ``https://`` upstream must show a certificate that chains to SLIM's CA (the
+relay's ``ca.pem``, :func:`upstream_context`) and names the peer the relay expects:
+``slim-core`` for the core's object server, ``PARENT.relay.slim`` for a parent
+relay (:class:`slim.relay.config.Upstream`); one that does not is refused like a
+broken upstream, and the relay says why.  ``http://`` upstreams are not
+authenticated (a man in the middle can refuse or corrupt objects, never make the
+relay keep bad bytes, and can read them).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import hashlib
 import logging
 import os
 import re
+import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -36,9 +45,10 @@ from typing import Any
 
 import aiohttp
 
-from slim.errors import BadGateway, NotFound, SlimError
+from slim.errors import BadGateway, InvalidArgument, NotFound, SlimError
 from slim.objects.source import CachedObject, Fetch
 from slim.relay.cache import ObjectCache, Reservation
+from slim.relay.config import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +72,18 @@ def _write_and_hash(fd: int, h: Any, data: bytes | bytearray) -> None:
         n = os.write(fd, view)
         view = view[n:]
     h.update(data)
+
+
+def upstream_context(ca_pem: bytes) -> ssl.SSLContext:
+    """The TLS client context for https upstreams: only certificates that chain to
+    ``ca_pem`` (SLIM's CA; the system's CAs are not trusted), TLS 1.2 or later, host names
+    checked (against the name each :class:`Upstream` expects)."""
+    try:
+        ctx = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
+    except (ssl.SSLError, ValueError) as exc:
+        raise InvalidArgument(f"the upstream CA certificate cannot be used: {exc}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
 
 
 def _create(path: Path) -> int:
@@ -88,9 +110,15 @@ class Fetcher:
         io: Executor,
         max_fetches: int = 16,
         on_bytes: Callable[[int], None] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``upstreams``: base URLs (:class:`Upstream`); ``tls``: the context for the
+        https ones (:func:`upstream_context`), required if there is one."""
         self.cache = cache
-        self.upstreams = [u.rstrip("/") for u in upstreams]
+        self.upstreams = [Upstream.parse(u) for u in upstreams]
+        if tls is None and any(u.tls for u in self.upstreams):
+            raise InvalidArgument("an https upstream needs the CA its certificate must chain to")
+        self.tls = tls
         self.session = session
         self.io = io
         self.counters = FetchCounters()
@@ -122,26 +150,44 @@ class Fetcher:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _ordered(self) -> list[str]:
+    def _ordered(self) -> list[Upstream]:
         now = time.monotonic()
-        return sorted(self.upstreams, key=lambda u: self._penalty.get(u, 0.0) > now)
+        return sorted(self.upstreams, key=lambda u: self._penalty.get(u.base, 0.0) > now)
 
-    def _failed(self, upstream: str) -> None:
-        self._penalty[upstream] = time.monotonic() + FAILED_UPSTREAM_BACKOFF
+    def _failed(self, upstream: Upstream) -> None:
+        self._penalty[upstream.base] = time.monotonic() + FAILED_UPSTREAM_BACKOFF
+
+    def _tls(self, upstream: Upstream) -> dict[str, Any]:
+        """aiohttp's arguments for a request to ``upstream``: over https, SLIM's CA and the
+        name its certificate must carry (whatever host the URL names)."""
+        if not upstream.tls:
+            return {}
+        return {"ssl": self.tls, "server_hostname": upstream.peer}
+
+    @staticmethod
+    def _refused(upstream: Upstream, exc: BaseException) -> BadGateway:
+        """Why a request to ``upstream`` failed, saying so plainly when its certificate did."""
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            return BadGateway(
+                f"upstream {upstream.base}: refused its certificate, which is not {upstream.peer}'s "
+                f"from SLIM's CA ({exc.certificate_error})"
+            )
+        return BadGateway(f"upstream {upstream.base}: {exc or type(exc).__name__}")
 
     async def head(self, hexdigest: str) -> int:
         """The size of an object upstream (no fetch); NotFound if no upstream has it."""
         last: SlimError = NotFound(f"object sha256:{hexdigest} is not on any upstream")
-        for base in self._ordered():
+        for up in self._ordered():
             try:
-                async with self.session.head(f"{base}/objects/sha256/{hexdigest}") as resp:
+                url = f"{up.base}/objects/sha256/{hexdigest}"
+                async with self.session.head(url, **self._tls(up)) as resp:
                     if resp.status == 200 and resp.content_length is not None:
                         return resp.content_length
                     if resp.status != 404:
-                        last = BadGateway(f"upstream {base} answered HEAD with {resp.status}")
+                        last = BadGateway(f"upstream {up.base} answered HEAD with {resp.status}")
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                self._failed(base)
-                last = BadGateway(f"upstream {base}: {exc or type(exc).__name__}")
+                self._failed(up)
+                last = self._refused(up, exc)
         raise last
 
     async def _run(self, fetch: Fetch) -> None:
@@ -156,12 +202,13 @@ class Fetcher:
                 last: SlimError | None = None
                 bases = self._ordered()
                 for attempt in range(2 * len(bases)):
-                    base = bases[attempt % len(bases)]
+                    up = bases[attempt % len(bases)]
+                    base = up.base
                     url = f"{base}/objects/sha256/{fetch.hex}"
                     headers = {"Range": f"bytes={fetch.written}-"} if fetch.written else {}
                     copying = False
                     try:
-                        async with self.session.get(url, headers=headers) as resp:
+                        async with self.session.get(url, headers=headers, **self._tls(up)) as resp:
                             if resp.status == 404:
                                 not_found += 1
                                 if not_found >= len(bases):
@@ -194,12 +241,12 @@ class Fetcher:
                             await self._copy(resp, fetch, fd, h)
                         break
                     except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-                        self._failed(base)
-                        last = BadGateway(f"upstream {base}: {exc or type(exc).__name__}")
+                        self._failed(up)
+                        last = self._refused(up, exc)
                         log.warning("fetch %s: %s (at byte %d)", fetch.hex[:12], last, fetch.written)
                         continue
                     except BadGateway as exc:
-                        self._failed(base)
+                        self._failed(up)
                         last = exc
                         if copying:  # the bytes themselves are wrong: no retry
                             raise

@@ -1,5 +1,6 @@
 """A relay: objects over HTTP (cached, fetched upstream), the node API, TFTP for
-stage 1, heartbeats and prefetch orders from the core, metrics.
+stage 1, heartbeats and prefetch orders from the core, metrics.  With
+``https_listen``, the same over HTTPS too, with the relay's certificate.
 
 One process, one event loop (uvloop), plus one thread for TFTP and a small
 pool for file work (writes, hashing, reads of manifests, the cache's scan at
@@ -14,6 +15,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,13 +31,13 @@ from prometheus_client.registry import Collector
 from slim.errors import InvalidArgument, NotFound
 from slim.listen import parse_listen
 from slim.objects.routes import ObjectRoutes
-from slim.objects.server import HttpFront, metric_families, object_metrics
-from slim.pki import identity_of_pem
+from slim.objects.server import HttpFront, Listener, metric_families, object_metrics, server_context
+from slim.pki import CA_PEM, CERT_PEM, KEY_PEM, identity_of_pem, read_ca
 from slim.relay.api import NodeApi
 from slim.relay.cache import ObjectCache
-from slim.relay.config import DEFAULT_HTTP_PORT, RelayConfig
+from slim.relay.config import DEFAULT_HTTP_PORT, RelayConfig, Upstream
 from slim.relay.corelink import CoreLink
-from slim.relay.fetch import CachingSource, Fetcher
+from slim.relay.fetch import CachingSource, Fetcher, upstream_context
 from slim.relay.observe import BootObserver
 from slim.relay.tftp import StageOneServer
 from slim.relay.warm import Warmer
@@ -81,6 +83,10 @@ class RelayServer:
         self.config = config
         self.host, self.requested_port = parse_listen(config.listen, DEFAULT_HTTP_PORT, allow_ephemeral=True)
         self.port = 0
+        self.https: tuple[str, int] | None = None  # (host, requested port) with https_listen
+        if config.https_listen is not None:
+            self.https = parse_listen(config.https_listen, 8443, allow_ephemeral=True)
+        self.https_port = 0
         self.tftp_port = 0
         self.cache = ObjectCache(config.cache_dir, config.max_bytes, config.memory_bytes)
         self.io = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="slim-relay-io")
@@ -133,14 +139,17 @@ class RelayServer:
         if self.config.core:
             credentials = await self._loop.run_in_executor(self.io, self._credentials)
             self.link = CoreLink(self.config.core, credentials=credentials)
+        # the TLS contexts read key, certificate and CA files: off the loop
+        serving, upstream_tls = await self._loop.run_in_executor(self.io, self._tls_contexts)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5, sock_read=30),
             auto_decompress=False,
             connector=aiohttp.TCPConnector(limit=self.config.max_fetches * 2),
         )
         self.fetcher = Fetcher(
-            self.cache, self.config.upstreams, self._session, self.io, self.config.max_fetches
-        )
+            self.cache, self.config.upstreams, self._session, self.io, self.config.max_fetches,
+            tls=upstream_tls,
+        )  # fmt: skip
         self.source = CachingSource(self.cache, self.fetcher)
         if self.link is not None:
             self.observer = BootObserver(self.config.name, self.link.report_events)
@@ -158,17 +167,18 @@ class RelayServer:
             self.api.add_to(app)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
-        self.port = await self._listen(app)
+        self.port = await self._listen(app, serving)
         if self.config.tftp_listen is not None:
             # the TFTP server runs on a thread of its own; starting it touches the disk
             self.tftp_port = await self._loop.run_in_executor(self.io, self._start_tftp)
         if self.link is not None:
             self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeats"))
         log.info(
-            "relay %s serving http on %s:%d%s, upstream %s, cache %s (%d bytes)",
+            "relay %s serving http on %s:%d%s%s, upstream %s, cache %s (%d bytes)",
             self.config.name or "(unnamed)",
             self.host,
             self.port,
+            f", https on {self.https[0]}:{self.https_port}" if self.https is not None else "",
             f", tftp on port {self.tftp_port}" if self.tftp_port else "",
             ", ".join(self.config.upstreams),
             self.config.cache_dir,
@@ -176,9 +186,33 @@ class RelayServer:
         )
         return self.port
 
-    async def _listen(self, app: web.Application) -> int:
-        self.front = HttpFront(app, self.objects, self.host, self.requested_port, self.config.access_log)
-        return await self.front.start()
+    def _tls_contexts(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+        """(the HTTPS listener's context, the https upstreams' context), each None when not
+        needed: the server's is the identity's key and certificate, the upstreams' trusts
+        ``upstream_ca`` or else the identity's ca.pem (the settings check one is there)."""
+        identity = self.config.identity
+        serving = None
+        if self.https is not None:
+            assert identity is not None
+            serving = server_context(identity / CERT_PEM, identity / KEY_PEM)
+        upstream = None
+        if any(Upstream.parse(u).tls for u in self.config.upstreams):
+            ca = self.config.upstream_ca
+            if ca is None:
+                assert identity is not None
+                ca = identity / CA_PEM
+            upstream = upstream_context(read_ca(ca))
+        return serving, upstream
+
+    async def _listen(self, app: web.Application, serving: ssl.SSLContext | None) -> int:
+        listeners = [Listener(self.host, self.requested_port)]
+        if self.https is not None:
+            listeners.append(Listener(*self.https, tls=serving))
+        self.front = HttpFront(app, self.objects, listeners, self.config.access_log)
+        ports = await self.front.start()
+        if self.https is not None:
+            self.https_port = ports[1]
+        return ports[0]
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking connections, let transfers finish for ``grace`` seconds, end the rest."""

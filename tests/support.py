@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -568,3 +570,48 @@ LOOP_BLOCKING_ALLOWED: list[tuple[tuple[str, ...], str, set[str], str]] = [
         "the cache directory never holds more than --max-bytes",
     ),
 ]  # fmt: skip
+
+
+# -- HTTPS: the session CA's certificates on object servers and relays -------------------------
+def core_https() -> ssl.SSLContext:
+    """The server context of the core's object server: the core's certificate (name slim-core)
+    from the session's CA, as ``slim core serve`` makes it."""
+    from slim.core.control.server import ServerTls
+    from slim.objects.server import server_context
+
+    ca = pki().ca_dir
+    ServerTls.from_ca(ca)  # makes core.key and core.crt if missing
+    return server_context(ca / "core.crt", ca / "core.key")
+
+
+def foreign_https(directory: Path) -> ssl.SSLContext:
+    """A server context whose certificate says ``slim-core`` but comes from another CA."""
+    from slim.objects.server import server_context
+
+    other = CertificateAuthority.load_or_create(directory)
+    other.server_identity()
+    return server_context(directory / "core.crt", directory / "core.key")
+
+
+def client_https(name: str) -> dict[str, Any]:
+    """aiohttp's request arguments to check a server against the session CA and ``name``."""
+    ctx = ssl.create_default_context(cadata=(pki().ca_dir / "ca.crt").read_text())
+    return {"ssl": ctx, "server_hostname": name}
+
+
+@asynccontextmanager
+async def https_origin(store: Store, tls: ssl.SSLContext) -> AsyncIterator[ObjectServer]:
+    """The core's object server over HTTPS with ``tls``."""
+    server = ObjectServer(store.objects, "127.0.0.1:0", tls=tls)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def https_url(server: ObjectServer | RelayServer) -> str:
+    """The HTTPS base URL of an object server with TLS or of a relay with https_listen."""
+    port = server.https_port if isinstance(server, RelayServer) else server.port
+    assert port, "not serving HTTPS"
+    return f"https://127.0.0.1:{port}"

@@ -302,9 +302,13 @@ def test_relay_with_invalid_url() -> None:
     only_problem(text, "relays.r1.urls[0]", "ftp://10.1.0.1/", "is not an http:// URL with a host")
 
 
-def test_relay_url_with_https_is_refused_until_relays_serve_it() -> None:
-    text = edit(BASE, "  r1:", "http://10.1.0.1:8080/", "https://10.1.0.1/")
-    only_problem(text, "relays.r1.urls[0]", "https://10.1.0.1/", "relays serve plain HTTP only (no TLS yet")
+def test_relay_urls_may_be_https_and_a_child_checks_its_parent_by_name() -> None:
+    """A relay with https_listen is named by an https:// URL; its children fetch from it over
+    HTTPS, expecting its certificate's name (r1.relay.slim), whatever host the URL names."""
+    text = edit(BASE, "  r1:", "[http://10.1.0.1:8080/]", "[https://10.1.0.1:8443, http://10.1.0.1:8080/]")
+    reg = load_registry_text(text, FILE)
+    assert reg.relays["r1"].urls == ["https://10.1.0.1:8443/", "http://10.1.0.1:8080/"]
+    assert reg.relay_upstreams("r2") == ["https://10.1.0.1:8443/#r1.relay.slim", "http://10.1.0.1:8080/"]
 
 
 def test_relay_url_with_query() -> None:

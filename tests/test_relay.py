@@ -4,8 +4,8 @@ Every test runs on uvloop (what relays run: sendfile through a duplicated
 socket) and on the stock loop (loop.sendfile), see conftest.py.
 
 Chains of origin (the core's object server) → relay A → relay B, collapsed
-fetches, verification, ranges, traversal, budget and pins, and a relay
-killed mid-download.
+fetches, verification, ranges, traversal, budget and pins, a relay
+killed mid-download, and the same chain over HTTPS with SLIM's CA.
 """
 
 from __future__ import annotations
@@ -13,21 +13,30 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import ssl
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from slim.core.store import Store
 from slim.objects.routes import parse_range
+from slim.relay.config import RelayConfig, Upstream
 from tests.support import (
     FakeUpstream,
     blob,
+    client_https,
+    core_https,
+    foreign_https,
+    https_origin,
+    https_url,
     metrics,
     origin,
     put,
     raw_get,
     relay,
+    relay_identity,
     start_relay_process,
     stop_process,
     url,
@@ -42,9 +51,9 @@ def objstore(tmp_path: Path) -> Store:
 
 
 async def fetch_all(
-    session: aiohttp.ClientSession, target: str, headers: dict[str, str] | None = None
+    session: aiohttp.ClientSession, target: str, headers: dict[str, str] | None = None, **kw: Any
 ) -> bytes:
-    async with session.get(target, headers=headers) as resp:
+    async with session.get(target, headers=headers, **kw) as resp:
         assert resp.status in (200, 206), (resp.status, await resp.text())
         return await resp.read()
 
@@ -632,3 +641,88 @@ async def test_memory_cache_stays_in_budget_and_follows_evictions(objstore: Stor
                 assert all(o.body == objects[o.hex] for o in held)
         assert a.cache.evictions > 0 and a.cache.memory_used > 0
         assert a.cache.stats().bytes <= 220_000
+
+
+# -- HTTPS ---------------------------------------------------------------------------
+@pytest.fixture
+def core_tls() -> ssl.SSLContext:
+    return core_https()
+
+
+async def test_https_from_the_core_through_a_relay_and_its_child(
+    objstore: Store, tmp_path: Path, core_tls: ssl.SSLContext
+) -> None:
+    """The core's object server over HTTPS (slim-core), relay A fetching from it and serving
+    HTTPS with its certificate, relay B fetching from A over HTTPS (A's name), a client of B
+    over HTTPS: every path a body takes over TLS (streamed while fetched, the fast path's
+    small and large bodies, aiohttp's ranges) gives the right bytes, and plain HTTP still works."""
+    large, small = blob(3 * MiB + 5, 21), blob(10_000, 22)
+    big, little = put(objstore, large), put(objstore, small)
+    a_id, b_id = (
+        await asyncio.to_thread(relay_identity, "edge-a"),
+        await asyncio.to_thread(relay_identity, "edge-b"),
+    )
+    https = "127.0.0.1:0"
+    async with (
+        https_origin(objstore, core_tls) as core,
+        relay(tmp_path / "a", [https_url(core)], identity=a_id, https_listen=https) as a,
+        relay(tmp_path / "b", [f"{https_url(a)}#edge-a.relay.slim"], identity=b_id, https_listen=https) as b,
+        aiohttp.ClientSession() as s,
+    ):
+        tls = await asyncio.to_thread(client_https, "edge-b.relay.slim")
+        base = f"{https_url(b)}/objects/sha256"
+        cold = await asyncio.gather(*(fetch_all(s, f"{base}/{big}", **tls) for _ in range(3)))
+        assert all(body == large for body in cold)  # streamed to all three while B fetched it
+        assert b.front is not None and b.front.fast is not None
+        handovers = b.front.fast.handovers
+        assert await fetch_all(s, f"{base}/{big}", **tls) == large  # a hit: the fast path, in pieces
+        assert b.front.fast.handovers == handovers
+        assert await fetch_all(s, f"{base}/{little}", **tls) == small  # a miss, then ...
+        assert await fetch_all(s, f"{base}/{little}", **tls) == small  # ... a small hit
+        tail = await fetch_all(s, f"{base}/{big}", {"Range": f"bytes={2 * MiB}-"}, **tls)
+        assert tail == large[2 * MiB :]  # a range: aiohttp's path
+        assert await fetch_all(s, f"{url(b)}/objects/sha256/{big}") == large  # plain HTTP beside it
+        for r in (a, b):
+            m = await metrics(s, url(r))
+            assert m["slim_relay_upstream_fetches_total"] == 2  # one per object, over HTTPS
+        assert (await metrics(s, url(b)))["slim_relay_object_aborted_total"] == 0
+
+
+@pytest.mark.parametrize("case", ["another CA", "another name"])
+async def test_an_https_upstream_without_the_expected_certificate_is_refused(
+    objstore: Store, tmp_path: Path, case: str, core_tls: ssl.SSLContext
+) -> None:
+    """An upstream whose certificate is not from SLIM's CA, or not the one the relay expects
+    (slim-core, or the parent's name), sends nothing: 502, and the relay says why."""
+    name = put(objstore, blob(50_000, 23))
+    if case == "another CA":
+        tls, suffix, why = await asyncio.to_thread(foreign_https, tmp_path / "other-ca"), "", "SLIM's CA"
+    else:
+        tls, suffix, why = core_tls, "#edge-x.relay.slim", "edge-x.relay.slim"
+    identity = await asyncio.to_thread(relay_identity, "edge-a")
+    async with (
+        https_origin(objstore, tls) as core,
+        relay(tmp_path / "a", [https_url(core) + suffix], identity=identity) as a,
+        aiohttp.ClientSession() as s,
+    ):
+        async with s.get(f"{url(a)}/objects/sha256/{name}") as resp:
+            assert resp.status == 502
+            text = await resp.text()
+        assert "certificate" in text and why in text, text
+        assert name not in a.cache
+        assert core.objects.counters.requests == 0
+
+
+def test_relay_https_settings_are_checked(tmp_path: Path) -> None:
+    base = {"cache_dir": tmp_path, "listen": "127.0.0.1:0"}
+    with pytest.raises(ValueError, match="https_listen needs --identity"):
+        RelayConfig(upstreams=["http://127.0.0.1:1"], https_listen="127.0.0.1:0", **base)
+    with pytest.raises(ValueError, match="is https: give --identity"):
+        RelayConfig(upstreams=["https://127.0.0.1:1"], **base)
+    with pytest.raises(ValueError, match="only https:// has"):
+        RelayConfig(upstreams=["http://127.0.0.1:1#edge-a.relay.slim"], **base)
+    ok = RelayConfig(
+        upstreams=["https://127.0.0.1:1/#edge-a.relay.slim"], upstream_ca=tmp_path / "ca.pem", **base
+    )
+    assert [Upstream.parse(u) for u in ok.upstreams] == [Upstream("https://127.0.0.1:1", "edge-a.relay.slim")]
+    assert Upstream.parse("https://[::1]:8443") == Upstream("https://[::1]:8443", "slim-core")

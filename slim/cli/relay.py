@@ -76,7 +76,9 @@ def relay_list(core_address: str, as_json: bool) -> None:
     multiple=True,
     metavar="URL",
     help="Where missing objects come from: a parent relay or the core's object server "
-    "(slim core serve --objects-listen), as http://HOST:PORT.  Repeat for fallbacks, tried in order.  "
+    "(slim core serve --objects-listen).  https://HOST:PORT: its certificate must be from SLIM's CA "
+    "and name slim-core (the core's), or NAME with https://HOST:PORT#NAME (a parent relay: "
+    "PARENT.relay.slim); http://HOST:PORT: not authenticated.  Repeat for fallbacks, tried in order.  "
     "With --registry: tried after the parent's URLs (as slim serve does).",
 )
 @click.option(
@@ -123,6 +125,20 @@ def relay_list(core_address: str, as_json: bool) -> None:
     default="0.0.0.0:8080",
     show_default=True,
     help="HOST:PORT for HTTP (objects, node API, /metrics, /healthz); port 0 picks a free port.",
+)
+@click.option(
+    "--https-listen",
+    metavar="HOST:PORT",
+    default=None,
+    help="Also serve HTTPS here (the same objects, node API, /metrics, /healthz), with the "
+    "certificate of --identity; port 0 picks a free port.  Off when not given.",
+)
+@click.option(
+    "--upstream-ca",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="The CA certificate https upstreams must chain to (a PEM file, or a directory with ca.pem "
+    "or ca.crt); default: the ca.pem of --identity.",
 )
 @click.option(
     "--tftp-port",
@@ -203,6 +219,8 @@ def relay_serve(
     max_bytes: str,
     memory_bytes: str,
     listen: str,
+    https_listen: str | None,
+    upstream_ca: Path | None,
     tftp_port: int | None,
     tftp_listen: str,
     ipxe_dir: Path,
@@ -223,8 +241,13 @@ def relay_serve(
     verified while they stream.  Nodes ask the relay for their boot script,
     plan and relays, and report boot events; the relay asks the core.
 
-    Prints "listening on HOST:PORT" (and "tftp on HOST:PORT") on standard output
-    once it serves.  SIGTERM or SIGINT stops it gracefully.
+    With --https-listen the relay also serves HTTPS, with the certificate of
+    --identity, for nodes whose site asks for it (PXE and iPXE on a LAN speak
+    plain HTTP to --listen).
+
+    Prints "listening on HOST:PORT" (then "https on HOST:PORT", "tftp on
+    HOST:PORT") on standard output once it serves.  SIGTERM or SIGINT stops it
+    gracefully.
     """
     from slim.listen import parse_listen
     from slim.relay.config import RelayConfig
@@ -246,6 +269,7 @@ def relay_serve(
         config = settings(
             RelayConfig, config_file, upstreams=list(upstreams), cache_dir=cache_dir, max_bytes=max_bytes,
             memory_bytes=memory_bytes.strip() or "0", name=name, core=core_address or None, listen=listen,
+            https_listen=https_listen, upstream_ca=upstream_ca,
             tftp_listen=f"{bracketed}:{tftp_port}" if tftp_port is not None else None, ipxe_dir=ipxe_dir,
             max_transfers=max_transfers, max_fetches=max_fetches, access_log=access_log, grace=grace,
             trust=list(trust), identity=identity, core_insecure=core_insecure,
@@ -255,6 +279,8 @@ def relay_serve(
 
         def ready(r: RelayServer) -> None:
             click.echo(f"listening on {r.host}:{r.port}")
+            if r.https is not None:
+                click.echo(f"https on {r.https[0]}:{r.https_port}")
             if r.tftp_port and config.tftp_listen is not None:
                 host = parse_listen(config.tftp_listen, 69, allow_ephemeral=True)[0]
                 click.echo(f"tftp on {host}:{r.tftp_port}")
@@ -274,7 +300,7 @@ def registry_upstreams(registry_path: Path, name: str, fallback: bool = False) -
     if not found and not fallback:
         raise InvalidArgument(
             f"relay {name!r} has no parent in {registry_path}: its upstream is the core's object server; "
-            "give it with --upstream http://HOST:PORT (slim core serve --objects-listen)"
+            "give it with --upstream https://HOST:PORT (slim core serve --objects-listen)"
         )
     return found
 
