@@ -6,10 +6,11 @@ from it, writes it to ``STATE_DIR/config/PART.json`` and starts, as child
 processes, the same commands an administrator would run one by one
 (``slim PART serve --config STATE_DIR/config/PART.json``):
 
-* ``slim core serve`` — gRPC on ``core_listen``, the store over HTTP on
-  ``objects_listen`` (the relay's upstream);
+* ``slim core serve`` — gRPC on ``core_listen``, the store over HTTPS on
+  ``objects_listen`` (the relay's upstream, with the core's certificate);
 * ``slim relay serve`` — this machine's relay (``server.relay``): objects,
-  the node API, TFTP for stage 1;
+  the node API (HTTP, and HTTPS on ``relay_https_listen`` if set), TFTP for
+  stage 1;
 * ``slim nfs serve`` — nfs-ganesha, when an environment shares a directory
   over NFS and ``nfs_listen`` is set;
 * ``slim dhcp serve`` — dnsmasq, when a site has a ``dhcp`` section and
@@ -145,15 +146,18 @@ class AllInOne:
         identity = local_relay_identity(core_config.ca_dir, self.relay, state / "relays" / self.relay)
         relay_settings: dict[str, Any] = {
             "name": self.relay, "cache_dir": state / "cache", "max_bytes": srv.cache_max_bytes,
-            "listen": srv.relay_listen, "tftp_listen": srv.tftp_listen, "log_level": self.log_level,
+            "listen": srv.relay_listen, "https_listen": srv.relay_https_listen,
+            "tftp_listen": srv.tftp_listen, "log_level": self.log_level,
             "trust": [state / "keys"],  # the core's keys (made when it first starts; both during a rotation)
             "identity": identity,  # mutual TLS with the core, as any relay
         }  # fmt: skip
         # the relay's upstreams: its parent's URLs if the registry gives it one, then the core's
-        # object server (known once the core listens: a stand-in until then)
+        # object server (known once the core listens: a stand-in until then), over HTTPS as the
+        # core serves it, checked against the CA with the relay's identity
         parent = self.registry.relay_upstreams(self.relay)
+        scheme = "https" if core_config.objects_https else "http"
         RelayConfig.build(
-            source, core="127.0.0.1:1", upstreams=[*parent, "http://127.0.0.1:1"], **relay_settings
+            source, core="127.0.0.1:1", upstreams=[*parent, f"{scheme}://127.0.0.1:1"], **relay_settings
         )
         nfs_config = NfsConfig.build(
             source, registry=reg, store=state / "store", listen=srv.nfs_listen, workdir=state / "nfs"
@@ -167,15 +171,24 @@ class AllInOne:
             self.addresses["objects"] = core.lines["objects on"]
             say(f"core listening on {self.addresses['core']} (objects on {self.addresses['objects']})")
             # the relay's parent in the registry first (if it has one), the core's objects last
-            upstreams = [*parent, f"http://{_connect(self.addresses['objects'])}"]
+            upstreams = [*parent, f"{scheme}://{_connect(self.addresses['objects'])}"]
             relay_config = RelayConfig.build(
                 source, core=_connect(self.addresses["core"]), upstreams=upstreams, **relay_settings
             )
             relay = self._start(
-                "relay", relay_config, ["listening on", *(["tftp on"] if srv.tftp_listen else [])]
+                "relay",
+                relay_config,
+                [
+                    "listening on",
+                    *(["https on"] if srv.relay_https_listen else []),
+                    *(["tftp on"] if srv.tftp_listen else []),
+                ],
             )
             self.addresses["relay"] = relay.lines["listening on"]
             say(f"relay {self.relay} listening on {self.addresses['relay']}")
+            if "https on" in relay.lines:
+                self.addresses["relay_https"] = relay.lines["https on"]
+                say(f"relay {self.relay} https on {self.addresses['relay_https']}")
             if "tftp on" in relay.lines:
                 self.addresses["tftp"] = relay.lines["tftp on"]
                 say(f"relay {self.relay} tftp on {self.addresses['tftp']}")

@@ -5,6 +5,7 @@ test modules import helpers from here only, never from each other."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import random
 import re
@@ -615,3 +616,17 @@ def https_url(server: ObjectServer | RelayServer) -> str:
     port = server.https_port if isinstance(server, RelayServer) else server.port
     assert port, "not serving HTTPS"
     return f"https://127.0.0.1:{port}"
+
+
+def https_get(port: int, path: str, name: str = "slim-core") -> tuple[int, dict[str, str], bytes]:
+    """GET ``path`` from 127.0.0.1:``port`` over HTTPS, checking the server's certificate
+    against the session CA and ``name`` (whatever address it is reached at, as relays do)."""
+    ctx = ssl.create_default_context(cadata=(pki().ca_dir / "ca.crt").read_text())
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=name) as sock,
+    ):
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        return resp.status, dict(resp.getheaders()), resp.read()

@@ -7,6 +7,7 @@ import json
 import queue
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from labs.host import lab_env
 from slim.cli import main
 from slim.core.control.config import CoreConfig
 from slim.core.store import Store
-from tests.support import ROOT, TEST_REGISTRY, Served, pki, read_address, start_core, stop
+from tests.support import ROOT, TEST_REGISTRY, Served, https_get, pki, read_address, start_core, stop
 
 STARTUP = 30.0
 
@@ -218,9 +219,11 @@ def test_cli_reference_is_current() -> None:
 
 
 def test_core_serve_objects_listen(registry_file: Path, tmp_path: Path) -> None:
-    """--objects-listen serves the store over HTTP: the relays' upstream."""
+    """--objects-listen serves the store over HTTPS with the core's certificate (the CA's,
+    name slim-core): the relays' upstream.  --objects-http: plain HTTP."""
     store = Store(tmp_path / "store")
     ref = store.put_bytes(b"an object in the store\n")
+    path = f"/objects/sha256/{ref.digest[7:]}"
     proc = start_core(registry_file, tmp_path, "--objects-listen", "127.0.0.1:0")
     try:
         read_address(proc)
@@ -228,15 +231,21 @@ def test_core_serve_objects_listen(registry_file: Path, tmp_path: Path) -> None:
         line = proc.stdout.readline()
         assert line.startswith("objects on 127.0.0.1:"), line
         port = int(line.rsplit(":", 1)[1])
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/objects/sha256/{ref.digest[7:]}", timeout=10
-        ) as r:
+        status, headers, body = https_get(port, path)
+        assert (status, body, headers["ETag"]) == (200, b"an object in the store\n", f'"{ref.digest}"')
+        assert https_get(port, f"/objects/sha256/{'0' * 64}")[0] == 404
+        with pytest.raises(ssl.SSLCertVerificationError, match=r"not valid for 'edge-1\.relay\.slim'"):
+            https_get(port, path, name="edge-1.relay.slim")  # the core's certificate is not a relay's
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    proc = start_core(registry_file, tmp_path, "--objects-listen", "127.0.0.1:0", "--objects-http")
+    try:
+        read_address(proc)
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().rsplit(":", 1)[1])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
             assert r.read() == b"an object in the store\n"
-            assert r.headers["ETag"] == f'"{ref.digest}"'
-        with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/objects/sha256/{'0' * 64}", timeout=10)
-        assert info.value.code == 404
-        info.value.close()
     finally:
         code, err = stop(proc)
     assert code == 0, err

@@ -5,7 +5,6 @@ their latency, nodes by the state of their latest boot, relays by health — fro
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from slim.cli import main
 from slim.core.store import Store
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
-from tests.support import read_address, relay_credentials, start_core, stop
+from tests.support import https_get, read_address, relay_credentials, start_core, stop
 
 
 def slim(*args: str) -> tuple[int, str]:
@@ -64,9 +63,9 @@ def test_core_metrics_after_calls(registry_file: Path, tmp_path: Path, store: St
             )
 
         for _ in range(100):  # bounded: the core sees the cancelled stream end on its own time
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-                assert r.headers["Content-Type"].startswith("text/plain")
-                got = samples(r.read().decode())
+            status, headers, body = https_get(port, "/metrics")  # the object server: HTTPS
+            assert status == 200 and headers["Content-Type"].startswith("text/plain")
+            got = samples(body.decode())
             if ended(got):
                 break
             time.sleep(0.1)

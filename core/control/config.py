@@ -60,9 +60,20 @@ class CoreConfig(ProcessConfig):
     objects_listen: HostPort | None = Field(
         None, description="also serve the store's objects over HTTP here (the relays' upstream)"
     )
+    objects_tls: bool | None = Field(
+        None,
+        description="serve objects_listen over HTTPS with the core's certificate (relays check it "
+        "against SLIM's CA and the name slim-core); default: when tls is on; false: plain HTTP, "
+        "unauthenticated",
+    )
     grace: float = Field(10.0, ge=0, description="seconds in-flight calls may take to finish on SIGTERM")
     log_level: LogLevel = "info"
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+
+    @property
+    def objects_https(self) -> bool:
+        """Whether the object server speaks HTTPS: ``objects_tls``, else as ``tls``."""
+        return self.tls if self.objects_tls is None else self.objects_tls
 
     @property
     def ca_dir(self) -> Path:

@@ -39,7 +39,7 @@ from slim.core.control.state import BootEvent, State
 from slim.core.registry import load_registry
 from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument, PermissionDenied, SlimError, Unavailable
-from slim.objects.server import ObjectServer
+from slim.objects.server import ObjectServer, server_context
 from slim.pki import REFRESH_SECONDS, CertificateAuthority, Revocations
 from slim.release import ObjectRef
 from slim.rpc import MAX_MESSAGE_BYTES, POLICY_TO_PB, TIER_TO_PB, error_metadata, status_code
@@ -885,14 +885,22 @@ async def serve(
     port = await server.start()
     objects = None
     if config.objects_listen:
-        objects = ObjectServer(service.store.objects, config.objects_listen, metrics_executor=server.writer)
+        https = None
+        if config.objects_https:  # the core's own certificate (name slim-core), read off the loop
+            if tls is None:  # TLS off for gRPC: the certificate is made (if missing) for objects only
+                await loop.run_in_executor(None, ServerTls.from_ca, config.ca_dir, tuple(config.tls_names))
+            ca = config.ca_dir
+            https = await loop.run_in_executor(None, server_context, ca / "core.crt", ca / "core.key")
+        objects = ObjectServer(
+            service.store.objects, config.objects_listen, metrics_executor=server.writer, tls=https
+        )
         objects.metrics.register(_Registered(server.metrics))
         try:
             objects_port = await objects.start()
         except BaseException:
             await server.stop(0)
             raise
-        log.info("objects served over http on %s (port %d)", config.objects_listen, objects_port)
+        log.info("objects over %s on %s (port %d)", objects.scheme, config.objects_listen, objects_port)
     stopping = asyncio.Event()
     reloading = asyncio.Lock()
     reloads: set[asyncio.Task[None]] = set()

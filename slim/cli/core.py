@@ -90,8 +90,16 @@ def core() -> None:
     "--objects-listen",
     metavar="HOST:PORT",
     default=None,
-    help="Also serve the store's objects over HTTP here (GET /objects/sha256/<hex>): the upstream "
-    "that relays fetch from.  Off by default; port 0 picks a free port (printed on start).",
+    help="Also serve the store's objects here (GET /objects/sha256/<hex>): the upstream that relays "
+    "fetch from, over HTTPS with the core's certificate (relays check SLIM's CA and the name "
+    "slim-core) unless --objects-http or --insecure-no-tls.  Off by default; port 0 picks a free port "
+    "(printed on start).",
+)
+@click.option(
+    "--objects-http",
+    is_flag=True,
+    help="Serve --objects-listen over plain HTTP even with TLS on: relays cannot tell it is the core, "
+    "and anyone on the path can read the objects (the digests still catch changed bytes).",
 )
 @click.option(
     "--grace",
@@ -123,6 +131,7 @@ def core_serve(
     no_socket: bool,
     no_tls: bool,
     objects_listen: str | None,
+    objects_http: bool,
     grace: float,
     log_level: str,
     event_loop: str,
@@ -155,6 +164,7 @@ def core_serve(
             keys=keys_path, listen=listen, objects_listen=objects_listen, grace=grace, log_level=log_level,
             event_loop=event_loop, admin_listen=admin_listen, ca=ca_path, tls_names=list(tls_names),
             socket=socket_path, local_socket=not no_socket, tls=not no_tls,
+            objects_tls=False if objects_http else None,
         )  # fmt: skip
         setup_logging(config.log_level)
         host = config.listen.rsplit(":", 1)[0]
