@@ -10,6 +10,9 @@ keys it trusts (:mod:`slim.agent.verify`: the initrd's /etc/slim/keys, or ``--tr
 before it fetches or mounts anything, and refuses a plan for another node, for another
 request (its nonce) or expired, reporting why.
 
+Relays named by ``https://`` URLs are spoken to over TLS: their certificates must be
+relays' certificates from SLIM's CA (the initrd's /etc/slim/ca.pem, or ``--ca``).
+
 A real boot ends at ``switch_root``: the boot is ``starting`` until the environment
 itself reports ``up`` (see :mod:`slim.agent.report_up`).  In no-reboot mode no
 environment runs, so nothing reports ``up``: a lab that needs the boot ``up`` reports
@@ -30,7 +33,7 @@ from pathlib import Path
 from slim.agent import report_up
 from slim.agent import secrets as node_secrets
 from slim.agent.ee import BootFailed, Builder, Reporter, switch_root
-from slim.agent.fetch import FetchError, Relays, now
+from slim.agent.fetch import CA_FILE, FetchError, Relays, now
 from slim.agent.plan import BootArgs, Plan, PlanError, parse_cmdline, parse_plan
 from slim.agent.verify import KEYS_DIR, check, trusted_keys
 
@@ -95,6 +98,13 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
         help=f"the node's token (slim node enroll), sent with every call to the relays (default on a "
         f"real boot: {TOKEN_FILE} in the initrd, if there is one)",
     )
+    ap.add_argument(
+        "--ca",
+        type=Path,
+        default=CA_FILE,
+        help=f"SLIM's CA certificate, which https relays' certificates must chain to (default: {CA_FILE}, "
+        "which the build puts into the initrd when the registry has an https relay)",
+    )
     args = ap.parse_args(argv)
     try:
         if args.node and args.relay:
@@ -113,7 +123,7 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
             )
         keys = trusted_keys(args.trust or [KEYS_DIR])
         token = read_token(args.token_file, default=not args.no_reboot)
-        relays = Relays(boot.relays, deadline=boot.deadline, token=token)
+        relays = Relays(boot.relays, deadline=boot.deadline, token=token, ca=args.ca)
         try:
             nonce = secrets.token_hex(16)
             asked = now()

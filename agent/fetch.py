@@ -18,11 +18,20 @@ of the boot, shared by every request and every clone.  The deadline bounds
 waiting only: a long transfer, or a request to a relay that need not be waited
 for, is never cut short by it.  One keep-alive
 connection per relay.
+
+A relay named by an ``https://`` URL is spoken to over TLS (:func:`relay_connection`):
+its certificate must chain to SLIM's CA (``/etc/slim/ca.pem`` in the initrd, which the
+build puts there, or ``--ca``; the system's CAs are not trusted) and be a relay's (the
+role SLIM's CA writes in it).  The host name in the URL is not what is checked: relays'
+certificates name the relay (``NAME.relay.slim``), not the addresses sites reach it at.
+A relay that fails the check counts as a failed relay, and the agent says why.
+``ssl`` is imported only then: an initrd built without it still boots over ``http://``.
 """
 
 from __future__ import annotations
 
 import email.utils
+import functools
 import hashlib
 import http.client
 import json
@@ -32,8 +41,13 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from slim.agent.plan import DEFAULT_DEADLINE, ObjectRef
+
+if TYPE_CHECKING:
+    import ssl
 
 CHUNK = 1 << 20
 MAX_RETRY_AFTER = 60.0  # a relay that asks for longer is asked again after this
@@ -43,8 +57,69 @@ JITTER = 0.5  # each wait is stretched by up to this fraction, never shortened
 BUSY = (429, 503)  # "come back later": waited for, not counted as a failure
 
 
+CA_FILE = Path("/etc/slim/ca.pem")  # SLIM's CA in the initrd (core/build/agentrt.py puts it there)
+RELAY_ROLE = "relay"  # the OU SLIM's CA writes in a relay's certificate (slim.pki)
+
+
 class FetchError(RuntimeError):
     """No relay could deliver (the message says what each answered)."""
+
+
+class NotSlimRelay(OSError):
+    """A relay's TLS certificate is not a relay's certificate from SLIM's CA."""
+
+
+def tls_context(ca: Path) -> ssl.SSLContext:
+    """The client context for https relays: only certificates that chain to ``ca``."""
+    try:
+        import ssl
+    except ImportError:
+        raise FetchError(
+            "an https relay, but this agent's Python has no ssl module (the initrd was built "
+            "without it: its registry had no https relay URL)"
+        ) from None
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise FetchError(f"an https relay, but SLIM's CA certificate {ca} cannot be read: {exc}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False  # the role in the certificate is checked instead (relay_connection)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def relay_certificate_problem(cert: dict[str, Any]) -> str | None:
+    """Why a certificate that chains to SLIM's CA is not a relay's (None if it is): SLIM's CA
+    writes the holder's role in the subject's OU and its name in CN (slim.pki)."""
+    subject = {k: v for rdn in cert.get("subject", ()) for k, v in rdn}
+    role, name = subject.get("organizationalUnitName"), subject.get("commonName")
+    if role != RELAY_ROLE:
+        return f"its certificate is SLIM's but not a relay's (role {role!r}, name {name!r})"
+    return None
+
+
+@functools.cache
+def relay_connection() -> Callable[..., http.client.HTTPConnection]:
+    """:class:`http.client.HTTPSConnection` for relays: TLS checks the chain against SLIM's CA
+    (the context's), then this checks the role.  A function: http.client has HTTPSConnection
+    only where ssl imports, and an initrd without ssl must still import this module."""
+    import ssl
+
+    class RelayConnection(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            try:
+                super().connect()
+            except ssl.SSLCertVerificationError as exc:
+                raise NotSlimRelay(
+                    f"its certificate is not from SLIM's CA: {exc.verify_message or exc.reason}"
+                ) from None
+            assert isinstance(self.sock, ssl.SSLSocket)
+            problem = relay_certificate_problem(dict(self.sock.getpeercert() or {}))
+            if problem is not None:
+                self.close()
+                raise NotSlimRelay(problem)
+
+    return RelayConnection
 
 
 class DigestMismatch(FetchError):
@@ -162,9 +237,11 @@ class Relays:
         rounds: int = 2,
         deadline: float = DEFAULT_DEADLINE,
         token: str = "",
+        ca: Path = CA_FILE,
     ) -> None:
         """``deadline``: seconds from now within which busy relays are asked again;
-        ``token``: the node's token, sent with every node API call (``Authorization``)."""
+        ``token``: the node's token, sent with every node API call (``Authorization``); ``ca``:
+        SLIM's CA certificate, which https relays' certificates must chain to."""
         if not urls:
             raise FetchError("no relay to ask")
         if not deadline > 0:
@@ -173,6 +250,8 @@ class Relays:
         self.timeout = timeout
         self.rounds = rounds
         self.deadline = deadline
+        self.ca = ca
+        self._tls: ssl.SSLContext | None = None  # made at the first https relay
         self.deadline_at = time.monotonic() + deadline
         self.stats = FetchStats()
         self.rng = random.Random()  # noqa: S311 - jitter, not secret
@@ -182,9 +261,10 @@ class Relays:
 
     def clone(self) -> Relays:
         """The same relays, in the same order, on connections of its own (for another thread)."""
-        other = Relays(self.urls, self.timeout, self.rounds, self.deadline, self.token)
+        other = Relays(self.urls, self.timeout, self.rounds, self.deadline, self.token, self.ca)
         other.deadline_at = self.deadline_at  # one deadline for the whole boot
         other.current = self.current
+        other._tls = self._tls  # an SSLContext may be shared between threads
         return other
 
     def absorb(self, other: Relays) -> None:
@@ -207,7 +287,13 @@ class Relays:
         conn = self._conns.get(url)
         if conn is None:
             parts = urllib.parse.urlsplit(url)
-            conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=self.timeout)
+            host = parts.hostname or ""
+            if parts.scheme == "https":
+                if self._tls is None:
+                    self._tls = tls_context(self.ca)
+                conn = relay_connection()(host, parts.port or 443, timeout=self.timeout, context=self._tls)
+            else:
+                conn = http.client.HTTPConnection(host, parts.port or 80, timeout=self.timeout)
             self._conns[url] = conn
         return conn
 

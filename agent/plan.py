@@ -19,6 +19,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 POLICIES = ("ram", "disk", "sync", "nfs")  # slim.vocabulary.Policy's names (the agent: stdlib only)
 MAX_PLAN_BYTES = 4 << 20
 DEFAULT_DEADLINE = 900.0  # seconds a boot's fetches may wait for busy relays (slim.deadline=)
+RELAY_URL_RE = re.compile(r"https?://[^/\s]+")  # a relay's base URL (https: see slim.agent.fetch)
+HTTP_SCHEMES = ("http://", "https://")
 
 
 class PlanError(ValueError):
@@ -68,8 +70,8 @@ class BootArgs:
             raise PlanError(f"kernel command line lacks {', '.join(missing)}")
         relays = tuple(u.rstrip("/") for u in args["slim.relays"].split(",") if u)
         for u in relays:
-            if not re.fullmatch(r"http://[^/\s]+", u):
-                raise PlanError(f"slim.relays: {u!r} is not an http://HOST:PORT URL")
+            if not RELAY_URL_RE.fullmatch(u):
+                raise PlanError(f"slim.relays: {u!r} is not an http://HOST:PORT (or https://) URL")
         release = args.get("slim.release", "")
         if release and not DIGEST_RE.fullmatch(release):
             raise PlanError(f"slim.release: {release!r} is not a sha256 digest")
@@ -255,7 +257,7 @@ def parse_plan(data: bytes) -> Plan:
         raise PlanError("plan: relays must be a list")
     for r in relays_in:
         urls = r.get("urls") if isinstance(r, dict) else None
-        if isinstance(urls, list) and urls and isinstance(urls[0], str) and urls[0].startswith("http://"):
+        if isinstance(urls, list) and urls and isinstance(urls[0], str) and urls[0].startswith(HTTP_SCHEMES):
             relays.append(urls[0].rstrip("/"))
     modules = doc.get("modules", [])
     if not isinstance(modules, list) or not all(

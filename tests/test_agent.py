@@ -34,7 +34,7 @@ from slim.agent.fetch import DigestMismatch, Relays
 from slim.agent.plan import BootArgs, ObjectRef, PlanError, parse_cmdline, parse_plan
 from slim.agent.tree import scan
 from slim.cli import main as cli_main
-from slim.core.build.agentrt import add_runtime, collect
+from slim.core.build.agentrt import Runtime, add_runtime, collect
 from slim.core.build.initrd import InitrdBuilder
 from slim.core.build.release import build_environment
 from slim.core.control.plandoc import plan_document
@@ -44,8 +44,11 @@ from slim.core.control.service import CoreService, NodeRef
 from slim.core.control.state import BootEvent, State
 from slim.core.registry import load_registry
 from slim.core.store import Store
+from slim.errors import FailedPrecondition
+from slim.pki import CertificateAuthority
 from slim.signing import KEY_FILE, PUBLIC_FILE, PublicKey, ReloadingSigner, Signer, SigningKey, verify
 from tests.support import (
+    https_url,
     make_image,
     need,
     need_tool,
@@ -158,6 +161,14 @@ class Site:
     relay2_url: str
     trust: Path  # the core's public key file (what --trust names)
     key_id: str
+    registry_file: Path
+    relay_https_url: str  # r1's HTTPS listener (its certificate: r1.relay.slim, SLIM's CA)
+    ca: Path  # SLIM's CA certificate (what --ca names)
+
+    async def name_r1(self, url: str) -> None:
+        """The registry names r1 by ``url`` (what plans send nodes to), as an admin would."""
+        self.registry_file.write_text(REGISTRY.format(relay=url + "/", image=self.image))
+        await reload_registry(self.service)
 
     def argv(self, target: Path, node: str = "n1") -> tuple[str, ...]:
         """The agent's arguments for ``node`` in no-reboot mode through r1, building ``target``."""
@@ -195,15 +206,18 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     try:
         async with (
             origin(store) as o,
-            relay(tmp_path / "cache1", [url(o)], name="r1", core=f"127.0.0.1:{port}") as r1,
+            relay(
+                tmp_path / "cache1", [url(o)], name="r1", core=f"127.0.0.1:{port}", https_listen="127.0.0.1:0"
+            ) as r1,
             relay(tmp_path / "cache2", [url(o)]) as r2,
         ):
             # now that the relay's port is known, the registry names it (as an admin would)
             reg_file.write_text(REGISTRY.format(relay=url(r1) + "/", image=image))
             await reload_registry(service)
             yield Site(
-                image, store, service, url(r1), url(r2), tmp_path / "keys" / PUBLIC_FILE, signer.public.id
-            )
+                image, store, service, url(r1), url(r2), tmp_path / "keys" / PUBLIC_FILE, signer.public.id,
+                reg_file, https_url(r1), pki().ca_dir / "ca.crt",
+            )  # fmt: skip
     finally:
         await core.stop(1)
         await asyncio.to_thread(state.close)
@@ -240,6 +254,24 @@ async def test_no_reboot_builds_the_environment(site: Site, tmp_path: Path) -> N
     assert stages == ["plan", "ram:/", "sync:/srv", "mount:/usr", "disk:/var", "done"]  # parents first
     assert all(e.ok and e.relay == "r1" and e.boot_id == active["boot_id"] for e in events)
     assert [e.time for e in events] == sorted(e.time for e in events)
+
+
+async def test_a_boot_through_an_https_relay(site: Site, tmp_path: Path) -> None:
+    """A site that asks for HTTPS: the registry names r1 by its https:// URL, the node is told
+    that URL; plan, objects and events all go over TLS, r1's certificate checked against
+    SLIM's CA (--ca).  With another CA's certificate instead, nothing is fetched."""
+    await site.name_r1(site.relay_https_url)
+    https = ("--relay", site.relay_https_url, "--ca", str(site.ca))
+    argv = ("--node", "n1", *https, "--trust", str(site.trust), "--no-reboot", "--target")
+    assert await run_agent(*argv, str(tmp_path / "node")) == 0
+    assert tree(tmp_path / "node", skip=("run", "usr")) == tree(site.image, skip=("usr",))
+    events = await site.events()
+    assert {"plan", "done"} <= {e.stage for e in events} and all(e.ok for e in events)
+    other = await asyncio.to_thread(CertificateAuthority.load_or_create, tmp_path / "other-ca")
+    (tmp_path / "other.pem").write_bytes(other.cert_pem)
+    wrong = [a if a != str(site.ca) else str(tmp_path / "other.pem") for a in argv]
+    assert await run_agent(*wrong, str(tmp_path / "node2")) == 1
+    assert not (tmp_path / "node2").exists()
 
 
 async def test_sync_fetches_only_what_changed(site: Site, tmp_path: Path) -> None:
@@ -370,10 +402,13 @@ async def test_unknown_node_is_a_clear_error(
 
 
 # -- the agent's runtime in the initrd -----------------------------------------------
-def unpack_initrd(tmp_path: Path, trust: Path) -> Path:
+def unpack_initrd(tmp_path: Path, trust: Path, ca: Path | None = None) -> Path:
+    """The agent's runtime as an initrd, unpacked; with ``ca``: with ssl and that CA."""
     builder = InitrdBuilder()
-    runtime = collect()
+    runtime = collect(https=ca is not None)
     runtime.trust([PublicKey.from_text(trust.read_text())])
+    if ca is not None:
+        runtime.trust_ca(ca.read_bytes())
     add_runtime(builder, runtime)
     image = tmp_path / "initrd.zst"
     with open(image, "wb") as out:
@@ -401,6 +436,43 @@ async def test_initrd_runtime_runs_the_agent(site: Site, tmp_path: Path) -> None
     cmd = [
         chroot, str(root), "/usr/bin/python3", "-S", "-B", "-m", "slim.agent",
         "--node", "n1", "--relay", site.relay_url, "--trust", "/etc/slim/keys",  # the initrd's own
+        "--no-reboot", "--target", "/target",
+    ]  # fmt: skip
+    env = {"PYTHONPATH": "/lib/slim", "PATH": "/bin:/usr/bin"}
+    proc = await loop.run_in_executor(
+        None, lambda: subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert tree(root / "target", skip=("run", "usr")) == tree(site.image, skip=("usr",))
+
+
+def test_a_runtime_with_ssl_needs_the_ca(tmp_path: Path) -> None:
+    runtime = Runtime(https=True)
+    runtime.trust([SigningKey.load_or_create(tmp_path / "keys").public])
+    with pytest.raises(FailedPrecondition, match="speaks HTTPS but holds no CA"):
+        add_runtime(InitrdBuilder(), runtime)
+    with pytest.raises(FailedPrecondition, match="not a PEM certificate"):
+        runtime.trust_ca(b"not a certificate")
+
+
+async def test_initrd_with_ssl_boots_through_an_https_relay(site: Site, tmp_path: Path) -> None:
+    """Built for a registry with an https relay, the initrd carries ssl, OpenSSL's libraries and
+    SLIM's CA (/etc/slim/ca.pem, the agent's default), and its own Python boots through r1's
+    HTTPS listener, chrooted."""
+    need(os.geteuid() == 0, "root (chroot)")
+    for tool, package in (("cpio", "cpio"), ("zstd", "zstd"), ("busybox", "busybox-static")):
+        need_tool(tool, package)
+    chroot = shutil.which("chroot")
+    assert chroot is not None
+    await site.name_r1(site.relay_https_url)
+    loop = asyncio.get_running_loop()
+    root = await loop.run_in_executor(None, unpack_initrd, tmp_path, site.trust, site.ca)
+    assert (root / "etc" / "slim" / "ca.pem").read_bytes() == site.ca.read_bytes()
+    for library in ("_ssl.*.so", "libssl.so*", "libcrypto.so*"):
+        assert list(root.rglob(library)), library
+    cmd = [
+        chroot, str(root), "/usr/bin/python3", "-S", "-B", "-m", "slim.agent",
+        "--node", "n1", "--relay", site.relay_https_url, "--trust", "/etc/slim/keys",
         "--no-reboot", "--target", "/target",
     ]  # fmt: skip
     env = {"PYTHONPATH": "/lib/slim", "PATH": "/bin:/usr/bin"}

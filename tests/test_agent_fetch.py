@@ -5,7 +5,8 @@ survives a busy relay; and a storm of 200 agents against one relay process with
 
 Real servers on 127.0.0.1 port 0: scripted aiohttp servers for the focused cases, a
 ``slim relay serve`` process for the storm.  Waits are asserted by what the client
-counted and planned (``stats.busy``, ``stats.waited``, requests seen), not by clocks."""
+counted and planned (``stats.busy``, ``stats.waited``, requests seen), not by clocks.
+And relays named by https:// URLs: their certificates checked against SLIM's CA."""
 
 from __future__ import annotations
 
@@ -28,7 +29,21 @@ from prometheus_client.parser import text_string_to_metric_families
 from slim.agent.fetch import MAX_RETRY_AFTER, FetchError, Relays, retry_after
 from slim.agent.plan import DEFAULT_DEADLINE, BootArgs, ObjectRef, PlanError
 from slim.core.store import Store
-from tests.support import blob, origin, put, start_relay_process, stop_process, url
+from tests.support import (
+    blob,
+    core_https,
+    foreign_https,
+    https_origin,
+    https_url,
+    origin,
+    pki,
+    put,
+    relay,
+    relay_identity,
+    start_relay_process,
+    stop_process,
+    url,
+)
 
 MiB = 1 << 20
 DATA = blob(3 * MiB + 17, 16)
@@ -335,3 +350,51 @@ async def test_storm_of_200_agents_against_8_transfer_slots_all_finish(tmp_path:
     assert all(a.stats.objects == 1 and a.stats.bytes == ref.size for a in agents)
     assert all(a.stats.busy >= 1 for a in agents)  # each was shed, waited, and came back
     assert shed >= STORM_AGENTS and shed == sum(a.stats.busy for a in agents)
+
+
+# -- HTTPS -------------------------------------------------------------------------
+def session_ca() -> Path:
+    return pki().ca_dir / "ca.crt"
+
+
+async def test_objects_and_calls_over_https_from_a_slim_relay(tmp_path: Path) -> None:
+    """A relay named by an https:// URL: the agent checks its certificate against SLIM's CA
+    (a relay's, whatever address it is reached at) and fetches and calls over TLS."""
+    store = Store(tmp_path / "store")
+    put(store, DATA)
+    identity = await asyncio.to_thread(relay_identity, "edge-a")
+    async with (
+        origin(store) as o,
+        relay(tmp_path / "cache", [url(o)], identity=identity, https_listen="127.0.0.1:0") as r,
+    ):
+        relays = Relays([https_url(r)], ca=session_ca())
+        used, got = await in_thread(relays)
+        assert used == https_url(r) and got == DATA and relays.stats.relay_failures == []
+        clone = relays.clone()  # the sync workers' connections: the same check
+        _, health = await asyncio.to_thread(clone.call, "GET", "/healthz")
+        clone.close()
+        assert b'"healthy": true' in health
+
+
+@pytest.mark.parametrize("server", ["another CA", "the core's certificate"])
+async def test_a_server_without_a_slim_relays_certificate_is_refused(tmp_path: Path, server: str) -> None:
+    """A server whose certificate SLIM's CA did not issue, or did but not to a relay (the
+    core's), gets nothing asked of it: the boot fails saying why."""
+    store = Store(tmp_path / "store")
+    put(store, DATA)
+    if server == "another CA":
+        tls, why = await asyncio.to_thread(foreign_https, tmp_path / "other-ca"), "not from SLIM's CA"
+    else:
+        tls, why = await asyncio.to_thread(core_https), "not a relay's (role 'core', name 'slim-core')"
+    async with https_origin(store, tls) as o:
+        relays = Relays([https_url(o)], ca=session_ca(), rounds=1)
+        with pytest.raises(FetchError, match="no relay could serve it") as err:
+            await in_thread(relays)
+    assert why in str(err.value), err.value
+    assert o.objects.counters.requests == 0
+
+
+def test_an_https_relay_without_the_ca_fails_before_connecting(tmp_path: Path) -> None:
+    relays = Relays(["https://127.0.0.1:1"], ca=tmp_path / "missing.pem")
+    with pytest.raises(FetchError, match=r"SLIM's CA certificate .*missing\.pem cannot be read"):
+        relays.stream(REF, lambda _: None)
