@@ -13,6 +13,11 @@ Python finds its standard library without configuration:
 - Debian's ``signify-openbsd`` and its libraries, and the core's public keys under
   ``/etc/slim/keys`` (:meth:`Runtime.trust`): the agent checks each plan's signature
   with them before it fetches or mounts anything;
+- with ``https`` (a registry with an ``https://`` relay URL): Python's ``ssl`` and
+  ``_ssl`` with OpenSSL's libraries, and SLIM's CA certificate as ``/etc/slim/ca.pem``
+  (:meth:`Runtime.trust_ca`), which relays' certificates must chain to.  Without it
+  they are left out (they are most of the initrd's growth: docs/benchmarks/, initrd
+  size) and the agent speaks plain HTTP only;
 - the agent's package (``slim.agent``, standard library only) under
   ``/lib/slim``.
 
@@ -31,6 +36,7 @@ from pathlib import Path
 
 import slim.agent
 from slim.core.build.initrd import CpioArchive
+from slim.core.registry import Registry
 from slim.errors import FailedPrecondition
 from slim.signing import PublicKey
 
@@ -40,6 +46,7 @@ BUSYBOX = Path("/bin/busybox")
 ZSTD = Path("/usr/bin/zstd")
 SIGNIFY = Path("/usr/bin/signify-openbsd")  # checks the core's signature of each plan
 KEYS_DIR = "/etc/slim/keys"  # the public keys the agent trusts (slim.agent.verify)
+CA_FILE = "/etc/slim/ca.pem"  # SLIM's CA, for https relays (slim.agent.fetch.CA_FILE)
 APPLETS = (
     "sh", "mount", "umount", "mkdir", "ln", "cat", "echo", "sleep", "ip", "udhcpc", "insmod",
     "modprobe", "switch_root", "mknod", "ls", "rm", "mke2fs", "poweroff", "reboot", "dmesg", "env",
@@ -50,8 +57,10 @@ _LDD_RE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
 
 # Imports every module the agent needs and prints where the standard-library ones live.
 # Optional to everything the agent uses (imported under try/except) and large (OpenSSL):
-# left out, and blocked in the probe so that nothing that needs them is missed.
-LEFT_OUT = ("_ssl", "ssl", "_hashlib", "_bz2", "bz2", "_lzma", "lzma")
+# left out, and blocked in the probe so that nothing that needs them is missed.  ssl is
+# the exception when the initrd must speak HTTPS (collect(https=True)): then it is in.
+SSL_MODULES = ("_ssl", "ssl")
+LEFT_OUT = (*SSL_MODULES, "_hashlib", "_bz2", "bz2", "_lzma", "lzma")
 _PROBE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -61,6 +70,9 @@ import slim.agent.__main__, slim.agent.ee, slim.agent.fetch, slim.agent.plan  # 
 import encodings.utf_8, encodings.latin_1, encodings.ascii, encodings.aliases  # noqa
 import runpy, importlib.util, importlib.machinery  # noqa: python -m needs these
 import encodings.idna  # noqa: http.client encodes host names with it, lazily
+if sys.argv[3] == "https":
+    import ssl  # noqa: the agent imports it at its first https relay
+    slim.agent.fetch.relay_connection()
 out = {}
 for name, mod in sorted(sys.modules.items()):
     f = getattr(mod, "__file__", None)
@@ -76,9 +88,16 @@ class Runtime:
     links: dict[str, str] = field(default_factory=dict)  # path in the initrd -> target
     data: dict[str, bytes] = field(default_factory=dict)  # path in the initrd -> contents
     python: str = ""
+    https: bool = False  # Python's ssl and OpenSSL are in: the CA must be too (trust_ca)
 
     def add(self, path: Path, dest: str | None = None) -> None:
         self.files[dest or str(path)] = path
+
+    def trust_ca(self, pem: bytes) -> None:
+        """SLIM's CA certificate, which https relays' certificates must chain to."""
+        if b"-----BEGIN CERTIFICATE-----" not in pem:
+            raise FailedPrecondition("SLIM's CA certificate for the initrd is not a PEM certificate")
+        self.data[CA_FILE] = pem
 
     def trust(self, keys: Sequence[PublicKey]) -> None:
         """The public keys the agent accepts plans from (the core's: during a key rotation,
@@ -121,22 +140,46 @@ def _with_libraries(rt: Runtime, binary: Path) -> None:
         rt.add(lib.resolve(), str(lib))  # the loader and libraries are often symlinks
 
 
+def registry_runtime(registry: Registry, ca_dir: Path) -> Runtime:
+    """The agent's runtime for ``registry``'s initrds (keys still to be trusted): with
+    Python's ssl and SLIM's CA (from ``ca_dir``, made if missing) when a relay of the
+    registry has an ``https://`` URL, without them otherwise."""
+    https = any(u.startswith("https:") for r in registry.relays.values() for u in r.urls)
+    runtime = collect(https=https)
+    if https:  # the agent checks https relays against SLIM's CA
+        from slim.pki import CertificateAuthority
+
+        runtime.trust_ca(CertificateAuthority.load_or_create(ca_dir).cert_pem)
+    return runtime
+
+
 def collect(
-    python: Path = PYTHON, busybox: Path = BUSYBOX, zstd: Path = ZSTD, signify: Path = SIGNIFY
+    python: Path = PYTHON,
+    busybox: Path = BUSYBOX,
+    zstd: Path = ZSTD,
+    signify: Path | None = SIGNIFY,
+    *,
+    https: bool = False,
 ) -> Runtime:
-    rt = Runtime()
+    """The runtime from the build host.  ``https``: with Python's ssl and OpenSSL (give the
+    CA with :meth:`Runtime.trust_ca`).  ``signify`` None leaves the plan verifier out, for
+    measuring what it adds only (bench/initrd_size.py): such an initrd refuses every plan."""
+    rt = Runtime(https=https)
     rt.add(_require(busybox, "busybox-static"), "/bin/busybox")
     for applet in APPLETS:
         rt.links[f"/bin/{applet}"] = "busybox"
     rt.links["/sbin/modprobe"] = "../bin/busybox"  # where the kernel runs it to load modules on demand
     _with_libraries(rt, _require(zstd, "zstd"))
-    _with_libraries(rt, _require(signify, "signify-openbsd"))
+    if signify is not None:
+        _with_libraries(rt, _require(signify, "signify-openbsd"))
     exe = _require(python, "python3").resolve()
     _with_libraries(rt, exe)
     rt.links["/usr/bin/python3"] = exe.name
     rt.python = "/usr/bin/python3"
+    left_out = ",".join(m for m in LEFT_OUT if not (https and m in SSL_MODULES))
+    mode = "https" if https else "http"
     probe = subprocess.run(
-        [str(exe), "-S", "-I", "-B", "-c", _PROBE, str(AGENT_DIR.parent), ",".join(LEFT_OUT)],
+        [str(exe), "-S", "-I", "-B", "-c", _PROBE, str(AGENT_DIR.parent), left_out, mode],
         capture_output=True,
         text=True,
         check=False,
@@ -209,6 +252,11 @@ def add_runtime(archive: CpioArchive, rt: Runtime) -> None:
     if not any(p.startswith(KEYS_DIR) for p in rt.data):
         raise FailedPrecondition(
             "the agent's runtime trusts no key (Runtime.trust): it would refuse every plan"
+        )
+    if rt.https and CA_FILE not in rt.data:
+        raise FailedPrecondition(
+            "the agent's runtime speaks HTTPS but holds no CA (Runtime.trust_ca): it would refuse "
+            "every https relay"
         )
     for dest, data in sorted(rt.data.items()):
         archive.add_bytes(dest, data)

@@ -257,6 +257,16 @@ def _build_json(res: Any) -> dict[str, Any]:
     "the initrd; --no-agent leaves only the kernel modules.",
 )
 @keys_option
+@click.option(
+    "--ca",
+    "ca_path",
+    envvar="SLIM_CA_DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="SLIM's CA directory (made if missing; default: STATE_DIR/ca); also $SLIM_CA_DIR.  When "
+    "the registry names a relay by an https:// URL, initrds carry Python's ssl and this CA's "
+    "certificate, which the agent checks relays against.",
+)
 @json_option
 def ee_build(
     names: tuple[str, ...],
@@ -266,6 +276,7 @@ def ee_build(
     level: int | None,
     agent: bool,
     keys_path: Path | None,
+    ca_path: Path | None,
     as_json: bool,
 ) -> None:
     """Build environments into content-addressed objects and publish their releases.
@@ -276,10 +287,11 @@ def ee_build(
     image's kernel and an initrd with its modules for every hardware profile,
     the agent and its runtime, and the core's public keys (from --keys, the key made
     there if missing; both keys during a rotation, slim keys rotate): the agent refuses
-    any plan they did not sign.
+    any plan they did not sign.  If a relay of the registry has an https:// URL, the
+    runtime also has Python's ssl and SLIM's CA certificate (from --ca).
     Rebuilding an unchanged image adds no object and keeps the release.
     """
-    from slim.core.build.agentrt import collect
+    from slim.core.build.agentrt import registry_runtime
     from slim.core.build.copyset import DEFAULT_LEVEL
     from slim.core.build.release import build_environment
     from slim.core.registry import load_registry
@@ -299,7 +311,8 @@ def ee_build(
         # held (shared) to the end: a key rotation waits for this build, or it for the rotation
         keydir = held.enter_context(KeyDirectory(keys).held(exclusive=False))
         signer = keydir.signer()  # signs the releases
-        runtime = collect() if agent else None
+        ca_dir = ca_path if ca_path is not None else Path(reg.server.state_dir) / "ca"
+        runtime = registry_runtime(reg, ca_dir) if agent else None
         if runtime is not None:
             runtime.trust(keydir.trusted())  # the signer's key; during a rotation the previous one too
         results = []

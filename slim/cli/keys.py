@@ -16,6 +16,7 @@ from slim.cli.common import (
     keys_option,
     keys_path_or_default,
     registry_option,
+    state_dir,
     store_option,
     store_path_or_default,
 )
@@ -116,7 +117,7 @@ def keys_rotate(
     with the keys unchanged: fix the environment and run it again.  Back up signing.key
     once the rotation has begun: the old private key is gone, and nothing needs it.
     """
-    from slim.core.build.agentrt import collect
+    from slim.core.build.agentrt import registry_runtime
     from slim.core.build.rotation import begin_rotation, finish_rotation
     from slim.core.registry import load_registry
     from slim.core.store import Store
@@ -127,7 +128,8 @@ def keys_rotate(
         reg = load_registry(registry_path)
         store = Store(store_path_or_default(store_path, registry_path))
         step = finish_rotation if finish else begin_rotation
-        runtime = collect() if store.environments() else None  # the agent's, for the initrds
+        # the agent's, for the initrds (with ssl and the CA if a relay is https://, as slim ee build)
+        runtime = registry_runtime(reg, state_dir(registry_path) / "ca") if store.environments() else None
         with StageProgress(enabled=not as_json) as progress:
             done = step(reg, store, directory, runtime, progress=progress)
     if as_json:
