@@ -618,10 +618,13 @@ def https_url(server: ObjectServer | RelayServer) -> str:
     return f"https://127.0.0.1:{port}"
 
 
-def https_get(port: int, path: str, name: str = "slim-core") -> tuple[int, dict[str, str], bytes]:
+def https_get(
+    port: int, path: str, name: str = "slim-core", ca: Path | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """GET ``path`` from 127.0.0.1:``port`` over HTTPS, checking the server's certificate
-    against the session CA and ``name`` (whatever address it is reached at, as relays do)."""
-    ctx = ssl.create_default_context(cadata=(pki().ca_dir / "ca.crt").read_text())
+    against ``ca`` (default: the session CA's certificate) and ``name`` (whatever address it
+    is reached at, as relays do)."""
+    ctx = ssl.create_default_context(cadata=(ca or pki().ca_dir / "ca.crt").read_text())
     with (
         socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
         ctx.wrap_socket(raw, server_hostname=name) as sock,

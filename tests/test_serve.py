@@ -1,7 +1,7 @@
 """`slim serve`: every server of one machine from one registry file (slim/allinone.py).
 
-On loopback, port 0: the core, the relay with TFTP; the relay reaches the core
-and the core's object server.  Failures are clear: a registry that does not say
+On loopback, port 0: the core, the relay with TFTP and HTTPS; the relay reaches
+the core and the core's object server (over HTTPS).  Failures are clear: a registry that does not say
 which relay this machine is, a part that cannot start, a part that dies.
 """
 
@@ -25,7 +25,7 @@ from slim.core.registry import load_registry
 from slim.core.store import Store
 from slim.rpc import CoreClient
 from slim.v1 import core_pb2 as pb
-from tests.support import make_image
+from tests.support import https_get, make_image
 
 REGISTRY = """\
 settings: {{heartbeat_interval: 0.2}}
@@ -99,7 +99,7 @@ def said_until_ready(proc: subprocess.Popen[str]) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_serve_runs_core_and_relay_and_stops_cleanly(tmp_path: Path) -> None:
-    registry = write(tmp_path)
+    registry = write(tmp_path, server="  relay_https_listen: 127.0.0.1:0\n")
     store = Store(tmp_path / "state" / "store")
     build_environment(load_registry(registry), store, "base")
     found = store.release("base")
@@ -126,9 +126,13 @@ def test_serve_runs_core_and_relay_and_stops_cleanly(tmp_path: Path) -> None:
                     break
                 time.sleep(0.1)
             assert relays[0].status == "live"
-        url = f"http://{relay}/objects/sha256/{kernel.digest.removeprefix('sha256:')}"
-        with urllib.request.urlopen(url, timeout=10) as r:
+        path = f"/objects/sha256/{kernel.digest.removeprefix('sha256:')}"
+        with urllib.request.urlopen(f"http://{relay}{path}", timeout=10) as r:
             assert r.read() == (tmp_path / "image" / "vmlinuz").read_bytes()
+        # and over HTTPS, with the certificate of relay "local" from slim serve's CA
+        https = int(said["relay local https on"].rsplit(":", 1)[1])
+        got = https_get(https, path, name="local.relay.slim", ca=tmp_path / "state" / "ca" / "ca.crt")
+        assert got[0] == 200 and got[2] == (tmp_path / "image" / "vmlinuz").read_bytes()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -196,17 +200,18 @@ def test_each_part_gets_its_settings_as_a_file(tmp_path: Path) -> None:
         assert relay["tftp_listen"] == "127.0.0.1:0"
         assert relay["cache_dir"] == str(tmp_path / "state" / "cache")
         (objects,) = [v.rstrip(")") for k, v in said.items() if k.startswith("core listening on")]
-        assert relay["upstreams"] == [f"http://{objects}"]  # the core's object server, once it listened
+        # the core's object server once it listened, over HTTPS (the core's certificate)
+        assert relay["upstreams"] == [f"https://{objects}"]
     finally:
         stop(proc)
 
 
 def test_the_relays_parent_is_its_upstream_and_stopping_is_said(tmp_path: Path) -> None:
-    """A relay whose registry entry names a parent fetches from the parent's URLs first, then the
-    core's object server; on SIGTERM slim serve says what it stopped."""
-    registry = write(
-        tmp_path, more='  hub: {urls: ["http://127.0.0.2:9/"], site: lo}\n', server="  relay: local\n"
-    )
+    """A relay whose registry entry names a parent fetches from the parent's URLs first (an
+    https one checked by the parent's name), then the core's object server; on SIGTERM slim
+    serve says what it stopped."""
+    more = '  hub: {urls: ["https://127.0.0.2:8/", "http://127.0.0.2:9/"], site: lo}\n'
+    registry = write(tmp_path, more=more, server="  relay: local\n")
     registry.write_text(registry.read_text().replace("site: lo}\n", "site: lo, parent: hub}\n", 1))
     proc = start(registry, tmp_path)
     try:
@@ -214,7 +219,11 @@ def test_the_relays_parent_is_its_upstream_and_stopping_is_said(tmp_path: Path) 
         assert "ready" in said, (said, proc.stderr.read() if proc.stderr else "")
         relay = json.loads((tmp_path / "state" / "config" / "relay.json").read_text())
         (objects,) = [v.rstrip(")") for k, v in said.items() if k.startswith("core listening on")]
-        assert relay["upstreams"] == ["http://127.0.0.2:9/", f"http://{objects}"]
+        assert relay["upstreams"] == [
+            "https://127.0.0.2:8/#hub.relay.slim",
+            "http://127.0.0.2:9/",
+            f"https://{objects}",
+        ]
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0
