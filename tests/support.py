@@ -529,7 +529,8 @@ async def reload_registry(service: CoreService) -> Registry:
 # to the loop-blocking check (tests/conftest.py, loop_not_blocked).  Also on the loop on
 # purpose, though blockbuster does not watch them: the object routes' os.open of a cached
 # object (a metadata call) and os.pread of a small one (at most 128 KiB, once: then it is
-# served from memory), where a thread hop would cost more than the call (P3, docs/benchmarks).
+# served from memory), where a thread hop would cost more than the call (P3, docs/benchmarks);
+# and over TLS, os.pread of each 256 KiB piece of a body (a hop per piece doubled the CPU).
 LOOP_BLOCKING_ALLOWED: list[tuple[tuple[str, ...], str, set[str], str]] = [
     (
         ("io.TextIOWrapper.write", "io.BufferedWriter.write"), "logging/__init__.py", {"emit"},

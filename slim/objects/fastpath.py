@@ -305,15 +305,17 @@ class FastConnection(asyncio.Protocol):
         self._process()
 
     async def _send_tls(self, transport: asyncio.Transport, fd: int, size: int) -> None:
-        """The body over TLS: read off the loop, written through the transport (no
-        sendfile), waiting while the transport asks us to pause."""
+        """The body over TLS: read in pieces, written through the transport (no sendfile),
+        waiting while the transport asks us to pause."""
         offset = 0
         while offset < size:
-            data = await read_chunk(fd, offset, min(TLS_CHUNK, size - offset))
+            data = read_chunk(fd, offset, min(TLS_CHUNK, size - offset))
             if self.transport is None:
                 raise ConnectionResetError("connection lost")
             transport.write(data)
             offset += len(data)
+            if not self._paused:
+                await asyncio.sleep(0)  # the other connections' turn, piece by piece
             while self._paused:
                 if self.transport is None:
                     raise ConnectionResetError("connection lost")
