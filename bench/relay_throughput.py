@@ -214,10 +214,23 @@ class Server:
     port: int
     log: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    tls_name: str = ""  # HTTPS: the name in its certificate, which curl checks (against ca)
+    ca: Path | None = None
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls_name else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def curl_base(self) -> str:
+        """Where curl asks: over HTTPS by the certificate's name (resolved to 127.0.0.1)."""
+        return f"https://{self.tls_name}:{self.port}" if self.tls_name else self.base
+
+    @property
+    def curl_args(self) -> list[str]:
+        if not self.tls_name:
+            return []
+        return ["--cacert", str(self.ca), "--resolve", f"{self.tls_name}:{self.port}:127.0.0.1"]
 
     def cpu(self) -> float:
         return proc_cpu(self.proc.pid)
@@ -259,27 +272,32 @@ def _fail(what: str, proc: subprocess.Popen[bytes], log: Path, why: str) -> Syst
     return SystemExit(f"{what} did not start: {why}\n{tail}")
 
 
-def _listening_line(proc: subprocess.Popen[bytes], what: str, log: Path) -> int:
-    """Wait (at most START_TIMEOUT) for "listening on HOST:PORT" on the server's stdout."""
+def _listening_line(
+    proc: subprocess.Popen[bytes], what: str, log: Path, prefixes: tuple[str, ...] = ("listening on",)
+) -> list[int]:
+    """Wait (at most START_TIMEOUT) for "listening on HOST:PORT" (and each other of
+    ``prefixes``, line by line, in order) on the server's stdout; the ports."""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     deadline = time.monotonic() + START_TIMEOUT
     buf = b""
-    while b"\n" not in buf:
+    while buf.count(b"\n") < len(prefixes):
         left = deadline - time.monotonic()
         if left <= 0:
-            raise _fail(what, proc, log, f"no 'listening on' within {START_TIMEOUT:.0f} s")
+            raise _fail(what, proc, log, f"no {' and '.join(prefixes)!r} within {START_TIMEOUT:.0f} s")
         ready, _, _ = select.select([fd], [], [], left)
         if ready:
             chunk = os.read(fd, 4096)
             if not chunk:
                 raise _fail(what, proc, log, f"exited with code {proc.wait(timeout=STOP_TIMEOUT)}")
             buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
-    m = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)", line.strip())
-    if m is None:
-        raise _fail(what, proc, log, f"unexpected first line {line!r}")
-    return int(m.group(1))
+    ports = []
+    for prefix, line in zip(prefixes, buf.decode().splitlines(), strict=False):
+        m = re.fullmatch(rf"{prefix} 127\.0\.0\.1:(\d+)", line.strip())
+        if m is None:
+            raise _fail(what, proc, log, f"unexpected line {line!r}")
+        ports.append(int(m.group(1)))
+    return ports
 
 
 def start_relay(
@@ -293,7 +311,25 @@ def start_relay(
              "--log-level", "warning", *extra],
             stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
         )  # fmt: skip
-    return servers.add(Server(name, proc, _listening_line(proc, name, log), log))
+    return servers.add(Server(name, proc, _listening_line(proc, name, log)[0], log))
+
+
+def start_https_relay(
+    servers: Servers, cache_dir: Path, tmp: Path, identity: Path, tls_name: str, ca: Path
+) -> tuple[Server, Server]:
+    """One relay serving HTTP and HTTPS (--https-listen, the certificate of ``identity``):
+    (its HTTP side, its HTTPS side), the same process."""
+    log = tmp / "relay.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "slim.cli", "relay", "serve", "--upstream", "http://127.0.0.1:9",
+             "--cache-dir", str(cache_dir), "--max-bytes", "4G", "--listen", "127.0.0.1:0",
+             "--https-listen", "127.0.0.1:0", "--identity", str(identity), "--log-level", "warning"],
+            stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    http, https = _listening_line(proc, "relay", log, ("listening on", "https on"))
+    plain = servers.add(Server("relay-http", proc, http, log))
+    return plain, Server("relay-https", proc, https, log, tls_name=tls_name, ca=ca)
 
 
 def start_origin(servers: Servers, objects_dir: Path, tmp: Path) -> Server:
@@ -303,7 +339,7 @@ def start_origin(servers: Servers, objects_dir: Path, tmp: Path) -> Server:
             [sys.executable, __file__, "--origin-server", str(objects_dir)],
             stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
         )  # fmt: skip
-    return servers.add(Server("origin", proc, _listening_line(proc, "origin", log), log))
+    return servers.add(Server("origin", proc, _listening_line(proc, "origin", log)[0], log))
 
 
 async def _serve_origin(objects_dir: Path) -> None:
@@ -327,7 +363,7 @@ def start_floor(servers: Servers, objects_dir: Path, limit: int, tmp: Path) -> S
             [sys.executable, __file__, "--floor-server", str(objects_dir), "--floor-limit", str(limit)],
             stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
         )  # fmt: skip
-    return servers.add(Server("aiohttp-floor", proc, _listening_line(proc, "aiohttp floor", log), log))
+    return servers.add(Server("aiohttp-floor", proc, _listening_line(proc, "aiohttp floor", log)[0], log))
 
 
 async def _serve_floor(objects_dir: Path, limit: int) -> None:
@@ -381,7 +417,8 @@ http {{
     scgi_temp_path {prefix}/scgi_temp;
 {extra_http}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port} backlog=4096{ssl};
+{extra_server}
         location /objects/sha256/ {{
 {location}
         }}
@@ -404,11 +441,27 @@ NGINX_PROXY_LOCATION = """\
             proxy_cache_lock_age 600s;"""
 
 
+@dataclass(frozen=True)
+class Tls:
+    """The certificate both servers present over HTTPS (the relay's identity), and its CA."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    name: str  # the DNS name in the certificate
+
+
 def start_nginx(
-    servers: Servers, name: str, tmp: Path, workers: str, root: Path | None, upstream: str = ""
+    servers: Servers,
+    name: str,
+    tmp: Path,
+    workers: str,
+    root: Path | None,
+    upstream: str = "",
+    tls: Tls | None = None,
 ) -> Server:
     """Our own nginx: a generated configuration in ``tmp/name``; ``root`` (static files) or
-    ``upstream`` (a caching proxy)."""
+    ``upstream`` (a caching proxy); over HTTPS with ``tls``."""
     prefix = tmp / name
     prefix.mkdir()
     port = free_port()
@@ -417,9 +470,21 @@ def start_nginx(
     else:
         location = NGINX_PROXY_LOCATION.format(upstream=upstream)
         extra = NGINX_PROXY_HTTP.format(prefix=prefix)
+    ssl, server_extra = "", ""
+    if tls is not None:
+        ssl = " ssl"
+        server_extra = f"        ssl_certificate {tls.cert};\n        ssl_certificate_key {tls.key};"
     conf = prefix / "nginx.conf"
     conf.write_text(
-        NGINX_CONF.format(workers=workers, prefix=prefix, port=port, location=location, extra_http=extra)
+        NGINX_CONF.format(
+            workers=workers,
+            prefix=prefix,
+            port=port,
+            location=location,
+            extra_http=extra,
+            ssl=ssl,
+            extra_server=server_extra,
+        )
     )
     log = prefix / "error.log"
     with open(prefix / "stderr.log", "wb") as err:
@@ -427,7 +492,17 @@ def start_nginx(
             [NGINX, "-c", str(conf), "-p", str(prefix), "-e", str(log)],
             stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
         )  # fmt: skip
-    server = servers.add(Server(name, proc, port, log, {"workers": workers}))
+    server = servers.add(
+        Server(
+            name,
+            proc,
+            port,
+            log,
+            {"workers": workers},
+            tls_name=tls.name if tls else "",
+            ca=tls.ca if tls else None,
+        )
+    )
     deadline = time.monotonic() + START_TIMEOUT
     while True:  # until it accepts connections, at most START_TIMEOUT
         if proc.poll() is not None:
@@ -490,11 +565,13 @@ def at_once(
     return procs, outs, seconds, late
 
 
-def curl_all(url: str, clients: int, size: int, timeout: float) -> dict[str, Any]:
+def curl_all(
+    url: str, clients: int, size: int, timeout: float, extra: list[str] | None = None
+) -> dict[str, Any]:
     """``clients`` curl processes fetch ``url`` once each, all at once; every response must be
-    200 with ``size`` bytes."""
+    200 with ``size`` bytes.  ``extra``: more curl arguments (HTTPS: the CA, the name)."""
     cmd = ["curl", "-sS", "--max-time", str(int(timeout)), "-o", "/dev/null",
-           "-w", "%{http_code} %{size_download} %{time_total}\\n", url]  # fmt: skip
+           "-w", "%{http_code} %{size_download} %{time_total}\\n", *(extra or []), url]  # fmt: skip
     cpu0 = children_cpu()
     procs, outs, seconds, late = at_once([cmd] * clients, timeout)
     bad: list[str] = []
@@ -604,7 +681,9 @@ def bench_large(servers: dict[str, Server], data: Data, clients: int, repeat: in
             s = servers[name]
             r: dict[str, Any] = {}
             with server_cpu(s, r):
-                r |= curl_all(f"{s.base}/objects/sha256/{data.large.hex}", clients, size, timeout)
+                r |= curl_all(
+                    f"{s.curl_base}/objects/sha256/{data.large.hex}", clients, size, timeout, s.curl_args
+                )
             r["server_cpu_seconds_per_gb"] = round(r["server_cpu_seconds"] / (r["bytes"] / 1e9), 3)
             runs[name].append(r)
             print(
@@ -840,6 +919,12 @@ def main() -> None:
     ap.add_argument("--tmp-dir", type=Path, help="where the temporary directory goes (default: $TMPDIR)")
     ap.add_argument("--out", type=Path, default=OUT_DIR, help="directory for the JSON results and the plot")
     ap.add_argument("--plot-from", type=Path, metavar="JSON", help="only redraw the plot of a results file")
+    ap.add_argument(
+        "--https",
+        action="store_true",
+        help="instead: the relay against nginx over HTTPS (same certificate, same files), with both "
+        "over HTTP beside them for the cost of TLS; large and small only; relay_https.json",
+    )
     ap.add_argument("--origin-server", type=Path, help=argparse.SUPPRESS)  # internal: the origin process
     ap.add_argument("--floor-server", type=Path, help=argparse.SUPPRESS)  # internal: the aiohttp floor
     ap.add_argument("--floor-limit", type=int, default=256 * KiB, help=argparse.SUPPRESS)
@@ -851,6 +936,12 @@ def main() -> None:
             uvloop.run(_serve_origin(args.origin_server))
         else:
             uvloop.run(_serve_floor(args.floor_server, args.floor_limit))
+        return
+    if args.https:
+        if args.quick:
+            args.large_mib, args.large_clients, args.small_objects, args.small_rounds = 256, 16, 1000, 1
+            args.repeat = 1
+        run_https(args)
         return
     if args.plot_from:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -975,6 +1066,145 @@ def main() -> None:
     report(results)
     shown = args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out
     print(f"whole run {results['total_seconds']:.0f} s; wrote {shown}/relay_throughput.json and .png")
+
+
+# -- HTTPS -------------------------------------------------------------------------
+TLS_NAME = "bench.relay.slim"  # the relay's certificate: relay "bench" of a CA made for the run
+NEGOTIATED = re.compile(r"New, (\S+), Cipher is (\S+)")
+
+
+def handshake(server: Server) -> dict[str, str]:
+    """What a client and ``server`` negotiate, and whether its certificate checks out."""
+    assert server.ca is not None
+    p = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-servername", server.tls_name,
+         "-CAfile", str(server.ca), "-verify_hostname", server.tls_name, "-verify_return_error"],
+        input="", capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    m = NEGOTIATED.search(p.stdout)
+    if p.returncode != 0 or m is None or "Verify return code: 0 (ok)" not in p.stdout:
+        raise SystemExit(f"{server.name}: TLS handshake failed:\n{p.stdout[-1500:]}{p.stderr[-1500:]}")
+    return {"protocol": m.group(1), "cipher": m.group(2)}
+
+
+def run_https(args: argparse.Namespace) -> None:
+    """The relay against nginx over HTTPS: the relay's own certificate (an identity of a CA
+    made for the run, ECDSA P-256) on both, the same files, the same clients (curl checks
+    the certificate against the CA and its name)."""
+    from slim.pki import CA_CERT, CERT_PEM, KEY_PEM, CertificateAuthority
+
+    for tool in (NGINX, "h2load", "curl", "openssl"):
+        if shutil.which(tool) is None:
+            raise SystemExit(
+                f"{tool} is not installed (./run bench relay installs nginx-light and nghttp2-client)"
+            )
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "benchmark": "relay throughput over HTTPS: SLIM relay vs nginx, same certificate and files, loopback",
+        "command": " ".join(["python", "bench/relay_throughput.py", *sys.argv[1:]]),
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine(),
+        "parameters": {
+            k: getattr(args, k)
+            for k in (
+                "large_mib",
+                "large_clients",
+                "small_objects",
+                "small_rounds",
+                "small_clients",
+                "repeat",
+                "seed",
+            )
+        }
+        | {"quick": args.quick},
+        "notes": [
+            "both servers present the same certificate and key (relay 'bench' of a CA made for the run, "
+            "ECDSA P-256) from the same files; nginx with ssl_certificate and its defaults otherwise",
+            "the relay: one process serving --listen (HTTP) and --https-listen (HTTPS); over TLS it "
+            "cannot use sendfile: bodies are read and encrypted in user space (nginx-light too: no kTLS)",
+            "large: curl processes checking the certificate (--cacert, the name by --resolve); "
+            "small: h2load --h1 over TLS (keep-alive: one handshake per connection)",
+            "relay-http and nginx-1-worker-http: the same servers over plain HTTP in the same run, for "
+            "the cost of TLS",
+            "the load generators share the 2 cores with the servers",
+        ],
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="slim-bench-https-", dir=args.tmp_dir))
+    tmp.chmod(0o755)  # nginx's workers run as nobody and read the files too
+    pool = Servers()
+    try:
+        data = make_data(tmp, args.large_mib * MiB, args.small_objects, MiB, args.seed)
+        files = sorted(data.cache.glob("objects/sha256/*"))
+        results["page_cache_warm_seconds"] = round(warm_page_cache(files), 2)
+        ca = CertificateAuthority.init(tmp / "ca")
+        identity = tmp / "identity"
+        ca.enroll("bench", "relay", identity)
+        tls = Tls(identity / CERT_PEM, identity / KEY_PEM, tmp / "ca" / CA_CERT, TLS_NAME)
+        relay_http, relay_https = start_https_relay(pool, data.cache, tmp, identity, TLS_NAME, tls.ca)
+        servers = {
+            "relay-https": relay_https,
+            "nginx-1-worker-https": start_nginx(pool, "nginx-1-worker-https", tmp, "1", data.cache, tls=tls),
+            "nginx-auto-https": start_nginx(pool, "nginx-auto-https", tmp, "auto", data.cache, tls=tls),
+            "relay-http": relay_http,
+            "nginx-1-worker-http": start_nginx(pool, "nginx-1-worker-http", tmp, "1", data.cache),
+        }
+        results["negotiated"] = {n: handshake(s) for n, s in servers.items() if s.tls_name}
+        results["data"] = {
+            "large_bytes": data.large.size,
+            "small_objects": len(data.small),
+            "small_bytes_total": sum(o.size for o in data.small),
+            "small_bytes_median": statistics.median(o.size for o in data.small),
+        }
+        print("large object ...", flush=True)
+        results["large"] = bench_large(servers, data, args.large_clients, args.repeat)
+        print("small objects ...", flush=True)
+        results["small"] = bench_small(
+            servers, data, tmp, args.small_clients, args.small_rounds, args.repeat, args.seed
+        )
+        if metrics(relay_http)["slim_relay_upstream_fetches_total"]:
+            raise SystemExit("the relay fetched from upstream: its cache was not what it served")
+    finally:
+        pool.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    lg, sm = results["large"], results["small"]
+    results["ratios"] = {
+        f"relay_https_over_{ref}": {
+            "large_gb_per_second": round(
+                lg["relay-https"]["gb_per_second_median"] / lg[ref]["gb_per_second_median"], 3
+            ),
+            "small_requests_per_second": round(
+                sm["relay-https"]["requests_per_second_median"] / sm[ref]["requests_per_second_median"], 3
+            ),
+        }
+        for ref in ("nginx-1-worker-https", "nginx-auto-https")
+    } | {
+        f"{who}_https_over_http": {
+            "large_gb_per_second": round(
+                lg[https]["gb_per_second_median"] / lg[http]["gb_per_second_median"], 3
+            ),
+            "small_requests_per_second": round(
+                sm[https]["requests_per_second_median"] / sm[http]["requests_per_second_median"], 3
+            ),
+        }
+        for who, https, http in (
+            ("relay", "relay-https", "relay-http"),
+            ("nginx_1_worker", "nginx-1-worker-https", "nginx-1-worker-http"),
+        )
+    }
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "relay_https.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    print(f"\n{'':22}{'large GB/s':>12}{'CPU s/GB':>10}{'small req/s':>13}{'MB/s':>8}{'CPU us/req':>12}")
+    for n in servers:
+        print(
+            f"{n:22}{lg[n]['gb_per_second_median']:12.2f}{lg[n]['server_cpu_seconds_per_gb_median']:10.3f}"
+            f"{sm[n]['requests_per_second_median']:13,}{sm[n]['mb_per_second_median']:8.0f}"
+            f"{sm[n]['server_cpu_us_per_request_median']:12.0f}"
+        )
+    for name, r in results["ratios"].items():
+        print(f"{name}: large {r['large_gb_per_second']:.2f}x, small {r['small_requests_per_second']:.2f}x")
+    shown = args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out
+    print(f"whole run {results['total_seconds']:.0f} s; wrote {shown}/relay_https.json")
 
 
 def report(results: dict[str, Any]) -> None:
