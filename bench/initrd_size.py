@@ -24,13 +24,14 @@ import argparse
 import io
 import json
 import platform
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from slim.core.build.agentrt import Runtime, add_runtime, collect
+from slim.core.build.agentrt import PYTHON, Runtime, add_runtime, collect
 from slim.core.build.initrd import InitrdBuilder
 from slim.pki import CertificateAuthority
 from slim.signing import SigningKey
@@ -82,7 +83,13 @@ def main() -> None:
         "benchmark": "the agent's initrd: without the plan verifier, with it, with it and ssl",
         "command": " ".join(["python", "bench/initrd_size.py", *sys.argv[1:]]),
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"platform": platform.platform()},
+        "initrd_python": subprocess.run(
+            [str(PYTHON), "-c", "import sys, ssl; print(sys.version.split()[0], ssl.OPENSSL_VERSION)"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip(),
         "zstd_level": LEVEL,
         "notes": [
             "the agent's runtime only (busybox, zstd, python3 and the modules the agent imports, the "

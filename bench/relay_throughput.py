@@ -473,7 +473,11 @@ def start_nginx(
     ssl, server_extra = "", ""
     if tls is not None:
         ssl = " ssl"
-        server_extra = f"        ssl_certificate {tls.cert};\n        ssl_certificate_key {tls.key};"
+        # TLS 1.3 as the relay (nginx 1.22's default stops at 1.2): the same protocol and cipher
+        server_extra = (
+            f"        ssl_certificate {tls.cert};\n        ssl_certificate_key {tls.key};\n"
+            "        ssl_protocols TLSv1.2 TLSv1.3;"
+        )
     conf = prefix / "nginx.conf"
     conf.write_text(
         NGINX_CONF.format(
@@ -1119,7 +1123,9 @@ def run_https(args: argparse.Namespace) -> None:
         | {"quick": args.quick},
         "notes": [
             "both servers present the same certificate and key (relay 'bench' of a CA made for the run, "
-            "ECDSA P-256) from the same files; nginx with ssl_certificate and its defaults otherwise",
+            "ECDSA P-256) from the same files; nginx with ssl_certificate, ssl_protocols TLSv1.2 TLSv1.3 "
+            "(1.22 stops at 1.2 by default) and its defaults otherwise: both negotiate the same protocol "
+            "and cipher ('negotiated', openssl s_client)",
             "the relay: one process serving --listen (HTTP) and --https-listen (HTTPS); over TLS it "
             "cannot use sendfile: bodies are read and encrypted in user space (nginx-light too: no kTLS)",
             "large: curl processes checking the certificate (--cacert, the name by --resolve); "
@@ -1149,6 +1155,8 @@ def run_https(args: argparse.Namespace) -> None:
             "nginx-1-worker-http": start_nginx(pool, "nginx-1-worker-http", tmp, "1", data.cache),
         }
         results["negotiated"] = {n: handshake(s) for n, s in servers.items() if s.tls_name}
+        if len({tuple(h.values()) for h in results["negotiated"].values()}) != 1:
+            raise SystemExit(f"the servers negotiate different TLS: {results['negotiated']}")
         results["data"] = {
             "large_bytes": data.large.size,
             "small_objects": len(data.small),
