@@ -44,7 +44,7 @@ class Upstream:
         m = _UPSTREAM_RE.fullmatch(value.strip())
         if m is None:
             raise InvalidArgument(
-                f"upstream {value!r} is not an http://HOST:PORT or https://HOST:PORT[#NAME] base URL"
+                f"upstream {value!r} is not an http://HOST:PORT base URL (or https://HOST:PORT[#NAME])"
             )
         scheme, host, name = m.groups()
         if scheme == "http" and name:
