@@ -240,7 +240,7 @@ class Lab:
         self.core = self._ready(core, "listening on", "core")
         objects = self._ready(core, "objects on", "core")
         relay = self._start("relay", "serve", "--identity", str(relay_identity), "--core", self.core,
-                            "--upstream", f"http://{objects}", "--cache-dir", str(self.tmp / "cache"),
+                            "--upstream", f"https://{objects}", "--cache-dir", str(self.tmp / "cache"),
                             "--max-bytes", "2G", "--listen", "127.0.0.1:0")  # fmt: skip
         self.relay_port = int(self._ready(relay, "listening on", "relay").rsplit(":", 1)[1])
         if self.busy:  # the guest reaches the relay through the busy front

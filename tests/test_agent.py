@@ -764,8 +764,8 @@ async def test_a_node_secret_reaches_its_node_only_and_nothing_else_keeps_it(
     registry = Path(str(site.service.registry_path))
     plain = registry.read_text()
 
-    async def use(site_settings: str) -> None:
-        registry.write_text(_with_secrets(plain, env_secret, n1_secret, site_settings))
+    async def use(site_settings: str, text: str = plain) -> None:
+        registry.write_text(_with_secrets(text, env_secret, n1_secret, site_settings))
         await reload_registry(site.service)
 
     # a MAC site that has not said secrets may go to MAC-identified nodes: refused
@@ -780,6 +780,29 @@ async def test_a_node_secret_reaches_its_node_only_and_nothing_else_keeps_it(
     argv = (*site.argv(tmp_path / "plain-http"), "--token-file", str(tmp_path / "n1.token"))
     assert await run_agent(*argv) == 1
     assert any("over TLS only" in e.message for e in await site.events() if e.stage == "secrets")
+    # ... and over HTTPS, they arrive (the relay's HTTPS listener, checked against SLIM's CA)
+    https = (
+        "--node",
+        "n1",
+        "--relay",
+        site.relay_https_url,
+        "--ca",
+        str(site.ca),
+        "--trust",
+        str(site.trust),
+    )
+    argv = (
+        *https,
+        "--no-reboot",
+        "--target",
+        str(tmp_path / "https"),
+        "--token-file",
+        str(tmp_path / "n1.token"),
+    )
+    # the plan's relays: r1 over https
+    await use("node_identity: token", plain.replace(site.relay_url + "/", site.relay_https_url + "/"))
+    assert await run_agent(*argv) == 0
+    assert (tmp_path / "https" / "etc/ssh/ssh_host_ed25519_key").read_bytes() == n1_bytes
     # the site opts in, in writing: n1 gets both, n2 only the environment's
     await use("secrets_without_token: true")
     assert await run_agent(*site.argv(tmp_path / "n1")) == 0
