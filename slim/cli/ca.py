@@ -10,37 +10,21 @@ from pathlib import Path
 import click
 
 from slim.cli.common import (
+    ca_option,
+    ca_path_or_default,
     console,
     core_client,
     core_option,
+    days_option,
     err_console,
     errors_to_exit,
+    identity_out_option,
     json_option,
     registry_option,
-    state_dir,
     timestamp,
+    token_out_option,
 )
 from slim.vocabulary import parse_duration
-
-ca_option = click.option(
-    "--ca",
-    "ca_path",
-    envvar="SLIM_CA_DIR",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="The CA's directory; also $SLIM_CA_DIR (default: STATE_DIR/ca, as the core uses).",
-)
-days_option = click.option(
-    "--days",
-    type=click.IntRange(1, 3650),
-    default=365,
-    show_default=True,
-    help="How long the certificate is valid.",
-)
-
-
-def ca_path_or_default(ca_path: Path | None, registry_path: Path) -> Path:
-    return ca_path if ca_path is not None else state_dir(registry_path) / "ca"
 
 
 def enroll(
@@ -82,7 +66,7 @@ def ca() -> None:
 
 @ca.command("init")
 @registry_option
-@ca_option
+@ca_option()
 def ca_init(registry_path: Path, ca_path: Path | None) -> None:
     """Make the CA (refused if one is there)."""
     from slim.pki import CertificateAuthority
@@ -98,7 +82,7 @@ def ca_init(registry_path: Path, ca_path: Path | None) -> None:
 
 @ca.command("list")
 @registry_option
-@ca_option
+@ca_option()
 @json_option
 def ca_list(registry_path: Path, ca_path: Path | None, as_json: bool) -> None:
     """Every certificate the CA issued: name, role, serial, expiry, revoked."""
@@ -125,7 +109,7 @@ def ca_list(registry_path: Path, ca_path: Path | None, as_json: bool) -> None:
     "--role", type=click.Choice(["relay", "admin"]), default=None, help="Only certificates of this role."
 )
 @registry_option
-@ca_option
+@ca_option()
 def ca_revoke(name: str, role: str | None, registry_path: Path, ca_path: Path | None) -> None:
     """Revoke every certificate issued to NAME."""
     revoke(registry_path, ca_path, name, role)
@@ -143,15 +127,10 @@ def admin() -> None:
 
 @admin.command("enroll")
 @click.argument("name")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Write the identity here (default: ./NAME).",
-)
+@identity_out_option("Write the identity here (default: ./NAME).")
 @days_option
 @registry_option
-@ca_option
+@ca_option()
 def admin_enroll(name: str, out: Path | None, days: int, registry_path: Path, ca_path: Path | None) -> None:
     """Issue an admin certificate for NAME (on the core's host): point $SLIM_IDENTITY at it."""
     enroll(registry_path, ca_path, name, "admin", out, days)
@@ -174,12 +153,7 @@ def _ttl(text: str | None) -> float:
 @click.option(
     "--ttl", default=None, metavar="DURATION", help="How long it is valid, e.g. 30d, 12h (default: 90d)."
 )
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Write the token to this file (mode 0600) instead of printing it.",
-)
+@token_out_option
 @core_option
 def token_create(name: str, ttl: str | None, out: Path | None, core_address: str) -> None:
     """Issue an admin token for NAME (printed once; the core keeps its hash)."""
@@ -196,12 +170,7 @@ def token_create(name: str, ttl: str | None, out: Path | None, core_address: str
     metavar="DURATION",
     help="How long NAME's older tokens stay valid, to switch over.",
 )
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Write the token to this file (mode 0600) instead of printing it.",
-)
+@token_out_option
 @core_option
 def token_rotate(name: str, ttl: str | None, overlap: str, out: Path | None, core_address: str) -> None:
     """Issue NAME a new admin token; its older ones expire after --overlap."""

@@ -166,6 +166,48 @@ def store_path_or_default(store_path: Path | None, registry_path: Path) -> Path:
     return store_path if store_path is not None else state_dir(registry_path) / "store"
 
 
+def ca_option(text: str = "") -> Callable[[F], F]:
+    """``--ca DIR``: SLIM's CA directory (default STATE_DIR/ca); ``text``: what else it is for."""
+    option: Callable[[F], F] = click.option(
+        "--ca",
+        "ca_path",
+        envvar="SLIM_CA_DIR",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="SLIM's CA directory (default: STATE_DIR/ca); also $SLIM_CA_DIR."
+        + (f"  {text}" if text else ""),
+    )
+    return option
+
+
+def ca_path_or_default(ca_path: Path | None, registry_path: Path) -> Path:
+    """``--ca`` as given, else STATE_DIR/ca (see :func:`state_dir`)."""
+    return ca_path if ca_path is not None else state_dir(registry_path) / "ca"
+
+
+days_option = click.option(
+    "--days",
+    type=click.IntRange(1, 3650),
+    default=365,
+    show_default=True,
+    help="How long the certificate is valid.",
+)
+token_out_option = click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the token to this file (mode 0600) instead of printing it.",
+)
+
+
+def identity_out_option(text: str) -> Callable[[F], F]:
+    """``--out DIR``: where an identity directory is written."""
+    option: Callable[[F], F] = click.option(
+        "--out", type=click.Path(file_okay=False, path_type=Path), default=None, help=text
+    )
+    return option
+
+
 def keys_path_or_default(keys_path: Path | None, registry_path: Path) -> Path:
     """``--keys`` as given, else STATE_DIR/keys (see :func:`state_dir`)."""
     return keys_path if keys_path is not None else state_dir(registry_path) / "keys"

@@ -9,6 +9,7 @@ import click
 
 from slim.cli.common import (
     DEFAULT_CORE_LISTEN,
+    ca_option,
     config_option,
     errors_to_exit,
     keys_option,
@@ -54,14 +55,7 @@ def core() -> None:
     default=None,
     help="Also take admin calls here, over TLS, authenticated by admin token (slim admin token create).",
 )
-@click.option(
-    "--ca",
-    "ca_path",
-    envvar="SLIM_CA_DIR",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="The CA's directory (made on first start if missing; default: STATE_DIR/ca); also $SLIM_CA_DIR.",
-)
+@ca_option("Made on first start if missing.")
 @click.option(
     "--tls-name",
     "tls_names",

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from slim.cli.common import (
     StageProgress,
+    ca_option,
     console,
     core_client,
     core_option,
@@ -257,15 +258,9 @@ def _build_json(res: Any) -> dict[str, Any]:
     "the initrd; --no-agent leaves only the kernel modules.",
 )
 @keys_option
-@click.option(
-    "--ca",
-    "ca_path",
-    envvar="SLIM_CA_DIR",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="SLIM's CA directory (made if missing; default: STATE_DIR/ca); also $SLIM_CA_DIR.  When "
-    "the registry names a relay by an https:// URL, initrds carry Python's ssl and this CA's "
-    "certificate, which the agent checks relays against.",
+@ca_option(
+    "Made if missing.  When the registry names a relay by an https:// URL, initrds carry "
+    "Python's ssl and this CA's certificate, which the agent checks relays against."
 )
 @json_option
 def ee_build(

@@ -24,6 +24,7 @@ from slim.cli.common import (
     origin_option,
     print_json,
     timestamp,
+    token_out_option,
 )
 from slim.errors import NotFound
 from slim.rpc import policy_name, tier_name
@@ -352,12 +353,7 @@ def node_timeline(
 @click.option(
     "--rotate", is_flag=True, help="The node's older tokens expire in an hour (a new one for its boot media)."
 )
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Write the token to this file (mode 0600) instead of printing it.",
-)
+@token_out_option
 @core_option
 def node_enroll(name: str, ttl: str | None, rotate: bool, out: Path | None, core_address: str) -> None:
     """Issue node NAME a token (printed once; the core keeps its hash).

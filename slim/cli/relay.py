@@ -10,11 +10,14 @@ from rich.table import Table
 
 from slim.cli.common import (
     StageProgress,
+    ca_option,
     config_option,
     console,
     core_client,
     core_option,
+    days_option,
     errors_to_exit,
+    identity_out_option,
     json_option,
     log_level_option,
     print_json,
@@ -373,28 +376,10 @@ def relay_prefetch(
 
 @relay.command("enroll")
 @click.argument("name")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Write the identity here (default: ./NAME); copy it to the relay's host.",
-)
-@click.option(
-    "--days",
-    type=click.IntRange(1, 3650),
-    default=365,
-    show_default=True,
-    help="How long the certificate is valid.",
-)
+@identity_out_option("Write the identity here (default: ./NAME); copy it to the relay's host.")
+@days_option
 @registry_option
-@click.option(
-    "--ca",
-    "ca_path",
-    envvar="SLIM_CA_DIR",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="The CA's directory; also $SLIM_CA_DIR (default: STATE_DIR/ca).",
-)
+@ca_option()
 def relay_enroll(name: str, out: Path | None, days: int, registry_path: Path, ca_path: Path | None) -> None:
     """Issue relay NAME its certificate (on the core's host): key.pem, cert.pem and ca.pem
     in one directory, which the relay takes with --identity.  The core knows the relay by
@@ -412,14 +397,7 @@ def relay_enroll(name: str, out: Path | None, days: int, registry_path: Path, ca
 @relay.command("revoke")
 @click.argument("name")
 @registry_option
-@click.option(
-    "--ca",
-    "ca_path",
-    envvar="SLIM_CA_DIR",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="The CA's directory; also $SLIM_CA_DIR (default: STATE_DIR/ca).",
-)
+@ca_option()
 def relay_revoke(name: str, registry_path: Path, ca_path: Path | None) -> None:
     """Revoke relay NAME's certificates: the core refuses its next call, and ends its
     heartbeat stream at its next beat."""
