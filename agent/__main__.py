@@ -123,7 +123,15 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
             )
         keys = trusted_keys(args.trust or [KEYS_DIR])
         token = read_token(args.token_file, default=not args.no_reboot)
-        relays = Relays(boot.relays, deadline=boot.deadline, token=token, ca=args.ca)
+        urls = boot.relays
+        if token:  # a node's token travels only over TLS: only https:// relays, or none
+            urls = tuple(u for u in boot.relays if u.startswith("https://"))
+            if not urls:
+                raise PlanError(
+                    "this node has a token, which goes only over HTTPS, and no relay it was given "
+                    "(slim.relays or --relay) is https://"
+                )
+        relays = Relays(urls, deadline=boot.deadline, token=token, ca=args.ca)
         try:
             nonce = secrets.token_hex(16)
             asked = now()
@@ -138,8 +146,9 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
                     refused.boot_id = boot.boot_id
                 refused("plan", ok=False, message=f"plan refused: {exc}", duration=answered - asked)
                 raise
-            if plan.relays:  # the plan's ranking is fresher than the command line's
-                relays.urls = list(dict.fromkeys([*plan.relays, *relays.urls]))
+            ranked = plan.https_relays if token else plan.relays  # a token: https:// ones only
+            if ranked:  # the plan's ranking is fresher than the command line's
+                relays.urls = list(dict.fromkeys([*ranked, *relays.urls]))
                 relays.current = 0
             report = Reporter(relays, plan.node, plan.environment, observe=observe)
             if boot.boot_id:  # the boot script's: the loader's transfers are already under it

@@ -309,13 +309,14 @@ class Relays:
         attempts = _Attempts(self, f"{method} {path}")
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        token = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         while True:
             url = attempts.next()
             try:
                 conn = self._conn(url)
-                conn.request(method, path, body=payload, headers=headers)
+                # the node's token goes only over TLS (never in clear, where it could be copied)
+                sent = {**headers, **token} if url.startswith("https://") else headers
+                conn.request(method, path, body=payload, headers=sent)
                 resp = conn.getresponse()
                 data = resp.read()
             except (OSError, http.client.HTTPException) as exc:

@@ -144,6 +144,7 @@ class Plan:
     directories: tuple[Directory, ...]  # parents before children
     relays: tuple[str, ...]  # first URL of each ranked relay, best first
     relay_time: float | None = None  # the relay's clock when it sent the plan
+    https_relays: tuple[str, ...] = ()  # the first https:// URL of each ranked relay that has one
     secrets: int = 0  # secret files to ask the relays for (GET /v1/nodes/{node}/secrets)
 
 
@@ -252,6 +253,7 @@ def parse_plan(data: bytes) -> Plan:
         raise PlanError("plan does not say what to do with / (the root)")
     dirs.sort(key=lambda d: (d.path.count("/") if d.path != "/" else 0, d.path))
     relays: list[str] = []
+    https_relays: list[str] = []
     relays_in = doc.get("relays", [])
     if not isinstance(relays_in, list):
         raise PlanError("plan: relays must be a list")
@@ -259,6 +261,10 @@ def parse_plan(data: bytes) -> Plan:
         urls = r.get("urls") if isinstance(r, dict) else None
         if isinstance(urls, list) and urls and isinstance(urls[0], str) and urls[0].startswith(HTTP_SCHEMES):
             relays.append(urls[0].rstrip("/"))
+        if isinstance(urls, list):
+            found = next((u for u in urls if isinstance(u, str) and u.startswith("https://")), None)
+            if found is not None:
+                https_relays.append(found.rstrip("/"))
     modules = doc.get("modules", [])
     if not isinstance(modules, list) or not all(
         isinstance(m, str) and re.fullmatch(r"[\w-]+", m) for m in modules
@@ -279,5 +285,6 @@ def parse_plan(data: bytes) -> Plan:
         disk=_text(doc, "disk", "plan"),
         directories=tuple(dirs),
         relays=tuple(relays),
+        https_relays=tuple(https_relays),
         secrets=_count(doc, "secrets", "plan") if "secrets" in doc else 0,
     )

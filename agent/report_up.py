@@ -10,7 +10,8 @@ new root's ``/run`` (systemd keeps a ``/run`` that is already mounted) and write
   ``up``, to the relays of the plan (each in turn, a bounded number of rounds, jittered),
   under the boot's id; the event carries no time, so the relay that takes it stamps it;
 - ``/run/slim/token`` (mode 0600), when the node has a token (``slim node enroll``): the
-  report sends it, so that only root on the node speaks for the node;
+  report sends it in the request's body (written to a 0600 file, never on a command line,
+  where every user could read it), so that only root on the node speaks for the node;
 - for a systemd EE (its init resolves to ``systemd``): ``slim-up.service`` under
   ``/run/systemd/system``, wanted by and ordered after the EE's default target, which runs
   the script once that target is reached.  Another init runs ``/run/slim/report`` itself
@@ -49,15 +50,17 @@ url_path={url_path}
 relays={relays}
 message=$(printf '%s' "${{1:-the environment is up}}" | $bb tr -cd 'A-Za-z0-9 ._:/+=-' | $bb head -c 200)
 body={head}"$message"{tail}
-set --  # the message is read: the arguments now carry the node's token, if it has one
-if [ -r "${{0%/*}}/token" ]; then
-  set -- --header "Authorization: Bearer $($bb cat "${{0%/*}}/token")"
+if [ -r "${{0%/*}}/token" ]; then  # the node's token, in the body (never in a command line)
+  token=$($bb cat "${{0%/*}}/token")
+  body="${{body%?}}, \\"token\\": \\"$token\\"}}"
 fi
+umask 077
+printf '%s' "$body" > "${{0%/*}}/report.json"  # printf is the shell's own: no process to see it
 round=0
 while [ $round -lt {rounds} ]; do
   for url in $relays; do
     if $bb timeout 15 $bb wget -q -O /dev/null --header 'Content-Type: application/json' \\
-        "$@" --post-data "$body" "$url$url_path"; then
+        --post-file "${{0%/*}}/report.json" "$url$url_path"; then
       echo "slim: reported up to $url"
       exit 0
     fi

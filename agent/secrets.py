@@ -107,16 +107,22 @@ def owner_ids(root: Path, owner: str) -> tuple[int, int]:
 
 def _install_one(top: str, s: Secret, index: int) -> None:
     dest = Path(top) / s.path.lstrip("/")
-    parent = dest.parent
-    parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    real = os.path.realpath(parent)
-    if real != str(parent) or not (real == top or real.startswith(top.rstrip("/") + "/")):
-        raise PlanError(f"secrets: {s.path}: its directory leads elsewhere (a symbolic link): refused")
+    parent = Path(top)
+    for part in dest.parent.relative_to(top).parts:  # made one by one, never through a link
+        parent = parent / part
+        if parent.is_symlink():
+            raise PlanError(f"secrets: {s.path}: {parent} is a symbolic link: refused")
+        if not parent.exists():
+            parent.mkdir(mode=0o755)
+        elif not parent.is_dir():
+            raise PlanError(f"secrets: {s.path}: {parent} is not a directory")
     uid, gid = owner_ids(Path(top), s.owner)
     tmp = parent / f".slim-secret-{os.getpid()}-{index}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(fd, s.content)
+        view = memoryview(s.content)
+        while view:  # a short write (a nearly full tmpfs) must not cut the secret
+            view = view[os.write(fd, view) :]
         os.fchown(fd, uid, gid)
         os.fchmod(fd, s.mode)
     except BaseException:

@@ -655,6 +655,8 @@ def secret_refusal(env: Environment, path: str) -> str | None:
         norm = normalize_dir(path)
     except ValueError as exc:
         return f"secret path {exc}"
+    if norm != path:
+        return f"write the secret's path as {norm} (normalised: no '//', '.', '..' or trailing '/')"
     if norm == "/":
         return "a secret is a file, not /"
     best, policy = "/", env.default_policy

@@ -30,6 +30,7 @@ import base64
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -47,6 +48,7 @@ from slim.vocabulary import BOOT_ID_RE, MAX_EVENT_TEXT, MAX_STAGE_SECONDS, MAX_T
 log = logging.getLogger(__name__)
 
 MAX_EVENTS = 1000
+_TOKEN_TEXT = re.compile(r"[A-Za-z0-9._-]{1,256}")  # what a node's token may be made of
 MAX_BODY = 1 << 20
 
 
@@ -142,6 +144,13 @@ def event_from_json(node: str, relay: str, rec: Any, index: int) -> pb.BootEvent
 def events_from_body(node: str, relay: str, raw: bytes) -> list[pb.BootEvent]:
     """The events of a ``POST /v1/nodes/{node}/events`` body (one object, a list, or
     ``{"events": [...]}``); InvalidArgument says what is wrong."""
+    return events_and_token(node, relay, raw)[0]
+
+
+def events_and_token(node: str, relay: str, raw: bytes) -> tuple[list[pb.BootEvent], str]:
+    """:func:`events_from_body`, and the node's token if the body carries one
+    (``{"events": [...], "token": "..."}``: how the EE's up report sends it, so that it is
+    never on a command line)."""
     if len(raw) > MAX_BODY:
         raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
     try:
@@ -150,15 +159,19 @@ def events_from_body(node: str, relay: str, raw: bytes) -> list[pb.BootEvent]:
         raise InvalidArgument(f"body is not JSON: {exc}") from None
     except RecursionError:
         raise InvalidArgument("body is not JSON: nested too deeply") from None
+    token = ""
     if isinstance(doc, dict) and "events" in doc:
         records = doc["events"]
+        token = doc.get("token", "")
+        if not isinstance(token, str) or not _TOKEN_TEXT.fullmatch(token or "x"):
+            raise InvalidArgument("token must be a SLIM token's text")
     else:
         records = doc if isinstance(doc, list) else [doc]
     if not isinstance(records, list) or not records:
         raise InvalidArgument("events must be a non-empty list")
     if len(records) > MAX_EVENTS:
         raise InvalidArgument(f"more than {MAX_EVENTS} events in one request; send them in parts")
-    return [event_from_json(node, relay, rec, i + 1) for i, rec in enumerate(records)]
+    return [event_from_json(node, relay, rec, i + 1) for i, rec in enumerate(records)], token
 
 
 class NodeApi:
@@ -207,7 +220,7 @@ class NodeApi:
         if not header:
             return ""
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip() or len(token) > 256:
+        if scheme.lower() != "bearer" or not _TOKEN_TEXT.fullmatch(token.strip()):
             raise Unauthenticated("Authorization must read 'Bearer TOKEN' (the node's token)")
         return token.strip()
 
@@ -301,9 +314,13 @@ class NodeApi:
             raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
         token = self._token(request)
         raw = await request.content.read(MAX_BODY + 1)
-        events = events_from_body(node, self.relay, raw)
+        events, in_body = events_and_token(node, self.relay, raw)
+        token = token or in_body
+        origin = self._origin(request)
+        if not origin:
+            raise InvalidArgument("cannot tell which address the events came from")
         for event in events:  # the node's own: the core checks it is that node
-            event.origin = self._origin(request)
+            event.origin = origin
             event.node_token = token
         accepted = await self.link.report_events(events)
         return web.json_response({"accepted": accepted})

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -146,9 +146,9 @@ class Credentials:
     """
 
     ca: bytes | None = None
-    key: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)
     cert: bytes | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     insecure: bool = False
 
     @classmethod

@@ -40,7 +40,9 @@ from slim.pki import CertificateAuthority
 from slim.relay.config import RelayConfig
 from slim.relay.server import RelayServer
 from slim.rpc import Credentials
+from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
+from slim.vocabulary import relay_observed
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP = 30.0
@@ -232,6 +234,15 @@ def relay_identity(name: str) -> Path:
 
 def relay_credentials(name: str) -> Credentials:
     return Credentials.from_identity(relay_identity(name))
+
+
+def from_nodes(events: list[pb.BootEvent], origin: str = "10.1.0.9") -> list[pb.BootEvent]:
+    """``events`` as a relay passes a node's on: each node stage with the node's address (the
+    core checks it may speak for the node); the relay's own observations as they are."""
+    for e in events:
+        if not relay_observed(e.stage):
+            e.origin = origin
+    return events
 
 
 def admin_credentials() -> Credentials:

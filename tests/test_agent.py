@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 import zstandard
 from aiohttp import web
@@ -688,7 +689,21 @@ async def test_a_node_with_a_token_boots_where_its_site_asks_for_one(site: Site,
     issued = await asyncio.to_thread(site.service.issue_token, "node", "n1", None)
     token_file = tmp_path / "node.token"
     token_file.write_text(issued.text + "\n")
-    assert await run_agent(*site.argv(tmp_path / "ee"), "--token-file", str(token_file)) == 0
+    # a token goes only over TLS: given only http:// relays, the agent refuses to send it
+    assert await run_agent(*site.argv(tmp_path / "http"), "--token-file", str(token_file)) == 1
+    assert not (tmp_path / "http").exists()
+    https = (
+        "--node",
+        "n1",
+        "--relay",
+        site.relay_https_url,
+        "--ca",
+        str(site.ca),
+        "--trust",
+        str(site.trust),
+    )
+    argv = (*https, "--no-reboot", "--target", str(tmp_path / "ee"), "--token-file", str(token_file))
+    assert await run_agent(*argv) == 0
     stages = [e.stage for e in await site.events()]
     assert "plan" in stages and "done" in stages
     # the up report: only root on the node may run it, and it sends the token
@@ -714,7 +729,8 @@ async def test_a_node_with_a_token_boots_where_its_site_asks_for_one(site: Site,
     assert [e.boot_id for e in await site.events() if e.stage == "up"] == ["cafe01"]
     # revoked: refused on its next call
     await asyncio.to_thread(site.service.revoke_tokens, issued.record.id)
-    assert await run_agent(*site.argv(tmp_path / "revoked"), "--token-file", str(token_file)) == 1
+    revoked = (*https, "--no-reboot", "--target", str(tmp_path / "revoked"), "--token-file", str(token_file))
+    assert await run_agent(*revoked) == 1
 
 
 # -- per-node secrets ----------------------------------------------------------------------
@@ -778,8 +794,16 @@ async def test_a_node_secret_reaches_its_node_only_and_nothing_else_keeps_it(
     issued = await asyncio.to_thread(site.service.issue_token, "node", "n1", None)
     (tmp_path / "n1.token").write_text(issued.text)
     argv = (*site.argv(tmp_path / "plain-http"), "--token-file", str(tmp_path / "n1.token"))
-    assert await run_agent(*argv) == 1
-    assert any("over TLS only" in e.message for e in await site.events() if e.stage == "secrets")
+    assert await run_agent(*argv) == 1  # our agent never sends its token in clear
+    assert not (tmp_path / "plain-http").exists()
+    # ... and a client that would is refused its secrets by the core (asked over plain HTTP)
+    headers = {"Authorization": f"Bearer {issued.text}"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{site.relay_url}/v1/nodes/n1/secrets", headers=headers) as r,
+    ):
+        assert r.status == 403 and "over TLS only" in (await r.json())["error"]
+        assert n1_bytes.decode() not in await r.text()
     # ... and over HTTPS, they arrive (the relay's HTTPS listener, checked against SLIM's CA)
     https = (
         "--node",
@@ -954,3 +978,22 @@ async def test_key_rotation_boots_nodes_whose_initrd_trusts_both_then_refuses_th
     assert not (tmp_path / "c").exists()  # nothing fetched, nothing made
     assert await run_agent(*argv(site.relay_url, tmp_path / "d")) == 0
     assert (await last_plan_event(site)).message.endswith(f"signed: {new.id}.pub")
+
+
+def test_secrets_never_go_through_a_symbolic_link(tmp_path: Path) -> None:
+    """An environment whose path to a secret holds a symbolic link (here, out of the root):
+    refused, and nothing is made outside the root; a secret is written whole, with its mode."""
+    from slim.agent import secrets as node_secrets
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "etc").mkdir(parents=True)
+    outside.mkdir()
+    (root / "etc" / "munge").symlink_to(outside)
+    secret = node_secrets.Secret("/etc/munge/sub/munge.key", 0o400, "root", b"k" * 100_000)
+    with pytest.raises(PlanError, match="symbolic link"):
+        node_secrets.install(root, [secret])
+    assert list(outside.iterdir()) == []
+    ok = node_secrets.Secret("/etc/slim/k", 0o440, "0:0", b"k" * 100_000)
+    assert node_secrets.install(root, [ok]) == ["/etc/slim/k"]
+    assert (root / "etc/slim/k").read_bytes() == ok.content
+    assert stat.S_IMODE((root / "etc/slim/k").stat().st_mode) == 0o440

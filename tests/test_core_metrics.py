@@ -45,7 +45,9 @@ def test_core_metrics_after_calls(registry_file: Path, tmp_path: Path, store: St
 
         def events() -> Iterator[pb.BootEvent]:
             for stage in ("plan", "done", "switch_root", "up"):
-                yield pb.BootEvent(node="n1", boot_id="b1", stage=stage, ok=True, environment="base")
+                yield pb.BootEvent(
+                    node="n1", boot_id="b1", stage=stage, ok=True, environment="base", origin="10.1.0.9"
+                )
 
         with rpc.channel(address, relay_credentials("room-1")) as channel:
             assert pb_grpc.CoreStub(channel).ReportBootEvents(events(), timeout=10).accepted == 4

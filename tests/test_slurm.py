@@ -20,7 +20,7 @@ from slim.plugin.helper import slurmd_node_name
 from slim.plugin.reboot import expand
 from slim.rpc import CoreClient
 from slim.v1 import core_pb2 as pb
-from tests.support import Served, admin_credentials, need_tool, relay_credentials
+from tests.support import Served, admin_credentials, from_nodes, need_tool, relay_credentials
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "registry.example.yaml"
 
@@ -112,7 +112,7 @@ def report(served: Served, boot: str, stage: str, env: str, ok: bool = True) -> 
     event.message = "" if ok else "no space left"
     event.time.GetCurrentTime()
     with CoreClient(served.address, credentials=relay_credentials("room-1")) as client:
-        client.call(client.core.ReportBootEvents, iter([event]))
+        client.call(client.core.ReportBootEvents, iter(from_nodes([event])))
 
 
 def test_helper_reports_an_ee_only_once_its_boot_completed(served: Served) -> None:

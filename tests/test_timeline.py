@@ -17,7 +17,7 @@ from slim import timeline
 from slim.errors import FailedPrecondition, InvalidArgument
 from slim.rpc import CoreClient
 from slim.v1 import core_pb2 as pb
-from tests.support import Served, relay_credentials
+from tests.support import Served, from_nodes, relay_credentials
 
 T0 = 1_800_000_000.0  # power-on, epoch seconds
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -231,7 +231,9 @@ def test_node_timeline_list_and_show_against_a_core(served: Served, tmp_path: Pa
         ),
     ]
     with CoreClient(served.address, credentials=relay_credentials("r1")) as client:  # relay r1's events
-        accepted = client.core.ReportBootEvents(iter([*old, *a_boot(at=now - 30), *failing]), timeout=10)
+        accepted = client.core.ReportBootEvents(
+            iter(from_nodes([*old, *a_boot(at=now - 30), *failing])), timeout=10
+        )
     assert accepted.accepted == len(old) + 10 + 2
     core = ("--core", served.address)
 

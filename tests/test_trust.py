@@ -22,7 +22,7 @@ import pytest
 from slim.core.control.server import CoreServer, ServerTls
 from slim.core.control.service import CoreService
 from slim.core.store import Store
-from slim.errors import PermissionDenied, SlimError, Unauthenticated
+from slim.errors import InvalidArgument, PermissionDenied, SlimError, Unauthenticated
 from slim.pki import CertificateAuthority, read_issued
 from slim.rpc import AsyncCoreClient, Credentials
 from slim.v1 import core_pb2 as pb
@@ -408,3 +408,45 @@ def served_trusted(tmp_path: Path, registry_file: Path, store: Store) -> object:
         stop(proc)
         Path(sock).parent.joinpath("core.sock").unlink(missing_ok=True)
         Path(sock).parent.rmdir()
+
+
+async def test_what_a_relay_certificate_and_an_admin_token_cannot_do(
+    service: CoreService, registry_file: Path
+) -> None:
+    """A relay vouches only for what it saw (not a node's stage without the node's address or
+    token), and peeking does not spare it the node's identification; an admin token mints no
+    admin token (a stolen one would outlive its revocation); a node's secrets are its
+    environment's only."""
+    registry_file.write_text(TOKEN_REGISTRY)
+    await reload_registry(service)
+    async with trusted_core(service) as core:
+        relay_side = core.client(await credentials_of("relay", "room-1"))
+        up = pb.BootEvent(node="n1", boot_id="b9", stage="up", ok=True)
+        await fails(
+            lambda: relay_side.send(relay_side.core.ReportBootEvents, [up]), InvalidArgument, "vouches only"
+        )
+        kernel = pb.BootEvent(node="n1", boot_id="b9", stage="kernel", ok=True)
+        assert (await relay_side.send(relay_side.core.ReportBootEvents, [kernel])).accepted == 1
+        up.origin = "10.1.0.9"  # a node's own, from an address of its (MAC) site: taken
+        assert (await relay_side.send(relay_side.core.ReportBootEvents, [up])).accepted == 1
+        peek = pb.GetBootPlanRequest(node=pb.NodeRef(name="n1"), origin="192.0.2.7", peek=True)
+        await fails(lambda: relay_side.call(relay_side.core.GetBootPlan, peek), Unauthenticated, "no site")
+        admin = core.client(admin_credentials())
+        assert (await admin.call(admin.core.GetBootPlan, peek)).node == "n1"  # a tool, peeking
+        local = AsyncCoreClient(f"unix:{core.socket}")
+        issued = await local.call(
+            local.admin.IssueToken, pb.IssueTokenRequest(kind=pb.TOKEN_KIND_ADMIN, name="ops")
+        )
+        ops = core.client(Credentials(ca=await ca_cert(), token=issued.token), admin_port=True)
+        mint = pb.IssueTokenRequest(kind=pb.TOKEN_KIND_ADMIN, name="shadow")
+        await fails(lambda: ops.call(ops.admin.IssueToken, mint), PermissionDenied, "admin certificate")
+        long = pb.IssueTokenRequest(kind=pb.TOKEN_KIND_ADMIN, name="ops", ttl_seconds=400 * 86400)
+        await fails(lambda: local.call(local.admin.IssueToken, long), InvalidArgument, "lifetime")
+        other_env = pb.GetNodeSecretsRequest(
+            node=pb.NodeRef(name="n1"), origin="10.1.0.9", environment="jdk14"
+        )
+        await fails(
+            lambda: relay_side.call(relay_side.core.GetNodeSecrets, other_env), PermissionDenied, "boots base"
+        )
+        for c in (relay_side, admin, local, ops):
+            await c.close()

@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -100,12 +101,16 @@ class TokenBook:
 
     def __init__(self, records: Iterable[TokenRecord] = ()) -> None:
         self._by_id = {r.id: r for r in records}
+        self._lock = threading.Lock()  # written on the core's writer thread, read on its loop
 
     def put(self, record: TokenRecord) -> None:
-        self._by_id[record.id] = record
+        with self._lock:
+            self._by_id[record.id] = record
 
     def records(self) -> list[TokenRecord]:
-        return sorted(self._by_id.values(), key=lambda r: (r.kind, r.name, r.created))
+        with self._lock:
+            found = list(self._by_id.values())
+        return sorted(found, key=lambda r: (r.kind, r.name, r.created))
 
     def check(self, text: str, kind: Kind, now: float) -> TokenRecord:
         """The record of a valid ``kind`` token ``text``; UNAUTHENTICATED saying why not."""

@@ -398,7 +398,9 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
                     _duration(e.duration, len(events) + 1),
                 )
             )
-        accepted = await self.write(self.service.report_events, events, tokens, origins)
+        accepted = await self.write(
+            self.service.report_events, events, tokens, origins, from_relay=caller.role == "relay"
+        )
         return pb.ReportBootEventsResponse(accepted=accepted)
 
     async def RelayHeartbeat(
@@ -542,6 +544,9 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
         kind = _token_kind(request.kind)
         if kind is None:
             raise InvalidArgument("a token's kind is required (admin or node)")
+        if kind == "admin" and caller.principal.startswith("token:"):
+            # a stolen token must not outlive its revocation under another name
+            raise PermissionDenied("admin tokens are issued with an admin certificate or on the core's host")
         ttl = request.ttl_seconds or None
         new = await self.write(self.service.issue_token, kind, request.name, ttl, request.retire_others_after)
         log.info("%s token %s issued to %s by %s", kind, new.record.id, new.record.name, caller.principal)
@@ -799,7 +804,11 @@ class CoreServer:
             raise InvalidArgument(f"the local socket path {path} is longer than AF_UNIX's 107 bytes")
         # a socket left by a core that died goes; the new one is for root (or the core's user) only
         await loop.run_in_executor(None, functools.partial(path.unlink, missing_ok=True))
-        port = self._bind(address, grpc.local_server_credentials(grpc.LocalConnectionType.UDS))
+        before = os.umask(0o177)  # born 0600: no moment in which others may connect
+        try:
+            port = self._bind(address, grpc.local_server_credentials(grpc.LocalConnectionType.UDS))
+        finally:
+            os.umask(before)
         await loop.run_in_executor(None, path.chmod, 0o600)
         return port
 
@@ -840,8 +849,8 @@ class CoreServer:
             await asyncio.sleep(REFRESH_SECONDS)
             try:
                 await loop.run_in_executor(None, self.tls.revocations.refresh)
-            except SlimError as exc:  # a damaged file: keep the last good record, and say so
-                log.error("%s", exc)
+            except Exception as exc:  # noqa: BLE001 - damaged or unreadable: keep the last good record
+                log.error("the CA's record of certificates was not re-read: %s", exc)
 
     async def stop(self, grace: float) -> None:
         """Stop accepting calls, give in-flight calls ``grace`` seconds, then cancel them."""

@@ -59,6 +59,7 @@ MAX_ORPHANS = 10_000  # ... and how many may wait
 DAY = 86400.0
 DEFAULT_TOKEN_TTL: dict[Kind, float] = {"admin": 90 * DAY, "node": 3650 * DAY}
 MAX_TOKEN_TTL = 3650 * DAY
+MAX_ADMIN_TOKEN_TTL = 365 * DAY
 RETRY_WAIT = 4  # seconds (to twice that, jittered) a boot script waits before asking the relays again
 
 
@@ -449,9 +450,12 @@ class CoreService:
         node = self._node_name(ref, reg)
         address = self._origin(origin)
         how = self.identify(node, address, token, reg)
-        env_name = environment or self.next_environment(node, reg)[0]
-        if env_name not in reg.environments:
-            raise NotFound(f"unknown environment {env_name!r}")
+        env_name = self.next_environment(node, reg)[0]
+        if environment and environment != env_name:
+            raise PermissionDenied(
+                f"node {node} boots {env_name}: the secrets of {environment[:63]!r} go only to nodes "
+                "booting it"
+            )
         files = self.secret_files(reg, node, env_name)
         if not files:
             return []
@@ -616,6 +620,7 @@ class CoreService:
         events: Iterable[BootEvent],
         tokens: Mapping[int, str] | None = None,
         origins: Mapping[int, str] | None = None,
+        from_relay: bool = False,
     ) -> int:
         """*writes* Record boot events; the number taken.  Every named node must exist.
 
@@ -639,6 +644,12 @@ class CoreService:
                     self.check_node_token(e.node, tokens[index])
                 else:
                     self.identify(e.node, self._origin(origins[index]), None, reg)
+            elif from_relay and not relay_observed(e.stage):
+                raise InvalidArgument(
+                    f"event {index + 1}: stage {e.stage[:40]!r} is a node's, and comes with the node's "
+                    "address or token: a relay vouches only for what it saw itself (tftp, script, "
+                    "kernel, initrd)"
+                )
             if not e.node and e.boot_id:
                 node = self.state.node_of_boot(e.boot_id) or next(
                     (b.node for b in batch if b.boot_id == e.boot_id), None
@@ -672,11 +683,12 @@ class CoreService:
             self.registry.node(name)
         elif not name or len(name) > 63 or not name.isprintable():
             raise InvalidArgument(f"admin name {name[:80]!r}: give 1 to 63 printable characters")
+        longest = MAX_ADMIN_TOKEN_TTL if kind == "admin" else MAX_TOKEN_TTL
         if ttl is None:
             ttl = DEFAULT_TOKEN_TTL[kind]
-        elif not 0 < ttl <= MAX_TOKEN_TTL:
+        elif not 0 < ttl <= longest:
             raise InvalidArgument(
-                f"a token's lifetime must be between 0 and {MAX_TOKEN_TTL:g} s, not {ttl:g}"
+                f"a {kind} token's lifetime must be between 0 and {longest:g} s, not {ttl:g}"
             )
         if not 0 <= retire_others_after <= MAX_TOKEN_TTL:  # NaN fails too
             raise InvalidArgument(f"retire_others_after {retire_others_after:g} s is out of range")
@@ -701,7 +713,7 @@ class CoreService:
     ) -> list[TokenRecord]:
         """*writes* Revoke one token (by id) or every token of ``kind`` and ``name``."""
         if token_id:
-            hit = [r for r in self.tokens.records() if r.id == token_id]
+            hit = [r for r in self.tokens.records() if r.id == token_id and kind in (None, r.kind)]
         elif kind and name:
             hit = [r for r in self.tokens.records() if r.kind == kind and r.name == name]
         else:

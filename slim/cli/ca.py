@@ -243,7 +243,7 @@ def revoke_tokens(kind: str, id_or_name: str, core_address: str) -> None:
 
     kinds = {"admin": pb.TOKEN_KIND_ADMIN, "node": pb.TOKEN_KIND_NODE}
     if re.fullmatch(r"[0-9a-f]{16}", id_or_name):
-        request = pb.RevokeTokensRequest(id=id_or_name)
+        request = pb.RevokeTokensRequest(id=id_or_name, kind=kinds[kind])
     else:
         request = pb.RevokeTokensRequest(kind=kinds[kind], name=id_or_name)
     with errors_to_exit(), core_client(core_address) as client:
