@@ -171,6 +171,12 @@ class Site:
         self.registry_file.write_text(REGISTRY.format(relay=url + "/", image=self.image))
         await reload_registry(self.service)
 
+    def https_argv(self, target: Path, token_file: Path) -> tuple[str, ...]:
+        """n1's agent in no-reboot mode through r1's HTTPS listener, with a token."""
+        return ("--node", "n1", "--relay", self.relay_https_url, "--ca", str(self.ca),
+                "--trust", str(self.trust), "--no-reboot", "--target", str(target),
+                "--token-file", str(token_file))  # fmt: skip
+
     def argv(self, target: Path, node: str = "n1") -> tuple[str, ...]:
         """The agent's arguments for ``node`` in no-reboot mode through r1, building ``target``."""
         return ("--node", node, "--relay", self.relay_url, "--trust", str(self.trust), "--no-reboot",
@@ -692,18 +698,7 @@ async def test_a_node_with_a_token_boots_where_its_site_asks_for_one(site: Site,
     # a token goes only over TLS: given only http:// relays, the agent refuses to send it
     assert await run_agent(*site.argv(tmp_path / "http"), "--token-file", str(token_file)) == 1
     assert not (tmp_path / "http").exists()
-    https = (
-        "--node",
-        "n1",
-        "--relay",
-        site.relay_https_url,
-        "--ca",
-        str(site.ca),
-        "--trust",
-        str(site.trust),
-    )
-    argv = (*https, "--no-reboot", "--target", str(tmp_path / "ee"), "--token-file", str(token_file))
-    assert await run_agent(*argv) == 0
+    assert await run_agent(*site.https_argv(tmp_path / "ee", token_file)) == 0
     stages = [e.stage for e in await site.events()]
     assert "plan" in stages and "done" in stages
     # the up report: only root on the node may run it, and it sends the token
@@ -729,8 +724,7 @@ async def test_a_node_with_a_token_boots_where_its_site_asks_for_one(site: Site,
     assert [e.boot_id for e in await site.events() if e.stage == "up"] == ["cafe01"]
     # revoked: refused on its next call
     await asyncio.to_thread(site.service.revoke_tokens, issued.record.id)
-    revoked = (*https, "--no-reboot", "--target", str(tmp_path / "revoked"), "--token-file", str(token_file))
-    assert await run_agent(*revoked) == 1
+    assert await run_agent(*site.https_argv(tmp_path / "revoked", token_file)) == 1
 
 
 # -- per-node secrets ----------------------------------------------------------------------
@@ -805,24 +799,7 @@ async def test_a_node_secret_reaches_its_node_only_and_nothing_else_keeps_it(
         assert r.status == 403 and "over TLS only" in (await r.json())["error"]
         assert n1_bytes.decode() not in await r.text()
     # ... and over HTTPS, they arrive (the relay's HTTPS listener, checked against SLIM's CA)
-    https = (
-        "--node",
-        "n1",
-        "--relay",
-        site.relay_https_url,
-        "--ca",
-        str(site.ca),
-        "--trust",
-        str(site.trust),
-    )
-    argv = (
-        *https,
-        "--no-reboot",
-        "--target",
-        str(tmp_path / "https"),
-        "--token-file",
-        str(tmp_path / "n1.token"),
-    )
+    argv = site.https_argv(tmp_path / "https", tmp_path / "n1.token")
     # the plan's relays: r1 over https
     await use("node_identity: token", plain.replace(site.relay_url + "/", site.relay_https_url + "/"))
     assert await run_agent(*argv) == 0
