@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from slim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from slim.files import write_atomically
 
 Role = Literal["relay", "admin", "core"]
 ROLES: tuple[Role, ...] = ("relay", "admin", "core")
@@ -77,25 +78,6 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _pem_cert(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` mode 0600, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -200,10 +182,10 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
-        _write_private(directory / CA_KEY, _pem_key(key))
-        _write_public(directory / CA_CERT, _pem_cert(cert))
+        write_atomically(directory / CA_KEY, _pem_key(key), 0o600)
+        write_atomically(directory / CA_CERT, _pem_cert(cert), 0o644)
         if not (directory / ISSUED).exists():
-            _write_public(directory / ISSUED, b"[]\n")
+            write_atomically(directory / ISSUED, b"[]\n", 0o644)
         return cls(directory, key, cert)
 
     @classmethod
@@ -327,8 +309,8 @@ class CertificateAuthority:
             except (ValueError, x509.InvalidVersion, x509.ExtensionNotFound):
                 pass  # unreadable or not ours: issue a new one
         key, cert_pem = self.issue(CORE_NAME, "core", dns_names=tuple(sorted(wanted - {CORE_NAME})))
-        _write_private(key_path, key)
-        _write_public(cert_path, cert_pem)
+        write_atomically(key_path, key, 0o600)
+        write_atomically(cert_path, cert_pem, 0o644)
         return key, cert_pem
 
 
@@ -355,7 +337,8 @@ def read_issued(directory: Path) -> list[Issued]:
 
 
 def _write_issued(directory: Path, records: list[Issued]) -> None:
-    _write_public(directory / ISSUED, (json.dumps([asdict(r) for r in records], indent=1) + "\n").encode())
+    text = json.dumps([asdict(r) for r in records], indent=1) + "\n"
+    write_atomically(directory / ISSUED, text.encode(), 0o644)
 
 
 class Revocations:
@@ -411,9 +394,9 @@ class TlsFiles:
 
 def write_identity(out: Path, key: bytes, cert: bytes, ca: bytes) -> None:
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _write_private(out / KEY_PEM, key)
-    _write_public(out / CERT_PEM, cert)
-    _write_public(out / CA_PEM, ca)
+    write_atomically(out / KEY_PEM, key, 0o600)
+    write_atomically(out / CERT_PEM, cert, 0o644)
+    write_atomically(out / CA_PEM, ca, 0o644)
 
 
 def read_identity(directory: Path) -> TlsFiles:

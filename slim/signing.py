@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from slim.errors import FailedPrecondition, InvalidArgument, SlimError
+from slim.files import write_atomically
 
 KEY_FILE = "signing.key"
 PUBLIC_FILE = "signing.pub"
@@ -149,8 +150,8 @@ class SigningKey:
         pem = self._private.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        _write(Path(directory) / PUBLIC_FILE, self.public.text().encode(), 0o644)
-        _write(Path(directory) / KEY_FILE, pem, 0o600)
+        write_atomically(Path(directory) / PUBLIC_FILE, self.public.text().encode(), 0o644)
+        write_atomically(Path(directory) / KEY_FILE, pem, 0o600)
 
     def sign(self, data: bytes, comment: str = "signature from slim signing key") -> str:
         """``data``'s signature, as a signify signature file."""
@@ -205,7 +206,7 @@ class KeyDirectory:
                 return key
             key = self.signer()
             if not self._public_file_matches(key):
-                _write(self.path / PUBLIC_FILE, key.public.text().encode(), 0o644)
+                write_atomically(self.path / PUBLIC_FILE, key.public.text().encode(), 0o644)
             return key
 
     def _public_file_matches(self, key: SigningKey) -> bool:
@@ -251,7 +252,9 @@ class KeyDirectory:
             )
         # the public files first: whoever reads the directory meanwhile trusts both keys
         # before anything is signed with the new one (written last, signing.key)
-        _write(self.path / PREVIOUS_FILE, old.public.text("slim signing key, previous").encode(), 0o644)
+        write_atomically(
+            self.path / PREVIOUS_FILE, old.public.text("slim signing key, previous").encode(), 0o644
+        )
         new.save(self.path)
         return old.public
 
@@ -401,15 +404,3 @@ class TrustedKeys:
                     log.info("trusted keys now: %s", ", ".join(k.id for k in keys) or "none")
                 self._keys = keys
             return list(self._keys)
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)

@@ -24,6 +24,7 @@ from slim.cli.common import (
     timestamp,
     token_out_option,
 )
+from slim.errors import InvalidArgument
 from slim.vocabulary import parse_duration
 
 
@@ -188,11 +189,15 @@ def _issue(kind: str, name: str, ttl: float, retire: float, out: Path | None, co
         issued = client.call(client.admin.IssueToken, request)
     expires = timestamp(issued.info.expires)
     if out is not None:
-        import os
+        from slim.files import write_atomically
 
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(issued.token + "\n")
+        with errors_to_exit():
+            try:
+                write_atomically(out, (issued.token + "\n").encode(), 0o600)
+            except OSError as exc:
+                raise InvalidArgument(
+                    f"--out {out}: {exc.strerror} (the token {issued.info.id} was issued: revoke it)"
+                ) from None
         console.print(f"{kind} token {issued.info.id} for {name} (expires {expires}) written to {out}")
     else:
         click.echo(issued.token)
