@@ -239,17 +239,31 @@ class KeyDirectory:
         previous = self.previous()
         return [self.signer().public, *([previous] if previous else [])]
 
+    def not_rotating(self) -> SigningKey:
+        """The key that signs, when no rotation is under way (FailedPrecondition if one is)."""
+        current = self.signer()
+        under_way = self.previous()
+        if under_way is not None:
+            raise FailedPrecondition(
+                f"a key rotation is under way (from key {under_way.id} to {current.public.id}): "
+                "finish it first with: slim keys rotate --finish"
+            )
+        return current
+
+    def rotating(self) -> PublicKey:
+        """The key being rotated out (FailedPrecondition if no rotation is under way)."""
+        previous = self.previous()
+        if previous is None:
+            raise FailedPrecondition(
+                "no key rotation is under way (slim keys show); begin one with: slim keys rotate"
+            )
+        return previous
+
     def begin_rotation(self, new: SigningKey) -> PublicKey:
         """Make ``new`` the key that signs, keeping the current one's public half trusted
         (``previous.pub``); its private half is gone.  The current public key is returned.
         Hold the directory (:meth:`held`) around this and what depends on it."""
-        old = self.signer()
-        under_way = self.previous()
-        if under_way is not None:
-            raise FailedPrecondition(
-                f"a key rotation is under way (from key {under_way.id} to {old.public.id}): "
-                "finish it first with: slim keys rotate --finish"
-            )
+        old = self.not_rotating()
         # the public files first: whoever reads the directory meanwhile trusts both keys
         # before anything is signed with the new one (written last, signing.key)
         write_atomically(
@@ -260,11 +274,7 @@ class KeyDirectory:
 
     def finish_rotation(self) -> PublicKey:
         """Stop trusting the key rotated out (``previous.pub`` goes); it is returned."""
-        previous = self.previous()
-        if previous is None:
-            raise FailedPrecondition(
-                "no key rotation is under way (slim keys show); begin one with: slim keys rotate"
-            )
+        previous = self.rotating()
         (self.path / PREVIOUS_FILE).unlink()
         return previous
 

@@ -70,13 +70,7 @@ def begin_rotation(
     (:func:`slim.core.build.agentrt.collect`); None builds initrds without it, which trust no key."""
     SigningKey.load_or_create(key_dir)  # a directory without a key yet: the first one, made
     with KeyDirectory(key_dir).held() as keys:
-        old = keys.signer()
-        under_way = keys.previous()
-        if under_way is not None:
-            raise FailedPrecondition(
-                f"a key rotation is under way (from key {under_way.id} to {old.public.id}): "
-                "finish it first with: slim keys rotate --finish"
-            )
+        old = keys.not_rotating()  # before any rebuild
         new = SigningKey.generate()
         names, gone = built_environments(registry, store)
         trusted = [new.public, old.public]
@@ -101,11 +95,7 @@ def finish_rotation(
     SigningKey.load_or_create(key_dir)  # as the core would: then there is nothing to finish
     with KeyDirectory(key_dir).held() as keys:
         current = keys.signer()
-        previous = keys.previous()
-        if previous is None:
-            raise FailedPrecondition(
-                "no key rotation is under way (slim keys show); begin one with: slim keys rotate"
-            )
+        previous = keys.rotating()  # before any rebuild
         names, gone = built_environments(registry, store)
         trusted = [current.public]
         rebuilt = _rebuild(
