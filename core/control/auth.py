@@ -203,15 +203,17 @@ class Authenticator:
             raise PermissionDenied(f"{caller.principal} is not a relay: relay calls need a relay certificate")
         return caller
 
-    async def relay_or_peek(self, context: Any, peek: bool) -> Caller:
-        """A relay call, which an admin may also make to see what the core would answer
-        (``peek``: nothing counted, no node identified)."""
+    async def node_call(self, context: Any, peek: bool) -> bool:
+        """A call made for a node (Locate, GetBootPlan, GetBootScript): a relay's, which an
+        admin or root may also make to see what the core would answer (``peek``: nothing
+        counted).  True if the caller vouches for the node itself (a tool peeking, not a
+        relay): the core then does not ask for the node's token or site."""
         caller = await self.caller(context)
         if caller.role == "admin" and not peek:
             raise PermissionDenied(
                 f"{caller.principal} is not a relay: relay calls need a relay certificate (admins may peek)"
             )
-        return caller
+        return peek and caller.role != "relay"
 
     async def admin(self, context: Any) -> Caller:
         """The caller of an Admin call: an admin (certificate or token), root, or anyone without TLS."""

@@ -309,10 +309,10 @@ class _Base:
 class CoreServicer(_Base, pb_grpc.CoreServicer):
     @unary
     async def Locate(self, request: pb.LocateRequest, context: Any) -> pb.LocateResponse:
-        caller = await self.auth.relay_or_peek(context, request.peek)
+        vouched = await self.auth.node_call(context, request.peek)
         found = self.service.locate(
             _node_ref(request.node), request.origin, request.peek, token=request.node_token or None,
-            vouched=request.peek and caller.role != "relay",
+            vouched=vouched,
         )  # fmt: skip
         return pb.LocateResponse(
             node=found.node, site=found.site or "", relays=[relay_pb(r) for r in found.relays]
@@ -320,10 +320,10 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
 
     @unary
     async def GetBootPlan(self, request: pb.GetBootPlanRequest, context: Any) -> pb.BootPlan:
-        caller = await self.auth.relay_or_peek(context, request.peek)
+        vouched = await self.auth.node_call(context, request.peek)
         plan = self.service.boot_plan(
             _node_ref(request.node), request.origin, request.peek, token=request.node_token or None,
-            vouched=request.peek and caller.role != "relay",
+            vouched=vouched,
         )  # fmt: skip
         answer = plan_pb(plan)
         answer.document, answer.signature = self.service.sign_plan(plan, request.nonce)
@@ -333,14 +333,14 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
     async def GetBootScript(self, request: pb.GetBootScriptRequest, context: Any) -> pb.BootScript:
         if request.format not in FORMATS:
             raise InvalidArgument(f"unknown script format {request.format}")
-        caller = await self.auth.relay_or_peek(context, request.peek)
+        vouched = await self.auth.node_call(context, request.peek)
         s = self.service.boot_script(
             request.mac,
             request.origin,
             FORMATS[request.format],
             request.peek,
             token=request.node_token or None,
-            vouched=request.peek and caller.role != "relay",
+            vouched=vouched,
         )
         return pb.BootScript(
             node=s.node,
