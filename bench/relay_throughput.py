@@ -905,6 +905,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 # -- main ---------------------------------------------------------------------------
+def need_tools(*tools: str) -> None:
+    """Stop with what to install if one of ``tools`` is missing."""
+    for tool in tools:
+        if shutil.which(tool) is None:
+            raise SystemExit(
+                f"{tool} is not installed (./run bench relay installs nginx-light and nghttp2-client)"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--large-mib", type=int, default=1024, help="size of the large object, MiB")
@@ -957,11 +966,7 @@ def main() -> None:
     if min(args.repeat, args.large_mib, args.large_clients, args.small_objects, args.small_rounds,
            args.small_clients, args.cold_mib, args.cold_clients) < 1:  # fmt: skip
         ap.error("every count and size must be at least 1")
-    for tool in (NGINX, "h2load", "curl"):
-        if shutil.which(tool) is None:
-            raise SystemExit(
-                f"{tool} is not installed (./run bench relay installs nginx-light and nghttp2-client)"
-            )
+    need_tools(NGINX, "h2load", "curl")
 
     started = time.perf_counter()
     results: dict[str, Any] = {
@@ -1097,11 +1102,7 @@ def run_https(args: argparse.Namespace) -> None:
     the certificate against the CA and its name)."""
     from slim.pki import CA_CERT, CERT_PEM, KEY_PEM, CertificateAuthority
 
-    for tool in (NGINX, "h2load", "curl", "openssl"):
-        if shutil.which(tool) is None:
-            raise SystemExit(
-                f"{tool} is not installed (./run bench relay installs nginx-light and nghttp2-client)"
-            )
+    need_tools(NGINX, "h2load", "curl", "openssl")
     started = time.perf_counter()
     results: dict[str, Any] = {
         "benchmark": "relay throughput over HTTPS: SLIM relay vs nginx, same certificate and files, loopback",

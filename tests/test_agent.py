@@ -440,13 +440,19 @@ async def test_initrd_runtime_runs_the_agent(site: Site, tmp_path: Path) -> None
     assert (root / "init").stat().st_mode & 0o111
     assert os.readlink(root / "bin" / "sh") == "busybox"
     assert not list(root.rglob("*_ssl*")) and not list(root.rglob("libcrypto*"))  # left out
+    await boots_in_its_initrd(chroot, root, site, site.relay_url)
+
+
+async def boots_in_its_initrd(chroot: str, root: Path, site: Site, relay_url: str) -> None:
+    """The initrd unpacked at ``root`` runs its own Python and agent, chrooted, against
+    ``relay_url``, trusting the initrd's own keys; it builds the image under /target."""
     cmd = [
         chroot, str(root), "/usr/bin/python3", "-S", "-B", "-m", "slim.agent",
-        "--node", "n1", "--relay", site.relay_url, "--trust", "/etc/slim/keys",  # the initrd's own
+        "--node", "n1", "--relay", relay_url, "--trust", "/etc/slim/keys",  # the initrd's own
         "--no-reboot", "--target", "/target",
     ]  # fmt: skip
     env = {"PYTHONPATH": "/lib/slim", "PATH": "/bin:/usr/bin"}
-    proc = await loop.run_in_executor(
+    proc = await asyncio.get_running_loop().run_in_executor(
         None, lambda: subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
     )
     assert proc.returncode == 0, proc.stderr
@@ -477,17 +483,7 @@ async def test_initrd_with_ssl_boots_through_an_https_relay(site: Site, tmp_path
     assert (root / "etc" / "slim" / "ca.pem").read_bytes() == site.ca.read_bytes()
     for library in ("_ssl.*.so", "libssl.so*", "libcrypto.so*"):
         assert list(root.rglob(library)), library
-    cmd = [
-        chroot, str(root), "/usr/bin/python3", "-S", "-B", "-m", "slim.agent",
-        "--node", "n1", "--relay", site.relay_https_url, "--trust", "/etc/slim/keys",
-        "--no-reboot", "--target", "/target",
-    ]  # fmt: skip
-    env = {"PYTHONPATH": "/lib/slim", "PATH": "/bin:/usr/bin"}
-    proc = await loop.run_in_executor(
-        None, lambda: subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert tree(root / "target", skip=("run", "usr")) == tree(site.image, skip=("usr",))
+    await boots_in_its_initrd(chroot, root, site, site.relay_https_url)
 
 
 async def test_relay_killed_mid_object_the_next_relay_finishes(site: Site, tmp_path: Path) -> None:
