@@ -159,11 +159,6 @@ class Credentials:
         files = read_identity(directory)
         return cls(ca=files.ca, key=files.key, cert=files.cert)
 
-    def describe(self) -> str:
-        if self.insecure:
-            return "plaintext"
-        return "certificate" if self.cert else "token" if self.token else "no credential"
-
 
 NONE = Credentials()
 
