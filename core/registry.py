@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from slim.config import ByteSize, Listen
+from slim.core.pools import Pool
 from slim.core.yamlsource import Loc, YamlSource, load_yaml_file, load_yaml_text
 from slim.errors import ConfigError, InvalidArgument, NotFound, Problem
 from slim.vocabulary import HOSTNAME_RE, NAME_RE, Policy, normalize_mac, tmpfs_size
@@ -386,6 +387,7 @@ class _Document(_Model):
     profiles: dict[Name, HardwareProfile] = Field(default_factory=dict)
     environments: dict[Name, Environment] = Field(default_factory=dict)
     nodes: dict[Name, Node] = Field(default_factory=dict)
+    pools: dict[Name, Pool] = Field(default_factory=dict)
     server: Server = Field(default_factory=Server)
 
 
@@ -462,6 +464,7 @@ class Registry:
         self.profiles: Mapping[str, HardwareProfile] = doc.profiles
         self.environments: Mapping[str, Environment] = doc.environments
         self.nodes: Mapping[str, Node] = doc.nodes
+        self.pools: Mapping[str, Pool] = doc.pools
         self.server = doc.server
         self.dhcp_networks: tuple[DhcpNetwork, ...] = tuple(
             net
@@ -744,6 +747,40 @@ def _cross_check(doc: _Document, source: YamlSource) -> Iterable[Problem]:
             if secret.path in paths:
                 yield p(sloc, f"two secrets for {secret.path}")
             paths.add(secret.path)
+
+    # pools: their desktops exist and are in one pool; their EE never touches a disk
+    pooled: dict[str, str] = {}
+    groups = {g for n in doc.nodes.values() for g in n.groups}
+    for name, pool in doc.pools.items():
+        loc: Loc = ("pools", name)
+        if not pool.nodes and not pool.groups:
+            yield p(loc, "a pool needs nodes, or groups of nodes")
+        for i, member in enumerate(pool.nodes):
+            if member not in doc.nodes:
+                yield p((*loc, "nodes", i), f"unknown node {member!r}")
+        for i, group in enumerate(pool.groups):
+            if group not in groups:
+                yield p((*loc, "groups", i), f"no node is in group {group!r}")
+        members = set(pool.nodes)
+        members |= {n for n, spec in doc.nodes.items() if set(spec.groups) & set(pool.groups)}
+        for member in sorted(members & set(doc.nodes)):
+            if member in pooled:
+                yield p(loc, f"node {member!r} is also in pool {pooled[member]!r}: a desktop is in one pool")
+            pooled.setdefault(member, name)
+        pool_env = doc.environments.get(pool.environment)
+        if pool_env is None:
+            yield p((*loc, "environment"), f"unknown environment {pool.environment!r}")
+        else:
+            touching = [("/", pool_env.default_policy)] if pool_env.default_policy.needs_disk else []
+            touching += [(d, s.policy) for d, s in pool_env.directories.items() if s.policy.needs_disk]
+            for path, policy in touching:
+                yield p(
+                    (*loc, "environment"),
+                    f"{pool.environment} puts {path} on the node's disk ({policy.value}): a harvested "
+                    "desktop's disks are never mounted, formatted or written; use ram or nfs",
+                )
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", pool.partition):
+            yield p((*loc, "partition"), f"{pool.partition!r} is not a Slurm partition name")
 
     # environments: directories and features
     features: dict[str, str] = {}

@@ -1,0 +1,105 @@
+"""Desktop pools in the registry: validation, and windows on the pool's wall clock."""
+
+from __future__ import annotations
+
+import datetime as dt
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from slim.core.pools import next_opening, opening_at
+from slim.core.registry import load_registry_text
+from slim.errors import ConfigError
+
+REGISTRY = """\
+sites:
+  lab: {{prefixes: [10.3.0.0/16]}}
+relays:
+  r1: {{urls: ["http://10.3.0.1:8080/"], site: lab}}
+profiles:
+  pc: {{modules: [e1000]}}
+environments:
+  night:
+    image: /srv/images/night
+    default_policy: ram
+    directories: {{/usr: nfs}}
+  {second_env}
+nodes:
+  pc01: {{macs: ["52:54:00:00:03:01"], profile: pc, environment: night, groups: [room101]}}
+  pc02: {{macs: ["52:54:00:00:03:02"], profile: pc, environment: night, groups: [room101]}}
+pools:
+  room101:
+{pool}
+"""
+POOL = """\
+    groups: [room101]
+    environment: night
+    partition: desktops
+    time_zone: Europe/Paris
+    windows:
+      - {days: [weekdays], start: "20:00", end: "07:00"}
+      - {days: [weekend], start: "00:00", end: "24:00"}
+"""
+PARIS = ZoneInfo("Europe/Paris")
+
+
+def reg(pool: str = POOL, second_env: str = "") -> str:
+    return REGISTRY.format(pool=pool, second_env=second_env or "plain: {image: /srv/images/plain}")
+
+
+def paris(year: int, month: int, day: int, hour: int, minute: int) -> dt.datetime:
+    return dt.datetime(year, month, day, hour, minute, tzinfo=PARIS)
+
+
+def test_a_pool_loads_and_its_windows_follow_the_wall_clock() -> None:
+    pool = load_registry_text(reg()).pools["room101"]
+    # Tuesday 2026-12-08 21:00: inside Tuesday's window, which ends Wednesday 07:00
+    o = opening_at(pool, paris(2026, 12, 8, 21, 0))
+    assert o is not None and (o.start, o.end) == (paris(2026, 12, 8, 20, 0), paris(2026, 12, 9, 7, 0))
+    assert opening_at(pool, paris(2026, 12, 9, 7, 0)) is None  # closed at 07:00 sharp
+    assert opening_at(pool, paris(2026, 12, 9, 12, 0)) is None
+    # Friday night runs into the weekend, and the weekend into Monday 00:00... then Monday 20:00
+    friday = opening_at(pool, paris(2026, 12, 11, 23, 0))
+    assert friday is not None and friday.start == paris(2026, 12, 11, 20, 0)
+    assert friday.end == paris(2026, 12, 14, 0, 0)  # Saturday and Sunday all day: one night
+    assert next_opening(pool, paris(2026, 12, 14, 9, 0)).start == paris(2026, 12, 14, 20, 0)
+    # daylight saving: on 2027-03-28 Paris skips 02:00-03:00, so Friday 20:00 to Monday 00:00
+    # on the wall (52 h) is 51 h of real time
+    sunday = opening_at(pool, paris(2027, 3, 28, 12, 0))
+    assert sunday is not None and (sunday.start, sunday.end) == (
+        paris(2027, 3, 26, 20, 0),
+        paris(2027, 3, 29, 0, 0),
+    )
+    assert sunday.end.astimezone(dt.UTC) - sunday.start.astimezone(dt.UTC) == dt.timedelta(hours=51)
+
+
+@pytest.mark.parametrize(
+    ("pool", "says"),
+    [
+        (POOL.replace("Europe/Paris", "Mars/Olympus"), "is not a time zone"),
+        (POOL.replace('"20:00"', '"8pm"'), "is not a time of day"),
+        (POOL.replace("[weekdays]", "[someday]"), "is not daily, weekdays, weekend or a day"),
+        (POOL.replace("groups: [room101]", "groups: [room999]"), "no node is in group 'room999'"),
+        (POOL.replace("groups: [room101]", "nodes: [pc09]"), "unknown node 'pc09'"),
+        (POOL.replace("environment: night", "environment: dusk"), "unknown environment 'dusk'"),
+        (POOL.replace("partition: desktops", "partition: 'a b'"), "is not a Slurm partition name"),
+        (POOL.replace("    windows:\n", "    windows: []\n    old_windows:\n"), "windows"),
+    ],
+)
+def test_bad_pools_are_named(pool: str, says: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_registry_text(reg(pool))
+    assert says in str(caught.value) and "pools.room101" in str(caught.value), str(caught.value)
+
+
+def test_a_harvested_desktop_never_gets_a_disk_policy() -> None:
+    text = reg(POOL.replace("environment: night", "environment: plain"),
+               "plain: {image: /srv/images/plain, directories: {/var: sync}}")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"puts /var on the node's disk \(sync\).*use ram or nfs"):
+        load_registry_text(text)
+
+
+def test_a_desktop_is_in_one_pool() -> None:
+    two = reg(POOL) + "  other:\n" + POOL.replace("groups: [room101]", "nodes: [pc01]")
+    with pytest.raises(ConfigError, match="node 'pc01' is also in pool 'room101'"):
+        load_registry_text(two)
