@@ -76,6 +76,9 @@ class Pool(BaseModel):
     windows: list[Window] = Field(min_length=1)
     wakes_per_minute: int = Field(60, ge=1, le=100_000, description="Wake-on-LAN packets sent at most")
     grace: float = Field(900.0, ge=0, le=86400, description="seconds before a window ends when it drains")
+    menu_timeout: float = Field(
+        5.0, gt=0, le=600, description="seconds the menu waits in a window (the owner may pick their OS)"
+    )
     on_window_end: Literal["requeue", "finish"] = Field(
         "requeue", description="a job still running at the end: requeued, or let finish within the grace"
     )

@@ -465,6 +465,12 @@ class Registry:
         self.environments: Mapping[str, Environment] = doc.environments
         self.nodes: Mapping[str, Node] = doc.nodes
         self.pools: Mapping[str, Pool] = doc.pools
+        self._pool_of = {
+            n: (name, pool)
+            for name, pool in doc.pools.items()
+            for n, spec in doc.nodes.items()
+            if n in pool.nodes or set(spec.groups) & set(pool.groups)
+        }
         self.server = doc.server
         self.dhcp_networks: tuple[DhcpNetwork, ...] = tuple(
             net
@@ -542,6 +548,10 @@ class Registry:
     def feature_of(self, env_name: str) -> str:
         env = self.environment(env_name)
         return env.feature or f"ee:{env_name}"
+
+    def pool_of(self, node: str) -> tuple[str, Pool] | None:
+        """The desktop pool ``node`` is in (its name and settings), if any."""
+        return self._pool_of.get(node)
 
     def directories(self, env_name: str) -> Mapping[str, DirectorySpec]:
         """The environment's directories, normalized and sorted, with ``/`` standing

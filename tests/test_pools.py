@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
+from labs.placeholders import publish_placeholder_releases
+from slim.core.control.bootscript import LOCAL
+from slim.core.control.service import CoreService
+from slim.core.control.state import State
 from slim.core.pools import next_opening, opening_at
 from slim.core.registry import load_registry_text
+from slim.core.store import Store
 from slim.errors import ConfigError
 
 REGISTRY = """\
@@ -103,3 +110,28 @@ def test_a_desktop_is_in_one_pool() -> None:
     two = reg(POOL) + "  other:\n" + POOL.replace("groups: [room101]", "nodes: [pc01]")
     with pytest.raises(ConfigError, match="node 'pc01' is also in pool 'room101'"):
         load_registry_text(two)
+
+
+async def test_a_desktops_menu_follows_its_pools_clock(tmp_path: Path) -> None:
+    """Outside its window a pooled desktop's menu boots its own OS by default; inside, the
+    pool's EE with the pool's short timeout (the owner can still pick their own OS); never
+    an EE that would touch its disk."""
+    text = reg(POOL, "plain: {image: /srv/images/plain, directories: {/var: disk}}")
+    registry = load_registry_text(text)
+    store = Store(tmp_path / "store")
+    publish_placeholder_releases(registry, store)
+    state = await asyncio.to_thread(State, tmp_path / "state.db")
+    now = [paris(2026, 12, 8, 12, 0).timestamp()]  # a Tuesday noon: the owners' time
+    service = CoreService(registry, state, store, clock=lambda: now[0])
+    try:
+        day = service.boot_script("52:54:00:00:03:01", "10.3.0.9", peek=True)
+        assert day.default_environment == LOCAL
+        assert "choose --default local" in day.script or "goto local" in day.script
+        assert "ee-plain" not in day.script  # a disk EE is never offered to a desktop
+        now[0] = paris(2026, 12, 8, 21, 0).timestamp()  # the window
+        night = service.boot_script("52:54:00:00:03:01", "10.3.0.9", peek=True)
+        assert night.default_environment == "night"
+        assert "choose --default ee-night --timeout 5000" in night.script
+        assert "item local Boot from local disk" in night.script
+    finally:
+        await asyncio.to_thread(state.close)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from slim.vocabulary import parse_digest
 
 MAX_FALLBACK_RELAYS = 3
+LOCAL = ":local"  # the default when the node boots its own OS (a desktop by day); no EE's name
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
 
 
@@ -56,7 +57,7 @@ def object_url(base: str, digest: str, boot_id: str = "", stage: str = "") -> st
 
 
 def _label(env: str) -> str:
-    return f"ee-{env}"
+    return "local" if env == LOCAL else f"ee-{env}"
 
 
 def _one_line(text: str) -> str:

@@ -13,6 +13,7 @@ gRPC layer; they take one snapshot of the registry.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import secrets
 import time
@@ -21,10 +22,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from slim.core.control.auth import Kind, NewToken, TokenBook, TokenRecord, new_token
-from slim.core.control.bootscript import Menu, MenuEntry, render_ipxe, render_pxelinux
+from slim.core.control.bootscript import LOCAL, Menu, MenuEntry, render_ipxe, render_pxelinux
 from slim.core.control.redirect import RankedRelay, Redirector, RelayStatus, parse_origin, relay_status
 from slim.core.control.state import BootEvent, NextBoot, RelayBeat, State
 from slim.core.daemons.exports import pseudo_path
+from slim.core.pools import opening_at
 from slim.core.registry import (
     DirectorySpec,
     Environment,
@@ -559,9 +561,21 @@ class CoreService:
         if not vouched:
             self.identify(node, address, token)
         default, reason = self.next_environment(node)
-        releases = {default: self._release(default)}  # the default must be bootable
+        timeout = node_cfg.boot_menu_timeout
+        pooled = self.registry.pool_of(node)
+        if pooled is not None:  # a harvested desktop: its own OS, but in its pool's window
+            pool_name, pool = pooled
+            if opening_at(pool, dt.datetime.fromtimestamp(self.clock(), dt.UTC)) is None:
+                default, reason = LOCAL, f"outside pool {pool_name}'s window"
+            else:
+                default, reason = pool.environment, f"pool {pool_name}'s window"
+                timeout = pool.menu_timeout  # short: the owner may still pick their own OS
+        # the default must be bootable
+        releases = {} if default == LOCAL else {default: self._release(default)}
         unbuilt = []
         for env_name in sorted(n for n in self.registry.environments if n != default):
+            if pooled is not None and self.registry.environment(env_name).disk_paths():
+                continue  # a harvested desktop's disks are never touched: no disk EE on its menu
             try:
                 releases[env_name] = self._release(env_name)
             except FailedPrecondition:
@@ -582,7 +596,6 @@ class CoreService:
                     self._kernel_args(node, env_name, digest, relays, boot_id),
                 )
             )
-        timeout = node_cfg.boot_menu_timeout
         menu = Menu(
             node=node,
             mac=normalize_mac(mac),
