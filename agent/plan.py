@@ -146,6 +146,7 @@ class Plan:
     relay_time: float | None = None  # the relay's clock when it sent the plan
     https_relays: tuple[str, ...] = ()  # the first https:// URL of each ranked relay that has one
     secrets: int = 0  # secret files to ask the relays for (GET /v1/nodes/{node}/secrets)
+    desktop: bool = False  # a harvested desktop: nothing of it goes on a disk
 
 
 def _ref(value: object, where: str) -> ObjectRef | None:
@@ -184,6 +185,21 @@ def _count(rec: dict[str, object], key: str, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise PlanError(f"{where}: {key} must be a whole number >= 0")
     return value
+
+
+def _desktop(doc: dict[str, object], dirs: list[Directory]) -> bool:
+    """Whether the plan is a harvested desktop's; such a plan with a disk or sync directory
+    is refused (the core never sends one: this is the agent's own check)."""
+    desktop = doc.get("desktop", False)
+    if not isinstance(desktop, bool):
+        raise PlanError("plan: desktop must be true or false")
+    on_disk = [d.path for d in dirs if d.policy in ("disk", "sync")]
+    if desktop and on_disk:
+        raise PlanError(
+            f"plan: this node is a harvested desktop, whose disks are never touched, but the plan "
+            f"puts {', '.join(on_disk)} on its disk"
+        )
+    return desktop
 
 
 def parse_plan(data: bytes) -> Plan:
@@ -287,4 +303,5 @@ def parse_plan(data: bytes) -> Plan:
         relays=tuple(relays),
         https_relays=tuple(https_relays),
         secrets=_count(doc, "secrets", "plan") if "secrets" in doc else 0,
+        desktop=_desktop(doc, dirs),
     )

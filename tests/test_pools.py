@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from labs.placeholders import publish_placeholder_releases
+from slim.agent.plan import PlanError, parse_plan
 from slim.core.control.bootscript import LOCAL
-from slim.core.control.service import CoreService
+from slim.core.control.service import CoreService, NodeRef
 from slim.core.control.state import State
 from slim.core.pools import next_opening, opening_at
 from slim.core.registry import load_registry_text
 from slim.core.store import Store
-from slim.errors import ConfigError
+from slim.errors import ConfigError, FailedPrecondition
 
 REGISTRY = """\
 sites:
-  lab: {{prefixes: [10.3.0.0/16]}}
+  lab: {{prefixes: [10.3.0.0/16], nfs_server: 10.3.0.1}}
 relays:
   r1: {{urls: ["http://10.3.0.1:8080/"], site: lab}}
 profiles:
@@ -133,5 +135,40 @@ async def test_a_desktops_menu_follows_its_pools_clock(tmp_path: Path) -> None:
         assert night.default_environment == "night"
         assert "choose --default ee-night --timeout 5000" in night.script
         assert "item local Boot from local disk" in night.script
+    finally:
+        await asyncio.to_thread(state.close)
+
+
+def test_a_desktops_plan_never_puts_anything_on_its_disk() -> None:
+    """The agent's own check: a desktop's plan with a disk or sync directory is refused (the
+    core never sends one: its boot plan refuses a disk EE for a pooled node)."""
+    arch = {"digest": "sha256:" + "b" * 64, "size": 10}
+    root: dict[str, object] = {"path": "/", "policy": "ram", "archive": arch}
+    var: dict[str, object] = {"path": "/var", "policy": "disk", "archive": arch}
+
+    def plan(desktop: object, *dirs: dict[str, object]) -> bytes:
+        return json.dumps(
+            {"node": "pc01", "environment": "e", "desktop": desktop, "directories": list(dirs)}
+        ).encode()
+
+    assert parse_plan(plan(True, root)).desktop
+    assert not parse_plan(plan(False, root, var)).desktop
+    with pytest.raises(PlanError, match=r"harvested desktop.*puts /var on its disk"):
+        parse_plan(plan(True, root, var))
+    with pytest.raises(PlanError, match="desktop must be true or false"):
+        parse_plan(plan("yes", root))
+
+
+async def test_the_core_never_plans_a_disk_ee_for_a_desktop(tmp_path: Path) -> None:
+    text = reg(POOL, "plain: {image: /srv/images/plain, directories: {/var: disk}}")
+    registry = load_registry_text(text)
+    store = Store(tmp_path / "store")
+    publish_placeholder_releases(registry, store)
+    state = await asyncio.to_thread(State, tmp_path / "state.db")
+    service = CoreService(registry, state, store)
+    try:
+        with pytest.raises(FailedPrecondition, match="desktop of pool 'room101': its disks are never"):
+            await asyncio.to_thread(service.set_next_boot, "pc01", "plain", "test")
+        assert service.boot_plan(NodeRef(name="pc01"), "10.3.0.9", peek=True).desktop
     finally:
         await asyncio.to_thread(state.close)

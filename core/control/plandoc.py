@@ -69,6 +69,7 @@ def plan_document(plan: BootPlan, nonce: str, issued_at: float, lifetime: float 
         "reason": plan.reason,
         "site": plan.site or "",
         "secrets": plan.secrets,
+        "desktop": plan.desktop,
         "nonce": nonce,
         "issued_at": round(issued_at, 3),
         "expires_at": round(issued_at + lifetime, 3),

@@ -114,6 +114,7 @@ class BootPlan:
     reason: str
     site: str | None
     secrets: int = 0  # secret files the node is to ask for (GetNodeSecrets)
+    desktop: bool = False  # a harvested desktop: the agent refuses any directory on a disk
 
 
 @dataclass(frozen=True)
@@ -358,6 +359,12 @@ class CoreService:
     @staticmethod
     def _require_disk(reg: Registry, node: str, env_name: str) -> None:
         needing = reg.environment(env_name).disk_paths()
+        pooled = reg.pool_of(node)
+        if needing and pooled is not None:
+            raise FailedPrecondition(
+                f"environment {env_name!r} copies {', '.join(needing)} to disk, but {node!r} is a desktop "
+                f"of pool {pooled[0]!r}: its disks are never mounted, formatted or written"
+            )
         if needing and not reg.node(node).disk:
             raise FailedPrecondition(
                 f"environment {env_name!r} copies {', '.join(needing)} to disk, "
@@ -427,6 +434,7 @@ class CoreService:
             reason=reason,
             site=site,
             secrets=len(secrets),
+            desktop=self.registry.pool_of(node) is not None,
         )
 
     # -- secrets -------------------------------------------------------------
