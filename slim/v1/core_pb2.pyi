@@ -677,6 +677,7 @@ class HeartbeatReply(_message.Message):
     PINNED_RELEASES_FIELD_NUMBER: _builtins.int
     PREFETCH_FIELD_NUMBER: _builtins.int
     RELEASE_SIGNATURES_FIELD_NUMBER: _builtins.int
+    WAKE_FIELD_NUMBER: _builtins.int
     interval_ms: _builtins.int
     """Send the next beat after this many milliseconds (the relay adds jitter)."""
     @_builtins.property
@@ -695,6 +696,10 @@ class HeartbeatReply(_message.Message):
         a relay pins only releases it can check against its trusted keys.
         """
 
+    @_builtins.property
+    def wake(self) -> _containers.RepeatedCompositeFieldContainer[Global___WakeOrder]:
+        """Send Wake-on-LAN magic packets now, on the relay's own segment."""
+
     def __init__(
         self,
         *,
@@ -702,14 +707,66 @@ class HeartbeatReply(_message.Message):
         pinned_releases: _abc.Iterable[_builtins.str] | None = ...,
         prefetch: _abc.Iterable[Global___PrefetchOrder] | None = ...,
         release_signatures: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        wake: _abc.Iterable[Global___WakeOrder] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_ms", b"interval_ms", "pinned_releases", b"pinned_releases", "prefetch", b"prefetch", "release_signatures", b"release_signatures"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_ms", b"interval_ms", "pinned_releases", b"pinned_releases", "prefetch", b"prefetch", "release_signatures", b"release_signatures", "wake", b"wake"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatReply: _TypeAlias = HeartbeatReply  # noqa: Y015
+
+@_typing.final
+class WakeOrder(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    PER_MINUTE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    per_minute: _builtins.int
+    """at most this many packets a minute"""
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___WakeTarget]:
+        """in this order"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        targets: _abc.Iterable[Global___WakeTarget] | None = ...,
+        per_minute: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "per_minute", b"per_minute", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WakeOrder: _TypeAlias = WakeOrder  # noqa: Y015
+
+@_typing.final
+class WakeTarget(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    mac: _builtins.str
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        mac: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mac", b"mac", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WakeTarget: _TypeAlias = WakeTarget  # noqa: Y015
 
 @_typing.final
 class PrefetchOrder(_message.Message):
@@ -1573,3 +1630,300 @@ class NodeSecrets(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeSecrets: _TypeAlias = NodeSecrets  # noqa: Y015
+
+@_typing.final
+class GetNodeOrderRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    NODE_TOKEN_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
+    SECURE_FIELD_NUMBER: _builtins.int
+    origin: _builtins.str
+    node_token: _builtins.str
+    boot_id: _builtins.str
+    """the running boot's (slim.boot=)"""
+    secure: _builtins.bool
+    """the node asked its relay over TLS"""
+    @_builtins.property
+    def node(self) -> Global___NodeRef: ...
+    def __init__(
+        self,
+        *,
+        node: Global___NodeRef | None = ...,
+        origin: _builtins.str = ...,
+        node_token: _builtins.str = ...,
+        boot_id: _builtins.str = ...,
+        secure: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "node", b"node", "node_token", b"node_token", "origin", b"origin", "secure", b"secure"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNodeOrderRequest: _TypeAlias = GetNodeOrderRequest  # noqa: Y015
+
+@_typing.final
+class NodeOrder(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    POLL_MS_FIELD_NUMBER: _builtins.int
+    action: _builtins.str
+    """"" (nothing: ask again later), "poweroff" or "reboot" """
+    reason: _builtins.str
+    poll_ms: _builtins.int
+    """ask again after this long"""
+    def __init__(
+        self,
+        *,
+        action: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        poll_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "poll_ms", b"poll_ms", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeOrder: _TypeAlias = NodeOrder  # noqa: Y015
+
+@_typing.final
+class DesktopsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """for the core's log and the status, e.g. "slurm resume" """
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """desktops of pools, by name"""
+
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DesktopsRequest: _TypeAlias = DesktopsRequest  # noqa: Y015
+
+@_typing.final
+class DesktopResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    ok: _builtins.bool
+    message: _builtins.str
+    """what was done, or why not"""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "node", b"node", "ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DesktopResult: _TypeAlias = DesktopResult  # noqa: Y015
+
+@_typing.final
+class DesktopsReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___DesktopResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___DesktopResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DesktopsReply: _TypeAlias = DesktopsReply  # noqa: Y015
+
+@_typing.final
+class DesktopJobs(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUSY_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """e.g. "slurm (squeue)" """
+    @_builtins.property
+    def busy(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """desktops running a job now; the pools' others run none"""
+
+    def __init__(
+        self,
+        *,
+        busy: _abc.Iterable[_builtins.str] | None = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DesktopJobs: _TypeAlias = DesktopJobs  # noqa: Y015
+
+@_typing.final
+class HarvestStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    pool: _builtins.str
+    """"" for all"""
+    def __init__(
+        self,
+        *,
+        pool: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HarvestStatusRequest: _TypeAlias = HarvestStatusRequest  # noqa: Y015
+
+@_typing.final
+class DesktopStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
+    WOKEN_FROM_OFF_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    state: _builtins.str
+    """"own-os" (its own OS, or off, as the owner left it), "waking" (SLIM sent the packet),
+    "booting" (into the pool's EE), "idle" (in the EE, no job), "job" (running a job),
+    "returning" (told to go back), "in-use" (did not come up after a wake: left alone),
+    "opted-out" (its owner picked their own OS in the window, or an admin took it out)
+    """
+    reason: _builtins.str
+    boot_id: _builtins.str
+    woken_from_off: _builtins.bool
+    """this window's boot followed SLIM's wake"""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        state: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        boot_id: _builtins.str = ...,
+        woken_from_off: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "node", b"node", "reason", b"reason", "since", b"since", "state", b"state", "woken_from_off", b"woken_from_off"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DesktopStatus: _TypeAlias = DesktopStatus  # noqa: Y015
+
+@_typing.final
+class PoolStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    OPEN_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    WINDOW_END_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    DESKTOPS_FIELD_NUMBER: _builtins.int
+    NODE_HOURS_EE_FIELD_NUMBER: _builtins.int
+    NODE_HOURS_JOBS_FIELD_NUMBER: _builtins.int
+    JOBS_SOURCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    partition: _builtins.str
+    open: _builtins.bool
+    environment: _builtins.str
+    node_hours_ee: _builtins.float
+    """since the core started: up in the EE (boot states)"""
+    node_hours_jobs: _builtins.float
+    """since the core started: running jobs (as the Slurm side reported)"""
+    jobs_source: _builtins.str
+    @_builtins.property
+    def window_start(self) -> _timestamp_pb2.Timestamp:
+        """the open window's, or the next one's"""
+
+    @_builtins.property
+    def window_end(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def desktops(self) -> _containers.RepeatedCompositeFieldContainer[Global___DesktopStatus]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        partition: _builtins.str = ...,
+        open: _builtins.bool = ...,
+        window_start: _timestamp_pb2.Timestamp | None = ...,
+        window_end: _timestamp_pb2.Timestamp | None = ...,
+        environment: _builtins.str = ...,
+        desktops: _abc.Iterable[Global___DesktopStatus] | None = ...,
+        node_hours_ee: _builtins.float = ...,
+        node_hours_jobs: _builtins.float = ...,
+        jobs_source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["desktops", b"desktops", "environment", b"environment", "jobs_source", b"jobs_source", "name", b"name", "node_hours_ee", b"node_hours_ee", "node_hours_jobs", b"node_hours_jobs", "open", b"open", "partition", b"partition", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PoolStatus: _TypeAlias = PoolStatus  # noqa: Y015
+
+@_typing.final
+class HarvestStatusReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOLS_FIELD_NUMBER: _builtins.int
+    NOW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___PoolStatus]: ...
+    @_builtins.property
+    def now(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        pools: _abc.Iterable[Global___PoolStatus] | None = ...,
+        now: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["now", b"now"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["now", b"now", "pools", b"pools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HarvestStatusReply: _TypeAlias = HarvestStatusReply  # noqa: Y015

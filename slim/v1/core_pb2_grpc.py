@@ -65,6 +65,11 @@ class CoreStub:
                 request_serializer=slim_dot_v1_dot_core__pb2.GetNodeSecretsRequest.SerializeToString,
                 response_deserializer=slim_dot_v1_dot_core__pb2.NodeSecrets.FromString,
                 _registered_method=True)
+        self.GetNodeOrder = channel.unary_unary(
+                '/slim.v1.Core/GetNodeOrder',
+                request_serializer=slim_dot_v1_dot_core__pb2.GetNodeOrderRequest.SerializeToString,
+                response_deserializer=slim_dot_v1_dot_core__pb2.NodeOrder.FromString,
+                _registered_method=True)
 
 
 class CoreServicer:
@@ -115,6 +120,14 @@ class CoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetNodeOrder(self, request, context):
+        """What a harvested desktop's running environment must do now (docs/harvest.md): its
+        environment asks through a relay, identified like a plan (and its boot id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +160,11 @@ def add_CoreServicer_to_server(servicer, server):
                     servicer.GetNodeSecrets,
                     request_deserializer=slim_dot_v1_dot_core__pb2.GetNodeSecretsRequest.FromString,
                     response_serializer=slim_dot_v1_dot_core__pb2.NodeSecrets.SerializeToString,
+            ),
+            'GetNodeOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNodeOrder,
+                    request_deserializer=slim_dot_v1_dot_core__pb2.GetNodeOrderRequest.FromString,
+                    response_serializer=slim_dot_v1_dot_core__pb2.NodeOrder.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -322,6 +340,33 @@ class Core:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def GetNodeOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slim.v1.Core/GetNodeOrder',
+            slim_dot_v1_dot_core__pb2.GetNodeOrderRequest.SerializeToString,
+            slim_dot_v1_dot_core__pb2.NodeOrder.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """Administration: reads and the next-boot override.
@@ -387,6 +432,26 @@ class AdminStub:
                 '/slim.v1.Admin/RevokeTokens',
                 request_serializer=slim_dot_v1_dot_core__pb2.RevokeTokensRequest.SerializeToString,
                 response_deserializer=slim_dot_v1_dot_core__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.WakeDesktops = channel.unary_unary(
+                '/slim.v1.Admin/WakeDesktops',
+                request_serializer=slim_dot_v1_dot_core__pb2.DesktopsRequest.SerializeToString,
+                response_deserializer=slim_dot_v1_dot_core__pb2.DesktopsReply.FromString,
+                _registered_method=True)
+        self.ReleaseDesktops = channel.unary_unary(
+                '/slim.v1.Admin/ReleaseDesktops',
+                request_serializer=slim_dot_v1_dot_core__pb2.DesktopsRequest.SerializeToString,
+                response_deserializer=slim_dot_v1_dot_core__pb2.DesktopsReply.FromString,
+                _registered_method=True)
+        self.ReportDesktopJobs = channel.unary_unary(
+                '/slim.v1.Admin/ReportDesktopJobs',
+                request_serializer=slim_dot_v1_dot_core__pb2.DesktopJobs.SerializeToString,
+                response_deserializer=slim_dot_v1_dot_core__pb2.DesktopsReply.FromString,
+                _registered_method=True)
+        self.HarvestStatus = channel.unary_unary(
+                '/slim.v1.Admin/HarvestStatus',
+                request_serializer=slim_dot_v1_dot_core__pb2.HarvestStatusRequest.SerializeToString,
+                response_deserializer=slim_dot_v1_dot_core__pb2.HarvestStatusReply.FromString,
                 _registered_method=True)
 
 
@@ -469,6 +534,36 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WakeDesktops(self, request, context):
+        """Desktop harvesting (docs/harvest.md).  Wake desktops of a pool now: a relay of each
+        desktop's site sends the magic packets, at most the pool's rate.  Answered at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseDesktops(self, request, context):
+        """Send desktops back to their own OS: powered off if SLIM woke them from off, else
+        rebooted (their menu boots their own OS until the next window).  Answered at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportDesktopJobs(self, request, context):
+        """Which desktops run a job now (the Slurm side says, each tick): harvest status and
+        the night's node-hours running jobs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HarvestStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -526,6 +621,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RevokeTokens,
                     request_deserializer=slim_dot_v1_dot_core__pb2.RevokeTokensRequest.FromString,
                     response_serializer=slim_dot_v1_dot_core__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'WakeDesktops': grpc.unary_unary_rpc_method_handler(
+                    servicer.WakeDesktops,
+                    request_deserializer=slim_dot_v1_dot_core__pb2.DesktopsRequest.FromString,
+                    response_serializer=slim_dot_v1_dot_core__pb2.DesktopsReply.SerializeToString,
+            ),
+            'ReleaseDesktops': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseDesktops,
+                    request_deserializer=slim_dot_v1_dot_core__pb2.DesktopsRequest.FromString,
+                    response_serializer=slim_dot_v1_dot_core__pb2.DesktopsReply.SerializeToString,
+            ),
+            'ReportDesktopJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportDesktopJobs,
+                    request_deserializer=slim_dot_v1_dot_core__pb2.DesktopJobs.FromString,
+                    response_serializer=slim_dot_v1_dot_core__pb2.DesktopsReply.SerializeToString,
+            ),
+            'HarvestStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.HarvestStatus,
+                    request_deserializer=slim_dot_v1_dot_core__pb2.HarvestStatusRequest.FromString,
+                    response_serializer=slim_dot_v1_dot_core__pb2.HarvestStatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -826,6 +941,114 @@ class Admin:
             '/slim.v1.Admin/RevokeTokens',
             slim_dot_v1_dot_core__pb2.RevokeTokensRequest.SerializeToString,
             slim_dot_v1_dot_core__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WakeDesktops(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slim.v1.Admin/WakeDesktops',
+            slim_dot_v1_dot_core__pb2.DesktopsRequest.SerializeToString,
+            slim_dot_v1_dot_core__pb2.DesktopsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseDesktops(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slim.v1.Admin/ReleaseDesktops',
+            slim_dot_v1_dot_core__pb2.DesktopsRequest.SerializeToString,
+            slim_dot_v1_dot_core__pb2.DesktopsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportDesktopJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slim.v1.Admin/ReportDesktopJobs',
+            slim_dot_v1_dot_core__pb2.DesktopJobs.SerializeToString,
+            slim_dot_v1_dot_core__pb2.DesktopsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HarvestStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slim.v1.Admin/HarvestStatus',
+            slim_dot_v1_dot_core__pb2.HarvestStatusRequest.SerializeToString,
+            slim_dot_v1_dot_core__pb2.HarvestStatusReply.FromString,
             options,
             channel_credentials,
             insecure,

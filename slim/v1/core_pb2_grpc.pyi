@@ -55,6 +55,10 @@ class CoreStub:
     for that node only: identified by its token over TLS, or at a site that allows
     MAC identity for secrets (secrets_without_token).  Never cached, logged or stored.
     """
+    GetNodeOrder: _grpc.UnaryUnaryMultiCallable[_core_pb2.GetNodeOrderRequest, _core_pb2.NodeOrder]
+    """What a harvested desktop's running environment must do now (docs/harvest.md): its
+    environment asks through a relay, identified like a plan (and its boot id).
+    """
 
 @_typing.type_check_only
 class CoreAsyncStub(CoreStub):
@@ -75,6 +79,10 @@ class CoreAsyncStub(CoreStub):
     """A node's secret files (the registry's secrets of its environment and its own),
     for that node only: identified by its token over TLS, or at a site that allows
     MAC identity for secrets (secrets_without_token).  Never cached, logged or stored.
+    """
+    GetNodeOrder: _aio.UnaryUnaryMultiCallable[_core_pb2.GetNodeOrderRequest, _core_pb2.NodeOrder]  # type: ignore[assignment]
+    """What a harvested desktop's running environment must do now (docs/harvest.md): its
+    environment asks through a relay, identified like a plan (and its boot id).
     """
 
 class CoreServicer(metaclass=_abc_1.ABCMeta):
@@ -131,6 +139,16 @@ class CoreServicer(metaclass=_abc_1.ABCMeta):
         MAC identity for secrets (secrets_without_token).  Never cached, logged or stored.
         """
 
+    @_abc_1.abstractmethod
+    def GetNodeOrder(
+        self,
+        request: _core_pb2.GetNodeOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_core_pb2.NodeOrder, _abc.Awaitable[_core_pb2.NodeOrder]]:
+        """What a harvested desktop's running environment must do now (docs/harvest.md): its
+        environment asks through a relay, identified like a plan (and its boot id).
+        """
+
 def add_CoreServicer_to_server(servicer: CoreServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class AdminStub:
@@ -162,6 +180,19 @@ class AdminStub:
     ListTokens: _grpc.UnaryUnaryMultiCallable[_core_pb2.ListTokensRequest, _core_pb2.ListTokensResponse]
     RevokeTokens: _grpc.UnaryUnaryMultiCallable[_core_pb2.RevokeTokensRequest, _core_pb2.ListTokensResponse]
     """Revoke by id, or every token of a kind and name; effective on the next call."""
+    WakeDesktops: _grpc.UnaryUnaryMultiCallable[_core_pb2.DesktopsRequest, _core_pb2.DesktopsReply]
+    """Desktop harvesting (docs/harvest.md).  Wake desktops of a pool now: a relay of each
+    desktop's site sends the magic packets, at most the pool's rate.  Answered at once.
+    """
+    ReleaseDesktops: _grpc.UnaryUnaryMultiCallable[_core_pb2.DesktopsRequest, _core_pb2.DesktopsReply]
+    """Send desktops back to their own OS: powered off if SLIM woke them from off, else
+    rebooted (their menu boots their own OS until the next window).  Answered at once.
+    """
+    ReportDesktopJobs: _grpc.UnaryUnaryMultiCallable[_core_pb2.DesktopJobs, _core_pb2.DesktopsReply]
+    """Which desktops run a job now (the Slurm side says, each tick): harvest status and
+    the night's node-hours running jobs.
+    """
+    HarvestStatus: _grpc.UnaryUnaryMultiCallable[_core_pb2.HarvestStatusRequest, _core_pb2.HarvestStatusReply]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -190,6 +221,19 @@ class AdminAsyncStub(AdminStub):
     ListTokens: _aio.UnaryUnaryMultiCallable[_core_pb2.ListTokensRequest, _core_pb2.ListTokensResponse]  # type: ignore[assignment]
     RevokeTokens: _aio.UnaryUnaryMultiCallable[_core_pb2.RevokeTokensRequest, _core_pb2.ListTokensResponse]  # type: ignore[assignment]
     """Revoke by id, or every token of a kind and name; effective on the next call."""
+    WakeDesktops: _aio.UnaryUnaryMultiCallable[_core_pb2.DesktopsRequest, _core_pb2.DesktopsReply]  # type: ignore[assignment]
+    """Desktop harvesting (docs/harvest.md).  Wake desktops of a pool now: a relay of each
+    desktop's site sends the magic packets, at most the pool's rate.  Answered at once.
+    """
+    ReleaseDesktops: _aio.UnaryUnaryMultiCallable[_core_pb2.DesktopsRequest, _core_pb2.DesktopsReply]  # type: ignore[assignment]
+    """Send desktops back to their own OS: powered off if SLIM woke them from off, else
+    rebooted (their menu boots their own OS until the next window).  Answered at once.
+    """
+    ReportDesktopJobs: _aio.UnaryUnaryMultiCallable[_core_pb2.DesktopJobs, _core_pb2.DesktopsReply]  # type: ignore[assignment]
+    """Which desktops run a job now (the Slurm side says, each tick): harvest status and
+    the night's node-hours running jobs.
+    """
+    HarvestStatus: _aio.UnaryUnaryMultiCallable[_core_pb2.HarvestStatusRequest, _core_pb2.HarvestStatusReply]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Administration: reads and the next-boot override."""
@@ -281,5 +325,42 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_core_pb2.ListTokensResponse, _abc.Awaitable[_core_pb2.ListTokensResponse]]:
         """Revoke by id, or every token of a kind and name; effective on the next call."""
+
+    @_abc_1.abstractmethod
+    def WakeDesktops(
+        self,
+        request: _core_pb2.DesktopsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_core_pb2.DesktopsReply, _abc.Awaitable[_core_pb2.DesktopsReply]]:
+        """Desktop harvesting (docs/harvest.md).  Wake desktops of a pool now: a relay of each
+        desktop's site sends the magic packets, at most the pool's rate.  Answered at once.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseDesktops(
+        self,
+        request: _core_pb2.DesktopsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_core_pb2.DesktopsReply, _abc.Awaitable[_core_pb2.DesktopsReply]]:
+        """Send desktops back to their own OS: powered off if SLIM woke them from off, else
+        rebooted (their menu boots their own OS until the next window).  Answered at once.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportDesktopJobs(
+        self,
+        request: _core_pb2.DesktopJobs,
+        context: _ServicerContext,
+    ) -> _typing.Union[_core_pb2.DesktopsReply, _abc.Awaitable[_core_pb2.DesktopsReply]]:
+        """Which desktops run a job now (the Slurm side says, each tick): harvest status and
+        the night's node-hours running jobs.
+        """
+
+    @_abc_1.abstractmethod
+    def HarvestStatus(
+        self,
+        request: _core_pb2.HarvestStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_core_pb2.HarvestStatusReply, _abc.Awaitable[_core_pb2.HarvestStatusReply]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
