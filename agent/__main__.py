@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
                 try:
                     report_up.install(
                         target, node=plan.node, boot_id=report.boot_id, environment=plan.environment,
-                        relays=relays.urls, init=boot.init, nfs=nfs, token=token,
+                        relays=relays.urls, init=boot.init, nfs=nfs, token=token, desktop=plan.desktop,
                         unit=parse_cmdline(args.cmdline.read_text()).get("systemd.unit", ""),
                     )  # fmt: skip
                 except OSError as exc:

@@ -20,6 +20,19 @@ new root's ``/run`` (systemd keeps a ``/run`` that is already mounted) and write
   NetworkManager (``/run/systemd/network``, ``/run/NetworkManager/conf.d``), so that the
   EE's network manager does not take down the link its ``/usr`` lives on.
 
+For a harvested desktop (the plan says ``desktop``), also:
+
+- ``/run/slim/orders`` (mode 0700): a loop that asks the relays of the plan, every few seconds
+  (the core says how often), what this boot must do (``POST /v1/nodes/NODE/order`` with the
+  boot id, and the token if the node has one); told ``poweroff`` or ``reboot`` (the window
+  ends: back to the desktop's own OS), it arms Wake-on-LAN on the boot NICs when the EE has
+  ``ethtool``, then has the EE's init do it (systemd: ``systemctl``; else busybox, at once);
+- for a systemd EE, ``slim-orders.service``, wanted by the default target, which runs it;
+  another init runs ``/run/slim/orders`` itself;
+- ``/run/systemd/network/10-slim-wol.link`` for the boot NICs: ``WakeOnLan=magic`` (with
+  systemd's default naming policies), so that the NIC stays armed for the next night's
+  magic packet when the desktop powers off (firmware and some drivers reset it at boot).
+
 Nothing is written to the image or to a disk: everything is in the tmpfs on ``/run``.
 """
 
@@ -35,6 +48,7 @@ from pathlib import Path, PurePosixPath
 BUSYBOX = Path("/bin/busybox")  # in the initrd (core/build/agentrt.py puts it there)
 RUN_OPTIONS = "mode=0755,nosuid,nodev,size=20%"  # what systemd would mount /run with
 UNIT = "slim-up.service"
+ORDERS_UNIT = "slim-orders.service"
 REPORT_ROUNDS = 20  # rounds over the relays before the script gives up
 DEFAULT_TARGET = "multi-user.target"
 MAX_SYMLINK_HOPS = 40
@@ -100,6 +114,101 @@ unmanaged-devices={devices}
 """
 
 
+ORDERS_SCRIPT = """\
+#!/run/slim/busybox sh
+# Written by the SLIM agent into this harvested desktop's RAM.  Asks SLIM, through a relay,
+# whether this boot must end (the night's window closes): told poweroff or reboot, it arms
+# Wake-on-LAN and does it.  Runs until then; usage: /run/slim/orders [COMMAND]
+# (COMMAND ACTION is run instead of powering off or rebooting: for tests)
+set -f
+instead="$1"
+here="${{0%/*}}"
+bb="$here/busybox"
+url_path={url_path}
+relays={relays}
+nics={nics}
+systemd={systemd}
+umask 077
+printf '%s' {body} > "$here/order.json"
+if [ -r "$here/token" ]; then  # the node's token, in the body (never in a command line)
+  token=$($bb cat "$here/token")
+  printf '%s' {body_head}"$token"'"}}' > "$here/order.json"
+fi
+while :; do
+  wait=15
+  for url in $relays; do
+    url="${{url%/}}"
+    answer=$($bb timeout 15 $bb wget -q -O - --header 'Content-Type: application/json' \\
+        --post-file "$here/order.json" "$url$url_path") || continue
+    set -- $answer
+    case "$2" in ''|*[!0-9]*) ;; *) wait=$2 ;; esac
+    case "$1" in
+      poweroff|reboot)
+        echo "slim: told to $1: this desktop goes back to its own OS"
+        for nic in $nics; do
+          command -v ethtool >/dev/null 2>&1 && ethtool -s "$nic" wol g 2>/dev/null
+        done
+        $bb sync
+        if [ -n "$instead" ]; then "$instead" "$1"
+        elif [ "$systemd" = yes ]; then systemctl "$1"
+        else $bb "$1" -f
+        fi
+        exit 0 ;;
+    esac
+    break
+  done
+  $bb sleep "$wait"
+done
+"""
+
+ORDERS_UNIT_TEXT = """\
+# Written by the SLIM agent into this desktop's RAM (not part of the image).
+[Unit]
+Description=SLIM: back to this desktop's own OS when the night's window ends
+After={target}
+
+[Service]
+ExecStart=/run/slim/busybox sh /run/slim/orders
+Restart=on-failure
+RestartSec=10
+"""
+
+WOL_LINK_TEXT = """\
+# Written by the SLIM agent: keep Wake-on-LAN armed on this desktop's NIC for the next night.
+# The naming policies are systemd's defaults (this file is matched before 99-default.link).
+[Match]
+MACAddress={macs}
+
+[Link]
+NamePolicy=keep kernel database onboard slot path
+AlternativeNamesPolicy=database onboard slot path
+MACAddressPolicy=persistent
+WakeOnLan=magic
+"""
+
+
+def boot_nics() -> dict[str, str]:
+    """Name -> MAC of the interfaces the initrd configured (those with a route)."""
+    names: set[str] = set()
+    try:
+        with open("/proc/net/route") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields:
+                    names.add(fields[0])
+    except OSError:
+        return {}
+    out = {}
+    for name in sorted(names):
+        try:
+            mac = Path(f"/sys/class/net/{name}/address").read_text().strip()
+        except OSError:
+            continue
+        if mac and mac != "00:00:00:00:00:00":
+            out[name] = mac
+    return out
+
+
 def resolve_in(root: Path, path: str) -> Path:
     """``path`` inside ``root`` as a chroot would resolve it (absolute links stay inside).
     A copy of slim.core.build.initrd.resolve_in_image (the agent imports only the standard
@@ -145,24 +254,7 @@ def default_target(root: Path, unit: str = "") -> str:
 
 def boot_macs() -> list[str]:
     """MAC addresses of the interfaces the initrd configured (those with a route)."""
-    names: set[str] = set()
-    try:
-        with open("/proc/net/route") as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields:
-                    names.add(fields[0])
-    except OSError:
-        return []
-    macs = []
-    for name in sorted(names):
-        try:
-            mac = Path(f"/sys/class/net/{name}/address").read_text().strip()
-        except OSError:
-            continue
-        if mac and mac != "00:00:00:00:00:00":
-            macs.append(mac)
-    return macs
+    return list(boot_nics().values())
 
 
 def install(
@@ -178,6 +270,8 @@ def install(
     busybox: Path = BUSYBOX,
     unit: str = "",
     token: str = "",
+    desktop: bool = False,
+    nics: dict[str, str] | None = None,
 ) -> list[str]:
     """Write the report (and, for systemd, its unit) under ``root``/run; the paths written.
 
@@ -218,14 +312,42 @@ def install(
     )
     if token:  # the node's token, in RAM, root's only: the report sends it
         write(slim / "token", token + "\n", 0o600)
-    if uses_systemd(root, init):
-        target = default_target(root, unit)
+    systemd = uses_systemd(root, init)
+    target = default_target(root, unit) if systemd else ""
+    if systemd:
         units = run / "systemd" / "system"
         write(units / UNIT, UNIT_TEXT.format(target=target))
         wants = units / f"{target}.wants"
         wants.mkdir(parents=True, exist_ok=True)
         (wants / UNIT).symlink_to(f"../{UNIT}")
         written.append(f"/run/systemd/system/{target}.wants/{UNIT}")
+    if desktop:
+        found_nics = boot_nics() if nics is None else nics
+        body_head, _, _ = json.dumps({"boot_id": boot_id, "token": "@"}).partition('@"')
+        write(
+            slim / "orders",
+            ORDERS_SCRIPT.format(
+                url_path=shlex.quote(f"/v1/nodes/{urllib.parse.quote(node, safe='')}/order"),
+                relays=shlex.quote(" ".join(relays)),
+                nics=shlex.quote(" ".join(found_nics)),
+                systemd="yes" if systemd else "no",
+                body=shlex.quote(json.dumps({"boot_id": boot_id})),
+                body_head=shlex.quote(body_head),
+            ),
+            0o700,
+        )
+        if systemd:
+            units = run / "systemd" / "system"
+            write(units / ORDERS_UNIT, ORDERS_UNIT_TEXT.format(target=target))
+            wants = units / f"{target}.wants"
+            wants.mkdir(parents=True, exist_ok=True)
+            (wants / ORDERS_UNIT).symlink_to(f"../{ORDERS_UNIT}")
+            written.append(f"/run/systemd/system/{target}.wants/{ORDERS_UNIT}")
+        if found_nics:
+            write(
+                run / "systemd" / "network" / "10-slim-wol.link",
+                WOL_LINK_TEXT.format(macs=" ".join(found_nics.values())),
+            )
     if nfs:
         found = boot_macs() if macs is None else macs
         if found:

@@ -71,10 +71,20 @@ class Pool(BaseModel):
     nodes: list[str] = Field(default_factory=list, description="desktops by name")
     groups: list[str] = Field(default_factory=list, description="and every node of these groups")
     environment: str = Field(description="the EE they run at night (policies ram or nfs only)")
-    partition: str = Field(description="the Slurm partition they serve")
+    partition: str = Field(
+        "",
+        description="the Slurm partition they serve: `slim slurm harvest` then runs the window's edges "
+        "through Slurm; empty: the core wakes them at the window's start and sends them back at its end",
+    )
     time_zone: Zone = Field(description="the IANA time zone the windows are in")
     windows: list[Window] = Field(min_length=1)
     wakes_per_minute: int = Field(60, ge=1, le=100_000, description="Wake-on-LAN packets sent at most")
+    wake_timeout: float = Field(
+        600.0, gt=0, le=7200, description="seconds a woken desktop has to boot the EE, else it is in use"
+    )
+    prefetch_lead: float = Field(
+        900.0, ge=0, le=86400, description="seconds before a window opens when the relays warm its EE"
+    )
     grace: float = Field(900.0, ge=0, le=86400, description="seconds before a window ends when it drains")
     menu_timeout: float = Field(
         5.0, gt=0, le=600, description="seconds the menu waits in a window (the owner may pick their OS)"

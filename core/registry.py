@@ -789,7 +789,16 @@ def _cross_check(doc: _Document, source: YamlSource) -> Iterable[Problem]:
                     f"{pool.environment} puts {path} on the node's disk ({policy.value}): a harvested "
                     "desktop's disks are never mounted, formatted or written; use ram or nfs",
                 )
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", pool.partition):
+        for member in sorted(members & set(doc.nodes)):
+            home = doc.nodes[member].site
+            if not home or not any(r.site == home for r in doc.relays.values()):
+                yield p(
+                    loc,
+                    f"desktop {member!r} has no site with a relay: a relay of its site sends its "
+                    f"magic packets (they do not cross routers); set nodes.{member}.site",
+                )
+                break
+        if pool.partition and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", pool.partition):
             yield p((*loc, "partition"), f"{pool.partition!r} is not a Slurm partition name")
 
     # environments: directories and features

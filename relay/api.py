@@ -192,6 +192,8 @@ class NodeApi:
         app.router.add_get("/v1/nodes/{node}/plan", self._limited(self.plan))
         app.router.add_post("/v1/nodes/{node}/events", self._limited(self.events))
         app.router.add_get("/v1/nodes/{node}/secrets", self._limited(self.secrets))
+        app.router.add_post("/v1/nodes/{node}/order", self._limited(self.order))
+        app.router.add_get("/boot/local", self.local)
 
     def _limited(self, handler: Handler) -> Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
@@ -305,6 +307,47 @@ class NodeApi:
             ]
         }
         return web.json_response(doc, headers={"Cache-Control": "no-store"})
+
+    async def order(self, request: web.Request) -> web.StreamResponse:
+        """What a harvested desktop's running EE must do now: the body is JSON, ``{"boot_id":
+        ID}`` (and ``"token"`` where the node has one); the core's answer, as plain text,
+        ``ACTION POLL_SECONDS`` (ACTION ``none``, ``poweroff`` or ``reboot``), so that a shell
+        script reads it with busybox."""
+        ref = node_ref(request.match_info["node"])
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
+        raw = await request.content.read(MAX_BODY + 1)
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidArgument('the body must be JSON: {"boot_id": ID}') from None
+        if not isinstance(doc, dict) or set(doc) - {"boot_id", "token"}:
+            raise InvalidArgument("the body must be a JSON object with boot_id (and token)")
+        boot_id, token = doc.get("boot_id"), doc.get("token", "")
+        if not isinstance(boot_id, str) or not BOOT_ID_RE.fullmatch(boot_id):
+            raise InvalidArgument("boot_id must name the running boot (1 to 64 hex digits)")
+        if not isinstance(token, str) or (token and not _TOKEN_TEXT.fullmatch(token)):
+            raise InvalidArgument("token must be the node's token")
+        answer = await self.link.call(
+            self.link.core.GetNodeOrder,
+            pb.GetNodeOrderRequest(
+                node=ref, origin=self._origin(request), node_token=self._token(request) or token,
+                boot_id=boot_id, secure=request.secure,
+            ),
+        )  # fmt: skip
+        poll = max(1, round(answer.poll_ms / 1000)) if answer.poll_ms else 15
+        text = f"{answer.action or 'none'} {poll}\n"
+        return web.Response(text=text, content_type="text/plain", headers={"Cache-Control": "no-store"})
+
+    async def local(self, request: web.Request) -> web.StreamResponse:
+        """A boot menu went to the local disk (``?boot=ID``): recorded as the boot's ``local``
+        stage (a desktop's owner may have picked their own OS); the answer is a few bytes."""
+        boot_id = request.query.get("boot", "")
+        if not BOOT_ID_RE.fullmatch(boot_id):
+            raise InvalidArgument("?boot= must name the boot (1 to 64 hex digits)")
+        if self.observer is not None:
+            self.observer.local_boot(boot_id, self._origin(request))
+        return web.Response(text="local\n", content_type="text/plain", headers={"Cache-Control": "no-store"})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         node = request.match_info["node"]

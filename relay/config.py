@@ -102,6 +102,14 @@ class RelayConfig(ProcessConfig):
         "CA directory); default: the identity's ca.pem",
     )
     tftp_listen: HostPort | None = Field(None, description="TFTP for stage 1: HOST:PORT; none: no TFTP")
+    wake_to: HostPort = Field(
+        "255.255.255.255:9",
+        description="where Wake-on-LAN magic packets go (UDP): the desktops' segment's broadcast, "
+        "HOST:PORT (port 9 usually)",
+    )
+    wake_from: str | None = Field(
+        None, description="send magic packets from this address of the relay's (on the desktops' segment)"
+    )
     ipxe_dir: Path = Field(Path("/usr/lib/ipxe"), description="the iPXE binaries served over TFTP")
     max_transfers: int = Field(1024, ge=1, description="object responses at once (more get 503)")
     max_fetches: int = Field(16, ge=1, description="upstream fetches at once")

@@ -43,7 +43,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from slim.errors import InvalidArgument, NotFound
 from slim.v1 import core_pb2 as pb
-from slim.vocabulary import BOOT_ID_RE
+from slim.vocabulary import BOOT_ID_RE, LOCAL_STAGE
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,15 @@ class BootObserver:
                 node=self._nodes.get(boot_id, ""), boot_id=boot_id, stage=stage, time=_ts(now),
                 bytes=nbytes if ok else 0, ok=ok, duration=max(0.0, now - started),
                 message="" if ok else f"answered {status}" if status else "transfer broken off",
+            )
+        )  # fmt: skip
+
+    def local_boot(self, boot_id: str, origin: str) -> None:
+        """A boot's menu went to the local disk (on the loop)."""
+        self._record(
+            pb.BootEvent(
+                node=self._nodes.get(boot_id, ""), boot_id=boot_id, stage=LOCAL_STAGE, time=_ts(time.time()),
+                ok=True, message=f"the menu booted the local disk ({origin})",
             )
         )  # fmt: skip
 

@@ -40,6 +40,7 @@ from slim.relay.corelink import CoreLink
 from slim.relay.fetch import CachingSource, Fetcher, upstream_context
 from slim.relay.observe import BootObserver
 from slim.relay.tftp import StageOneServer
+from slim.relay.wake import WakeQueue, waker_for
 from slim.relay.warm import Warmer
 from slim.rpc import NONE, Credentials
 from slim.signing import TrustedKeys
@@ -160,6 +161,7 @@ class RelayServer:
             self.io, trusted_keys, self.config.trust
         )  # files: off the loop
         self.warmer = Warmer(self.source, self._poke.set, self.config.prefetch_concurrency, trusted)
+        self.wakes = WakeQueue(waker_for(self.config.wake_to, self.config.wake_from))
         app = web.Application(client_max_size=1 << 20)
         self.objects.add_to(app)
         if self.link is not None:
@@ -173,6 +175,7 @@ class RelayServer:
             self.tftp_port = await self._loop.run_in_executor(self.io, self._start_tftp)
         if self.link is not None:
             self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeats"))
+            self._tasks.append(asyncio.create_task(self.wakes.run(), name="wake-on-lan"))
         log.info(
             "relay %s serving http on %s:%d%s%s, upstream %s, cache %s (%d bytes)",
             self.config.name or "(unnamed)",
@@ -253,6 +256,9 @@ class RelayServer:
         self.warmer.set_releases(reply.pinned_releases, reply.release_signatures)
         for order in reply.prefetch:
             self.warmer.order(order)
+        for wake in reply.wake:
+            queued = self.wakes.order([(t.node, t.mac) for t in wake.targets], wake.per_minute)
+            log.info("wake order %s: %d packet(s), at most %d a minute", wake.id, queued, wake.per_minute)
 
     async def _heartbeats(self) -> None:
         assert self.link is not None

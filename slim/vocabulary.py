@@ -149,7 +149,8 @@ BOOT_ID_RE = re.compile(r"[0-9a-f]{1,64}")  # a boot's id (the core's: 16 hex di
 # -- a boot's stages (boot events) -------------------------------------------------
 UP_STAGE = "up"  # the running environment reported in (or a lab on its behalf)
 SWITCH_ROOT_STAGE = "switch_root"  # the agent exec'd the environment's init
-LOADER_STAGES = ("script", "kernel", "initrd")  # recorded by relays themselves; and tftp:NAME
+LOCAL_STAGE = "local"  # the boot menu went to the local disk (the node's own OS); a relay saw it
+LOADER_STAGES = ("script", "kernel", "initrd", LOCAL_STAGE)  # recorded by relays themselves; and tftp:NAME
 
 
 def relay_observed(stage: str) -> bool:

@@ -34,8 +34,8 @@ environments:
     directories: {{/usr: nfs}}
   {second_env}
 nodes:
-  pc01: {{macs: ["52:54:00:00:03:01"], profile: pc, environment: night, groups: [room101]}}
-  pc02: {{macs: ["52:54:00:00:03:02"], profile: pc, environment: night, groups: [room101]}}
+  pc01: {{macs: ["52:54:00:00:03:01"], profile: pc, environment: night, groups: [room101], site: lab}}
+  pc02: {{macs: ["52:54:00:00:03:02"], profile: pc, environment: night, groups: [room101], site: lab}}
 pools:
   room101:
 {pool}

@@ -79,8 +79,18 @@ class RelayHub:
         event, self._changed = self._changed, asyncio.Event()
         event.set()
 
+    def wake(self, relay: str, targets: list[tuple[str, str]], per_minute: int) -> bool:
+        """Order ``relay`` to send magic packets for (node, MAC) ``targets``, at most
+        ``per_minute`` a minute; False if it has no stream open."""
+        order = pb.WakeOrder(
+            id=secrets.token_hex(6),
+            targets=[pb.WakeTarget(node=n, mac=m) for n, m in targets],
+            per_minute=per_minute,
+        )
+        return self.reply(relay, pb.HeartbeatReply(wake=[order]))
+
     def prefetch(
-        self, environment: str, digest: str, relays: list[str], signature: str = ""
+        self, environment: str, digest: str, relays: list[str], signature: str = "", watched: bool = True
     ) -> tuple[str, dict[str, pb.PrefetchStatus]]:
         """Send the order (with the release's signature) to each relay; (order id, first
         status per relay)."""
@@ -95,7 +105,8 @@ class RelayHub:
                 status.done = True
                 status.error = "not connected: the core has no heartbeat stream from this relay"
             statuses[relay] = status
-        self._orders[order_id] = statuses
+        if watched:  # else nobody reads its progress: nothing kept
+            self._orders[order_id] = statuses
         return order_id, statuses
 
     async def watch(self, order_id: str) -> AsyncIterator[tuple[str, pb.PrefetchStatus]]:

@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from slim.core.control import service as dom
 from slim.core.control.auth import Authenticator, Kind, TokenRecord
 from slim.core.control.config import CoreConfig
+from slim.core.control.harvest import POLL_MS, Harvest, PoolView, Result
 from slim.core.control.redirect import RankedRelay, RelayStatus
 from slim.core.control.relayhub import RelayHub
 from slim.core.control.state import BootEvent, State
@@ -49,6 +50,7 @@ from slim.v1 import core_pb2_grpc as pb_grpc
 from slim.vocabulary import MAX_STAGE_SECONDS, MAX_STORED_TEXT, MAX_TIMESTAMP_SECONDS, Policy
 
 log = logging.getLogger(__name__)
+HARVEST_TICK = 1.0  # seconds between looks at the pools' windows
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -291,10 +293,37 @@ def token_pb(r: TokenRecord) -> pb.TokenInfo:
     return info
 
 
+def _desktops_pb(results: list[Result]) -> pb.DesktopsReply:
+    return pb.DesktopsReply(
+        results=[pb.DesktopResult(node=r.node, ok=r.ok, message=r.message) for r in results]
+    )
+
+
+def _pool_pb(v: PoolView) -> pb.PoolStatus:
+    return pb.PoolStatus(
+        name=v.name, partition=v.pool.partition, open=v.open, window_start=_ts(v.window_start),
+        window_end=_ts(v.window_end), environment=v.pool.environment,
+        desktops=[
+            pb.DesktopStatus(
+                node=d.node, state=d.state, since=_ts(d.since) if d.since else None, reason=d.reason,
+                boot_id=d.boot_id, woken_from_off=d.woken_from_off,
+            )
+            for d in v.desktops
+        ],
+        node_hours_ee=v.node_hours_ee, node_hours_jobs=v.node_hours_jobs, jobs_source=v.jobs_source,
+    )  # fmt: skip
+
+
 class _Base:
     def __init__(
-        self, service: dom.CoreService, writer: ThreadPoolExecutor, hub: RelayHub, auth: Authenticator
+        self,
+        service: dom.CoreService,
+        writer: ThreadPoolExecutor,
+        hub: RelayHub,
+        auth: Authenticator,
+        harvest: Harvest | None = None,
     ) -> None:
+        self.harvest = harvest
         self.service = service
         self._writer = writer
         self.hub = hub
@@ -365,6 +394,16 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
         return pb.NodeSecrets(
             secrets=[pb.SecretFile(path=f.path, mode=f.mode, owner=f.owner, content=f.content) for f in files]
         )
+
+    @unary
+    async def GetNodeOrder(self, request: pb.GetNodeOrderRequest, context: Any) -> pb.NodeOrder:
+        await self.auth.relay(context)
+        node, boot_id = self.service.node_boot(
+            _node_ref(request.node), request.origin, request.node_token or None, request.boot_id,
+            request.secure,
+        )  # fmt: skip
+        action, reason = self.harvest.order_for(node, boot_id) if self.harvest else ("", "")
+        return pb.NodeOrder(action=action, reason=reason, poll_ms=POLL_MS)
 
     @unary
     async def ReportBootEvents(
@@ -567,6 +606,41 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
         for r in revoked:
             log.info("%s token %s of %s revoked by %s", r.kind, r.id, r.name, caller.principal)
         return pb.ListTokensResponse(tokens=[token_pb(r) for r in revoked])
+
+    def _harvest(self) -> Harvest:
+        if self.harvest is None:
+            raise FailedPrecondition("this core runs no desktop harvesting")
+        return self.harvest
+
+    @unary
+    async def WakeDesktops(self, request: pb.DesktopsRequest, context: Any) -> pb.DesktopsReply:
+        caller = await self.auth.admin(context)
+        harvest = self._harvest()
+        boots = await self.write(self.service.pooled_boots)
+        why = f"{request.reason or 'asked'} by {caller.principal}"
+        return _desktops_pb(harvest.wake(request.nodes, why[:200], boots))
+
+    @unary
+    async def ReleaseDesktops(self, request: pb.DesktopsRequest, context: Any) -> pb.DesktopsReply:
+        caller = await self.auth.admin(context)
+        harvest = self._harvest()
+        boots = await self.write(self.service.pooled_boots)
+        why = f"{request.reason or 'asked'} by {caller.principal}"
+        return _desktops_pb(harvest.release(request.nodes, why[:200], boots))
+
+    @unary
+    async def ReportDesktopJobs(self, request: pb.DesktopJobs, context: Any) -> pb.DesktopsReply:
+        await self.auth.admin(context)
+        return _desktops_pb(self._harvest().note_jobs(request.busy, request.source[:80] or "unnamed"))
+
+    @unary
+    async def HarvestStatus(self, request: pb.HarvestStatusRequest, context: Any) -> pb.HarvestStatusReply:
+        await self.auth.admin(context)
+        harvest = self._harvest()
+        boots = await self.write(self.service.pooled_boots)
+        return pb.HarvestStatusReply(
+            pools=[_pool_pb(v) for v in harvest.status(request.pool, boots)], now=_ts(self.service.clock())
+        )
 
     async def Prefetch(
         self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -778,12 +852,31 @@ class CoreServer:
         )
         self.hub = RelayHub()
         self.auth = Authenticator(tls.revocations if tls else None, service.tokens, service.clock)
+        self.harvest = Harvest(service, self.hub.wake, self._prefetch, self.hub.connected)
+        self._harvesting: asyncio.Task[None] | None = None
         pb_grpc.add_CoreServicer_to_server(
-            CoreServicer(service, self._writer, self.hub, self.auth), self._server
+            CoreServicer(service, self._writer, self.hub, self.auth, self.harvest), self._server
         )
         pb_grpc.add_AdminServicer_to_server(
-            AdminServicer(service, self._writer, self.hub, self.auth), self._server
+            AdminServicer(service, self._writer, self.hub, self.auth, self.harvest), self._server
         )
+
+    def _prefetch(self, environment: str, nodes: list[str]) -> None:
+        digest, signature, relays = self.service.prefetch_targets(environment, [], nodes)
+        self.hub.prefetch(environment, digest, relays, signature, watched=False)
+
+    async def _harvest_clock(self) -> None:
+        """The pools' windows (slim.core.control.harvest): a tick a second while there are pools."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(HARVEST_TICK)
+            if not self.service.registry.pools:
+                continue
+            try:
+                boots = await loop.run_in_executor(self._writer, self.service.pooled_boots)
+                self.harvest.tick(boots)
+            except Exception:
+                log.exception("desktop harvesting: a tick failed")
 
     def _bind(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
         try:
@@ -834,6 +927,7 @@ class CoreServer:
             await asyncio.get_running_loop().run_in_executor(None, self.tls.revocations.refresh)
             self._watch = asyncio.create_task(self._watch_revocations(), name="revocations")
         await self._server.start()
+        self._harvesting = asyncio.create_task(self._harvest_clock(), name="harvest")
         log.info(
             "core listening on %s (port %d)%s%s", self.listen, self.port,
             f", admin tokens on {self.admin_listen} (port {self.admin_port})" if self.admin_port else "",
@@ -854,9 +948,10 @@ class CoreServer:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting calls, give in-flight calls ``grace`` seconds, then cancel them."""
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
+        for task in (self._watch, self._harvesting):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self._server.stop(grace)
         # the writer may be finishing a transaction: wait for it off the event loop
         await asyncio.get_running_loop().run_in_executor(None, self._writer.shutdown)

@@ -49,7 +49,15 @@ from slim.errors import (
 )
 from slim.release import ObjectRef, Release
 from slim.signing import Signer
-from slim.vocabulary import BOOT_ID_RE, SWITCH_ROOT_STAGE, UP_STAGE, Policy, normalize_mac, relay_observed
+from slim.vocabulary import (
+    BOOT_ID_RE,
+    LOCAL_STAGE,
+    SWITCH_ROOT_STAGE,
+    UP_STAGE,
+    Policy,
+    normalize_mac,
+    relay_observed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +155,7 @@ class BootStatus:
     message: str
     time: float  # of the latest event
     since: float = 0.0  # when the boot entered its state (the core's clock)
+    started: float = 0.0  # when the core heard of the boot first (the core's clock)
 
 
 def no_report_reason(timeout: float) -> str:
@@ -162,10 +171,16 @@ def boot_status(
       ``up_timeout`` seconds after switch_root (the core's clock, from ``now``);
     - ``up`` once the running environment reported in (stage "up");
     - ``starting`` after switch_root: the environment's init runs, it has not reported;
-    - ``booting`` until then (firmware, loader, the agent building the environment).
+    - ``booting`` until then (firmware, loader, the agent building the environment);
+    - ``local`` when the boot menu went to the local disk (the node's own OS: SLIM sees no more).
     """
     if not events:
         return None
+    status = _boot_status(events, now, up_timeout)
+    return replace(status, started=events[0].received_at)
+
+
+def _boot_status(events: list[BootEvent], now: float | None, up_timeout: float | None) -> BootStatus:
     last = events[-1]
     env = next((e.environment for e in reversed(events) if e.environment), "")
     # a relay's record of a failed attempt (a 503, a broken download) does not fail the boot:
@@ -175,6 +190,9 @@ def boot_status(
         return BootStatus(
             last.boot_id, env, "failed", failed.stage, failed.message, last.time, failed.received_at
         )
+    local = next((e for e in events if e.stage == LOCAL_STAGE), None)
+    if local is not None:
+        return BootStatus(last.boot_id, "", "local", last.stage, local.message, last.time, local.received_at)
     up = next((e for e in events if e.stage == UP_STAGE), None)
     if up is not None:
         return BootStatus(last.boot_id, env, "up", last.stage, up.message, last.time, up.received_at)
@@ -246,6 +264,10 @@ class CoreService:
         # every node that boots them, so plans share them (valid for one registry)
         self._actions: dict[tuple[str, str, str | None], tuple[DirectoryAction, ...]] = {}
         self._actions_registry = registry
+        # desktop harvesting (slim.core.control.harvest sets these): why a desktop's menu boots
+        # its own OS in its window (None: it may boot the EE), and its owner's pick at the menu
+        self.desktop_out: Callable[[str, float], str | None] = lambda node, now: None
+        self.local_picked: Callable[[str, str, float], None] = lambda node, boot_id, at: None
 
     # -- registry ------------------------------------------------------------
     def read_registry(self) -> Registry:
@@ -573,8 +595,12 @@ class CoreService:
         pooled = self.registry.pool_of(node)
         if pooled is not None:  # a harvested desktop: its own OS, but in its pool's window
             pool_name, pool = pooled
-            if opening_at(pool, dt.datetime.fromtimestamp(self.clock(), dt.UTC)) is None:
+            now = self.clock()
+            out = self.desktop_out(node, now)
+            if opening_at(pool, dt.datetime.fromtimestamp(now, dt.UTC)) is None:
                 default, reason = LOCAL, f"outside pool {pool_name}'s window"
+            elif out is not None:
+                default, reason = LOCAL, out
             else:
                 default, reason = pool.environment, f"pool {pool_name}'s window"
                 timeout = pool.menu_timeout  # short: the owner may still pick their own OS
@@ -691,7 +717,30 @@ class CoreService:
                 batch.extend(replace(o, node=e.node) for _, o in waiting)
         if batch:
             self.state.add_boot_events(batch, now)
+            for e in batch:
+                if e.stage == LOCAL_STAGE and e.node:
+                    self.local_picked(e.node, e.boot_id, now)
         return taken + len(batch)
+
+    def node_boot(
+        self, ref: NodeRef, origin: str, token: str | None, boot_id: str, secure: bool
+    ) -> tuple[str, str]:
+        """(node, boot id) of a running environment asking for its order, identified as for
+        a plan (its token over TLS, or its MAC and address where the site allows)."""
+        reg = self.registry
+        node = self._node_name(ref, reg)
+        if not BOOT_ID_RE.fullmatch(boot_id):
+            raise InvalidArgument("the running boot's id (slim.boot=) is required: 1 to 64 hex digits")
+        if token and not secure:
+            raise InvalidArgument("a node's token goes to its relay over HTTPS only")
+        self.identify(node, self._origin(origin), token, reg)
+        return node, boot_id
+
+    def pooled_boots(self) -> dict[str, BootStatus | None]:
+        """Every pooled desktop's latest boot (reads the database)."""
+        reg = self.registry
+        boots = self.state.latest_boots()
+        return {n: self._status(reg, boots.get(n, [])) for n in reg.nodes if reg.pool_of(n) is not None}
 
     # -- tokens --------------------------------------------------------------
     def issue_token(

@@ -1,0 +1,431 @@
+"""Desktop harvesting on the core: each pool's night, desktop by desktop (docs/harvest.md).
+
+The core keeps, for every desktop of a pool (``pools`` in the registry), what SLIM did to it
+this window and what its boots say, and acts at the window's edges:
+
+- ``prefetch_lead`` seconds before a window opens, the relays of the pool's desktops warm its
+  EE (the same order as ``slim ee prefetch``);
+- at the start (pools without a Slurm ``partition``; with one, ``slim slurm harvest`` asks
+  through Slurm's ResumeProgram), the pool's desktops are woken: a relay of each desktop's site
+  sends its magic packets, at most ``wakes_per_minute``; a woken desktop that has not begun a
+  boot into the EE ``wake_timeout`` seconds later is *in use* and left alone;
+- ``grace`` seconds before the end, desktops that run no job go back to their own OS (with
+  ``on_window_end: requeue``, all of them); at the end, every desktop still in the EE does.
+  Going back is an order its EE picks up through a relay (``GetNodeOrder``): ``poweroff`` when
+  SLIM's wake started the boot (it was off), else ``reboot`` — and its menu boots its own OS
+  until the next window;
+- an owner who picks their own OS at the menu during the window (the relay sees the ``local``
+  stage) opts that desktop out until the next window: its menu boots its own OS, no wake.
+
+Everything is in memory: a core restarted during a window forgets whom it woke (such desktops
+are then sent back with ``reboot``; their menu outside the window boots their own OS) and who
+opted out (their next boot in the window offers the EE again).  The clock is injected.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from slim.core.control.service import BootStatus, CoreService
+from slim.core.pools import Pool, next_opening, opening_at
+from slim.core.registry import Registry
+from slim.errors import InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 15_000  # how often a desktop's EE asks for its order
+IN_EE = ("booting", "starting", "up")
+STATES = ("own-os", "waking", "booting", "idle", "job", "returning", "in-use", "failed", "opted-out")
+
+
+@dataclass
+class Desktop:
+    """What SLIM did to one desktop (this window)."""
+
+    woken_at: float = 0.0  # SLIM's wake (the core's clock); 0: not woken this window
+    out_until: float = 0.0  # its menu boots its own OS until then (the next window's start)
+    out_reason: str = ""
+    opted_out: bool = False  # by its owner (or an admin), not sent back by SLIM
+    order: str = ""  # "poweroff" or "reboot", for the boot order_boot
+    order_boot: str = ""
+    order_reason: str = ""
+    order_at: float = 0.0
+    order_taken: float = 0.0
+    busy: bool = False  # runs a job (the Slurm side says)
+    since: float = 0.0  # of its state as last computed
+    state: str = "own-os"
+
+
+@dataclass(frozen=True)
+class Result:
+    node: str
+    ok: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class DesktopView:
+    node: str
+    state: str
+    since: float
+    reason: str
+    boot_id: str
+    woken_from_off: bool
+
+
+@dataclass(frozen=True)
+class PoolView:
+    name: str
+    pool: Pool
+    open: bool
+    window_start: float
+    window_end: float
+    desktops: list[DesktopView]
+    node_hours_ee: float
+    node_hours_jobs: float
+    jobs_source: str
+
+
+@dataclass
+class _PoolMarks:
+    """Which window (its start) each edge was handled for."""
+
+    prefetched: float = 0.0
+    woke: float = 0.0
+    drained: float = 0.0
+    seconds_ee: float = 0.0
+    seconds_jobs: float = 0.0
+
+
+WakeSender = Callable[[str, list[tuple[str, str]], int], bool]  # relay, [(node, mac)], per minute -> sent
+Prefetcher = Callable[[str, list[str]], None]  # environment, nodes
+
+
+class Harvest:
+    """The pools' nights (see the module's docstring).  :meth:`tick` runs on the core's event
+    loop; the other methods may run on any thread (one lock)."""
+
+    def __init__(
+        self,
+        service: CoreService,
+        send_wake: WakeSender,
+        prefetch: Prefetcher,
+        connected: Callable[[], list[str]],
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.service = service
+        self.clock = clock or service.clock
+        self._send_wake = send_wake
+        self._prefetch = prefetch
+        self._connected = connected
+        self._lock = threading.Lock()
+        self._desktops: dict[str, Desktop] = {}
+        self._marks: dict[str, _PoolMarks] = {}
+        self._last_tick = 0.0
+        self.jobs_source = ""
+        service.desktop_out = self.menu_default
+        service.local_picked = self.local_picked
+
+    # -- helpers ---------------------------------------------------------------
+    def _desktop(self, node: str) -> Desktop:
+        return self._desktops.setdefault(node, Desktop())
+
+    @staticmethod
+    def _when(seconds: float) -> dt.datetime:
+        return dt.datetime.fromtimestamp(seconds, dt.UTC)
+
+    def _pool_of(self, reg: Registry, node: str) -> tuple[str, Pool]:
+        reg.node(node)
+        pooled = reg.pool_of(node)
+        if pooled is None:
+            raise InvalidArgument(f"node {node!r} is in no desktop pool (the registry's pools)")
+        return pooled
+
+    def members(self, reg: Registry, pool_name: str) -> list[str]:
+        return sorted(n for n in reg.nodes if (p := reg.pool_of(n)) is not None and p[0] == pool_name)
+
+    def menu_default(self, node: str, now: float) -> str | None:
+        """Why the node's menu must boot its own OS now although its window is open (opted out
+        or sent back this window); None when the window's EE may be the default."""
+        with self._lock:
+            d = self._desktops.get(node)
+            if d is not None and d.out_until > now:
+                return d.out_reason
+        return None
+
+    def _woken_from_off(self, d: Desktop, boot: BootStatus | None, pool: Pool) -> bool:
+        return bool(
+            d.woken_at and boot is not None and d.woken_at <= boot.started <= d.woken_at + pool.wake_timeout
+        )
+
+    # -- actions -----------------------------------------------------------------
+    def wake(self, nodes: Iterable[str], reason: str, boots: dict[str, BootStatus | None]) -> list[Result]:
+        """Wake ``nodes`` (desktops of pools) now: one wake order per relay, at the pool's rate."""
+        reg = self.service.registry
+        now = self.clock()
+        results: list[Result] = []
+        batches: dict[tuple[str, int], list[tuple[str, str]]] = {}
+        connected = set(self._connected())
+        with self._lock:
+            for node in dict.fromkeys(nodes):
+                try:
+                    pool_name, pool = self._pool_of(reg, node)
+                except (InvalidArgument, NotFound) as exc:
+                    results.append(Result(node, False, str(exc)))
+                    continue
+                d = self._desktop(node)
+                if d.out_until > now:
+                    results.append(Result(node, False, f"not woken: {d.out_reason}"))
+                    continue
+                boot = boots.get(node)
+                opening = opening_at(pool, self._when(now))
+                window = opening.start.timestamp() if opening is not None else now
+                recent = boot is not None and boot.started >= window - pool.wake_timeout
+                if recent and self._in_ee(node, boot, pool) and boot is not None:
+                    results.append(Result(node, True, f"already in {pool.environment} ({boot.state})"))
+                    continue
+                site = reg.node(node).site
+                relays = [n for n, tier in reg.relays_by_site(site) if tier == "site" and n in connected]
+                if not relays:
+                    results.append(
+                        Result(node, False, f"no relay of site {site!r} is connected to send the packet")
+                    )
+                    continue
+                batches.setdefault((relays[0], pool.wakes_per_minute), []).extend(
+                    (node, mac) for mac in reg.node(node).macs
+                )
+                d.woken_at = now
+                d.opted_out = False
+                results.append(Result(node, True, f"wake sent through relay {relays[0]} ({reason})"))
+                log.info("pool %s: waking %s through relay %s (%s)", pool_name, node, relays[0], reason)
+        for (relay, per_minute), targets in batches.items():
+            if not self._send_wake(relay, targets, per_minute):
+                bad = {n for n, _ in targets}
+                results = [
+                    Result(r.node, False, f"relay {relay} has no heartbeat stream") if r.node in bad else r
+                    for r in results
+                ]
+        return results
+
+    def release(
+        self, nodes: Iterable[str], reason: str, boots: dict[str, BootStatus | None], opt_out: bool = False
+    ) -> list[Result]:
+        """Send ``nodes`` back to their own OS (``opt_out``: and keep them out of the pool, as
+        their owner does at the menu) until the next window."""
+        reg = self.service.registry
+        now = self.clock()
+        results = []
+        with self._lock:
+            for node in dict.fromkeys(nodes):
+                try:
+                    pool_name, pool = self._pool_of(reg, node)
+                except (InvalidArgument, NotFound) as exc:
+                    results.append(Result(node, False, str(exc)))
+                    continue
+                boot = boots.get(node)
+                results.append(self._release_one(node, pool_name, pool, reason, boot, now, opt_out))
+        return results
+
+    def _release_one(
+        self,
+        node: str,
+        pool_name: str,
+        pool: Pool,
+        reason: str,
+        boot: BootStatus | None,
+        now: float,
+        opt_out: bool,
+    ) -> Result:
+        d = self._desktop(node)
+        d.out_until = next_opening(pool, self._when(now)).start.timestamp()
+        d.out_reason = reason
+        d.opted_out = d.opted_out or opt_out
+        if not self._in_ee(node, boot, pool) or boot is None:
+            return Result(node, True, f"not in {pool.environment}: its own OS until the next window")
+        if d.order and d.order_boot == boot.boot_id:
+            return Result(node, True, f"already told to {d.order}")
+        d.order = "poweroff" if self._woken_from_off(d, boot, pool) else "reboot"
+        d.order_boot, d.order_reason, d.order_at, d.order_taken = boot.boot_id, reason, now, 0.0
+        log.info("pool %s: %s goes back to its own OS (%s: %s)", pool_name, node, d.order, reason)
+        return Result(node, True, f"told to {d.order} ({reason})")
+
+    def local_picked(self, node: str, boot_id: str, at: float) -> None:
+        """The node's menu went to its own OS (a relay saw the ``local`` stage): in a window,
+        and not because SLIM sent it back, its owner picked it: out until the next window."""
+        reg = self.service.registry
+        pooled = reg.pool_of(node)
+        if pooled is None:
+            return
+        pool_name, pool = pooled
+        if opening_at(pool, self._when(at)) is None:
+            return
+        with self._lock:
+            d = self._desktop(node)
+            if d.out_until > at:
+                return  # its menu's default was its own OS already
+            clock = self._when(at).astimezone(dt.UTC).strftime("%H:%M:%S UTC")
+            d.out_until = next_opening(pool, self._when(at)).start.timestamp()
+            d.out_reason = f"its owner picked their own OS at the menu at {clock}"
+            d.opted_out = True
+            log.info("pool %s: %s opted out until the next window (%s)", pool_name, node, d.out_reason)
+
+    def note_jobs(self, busy: Iterable[str], source: str) -> list[Result]:
+        reg = self.service.registry
+        busy = set(busy)
+        unknown = sorted(n for n in busy if reg.pool_of(n) is None)
+        with self._lock:
+            for node in (n for n in reg.nodes if reg.pool_of(n) is not None):
+                self._desktop(node).busy = node in busy
+            self.jobs_source = source
+        return [Result(n, False, "in no desktop pool") for n in unknown]
+
+    def order_for(self, node: str, boot_id: str) -> tuple[str, str]:
+        """(action, reason) for the running boot ``boot_id`` of ``node``: "" for none."""
+        with self._lock:
+            d = self._desktops.get(node)
+            if d is None or not d.order or d.order_boot != boot_id:
+                return "", ""
+            if not d.order_taken:
+                d.order_taken = self.clock()
+            return d.order, d.order_reason
+
+    # -- the clock ----------------------------------------------------------------
+    def tick(self, boots: dict[str, BootStatus | None]) -> None:
+        """Act on the windows' edges (see the module's docstring); ``boots``: every pooled
+        desktop's latest boot."""
+        reg = self.service.registry
+        now = self.clock()
+        elapsed = max(0.0, min(now - self._last_tick, 60.0)) if self._last_tick else 0.0
+        self._last_tick = now
+        when = self._when(now)
+        for name, pool in reg.pools.items():
+            marks = self._marks.setdefault(name, _PoolMarks())
+            members = self.members(reg, name)
+            with self._lock:
+                for node in members:
+                    boot = boots.get(node)
+                    if boot is not None and boot.state == "up" and self._in_ee(node, boot, pool):
+                        marks.seconds_ee += elapsed
+                        if self._desktop(node).busy:
+                            marks.seconds_jobs += elapsed
+            opening = opening_at(pool, when)
+            if opening is None:
+                upcoming = next_opening(pool, when)
+                start = upcoming.start.timestamp()
+                if start - now <= pool.prefetch_lead and marks.prefetched != start:
+                    marks.prefetched = start
+                    self._try_prefetch(name, pool, members)
+                # the window is over: nothing of it stays in the EE
+                with self._lock:
+                    late = [n for n in members if self._in_ee(n, boots.get(n), pool)]
+                    late = [n for n in late if not self._ordered(n, boots)]
+                if late:
+                    self.release(late, "the window ended", boots)
+                continue
+            start, end = opening.start.timestamp(), opening.end.timestamp()
+            if marks.prefetched != start:  # the core started in the window, or the lead was 0
+                marks.prefetched = start
+                self._try_prefetch(name, pool, members)
+            with self._lock:  # a new window: last one's opt-outs and wakes are history
+                for node in members:
+                    d = self._desktop(node)
+                    if d.out_until and d.out_until <= now:
+                        d.out_until, d.out_reason, d.opted_out = 0.0, "", False
+                    if d.woken_at and d.woken_at < start:
+                        d.woken_at = 0.0
+            if not pool.partition and marks.woke != start:
+                marks.woke = start
+                self.wake(members, f"pool {name}'s window opened", boots)
+            if now >= end - pool.grace:
+                marks.drained = start
+                with self._lock:
+                    busy = {n for n in members if self._desktop(n).busy}
+                    going = [
+                        n
+                        for n in members
+                        if self._in_ee(n, boots.get(n), pool)
+                        and not self._ordered(n, boots)
+                        and (pool.on_window_end == "requeue" or n not in busy)
+                    ]
+                if going:
+                    why = f"pool {name}'s window ends at {opening.end:%H:%M} ({pool.time_zone})"
+                    self.release(going, why, boots)
+
+    def _in_ee(self, node: str, boot: BootStatus | None, pool: Pool) -> bool:
+        """The node's latest boot is into the pool's EE and has not taken an order to go back."""
+        if boot is None or boot.state not in IN_EE or boot.environment != pool.environment:
+            return False
+        d = self._desktops.get(node)
+        return d is None or not (d.order_boot == boot.boot_id and d.order_taken)
+
+    def _ordered(self, node: str, boots: dict[str, BootStatus | None]) -> bool:
+        d, boot = self._desktops.get(node), boots.get(node)
+        return bool(d is not None and boot is not None and d.order and d.order_boot == boot.boot_id)
+
+    def _try_prefetch(self, name: str, pool: Pool, members: list[str]) -> None:
+        try:
+            self._prefetch(pool.environment, members)
+            log.info("pool %s: relays warming %s before its window", name, pool.environment)
+        except Exception as exc:  # noqa: BLE001 - a prefetch that cannot start must not stop the night
+            log.warning("pool %s: could not order the relays to warm %s: %s", name, pool.environment, exc)
+
+    # -- status ---------------------------------------------------------------------
+    def status(self, pool_name: str, boots: dict[str, BootStatus | None]) -> list[PoolView]:
+        reg = self.service.registry
+        if pool_name and pool_name not in reg.pools:
+            known = ", ".join(sorted(reg.pools)) or "none"
+            raise NotFound(f"unknown pool {pool_name!r}; the registry's pools: {known}")
+        now = self.clock()
+        when = self._when(now)
+        out = []
+        for name, pool in sorted(reg.pools.items()):
+            if pool_name and name != pool_name:
+                continue
+            opening = opening_at(pool, when) or next_opening(pool, when)
+            marks = self._marks.get(name, _PoolMarks())
+            with self._lock:
+                desktops = [self._view(node, pool, boots.get(node), now) for node in self.members(reg, name)]
+                source = self.jobs_source
+            out.append(
+                PoolView(
+                    name, pool, opening.start <= when < opening.end, opening.start.timestamp(),
+                    opening.end.timestamp(), desktops, marks.seconds_ee / 3600, marks.seconds_jobs / 3600,
+                    source,
+                )
+            )  # fmt: skip
+        return out
+
+    def _view(self, node: str, pool: Pool, boot: BootStatus | None, now: float) -> DesktopView:
+        d = self._desktops.get(node) or Desktop()
+        boot_id = boot.boot_id if boot is not None else ""
+        from_off = self._woken_from_off(d, boot, pool)
+        in_ee = self._in_ee(node, boot, pool)
+        if d.order and boot is not None and d.order_boot == boot.boot_id:
+            state, since, reason = "returning", d.order_at, f"told to {d.order}: {d.order_reason}"
+            if d.order_taken:
+                state, since = "own-os", d.order_taken
+        elif in_ee and boot is not None:
+            if boot.state == "up":
+                state, since, reason = ("job" if d.busy else "idle"), boot.since, ""
+            else:
+                state, since, reason = "booting", boot.started, boot.state
+        elif boot is not None and boot.state == "failed" and boot.environment == pool.environment:
+            state, since, reason = "failed", boot.since, f"{boot.stage}: {boot.message}"
+        elif d.opted_out and d.out_until > now:
+            state, since, reason = "opted-out", 0.0, d.out_reason
+        elif d.woken_at:  # and no boot into the EE since
+            if now - d.woken_at > pool.wake_timeout:
+                state, since = "in-use", d.woken_at + pool.wake_timeout
+                reason = f"no boot into {pool.environment} {pool.wake_timeout:g} s after its wake: left alone"
+            else:
+                state, since, reason = "waking", d.woken_at, ""
+        else:
+            state, since = "own-os", (boot.since if boot is not None and boot.state == "local" else 0.0)
+            reason = d.out_reason if d.out_until > now else ""
+        if state != d.state:
+            d.state, d.since = state, since or now
+        return DesktopView(node, state, since or d.since, reason, boot_id, from_off)

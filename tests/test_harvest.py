@@ -1,0 +1,246 @@
+"""A night of desktop harvesting on real parts (a gRPC core, a relay, magic packets over UDP,
+the EE's order script run by busybox), with the core's clock injected: windows of a night
+pass in a second.  The QEMU desktop and the Slurm pool are in test_desktop_vm and
+test_slurm_cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import pytest
+
+from labs.placeholders import publish_placeholder_releases
+from labs.wakelab import MagicPacketListener
+from slim.agent import report_up
+from slim.core.control.server import CoreServer
+from slim.core.control.service import CoreService
+from slim.core.control.state import BootEvent, State
+from slim.core.registry import load_registry_text
+from slim.core.store import Store
+from slim.relay.server import RelayServer
+from slim.rpc import aio_channel
+from slim.v1 import core_pb2 as pb
+from slim.v1 import core_pb2_grpc as pb_grpc
+from tests.support import need_tool, relay, short_socket
+
+PARIS = ZoneInfo("Europe/Paris")
+MACS = {"pc01": "52:54:00:00:03:01", "pc02": "52:54:00:00:03:02", "pc03": "52:54:00:00:03:03"}
+REGISTRY = """\
+settings: {{heartbeat_interval: 0.2}}
+sites:
+  lab: {{prefixes: [127.0.0.0/8], node_identity: mac}}
+relays:
+  r1: {{urls: ["http://127.0.0.1:1/"], site: lab}}
+profiles:
+  pc: {{}}
+environments:
+  night: {{image: /srv/images/night, default_policy: ram}}
+nodes:
+{nodes}
+pools:
+  room101:
+    groups: [room101]
+    environment: night
+    time_zone: Europe/Paris
+    windows: [{{days: [weekdays], start: "20:00", end: "07:00"}}]
+    wakes_per_minute: {rate}
+    wake_timeout: 600
+    grace: 900
+    menu_timeout: 5
+"""
+RATE = 120  # a packet every half second at most
+
+
+def paris(day: int, hour: int, minute: int, second: int = 0) -> float:
+    return dt.datetime(2026, 12, day, hour, minute, second, tzinfo=PARIS).timestamp()
+
+
+@dataclass
+class Night:
+    now: list[float]
+    service: CoreService
+    server: CoreServer
+    admin: pb_grpc.AdminAsyncStub
+    relay: RelayServer
+    listener: MagicPacketListener
+    woken: list[tuple[str, float]]
+    http: aiohttp.ClientSession
+
+    @property
+    def relay_url(self) -> str:
+        return f"http://127.0.0.1:{self.relay.port}/"
+
+    async def status(self) -> dict[str, pb.DesktopStatus]:
+        reply = await self.admin.HarvestStatus(pb.HarvestStatusRequest())
+        return {d.node: d for d in reply.pools[0].desktops}
+
+    async def until(self, what: str, check: object) -> None:
+        async def ok() -> bool:
+            return bool(await check()) if asyncio.iscoroutinefunction(check) else bool(check())  # type: ignore[operator]
+
+        deadline = time.monotonic() + 20
+        while not await ok():
+            assert time.monotonic() < deadline, f"never: {what}"
+            await asyncio.sleep(0.05)
+
+    async def boot(self, node: str, boot_id: str, *stages: str) -> None:
+        events = [BootEvent(node, boot_id, s, time.time(), environment="night") for s in stages]
+        await asyncio.to_thread(self.service.report_events, events)
+
+    async def script(self, node: str) -> str:
+        """The node's menu; after the test moved the clock, the relay is live again at its next
+        beat (a fifth of a second)."""
+        for _ in range(100):  # bounded
+            async with self.http.get(f"{self.relay_url}boot/{MACS[node]}.ipxe") as r:
+                if r.status != 503:
+                    assert r.status == 200, await r.text()
+                    return await r.text()
+            await asyncio.sleep(0.1)
+        raise AssertionError("the relay stayed unavailable")
+
+    async def order(self, node: str, boot_id: str) -> str:
+        async with self.http.post(
+            f"{self.relay_url}v1/nodes/{node}/order", data=json.dumps({"boot_id": boot_id})
+        ) as r:
+            assert r.status == 200, await r.text()
+            return await r.text()
+
+
+@pytest.fixture
+async def night(tmp_path: Path) -> AsyncIterator[Night]:
+    nodes = "\n".join(
+        f'  {n}: {{macs: ["{m}"], profile: pc, environment: night, groups: [room101], site: lab}}'
+        for n, m in MACS.items()
+    )
+    registry = load_registry_text(REGISTRY.format(nodes=nodes, rate=RATE))
+    store = Store(tmp_path / "store")
+    publish_placeholder_releases(registry, store)
+    state = await asyncio.to_thread(State, tmp_path / "state.db")
+    now = [paris(8, 19, 40)]  # a Tuesday evening, before the window
+    service = CoreService(registry, state, store, clock=lambda: now[0])
+    sock = short_socket()
+    server = CoreServer(service, f"unix:{sock}")
+    await server.start()
+    channel = aio_channel(f"unix:{sock}")
+    woken: list[tuple[str, float]] = []
+    listener = MagicPacketListener(MACS.values(), lambda mac: woken.append((mac, time.monotonic())),
+                                   ("127.0.0.1", 0)).start()  # fmt: skip
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with relay(
+                tmp_path / "cache", ["http://127.0.0.1:1"], core=f"unix:{sock}", name="r1",
+                wake_to=f"127.0.0.1:{listener.port}",
+            ) as r:  # fmt: skip
+                n = Night(now, service, server, pb_grpc.AdminStub(channel), r, listener, woken, http)
+                await n.until("the relay's heartbeat stream is open", lambda: server.hub.connected())
+                yield n
+        finally:
+            listener.stop()
+            await channel.close()
+            await server.stop(grace=1)
+            await asyncio.to_thread(state.close)
+            Path(sock).unlink(missing_ok=True)
+            Path(sock).parent.rmdir()
+
+
+async def test_a_night_wakes_the_pool_at_its_rate_and_sends_it_back_at_the_end(night: Night) -> None:
+    # before the window: everyone in their own OS, whose menu boots it by default
+    assert {d.state for d in (await night.status()).values()} == {"own-os"}
+    assert "goto local" in await night.script("pc01")  # no menu: straight to the local disk
+    # the window opens (Tuesday 20:00, Paris): the relay wakes all three, at most the pool's rate
+    night.now[0] = paris(8, 20, 0, 1)
+    await night.until("three magic packets", lambda: len(night.woken) == 3)
+    assert sorted(m for m, _ in night.woken) == sorted(MACS.values())
+    gaps = [b - a for (_, a), (_, b) in zip(night.woken, night.woken[1:], strict=False)]
+    assert all(g >= 60 / RATE * 0.9 for g in gaps), gaps  # the rate limit, counted at the listener
+    assert {d.state for d in (await night.status()).values()} == {"waking"}, await night.status()
+    # pc01 boots the EE (its menu now offers the EE first, with the owner's short timeout)
+    script = await night.script("pc01")
+    assert "choose --default ee-night --timeout 5000" in script
+    b1 = script.split("slim.boot=")[1].split()[0]  # the boot this script starts
+    await night.boot("pc01", b1, "plan", "switch_root", "up")
+    # pc02's owner picks their own OS at the menu: the relay sees it, pc02 is out until tomorrow
+    script = await night.script("pc02")
+    boot_id = script.split("boot/local?boot=")[1].split()[0]
+    async with night.http.get(f"{night.relay_url}boot/local?boot={boot_id}") as r:
+        assert r.status == 200
+    await night.until("pc02 opted out", _state(night, "pc02", "opted-out"))
+    assert "goto local" in await night.script("pc02")  # for the rest of the window
+    status = await night.status()
+    assert status["pc01"].state == "idle" and status["pc01"].woken_from_off
+    assert "picked their own OS at the menu" in status["pc02"].reason
+    # pc03 never comes up (its owner is on it): after the wake timeout it is left alone
+    night.now[0] = paris(8, 20, 11)
+    assert (await night.status())["pc03"].state == "in-use"
+    assert await night.order("pc01", b1) == "none 15\n"
+    # grace before the end: pc01 (no job) is told to power off (SLIM woke it from off)
+    night.now[0] = paris(9, 6, 46)
+    await night.until("pc01 told to go back", _state(night, "pc01", "returning"))
+    assert await night.order("pc01", b1) == "poweroff 15\n"
+    assert (await night.status())["pc01"].state == "own-os"
+    reply = await night.admin.HarvestStatus(pb.HarvestStatusRequest(pool="room101"))
+    assert reply.pools[0].node_hours_ee > 0
+
+
+async def test_a_desktop_not_woken_by_slim_is_rebooted_and_one_in_a_job_may_finish(night: Night) -> None:
+    night.now[0] = paris(8, 21, 0)
+    await night.until("the window's wake", lambda: len(night.woken) == 3)
+    await night.boot("pc01", "c1", "plan", "switch_root", "up")  # woken
+    night.now[0] = paris(8, 21, 30)  # long after any wake: its owner rebooted it into the EE
+    await night.boot("pc02", "c2", "plan", "switch_root", "up")
+    reply = await night.admin.ReleaseDesktops(pb.DesktopsRequest(nodes=["pc02", "nobody"], reason="test"))
+    assert [(r.node, r.ok) for r in reply.results] == [("pc02", True), ("nobody", False)]
+    assert await night.order("pc02", "c2") == "reboot 15\n"  # it was on: back to its own OS
+    assert "goto local" in await night.script("pc02")  # not the EE again tonight
+    # an order is for its boot only
+    assert await night.order("pc02", "c0") == "none 15\n"
+
+
+def _state(night: Night, node: str, state: str) -> object:
+    async def check() -> bool:
+        return (await night.status())[node].state == state
+
+    return check
+
+
+async def test_the_ees_order_script_powers_off_when_told(night: Night, tmp_path: Path) -> None:
+    """The script the agent leaves in a desktop's /run, run by busybox: it asks the relay until
+    told, then runs the action (here a stand-in command instead of poweroff)."""
+    busybox = need_tool("busybox", "busybox-static")
+    night.now[0] = paris(8, 20, 0, 1)
+    await night.until("the window's wake", lambda: len(night.woken) == 3)
+    await night.boot("pc01", "d1", "plan", "switch_root", "up")
+    root = tmp_path / "newroot"
+    (root / "sbin").mkdir(parents=True)
+    (root / "sbin" / "init").write_text("#!/bin/sh\n")
+    written = report_up.install(
+        root, node="pc01", boot_id="d1", environment="night", init="/sbin/init", nfs=False,
+        relays=[night.relay_url], busybox=Path(busybox), desktop=True, nics={"eth9": MACS["pc01"]},
+    )  # fmt: skip
+    assert "/run/slim/orders" in written and "/run/systemd/network/10-slim-wol.link" in written
+    assert "WakeOnLan=magic" in (root / "run/systemd/network/10-slim-wol.link").read_text()
+    night.now[0] = paris(9, 7, 0, 1)  # the window is over
+    await night.until("pc01 told to go back", _state(night, "pc01", "returning"))
+    done = tmp_path / "done"
+    (tmp_path / "act").write_text(f'#!/bin/sh\necho "$1" > {done}\n')
+    (tmp_path / "act").chmod(0o755)
+    proc = await asyncio.create_subprocess_exec(
+        busybox, "sh", str(root / "run/slim/orders"), str(tmp_path / "act"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err
+    assert "told to poweroff" in out.decode() and done.read_text() == "poweroff\n"
