@@ -22,6 +22,7 @@ COMMANDS = {
     "core",
     "dhcp",
     "ee",
+    "harvest",
     "keys",
     "nfs",
     "node",

@@ -27,13 +27,13 @@ import grpc
 import uvloop
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from slim.core.control import service as dom
 from slim.core.control.auth import Authenticator, Kind, TokenRecord
 from slim.core.control.config import CoreConfig
-from slim.core.control.harvest import POLL_MS, Harvest, PoolView, Result
+from slim.core.control.harvest import POLL_MS, STATES, Harvest, PoolView, Result
 from slim.core.control.redirect import RankedRelay, RelayStatus
 from slim.core.control.relayhub import RelayHub
 from slim.core.control.state import BootEvent, State
@@ -772,10 +772,12 @@ class StateMetrics(Collector):
     """Nodes by the state of their latest boot (``never``: no boot of record) and relays by
     health, read when scraped (run it on the writer thread: it reads SQLite)."""
 
-    def __init__(self, service: dom.CoreService) -> None:
+    def __init__(self, service: dom.CoreService, harvest: Harvest | None = None) -> None:
         self.service = service
+        self.harvest = harvest
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._harvest()
         boots = Tally(dict.fromkeys((*BOOT_STATES, "never"), 0))
         boots.update(v.boot.state if v.boot is not None else "never" for v in self.service.list_nodes())
         family = GaugeMetricFamily(
@@ -792,6 +794,31 @@ class StateMetrics(Collector):
         for status, count in sorted(relays.items()):
             family.add_metric([status], count)
         yield family
+
+    def _harvest(self) -> Iterator[Metric]:
+        """Each pool's desktops by state (slim harvest status), and its node-hours."""
+        if self.harvest is None or not self.service.registry.pools:
+            return
+        pools = self.harvest.status("", self.service.pooled_boots())
+        desktops = GaugeMetricFamily(
+            "slim_harvest_desktops",
+            "a pool's desktops by state (slim harvest status)",
+            labels=["pool", "state"],
+        )
+        hours = CounterMetricFamily(
+            "slim_harvest_node_hours",
+            "node-hours since the core started: in the EE (boot states), running jobs (Slurm's reports)",
+            labels=["pool", "kind"],
+        )
+        for p in pools:
+            tally = Tally(dict.fromkeys(STATES, 0))
+            tally.update(d.state for d in p.desktops)
+            for state, count in sorted(tally.items()):
+                desktops.add_metric([p.name, state], count)
+            hours.add_metric([p.name, "ee"], p.node_hours_ee)
+            hours.add_metric([p.name, "jobs"], p.node_hours_jobs)
+        yield desktops
+        yield hours
 
 
 @dataclass(frozen=True)
@@ -841,7 +868,8 @@ class CoreServer:
             raise InvalidArgument("admin_listen (admin tokens over TLS) needs TLS on")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slim-state")
         self.metrics = CollectorRegistry(auto_describe=False)
-        self.metrics.register(StateMetrics(service))
+        self.harvest = Harvest(service, self.hub_wake, self._prefetch, self.hub_connected)
+        self.metrics.register(StateMetrics(service, self.harvest))
         self._server = grpc.aio.server(
             interceptors=[CallMetrics(self.metrics)],
             options=[
@@ -852,7 +880,6 @@ class CoreServer:
         )
         self.hub = RelayHub()
         self.auth = Authenticator(tls.revocations if tls else None, service.tokens, service.clock)
-        self.harvest = Harvest(service, self.hub.wake, self._prefetch, self.hub.connected)
         self._harvesting: asyncio.Task[None] | None = None
         pb_grpc.add_CoreServicer_to_server(
             CoreServicer(service, self._writer, self.hub, self.auth, self.harvest), self._server
@@ -860,6 +887,12 @@ class CoreServer:
         pb_grpc.add_AdminServicer_to_server(
             AdminServicer(service, self._writer, self.hub, self.auth, self.harvest), self._server
         )
+
+    def hub_wake(self, relay: str, targets: list[tuple[str, str]], per_minute: int) -> bool:
+        return self.hub.wake(relay, targets, per_minute)
+
+    def hub_connected(self) -> list[str]:
+        return self.hub.connected()
 
     def _prefetch(self, environment: str, nodes: list[str]) -> None:
         digest, signature, relays = self.service.prefetch_targets(environment, [], nodes)

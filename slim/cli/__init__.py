@@ -13,7 +13,22 @@ from __future__ import annotations
 import click
 
 from slim import __version__
-from slim.cli import ca, core, dhcp, ee, keys, nfs, node, registry, relay, serve, simulate, slurm, store
+from slim.cli import (
+    ca,
+    core,
+    dhcp,
+    ee,
+    harvest,
+    keys,
+    nfs,
+    node,
+    registry,
+    relay,
+    serve,
+    simulate,
+    slurm,
+    store,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -37,6 +52,7 @@ for command in (
     ca.ca,
     ca.admin,
     node.node,
+    harvest.harvest,
     relay.relay,
     nfs.nfs,
     dhcp.dhcp,

@@ -157,6 +157,18 @@ def relay_list(core_address: str, as_json: bool) -> None:
     help="Address for TFTP.",
 )
 @click.option(
+    "--wake-to",
+    default="255.255.255.255:9",
+    show_default=True,
+    help="Where Wake-on-LAN magic packets go (UDP HOST:PORT): the desktops' segment's broadcast "
+    "(a relay sits on the segment it wakes; magic packets do not cross routers unless directed).",
+)
+@click.option(
+    "--wake-from",
+    default=None,
+    help="Send magic packets from this address of the relay's (the desktops' segment's).",
+)
+@click.option(
     "--ipxe-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("/usr/lib/ipxe"),
@@ -226,6 +238,8 @@ def relay_serve(
     upstream_ca: Path | None,
     tftp_port: int | None,
     tftp_listen: str,
+    wake_to: str,
+    wake_from: str | None,
     ipxe_dir: Path,
     max_transfers: int,
     max_fetches: int,
@@ -276,7 +290,7 @@ def relay_serve(
             tftp_listen=f"{bracketed}:{tftp_port}" if tftp_port is not None else None, ipxe_dir=ipxe_dir,
             max_transfers=max_transfers, max_fetches=max_fetches, access_log=access_log, grace=grace,
             trust=list(trust), identity=identity, core_insecure=core_insecure,
-            log_level=log_level,
+            log_level=log_level, wake_to=wake_to, wake_from=wake_from,
         )  # fmt: skip
         setup_logging(config.log_level)
 
