@@ -132,16 +132,27 @@ def _openings(pool: Pool, around: dt.datetime, days_back: int, days_ahead: int) 
     return sorted(found, key=lambda o: (o.start, o.end))
 
 
-def opening_at(pool: Pool, when: dt.datetime) -> Opening | None:
-    """The window of ``pool`` open at ``when`` (timezone-aware), or None.  Windows that
-    overlap or touch count as one, from the first start to the last end."""
+def _merged(openings: list[Opening]) -> list[Opening]:
     merged: list[Opening] = []
-    for o in _openings(pool, when, 2, 2):
+    for o in openings:
         if merged and o.start <= merged[-1].end:
             merged[-1] = Opening(merged[-1].start, max(merged[-1].end, o.end))
         else:
             merged.append(o)
-    return next((o for o in merged if o.start <= when < o.end), None)
+    return merged
+
+
+def openings_between(pool: Pool, start: dt.datetime, end: dt.datetime) -> list[Opening]:
+    """The pool's windows (those that touch or overlap as one) that are open at some time in
+    ``[start, end)``, in order: the one open at ``start`` first, if any."""
+    days = max(0, (end - start).days) + 2
+    return [o for o in _merged(_openings(pool, start, 2, days)) if o.end > start and o.start < end]
+
+
+def opening_at(pool: Pool, when: dt.datetime) -> Opening | None:
+    """The window of ``pool`` open at ``when`` (timezone-aware), or None.  Windows that
+    overlap or touch count as one, from the first start to the last end."""
+    return next((o for o in _merged(_openings(pool, when, 2, 2)) if o.start <= when < o.end), None)
 
 
 def next_opening(pool: Pool, after: dt.datetime) -> Opening:

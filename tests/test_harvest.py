@@ -155,6 +155,11 @@ async def test_a_night_wakes_the_pool_at_its_rate_and_sends_it_back_at_the_end(n
     # before the window: everyone in their own OS, whose menu boots it by default
     assert {d.state for d in (await night.status()).values()} == {"own-os"}
     assert "goto local" in await night.script("pc01")  # no menu: straight to the local disk
+    # the Slurm side reads the windows ahead (for its reservations) and the pool's settings
+    ahead = await night.admin.HarvestStatus(pb.HarvestStatusRequest(horizon_seconds=2 * 86400))
+    windows = [(w.start.seconds, w.end.seconds) for w in ahead.pools[0].upcoming]
+    assert windows == [(paris(8, 20, 0), paris(9, 7, 0)), (paris(9, 20, 0), paris(10, 7, 0))]
+    assert (ahead.pools[0].grace, ahead.pools[0].time_zone) == (900, "Europe/Paris")
     # the window opens (Tuesday 20:00, Paris): the relay wakes all three, at most the pool's rate
     night.now[0] = paris(8, 20, 0, 1)
     await night.until("three magic packets", lambda: len(night.woken) == 3)

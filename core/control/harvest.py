@@ -31,12 +31,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from slim.core.control.service import BootStatus, CoreService
-from slim.core.pools import Pool, next_opening, opening_at
+from slim.core.pools import Pool, next_opening, opening_at, openings_between
 from slim.core.registry import Registry
 from slim.errors import InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
+MAX_HORIZON = 31 * 86400.0
 POLL_MS = 15_000  # how often a desktop's EE asks for its order
 IN_EE = ("booting", "starting", "up")
 STATES = ("own-os", "waking", "booting", "idle", "job", "returning", "in-use", "failed", "opted-out")
@@ -88,6 +89,7 @@ class PoolView:
     node_hours_ee: float
     node_hours_jobs: float
     jobs_source: str
+    upcoming: list[tuple[float, float]]
 
 
 @dataclass
@@ -374,11 +376,15 @@ class Harvest:
             log.warning("pool %s: could not order the relays to warm %s: %s", name, pool.environment, exc)
 
     # -- status ---------------------------------------------------------------------
-    def status(self, pool_name: str, boots: dict[str, BootStatus | None]) -> list[PoolView]:
+    def status(
+        self, pool_name: str, boots: dict[str, BootStatus | None], horizon: float = 0.0
+    ) -> list[PoolView]:
         reg = self.service.registry
         if pool_name and pool_name not in reg.pools:
             known = ", ".join(sorted(reg.pools)) or "none"
             raise NotFound(f"unknown pool {pool_name!r}; the registry's pools: {known}")
+        if not 0 <= horizon <= MAX_HORIZON:
+            raise InvalidArgument(f"horizon: 0 to {MAX_HORIZON:g} seconds, not {horizon:g}")
         now = self.clock()
         when = self._when(now)
         out = []
@@ -395,6 +401,10 @@ class Harvest:
                     name, pool, opening.start <= when < opening.end, opening.start.timestamp(),
                     opening.end.timestamp(), desktops, marks.seconds_ee / 3600, marks.seconds_jobs / 3600,
                     source,
+                    [
+                        (o.start.timestamp(), o.end.timestamp())
+                        for o in (openings_between(pool, when, self._when(now + horizon)) if horizon else [])
+                    ],
                 )
             )  # fmt: skip
         return out

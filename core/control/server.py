@@ -311,6 +311,9 @@ def _pool_pb(v: PoolView) -> pb.PoolStatus:
             for d in v.desktops
         ],
         node_hours_ee=v.node_hours_ee, node_hours_jobs=v.node_hours_jobs, jobs_source=v.jobs_source,
+        upcoming=[pb.Window(start=_ts(a), end=_ts(b)) for a, b in v.upcoming], grace=v.pool.grace,
+        wake_timeout=v.pool.wake_timeout, on_window_end=v.pool.on_window_end,
+        wakes_per_minute=v.pool.wakes_per_minute, time_zone=v.pool.time_zone,
     )  # fmt: skip
 
 
@@ -639,7 +642,8 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
         harvest = self._harvest()
         boots = await self.write(self.service.pooled_boots)
         return pb.HarvestStatusReply(
-            pools=[_pool_pb(v) for v in harvest.status(request.pool, boots)], now=_ts(self.service.clock())
+            pools=[_pool_pb(v) for v in harvest.status(request.pool, boots, request.horizon_seconds)],
+            now=_ts(self.service.clock()),
         )
 
     async def Prefetch(

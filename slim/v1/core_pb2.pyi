@@ -1795,20 +1795,50 @@ class HarvestStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     POOL_FIELD_NUMBER: _builtins.int
+    HORIZON_SECONDS_FIELD_NUMBER: _builtins.int
     pool: _builtins.str
     """"" for all"""
+    horizon_seconds: _builtins.float
+    """Also list each pool's windows open at some time in the next this many seconds (for the
+    Slurm side's reservations); 0: none.  At most 31 days.
+    """
     def __init__(
         self,
         *,
         pool: _builtins.str = ...,
+        horizon_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["horizon_seconds", b"horizon_seconds", "pool", b"pool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HarvestStatusRequest: _TypeAlias = HarvestStatusRequest  # noqa: Y015
+
+@_typing.final
+class Window(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Window: _TypeAlias = Window  # noqa: Y015
 
 @_typing.final
 class DesktopStatus(_message.Message):
@@ -1865,6 +1895,12 @@ class PoolStatus(_message.Message):
     NODE_HOURS_EE_FIELD_NUMBER: _builtins.int
     NODE_HOURS_JOBS_FIELD_NUMBER: _builtins.int
     JOBS_SOURCE_FIELD_NUMBER: _builtins.int
+    UPCOMING_FIELD_NUMBER: _builtins.int
+    GRACE_FIELD_NUMBER: _builtins.int
+    WAKE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    ON_WINDOW_END_FIELD_NUMBER: _builtins.int
+    WAKES_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     partition: _builtins.str
     open: _builtins.bool
@@ -1874,6 +1910,12 @@ class PoolStatus(_message.Message):
     node_hours_jobs: _builtins.float
     """since the core started: running jobs (as the Slurm side reported)"""
     jobs_source: _builtins.str
+    grace: _builtins.float
+    """The pool's settings the Slurm side needs"""
+    wake_timeout: _builtins.float
+    on_window_end: _builtins.str
+    wakes_per_minute: _builtins.int
+    time_zone: _builtins.str
     @_builtins.property
     def window_start(self) -> _timestamp_pb2.Timestamp:
         """the open window's, or the next one's"""
@@ -1882,6 +1924,10 @@ class PoolStatus(_message.Message):
     def window_end(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def desktops(self) -> _containers.RepeatedCompositeFieldContainer[Global___DesktopStatus]: ...
+    @_builtins.property
+    def upcoming(self) -> _containers.RepeatedCompositeFieldContainer[Global___Window]:
+        """windows open in the request's horizon, in order"""
+
     def __init__(
         self,
         *,
@@ -1895,10 +1941,16 @@ class PoolStatus(_message.Message):
         node_hours_ee: _builtins.float = ...,
         node_hours_jobs: _builtins.float = ...,
         jobs_source: _builtins.str = ...,
+        upcoming: _abc.Iterable[Global___Window] | None = ...,
+        grace: _builtins.float = ...,
+        wake_timeout: _builtins.float = ...,
+        on_window_end: _builtins.str = ...,
+        wakes_per_minute: _builtins.int = ...,
+        time_zone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["desktops", b"desktops", "environment", b"environment", "jobs_source", b"jobs_source", "name", b"name", "node_hours_ee", b"node_hours_ee", "node_hours_jobs", b"node_hours_jobs", "open", b"open", "partition", b"partition", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["desktops", b"desktops", "environment", b"environment", "grace", b"grace", "jobs_source", b"jobs_source", "name", b"name", "node_hours_ee", b"node_hours_ee", "node_hours_jobs", b"node_hours_jobs", "on_window_end", b"on_window_end", "open", b"open", "partition", b"partition", "time_zone", b"time_zone", "upcoming", b"upcoming", "wake_timeout", b"wake_timeout", "wakes_per_minute", b"wakes_per_minute", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
