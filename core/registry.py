@@ -32,7 +32,7 @@ from pydantic import (
     field_validator,
 )
 
-from slim.config import ByteSize, Listen
+from slim.config import ByteSize, HostPort, Listen
 from slim.core.pools import Pool
 from slim.core.yamlsource import Loc, YamlSource, load_yaml_file, load_yaml_text
 from slim.errors import ConfigError, InvalidArgument, NotFound, Problem
@@ -275,6 +275,10 @@ class Relay(_Model):
     site: Name
     parent: Name | None = None
     capacity: float = Field(1.0, gt=0, le=1e6)
+    wake_to: HostPort | None = Field(
+        None, description="where its Wake-on-LAN packets go (slim serve's relay): the segment's broadcast"
+    )
+    wake_from: str | None = Field(None, description="an address of the relay's to send them from")
 
 
 class HardwareProfile(_Model):

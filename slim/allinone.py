@@ -151,6 +151,11 @@ class AllInOne:
             "trust": [state / "keys"],  # the core's keys (made when it first starts; both during a rotation)
             "identity": identity,  # mutual TLS with the core, as any relay
         }  # fmt: skip
+        own = self.registry.relays.get(self.relay)
+        if own is not None and own.wake_to:  # where its magic packets go (desktop harvesting)
+            relay_settings["wake_to"] = own.wake_to
+        if own is not None and own.wake_from:
+            relay_settings["wake_from"] = own.wake_from
         # the relay's upstreams: its parent's URLs if the registry gives it one, then the core's
         # object server (known once the core listens: a stand-in until then), over HTTPS as the
         # core serves it, checked against the CA with the relay's identity

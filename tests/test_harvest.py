@@ -20,6 +20,7 @@ import pytest
 from labs.placeholders import publish_placeholder_releases
 from labs.wakelab import MagicPacketListener
 from slim.agent import report_up
+from slim.core.control.harvest import Harvest
 from slim.core.control.server import CoreServer
 from slim.core.control.service import CoreService
 from slim.core.control.state import BootEvent, State
@@ -249,3 +250,24 @@ async def test_the_ees_order_script_powers_off_when_told(night: Night, tmp_path:
             await proc.wait()
     assert proc.returncode == 0, err
     assert "told to poweroff" in out.decode() and done.read_text() == "poweroff\n"
+
+
+async def test_a_restarted_core_remembers_the_night(night: Night, tmp_path: Path) -> None:
+    """Whom SLIM woke and who opted out survive a restart of the core (the state database)."""
+    night.now[0] = paris(8, 20, 0, 1)
+    await night.until("the window's wake", lambda: len(night.woken) == 3)
+    await night.admin.ReleaseDesktops(pb.DesktopsRequest(nodes=["pc03"], reason="test"))
+    records: dict[str, str] = {}
+
+    async def saved() -> bool:
+        records.update(await asyncio.to_thread(night.service.state.harvest_records))
+        return "by root" in records.get("desktop:pc03", "")  # the release's reason, saved
+
+    await night.until("the records saved", saved)
+    again = Harvest(night.service, lambda *a: True, lambda *a: None, lambda: ["r1"])
+    again.load(records)
+    boots = await asyncio.to_thread(night.service.pooled_boots)
+    status = {d.node: d for d in again.status("room101", boots)[0].desktops}
+    assert status["pc01"].state == "waking"  # it knows it woke them
+    assert again.menu_default("pc03", night.now[0]) is not None  # pc03 stays in its own OS tonight
+    again.load({"desktop:pc09": "{not json", "pool:room101": '{"unknown": 1}'})  # dropped, said

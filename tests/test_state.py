@@ -19,7 +19,7 @@ from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument
 from slim.vocabulary import MAX_STORED_TEXT as MAX_TEXT
 
-TABLES = {"next_boot", "boot_events", "relay_heartbeats", "tokens"}
+TABLES = {"next_boot", "boot_events", "relay_heartbeats", "tokens", "harvest"}
 
 
 @pytest.fixture

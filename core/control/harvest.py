@@ -17,14 +17,16 @@ this window and what its boots say, and acts at the window's edges:
 - an owner who picks their own OS at the menu during the window (the relay sees the ``local``
   stage) opts that desktop out until the next window: its menu boots its own OS, no wake.
 
-Everything is in memory: a core restarted during a window forgets whom it woke (such desktops
-are then sent back with ``reboot``; their menu outside the window boots their own OS) and who
-opted out (their next boot in the window offers the EE again).  The clock is injected.
+What SLIM did to each desktop, and each pool's marks and node-hours, are kept in the core's
+state database (written behind, after the tick that changed them): a core restarted during a
+window knows whom it woke and who opted out.  The clock is injected.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_HORIZON = 31 * 86400.0
 POLL_MS = 15_000  # how often a desktop's EE asks for its order
+SAVE_EVERY = 10.0  # seconds between saves of the node-hours (a change to a desktop is saved at once)
 IN_EE = ("booting", "starting", "up")
 STATES = ("own-os", "waking", "booting", "idle", "job", "returning", "in-use", "failed", "opted-out")
 
@@ -129,8 +132,36 @@ class Harvest:
         self._marks: dict[str, _PoolMarks] = {}
         self._last_tick = 0.0
         self.jobs_source = ""
+        self.dirty = False  # records changed since the last snapshot
+        self._saved_at = 0.0
         service.desktop_out = self.menu_default
         service.local_picked = self.local_picked
+
+    # -- records (kept in the state database) ---------------------------------
+    def load(self, records: dict[str, str]) -> None:
+        """Take back what :meth:`snapshot` saved (records of unknown shape are dropped)."""
+        with self._lock:
+            for key, text in records.items():
+                kind, _, name = key.partition(":")
+                try:
+                    data = json.loads(text)
+                    if kind == "desktop":
+                        self._desktops[name] = Desktop(**data)
+                    elif kind == "pool":
+                        self._marks[name] = _PoolMarks(**data)
+                except (ValueError, TypeError) as exc:
+                    log.warning("harvest record %s dropped: %s", key[:80], exc)
+
+    def snapshot(self) -> dict[str, str] | None:
+        """The records to save, if they changed since the last snapshot."""
+        with self._lock:
+            if not self.dirty:
+                return None
+            self.dirty = False
+            self._saved_at = self.clock()
+            out = {f"desktop:{n}": json.dumps(dataclasses.asdict(d)) for n, d in self._desktops.items()}
+            out.update({f"pool:{n}": json.dumps(dataclasses.asdict(m)) for n, m in self._marks.items()})
+            return out
 
     # -- helpers ---------------------------------------------------------------
     def _desktop(self, node: str) -> Desktop:
@@ -202,6 +233,7 @@ class Harvest:
                 )
                 d.woken_at = now
                 d.opted_out = False
+                self.dirty = True
                 results.append(Result(node, True, f"wake sent through relay {relays[0]} ({reason})"))
                 log.info("pool %s: waking %s through relay %s (%s)", pool_name, node, relays[0], reason)
         for (relay, per_minute), targets in batches.items():
@@ -243,6 +275,7 @@ class Harvest:
         opt_out: bool,
     ) -> Result:
         d = self._desktop(node)
+        self.dirty = True
         d.out_until = next_opening(pool, self._when(now)).start.timestamp()
         d.out_reason = reason
         d.opted_out = d.opted_out or opt_out
@@ -273,6 +306,7 @@ class Harvest:
             d.out_until = next_opening(pool, self._when(at)).start.timestamp()
             d.out_reason = f"its owner picked their own OS at the menu at {clock}"
             d.opted_out = True
+            self.dirty = True
             log.info("pool %s: %s opted out until the next window (%s)", pool_name, node, d.out_reason)
 
     def note_jobs(self, busy: Iterable[str], source: str) -> list[Result]:
@@ -293,6 +327,7 @@ class Harvest:
                 return "", ""
             if not d.order_taken:
                 d.order_taken = self.clock()
+                self.dirty = True
             return d.order, d.order_reason
 
     # -- the clock ----------------------------------------------------------------
@@ -303,6 +338,8 @@ class Harvest:
         now = self.clock()
         elapsed = max(0.0, min(now - self._last_tick, 60.0)) if self._last_tick else 0.0
         self._last_tick = now
+        if reg.pools and now - self._saved_at >= SAVE_EVERY:  # node-hours move with the clock
+            self.dirty = True
         when = self._when(now)
         for name, pool in reg.pools.items():
             marks = self._marks.setdefault(name, _PoolMarks())

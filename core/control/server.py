@@ -811,7 +811,7 @@ class StateMetrics(Collector):
         )
         hours = CounterMetricFamily(
             "slim_harvest_node_hours",
-            "node-hours since the core started: in the EE (boot states), running jobs (Slurm's reports)",
+            "node-hours harvested: in the EE (boot states), running jobs (the Slurm side's reports)",
             labels=["pool", "kind"],
         )
         for p in pools:
@@ -873,6 +873,7 @@ class CoreServer:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slim-state")
         self.metrics = CollectorRegistry(auto_describe=False)
         self.harvest = Harvest(service, self.hub_wake, self._prefetch, self.hub_connected)
+        self.harvest.load(service.state.harvest_records())  # what it did before a restart
         self.metrics.register(StateMetrics(service, self.harvest))
         self._server = grpc.aio.server(
             interceptors=[CallMetrics(self.metrics)],
@@ -912,6 +913,9 @@ class CoreServer:
             try:
                 boots = await loop.run_in_executor(self._writer, self.service.pooled_boots)
                 self.harvest.tick(boots)
+                records = self.harvest.snapshot()
+                if records is not None:
+                    await loop.run_in_executor(self._writer, self.service.state.save_harvest, records)
             except Exception:
                 log.exception("desktop harvesting: a tick failed")
 

@@ -80,6 +80,13 @@ MIGRATIONS: tuple[str, ...] = (
         revoked_at  REAL
     );
     """,
+    # 5: desktop harvesting: what SLIM did to each desktop this window, each pool's marks
+    """
+    CREATE TABLE harvest (
+        key    TEXT PRIMARY KEY,
+        record TEXT NOT NULL
+    );
+    """,
 )
 PRUNE_BATCH = 5000  # events deleted per transaction
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -185,6 +192,17 @@ class State:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number + 1}")
+
+    # -- desktop harvesting ----------------------------------------------------
+    def save_harvest(self, records: dict[str, str]) -> None:
+        """Replace the harvest's records (key -> JSON) with ``records``."""
+        with self._tx() as db:
+            db.execute("DELETE FROM harvest")
+            db.executemany("INSERT INTO harvest (key, record) VALUES (?, ?)", sorted(records.items()))
+
+    def harvest_records(self) -> dict[str, str]:
+        with self._lock:
+            return {str(k): str(v) for k, v in self._db.execute("SELECT key, record FROM harvest")}
 
     # -- tokens ----------------------------------------------------------------
     def add_token(self, record: TokenRecord) -> None:

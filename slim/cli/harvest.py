@@ -38,7 +38,7 @@ def harvest() -> None:
 @core_option
 @json_option
 def harvest_status(pool: str, core_address: str, as_json: bool) -> None:
-    """Each pool's window and desktops, and the node-hours harvested since the core started.
+    """Each pool's window and desktops, and the node-hours harvested (kept in the core's state).
 
     A desktop's state: own-os, waking, booting, idle (in the EE, no job), job, returning,
     in-use (did not come up after its wake: left alone), failed, opted-out (its owner picked
@@ -72,7 +72,7 @@ def harvest_status(pool: str, core_address: str, as_json: bool) -> None:
         console.print(table)
         source = f" (jobs: {p.jobs_source})" if p.jobs_source else ""
         console.print(
-            f"node-hours since the core started: {p.node_hours_ee:.2f} in the EE, "
+            f"node-hours harvested: {p.node_hours_ee:.2f} in the EE, "
             f"{p.node_hours_jobs:.2f} running jobs{source}"
         )
 

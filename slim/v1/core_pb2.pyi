@@ -1906,9 +1906,9 @@ class PoolStatus(_message.Message):
     open: _builtins.bool
     environment: _builtins.str
     node_hours_ee: _builtins.float
-    """since the core started: up in the EE (boot states)"""
+    """harvested (kept in the state database): up in the EE (boot states)"""
     node_hours_jobs: _builtins.float
-    """since the core started: running jobs (as the Slurm side reported)"""
+    """harvested: running jobs (as the Slurm side reported)"""
     jobs_source: _builtins.str
     grace: _builtins.float
     """The pool's settings the Slurm side needs"""
