@@ -82,6 +82,9 @@ class Pool(BaseModel):
     wake_timeout: float = Field(
         600.0, gt=0, le=7200, description="seconds a woken desktop has to boot the EE, else it is in use"
     )
+    order_poll: float = Field(
+        10.0, ge=1, le=600, description="seconds between a desktop EE's questions whether to go back"
+    )
     prefetch_lead: float = Field(
         900.0, ge=0, le=86400, description="seconds before a window opens when the relays warm its EE"
     )

@@ -186,11 +186,11 @@ async def test_a_night_wakes_the_pool_at_its_rate_and_sends_it_back_at_the_end(n
     # pc03 never comes up (its owner is on it): after the wake timeout it is left alone
     night.now[0] = paris(8, 20, 11)
     assert (await night.status())["pc03"].state == "in-use"
-    assert await night.order("pc01", b1) == "none 15\n"
+    assert await night.order("pc01", b1) == "none 10\n"
     # grace before the end: pc01 (no job) is told to power off (SLIM woke it from off)
     night.now[0] = paris(9, 6, 46)
     await night.until("pc01 told to go back", _state(night, "pc01", "returning"))
-    assert await night.order("pc01", b1) == "poweroff 15\n"
+    assert await night.order("pc01", b1) == "poweroff 10\n"
     assert (await night.status())["pc01"].state == "own-os"
     reply = await night.admin.HarvestStatus(pb.HarvestStatusRequest(pool="room101"))
     assert reply.pools[0].node_hours_ee > 0
@@ -204,10 +204,10 @@ async def test_a_desktop_not_woken_by_slim_is_rebooted_and_one_in_a_job_may_fini
     await night.boot("pc02", "c2", "plan", "switch_root", "up")
     reply = await night.admin.ReleaseDesktops(pb.DesktopsRequest(nodes=["pc02", "nobody"], reason="test"))
     assert [(r.node, r.ok) for r in reply.results] == [("pc02", True), ("nobody", False)]
-    assert await night.order("pc02", "c2") == "reboot 15\n"  # it was on: back to its own OS
+    assert await night.order("pc02", "c2") == "reboot 10\n"  # it was on: back to its own OS
     assert "goto local" in await night.script("pc02")  # not the EE again tonight
     # an order is for its boot only
-    assert await night.order("pc02", "c0") == "none 15\n"
+    assert await night.order("pc02", "c0") == "none 10\n"
 
 
 def _state(night: Night, node: str, state: str) -> object:
@@ -261,7 +261,7 @@ async def test_a_restarted_core_remembers_the_night(night: Night, tmp_path: Path
 
     async def saved() -> bool:
         records.update(await asyncio.to_thread(night.service.state.harvest_records))
-        return "by root" in records.get("desktop:pc03", "")  # the release's reason, saved
+        return '"out_reason": "test by' in records.get("desktop:pc03", "")  # the release's reason, saved
 
     await night.until("the records saved", saved)
     again = Harvest(night.service, lambda *a: True, lambda *a: None, lambda: ["r1"])

@@ -40,7 +40,7 @@ from slim.errors import InvalidArgument, NotFound
 log = logging.getLogger(__name__)
 
 MAX_HORIZON = 31 * 86400.0
-POLL_MS = 15_000  # how often a desktop's EE asks for its order
+POLL_MS = 60_000  # how often a node in no pool asks (it has no order to wait for)
 SAVE_EVERY = 10.0  # seconds between saves of the node-hours (a change to a desktop is saved at once)
 IN_EE = ("booting", "starting", "up")
 STATES = ("own-os", "waking", "booting", "idle", "job", "returning", "in-use", "failed", "opted-out")
@@ -319,16 +319,19 @@ class Harvest:
             self.jobs_source = source
         return [Result(n, False, "in no desktop pool") for n in unknown]
 
-    def order_for(self, node: str, boot_id: str) -> tuple[str, str]:
-        """(action, reason) for the running boot ``boot_id`` of ``node``: "" for none."""
+    def order_for(self, node: str, boot_id: str) -> tuple[str, str, float]:
+        """(action, reason, seconds until it asks again) for the running boot ``boot_id`` of
+        ``node``: action "" for none."""
+        pooled = self.service.registry.pool_of(node)
+        poll = pooled[1].order_poll if pooled is not None else POLL_MS / 1000
         with self._lock:
             d = self._desktops.get(node)
             if d is None or not d.order or d.order_boot != boot_id:
-                return "", ""
+                return "", "", poll
             if not d.order_taken:
                 d.order_taken = self.clock()
                 self.dirty = True
-            return d.order, d.order_reason
+            return d.order, d.order_reason, poll
 
     # -- the clock ----------------------------------------------------------------
     def tick(self, boots: dict[str, BootStatus | None]) -> None:

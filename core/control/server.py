@@ -405,8 +405,10 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
             _node_ref(request.node), request.origin, request.node_token or None, request.boot_id,
             request.secure,
         )  # fmt: skip
-        action, reason = self.harvest.order_for(node, boot_id) if self.harvest else ("", "")
-        return pb.NodeOrder(action=action, reason=reason, poll_ms=POLL_MS)
+        action, reason, poll = (
+            self.harvest.order_for(node, boot_id) if self.harvest else ("", "", POLL_MS / 1000)
+        )
+        return pb.NodeOrder(action=action, reason=reason, poll_ms=round(poll * 1000))
 
     @unary
     async def ReportBootEvents(
