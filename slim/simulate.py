@@ -37,7 +37,7 @@ warm them before a storm; :func:`prefetch_time` says how long that takes).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -343,18 +343,41 @@ def _network(t_: Topology) -> _Network:
     return net
 
 
-def simulate(topology: Topology, workload: Workload) -> Result:
-    """Boot every node at once; when each finishes each step, and the lower bound."""
+@dataclass(frozen=True)
+class Cohort:
+    """Nodes of one switch that start their boot together, ``start`` seconds into the storm
+    (their first request; ``boot_overhead`` still comes first)."""
+
+    switch: int
+    nodes: int
+    start: float = 0.0
+
+
+def simulate(topology: Topology, workload: Workload, starts: Sequence[Cohort] | None = None) -> Result:
+    """Boot every node at once; when each finishes each step, and the lower bound.
+
+    ``starts``: instead, these cohorts, each from its own start (a staggered storm, such as
+    desktops woken a few a second).  Cohorts of one switch share its ports and CPUs; a
+    switch's cohorts together have at most its nodes.  Each cohort's stages then begin with
+    ``waiting`` until its start."""
     t_ = topology
     network = _network(t_)
-    capacity, members, paths, cpus = network.capacity, network.members, network.paths, network.cpus
-    cohorts = [CohortResult(s, n) for s, n in enumerate(network.nodes)]
+    capacity, members = network.capacity, network.members
+    if starts is None:
+        cohorts = [CohortResult(s, n) for s, n in enumerate(network.nodes)]
+        delays = [0.0] * len(cohorts)
+    else:
+        cohorts, delays = _staggered(network, starts)
+    paths = [network.paths[c.switch] for c in cohorts]
+    cpus = [network.cpus[c.switch] for c in cohorts]
 
     def steps(c: int) -> list[_Task]:
         """The cohort's steps, in order."""
         m = cohorts[c].nodes
         net, cpu = paths[c], cpus[c]
         out: list[_Task] = []
+        if delays[c] > 0:
+            out.append(_Task(c, delays[c], {}, 1.0, "waiting", m))
         if t_.boot_overhead > 0:
             out.append(_Task(c, t_.boot_overhead, {}, 1.0, "firmware", m))
         fetch = dict.fromkeys(net, 1.0)
@@ -432,6 +455,28 @@ def simulate(topology: Topology, workload: Workload) -> Result:
     utilization = {r: (busy[r] / (capacity[r] * now) if now > 0 else 0.0) for r in capacity}
     bound, by = lower_bound(topology, workload)
     return Result(topology, workload, [_merge(c) for c in cohorts], utilization, bound, by)
+
+
+def _staggered(network: _Network, starts: Sequence[Cohort]) -> tuple[list[CohortResult], list[float]]:
+    cohorts, delays = [], []
+    on_switch: dict[int, int] = {}
+    for k in starts:
+        if not 0 <= k.switch < len(network.nodes):
+            raise InvalidArgument(
+                f"cohort on switch {k.switch}: the topology has {len(network.nodes)} switches"
+            )
+        if k.nodes < 1 or not (math.isfinite(k.start) and k.start >= 0):
+            raise InvalidArgument(f"cohort on switch {k.switch}: nodes ≥ 1 and a start ≥ 0, not {k}")
+        on_switch[k.switch] = on_switch.get(k.switch, 0) + k.nodes
+        if on_switch[k.switch] > network.nodes[k.switch]:
+            raise InvalidArgument(
+                f"cohorts on switch {k.switch}: more than its {network.nodes[k.switch]} nodes"
+            )
+        cohorts.append(CohortResult(k.switch, k.nodes))
+        delays.append(k.start)
+    if not cohorts:
+        raise InvalidArgument("no cohort to simulate")
+    return cohorts, delays
 
 
 def _merge(c: CohortResult) -> CohortResult:

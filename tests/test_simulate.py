@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import random
+from bisect import bisect_left
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from click.testing import CliRunner
@@ -13,6 +18,7 @@ from slim.cli import main
 from slim.errors import InvalidArgument
 from slim.simulate import (
     PAPER,
+    Cohort,
     Directory,
     Topology,
     Workload,
@@ -21,6 +27,16 @@ from slim.simulate import (
     simulate,
     topology_from_dict,
     workload_from_dict,
+)
+from slim.simulate_night import (
+    MIXES,
+    POLL_S,
+    Allocation,
+    Night,
+    NightResult,
+    _jobs,
+    mix_from_dict,
+    simulate_night,
 )
 from slim.vocabulary import parse_duration, parse_rate, parse_size
 
@@ -270,3 +286,198 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text("{not json")
     got = runner.invoke(main, ["simulate", "storm", "--workload", str(tmp_path / "broken.json")])
     assert got.exit_code == 1 and "broken.json: not a JSON file" in got.output
+
+
+# -- staggered storms and `slim simulate night` ----------------------------------------------
+
+
+def test_staggered_cohorts_share_only_while_they_overlap() -> None:
+    t = replace(LAN, nodes=2, per_switch=2, server_link=100e6)
+    together = simulate(t, NET_ONLY, [Cohort(0, 1, 0.0), Cohort(0, 1, 0.0)])
+    assert [c.finished for c in together.cohorts] == pytest.approx([6.4, 6.4])  # one 100 Mb/s server
+    apart = simulate(t, NET_ONLY, [Cohort(0, 1, 0.0), Cohort(0, 1, 10.0)])
+    assert [c.finished for c in apart.cohorts] == pytest.approx([3.2, 13.2])
+    assert apart.cohorts[1].stages[0].stage == "waiting"
+    with pytest.raises(InvalidArgument, match="more than its 2 nodes"):
+        simulate(t, NET_ONLY, [Cohort(0, 2, 0.0), Cohort(0, 1, 5.0)])
+    with pytest.raises(InvalidArgument, match="switch 3"):
+        simulate(t, NET_ONLY, [Cohort(3, 1, 0.0)])
+
+
+SMALL = Night(desktops=60, relays=2, wakes_per_minute=6, seed=3)
+
+
+def _allocations_by_desktop(r: NightResult) -> dict[int, list[Allocation]]:
+    out: dict[int, list[Allocation]] = {}
+    for a in r.allocations:
+        out.setdefault(a.desktop, []).append(a)
+    return out
+
+
+@pytest.mark.parametrize("night", [SMALL, replace(SMALL, relays=3, wakes_per_minute=25), Night()])
+def test_each_relay_sends_at_most_its_rate(night: Night) -> None:
+    r = simulate_night(night, MIXES["night"])
+    for relay in range(night.relays):
+        wakes = sorted(d.wake for d in r.desktops if d.relay == relay)
+        assert wakes and wakes[0] == 0.0
+        # no 60 s span holds more packets than the rate
+        for i, w in enumerate(wakes):
+            assert bisect_left(wakes, w + 60.0) - i <= night.wakes_per_minute
+    s = r.summary()
+    assert s["wake"]["wakes_per_minute_total"] == night.wakes_per_minute * night.relays
+    assert sum(s["wake"]["desktops_per_relay"]) == night.desktops
+    assert {d.relay for d in r.desktops} == set(range(night.relays))
+    # a desktop is up its firmware, menu, EE build and EE start after its packet
+    for d in r.desktops:
+        if d.up < math.inf:
+            fixed = night.firmware + night.menu_timeout + night.ee_start
+            assert d.up == pytest.approx(d.wake + fixed + d.build)
+            assert d.build > 0
+
+
+def test_a_slower_wake_rate_brings_the_desktops_up_later() -> None:
+    fast = simulate_night(replace(SMALL, wakes_per_minute=60), MIXES["night"]).summary()
+    slow = simulate_night(replace(SMALL, wakes_per_minute=2), MIXES["night"]).summary()
+    # 30 desktops a relay, one packet every 30 s: the last about 14.5 min after the start
+    assert slow["wake"]["last_packet_s"] == pytest.approx(29 * 30.0)
+    assert slow["times"]["all_up_s"] > slow["wake"]["last_packet_s"] > fast["times"]["all_up_s"]
+
+
+@pytest.mark.parametrize("on_end", ["requeue", "finish"])
+def test_jobs_fit_the_window_and_the_ee_holds_every_job(on_end: Literal["requeue", "finish"]) -> None:
+    night = replace(Night(), on_window_end=on_end)
+    r = simulate_night(night, MIXES["night"])
+    drain = r.length - night.grace
+    assert r.allocations
+    by_desktop = _allocations_by_desktop(r)
+    for j, allocs in by_desktop.items():
+        d = r.desktops[j]
+        assert not d.in_use
+        allocs.sort(key=lambda a: a.start)
+        for a, b in itertools.pairwise(allocs):
+            assert a.end <= b.start  # one job at a time on a desktop
+        for a in allocs:
+            assert d.up <= a.start and a.end <= d.ee_end
+            assert a.start + r.limits[a.job] <= drain  # the reservation rule: the limit ends in time
+            assert a.end - a.start <= r.limits[a.job] + 1e-6
+    assert max(a.end for a in r.allocations) <= drain
+    ee, jobs = r.node_hours_ee(), r.node_hours_jobs()
+    assert 0 < jobs <= ee <= r.summary()["node_hours"]["window_capacity"]
+    # every desktop in the EE went back by the end (and its EE's next poll)
+    assert all(d.ee_end <= r.length + POLL_S for d in r.desktops if d.up < math.inf)
+    s = r.summary()
+    assert s["jobs"]["never_started_limit_too_long"] == 500  # the 12 h jobs: 10 % of 5,000
+    assert s["jobs"]["completed"] + s["jobs"]["never_started"] + s["jobs"]["started_not_completed"] == 5000
+
+
+def test_in_use_desktops_never_boot_never_count() -> None:
+    night = replace(SMALL, in_use=0.25)
+    r = simulate_night(night, MIXES["night"])
+    in_use = [j for j, d in enumerate(r.desktops) if d.in_use]
+    assert len(in_use) == 15
+    assert all(r.desktops[j].up == math.inf for j in in_use)
+    assert not set(in_use) & {a.desktop for a in r.allocations}
+    s = r.summary()
+    assert s["desktops"]["harvestable"] == 45
+    assert s["wake"]["in_use_given_up_s"] == max(r.desktops[j].wake for j in in_use) + night.wake_timeout
+    # the in-use desktops still take their turn in the relays' queues
+    assert s["wake"]["last_packet_s"] == pytest.approx(29 * 10.0)
+    nobody = simulate_night(replace(SMALL, in_use=1.0), MIXES["night"]).summary()
+    assert nobody["node_hours"]["ee"]["value"] == 0 and nobody["times"]["first_job_s"] is None
+
+
+def test_owners_coming_back_take_their_desktop_and_requeue_its_job() -> None:
+    calm = simulate_night(replace(Night(), opt_out_per_hour=0.0), MIXES["night"]).summary()
+    assert calm["jobs"]["requeues"] == 0 and calm["node_hours"]["requeued_work"] == 0
+    r = simulate_night(replace(SMALL, opt_out_per_hour=0.2), MIXES["night"])
+    out = [j for j, d in enumerate(r.desktops) if d.state == "out" and d.up < math.inf]
+    assert out
+    by_desktop = _allocations_by_desktop(r)
+    for j in out:
+        d = r.desktops[j]
+        assert d.ee_end == pytest.approx(d.opt_out)
+        assert all(a.end <= d.opt_out for a in by_desktop.get(j, []))
+    requeued = [a for a in r.allocations if a.outcome == "requeued"]
+    assert requeued and all(r.desktops[a.desktop].state == "out" for a in requeued)
+    s = r.summary()
+    assert s["jobs"]["requeues"] == len(requeued)
+    assert s["desktops"]["owner_back_in_ee"] == len(out)
+
+
+def test_without_the_reservation_jobs_run_into_the_blackout_and_are_requeued() -> None:
+    night = replace(Night(), reservation=False, opt_out_per_hour=0.0)
+    r = simulate_night(night, MIXES["night"])
+    drain = r.length - night.grace
+    requeued = [a for a in r.allocations if a.outcome == "requeued"]
+    assert requeued and all(a.end >= drain for a in requeued)
+    assert r.node_hours_requeued() > 0
+    assert all(d.ee_end <= drain + POLL_S for d in r.desktops if d.up < math.inf)  # requeue: all go back
+    finish = simulate_night(replace(night, on_window_end="finish"), MIXES["night"])
+    assert max(a.end for a in finish.allocations) > drain  # busy desktops stay until the end
+    assert all(a.end <= finish.length + POLL_S for a in finish.allocations)
+
+
+def test_a_seed_gives_the_same_night() -> None:
+    one = simulate_night(replace(Night(), seed=7), MIXES["night"]).summary()
+    assert simulate_night(replace(Night(), seed=7), MIXES["night"]).summary() == one
+    other = simulate_night(replace(Night(), seed=8), MIXES["night"]).summary()
+    assert other != one
+
+
+def test_the_window_follows_the_pools_clock() -> None:
+    spring = Night(time_zone="Europe/Paris", date="2026-03-28")  # clocks go forward that night
+    r = simulate_night(replace(spring, desktops=10, relays=1), MIXES["short"])
+    assert r.length == 10 * 3600
+    assert r.window_start.isoformat() == "2026-03-28T20:00:00+01:00"
+    with pytest.raises(InvalidArgument, match="HH:MM-HH:MM"):
+        Night(window="8pm-7am")
+    with pytest.raises(InvalidArgument, match="time_zone"):
+        Night(time_zone="Mars/Olympus")
+    with pytest.raises(InvalidArgument, match="relays"):
+        Night(desktops=3, relays=4)
+
+
+def test_job_mix_files() -> None:
+    mix = mix_from_dict(
+        {"jobs": 10, "classes": [{"limit": "2h", "share": 3}, {"limit": "30min", "share": 1}]}, "m.yaml"
+    )
+    assert mix.classes[0].limit == 7200 and mix.run_fraction == (0.3, 1.0)
+    limits, runs = _jobs(mix, random.Random(0))
+    assert sorted(limits).count(7200) == 8 and len(limits) == 10  # 7.5 rounds up, 2.5 down
+    assert all(0.3 * lim <= run <= lim for lim, run in zip(limits, runs, strict=True))
+    for bad, message in [
+        ({"jobs": 1, "classes": [{"limit": "soon", "share": 1}]}, r"m.yaml: classes\[0\]: limit 'soon'"),
+        ({"jobs": "many", "classes": []}, "jobs must be a whole number"),
+        ({"jobs": 1, "classes": [{"limit": "1h"}]}, "needs limit and share"),
+        ({"jobs": 1, "classes": [{"limit": "1h", "share": 1}], "run_fraction": [0.9, 0.1]}, "run_fraction"),
+        ({"jobs": 1, "classes": [{"limit": "1h", "share": 1}], "queue": 3}, "unknown field"),
+    ]:
+        with pytest.raises(InvalidArgument, match=message):
+            mix_from_dict(bad, "m.yaml")
+
+
+def test_cli_night(tmp_path: Path) -> None:
+    runner = CliRunner()
+    got = runner.invoke(main, ["simulate", "night", "--json", "--seed", "2"])
+    assert got.exit_code == 0, got.output
+    s = json.loads(got.output)
+    assert s["desktops"]["total"] == 500 and s["desktops"]["in_use"] == 100
+    assert s["node_hours"]["ee"]["source"] and s["node_hours"]["jobs"]["source"]
+    assert 0 < s["node_hours"]["jobs"]["value"] <= s["node_hours"]["ee"]["value"]
+    assert s["times"]["first_job_s"] <= s["times"]["all_up_s"] < 3600
+    (tmp_path / "mix.yaml").write_text("jobs: 100\nclasses:\n  - {limit: 2h, share: 1}\n")
+    got = runner.invoke(
+        main,
+        ["simulate", "night", "--desktops", "40", "--relays", "2", "--jobs", str(tmp_path / "mix.yaml"),
+         "--timeline", str(tmp_path / "t.json"), "--no-reservation", "--sched-interval", "0"],
+    )  # fmt: skip
+    assert got.exit_code == 0, got.output
+    assert "node-hours running jobs" in got.output and "100 jobs: 100% 2 h" in got.output
+    profile = json.loads((tmp_path / "t.json").read_text())
+    assert profile[0]["t_s"] == 0 and max(p["jobs"] for p in profile) <= 40
+    got = runner.invoke(main, ["simulate", "night", "--window", "evening"])
+    assert got.exit_code == 1 and "HH:MM-HH:MM" in got.output
+    got = runner.invoke(main, ["simulate", "night", "--jobs", "nosuch"])
+    assert got.exit_code == 1 and "not one of night, short" in got.output
+    got = runner.invoke(main, ["simulate", "night", "--grace", "soon"])
+    assert got.exit_code == 1 and "grace 'soon'" in got.output

@@ -70,8 +70,7 @@ def _topology_options(f: F) -> F:
 
 def _build(params: dict[str, Any]) -> tuple[Any, Any]:
     """(Topology, Workload) from the command's options."""
-    from slim.errors import InvalidArgument
-    from slim.simulate import PAPER, WORKLOADS, topology_from_dict, workload_from_dict
+    from slim.simulate import PAPER, topology_from_dict
 
     data: dict[str, Any] = dict(PAPER.__dict__)
     if params.get("topology_file") is not None:
@@ -82,15 +81,20 @@ def _build(params: dict[str, Any]) -> tuple[Any, Any]:
         if params.get(key) is not None:
             data[key] = params[key]
     topology = topology_from_dict(data, str(params.get("topology_file") or "topology"))
-    name = params["workload"]
+    return topology, _workload(params["workload"])
+
+
+def _workload(name: str) -> Any:
+    """A built-in workload by name, or one from a JSON/YAML file."""
+    from slim.errors import InvalidArgument
+    from slim.simulate import WORKLOADS, workload_from_dict
+
     if name in WORKLOADS:
-        workload = WORKLOADS[name]
-    else:
-        wpath = Path(name)
-        if not wpath.is_file():
-            raise InvalidArgument(f"workload {name!r}: not one of {', '.join(WORKLOADS)} and not a file")
-        workload = workload_from_dict(_load(wpath), str(wpath))
-    return topology, workload
+        return WORKLOADS[name]
+    wpath = Path(name)
+    if not wpath.is_file():
+        raise InvalidArgument(f"workload {name!r}: not one of {', '.join(WORKLOADS)} and not a file")
+    return workload_from_dict(_load(wpath), str(wpath))
 
 
 def _load(path: Path) -> Any:
@@ -112,11 +116,12 @@ def _seconds(s: float) -> str:
 
 @click.group()
 def simulate() -> None:
-    """Simulate boot storms: time to boot N nodes, and relays needed (docs/simulate.md).
+    """Simulate boot storms: time to boot N nodes, relays needed, a night of desktops.
 
     A flow-level model of the network (node ports, edge switches, uplinks, the
     server and relays) and of each node's CPU, calibrated against real
-    namespace-cluster storms (bench/boot_storm.py: within 15 %).
+    namespace-cluster storms (bench/boot_storm.py: within 15 %); `night` adds
+    Wake-on-LAN, owners and Slurm's jobs around it (docs/simulate.md).
     """
 
 
@@ -251,3 +256,277 @@ def _run_single(topology: Any, workload: Any) -> float:
     from slim.simulate import simulate as run
 
     return run(replace(topology, relays=0), workload).makespan
+
+
+@simulate.command("night")
+@click.option(
+    "--desktops",
+    type=click.IntRange(1, 100_000),
+    default=500,
+    show_default=True,
+    help="Desktops in the pool.",
+)
+@click.option(
+    "--relays",
+    type=click.IntRange(1),
+    default=4,
+    show_default=True,
+    help="Relays, one per site: each wakes and serves its site's desktops.",
+)
+@click.option(
+    "--wakes-per-minute",
+    type=click.IntRange(1, 100_000),
+    default=60,
+    show_default=True,
+    help="Magic packets each relay sends at most a minute (the pool's wakes_per_minute).",
+)
+@click.option(
+    "--window",
+    default="20:00-07:00",
+    show_default=True,
+    metavar="HH:MM-HH:MM",
+    help="The pool's window in its time zone; an end before the start is the next morning.",
+)
+@click.option(
+    "--time-zone",
+    default="UTC",
+    show_default=True,
+    metavar="ZONE",
+    help="The pool's IANA time zone (a daylight-saving night is an hour shorter or longer).",
+)
+@click.option(
+    "--date", default="2026-03-02", show_default=True, metavar="YYYY-MM-DD", help="The day the window opens."
+)
+@click.option(
+    "--grace",
+    default="15min",
+    show_default=True,
+    metavar="DURATION",
+    help="Before the end: no job may run past end - grace (the blackout), idle desktops go back.",
+)
+@click.option(
+    "--wake-timeout",
+    default="10min",
+    show_default=True,
+    metavar="DURATION",
+    help="A woken desktop that begins no boot by then is in use and left alone.",
+)
+@click.option(
+    "--menu-timeout",
+    default="5s",
+    show_default=True,
+    metavar="DURATION",
+    help="How long the desktop's menu waits before booting the EE.",
+)
+@click.option(
+    "--on-window-end",
+    type=click.Choice(["requeue", "finish"]),
+    default="requeue",
+    show_default=True,
+    help="At end - grace, send back every desktop and requeue their jobs (requeue), or only "
+    "the idle ones, the rest at the end (finish).",
+)
+@click.option(
+    "--reservation/--no-reservation",
+    default=True,
+    show_default=True,
+    help="Slurm starts a job only if its time limit ends by end - grace (the blackout "
+    "reservation); without it, jobs that run into the blackout are requeued.",
+)
+@click.option(
+    "--in-use",
+    type=click.FloatRange(0, 1),
+    default=0.2,
+    show_default=True,
+    metavar="SHARE",
+    help="Share of desktops that never boot the EE (on, asleep in S3, WoL not armed).",
+)
+@click.option(
+    "--opt-out",
+    type=click.FloatRange(0),
+    default=0.01,
+    show_default=True,
+    metavar="RATE",
+    help="Owners coming back: per harvestable desktop and hour; the desktop leaves the EE "
+    "(its job requeued) until the next window.",
+)
+@click.option(
+    "--firmware",
+    default="30s",
+    show_default=True,
+    metavar="DURATION",
+    help="Wake to the desktop's first request: POST, PXE's DHCP, iPXE over TFTP.",
+)
+@click.option(
+    "--ee-start",
+    default="20s",
+    show_default=True,
+    metavar="DURATION",
+    help="After the EE is built: kernel start, the EE's init to up, slurmd registering.",
+)
+@click.option(
+    "--per-switch",
+    type=click.IntRange(1),
+    default=48,
+    show_default=True,
+    help="Desktops per edge switch (fewer if needed for one switch per relay).",
+)
+@click.option("--node-link", default="1Gbit", show_default=True, metavar="RATE", help="Each desktop's port.")
+@click.option(
+    "--switch-uplink", default="10Gbit", show_default=True, metavar="RATE", help="Each edge switch's uplink."
+)
+@click.option("--relay-link", default="1Gbit", show_default=True, metavar="RATE", help="Each relay's link.")
+@click.option(
+    "--workload",
+    default="table2-full",
+    show_default=True,
+    metavar="NAME|FILE",
+    help="The EE each desktop builds in RAM: table2-full or a JSON/YAML file (as for storm).",
+)
+@click.option(
+    "--jobs",
+    "jobs",
+    default="night",
+    show_default=True,
+    metavar="NAME|FILE",
+    help="The job mix: night (60 % 1 h, 30 % 4 h, 10 % 12 h limits, 5,000 jobs), short "
+    "(8,000 jobs of 1 h), or a JSON/YAML file (docs/simulate.md).",
+)
+@click.option("--job-count", type=click.IntRange(0), help="Jobs in the backlog [default: the mix's].")
+@click.option(
+    "--sched-interval",
+    default="30s",
+    show_default=True,
+    metavar="DURATION",
+    help="Slurm's scheduler pass (backfill's bf_interval); 0: a job starts at once.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the draws (in-use desktops, owners, jobs): the same seed, the same night.",
+)
+@click.option(
+    "--timeline",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write desktops in the EE and jobs running every 5 minutes here (JSON).",
+)
+@json_option
+def simulate_night(
+    jobs: str, job_count: int | None, workload: str, timeline: Path | None, as_json: bool, **params: Any
+) -> None:
+    """A night of desktop harvesting: wake, boot the EE, run Slurm's jobs, back by morning.
+
+    Each relay wakes its site's desktops at --wakes-per-minute; a desktop that is not in use
+    boots the EE (its build from the flow-level storm model, cohort by cohort as they wake);
+    Slurm starts jobs of the mix on idle desktops when they end before the blackout; owners
+    come back at --opt-out; at end - grace the desktops go back.  Prints the times to the first
+    job and to all desktops up, the wake rate, and node-hours in the EE and running jobs, each
+    with its source.  Deterministic for a --seed.
+    """
+    from slim.simulate_night import MIXES, Night, mix_from_dict
+    from slim.simulate_night import simulate_night as run
+    from slim.vocabulary import parse_duration, parse_rate
+
+    with errors_to_exit():
+        mix = _mix(jobs, MIXES, mix_from_dict)
+        if job_count is not None:
+            mix = replace(mix, jobs=job_count)
+        durations = {k: parse_duration(params[k], zero=k in ("firmware", "ee_start", "sched_interval",
+                                                             "grace"), what=k.replace("_", "-"))
+                     for k in ("grace", "wake_timeout", "menu_timeout", "firmware", "ee_start",
+                               "sched_interval")}  # fmt: skip
+        rates = {k: parse_rate(params[k]) for k in ("node_link", "switch_uplink", "relay_link")}
+        night = Night(
+            desktops=params["desktops"], relays=params["relays"], window=params["window"],
+            time_zone=params["time_zone"], date=params["date"],
+            wakes_per_minute=params["wakes_per_minute"], on_window_end=params["on_window_end"],
+            reservation=params["reservation"], in_use=params["in_use"],
+            opt_out_per_hour=params["opt_out"], per_switch=params["per_switch"], seed=params["seed"],
+            **durations, **rates,
+        )  # fmt: skip
+        result = run(night, mix, _workload(workload))
+    summary = result.summary()
+    if timeline is not None:
+        timeline.write_text(json.dumps(result.profile(), indent=1) + "\n")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    _print_night(summary)
+
+
+def _mix(name: str, mixes: dict[str, Any], from_dict: Callable[[Any, str], Any]) -> Any:
+    from slim.errors import InvalidArgument
+
+    if name in mixes:
+        return mixes[name]
+    path = Path(name)
+    if not path.is_file():
+        raise InvalidArgument(f"job mix {name!r}: not one of {', '.join(mixes)} and not a file")
+    return from_dict(_load(path), str(path))
+
+
+def _print_night(s: dict[str, Any]) -> None:
+    w, d, wake, boot = s["window"], s["desktops"], s["wake"], s["boot"]
+    t, nh, jobs = s["times"], s["node_hours"], s["jobs"]
+    rows: list[tuple[str, str]] = []
+    blackout = "" if w["reservation"] else ", [red]no blackout reservation[/]"
+    rows.append(
+        (
+            "window",
+            f"{w['start']} to {w['end']} ({w['hours']:g} h, {w['time_zone']}), grace {w['grace_s']:g} s, "
+            f"on end: {w['on_window_end']}{blackout}",
+        )
+    )
+    rows.append(
+        (
+            "desktops",
+            f"{d['total']:,}: {d['in_use']} in use (never boot), {d['harvestable']} harvestable, "
+            f"{d['came_up']} came up; owners back: {d['owner_back_before_up']} before up, "
+            f"{d['owner_back_in_ee']} in the EE",
+        )
+    )
+    per, total = wake["wakes_per_minute_per_relay"], wake["wakes_per_minute_total"]
+    last = _seconds(wake["last_packet_s"])
+    rows.append(("wake", f"{wake['relays']} relays x {per}/min = {total}/min; last packet at {last}"))
+    if wake["in_use_given_up_s"] is not None:
+        rows.append(("", f"in-use desktops left alone by {_seconds(wake['in_use_given_up_s'])}"))
+    if boot["wake_to_up_median_s"] is not None:
+        parts = (
+            f"firmware {boot['firmware_s']:g} s + menu {boot['menu_s']:g} s + EE build "
+            f"{boot['build_median_s']:g} to {boot['build_max_s']:g} s + EE start {boot['ee_start_s']:g} s"
+        )
+        median, most = _seconds(boot["wake_to_up_median_s"]), _seconds(boot["wake_to_up_max_s"])
+        rows.append(("wake to up", f"median {median}, max {most} ({parts})"))
+        rows.append(("", f"the build bound by {boot['bottleneck']}"))
+        rows.append(("first desktop up", _seconds(t["first_up_s"])))
+        rows.append(("all desktops up", f"[bold]{_seconds(t['all_up_s'])}[/] after the window opened"))
+    first_job = t["first_job_s"]
+    rows.append(("first job running", f"[bold]{_seconds(first_job)}[/]" if first_job is not None else "none"))
+    rows.append(("node-hours in the EE", f"[bold]{nh['ee']['value']:,.1f}[/]"))
+    rows.append(("", f"from {nh['ee']['source']}"))
+    rows.append(
+        (
+            "node-hours running jobs",
+            f"[bold]{nh['jobs']['value']:,.1f}[/] ({nh['jobs_share_of_ee']:.1%} of the EE's; "
+            f"{nh['requeued_work']:,.1f} of it lost to requeues)",
+        )
+    )
+    rows.append(("", f"from {nh['jobs']['source']}"))
+    rows.append(
+        ("window capacity", f"{nh['window_capacity']:,.1f} node-hours (harvestable desktops x window)")
+    )
+    rows.append(("jobs", jobs["mix"]))
+    rows.append(
+        (
+            "",
+            f"{jobs['completed']:,} completed, {jobs['requeues']:,} requeues "
+            f"({jobs['started_not_completed']:,} pending again at the end), {jobs['never_started']:,} "
+            f"never started ({jobs['never_started_limit_too_long']:,} could never fit the window)",
+        )
+    )
+    table = Table(show_header=False, box=None)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
