@@ -35,7 +35,7 @@ docs/harvest.md and :mod:`slim.core.control.harvest`):
   with no reservation the first pending job.  A job that reaches its limit ends there.
 - **The end.**  At end - ``grace`` idle desktops go back (with ``on_window_end: requeue``,
   all of them: their jobs are requeued); at the end, every desktop still in the EE does and
-  its job is requeued.  A desktop takes its order at its EE's next poll (every 15 s).
+  its job is requeued.  A desktop takes its order at its EE's next poll (every 10 s).
 
 Node-hours come from two named sources: *in the EE* from the desktops' boot states (``up``
 until the order to go back was taken, or the owner's own boot), as the core counts
@@ -69,7 +69,7 @@ from slim.errors import InvalidArgument
 from slim.simulate import TABLE2_FULL, Cohort, Topology, Workload, simulate
 from slim.vocabulary import parse_duration
 
-POLL_S = 15.0  # how often a desktop's EE asks for its order (slim.core.control.harvest.POLL_MS)
+POLL_S = 10.0  # how often a desktop's EE asks for its order (the pool's order_poll default)
 EE_SOURCE = (
     "the desktops' boot states: up until the order to go back was taken (the core's node-hours in the EE)"
 )
