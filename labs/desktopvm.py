@@ -31,6 +31,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
@@ -113,7 +114,12 @@ class DesktopVM:
         disk_interface: Literal["virtio", "ide"] = "virtio",
         memory_mb: int = 512,
         qemu: str = QEMU,
+        netdev: str | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
+        """``netdev``: QEMU's -netdev instead of user networking (e.g. a tap on a lab's bridge,
+        ``tap,id=n0,ifname=tap0,script=no,downscript=no``); ``prefix``: a command QEMU runs
+        under (``ip netns exec NS``: the lab's namespace)."""
         found = shutil.which(qemu)
         if found is None:
             raise FailedPrecondition(f"{qemu} is not installed (apt-get install qemu-system-x86 ipxe-qemu)")
@@ -123,10 +129,12 @@ class DesktopVM:
         self.monitor_path = self._sockdir / "monitor"
         if not dhcp and bootfile:
             raise ValueError("a boot file needs DHCP")
-        netdev = "hubport,id=n0,hubid=0"  # a hub with nothing else on it: a network where nothing answers
-        if dhcp:
-            netdev = "user,id=n0" + (f",bootfile={bootfile}" if bootfile else "")
+        if netdev is None:
+            netdev = "hubport,id=n0,hubid=0"  # a hub with nothing else on it: nothing answers
+            if dhcp:
+                netdev = "user,id=n0" + (f",bootfile={bootfile}" if bootfile else "")
         self.argv = [
+            *prefix,
             found,
             "-machine", "pc", "-accel", "tcg", "-m", str(memory_mb),
             "-nographic", "-no-reboot",

@@ -77,7 +77,7 @@ sites:
     prefixes: [{prefixes}]
     secrets_without_token: true  # the lab's own network: PXE carries no token
 {dhcp}relays:
-  r1: {{urls: ["http://{server}:{relay}/"], site: qemu}}
+  r1: {{urls: ["http://{server}:{relay}/"], site: qemu{wake}}}
 profiles:
   vm: {{firmware: {firmware}, loader: {loader}, modules: [{modules}], kernel_args: "console=ttyS0 panic=-1"}}
 environments:
@@ -90,7 +90,7 @@ environments:
 {var}      /usr: {{policy: nfs, options: "ro,nolock,noatime,proto=tcp,port={nfs},vers=4.1"}}
 nodes:
   vm1: {{macs: ["{mac}"], profile: vm, environment: vmtest, site: qemu{disk}}}
-{server_section}"""
+{pools}{server_section}"""
 # the pxe network: the bridge's subnet, our server, the site's own DHCP server
 PXE_SUBNET, PXE_SERVER, PXE_SITE_DHCP = "10.77.0.0/24", "10.77.0.1", "10.77.0.2"
 PXE_SERVER6 = "fd77::1/64"  # a private IPv6 prefix on the bridge: our router advertisements spare iPXE ~13 s
@@ -193,6 +193,8 @@ class Lab:
         nic: Literal["virtio-net-pci", "e1000"] = "virtio-net-pci",
         up_timeout: float | None = None,
         busy: list[int | None] | None = None,
+        firmware: Literal["uefi", "bios"] | None = None,
+        wake_to: str | None = None,
     ) -> None:
         """``pxelinux`` (pxe network only): a BIOS VM whose profile boots the legacy way,
         lpxelinux.0 over TFTP and its pxelinux.cfg/01-<mac> from the relay.  ``init``: the
@@ -204,6 +206,9 @@ class Lab:
         self.pxelinux = pxelinux
         self.init_path: str | None = TEST_INIT_PATH if init == "test" else None  # None: the image's
         self.nic, self.up_timeout, self.busy = nic, up_timeout, busy
+        self.firmware, self.wake_to = firmware, wake_to
+        self.pools = ""  # the registry's pools section (labs.desktoplab writes it)
+        self._serve: subprocess.Popen[bytes] | None = None
         self.front: BusyFront | None = None
         self.state = tmp / "state"
         self.image, self.store = tmp / "image", self.state / "store"
@@ -282,6 +287,7 @@ class Lab:
             serve = lab.popen(lab.server, *SLIM, "serve", "--registry", str(self.registry),
                               "--state-dir", str(self.state), stdout=subprocess.PIPE, stderr=err)  # fmt: skip
         assert serve.stdout is not None
+        self._serve = serve
         try:
             self.said = await_ready(serve.stdout, self.state / "logs")
         finally:
@@ -301,7 +307,9 @@ class Lab:
                 server=PXE_SERVER if pxe else "10.0.2.2",
                 prefixes=PXE_SUBNET if pxe else "127.0.0.0/8, 10.0.2.0/24",
                 dhcp="    dhcp: {mode: proxy, interface: br0, router_advertisements: true}\n" if pxe else "",
-                firmware="uefi" if pxe and not self.pxelinux else "bios",
+                firmware=self.firmware or ("uefi" if pxe and not self.pxelinux else "bios"),
+                wake=f", wake_to: {self.wake_to}" if self.wake_to else "",
+                pools=self.pools,
                 loader="pxelinux" if self.pxelinux else "ipxe",
                 server_section=PXE_SERVER_SECTION.format(tmp=self.tmp, server=PXE_SERVER) if pxe else "",
                 relay=self.relay_port,
@@ -320,7 +328,8 @@ class Lab:
         core = getattr(self, "_core", None)
         if core is not None:
             core.send_signal(signal.SIGHUP)
-        # (pxe: `slim serve`'s core is not ours to signal; the pxe lab is written once)
+        if self._serve is not None:  # `slim serve` passes it on to its core
+            self._serve.send_signal(signal.SIGHUP)
 
     def build(self) -> dict[str, Any]:
         """``slim ee build vmtest``: its JSON report."""

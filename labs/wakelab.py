@@ -65,3 +65,34 @@ class MagicPacketListener:
         self._stopping.set()
         self._thread.join(timeout=5)
         self.sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m labs.wakelab [--port 9] MAC...``: listen on every address (a desktop's
+    segment, in a lab's namespace) and print ``woken MAC`` for each magic packet for one of
+    the MACs, until SIGTERM.  The lab reads the lines and starts that desktop's VM."""
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(prog="labs.wakelab")
+    parser.add_argument("--port", type=int, default=9)
+    parser.add_argument("macs", nargs="+")
+    args = parser.parse_args(argv)
+
+    def woken(mac: str) -> None:
+        print(f"woken {mac}", flush=True)
+
+    listener = MagicPacketListener(args.macs, woken, ("0.0.0.0", args.port)).start()  # noqa: S104 - the segment's broadcasts
+    print(f"listening on port {listener.port}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    listener.stop()
+    for why in listener.ignored:
+        print(f"ignored: {why}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -73,7 +73,7 @@ def test_ipxe_menu() -> None:
     assert items == [
         "item ee-base base - Base system",
         "item ee-jdk14 jdk14",
-        "item local Boot from local disk",
+        "item --key l local Boot from local disk (key L)",
     ]
     choose = command(lines, "choose")
     assert choose.startswith("choose --default ee-base --timeout 5000 ")

@@ -134,7 +134,7 @@ async def test_a_desktops_menu_follows_its_pools_clock(tmp_path: Path) -> None:
         night = service.boot_script("52:54:00:00:03:01", "10.3.0.9", peek=True)
         assert night.default_environment == "night"
         assert "choose --default ee-night --timeout 5000" in night.script
-        assert "item local Boot from local disk" in night.script
+        assert "item --key l local Boot from local disk (key L)" in night.script
     finally:
         await asyncio.to_thread(state.close)
 

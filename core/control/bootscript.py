@@ -83,7 +83,7 @@ def render_ipxe(menu: Menu) -> str:
         out += [f"menu SLIM: {menu.node}", "item --gap -- Network execution environments"]
         for e in menu.entries:
             out.append(f"item {_label(e.environment)} {_one_line(e.title)}")
-        out += ["item --gap -- Other", "item local Boot from local disk"]
+        out += ["item --gap -- Other", "item --key l local Boot from local disk (key L)"]
         out += [f"choose --default {default} --timeout {ms} target || goto {default}", "goto ${target}"]
     else:
         out.append(f"goto {default}")

@@ -190,6 +190,12 @@ class Harvest:
                 return d.out_reason
         return None
 
+    def _window_end(self, pool: Pool, now: float) -> float:
+        """The end of the window open at ``now`` (now, if none is): a desktop sent back or
+        opted out stays in its own OS until then."""
+        opening = opening_at(pool, self._when(now))
+        return opening.end.timestamp() if opening is not None else now
+
     def _woken_from_off(self, d: Desktop, boot: BootStatus | None, pool: Pool) -> bool:
         return bool(
             d.woken_at and boot is not None and d.woken_at <= boot.started <= d.woken_at + pool.wake_timeout
@@ -276,7 +282,7 @@ class Harvest:
     ) -> Result:
         d = self._desktop(node)
         self.dirty = True
-        d.out_until = next_opening(pool, self._when(now)).start.timestamp()
+        d.out_until = self._window_end(pool, now)
         d.out_reason = reason
         d.opted_out = d.opted_out or opt_out
         if not self._in_ee(node, boot, pool) or boot is None:
@@ -303,7 +309,7 @@ class Harvest:
             if d.out_until > at:
                 return  # its menu's default was its own OS already
             clock = self._when(at).astimezone(dt.UTC).strftime("%H:%M:%S UTC")
-            d.out_until = next_opening(pool, self._when(at)).start.timestamp()
+            d.out_until = self._window_end(pool, at)
             d.out_reason = f"its owner picked their own OS at the menu at {clock}"
             d.opted_out = True
             self.dirty = True

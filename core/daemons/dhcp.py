@@ -136,6 +136,7 @@ def render(registry: Registry, source: str = "the registry", sites: list[str] | 
         else:  # dnsmasq applies dhcp-ignore before it picks the range: tell sites by interface
             out.append(f"dhcp-ignore=tag:{n.spec.interface},tag:!{KNOWN},tag:!{LEGACY}")
         plain = f"tag:{t},tag:!{LEGACY},tag:!ipxe"
+        ipxe_bios = f"tag:{t},tag:!{LEGACY},tag:ipxe"
         if n.spec.mode == "proxy":
             # a PXE boot server menu of one item per architecture boots at once
             out += [
@@ -143,6 +144,10 @@ def render(registry: Registry, source: str = "the registry", sites: list[str] | 
                 f'pxe-service={plain},X86-64_EFI,"SLIM: chain to iPXE",{UEFI_LOADER},{tftp}',
                 f'pxe-service={plain},BC_EFI,"SLIM: chain to iPXE",{UEFI_LOADER},{tftp}',
                 f'pxe-service=tag:{t},tag:{LEGACY},x86PC,"SLIM: pxelinux",{PXELINUX_LOADER},{tftp}',
+                # iPXE as a BIOS PXE ROM (or undionly.kpxe) takes a proxy's boot file only through
+                # PXE boot server discovery: a service whose "file" is the menu's URL (measured
+                # with Debian's iPXE 1.0.0+git-20190125; UEFI iPXE takes dhcp-boot below)
+                f'pxe-service={ipxe_bios},x86PC,"SLIM: boot menu",{boot_url(n)},{tftp}',
             ]
         else:
             out += [
