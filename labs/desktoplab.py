@@ -61,6 +61,7 @@ class DesktopNight:
         self._woke = threading.Condition()
         self._listener: subprocess.Popen[bytes] | None = None
         self.vm: DesktopVM | None = None
+        self._reader: threading.Thread | None = None
 
     # -- set-up ---------------------------------------------------------------
     def start(self) -> DesktopNight:
@@ -77,7 +78,8 @@ class DesktopNight:
         first = self._listener.stdout.readline().decode()
         if not first.startswith("listening on"):
             raise RuntimeError(f"the wake listener did not start: {first!r}")
-        threading.Thread(target=self._read_wakes, name="wakes", daemon=True).start()
+        self._reader = threading.Thread(target=self._read_wakes, name="wakes", daemon=True)
+        self._reader.start()
         return self
 
     def _read_wakes(self) -> None:
@@ -147,6 +149,10 @@ class DesktopNight:
     def close(self) -> None:
         self.close_vm()
         self.lab.close()  # stops the listener with the lab's other processes; removes the namespaces
+        if self._reader is not None:
+            self._reader.join(10)  # the listener is gone: its output ends
+        if self._listener is not None and self._listener.stdout is not None:
+            self._listener.stdout.close()
 
     def __enter__(self) -> DesktopNight:
         return self

@@ -1,7 +1,7 @@
-"""A desktop's own disk (labs/desktopdisk.py) in a QEMU desktop (labs/desktopvm.py): its OS
-boots from the disk, reads it read-only and leaves the image byte for byte as it was; QEMU's
-iPXE ROM boots it with SLIM's ``sanboot``; with no boot server the firmware falls through to
-it; and a key pressed through the QEMU monitor picks "local disk" in SLIM's own boot menu.
+"""A desktop's own disk (labs/desktopdisk.py) in a QEMU desktop (labs/desktopvm.py): with no
+boot server (SLIM down by day) the firmware falls through to it, and its OS leaves the image
+byte for byte as it was.  Booting it through SLIM's menu (``sanboot``) and picking it with a
+key are in tests/test_desktop_night.py, on the whole chain.
 
 The kernel is the machine's Debian kernel package (cached like tests/test_kernel.py's),
 unpacked into a scratch image with depmod; the disk is built once per module and copied for
@@ -22,13 +22,11 @@ from labs.desktopdisk import (
     DEFAULT_NOTE,
     PART_START,
     build_desktop_disk,
-    disk_sha256,
     marker_line,
     mbr_sector,
 )
-from labs.desktopvm import BootScripts, DesktopVM, plain
+from labs.desktopvm import DesktopVM, plain
 from slim.core.build.kernel import download_kernel, install_kernel
-from slim.core.control.bootscript import Menu, MenuEntry, render_ipxe
 from tests.support import need, need_tool
 
 MARKER = "SLIM-DESKTOP-OS"
@@ -104,31 +102,6 @@ def boots_own_os(vm: DesktopVM) -> float:
 
 
 @pytest.mark.slow
-def test_desktop_boots_its_own_os_from_disk_read_only(disk: Path, tmp_path: Path) -> None:
-    before = disk_sha256(disk)
-    with DesktopVM(disk, mac=MAC, work=tmp_path / "vm") as vm:
-        boots_own_os(vm)
-        assert "Booting from Hard Disk" in vm.console
-        assert "Booting from ROM" not in vm.console  # the NIC's iPXE never ran
-    assert disk_sha256(disk) == before
-
-
-@pytest.mark.slow
-def test_ipxe_sanboot_boots_the_desktop_disk(disk: Path, tmp_path: Path) -> None:
-    before = disk_sha256(disk)
-    with (
-        BootScripts({"desk.ipxe": SANBOOT}) as scripts,
-        DesktopVM(disk, mac=MAC, work=tmp_path / "vm", pxe=True, bootfile=scripts.url("desk.ipxe")) as vm,
-    ):
-        vm.wait_for("Booting from SAN device 0x80", BOOT)
-        boots_own_os(vm)
-        assert [path for _, path in scripts.requests] == ["desk.ipxe"]
-        text = vm.console
-        assert text.index("SLIM-TEST: sanboot") < text.index("SYSLINUX") < text.index(marker_line(MARKER))
-    assert disk_sha256(disk) == before
-
-
-@pytest.mark.slow
 def test_with_no_boot_server_the_firmware_falls_through_to_the_disk(disk: Path, tmp_path: Path) -> None:
     """SLIM down by day: QEMU's DHCP answers with no boot file; iPXE gives up and SeaBIOS
     boots the next device in the order, the disk."""
@@ -138,31 +111,3 @@ def test_with_no_boot_server_the_firmware_falls_through_to_the_disk(disk: Path, 
         boots_own_os(vm)
     assert "Nothing to boot" in vm.console
     assert gave_up < disk_at < 60, (gave_up, disk_at)
-
-
-@pytest.mark.slow
-def test_sendkey_picks_local_disk_in_slims_menu(disk: Path, tmp_path: Path) -> None:
-    """SLIM's own menu (render_ipxe) with an EE as the 10 s default, as in the harvest window:
-    the owner presses Down and Return while it waits, and gets their own OS."""
-    with BootScripts() as scripts:
-        digest = "sha256:" + "0" * 64
-        menu = Menu(
-            node="desk1",
-            mac=MAC,
-            default="harvest",
-            timeout=10.0,
-            entries=(MenuEntry("harvest", "Harvest EE", digest, digest, "console=ttyS0"),),
-            relay_urls=(scripts.url(""),),
-        )
-        scripts.scripts["desk1.ipxe"] = render_ipxe(menu)
-        with DesktopVM(
-            disk, mac=MAC, work=tmp_path / "vm", pxe=True, bootfile=scripts.url("desk1.ipxe")
-        ) as vm:
-            shown = vm.wait_for("Boot from local disk", BOOT)  # the menu is on the console
-            vm.sendkey("down")
-            vm.sendkey("ret")
-            picked = vm.wait_for("SLIM: booting from local disk", 60)
-            boots_own_os(vm)
-        assert picked - shown < 5.0, (shown, picked)  # the key, not the 10 s timeout
-        assert "SLIM: booting harvest" not in vm.console
-        assert [path for _, path in scripts.requests] == ["desk1.ipxe"]  # no kernel fetched
