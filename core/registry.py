@@ -263,6 +263,9 @@ class Server(_Model):
         None, description="the relay's HTTPS, beside its HTTP (null: none), for https:// relay URLs"
     )
     tftp_listen: Listen | None = Field("0.0.0.0:69", description="the relay's TFTP (null: none)")
+    relay_wake_to: str = Field(
+        "255.255.255.255:9", description="where the relay sends Wake-on-LAN magic packets (UDP HOST:PORT)"
+    )
     cache_max_bytes: ByteSize = Field(
         20 << 30, gt=0, description="relay cache budget (a size: 20G, 500GB, ...)"
     )

@@ -147,7 +147,7 @@ class AllInOne:
         relay_settings: dict[str, Any] = {
             "name": self.relay, "cache_dir": state / "cache", "max_bytes": srv.cache_max_bytes,
             "listen": srv.relay_listen, "https_listen": srv.relay_https_listen,
-            "tftp_listen": srv.tftp_listen, "log_level": self.log_level,
+            "tftp_listen": srv.tftp_listen, "log_level": self.log_level, "wake_to": srv.relay_wake_to,
             "trust": [state / "keys"],  # the core's keys (made when it first starts; both during a rotation)
             "identity": identity,  # mutual TLS with the core, as any relay
         }  # fmt: skip

@@ -180,7 +180,7 @@ class Harvest:
                     results.append(Result(node, False, str(exc)))
                     continue
                 d = self._desktop(node)
-                if d.out_until > now:
+                if d.opted_out and d.out_until > now:
                     results.append(Result(node, False, f"not woken: {d.out_reason}"))
                     continue
                 boot = boots.get(node)
@@ -202,6 +202,9 @@ class Harvest:
                 )
                 d.woken_at = now
                 d.opted_out = False
+                # sent back by SLIM (Slurm's SuspendProgram, slim harvest release), not by its owner:
+                # woken again, its menu offers the EE again
+                d.out_until, d.out_reason = 0.0, ""
                 results.append(Result(node, True, f"wake sent through relay {relays[0]} ({reason})"))
                 log.info("pool %s: waking %s through relay %s (%s)", pool_name, node, relays[0], reason)
         for (relay, per_minute), targets in batches.items():
