@@ -93,7 +93,7 @@ class HarvestLab(SlurmLab):
     time_zone: UTC
     windows: [{{start: "{self.window_start:%H:%M}", end: "{self.window_end:%H:%M}"}}]
     grace: {GRACE}
-    wake_timeout: 90
+    wake_timeout: 30
     wakes_per_minute: 600
     menu_timeout: 1
     prefetch_lead: 0
@@ -106,8 +106,10 @@ class HarvestLab(SlurmLab):
         return dict(self.ports)
 
     def slurm_extra(self) -> str:
-        # the power-save thread works every second (default 10 s): the lab's windows are minutes
-        return "SlurmctldParameters=power_save_interval=1\n"
+        # the lab's windows are minutes: the power-save thread works every second (default 10 s),
+        # the scheduler tries pending jobs every 5 s (default 60 s; backfill 30 s)
+        power = "SlurmctldParameters=power_save_interval=1"
+        return f"{power}\nSchedulerParameters=sched_interval=5,bf_interval=5\n"
 
     def config_args(self) -> list[str]:
         return ["--power-log", str(self.tmp / "slurm" / "power.log"), "--idle-return", "600",

@@ -125,7 +125,9 @@ local function apply(job_desc)
     slurm.log_user("%s", err)
     return slurm.ERROR
   end
-  job_desc.features = features
+  if features ~= nil then  -- Slurm refuses nil here (a job with no --constraint)
+    job_desc.features = features
+  end
   return slurm.SUCCESS
 end
 
