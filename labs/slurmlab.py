@@ -46,7 +46,7 @@ settings: {{heartbeat_interval: 0.5, boot_menu_timeout: 0}}
 sites:
   lo: {{prefixes: [127.0.0.0/8]}}
 relays:
-  r1: {{urls: ["http://127.0.0.1:{relay}/"], site: lo}}
+  r1: {{urls: ["http://127.0.0.1:{relay}/"], site: lo{relay_extra}}}
 profiles:
   p: {{}}
 environments:
@@ -56,6 +56,7 @@ environments:
   jdk16: {{image: {tmp}/images/jdk16, description: its init dies after switch_root, up_timeout: 5}}
 nodes:
 {nodes}
+{pools}
 server:
   state_dir: {tmp}/state
   core_listen: unix:{tmp}/core.sock
@@ -63,7 +64,7 @@ server:
   tftp_listen: null
   nfs_listen: null
   dhcp: false
-"""
+{server}"""
 SLURM_CONF = """\
 ClusterName=slimlab
 SlurmctldHost={host}(127.0.0.1)
@@ -87,7 +88,7 @@ ReturnToService=2
 {slim_lines}
 {node_lines}
 PartitionName=all Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
-"""
+{extra}"""
 
 
 ENVIRONMENTS = ("base", "jdk14", "jdk15", "jdk16")
@@ -132,7 +133,11 @@ class SlurmLab:
         make_images(tmp / "images")
         node = "  {}: {{macs: ['52:54:00:55:00:{:02x}'], profile: p, environment: base, site: lo}}"
         nodes = "\n".join(node.format(n, i) for i, n in enumerate(self.names, 1))
-        self.registry.write_text(REGISTRY.format(tmp=tmp, relay=self.relay_port, nodes=nodes))
+        self.registry.write_text(
+            REGISTRY.format(tmp=tmp, relay=self.relay_port, nodes=nodes + self.registry_nodes(),
+                            pools=self.registry_pools(), server=self.registry_server(),
+                            relay_extra=self.registry_relay())
+        )  # fmt: skip
         reg, store = load_registry(self.registry), Store(tmp / "state" / "store")
         signer = SigningKey.load_or_create(tmp / "state" / "keys")  # what `slim serve` will sign with
         for env in ENVIRONMENTS:
@@ -144,6 +149,35 @@ class SlurmLab:
             self.boot(n)
         self._start_slurm()
         return self
+
+    # -- what a lab built on this one adds (labs/harvestlab.py) ----------------------------
+    def registry_nodes(self) -> str:
+        """More lines of the registry's ``nodes`` (each beginning with a newline)."""
+        return ""
+
+    def registry_pools(self) -> str:
+        """The registry's ``pools`` section, if any."""
+        return ""
+
+    def registry_relay(self) -> str:
+        """More of relay r1's settings (", key: value" each); none here."""
+        return ""
+
+    def registry_server(self) -> str:
+        """More lines of the registry's ``server`` section."""
+        return ""
+
+    def slurm_nodes(self) -> dict[str, int]:
+        """More Slurm nodes (name -> slurmd port), not started here."""
+        return {}
+
+    def slurm_extra(self) -> str:
+        """More lines for slurm.conf (after the partition of the lab's nodes)."""
+        return ""
+
+    def config_args(self) -> list[str]:
+        """More arguments for ``slim slurm config``."""
+        return []
 
     def _break_jdk15(self, store: Store) -> None:
         """Remove the archive of jdk15's / from the store: a boot into jdk15 fails there."""
@@ -178,7 +212,7 @@ class SlurmLab:
         tmp = self.tmp
         slurm = tmp / "slurm"
         (slurm / "state").mkdir(parents=True)
-        for n in self.names:
+        for n in [*self.names, *self.slurm_nodes()]:
             (slurm / "spool" / n).mkdir(parents=True)
         # munged wants every directory above its socket open to all: not pytest's private tmp
         self.munge = Path(tempfile.mkdtemp(prefix="slim-munge-"))
@@ -198,17 +232,17 @@ class SlurmLab:
             [*SLIM, "slurm", "config", "--registry", str(self.registry), "--core", self.core,
              "--slurm-conf", str(self.conf),
              "--reboot", slurmreboot.command(self.roots, self.relay, self.trust),
-             "--prolog-log", str(self.prolog_log), "--resume-timeout", "120"],
+             "--prolog-log", str(self.prolog_log), "--resume-timeout", "120", *self.config_args()],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
-        ports = {n: free_port() for n in self.names}
+        ports = {**{n: free_port() for n in self.names}, **self.slurm_nodes()}
         self.conf.write_text(
             SLURM_CONF.format(
                 host=socket.gethostname().split(".")[0], ctld_port=free_port(), tmp=tmp, munge=self.munge,
                 slim_lines=(slurm / "slurm.conf.slim").read_text(),
                 node_lines="\n".join(f"NodeName={n} NodeAddr=127.0.0.1 Port={p} CPUs=1"
                                       for n, p in ports.items()),
-                node_names=",".join(self.names),
+                node_names=",".join(self.names), extra=self.slurm_extra(),
             )
         )  # fmt: skip
         self._run("slurmctld", "-f", str(self.conf))
@@ -240,7 +274,7 @@ class SlurmLab:
         deadline = time.monotonic() + timeout
         nodes: dict[str, tuple[str, str]] = {}
         while time.monotonic() < deadline:
-            nodes = self.nodes()
+            nodes = {n: v for n, v in self.nodes().items() if n in self.names}
             if len(nodes) == len(self.names) and cond(nodes):
                 return nodes
             time.sleep(0.5)

@@ -12,7 +12,11 @@ feature names may not contain ``:`` (docs/slurm.md); users write
   PrologSlurmctld, and a ResumeTimeout suited to boot times;
 * small wrapper scripts (helper, reboot, prolog) run ``slim slurm …`` with this
   Python and the core's address: slurmd and slurmctld run them with no PATH or
-  environment of ours (PrologSlurmctld with no PATH and no SLURM_CONF at all).
+  environment of ours (PrologSlurmctld with no PATH and no SLURM_CONF at all);
+* for desktop pools with a ``partition`` (the registry's ``pools``): power saving (SLIM's wake
+  as ResumeProgram, the way back to the desktop's own OS as SuspendProgram and
+  ResumeFailProgram, scripts ``slim-resume`` and ``slim-suspend``) and each pool's partition
+  line, with its power settings (``slim slurm harvest`` keeps the windows: docs/slurm.md).
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from slim.core.pools import Pool
 from slim.core.registry import Registry
 
 DEFAULT_RESUME_TIMEOUT = 900  # seconds: a reboot into a new EE, with room for slow firmware
+DEFAULT_IDLE_RETURN = 1800  # a pool's partition's SuspendTime: an idle desktop goes back after it
+DEFAULT_SUSPEND_TIMEOUT = 120  # a desktop's way back to its own OS (poweroff or reboot)
 # slurmd and slurmctld run our scripts without our PATH; scontrol and friends live here on Debian.
 SLURM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -59,6 +66,9 @@ def render(
     python: str = sys.executable,
     source: str = "the registry",
     identity: Path | None = None,
+    power_log: Path = Path("/var/log/slim/power.log"),
+    idle_return: int = DEFAULT_IDLE_RETURN,
+    suspend_timeout: int = DEFAULT_SUSPEND_TIMEOUT,
 ) -> SlurmFiles:
     """Everything ``slim slurm config`` writes into ``directory`` (the scripts live there);
     with ``identity`` (an admin identity directory), the scripts call the core with it."""
@@ -115,7 +125,9 @@ local function apply(job_desc)
     slurm.log_user("%s", err)
     return slurm.ERROR
   end
-  job_desc.features = features
+  if features ~= nil then  -- Slurm refuses nil here (a job with no --constraint)
+    job_desc.features = features
+  end
   return slurm.SUCCESS
 end
 
@@ -129,6 +141,7 @@ end
 
 return slurm.SUCCESS
 """
+    resume, suspend = directory / "slim-resume", directory / "slim-suspend"
     lines = "\n".join(
         [
             head,
@@ -137,6 +150,7 @@ return slurm.SUCCESS
             f"RebootProgram={reboot_script}",
             f"PrologSlurmctld={prolog}",
             f"ResumeTimeout={resume_timeout}",
+            *pool_lines(registry, resume, suspend, idle_return, suspend_timeout),
             "",
         ]
     )
@@ -150,7 +164,54 @@ return slurm.SUCCESS
         reboot_script.name: f"#!/bin/sh\n{head}\nexec env {env} {slim} reboot {action}\n",
         prolog.name: f"#!/bin/sh\n{head}\nexec env {env} {slim} prolog --log {shlex.quote(str(prolog_log))}\n",  # noqa: E501
     }
+    if any(p.partition for p in registry.pools.values()):
+        # slurmctld runs them with standard output and error closed, and keeps nothing they say
+        plog = f"</dev/null >>{shlex.quote(str(power_log))} 2>&1"
+        for script, verb in ((resume, "resume"), (suspend, "suspend")):
+            scripts[script.name] = (
+                f"#!/bin/sh\n{head}\nmkdir -p {shlex.quote(str(power_log.parent))}\n"
+                f'exec env {env} {slim} power {verb} "$@" {plog}\n'
+            )
     return SlurmFiles(helpers_conf, job_submit, lines, scripts)
+
+
+def window_seconds(pool: Pool) -> int:
+    """The longest of ``pool``'s windows, in seconds (on a day without a clock change)."""
+    longest = 0
+    for w in pool.windows:
+        start, end = (int(c[:2]) * 60 + int(c[3:]) for c in (w.start, w.end))
+        longest = max(longest, (end - start) % 1440 or 1440)
+    return longest * 60
+
+
+def pool_lines(
+    registry: Registry, resume: Path, suspend: Path, idle_return: int, suspend_timeout: int
+) -> list[str]:
+    """slurm.conf lines for the pools with a Slurm partition: power saving (only where a
+    partition sets SuspendTime: the global one stays INFINITE) and each pool's partition."""
+    pools = sorted((name, p) for name, p in registry.pools.items() if p.partition)
+    if not pools:
+        return []
+    out = [
+        '# Desktop pools (docs/slurm.md, "Desktop pools"): Slurm\'s power saving wakes a desktop',
+        "# through SLIM and sends it back to its own OS; `slim slurm harvest` keeps its windows.",
+        f"ResumeProgram={resume}",
+        f"SuspendProgram={suspend}",
+        f"ResumeFailProgram={suspend}",
+        "# A desktop that boots while Slurm thinks it is off must be taken back, not left DOWN:",
+        "# ReturnToService=2",
+    ]
+    for name, pool in pools:
+        nodes = sorted(n for n in registry.nodes if (p := registry.pool_of(n)) is not None and p[0] == name)
+        # no job longer than a window (less the grace) fits; one without -t gets an hour at most
+        max_minutes = max(1, int((window_seconds(pool) - pool.grace) // 60))
+        out += [
+            f"# pool {name}: its desktops only (no other partition with them; use this line for it)",
+            f"PartitionName={pool.partition} Nodes={','.join(nodes)} MaxTime={max_minutes} "
+            f"DefaultTime={min(60, max_minutes)} SuspendTime={idle_return} SuspendTimeout={suspend_timeout} "
+            f"ResumeTimeout={int(pool.wake_timeout)} State=UP",
+        ]
+    return out
 
 
 def write(files: SlurmFiles, directory: Path) -> list[Path]:

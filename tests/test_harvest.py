@@ -210,6 +210,30 @@ async def test_a_desktop_not_woken_by_slim_is_rebooted_and_one_in_a_job_may_fini
     assert await night.order("pc02", "c0") == "none 10\n"
 
 
+async def test_a_desktop_sent_back_by_slim_may_be_woken_again_but_not_one_its_owner_took(
+    night: Night,
+) -> None:
+    """Slurm's SuspendProgram sends an idle desktop back mid-window (ReleaseDesktops) and its
+    ResumeProgram wakes it again for a job (WakeDesktops); an owner's opt-out holds."""
+    night.now[0] = paris(8, 21, 0)
+    await night.until("the window's wake", lambda: len(night.woken) == 3)
+    await night.boot("pc01", "e1", "plan", "switch_root", "up")
+    await night.admin.ReleaseDesktops(pb.DesktopsRequest(nodes=["pc01"], reason="slurm suspend"))
+    assert "goto local" in await night.script("pc01")
+    assert await night.order("pc01", "e1") == "poweroff 15\n"  # it goes back (and is off)
+    reply = await night.admin.WakeDesktops(pb.DesktopsRequest(nodes=["pc01"], reason="slurm resume"))
+    assert [(r.node, r.ok) for r in reply.results] == [("pc01", True)], reply
+    await night.until("pc01 woken again", lambda: len(night.woken) == 4)
+    assert "choose --default ee-night" in await night.script("pc01")  # the EE again
+    script = await night.script("pc02")
+    boot_id = script.split("boot/local?boot=")[1].split()[0]
+    async with night.http.get(f"{night.relay_url}boot/local?boot={boot_id}") as r:
+        assert r.status == 200
+    await night.until("pc02 opted out", _state(night, "pc02", "opted-out"))
+    reply = await night.admin.WakeDesktops(pb.DesktopsRequest(nodes=["pc02"], reason="slurm resume"))
+    assert not reply.results[0].ok and "picked their own OS" in reply.results[0].message
+
+
 def _state(night: Night, node: str, state: str) -> object:
     async def check() -> bool:
         return (await night.status())[node].state == state

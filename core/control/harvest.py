@@ -217,7 +217,7 @@ class Harvest:
                     results.append(Result(node, False, str(exc)))
                     continue
                 d = self._desktop(node)
-                if d.out_until > now:
+                if d.opted_out and d.out_until > now:
                     results.append(Result(node, False, f"not woken: {d.out_reason}"))
                     continue
                 boot = boots.get(node)
@@ -225,7 +225,11 @@ class Harvest:
                 window = opening.start.timestamp() if opening is not None else now
                 recent = boot is not None and boot.started >= window - pool.wake_timeout
                 if recent and self._in_ee(node, boot, pool) and boot is not None:
-                    results.append(Result(node, True, f"already in {pool.environment} ({boot.state})"))
+                    said = f"already in {pool.environment} ({boot.state})"
+                    if d.order and d.order_boot == boot.boot_id:  # told to go back, not yet asked: it stays
+                        d.order, d.out_until, d.out_reason, self.dirty = "", 0.0, "", True
+                        said += "; its order to go back is withdrawn"
+                    results.append(Result(node, True, said))
                     continue
                 site = reg.node(node).site
                 relays = [n for n, tier in reg.relays_by_site(site) if tier == "site" and n in connected]
@@ -239,6 +243,9 @@ class Harvest:
                 )
                 d.woken_at = now
                 d.opted_out = False
+                # sent back by SLIM (Slurm's SuspendProgram, slim harvest release), not by its owner:
+                # woken again, its menu offers the EE again
+                d.out_until, d.out_reason = 0.0, ""
                 self.dirty = True
                 results.append(Result(node, True, f"wake sent through relay {relays[0]} ({reason})"))
                 log.info("pool %s: waking %s through relay %s (%s)", pool_name, node, relays[0], reason)

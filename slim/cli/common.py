@@ -31,8 +31,9 @@ if TYPE_CHECKING:  # imported where used: `slim --help` and the Slurm helper sta
 
 # Tables are read in terminals and in logs: when output is not a terminal, do
 # not wrap at 80 columns.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+# (slurmctld runs its ResumeProgram and SuspendProgram with standard output closed: None here)
+console = Console(highlight=False, width=None if sys.stdout and sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr and sys.stderr.isatty() else 200)
 
 
 def fail(message: str) -> None:

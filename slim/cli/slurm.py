@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 from pathlib import Path
 
 import click
 
-from slim.cli.common import core_client, core_option, errors_to_exit, fail, registry_option
+from slim.cli.common import (
+    core_client,
+    core_option,
+    errors_to_exit,
+    fail,
+    log_level_option,
+    registry_option,
+    setup_logging,
+)
 from slim.errors import SlimError
 
 node_option = click.option(
@@ -70,6 +80,29 @@ def slurm() -> None:
     "(exported as SLIM_IDENTITY; it must be readable where slurmctld and slurmd run them).  "
     "Not needed when --core is the core's local socket.",
 )
+@click.option(
+    "--power-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("/var/log/slim/power.log"),
+    show_default=True,
+    help="Desktop pools: where slim-resume and slim-suspend log (slurmctld does not keep their output).",
+)
+@click.option(
+    "--idle-return",
+    type=click.IntRange(60, 86400 * 7),
+    default=1800,
+    show_default=True,
+    help="Desktop pools: SuspendTime of a pool's partition, the seconds an idle desktop stays in the "
+    "EE before Slurm sends it back to its own OS (and wakes it again for a job).",
+)
+@click.option(
+    "--suspend-timeout",
+    type=click.IntRange(1, 3600),
+    default=120,
+    show_default=True,
+    help="Desktop pools: SuspendTimeout of a pool's partition, seconds a desktop takes to go back "
+    "to its own OS (Slurm does not use it until then).",
+)
 def slurm_config(
     registry_path: Path,
     out: Path | None,
@@ -79,6 +112,9 @@ def slurm_config(
     prolog_log: Path,
     resume_timeout: int,
     identity: Path | None,
+    power_log: Path,
+    idle_return: int,
+    suspend_timeout: int,
 ) -> None:
     """Write the Slurm files for the registry's environments into --out.
 
@@ -86,7 +122,10 @@ def slurm_config(
     job_submit.lua (rewrites ee:NAME to ee=NAME, rejects unknown environments
     at submit time) go beside slurm.conf; slurm.conf.slim holds the lines to
     add to slurm.conf (NodeFeaturesPlugins, JobSubmitPlugins, RebootProgram,
-    PrologSlurmctld, ResumeTimeout).  Prints what it wrote.
+    PrologSlurmctld, ResumeTimeout).  For desktop pools with a Slurm partition,
+    also the power-saving lines (ResumeProgram, SuspendProgram, ResumeFailProgram:
+    slim-resume, slim-suspend) and each pool's PartitionName line.  Prints what it
+    wrote.
     """
     from slim.core.registry import load_registry
     from slim.plugin.config import render, write
@@ -100,6 +139,7 @@ def slurm_config(
             reboot=reboot_command, prolog_log=prolog_log.absolute(),
             resume_timeout=resume_timeout, source=str(registry_path),
             identity=identity.absolute() if identity is not None else None,
+            power_log=power_log.absolute(), idle_return=idle_return, suspend_timeout=suspend_timeout,
         )  # fmt: skip
         for path in write(files, out):
             click.echo(str(path))
@@ -206,3 +246,121 @@ def slurm_reboot(command: str, node: str | None) -> None:
     except ValueError as exc:
         fail(str(exc))
     sys.exit(code)
+
+
+@slurm.command("harvest")
+@core_option
+@click.option("--once", is_flag=True, help="One pass, then exit (exit 1 if an action failed).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(1, 3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds between passes (each jittered by up to 10 %).",
+)
+@click.option("--dry-run", is_flag=True, help="Print the scontrol commands a pass would run; run none.")
+@log_level_option()
+def slurm_harvest(core_address: str, once: bool, interval: float, dry_run: bool, log_level: str) -> None:
+    """Keep desktop pools with a Slurm partition inside their windows (runs on the controller).
+
+    Each pass asks the core for the pools (HarvestStatus) and Slurm for its nodes,
+    reservations, partitions and running jobs, then runs the scontrol commands
+    that are missing: blackout reservations (slim-POOL-YYYYMMDDTHHMM,
+    Flags=MAINT,IGNORE_JOBS) from grace seconds before each window's end to the
+    next window's start; POWER_UP at a window's start; POWER_DOWN_FORCE
+    (on_window_end: requeue) or POWER_DOWN_ASAP (finish) at end - grace, and
+    POWER_DOWN_FORCE for anything up outside the windows; a desktop whose owner
+    picked their own OS is powered down and drained with the core's reason until
+    the next window.  It reports which desktops run jobs (ReportDesktopJobs).
+    Needs the pools' partitions set up by slim slurm config (power saving)."""
+    import random
+    import time
+
+    from slim.plugin.harvest import Harvester, Scontrol
+
+    setup_logging(log_level)
+    client = core_client(core_address)
+    harvester = Harvester(client, Scontrol())
+    while True:
+        try:
+            result = harvester.once(time.time(), dry_run=dry_run)
+        except SlimError as exc:
+            if once:
+                fail(exc.message)
+            logging.getLogger("slim.plugin.harvest").warning("pass failed: %s", exc.message)
+        else:
+            if dry_run:
+                for action in result.actions:
+                    click.echo(str(action))
+            if once:
+                sys.exit(1 if result.failed else 0)
+        try:
+            time.sleep(interval * random.uniform(0.9, 1.1))  # noqa: S311 - jitter, not secrets
+        except KeyboardInterrupt:
+            return
+
+
+@slurm.group("power")
+def slurm_power() -> None:
+    """Slurm's ResumeProgram and SuspendProgram for desktop pools (slim-resume, slim-suspend)."""
+
+
+def _power(verb: str, hostlist: str, core_address: str, log_file: Path | None) -> None:
+    import time
+
+    from slim.plugin.harvest import CorePower, Scontrol
+
+    def say(message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} slim power {verb}: {message}"
+        if log_file is not None:  # first: slurmctld runs us with no standard error to write to
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            with log_file.open("a") as f:
+                f.write(line + "\n")
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            click.echo(line, err=True)
+
+    try:
+        nodes = Scontrol(timeout=10).hostnames(hostlist)
+        hook = CorePower(core_client(core_address))
+        call = hook.resume if verb == "resume" else hook.suspend
+        outcomes = call(nodes, f"slurm {verb} ({'ResumeProgram' if verb == 'resume' else 'SuspendProgram'})")
+    except SlimError as exc:
+        say(f"{hostlist}: {exc.message}")
+        sys.exit(1)
+    except Exception as exc:  # slurmctld keeps no output: say it where it can be read
+        say(f"{hostlist}: unexpected error: {exc!r}")
+        raise
+    for o in outcomes:
+        say(f"{o.node}: {o.message}")
+    sys.exit(0 if all(o.ok for o in outcomes) else 1)
+
+
+power_log_option = click.option(
+    "--log",
+    "log_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also append what it does to this file (slurmctld does not keep the output).",
+)
+
+
+@slurm_power.command("resume")
+@click.argument("hostlist")
+@core_option
+@power_log_option
+def slurm_power_resume(hostlist: str, core_address: str, log_file: Path | None) -> None:
+    """ResumeProgram: wake the desktops of HOSTLIST (d[1-3]) into their pool's EE
+    (WakeDesktops: a relay on each desktop's segment sends the magic packets, at the
+    pool's rate).  Returns at once; Slurm waits for their slurmd (ResumeTimeout)."""
+    _power("resume", hostlist, core_address, log_file)
+
+
+@slurm_power.command("suspend")
+@click.argument("hostlist")
+@core_option
+@power_log_option
+def slurm_power_suspend(hostlist: str, core_address: str, log_file: Path | None) -> None:
+    """SuspendProgram (and ResumeFailProgram): send the desktops of HOSTLIST back to their
+    own OS (ReleaseDesktops: poweroff if SLIM woke them from off, else reboot; their menu
+    boots their own OS until the next window).  Nothing for a desktop not in SLIM's EE."""
+    _power("suspend", hostlist, core_address, log_file)

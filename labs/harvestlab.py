@@ -1,0 +1,276 @@
+"""The Slurm lab (labs/slurmlab.py) with a desktop pool: d1..d3 in their own partition, with
+simulated power (tests/test_slurm_harvest.py).
+
+A desktop here is a MAC, a root ``roots/dX`` and, while it runs the pool's EE, a ``slurmd -N
+dX``.  Its power is simulated:
+
+* **power on**: the relay's magic packets go to a :class:`labs.wakelab.MagicPacketListener` on
+  127.0.0.1 (the registry's ``relays.r1.wake_to``), whose callback boots the desktop as its
+  firmware would: its boot script from the relay (``GET /boot/MAC.ipxe``), then the agent in
+  no-reboot mode builds its root for the pool's EE, ``slurmd -b`` starts and the boot's
+  ``switch_root`` and ``up`` are reported on the environment's behalf (labs/onbehalf.py);
+* **power off**: while in the EE, the desktop asks the relay for its order every second
+  (``POST /v1/nodes/dX/order`` with its boot id, as the EE's order script does); told
+  ``poweroff`` or ``reboot``, it stops its slurmd: it is back in its own OS;
+* **its owner's pick** (:meth:`HarvestLab.owner_picks_own_os`): the owner restarts the desktop
+  (slurmd stops) and picks their own OS at the menu: ``GET /boot/local?boot=ID``, the boot id
+  taken from the boot script.
+
+The pool's window is on the wall clock (Slurm cannot be given another clock): it opens at the
+first minute boundary at least ``lead`` seconds after the lab begins, for ``minutes`` minutes.
+Everything started here is stopped by :meth:`close`, by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from labs.host import free_port
+from labs.slurmlab import SLIM, SlurmLab
+from labs.wakelab import MagicPacketListener
+
+log = logging.getLogger(__name__)
+DESKTOPS = ("d1", "d2", "d3")
+PARTITION = "harvest"
+POOL = "night"
+ENVIRONMENT = "jdk14"  # base plus /opt/jdk14/release: a job proves it ran in the pool's EE
+GRACE = 60
+SUSPEND_TIMEOUT = 5
+
+
+def mac_of(node: str) -> str:
+    return f"52:54:00:66:00:{int(node[1:]):02x}"
+
+
+@dataclass
+class Desktop:
+    name: str
+    mac: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    boot_id: str = ""  # of its boot into the EE, while it runs it
+    events: list[str] = field(default_factory=list)  # what happened to it, for the test's messages
+
+
+class HarvestLab(SlurmLab):
+    def __init__(self, tmp: Path, lead: float = 30.0, minutes: int = 3) -> None:
+        super().__init__(tmp, nodes=1)
+        self.listener = MagicPacketListener([mac_of(d) for d in DESKTOPS], self._woken, ("127.0.0.1", 0))
+        self.desktops = {d: Desktop(d, mac_of(d)) for d in DESKTOPS}
+        self.ports = {d: free_port() for d in DESKTOPS}
+        first = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lead)
+        self.window_start = (first + dt.timedelta(minutes=1)).replace(second=0, microsecond=0)
+        self.window_end = self.window_start + dt.timedelta(minutes=minutes)
+        self.harvest_log = tmp / "harvest.log"
+        self._harvest: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- the SlurmLab's hooks -------------------------------------------------------------
+    def registry_nodes(self) -> str:
+        return "".join(
+            f"\n  {d}: {{macs: ['{mac_of(d)}'], profile: p, environment: base, site: lo}}" for d in DESKTOPS
+        )
+
+    def registry_pools(self) -> str:
+        return f"""pools:
+  {POOL}:
+    nodes: [{", ".join(DESKTOPS)}]
+    environment: {ENVIRONMENT}
+    partition: {PARTITION}
+    time_zone: UTC
+    windows: [{{start: "{self.window_start:%H:%M}", end: "{self.window_end:%H:%M}"}}]
+    grace: {GRACE}
+    wake_timeout: 30
+    wakes_per_minute: 600
+    menu_timeout: 1
+    prefetch_lead: 0
+"""
+
+    def registry_relay(self) -> str:
+        return f", wake_to: 127.0.0.1:{self.listener.port}"
+
+    def slurm_nodes(self) -> dict[str, int]:
+        return dict(self.ports)
+
+    def slurm_extra(self) -> str:
+        # the lab's windows are minutes: the power-save thread works every second (default 10 s),
+        # the scheduler tries pending jobs every 5 s (default 60 s; backfill 30 s)
+        power = "SlurmctldParameters=power_save_interval=1"
+        return f"{power}\nSchedulerParameters=sched_interval=5,bf_interval=5\n"
+
+    def config_args(self) -> list[str]:
+        return ["--power-log", str(self.tmp / "slurm" / "power.log"), "--idle-return", "600",
+                "--suspend-timeout", str(SUSPEND_TIMEOUT)]  # fmt: skip
+
+    # -- start ---------------------------------------------------------------------------
+    def start(self) -> HarvestLab:
+        self.listener.start()
+        super().start()
+        self.start_harvest()
+        return self
+
+    def start_harvest(self) -> None:
+        with open(self.harvest_log, "ab") as out:
+            self._harvest = subprocess.Popen(
+                [*SLIM, "slurm", "harvest", "--core", self.core, "--interval", "2"],
+                env=self.env, stdout=out, stderr=out, start_new_session=True,
+            )  # fmt: skip
+
+    # -- a desktop's power -----------------------------------------------------------------
+    def _woken(self, mac: str) -> None:
+        node = next(d for d in self.desktops.values() if d.mac == mac)
+        t = threading.Thread(target=self._power_on, args=(node,), name=f"power-on-{node.name}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _get(self, path: str) -> str:
+        with urllib.request.urlopen(f"{self.relay}{path}", timeout=10) as r:  # noqa: S310 - the lab's relay
+            return str(r.read().decode())
+
+    def boot_script(self, node: str) -> str:
+        return self._get(f"/boot/{mac_of(node)}.ipxe")
+
+    def _power_on(self, d: Desktop) -> None:
+        with d.lock:
+            if d.boot_id or self._stopping.is_set():
+                d.events.append(f"{time.strftime('%T')} magic packet: already on")
+                return
+            d.events.append(f"{time.strftime('%T')} magic packet: powering on")
+            try:
+                script = self.boot_script(d.name)  # the firmware's PXE: the menu, EE by default
+                if "slim.boot=" not in script:
+                    d.events.append("its menu boots its own OS: stays there")
+                    return
+                target = self.roots / d.name
+                shutil.rmtree(target, ignore_errors=True)
+                self.boot(d.name)  # the agent builds its root; switch_root and up reported
+                d.boot_id = json.loads((target / "run" / "slim" / "ee").read_text())["boot_id"]
+                self._run("slurmd", "-b", "-N", d.name, "-f", str(self.conf))
+                d.events.append(f"{time.strftime('%T')} in the EE (boot {d.boot_id}), slurmd started")
+            except Exception as exc:  # noqa: BLE001 - a failed boot leaves the desktop in its own OS
+                d.events.append(f"{time.strftime('%T')} boot failed: {exc}")
+                return
+        t = threading.Thread(
+            target=self._poll_orders, args=(d, d.boot_id), name=f"orders-{d.name}", daemon=True
+        )
+        self._threads.append(t)
+        t.start()
+
+    def _poll_orders(self, d: Desktop, boot_id: str) -> None:
+        """The EE's order script: ask every second until told to go back."""
+        while not self._stopping.wait(1.0):
+            if d.boot_id != boot_id:
+                return  # this boot is over
+            try:
+                request = urllib.request.Request(  # noqa: S310 - the lab's relay
+                    f"{self.relay}/v1/nodes/{d.name}/order", data=json.dumps({"boot_id": boot_id}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )  # fmt: skip
+                with urllib.request.urlopen(request, timeout=10) as r:  # noqa: S310
+                    action = r.read().decode().split()[0]
+            except OSError as exc:
+                d.events.append(f"{time.strftime('%T')} order: {exc}")
+                continue
+            if action in ("poweroff", "reboot"):
+                with d.lock:
+                    if d.boot_id == boot_id:
+                        self.stop_slurmd(d.name)
+                        d.boot_id = ""
+                        d.events.append(f"{time.strftime('%T')} told to {action}: back in its own OS")
+                return
+
+    def stop_slurmd(self, node: str) -> None:
+        pid_file = self.tmp / "slurm" / f"slurmd-{node}.pid"
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text().split()[0])
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def slurmd_running(self, node: str) -> bool:
+        pid_file = self.tmp / "slurm" / f"slurmd-{node}.pid"
+        try:
+            pid = int(pid_file.read_text().split()[0])
+        except (OSError, ValueError):
+            return False
+        return Path(f"/proc/{pid}").exists()
+
+    def owner_picks_own_os(self, node: str) -> None:
+        """The desktop's owner restarts it and picks their own OS at the menu."""
+        d = self.desktops[node]
+        with d.lock:
+            self.stop_slurmd(node)
+            d.boot_id = ""
+            script = self.boot_script(node)
+            found = re.search(r"boot/local\?boot=([\w-]+)", script) or re.search(
+                r"slim\.boot=([\w-]+)", script
+            )
+            assert found is not None, script
+            self._get(f"/boot/local?boot={found.group(1)}")
+            d.events.append(f"{time.strftime('%T')} its owner picked their own OS")
+
+    # -- Slurm and the core, as the test sees them ----------------------------------------------
+    def node(self, node: str) -> dict[str, str]:
+        out = self.slurm("scontrol", "show", "node", "-o", node).stdout
+        line, _, reason = out.partition(" Reason=")
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        fields["Reason"] = reason.strip()
+        return fields
+
+    def reservations(self) -> str:
+        """``scontrol show reservation -o``, times in UTC."""
+        proc = subprocess.run(
+            ["scontrol", "show", "reservation", "-o"], env={**self.env, "TZ": "UTC"},
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        return proc.stdout
+
+    def harvest_status(self) -> dict[str, tuple[str, str]]:
+        out = subprocess.run(
+            [*SLIM, "harvest", "status", "--core", self.core, "--json"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        pools = json.loads(out).get("pools", [])
+        return {
+            d["node"]: (d.get("state", ""), d.get("reason", "")) for p in pools for d in p.get("desktops", [])
+        }
+
+    def wait(self, what: str, check: object, timeout: float, every: float = 1.0) -> None:
+        assert callable(check)
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"never: {what}; desktops: {self.describe()}")
+            time.sleep(every)
+
+    def describe(self) -> str:
+        return "; ".join(f"{d.name}: {d.events[-4:]}" for d in self.desktops.values())
+
+    # -- stop --------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._stopping.set()
+        if self._harvest is not None and self._harvest.poll() is None:
+            self._harvest.terminate()
+            try:
+                self._harvest.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self._harvest.kill()
+                self._harvest.wait()
+        self.listener.stop()
+        for t in self._threads:
+            t.join(timeout=30)
+        super().close()
