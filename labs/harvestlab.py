@@ -113,7 +113,8 @@ class HarvestLab(SlurmLab):
 
     def config_args(self) -> list[str]:
         return ["--power-log", str(self.tmp / "slurm" / "power.log"), "--idle-return", "600",
-                "--suspend-timeout", str(SUSPEND_TIMEOUT)]  # fmt: skip
+                "--suspend-timeout", str(SUSPEND_TIMEOUT),
+                "--boot-time", "20"]  # the lab's simulated reboots take seconds  # fmt: skip
 
     # -- start ---------------------------------------------------------------------------
     def start(self) -> HarvestLab:

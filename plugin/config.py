@@ -29,6 +29,7 @@ from pathlib import Path
 from slim.core.pools import Pool
 from slim.core.registry import Registry
 
+DEFAULT_BOOT_TIME = 300  # helpers.conf BootTime: Slurm's own default, said explicitly
 DEFAULT_RESUME_TIMEOUT = 900  # seconds: a reboot into a new EE, with room for slow firmware
 DEFAULT_IDLE_RETURN = 1800  # a pool's partition's SuspendTime: an idle desktop goes back after it
 DEFAULT_SUSPEND_TIMEOUT = 120  # a desktop's way back to its own OS (poweroff or reboot)
@@ -69,6 +70,7 @@ def render(
     power_log: Path = Path("/var/log/slim/power.log"),
     idle_return: int = DEFAULT_IDLE_RETURN,
     suspend_timeout: int = DEFAULT_SUSPEND_TIMEOUT,
+    boot_time: int = DEFAULT_BOOT_TIME,
 ) -> SlurmFiles:
     """Everything ``slim slurm config`` writes into ``directory`` (the scripts live there);
     with ``identity`` (an admin identity directory), the scripts call the core with it."""
@@ -85,6 +87,9 @@ def render(
             f"MutuallyExclusive={','.join(feats.values())}",
             "# seconds the helper may take: staging waits until the node's relays are warm",
             "ExecTime=300",
+            "# seconds a reboot into another EE takes: Slurm's main scheduler adds them to every",
+            "# job's end when it checks reservations (a desktop pool's blackout among them)",
+            f"BootTime={boot_time}",
             "",
         ]
     )

@@ -220,7 +220,7 @@ async def test_a_desktop_sent_back_by_slim_may_be_woken_again_but_not_one_its_ow
     await night.boot("pc01", "e1", "plan", "switch_root", "up")
     await night.admin.ReleaseDesktops(pb.DesktopsRequest(nodes=["pc01"], reason="slurm suspend"))
     assert "goto local" in await night.script("pc01")
-    assert await night.order("pc01", "e1") == "poweroff 15\n"  # it goes back (and is off)
+    assert await night.order("pc01", "e1") == "poweroff 10\n"  # it goes back (and is off)
     reply = await night.admin.WakeDesktops(pb.DesktopsRequest(nodes=["pc01"], reason="slurm resume"))
     assert [(r.node, r.ok) for r in reply.results] == [("pc01", True)], reply
     await night.until("pc01 woken again", lambda: len(night.woken) == 4)

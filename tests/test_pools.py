@@ -172,3 +172,24 @@ async def test_the_core_never_plans_a_disk_ee_for_a_desktop(tmp_path: Path) -> N
         assert service.boot_plan(NodeRef(name="pc01"), "10.3.0.9", peek=True).desktop
     finally:
         await asyncio.to_thread(state.close)
+
+
+async def test_in_its_window_a_desktops_plan_is_its_pools_ee(tmp_path: Path) -> None:
+    """The plan follows the menu's default: a desktop whose own default EE is another boots the
+    pool's EE in the window (the agent builds what the menu's kernel and initrd were for)."""
+    text = reg(POOL).replace("environment: night, groups", "environment: plain, groups")
+    registry = load_registry_text(text)
+    store = Store(tmp_path / "store")
+    publish_placeholder_releases(registry, store)
+    state = await asyncio.to_thread(State, tmp_path / "state.db")
+    now = [paris(2026, 12, 8, 12, 0).timestamp()]
+    service = CoreService(registry, state, store, clock=lambda: now[0])
+    try:
+        assert service.boot_plan(NodeRef(name="pc01"), "10.3.0.9", peek=True).environment == "plain"
+        now[0] = paris(2026, 12, 8, 21, 0).timestamp()
+        plan = service.boot_plan(NodeRef(name="pc01"), "10.3.0.9", peek=True)
+        assert (plan.environment, plan.reason) == ("night", "pool room101's window")
+        service.desktop_out = lambda node, at: "its owner picked their own OS"  # as the harvest says
+        assert service.boot_plan(NodeRef(name="pc01"), "10.3.0.9", peek=True).environment == "plain"
+    finally:
+        await asyncio.to_thread(state.close)

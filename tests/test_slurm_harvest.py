@@ -52,11 +52,6 @@ def running_on_desktops(lab: HarvestLab) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(
-    reason="the desktops are woken, but Slurm keeps the -t 1 job pending (Reserved for maintenance) "
-    "in the lab's 3-minute window: docs/slurm.md, 'Slurm 22.05 as measured for pools', Open",
-    strict=False,
-)
 def test_a_window_of_a_desktop_pool_through_slurm(lab: HarvestLab) -> None:
     # before the window: the desktops are in their own OS, powered down as Slurm sees them,
     # and a blackout reservation keeps jobs off them until the window opens

@@ -875,7 +875,6 @@ class CoreServer:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slim-state")
         self.metrics = CollectorRegistry(auto_describe=False)
         self.harvest = Harvest(service, self.hub_wake, self._prefetch, self.hub_connected)
-        self.harvest.load(service.state.harvest_records())  # what it did before a restart
         self.metrics.register(StateMetrics(service, self.harvest))
         self._server = grpc.aio.server(
             interceptors=[CallMetrics(self.metrics)],
@@ -969,6 +968,11 @@ class CoreServer:
         if self.tls is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.tls.revocations.refresh)
             self._watch = asyncio.create_task(self._watch_revocations(), name="revocations")
+        # what the harvest did before a restart (the state database: on the writer thread)
+        records = await asyncio.get_running_loop().run_in_executor(
+            self._writer, self.service.state.harvest_records
+        )
+        self.harvest.load(records)
         await self._server.start()
         self._harvesting = asyncio.create_task(self._harvest_clock(), name="harvest")
         log.info(

@@ -421,7 +421,7 @@ class CoreService:
         address = self._origin(origin)
         if not vouched:
             self.identify(node, address, token)
-        env_name, reason = self.next_environment(node)
+        env_name, reason = self._window_environment(node) or self.next_environment(node)
         digest, release = self._release(env_name)
         site = self.registry.site_of_address(address) or node_cfg.site
         self._require_disk(self.registry, node, env_name)
@@ -570,6 +570,18 @@ class CoreService:
             raise InvalidArgument(f"nonce {nonce[:80]!r} is not 1 to 64 hex digits")
         document = plan_document(plan, nonce, self.clock())
         return document, self.signer.sign(document, f"plan for {plan.node}") if self.signer else ""
+
+    def _window_environment(self, node: str) -> tuple[str, str] | None:
+        """(the pool's EE, why) for a desktop in its pool's window that SLIM has not sent back
+        and its owner has not opted out: what its menu boots by default, so its plan too."""
+        pooled = self.registry.pool_of(node)
+        if pooled is None:
+            return None
+        name, pool = pooled
+        now = self.clock()
+        if opening_at(pool, dt.datetime.fromtimestamp(now, dt.UTC)) is None or self.desktop_out(node, now):
+            return None
+        return pool.environment, f"pool {name}'s window"
 
     # -- boot script ---------------------------------------------------------
     def boot_script(

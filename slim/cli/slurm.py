@@ -103,6 +103,15 @@ def slurm() -> None:
     help="Desktop pools: SuspendTimeout of a pool's partition, seconds a desktop takes to go back "
     "to its own OS (Slurm does not use it until then).",
 )
+@click.option(
+    "--boot-time",
+    type=click.IntRange(0, 86400),
+    default=300,
+    show_default=True,
+    help="helpers.conf BootTime: the seconds Slurm's main scheduler adds to every job's end when it "
+    "checks reservations (it assumes a reboot).  Jobs on a desktop pool start only if they end this "
+    "long before the blackout (window end minus grace): set it to a real reboot's time.",
+)
 def slurm_config(
     registry_path: Path,
     out: Path | None,
@@ -115,6 +124,7 @@ def slurm_config(
     power_log: Path,
     idle_return: int,
     suspend_timeout: int,
+    boot_time: int,
 ) -> None:
     """Write the Slurm files for the registry's environments into --out.
 
@@ -140,6 +150,7 @@ def slurm_config(
             resume_timeout=resume_timeout, source=str(registry_path),
             identity=identity.absolute() if identity is not None else None,
             power_log=power_log.absolute(), idle_return=idle_return, suspend_timeout=suspend_timeout,
+            boot_time=boot_time,
         )  # fmt: skip
         for path in write(files, out):
             click.echo(str(path))
