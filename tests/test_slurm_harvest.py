@@ -101,7 +101,7 @@ def test_a_window_of_a_desktop_pool_through_slurm(lab: HarvestLab) -> None:
         lambda: (
             not any(lab.slurmd_running(d) for d in DESKTOPS)
             and {d: s for d, (s, _) in lab.harvest_status().items()}
-            == {"d1": "own-os", "d2": "own-os", "d3": "opted-out"}
+            == {"d1": "own-os", "d2": "own-os", "d3": "own-os"}  # d3: Slurm keeps it drained
         ),
         60,
     )

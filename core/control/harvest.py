@@ -289,9 +289,10 @@ class Harvest:
     ) -> Result:
         d = self._desktop(node)
         self.dirty = True
-        d.out_until = self._window_end(pool, now)
-        d.out_reason = reason
-        d.opted_out = d.opted_out or opt_out
+        if not (d.opted_out and d.out_until > now):  # its owner's opt-out (and why) stands
+            d.out_until = self._window_end(pool, now)
+            d.out_reason = reason
+            d.opted_out = opt_out
         if not self._in_ee(node, boot, pool) or boot is None:
             return Result(node, True, f"not in {pool.environment}: its own OS until the next window")
         if d.order and d.order_boot == boot.boot_id:
@@ -480,7 +481,7 @@ class Harvest:
             state, since, reason = "failed", boot.since, f"{boot.stage}: {boot.message}"
         elif d.opted_out and d.out_until > now:
             state, since, reason = "opted-out", 0.0, d.out_reason
-        elif d.woken_at:  # and no boot into the EE since
+        elif d.woken_at and opening_at(pool, self._when(now)) is not None:  # no EE boot since
             if now - d.woken_at > pool.wake_timeout:
                 state, since = "in-use", d.woken_at + pool.wake_timeout
                 reason = f"no boot into {pool.environment} {pool.wake_timeout:g} s after its wake: left alone"
