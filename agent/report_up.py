@@ -157,7 +157,9 @@ while :; do
     esac
     break
   done
-  $bb sleep "$wait"
+  # the core's interval, plus up to a fifth more (the kernel's randomness): a pool woken
+  # together does not ask together all night
+  $bb sleep $((wait + $($bb od -An -N1 -tu1 /dev/urandom) * wait / 1275))
 done
 """
 

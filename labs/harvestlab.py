@@ -217,9 +217,7 @@ class HarvestLab(SlurmLab):
             self.stop_slurmd(node)
             d.boot_id = ""
             script = self.boot_script(node)
-            found = re.search(r"boot/local\?boot=([\w-]+)", script) or re.search(
-                r"slim\.boot=([\w-]+)", script
-            )
+            found = re.search(r" local\?boot=([\w-]+)", script) or re.search(r"slim\.boot=([\w-]+)", script)
             assert found is not None, script
             self._get(f"/boot/local?boot={found.group(1)}")
             d.events.append(f"{time.strftime('%T')} its owner picked their own OS")

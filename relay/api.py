@@ -38,7 +38,7 @@ from typing import Any
 from aiohttp import web
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from slim.errors import InvalidArgument, Overloaded, SlimError, Unauthenticated
+from slim.errors import InvalidArgument, NotFound, Overloaded, SlimError, Unauthenticated
 from slim.relay.corelink import CoreLink
 from slim.relay.observe import BootObserver
 from slim.rpc import tier_name
@@ -193,7 +193,7 @@ class NodeApi:
         app.router.add_post("/v1/nodes/{node}/events", self._limited(self.events))
         app.router.add_get("/v1/nodes/{node}/secrets", self._limited(self.secrets))
         app.router.add_post("/v1/nodes/{node}/order", self._limited(self.order))
-        app.router.add_get("/boot/local", self.local)
+        app.router.add_get("/boot/local", self._limited(self.local))
 
     def _limited(self, handler: Handler) -> Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
@@ -345,8 +345,8 @@ class NodeApi:
         boot_id = request.query.get("boot", "")
         if not BOOT_ID_RE.fullmatch(boot_id):
             raise InvalidArgument("?boot= must name the boot (1 to 64 hex digits)")
-        if self.observer is not None:
-            self.observer.local_boot(boot_id, self._origin(request))
+        if self.observer is None or not self.observer.local_boot(boot_id, self._origin(request)):
+            raise NotFound(f"this relay sent no menu of boot {boot_id} to {self._origin(request) or '?'}")
         return web.Response(text="local\n", content_type="text/plain", headers={"Cache-Control": "no-store"})
 
     async def events(self, request: web.Request) -> web.StreamResponse:

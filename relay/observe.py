@@ -93,6 +93,8 @@ class BootObserver:
         self._tftp: collections.deque[TftpTransfer] = collections.deque(maxlen=MAX_TFTP_KEPT)
         self._tftp_lock = threading.Lock()  # TFTP transfers end on the TFTP thread
         self._nodes: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # boot id -> the address its menu was sent to (only that address may say it went local)
+        self._origins: collections.OrderedDict[str, str] = collections.OrderedDict()
         # address -> when the latest script was asked from it (TFTP before that is claimed)
         self._scripts: collections.OrderedDict[str, float] = collections.OrderedDict()
 
@@ -112,8 +114,12 @@ class BootObserver:
             return
         self._nodes[boot_id] = node
         self._nodes.move_to_end(boot_id)
+        self._origins[boot_id] = origin
+        self._origins.move_to_end(boot_id)
         while len(self._nodes) > MAX_BOOTS_KEPT:
             self._nodes.popitem(last=False)
+        while len(self._origins) > MAX_BOOTS_KEPT:
+            self._origins.popitem(last=False)
         for t in self._claim_tftp(origin, started):
             self._record(
                 pb.BootEvent(
@@ -145,14 +151,18 @@ class BootObserver:
             )
         )  # fmt: skip
 
-    def local_boot(self, boot_id: str, origin: str) -> None:
-        """A boot's menu went to the local disk (on the loop)."""
+    def local_boot(self, boot_id: str, origin: str) -> bool:
+        """A boot's menu went to the local disk (on the loop); False (nothing recorded) unless
+        this relay sent that boot's menu to ``origin``."""
+        if self._origins.get(boot_id) != origin:
+            return False
         self._record(
             pb.BootEvent(
                 node=self._nodes.get(boot_id, ""), boot_id=boot_id, stage=LOCAL_STAGE, time=_ts(time.time()),
                 ok=True, message=f"the menu booted the local disk ({origin})",
             )
         )  # fmt: skip
+        return True
 
     def _claim_tftp(self, address: str, before: float) -> list[TftpTransfer]:
         """The transfers from ``address`` since its previous script (within the window),

@@ -15,6 +15,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import aiohttp
+import grpc
 import pytest
 
 from labs.placeholders import publish_placeholder_releases
@@ -22,7 +23,7 @@ from labs.wakelab import MagicPacketListener
 from slim.agent import report_up
 from slim.core.control.harvest import Harvest
 from slim.core.control.server import CoreServer
-from slim.core.control.service import CoreService
+from slim.core.control.service import BootStatus, CoreService
 from slim.core.control.state import BootEvent, State
 from slim.core.registry import load_registry_text
 from slim.core.store import Store
@@ -155,7 +156,9 @@ async def night(tmp_path: Path) -> AsyncIterator[Night]:
 async def test_a_night_wakes_the_pool_at_its_rate_and_sends_it_back_at_the_end(night: Night) -> None:
     # before the window: everyone in their own OS, whose menu boots it by default
     assert {d.state for d in (await night.status()).values()} == {"own-os"}
-    assert "goto local" in await night.script("pc01")  # no menu: straight to the local disk
+    assert (
+        "choose" not in (s := await night.script("pc01")) and "goto local" in s
+    )  # no menu: straight to the local disk
     # the Slurm side reads the windows ahead (for its reservations) and the pool's settings
     ahead = await night.admin.HarvestStatus(pb.HarvestStatusRequest(horizon_seconds=2 * 86400))
     windows = [(w.start.seconds, w.end.seconds) for w in ahead.pools[0].upcoming]
@@ -175,18 +178,19 @@ async def test_a_night_wakes_the_pool_at_its_rate_and_sends_it_back_at_the_end(n
     await night.boot("pc01", b1, "plan", "switch_root", "up")
     # pc02's owner picks their own OS at the menu: the relay sees it, pc02 is out until tomorrow
     script = await night.script("pc02")
-    boot_id = script.split("boot/local?boot=")[1].split()[0]
+    boot_id = script.split(" local?boot=")[1].split()[0]
     async with night.http.get(f"{night.relay_url}boot/local?boot={boot_id}") as r:
         assert r.status == 200
     await night.until("pc02 opted out", _state(night, "pc02", "opted-out"))
-    assert "goto local" in await night.script("pc02")  # for the rest of the window
+    assert (
+        "choose" not in (s := await night.script("pc02")) and "goto local" in s
+    )  # for the rest of the window
     status = await night.status()
     assert status["pc01"].state == "idle" and status["pc01"].woken_from_off
     assert "picked their own OS at the menu" in status["pc02"].reason
     # pc03 never comes up (its owner is on it): after the wake timeout it is left alone
     night.now[0] = paris(8, 20, 11)
     assert (await night.status())["pc03"].state == "in-use"
-    assert await night.order("pc01", b1) == "none 10\n"
     # grace before the end: pc01 (no job) is told to power off (SLIM woke it from off)
     night.now[0] = paris(9, 6, 46)
     await night.until("pc01 told to go back", _state(night, "pc01", "returning"))
@@ -205,7 +209,7 @@ async def test_a_desktop_not_woken_by_slim_is_rebooted_and_one_in_a_job_may_fini
     reply = await night.admin.ReleaseDesktops(pb.DesktopsRequest(nodes=["pc02", "nobody"], reason="test"))
     assert [(r.node, r.ok) for r in reply.results] == [("pc02", True), ("nobody", False)]
     assert await night.order("pc02", "c2") == "reboot 10\n"  # it was on: back to its own OS
-    assert "goto local" in await night.script("pc02")  # not the EE again tonight
+    assert "choose" not in (s := await night.script("pc02")) and "goto local" in s  # not the EE again tonight
     # an order is for its boot only
     assert await night.order("pc02", "c0") == "none 10\n"
 
@@ -219,14 +223,14 @@ async def test_a_desktop_sent_back_by_slim_may_be_woken_again_but_not_one_its_ow
     await night.until("the window's wake", lambda: len(night.woken) == 3)
     await night.boot("pc01", "e1", "plan", "switch_root", "up")
     await night.admin.ReleaseDesktops(pb.DesktopsRequest(nodes=["pc01"], reason="slurm suspend"))
-    assert "goto local" in await night.script("pc01")
+    assert "choose" not in (s := await night.script("pc01")) and "goto local" in s
     assert await night.order("pc01", "e1") == "poweroff 10\n"  # it goes back (and is off)
     reply = await night.admin.WakeDesktops(pb.DesktopsRequest(nodes=["pc01"], reason="slurm resume"))
     assert [(r.node, r.ok) for r in reply.results] == [("pc01", True)], reply
     await night.until("pc01 woken again", lambda: len(night.woken) == 4)
     assert "choose --default ee-night" in await night.script("pc01")  # the EE again
     script = await night.script("pc02")
-    boot_id = script.split("boot/local?boot=")[1].split()[0]
+    boot_id = script.split(" local?boot=")[1].split()[0]
     async with night.http.get(f"{night.relay_url}boot/local?boot={boot_id}") as r:
         assert r.status == 200
     await night.until("pc02 opted out", _state(night, "pc02", "opted-out"))
@@ -295,3 +299,122 @@ async def test_a_restarted_core_remembers_the_night(night: Night, tmp_path: Path
     assert status["pc01"].state == "waking"  # it knows it woke them
     assert again.menu_default("pc03", night.now[0]) is not None  # pc03 stays in its own OS tonight
     again.load({"desktop:pc09": "{not json", "pool:room101": '{"unknown": 1}'})  # dropped, said
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (b"not json", 400, "must be JSON"),
+        (b'{"boot_id": "ab", "extra": 1}', 400, "a JSON object with boot_id"),
+        (b'{"boot_id": "../x"}', 400, "boot_id must name the running boot"),
+        (b'{"boot_id": "ab", "token": "t0k3n-that-is-long-enough-0123456789abcdef"}', 400, "over HTTPS only"),
+    ],
+)
+async def test_bad_order_requests_are_refused_by_name(
+    night: Night, body: bytes, status: int, says: str
+) -> None:
+    async with night.http.post(f"{night.relay_url}v1/nodes/pc01/order", data=body) as r:
+        assert r.status == status and says in (await r.json())["error"], await r.text()
+    async with night.http.post(f"{night.relay_url}v1/nodes/pc99/order", data=b'{"boot_id": "ab"}') as r:
+        assert r.status == 404 and "pc99" in (await r.json())["error"]
+
+
+async def test_only_the_address_that_got_the_menu_may_say_it_went_local(night: Night) -> None:
+    async with night.http.get(f"{night.relay_url}boot/local") as r:
+        assert r.status == 400 and "?boot=" in (await r.json())["error"]
+    async with night.http.get(f"{night.relay_url}boot/local?boot=abcdef0123456789") as r:
+        assert r.status == 404 and "sent no menu of boot" in (await r.json())["error"]
+    # a boot that ran the agent did not go to the local disk, whatever a stray request says
+    night.now[0] = paris(8, 21, 0)
+    await night.until("the window's wake", lambda: len(night.woken) == 3)
+    b1 = (await night.script("pc01")).split("slim.boot=")[1].split()[0]
+    await night.boot("pc01", b1, "plan", "switch_root", "up")
+    async with night.http.get(f"{night.relay_url}boot/local?boot={b1}") as r:
+        assert r.status == 200  # the relay sent that menu to this address: it records it
+    await asyncio.sleep(0)  # (the relay's batch goes on its own task; the check below polls)
+    await night.until("pc01 idle, not opted out", _state(night, "pc01", "idle"))
+    status = await night.status()
+    assert status["pc01"].state == "idle", status["pc01"]
+
+
+async def test_bad_harvest_status_requests(night: Night) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await night.admin.HarvestStatus(pb.HarvestStatusRequest(pool="room999"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "room101" in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await night.admin.HarvestStatus(pb.HarvestStatusRequest(horizon_seconds=-1))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _harvest(
+    registry_text: str, tmp_path: Path, now: list[float], sent: list[list[str]], ok: list[bool]
+) -> Harvest:
+    registry = load_registry_text(registry_text)
+    store = Store(tmp_path / "store")
+    publish_placeholder_releases(registry, store)
+    service = CoreService(registry, State(tmp_path / "state.db"), store, clock=lambda: now[0])
+
+    def send(relay: str, targets: list[tuple[str, str]], per_minute: int) -> bool:
+        sent.append(sorted(n for n, _ in targets))
+        return ok.pop(0) if ok else True
+
+    return Harvest(service, send, lambda env, nodes: None, lambda: ["r1"])
+
+
+def _registry(partition: str = "") -> str:
+    nodes = "\n".join(
+        f'  {n}: {{macs: ["{m}"], profile: pc, environment: night, groups: [room101], site: lab}}'
+        for n, m in MACS.items()
+    )
+    text = REGISTRY.format(nodes=nodes, rate=RATE)
+    return text + (f"    partition: {partition}\n" if partition else "")
+
+
+def test_a_wake_that_could_not_go_out_is_tried_again(tmp_path: Path) -> None:
+    now, sent = [paris(8, 20, 0, 1)], list[list[str]]()
+    harvest = _harvest(_registry(), tmp_path, now, sent, ok=[False])  # the relay's stream just closed
+    harvest.tick({})
+    assert sent == [["pc01", "pc02", "pc03"]]
+    now[0] += 1
+    harvest.tick({})  # again, as the packets never left
+    assert sent == [["pc01", "pc02", "pc03"]] * 2
+    now[0] += 1
+    harvest.tick({})  # sent: not again (they are waking, or in use)
+    assert len(sent) == 2
+
+
+def test_with_a_slurm_partition_the_core_leaves_the_windows_edges_to_slurm(tmp_path: Path) -> None:
+    now, sent = [paris(8, 20, 0, 1)], list[list[str]]()
+    harvest = _harvest(_registry("desktops"), tmp_path, now, sent, ok=[])
+    up = BootStatus("b1", "night", "up", "up", "", now[0], now[0], now[0])
+    harvest.tick({"pc01": up})
+    assert sent == []  # Slurm's ResumeProgram wakes them
+    now[0] = paris(9, 6, 50)  # end - grace
+    harvest.tick({"pc01": up})
+    assert harvest.order_for("pc01", "b1")[0] == ""  # Slurm's POWER_DOWN sends it back
+    now[0] = paris(9, 7, 0, 1)  # the window is over: whatever is still in the EE goes back
+    harvest.order_for("pc01", "b1")  # (its EE asks every order_poll: it is still there)
+    harvest.tick({"pc01": up})
+    assert harvest.order_for("pc01", "b1")[0] == "reboot"
+
+
+def test_a_desktop_whose_ee_stops_asking_is_back_with_its_owner(tmp_path: Path) -> None:
+    """Powered off or reset mid-night (its owner took it): its EE no longer asks for orders;
+    after three polls and 30 s it is in its own OS, and no longer counted in the EE."""
+    now, sent = [paris(8, 20, 0, 1)], list[list[str]]()
+    harvest = _harvest(_registry(), tmp_path, now, sent, ok=[])
+    up = BootStatus("b1", "night", "up", "up", "", now[0], now[0], now[0])
+    harvest.tick({"pc01": up})
+    harvest.order_for("pc01", "b1")
+    now[0] += 30
+    harvest.tick({"pc01": up})
+    view = {d.node: d for d in harvest.status("room101", {"pc01": up})[0].desktops}
+    assert view["pc01"].state == "idle"
+    now[0] += 61
+    harvest.tick({"pc01": up})
+    view = {d.node: d for d in harvest.status("room101", {"pc01": up})[0].desktops}
+    assert view["pc01"].state == "own-os" and "stopped asking" in view["pc01"].reason
+    hours = harvest.status("room101", {"pc01": up})[0].node_hours_ee
+    now[0] += 3600
+    harvest.tick({"pc01": up})
+    assert harvest.status("room101", {"pc01": up})[0].node_hours_ee == hours

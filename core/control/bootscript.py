@@ -56,9 +56,11 @@ def object_url(base: str, digest: str, boot_id: str = "", stage: str = "") -> st
     return f"{url}?boot={boot_id}&stage={stage}" if boot_id else url
 
 
-def local_url(base: str, boot_id: str) -> str:
-    """The URL a menu fetches from a relay when it boots the local disk (stage ``local``)."""
-    return f"{base}boot/local?boot={boot_id}"
+def local_url(boot_id: str) -> str:
+    """What a menu fetches when it boots the local disk (stage ``local``): relative, so that it
+    goes to the relay that sent the menu (iPXE resolves it against the script's URL), which
+    takes it only from the address it sent that boot's menu to."""
+    return f"local?boot={boot_id}"
 
 
 def _label(env: str) -> str:
@@ -118,8 +120,8 @@ def render_ipxe(menu: Menu) -> str:
             f"goto {label}-fetch",
         ]
     out += ["", ":local", "echo SLIM: booting from local disk"]
-    if relays and menu.boot_id:  # tell the relay (a desktop's owner may have picked it): best effort
-        url = local_url(relays[0], menu.boot_id)
+    if menu.boot_id:  # tell the relay (a desktop's owner may have picked it): best effort
+        url = local_url(menu.boot_id)
         out.append(f"imgfetch --name slim-local {url} && imgfree slim-local ||")
     out += [
         "sanboot --no-describe --drive 0x80 || exit",

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_HORIZON = 31 * 86400.0
 POLL_MS = 60_000  # how often a node in no pool asks (it has no order to wait for)
+GONE_AFTER = 30.0  # seconds, beyond 3 order polls, of an EE's silence before it counts as gone
 SAVE_EVERY = 10.0  # seconds between saves of the node-hours (a change to a desktop is saved at once)
 IN_EE = ("booting", "starting", "up")
 STATES = ("own-os", "waking", "booting", "idle", "job", "returning", "in-use", "failed", "opted-out")
@@ -60,6 +61,8 @@ class Desktop:
     order_at: float = 0.0
     order_taken: float = 0.0
     busy: bool = False  # runs a job (the Slurm side says)
+    asked_at: float = 0.0  # when its EE last asked for its order (the order script)
+    asked_boot: str = ""
     since: float = 0.0  # of its state as last computed
     state: str = "own-os"
 
@@ -222,7 +225,12 @@ class Harvest:
                     continue
                 boot = boots.get(node)
                 opening = opening_at(pool, self._when(now))
-                window = opening.start.timestamp() if opening is not None else now
+                if opening is None:
+                    results.append(
+                        Result(node, False, f"outside pool {pool_name}'s windows: it would boot its own OS")
+                    )
+                    continue
+                window = opening.start.timestamp()
                 recent = boot is not None and boot.started >= window - pool.wake_timeout
                 if recent and self._in_ee(node, boot, pool) and boot is not None:
                     said = f"already in {pool.environment} ({boot.state})"
@@ -252,6 +260,9 @@ class Harvest:
         for (relay, per_minute), targets in batches.items():
             if not self._send_wake(relay, targets, per_minute):
                 bad = {n for n, _ in targets}
+                with self._lock:
+                    for n in bad:
+                        self._desktop(n).woken_at = 0.0  # not woken: tried again
                 results = [
                     Result(r.node, False, f"relay {relay} has no heartbeat stream") if r.node in bad else r
                     for r in results
@@ -340,6 +351,9 @@ class Harvest:
         poll = pooled[1].order_poll if pooled is not None else POLL_MS / 1000
         with self._lock:
             d = self._desktops.get(node)
+            if d is not None or pooled is not None:
+                d = self._desktop(node)
+                d.asked_at, d.asked_boot = self.clock(), boot_id
             if d is None or not d.order or d.order_boot != boot_id:
                 return "", "", poll
             if not d.order_taken:
@@ -393,10 +407,19 @@ class Harvest:
                         d.out_until, d.out_reason, d.opted_out = 0.0, "", False
                     if d.woken_at and d.woken_at < start:
                         d.woken_at = 0.0
-            if not pool.partition and marks.woke != start:
-                marks.woke = start
-                self.wake(members, f"pool {name}'s window opened", boots)
-            if now >= end - pool.grace:
+            if not pool.partition and now < end - pool.grace:
+                with self._lock:  # not woken yet this window (or the packet could not go out)
+                    pending = [
+                        n
+                        for n in members
+                        if self._desktop(n).woken_at < start
+                        and not self._out(n, now)
+                        and not self._in_ee(n, boots.get(n), pool)
+                    ]
+                if pending:
+                    marks.woke = start
+                    self.wake(pending, f"pool {name}'s window opened", boots)
+            if now >= end - pool.grace and not pool.partition:  # (with a partition: Slurm's)
                 marks.drained = start
                 with self._lock:
                     busy = {n for n in members if self._desktop(n).busy}
@@ -412,11 +435,23 @@ class Harvest:
                     self.release(going, why, boots)
 
     def _in_ee(self, node: str, boot: BootStatus | None, pool: Pool) -> bool:
-        """The node's latest boot is into the pool's EE and has not taken an order to go back."""
+        """The node's latest boot is into the pool's EE, has not taken an order to go back, and
+        its EE still asks for its orders (when it ever did)."""
         if boot is None or boot.state not in IN_EE or boot.environment != pool.environment:
             return False
         d = self._desktops.get(node)
-        return d is None or not (d.order_boot == boot.boot_id and d.order_taken)
+        if d is None:
+            return True
+        return not (d.order_boot == boot.boot_id and d.order_taken) and not self._gone(d, boot, pool)
+
+    def _gone(self, d: Desktop, boot: BootStatus, pool: Pool) -> bool:
+        """Its EE asked for its orders, then stopped: powered off or reset (by its owner)."""
+        silent = self.clock() - d.asked_at
+        return d.asked_boot == boot.boot_id and silent > 3 * pool.order_poll + GONE_AFTER
+
+    def _out(self, node: str, now: float) -> bool:
+        d = self._desktops.get(node)
+        return d is not None and d.out_until > now
 
     def _ordered(self, node: str, boots: dict[str, BootStatus | None]) -> bool:
         d, boot = self._desktops.get(node), boots.get(node)
@@ -465,10 +500,15 @@ class Harvest:
 
     def _view(self, node: str, pool: Pool, boot: BootStatus | None, now: float) -> DesktopView:
         d = self._desktops.get(node) or Desktop()
+        reason = ""
         boot_id = boot.boot_id if boot is not None else ""
         from_off = self._woken_from_off(d, boot, pool)
         in_ee = self._in_ee(node, boot, pool)
-        if d.order and boot is not None and d.order_boot == boot.boot_id:
+        gone = boot is not None and boot.state == "up" and self._gone(d, boot, pool)
+        if gone and not (d.order and d.order_taken):
+            state, since = "own-os", d.asked_at
+            reason = f"its EE stopped asking at {self._when(d.asked_at):%H:%M:%S} UTC: powered off or reset"
+        elif d.order and boot is not None and d.order_boot == boot.boot_id:
             state, since, reason = "returning", d.order_at, f"told to {d.order}: {d.order_reason}"
             if d.order_taken:
                 state, since = "own-os", d.order_taken

@@ -70,6 +70,7 @@ DAY = 86400.0
 DEFAULT_TOKEN_TTL: dict[Kind, float] = {"admin": 90 * DAY, "node": 3650 * DAY}
 MAX_TOKEN_TTL = 3650 * DAY
 MAX_ADMIN_TOKEN_TTL = 365 * DAY
+AGENT_OR_EE = ("plan", SWITCH_ROOT_STAGE, UP_STAGE)  # a boot with these ran the agent
 RETRY_WAIT = 4  # seconds (to twice that, jittered) a boot script waits before asking the relays again
 
 
@@ -191,7 +192,8 @@ def _boot_status(events: list[BootEvent], now: float | None, up_timeout: float |
             last.boot_id, env, "failed", failed.stage, failed.message, last.time, failed.received_at
         )
     local = next((e for e in events if e.stage == LOCAL_STAGE), None)
-    if local is not None:
+    if local is not None and not any(e.stage in AGENT_OR_EE for e in events):  # (a boot that ran
+        # the agent did not go to the local disk, whatever a stray request says)
         return BootStatus(last.boot_id, "", "local", last.stage, local.message, last.time, local.received_at)
     up = next((e for e in events if e.stage == UP_STAGE), None)
     if up is not None:
@@ -610,9 +612,9 @@ class CoreService:
             now = self.clock()
             out = self.desktop_out(node, now)
             if opening_at(pool, dt.datetime.fromtimestamp(now, dt.UTC)) is None:
-                default, reason = LOCAL, f"outside pool {pool_name}'s window"
+                default, reason, timeout = LOCAL, f"outside pool {pool_name}'s window", 0.0  # no menu
             elif out is not None:
-                default, reason = LOCAL, out
+                default, reason, timeout = LOCAL, out, 0.0
             else:
                 default, reason = pool.environment, f"pool {pool_name}'s window"
                 timeout = pool.menu_timeout  # short: the owner may still pick their own OS
@@ -730,7 +732,7 @@ class CoreService:
         if batch:
             self.state.add_boot_events(batch, now)
             for e in batch:
-                if e.stage == LOCAL_STAGE and e.node:
+                if e.stage == LOCAL_STAGE and e.node and not self._ran_agent(e.boot_id):
                     self.local_picked(e.node, e.boot_id, now)
         return taken + len(batch)
 
@@ -747,6 +749,10 @@ class CoreService:
             raise InvalidArgument("a node's token goes to its relay over HTTPS only")
         self.identify(node, self._origin(origin), token, reg)
         return node, boot_id
+
+    def _ran_agent(self, boot_id: str) -> bool:
+        """Whether the boot got as far as the agent (its menu did not go to the local disk)."""
+        return any(e.stage in AGENT_OR_EE for e in self.state.boot(boot_id))
 
     def pooled_boots(self) -> dict[str, BootStatus | None]:
         """Every pooled desktop's latest boot (reads the database)."""

@@ -1855,7 +1855,7 @@ class DesktopStatus(_message.Message):
     """"own-os" (its own OS, or off, as the owner left it), "waking" (SLIM sent the packet),
     "booting" (into the pool's EE), "idle" (in the EE, no job), "job" (running a job),
     "returning" (told to go back), "in-use" (did not come up after a wake: left alone),
-    "opted-out" (its owner picked their own OS in the window, or an admin took it out)
+    "opted-out" (its owner picked their own OS at the menu in this window)
     """
     reason: _builtins.str
     boot_id: _builtins.str
