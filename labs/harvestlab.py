@@ -65,7 +65,7 @@ class Desktop:
 
 
 class HarvestLab(SlurmLab):
-    def __init__(self, tmp: Path, lead: float = 30.0, minutes: int = 3) -> None:
+    def __init__(self, tmp: Path, lead: float = 20.0, minutes: int = 3) -> None:
         super().__init__(tmp, nodes=1)
         self.listener = MagicPacketListener([mac_of(d) for d in DESKTOPS], self._woken, ("127.0.0.1", 0))
         self.desktops = {d: Desktop(d, mac_of(d)) for d in DESKTOPS}
