@@ -395,6 +395,11 @@ class Harvest:
                     late = [n for n in late if not self._ordered(n, boots)]
                 if late:
                     self.release(late, "the window ended", boots)
+                with self._lock:  # the night is over: whom it woke is history (the orders stand)
+                    for node in members:
+                        d = self._desktop(node)
+                        if d.woken_at:
+                            d.woken_at, self.dirty = 0.0, True
                 continue
             start, end = opening.start.timestamp(), opening.end.timestamp()
             if marks.prefetched != start:  # the core started in the window, or the lead was 0
