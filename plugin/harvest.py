@@ -368,8 +368,10 @@ def parse_reservations(text: str) -> dict[str, Reservation]:
         f = _fields(line)
         if "ReservationName" not in f:
             continue
-        nodes = tuple(expand_hostlist(f["Nodes"])) if f.get("Nodes", "(null)") != "(null)" else ()
         name = f["ReservationName"]
+        if not name.startswith("slim-"):
+            continue  # not one of ours: its nodes (any host list syntax) do not matter here
+        nodes = tuple(expand_hostlist(f["Nodes"])) if f.get("Nodes", "(null)") != "(null)" else ()
         out[name] = Reservation(name, _epoch_utc(f["StartTime"]), _epoch_utc(f["EndTime"]), nodes)
     return out
 
@@ -428,7 +430,8 @@ class Scontrol:
         nodes = parse_nodes(self.run("scontrol", "show", "node", "-o"))
         reservations = self.run("scontrol", "show", "reservation", "-o")
         listed = [x for x in self.run("squeue", "-h", "-t", "R,CG", "-o", "%N").split() if x]
-        busy = frozenset(expand_hostlist(",".join(listed))) if listed else frozenset()
+        # Slurm's own expansion: any job's host list, whatever its syntax (r[1-2]n[1-4])
+        busy = frozenset(self.hostnames(",".join(listed))) if listed else frozenset()
         return SlurmState(
             nodes,
             parse_reservations("" if reservations.startswith("No reservations") else reservations),

@@ -243,6 +243,8 @@ def test_reading_slurm() -> None:
     res = parse_reservations(
         "ReservationName=slim-night-20261205T2231 StartTime=2026-12-04T22:33:00 EndTime=2026-12-05T22:31:00 "
         "Duration=23:58:00 Nodes=d[1-3] NodeCnt=3 Flags=MAINT,IGNORE_JOBS,SPEC_NODES State=INACTIVE"
+        + "\nReservationName=theirs StartTime=2026-12-04T22:33:00 EndTime=2026-12-05T22:31:00 "
+        "Nodes=r[1-2]n[1-4] NodeCnt=8 Flags=MAINT"  # another's, any host list syntax: not ours
     )["slim-night-20261205T2231"]
     assert res.nodes == DESKTOPS and res.end - res.start == 23 * HOUR + 58 * 60
     assert [parse_duration(t) for t in ("00:10:00", "1-00:00:00", "UNLIMITED", "5")] == [
