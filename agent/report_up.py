@@ -316,13 +316,18 @@ def install(
         write(slim / "token", token + "\n", 0o600)
     systemd = uses_systemd(root, init)
     target = default_target(root, unit) if systemd else ""
-    if systemd:
+
+    def wanted(name: str, text: str) -> None:
+        """A unit in the EE's /run, wanted by (and ordered after) its default target."""
         units = run / "systemd" / "system"
-        write(units / UNIT, UNIT_TEXT.format(target=target))
+        write(units / name, text.format(target=target))
         wants = units / f"{target}.wants"
         wants.mkdir(parents=True, exist_ok=True)
-        (wants / UNIT).symlink_to(f"../{UNIT}")
-        written.append(f"/run/systemd/system/{target}.wants/{UNIT}")
+        (wants / name).symlink_to(f"../{name}")
+        written.append(f"/run/systemd/system/{target}.wants/{name}")
+
+    if systemd:
+        wanted(UNIT, UNIT_TEXT)
     if desktop:
         found_nics = boot_nics() if nics is None else nics
         body_head, _, _ = json.dumps({"boot_id": boot_id, "token": "@"}).partition('@"')
@@ -339,12 +344,7 @@ def install(
             0o700,
         )
         if systemd:
-            units = run / "systemd" / "system"
-            write(units / ORDERS_UNIT, ORDERS_UNIT_TEXT.format(target=target))
-            wants = units / f"{target}.wants"
-            wants.mkdir(parents=True, exist_ok=True)
-            (wants / ORDERS_UNIT).symlink_to(f"../{ORDERS_UNIT}")
-            written.append(f"/run/systemd/system/{target}.wants/{ORDERS_UNIT}")
+            wanted(ORDERS_UNIT, ORDERS_UNIT_TEXT)
         if found_nics:
             write(
                 run / "systemd" / "network" / "10-slim-wol.link",

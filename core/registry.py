@@ -475,6 +475,9 @@ class Registry:
             for n, spec in doc.nodes.items()
             if n in pool.nodes or set(spec.groups) & set(pool.groups)
         }
+        self._pool_members: dict[str, tuple[str, ...]] = {
+            name: tuple(sorted(n for n, (p, _) in self._pool_of.items() if p == name)) for name in doc.pools
+        }
         self.server = doc.server
         self.dhcp_networks: tuple[DhcpNetwork, ...] = tuple(
             net
@@ -552,6 +555,10 @@ class Registry:
     def feature_of(self, env_name: str) -> str:
         env = self.environment(env_name)
         return env.feature or f"ee:{env_name}"
+
+    def pool_members(self, pool: str) -> tuple[str, ...]:
+        """The desktops of ``pool``, sorted (none for an unknown pool)."""
+        return self._pool_members.get(pool, ())
 
     def pool_of(self, node: str) -> tuple[str, Pool] | None:
         """The desktop pool ``node`` is in (its name and settings), if any."""

@@ -23,14 +23,11 @@ Everything started here is stopped by :meth:`close`, by PID.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
-import os
 import re
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -39,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labs.host import free_port
-from labs.slurmlab import SLIM, SlurmLab
+from labs.slurmlab import SLIM, SlurmLab, stop_pid_file
 from labs.wakelab import MagicPacketListener
 
 log = logging.getLogger(__name__)
@@ -194,13 +191,7 @@ class HarvestLab(SlurmLab):
                 return
 
     def stop_slurmd(self, node: str) -> None:
-        pid_file = self.tmp / "slurm" / f"slurmd-{node}.pid"
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(pid_file.read_text().split()[0])
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 20
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
+        stop_pid_file(self.tmp / "slurm" / f"slurmd-{node}.pid")
 
     def slurmd_running(self, node: str) -> bool:
         pid_file = self.tmp / "slurm" / f"slurmd-{node}.pid"

@@ -111,6 +111,17 @@ def make_images(root: Path) -> None:
     crash.write_text("the simulated environment never reports up\n")
 
 
+def stop_pid_file(pid_file: Path) -> None:
+    """SIGTERM the daemon whose PID ``pid_file`` holds (one we started) and wait, bounded, for
+    it to go; nothing if the file is missing or holds no PID."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 class SlurmLab:
     def __init__(self, tmp: Path, nodes: int = 3) -> None:
         self.tmp = tmp
@@ -306,12 +317,7 @@ class SlurmLab:
         if self.munge is not None:
             pid_files.append(self.munge / "munged.pid")
         for pid_file in pid_files:
-            with contextlib.suppress(OSError, ValueError):
-                pid = int(pid_file.read_text().split()[0])
-                os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + 20
-                while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                    time.sleep(0.05)
+            stop_pid_file(pid_file)
         if self._serve is not None and self._serve.poll() is None:
             self._serve.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):

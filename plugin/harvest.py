@@ -33,7 +33,6 @@ import datetime as dt
 import logging
 import os
 import re
-import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -42,6 +41,7 @@ from zoneinfo import ZoneInfo
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from slim.errors import InvalidArgument, Unavailable
+from slim.plugin.access import SlurmCli
 from slim.v1 import core_pb2 as pb
 
 if TYPE_CHECKING:
@@ -400,43 +400,24 @@ def parse_partitions(text: str) -> dict[str, float | None]:
     return out
 
 
-class Scontrol:
-    """Slurm's commands, each bounded (client commands block ~10 s when slurmctld is down), with
-    ``TZ=UTC`` (scontrol reads and prints reservation times in its own zone)."""
+class Scontrol(SlurmCli):
+    """Slurm's commands (:class:`slim.plugin.access.SlurmCli`: each bounded), with ``TZ=UTC``
+    (scontrol reads and prints reservation times in its own zone)."""
 
     def __init__(self, env: Mapping[str, str] | None = None, timeout: float = 30.0) -> None:
-        self.env = {**(env if env is not None else os.environ), "TZ": "UTC"}
-        self.timeout = timeout
-
-    def run(self, *argv: str) -> str:
-        try:
-            proc = subprocess.run(
-                argv, env=self.env, capture_output=True, text=True, timeout=self.timeout, check=False
-            )
-        except FileNotFoundError:
-            raise Unavailable(f"{argv[0]} not found: install the Slurm client commands") from None
-        except subprocess.TimeoutExpired:
-            raise Unavailable(
-                f"{' '.join(argv[:3])}: no answer within {self.timeout:g} s (slurmctld down?)"
-            ) from None
-        if proc.returncode != 0:
-            raise Unavailable(f"{' '.join(argv[:4])}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
-        return proc.stdout
-
-    def hostnames(self, hostlist: str) -> list[str]:
-        return self.run("scontrol", "show", "hostnames", hostlist).split()
+        super().__init__({**(env if env is not None else os.environ), "TZ": "UTC"}, timeout)
 
     def state(self) -> SlurmState:
-        nodes = parse_nodes(self.run("scontrol", "show", "node", "-o"))
-        reservations = self.run("scontrol", "show", "reservation", "-o")
-        listed = [x for x in self.run("squeue", "-h", "-t", "R,CG", "-o", "%N").split() if x]
+        nodes = parse_nodes(self._run("scontrol", "show", "node", "-o"))
+        reservations = self._run("scontrol", "show", "reservation", "-o")
+        listed = [x for x in self._run("squeue", "-h", "-t", "R,CG", "-o", "%N").split() if x]
         # Slurm's own expansion: any job's host list, whatever its syntax (r[1-2]n[1-4])
         busy = frozenset(self.hostnames(",".join(listed))) if listed else frozenset()
         return SlurmState(
             nodes,
             parse_reservations("" if reservations.startswith("No reservations") else reservations),
             busy,
-            parse_partitions(self.run("scontrol", "show", "partition", "-o")),
+            parse_partitions(self._run("scontrol", "show", "partition", "-o")),
         )
 
     def apply(self, actions: Iterable[Action]) -> list[tuple[Action, str]]:
@@ -444,7 +425,7 @@ class Scontrol:
         failed = []
         for a in actions:
             try:
-                self.run("scontrol", *a.argv)
+                self._run("scontrol", *a.argv)
                 log.info("%s", a)
             except Unavailable as exc:
                 log.warning("%s: %s", a, exc.message)

@@ -552,17 +552,21 @@ def simulate_night(night: Night, mix: JobMix, workload: Workload = TABLE2_FULL) 
     at(drain, "drain")
     at(length, "end")
 
+    def now_idle(j: int, t: float) -> None:
+        """Desktop ``j`` is up with no job: back it goes after the drain, else the scheduler looks."""
+        desktops[j].state = "idle"
+        if t >= drain:
+            send_back(j, t)
+        else:
+            want_pass(t)
+
     while events:
         t, _, kind, j = heapq.heappop(events)
         if kind == "up":
             d = desktops[j]
             if d.state != "waking":
                 continue  # its owner came back first
-            d.state = "idle"
-            if t >= drain:
-                send_back(j, t)
-            else:
-                want_pass(t)
+            now_idle(j, t)
         elif kind == "owner":
             d = desktops[j]
             if d.state == "waking":
@@ -576,11 +580,7 @@ def simulate_night(night: Night, mix: JobMix, workload: Workload = TABLE2_FULL) 
             if d.state != "job" or j not in running or running[j][0] != d.job:
                 continue
             stop_job(j, t, "completed")
-            d.state = "idle"
-            if t >= drain:
-                send_back(j, t)
-            else:
-                want_pass(t)
+            now_idle(j, t)
         elif kind == "pass":
             if t >= drain:
                 continue

@@ -29,7 +29,7 @@ import datetime as dt
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from slim.core.control.service import BootStatus, CoreService
@@ -100,11 +100,10 @@ class PoolView:
 
 @dataclass
 class _PoolMarks:
-    """Which window (its start) each edge was handled for."""
+    """A pool's running record: the window (its start) its EE was last warmed for, and its
+    seconds in the EE and running jobs."""
 
     prefetched: float = 0.0
-    woke: float = 0.0
-    drained: float = 0.0
     seconds_ee: float = 0.0
     seconds_jobs: float = 0.0
 
@@ -174,15 +173,25 @@ class Harvest:
     def _when(seconds: float) -> dt.datetime:
         return dt.datetime.fromtimestamp(seconds, dt.UTC)
 
-    def _pool_of(self, reg: Registry, node: str) -> tuple[str, Pool]:
-        reg.node(node)
-        pooled = reg.pool_of(node)
-        if pooled is None:
-            raise InvalidArgument(f"node {node!r} is in no desktop pool (the registry's pools)")
-        return pooled
-
-    def members(self, reg: Registry, pool_name: str) -> list[str]:
-        return sorted(n for n in reg.nodes if (p := reg.pool_of(n)) is not None and p[0] == pool_name)
+    @staticmethod
+    def _pooled(
+        reg: Registry, nodes: Iterable[str], results: list[Result]
+    ) -> Iterator[tuple[str, str, Pool]]:
+        """(node, its pool's name, the pool) for each of ``nodes`` (once each, in order); a
+        node of no pool, or none at all, gets a failed result instead."""
+        for node in dict.fromkeys(nodes):
+            try:
+                reg.node(node)
+            except NotFound as exc:
+                results.append(Result(node, False, str(exc)))
+                continue
+            pooled = reg.pool_of(node)
+            if pooled is None:
+                results.append(
+                    Result(node, False, f"node {node!r} is in no desktop pool (the registry's pools)")
+                )
+                continue
+            yield node, *pooled
 
     def menu_default(self, node: str, now: float) -> str | None:
         """Why the node's menu must boot its own OS now although its window is open (opted out
@@ -213,12 +222,7 @@ class Harvest:
         batches: dict[tuple[str, int], list[tuple[str, str]]] = {}
         connected = set(self._connected())
         with self._lock:
-            for node in dict.fromkeys(nodes):
-                try:
-                    pool_name, pool = self._pool_of(reg, node)
-                except (InvalidArgument, NotFound) as exc:
-                    results.append(Result(node, False, str(exc)))
-                    continue
+            for node, pool_name, pool in self._pooled(reg, nodes, results):
                 d = self._desktop(node)
                 if d.opted_out and d.out_until > now:
                     results.append(Result(node, False, f"not woken: {d.out_reason}"))
@@ -276,14 +280,9 @@ class Harvest:
         their owner does at the menu) until the next window."""
         reg = self.service.registry
         now = self.clock()
-        results = []
+        results: list[Result] = []
         with self._lock:
-            for node in dict.fromkeys(nodes):
-                try:
-                    pool_name, pool = self._pool_of(reg, node)
-                except (InvalidArgument, NotFound) as exc:
-                    results.append(Result(node, False, str(exc)))
-                    continue
+            for node, pool_name, pool in self._pooled(reg, nodes, results):
                 boot = boots.get(node)
                 results.append(self._release_one(node, pool_name, pool, reason, boot, now, opt_out))
         return results
@@ -374,7 +373,7 @@ class Harvest:
         when = self._when(now)
         for name, pool in reg.pools.items():
             marks = self._marks.setdefault(name, _PoolMarks())
-            members = self.members(reg, name)
+            members = list(reg.pool_members(name))
             with self._lock:
                 for node in members:
                     boot = boots.get(node)
@@ -422,10 +421,8 @@ class Harvest:
                         and not self._in_ee(n, boots.get(n), pool)
                     ]
                 if pending:
-                    marks.woke = start
                     self.wake(pending, f"pool {name}'s window opened", boots)
             if now >= end - pool.grace and not pool.partition:  # (with a partition: Slurm's)
-                marks.drained = start
                 with self._lock:
                     busy = {n for n in members if self._desktop(n).busy}
                     going = [
@@ -488,7 +485,7 @@ class Harvest:
             opening = opening_at(pool, when) or next_opening(pool, when)
             marks = self._marks.get(name, _PoolMarks())
             with self._lock:
-                desktops = [self._view(node, pool, boots.get(node), now) for node in self.members(reg, name)]
+                desktops = [self._view(node, pool, boots.get(node), now) for node in reg.pool_members(name)]
                 source = self.jobs_source
             out.append(
                 PoolView(

@@ -423,7 +423,11 @@ class CoreService:
         address = self._origin(origin)
         if not vouched:
             self.identify(node, address, token)
-        env_name, reason = self._window_environment(node) or self.next_environment(node)
+        desktop = self._desktop_default(node)
+        if desktop is not None and desktop[0] != LOCAL:  # in its pool's window: the pool's EE
+            env_name, reason = desktop[0], desktop[1]
+        else:
+            env_name, reason = self.next_environment(node)
         digest, release = self._release(env_name)
         site = self.registry.site_of_address(address) or node_cfg.site
         self._require_disk(self.registry, node, env_name)
@@ -573,17 +577,22 @@ class CoreService:
         document = plan_document(plan, nonce, self.clock())
         return document, self.signer.sign(document, f"plan for {plan.node}") if self.signer else ""
 
-    def _window_environment(self, node: str) -> tuple[str, str] | None:
-        """(the pool's EE, why) for a desktop in its pool's window that SLIM has not sent back
-        and its owner has not opted out: what its menu boots by default, so its plan too."""
+    def _desktop_default(self, node: str) -> tuple[str, str, float] | None:
+        """For a harvested desktop, what its menu boots by default, why, and how long its menu
+        waits: its own OS with no menu outside its pool's window (or when SLIM sent it back or
+        its owner opted out), else the pool's EE with the pool's short timeout (the owner may
+        still pick their own OS).  Its plan follows the same default.  None: not pooled."""
         pooled = self.registry.pool_of(node)
         if pooled is None:
             return None
         name, pool = pooled
         now = self.clock()
-        if opening_at(pool, dt.datetime.fromtimestamp(now, dt.UTC)) is None or self.desktop_out(node, now):
-            return None
-        return pool.environment, f"pool {name}'s window"
+        if opening_at(pool, dt.datetime.fromtimestamp(now, dt.UTC)) is None:
+            return LOCAL, f"outside pool {name}'s window", 0.0
+        out = self.desktop_out(node, now)
+        if out is not None:
+            return LOCAL, out, 0.0
+        return pool.environment, f"pool {name}'s window", pool.menu_timeout
 
     # -- boot script ---------------------------------------------------------
     def boot_script(
@@ -606,23 +615,14 @@ class CoreService:
             self.identify(node, address, token)
         default, reason = self.next_environment(node)
         timeout = node_cfg.boot_menu_timeout
-        pooled = self.registry.pool_of(node)
-        if pooled is not None:  # a harvested desktop: its own OS, but in its pool's window
-            pool_name, pool = pooled
-            now = self.clock()
-            out = self.desktop_out(node, now)
-            if opening_at(pool, dt.datetime.fromtimestamp(now, dt.UTC)) is None:
-                default, reason, timeout = LOCAL, f"outside pool {pool_name}'s window", 0.0  # no menu
-            elif out is not None:
-                default, reason, timeout = LOCAL, out, 0.0
-            else:
-                default, reason = pool.environment, f"pool {pool_name}'s window"
-                timeout = pool.menu_timeout  # short: the owner may still pick their own OS
+        desktop = self._desktop_default(node)
+        if desktop is not None:  # a harvested desktop: its own OS, but in its pool's window
+            default, reason, timeout = desktop
         # the default must be bootable
         releases = {} if default == LOCAL else {default: self._release(default)}
         unbuilt = []
         for env_name in sorted(n for n in self.registry.environments if n != default):
-            if pooled is not None and self.registry.environment(env_name).disk_paths():
+            if desktop is not None and self.registry.environment(env_name).disk_paths():
                 continue  # a harvested desktop's disks are never touched: no disk EE on its menu
             try:
                 releases[env_name] = self._release(env_name)
