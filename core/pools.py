@@ -3,9 +3,10 @@
 A pool's windows are in its own time zone (IANA name, explicit): ``{days: weekdays, start:
 "20:00", end: "07:00"}`` opens every Monday to Friday at 20:00 and closes at 07:00 the next
 morning (an ``end`` at or before its ``start`` is on the next day; ``24:00`` is midnight at the
-end of the day).  :func:`opening_at` and :func:`next_opening` answer from the wall clock of
-the pool's zone, daylight-saving changes included: a window is as long as the clock on the
-wall says, not a fixed number of hours.
+end of the day; ``HH:MM:SS`` where a minute is too coarse, as in a test's windows).
+:func:`opening_at` and :func:`next_opening` answer from the wall clock of the pool's zone,
+daylight-saving changes included: a window is as long as the clock on the wall says, not a
+fixed number of hours.
 """
 
 from __future__ import annotations
@@ -20,13 +21,19 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 DAY_SETS = {"daily": frozenset(range(7)), "weekdays": frozenset(range(5)), "weekend": frozenset({5, 6})}
-_CLOCK = re.compile(r"([01]\d|2[0-3]):([0-5]\d)|24:00")
+_CLOCK = re.compile(r"([01]\d|2[0-3]):[0-5]\d(:[0-5]\d)?|24:00(:00)?")
 
 
 def _check_clock(value: str) -> str:
     if not _CLOCK.fullmatch(value):
-        raise ValueError(f"{value!r} is not a time of day as HH:MM (00:00 to 24:00)")
+        raise ValueError(f"{value!r} is not a time of day as HH:MM or HH:MM:SS (00:00 to 24:00)")
     return value
+
+
+def clock_seconds(clock: str) -> int:
+    """Seconds since midnight of a valid ``HH:MM[:SS]`` (``24:00`` is 86400)."""
+    parts = [int(p) for p in clock.split(":")] + [0]
+    return parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
 def _check_days(value: str) -> str:
@@ -110,10 +117,11 @@ class Opening:
 
 
 def _at(day: dt.date, clock: str, zone: ZoneInfo) -> dt.datetime:
-    if clock == "24:00":
+    seconds = clock_seconds(clock)
+    if seconds == 86400:
         return _at(day + dt.timedelta(days=1), "00:00", zone)
-    hour, minute = (int(p) for p in clock.split(":"))
-    local = dt.datetime(day.year, day.month, day.day, hour, minute, tzinfo=zone)
+    hour, minute, second = seconds // 3600, seconds // 60 % 60, seconds % 60
+    local = dt.datetime(day.year, day.month, day.day, hour, minute, second, tzinfo=zone)
     # a wall time that does not exist (the spring-forward gap) is moved past the gap
     return local.astimezone(dt.UTC).astimezone(zone)
 
@@ -128,7 +136,7 @@ def _openings(pool: Pool, around: dt.datetime, days_back: int, days_ahead: int) 
             if day.weekday() not in w.weekdays:
                 continue
             start = _at(day, w.start, zone)
-            end_day = day if w.end == "24:00" or w.end > w.start else day + dt.timedelta(days=1)
+            end_day = day if clock_seconds(w.end) > clock_seconds(w.start) else day + dt.timedelta(days=1)
             end = _at(end_day, w.end, zone)
             if end > start:
                 found.append(Opening(start, end))

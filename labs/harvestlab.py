@@ -16,8 +16,12 @@ dX``.  Its power is simulated:
   (slurmd stops) and picks their own OS at the menu: ``GET /boot/local?boot=ID``, the boot id
   taken from the boot script.
 
-The pool's window is on the wall clock (Slurm cannot be given another clock): it opens at the
-first minute boundary at least ``lead`` seconds after the lab begins, for ``minutes`` minutes.
+The pool's window is on the wall clock (Slurm cannot be given another clock): it opens ``lead``
+seconds after the lab begins (to the second: the registry's ``HH:MM:SS``), for ``length``
+seconds.  140 s is about the shortest that proves what the test proves: Slurm's time limits
+are whole minutes, a one-minute job must fit before the blackout (end - ``GRACE``) with
+``BOOT_TIME`` added, as Slurm adds it, and the partition's MaxTime (the window less the grace,
+in whole minutes) must still admit the two-minute job that does not fit.
 Everything started here is stopped by :meth:`close`, by PID.
 """
 
@@ -44,7 +48,8 @@ DESKTOPS = ("d1", "d2", "d3")
 PARTITION = "harvest"
 POOL = "night"
 ENVIRONMENT = "jdk14"  # base plus /opt/jdk14/release: a job proves it ran in the pool's EE
-GRACE = 60
+GRACE = 20
+BOOT_TIME = 10  # helpers.conf BootTime: the lab's simulated boots take seconds
 SUSPEND_TIMEOUT = 5
 
 
@@ -62,14 +67,14 @@ class Desktop:
 
 
 class HarvestLab(SlurmLab):
-    def __init__(self, tmp: Path, lead: float = 20.0, minutes: int = 3) -> None:
+    def __init__(self, tmp: Path, lead: float = 20.0, length: float = 140.0) -> None:
         super().__init__(tmp, nodes=1)
         self.listener = MagicPacketListener([mac_of(d) for d in DESKTOPS], self._woken, ("127.0.0.1", 0))
         self.desktops = {d: Desktop(d, mac_of(d)) for d in DESKTOPS}
         self.ports = {d: free_port() for d in DESKTOPS}
         first = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lead)
-        self.window_start = (first + dt.timedelta(minutes=1)).replace(second=0, microsecond=0)
-        self.window_end = self.window_start + dt.timedelta(minutes=minutes)
+        self.window_start = (first + dt.timedelta(seconds=1)).replace(microsecond=0)
+        self.window_end = self.window_start + dt.timedelta(seconds=length)
         self.harvest_log = tmp / "harvest.log"
         self._harvest: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
@@ -88,7 +93,7 @@ class HarvestLab(SlurmLab):
     environment: {ENVIRONMENT}
     partition: {PARTITION}
     time_zone: UTC
-    windows: [{{start: "{self.window_start:%H:%M}", end: "{self.window_end:%H:%M}"}}]
+    windows: [{{start: "{self.window_start:%H:%M:%S}", end: "{self.window_end:%H:%M:%S}"}}]
     grace: {GRACE}
     wake_timeout: 30
     wakes_per_minute: 600
@@ -111,7 +116,7 @@ class HarvestLab(SlurmLab):
     def config_args(self) -> list[str]:
         return ["--power-log", str(self.tmp / "slurm" / "power.log"), "--idle-return", "600",
                 "--suspend-timeout", str(SUSPEND_TIMEOUT),
-                "--boot-time", "20"]  # the lab's simulated reboots take seconds  # fmt: skip
+                "--boot-time", str(BOOT_TIME)]  # fmt: skip
 
     # -- start ---------------------------------------------------------------------------
     def start(self) -> HarvestLab:
@@ -241,11 +246,12 @@ class HarvestLab(SlurmLab):
 
     def wait(self, what: str, check: object, timeout: float, every: float = 1.0) -> None:
         assert callable(check)
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
         while not check():
-            if time.monotonic() > deadline:
+            if time.monotonic() > began + timeout:
                 raise TimeoutError(f"never: {what}; desktops: {self.describe()}")
             time.sleep(every)
+        log.info("%s %s (waited %.1f s)", time.strftime("%T"), what, time.monotonic() - began)
 
     def describe(self) -> str:
         return "; ".join(f"{d.name}: {d.events[-4:]}" for d in self.desktops.values())

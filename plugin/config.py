@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from slim.core.pools import Pool
+from slim.core.pools import Pool, clock_seconds
 from slim.core.registry import Registry
 
 DEFAULT_BOOT_TIME = 300  # helpers.conf BootTime: Slurm's own default, said explicitly
@@ -182,11 +182,8 @@ return slurm.SUCCESS
 
 def window_seconds(pool: Pool) -> int:
     """The longest of ``pool``'s windows, in seconds (on a day without a clock change)."""
-    longest = 0
-    for w in pool.windows:
-        start, end = (int(c[:2]) * 60 + int(c[3:]) for c in (w.start, w.end))
-        longest = max(longest, (end - start) % 1440 or 1440)
-    return longest * 60
+    day = 86400
+    return max((clock_seconds(w.end) - clock_seconds(w.start)) % day or day for w in pool.windows)
 
 
 def pool_lines(

@@ -152,7 +152,7 @@ def node_action(nodes: Iterable[str], state: str, why: str, reason: str = "") ->
 
 def blackout_name(pool: Pool, next_start: float) -> str:
     local = dt.datetime.fromtimestamp(next_start, ZoneInfo(pool.time_zone))
-    return f"slim-{pool.name}-{local:%Y%m%dT%H%M}"
+    return f"slim-{pool.name}-{local:%Y%m%dT%H%M}" + (f"{local:%S}" if local.second else "")
 
 
 def blackouts(pool: Pool, now: float, ahead: float) -> dict[str, tuple[float, float]]:

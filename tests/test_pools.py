@@ -80,6 +80,14 @@ def test_a_pool_loads_and_its_windows_follow_the_wall_clock() -> None:
         paris(2027, 3, 29, 0, 0),
     )
     assert sunday.end.astimezone(dt.UTC) - sunday.start.astimezone(dt.UTC) == dt.timedelta(hours=51)
+    # to the second, where a minute is too coarse (a test's windows): 20:00:30 to 20:02:00
+    short = load_registry_text(
+        reg(POOL.replace('start: "20:00", end: "07:00"', 'start: "20:00:30", end: "20:02"'))
+    )
+    half = paris(2026, 12, 8, 20, 0) + dt.timedelta(seconds=30)
+    assert opening_at(short.pools["room101"], half - dt.timedelta(seconds=1)) is None
+    o = opening_at(short.pools["room101"], half)
+    assert o is not None and (o.start, o.end) == (half, paris(2026, 12, 8, 20, 2))
 
 
 @pytest.mark.parametrize(
@@ -87,6 +95,7 @@ def test_a_pool_loads_and_its_windows_follow_the_wall_clock() -> None:
     [
         (POOL.replace("Europe/Paris", "Mars/Olympus"), "is not a time zone"),
         (POOL.replace('"20:00"', '"8pm"'), "is not a time of day"),
+        (POOL.replace('"20:00"', '"20:00:60"'), "'20:00:60' is not a time of day as HH:MM or HH:MM:SS"),
         (POOL.replace("[weekdays]", "[someday]"), "is not daily, weekdays, weekend or a day"),
         (POOL.replace("groups: [room101]", "groups: [room999]"), "no node is in group 'room999'"),
         (POOL.replace("groups: [room101]", "nodes: [pc09]"), "unknown node 'pc09'"),

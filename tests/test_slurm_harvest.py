@@ -1,6 +1,6 @@
 """A desktop pool through a real Slurm (labs/harvestlab.py): d1..d3 in partition ``harvest``,
-with simulated power, `slim slurm harvest` on the controller and a window of three minutes on
-the wall clock (Slurm has no other clock), grace 60 s, on_window_end requeue."""
+with simulated power, `slim slurm harvest` on the controller and a window of 140 s on the
+wall clock (Slurm has no other clock), grace 20 s, on_window_end requeue."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from labs.harvestlab import DESKTOPS, GRACE, POOL, HarvestLab
+from labs.harvestlab import BOOT_TIME, DESKTOPS, GRACE, POOL, HarvestLab
 from slim.plugin.harvest import (
     Plan,
     Pool,
     Reservation,
     SlurmState,
     Window,
+    blackout_name,
     expand_hostlist,
     parse_duration,
     parse_nodes,
@@ -40,6 +41,11 @@ def lab(tmp_path: Path) -> Iterator[HarvestLab]:
         yield lab.start()
     finally:
         lab.close()
+
+
+def lab_blackout(window_start: dt.datetime) -> str:
+    seconds = f"{window_start:%S}" if window_start.second else ""  # the lab's start to the second
+    return f"slim-{POOL}-{window_start:%Y%m%dT%H%M}{seconds}"
 
 
 def until(when: dt.datetime) -> float:
@@ -64,7 +70,7 @@ def test_a_window_of_a_desktop_pool_through_slurm(lab: HarvestLab) -> None:
         max(20.0, until(lab.window_start) - 5),
     )
     reservations = lab.reservations()
-    assert f"ReservationName=slim-{POOL}-{lab.window_start:%Y%m%dT%H%M}" in reservations, reservations
+    assert f"ReservationName={lab_blackout(lab.window_start)}" in reservations, reservations
     assert "Flags=MAINT,IGNORE_JOBS" in reservations
     assert not any(lab.slurmd_running(d) for d in DESKTOPS)
 
@@ -74,7 +80,9 @@ def test_a_window_of_a_desktop_pool_through_slurm(lab: HarvestLab) -> None:
     script = f"srun sh -c 'echo $SLURMD_NODENAME $(cat {roots}/$SLURMD_NODENAME/opt/jdk14/release)'"
     fits = lab.sbatch("-p", "harvest", "-N3", "-t", "1", "--wrap", script)
     info = lab.wait_job(fits, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 110)
-    # one whose time limit runs past end - grace (the blackout) is not started on them
+    # one whose time limit (and Slurm's BootTime) runs past end - grace, the blackout, is not
+    # started on them
+    assert (lab.window_end - lab.window_start).total_seconds() - GRACE < 2 * 60 + BOOT_TIME
     too_long = lab.sbatch("-p", "harvest", "-N1", "-t", "2", "--wrap", "true")
     assert info["JobState"] == "COMPLETED", (info, lab.describe())
     out = (lab.tmp / f"job-{fits}.out").read_text()
@@ -115,7 +123,7 @@ def test_a_window_of_a_desktop_pool_through_slurm(lab: HarvestLab) -> None:
     tomorrow = lab.window_start + dt.timedelta(days=1)
     line = next(
         (x for x in lab.reservations().splitlines()
-         if f"slim-{POOL}-{tomorrow:%Y%m%dT%H%M}" in x),
+         if lab_blackout(tomorrow) in x),
         "",
     )  # fmt: skip
     blackout = lab.window_end - dt.timedelta(seconds=GRACE)
@@ -164,6 +172,8 @@ def test_the_planner_keeps_blackouts_between_windows() -> None:
     assert all(
         "Flags=MAINT,IGNORE_JOBS" in c and "Users=root" in c and "Nodes=d1,d2,d3" in c for c in created
     )
+    # named by the window's local start; to the second only where it has seconds
+    assert blackout_name(pool(now), T0 + 30) == "slim-night-20261208T200030"
     # existing and right: nothing to do; an active one's start is never moved
     have = {
         "slim-night-20261208T2000": Reservation("slim-night-20261208T2000", now - 60, T0, DESKTOPS),
