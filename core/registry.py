@@ -32,7 +32,7 @@ from pydantic import (
     field_validator,
 )
 
-from slim.config import ByteSize, HostPort, Listen
+from slim.config import ByteSize, HostPort, Listen, SourceIP
 from slim.core.pools import Pool
 from slim.core.yamlsource import Loc, YamlSource, load_yaml_file, load_yaml_text
 from slim.errors import ConfigError, InvalidArgument, NotFound, Problem
@@ -278,7 +278,7 @@ class Relay(_Model):
     wake_to: HostPort | None = Field(
         None, description="where its Wake-on-LAN packets go (slim serve's relay): the segment's broadcast"
     )
-    wake_from: str | None = Field(None, description="an address of the relay's to send them from")
+    wake_from: SourceIP | None = Field(None, description="an address of the relay's to send them from")
 
 
 class HardwareProfile(_Model):

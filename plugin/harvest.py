@@ -377,18 +377,18 @@ def parse_reservations(text: str) -> dict[str, Reservation]:
 
 
 def parse_duration(text: str) -> float | None:
-    """Slurm's ``[D-]HH:MM:SS`` (or ``MM``, ``MM:SS``) in seconds; None for UNLIMITED/INFINITE."""
+    """A Slurm time in seconds (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``,
+    ``D-HH:MM:SS``, as sbatch -t reads them); None for UNLIMITED/INFINITE."""
     if text.upper() in ("UNLIMITED", "INFINITE", "NONE"):
         return None
-    days, _, clock = text.rpartition("-")
+    days, dash, clock = text.rpartition("-")
     parts = [int(p) for p in clock.split(":")]
-    if len(parts) == 1:
-        seconds = parts[0] * 60
-    elif len(parts) == 2:
-        seconds = parts[0] * 60 + parts[1]
-    else:
-        seconds = parts[0] * 3600 + parts[1] * 60 + parts[2]
-    return seconds + int(days or 0) * DAY
+    if dash:  # after days the clock starts at hours
+        parts = parts + [0] * (3 - len(parts))
+    scale = {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}.get(len(parts))
+    if scale is None:
+        raise ValueError(f"{text!r} is not a Slurm time ([D-]HH:MM:SS)")
+    return sum(p * s for p, s in zip(parts, scale, strict=True)) + int(days or 0) * DAY
 
 
 def parse_partitions(text: str) -> dict[str, float | None]:

@@ -13,7 +13,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field, model_validator
 
-from slim.config import Address, ByteSize, HostPort, LogLevel, ProcessConfig, value_error
+from slim.config import Address, ByteSize, HostPort, LogLevel, ProcessConfig, SourceIP, value_error
 from slim.errors import InvalidArgument
 from slim.pki import CORE_NAME
 
@@ -107,7 +107,7 @@ class RelayConfig(ProcessConfig):
         description="where Wake-on-LAN magic packets go (UDP): the desktops' segment's broadcast, "
         "HOST:PORT (port 9 usually)",
     )
-    wake_from: str | None = Field(
+    wake_from: SourceIP | None = Field(
         None, description="send magic packets from this address of the relay's (on the desktops' segment)"
     )
     ipxe_dir: Path = Field(Path("/usr/lib/ipxe"), description="the iPXE binaries served over TFTP")

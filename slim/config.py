@@ -12,6 +12,7 @@ the same settings the same way.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,15 @@ def _size(value: Any) -> Any:
     return value
 
 
+def _ip(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address (one of this host's, e.g. 192.0.2.10)") from None
+    return value
+
+
+SourceIP = Annotated[str, AfterValidator(_ip)]  # an address of this host's, to send from
 HostPort = Annotated[str, AfterValidator(value_error(check_host_port))]  # to bind: IP:PORT
 Listen = Annotated[str, AfterValidator(value_error(check_listen))]  # to bind: IP:PORT or unix:PATH
 Address = Annotated[str, AfterValidator(value_error(check_address))]  # to connect to: HOST:PORT or unix:PATH

@@ -29,9 +29,10 @@ from slim.core.registry import load_registry_text
 from slim.core.store import Store
 from slim.relay.server import RelayServer
 from slim.rpc import aio_channel
+from slim.signing import SigningKey
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
-from tests.support import need_tool, relay, short_socket
+from tests.support import need_tool, origin, relay, short_socket, url
 
 PARIS = ZoneInfo("Europe/Paris")
 MACS = {"pc01": "52:54:00:00:03:01", "pc02": "52:54:00:00:03:02", "pc03": "52:54:00:00:03:03"}
@@ -124,10 +125,11 @@ async def night(tmp_path: Path) -> AsyncIterator[Night]:
     )
     registry = load_registry_text(REGISTRY.format(nodes=nodes, rate=RATE))
     store = Store(tmp_path / "store")
-    publish_placeholder_releases(registry, store)
+    signer = SigningKey.load_or_create(tmp_path / "keys")  # secure by default: releases signed
+    publish_placeholder_releases(registry, store, signer=signer)
     state = await asyncio.to_thread(State, tmp_path / "state.db")
     now = [paris(8, 19, 40)]  # a Tuesday evening, before the window
-    service = CoreService(registry, state, store, clock=lambda: now[0])
+    service = CoreService(registry, state, store, clock=lambda: now[0], signer=signer)
     sock = short_socket()
     server = CoreServer(service, f"unix:{sock}")
     await server.start()
@@ -135,11 +137,12 @@ async def night(tmp_path: Path) -> AsyncIterator[Night]:
     woken: list[tuple[str, float]] = []
     listener = MagicPacketListener(MACS.values(), lambda mac: woken.append((mac, time.monotonic())),
                                    ("127.0.0.1", 0)).start()  # fmt: skip
-    async with aiohttp.ClientSession() as http:
+    n: Night | None = None
+    async with aiohttp.ClientSession() as http, origin(store) as objects:
         try:
             async with relay(
-                tmp_path / "cache", ["http://127.0.0.1:1"], core=f"unix:{sock}", name="r1",
-                wake_to=f"127.0.0.1:{listener.port}",
+                tmp_path / "cache", [url(objects)], core=f"unix:{sock}", name="r1",
+                wake_to=f"127.0.0.1:{listener.port}", trust=[tmp_path / "keys" / "signing.pub"],
             ) as r:  # fmt: skip
                 n = Night(now, service, server, pb_grpc.AdminStub(channel), r, listener, woken, http)
                 await n.until("the relay's heartbeat stream is open", lambda: server.hub.connected())
@@ -147,10 +150,25 @@ async def night(tmp_path: Path) -> AsyncIterator[Night]:
         finally:
             listener.stop()
             await channel.close()
-            await server.stop(grace=1)
+            await (n.server if n is not None else server).stop(grace=1)  # a test may restart it
             await asyncio.to_thread(state.close)
             Path(sock).unlink(missing_ok=True)
             Path(sock).parent.rmdir()
+
+
+async def test_the_relays_warm_the_pools_ee_before_its_window(night: Night) -> None:
+    found = night.service.store.release("night")
+    assert found is not None
+    release = found[1]
+    objects = {release.kernel.digest, release.initrd.digest}
+    objects |= {d.archive.digest for d in release.directories.values() if d.archive is not None}
+    hexes = {o.removeprefix("sha256:") for o in objects}
+    assert not any(h in night.relay.cache for h in hexes)  # 19:40: cold, 20 minutes before
+    night.now[0] = paris(8, 19, 45, 1)  # within the pool's prefetch_lead (15 min) of 20:00
+    await night.until(
+        "the pool's EE warm on the site's relay", lambda: all(h in night.relay.cache for h in hexes)
+    )
+    assert not night.woken  # and nobody woken yet: the window has not opened
 
 
 async def test_a_night_wakes_the_pool_at_its_rate_and_sends_it_back_at_the_end(night: Night) -> None:
@@ -281,23 +299,38 @@ async def test_the_ees_order_script_powers_off_when_told(night: Night, tmp_path:
 
 
 async def test_a_restarted_core_remembers_the_night(night: Night, tmp_path: Path) -> None:
-    """Whom SLIM woke and who opted out survive a restart of the core (the state database)."""
+    """Whom SLIM woke and who is out of the pool survive a restart of the core mid-window (the
+    state database): the restarted core does not wake the pool again, and keeps pc03 out."""
     night.now[0] = paris(8, 20, 0, 1)
     await night.until("the window's wake", lambda: len(night.woken) == 3)
     await night.admin.ReleaseDesktops(pb.DesktopsRequest(nodes=["pc03"], reason="test"))
-    records: dict[str, str] = {}
 
     async def saved() -> bool:
-        records.update(await asyncio.to_thread(night.service.state.harvest_records))
+        records = await asyncio.to_thread(night.service.state.harvest_records)
         return '"out_reason": "test by' in records.get("desktop:pc03", "")  # the release's reason, saved
 
     await night.until("the records saved", saved)
+    socket = night.server.listen
+    await night.server.stop(grace=1)
+    night.server = CoreServer(night.service, socket)
+    ordered: list[tuple[str, list[tuple[str, str]], int]] = []
+    wake = night.server.hub.wake
+
+    def counted(relay: str, targets: list[tuple[str, str]], per_minute: int) -> bool:
+        ordered.append((relay, targets, per_minute))
+        return wake(relay, targets, per_minute)
+
+    night.server.hub.wake = counted  # type: ignore[method-assign]
+    await night.server.start()
+    assert (await night.status())["pc01"].state == "waking"  # it knows it woke them
+    # past the wake timeout: the restarted core's ticks find pc01, pc02 in use, pc03 still out
+    night.now[0] = paris(8, 20, 11)
+    await night.until("pc02 in use", _state(night, "pc02", "in-use"))
+    status = await night.status()
+    assert status["pc03"].state == "own-os" and "test by" in status["pc03"].reason, status["pc03"]
+    assert night.server.harvest.menu_default("pc03", night.now[0]) is not None  # its own OS tonight
+    assert ordered == [] and len(night.woken) == 3  # nobody woken twice
     again = Harvest(night.service, lambda *a: True, lambda *a: None, lambda: ["r1"])
-    again.load(records)
-    boots = await asyncio.to_thread(night.service.pooled_boots)
-    status = {d.node: d for d in again.status("room101", boots)[0].desktops}
-    assert status["pc01"].state == "waking"  # it knows it woke them
-    assert again.menu_default("pc03", night.now[0]) is not None  # pc03 stays in its own OS tonight
     again.load({"desktop:pc09": "{not json", "pool:room101": '{"unknown": 1}'})  # dropped, said
 
 
@@ -344,6 +377,14 @@ async def test_bad_harvest_status_requests(night: Night) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await night.admin.HarvestStatus(pb.HarvestStatusRequest(horizon_seconds=-1))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await night.admin.HarvestStatus(pb.HarvestStatusRequest(pool="p" * 10_000))
+    assert len(caught.value.details() or "") < 200  # named, not echoed whole
+    reply = await night.admin.ReleaseDesktops(pb.DesktopsRequest(nodes=["n" * 10_000, "pc77"]))
+    assert [(r.ok, len(r.node) <= 80, len(r.message) < 200) for r in reply.results] == [
+        (False, True, True)
+    ] * 2
+    assert "too long" in reply.results[0].message and "pc77" in reply.results[1].message
 
 
 def _harvest(

@@ -302,6 +302,11 @@ def test_relay_with_invalid_url() -> None:
     only_problem(text, "relays.r1.urls[0]", "ftp://10.1.0.1/", "is not an http:// URL with a host")
 
 
+def test_relay_wakes_from_an_address_not_an_interface_name() -> None:
+    text = edit(BASE, "  r1:", "site: s1", "site: s1\n    wake_to: 10.1.255.255:9\n    wake_from: eth0")
+    only_problem(text, "relays.r1.wake_from", "wake_from: eth0", "'eth0' is not an IP address")
+
+
 def test_relay_urls_may_be_https_and_a_child_checks_its_parent_by_name() -> None:
     """A relay with https_listen is named by an https:// URL; its children fetch from it over
     HTTPS, expecting its certificate's name (r1.relay.slim), whatever host the URL names."""

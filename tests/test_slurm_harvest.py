@@ -257,9 +257,14 @@ def test_reading_slurm() -> None:
         "Nodes=r[1-2]n[1-4] NodeCnt=8 Flags=MAINT"  # another's, any host list syntax: not ours
     )["slim-night-20261205T2231"]
     assert res.nodes == DESKTOPS and res.end - res.start == 23 * HOUR + 58 * 60
-    assert [parse_duration(t) for t in ("00:10:00", "1-00:00:00", "UNLIMITED", "5")] == [
+    assert [
+        parse_duration(t) for t in ("00:10:00", "1-00:00:00", "UNLIMITED", "5", "5:30", "2-12", "2-12:30")
+    ] == [
         600,
         86400,
         None,
         300,
+        330,
+        2 * 86400 + 12 * 3600,
+        2 * 86400 + 12 * 3600 + 30 * 60,
     ]

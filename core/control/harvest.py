@@ -180,6 +180,9 @@ class Harvest:
         """(node, its pool's name, the pool) for each of ``nodes`` (once each, in order); a
         node of no pool, or none at all, gets a failed result instead."""
         for node in dict.fromkeys(nodes):
+            if len(node) > 80:  # no name is this long: say so without echoing all of it
+                results.append(Result(node[:80], False, f"{node[:80]!r}…: not a node name (too long)"))
+                continue
             try:
                 reg.node(node)
             except NotFound as exc:
@@ -473,7 +476,7 @@ class Harvest:
         reg = self.service.registry
         if pool_name and pool_name not in reg.pools:
             known = ", ".join(sorted(reg.pools)) or "none"
-            raise NotFound(f"unknown pool {pool_name!r}; the registry's pools: {known}")
+            raise NotFound(f"unknown pool {pool_name[:80]!r}; the registry's pools: {known}")
         if not 0 <= horizon <= MAX_HORIZON:
             raise InvalidArgument(f"horizon: 0 to {MAX_HORIZON:g} seconds, not {horizon:g}")
         now = self.clock()
@@ -523,7 +526,8 @@ class Harvest:
             state, since, reason = "failed", boot.since, f"{boot.stage}: {boot.message}"
         elif d.opted_out and d.out_until > now:
             state, since, reason = "opted-out", 0.0, d.out_reason
-        elif d.woken_at and opening_at(pool, self._when(now)) is not None:  # no EE boot since
+        elif d.woken_at and d.out_until <= now and opening_at(pool, self._when(now)) is not None:
+            # woken, no EE boot since (and not released since: that is its own OS, below)
             if now - d.woken_at > pool.wake_timeout:
                 state, since = "in-use", d.woken_at + pool.wake_timeout
                 reason = f"no boot into {pool.environment} {pool.wake_timeout:g} s after its wake: left alone"

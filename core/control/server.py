@@ -887,6 +887,7 @@ class CoreServer:
         self.hub = RelayHub()
         self.auth = Authenticator(tls.revocations if tls else None, service.tokens, service.clock)
         self._harvesting: asyncio.Task[None] | None = None
+        self._warming: set[asyncio.Task[None]] = set()
         pb_grpc.add_CoreServicer_to_server(
             CoreServicer(service, self._writer, self.hub, self.auth, self.harvest), self._server
         )
@@ -901,8 +902,23 @@ class CoreServer:
         return self.hub.connected()
 
     def _prefetch(self, environment: str, nodes: list[str]) -> None:
-        digest, signature, relays = self.service.prefetch_targets(environment, [], nodes)
-        self.hub.prefetch(environment, digest, relays, signature, watched=False)
+        """The harvest's order to warm ``environment`` on ``nodes``' relays.  Called from its
+        tick, on the loop: the release is read from the store off the loop, then ordered."""
+        loop = asyncio.get_running_loop()
+
+        async def order() -> None:
+            try:
+                digest, signature, relays = await loop.run_in_executor(
+                    self._writer, self.service.prefetch_targets, environment, [], nodes
+                )
+            except Exception as exc:  # noqa: BLE001 - the night goes on without a warm cache
+                log.warning("could not order the relays to warm %s: %s", environment, exc)
+                return
+            self.hub.prefetch(environment, digest, relays, signature, watched=False)
+
+        task = loop.create_task(order(), name=f"warm {environment}")
+        self._warming.add(task)
+        task.add_done_callback(self._warming.discard)
 
     async def _harvest_clock(self) -> None:
         """The pools' windows (slim.core.control.harvest): a tick a second while there are pools."""
