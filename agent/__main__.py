@@ -135,11 +135,17 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
         try:
             nonce = secrets.token_hex(16)
             asked = now()
-            _, data = relays.call("GET", f"/v1/nodes/{boot.node}/plan?nonce={nonce}")
+            query = {"nonce": nonce} | ({"environment": boot.environment} if boot.environment else {})
+            _, data = relays.call("GET", f"/v1/nodes/{boot.node}/plan?{urllib.parse.urlencode(query)}")
             answered = now()
             try:  # before anything is fetched or mounted
                 checked = check(data, keys, boot.node, nonce, answered)
                 plan = replace(parse_plan(checked.document), relay_time=checked.relay_time)
+                if boot.environment and plan.environment != boot.environment:
+                    raise PlanError(
+                        f"the plan is for {plan.environment!r}, the kernel was booted for "
+                        f"{boot.environment!r} (slim.env)"
+                    )
             except PlanError as exc:
                 refused = Reporter(relays, boot.node, "", observe=observe)
                 if boot.boot_id:

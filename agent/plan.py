@@ -72,6 +72,9 @@ class BootArgs:
         for u in relays:
             if not RELAY_URL_RE.fullmatch(u):
                 raise PlanError(f"slim.relays: {u!r} is not an http://HOST:PORT (or https://) URL")
+        environment = args.get("slim.env", "")
+        if environment and not NAME_RE.fullmatch(environment):
+            raise PlanError(f"slim.env: {environment[:80]!r} is not an environment's name")
         release = args.get("slim.release", "")
         if release and not DIGEST_RE.fullmatch(release):
             raise PlanError(f"slim.release: {release!r} is not a sha256 digest")
@@ -82,7 +85,7 @@ class BootArgs:
         boot_id = args.get("slim.boot", "")
         if boot_id and not BOOT_ID_RE.fullmatch(boot_id):
             raise PlanError(f"slim.boot: {boot_id[:80]!r} is not a boot id (1 to 64 hex digits)")
-        return cls(args["slim.node"], args.get("slim.env", ""), release, relays, init, deadline, boot_id)
+        return cls(args["slim.node"], environment, release, relays, init, deadline, boot_id)
 
 
 def _seconds(text: str, key: str, default: float) -> float:

@@ -9,7 +9,7 @@ standard library.
 =====================================  =====================================
 ``GET /boot/{mac}.ipxe``               the node's iPXE script (text)
 ``GET /v1/locate?node=N`` or ``mac=M`` ranked relays for the node
-``GET /v1/nodes/{node}/plan``          the boot plan ({node}: name or MAC)
+``GET /v1/nodes/{node}/plan``          the boot plan ({node}: name or MAC; ``?environment=``: its kernel's)
 ``POST /v1/nodes/{node}/events``       boot events: one object, a list, or
                                        ``{"events": [...]}`` (at most 1000)
 ``GET /v1/nodes/{node}/secrets``       the node's secret files (never cached)
@@ -265,12 +265,16 @@ class NodeApi:
         nonce = request.query.get("nonce", "")
         if nonce and not BOOT_ID_RE.fullmatch(nonce):
             raise InvalidArgument(f"nonce {nonce[:80]!r} is not 1 to 64 hex digits")
+        environment = request.query.get("environment", "")
+        if len(environment) > 63:
+            raise InvalidArgument("environment: at most 63 characters")
         plan = await self.link.call(
             self.link.core.GetBootPlan,
             pb.GetBootPlanRequest(
-                node=ref, origin=self._origin(request), nonce=nonce, node_token=self._token(request)
+                node=ref, origin=self._origin(request), nonce=nonce, node_token=self._token(request),
+                environment=environment,
             ),
-        )
+        )  # fmt: skip
         doc: dict[str, Any] = {
             # what the agent acts on: the core's signed document, untouched
             "document": plan.document.decode(),

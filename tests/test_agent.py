@@ -70,6 +70,7 @@ relays:
 profiles:
   vm: {{modules: [virtio_pci, virtio_net]}}
 environments:
+  lite: {{image: {image}, default_policy: ram}}  # built by the test that picks it
   base:
     image: {image}
     default_policy: ram
@@ -261,6 +262,25 @@ async def test_no_reboot_builds_the_environment(site: Site, tmp_path: Path) -> N
     assert stages == ["plan", "ram:/", "sync:/srv", "mount:/usr", "disk:/var", "done"]  # parents first
     assert all(e.ok and e.relay == "r1" and e.boot_id == active["boot_id"] for e in events)
     assert [e.time for e in events] == sorted(e.time for e in events)
+
+
+async def test_the_environment_picked_at_the_menu_is_the_one_planned(site: Site, tmp_path: Path) -> None:
+    """n1 boots base by default; its menu offered lite too, and lite's kernel came up
+    (slim.env=lite): the plan is lite's, not the default's."""
+    await asyncio.to_thread(build_environment, load_registry(site.registry_file), site.store, "lite")
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(f"quiet slim.node=n1 slim.env=lite slim.relays={site.relay_url}/\n")
+    target = tmp_path / "node"
+    args = ("--cmdline", str(cmdline), "--trust", str(site.trust), "--no-reboot", "--target")
+    assert await run_agent(*args, str(target)) == 0
+    active = json.loads((target / "run" / "slim" / "ee").read_text())
+    assert active["environment"] == "lite" and active["release"] == site.store.release_digest("lite")
+    plan = next(e for e in await site.events() if e.stage == "plan")
+    assert plan.environment == "lite" and plan.message.startswith("lite "), plan
+    # a kernel of an environment the registry no longer has: refused by name, nothing built
+    cmdline.write_text(f"slim.node=n1 slim.env=gone slim.relays={site.relay_url}/\n")
+    assert await run_agent(*args, str(tmp_path / "gone")) != 0
+    assert not (tmp_path / "gone" / "run").exists()
 
 
 async def test_a_boot_through_an_https_relay(site: Site, tmp_path: Path) -> None:

@@ -355,7 +355,7 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
         vouched = await self.auth.node_call(context, request.peek)
         plan = self.service.boot_plan(
             _node_ref(request.node), request.origin, request.peek, token=request.node_token or None,
-            vouched=vouched,
+            vouched=vouched, environment=request.environment,
         )  # fmt: skip
         answer = plan_pb(plan)
         answer.document, answer.signature = self.service.sign_plan(plan, request.nonce)

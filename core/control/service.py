@@ -414,10 +414,17 @@ class CoreService:
         return " ".join(p for p in parts if p)
 
     def boot_plan(
-        self, ref: NodeRef, origin: str, peek: bool = False, token: str | None = None, vouched: bool = False
+        self,
+        ref: NodeRef,
+        origin: str,
+        peek: bool = False,
+        token: str | None = None,
+        vouched: bool = False,
+        environment: str = "",
     ) -> BootPlan:
         """The node's boot plan; ``peek`` (for tools) counts no redirection; identified as
-        :meth:`locate`."""
+        :meth:`locate`.  ``environment``: the one its kernel was booted for (picked at its
+        menu, which offers every built one); "" for the one the core chooses."""
         node = self._node_name(ref)
         node_cfg = self.registry.node(node)
         address = self._origin(origin)
@@ -428,6 +435,10 @@ class CoreService:
             env_name, reason = desktop[0], desktop[1]
         else:
             env_name, reason = self.next_environment(node)
+        if environment and environment != env_name:
+            if environment not in self.registry.environments:
+                raise NotFound(f"unknown environment {environment[:80]!r} (the node's kernel names it)")
+            env_name, reason = environment, "slim.env"  # its kernel was booted for it: the menu's pick
         digest, release = self._release(env_name)
         site = self.registry.site_of_address(address) or node_cfg.site
         self._require_disk(self.registry, node, env_name)

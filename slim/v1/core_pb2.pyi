@@ -248,6 +248,7 @@ class GetBootPlanRequest(_message.Message):
     PEEK_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
     NODE_TOKEN_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
     origin: _builtins.str
     peek: _builtins.bool
     """as in LocateRequest"""
@@ -255,6 +256,10 @@ class GetBootPlanRequest(_message.Message):
     """The agent's nonce (hex): the signed document names it, so a plan cannot be replayed."""
     node_token: _builtins.str
     """The node's token, if it sent one (the relay passes it on): the node must be its."""
+    environment: _builtins.str
+    """The environment the node's kernel was booted for (its slim.env=: the one picked at the
+    menu); "" for the one the core would choose.  It must be built.
+    """
     @_builtins.property
     def node(self) -> Global___NodeRef: ...
     def __init__(
@@ -265,10 +270,11 @@ class GetBootPlanRequest(_message.Message):
         peek: _builtins.bool = ...,
         nonce: _builtins.str = ...,
         node_token: _builtins.str = ...,
+        environment: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "node_token", b"node_token", "nonce", b"nonce", "origin", b"origin", "peek", b"peek"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "node", b"node", "node_token", b"node_token", "nonce", b"nonce", "origin", b"origin", "peek", b"peek"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -404,7 +410,9 @@ class BootPlan(_message.Message):
     disk: _builtins.str
     """the node's partition for disk/sync ("" if none)"""
     reason: _builtins.str
-    """Why this environment: "next-boot" (an override) or "default"."""
+    """Why this environment: "next-boot" (an override), "default", a desktop pool's window, or
+    "slim.env" (the node's kernel was booted for it: picked at the menu).
+    """
     site: _builtins.str
     document: _builtins.bytes
     """What the agent acts on: the plan as canonical JSON (the fields above, plus the nonce,
