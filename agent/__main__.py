@@ -34,7 +34,7 @@ from slim.agent import report_up
 from slim.agent import secrets as node_secrets
 from slim.agent.ee import BootFailed, Builder, Reporter, switch_root
 from slim.agent.fetch import CA_FILE, FetchError, Relays, now
-from slim.agent.plan import BootArgs, Plan, PlanError, parse_cmdline, parse_plan
+from slim.agent.plan import BootArgs, Plan, PlanError, parse_cmdline, parse_plan, require_environment
 from slim.agent.verify import KEYS_DIR, check, trusted_keys
 
 TOKEN_FILE = Path("/etc/slim/node.token")  # where boot media put a node's token in its initrd
@@ -141,11 +141,7 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
             try:  # before anything is fetched or mounted
                 checked = check(data, keys, boot.node, nonce, answered)
                 plan = replace(parse_plan(checked.document), relay_time=checked.relay_time)
-                if boot.environment and plan.environment != boot.environment:
-                    raise PlanError(
-                        f"the plan is for {plan.environment!r}, the kernel was booted for "
-                        f"{boot.environment!r} (slim.env)"
-                    )
+                require_environment(plan, boot)
             except PlanError as exc:
                 refused = Reporter(relays, boot.node, "", observe=observe)
                 if boot.boot_id:

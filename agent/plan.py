@@ -205,6 +205,15 @@ def _desktop(doc: dict[str, object], dirs: list[Directory]) -> bool:
     return desktop
 
 
+def require_environment(plan: Plan, boot: BootArgs) -> None:
+    """The plan must be for the environment the kernel was booted for (``slim.env``, the
+    menu's pick), when the command line names one: its kernel and initrd are that one's."""
+    if boot.environment and plan.environment != boot.environment:
+        raise PlanError(
+            f"the plan is for {plan.environment!r}, the kernel was booted for {boot.environment!r} (slim.env)"
+        )
+
+
 def parse_plan(data: bytes) -> Plan:
     """The plan in ``data`` (JSON), checked; PlanError says what is wrong."""
     if len(data) > MAX_PLAN_BYTES:

@@ -17,11 +17,12 @@ dX``.  Its power is simulated:
   taken from the boot script.
 
 The pool's window is on the wall clock (Slurm cannot be given another clock): it opens ``lead``
-seconds after the lab begins (to the second: the registry's ``HH:MM:SS``), for ``length``
-seconds.  140 s is about the shortest that proves what the test proves: Slurm's time limits
-are whole minutes, a one-minute job must fit before the blackout (end - ``GRACE``) with
-``BOOT_TIME`` added, as Slurm adds it, and the partition's MaxTime (the window less the grace,
-in whole minutes) must still admit the two-minute job that does not fit.
+seconds after the lab is up (to the second: the registry's ``HH:MM:SS``; until then it is
+hours away, and the core takes the new one on SIGHUP), for ``length`` seconds.  140 s is
+about the shortest that proves what the test proves: Slurm's time limits are whole minutes,
+a one-minute job must fit before the blackout (end - ``GRACE``) with ``BOOT_TIME`` added, as
+Slurm adds it, and the partition's MaxTime (the window less the grace, in whole minutes) must
+still admit the two-minute job that does not fit.
 Everything started here is stopped by :meth:`close`, by PID.
 """
 
@@ -32,12 +33,14 @@ import json
 import logging
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from labs.host import free_port
 from labs.slurmlab import SLIM, SlurmLab, stop_pid_file
@@ -72,9 +75,8 @@ class HarvestLab(SlurmLab):
         self.listener = MagicPacketListener([mac_of(d) for d in DESKTOPS], self._woken, ("127.0.0.1", 0))
         self.desktops = {d: Desktop(d, mac_of(d)) for d in DESKTOPS}
         self.ports = {d: free_port() for d in DESKTOPS}
-        first = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lead)
-        self.window_start = (first + dt.timedelta(seconds=1)).replace(microsecond=0)
-        self.window_end = self.window_start + dt.timedelta(seconds=length)
+        self.lead, self.length = lead, length
+        self._place_window(dt.timedelta(hours=6))  # far away while the lab starts (start() moves it)
         self.harvest_log = tmp / "harvest.log"
         self._harvest: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
@@ -93,7 +95,7 @@ class HarvestLab(SlurmLab):
     environment: {ENVIRONMENT}
     partition: {PARTITION}
     time_zone: UTC
-    windows: [{{start: "{self.window_start:%H:%M:%S}", end: "{self.window_end:%H:%M:%S}"}}]
+    {self._windows_line()}
     grace: {GRACE}
     wake_timeout: 30
     wakes_per_minute: 600
@@ -122,8 +124,28 @@ class HarvestLab(SlurmLab):
     def start(self) -> HarvestLab:
         self.listener.start()
         super().start()
+        # the lab is up: the window opens ``lead`` seconds from now (however long starting took)
+        before = self._windows_line()
+        self._place_window(dt.timedelta(seconds=self.lead))
+        self.registry.write_text(self.registry.read_text().replace(before, self._windows_line()))
+        assert self._serve is not None
+        self._serve.send_signal(signal.SIGHUP)
+        self.wait("the core took the window", lambda: self._core_window() == self.window_start, 20, 0.2)
         self.start_harvest()
         return self
+
+    def _place_window(self, ahead: dt.timedelta) -> None:
+        first = dt.datetime.now(dt.UTC) + ahead
+        self.window_start = (first + dt.timedelta(seconds=1)).replace(microsecond=0)
+        self.window_end = self.window_start + dt.timedelta(seconds=self.length)
+
+    def _windows_line(self) -> str:
+        return f'windows: [{{start: "{self.window_start:%H:%M:%S}", end: "{self.window_end:%H:%M:%S}"}}]'
+
+    def _core_window(self) -> dt.datetime | None:
+        pools = self._status()
+        start = pools[0].get("window_start", "") if pools else ""
+        return dt.datetime.fromisoformat(start) if start else None
 
     def start_harvest(self) -> None:
         with open(self.harvest_log, "ab") as out:
@@ -234,12 +256,16 @@ class HarvestLab(SlurmLab):
         )  # fmt: skip
         return proc.stdout
 
-    def harvest_status(self) -> dict[str, tuple[str, str]]:
+    def _status(self) -> list[dict[str, Any]]:
+        """The core's pools (`slim harvest status --json`)."""
         out = subprocess.run(
             [*SLIM, "harvest", "status", "--core", self.core, "--json"],
             capture_output=True, text=True, timeout=60, check=True,
         ).stdout  # fmt: skip
-        pools = json.loads(out).get("pools", [])
+        return list(json.loads(out).get("pools", []))
+
+    def harvest_status(self) -> dict[str, tuple[str, str]]:
+        pools = self._status()
         return {
             d["node"]: (d.get("state", ""), d.get("reason", "")) for p in pools for d in p.get("desktops", [])
         }

@@ -4,7 +4,7 @@ For a pool with a ``partition`` (the registry's ``pools``), Slurm decides which 
 what, and SLIM keeps it inside the pool's windows:
 
 * **blackout reservations** keep jobs off the desktops outside the windows: one one-shot
-  reservation per gap between two windows, ``slim-POOL-YYYYMMDDTHHMM`` (the next window's start
+  reservation per gap between two windows, ``slim-POOL-YYYYMMDDTHHMM[SS]`` (the next window's start
   on the pool's wall clock), from ``grace`` seconds before a window ends to the next window's
   start, ``Flags=MAINT,IGNORE_JOBS Users=root``, in absolute UTC times (scontrol reads times in
   its own zone: it runs with ``TZ=UTC``), kept over a rolling horizon of the partition's
@@ -194,7 +194,7 @@ def plan(pools: Sequence[Pool], slurm: SlurmState, now: float, woke: Mapping[str
         _plan_reservations(pool, slurm, now, out)
         _plan_nodes(pool, slurm, now, out)
     for name in sorted(slurm.reservations):  # blackouts of pools gone from the registry
-        m = re.fullmatch(r"slim-(.+)-\d{8}T\d{4}", name)
+        m = re.fullmatch(r"slim-(.+)-\d{8}T\d{4}(?:\d{2})?", name)
         if m and m.group(1) not in known:
             out.actions.append(Action(("delete", f"ReservationName={name}"), "its pool is gone"))
     return out
@@ -229,7 +229,7 @@ def _plan_reservations(pool: Pool, slurm: SlurmState, now: float, out: Plan) -> 
     for name in sorted(slurm.reservations):
         if (
             name.startswith(prefix)
-            and re.fullmatch(r"\d{8}T\d{4}", name[len(prefix) :])
+            and re.fullmatch(r"\d{8}T\d{4}(?:\d{2})?", name[len(prefix) :])
             and name not in wanted
         ) and slurm.reservations[name].end > now:
             out.actions.append(

@@ -32,7 +32,7 @@ from slim.agent import ee, report_up
 from slim.agent import manifest as mf
 from slim.agent.__main__ import main as agent_main
 from slim.agent.fetch import DigestMismatch, Relays
-from slim.agent.plan import BootArgs, ObjectRef, PlanError, parse_cmdline, parse_plan
+from slim.agent.plan import BootArgs, ObjectRef, PlanError, parse_cmdline, parse_plan, require_environment
 from slim.agent.tree import scan
 from slim.cli import main as cli_main
 from slim.core.build.agentrt import Runtime, add_runtime, collect
@@ -112,6 +112,17 @@ def test_boot_args_from_cmdline() -> None:
     ):
         with pytest.raises(PlanError, match=words):
             BootArgs.from_cmdline(bad)
+
+
+def test_a_plan_for_another_environment_than_the_kernels_is_refused() -> None:
+    plan = parse_plan(json.dumps({"node": "n1", "environment": "base", "directories": [ROOT_DIR]}).encode())
+    relays = ("http://127.0.0.1:1",)
+    require_environment(plan, BootArgs("n1", "", "", relays))  # no slim.env: the core's choice
+    require_environment(plan, BootArgs("n1", "base", "", relays))
+    with pytest.raises(PlanError, match="the plan is for 'base', the kernel was booted for 'lite'"):
+        require_environment(plan, BootArgs("n1", "lite", "", relays))
+    with pytest.raises(PlanError, match=r"slim\.env: 'a b' is not an environment's name"):
+        BootArgs.from_cmdline('slim.node=n1 slim.relays=http://x:1 "slim.env=a b"')
 
 
 def plan_doc(*dirs: dict[str, object]) -> bytes:
@@ -266,7 +277,14 @@ async def test_no_reboot_builds_the_environment(site: Site, tmp_path: Path) -> N
 
 async def test_the_environment_picked_at_the_menu_is_the_one_planned(site: Site, tmp_path: Path) -> None:
     """n1 boots base by default; its menu offered lite too, and lite's kernel came up
-    (slim.env=lite): the plan is lite's, not the default's."""
+    (slim.env=lite): the plan is lite's, not the default's.  Secrets go only with what the
+    registry or an admin gave n1 (base): none with a pick, and none of base's either."""
+    env_secret, n1_secret = tmp_path / "munge.key", tmp_path / "n1.key"
+    env_secret.write_bytes(b"base's munge key")
+    n1_secret.write_bytes(b"n1's host key")
+    text = _with_secrets(site.registry_file.read_text(), env_secret, n1_secret, "secrets_without_token: true")
+    site.registry_file.write_text(text)
+    await reload_registry(site.service)
     await asyncio.to_thread(build_environment, load_registry(site.registry_file), site.store, "lite")
     cmdline = tmp_path / "cmdline"
     cmdline.write_text(f"quiet slim.node=n1 slim.env=lite slim.relays={site.relay_url}/\n")
@@ -277,6 +295,14 @@ async def test_the_environment_picked_at_the_menu_is_the_one_planned(site: Site,
     assert active["environment"] == "lite" and active["release"] == site.store.release_digest("lite")
     plan = next(e for e in await site.events() if e.stage == "plan")
     assert plan.environment == "lite" and plan.message.startswith("lite "), plan
+    assert not (target / "etc/ssh/ssh_host_ed25519_key").exists()
+    assert not (target / "etc/munge/munge.key").exists()
+    assert not [e for e in await site.events() if e.stage == "secrets"]  # none planned, none asked
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{site.relay_url}/v1/nodes/n1/secrets?environment=lite") as r,
+    ):
+        assert r.status == 403 and "go only to nodes given it" in (await r.json())["error"]
     # a kernel of an environment the registry no longer has: refused by name, nothing built
     cmdline.write_text(f"slim.node=n1 slim.env=gone slim.relays={site.relay_url}/\n")
     assert await run_agent(*args, str(tmp_path / "gone")) != 0

@@ -325,6 +325,7 @@ async def test_a_restarted_core_remembers_the_night(night: Night, tmp_path: Path
     assert (await night.status())["pc01"].state == "waking"  # it knows it woke them
     # past the wake timeout: the restarted core's ticks find pc01, pc02 in use, pc03 still out
     night.now[0] = paris(8, 20, 11)
+    await night.until("a tick of the restarted core", lambda: night.server.harvest.last_tick == night.now[0])
     await night.until("pc02 in use", _state(night, "pc02", "in-use"))
     status = await night.status()
     assert status["pc03"].state == "own-os" and "test by" in status["pc03"].reason, status["pc03"]

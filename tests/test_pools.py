@@ -198,6 +198,14 @@ async def test_in_its_window_a_desktops_plan_is_its_pools_ee(tmp_path: Path) -> 
         now[0] = paris(2026, 12, 8, 21, 0).timestamp()
         plan = service.boot_plan(NodeRef(name="pc01"), "10.3.0.9", peek=True)
         assert (plan.environment, plan.reason) == ("night", "pool room101's window")
+        # its menu offers the pool's EE and its own OS, nothing else; its kernel's (slim.env) must be
+        # the pool's: another's would leave an owner's PC in an EE the night does not send back
+        menu = service.boot_script("52:54:00:00:03:01", "10.3.0.9", peek=True).script
+        assert "item ee-night" in menu and "ee-plain" not in menu
+        picked = service.boot_plan(NodeRef(name="pc01"), "10.3.0.9", peek=True, environment="night")
+        assert picked.environment == "night"
+        with pytest.raises(FailedPrecondition, match="harvested desktop: it boots night now, not 'plain'"):
+            service.boot_plan(NodeRef(name="pc01"), "10.3.0.9", peek=True, environment="plain")
         service.desktop_out = lambda node, at: "its owner picked their own OS"  # as the harvest says
         assert service.boot_plan(NodeRef(name="pc01"), "10.3.0.9", peek=True).environment == "plain"
     finally:

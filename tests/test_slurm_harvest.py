@@ -184,10 +184,14 @@ def test_the_planner_keeps_blackouts_between_windows() -> None:
             "slim-night-20261201T2000", now + 60, T0 + 99 * HOUR, DESKTOPS
         ),
         "slim-gone-20261201T2000": Reservation("slim-gone-20261201T2000", now + 60, T0 + 99 * HOUR, DESKTOPS),
+        "slim-night-20261201T200030": Reservation(  # a window that started at 20:00:30, since moved
+            "slim-night-20261201T200030", now + 60, T0 + 99 * HOUR, DESKTOPS
+        ),
     }
     p = plan([pool(now)], slurm(dict.fromkeys(DESKTOPS, "IDLE+POWERED_DOWN"), have), now, {})
     assert sorted(" ".join(a.argv) for a in p.actions) == [
         "delete ReservationName=slim-gone-20261201T2000", "delete ReservationName=slim-night-20261201T2000",
+        "delete ReservationName=slim-night-20261201T200030",
     ]  # fmt: skip
 
 

@@ -2,8 +2,10 @@
 
 The paper's boot loader lets a person choose a network EE or the local OS;
 compute nodes skip it.  Here a node's menu lists every built environment
-(its next-boot or default one first and preselected) and "local disk"; with a
-timeout of 0 there is no menu and the default boots at once.  Kernel and
+(its next-boot or default one first and preselected; a harvested desktop's, only
+its pool's EE in its window) and "local disk"; with a timeout of 0 there is no menu
+and the default boots at once.  The kernel's ``slim.env`` names the pick: the
+agent asks for that environment's plan.  Kernel and
 initrd come over HTTP from the node's ranked relays, each fetch falling back
 to the next relay; when every relay failed (down, or busy beyond what iPXE's
 own wait on a 503 with Retry-After covers) the script waits — how long, the

@@ -364,6 +364,11 @@ class Harvest:
             return d.order, d.order_reason, poll
 
     # -- the clock ----------------------------------------------------------------
+    @property
+    def last_tick(self) -> float:
+        """The clock's time at the last tick (0: none yet)."""
+        return self._last_tick
+
     def tick(self, boots: dict[str, BootStatus | None]) -> None:
         """Act on the windows' edges (see the module's docstring); ``boots``: every pooled
         desktop's latest boot."""
@@ -465,7 +470,7 @@ class Harvest:
     def _try_prefetch(self, name: str, pool: Pool, members: list[str]) -> None:
         try:
             self._prefetch(pool.environment, members)
-            log.info("pool %s: relays warming %s before its window", name, pool.environment)
+            log.info("pool %s: its relays to warm %s before its window", name, pool.environment)
         except Exception as exc:  # noqa: BLE001 - a prefetch that cannot start must not stop the night
             log.warning("pool %s: could not order the relays to warm %s: %s", name, pool.environment, exc)
 

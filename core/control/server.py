@@ -911,10 +911,11 @@ class CoreServer:
                 digest, signature, relays = await loop.run_in_executor(
                     self._writer, self.service.prefetch_targets, environment, [], nodes
                 )
+                self.hub.prefetch(environment, digest, relays, signature, watched=False)
             except Exception as exc:  # noqa: BLE001 - the night goes on without a warm cache
                 log.warning("could not order the relays to warm %s: %s", environment, exc)
                 return
-            self.hub.prefetch(environment, digest, relays, signature, watched=False)
+            log.info("relays %s ordered to warm %s", ", ".join(relays), environment)
 
         task = loop.create_task(order(), name=f"warm {environment}")
         self._warming.add(task)
@@ -1011,7 +1012,7 @@ class CoreServer:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting calls, give in-flight calls ``grace`` seconds, then cancel them."""
-        for task in (self._watch, self._harvesting):
+        for task in (self._watch, self._harvesting, *self._warming):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

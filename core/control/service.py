@@ -67,6 +67,7 @@ ACTIONS_CACHE_SIZE = 4096
 ORPHAN_SECONDS = 600.0  # how long an event naming only an unknown boot id waits for its node
 MAX_ORPHANS = 10_000  # ... and how many may wait
 DAY = 86400.0
+PICKED = "slim.env"  # a plan's reason when the node's kernel named another environment (the menu's pick)
 DEFAULT_TOKEN_TTL: dict[Kind, float] = {"admin": 90 * DAY, "node": 3650 * DAY}
 MAX_TOKEN_TTL = 3650 * DAY
 MAX_ADMIN_TOKEN_TTL = 365 * DAY
@@ -413,6 +414,29 @@ class CoreService:
         ]
         return " ".join(p for p in parts if p)
 
+    def planned_environment(
+        self, node: str, requested: str = "", reg: Registry | None = None
+    ) -> tuple[str, str]:
+        """(the environment ``node``'s plan is for, why).  ``requested``: the one its kernel
+        was booted for (``slim.env``), "" for the core's choice.  A node may boot any
+        environment its menu offers (then without secrets: see :meth:`node_secrets`); a
+        harvested desktop only its pool's, in its window."""
+        reg = reg or self.registry
+        desktop = self._desktop_default(node, reg)
+        if desktop is not None and desktop[0] != LOCAL:  # in its pool's window: the pool's EE
+            env_name, reason = desktop[0], desktop[1]
+        else:
+            env_name, reason = self.next_environment(node, reg)
+        if not requested or requested == env_name:
+            return env_name, reason
+        if reg.pool_of(node) is not None:
+            raise FailedPrecondition(
+                f"node {node} is a harvested desktop: it boots {env_name} now, not {requested[:63]!r}"
+            )
+        if requested not in reg.environments:
+            raise NotFound(f"unknown environment {requested[:63]!r} (the node's kernel names it)")
+        return requested, PICKED
+
     def boot_plan(
         self,
         ref: NodeRef,
@@ -430,15 +454,7 @@ class CoreService:
         address = self._origin(origin)
         if not vouched:
             self.identify(node, address, token)
-        desktop = self._desktop_default(node)
-        if desktop is not None and desktop[0] != LOCAL:  # in its pool's window: the pool's EE
-            env_name, reason = desktop[0], desktop[1]
-        else:
-            env_name, reason = self.next_environment(node)
-        if environment and environment != env_name:
-            if environment not in self.registry.environments:
-                raise NotFound(f"unknown environment {environment[:80]!r} (the node's kernel names it)")
-            env_name, reason = environment, "slim.env"  # its kernel was booted for it: the menu's pick
+        env_name, reason = self.planned_environment(node, environment)
         digest, release = self._release(env_name)
         site = self.registry.site_of_address(address) or node_cfg.site
         self._require_disk(self.registry, node, env_name)
@@ -458,7 +474,8 @@ class CoreService:
             self._actions[key] = actions
         _, relays = self._rank(node, address, peek)  # last: a refused plan sends nobody anywhere
         profile = self.registry.profiles[node_cfg.profile]
-        secrets = self.secret_files(self.registry, node, env_name)
+        # secrets go with an environment the registry or an admin gave the node, not with a pick
+        secrets = self.secret_files(self.registry, node, env_name) if reason != PICKED else []
         return BootPlan(
             node=node,
             environment=env_name,
@@ -499,11 +516,11 @@ class CoreService:
         node = self._node_name(ref, reg)
         address = self._origin(origin)
         how = self.identify(node, address, token, reg)
-        env_name = self.next_environment(node, reg)[0]
+        env_name = self.planned_environment(node, "", reg)[0]  # the core's choice, never a menu pick
         if environment and environment != env_name:
             raise PermissionDenied(
                 f"node {node} boots {env_name}: the secrets of {environment[:63]!r} go only to nodes "
-                "booting it"
+                "given it (the registry, a next boot or a pool; not a pick at the menu)"
             )
         files = self.secret_files(reg, node, env_name)
         if not files:
@@ -588,12 +605,12 @@ class CoreService:
         document = plan_document(plan, nonce, self.clock())
         return document, self.signer.sign(document, f"plan for {plan.node}") if self.signer else ""
 
-    def _desktop_default(self, node: str) -> tuple[str, str, float] | None:
+    def _desktop_default(self, node: str, reg: Registry | None = None) -> tuple[str, str, float] | None:
         """For a harvested desktop, what its menu boots by default, why, and how long its menu
         waits: its own OS with no menu outside its pool's window (or when SLIM sent it back or
         its owner opted out), else the pool's EE with the pool's short timeout (the owner may
         still pick their own OS).  Its plan follows the same default.  None: not pooled."""
-        pooled = self.registry.pool_of(node)
+        pooled = (reg or self.registry).pool_of(node)
         if pooled is None:
             return None
         name, pool = pooled
@@ -633,8 +650,8 @@ class CoreService:
         releases = {} if default == LOCAL else {default: self._release(default)}
         unbuilt = []
         for env_name in sorted(n for n in self.registry.environments if n != default):
-            if desktop is not None and self.registry.environment(env_name).disk_paths():
-                continue  # a harvested desktop's disks are never touched: no disk EE on its menu
+            if desktop is not None:
+                break  # a harvested desktop's menu: its pool's EE in the window, and its own OS
             try:
                 releases[env_name] = self._release(env_name)
             except FailedPrecondition:

@@ -276,7 +276,7 @@ def slurm_harvest(core_address: str, once: bool, interval: float, dry_run: bool,
 
     Each pass asks the core for the pools (HarvestStatus) and Slurm for its nodes,
     reservations, partitions and running jobs, then runs the scontrol commands
-    that are missing: blackout reservations (slim-POOL-YYYYMMDDTHHMM,
+    that are missing: blackout reservations (slim-POOL-YYYYMMDDTHHMM[SS],
     Flags=MAINT,IGNORE_JOBS) from grace seconds before each window's end to the
     next window's start; POWER_UP at a window's start; POWER_DOWN_FORCE
     (on_window_end: requeue) or POWER_DOWN_ASAP (finish) at end - grace, and
