@@ -116,13 +116,18 @@ class RelayHub:
         try:
             while True:
                 changed = self._changed
+                news = []
                 for relay, status in statuses.items():
                     data = status.SerializeToString(deterministic=True)
                     if sent.get(relay) != data:
                         sent[relay] = data
-                        yield relay, status
+                        news.append((relay, status))
+                for relay, status in news:
+                    yield relay, status  # statuses may change meanwhile: looked at again below
+                if news:
+                    continue
                 if all(s.done for s in statuses.values()):
-                    return
+                    return  # every last status sent
                 await changed.wait()
         finally:
             self._orders.pop(order_id, None)
