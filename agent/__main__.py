@@ -105,6 +105,12 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
         help=f"SLIM's CA certificate, which https relays' certificates must chain to (default: {CA_FILE}, "
         "which the build puts into the initrd when the registry has an https relay)",
     )
+    ap.add_argument(
+        "--follow-endorsements",
+        action="store_true",
+        help="also trust the keys the core's key rotations chain to from the trusted keys (a boot "
+        "medium, which carries the key of the day it was made; a release's initrd never does)",
+    )
     args = ap.parse_args(argv)
     try:
         if args.node and args.relay:
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
             _, data = relays.call("GET", f"/v1/nodes/{boot.node}/plan?{urllib.parse.urlencode(query)}")
             answered = now()
             try:  # before anything is fetched or mounted
-                checked = check(data, keys, boot.node, nonce, answered)
+                checked = check(data, keys, boot.node, nonce, answered, follow=args.follow_endorsements)
                 plan = replace(parse_plan(checked.document), relay_time=checked.relay_time)
                 require_environment(plan, boot)
             except PlanError as exc:

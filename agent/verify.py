@@ -24,6 +24,7 @@ KEYS_DIR = Path("/etc/slim/keys")  # in the initrd (core/build/agentrt.py puts t
 SIGNIFY = ("/usr/bin/signify-openbsd", "signify-openbsd", "signify")
 CLOCK_SLACK = 3600.0  # a node's clock at power-on (its RTC) may be off by this much
 MAX_ENVELOPE_BYTES = 8 << 20
+MAX_ENDORSEMENTS = 256  # slim.signing's: the rotations a medium follows at most
 
 
 class PlanRefused(PlanError):
@@ -57,8 +58,12 @@ def signify() -> str:
     raise PlanRefused("cannot check the plan's signature: signify-openbsd is not installed")
 
 
-def check(envelope: bytes, keys: list[Path], node: str, nonce: str, now: float) -> Checked:
-    """The signed document in the relay's answer, once it has proved itself (PlanRefused if not)."""
+def check(
+    envelope: bytes, keys: list[Path], node: str, nonce: str, now: float, follow: bool = False
+) -> Checked:
+    """The signed document in the relay's answer, once it has proved itself (PlanRefused if not).
+    ``follow``: trust, too, the keys the answer's endorsements chain to from ``keys`` (a boot
+    medium, which carries the key of the day it was made; a release's initrd never does)."""
     if len(envelope) > MAX_ENVELOPE_BYTES:
         raise PlanRefused(f"the relay's answer is larger than {MAX_ENVELOPE_BYTES} bytes")
     try:
@@ -74,7 +79,11 @@ def check(envelope: bytes, keys: list[Path], node: str, nonce: str, now: float) 
     if isinstance(relay_time, bool) or not isinstance(relay_time, int | float) or not 0 < relay_time < 1e11:
         relay_time = None
     document = doc["document"].encode()
-    key = _verified_by(document, signature, keys)
+    with tempfile.TemporaryDirectory(prefix="slim-keys-") as tmp:
+        if follow:
+            keys = _followed(doc.get("endorsements", []), keys, Path(tmp))
+        key = _verified_by(document, signature, keys)
+        key_name = key.name if key.parent == Path(tmp) else str(key)
     try:
         plan = json.loads(document)
     except ValueError as exc:
@@ -90,10 +99,33 @@ def check(envelope: bytes, keys: list[Path], node: str, nonce: str, now: float) 
         raise PlanRefused("the signed plan says not until when it holds (expires_at)")
     if now > expires + CLOCK_SLACK:
         raise PlanRefused(f"the signed plan expired {now - expires:.0f} s ago (by this node's clock)")
-    return Checked(document, str(key), float(relay_time) if relay_time is not None else None)
+    return Checked(document, key_name, float(relay_time) if relay_time is not None else None)
 
 
-def _verified_by(document: bytes, signature: str, keys: list[Path]) -> Path:
+def _followed(endorsements: object, keys: list[Path], tmp: Path) -> list[Path]:
+    """``keys`` and each endorsed key (in order) whose endorsement a key trusted by then signed;
+    the endorsed keys are written into ``tmp``."""
+    if not isinstance(endorsements, list) or len(endorsements) > MAX_ENDORSEMENTS:
+        raise PlanRefused(f"the relay's answer's endorsements are not a list of at most {MAX_ENDORSEMENTS}")
+    trusted = list(keys)
+    for i, e in enumerate(endorsements):
+        if not (
+            isinstance(e, dict) and isinstance(e.get("key"), str) and isinstance(e.get("signature"), str)
+        ):
+            raise PlanRefused(f"endorsement {i} is not {{key, signature}}")
+        if len(e["key"]) > 1024 or len(e["signature"]) > 1024:
+            raise PlanRefused(f"endorsement {i} is too long for a signify key and signature")
+        try:
+            _verified_by(e["key"].encode(), e["signature"], trusted, "key endorsement")
+        except PlanRefused:
+            continue  # signed by a key not trusted here: an older link of the chain
+        path = tmp / f"endorsed-{i}.pub"
+        path.write_text(e["key"])
+        trusted.append(path)
+    return trusted
+
+
+def _verified_by(document: bytes, signature: str, keys: list[Path], what: str = "plan") -> Path:
     binary = signify()
     with tempfile.TemporaryDirectory(prefix="slim-plan-") as tmp:
         doc, sig = Path(tmp) / "plan", Path(tmp) / "plan.sig"
@@ -107,4 +139,4 @@ def _verified_by(document: bytes, signature: str, keys: list[Path]) -> Path:
             if run.returncode == 0:
                 return key
     names = ", ".join(k.name for k in keys)
-    raise PlanRefused(f"the plan's signature does not verify against the trusted keys ({names})")
+    raise PlanRefused(f"the {what}'s signature does not verify against the trusted keys ({names})")

@@ -279,6 +279,8 @@ class NodeApi:
             # what the agent acts on: the core's signed document, untouched
             "document": plan.document.decode(),
             "signature": plan.signature,
+            # the core key's rotations, oldest first: a boot medium follows them from its key
+            "endorsements": [{"key": e.key, "signature": e.signature} for e in plan.endorsements],
             # the relay's clock: the agent sets its events' times by it (a node's clock at
             # power-on is its RTC's, whole seconds at best), so one timeline has one clock
             "relay_time": time.time(),

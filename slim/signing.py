@@ -15,7 +15,11 @@ own.  The key lives in a directory (``STATE_DIR/keys`` by default, :class:`KeyDi
   start, or a build) when missing;
 - ``signing.pub``: its public half;
 - ``previous.pub``, only while a rotation is under way (``slim keys rotate``): the public
-  key being rotated out, still trusted — its private half is gone, nothing signs with it.
+  key being rotated out, still trusted — its private half is gone, nothing signs with it;
+- ``endorsements.json``: for every rotation, the new public key signed by the key it replaced
+  (the chain from the first key to the current one).  Boot media carry the key of the day they
+  were made and follow this chain (:func:`follow`), so a rotation needs no new medium; a key
+  that leaked can thus endorse an attacker's, for media made before the leak (re-issue them).
 
 The public keys to trust are ``signing.pub`` and, during a rotation, ``previous.pub``: a build
 puts them into every initrd, and a relay given the directory (``--trust DIR``) trusts every
@@ -30,6 +34,7 @@ import base64
 import binascii
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -49,6 +54,8 @@ from slim.files import write_atomically
 KEY_FILE = "signing.key"
 PUBLIC_FILE = "signing.pub"
 PREVIOUS_FILE = "previous.pub"  # during a rotation: the key being rotated out, still trusted
+ENDORSEMENTS_FILE = "endorsements.json"  # each rotation's new key, signed by the key it replaced
+MAX_ENDORSEMENTS = 256  # rotations a chain may hold (a medium follows at most this many)
 LOCK_FILE = ".lock"
 ALGORITHM = b"Ed"
 COMMENT = "untrusted comment: "
@@ -159,6 +166,10 @@ class SigningKey:
         body = base64.b64encode(ALGORITHM + self.public.keynum + sig).decode()
         return f"{COMMENT}{comment} {self.public.id}\n{body}\n"
 
+    def endorsements(self) -> list[Endorsement]:
+        """A key alone has no chain of rotations (a :class:`ReloadingSigner` reads its directory's)."""
+        return []
+
 
 class Signer(Protocol):
     """What signs plans: a :class:`SigningKey`, or the core's :class:`ReloadingSigner`."""
@@ -167,6 +178,8 @@ class Signer(Protocol):
     def public(self) -> PublicKey: ...
 
     def sign(self, data: bytes, comment: str = ...) -> str: ...
+
+    def endorsements(self) -> list[Endorsement]: ...
 
 
 class KeyDirectory:
@@ -262,8 +275,18 @@ class KeyDirectory:
     def begin_rotation(self, new: SigningKey) -> PublicKey:
         """Make ``new`` the key that signs, keeping the current one's public half trusted
         (``previous.pub``); its private half is gone.  The current public key is returned.
+        The old key endorses the new one first (``endorsements.json``: boot media follow it).
         Hold the directory (:meth:`held`) around this and what depends on it."""
         old = self.not_rotating()
+        chain = self.endorsements()
+        if len(chain) >= MAX_ENDORSEMENTS:
+            raise FailedPrecondition(f"{MAX_ENDORSEMENTS} rotations: boot media follow no longer a chain")
+        text = new.public.text("slim signing key")
+        signed = Endorsement(text, old.sign(text.encode(), f"endorses slim signing key {new.public.id}"))
+        records = [{"key": e.key, "signature": e.signature} for e in [*chain, signed]]
+        write_atomically(
+            self.path / ENDORSEMENTS_FILE, (json.dumps(records, indent=1) + "\n").encode(), 0o644
+        )
         # the public files first: whoever reads the directory meanwhile trusts both keys
         # before anything is signed with the new one (written last, signing.key)
         write_atomically(
@@ -272,11 +295,49 @@ class KeyDirectory:
         new.save(self.path)
         return old.public
 
+    def endorsements(self) -> list[Endorsement]:
+        """The chain of rotations, oldest first ([] before the first)."""
+        path = self.path / ENDORSEMENTS_FILE
+        try:
+            records = json.loads(path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise FailedPrecondition(f"cannot read the key endorsements {path}: {exc}") from None
+        if not isinstance(records, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(r.get("signature"), str)
+            for r in records
+        ):
+            raise FailedPrecondition(f"{path} is not a list of {{key, signature}}")
+        return [Endorsement(r["key"], r["signature"]) for r in records]
+
     def finish_rotation(self) -> PublicKey:
         """Stop trusting the key rotated out (``previous.pub`` goes); it is returned."""
         previous = self.rotating()
         (self.path / PREVIOUS_FILE).unlink()
         return previous
+
+
+@dataclass(frozen=True)
+class Endorsement:
+    """A public key (signify's text) and an older key's signature of exactly that text."""
+
+    key: str
+    signature: str
+
+
+def follow(trusted: Iterable[PublicKey], chain: Iterable[Endorsement]) -> list[PublicKey]:
+    """``trusted`` and every key of ``chain`` (in order) that a key trusted by then endorsed."""
+    keys = list(trusted)
+    for e in chain:
+        try:
+            verify(e.key.encode(), e.signature, keys, "key endorsement")
+            key = PublicKey.from_text(e.key, "an endorsed key")
+        except SlimError:
+            continue  # signed by a key not trusted here (an older link of the chain), or malformed
+        if key not in keys:
+            keys.append(key)
+    return keys
 
 
 def _stamp(path: Path) -> tuple[int, ...]:
@@ -297,6 +358,8 @@ class ReloadingSigner:
         self._lock = threading.Lock()
         self._key = KeyDirectory(self.directory).load_or_create()
         self._stamp = _stamp(self._path)
+        self._chain: list[Endorsement] = []
+        self._chain_stamp: tuple[int, ...] = ()
 
     def current(self) -> SigningKey:
         try:
@@ -326,6 +389,22 @@ class ReloadingSigner:
     @property
     def public(self) -> PublicKey:
         return self.current().public
+
+    def endorsements(self) -> list[Endorsement]:
+        """The directory's chain of rotations, read again when the file changes (one stat)."""
+        path = self.directory / ENDORSEMENTS_FILE
+        try:
+            stamp = _stamp(path)
+        except OSError:
+            stamp = ()
+        with self._lock:
+            if stamp != self._chain_stamp:
+                try:
+                    self._chain = KeyDirectory(self.directory).endorsements() if stamp else []
+                except SlimError as exc:
+                    log.error("key endorsements kept as they were: %s", exc.message)
+                self._chain_stamp = stamp
+            return list(self._chain)
 
     def sign(self, data: bytes, comment: str = "signature from slim signing key") -> str:
         return self.current().sign(data, comment)

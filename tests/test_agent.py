@@ -47,7 +47,17 @@ from slim.core.registry import load_registry
 from slim.core.store import Store
 from slim.errors import FailedPrecondition
 from slim.pki import CertificateAuthority
-from slim.signing import KEY_FILE, PUBLIC_FILE, PublicKey, ReloadingSigner, Signer, SigningKey, verify
+from slim.signing import (
+    KEY_FILE,
+    PUBLIC_FILE,
+    KeyDirectory,
+    PublicKey,
+    ReloadingSigner,
+    Signer,
+    SigningKey,
+    follow,
+    verify,
+)
 from tests.support import (
     https_url,
     make_image,
@@ -890,16 +900,19 @@ def initrd_keys(store: Store, into: Path) -> list[str]:
 
 
 @asynccontextmanager
-async def plan_signed_by(site: Site, signer: Signer) -> AsyncIterator[tuple[str, list[dict[str, object]]]]:
+async def plan_signed_by(
+    site: Site, signer: Signer, endorsements: list[dict[str, str]] | None = None
+) -> AsyncIterator[tuple[str, list[dict[str, object]]]]:
     """A relay that answers n1's plan (the core's own, for the agent's nonce) signed by
-    ``signer``, and records the events posted to it: (its URL, the events).  The plan names
-    the real relay, so an agent that accepts it boots through that one."""
+    ``signer``, with ``endorsements``, and records the events posted to it: (its URL, the
+    events).  The plan names the real relay, so an agent that accepts it boots through that one."""
     reported: list[dict[str, object]] = []
 
     def answer(nonce: str) -> dict[str, object]:
         plan = site.service.boot_plan(NodeRef(name="n1"), "127.0.0.1", peek=True)
         document = plan_document(plan, nonce, time.time())
-        return {"document": document.decode(), "signature": signer.sign(document), "relay_time": time.time()}
+        return {"document": document.decode(), "signature": signer.sign(document), "relay_time": time.time(),
+                "endorsements": endorsements or []}  # fmt: skip
 
     async def plan(request: web.Request) -> web.Response:
         return web.json_response(await asyncio.to_thread(answer, request.query["nonce"]))
@@ -997,6 +1010,50 @@ async def test_key_rotation_boots_nodes_whose_initrd_trusts_both_then_refuses_th
     assert not (tmp_path / "c").exists()  # nothing fetched, nothing made
     assert await run_agent(*argv(site.relay_url, tmp_path / "d")) == 0
     assert (await last_plan_event(site)).message.endswith(f"signed: {new.id}.pub")
+
+
+async def test_a_boot_medium_follows_the_key_rotations_from_the_key_it_carries(
+    site: Site, tmp_path: Path
+) -> None:
+    """A medium made before two rotations carries the first key only: with
+    --follow-endorsements it trusts the keys each rotation endorsed (the core hands the chain
+    with the plan) and boots; a release's initrd (no flag) does not; an endorsement no trusted
+    key signed adds nothing."""
+    keys = tmp_path / "keys"
+    medium = tmp_path / "medium.pub"
+    shutil.copy(keys / PUBLIC_FILE, medium)  # what the medium carries
+    first = PublicKey.from_text(medium.read_text())
+    where = (
+        "--registry",
+        str(tmp_path / "registry.yaml"),
+        "--store",
+        str(site.store.root),
+        "--keys",
+        str(keys),
+    )
+    for _ in range(2):
+        await slim_cli("keys", "rotate", *where)
+        await slim_cli("keys", "rotate", "--finish", *where)
+    now = SigningKey.load(keys / KEY_FILE).public
+    chain = KeyDirectory(keys).endorsements()
+    assert len(chain) == 2 and follow([first], chain)[-1] == now
+
+    def argv(target: Path, *more: str) -> tuple[str, ...]:
+        return ("--node", "n1", "--relay", site.relay_url, "--trust", str(medium), "--no-reboot",
+                "--target", str(target), *more)  # fmt: skip
+
+    assert await run_agent(*argv(tmp_path / "initrd")) == 1  # no flag: the first key alone
+    assert await run_agent(*argv(tmp_path / "medium", "--follow-endorsements")) == 0
+    event = await last_plan_event(site)
+    assert event.ok and event.message.endswith("signed: endorsed-1.pub"), event
+    # a stranger's key, endorsed by itself: not followed, its plan refused
+    stranger = SigningKey.generate()
+    text = stranger.public.text()
+    forged = [{"key": text, "signature": stranger.sign(text.encode())}]
+    async with plan_signed_by(site, stranger, forged) as (relay_url, reported):
+        medium_argv = argv(tmp_path / "forged", "--follow-endorsements")
+        assert await run_agent(*medium_argv[:2], "--relay", relay_url, *medium_argv[4:]) == 1
+    assert not (tmp_path / "forged").exists() and "does not verify" in str(reported[0]["message"])
 
 
 def test_secrets_never_go_through_a_symbolic_link(tmp_path: Path) -> None:

@@ -17,14 +17,17 @@ from slim.core.registry import Registry
 from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument
 from slim.signing import (
+    ENDORSEMENTS_FILE,
     KEY_FILE,
     PREVIOUS_FILE,
     PUBLIC_FILE,
+    Endorsement,
     KeyDirectory,
     PublicKey,
     ReloadingSigner,
     SigningKey,
     TrustedKeys,
+    follow,
     read_public_keys,
     verify,
 )
@@ -108,7 +111,9 @@ def test_a_rotation_keeps_the_previous_key_trusted_until_it_ends(tmp_path: Path)
     assert read_public_keys([keys.path]) == [new.public, old.public]  # what a relay given the directory reads
     assert stat.S_IMODE((keys.path / KEY_FILE).stat().st_mode) == 0o600
     assert KEY_FILE.encode() not in b"".join(p.read_bytes() for p in keys.path.iterdir() if p.is_file())
-    assert sorted(p.name for p in keys.path.iterdir()) == [".lock", PREVIOUS_FILE, KEY_FILE, PUBLIC_FILE]
+    assert sorted(p.name for p in keys.path.iterdir()) == [
+        ".lock", ENDORSEMENTS_FILE, PREVIOUS_FILE, KEY_FILE, PUBLIC_FILE,
+    ]  # fmt: skip
     with pytest.raises(
         FailedPrecondition, match=f"under way \\(from key {old.public.id} to {new.public.id}\\)"
     ):
@@ -119,6 +124,31 @@ def test_a_rotation_keeps_the_previous_key_trusted_until_it_ends(tmp_path: Path)
     assert read_public_keys([keys.path]) == [new.public]
     with pytest.raises(FailedPrecondition, match="no key rotation is under way"):
         keys.finish_rotation()
+
+
+def test_each_rotation_endorses_its_new_key_with_the_one_it_replaces(tmp_path: Path) -> None:
+    """The chain boot media follow: from the first key, each rotation's key is trusted once
+    the key before it endorsed it; a link signed by no trusted key adds nothing."""
+    keys = KeyDirectory(tmp_path / "keys")
+    first = keys.load_or_create().public
+    assert keys.endorsements() == []
+    made = []
+    for _ in range(2):
+        new = SigningKey.generate()
+        keys.begin_rotation(new)
+        keys.finish_rotation()
+        made.append(new.public)
+    chain = keys.endorsements()
+    assert [PublicKey.from_text(e.key) for e in chain] == made
+    assert follow([first], chain) == [first, *made]
+    assert follow([made[0]], chain) == made  # a medium made after the first rotation
+    stranger = SigningKey.generate()
+    forged = Endorsement(stranger.public.text(), stranger.sign(stranger.public.text().encode()))
+    assert follow([first], [forged, *chain]) == [first, *made]
+    assert follow([first], [chain[1]]) == [first]  # a link out of order: its signer not yet trusted
+    (keys.path / ENDORSEMENTS_FILE).write_text('{"key": 1}')
+    with pytest.raises(FailedPrecondition, match="is not a list of"):
+        keys.endorsements()
 
 
 def test_a_key_directory_from_before_rotations_and_one_a_step_left_half_written(tmp_path: Path) -> None:

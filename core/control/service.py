@@ -48,7 +48,7 @@ from slim.errors import (
     Unavailable,
 )
 from slim.release import ObjectRef, Release
-from slim.signing import Signer
+from slim.signing import Endorsement, Signer
 from slim.vocabulary import (
     BOOT_ID_RE,
     LOCAL_STAGE,
@@ -594,6 +594,10 @@ class CoreService:
             f"release {digest[:19]} of {env_name!r} has no {what} for {path}; "
             f"the registry changed since the build: slim ee build {env_name}"
         )
+
+    def key_endorsements(self) -> list[Endorsement]:
+        """The signing key's chain of rotations (boot media follow it): see slim.signing."""
+        return self.signer.endorsements() if self.signer else []
 
     def sign_plan(self, plan: BootPlan, nonce: str) -> tuple[bytes, str]:
         """(the plan's document, the core's signature of it; "" without a key): see

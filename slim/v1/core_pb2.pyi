@@ -402,6 +402,7 @@ class BootPlan(_message.Message):
     SITE_FIELD_NUMBER: _builtins.int
     DOCUMENT_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    ENDORSEMENTS_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     environment: _builtins.str
     release_digest: _builtins.str
@@ -432,6 +433,12 @@ class BootPlan(_message.Message):
     def directories(self) -> _containers.RepeatedCompositeFieldContainer[Global___DirectoryAction]: ...
     @_builtins.property
     def relays(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankedRelay]: ...
+    @_builtins.property
+    def endorsements(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyEndorsement]:
+        """Every rotation of the core's key, oldest first: the new public key (signify's text) and
+        the replaced key's signature of it.  Boot media follow the chain from the key they carry.
+        """
+
     def __init__(
         self,
         *,
@@ -449,14 +456,37 @@ class BootPlan(_message.Message):
         site: _builtins.str = ...,
         document: _builtins.bytes = ...,
         signature: _builtins.str = ...,
+        endorsements: _abc.Iterable[Global___KeyEndorsement] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["initrd", b"initrd", "kernel", b"kernel"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["directories", b"directories", "disk", b"disk", "document", b"document", "environment", b"environment", "initrd", b"initrd", "kernel", b"kernel", "kernel_args", b"kernel_args", "modules", b"modules", "node", b"node", "reason", b"reason", "relays", b"relays", "release_digest", b"release_digest", "signature", b"signature", "site", b"site"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directories", b"directories", "disk", b"disk", "document", b"document", "endorsements", b"endorsements", "environment", b"environment", "initrd", b"initrd", "kernel", b"kernel", "kernel_args", b"kernel_args", "modules", b"modules", "node", b"node", "reason", b"reason", "relays", b"relays", "release_digest", b"release_digest", "signature", b"signature", "site", b"site"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BootPlan: _TypeAlias = BootPlan  # noqa: Y015
+
+@_typing.final
+class KeyEndorsement(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    signature: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        signature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyEndorsement: _TypeAlias = KeyEndorsement  # noqa: Y015
 
 @_typing.final
 class GetBootScriptRequest(_message.Message):
