@@ -199,6 +199,10 @@ class Site:
                 "--trust", str(self.trust), "--no-reboot", "--target", str(target),
                 "--token-file", str(token_file))  # fmt: skip
 
+    def cli_where(self, keys: Path) -> tuple[str, ...]:
+        """What `slim keys rotate` and `slim ee build` are told: the registry, store and keys."""
+        return ("--registry", str(self.registry_file), "--store", str(self.store.root), "--keys", str(keys))
+
     def argv(self, target: Path, node: str = "n1") -> tuple[str, ...]:
         """The agent's arguments for ``node`` in no-reboot mode through r1, building ``target``."""
         return ("--node", node, "--relay", self.relay_url, "--trust", str(self.trust), "--no-reboot",
@@ -955,14 +959,7 @@ async def test_key_rotation_boots_nodes_whose_initrd_trusts_both_then_refuses_th
     alone, and a plan the old key signed is refused before anything is fetched, saying why."""
     need_tool("cpio", "cpio")
     keys = tmp_path / "keys"
-    where = (
-        "--registry",
-        str(tmp_path / "registry.yaml"),
-        "--store",
-        str(site.store.root),
-        "--keys",
-        str(keys),
-    )
+    where = site.cli_where(keys)
     old = SigningKey.load(keys / KEY_FILE)  # kept by the test: the rotation deletes it
     began = json.loads(await slim_cli("keys", "rotate", "--json", *where))
     new = SigningKey.load(keys / KEY_FILE).public
@@ -1023,14 +1020,7 @@ async def test_a_boot_medium_follows_the_key_rotations_from_the_key_it_carries(
     medium = tmp_path / "medium.pub"
     shutil.copy(keys / PUBLIC_FILE, medium)  # what the medium carries
     first = PublicKey.from_text(medium.read_text())
-    where = (
-        "--registry",
-        str(tmp_path / "registry.yaml"),
-        "--store",
-        str(site.store.root),
-        "--keys",
-        str(keys),
-    )
+    where = site.cli_where(keys)
     for _ in range(2):
         await slim_cli("keys", "rotate", *where)
         await slim_cli("keys", "rotate", "--finish", *where)
