@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from labs.netlab import NetLab, _ip
+
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
@@ -42,12 +44,6 @@ READ_SIZE = 65536  # a TUN device without IFF_VNET_HDR hands out one packet per 
 REPO = Path(__file__).resolve().parent.parent
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _ip(*args: str) -> None:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip() or proc.returncode}")
 
 
 # -- the delayer (its own process) -------------------------------------------------------------
@@ -220,11 +216,7 @@ class WanLink:
             if self.rate is not None:
                 # a burst of about 10 ms at the rate (not 64 kB: at 3 Mb/s that is 170 ms of
                 # line-rate bursts); the latency only bounds tbf's queue
-                tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", self.dev, "root", "tbf",
-                      "rate", self.rate, "burst", "3750b", "latency", "200ms"]  # fmt: skip
-                proc = subprocess.run(tc, capture_output=True, text=True, timeout=30, check=False)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"tc tbf on {ns}/{self.dev}: {proc.stderr.strip()}")
+                NetLab.shape(ns, self.dev, self.rate, burst="3750b", latency="200ms")
         argv = [sys.executable, "-m", "labs.wanlink", f"{self.a}:{self.dev}", f"{self.b}:{self.dev}",
                 "--delay-ms", str(self.delay_ms), "--max-seconds", str(self.max_seconds)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -150,6 +150,9 @@ def node_action(nodes: Iterable[str], state: str, why: str, reason: str = "") ->
     return Action(tuple(argv), why)
 
 
+BLACKOUT_STAMP = r"\d{8}T\d{4}(?:\d{2})?"  # what blackout_name puts after slim-POOL-
+
+
 def blackout_name(pool: Pool, next_start: float) -> str:
     local = dt.datetime.fromtimestamp(next_start, ZoneInfo(pool.time_zone))
     return f"slim-{pool.name}-{local:%Y%m%dT%H%M}" + (f"{local:%S}" if local.second else "")
@@ -194,7 +197,7 @@ def plan(pools: Sequence[Pool], slurm: SlurmState, now: float, woke: Mapping[str
         _plan_reservations(pool, slurm, now, out)
         _plan_nodes(pool, slurm, now, out)
     for name in sorted(slurm.reservations):  # blackouts of pools gone from the registry
-        m = re.fullmatch(r"slim-(.+)-\d{8}T\d{4}(?:\d{2})?", name)
+        m = re.fullmatch(rf"slim-(.+)-{BLACKOUT_STAMP}", name)
         if m and m.group(1) not in known:
             out.actions.append(Action(("delete", f"ReservationName={name}"), "its pool is gone"))
     return out
@@ -229,7 +232,7 @@ def _plan_reservations(pool: Pool, slurm: SlurmState, now: float, out: Plan) -> 
     for name in sorted(slurm.reservations):
         if (
             name.startswith(prefix)
-            and re.fullmatch(r"\d{8}T\d{4}(?:\d{2})?", name[len(prefix) :])
+            and re.fullmatch(BLACKOUT_STAMP, name[len(prefix) :])
             and name not in wanted
         ) and slurm.reservations[name].end > now:
             out.actions.append(

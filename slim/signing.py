@@ -358,8 +358,8 @@ class ReloadingSigner:
         self._lock = threading.Lock()
         self._key = KeyDirectory(self.directory).load_or_create()
         self._stamp = _stamp(self._path)
-        self._chain: list[Endorsement] = []
-        self._chain_stamp: tuple[int, ...] = ()
+        # a rotation writes the chain before the new key: both are read when the key changes
+        self._chain = KeyDirectory(self.directory).endorsements()
 
     def current(self) -> SigningKey:
         try:
@@ -376,6 +376,10 @@ class ReloadingSigner:
                 except SlimError as exc:
                     log.error("still signing with key %s: %s", self._key.public.id, exc.message)
                     return self._key
+                try:
+                    self._chain = KeyDirectory(self.directory).endorsements()
+                except SlimError as exc:
+                    log.error("key endorsements kept as they were: %s", exc.message)
                 if key.public != self._key.public:
                     log.info(
                         "signing key %s replaced by key %s (%s)",
@@ -391,20 +395,9 @@ class ReloadingSigner:
         return self.current().public
 
     def endorsements(self) -> list[Endorsement]:
-        """The directory's chain of rotations, read again when the file changes (one stat)."""
-        path = self.directory / ENDORSEMENTS_FILE
-        try:
-            stamp = _stamp(path)
-        except OSError:
-            stamp = ()
-        with self._lock:
-            if stamp != self._chain_stamp:
-                try:
-                    self._chain = KeyDirectory(self.directory).endorsements() if stamp else []
-                except SlimError as exc:
-                    log.error("key endorsements kept as they were: %s", exc.message)
-                self._chain_stamp = stamp
-            return list(self._chain)
+        """The directory's chain of rotations, as of the key that signs now (read with it)."""
+        self.current()
+        return list(self._chain)
 
     def sign(self, data: bytes, comment: str = "signature from slim signing key") -> str:
         return self.current().sign(data, comment)

@@ -359,9 +359,9 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
         )  # fmt: skip
         answer = plan_pb(plan)
         answer.document, answer.signature = self.service.sign_plan(plan, request.nonce)
-        # a stat per plan, and a read when the chain changed: off the loop
-        chain = await asyncio.get_running_loop().run_in_executor(None, self.service.key_endorsements)
-        answer.endorsements.extend(pb.KeyEndorsement(key=e.key, signature=e.signature) for e in chain)
+        answer.endorsements.extend(
+            pb.KeyEndorsement(key=e.key, signature=e.signature) for e in self.service.key_endorsements()
+        )
         return answer
 
     @unary

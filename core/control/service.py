@@ -429,7 +429,7 @@ class CoreService:
             env_name, reason = self.next_environment(node, reg)
         if not requested or requested == env_name:
             return env_name, reason
-        if reg.pool_of(node) is not None:
+        if desktop is not None:
             raise FailedPrecondition(
                 f"node {node} is a harvested desktop: it boots {env_name} now, not {requested[:63]!r}"
             )
