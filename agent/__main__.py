@@ -23,37 +23,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from slim.agent import report_up
 from slim.agent import secrets as node_secrets
 from slim.agent.ee import BootFailed, Builder, Reporter, switch_root
 from slim.agent.fetch import CA_FILE, FetchError, Relays, now
-from slim.agent.plan import BootArgs, Plan, PlanError, parse_cmdline, parse_plan, require_environment
-from slim.agent.verify import KEYS_DIR, check, trusted_keys
-
-TOKEN_FILE = Path("/etc/slim/node.token")  # where boot media put a node's token in its initrd
-
-
-def read_token(path: Path | None, default: bool) -> str:
-    """The node's token from ``path`` (or, on a real boot, :data:`TOKEN_FILE` if present);
-    "" if none: the node is then identified by its name or MAC, where its site allows it."""
-    if path is None:
-        if not default or not TOKEN_FILE.exists():
-            return ""
-        path = TOKEN_FILE
-    try:
-        token = path.read_text().strip()
-    except OSError as exc:
-        raise PlanError(f"the node token {path}: {exc.strerror}") from None
-    if not token or len(token) > 256 or not token.isascii() or not token.isprintable() or " " in token:
-        raise PlanError(f"the node token in {path} is not a SLIM token (slim node enroll prints one)")
-    return token
+from slim.agent.plan import (
+    TOKEN_FILE,
+    BootArgs,
+    Plan,
+    PlanError,
+    parse_cmdline,
+    read_token,
+)
+from slim.agent.verify import KEYS_DIR, ask_plan, trusted_keys
 
 
 def fetch_secrets(plan: Plan, relays: Relays, target: Path, report: Reporter) -> None:
@@ -139,21 +126,8 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
                 )
         relays = Relays(urls, deadline=boot.deadline, token=token, ca=args.ca)
         try:
-            nonce = secrets.token_hex(16)
-            asked = now()
-            query = {"nonce": nonce} | ({"environment": boot.environment} if boot.environment else {})
-            _, data = relays.call("GET", f"/v1/nodes/{boot.node}/plan?{urllib.parse.urlencode(query)}")
-            answered = now()
-            try:  # before anything is fetched or mounted
-                checked = check(data, keys, boot.node, nonce, answered, follow=args.follow_endorsements)
-                plan = replace(parse_plan(checked.document), relay_time=checked.relay_time)
-                require_environment(plan, boot)
-            except PlanError as exc:
-                refused = Reporter(relays, boot.node, "", observe=observe)
-                if boot.boot_id:
-                    refused.boot_id = boot.boot_id
-                refused("plan", ok=False, message=f"plan refused: {exc}", duration=answered - asked)
-                raise
+            got = ask_plan(relays, boot, keys, follow=args.follow_endorsements, observe=observe)
+            plan, checked, asked, answered = got.plan, got.checked, got.asked, got.answered
             ranked = plan.https_relays if token else plan.relays  # a token: https:// ones only
             if ranked:  # the plan's ranking is fresher than the command line's
                 relays.urls = list(dict.fromkeys([*ranked, *relays.urls]))
@@ -167,7 +141,7 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
                 clock = f"; clock {report.offset:+.3f} s from the relay's"
             report(
                 "plan",
-                len(data),
+                got.size,
                 message=f"{plan.environment} {plan.release_digest}{clock}; signed: {Path(checked.key).name}",
                 duration=answered - asked,
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 BOOT_ID_RE = re.compile(r"[0-9a-f]{1,64}")  # copies of slim.vocabulary's (the agent: stdlib only)
@@ -21,10 +22,27 @@ MAX_PLAN_BYTES = 4 << 20
 DEFAULT_DEADLINE = 900.0  # seconds a boot's fetches may wait for busy relays (slim.deadline=)
 RELAY_URL_RE = re.compile(r"https?://[^/\s]+")  # a relay's base URL (https: see slim.agent.fetch)
 HTTP_SCHEMES = ("http://", "https://")
+TOKEN_FILE = Path("/etc/slim/node.token")  # where boot media put a node's token in its initrd
 
 
 class PlanError(ValueError):
     """The plan (or command line) is unusable; the message names what is wrong."""
+
+
+def read_token(path: Path | None, default: bool) -> str:
+    """The node's token from ``path`` (or, on a real boot, :data:`TOKEN_FILE` if present);
+    "" if none: the node is then identified by its name or MAC, where its site allows it."""
+    if path is None:
+        if not default or not TOKEN_FILE.exists():
+            return ""
+        path = TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise PlanError(f"the node token {path}: {exc.strerror}") from None
+    if not token or len(token) > 256 or not token.isascii() or not token.isprintable() or " " in token:
+        raise PlanError(f"the node token in {path} is not a SLIM token (slim node enroll prints one)")
+    return token
 
 
 def parse_cmdline(text: str) -> dict[str, str]:
@@ -150,6 +168,7 @@ class Plan:
     https_relays: tuple[str, ...] = ()  # the first https:// URL of each ranked relay that has one
     secrets: int = 0  # secret files to ask the relays for (GET /v1/nodes/{node}/secrets)
     desktop: bool = False  # a harvested desktop: nothing of it goes on a disk
+    kernel_args: str = ""  # the release kernel's command line (what a boot medium kexecs it with)
 
 
 def _ref(value: object, where: str) -> ObjectRef | None:
@@ -316,4 +335,5 @@ def parse_plan(data: bytes) -> Plan:
         https_relays=tuple(https_relays),
         secrets=_count(doc, "secrets", "plan") if "secrets" in doc else 0,
         desktop=_desktop(doc, dirs),
+        kernel_args=_text(doc, "kernel_args", "plan"),
     )

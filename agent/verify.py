@@ -12,13 +12,18 @@ plan's digests carry that trust to every object and tree.
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from slim.agent.plan import PlanError
+from slim.agent.ee import Reporter
+from slim.agent.fetch import Relays, now
+from slim.agent.plan import BootArgs, Plan, PlanError, parse_plan, require_environment
 
 KEYS_DIR = Path("/etc/slim/keys")  # in the initrd (core/build/agentrt.py puts them there)
 SIGNIFY = ("/usr/bin/signify-openbsd", "signify-openbsd", "signify")
@@ -140,3 +145,42 @@ def _verified_by(document: bytes, signature: str, keys: list[Path], what: str = 
                 return key
     names = ", ".join(k.name for k in keys)
     raise PlanRefused(f"the {what}'s signature does not verify against the trusted keys ({names})")
+
+
+@dataclass(frozen=True)
+class Asked:
+    """A plan the relays handed over and that proved itself (:func:`ask_plan`)."""
+
+    plan: Plan
+    checked: Checked
+    size: int  # bytes of the relay's answer
+    asked: float  # this node's clock when it asked, and when the answer came
+    answered: float
+
+
+def ask_plan(
+    relays: Relays,
+    boot: BootArgs,
+    keys: list[Path],
+    follow: bool = False,
+    observe: Callable[[str, str], None] | None = None,
+) -> Asked:
+    """The node's plan, asked for with a fresh nonce and checked (:func:`check`) before anything
+    else is done; a refused plan is reported (stage ``plan``, under ``boot.boot_id`` when the
+    command line names one) and raised."""
+    nonce = secrets.token_hex(16)
+    asked = now()
+    query = {"nonce": nonce} | ({"environment": boot.environment} if boot.environment else {})
+    _, data = relays.call("GET", f"/v1/nodes/{boot.node}/plan?{urllib.parse.urlencode(query)}")
+    answered = now()
+    try:
+        checked = check(data, keys, boot.node, nonce, answered, follow=follow)
+        plan = replace(parse_plan(checked.document), relay_time=checked.relay_time)
+        require_environment(plan, boot)
+    except PlanError as exc:
+        refused = Reporter(relays, boot.node, "", observe=observe)
+        if boot.boot_id:
+            refused.boot_id = boot.boot_id
+        refused("plan", ok=False, message=f"plan refused: {exc}", duration=answered - asked)
+        raise
+    return Asked(plan, checked, len(data), asked, answered)

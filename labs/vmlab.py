@@ -77,7 +77,7 @@ sites:
     prefixes: [{prefixes}]
     secrets_without_token: true  # the lab's own network: PXE carries no token
 {dhcp}relays:
-  r1: {{urls: ["http://{server}:{relay}/"], site: qemu{wake}}}
+  r1: {{urls: [{relay_urls}], site: qemu{wake}}}
 profiles:
   vm: {{firmware: {firmware}, loader: {loader}, modules: [{modules}], kernel_args: "console=ttyS0 panic=-1"}}
 environments:
@@ -195,18 +195,22 @@ class Lab:
         busy: list[int | None] | None = None,
         firmware: Literal["uefi", "bios"] | None = None,
         wake_to: str | None = None,
+        https: bool = False,
     ) -> None:
         """``pxelinux`` (pxe network only): a BIOS VM whose profile boots the legacy way,
         lpxelinux.0 over TFTP and its pxelinux.cfg/01-<mac> from the relay.  ``init``: the
         image's own systemd, or the test script (see the module's docstring); ``nic``: the
         VM's network card (the profile loads its driver); ``up_timeout``: the
         environment's; ``busy`` (user network): a busy front (labs.busyfront) before the
-        relay refuses the first object requests with 503, with these Retry-Afters."""
+        relay refuses the first object requests with 503, with these Retry-Afters; ``https``
+        (user network): the relay also serves HTTPS, named first in the registry (what a
+        boot medium and a node with a token speak)."""
         self.tmp, self.qemu, self.var_policy, self.network = tmp, qemu, var_policy, network
         self.pxelinux = pxelinux
         self.init_path: str | None = TEST_INIT_PATH if init == "test" else None  # None: the image's
         self.nic, self.up_timeout, self.busy = nic, up_timeout, busy
         self.firmware, self.wake_to = firmware, wake_to
+        self.https_port = 0 if https else None  # the relay's HTTPS port, once it serves
         self.pools = ""  # the registry's pools section (labs.desktoplab writes it)
         self._serve: subprocess.Popen[bytes] | None = None
         self.front: BusyFront | None = None
@@ -247,10 +251,14 @@ class Lab:
         self._core = core
         self.core = self._ready(core, "listening on", "core")
         objects = self._ready(core, "objects on", "core")
+        https = ["--https-listen", "127.0.0.1:0"] if self.https_port is not None else []
         relay = self._start("relay", "serve", "--identity", str(relay_identity), "--core", self.core,
                             "--upstream", f"https://{objects}", "--cache-dir", str(self.tmp / "cache"),
-                            "--max-bytes", "2G", "--listen", "127.0.0.1:0")  # fmt: skip
+                            "--max-bytes", "2G", "--listen", "127.0.0.1:0",
+                            *https)  # fmt: skip
         self.relay_port = int(self._ready(relay, "listening on", "relay").rsplit(":", 1)[1])
+        if self.https_port is not None:
+            self.https_port = int(self._ready(relay, "https on", "relay").rsplit(":", 1)[1])
         if self.busy:  # the guest reaches the relay through the busy front
             self.front = BusyFront(f"http://127.0.0.1:{self.relay_port}", self.busy)
             self.relay_port = self.front.start()
@@ -268,7 +276,7 @@ class Lab:
         self.admin = self._client.admin
         for _ in range(300):  # bounded: 30 s for the reloaded core to hear from the relay
             relays = self._client.call(self.admin.ListRelays, pb.ListRelaysRequest()).relays
-            if any(r.urls[0].endswith(f":{self.relay_port}/") and r.status == "live" for r in relays):
+            if any(r.urls[-1].endswith(f":{self.relay_port}/") and r.status == "live" for r in relays):
                 return self
             time.sleep(0.1)
         raise RuntimeError(f"the core never heard from the relay (see {self.tmp}/relay.log)")
@@ -312,7 +320,7 @@ class Lab:
                 pools=self.pools,
                 loader="pxelinux" if self.pxelinux else "ipxe",
                 server_section=PXE_SERVER_SECTION.format(tmp=self.tmp, server=PXE_SERVER) if pxe else "",
-                relay=self.relay_port,
+                relay_urls=", ".join(f'"{u}"' for u in self.relay_urls(PXE_SERVER if pxe else "10.0.2.2")),
                 image=self.image,
                 nfs=self.nfs_port,
                 mac=MAC,
@@ -331,6 +339,14 @@ class Lab:
         if self._serve is not None:  # `slim serve` passes it on to its core
             self._serve.send_signal(signal.SIGHUP)
 
+    def relay_urls(self, server: str) -> list[str]:
+        """The relay's URLs as the registry names them: https first, when it serves it."""
+        http = [f"http://{server}:{self.relay_port}/"]
+        if self.https_port is None:
+            return http
+        # before the relay serves, any port: the build needs only to know that relays speak https
+        return [f"https://{server}:{self.https_port or 1}/", *http]
+
     def build(self) -> dict[str, Any]:
         """``slim ee build vmtest``: its JSON report."""
         out = self._slim(
@@ -344,31 +360,38 @@ class Lab:
             str(self.store),
             "--keys",
             str(self.keys),
+            *(["--ca", str(self.tmp / "ca")] if self.network == "user" else []),  # the relays' CA
         )
         report: dict[str, Any] = json.loads(out)[0]
         return report
 
     # -- booting ------------------------------------------------------------
-    def boot(self, *qemu_args: str) -> Boot:
+    def boot(self, *qemu_args: str, medium: Path | None = None, usb: bool = False) -> Boot:
         """Boot the VM once, until the core says the boot is up or failed (and, with the test
         init, until the VM powered itself off); the console is read on a thread and
-        timestamped as lines arrive."""
+        timestamped as lines arrive.  ``medium`` (user network): from this boot medium
+        (slim media build), as a CD or, ``usb``, a USB stick; no PXE."""
         serial = self.tmp / "serial.log"
         before = self._status()
         started = time.time()
-        if self.netlab is not None and self.pxelinux:  # BIOS; QEMU's iPXE ROM as the PXE ROM
+        if medium is not None:  # a home PC: no PXE ROM, the medium's own boot
+            drive = (
+                ["-drive", f"if=none,id=stick,format=raw,file={medium}", "-device", "qemu-xhci",
+                 "-device", "usb-storage,drive=stick"]
+                if usb else ["-drive", f"media=cdrom,readonly=on,format=raw,file={medium}"]
+            )  # fmt: skip
+            argv = [self.qemu, *drive, *self._uefi(), "-netdev", "user,id=n0",
+                    "-device", f"{self.nic},netdev=n0,mac={MAC},romfile="]  # fmt: skip
+        elif self.netlab is not None and self.pxelinux:  # BIOS; QEMU's iPXE ROM as the PXE ROM
             argv = [
                 *self.netlab.cmd(self.netlab.server, self.qemu), "-boot", "n",
                 "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
                 "-device", f"{self.nic},netdev=n0,mac={MAC}",
             ]  # fmt: skip
         elif self.netlab is not None:  # UEFI firmware's own PXE on the lab's bridge
-            vars_copy = self.tmp / "OVMF_VARS.fd"
-            shutil.copyfile(OVMF_VARS, vars_copy)
             argv = [
                 *self.netlab.cmd(self.netlab.server, self.qemu),
-                "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
-                "-drive", f"if=pflash,format=raw,file={vars_copy}",
+                *self._uefi(force=True),
                 "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
                 "-device", f"{self.nic},netdev=n0,mac={MAC},romfile=",
             ]  # fmt: skip
@@ -431,6 +454,15 @@ class Lab:
             active, list(events), console.text, started, console.kernel_at, marker_at,
             None if stopped else code, console.milestones, status, self.secret.read_bytes(),
         )  # fmt: skip
+
+    def _uefi(self, force: bool = False) -> list[str]:
+        """QEMU's arguments for UEFI firmware (OVMF, fresh variables), if the lab's is UEFI."""
+        if not force and self.firmware != "uefi":
+            return []
+        vars_copy = self.tmp / "OVMF_VARS.fd"
+        shutil.copyfile(OVMF_VARS, vars_copy)
+        return ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                "-drive", f"if=pflash,format=raw,file={vars_copy}"]  # fmt: skip
 
     def wait_for_kernel_args(self, text: str, seconds: float = 30.0) -> None:
         """Until the core (which reloads the registry on SIGHUP) boots vm1 with ``text`` in

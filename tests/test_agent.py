@@ -15,6 +15,7 @@ import secrets
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -1063,3 +1064,64 @@ def test_secrets_never_go_through_a_symbolic_link(tmp_path: Path) -> None:
     assert node_secrets.install(root, [ok]) == ["/etc/slim/k"]
     assert (root / "etc/slim/k").read_bytes() == ok.content
     assert stat.S_IMODE((root / "etc/slim/k").stat().st_mode) == 0o440
+
+
+# -- a boot medium's first stage ------------------------------------------------------------
+async def run_medium(*argv: str) -> tuple[int, str, str]:
+    """The medium's agent (slim.agent.medium) in its own process; (exit, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "slim.agent.medium", *argv,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_a_boot_medium_fetches_the_verified_release_and_hands_on_its_token(
+    site: Site, tmp_path: Path
+) -> None:
+    """The medium asks its relays for n1's plan with its token (the first relay is down: the
+    next answers), checks it, fetches the release's kernel and initrd by the plan's digests,
+    appends its token to the initrd (a cpio archive the kernel unpacks over the release's),
+    and starts the kernel with the plan's arguments, the relays it reached and the boot's id.
+    A revoked token stops it with a message that says so, before anything is fetched."""
+    issued = await asyncio.to_thread(site.service.issue_token, "node", "n1", None)
+    token_file = tmp_path / "node.token"
+    token_file.write_text(issued.text + "\n")
+    down = f"https://127.0.0.1:{free_port()}"
+    medium = tmp_path / "medium.json"
+    medium.write_text(json.dumps({"id": "0123abcd", "node": "n1", "relays": [down, site.relay_https_url]}))
+    (tmp_path / "cmdline").write_text("slim.medium=0123abcd console=ttyS0\n")
+    argv = ("--medium", str(medium), "--cmdline", str(tmp_path / "cmdline"), "--trust", str(site.trust),
+            "--ca", str(site.ca), "--token-file", str(token_file), "--work", str(tmp_path / "work"),
+            "--follow-endorsements", "--no-kexec")  # fmt: skip
+    code, out, err = await run_medium(*argv)
+    assert code == 0, err
+    started = json.loads(out)
+    found = site.store.release("base")
+    assert found is not None
+    release = found[1]
+    assert Path(started["kernel"]).read_bytes() == site.store.object_path(release.kernel.digest).read_bytes()
+    release_initrd = site.store.object_path(release.initrd.digest).read_bytes()
+    initrd = Path(started["initrd"]).read_bytes()
+    assert initrd.startswith(release_initrd)
+    cpio = ["cpio", "-i", "--quiet", "--to-stdout", "etc/slim/node.token"]
+    tail = initrd[len(release_initrd) :]
+    done = await asyncio.to_thread(subprocess.run, cpio, input=tail, capture_output=True, check=True)
+    assert done.stdout == issued.text.encode() + b"\n"
+    args = parse_cmdline(started["cmdline"])
+    assert args["slim.node"] == "n1" and args["slim.env"] == "base"
+    assert args["slim.relays"].split(",")[0] == site.relay_https_url  # the one that answered
+    assert issued.text not in started["cmdline"]
+    events = sorted((e for e in await site.events() if e.boot_id == args["slim.boot"]), key=lambda e: e.time)
+    assert [e.stage for e in events] == ["medium", "medium:kernel", "medium:initrd", "kexec"]
+    assert all(e.ok for e in events)
+    assert events[1].bytes == release.kernel.size
+    # revoked: stopped at a message that says so, nothing fetched
+    await asyncio.to_thread(site.service.revoke_tokens, issued.record.id)
+    shutil.rmtree(tmp_path / "work")
+    code, out, err = await run_medium(*argv)
+    assert code == 1 and out == ""
+    assert "refused this medium's token" in err, err
+    assert not (tmp_path / "work").exists()

@@ -28,6 +28,7 @@ Nothing here runs the agent; :func:`add_runtime` only adds files to an
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from collections.abc import Sequence
@@ -66,7 +67,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 for name in sys.argv[2].split(","):
     sys.modules[name] = None  # import fails as if absent
-import slim.agent.__main__, slim.agent.ee, slim.agent.fetch, slim.agent.plan  # noqa
+import slim.agent.__main__, slim.agent.ee, slim.agent.fetch, slim.agent.plan, slim.agent.medium  # noqa
 import encodings.utf_8, encodings.latin_1, encodings.ascii, encodings.aliases  # noqa
 import runpy, importlib.util, importlib.machinery  # noqa: python -m needs these
 import encodings.idna  # noqa: http.client encodes host names with it, lazily
@@ -123,10 +124,17 @@ def _require(path: Path, package: str) -> Path:
     return path
 
 
-def shared_libraries(binary: Path) -> list[Path]:
-    """The libraries (and the loader) ``ldd`` lists for ``binary``."""
+def shared_libraries(binary: Path, env: dict[str, str] | None = None) -> list[Path]:
+    """The libraries (and the loader) ``ldd`` lists for ``binary`` (``env``: more environment
+    for ldd, e.g. LD_LIBRARY_PATH)."""
     try:
-        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False).stdout
+        out = subprocess.run(
+            ["ldd", str(binary)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, **(env or {})},
+        ).stdout
     except FileNotFoundError:
         raise FailedPrecondition("ldd is missing on the build host (Debian's libc-bin)") from None
     if "not a dynamic executable" in out or "statically linked" in out:
@@ -231,6 +239,8 @@ bound|renew)
     ip addr flush dev "$interface"
     ip addr add "$ip/${mask:-24}" dev "$interface"
     [ -n "$router" ] && ip route add default via "${router%% *}" dev "$interface"
+    : > /etc/resolv.conf
+    for s in $dns; do echo "nameserver $s" >> /etc/resolv.conf; done
     ;;
 deconfig)
     ip addr flush dev "$interface"
@@ -240,9 +250,9 @@ exit 0
 """
 
 
-def add_runtime(archive: CpioArchive, rt: Runtime) -> None:
+def add_runtime(archive: CpioArchive, rt: Runtime, init: str | None = None) -> None:
     """Add the runtime's files and links, the agent's package, mount points and ``/init``
-    (parent directories are implied)."""
+    (:data:`INIT`, or ``init``: a boot medium's; parent directories are implied)."""
     for d in ("proc", "sys", "dev", "run", "tmp", "newroot"):
         archive.add_dir(d)
     for dest, src in sorted(rt.files.items()):
@@ -261,5 +271,5 @@ def add_runtime(archive: CpioArchive, rt: Runtime) -> None:
     for dest, data in sorted(rt.data.items()):
         archive.add_bytes(dest, data)
     archive.add_bytes(f"{AGENT_ROOT}/slim/__init__.py", b"")
-    archive.add_bytes("/init", INIT.format(root=AGENT_ROOT).encode(), mode=0o755)
+    archive.add_bytes("/init", (init or INIT.format(root=AGENT_ROOT)).encode(), mode=0o755)
     archive.add_bytes("/etc/slim/udhcpc.sh", UDHCPC.encode(), mode=0o755)

@@ -27,7 +27,22 @@ from slim.errors import FailedPrecondition, InvalidArgument, NotFound, SlimError
 APT_TIMEOUT = 120.0  # apt-cache, dpkg: local work
 DOWNLOAD_TIMEOUT = 1800.0  # ~70 MB from the configured mirror
 DEPMOD_TIMEOUT = 300.0
-TOOL_PACKAGES = {"apt-get": "apt", "apt-cache": "apt", "dpkg": "dpkg", "dpkg-deb": "dpkg", "depmod": "kmod"}
+TOOL_PACKAGES = {
+    "apt-get": "apt",
+    "apt-cache": "apt",
+    "dpkg": "dpkg",
+    "dpkg-deb": "dpkg",
+    "dpkg-query": "dpkg",
+    "depmod": "kmod",
+}
+DEPENDS_ONLY = (
+    "--no-recommends",
+    "--no-suggests",
+    "--no-conflicts",
+    "--no-breaks",
+    "--no-replaces",
+    "--no-enhances",
+)
 ARCH_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 VMLINUZ_RE = re.compile(r"^boot/vmlinuz-(.+)$")
 
@@ -89,9 +104,13 @@ def kernel_package(arch: str | None = None) -> str:
 
 
 def download_kernel(cache_dir: Path, package: str | None = None) -> Path:
-    """The .deb of ``package`` (default :func:`kernel_package`) in ``cache_dir``, downloaded
-    with apt-get unless a copy with apt's size and SHA-256 is already there."""
-    package = package or kernel_package()
+    """The .deb of kernel ``package`` (default :func:`kernel_package`) in ``cache_dir``."""
+    return download_deb(cache_dir, package or kernel_package())
+
+
+def download_deb(cache_dir: Path, package: str) -> Path:
+    """The .deb of ``package`` in ``cache_dir``, downloaded with apt-get (no maintainer script
+    runs: nothing is installed) unless a copy with apt's size and SHA-256 is already there."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     uris = _run(["apt-get", "download", "--print-uris", package], timeout=APT_TIMEOUT)
@@ -128,6 +147,49 @@ def _matches(path: Path, size: int, digest: str) -> bool:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest() == want.lower()
+
+
+def installed(package: str) -> bool:
+    """Whether ``package`` is installed on this machine (dpkg says so)."""
+    try:
+        out = _run(["dpkg-query", "-W", "-f=${Status}", package], timeout=APT_TIMEOUT)
+    except FailedPrecondition:
+        return False
+    return out.endswith("ok installed")
+
+
+def missing_closure(packages: list[str]) -> list[str]:
+    """``packages`` and what they depend on (``Depends``/``Pre-Depends``, first alternatives
+    only), leaving out what is installed here and what it needs: the packages to download
+    so that their programs find every library (here or unpacked beside them)."""
+    todo, seen, out = list(packages), set(packages), []
+    while todo:
+        package = todo.pop(0)
+        if installed(package):
+            continue
+        out.append(package)
+        only = (
+            "--no-recommends",
+            "--no-suggests",
+            "--no-conflicts",
+            "--no-breaks",
+            "--no-replaces",
+            "--no-enhances",
+        )
+        text = _run(["apt-cache", "depends", *only, package], timeout=APT_TIMEOUT)
+        for line in text.splitlines()[1:]:
+            kind, _, name = line.strip().partition(":")
+            name = name.strip().split(":")[0]  # libfoo:amd64 -> libfoo
+            if kind in ("Depends", "PreDepends") and name and not name.startswith("<") and name not in seen:
+                seen.add(name)
+                todo.append(name)
+    return out
+
+
+def unpack_deb(deb: Path, root: Path) -> None:
+    """Unpack package ``deb``'s files under ``root`` (created if missing), no script run."""
+    root.mkdir(parents=True, exist_ok=True)
+    _unpack(deb, root)
 
 
 def install_kernel(deb: Path, image_root: Path) -> str:

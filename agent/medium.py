@@ -1,0 +1,286 @@
+"""``python -m slim.agent.medium``: a boot medium's first stage (standard library only).
+
+A home PC has no PXE server: it boots from a medium ``slim media build`` wrote (a USB stick
+or a CD), which carries a Debian kernel and an initrd with this program, the core's public
+keys, SLIM's CA, the relay URLs and, on a per-node medium, the node's token
+(``/etc/slim/medium.json``, ``/etc/slim/keys``, ``/etc/slim/ca.pem``,
+``/etc/slim/node.token``).  It does what PXE and the boot script do on a LAN, and checks
+everything first:
+
+1. asks the relays of the medium for the node's plan (over HTTPS with the token) and checks
+   its signature with the keys the medium carries and, with ``--follow-endorsements`` (how
+   the medium runs it), the keys the core's rotations endorsed since: a medium is not
+   remade when the core's key is;
+2. fetches the release's kernel and initrd the signed plan names, each verified by its
+   digest as it streams;
+3. starts them with ``kexec -s`` (the kernel's own signature check under Secure Boot), the
+   plan's kernel arguments, the boot's id and the relays it reached.  The node's token goes
+   along in a small cpio archive appended to the release's initrd (never on the command
+   line, which every user of the EE could read); the release's agent then does the rest, as
+   on a PXE boot.
+
+Nothing the medium did not carry runs before it has been verified with the core's key: the
+plan by its signature, the kernel and initrd by the plan's digests.  A failure stops at a
+message on every console saying what is wrong (a refused token, a relay that cannot be
+reached, a plan that does not verify), and reports it to the core when a relay is reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from slim.agent.ee import Reporter
+from slim.agent.fetch import CA_FILE, FetchError, Relays, now
+from slim.agent.plan import NAME_RE, RELAY_URL_RE, BootArgs, ObjectRef, PlanError, parse_cmdline, read_token
+from slim.agent.verify import KEYS_DIR, ask_plan, trusted_keys
+
+MEDIUM_FILE = Path("/etc/slim/medium.json")  # written by slim media build
+WORK_DIR = Path("/run/slim-medium")  # where the release's kernel and initrd are put (a tmpfs)
+KEXEC = "/sbin/kexec"
+MEDIUM_ID_RE = re.compile(r"[0-9a-f]{8,32}")
+MAX_MEDIUM_BYTES = 64 << 10
+KEXEC_TIMEOUT = 120.0
+
+
+class MediumError(RuntimeError):
+    """The medium cannot boot this PC; the message says why, for the person in front of it."""
+
+
+@dataclass(frozen=True)
+class Medium:
+    """What ``slim media build`` wrote into ``/etc/slim/medium.json``."""
+
+    id: str
+    node: str  # "" on a generic medium
+    relays: tuple[str, ...]
+
+    @classmethod
+    def load(cls, path: Path) -> Medium:
+        try:
+            data = path.read_bytes()[:MAX_MEDIUM_BYTES]
+            doc = json.loads(data)
+        except OSError as exc:
+            raise MediumError(
+                f"this medium has no {path}: {exc.strerror} (it was not made by slim media build)"
+            ) from None
+        except ValueError as exc:
+            raise MediumError(f"{path} is not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise MediumError(f"{path} is not a JSON object")
+        medium_id, node, relays = doc.get("id"), doc.get("node", ""), doc.get("relays")
+        if not isinstance(medium_id, str) or not MEDIUM_ID_RE.fullmatch(medium_id):
+            raise MediumError(f"{path}: id {medium_id!r} is not a medium's id")
+        if not isinstance(node, str) or (node and not NAME_RE.fullmatch(node)):
+            raise MediumError(f"{path}: node {node!r} is not a node's name")
+        if not isinstance(relays, list) or not relays:
+            raise MediumError(f"{path} names no relay")
+        for url in relays:
+            if not isinstance(url, str) or not RELAY_URL_RE.fullmatch(url.rstrip("/")):
+                raise MediumError(f"{path}: {url!r} is not a relay's http(s)://HOST:PORT URL")
+        return cls(medium_id, node, tuple(u.rstrip("/") for u in relays))
+
+
+def say(message: str) -> None:
+    """``message`` on every active console (the screen and a serial line) on a real boot (in
+    the medium's initrd), else on stderr."""
+    line = f"slim-medium: {message}\n"
+    names: list[str] = []
+    if os.environ.get("SLIM_INITRD") == "1":
+        with contextlib.suppress(OSError):
+            names = Path("/sys/class/tty/console/active").read_text().split()
+    shown = False
+    for name in names:
+        try:
+            with open(f"/dev/{name}", "w") as tty:
+                tty.write(line)
+            shown = True
+        except OSError:
+            continue
+    if not shown:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+def newc(files: dict[str, tuple[bytes, int]]) -> bytes:
+    """A cpio "newc" archive of ``files`` (path → (contents, mode)), parents first, as the
+    kernel unpacks an initramfs; owned by root, time 0."""
+    entries: dict[str, tuple[bytes, int]] = {}
+    for path, (data, mode) in files.items():
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts)):
+            entries.setdefault("/".join(parts[:i]), (b"", stat.S_IFDIR | 0o755))
+        entries[path.strip("/")] = (data, stat.S_IFREG | mode)
+    out = bytearray()
+
+    def add(ino: int, name: str, data: bytes, mode: int) -> None:
+        raw = name.encode() + b"\0"
+        nlink = 2 if stat.S_ISDIR(mode) else 1
+        fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(raw), 0)
+        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields) + raw)
+        out.extend(b"\0" * (-len(out) % 4))
+        out.extend(data)
+        out.extend(b"\0" * (-len(out) % 4))
+
+    for ino, name in enumerate(sorted(entries, key=lambda p: p.split("/")), 1):
+        add(ino, name, *entries[name])
+    add(0, "TRAILER!!!", b"", 0)
+    return bytes(out)
+
+
+def kexec_cmdline(kernel_args: str, relays: list[str], boot_id: str) -> str:
+    """The release kernel's command line: the plan's arguments, with the relays this medium
+    reached (best first) and the boot's id, so that the release's agent goes on with both."""
+    words = [w for w in kernel_args.split() if not w.startswith(("slim.relays=", "slim.boot="))]
+    return " ".join([*words, f"slim.relays={','.join(relays)}", f"slim.boot={boot_id}"])
+
+
+def fetch_object(relays: Relays, ref: ObjectRef, dest: Path) -> None:
+    """The object into ``dest``, verified by its digest as it streams (nothing is kept
+    of an object whose bytes are wrong)."""
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with open(part, "wb") as f:
+            relays.stream(ref, f.write)
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def _why(exc: Exception) -> str:
+    """What a person in front of the PC should read for ``exc``."""
+    text = str(exc)
+    if isinstance(exc, FetchError) and re.search(r": 40[13]: ", text):
+        return (
+            f"the relays refused this medium's token (revoked, expired or another node's): {text}. "
+            "Ask your SLIM administrator for a new medium"
+        )
+    return text
+
+
+def _kexec(kernel: Path, initrd: Path, cmdline: str) -> None:
+    for argv in (
+        [KEXEC, "-s", "-l", str(kernel), f"--initrd={initrd}", f"--command-line={cmdline}"],
+        [KEXEC, "-e"],
+    ):
+        try:
+            run = subprocess.run(argv, capture_output=True, text=True, timeout=KEXEC_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise MediumError(f"{argv[0]} {argv[1]}: {exc}") from None
+        if run.returncode != 0:
+            raise MediumError(
+                f"kexec {' '.join(argv[1:3])} failed (exit {run.returncode}): "
+                f"{(run.stderr or run.stdout).strip()[-400:]}"
+            )
+
+
+def _nics_down() -> None:
+    """Take the network down before the next kernel takes the hardware over."""
+    for nic in Path("/sys/class/net").iterdir() if Path("/sys/class/net").is_dir() else []:
+        if nic.name != "lo":
+            subprocess.run(["ip", "link", "set", nic.name, "down"], capture_output=True, check=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="slim-medium", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--medium", type=Path, default=MEDIUM_FILE, help="the medium's description")
+    ap.add_argument("--cmdline", type=Path, default=Path("/proc/cmdline"), help="kernel command line file")
+    ap.add_argument(
+        "--trust",
+        type=Path,
+        action="append",
+        default=[],
+        help=f"public key or directory (default: {KEYS_DIR})",
+    )
+    ap.add_argument("--ca", type=Path, default=CA_FILE, help=f"SLIM's CA certificate (default: {CA_FILE})")
+    ap.add_argument("--token-file", type=Path, default=None, help="the node's token (default: the medium's)")
+    ap.add_argument("--work", type=Path, default=WORK_DIR, help="where the kernel and initrd are put")
+    ap.add_argument(
+        "--follow-endorsements",
+        action="store_true",
+        help="trust the keys the core's rotations endorsed since the medium was made",
+    )
+    ap.add_argument(
+        "--no-kexec", action="store_true", help="stop before kexec and print what would run (tests)"
+    )
+    args = ap.parse_args(argv)
+    started = now()
+    report: Reporter | None = None
+    try:
+        medium = Medium.load(args.medium)
+        cmdline = parse_cmdline(args.cmdline.read_text()) if args.cmdline.exists() else {}
+        node = medium.node or cmdline.get("slim.node", "")
+        if not node:
+            raise MediumError("this medium names no node (a generic medium is not supported yet)")
+        token = read_token(args.token_file, default=True)
+        urls = medium.relays
+        if token:  # a node's token travels only over TLS
+            urls = tuple(u for u in medium.relays if u.startswith("https://"))
+            if not urls:
+                raise MediumError(
+                    "this medium holds a token, which goes only over HTTPS, but no https:// relay"
+                )
+        keys = trusted_keys(args.trust or [KEYS_DIR])
+        say(f"medium {medium.id}: node {node}, asking {', '.join(urls)} for its plan")
+        relays = Relays(urls, token=token, ca=args.ca)
+        try:
+            boot = BootArgs(node, "", "", urls)
+            got = ask_plan(relays, boot, keys, follow=args.follow_endorsements)
+            plan = got.plan
+            if plan.kernel is None or plan.initrd is None:
+                raise MediumError(f"the plan for {plan.environment} names no kernel and initrd to start")
+            report = Reporter(relays, plan.node, plan.environment)
+            if plan.relay_time is not None:
+                report.offset = plan.relay_time - (got.asked + got.answered) / 2
+            report(
+                "medium",
+                got.size,
+                message=f"medium {medium.id}: {plan.environment} {plan.release_digest}; "
+                f"signed: {Path(got.checked.key).name}",
+                duration=got.answered - started,
+            )
+            ranked = plan.https_relays if token else plan.relays
+            # the plan's ranking, then the relay that answered, then the medium's others
+            reached = list(dict.fromkeys([*ranked, relays.urls[relays.current], *relays.urls]))
+            args.work.mkdir(parents=True, exist_ok=True)
+            kernel, initrd = args.work / "kernel", args.work / "initrd"
+            for what, ref, dest in (("kernel", plan.kernel, kernel), ("initrd", plan.initrd, initrd)):
+                t0 = now()
+                fetch_object(relays, ref, dest)
+                report(f"medium:{what}", ref.size, message=ref.digest, duration=now() - t0)
+            if token:  # the release's agent finds it where a medium's initrd keeps it
+                with open(initrd, "ab") as f:
+                    f.write(newc({"etc/slim/node.token": (token.encode() + b"\n", 0o400)}))
+            line = kexec_cmdline(plan.kernel_args, reached, report.boot_id)
+            if args.no_kexec:
+                print(json.dumps({"kernel": str(kernel), "initrd": str(initrd), "cmdline": line}))
+                report("kexec", message="not started (--no-kexec)")
+                return 0
+            t0 = time.monotonic()
+            report("kexec", message=f"{plan.environment}: its kernel and initrd, verified")
+            report.drain()
+            relays.close()
+            _nics_down()
+            _kexec(kernel, initrd, line)
+            raise MediumError(f"kexec -e returned after {time.monotonic() - t0:.1f} s")
+        finally:
+            relays.close()
+    except (MediumError, PlanError, FetchError, OSError) as exc:
+        message = _why(exc)
+        if report is not None and not isinstance(exc, PlanError):
+            report("medium", ok=False, message=message[:900])
+        say(f"cannot boot: {message}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

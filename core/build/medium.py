@@ -1,0 +1,326 @@
+"""Boot media for home PCs (``slim media build``): one hybrid image, CD or USB stick, BIOS or UEFI.
+
+The medium carries a kernel, an initrd with the medium's agent (:mod:`slim.agent.medium`) and
+what it needs to reach its relays and trust what it gets: the core's public keys, SLIM's CA,
+the relay URLs, and the node's token on a per-node medium.  Its agent fetches the signed plan
+and the release's kernel and initrd, verified, and starts them with ``kexec`` (docs/home.md
+says why this shape).  Everything comes from Debian:
+
+- the kernel and its modules from an environment's image (Debian's ``linux-image``, signed for
+  Secure Boot);
+- BIOS: a GRUB El Torito core image with every module it needs built in (``grub-mkimage``,
+  grub-pc-bin), and GRUB's hybrid MBR so that the same bytes boot from a USB stick;
+- UEFI: an EFI system partition (``mtools``) with Debian's signed shim as ``BOOTX64.EFI`` and
+  Debian's signed GRUB beside it, from the ``shim-signed`` and ``grub-efi-amd64-signed``
+  packages, downloaded and unpacked, never installed (their scripts would touch this
+  machine's boot);
+- ``kexec`` from ``kexec-tools`` and the libraries it needs, downloaded and unpacked too
+  (installing kexec-tools may make this machine's own reboots go through kexec);
+- the ISO by ``xorriso``, in the layout Debian's installer images use.
+
+Signed GRUB reads ``/boot/grub/grub.cfg`` of the medium it finds by ``/.disk/info``; the
+configuration first looks for this medium's own ``/.disk/slim-medium-ID``, so that another
+Debian medium plugged in beside it is not taken instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slim.core.build.agentrt import Runtime, add_runtime, shared_libraries
+from slim.core.build.initrd import InitrdBuilder, InitrdInfo, resolve_in_image, resolve_modules
+from slim.core.build.kernel import download_deb, missing_closure, unpack_deb
+from slim.errors import FailedPrecondition, InvalidArgument, NotFound
+
+KEXEC_PACKAGE = "kexec-tools"
+SHIM = ("shim-signed", "usr/lib/shim/shimx64.efi.signed")
+GRUB_EFI = ("grub-efi-amd64-signed", "usr/lib/grub/x86_64-efi-signed/gcdx64.efi.signed")
+GRUB_BIOS_DIR = Path("/usr/lib/grub/i386-pc")  # grub-pc-bin
+GRUB_BIOS_MODULES = (
+    "biosdisk", "iso9660", "part_msdos", "part_gpt", "fat", "ext2", "normal", "configfile", "linux",
+    "search", "search_fs_file", "search_fs_uuid", "serial", "echo", "test", "gzio", "minicmd",
+    "loopback", "all_video",
+)  # fmt: skip
+# the drivers a medium loads: common PC network cards (a name the kernel lacks is skipped)
+NIC_MODULES = (
+    "virtio_pci", "virtio_net", "e1000", "e1000e", "igb", "igc", "r8169", "tg3", "atlantic", "alx",
+    "atl1c", "xhci_pci", "ehci_pci", "r8152", "cdc_ether", "ax88179_178a",
+)  # fmt: skip
+MEDIUM_ID_RE = re.compile(r"[0-9a-f]{8,32}")
+ESP_SLACK = 1 << 20  # free space in the EFI system partition beyond its files
+TOOL_TIMEOUT = 300.0
+TOOLS = {"grub-mkimage": "grub-common", "xorriso": "xorriso", "mformat": "mtools", "mcopy": "mtools",
+         "mmd": "mtools"}  # fmt: skip
+
+MEDIUM_INIT = """#!/bin/sh
+# SLIM boot medium: drivers, DHCP, then the medium's agent, which starts the release (kexec).
+PATH=/bin:/usr/bin:/sbin
+export PATH
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs -o mode=0755 tmpfs /run
+say() {{
+    for c in $(cat /sys/class/tty/console/active 2>/dev/null); do echo "$*" > "/dev/$c"; done
+}}
+say "slim: boot medium {medium} up"
+if [ -f /etc/slim/modules ]; then
+    while read -r m; do insmod "$m" 2>/dev/null; done < /etc/slim/modules
+fi
+ip link set lo up
+net=""
+for i in /sys/class/net/*; do
+    n=${{i##*/}}
+    [ "$n" = lo ] && continue
+    ip link set "$n" up
+    udhcpc -i "$n" -q -n -t 10 -s /etc/slim/udhcpc.sh >/dev/null 2>&1 && net=$n && break
+done
+if [ -z "$net" ]; then
+    say "slim-medium: cannot boot: no network (no DHCP answer on any network interface)"
+else
+    env SLIM_INITRD=1 PYTHONPATH={root} /usr/bin/python3 -S -B -m slim.agent.medium --follow-endorsements
+fi
+say "slim-medium: this PC stays here: switch it off, fix what is said above, and start it again"
+while :; do sleep 3600; done
+"""
+
+GRUB_CFG = """\
+search --no-floppy --file --set=root /.disk/slim-medium-{medium}
+serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
+set default=0
+set timeout={timeout}
+menuentry "SLIM: {title}" {{
+    linux /boot/vmlinuz slim.medium={medium} {args}
+    initrd /boot/initrd
+}}
+"""
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise FailedPrecondition(f"{name} is not installed (apt-get install {TOOLS.get(name, name)})")
+    return found
+
+
+def _run(argv: list[str], env: dict[str, str] | None = None) -> None:
+    try:
+        done = subprocess.run(
+            [_tool(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=TOOL_TIMEOUT,
+            env={**os.environ, "LC_ALL": "C", **(env or {})}, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise FailedPrecondition(f"{argv[0]} did not finish within {TOOL_TIMEOUT:.0f} s") from None
+    if done.returncode != 0:
+        raise FailedPrecondition(f"{argv[0]} failed (exit {done.returncode}): {done.stderr.strip()[-1500:]}")
+
+
+# --- Debian's parts -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The parts of a medium that come from Debian packages, unpacked (never installed)."""
+
+    root: Path  # the packages' files, unpacked here
+    kexec: Path
+    shim: Path
+    grub_efi: Path
+    packages: tuple[str, ...]  # the .deb files they came from
+
+
+def fetch_parts(cache_dir: Path) -> Parts:
+    """Download (into ``cache_dir``/debs, once) and unpack (into ``cache_dir``/medium, once per
+    set of package versions) kexec-tools with the libraries this machine lacks, shim-signed
+    and grub-efi-amd64-signed."""
+    debs_dir = cache_dir / "debs"
+    packages = [*missing_closure([KEXEC_PACKAGE]), SHIM[0], GRUB_EFI[0]]
+    debs = [download_deb(debs_dir, p) for p in dict.fromkeys(packages)]
+    digest = hashlib.sha256("\n".join(sorted(d.name for d in debs)).encode()).hexdigest()[:16]
+    root = cache_dir / "medium" / digest
+    if not (root / ".complete").exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=root.parent))
+        try:
+            for deb in debs:
+                unpack_deb(deb, staging)
+            (staging / ".complete").write_text("\n".join(d.name for d in debs) + "\n")
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(staging, root)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    parts = Parts(
+        root=root,
+        kexec=root / "sbin" / "kexec",
+        shim=root / SHIM[1],
+        grub_efi=root / GRUB_EFI[1],
+        packages=tuple(d.name for d in debs),
+    )
+    for path, package in ((parts.kexec, KEXEC_PACKAGE), (parts.shim, SHIM[0]), (parts.grub_efi, GRUB_EFI[0])):
+        if not path.is_file():
+            raise FailedPrecondition(f"the {package} package has no {path.relative_to(root)}")
+    return parts
+
+
+def unpacked_libraries(binary: Path, root: Path) -> dict[str, Path]:
+    """Where a binary unpacked under ``root`` finds its libraries, in the initrd → on this
+    machine: this machine's, or those unpacked beside it.  A library found nowhere is an error."""
+    lib_dirs = [
+        str(p) for p in (root / "usr/lib", root / "lib") for p in [*p.glob("*-linux-gnu")] if p.is_dir()
+    ]
+    env = {"LD_LIBRARY_PATH": ":".join(lib_dirs)}
+    out = subprocess.run(
+        ["ldd", str(binary)], capture_output=True, text=True, env={**os.environ, **env}, check=False
+    ).stdout
+    missing = re.findall(r"^\s*(\S+) => not found", out, re.MULTILINE)
+    if missing:
+        raise FailedPrecondition(f"{binary.name} needs {', '.join(missing)}, found neither here nor unpacked")
+    found: dict[str, Path] = {}
+    for lib in shared_libraries(binary, env=env):
+        if lib.is_relative_to(root):
+            found["/" + str(lib.relative_to(root))] = lib.resolve()
+        else:
+            found[str(lib)] = lib.resolve()
+    return found
+
+
+# --- the initrd ---------------------------------------------------------------------------------
+
+
+@dataclass
+class MediumSpec:
+    """What a medium holds besides the kernel (``slim media build``'s options)."""
+
+    medium_id: str
+    node: str  # "" for a generic medium
+    relays: Sequence[str]
+    token: str = ""
+    title: str = ""  # the boot menu's entry
+    kernel_args: str = (
+        "console=ttyS0,115200 console=tty0"  # the medium kernel's (the last console gets init's output)
+    )
+    timeout: int = 0  # seconds the boot menu waits
+
+    def __post_init__(self) -> None:
+        if not MEDIUM_ID_RE.fullmatch(self.medium_id):
+            raise InvalidArgument(f"{self.medium_id!r} is not a medium id (8 to 32 hex digits)")
+        if not self.relays:
+            raise InvalidArgument("a medium needs at least one relay URL")
+        if self.token and not any(u.startswith("https://") for u in self.relays):
+            raise InvalidArgument(
+                "a medium with a token needs an https:// relay: the token never goes in clear"
+            )
+
+    def document(self) -> bytes:
+        """``/etc/slim/medium.json`` (:class:`slim.agent.medium.Medium`)."""
+        doc = {"id": self.medium_id, "node": self.node, "relays": list(self.relays)}
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+@dataclass
+class MediumInitrd:
+    info: InitrdInfo
+    modules: tuple[str, ...]  # loaded at boot
+    skipped: tuple[str, ...] = field(default=())  # asked for, but not in the kernel
+
+
+def write_initrd(
+    out: Path,
+    spec: MediumSpec,
+    runtime: Runtime,
+    parts: Parts,
+    image_root: Path,
+    kver: str,
+    modules: Sequence[str] = NIC_MODULES,
+    strict: bool = False,
+) -> MediumInitrd:
+    """The medium's initrd: the agent's runtime with the medium's /init, kexec, the kernel's
+    ``modules`` (one the kernel lacks is skipped, or with ``strict`` an error), the medium's
+    description and token."""
+    modules_dir = resolve_in_image(image_root, f"/lib/modules/{kver}")
+    usable, skipped = [], []
+    for name in modules:
+        try:
+            resolve_modules(modules_dir, [name])
+            usable.append(name)
+        except NotFound:
+            if strict:
+                raise
+            skipped.append(name)
+    builder = InitrdBuilder()
+    selection = builder.add_modules(image_root, kver, usable)
+    add_runtime(builder, runtime, init=MEDIUM_INIT.format(medium=spec.medium_id, root="/lib/slim"))
+    builder.add_file("sbin/kexec", parts.kexec, mode=0o755)
+    for dest, source in sorted(unpacked_libraries(parts.kexec, parts.root).items()):
+        if dest not in runtime.files:
+            builder.add_file(dest, source)
+    builder.add_bytes("etc/slim/medium.json", spec.document())
+    if spec.token:
+        builder.add_bytes("etc/slim/node.token", spec.token.encode() + b"\n", mode=0o400)
+    with open(out, "wb") as f:
+        info = builder.write(f)
+    return MediumInitrd(info, tuple(selection.names), tuple(skipped))
+
+
+# --- the image ----------------------------------------------------------------------------------
+
+
+def grub_cfg(spec: MediumSpec) -> str:
+    title = re.sub(r"[^A-Za-z0-9 ._:-]", "", spec.title or (f"node {spec.node}" if spec.node else "home PC"))
+    return GRUB_CFG.format(medium=spec.medium_id, timeout=spec.timeout, title=title, args=spec.kernel_args)
+
+
+def write_iso(out: Path, spec: MediumSpec, kernel: Path, initrd: Path, parts: Parts, epoch: int = 0) -> int:
+    """The hybrid image (ISO 9660 with El Torito for BIOS and UEFI, an MBR and GPT for USB
+    sticks) at ``out``; its size.  ``epoch``: the time written into it (reproducible builds)."""
+    boot_hybrid = GRUB_BIOS_DIR / "boot_hybrid.img"
+    if not boot_hybrid.is_file():
+        raise FailedPrecondition(f"{boot_hybrid} is missing (apt-get install grub-pc-bin)")
+    env = {"SOURCE_DATE_EPOCH": str(epoch)}
+    with tempfile.TemporaryDirectory(prefix="slim-medium-") as tmp_text:
+        tmp = Path(tmp_text)
+        tree = tmp / "tree"
+        (tree / ".disk").mkdir(parents=True)
+        (tree / ".disk" / "info").write_text("SLIM boot medium\n")
+        (tree / ".disk" / f"slim-medium-{spec.medium_id}").write_text(spec.node + "\n")
+        grub_dir = tree / "boot" / "grub"
+        grub_dir.mkdir(parents=True)
+        shutil.copyfile(kernel, tree / "boot" / "vmlinuz")
+        shutil.copyfile(initrd, tree / "boot" / "initrd")
+        (grub_dir / "grub.cfg").write_text(grub_cfg(spec))
+        _run(["grub-mkimage", "-d", str(GRUB_BIOS_DIR), "-O", "i386-pc-eltorito", "-p", "/boot/grub",
+              "-o", str(grub_dir / "bios.img"), *GRUB_BIOS_MODULES])  # fmt: skip
+        esp = tmp / "efi.img"
+        size = parts.shim.stat().st_size + parts.grub_efi.stat().st_size + ESP_SLACK
+        with open(esp, "wb") as f:
+            f.truncate(-(-size // (1 << 20)) << 20)  # whole MiB
+        serial = spec.medium_id[:8]
+        _run(["mformat", "-i", str(esp), "-N", serial, "-v", "SLIMESP", "::"], env)
+        _run(["mmd", "-i", str(esp), "::/EFI", "::/EFI/BOOT"], env)
+        _run(["mcopy", "-i", str(esp), str(parts.shim), "::/EFI/BOOT/BOOTX64.EFI"], env)
+        _run(["mcopy", "-i", str(esp), str(parts.grub_efi), "::/EFI/BOOT/grubx64.efi"], env)
+        for path in [*tree.rglob("*"), tree]:
+            os.utime(path, (epoch, epoch), follow_symlinks=False)
+        part = tmp / "out.iso"
+        _run(["xorriso", "-as", "mkisofs", "-r", "-J", "-V", "SLIM_MEDIUM", "-o", str(part),
+              "--grub2-mbr", str(boot_hybrid), "-partition_offset", "16", "--mbr-force-bootable",
+              "-append_partition", "2", "0xef", str(esp), "-appended_part_as_gpt",
+              "-iso_mbr_part_type", "a2a0d0ebe5b9334487c068b6b72699c7",
+              "-c", "boot/boot.cat", "-b", "boot/grub/bios.img", "-no-emul-boot", "-boot-load-size", "4",
+              "-boot-info-table", "--grub2-boot-info",
+              "-eltorito-alt-boot", "-e", "--interval:appended_partition_2:all::", "-no-emul-boot",
+              str(tree)], env)  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(part, out)
+    return out.stat().st_size

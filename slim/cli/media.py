@@ -1,0 +1,178 @@
+"""``slim media``: boot media for home PCs (docs/home.md)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+
+import click
+
+from slim.cli.common import (
+    ca_option,
+    ca_path_or_default,
+    errors_to_exit,
+    fail,
+    json_option,
+    keys_option,
+    keys_path_or_default,
+    registry_option,
+)
+
+
+@click.group()
+def media() -> None:
+    """Boot media for home PCs: a USB stick or CD that boots a PC with no PXE into SLIM."""
+
+
+def default_relays(registry_path: Path, node: str) -> list[str]:
+    """The https:// URLs of the relays a node's medium names when none is given: its site's
+    relays, then their parents, then every other relay with one."""
+    from slim.core.registry import load_registry
+
+    reg = load_registry(registry_path)
+    site = reg.node(node).site if node else None
+    ordered = [r for r in reg.relays.values() if r.site == site]
+    parents = [reg.relays[r.parent] for r in ordered if r.parent and r.parent in reg.relays]
+    rest = [r for r in reg.relays.values() if r not in ordered and r not in parents]
+    urls = [u for r in [*ordered, *parents, *rest] for u in r.urls if u.startswith("https://")]
+    return list(dict.fromkeys(u.rstrip("/") for u in urls))
+
+
+@media.command("build")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--node", required=True, help="The node (in the registry) the medium boots; its token goes in.")
+@click.option(
+    "--token-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="The node's token (slim node enroll NODE --out FILE): the medium sends it to the relays, over "
+    "HTTPS only.  Revoke it (slim node revoke) and the medium stops working.",
+)
+@click.option(
+    "--relay",
+    "relays",
+    multiple=True,
+    metavar="URL",
+    help="A relay the medium asks, in order (repeatable; https://HOST:PORT).  Default: the https URLs of "
+    "the node's site's relays, then their parents', then the other relays'.",
+)
+@click.option(
+    "--environment",
+    default=None,
+    help="The environment whose image gives the medium its kernel and modules (default: the node's).  "
+    "The medium boots whatever release the core plans; this is only the kernel that fetches it.",
+)
+@click.option(
+    "--module",
+    "modules",
+    multiple=True,
+    help="A kernel module the medium loads (repeatable; default: common PC network drivers).",
+)
+@click.option(
+    "--console",
+    type=click.Choice(["both", "screen", "serial"]),
+    default="both",
+    show_default=True,
+    help="Where the medium's kernel and messages go: the screen, the first serial port, or both.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the Debian packages a medium needs (shim, signed GRUB, kexec-tools) are kept "
+    "(default: $SLIM_CACHE_DIR, /var/cache/slim as root, else ~/.cache/slim).",
+)
+@registry_option
+@keys_option
+@ca_option("The medium carries its certificate, which relays' certificates must chain to.")
+@json_option
+def media_build(
+    out: Path,
+    node: str,
+    token_file: Path,
+    relays: tuple[str, ...],
+    environment: str | None,
+    modules: tuple[str, ...],
+    console: str,
+    cache_dir: Path | None,
+    registry_path: Path,
+    keys_path: Path | None,
+    ca_path: Path | None,
+    as_json: bool,
+) -> None:
+    """Write a boot medium for NODE to OUT: a hybrid image for a USB stick or a CD, BIOS or UEFI
+    (Secure Boot: Debian's signed shim, GRUB and kernel).
+
+    Write it to a stick with `dd if=OUT of=/dev/sdX bs=4M conv=fsync` (or any image writer).
+    It holds a kernel and an initrd that reach the relays, check the node's plan with the
+    core's public keys (and the keys later rotations endorsed: a new key, like a new
+    release, needs no new medium), fetch the release's kernel and initrd by the plan's
+    digests and start them (kexec).  Nothing it did not carry runs unverified.
+    """
+    from slim.agent.plan import read_token
+    from slim.core.build.agentrt import collect
+    from slim.core.build.image import default_cache_dir
+    from slim.core.build.initrd import kernel_release, resolve_in_image
+    from slim.core.build.medium import NIC_MODULES, MediumSpec, fetch_parts, write_initrd, write_iso
+    from slim.core.registry import load_registry
+    from slim.pki import CertificateAuthority
+    from slim.signing import KeyDirectory
+
+    with errors_to_exit():
+        reg = load_registry(registry_path)
+        node_cfg = reg.node(node)
+        env_name = environment or node_cfg.environment
+        env = reg.environment(env_name)
+        urls = [u.rstrip("/") for u in relays] or default_relays(registry_path, node)
+        if not urls:
+            fail("no relay of the registry has an https:// URL; give --relay https://HOST:PORT")
+        for u in urls:
+            if not u.startswith("https://"):
+                fail(f"--relay {u}: a medium's relays are https:// (its token never goes in clear)")
+        token = read_token(token_file, default=False)
+        keys = KeyDirectory(keys_path_or_default(keys_path, registry_path))
+        with keys.held(exclusive=False):
+            trusted = keys.trusted()
+        ca_dir = ca_path_or_default(ca_path, registry_path)
+        args = {"both": "console=ttyS0,115200 console=tty0", "screen": "console=tty0",
+                "serial": "console=ttyS0,115200"}[console]  # fmt: skip
+        spec = MediumSpec(secrets.token_hex(8), node, urls, token=token, kernel_args=args)
+        image = Path(env.image)
+        kver = kernel_release(image, env.kernel)
+        parts = fetch_parts(cache_dir or default_cache_dir())
+        runtime = collect(https=True)
+        runtime.trust(trusted)
+        runtime.trust_ca(CertificateAuthority.load_or_create(ca_dir).cert_pem)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        initrd_path = out.with_name(f".{out.name}.initrd")
+        try:
+            initrd = write_initrd(
+                initrd_path, spec, runtime, parts, image, kver, modules or NIC_MODULES, strict=bool(modules)
+            )
+            size = write_iso(out, spec, resolve_in_image(image, env.kernel), initrd_path, parts)
+        finally:
+            initrd_path.unlink(missing_ok=True)
+        out.chmod(0o600)  # it holds the node's token
+    key_ids = [k.id for k in trusted]
+    result = {
+        "medium": str(out),
+        "id": spec.medium_id,
+        "node": node,
+        "relays": urls,
+        "kernel": kver,
+        "bytes": size,
+        "initrd_bytes": initrd.info.compressed_size,
+        "modules": list(initrd.modules),
+        "skipped_modules": list(initrd.skipped),
+        "keys": key_ids,
+    }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"wrote {out} ({size / 1e6:.1f} MB): medium {spec.medium_id} for node {node}, kernel {kver}")
+    click.echo(f"  relays: {', '.join(urls)}")
+    click.echo(f"  trusts: {', '.join(key_ids)} (and the keys their rotations endorse)")
+    if initrd.skipped:
+        click.echo(f"  modules the kernel lacks, left out: {', '.join(initrd.skipped)}")
+    click.echo("  it holds the node's token: keep it like a key (mode 0600)")
