@@ -22,7 +22,9 @@ it on the environment's behalf (``labs.onbehalf``), saying so.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import secrets
 import sys
 import urllib.parse
 from collections.abc import Callable
@@ -152,16 +154,23 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
             report("done", relays.stats.bytes, message=f"{relays.stats.objects} objects")
             if not args.no_reboot:
                 nfs = any(d.nfs is not None for d in plan.directories)
+                # the environment proves its boot with a key of its own: the node's token stays here
+                boot_key = secrets.token_urlsafe(24)
                 try:
                     report_up.install(
                         target, node=plan.node, boot_id=report.boot_id, environment=plan.environment,
-                        relays=relays.urls, init=boot.init, nfs=nfs, token=token, desktop=plan.desktop,
+                        relays=list(dict.fromkeys([*plan.http_relays, *relays.urls])), init=boot.init,
+                        nfs=nfs, boot_key=boot_key, desktop=plan.desktop,
                         unit=parse_cmdline(args.cmdline.read_text()).get("systemd.unit", ""),
                     )  # fmt: skip
                 except OSError as exc:
                     report("report-up", ok=False, message=f"cannot leave the up report in /run: {exc}")
                     raise BootFailed(f"report-up: {exc}") from exc
-                report("switch_root", message=f"{boot.init}: the environment reports up itself")
+                report(
+                    "switch_root",
+                    message=f"{boot.init}: the environment reports up itself",
+                    boot_key_sha256=hashlib.sha256(boot_key.encode()).hexdigest(),
+                )
                 if not report.drain():
                     print(
                         "slim-agent: no relay took the last boot events; switching root anyway",

@@ -68,6 +68,7 @@ class Event:
     ok: bool = True
     message: str = ""
     duration: float = 0.0  # seconds the stage took, ending at ``time``
+    boot_key_sha256: str = ""  # switch_root: registers the boot key the environment proves its boot with
 
 
 @dataclass
@@ -91,11 +92,17 @@ class Reporter:
         return now() + self.offset
 
     def __call__(
-        self, stage: str, nbytes: int = 0, ok: bool = True, message: str = "", duration: float = 0.0
+        self,
+        stage: str,
+        nbytes: int = 0,
+        ok: bool = True,
+        message: str = "",
+        duration: float = 0.0,
+        boot_key_sha256: str = "",
     ) -> None:
         if self.observe is not None:
             self.observe(stage, self.boot_id)
-        event = Event(stage, self.now(), nbytes, ok, message, max(0.0, duration))
+        event = Event(stage, self.now(), nbytes, ok, message, max(0.0, duration), boot_key_sha256)
         self.events.append(event)
         self._unsent.append(event)
         self.flush()
@@ -115,6 +122,7 @@ class Reporter:
                     "environment": self.environment,
                     "duration": round(e.duration, 6),
                 }
+                | ({"boot_key_sha256": e.boot_key_sha256} if e.boot_key_sha256 else {})
                 for e in self._unsent
             ]
         }

@@ -166,6 +166,7 @@ class Plan:
     relays: tuple[str, ...]  # first URL of each ranked relay, best first
     relay_time: float | None = None  # the relay's clock when it sent the plan
     https_relays: tuple[str, ...] = ()  # the first https:// URL of each ranked relay that has one
+    http_relays: tuple[str, ...] = ()  # the first http:// URL of each ranked relay that has one
     secrets: int = 0  # secret files to ask the relays for (GET /v1/nodes/{node}/secrets)
     desktop: bool = False  # a harvested desktop: nothing of it goes on a disk
     kernel_args: str = ""  # the release kernel's command line (what a boot medium kexecs it with)
@@ -301,6 +302,7 @@ def parse_plan(data: bytes) -> Plan:
     dirs.sort(key=lambda d: (d.path.count("/") if d.path != "/" else 0, d.path))
     relays: list[str] = []
     https_relays: list[str] = []
+    http_relays: list[str] = []
     relays_in = doc.get("relays", [])
     if not isinstance(relays_in, list):
         raise PlanError("plan: relays must be a list")
@@ -308,10 +310,14 @@ def parse_plan(data: bytes) -> Plan:
         urls = r.get("urls") if isinstance(r, dict) else None
         if isinstance(urls, list) and urls and isinstance(urls[0], str) and urls[0].startswith(HTTP_SCHEMES):
             relays.append(urls[0].rstrip("/"))
-        if isinstance(urls, list):
-            found = next((u for u in urls if isinstance(u, str) and u.startswith("https://")), None)
+        for scheme, into in (("https://", https_relays), ("http://", http_relays)):
+            found = (
+                next((u for u in urls if isinstance(u, str) and u.startswith(scheme)), None)
+                if isinstance(urls, list)
+                else None
+            )
             if found is not None:
-                https_relays.append(found.rstrip("/"))
+                into.append(found.rstrip("/"))
     modules = doc.get("modules", [])
     if not isinstance(modules, list) or not all(
         isinstance(m, str) and re.fullmatch(r"[\w-]+", m) for m in modules
@@ -333,6 +339,7 @@ def parse_plan(data: bytes) -> Plan:
         directories=tuple(dirs),
         relays=tuple(relays),
         https_relays=tuple(https_relays),
+        http_relays=tuple(http_relays),
         secrets=_count(doc, "secrets", "plan") if "secrets" in doc else 0,
         desktop=_desktop(doc, dirs),
         kernel_args=_text(doc, "kernel_args", "plan"),

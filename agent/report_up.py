@@ -9,9 +9,15 @@ new root's ``/run`` (systemd keeps a ``/run`` that is already mounted) and write
 - ``/run/slim/report`` (mode 0700: root's): a shell script that posts one event, stage
   ``up``, to the relays of the plan (each in turn, a bounded number of rounds, jittered),
   under the boot's id; the event carries no time, so the relay that takes it stamps it;
-- ``/run/slim/token`` (mode 0600), when the node has a token (``slim node enroll``): the
-  report sends it in the request's body (written to a 0600 file, never on a command line,
-  where every user could read it), so that only root on the node speaks for the node;
+- ``/run/slim/boot_key`` (mode 0600): a key the agent made for this boot, whose SHA-256 its
+  ``switch_root`` event registered with the core.  The report sends it in the request's
+  body (written to a 0600 file, never on a command line, where every user could read it),
+  so that only root on the node speaks for this boot.  It proves this boot's report (and a
+  desktop's orders), nothing else: the node's token (``slim node enroll``), which fetches
+  plans and secrets, never leaves the initrd, whose Python checks relays' certificates,
+  where busybox's wget checks none.  So the report may go over plain HTTP (the plan's
+  ``http://`` relays first, then the agent's): whoever reads the key off the wire can say
+  only that this boot is up;
 - for a systemd EE (its init resolves to ``systemd``): ``slim-up.service`` under
   ``/run/systemd/system``, wanted by and ordered after the EE's default target, which runs
   the script once that target is reached.  Another init runs ``/run/slim/report`` itself
@@ -24,7 +30,7 @@ For a harvested desktop (the plan says ``desktop``), also:
 
 - ``/run/slim/orders`` (mode 0700): a loop that asks the relays of the plan, every few seconds
   (the core says how often), what this boot must do (``POST /v1/nodes/NODE/order`` with the
-  boot id, and the token if the node has one); told ``poweroff`` or ``reboot`` (the window
+  boot id, and the boot key); told ``poweroff`` or ``reboot`` (the window
   ends: back to the desktop's own OS), it arms Wake-on-LAN on the boot NICs when the EE has
   ``ethtool``, then has the EE's init do it (systemd: ``systemctl``; else busybox, at once);
 - for a systemd EE, ``slim-orders.service``, wanted by the default target, which runs it;
@@ -64,17 +70,17 @@ url_path={url_path}
 relays={relays}
 message=$(printf '%s' "${{1:-the environment is up}}" | $bb tr -cd 'A-Za-z0-9 ._:/+=-' | $bb head -c 200)
 body={head}"$message"{tail}
-if [ -r "${{0%/*}}/token" ]; then  # the node's token, in the body (never in a command line)
-  token=$($bb cat "${{0%/*}}/token")
-  body="${{body%?}}, \\"token\\": \\"$token\\"}}"
+if [ -r "${{0%/*}}/boot_key" ]; then  # the boot's key, in the body (never in a command line)
+  key=$($bb cat "${{0%/*}}/boot_key")
+  body="${{body%?}}, \\"boot_key\\": \\"$key\\"}}"
 fi
 umask 077
 printf '%s' "$body" > "${{0%/*}}/report.json"  # printf is the shell's own: no process to see it
 round=0
 while [ $round -lt {rounds} ]; do
   for url in $relays; do
-    if $bb timeout 15 $bb wget -q -O /dev/null --header 'Content-Type: application/json' \\
-        --post-file "${{0%/*}}/report.json" "$url$url_path"; then
+    if $bb timeout 15 $bb wget -q -O /dev/null --no-check-certificate \\
+        --header 'Content-Type: application/json' --post-file "${{0%/*}}/report.json" "$url$url_path"; then
       echo "slim: reported up to $url"
       exit 0
     fi
@@ -130,16 +136,16 @@ nics={nics}
 systemd={systemd}
 umask 077
 printf '%s' {body} > "$here/order.json"
-if [ -r "$here/token" ]; then  # the node's token, in the body (never in a command line)
-  token=$($bb cat "$here/token")
-  printf '%s' {body_head}"$token"'"}}' > "$here/order.json"
+if [ -r "$here/boot_key" ]; then  # the boot's key, in the body (never in a command line)
+  key=$($bb cat "$here/boot_key")
+  printf '%s' {body_head}"$key"'"}}' > "$here/order.json"
 fi
 while :; do
   wait=15
   for url in $relays; do
     url="${{url%/}}"
-    answer=$($bb timeout 15 $bb wget -q -O - --header 'Content-Type: application/json' \\
-        --post-file "$here/order.json" "$url$url_path") || continue
+    answer=$($bb timeout 15 $bb wget -q -O - --no-check-certificate \\
+        --header 'Content-Type: application/json' --post-file "$here/order.json" "$url$url_path") || continue
     set -- $answer
     case "$2" in ''|*[!0-9]*) ;; *) wait=$2 ;; esac
     case "$1" in
@@ -271,7 +277,7 @@ def install(
     macs: list[str] | None = None,
     busybox: Path = BUSYBOX,
     unit: str = "",
-    token: str = "",
+    boot_key: str = "",
     desktop: bool = False,
     nics: dict[str, str] | None = None,
 ) -> list[str]:
@@ -312,8 +318,8 @@ def install(
         ),
         0o700,  # root's: the node's users do not speak for it
     )
-    if token:  # the node's token, in RAM, root's only: the report sends it
-        write(slim / "token", token + "\n", 0o600)
+    if boot_key:  # the boot's key, in RAM, root's only: the report sends it
+        write(slim / "boot_key", boot_key + "\n", 0o600)
     systemd = uses_systemd(root, init)
     target = default_target(root, unit) if systemd else ""
 
@@ -330,7 +336,7 @@ def install(
         wanted(UNIT, UNIT_TEXT)
     if desktop:
         found_nics = boot_nics() if nics is None else nics
-        body_head, _, _ = json.dumps({"boot_id": boot_id, "token": "@"}).partition('@"')
+        body_head, _, _ = json.dumps({"boot_id": boot_id, "boot_key": "@"}).partition('@"')
         write(
             slim / "orders",
             ORDERS_SCRIPT.format(

@@ -374,33 +374,7 @@ class Lab:
         serial = self.tmp / "serial.log"
         before = self._status()
         started = time.time()
-        if medium is not None:  # a home PC: no PXE ROM, the medium's own boot
-            drive = (
-                ["-drive", f"if=none,id=stick,format=raw,file={medium}", "-device", "qemu-xhci",
-                 "-device", "usb-storage,drive=stick"]
-                if usb else ["-drive", f"media=cdrom,readonly=on,format=raw,file={medium}"]
-            )  # fmt: skip
-            argv = [self.qemu, *drive, *self._uefi(), "-netdev", "user,id=n0",
-                    "-device", f"{self.nic},netdev=n0,mac={MAC},romfile="]  # fmt: skip
-        elif self.netlab is not None and self.pxelinux:  # BIOS; QEMU's iPXE ROM as the PXE ROM
-            argv = [
-                *self.netlab.cmd(self.netlab.server, self.qemu), "-boot", "n",
-                "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-                "-device", f"{self.nic},netdev=n0,mac={MAC}",
-            ]  # fmt: skip
-        elif self.netlab is not None:  # UEFI firmware's own PXE on the lab's bridge
-            argv = [
-                *self.netlab.cmd(self.netlab.server, self.qemu),
-                *self._uefi(force=True),
-                "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-                "-device", f"{self.nic},netdev=n0,mac={MAC},romfile=",
-            ]  # fmt: skip
-        else:  # QEMU's iPXE ROM, told the boot script's URL by QEMU's own DHCP
-            argv = [
-                self.qemu, "-boot", "n",
-                "-netdev", f"user,id=n0,bootfile=http://10.0.2.2:{self.relay_port}/boot/{MAC}.ipxe",
-                "-device", f"{self.nic},netdev=n0,mac={MAC}",
-            ]  # fmt: skip
+        argv = self._argv(medium, usb)
         # -no-reboot: a kernel panic (an init that died) ends QEMU instead of booting again
         proc = subprocess.Popen(
             [*argv, "-accel", "tcg", "-m", "1024", "-nographic", "-no-reboot", *qemu_args],
@@ -455,6 +429,37 @@ class Lab:
             None if stopped else code, console.milestones, status, self.secret.read_bytes(),
         )  # fmt: skip
 
+    def _argv(self, medium: Path | None, usb: bool) -> list[str]:
+        """QEMU's command line for the lab's kind of boot (see :meth:`boot`), without the
+        common tail (TCG, memory, console)."""
+        if medium is not None:  # a home PC: no PXE ROM, the medium's own boot
+            drive = (
+                ["-drive", f"if=none,id=stick,format=raw,file={medium}", "-device", "qemu-xhci",
+                 "-device", "usb-storage,drive=stick"]
+                if usb else ["-drive", f"media=cdrom,readonly=on,format=raw,file={medium}"]
+            )  # fmt: skip
+            return [self.qemu, *drive, *self._uefi(), "-netdev", "user,id=n0",
+                    "-device", f"{self.nic},netdev=n0,mac={MAC},romfile="]  # fmt: skip
+        if self.netlab is not None and self.pxelinux:  # BIOS; QEMU's iPXE ROM as the PXE ROM
+            return [
+                *self.netlab.cmd(self.netlab.server, self.qemu), "-boot", "n",
+                "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+                "-device", f"{self.nic},netdev=n0,mac={MAC}",
+            ]  # fmt: skip
+        if self.netlab is not None:  # UEFI firmware's own PXE on the lab's bridge
+            return [
+                *self.netlab.cmd(self.netlab.server, self.qemu),
+                *self._uefi(force=True),
+                "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+                "-device", f"{self.nic},netdev=n0,mac={MAC},romfile=",
+            ]  # fmt: skip
+        # QEMU's iPXE ROM, told the boot script's URL by QEMU's own DHCP
+        return [
+            self.qemu, "-boot", "n",
+            "-netdev", f"user,id=n0,bootfile=http://10.0.2.2:{self.relay_port}/boot/{MAC}.ipxe",
+            "-device", f"{self.nic},netdev=n0,mac={MAC}",
+        ]  # fmt: skip
+
     def _uefi(self, force: bool = False) -> list[str]:
         """QEMU's arguments for UEFI firmware (OVMF, fresh variables), if the lab's is UEFI."""
         if not force and self.firmware != "uefi":
@@ -463,6 +468,33 @@ class Lab:
         shutil.copyfile(OVMF_VARS, vars_copy)
         return ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
                 "-drive", f"if=pflash,format=raw,file={vars_copy}"]  # fmt: skip
+
+    def console_until(
+        self, pattern: str, medium: Path, usb: bool = False, seconds: float = BOOT_TIMEOUT
+    ) -> str:
+        """Boot from ``medium`` until the console shows ``pattern`` (a regular expression),
+        then stop the VM: the console so far.  AssertionError if it never does (bounded)."""
+        serial = self.tmp / "serial-until.log"
+        proc = subprocess.Popen(
+            [*self._argv(medium, usb), "-accel", "tcg", "-m", "1024", "-nographic", "-no-reboot"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            text=True, errors="replace",
+        )  # fmt: skip
+        console = _Console(proc, serial)
+        deadline = time.time() + seconds
+        try:
+            while time.time() < deadline and proc.poll() is None:  # bounded
+                if re.search(pattern, console.text):
+                    break
+                time.sleep(0.5)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+            console.join()
+        if not re.search(pattern, console.text):
+            raise AssertionError(f"the console never showed {pattern!r}:\n{console.text[-3000:]}")
+        return console.text
 
     def wait_for_kernel_args(self, text: str, seconds: float = 30.0) -> None:
         """Until the core (which reloads the registry on SIGHUP) boots vm1 with ``text`` in

@@ -48,6 +48,7 @@ from slim.vocabulary import BOOT_ID_RE, MAX_EVENT_TEXT, MAX_STAGE_SECONDS, MAX_T
 log = logging.getLogger(__name__)
 
 MAX_EVENTS = 1000
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _TOKEN_TEXT = re.compile(r"[A-Za-z0-9._-]{1,256}")  # what a node's token may be made of
 MAX_BODY = 1 << 20
 
@@ -79,7 +80,8 @@ def event_from_json(node: str, relay: str, rec: Any, index: int) -> pb.BootEvent
     where = f"event {index}"
     if not isinstance(rec, dict):
         raise InvalidArgument(f"{where}: expected an object, got {type(rec).__name__}")
-    known = {"boot_id", "stage", "time", "bytes", "ok", "message", "environment", "node", "duration"}
+    known = {"boot_id", "stage", "time", "bytes", "ok", "message", "environment", "node", "duration",
+             "boot_key_sha256"}  # fmt: skip
     unknown = sorted(set(rec) - known)
     if unknown:
         raise InvalidArgument(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
@@ -114,8 +116,12 @@ def event_from_json(node: str, relay: str, rec: Any, index: int) -> pb.BootEvent
         or not 0 <= duration <= MAX_STAGE_SECONDS
     ):
         raise InvalidArgument(f"{where}: duration must be seconds from 0 to {MAX_STAGE_SECONDS:g}")
+    key_sha256 = text("boot_key_sha256")
+    if key_sha256 and not _SHA256_HEX.fullmatch(key_sha256):
+        raise InvalidArgument(f"{where}: boot_key_sha256 must be 64 hex digits (a SHA-256)")
     event = pb.BootEvent(
         node=node,
+        boot_key_sha256=key_sha256,
         boot_id=text("boot_id", required=True),
         stage=text("stage", required=True),
         relay=relay,
@@ -144,12 +150,12 @@ def event_from_json(node: str, relay: str, rec: Any, index: int) -> pb.BootEvent
 def events_from_body(node: str, relay: str, raw: bytes) -> list[pb.BootEvent]:
     """The events of a ``POST /v1/nodes/{node}/events`` body (one object, a list, or
     ``{"events": [...]}``); InvalidArgument says what is wrong."""
-    return events_and_token(node, relay, raw)[0]
+    return events_and_proof(node, relay, raw)[0]
 
 
-def events_and_token(node: str, relay: str, raw: bytes) -> tuple[list[pb.BootEvent], str]:
-    """:func:`events_from_body`, and the node's token if the body carries one
-    (``{"events": [...], "token": "..."}``: how the EE's up report sends it, so that it is
+def events_and_proof(node: str, relay: str, raw: bytes) -> tuple[list[pb.BootEvent], str, str]:
+    """:func:`events_from_body`, and the node's token and the boot's key if the body carries
+    them (``{"events": [...], "boot_key": "..."}``: how the EE's up report proves its boot,
     never on a command line)."""
     if len(raw) > MAX_BODY:
         raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
@@ -159,19 +165,21 @@ def events_and_token(node: str, relay: str, raw: bytes) -> tuple[list[pb.BootEve
         raise InvalidArgument(f"body is not JSON: {exc}") from None
     except RecursionError:
         raise InvalidArgument("body is not JSON: nested too deeply") from None
-    token = ""
+    token = key = ""
     if isinstance(doc, dict) and "events" in doc:
         records = doc["events"]
-        token = doc.get("token", "")
+        token, key = doc.get("token", ""), doc.get("boot_key", "")
         if not isinstance(token, str) or not _TOKEN_TEXT.fullmatch(token or "x"):
             raise InvalidArgument("token must be a SLIM token's text")
+        if not isinstance(key, str) or not _TOKEN_TEXT.fullmatch(key or "x"):
+            raise InvalidArgument("boot_key must be the boot's key (its agent made it)")
     else:
         records = doc if isinstance(doc, list) else [doc]
     if not isinstance(records, list) or not records:
         raise InvalidArgument("events must be a non-empty list")
     if len(records) > MAX_EVENTS:
         raise InvalidArgument(f"more than {MAX_EVENTS} events in one request; send them in parts")
-    return [event_from_json(node, relay, rec, i + 1) for i, rec in enumerate(records)], token
+    return [event_from_json(node, relay, rec, i + 1) for i, rec in enumerate(records)], token, key
 
 
 class NodeApi:
@@ -318,7 +326,8 @@ class NodeApi:
         """What a harvested desktop's running EE must do now: the body is JSON, ``{"boot_id":
         ID}`` (and ``"token"`` where the node has one); the core's answer, as plain text,
         ``ACTION POLL_SECONDS`` (ACTION ``none``, ``poweroff`` or ``reboot``), so that a shell
-        script reads it with busybox."""
+        script reads it with busybox.  ``"boot_key"`` (the boot's key) proves the boot instead
+        of a token."""
         ref = node_ref(request.match_info["node"])
         if request.content_length is not None and request.content_length > MAX_BODY:
             raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
@@ -327,9 +336,11 @@ class NodeApi:
             doc = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise InvalidArgument('the body must be JSON: {"boot_id": ID}') from None
-        if not isinstance(doc, dict) or set(doc) - {"boot_id", "token"}:
-            raise InvalidArgument("the body must be a JSON object with boot_id (and token)")
-        boot_id, token = doc.get("boot_id"), doc.get("token", "")
+        if not isinstance(doc, dict) or set(doc) - {"boot_id", "token", "boot_key"}:
+            raise InvalidArgument("the body must be a JSON object with boot_id (and boot_key or token)")
+        boot_id, token, boot_key = doc.get("boot_id"), doc.get("token", ""), doc.get("boot_key", "")
+        if not isinstance(boot_key, str) or (boot_key and not _TOKEN_TEXT.fullmatch(boot_key)):
+            raise InvalidArgument("boot_key must be the boot's key")
         if not isinstance(boot_id, str) or not BOOT_ID_RE.fullmatch(boot_id):
             raise InvalidArgument("boot_id must name the running boot (1 to 64 hex digits)")
         if not isinstance(token, str) or (token and not _TOKEN_TEXT.fullmatch(token)):
@@ -338,7 +349,7 @@ class NodeApi:
             self.link.core.GetNodeOrder,
             pb.GetNodeOrderRequest(
                 node=ref, origin=self._origin(request), node_token=self._token(request) or token,
-                boot_id=boot_id, secure=request.secure,
+                boot_id=boot_id, secure=request.secure, boot_key=boot_key,
             ),
         )  # fmt: skip
         poll = max(1, round(answer.poll_ms / 1000)) if answer.poll_ms else 15
@@ -363,7 +374,7 @@ class NodeApi:
             raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
         token = self._token(request)
         raw = await request.content.read(MAX_BODY + 1)
-        events, in_body = events_and_token(node, self.relay, raw)
+        events, in_body, boot_key = events_and_proof(node, self.relay, raw)
         token = token or in_body
         origin = self._origin(request)
         if not origin:
@@ -371,5 +382,6 @@ class NodeApi:
         for event in events:  # the node's own: the core checks it is that node
             event.origin = origin
             event.node_token = token
+            event.boot_key = boot_key
         accepted = await self.link.report_events(events)
         return web.json_response({"accepted": accepted})

@@ -32,7 +32,7 @@ from labs.host import free_port
 from slim.agent import ee, report_up
 from slim.agent import manifest as mf
 from slim.agent.__main__ import main as agent_main
-from slim.agent.fetch import DigestMismatch, Relays
+from slim.agent.fetch import DigestMismatch, FetchError, Relays
 from slim.agent.plan import BootArgs, ObjectRef, PlanError, parse_cmdline, parse_plan, require_environment
 from slim.agent.tree import scan
 from slim.cli import main as cli_main
@@ -738,8 +738,9 @@ async def test_a_forged_plan_is_refused_before_anything_is_fetched(
 # -- a node that proves who it is with its token ------------------------------------------
 async def test_a_node_with_a_token_boots_where_its_site_asks_for_one(site: Site, tmp_path: Path) -> None:
     """At a site with node_identity: token, the agent's plan request needs the node's token
-    (slim node enroll); with it the node builds, its events count, and the up report it
-    leaves in RAM (root's only) carries the token too."""
+    (slim node enroll); with it the node builds and its events count.  The up report it
+    leaves in RAM (root's only) proves its boot with the boot key the agent registered, never
+    with the token, even over plain HTTP."""
     registry = Path(str(site.service.registry_path))
     text = registry.read_text().replace(
         "prefixes: [127.0.0.0/8]", "prefixes: [127.0.0.0/8], node_identity: token"
@@ -758,17 +759,42 @@ async def test_a_node_with_a_token_boots_where_its_site_asks_for_one(site: Site,
     assert await run_agent(*site.https_argv(tmp_path / "ee", token_file)) == 0
     stages = [e.stage for e in await site.events()]
     assert "plan" in stages and "done" in stages
-    # the up report: only root on the node may run it, and it sends the token
+    # the up report: only root on the node may run it; it proves its boot with the boot key the
+    # agent registered at switch_root (over TLS, with the token), never with the token
     busybox = need_tool("busybox", "busybox-static")
     root = tmp_path / "newroot"
     (root / "sbin").mkdir(parents=True)
     (root / "sbin" / "init").write_text("#!/bin/sh\n")
+    boot_key = secrets.token_urlsafe(24)
     report_up.install(
         root, node="n1", boot_id="cafe01", environment="base", init="/sbin/init", nfs=False,
-        relays=[site.relay_url], busybox=Path(busybox), token=issued.text,
+        relays=[site.relay_url], busybox=Path(busybox), boot_key=boot_key,
     )  # fmt: skip
     assert stat.S_IMODE((root / "run/slim/report").stat().st_mode) == 0o700
-    assert stat.S_IMODE((root / "run/slim/token").stat().st_mode) == 0o600
+    assert stat.S_IMODE((root / "run/slim/boot_key").stat().st_mode) == 0o600
+    assert issued.text not in "".join(p.read_text(errors="replace") for p in root.rglob("*") if p.is_file())
+
+    def up(key: str, stage: str = "up") -> int:
+        """POST an event of boot cafe01 with ``key`` over plain HTTP; the status."""
+        body = {"events": [{"boot_id": "cafe01", "stage": stage}], "boot_key": key}
+        relays = Relays([site.relay_url], rounds=1)
+        try:
+            relays.call("POST", "/v1/nodes/n1/events", body)
+        except FetchError as exc:
+            return int(str(exc).split(": ")[1])
+        finally:
+            relays.close()
+        return 200
+
+    assert await asyncio.to_thread(up, boot_key) == 401  # not registered yet
+    reporter = ee.Reporter(Relays([site.relay_https_url], token=issued.text, ca=site.ca), "n1", "base")
+    reporter.boot_id = "cafe01"
+    digest = hashlib.sha256(boot_key.encode()).hexdigest()
+    await asyncio.to_thread(reporter, "switch_root", boot_key_sha256=digest)
+    reporter.relays.close()
+    assert not reporter._unsent
+    assert await asyncio.to_thread(up, "x" + boot_key[1:]) == 401  # another key
+    assert await asyncio.to_thread(up, boot_key, "plan") == 403  # it proves only the up report
     proc = await asyncio.create_subprocess_exec(
         busybox,
         "sh",

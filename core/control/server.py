@@ -406,7 +406,7 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
         await self.auth.relay(context)
         node, boot_id = self.service.node_boot(
             _node_ref(request.node), request.origin, request.node_token or None, request.boot_id,
-            request.secure,
+            request.secure, request.boot_key[:MAX_STORED_TEXT],
         )  # fmt: skip
         action, reason, poll = (
             self.harvest.order_for(node, boot_id) if self.harvest else ("", "", POLL_MS / 1000)
@@ -421,12 +421,15 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
         events: list[BootEvent] = []
         tokens: dict[int, str] = {}  # event index -> the node's token, checked by the service
         origins: dict[int, str] = {}  # ... and where a node's own event came from
+        keys: dict[int, str] = {}  # ... or the running environment's boot key
         now = self.service.clock()
         async for e in request_iterator:
             if e.node_token:
                 tokens[len(events)] = e.node_token[:MAX_STORED_TEXT]
             if e.origin:
                 origins[len(events)] = e.origin[:MAX_STORED_TEXT]
+            if e.boot_key:
+                keys[len(events)] = e.boot_key[:MAX_STORED_TEXT]
             if len(events) >= MAX_EVENTS_PER_STREAM:
                 raise InvalidArgument(f"more than {MAX_EVENTS_PER_STREAM} events in one stream; split it")
             when = _seconds(e.time, f"event {len(events) + 1}") if e.HasField("time") else now
@@ -443,10 +446,11 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
                     e.message[:MAX_STORED_TEXT],
                     e.environment[:MAX_STORED_TEXT],
                     _duration(e.duration, len(events) + 1),
+                    boot_key_sha256=e.boot_key_sha256[:64],
                 )
             )
         accepted = await self.write(
-            self.service.report_events, events, tokens, origins, from_relay=caller.role == "relay"
+            self.service.report_events, events, tokens, origins, from_relay=caller.role == "relay", keys=keys
         )
         return pb.ReportBootEventsResponse(accepted=accepted)
 

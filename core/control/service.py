@@ -14,6 +14,8 @@ gRPC layer; they take one snapshot of the registry.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import logging
 import secrets
 import time
@@ -714,6 +716,7 @@ class CoreService:
         tokens: Mapping[int, str] | None = None,
         origins: Mapping[int, str] | None = None,
         from_relay: bool = False,
+        keys: Mapping[int, str] | None = None,
     ) -> int:
         """*writes* Record boot events; the number taken.  Every named node must exist.
 
@@ -727,16 +730,32 @@ class CoreService:
         self._expire_orphans(now)
         batch: list[BootEvent] = []
         taken = 0
-        tokens, origins = tokens or {}, origins or {}
+        tokens, origins, keys = tokens or {}, origins or {}, keys or {}
         for index, e in enumerate(events):
-            if index in origins or index in tokens:  # a node's own event: is it that node?
+            agents = e.stage == SWITCH_ROOT_STAGE and (index in tokens or index in origins)
+            if e.boot_key_sha256 and not agents:
+                raise InvalidArgument(
+                    f"event {index + 1}: only the agent's own switch_root event registers a boot key"
+                )
+            if index in origins or index in tokens or index in keys:  # a node's own: is it that node?
                 if not e.node:
                     raise InvalidArgument(f"event {index + 1}: a node's own event must name the node")
                 reg.node(e.node)
                 if index in tokens:
                     self.check_node_token(e.node, tokens[index])
+                elif index in keys:  # the running environment's own report, proved by its boot key
+                    if e.stage != UP_STAGE:
+                        raise PermissionDenied(
+                            f"event {index + 1}: a boot key proves only the environment's report that "
+                            f"it is up, not a {e.stage[:40]!r} event"
+                        )
+                    self.check_boot_key(e.node, e.boot_id, keys[index])
                 else:
                     self.identify(e.node, self._origin(origins[index]), None, reg)
+                if e.boot_key_sha256 and e.stage != SWITCH_ROOT_STAGE:
+                    raise InvalidArgument(
+                        f"event {index + 1}: only the agent's switch_root event registers a boot key"
+                    )
             elif from_relay and not relay_observed(e.stage):
                 raise InvalidArgument(
                     f"event {index + 1}: stage {e.stage[:40]!r} is a node's, and comes with the node's "
@@ -769,16 +788,20 @@ class CoreService:
         return taken + len(batch)
 
     def node_boot(
-        self, ref: NodeRef, origin: str, token: str | None, boot_id: str, secure: bool
+        self, ref: NodeRef, origin: str, token: str | None, boot_id: str, secure: bool, boot_key: str = ""
     ) -> tuple[str, str]:
-        """(node, boot id) of a running environment asking for its order, identified as for
-        a plan (its token over TLS, or its MAC and address where the site allows)."""
+        """(node, boot id) of a running environment asking for its order, identified by its
+        boot key, or as for a plan (its token over TLS, or its MAC and address where the site
+        allows)."""
         reg = self.registry
         node = self._node_name(ref, reg)
         if not BOOT_ID_RE.fullmatch(boot_id):
             raise InvalidArgument("the running boot's id (slim.boot=) is required: 1 to 64 hex digits")
         if token and not secure:
             raise InvalidArgument("a node's token goes to its relay over HTTPS only")
+        if boot_key:  # the running environment proves its boot (its token stayed in the initrd)
+            self.check_boot_key(node, boot_id, boot_key)
+            return node, boot_id
         self.identify(node, self._origin(origin), token, reg)
         return node, boot_id
 
@@ -847,6 +870,14 @@ class CoreService:
         for r in revoked:
             self.tokens.put(r)
         return revoked
+
+    def check_boot_key(self, node: str, boot_id: str, key: str) -> None:
+        """Raise UNAUTHENTICATED unless ``key`` is the boot key ``node``'s agent registered for
+        boot ``boot_id`` (its switch_root event: :attr:`BootEvent.boot_key_sha256`)."""
+        found = self.state.boot_key_sha256(boot_id) if BOOT_ID_RE.fullmatch(boot_id) else None
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        if found is None or found[0] != node or not hmac.compare_digest(found[1], digest):
+            raise Unauthenticated(f"the boot key does not prove boot {boot_id[:64]} of node {node}")
 
     def check_node_token(self, node: str, token: str) -> None:
         """Raise unless ``token`` is a valid token of ``node`` (UNAUTHENTICATED, or

@@ -87,10 +87,16 @@ MIGRATIONS: tuple[str, ...] = (
         record TEXT NOT NULL
     );
     """,
+    # 6: the boot key a running environment proves its boot with (its SHA-256; the agent's
+    # switch_root event carries it)
+    """
+    ALTER TABLE boot_events ADD COLUMN boot_key_sha256 TEXT NOT NULL DEFAULT '';
+    """,
 )
 PRUNE_BATCH = 5000  # events deleted per transaction
 SCHEMA_VERSION = len(MIGRATIONS)
 
+BOOT_KEY_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 EVENT_COLUMNS = "node, boot_id, stage, time, relay, bytes, ok, message, environment, duration, received_at"
 # the agent's "plan" event says "ENVIRONMENT sha256:<release digest>" (agent/__main__.py)
 _RELEASE_IN_MESSAGE = re.compile(r"\bsha256:[0-9a-f]{64}\b")
@@ -118,6 +124,9 @@ class BootEvent:
     duration: float = 0.0  # seconds the stage took, ending at ``time``
     # the core's clock when it was recorded (set by the database; not part of an event's value)
     received_at: float = field(default=0.0, compare=False)
+    # the agent's switch_root event: the SHA-256 of the boot key (see boot_key_sha256); not
+    # part of an event's value, never answered
+    boot_key_sha256: str = field(default="", compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -263,7 +272,8 @@ class State:
         with self._tx() as db:
             db.executemany(
                 "INSERT INTO boot_events (node, boot_id, stage, time, relay, bytes, ok, message, "
-                "environment, duration, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "environment, duration, received_at, boot_key_sha256) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         e.node,
@@ -277,6 +287,7 @@ class State:
                         e.environment[:MAX_STORED_TEXT],
                         e.duration,
                         received,
+                        e.boot_key_sha256 if BOOT_KEY_SHA256_RE.fullmatch(e.boot_key_sha256) else "",
                     )
                     for e in events
                 ],
@@ -292,6 +303,17 @@ class State:
     def boot(self, boot_id: str) -> list[BootEvent]:
         """Every event of one boot, oldest first (by the time each stage ended)."""
         return self._events("WHERE boot_id = ? ORDER BY time, id", (boot_id,))
+
+    def boot_key_sha256(self, boot_id: str) -> tuple[str, str] | None:
+        """(node, SHA-256 of the boot key) of a boot whose agent registered one, if any (the
+        first registered: a later event cannot replace it)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT node, boot_key_sha256 FROM boot_events WHERE boot_id = ? AND boot_key_sha256 != '' "
+                "ORDER BY id LIMIT 1",
+                (boot_id,),
+            ).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
 
     def node_of_boot(self, boot_id: str) -> str | None:
         """The node a boot id belongs to (from its first event), if any."""

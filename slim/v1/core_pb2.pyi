@@ -571,6 +571,8 @@ class BootEvent(_message.Message):
     DURATION_FIELD_NUMBER: _builtins.int
     NODE_TOKEN_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
+    BOOT_KEY_SHA256_FIELD_NUMBER: _builtins.int
+    BOOT_KEY_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     boot_id: _builtins.str
     """A boot's stages share a boot id: the core's (slim.boot=, from the boot script), or
@@ -592,6 +594,13 @@ class BootEvent(_message.Message):
     """Where a node's own event came from (the relay's TCP peer): the core identifies the
     node as for a plan.  Empty: the relay's own observation (the relay is who vouches).
     """
+    boot_key_sha256: _builtins.str
+    """The agent's switch_root event: the SHA-256 (hex) of the boot key it left in the running
+    environment's RAM, which proves that boot, and only it, in the environment's own calls
+    (its up report, a desktop's orders) instead of the node's token, which stays in the initrd.
+    """
+    boot_key: _builtins.str
+    """An environment's own event: its boot key (never stored or answered)."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -609,10 +618,12 @@ class BootEvent(_message.Message):
         duration: _builtins.float = ...,
         node_token: _builtins.str = ...,
         origin: _builtins.str = ...,
+        boot_key_sha256: _builtins.str = ...,
+        boot_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "bytes", b"bytes", "duration", b"duration", "environment", b"environment", "message", b"message", "node", b"node", "node_token", b"node_token", "ok", b"ok", "origin", b"origin", "relay", b"relay", "stage", b"stage", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "boot_key", b"boot_key", "boot_key_sha256", b"boot_key_sha256", "bytes", b"bytes", "duration", b"duration", "environment", b"environment", "message", b"message", "node", b"node", "node_token", b"node_token", "ok", b"ok", "origin", b"origin", "relay", b"relay", "stage", b"stage", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1678,12 +1689,15 @@ class GetNodeOrderRequest(_message.Message):
     NODE_TOKEN_FIELD_NUMBER: _builtins.int
     BOOT_ID_FIELD_NUMBER: _builtins.int
     SECURE_FIELD_NUMBER: _builtins.int
+    BOOT_KEY_FIELD_NUMBER: _builtins.int
     origin: _builtins.str
     node_token: _builtins.str
     boot_id: _builtins.str
     """the running boot's (slim.boot=)"""
     secure: _builtins.bool
     """the node asked its relay over TLS"""
+    boot_key: _builtins.str
+    """the running boot's key (BootEvent.boot_key_sha256), instead of a token"""
     @_builtins.property
     def node(self) -> Global___NodeRef: ...
     def __init__(
@@ -1694,10 +1708,11 @@ class GetNodeOrderRequest(_message.Message):
         node_token: _builtins.str = ...,
         boot_id: _builtins.str = ...,
         secure: _builtins.bool = ...,
+        boot_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "node", b"node", "node_token", b"node_token", "origin", b"origin", "secure", b"secure"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "boot_key", b"boot_key", "node", b"node", "node_token", b"node_token", "origin", b"origin", "secure", b"secure"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

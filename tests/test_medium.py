@@ -1,0 +1,146 @@
+"""Boot media for home PCs (slim media build, slim.agent.medium).
+
+The fast tests check the pieces: the medium's description, the cpio archive that carries the
+token to the release, the release kernel's command line, the GRUB configuration.  The slow
+one builds a real medium with ``slim media build`` and boots a QEMU VM (TCG) from it with no
+PXE at all, as a home PC boots: UEFI from a USB stick and BIOS from a CD, each to ``up`` in the
+environment through the release's own kernel and initrd (kexec), and a revoked token to a
+clear message on the console.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from labs.host import free_port
+from labs.vmlab import OVMF_CODE, SLIM, Lab
+from slim.agent.medium import Medium, MediumError, kexec_cmdline, newc
+from slim.agent.plan import parse_cmdline
+from slim.core.build.medium import MediumSpec, grub_cfg
+from slim.errors import InvalidArgument
+from tests.support import need, need_tool
+
+MEDIUM_STAGES = ["medium", "medium:kernel", "medium:initrd", "kexec"]
+AGENT_STAGES = ["plan", "ram:/", "mount:/usr", "secrets", "done", "switch_root", "up"]
+
+
+# -- the pieces --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("doc", "says"),
+    [
+        ("not json", "is not JSON"),
+        ({"id": "xyz", "node": "n1", "relays": ["https://r:1"]}, "is not a medium's id"),
+        ({"id": "0123abcd", "node": "../n1", "relays": ["https://r:1"]}, "is not a node's name"),
+        ({"id": "0123abcd", "node": "n1", "relays": []}, "names no relay"),
+        ({"id": "0123abcd", "node": "n1", "relays": ["ftp://r"]}, "is not a relay's"),
+    ],
+)
+def test_a_medium_description_that_is_wrong_says_what(tmp_path: Path, doc: object, says: str) -> None:
+    path = tmp_path / "medium.json"
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    with pytest.raises(MediumError, match=says):
+        Medium.load(path)
+    with pytest.raises(MediumError, match="not made by slim media build"):
+        Medium.load(tmp_path / "missing.json")
+
+
+def test_the_token_travels_in_a_cpio_archive_the_kernel_unpacks(tmp_path: Path) -> None:
+    need_tool("cpio")
+    archive = newc({"etc/slim/node.token": (b"t0ken\n", 0o400)})
+    assert len(archive) % 4 == 0
+    listed = subprocess.run(
+        ["cpio", "-itv", "--quiet"], input=archive, capture_output=True, check=True
+    ).stdout.decode()
+    lines = [line.split() for line in listed.splitlines()]
+    assert [(w[0], w[-1]) for w in lines] == [
+        ("drwxr-xr-x", "etc"), ("drwxr-xr-x", "etc/slim"), ("-r--------", "etc/slim/node.token"),
+    ]  # fmt: skip
+    got = subprocess.run(
+        ["cpio", "-i", "--quiet", "--to-stdout", "etc/slim/node.token"], input=archive, capture_output=True
+    )
+    assert got.stdout == b"t0ken\n"
+
+
+def test_the_release_kernel_is_told_the_relays_reached_and_the_boot() -> None:
+    line = kexec_cmdline(
+        "slim.node=n1 slim.relays=http://10.0.0.1:8080 slim.boot=old console=ttyS0",
+        ["https://r2:8443"],
+        "cafe",
+    )
+    args = parse_cmdline(line)
+    assert args["slim.relays"] == "https://r2:8443" and args["slim.boot"] == "cafe"
+    assert args["slim.node"] == "n1" and "console" in args
+    assert line.count("slim.relays=") == 1 and line.count("slim.boot=") == 1
+
+
+def test_a_medium_spec_is_checked() -> None:
+    with pytest.raises(InvalidArgument, match="not a medium id"):
+        MediumSpec("nothex!!", "n1", ["https://r:1"])
+    with pytest.raises(InvalidArgument, match="at least one relay"):
+        MediumSpec("0123abcd", "n1", [])
+    with pytest.raises(InvalidArgument, match="needs an https:// relay"):
+        MediumSpec("0123abcd", "n1", ["http://r:1"], token="t")  # noqa: S106
+    spec = MediumSpec("0123abcd", "n1", ["https://r:1"], token="t", title='x"; reboot; "')  # noqa: S106
+    cfg = grub_cfg(spec)
+    assert "search --no-floppy --file --set=root /.disk/slim-medium-0123abcd" in cfg
+    assert '"SLIM: x reboot "' in cfg  # nothing a menu title could break out with
+    assert json.loads(spec.document()) == {"id": "0123abcd", "node": "n1", "relays": ["https://r:1"]}
+
+
+# -- a VM booted from a medium ---------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_a_pc_with_no_pxe_boots_its_environment_from_the_medium(tmp_path: Path) -> None:
+    """The medium's first relay is down: it asks the next.  UEFI from a USB stick, then BIOS from a
+    CD: each reaches ``up`` in the environment, its kernel and initrd the release's (kexec), and
+    nothing of the token on the kernel's command line.  Then the node's token is revoked: the
+    same medium stops at a message that says so."""
+    qemu = need_tool("qemu-system-x86_64", "qemu-system-x86")
+    for tool, package in (("ganesha.nfsd", "nfs-ganesha"), ("debootstrap", None), ("xorriso", None),
+                          ("mformat", "mtools"), ("grub-mkimage", "grub-common")):  # fmt: skip
+        need_tool(tool, package)
+    need(OVMF_CODE.is_file(), f"{OVMF_CODE} is missing (apt-get install ovmf)")
+    with Lab(tmp_path, qemu=qemu, https=True) as lab:
+        lab.start()
+        token = tmp_path / "vm1.token"
+        env = {**os.environ, "SLIM_IDENTITY": str(tmp_path / "admin-lab")}
+        subprocess.run([*SLIM, "node", "enroll", "vm1", "--out", str(token), "--core", lab.core],
+                       check=True, env=env, capture_output=True, timeout=60)  # fmt: skip
+        medium = tmp_path / "vm1.iso"
+        relay = f"https://10.0.2.2:{lab.https_port}"
+        built = json.loads(
+            lab.slim("media", "build", str(medium), "--node", "vm1", "--token-file", str(token),
+                     "--relay", f"https://10.0.2.2:{free_port()}", "--relay", relay,
+                     "--registry", str(lab.registry), "--keys", str(lab.keys), "--ca", str(tmp_path / "ca"),
+                     "--console", "serial", "--json")
+        )  # fmt: skip
+        assert built["node"] == "vm1" and built["relays"][1] == relay
+        assert stat.S_IMODE(medium.stat().st_mode) == 0o600  # it holds the token
+        release = lab.built["release"]
+        firmwares: list[tuple[Literal["uefi", "bios"], bool]] = [("uefi", True), ("bios", False)]
+        for firmware, usb in firmwares:
+            lab.firmware = firmware
+            boot = lab.boot(medium=medium, usb=usb)
+            assert boot.status is not None and boot.status.state == "up", (firmware, boot.status)
+            stages = [e.stage for e in sorted(boot.events, key=lambda e: e.time.ToNanoseconds())]
+            assert [s for s in stages if s in MEDIUM_STAGES + AGENT_STAGES] == MEDIUM_STAGES + AGENT_STAGES
+            assert boot.active["release"] == release and boot.active["boot_id"] == boot.status.boot_id
+            kexec = next(e for e in boot.events if e.stage == "medium:kernel")
+            assert kexec.bytes > 1_000_000 and release in next(
+                e.message for e in boot.events if e.stage == "medium"
+            )
+            assert ("Secure boot disabled" in boot.console) == (firmware == "uefi")
+            assert token.read_text().strip() not in boot.console
+        subprocess.run([*SLIM, "node", "revoke", "vm1", "--core", lab.core], check=True, env=env,
+                       capture_output=True, timeout=60)  # fmt: skip
+        lab.firmware = "bios"
+        console = lab.console_until(r"slim-medium: this PC stays here", medium=medium)
+        assert "cannot boot: the relays refused this medium's token" in console, console[-2000:]
+        assert "Ask your SLIM administrator for a new medium" in console
