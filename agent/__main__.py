@@ -30,8 +30,9 @@ import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
-from slim.agent import report_up
+from slim.agent import cache, report_up
 from slim.agent import secrets as node_secrets
+from slim.agent.cache import LocalObjects
 from slim.agent.ee import BootFailed, Builder, Reporter, switch_root
 from slim.agent.fetch import CA_FILE, FetchError, Relays, now
 from slim.agent.plan import (
@@ -56,6 +57,26 @@ def fetch_secrets(plan: Plan, relays: Relays, target: Path, report: Reporter) ->
         report("secrets", ok=False, message=str(exc)[:500], duration=now() - asked)
         raise BootFailed(f"secrets: {exc}") from exc
     report("secrets", message=f"{len(written)} file(s)", duration=now() - asked)
+
+
+def open_cache(
+    boot: BootArgs, cache_dir: Path | None, no_reboot: bool, report: Reporter
+) -> LocalObjects | None:
+    """The boot medium's cache (``slim.cache=UUID``: its partition, mounted; or ``--cache-dir``
+    in no-reboot mode), if any: objects found there intact are not fetched, and those fetched
+    are kept for the next boot.  A cache that cannot be used is said, and the boot goes on."""
+    if cache_dir is not None:
+        return LocalObjects(cache_dir)
+    if no_reboot or not boot.cache:
+        return None
+    try:
+        partition = cache.find_partition(boot.cache)
+        if partition is None:
+            raise cache.CacheError(f"no partition holds the cache {boot.cache}")
+        return LocalObjects(cache.mount(partition))
+    except (cache.CacheError, OSError) as exc:
+        report("cache", ok=True, message=f"the medium's cache is not used: {exc}"[:900])
+        return None
 
 
 def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | None = None) -> int:
@@ -99,6 +120,13 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
         action="store_true",
         help="also trust the keys the core's key rotations chain to from the trusted keys (a boot "
         "medium, which carries the key of the day it was made; a release's initrd never does)",
+    )
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="a local object cache (tests; a boot medium's agent says slim.cache=UUID instead: its "
+        "partition on the medium)",
     )
     args = ap.parse_args(argv)
     try:
@@ -148,10 +176,19 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
                 duration=answered - asked,
             )
             target = args.target if args.no_reboot else Path("/newroot")
+            local = open_cache(boot, args.cache_dir, args.no_reboot, report)
+            relays.local = local
             Builder(plan, relays, target, report, args.no_reboot).run()
             if plan.secrets:
                 fetch_secrets(plan, relays, target, report)
-            report("done", relays.stats.bytes, message=f"{relays.stats.objects} objects")
+            done = f"{relays.stats.objects} objects"
+            if local is not None:  # the medium's cache keeps this boot's objects, nothing else
+                removed = local.keep_only(plan.object_digests() | local.used)
+                done += f"; the medium's cache: {local.hits} objects ({local.hit_bytes} bytes) read, "
+                done += f"{local.stored} kept, {removed} removed"
+                if not args.no_reboot:
+                    cache.unmount()
+            report("done", relays.stats.bytes, message=done)
             if not args.no_reboot:
                 nfs = any(d.nfs is not None for d in plan.directories)
                 # the environment proves its boot with a key of its own: the node's token stays here

@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from slim.agent.cache import LocalObjects
 from slim.agent.plan import DEFAULT_DEADLINE, ObjectRef
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ JITTER = 0.5  # each wait is stretched by up to this fraction, never shortened
 BUSY = (429, 503)  # "come back later": waited for, not counted as a failure
 
 
+LOCAL = "local"  # what Relays.stream says served an object from the local cache
 CA_FILE = Path("/etc/slim/ca.pem")  # SLIM's CA in the initrd (core/build/agentrt.py puts it there)
 RELAY_ROLE = "relay"  # the OU SLIM's CA writes in a relay's certificate (slim.pki)
 
@@ -258,6 +260,7 @@ class Relays:
         self._conns: dict[str, http.client.HTTPConnection] = {}
         self.current = 0  # index of the relay that served last: asked first next time
         self.token = token
+        self.local: LocalObjects | None = None  # a boot medium's cache: asked first, filled after
 
     def clone(self) -> Relays:
         """The same relays, in the same order, on connections of its own (for another thread)."""
@@ -265,6 +268,7 @@ class Relays:
         other.deadline_at = self.deadline_at  # one deadline for the whole boot
         other.current = self.current
         other._tls = self._tls  # an SSLContext may be shared between threads
+        other.local = self.local
         return other
 
     def absorb(self, other: Relays) -> None:
@@ -337,7 +341,22 @@ class Relays:
     # -- objects ------------------------------------------------------------
     def stream(self, ref: ObjectRef, write: Callable[[bytes], object]) -> str:
         """Send the object's bytes to ``write`` in order, resuming across relays;
-        return the relay that sent the last byte.  DigestMismatch if the bytes are wrong."""
+        return the relay that sent the last byte (:data:`LOCAL`: the local cache had it).
+        DigestMismatch if the bytes are wrong."""
+        if self.local is not None and self.local.read(ref.hex, ref.size, write):
+            return LOCAL
+        staged = self.local.writer() if self.local is not None else None
+        try:
+            url = self._stream(ref, write if staged is None else _tee(write, staged.write))
+        except BaseException:
+            if staged is not None:
+                staged.discard()
+            raise
+        if staged is not None:
+            staged.keep(ref.hex)
+        return url
+
+    def _stream(self, ref: ObjectRef, write: Callable[[bytes], object]) -> str:
         h = hashlib.sha256()
         got = 0
         attempts = _Attempts(self, ref.digest)
@@ -391,6 +410,14 @@ class Relays:
         parts: list[bytes] = []
         self.stream(ref, parts.append)
         return b"".join(parts)
+
+
+def _tee(first: Callable[[bytes], object], second: Callable[[bytes], object]) -> Callable[[bytes], None]:
+    def both(chunk: bytes) -> None:
+        first(chunk)
+        second(chunk)
+
+    return both
 
 
 def _error_text(data: bytes) -> str:

@@ -39,9 +39,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from slim.agent import cache
+from slim.agent.cache import LocalObjects
 from slim.agent.ee import Reporter
-from slim.agent.fetch import CA_FILE, FetchError, Relays, now
-from slim.agent.plan import NAME_RE, RELAY_URL_RE, BootArgs, ObjectRef, PlanError, parse_cmdline, read_token
+from slim.agent.fetch import CA_FILE, LOCAL, FetchError, Relays, now
+from slim.agent.plan import (
+    NAME_RE,
+    RELAY_URL_RE,
+    UUID_RE,
+    BootArgs,
+    ObjectRef,
+    PlanError,
+    parse_cmdline,
+    read_token,
+)
 from slim.agent.verify import KEYS_DIR, ask_plan, trusted_keys
 
 MEDIUM_FILE = Path("/etc/slim/medium.json")  # written by slim media build
@@ -63,6 +74,7 @@ class Medium:
     id: str
     node: str  # "" on a generic medium
     relays: tuple[str, ...]
+    cache: str = ""  # the filesystem UUID of its cache partition (a USB stick's), "" for none
 
     @classmethod
     def load(cls, path: Path) -> Medium:
@@ -87,7 +99,10 @@ class Medium:
         for url in relays:
             if not isinstance(url, str) or not RELAY_URL_RE.fullmatch(url.rstrip("/")):
                 raise MediumError(f"{path}: {url!r} is not a relay's http(s)://HOST:PORT URL")
-        return cls(medium_id, node, tuple(u.rstrip("/") for u in relays))
+        cache = doc.get("cache", "")
+        if not isinstance(cache, str) or (cache and not UUID_RE.fullmatch(cache)):
+            raise MediumError(f"{path}: cache {cache!r} is not a filesystem UUID")
+        return cls(medium_id, node, tuple(u.rstrip("/") for u in relays), cache)
 
 
 def say(message: str) -> None:
@@ -144,16 +159,40 @@ def kexec_cmdline(kernel_args: str, relays: list[str], boot_id: str) -> str:
     return " ".join([*words, f"slim.relays={','.join(relays)}", f"slim.boot={boot_id}"])
 
 
-def fetch_object(relays: Relays, ref: ObjectRef, dest: Path) -> None:
+def fetch_object(relays: Relays, ref: ObjectRef, dest: Path) -> str:
     """The object into ``dest``, verified by its digest as it streams (nothing is kept
-    of an object whose bytes are wrong)."""
+    of an object whose bytes are wrong); where it came from (a relay, or LOCAL)."""
     part = dest.with_name(dest.name + ".part")
     try:
         with open(part, "wb") as f:
-            relays.stream(ref, f.write)
+            where = relays.stream(ref, f.write)
         os.replace(part, dest)
     finally:
         part.unlink(missing_ok=True)
+    return where
+
+
+def open_cache(
+    medium: Medium, cmdline: dict[str, str], cache_dir: Path | None, report: Reporter
+) -> LocalObjects | None:
+    """The medium's cache: its partition on the stick (found by its UUID, grown at the first
+    boot, mounted), or ``cache_dir`` (tests); None from a CD (GRUB says where it booted from:
+    ``slim.grubroot``), or if the partition cannot be used (said; the boot goes on)."""
+    if cache_dir is not None:
+        return LocalObjects(cache_dir)
+    if not medium.cache or cmdline.get("slim.grubroot", "").startswith("cd"):
+        return None
+    try:
+        partition = cache.find_partition(medium.cache)
+        if partition is None:
+            raise cache.CacheError(f"no partition of this computer holds the medium's cache {medium.cache}")
+        grown = cache.grow(partition, medium.cache)
+        where = cache.mount(partition)
+    except (cache.CacheError, OSError) as exc:
+        report("medium:cache", message=f"not used: {exc}"[:900])
+        return None
+    report("medium:cache", message=f"/dev/{partition}" + (", grown to the end of the stick" if grown else ""))
+    return LocalObjects(where)
 
 
 def _why(exc: Exception) -> str:
@@ -205,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token-file", type=Path, default=None, help="the node's token (default: the medium's)")
     ap.add_argument("--work", type=Path, default=WORK_DIR, help="where the kernel and initrd are put")
     ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="a local object cache, not the medium's (tests)",
+    )
+    ap.add_argument(
         "--follow-endorsements",
         action="store_true",
         help="trust the keys the core's rotations endorsed since the medium was made",
@@ -253,14 +298,22 @@ def main(argv: list[str] | None = None) -> int:
             reached = list(dict.fromkeys([*ranked, relays.urls[relays.current], *relays.urls]))
             args.work.mkdir(parents=True, exist_ok=True)
             kernel, initrd = args.work / "kernel", args.work / "initrd"
+            local = relays.local = open_cache(medium, cmdline, args.cache_dir, report)
             for what, ref, dest in (("kernel", plan.kernel, kernel), ("initrd", plan.initrd, initrd)):
                 t0 = now()
-                fetch_object(relays, ref, dest)
-                report(f"medium:{what}", ref.size, message=ref.digest, duration=now() - t0)
+                fetched = relays.stats.bytes
+                where = fetch_object(relays, ref, dest)
+                said = "from the medium's cache" if where == LOCAL else f"from {where}"
+                report(f"medium:{what}", relays.stats.bytes - fetched, message=f"{ref.digest} {said}",
+                       duration=now() - t0)  # fmt: skip
+            if local is not None and args.cache_dir is None:
+                cache.unmount()
             if token:  # the release's agent finds it where a medium's initrd keeps it
                 with open(initrd, "ab") as f:
                     f.write(newc({"etc/slim/node.token": (token.encode() + b"\n", 0o400)}))
             line = kexec_cmdline(plan.kernel_args, reached, report.boot_id)
+            if local is not None and medium.cache:  # the release's agent keeps its copy set there too
+                line += f" slim.cache={medium.cache}"
             if args.no_kexec:
                 print(json.dumps({"kernel": str(kernel), "initrd": str(initrd), "cmdline": line}))
                 report("kexec", message="not started (--no-kexec)")

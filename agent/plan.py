@@ -22,6 +22,7 @@ MAX_PLAN_BYTES = 4 << 20
 DEFAULT_DEADLINE = 900.0  # seconds a boot's fetches may wait for busy relays (slim.deadline=)
 RELAY_URL_RE = re.compile(r"https?://[^/\s]+")  # a relay's base URL (https: see slim.agent.fetch)
 HTTP_SCHEMES = ("http://", "https://")
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 TOKEN_FILE = Path("/etc/slim/node.token")  # where boot media put a node's token in its initrd
 
 
@@ -79,6 +80,7 @@ class BootArgs:
     init: str = "/sbin/init"  # what switch_root starts in the EE (slim.init=)
     deadline: float = DEFAULT_DEADLINE  # seconds for the boot's fetches (slim.deadline=)
     boot_id: str = ""  # the core's id for this boot (slim.boot=, from the boot script)
+    cache: str = ""  # a boot medium's cache partition, by its filesystem UUID (slim.cache=)
 
     @classmethod
     def from_cmdline(cls, text: str) -> BootArgs:
@@ -103,7 +105,10 @@ class BootArgs:
         boot_id = args.get("slim.boot", "")
         if boot_id and not BOOT_ID_RE.fullmatch(boot_id):
             raise PlanError(f"slim.boot: {boot_id[:80]!r} is not a boot id (1 to 64 hex digits)")
-        return cls(args["slim.node"], environment, release, relays, init, deadline, boot_id)
+        cache = args.get("slim.cache", "")
+        if cache and not UUID_RE.fullmatch(cache):
+            raise PlanError(f"slim.cache: {cache[:80]!r} is not a filesystem UUID")
+        return cls(args["slim.node"], environment, release, relays, init, deadline, boot_id, cache)
 
 
 def _seconds(text: str, key: str, default: float) -> float:
@@ -170,6 +175,11 @@ class Plan:
     secrets: int = 0  # secret files to ask the relays for (GET /v1/nodes/{node}/secrets)
     desktop: bool = False  # a harvested desktop: nothing of it goes on a disk
     kernel_args: str = ""  # the release kernel's command line (what a boot medium kexecs it with)
+
+    def object_digests(self) -> set[str]:
+        """The hex digests of the objects the plan names (kernel, initrd, archives, manifests)."""
+        refs = [self.kernel, self.initrd, *(r for d in self.directories for r in (d.archive, d.manifest))]
+        return {r.hex for r in refs if r is not None}
 
 
 def _ref(value: object, where: str) -> ObjectRef | None:

@@ -111,6 +111,10 @@ dhcp-leasefile={tmp}/site-dhcp.leases
 """
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# Secure Boot: the firmware that enforces it, and variables with Microsoft's KEK and db (what
+# PCs ship with: they trust Debian's shim)
+OVMF_CODE_SECURE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+OVMF_VARS_MS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
 
 
 # console lines that mark the boot's stages (the first line matching each), in order
@@ -196,6 +200,7 @@ class Lab:
         firmware: Literal["uefi", "bios"] | None = None,
         wake_to: str | None = None,
         https: bool = False,
+        modules: tuple[str, ...] = (),
     ) -> None:
         """``pxelinux`` (pxe network only): a BIOS VM whose profile boots the legacy way,
         lpxelinux.0 over TFTP and its pxelinux.cfg/01-<mac> from the relay.  ``init``: the
@@ -204,13 +209,16 @@ class Lab:
         environment's; ``busy`` (user network): a busy front (labs.busyfront) before the
         relay refuses the first object requests with 503, with these Retry-Afters; ``https``
         (user network): the relay also serves HTTPS, named first in the registry (what a
-        boot medium and a node with a token speak)."""
+        boot medium and a node with a token speak); ``modules``: more kernel modules for
+        the profile (a boot medium's cache on a USB stick needs USB storage and ext4)."""
         self.tmp, self.qemu, self.var_policy, self.network = tmp, qemu, var_policy, network
         self.pxelinux = pxelinux
         self.init_path: str | None = TEST_INIT_PATH if init == "test" else None  # None: the image's
         self.nic, self.up_timeout, self.busy = nic, up_timeout, busy
         self.firmware, self.wake_to = firmware, wake_to
         self.https_port = 0 if https else None  # the relay's HTTPS port, once it serves
+        self.modules = modules
+        self.secure_boot = False  # UEFI with Secure Boot on (boot media only)
         self.pools = ""  # the registry's pools section (labs.desktoplab writes it)
         self._serve: subprocess.Popen[bytes] | None = None
         self.front: BusyFront | None = None
@@ -324,7 +332,7 @@ class Lab:
                 image=self.image,
                 nfs=self.nfs_port,
                 mac=MAC,
-                modules=NIC_MODULES[self.nic] + (", virtio_blk" if disk else ""),
+                modules=", ".join([NIC_MODULES[self.nic], *(["virtio_blk"] if disk else []), *self.modules]),
                 kernel_args=f"slim.init={self.init_path}" if self.init_path else "",
                 up_timeout=f"    up_timeout: {self.up_timeout:g}\n" if self.up_timeout else "",
                 var=f"      /var: {self.var_policy}\n" if disk else "",
@@ -433,10 +441,12 @@ class Lab:
         """QEMU's command line for the lab's kind of boot (see :meth:`boot`), without the
         common tail (TCG, memory, console)."""
         if medium is not None:  # a home PC: no PXE ROM, the medium's own boot
+            # bootindex: the firmware boots the medium first, whatever other disks the PC has
             drive = (
                 ["-drive", f"if=none,id=stick,format=raw,file={medium}", "-device", "qemu-xhci",
-                 "-device", "usb-storage,drive=stick"]
-                if usb else ["-drive", f"media=cdrom,readonly=on,format=raw,file={medium}"]
+                 "-device", "usb-storage,drive=stick,bootindex=0"]
+                if usb else ["-drive", f"if=none,id=cd,media=cdrom,readonly=on,format=raw,file={medium}",
+                             "-device", "ide-cd,drive=cd,bootindex=0"]
             )  # fmt: skip
             return [self.qemu, *drive, *self._uefi(), "-netdev", "user,id=n0",
                     "-device", f"{self.nic},netdev=n0,mac={MAC},romfile="]  # fmt: skip
@@ -465,6 +475,11 @@ class Lab:
         if not force and self.firmware != "uefi":
             return []
         vars_copy = self.tmp / "OVMF_VARS.fd"
+        if self.secure_boot:  # q35 with SMM: OVMF keeps its variables out of the guest's reach
+            shutil.copyfile(OVMF_VARS_MS, vars_copy)
+            return ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on",
+                    "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE_SECURE}",
+                    "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]  # fmt: skip
         shutil.copyfile(OVMF_VARS, vars_copy)
         return ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
                 "-drive", f"if=pflash,format=raw,file={vars_copy}"]  # fmt: skip

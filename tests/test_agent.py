@@ -1151,3 +1151,37 @@ async def test_a_boot_medium_fetches_the_verified_release_and_hands_on_its_token
     assert code == 1 and out == ""
     assert "refused this medium's token" in err, err
     assert not (tmp_path / "work").exists()
+    # a token the core never issued: the same
+    token_file.write_text(f"node.{secrets.token_hex(8)}.{'A' * 43}\n")
+    code, out, err = await run_medium(*argv)
+    assert code == 1 and "refused this medium's token" in err, err
+
+
+async def test_a_medium_cache_keeps_the_boots_objects_and_checks_them(site: Site, tmp_path: Path) -> None:
+    """With a local cache (a boot medium's, here a directory), the first boot fetches and keeps
+    what it fetched; the next fetches nothing; a damaged copy is fetched again, never used; and
+    after a boot the cache holds only that boot's objects."""
+    cache = tmp_path / "cache"
+    stale = cache / "objects" / "sha256" / ("0" * 64)
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an object of an older release")
+
+    async def boot(name: str) -> tuple[int, str]:
+        assert await run_agent(*site.argv(tmp_path / name), "--cache-dir", str(cache)) == 0
+        done = max((e for e in await site.events() if e.stage == "done"), key=lambda e: e.time)
+        return done.bytes, done.message
+
+    fetched, said = await boot("first")
+    assert fetched > 0 and "0 objects (0 bytes) read" in said and "1 removed" in said, said
+    assert not stale.exists()
+    kept = sorted(p.name for p in stale.parent.iterdir())
+    assert kept and all(len(k) == 64 for k in kept)
+    fetched, said = await boot("second")
+    assert fetched == 0 and f"{len(kept)} objects" in said and "0 kept" in said, said
+    assert tree(tmp_path / "first", skip=("run",)) == tree(tmp_path / "second", skip=("run",))
+    damaged = stale.parent / kept[0]
+    damaged.write_bytes(b"x" + damaged.read_bytes()[1:])
+    fetched, said = await boot("third")
+    assert fetched > 0 and "1 kept" in said, said
+    assert hashlib.sha256(damaged.read_bytes()).hexdigest() == kept[0]
+    assert tree(tmp_path / "first", skip=("run",)) == tree(tmp_path / "third", skip=("run",))

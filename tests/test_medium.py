@@ -10,8 +10,10 @@ clear message on the console.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -20,11 +22,12 @@ from typing import Literal
 import pytest
 
 from labs.host import free_port
-from labs.vmlab import OVMF_CODE, SLIM, Lab
+from labs.vmlab import OVMF_CODE, SLIM, Boot, Lab
 from slim.agent.medium import Medium, MediumError, kexec_cmdline, newc
 from slim.agent.plan import parse_cmdline
 from slim.core.build.medium import MediumSpec, grub_cfg
 from slim.errors import InvalidArgument
+from slim.v1 import core_pb2 as pb
 from tests.support import need, need_tool
 
 MEDIUM_STAGES = ["medium", "medium:kernel", "medium:initrd", "kexec"]
@@ -80,7 +83,7 @@ def test_the_release_kernel_is_told_the_relays_reached_and_the_boot() -> None:
     assert line.count("slim.relays=") == 1 and line.count("slim.boot=") == 1
 
 
-def test_a_medium_spec_is_checked() -> None:
+def test_a_medium_spec_is_checked(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="not a medium id"):
         MediumSpec("nothex!!", "n1", ["https://r:1"])
     with pytest.raises(InvalidArgument, match="at least one relay"):
@@ -91,23 +94,55 @@ def test_a_medium_spec_is_checked() -> None:
     cfg = grub_cfg(spec)
     assert "search --no-floppy --file --set=root /.disk/slim-medium-0123abcd" in cfg
     assert '"SLIM: x reboot "' in cfg  # nothing a menu title could break out with
-    assert json.loads(spec.document()) == {"id": "0123abcd", "node": "n1", "relays": ["https://r:1"]}
+    cache = spec.cache_uuid  # the medium's own: from its id
+    assert cache == MediumSpec("0123abcd", "n2", ["https://r:2"]).cache_uuid
+    assert cache != MediumSpec("0123abce", "n1", ["https://r:1"]).cache_uuid
+    doc = {"id": "0123abcd", "node": "n1", "relays": ["https://r:1"], "cache": cache}
+    assert json.loads(spec.document()) == doc
+    (tmp_path / "medium.json").write_bytes(spec.document())
+    assert Medium.load(tmp_path / "medium.json") == Medium("0123abcd", "n1", ("https://r:1",), cache)
 
 
 # -- a VM booted from a medium ---------------------------------------------------------------------
+CACHE_MODULES = (
+    "xhci_pci",
+    "usb_storage",
+    "sd_mod",
+    "ext4",
+    "crc32c_generic",
+)  # the release's, for the cache
+
+
+def _in_order(boot: Boot) -> list[pb.BootEvent]:
+    return sorted(boot.events, key=lambda e: e.time.ToNanoseconds())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_a_pc_with_no_pxe_boots_its_environment_from_the_medium(tmp_path: Path) -> None:
-    """The medium's first relay is down: it asks the next.  UEFI from a USB stick, then BIOS from a
-    CD: each reaches ``up`` in the environment, its kernel and initrd the release's (kexec), and
-    nothing of the token on the kernel's command line.  Then the node's token is revoked: the
-    same medium stops at a message that says so."""
+    """A VM with no PXE and its owner's disk attached boots from the image slim media build wrote.
+    From a USB stick (UEFI), the medium grows its cache partition to the end of the stick and
+    keeps the kernel, initrd and copy set there; the next boot from it (BIOS) moves only the
+    plan.  From a CD (BIOS) it runs from RAM, its first relay down: it asks the next.  A new
+    release boots from the same stick, under Secure Boot, moving only what changed.  Each boot
+    reaches ``up`` through the release's own kernel (kexec), with nothing of the token on the
+    kernel's command line, and the owner's disk is the same, byte for byte.  Then the node's
+    token is revoked: the medium stops at a message that says so."""
     qemu = need_tool("qemu-system-x86_64", "qemu-system-x86")
-    for tool, package in (("ganesha.nfsd", "nfs-ganesha"), ("debootstrap", None), ("xorriso", None),
-                          ("mformat", "mtools"), ("grub-mkimage", "grub-common")):  # fmt: skip
+    tools = (("ganesha.nfsd", "nfs-ganesha"), ("debootstrap", None), ("xorriso", None), ("mformat", "mtools"),
+             ("grub-mkimage", "grub-common"), ("sfdisk", "fdisk"))  # fmt: skip
+    for tool, package in tools:
         need_tool(tool, package)
     need(OVMF_CODE.is_file(), f"{OVMF_CODE} is missing (apt-get install ovmf)")
-    with Lab(tmp_path, qemu=qemu, https=True) as lab:
+    with Lab(tmp_path, qemu=qemu, https=True, modules=CACHE_MODULES) as lab:
         lab.start()
         token = tmp_path / "vm1.token"
         env = {**os.environ, "SLIM_IDENTITY": str(tmp_path / "admin-lab")}
@@ -123,21 +158,55 @@ def test_a_pc_with_no_pxe_boots_its_environment_from_the_medium(tmp_path: Path) 
         )  # fmt: skip
         assert built["node"] == "vm1" and built["relays"][1] == relay
         assert stat.S_IMODE(medium.stat().st_mode) == 0o600  # it holds the token
+        stick = tmp_path / "stick.img"  # the image written to a 256 MiB stick
+        shutil.copyfile(medium, stick)
+        with open(stick, "r+b") as f:
+            f.truncate(256 << 20)
+        owner = tmp_path / "owner.img"  # the PC's own disk, which nothing may touch
+        owner.write_bytes(os.urandom(16 << 20))
+        owners = _sha256(owner)
+        disk = ("-drive", f"file={owner},format=raw,if=virtio")
         release = lab.built["release"]
-        firmwares: list[tuple[Literal["uefi", "bios"], bool]] = [("uefi", True), ("bios", False)]
-        for firmware, usb in firmwares:
+        boots: list[tuple[Literal["uefi", "bios"], Path, bool]] = [
+            ("uefi", stick, True), ("bios", stick, True), ("bios", medium, False),
+        ]  # fmt: skip
+        done_bytes = []
+        for firmware, image, usb in boots:
             lab.firmware = firmware
-            boot = lab.boot(medium=medium, usb=usb)
-            assert boot.status is not None and boot.status.state == "up", (firmware, boot.status)
-            stages = [e.stage for e in sorted(boot.events, key=lambda e: e.time.ToNanoseconds())]
+            boot = lab.boot(*disk, medium=image, usb=usb)
+            assert boot.status is not None and boot.status.state == "up", (firmware, usb, boot.status)
+            events = _in_order(boot)
+            stages = [e.stage for e in events]
             assert [s for s in stages if s in MEDIUM_STAGES + AGENT_STAGES] == MEDIUM_STAGES + AGENT_STAGES
             assert boot.active["release"] == release and boot.active["boot_id"] == boot.status.boot_id
-            kexec = next(e for e in boot.events if e.stage == "medium:kernel")
-            assert kexec.bytes > 1_000_000 and release in next(
-                e.message for e in boot.events if e.stage == "medium"
-            )
+            by_stage = {e.stage: e for e in events}
+            assert release in by_stage["medium"].message
             assert ("Secure boot disabled" in boot.console) == (firmware == "uefi")
             assert token.read_text().strip() not in boot.console
+            assert ("medium:cache" in by_stage) == usb, stages
+            moved = by_stage["medium:kernel"].bytes + by_stage["medium:initrd"].bytes + by_stage["done"].bytes
+            done_bytes.append(moved)
+            assert _sha256(owner) == owners
+        first, second, cd = done_bytes
+        # the stick's first boot fetched everything and kept it; its second moved only the plan
+        assert first > 5_000_000 and cd > 5_000_000, done_bytes
+        assert second == 0, done_bytes
+        # a new release boots from the old medium, under Secure Boot, moving only what changed
+        (lab.image / "etc" / "slim-test-release").write_text("the next release\n")
+        new = lab.build()["release"]
+        assert new != release
+        lab.firmware, lab.secure_boot = "uefi", True
+        boot = lab.boot(*disk, medium=stick, usb=True)
+        assert boot.status is not None and boot.status.state == "up", boot.status
+        assert boot.active["release"] == new
+        assert "Secure boot enabled" in boot.console and "Kernel is locked down" in boot.console
+        by_stage = {e.stage: e for e in boot.events}
+        assert (
+            by_stage["medium:kernel"].bytes == 0
+            and "from the medium's cache" in by_stage["medium:kernel"].message
+        )
+        assert 0 < by_stage["done"].bytes < first, by_stage["done"]
+        assert _sha256(owner) == owners
         subprocess.run([*SLIM, "node", "revoke", "vm1", "--core", lab.core], check=True, env=env,
                        capture_output=True, timeout=60)  # fmt: skip
         lab.firmware = "bios"

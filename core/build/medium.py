@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,17 +54,25 @@ GRUB_BIOS_MODULES = (
 # the drivers a medium loads: common PC network cards (a name the kernel lacks is skipped)
 NIC_MODULES = (
     "virtio_pci", "virtio_net", "e1000", "e1000e", "igb", "igc", "r8169", "tg3", "atlantic", "alx",
-    "atl1c", "xhci_pci", "ehci_pci", "r8152", "cdc_ether", "ax88179_178a",
+    "atl1c", "r8152", "cdc_ether", "ax88179_178a",
 )  # fmt: skip
+# ... and those its cache on a USB stick needs (ext4 on USB mass storage)
+CACHE_MODULES = (
+    "xhci_pci", "ehci_pci", "ohci_pci", "uhci_hcd", "usb_storage", "uas", "sd_mod", "ext4", "crc32c_generic",
+)  # fmt: skip
+CACHE_TOOLS = (Path("/usr/sbin/sfdisk"), Path("/usr/sbin/mke2fs"))  # fdisk, e2fsprogs: grow the cache
+MKE2FS_CONF = Path("/etc/mke2fs.conf")
+LINUX_FS_GPT_TYPE = "0fc63daf-8483-4772-8e79-3d69d8477de4"
+SEED_BYTES = 4 << 20  # the cache partition in the image; the first boot from a stick grows it
 MEDIUM_ID_RE = re.compile(r"[0-9a-f]{8,32}")
 ESP_SLACK = 1 << 20  # free space in the EFI system partition beyond its files
 TOOL_TIMEOUT = 300.0
 TOOLS = {"grub-mkimage": "grub-common", "xorriso": "xorriso", "mformat": "mtools", "mcopy": "mtools",
-         "mmd": "mtools"}  # fmt: skip
+         "mmd": "mtools", "mke2fs": "e2fsprogs"}  # fmt: skip
 
 MEDIUM_INIT = """#!/bin/sh
 # SLIM boot medium: drivers, DHCP, then the medium's agent, which starts the release (kexec).
-PATH=/bin:/usr/bin:/sbin
+PATH=/bin:/usr/bin:/sbin:/usr/sbin
 export PATH
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -101,7 +110,7 @@ terminal_output serial console
 set default=0
 set timeout={timeout}
 menuentry "SLIM: {title}" {{
-    linux /boot/vmlinuz slim.medium={medium} {args}
+    linux /boot/vmlinuz slim.medium={medium} slim.grubroot=$root {args}
     initrd /boot/initrd
 }}
 """
@@ -211,12 +220,16 @@ class MediumSpec:
         "console=ttyS0,115200 console=tty0"  # the medium kernel's (the last console gets init's output)
     )
     timeout: int = 0  # seconds the boot menu waits
+    cache_uuid: str = ""  # its cache partition's filesystem UUID (default: from the medium's id)
 
     def __post_init__(self) -> None:
         if not MEDIUM_ID_RE.fullmatch(self.medium_id):
             raise InvalidArgument(f"{self.medium_id!r} is not a medium id (8 to 32 hex digits)")
         if not self.relays:
             raise InvalidArgument("a medium needs at least one relay URL")
+        if not self.cache_uuid:
+            seed = hashlib.sha256(f"slim-medium-cache:{self.medium_id}".encode()).digest()[:16]
+            self.cache_uuid = str(uuid.UUID(bytes=seed, version=4))
         if self.token and not any(u.startswith("https://") for u in self.relays):
             raise InvalidArgument(
                 "a medium with a token needs an https:// relay: the token never goes in clear"
@@ -224,7 +237,7 @@ class MediumSpec:
 
     def document(self) -> bytes:
         """``/etc/slim/medium.json`` (:class:`slim.agent.medium.Medium`)."""
-        doc = {"id": self.medium_id, "node": self.node, "relays": list(self.relays)}
+        doc = {"id": self.medium_id, "node": self.node, "relays": list(self.relays), "cache": self.cache_uuid}
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -242,7 +255,7 @@ def write_initrd(
     parts: Parts,
     image_root: Path,
     kver: str,
-    modules: Sequence[str] = NIC_MODULES,
+    modules: Sequence[str] = NIC_MODULES + CACHE_MODULES,
     strict: bool = False,
 ) -> MediumInitrd:
     """The medium's initrd: the agent's runtime with the medium's /init, kexec, the kernel's
@@ -262,6 +275,15 @@ def write_initrd(
     selection = builder.add_modules(image_root, kver, usable)
     add_runtime(builder, runtime, init=MEDIUM_INIT.format(medium=spec.medium_id, root="/lib/slim"))
     builder.add_file("sbin/kexec", parts.kexec, mode=0o755)
+    for tool in CACHE_TOOLS:  # the cache partition's growth, from this machine
+        if not tool.is_file():
+            raise FailedPrecondition(f"{tool} is missing (apt-get install fdisk e2fsprogs)")
+        builder.add_file(str(tool), tool)
+        for lib in shared_libraries(tool):
+            if str(lib) not in runtime.files:
+                builder.add_file(str(lib), lib.resolve())
+    if MKE2FS_CONF.is_file():
+        builder.add_file(str(MKE2FS_CONF), MKE2FS_CONF)
     for dest, source in sorted(unpacked_libraries(parts.kexec, parts.root).items()):
         if dest not in runtime.files:
             builder.add_file(dest, source)
@@ -312,10 +334,17 @@ def write_iso(out: Path, spec: MediumSpec, kernel: Path, initrd: Path, parts: Pa
         _run(["mcopy", "-i", str(esp), str(parts.grub_efi), "::/EFI/BOOT/grubx64.efi"], env)
         for path in [*tree.rglob("*"), tree]:
             os.utime(path, (epoch, epoch), follow_symlinks=False)
+        seed = tmp / "cache.img"  # the cache partition: found by its UUID, grown at the first boot
+        with open(seed, "wb") as f:
+            f.truncate(SEED_BYTES)
+        extended = f"root_owner=0:0,hash_seed={spec.cache_uuid}"
+        _run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", "SLIMCACHE",
+              "-U", spec.cache_uuid, "-E", extended, str(seed)], env)  # fmt: skip
         part = tmp / "out.iso"
         _run(["xorriso", "-as", "mkisofs", "-r", "-J", "-V", "SLIM_MEDIUM", "-o", str(part),
               "--grub2-mbr", str(boot_hybrid), "-partition_offset", "16", "--mbr-force-bootable",
-              "-append_partition", "2", "0xef", str(esp), "-appended_part_as_gpt",
+              "-append_partition", "2", "0xef", str(esp),
+              "-append_partition", "3", LINUX_FS_GPT_TYPE, str(seed), "-appended_part_as_gpt", "-no-pad",
               "-iso_mbr_part_type", "a2a0d0ebe5b9334487c068b6b72699c7",
               "-c", "boot/boot.cat", "-b", "boot/grub/bios.img", "-no-emul-boot", "-boot-load-size", "4",
               "-boot-info-table", "--grub2-boot-info",

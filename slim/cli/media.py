@@ -67,7 +67,8 @@ def default_relays(registry_path: Path, node: str) -> list[str]:
     "--module",
     "modules",
     multiple=True,
-    help="A kernel module the medium loads (repeatable; default: common PC network drivers).",
+    help="A kernel module the medium loads (repeatable; default: common PC network drivers, USB storage "
+    "and ext4 for its cache).",
 )
 @click.option(
     "--console",
@@ -114,7 +115,14 @@ def media_build(
     from slim.core.build.agentrt import collect
     from slim.core.build.image import default_cache_dir
     from slim.core.build.initrd import kernel_release, resolve_in_image
-    from slim.core.build.medium import NIC_MODULES, MediumSpec, fetch_parts, write_initrd, write_iso
+    from slim.core.build.medium import (
+        CACHE_MODULES,
+        NIC_MODULES,
+        MediumSpec,
+        fetch_parts,
+        write_initrd,
+        write_iso,
+    )
     from slim.core.registry import load_registry
     from slim.pki import CertificateAuthority
     from slim.signing import KeyDirectory
@@ -148,7 +156,14 @@ def media_build(
         initrd_path = out.with_name(f".{out.name}.initrd")
         try:
             initrd = write_initrd(
-                initrd_path, spec, runtime, parts, image, kver, modules or NIC_MODULES, strict=bool(modules)
+                initrd_path,
+                spec,
+                runtime,
+                parts,
+                image,
+                kver,
+                modules or NIC_MODULES + CACHE_MODULES,
+                strict=bool(modules),
             )
             size = write_iso(out, spec, resolve_in_image(image, env.kernel), initrd_path, parts)
         finally:
