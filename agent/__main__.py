@@ -70,7 +70,7 @@ def open_cache(
     if no_reboot or not boot.cache:
         return None
     try:
-        partition = cache.find_partition(boot.cache)
+        partition = cache.find_partition(boot.cache, boot.medium)
         if partition is None:
             raise cache.CacheError(f"no partition holds the cache {boot.cache}")
         return LocalObjects(cache.mount(partition))
@@ -169,9 +169,13 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
             if plan.relay_time is not None:  # the relay's clock, read half-way through the call
                 report.offset = plan.relay_time - (asked + answered) / 2
                 clock = f"; clock {report.offset:+.3f} s from the relay's"
+            # the environment proves its boot with a key of its own (the node's token stays here):
+            # registered with the boot's first event, which is sent again until a relay takes it
+            boot_key = secrets.token_urlsafe(24)
             report(
                 "plan",
                 got.size,
+                boot_key_sha256=hashlib.sha256(boot_key.encode()).hexdigest(),
                 message=f"{plan.environment} {plan.release_digest}{clock}; signed: {Path(checked.key).name}",
                 duration=answered - asked,
             )
@@ -191,8 +195,6 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
             report("done", relays.stats.bytes, message=done)
             if not args.no_reboot:
                 nfs = any(d.nfs is not None for d in plan.directories)
-                # the environment proves its boot with a key of its own: the node's token stays here
-                boot_key = secrets.token_urlsafe(24)
                 try:
                     report_up.install(
                         target, node=plan.node, boot_id=report.boot_id, environment=plan.environment,
@@ -203,11 +205,7 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
                 except OSError as exc:
                     report("report-up", ok=False, message=f"cannot leave the up report in /run: {exc}")
                     raise BootFailed(f"report-up: {exc}") from exc
-                report(
-                    "switch_root",
-                    message=f"{boot.init}: the environment reports up itself",
-                    boot_key_sha256=hashlib.sha256(boot_key.encode()).hexdigest(),
-                )
+                report("switch_root", message=f"{boot.init}: the environment reports up itself")
                 if not report.drain():
                     print(
                         "slim-agent: no relay took the last boot events; switching root anyway",

@@ -46,6 +46,18 @@ class CacheError(RuntimeError):
     """The cache partition cannot be used (the boot goes on from RAM)."""
 
 
+class CacheCorrupt(CacheError):
+    """A cached object changed while it was being sent (the object is lost for this boot)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def ext_uuid(device: Path) -> str | None:
     """The UUID of the ext2/3/4 filesystem on ``device``, if it holds one."""
     try:
@@ -58,13 +70,33 @@ def ext_uuid(device: Path) -> str | None:
     return str(uuid.UUID(bytes=head[1128:1144]))
 
 
-def find_partition(fs_uuid: str, seconds: float = FIND_SECONDS, sys_block: Path = SYS_BLOCK) -> str | None:
-    """The partition (``sdb3``) whose ext4 filesystem has ``fs_uuid``, waiting up to ``seconds``
-    for it to appear; None if none does."""
+def volume_set(device: Path) -> str:
+    """The volume set identifier of the ISO 9660 image at the start of ``device`` ("" if none):
+    slim media build writes ``SLIM-MEDIUM-<id>`` there."""
+    try:
+        with open(device, "rb") as f:
+            f.seek(32768)
+            pvd = f.read(2048)
+    except OSError:
+        return ""
+    if pvd[:6] != b"\x01CD001":
+        return ""
+    return pvd[190:318].decode("ascii", "replace").strip()
+
+
+def find_partition(
+    fs_uuid: str, medium_id: str = "", seconds: float = FIND_SECONDS, sys_block: Path = SYS_BLOCK
+) -> str | None:
+    """The partition (``sdb3``) whose ext4 filesystem has ``fs_uuid`` and, with ``medium_id``,
+    whose disk starts with that medium's image; waiting up to ``seconds`` for it to appear
+    (USB enumerates late); None if none does."""
     deadline = time.monotonic() + seconds
     while True:
         for entry in sorted(sys_block.glob("*")) if sys_block.is_dir() else []:
-            if (entry / "partition").exists() and ext_uuid(Path("/dev") / entry.name) == fs_uuid:
+            if not (entry / "partition").exists() or ext_uuid(Path("/dev") / entry.name) != fs_uuid:
+                continue
+            disk = entry.resolve().parent.name
+            if not medium_id or volume_set(Path("/dev") / disk) == f"SLIM-MEDIUM-{medium_id}":
                 return entry.name
         if time.monotonic() >= deadline:
             return None
@@ -86,44 +118,81 @@ def _run(argv: list[str], stdin: str = "") -> None:
         raise CacheError(f"{' '.join(argv[:3])} failed: {(done.stderr or done.stdout).strip()[-300:]}")
 
 
+def fs_bytes(device: Path) -> int:
+    """The size of the ext2/3/4 filesystem on ``device`` (its superblock's block count), 0 if none."""
+    try:
+        with open(device, "rb") as f:
+            f.seek(1024)
+            sb = f.read(1024)
+    except OSError:
+        return 0
+    if len(sb) < 1024 or sb[56:58] != b"\x53\xef":
+        return 0
+    blocks = int.from_bytes(sb[4:8], "little") | (int.from_bytes(sb[0x150:0x154], "little") << 32)
+    return blocks * (1024 << int.from_bytes(sb[24:28], "little"))
+
+
 def grow(partition: str, fs_uuid: str, sys_block: Path = SYS_BLOCK) -> bool:
     """At the first boot from a stick: the seed partition ``partition`` grown to the end of its
-    disk and given a fresh ext4 filesystem with the same UUID.  False if it was already grown
-    (or is the last thing on its disk)."""
+    disk and given a fresh ext4 filesystem with the same UUID.  Decided by the filesystem's size,
+    so that a growth cut short (power lost) is finished at the next boot.  False if there was
+    nothing to do: the filesystem is grown, or the stick has no room after it."""
     part = sys_block / partition
-    disk = part.resolve().parent.name
-    number = (part / "partition").read_text().strip()
-    size, start = _sectors(part / "size"), _sectors(part / "start")
-    free = _sectors(sys_block / disk / "size") - (start + size)
-    if size * 512 >= SEED_BYTES or free * 512 < SEED_BYTES:
+    device = Path("/dev") / partition
+    if fs_bytes(device) >= SEED_BYTES:
         return False
-    device = f"/dev/{disk}"
-    with open(device, "rb") as f:
-        mbr = f.read(512)
-    _run([SFDISK, "--quiet", "--relocate", "gpt-bak-std", device])
-    _run([SFDISK, "--quiet", "--no-reread", "--no-tell-kernel", "-N", number, device], stdin=",+\n")
-    # sfdisk rewrites the protective MBR, which drops the BIOS's active entry: put it back
-    with open(device, "r+b") as f:
-        f.seek(462)
-        f.write(mbr[462:478])
-        os.fsync(f.fileno())
-    with open(device, "rb") as f:
-        fcntl.ioctl(f.fileno(), BLKRRPART)
-    deadline = time.monotonic() + FIND_SECONDS
-    while _sectors(part / "size") == size and time.monotonic() < deadline:
-        time.sleep(0.2)
-    _run([MKE2FS, "-q", "-F", "-t", "ext4", "-L", LABEL, "-U", fs_uuid, f"/dev/{partition}"])
+    disk = part.resolve().parent.name
+    size, start = _sectors(part / "size"), _sectors(part / "start")
+    if size * 512 < SEED_BYTES:  # the partition first
+        if (_sectors(sys_block / disk / "size") - (start + size)) * 512 < SEED_BYTES:
+            return False
+        whole = f"/dev/{disk}"
+        with open(whole, "rb") as f:
+            mbr = f.read(512)
+        number = (part / "partition").read_text().strip()
+        _run([SFDISK, "--quiet", "--relocate", "gpt-bak-std", whole])
+        _run([SFDISK, "--quiet", "--no-reread", "--no-tell-kernel", "-N", number, whole], stdin=",+\n")
+        # sfdisk rewrites the protective MBR, which drops the BIOS's active entry: put it back
+        with open(whole, "r+b") as f:
+            f.seek(462)
+            f.write(mbr[462:478])
+            os.fsync(f.fileno())
+        with open(whole, "rb") as f:
+            fcntl.ioctl(f.fileno(), BLKRRPART)
+        deadline = time.monotonic() + FIND_SECONDS
+        while not (part.exists() and _sectors(part / "size") > size and device.exists()):
+            if time.monotonic() > deadline:
+                raise CacheError(
+                    f"the kernel did not see /dev/{partition} grow (it stays {size * 512} bytes)"
+                )
+            time.sleep(0.2)
+    _run([MKE2FS, "-q", "-F", "-t", "ext4", "-L", LABEL, "-U", fs_uuid, str(device)])
     return True
 
 
 def mount(partition: str, where: Path = MOUNT_POINT) -> Path:
     where.mkdir(parents=True, exist_ok=True)
-    _run(["mount", "-t", "ext4", "-o", "noatime,nodev,nosuid,noexec", f"/dev/{partition}", str(where)])
+    _run(
+        [
+            "mount",
+            "-t",
+            "ext4",
+            "-o",
+            "noatime,nodev,nosuid,noexec,nosymfollow",
+            f"/dev/{partition}",
+            str(where),
+        ]
+    )
+    for path in (where / "objects", where / "objects" / "sha256"):
+        if path.is_symlink():  # nothing on the stick may lead the agent's writes elsewhere
+            unmount(where)
+            raise CacheError(f"{path} on the medium's cache is a symbolic link")
     return where
 
 
 def unmount(where: Path = MOUNT_POINT) -> None:
-    subprocess.run(["umount", str(where)], capture_output=True, timeout=TOOL_TIMEOUT, check=False)
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(["umount", str(where)], capture_output=True, timeout=TOOL_TIMEOUT, check=False)
 
 
 class LocalObjects:
@@ -142,27 +211,34 @@ class LocalObjects:
         return self.dir / hex_digest
 
     def read(self, hex_digest: str, size: int, write: Callable[[bytes], object]) -> bool:
-        """Send the object's bytes to ``write`` if it is here whole and intact (hashed first:
-        nothing unchecked reaches ``write``); a damaged copy is removed."""
+        """Send the object's bytes to ``write`` if it is here whole and intact: hashed once before
+        (so that a damaged copy costs no byte to ``write``: it is removed and False returned) and
+        again as it is sent; a copy that changes between the two (a failing stick) is removed and
+        raises :class:`CacheCorrupt`, as a relay's wrong bytes stop the object."""
         path = self.path(hex_digest)
         try:
-            if path.stat().st_size != size:
+            if path.is_symlink() or path.stat().st_size != size or _sha256(path) != hex_digest:
                 raise ValueError
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    h.update(chunk)
-            if h.hexdigest() != hex_digest:
-                raise ValueError
-            with open(path, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    write(chunk)
         except FileNotFoundError:
             return False
         except (OSError, ValueError):
             with contextlib.suppress(OSError):
                 path.unlink()
             return False
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+                    write(chunk)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise CacheCorrupt(f"the medium's cache could not be read back: {exc}") from None
+        if h.hexdigest() != hex_digest:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise CacheCorrupt(f"the medium's cache gave other bytes for sha256:{hex_digest} the second time")
         with self._lock:
             self.hits += 1
             self.hit_bytes += size

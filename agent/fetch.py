@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slim.agent.cache import LocalObjects
+from slim.agent.cache import CacheCorrupt, LocalObjects
 from slim.agent.plan import DEFAULT_DEADLINE, ObjectRef
 
 if TYPE_CHECKING:
@@ -343,8 +343,11 @@ class Relays:
         """Send the object's bytes to ``write`` in order, resuming across relays;
         return the relay that sent the last byte (:data:`LOCAL`: the local cache had it).
         DigestMismatch if the bytes are wrong."""
-        if self.local is not None and self.local.read(ref.hex, ref.size, write):
-            return LOCAL
+        try:
+            if self.local is not None and self.local.read(ref.hex, ref.size, write):
+                return LOCAL
+        except CacheCorrupt as exc:
+            raise DigestMismatch(str(exc)) from None
         staged = self.local.writer() if self.local is not None else None
         try:
             url = self._stream(ref, write if staged is None else _tee(write, staged.write))

@@ -152,10 +152,19 @@ def newc(files: dict[str, tuple[bytes, int]]) -> bytes:
     return bytes(out)
 
 
+def append_token(initrd: Path, token: str) -> None:
+    """Append the token to ``initrd`` as a cpio archive the kernel unpacks over it: at a 4-byte
+    boundary (the kernel skips an archive that starts anywhere else), after zeros it skips."""
+    with open(initrd, "ab") as f:
+        f.write(b"\0" * (-f.tell() % 4))
+        f.write(newc({"etc/slim/node.token": (token.encode() + b"\n", 0o400)}))
+
+
 def kexec_cmdline(kernel_args: str, relays: list[str], boot_id: str) -> str:
     """The release kernel's command line: the plan's arguments, with the relays this medium
     reached (best first) and the boot's id, so that the release's agent goes on with both."""
-    words = [w for w in kernel_args.split() if not w.startswith(("slim.relays=", "slim.boot="))]
+    ours = ("slim.relays=", "slim.boot=", "slim.cache=", "slim.medium=")
+    words = [w for w in kernel_args.split() if not w.startswith(ours)]
     return " ".join([*words, f"slim.relays={','.join(relays)}", f"slim.boot={boot_id}"])
 
 
@@ -183,7 +192,7 @@ def open_cache(
     if not medium.cache or cmdline.get("slim.grubroot", "").startswith("cd"):
         return None
     try:
-        partition = cache.find_partition(medium.cache)
+        partition = cache.find_partition(medium.cache, medium.id)
         if partition is None:
             raise cache.CacheError(f"no partition of this computer holds the medium's cache {medium.cache}")
         grown = cache.grow(partition, medium.cache)
@@ -206,27 +215,26 @@ def _why(exc: Exception) -> str:
     return text
 
 
-def _kexec(kernel: Path, initrd: Path, cmdline: str) -> None:
-    for argv in (
-        [KEXEC, "-s", "-l", str(kernel), f"--initrd={initrd}", f"--command-line={cmdline}"],
-        [KEXEC, "-e"],
-    ):
-        try:
-            run = subprocess.run(argv, capture_output=True, text=True, timeout=KEXEC_TIMEOUT, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise MediumError(f"{argv[0]} {argv[1]}: {exc}") from None
-        if run.returncode != 0:
-            raise MediumError(
-                f"kexec {' '.join(argv[1:3])} failed (exit {run.returncode}): "
-                f"{(run.stderr or run.stdout).strip()[-400:]}"
-            )
+def _kexec(*args: str) -> None:
+    argv = [KEXEC, *args]
+    try:
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=KEXEC_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MediumError(f"kexec {args[0]}: {exc}") from None
+    if run.returncode != 0:
+        said = (run.stderr or run.stdout).strip()[-400:]
+        hint = " (under Secure Boot only a kernel Debian signed starts)" if "-s" in args else ""
+        raise MediumError(f"kexec {' '.join(args[:2])} failed (exit {run.returncode}): {said}{hint}")
 
 
 def _nics_down() -> None:
     """Take the network down before the next kernel takes the hardware over."""
     for nic in Path("/sys/class/net").iterdir() if Path("/sys/class/net").is_dir() else []:
         if nic.name != "lo":
-            subprocess.run(["ip", "link", "set", nic.name, "down"], capture_output=True, check=False)
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(
+                    ["ip", "link", "set", nic.name, "down"], capture_output=True, timeout=10, check=False
+                )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         node = medium.node or cmdline.get("slim.node", "")
         if not node:
             raise MediumError("this medium names no node (a generic medium is not supported yet)")
+        if not NAME_RE.fullmatch(node):
+            raise MediumError(f"slim.node: {node[:80]!r} is not a node's name")
         token = read_token(args.token_file, default=True)
         urls = medium.relays
         if token:  # a node's token travels only over TLS
@@ -309,22 +319,28 @@ def main(argv: list[str] | None = None) -> int:
             if local is not None and args.cache_dir is None:
                 cache.unmount()
             if token:  # the release's agent finds it where a medium's initrd keeps it
-                with open(initrd, "ab") as f:
-                    f.write(newc({"etc/slim/node.token": (token.encode() + b"\n", 0o400)}))
+                append_token(initrd, token)
             line = kexec_cmdline(plan.kernel_args, reached, report.boot_id)
             if local is not None and medium.cache:  # the release's agent keeps its copy set there too
-                line += f" slim.cache={medium.cache}"
+                line += f" slim.cache={medium.cache} slim.medium={medium.id}"
             if args.no_kexec:
                 print(json.dumps({"kernel": str(kernel), "initrd": str(initrd), "cmdline": line}))
                 report("kexec", message="not started (--no-kexec)")
                 return 0
             t0 = time.monotonic()
-            report("kexec", message=f"{plan.environment}: its kernel and initrd, verified")
+            _kexec(
+                "-s", "-l", str(kernel), f"--initrd={initrd}", f"--command-line={line}"
+            )  # the network is up
+            report(
+                "kexec",
+                message=f"{plan.environment}: its kernel and initrd, verified",
+                duration=time.monotonic() - t0,
+            )
             report.drain()
             relays.close()
             _nics_down()
-            _kexec(kernel, initrd, line)
-            raise MediumError(f"kexec -e returned after {time.monotonic() - t0:.1f} s")
+            _kexec("-e")
+            raise MediumError("kexec -e returned")
         finally:
             relays.close()
     except (MediumError, PlanError, FetchError, OSError) as exc:

@@ -81,6 +81,7 @@ class BootArgs:
     deadline: float = DEFAULT_DEADLINE  # seconds for the boot's fetches (slim.deadline=)
     boot_id: str = ""  # the core's id for this boot (slim.boot=, from the boot script)
     cache: str = ""  # a boot medium's cache partition, by its filesystem UUID (slim.cache=)
+    medium: str = ""  # the boot medium's id (slim.medium=): its image starts the cache's disk
 
     @classmethod
     def from_cmdline(cls, text: str) -> BootArgs:
@@ -108,7 +109,10 @@ class BootArgs:
         cache = args.get("slim.cache", "")
         if cache and not UUID_RE.fullmatch(cache):
             raise PlanError(f"slim.cache: {cache[:80]!r} is not a filesystem UUID")
-        return cls(args["slim.node"], environment, release, relays, init, deadline, boot_id, cache)
+        medium = args.get("slim.medium", "")
+        if medium and not re.fullmatch(r"[0-9a-f]{8,32}", medium):
+            raise PlanError(f"slim.medium: {medium[:80]!r} is not a medium's id")
+        return cls(args["slim.node"], environment, release, relays, init, deadline, boot_id, cache, medium)
 
 
 def _seconds(text: str, key: str, default: float) -> float:

@@ -26,7 +26,9 @@ Every process and namespace is created here and removed here (:meth:`Lab.close`)
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import secrets
 import shutil
@@ -127,6 +129,22 @@ MILESTONES = (
     ("kernel and initrd over HTTP; kernel starts", re.compile(r"Linux version")),
     (INIT_MILESTONE, re.compile(rf"{MARKER}|Reached target.*[Mm]ulti-[Uu]ser")),  # test init, or systemd
 )
+
+
+def owner_disk(path: Path, size: int = 32 << 20) -> str:
+    """A PC owner's disk at ``path``: a GPT with an ext4 partition (its own UUID) and free space
+    after it, the rest random; its SHA-256 (a boot medium must never change a byte of it)."""
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+    table = "label: gpt\nstart=2048, size=16384, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n"
+    subprocess.run(["sfdisk", "--quiet", str(path)], input=table, text=True, check=True, capture_output=True)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={2048 * 512}", str(path), "8M"],
+                   check=True, capture_output=True)  # fmt: skip
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass
@@ -242,10 +260,7 @@ class Lab:
         self.write_registry()
         self._slim("ee", "import", "vmtest", "--from", "debootstrap:bookworm", "--add-kernel",
                    "--registry", str(self.registry))  # fmt: skip
-        for path, text in ((TEST_INIT_PATH, TEST_INIT), (CRASH_INIT_PATH, CRASH_INIT)):
-            init = self.image / path.lstrip("/")  # on /usr: it runs from NFS
-            init.write_text(text)
-            init.chmod(0o755)
+        self._write_inits()
         self.built = self.build()
         if self.network == "pxe":
             return self._start_pxe()
@@ -276,6 +291,13 @@ class Lab:
                           "--workdir", str(self.tmp / "nfs"))  # fmt: skip
         self._ready(nfs, "listening on", "nfs")
         return self._connect()
+
+    def _write_inits(self) -> None:
+        """The test inits, on the image's /usr (they run from NFS)."""
+        for path, text in ((TEST_INIT_PATH, TEST_INIT), (CRASH_INIT_PATH, CRASH_INIT)):
+            init = self.image / path.lstrip("/")
+            init.write_text(text)
+            init.chmod(0o755)
 
     def _connect(self) -> Lab:
         identity = getattr(self, "identity", None)

@@ -147,6 +147,7 @@ HEX_RE = re.compile(r"^[0-9a-f]{64}$")  # an object's name: its sha256
 BOOT_ID_RE = re.compile(r"[0-9a-f]{1,64}")  # a boot's id (the core's: 16 hex digits); fullmatch
 
 # -- a boot's stages (boot events) -------------------------------------------------
+PLAN_STAGE = "plan"  # the agent has its signed plan (and registers the boot's key)
 UP_STAGE = "up"  # the running environment reported in (or a lab on its behalf)
 SWITCH_ROOT_STAGE = "switch_root"  # the agent exec'd the environment's init
 LOCAL_STAGE = "local"  # the boot menu went to the local disk (the node's own OS); a relay saw it

@@ -790,9 +790,17 @@ async def test_a_node_with_a_token_boots_where_its_site_asks_for_one(site: Site,
     reporter = ee.Reporter(Relays([site.relay_https_url], token=issued.text, ca=site.ca), "n1", "base")
     reporter.boot_id = "cafe01"
     digest = hashlib.sha256(boot_key.encode()).hexdigest()
-    await asyncio.to_thread(reporter, "switch_root", boot_key_sha256=digest)
-    reporter.relays.close()
+    await asyncio.to_thread(reporter, "plan", boot_key_sha256=digest)
     assert not reporter._unsent
+    await asyncio.to_thread(reporter, "plan", boot_key_sha256=digest)  # sent again: the same key is fine
+    assert not reporter._unsent
+    other = hashlib.sha256(b"another key").hexdigest()
+    await asyncio.to_thread(reporter, "plan", boot_key_sha256=other)  # a second key for the boot: refused
+    assert reporter._unsent
+    reporter._unsent.clear()
+    await asyncio.to_thread(reporter, "ram:/", boot_key_sha256=digest)  # only the plan event registers
+    assert reporter._unsent
+    reporter.relays.close()
     assert await asyncio.to_thread(up, "x" + boot_key[1:]) == 401  # another key
     assert await asyncio.to_thread(up, boot_key, "plan") == 403  # it proves only the up report
     proc = await asyncio.create_subprocess_exec(
@@ -1133,7 +1141,10 @@ async def test_a_boot_medium_fetches_the_verified_release_and_hands_on_its_token
     initrd = Path(started["initrd"]).read_bytes()
     assert initrd.startswith(release_initrd)
     cpio = ["cpio", "-i", "--quiet", "--to-stdout", "etc/slim/node.token"]
-    tail = initrd[len(release_initrd) :]
+    start = len(release_initrd) + (-len(release_initrd) % 4)  # where the kernel looks for it
+    assert initrd[len(release_initrd) : start] == b"\0" * (start - len(release_initrd))
+    assert initrd[start : start + 6] == b"070701"
+    tail = initrd[start:]
     done = await asyncio.to_thread(subprocess.run, cpio, input=tail, capture_output=True, check=True)
     assert done.stdout == issued.text.encode() + b"\n"
     args = parse_cmdline(started["cmdline"])

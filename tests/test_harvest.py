@@ -342,7 +342,7 @@ async def test_a_restarted_core_remembers_the_night(night: Night, tmp_path: Path
         (b'{"boot_id": "ab", "extra": 1}', 400, "a JSON object with boot_id"),
         (b'{"boot_id": "../x"}', 400, "boot_id must name the running boot"),
         (b'{"boot_id": "ab", "token": "t0k3n-that-is-long-enough-0123456789abcdef"}', 400, "over HTTPS only"),
-        (b'{"boot_id": "ab", "boot_key": "not-this-boots-key-0123456789"}', 401, "does not prove boot ab"),
+        (b'{"boot_id": "ab", "boot_key": "not/a key"}', 400, "boot_key must be the boot's key"),
     ],
 )
 async def test_bad_order_requests_are_refused_by_name(

@@ -22,7 +22,8 @@ from typing import Literal
 import pytest
 
 from labs.host import free_port
-from labs.vmlab import OVMF_CODE, SLIM, Boot, Lab
+from labs.vmlab import OVMF_CODE, SLIM, Boot, Lab, owner_disk
+from slim.agent.cache import CacheCorrupt, LocalObjects, ext_uuid, fs_bytes
 from slim.agent.medium import Medium, MediumError, kexec_cmdline, newc
 from slim.agent.plan import parse_cmdline
 from slim.core.build.medium import MediumSpec, grub_cfg
@@ -81,6 +82,7 @@ def test_the_release_kernel_is_told_the_relays_reached_and_the_boot() -> None:
     assert args["slim.relays"] == "https://r2:8443" and args["slim.boot"] == "cafe"
     assert args["slim.node"] == "n1" and "console" in args
     assert line.count("slim.relays=") == 1 and line.count("slim.boot=") == 1
+    assert "slim.cache" not in line and "slim.medium" not in line  # the medium adds its own
 
 
 def test_a_medium_spec_is_checked(tmp_path: Path) -> None:
@@ -163,8 +165,7 @@ def test_a_pc_with_no_pxe_boots_its_environment_from_the_medium(tmp_path: Path) 
         with open(stick, "r+b") as f:
             f.truncate(256 << 20)
         owner = tmp_path / "owner.img"  # the PC's own disk, which nothing may touch
-        owner.write_bytes(os.urandom(16 << 20))
-        owners = _sha256(owner)
+        owners = owner_disk(owner)
         disk = ("-drive", f"file={owner},format=raw,if=virtio")
         release = lab.built["release"]
         boots: list[tuple[Literal["uefi", "bios"], Path, bool]] = [
@@ -213,3 +214,46 @@ def test_a_pc_with_no_pxe_boots_its_environment_from_the_medium(tmp_path: Path) 
         console = lab.console_until(r"slim-medium: this PC stays here", medium=medium)
         assert "cannot boot: the relays refused this medium's token" in console, console[-2000:]
         assert "Ask your SLIM administrator for a new medium" in console
+
+
+def test_a_cached_object_that_changes_while_it_is_sent_stops_the_object(tmp_path: Path) -> None:
+    """A copy whose bytes differ the second time they are read (a failing stick) is not passed
+    off as intact: the object stops (as a relay's wrong bytes do) and the copy is dropped."""
+    local = LocalObjects(tmp_path)
+    data = os.urandom(3 << 20)
+    digest = hashlib.sha256(data).hexdigest()
+    path = local.path(digest)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    got = bytearray()
+    assert local.read(digest, len(data), got.extend) and bytes(got) == data and local.hits == 1
+
+    def tamper(chunk: bytes) -> None:  # after the first chunk went out, the rest changes on "disk"
+        if not got:
+            with open(path, "r+b") as f:
+                f.seek(2 << 20)
+                f.write(b"\0" * 16)
+        got.extend(chunk)
+
+    got.clear()
+    with pytest.raises(CacheCorrupt, match="other bytes"):
+        local.read(digest, len(data), tamper)
+    assert not path.exists()
+    assert not local.read(digest, len(data), got.extend)  # gone: fetched again
+    path.write_bytes(b"not it")
+    assert not local.read(digest, len(data), got.extend) and not path.exists()  # damaged: dropped
+
+
+def test_the_seed_filesystem_is_told_from_a_grown_one(tmp_path: Path) -> None:
+    need_tool("mke2fs", "e2fsprogs")
+    seed = tmp_path / "seed.img"
+    with open(seed, "wb") as f:
+        f.truncate(4 << 20)
+    fs_uuid = "6b8f0e1c-0000-4000-8000-0123456789ab"
+    subprocess.run(
+        ["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-U", fs_uuid, str(seed)], check=True
+    )
+    assert ext_uuid(seed) == fs_uuid and fs_bytes(seed) == 4 << 20
+    assert ext_uuid(tmp_path / "missing") is None and fs_bytes(tmp_path / "missing") == 0
+    (tmp_path / "zeros").write_bytes(bytes(4096))
+    assert ext_uuid(tmp_path / "zeros") is None and fs_bytes(tmp_path / "zeros") == 0

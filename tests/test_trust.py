@@ -5,6 +5,8 @@ through a relay.  Real cores and relays on loopback; certificates from real CAs.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import stat
 import subprocess
@@ -284,6 +286,22 @@ async def test_a_node_token_speaks_for_its_node_only(
                 status, text = await ask(method, path, n1, body)
                 assert status == 403 and "n1's, not n2's" in text, (path, status, text)
             assert (await ask("GET", "/v1/nodes/n2/plan", n2))[0] == 200
+            # a boot key: registered by the node's own plan event, for its own boot only
+            key = "k" * 32
+
+            def keyed(boot: str, secret: str) -> bytes:
+                digest = hashlib.sha256(secret.encode()).hexdigest()
+                return json.dumps({"boot_id": boot, "stage": "plan", "boot_key_sha256": digest}).encode()
+
+            def up(boot: str, secret: str) -> bytes:
+                return json.dumps({"events": [{"boot_id": boot, "stage": "up"}], "boot_key": secret}).encode()
+
+            assert (await ask("POST", "/v1/nodes/n1/events", n1, keyed("b9", key)))[0] == 200
+            status, text = await ask("POST", "/v1/nodes/n2/events", n2, keyed("b9", "x" * 32))
+            assert status == 403 and "another node's" in text, text
+            assert (await ask("POST", "/v1/nodes/n2/events", None, up("b9", key)))[0] == 401  # n1's key
+            assert (await ask("POST", "/v1/nodes/n1/events", None, up("b9", "x" * 32)))[0] == 401
+            assert (await ask("POST", "/v1/nodes/n1/events", None, up("b9", key)))[0] == 200
             status, text = await ask("GET", "/v1/nodes/n1/plan", "node.0123456789abcdef.x")
             assert status == 401 and "malformed" in text
             # revoked: refused on its next call
@@ -298,7 +316,7 @@ async def test_a_node_token_speaks_for_its_node_only(
         assert [e.stage for e in events.events] == ["kernel"]
         n1_events = await local.call(local.admin.ListBootEvents, pb.ListBootEventsRequest(node="n1"))
         # the one its token sent, and the relay's own observation of the script it served
-        assert sorted(e.stage for e in n1_events.events) == ["plan", "script"]
+        assert sorted(e.stage for e in n1_events.events) == ["plan", "plan", "script", "up"]
         await local.close()
 
 

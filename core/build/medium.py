@@ -340,8 +340,9 @@ def write_iso(out: Path, spec: MediumSpec, kernel: Path, initrd: Path, parts: Pa
         extended = f"root_owner=0:0,hash_seed={spec.cache_uuid}"
         _run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", "SLIMCACHE",
               "-U", spec.cache_uuid, "-E", extended, str(seed)], env)  # fmt: skip
-        part = tmp / "out.iso"
-        _run(["xorriso", "-as", "mkisofs", "-r", "-J", "-V", "SLIM_MEDIUM", "-o", str(part),
+        iso = tmp / "out.iso"
+        volset = f"SLIM-MEDIUM-{spec.medium_id}"  # how the medium's agent knows its own stick
+        _run(["xorriso", "-as", "mkisofs", "-r", "-J", "-V", "SLIM_MEDIUM", "-volset", volset, "-o", str(iso),
               "--grub2-mbr", str(boot_hybrid), "-partition_offset", "16", "--mbr-force-bootable",
               "-append_partition", "2", "0xef", str(esp),
               "-append_partition", "3", LINUX_FS_GPT_TYPE, str(seed), "-appended_part_as_gpt", "-no-pad",
@@ -351,5 +352,6 @@ def write_iso(out: Path, spec: MediumSpec, kernel: Path, initrd: Path, parts: Pa
               "-eltorito-alt-boot", "-e", "--interval:appended_partition_2:all::", "-no-emul-boot",
               str(tree)], env)  # fmt: skip
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(part, out)
+        out.unlink(missing_ok=True)  # not through a link someone left there
+        shutil.move(iso, out)
     return out.stat().st_size

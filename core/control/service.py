@@ -54,6 +54,7 @@ from slim.signing import Endorsement, Signer
 from slim.vocabulary import (
     BOOT_ID_RE,
     LOCAL_STAGE,
+    PLAN_STAGE,
     SWITCH_ROOT_STAGE,
     UP_STAGE,
     Policy,
@@ -732,11 +733,9 @@ class CoreService:
         taken = 0
         tokens, origins, keys = tokens or {}, origins or {}, keys or {}
         for index, e in enumerate(events):
-            agents = e.stage == SWITCH_ROOT_STAGE and (index in tokens or index in origins)
+            agents = e.stage == PLAN_STAGE and (index in tokens or index in origins)
             if e.boot_key_sha256 and not agents:
-                raise InvalidArgument(
-                    f"event {index + 1}: only the agent's own switch_root event registers a boot key"
-                )
+                raise InvalidArgument(f"event {index + 1}: only the agent's own plan event registers a key")
             if index in origins or index in tokens or index in keys:  # a node's own: is it that node?
                 if not e.node:
                     raise InvalidArgument(f"event {index + 1}: a node's own event must name the node")
@@ -749,13 +748,16 @@ class CoreService:
                             f"event {index + 1}: a boot key proves only the environment's report that "
                             f"it is up, not a {e.stage[:40]!r} event"
                         )
-                    self.check_boot_key(e.node, e.boot_id, keys[index])
+                    try:
+                        self.check_boot_key(e.node, e.boot_id, keys[index])
+                    except Unauthenticated:  # a lost registration: where the site's rule allows, that
+                        if index not in origins:
+                            raise
+                        self.identify(e.node, self._origin(origins[index]), None, reg)
                 else:
                     self.identify(e.node, self._origin(origins[index]), None, reg)
-                if e.boot_key_sha256 and e.stage != SWITCH_ROOT_STAGE:
-                    raise InvalidArgument(
-                        f"event {index + 1}: only the agent's switch_root event registers a boot key"
-                    )
+                if e.boot_key_sha256:  # the agent's plan event: a boot of this node, keyed once
+                    self._may_key(index, e)
             elif from_relay and not relay_observed(e.stage):
                 raise InvalidArgument(
                     f"event {index + 1}: stage {e.stage[:40]!r} is a node's, and comes with the node's "
@@ -800,8 +802,12 @@ class CoreService:
         if token and not secure:
             raise InvalidArgument("a node's token goes to its relay over HTTPS only")
         if boot_key:  # the running environment proves its boot (its token stayed in the initrd)
-            self.check_boot_key(node, boot_id, boot_key)
-            return node, boot_id
+            try:
+                self.check_boot_key(node, boot_id, boot_key)
+                return node, boot_id
+            except Unauthenticated:  # a lost registration: where the site's rule allows, that
+                if token:
+                    raise
         self.identify(node, self._origin(origin), token, reg)
         return node, boot_id
 
@@ -871,12 +877,22 @@ class CoreService:
             self.tokens.put(r)
         return revoked
 
+    def _may_key(self, index: int, e: BootEvent) -> None:
+        """PERMISSION_DENIED unless event ``e`` may register its boot key: the boot is no other
+        node's, and has no other key (the same one again is the agent sending its event again)."""
+        owner = self.state.node_of_boot(e.boot_id)
+        if owner not in (None, e.node):
+            raise PermissionDenied(f"event {index + 1}: boot {e.boot_id[:64]} is another node's")
+        known = self.state.boot_key_sha256(e.boot_id, e.node)
+        if known and known != e.boot_key_sha256:
+            raise PermissionDenied(f"event {index + 1}: boot {e.boot_id[:64]} has its key already")
+
     def check_boot_key(self, node: str, boot_id: str, key: str) -> None:
         """Raise UNAUTHENTICATED unless ``key`` is the boot key ``node``'s agent registered for
-        boot ``boot_id`` (its switch_root event: :attr:`BootEvent.boot_key_sha256`)."""
-        found = self.state.boot_key_sha256(boot_id) if BOOT_ID_RE.fullmatch(boot_id) else None
+        boot ``boot_id`` (its plan event: :attr:`BootEvent.boot_key_sha256`)."""
+        found = self.state.boot_key_sha256(boot_id, node) if BOOT_ID_RE.fullmatch(boot_id) else ""
         digest = hashlib.sha256(key.encode()).hexdigest()
-        if found is None or found[0] != node or not hmac.compare_digest(found[1], digest):
+        if not found or not hmac.compare_digest(found, digest):
             raise Unauthenticated(f"the boot key does not prove boot {boot_id[:64]} of node {node}")
 
     def check_node_token(self, node: str, token: str) -> None:

@@ -124,7 +124,7 @@ class BootEvent:
     duration: float = 0.0  # seconds the stage took, ending at ``time``
     # the core's clock when it was recorded (set by the database; not part of an event's value)
     received_at: float = field(default=0.0, compare=False)
-    # the agent's switch_root event: the SHA-256 of the boot key (see boot_key_sha256); not
+    # the agent's plan event: the SHA-256 of the boot key (see boot_key_sha256); not
     # part of an event's value, never answered
     boot_key_sha256: str = field(default="", compare=False, repr=False)
 
@@ -304,16 +304,16 @@ class State:
         """Every event of one boot, oldest first (by the time each stage ended)."""
         return self._events("WHERE boot_id = ? ORDER BY time, id", (boot_id,))
 
-    def boot_key_sha256(self, boot_id: str) -> tuple[str, str] | None:
-        """(node, SHA-256 of the boot key) of a boot whose agent registered one, if any (the
-        first registered: a later event cannot replace it)."""
+    def boot_key_sha256(self, boot_id: str, node: str) -> str:
+        """The SHA-256 of the boot key ``node``'s agent registered for boot ``boot_id`` ("" if none;
+        the first registered: a later event cannot replace it)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT node, boot_key_sha256 FROM boot_events WHERE boot_id = ? AND boot_key_sha256 != '' "
-                "ORDER BY id LIMIT 1",
-                (boot_id,),
+                "SELECT boot_key_sha256 FROM boot_events WHERE boot_id = ? AND node = ? "
+                "AND boot_key_sha256 != '' ORDER BY id LIMIT 1",
+                (boot_id, node),
             ).fetchone()
-        return None if row is None else (str(row[0]), str(row[1]))
+        return "" if row is None else str(row[0])
 
     def node_of_boot(self, boot_id: str) -> str | None:
         """The node a boot id belongs to (from its first event), if any."""

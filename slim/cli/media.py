@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import tempfile
 from pathlib import Path
 
 import click
@@ -151,24 +153,20 @@ def media_build(
         parts = fetch_parts(cache_dir or default_cache_dir())
         runtime = collect(https=True)
         runtime.trust(trusted)
-        runtime.trust_ca(CertificateAuthority.load_or_create(ca_dir).cert_pem)
+        runtime.trust_ca(CertificateAuthority.load(ca_dir).cert_pem)  # the relays' CA: never a new one
         out.parent.mkdir(parents=True, exist_ok=True)
-        initrd_path = out.with_name(f".{out.name}.initrd")
+        umask = os.umask(0o077)  # the initrd and the image hold the node's token: ours only
         try:
-            initrd = write_initrd(
-                initrd_path,
-                spec,
-                runtime,
-                parts,
-                image,
-                kver,
-                modules or NIC_MODULES + CACHE_MODULES,
-                strict=bool(modules),
-            )
-            size = write_iso(out, spec, resolve_in_image(image, env.kernel), initrd_path, parts)
+            with tempfile.TemporaryDirectory(prefix="slim-media-") as tmp:
+                initrd_path = Path(tmp) / "initrd"
+                initrd = write_initrd(
+                    initrd_path, spec, runtime, parts, image, kver,
+                    modules or NIC_MODULES + CACHE_MODULES, strict=bool(modules),
+                )  # fmt: skip
+                size = write_iso(out, spec, resolve_in_image(image, env.kernel), initrd_path, parts)
         finally:
-            initrd_path.unlink(missing_ok=True)
-        out.chmod(0o600)  # it holds the node's token
+            os.umask(umask)
+        out.chmod(0o600)
     key_ids = [k.id for k in trusted]
     result = {
         "medium": str(out),

@@ -595,7 +595,7 @@ class BootEvent(_message.Message):
     node as for a plan.  Empty: the relay's own observation (the relay is who vouches).
     """
     boot_key_sha256: _builtins.str
-    """The agent's switch_root event: the SHA-256 (hex) of the boot key it left in the running
+    """The agent's plan event: the SHA-256 (hex) of the boot key it leaves in the running
     environment's RAM, which proves that boot, and only it, in the environment's own calls
     (its up report, a desktop's orders) instead of the node's token, which stays in the initrd.
     """
