@@ -26,7 +26,6 @@ Every process and namespace is created here and removed here (:meth:`Lab.close`)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from labs.busyfront import BusyFront
+from labs.desktopdisk import disk_sha256
 from labs.host import enroll, free_port
 from labs.netlab import NetLab
 from slim.allinone import await_ready
@@ -140,11 +140,7 @@ def owner_disk(path: Path, size: int = 32 << 20) -> str:
     subprocess.run(["sfdisk", "--quiet", str(path)], input=table, text=True, check=True, capture_output=True)
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={2048 * 512}", str(path), "8M"],
                    check=True, capture_output=True)  # fmt: skip
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return disk_sha256(path)
 
 
 @dataclass

@@ -9,7 +9,6 @@ moves only the signed plan.  Its owner's disk is the same before and after, byte
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,20 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from labs.desktopdisk import disk_sha256
 from labs.homelab import HomeLab
 from labs.vmlab import OVMF_CODE, SLIM, owner_disk
 from tests.support import need, need_tool
 
 STAGES = ["medium", "medium:cache", "medium:kernel", "medium:initrd", "kexec", "plan", "ram:/", "mount:/usr",
           "secrets", "done", "switch_root", "up"]  # fmt: skip
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.mark.slow
@@ -68,5 +60,5 @@ def test_a_home_pc_boots_over_broadband_from_its_usb_stick(tmp_path: Path) -> No
             by_stage = {e.stage: e for e in events}
             assert all(e.relay == "isp1" for e in events), {e.relay for e in events}
             moved.append(sum(by_stage[s].bytes for s in ("medium:kernel", "medium:initrd", "done")))
-            assert _sha256(owner) == owners
+            assert disk_sha256(owner) == owners
         assert moved[0] > 30_000_000 and moved[1] == 0, moved

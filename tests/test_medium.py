@@ -21,6 +21,7 @@ from typing import Literal
 
 import pytest
 
+from labs.desktopdisk import disk_sha256
 from labs.host import free_port
 from labs.vmlab import OVMF_CODE, SLIM, Boot, Lab, owner_disk
 from slim.agent.cache import CacheCorrupt, LocalObjects, ext_uuid, fs_bytes
@@ -119,14 +120,6 @@ def _in_order(boot: Boot) -> list[pb.BootEvent]:
     return sorted(boot.events, key=lambda e: e.time.ToNanoseconds())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_a_pc_with_no_pxe_boots_its_environment_from_the_medium(tmp_path: Path) -> None:
@@ -187,7 +180,7 @@ def test_a_pc_with_no_pxe_boots_its_environment_from_the_medium(tmp_path: Path) 
             assert ("medium:cache" in by_stage) == usb, stages
             moved = by_stage["medium:kernel"].bytes + by_stage["medium:initrd"].bytes + by_stage["done"].bytes
             done_bytes.append(moved)
-            assert _sha256(owner) == owners
+            assert disk_sha256(owner) == owners
         first, second, cd = done_bytes
         # the stick's first boot fetched everything and kept it; its second moved only the plan
         assert first > 5_000_000 and cd > 5_000_000, done_bytes
@@ -207,7 +200,7 @@ def test_a_pc_with_no_pxe_boots_its_environment_from_the_medium(tmp_path: Path) 
             and "from the medium's cache" in by_stage["medium:kernel"].message
         )
         assert 0 < by_stage["done"].bytes < first, by_stage["done"]
-        assert _sha256(owner) == owners
+        assert disk_sha256(owner) == owners
         subprocess.run([*SLIM, "node", "revoke", "vm1", "--core", lab.core], check=True, env=env,
                        capture_output=True, timeout=60)  # fmt: skip
         lab.firmware = "bios"

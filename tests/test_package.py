@@ -24,6 +24,7 @@ COMMANDS = {
     "ee",
     "harvest",
     "keys",
+    "media",
     "nfs",
     "node",
     "profile",

@@ -168,15 +168,7 @@ def missing_closure(packages: list[str]) -> list[str]:
         if installed(package):
             continue
         out.append(package)
-        only = (
-            "--no-recommends",
-            "--no-suggests",
-            "--no-conflicts",
-            "--no-breaks",
-            "--no-replaces",
-            "--no-enhances",
-        )
-        text = _run(["apt-cache", "depends", *only, package], timeout=APT_TIMEOUT)
+        text = _run(["apt-cache", "depends", *DEPENDS_ONLY, package], timeout=APT_TIMEOUT)
         for line in text.splitlines()[1:]:
             kind, _, name = line.strip().partition(":")
             name = name.strip().split(":")[0]  # libfoo:amd64 -> libfoo
