@@ -70,10 +70,8 @@ def open_cache(
     if no_reboot or not boot.cache:
         return None
     try:
-        partition = cache.find_partition(boot.cache, boot.medium)
-        if partition is None:
-            raise cache.CacheError(f"no partition holds the cache {boot.cache}")
-        return LocalObjects(cache.mount(partition))
+        cache.attach(boot.cache, boot.medium)
+        return LocalObjects(cache.MOUNT_POINT)
     except (cache.CacheError, OSError) as exc:
         report("cache", ok=True, message=f"the medium's cache is not used: {exc}"[:900])
         return None

@@ -58,16 +58,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def ext_uuid(device: Path) -> str | None:
-    """The UUID of the ext2/3/4 filesystem on ``device``, if it holds one."""
+def _superblock(device: Path) -> bytes | None:
+    """The ext2/3/4 superblock on ``device`` (1024 bytes from offset 1024), if it holds one."""
     try:
         with open(device, "rb") as f:
-            head = f.read(2048)
+            f.seek(1024)
+            sb = f.read(1024)
     except OSError:
         return None
-    if len(head) < 2048 or head[1080:1082] != b"\x53\xef":
-        return None
-    return str(uuid.UUID(bytes=head[1128:1144]))
+    return sb if len(sb) == 1024 and sb[56:58] == b"\x53\xef" else None
+
+
+def ext_uuid(device: Path) -> str | None:
+    """The UUID of the ext2/3/4 filesystem on ``device``, if it holds one."""
+    sb = _superblock(device)
+    return None if sb is None else str(uuid.UUID(bytes=sb[104:120]))
 
 
 def volume_set(device: Path) -> str:
@@ -120,13 +125,8 @@ def _run(argv: list[str], stdin: str = "") -> None:
 
 def fs_bytes(device: Path) -> int:
     """The size of the ext2/3/4 filesystem on ``device`` (its superblock's block count), 0 if none."""
-    try:
-        with open(device, "rb") as f:
-            f.seek(1024)
-            sb = f.read(1024)
-    except OSError:
-        return 0
-    if len(sb) < 1024 or sb[56:58] != b"\x53\xef":
+    sb = _superblock(device)
+    if sb is None:
         return 0
     blocks = int.from_bytes(sb[4:8], "little") | (int.from_bytes(sb[0x150:0x154], "little") << 32)
     return blocks * (1024 << int.from_bytes(sb[24:28], "little"))
@@ -188,6 +188,18 @@ def mount(partition: str, where: Path = MOUNT_POINT) -> Path:
             unmount(where)
             raise CacheError(f"{path} on the medium's cache is a symbolic link")
     return where
+
+
+def attach(fs_uuid: str, medium_id: str, grow_it: bool = False) -> tuple[str, bool]:
+    """The medium's cache partition found (:func:`find_partition`), with ``grow_it`` grown at the
+    first boot (:func:`grow`), and mounted at :data:`MOUNT_POINT`: (partition, grown now).
+    CacheError says why it cannot be used."""
+    partition = find_partition(fs_uuid, medium_id)
+    if partition is None:
+        raise CacheError(f"no partition of this computer holds the medium's cache {fs_uuid}")
+    grown = grow(partition, fs_uuid) if grow_it else False
+    mount(partition)
+    return partition, grown
 
 
 def unmount(where: Path = MOUNT_POINT) -> None:

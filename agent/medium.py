@@ -44,6 +44,7 @@ from slim.agent.cache import LocalObjects
 from slim.agent.ee import Reporter
 from slim.agent.fetch import CA_FILE, LOCAL, FetchError, Relays, now
 from slim.agent.plan import (
+    MEDIUM_ID_RE,
     NAME_RE,
     RELAY_URL_RE,
     UUID_RE,
@@ -58,7 +59,6 @@ from slim.agent.verify import KEYS_DIR, ask_plan, trusted_keys
 MEDIUM_FILE = Path("/etc/slim/medium.json")  # written by slim media build
 WORK_DIR = Path("/run/slim-medium")  # where the release's kernel and initrd are put (a tmpfs)
 KEXEC = "/sbin/kexec"
-MEDIUM_ID_RE = re.compile(r"[0-9a-f]{8,32}")
 MAX_MEDIUM_BYTES = 64 << 10
 KEXEC_TIMEOUT = 120.0
 
@@ -192,16 +192,12 @@ def open_cache(
     if not medium.cache or cmdline.get("slim.grubroot", "").startswith("cd"):
         return None
     try:
-        partition = cache.find_partition(medium.cache, medium.id)
-        if partition is None:
-            raise cache.CacheError(f"no partition of this computer holds the medium's cache {medium.cache}")
-        grown = cache.grow(partition, medium.cache)
-        where = cache.mount(partition)
+        partition, grown = cache.attach(medium.cache, medium.id, grow_it=True)
     except (cache.CacheError, OSError) as exc:
         report("medium:cache", message=f"not used: {exc}"[:900])
         return None
     report("medium:cache", message=f"/dev/{partition}" + (", grown to the end of the stick" if grown else ""))
-    return LocalObjects(where)
+    return LocalObjects(cache.MOUNT_POINT)
 
 
 def _why(exc: Exception) -> str:

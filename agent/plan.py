@@ -22,6 +22,7 @@ MAX_PLAN_BYTES = 4 << 20
 DEFAULT_DEADLINE = 900.0  # seconds a boot's fetches may wait for busy relays (slim.deadline=)
 RELAY_URL_RE = re.compile(r"https?://[^/\s]+")  # a relay's base URL (https: see slim.agent.fetch)
 HTTP_SCHEMES = ("http://", "https://")
+MEDIUM_ID_RE = re.compile(r"[0-9a-f]{8,32}")  # a boot medium's id (slim media build)
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 TOKEN_FILE = Path("/etc/slim/node.token")  # where boot media put a node's token in its initrd
 
@@ -110,7 +111,7 @@ class BootArgs:
         if cache and not UUID_RE.fullmatch(cache):
             raise PlanError(f"slim.cache: {cache[:80]!r} is not a filesystem UUID")
         medium = args.get("slim.medium", "")
-        if medium and not re.fullmatch(r"[0-9a-f]{8,32}", medium):
+        if medium and not MEDIUM_ID_RE.fullmatch(medium):
             raise PlanError(f"slim.medium: {medium[:80]!r} is not a medium's id")
         return cls(args["slim.node"], environment, release, relays, init, deadline, boot_id, cache, medium)
 

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slim.agent.plan import MEDIUM_ID_RE
 from slim.core.build.agentrt import Runtime, add_runtime, shared_libraries
 from slim.core.build.initrd import InitrdBuilder, InitrdInfo, resolve_in_image, resolve_modules
 from slim.core.build.kernel import download_deb, missing_closure, unpack_deb
@@ -64,7 +65,6 @@ CACHE_TOOLS = (Path("/usr/sbin/sfdisk"), Path("/usr/sbin/mke2fs"))  # fdisk, e2f
 MKE2FS_CONF = Path("/etc/mke2fs.conf")
 LINUX_FS_GPT_TYPE = "0fc63daf-8483-4772-8e79-3d69d8477de4"
 SEED_BYTES = 4 << 20  # the cache partition in the image; the first boot from a stick grows it
-MEDIUM_ID_RE = re.compile(r"[0-9a-f]{8,32}")
 ESP_SLACK = 1 << 20  # free space in the EFI system partition beyond its files
 TOOL_TIMEOUT = 300.0
 TOOLS = {"grub-mkimage": "grub-common", "xorriso": "xorriso", "mformat": "mtools", "mcopy": "mtools",
