@@ -37,6 +37,7 @@ from typing import BinaryIO
 from pydantic import ValidationError
 
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from slim.files import atomic_write
 from slim.release import ObjectRef, Release
 from slim.signing import SigningKey
 from slim.vocabulary import HEX_RE, NAME_RE, parse_digest
@@ -356,17 +357,3 @@ class ObjectWriter:
 
 def _now_ns() -> int:
     return time.time_ns()
-
-
-def atomic_write(target: Path, data: bytes) -> None:
-    """Replace ``target`` with ``data``: temporary file beside it, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

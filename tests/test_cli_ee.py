@@ -12,8 +12,8 @@ from pathlib import Path
 
 from labs.host import free_port, lab_env
 from labs.table2 import TABLE2
-from slim.core.daemons.exports import pseudo_path
 from slim.core.store import Store
+from slim.daemons.ganesha import pseudo_path
 from tests.support import make_image, need_tool, rpc_null, wait_for
 
 

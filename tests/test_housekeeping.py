@@ -394,7 +394,7 @@ def test_ee_build_puts_the_store_in_the_registrys_state_dir(releases: Releases) 
 def test_nfs_serve_stops_exporting_the_trees_gc_removed(tmp_path: Path) -> None:
     from labs.host import free_port
     from slim.core.daemons import ganesha as nfs
-    from slim.core.daemons.exports import GANESHA, pseudo_path
+    from slim.daemons.ganesha import GANESHA, pseudo_path
     from tests.support import need, need_tool, wait_for
     from tests.test_nfs import NFS4_OK, NFS4ERR_NOENT, nfs_read
 

@@ -23,25 +23,24 @@ import pytest
 
 from labs.host import free_port
 from slim.core.daemons import ganesha as nfs
-from slim.core.daemons.exports import (
+from slim.core.daemons.exports import collect_exports, render_config, render_exports
+from slim.core.daemons.ganesha import NfsServer
+from slim.core.registry import Registry, load_registry
+from slim.core.store import Store
+from slim.daemons import ganesha as gan
+from slim.daemons.ganesha import (
     EXPORT_ID_SLOTS,
     FIRST_EXPORT_ID,
     GANESHA,
     ExportSet,
     assign_export_ids,
-    collect_exports,
     export_id_for,
     normalize_clients,
     parse_clients,
     parse_listen,
     pseudo_path,
-    render_config,
-    render_exports,
     render_ganesha,
 )
-from slim.core.daemons.ganesha import NfsServer
-from slim.core.registry import Registry, load_registry
-from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument, Unavailable
 from slim.release import ObjectRef, Release, ReleaseDirectory
 from slim.vocabulary import Policy
@@ -595,7 +594,7 @@ def test_ganesha_serves_the_trees(world: World, server_factory: Callable[..., Nf
     assert not ours(pid, server.config_path)
     assert ganeshas_of(server.workdir) == []
     assert not server.pid_path.exists()
-    assert not nfs._accepts(host, port)
+    assert not gan._accepts(host, port)
 
 
 @pytest.mark.usefixtures("ganesha")
@@ -722,7 +721,7 @@ def test_rejected_configuration_fails_the_start(
     def broken(*args: object, **kw: object) -> str:
         return real(*args, **kw).replace("Squash = No_Root_Squash;", "Squash = Sometimes;")  # type: ignore[arg-type]
 
-    monkeypatch.setattr(nfs, "render_ganesha", broken)
+    monkeypatch.setattr(gan, "render_ganesha", broken)
     server = server_factory()
     with pytest.raises(Unavailable, match="rejected part of"):
         server.start()
@@ -786,7 +785,7 @@ def test_serve_restarts_a_killed_ganesha_and_follows_releases(world: World, tmp_
         assert first is not None and rpc_null(port)
 
         os.kill(first, signal.SIGKILL)  # the PID the supervisor started
-        wait_for(lambda: server.pid not in (None, first) and nfs._accepts("127.0.0.1", port), 30, "restart")
+        wait_for(lambda: server.pid not in (None, first) and gan._accepts("127.0.0.1", port), 30, "restart")
         assert rpc_null(port)
         second = server.pid
         assert second is not None and not ours(first, server.config_path)
@@ -803,7 +802,7 @@ def test_serve_restarts_a_killed_ganesha_and_follows_releases(world: World, tmp_
     assert not thread.is_alive() and not failure
     assert not ours(second, server.config_path)
     assert ganeshas_of(tmp_path / "w") == []
-    assert not nfs._accepts("127.0.0.1", port)
+    assert not gan._accepts("127.0.0.1", port)
 
 
 @pytest.mark.usefixtures("ganesha")
@@ -819,7 +818,7 @@ def test_serve_stops_ganesha_on_sigterm(world: World, tmp_path: Path) -> None:
     )
     try:
         config = workdir / "ganesha.conf"
-        wait_for(lambda: (workdir / "ganesha.pid").exists() and nfs._accepts("127.0.0.1", port), 30, "start")
+        wait_for(lambda: (workdir / "ganesha.pid").exists() and gan._accepts("127.0.0.1", port), 30, "start")
         pid = int((workdir / "ganesha.pid").read_text().split()[0])
         assert ours(pid, config) and rpc_null(port)
         proc.send_signal(signal.SIGTERM)
@@ -885,7 +884,7 @@ def test_reload_restarts_when_ganesha_rejects_the_sighup(
     world.publish("jdk14", {"/usr": world.tree("usr v1"), "/new": new}, version="2")
     state = {"exports": {usr.tree: usr.export_id, new.digest: opt.export_id}}
     server.state_path.write_text(json.dumps(state))
-    monkeypatch.setattr(nfs, "_sighup_safe", lambda *a: True)  # pretend it were safe
+    monkeypatch.setattr(gan, "_sighup_safe", lambda *a: True)  # pretend it were safe
     assert server.reload() == "restarted"
     assert server.pid not in (None, pid)
     replaced = exports_of(server).get(new.digest)

@@ -27,7 +27,6 @@ from slim.core.control.auth import Kind, NewToken, TokenBook, TokenRecord, new_t
 from slim.core.control.bootscript import LOCAL, Menu, MenuEntry, render_ipxe, render_pxelinux
 from slim.core.control.redirect import RankedRelay, Redirector, RelayStatus, parse_origin, relay_status
 from slim.core.control.state import BootEvent, NextBoot, RelayBeat, State
-from slim.core.daemons.exports import pseudo_path
 from slim.core.pools import opening_at
 from slim.core.registry import (
     DirectorySpec,
@@ -41,6 +40,7 @@ from slim.core.registry import (
     secret_refusal,
 )
 from slim.core.store import Store
+from slim.daemons.ganesha import pseudo_path
 from slim.errors import (
     FailedPrecondition,
     InvalidArgument,

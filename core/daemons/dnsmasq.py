@@ -21,8 +21,8 @@ from pydantic import Field
 
 from slim.config import ProcessConfig
 from slim.core.daemons.dhcp import DnsmasqConfig, render
-from slim.core.daemons.supervisor import Supervisor
 from slim.core.registry import load_registry
+from slim.daemons.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 

@@ -70,7 +70,8 @@ def nfs_config(
     workdir: Path | None,
 ) -> None:
     """Print the NFS configuration for every environment's current nfs trees (NFSv4, TCP, read-only)."""
-    from slim.core.daemons.exports import parse_clients, parse_listen, render_config
+    from slim.core.daemons.exports import render_config
+    from slim.daemons.ganesha import parse_clients, parse_listen
 
     with errors_to_exit():
         bind, port = parse_listen(listen)

@@ -6,7 +6,8 @@ left by an earlier, killed supervisor), writes the rendered configuration there,
 starts the daemon in its own session and waits until it is ready, restarts it with
 jittered exponential backoff when it dies (with the last good configuration if the
 registry has become invalid), re-renders when what it watches changes and stops only
-the process it started.  :class:`~slim.core.daemons.ganesha.NfsServer` and
+the process it started.  :class:`~slim.core.daemons.ganesha.NfsServer`, the relay's
+:class:`~slim.relay.nfs.RelayNfs` and
 :class:`~slim.core.daemons.dnsmasq.DhcpServer` supply what differs: the command line,
 the ready check, the configuration, how a new one is applied, what is watched and
 what of the daemon's log is worth quoting.
@@ -30,8 +31,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, ClassVar, Generic, Self, TypeVar
 
-from slim.core.store import atomic_write
 from slim.errors import FailedPrecondition, SlimError, Unavailable
+from slim.files import atomic_write
 
 log = logging.getLogger(__name__)
 
