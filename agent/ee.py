@@ -35,6 +35,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -54,6 +55,9 @@ from slim.agent.unpack import TreeWriter, UnsafeEntry, extract_tar
 
 # a copy of slim.vocabulary.MAX_MANIFEST_BYTES: the agent imports only the standard library
 MAX_MANIFEST_BYTES = 512 << 20
+NFS_PORT = 2049
+NFS_PROBE_SECONDS = 3.0  # a server that does not take a TCP connection by then is passed over
+NFS_MOUNT_SECONDS = 60.0  # nor one whose mount takes longer (a slow link's first RPCs take seconds)
 
 
 class BootFailed(RuntimeError):
@@ -160,6 +164,7 @@ class Builder:
         self.report = report
         self.no_reboot = no_reboot
         self.results: dict[str, Result] = {}
+        self.mounted: dict[str, tuple[str, list[str]]] = {}  # nfs: path -> (server, servers passed over)
 
     def run(self) -> None:
         self.target.mkdir(parents=True, exist_ok=True)
@@ -181,10 +186,13 @@ class Builder:
                 raise BootFailed(message) from exc
             self.results[d.path] = result
             if d.nfs is not None:
-                what = f"{d.nfs.server}:{d.nfs.export} read-only over NFSv4" + (
+                server, passed = self.mounted.get(d.path, (d.nfs.server, []))
+                what = f"{server}:{d.nfs.export} read-only over NFSv4" + (
                     "" if self.no_reboot else f" ({d.nfs.options})" if d.nfs.options else ""
                 )
                 message = f"mounted {what}" if not self.no_reboot else f"mount point for {what} (not mounted)"
+                if passed:
+                    message += f"; passed over {'; '.join(passed)}"
             elif d.policy == "sync":
                 message = f"{result.files} files fetched, {result.deleted} deleted"
             else:
@@ -248,12 +256,40 @@ class Builder:
             source.mkdir(parents=True, exist_ok=True)
             _run("mount", "--bind", str(source), str(dest))
         else:
-            assert d.nfs is not None
+            self._mount_nfs(d, dest)
+
+    def _mount_nfs(self, d: Directory, dest: Path) -> None:
+        """Mount the first of the plan's NFS servers that answers: each is probed (a TCP
+        connection to its NFS port within NFS_PROBE_SECONDS), then mounted within
+        NFS_MOUNT_SECONDS; one that does neither is passed over for the next (docs/home.md)."""
+        assert d.nfs is not None
+        port = nfs_port(d.nfs.options)
+        passed: list[str] = []
+        for server in d.nfs.candidates():
+            if not _answers(server, port, NFS_PROBE_SECONDS):
+                passed.append(f"{server}: no answer on port {port} within {NFS_PROBE_SECONDS:g} s")
+                continue
             options = d.nfs.options
-            if "addr=" not in options and re.fullmatch(r"[\d.]+|[0-9a-fA-F:]+", d.nfs.server):
-                options = f"{options},addr={d.nfs.server}" if options else f"addr={d.nfs.server}"
-            # busybox mount hands nfs4 options to the kernel as they are: the address must be there
-            _run("mount", "-t", "nfs4", "-o", options, f"{d.nfs.server}:{d.nfs.export}", str(dest))
+            if "addr=" not in options and re.fullmatch(r"[\d.]+|[0-9a-fA-F:]+", server):
+                # busybox mount hands nfs4 options to the kernel as they are: the address must be there
+                options = f"{options},addr={server}" if options else f"addr={server}"
+            try:
+                _run(
+                    "mount",
+                    "-t",
+                    "nfs4",
+                    "-o",
+                    options,
+                    f"{server}:{d.nfs.export}",
+                    str(dest),
+                    timeout=NFS_MOUNT_SECONDS,
+                )
+            except OSError as exc:
+                passed.append(f"{server}: {exc}")
+                continue
+            self.mounted[d.path] = (server, passed)
+            return
+        raise OSError(f"no NFS server mounted {d.nfs.export}: {'; '.join(passed)}")
 
     # -- full copies --------------------------------------------------------
     def _unpack(self, d: Directory, archive: ObjectRef, dest: Path) -> Result:
@@ -436,10 +472,30 @@ def _is_blank(device: str) -> bool:
     return not head.strip(b"\0")
 
 
-def _run(*argv: str) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+def _run(*argv: str, timeout: float | None = None) -> None:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise OSError(f"{' '.join(argv)}: no answer within {timeout:g} s") from None
     if proc.returncode != 0:
         raise OSError(f"{' '.join(argv)}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
+
+
+def nfs_port(options: str) -> int:
+    """The port an NFS mount's options name (``port=N``), else 2049."""
+    for option in options.split(","):
+        key, _, value = option.partition("=")
+        if key.strip() == "port" and value.strip().isdigit() and 0 < int(value) < 65536:
+            return int(value)
+    return NFS_PORT
+
+
+def _answers(host: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def switch_root(target: Path, init: str) -> None:

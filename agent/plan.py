@@ -17,6 +17,10 @@ from pathlib import Path
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 BOOT_ID_RE = re.compile(r"[0-9a-f]{1,64}")  # copies of slim.vocabulary's (the agent: stdlib only)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+MAX_NFS_SERVERS = 16
+NFS_HOST_RE = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}"
+)  # a host name or an address: no option can ride along
 POLICIES = ("ram", "disk", "sync", "nfs")  # slim.vocabulary.Policy's names (the agent: stdlib only)
 MAX_PLAN_BYTES = 4 << 20
 DEFAULT_DEADLINE = 900.0  # seconds a boot's fetches may wait for busy relays (slim.deadline=)
@@ -144,6 +148,10 @@ class NfsMount:
     server: str
     export: str
     options: str
+    servers: tuple[str, ...] = ()  # every server to try, in order (the first is server)
+
+    def candidates(self) -> tuple[str, ...]:
+        return self.servers or (self.server,)
 
 
 @dataclass(frozen=True)
@@ -285,12 +293,20 @@ def parse_plan(data: bytes) -> Plan:
         if policy == "nfs":
             if not isinstance(nfs_in, dict):
                 raise PlanError(f"{where}: an nfs directory needs its mount")
+            server = _text(nfs_in, "server", where)
+            servers_in = nfs_in.get("servers", [server])
+            if (
+                not isinstance(servers_in, list)
+                or not 1 <= len(servers_in) <= MAX_NFS_SERVERS
+                or not all(isinstance(h, str) and NFS_HOST_RE.fullmatch(h) for h in servers_in)
+            ):
+                raise PlanError(
+                    f"{where}: nfs servers must be a list of 1 to {MAX_NFS_SERVERS} host names or addresses"
+                )
             nfs = NfsMount(
-                _text(nfs_in, "server", where),
-                _text(nfs_in, "export", where),
-                _text(nfs_in, "options", where),
+                server, _text(nfs_in, "export", where), _text(nfs_in, "options", where), tuple(servers_in)
             )
-            if not nfs.server or not nfs.export.startswith("/"):
+            if not NFS_HOST_RE.fullmatch(nfs.server) or not nfs.export.startswith("/"):
                 raise PlanError(f"{where}: nfs mount needs a server and an absolute export path")
         elif policy in ("ram", "disk") and archive is None:
             raise PlanError(f"{where}: a {policy} directory needs its archive")

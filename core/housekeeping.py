@@ -5,7 +5,8 @@ its ref pointed at before (the store's release history, ``refs/history/<name>``;
 from before the history keeps only the current one); and every release a node booted in
 its last boot of record (the core's state: :func:`slim.core.control.state.booted_releases`).
 A kept release keeps its document, kernel, initrd, archives, manifests, the file objects
-of its ``sync`` directories and the trees of its ``nfs`` directories.  Everything else in
+of its ``sync`` directories and the trees of its ``nfs`` directories (and their file objects,
+where a build stored them for relays that export NFS).  Everything else in
 ``objects/sha256`` and ``trees/sha256`` goes, unless it is younger than ``min_age``.
 
 It never races a build: it holds the store's lock exclusively (builds hold it shared,
@@ -171,7 +172,7 @@ def _live(store: Store, keep_previous: int, result: Collection) -> tuple[set[str
                 continue
             if built.policy is Policy.NFS:
                 trees.add(parse_digest(built.manifest.digest))
-            elif built.policy is Policy.SYNC:
+            if built.policy in (Policy.NFS, Policy.SYNC):  # nfs: the files relays build their trees from
                 try:
                     manifest = decode_manifest(store.read_object(built.manifest.digest))
                 except SlimError as exc:

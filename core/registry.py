@@ -279,6 +279,11 @@ class Relay(_Model):
         None, description="where its Wake-on-LAN packets go (slim serve's relay): the segment's broadcast"
     )
     wake_from: SourceIP | None = Field(None, description="an address of the relay's to send them from")
+    nfs: Host | None = Field(
+        None,
+        description="the address its site's nodes (and its children's) mount the NFS trees the relay "
+        "exports (slim relay serve --nfs-listen): tried first, for the trees its heartbeats list",
+    )
 
 
 class HardwareProfile(_Model):
@@ -593,6 +598,12 @@ class Registry:
                 tiers.setdefault(name, "other")
             cached = self._relay_tiers[site] = tuple(tiers.items())
         return cached
+
+    @property
+    def relays_export_nfs(self) -> bool:
+        """Some relay exports NFS trees of its own (``relays.NAME.nfs``): builds store the
+        files of ``nfs`` directories as objects too, for those relays to build their trees from."""
+        return any(r.nfs is not None for r in self.relays.values())
 
     def nfs_server_for(self, site: str | None) -> str | None:
         if site is not None and site in self.sites and self.sites[site].nfs_server:

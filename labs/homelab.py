@@ -5,7 +5,7 @@ QEMU VM booted from its medium (issue 19's lab; tests/test_home.py).
 
     core ns   10.99.0.2     slim core serve (objects over HTTPS), slim nfs serve (the centre's /usr)
       | veth 10.99.0.0/30, unshaped: the ISP's uplink
-    isp ns    10.99.0.1, 100.64.0.1      slim relay serve (HTTP :8080, HTTPS :8443)
+    isp ns    10.99.0.1, 100.64.0.1      slim relay serve (HTTP :8080, HTTPS :8443, its own NFS :2049)
       | labs.wanlink: TUN devices, tbf at ``rate`` each way, ``delay_ms`` each way (the broadband)
     home ns   100.64.0.2, 192.168.77.1 on br0      the home router: DHCP (dnsmasq), forwarding
       | br0 + tap0
@@ -21,12 +21,14 @@ matter).  Everything started here is stopped here, by PID; the namespaces go wit
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 from labs.host import enroll
 from labs.netlab import NetLab, _ip
 from labs.vmlab import MAC, SECRET_PATH, SLIM, TEST_INIT_PATH, Lab
 from labs.wanlink import WanLink
+from slim.v1 import core_pb2 as pb
 
 HOME_SUBNET = "192.168.77.0/24"
 CORE_ADDR, ISP_UP = "10.99.0.2", "10.99.0.1"
@@ -48,7 +50,7 @@ sites:
     prefixes: [{home}]
     node_identity: token
 relays:
-  isp1: {{urls: ["https://{isp}:{https}/", "http://{isp}:{http}/"], site: home}}
+  isp1: {{urls: ["https://{isp}:{https}/", "http://{isp}:{http}/"], site: home, nfs: {isp}}}
 profiles:
   pc: {{firmware: uefi, modules: [{modules}], kernel_args: "console=ttyS0 panic=-1"}}
 environments:
@@ -147,11 +149,28 @@ class HomeLab(Lab):
         self._ready(self._in(isp, "relay", "serve", "--identity", str(relay_identity),
                              "--core", f"{CORE_ADDR}:{CORE_GRPC}", "--upstream", f"https://{CORE_ADDR}:{CORE_OBJECTS}",
                              "--cache-dir", str(tmp / "cache"), "--max-bytes", "2G",
-                             "--listen", f"0.0.0.0:{RELAY_HTTP}", "--https-listen", f"0.0.0.0:{RELAY_HTTPS}"),
+                             "--listen", f"0.0.0.0:{RELAY_HTTP}", "--https-listen", f"0.0.0.0:{RELAY_HTTPS}",
+                             "--trust", str(self.keys), "--nfs-listen", f"{ISP_WAN}:2049",
+                             "--nfs-dir", str(tmp / "relay-nfs")),
                     "listening on", "relay")  # fmt: skip
         self.relay_port, self.https_port = RELAY_HTTP, RELAY_HTTPS
         self._connect()
+        self.wait_relay_nfs()
         return self
+
+    def wait_relay_nfs(self, seconds: float = 600.0) -> list[str]:
+        """Wait (bounded) until the ISP's relay exports every NFS tree of the current release
+        (it builds them from objects it fetches over the uplink); the trees."""
+        wanted = {d["manifest"]["digest"] for d in self.built["directories"] if d["policy"] == "nfs"}
+        assert self._client is not None
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            relays = self._client.call(self.admin.ListRelays, pb.ListRelaysRequest()).relays
+            isp1 = next(r for r in relays if r.name == "isp1")
+            if wanted <= set(isp1.last_heartbeat.nfs_trees):
+                return sorted(wanted)
+            time.sleep(0.5)
+        raise RuntimeError(f"the ISP's relay never exported {sorted(wanted)} (see {self.tmp}/relay.log)")
 
     def _in(self, netns: str, *args: str) -> subprocess.Popen[str]:
         """``slim ARGS`` in namespace ``netns`` (its log: TMP/ARGS[0].log), stopped at close."""

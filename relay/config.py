@@ -14,6 +14,7 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, model_validator
 
 from slim.config import Address, ByteSize, HostPort, LogLevel, ProcessConfig, SourceIP, value_error
+from slim.daemons.ganesha import normalize_clients, parse_listen
 from slim.errors import InvalidArgument
 from slim.pki import CORE_NAME
 
@@ -52,6 +53,17 @@ class Upstream:
                 f"upstream {value!r}: #{name} names the certificate to expect, which only https:// has"
             )
         return cls(f"{scheme}://{host}", (name or CORE_NAME) if scheme == "https" else "")
+
+
+def _nfs_listen(value: str | None) -> str | None:
+    if value is not None:
+        parse_listen(value)
+    return value
+
+
+def _nfs_clients(value: list[str] | None) -> list[str] | None:
+    clients = normalize_clients(value)
+    return None if clients is None else list(clients)
 
 
 def _upstream(value: str) -> str:
@@ -125,6 +137,24 @@ class RelayConfig(ProcessConfig):
         "key directory: both keys during a rotation), read again when they change; only releases "
         "they signed are pinned or prefetched; none: nothing is",
     )
+    nfs_listen: Annotated[str | None, AfterValidator(value_error(_nfs_listen))] = Field(
+        None,
+        description="export the current releases' NFS trees with the relay's own nfs-ganesha, listening "
+        "here (HOST:PORT, an IP address; port 2049 by default); the registry's relays.NAME.nfs tells "
+        "nodes to mount it; none: no NFS",
+    )
+    nfs_dir: Path = Field(
+        Path("/var/lib/slim/relay-nfs"),
+        description="with nfs_listen: the trees (trees/<hex>) and ganesha's work directory (ganesha/)",
+    )
+    nfs_clients: Annotated[list[str] | None, AfterValidator(value_error(_nfs_clients))] = Field(
+        None,
+        description="with nfs_listen: who may mount (addresses, CIDR networks, host names, @netgroups); "
+        "none: everyone who reaches the port",
+    )
+    nfs_keep: float = Field(
+        86400.0, ge=0, description="seconds a tree no current release names stays exported, then removed"
+    )
     log_level: LogLevel = "info"
 
     @model_validator(mode="after")
@@ -141,6 +171,11 @@ class RelayConfig(ProcessConfig):
             raise ValueError(
                 "https_listen needs --identity: the relay serves HTTPS with its certificate "
                 "(slim relay enroll NAME)"
+            )
+        if self.nfs_listen is not None and (self.core is None or not self.trust):
+            raise ValueError(
+                "nfs_listen needs --core and --trust: the relay exports the trees of the releases the "
+                "core names and signed"
             )
         secure = [u for u in self.upstreams if Upstream.parse(u).tls]
         if secure and self.identity is None and self.upstream_ca is None:

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from slim.daemons.ganesha import parse_listen as parse_nfs_listen
 from slim.errors import InvalidArgument, NotFound
 from slim.listen import parse_listen
 from slim.objects.routes import ObjectRoutes
@@ -38,10 +39,12 @@ from slim.relay.cache import ObjectCache
 from slim.relay.config import DEFAULT_HTTP_PORT, RelayConfig, Upstream
 from slim.relay.corelink import CoreLink
 from slim.relay.fetch import CachingSource, Fetcher, upstream_context
+from slim.relay.nfs import RelayNfs
 from slim.relay.observe import BootObserver
 from slim.relay.tftp import StageOneServer
 from slim.relay.wake import WakeQueue, waker_for
 from slim.relay.warm import Warmer
+from slim.release import Release
 from slim.rpc import NONE, Credentials
 from slim.signing import TrustedKeys
 from slim.v1 import core_pb2 as pb
@@ -106,6 +109,8 @@ class RelayServer:
         self.api: NodeApi | None = None
         self.observer: BootObserver | None = None  # with a core: what the relay sees of boots
         self.tftp: StageOneServer | None = None
+        self.nfs: RelayNfs | None = None  # with nfs_listen: the relay's own NFS trees and ganesha
+        self._nfs_root = ""  # the registry's nfs_export_root, from the core's replies
         self._loop: asyncio.AbstractEventLoop | None = None
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(_RelayCollector(self))
@@ -160,7 +165,20 @@ class RelayServer:
         trusted = await self._loop.run_in_executor(
             self.io, trusted_keys, self.config.trust
         )  # files: off the loop
-        self.warmer = Warmer(self.source, self._poke.set, self.config.prefetch_concurrency, trusted)
+        if self.config.nfs_listen is not None:
+            bind, nfs_port = parse_nfs_listen(self.config.nfs_listen)
+            self.nfs = RelayNfs(
+                self.source, self.config.nfs_dir, bind=bind, port=nfs_port, clients=self.config.nfs_clients,
+                concurrency=self.config.prefetch_concurrency * 2, keep=self.config.nfs_keep,
+            )  # fmt: skip
+            await self._loop.run_in_executor(None, self.nfs.start)  # ganesha starts: files, a process
+        self.warmer = Warmer(
+            self.source,
+            self._poke.set,
+            self.config.prefetch_concurrency,
+            trusted,
+            on_releases=self._nfs_releases,
+        )
         self.wakes = WakeQueue(waker_for(self.config.wake_to, self.config.wake_from))
         app = web.Application(client_max_size=1 << 20)
         self.objects.add_to(app)
@@ -228,6 +246,8 @@ class RelayServer:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.warmer.close()
+        if self.nfs is not None:
+            await self.nfs.stop()
         await self.fetcher.close()
         if self._session is not None:
             await self._session.close()
@@ -250,15 +270,22 @@ class RelayServer:
             healthy=healthy,
             message=message,
             prefetch=self.warmer.report(),
+            nfs_trees=self.nfs.exported() if self.nfs is not None else [],
         )
 
     def _on_reply(self, reply: pb.HeartbeatReply) -> None:
+        self._nfs_root = reply.nfs_export_root
         self.warmer.set_releases(reply.pinned_releases, reply.release_signatures)
         for order in reply.prefetch:
             self.warmer.order(order)
         for wake in reply.wake:
             queued = self.wakes.order([(t.node, t.mac) for t in wake.targets], wake.per_minute)
             log.info("wake order %s: %d packet(s), at most %d a minute", wake.id, queued, wake.per_minute)
+
+    def _nfs_releases(self, releases: list[tuple[str, Release]]) -> None:
+        if self.nfs is not None and self._nfs_root:
+            self.nfs.set_releases(releases, self._nfs_root)
+            self._poke.set()  # the core learns soon which trees the relay exports
 
     async def _heartbeats(self) -> None:
         assert self.link is not None

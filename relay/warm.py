@@ -88,8 +88,10 @@ class Warmer:
         poke: Callable[[], None],
         concurrency: int = 4,
         trusted: TrustedKeys | None = None,
+        on_releases: Callable[[list[tuple[str, Release]]], None] | None = None,
     ) -> None:
         self.source = source
+        self.on_releases = on_releases  # the current releases whose signatures checked, after each pin pass
         self.poke = poke
         self.concurrency = concurrency
         self.trusted = trusted if trusted is not None else TrustedKeys([])
@@ -200,6 +202,7 @@ class Warmer:
     async def _pins(self) -> None:
         self._pinned_at = time.monotonic()
         pins: set[str] = set()
+        checked: list[tuple[str, Release]] = []
         for digest in self._releases:
             try:
                 release_hex = parse_digest(digest)
@@ -207,6 +210,7 @@ class Warmer:
                 await self._check(digest, self.signatures.get(digest, ""))
                 release, wanted = await release_objects(self.source, release_hex)
                 pins.update(w.hex for w in wanted)
+                checked.append((digest, release))
                 for manifest_hex in sync_manifests(release):
                     if manifest_hex in self.source.cache:
                         pins.update(w.hex for w in await manifest_wanted(self.source, manifest_hex))
@@ -214,6 +218,8 @@ class Warmer:
                 log.warning("cannot pin release %s: %s", digest, exc.message)
         self.source.cache.set_pins(pins)
         log.info("pins: %d objects of %d current releases", len(pins), len(self._releases))
+        if self.on_releases is not None:
+            self.on_releases(checked)
 
     async def _check(self, digest: str, signature: str) -> None:
         """FailedPrecondition unless the core signed the (cached) release document with a

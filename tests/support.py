@@ -498,11 +498,13 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
-def rpc_call(port: int, xid: int, proc: int, cred: bytes, args: bytes = b"") -> bytes:
+def rpc_call(
+    port: int, xid: int, proc: int, cred: bytes, args: bytes = b"", host: str = "127.0.0.1"
+) -> bytes:
     """One ONC RPC call to program 100003 (NFS) version 4 over TCP (with the record
     marker); returns the results after an accepted SUCCESS reply with the same xid."""
     call = struct.pack(">6I", xid, 0, 2, 100003, 4, proc) + cred + struct.pack(">2I", 0, 0) + args
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection((host, port), timeout=5) as sock:
         sock.sendall(struct.pack(">I", 0x80000000 | len(call)) + call)
         reply = b""
         last = False

@@ -9,6 +9,7 @@ moves only the signed plan.  Its owner's disk is the same before and after, byte
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from labs.desktopdisk import disk_sha256
-from labs.homelab import HomeLab
+from labs.homelab import ISP_WAN, HomeLab
 from labs.vmlab import OVMF_CODE, SLIM, owner_disk
 from tests.support import need, need_tool
 
@@ -59,6 +60,13 @@ def test_a_home_pc_boots_over_broadband_from_its_usb_stick(tmp_path: Path) -> No
             assert [e.stage for e in events if e.stage in STAGES] == STAGES
             by_stage = {e.stage: e for e in events}
             assert all(e.relay == "isp1" for e in events), {e.relay for e in events}
+            # /usr from the ISP relay's own ganesha, not the centre's; the test init ran programs
+            # from it (sha256sum, stat: "secret <digest> <mode>")
+            assert by_stage["mount:/usr"].message.startswith(f"mounted {ISP_WAN}:/slim/"), by_stage[
+                "mount:/usr"
+            ]
+            up = by_stage["up"].message
+            assert f"secret {hashlib.sha256(lab.secret.read_bytes()).hexdigest()} 400" in up, up
             moved.append(sum(by_stage[s].bytes for s in ("medium:kernel", "medium:initrd", "done")))
             assert disk_sha256(owner) == owners
         assert moved[0] > 30_000_000 and moved[1] == 0, moved

@@ -493,7 +493,7 @@ def test_missing_ganesha_binary(world: World, tmp_path: Path) -> None:
 # -- talking NFS by hand -----------------------------------------------------------------------------
 
 
-def nfs_read(port: int, path: str) -> tuple[int, bytes | None]:
+def nfs_read(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, bytes | None]:
     """NFSv4.0 COMPOUND: PUTROOTFH, LOOKUP each component and, if the last names a file
     (``.../hello``), READ it with the anonymous stateid.  (status, data or None)."""
     parts = [p for p in path.split("/") if p]
@@ -502,7 +502,7 @@ def nfs_read(port: int, path: str) -> tuple[int, bytes | None]:
     if read:
         ops += struct.pack(">I", 25) + struct.pack(">I", 0) + b"\0" * 12 + struct.pack(">QI", 0, 4096)
     args = xdr_opaque(b"") + struct.pack(">2I", 0, 1 + len(parts) + read) + ops
-    res = rpc_call(port, random.getrandbits(32), 1, AUTH_SYS, args)
+    res = rpc_call(port, random.getrandbits(32), 1, AUTH_SYS, args, host)
     (status,) = struct.unpack(">I", res[:4])
     if status != NFS4_OK or not read:
         return status, None

@@ -7,7 +7,9 @@ standing for everything not listed):
   and a manifest; ``sync`` also stores every file (or, above 4 MiB, every
   1 MiB chunk) as an object so copy-if-needed fetches only what changed;
 - ``nfs``: a manifest and the read-only tree for NFS export,
-  ``trees/sha256/<manifest digest>``, copied once.
+  ``trees/sha256/<manifest digest>``, copied once; where a relay exports NFS trees
+  of its own (registry ``relays.NAME.nfs``), every file as an object too, which
+  such relays build their copies from.
 
 Plus the kernel (from the image) and an initrd holding the image's own kernel
 modules for every hardware profile.  Every object is named by its SHA-256, so
@@ -233,6 +235,8 @@ def _build(
             report.file_objects = _store_files(store, root, items)
         elif spec.policy is Policy.NFS:
             report.tree = str(_materialize_tree(store, root, entries, report.manifest.digest))
+            if registry.relays_export_nfs:  # relays build their own copies of the tree from these
+                report.file_objects = _store_files(store, root, items)
         report.seconds = time.monotonic() - t0
         reports.append(report)
         built[path] = ReleaseDirectory(

@@ -35,7 +35,14 @@ def _directory(d: DirectoryAction) -> dict[str, Any]:
         "policy": d.policy.value,
         "archive": _obj(d.archive),
         "manifest": _obj(d.manifest),
-        "nfs": {"server": d.nfs.server, "export": d.nfs.export, "options": d.nfs.options} if d.nfs else None,
+        "nfs": {
+            "server": d.nfs.server,
+            "export": d.nfs.export,
+            "options": d.nfs.options,
+            "servers": list(d.nfs.servers or (d.nfs.server,)),
+        }
+        if d.nfs
+        else None,
         "tmpfs_size": d.tmpfs_size,
         "bytes": d.bytes,
         "files": d.files,

@@ -167,7 +167,16 @@ def plan_pb(plan: dom.BootPlan) -> pb.BootPlan:
 def directories_pb(actions: tuple[dom.DirectoryAction, ...]) -> list[pb.DirectoryAction]:
     dirs = []
     for d in actions:
-        nfs = pb.NfsMount(server=d.nfs.server, export=d.nfs.export, options=d.nfs.options) if d.nfs else None
+        nfs = (
+            pb.NfsMount(
+                server=d.nfs.server,
+                export=d.nfs.export,
+                options=d.nfs.options,
+                servers=list(d.nfs.servers or (d.nfs.server,)),
+            )
+            if d.nfs
+            else None
+        )
         dirs.append(
             pb.DirectoryAction(
                 path=d.path,
@@ -256,6 +265,7 @@ def relay_info_pb(v: dom.RelayView) -> pb.RelayInfo:
         parent=v.relay.parent or "",
         capacity=v.relay.capacity,
         status=str(v.status),
+        nfs=v.relay.nfs or "",
     )
     if v.beat is not None:
         b = v.beat
@@ -268,6 +278,7 @@ def relay_info_pb(v: dom.RelayView) -> pb.RelayInfo:
                 cache_bytes=b.cache_bytes,
                 healthy=b.healthy,
                 message=b.message,
+                nfs_trees=sorted(v.nfs_trees),
             )
         )
         info.last_seen.CopyFrom(_ts(b.last_seen))
@@ -489,6 +500,7 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
                         beat.cache_bytes,
                         beat.healthy,
                         beat.message,
+                        list(beat.nfs_trees),
                     )
                     if queue is None:
                         relay = beat.relay
@@ -504,6 +516,7 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
                             interval_ms=max(1, math.ceil(interval * 1000)),
                             pinned_releases=list(signatures),
                             release_signatures={d: s for d, s in signatures.items() if s},
+                            nfs_export_root=self.service.registry.settings.nfs_export_root,
                         ),
                     )
             finally:

@@ -19,7 +19,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -59,6 +59,7 @@ from slim.vocabulary import (
     UP_STAGE,
     Policy,
     normalize_mac,
+    parse_digest,
     relay_observed,
 )
 
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 MAX_KERNEL_ARG_RELAYS = 4
 MAX_EVENTS_LIMIT = 10_000
 ACTIONS_CACHE_SIZE = 4096
+MAX_NFS_TREES = 4096  # trees one relay's heartbeat may list
 ORPHAN_SECONDS = 600.0  # how long an event naming only an unknown boot id waits for its node
 MAX_ORPHANS = 10_000  # ... and how many may wait
 DAY = 86400.0
@@ -95,9 +97,11 @@ class Located:
 
 @dataclass(frozen=True)
 class NfsMount:
-    server: str
+    server: str  # the first of servers
     export: str
     options: str
+    servers: tuple[str, ...] = ()  # every server to try, in order (docs/home.md); () means (server,)
+    tree: str = ""  # "sha256:<hex>" of the tree's manifest (the core's own; not in the plan)
 
 
 @dataclass(frozen=True, eq=False)  # identity equality: cached plans share these objects
@@ -238,6 +242,7 @@ class RelayView:
     relay: Relay
     status: RelayStatus
     beat: RelayBeat | None
+    nfs_trees: frozenset[str] = frozenset()  # the trees its own ganesha exported at its last beat
 
 
 class CoreService:
@@ -262,6 +267,7 @@ class CoreService:
         self.clock = clock
         self._next_boots = state.next_boots()
         self._beats = state.heartbeats()
+        self._nfs_trees: dict[str, frozenset[str]] = {}  # relay -> the trees its ganesha exports
         self.tokens = TokenBook(state.tokens())
         # boot id -> (arrived, event) of events that name no node, waiting for one that does
         self._orphans: dict[str, list[tuple[float, BootEvent]]] = {}
@@ -412,10 +418,16 @@ class CoreService:
             f"slim.release={release_digest}",
             f"slim.relays={urls}",
             f"slim.boot={boot_id}" if boot_id else "",
+            # NFSv4 tells clients apart by this string: home PCs behind one carrier NAT address
+            # (and initrds that all call themselves the same) must not share a lease (docs/home.md)
+            f"nfs.nfs4_unique_id={node}" if self._uses_nfs(env_name) else "",
             profile.kernel_args,
             env.kernel_args,
         ]
         return " ".join(p for p in parts if p)
+
+    def _uses_nfs(self, env_name: str) -> bool:
+        return any(spec.policy is Policy.NFS for spec in self.registry.directories(env_name).values())
 
     def planned_environment(
         self, node: str, requested: str = "", reg: Registry | None = None
@@ -475,6 +487,7 @@ class CoreService:
             if len(self._actions) >= ACTIONS_CACHE_SIZE:
                 self._actions.clear()
             self._actions[key] = actions
+        actions = self._nfs_at_relays(actions, site)
         _, relays = self._rank(node, address, peek)  # last: a refused plan sends nobody anywhere
         profile = self.registry.profiles[node_cfg.profile]
         # secrets go with an environment the registry or an admin gave the node, not with a pick
@@ -495,6 +508,40 @@ class CoreService:
             secrets=len(secrets),
             desktop=self.registry.pool_of(node) is not None,
         )
+
+    def _nfs_at_relays(
+        self, actions: tuple[DirectoryAction, ...], site: str | None
+    ) -> tuple[DirectoryAction, ...]:
+        """NFS mounts with the relays that export their trees first: the site's relays, then
+        their parents (registry ``relays.NAME.nfs``), each only while it is live and its last
+        heartbeat lists the tree; the site's NFS server last (docs/home.md)."""
+        if site is None or not any(a.nfs is not None for a in actions):
+            return actions
+        reg = self.registry
+        now = self.clock()
+        live = []
+        for name, tier in reg.relays_by_site(site):
+            relay = reg.relays[name]
+            if tier == "other" or relay.nfs is None:
+                continue
+            beat = self._beats.get(name)
+            if relay_status(beat, now, reg.settings.stale_after) is RelayStatus.LIVE:
+                live.append((relay.nfs, self._nfs_trees.get(name, frozenset())))
+        if not live:
+            return actions
+        out = []
+        for a in actions:
+            if a.nfs is None:
+                out.append(a)
+                continue
+            servers = [host for host, trees in live if a.nfs.tree in trees]
+            if not servers:
+                out.append(a)
+                continue
+            servers += [s for s in (a.nfs.servers or (a.nfs.server,)) if s not in servers]
+            nfs = NfsMount(servers[0], a.nfs.export, a.nfs.options, tuple(servers), a.nfs.tree)
+            out.append(replace(a, nfs=nfs))
+        return tuple(out)
 
     # -- secrets -------------------------------------------------------------
     @staticmethod
@@ -575,7 +622,8 @@ class CoreService:
             if built is None or built.manifest is None or built.policy is not Policy.NFS:
                 raise self._stale(env_name, digest, path, "NFS tree")
             export = pseudo_path(self.registry.settings.nfs_export_root, built.manifest.digest)
-            nfs = NfsMount(nfs_server, export, spec.nfs_options)
+            # relays that export the tree are put first when a plan is made (_nfs_at_relays)
+            nfs = NfsMount(nfs_server, export, spec.nfs_options, (nfs_server,), built.manifest.digest)
             return DirectoryAction(path, policy, nfs=nfs, bytes=size[0], files=size[1])
         obj = None if built is None else built.archive
         if obj is None:
@@ -909,17 +957,32 @@ class CoreService:
             log.info("dropped %d boot event(s) of boot %s: no event named its node", len(gone), boot_id[:16])
 
     def heartbeat(
-        self, relay: str, load: float, active: int, egress: float, cache: int, healthy: bool, message: str
+        self,
+        relay: str,
+        load: float,
+        active: int,
+        egress: float,
+        cache: int,
+        healthy: bool,
+        message: str,
+        nfs_trees: Sequence[str] = (),
     ) -> float:
-        """*writes* Record a relay's beat; return the interval until the next one."""
+        """*writes* Record a relay's beat; return the interval until the next one.
+        ``nfs_trees``: the trees its own ganesha exports now (kept in memory only)."""
         if relay not in self.registry.relays:
             raise NotFound(f"unknown relay {relay!r}; add it to the registry's relays")
+        if len(nfs_trees) > MAX_NFS_TREES:
+            raise InvalidArgument(
+                f"a heartbeat lists at most {MAX_NFS_TREES} NFS trees, not {len(nfs_trees)}"
+            )
+        trees = frozenset(f"sha256:{parse_digest(t)}" for t in nfs_trees)
         for name, value in (("load", load), ("egress_bytes_per_second", egress)):
             if not (value >= 0 and value < float("inf")):
                 raise InvalidArgument(f"heartbeat {name} must be a finite number >= 0, not {value}")
         beat = RelayBeat(relay, load, active, egress, min(cache, 2**63 - 1), healthy, message, self.clock())
         self.state.record_heartbeat(beat)
         self._beats[relay] = beat
+        self._nfs_trees[relay] = trees
         return self.registry.settings.heartbeat_interval
 
     # -- relays: pins and prefetch -------------------------------------------
@@ -1016,7 +1079,11 @@ class CoreService:
         stale_after = self.registry.settings.stale_after
         return [
             RelayView(
-                name, relay, relay_status(self._beats.get(name), now, stale_after), self._beats.get(name)
+                name,
+                relay,
+                relay_status(self._beats.get(name), now, stale_after),
+                self._beats.get(name),
+                self._nfs_trees.get(name, frozenset()),
             )
             for name, relay in sorted(self.registry.relays.items())
         ]

@@ -39,7 +39,8 @@ def relay() -> None:
 @core_option
 @json_option
 def relay_list(core_address: str, as_json: bool) -> None:
-    """List relays with status (live, stale, unhealthy, unknown) and their last heartbeat."""
+    """List relays with status (live, stale, unhealthy, unknown) and their last heartbeat: load,
+    transfers, egress, and the NFS trees a relay's own ganesha exports (--nfs-listen)."""
     client = core_client(core_address)
     with errors_to_exit():
         resp = client.call(client.admin.ListRelays, pb.ListRelaysRequest())
@@ -47,7 +48,16 @@ def relay_list(core_address: str, as_json: bool) -> None:
         print_json(resp)
         return
     table = Table(
-        "relay", "site", "parent", "capacity", "status", "load", "active", "egress B/s", "last seen"
+        "relay",
+        "site",
+        "parent",
+        "capacity",
+        "status",
+        "load",
+        "active",
+        "egress B/s",
+        "nfs trees",
+        "last seen",
     )
     for r in resp.relays:
         hb = r.last_heartbeat
@@ -61,6 +71,7 @@ def relay_list(core_address: str, as_json: bool) -> None:
             f"{hb.load:g}" if seen else "-",
             str(hb.active_transfers) if seen else "-",
             f"{hb.egress_bytes_per_second:.0f}" if seen else "-",
+            str(len(hb.nfs_trees)) if seen and r.nfs else "-",
             timestamp(r.last_seen),
         )
     console.print(table)
@@ -169,6 +180,29 @@ def relay_list(core_address: str, as_json: bool) -> None:
     help="Send magic packets from this address of the relay's (the desktops' segment's).",
 )
 @click.option(
+    "--nfs-listen",
+    metavar="HOST:PORT",
+    default=None,
+    help="Export the current releases' NFS trees with the relay's own nfs-ganesha here (an IP address; "
+    "port 2049 by default): the relay builds each tree from objects it caches and checks, and its "
+    "heartbeats tell the core, which sends nodes of the registry's relays.NAME.nfs there first.  Needs "
+    "--core and --trust.  Off when not given (docs/home.md).",
+)
+@click.option(
+    "--nfs-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/var/lib/slim/relay-nfs"),
+    show_default=True,
+    help="With --nfs-listen: where the trees (trees/<hex>) and ganesha's work directory (ganesha/) are.",
+)
+@click.option(
+    "--nfs-clients",
+    metavar="LIST",
+    default=None,
+    help="With --nfs-listen: who may mount, comma-separated addresses, CIDR networks, host names or "
+    "@netgroups (an ISP: its customers' ranges); default: everyone who reaches the port.",
+)
+@click.option(
     "--ipxe-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("/usr/lib/ipxe"),
@@ -240,6 +274,9 @@ def relay_serve(
     tftp_listen: str,
     wake_to: str,
     wake_from: str | None,
+    nfs_listen: str | None,
+    nfs_dir: Path,
+    nfs_clients: str | None,
     ipxe_dir: Path,
     max_transfers: int,
     max_fetches: int,
@@ -258,12 +295,15 @@ def relay_serve(
     verified while they stream.  Nodes ask the relay for their boot script,
     plan and relays, and report boot events; the relay asks the core.
 
+    With --nfs-listen the relay also exports the current releases' NFS
+    trees with its own nfs-ganesha (an ISP's or a remote site's relay).
+
     With --https-listen the relay also serves HTTPS, with the certificate of
     --identity, for nodes whose site asks for it (PXE and iPXE on a LAN speak
     plain HTTP to --listen).
 
     Prints "listening on HOST:PORT" (then "https on HOST:PORT", "tftp on
-    HOST:PORT") on standard output once it serves.  SIGTERM or SIGINT stops it
+    HOST:PORT", "nfs on HOST:PORT") on standard output once it serves.  SIGTERM or SIGINT stops it
     gracefully.
     """
     from slim.listen import parse_listen
@@ -290,7 +330,8 @@ def relay_serve(
             tftp_listen=f"{bracketed}:{tftp_port}" if tftp_port is not None else None, ipxe_dir=ipxe_dir,
             max_transfers=max_transfers, max_fetches=max_fetches, access_log=access_log, grace=grace,
             trust=list(trust), identity=identity, core_insecure=core_insecure,
-            log_level=log_level, wake_to=wake_to, wake_from=wake_from,
+            log_level=log_level, wake_to=wake_to, wake_from=wake_from, nfs_listen=nfs_listen, nfs_dir=nfs_dir,
+            nfs_clients=nfs_clients.split(",") if nfs_clients is not None else None,
         )  # fmt: skip
         setup_logging(config.log_level)
 
@@ -301,6 +342,8 @@ def relay_serve(
             if r.tftp_port and config.tftp_listen is not None:
                 host = parse_listen(config.tftp_listen, 69, allow_ephemeral=True)[0]
                 click.echo(f"tftp on {host}:{r.tftp_port}")
+            if r.nfs is not None:
+                click.echo(f"nfs on {r.nfs.server.bind}:{r.nfs.server.port}")
             sys.stdout.flush()
 
         run(config, ready)

@@ -312,21 +312,30 @@ class NfsMount(_message.Message):
     SERVER_FIELD_NUMBER: _builtins.int
     EXPORT_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    SERVERS_FIELD_NUMBER: _builtins.int
     server: _builtins.str
     export: _builtins.str
     """NFSv4 pseudo path"""
     options: _builtins.str
     """mount options, e.g. ro,nolock,noatime,actimeo=600,proto=tcp"""
+    @_builtins.property
+    def servers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every server that exports the tree, in the order to try them: the node's site's relays
+        that export it, their parents', then the site's (or the registry's) NFS server.  The
+        first is `server`; the agent mounts the first that answers (docs/home.md).
+        """
+
     def __init__(
         self,
         *,
         server: _builtins.str = ...,
         export: _builtins.str = ...,
         options: _builtins.str = ...,
+        servers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["export", b"export", "options", b"options", "server", b"server"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["export", b"export", "options", b"options", "server", b"server", "servers", b"servers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -660,6 +669,7 @@ class Heartbeat(_message.Message):
     HEALTHY_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     PREFETCH_FIELD_NUMBER: _builtins.int
+    NFS_TREES_FIELD_NUMBER: _builtins.int
     relay: _builtins.str
     """must be a relay of the registry"""
     load: _builtins.float
@@ -678,6 +688,12 @@ class Heartbeat(_message.Message):
         since its last beat.  A relay beats early when this changes.
         """
 
+    @_builtins.property
+    def nfs_trees(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The trees ("sha256:<hex>" of their manifests) the relay's own nfs-ganesha exports now
+        (relays run with --nfs-listen): the core sends nodes there first.
+        """
+
     def __init__(
         self,
         *,
@@ -689,10 +705,11 @@ class Heartbeat(_message.Message):
         healthy: _builtins.bool = ...,
         message: _builtins.str = ...,
         prefetch: _abc.Iterable[Global___PrefetchStatus] | None = ...,
+        nfs_trees: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_transfers", b"active_transfers", "cache_bytes", b"cache_bytes", "egress_bytes_per_second", b"egress_bytes_per_second", "healthy", b"healthy", "load", b"load", "message", b"message", "prefetch", b"prefetch", "relay", b"relay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_transfers", b"active_transfers", "cache_bytes", b"cache_bytes", "egress_bytes_per_second", b"egress_bytes_per_second", "healthy", b"healthy", "load", b"load", "message", b"message", "nfs_trees", b"nfs_trees", "prefetch", b"prefetch", "relay", b"relay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -727,8 +744,13 @@ class HeartbeatReply(_message.Message):
     PREFETCH_FIELD_NUMBER: _builtins.int
     RELEASE_SIGNATURES_FIELD_NUMBER: _builtins.int
     WAKE_FIELD_NUMBER: _builtins.int
+    NFS_EXPORT_ROOT_FIELD_NUMBER: _builtins.int
     interval_ms: _builtins.int
     """Send the next beat after this many milliseconds (the relay adds jitter)."""
+    nfs_export_root: _builtins.str
+    """The registry's settings.nfs_export_root: a relay that exports trees puts them there too,
+    so a tree has the same NFSv4 path on every server.
+    """
     @_builtins.property
     def pinned_releases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The current releases ("sha256:<hex>" of each environment's release
@@ -757,10 +779,11 @@ class HeartbeatReply(_message.Message):
         prefetch: _abc.Iterable[Global___PrefetchOrder] | None = ...,
         release_signatures: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         wake: _abc.Iterable[Global___WakeOrder] | None = ...,
+        nfs_export_root: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_ms", b"interval_ms", "pinned_releases", b"pinned_releases", "prefetch", b"prefetch", "release_signatures", b"release_signatures", "wake", b"wake"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_ms", b"interval_ms", "nfs_export_root", b"nfs_export_root", "pinned_releases", b"pinned_releases", "prefetch", b"prefetch", "release_signatures", b"release_signatures", "wake", b"wake"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1326,12 +1349,15 @@ class RelayInfo(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     LAST_HEARTBEAT_FIELD_NUMBER: _builtins.int
     LAST_SEEN_FIELD_NUMBER: _builtins.int
+    NFS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     site: _builtins.str
     parent: _builtins.str
     capacity: _builtins.float
     status: _builtins.str
     """"live", "stale", "unhealthy" or "unknown" (never heard from)."""
+    nfs: _builtins.str
+    """the registry's relays.NAME.nfs: where nodes mount the trees it exports"""
     @_builtins.property
     def urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -1349,10 +1375,11 @@ class RelayInfo(_message.Message):
         status: _builtins.str = ...,
         last_heartbeat: Global___Heartbeat | None = ...,
         last_seen: _timestamp_pb2.Timestamp | None = ...,
+        nfs: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat", b"last_heartbeat", "last_seen", b"last_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "last_heartbeat", b"last_heartbeat", "last_seen", b"last_seen", "name", b"name", "parent", b"parent", "site", b"site", "status", b"status", "urls", b"urls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "last_heartbeat", b"last_heartbeat", "last_seen", b"last_seen", "name", b"name", "nfs", b"nfs", "parent", b"parent", "site", b"site", "status", b"status", "urls", b"urls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
