@@ -213,10 +213,7 @@ class WanLink:
             _ip("-n", ns, "tuntap", "add", self.dev, "mode", "tun")
             _ip("-n", ns, "addr", "add", here, "peer", there, "dev", self.dev)
             _ip("-n", ns, "link", "set", self.dev, "up")
-            if self.rate is not None:
-                # a burst of about 10 ms at the rate (not 64 kB: at 3 Mb/s that is 170 ms of
-                # line-rate bursts); the latency only bounds tbf's queue
-                NetLab.shape(ns, self.dev, self.rate, burst="3750b", latency="200ms")
+        self.set_rate(self.rate)
         argv = [sys.executable, "-m", "labs.wanlink", f"{self.a}:{self.dev}", f"{self.b}:{self.dev}",
                 "--delay-ms", str(self.delay_ms), "--max-seconds", str(self.max_seconds)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -229,6 +226,18 @@ class WanLink:
             self.close()
             raise RuntimeError(f"the WAN delayer did not start (exit {self._proc.poll()})")
         return self
+
+    def set_rate(self, rate: str | None) -> None:
+        """Shape both directions at ``rate`` from now on (None: unshaped; the delay stays)."""
+        for ns in (self.a, self.b):
+            if rate is not None:
+                # a burst of about 10 ms at the rate (not 64 kB: at 3 Mb/s that is 170 ms of
+                # line-rate bursts); the latency only bounds tbf's queue
+                NetLab.shape(ns, self.dev, rate, burst="3750b", latency="200ms")
+            elif self.rate is not None:
+                subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", self.dev, "root"],
+                               capture_output=True, timeout=30, check=False)  # fmt: skip
+        self.rate = rate
 
     def close(self) -> dict[str, Any]:
         """Stop the delayer (by PID); its counters.  The devices go with their namespaces."""
