@@ -19,6 +19,11 @@ everything first:
    line, which every user of the EE could read); the release's agent then does the rest, as
    on a PXE boot.
 
+A *generic* medium (``slim media build --generic``) names no node and holds no token: at its
+first boot it asks the person at the PC for a one-time code (``slim node code NODE``), trades
+it with a relay over HTTPS for the node's token and keeps that in its cache partition (mode
+0600), where its next boots find it; from a CD, which keeps nothing, it asks at every boot.
+
 Nothing the medium did not carry runs before it has been verified with the core's key: the
 plan by its signature, the kernel and initrd by the plan's digests.  A failure stops at a
 message on every console saying what is wrong (a refused token, a relay that cannot be
@@ -36,6 +41,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +67,13 @@ WORK_DIR = Path("/run/slim-medium")  # where the release's kernel and initrd are
 KEXEC = "/sbin/kexec"
 MAX_MEDIUM_BYTES = 64 << 10
 KEXEC_TIMEOUT = 120.0
+IDENTITY_FILE = "node.json"  # a generic medium's node and token, in its cache partition
+CODE_TRIES = 3  # a code mistyped may be typed again, this many times in all
+CODE_PROMPT = (
+    "this is a generic SLIM medium: type the one-time code your SLIM administrator gave you "
+    "(XXXX-XXXX-XXXX-XXXX), then press Enter"
+)
+_TOKEN_TEXT = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
 class MediumError(RuntimeError):
@@ -182,15 +195,16 @@ def fetch_object(relays: Relays, ref: ObjectRef, dest: Path) -> str:
 
 
 def open_cache(
-    medium: Medium, cmdline: dict[str, str], cache_dir: Path | None, report: Reporter
+    medium: Medium, cmdline: dict[str, str], cache_dir: Path | None, report: Callable[..., object]
 ) -> LocalObjects | None:
     """The medium's cache: its partition on the stick (found by its UUID, grown at the first
-    boot, mounted), or ``cache_dir`` (tests); None from a CD (GRUB says where it booted from:
-    ``slim.grubroot``), or if the partition cannot be used (said; the boot goes on)."""
+    boot, mounted), or ``cache_dir`` (tests); None from a CD or an image kept as a file (GRUB
+    says where it booted from: ``slim.grubroot``), or if the partition cannot be used (said; the
+    boot goes on)."""
     if cache_dir is not None:
         return LocalObjects(cache_dir)
-    if not medium.cache or cmdline.get("slim.grubroot", "").startswith("cd"):
-        return None
+    if not medium.cache or cmdline.get("slim.grubroot", "").startswith(("cd", "loop")):
+        return None  # a CD, or the image as a file on a PC's disk (slim media grub-entry)
     try:
         partition, grown = cache.attach(medium.cache, medium.id, grow_it=True)
     except (cache.CacheError, OSError) as exc:
@@ -198,6 +212,82 @@ def open_cache(
         return None
     report("medium:cache", message=f"/dev/{partition}" + (", grown to the end of the stick" if grown else ""))
     return LocalObjects(cache.MOUNT_POINT)
+
+
+def saved_identity(root: Path | None) -> tuple[str, str] | None:
+    """The node and token a generic medium kept at an earlier boot (in its cache), if any."""
+    if root is None:
+        return None
+    try:
+        doc = json.loads((root / IDENTITY_FILE).read_bytes()[:4096])
+    except (OSError, ValueError):
+        return None
+    node, token = (doc.get("node"), doc.get("token")) if isinstance(doc, dict) else (None, None)
+    if (
+        isinstance(node, str)
+        and NAME_RE.fullmatch(node)
+        and isinstance(token, str)
+        and _TOKEN_TEXT.fullmatch(token)
+    ):
+        return node, token
+    return None
+
+
+def save_identity(root: Path, node: str, token: str) -> None:
+    """Keep the node and its token in the medium's cache, readable by root only."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{IDENTITY_FILE}.new"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, json.dumps({"node": node, "token": token}).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, root / IDENTITY_FILE)
+
+
+def redeem_code(medium: Medium, ca: Path, read_line: Callable[[], str]) -> tuple[str, str]:
+    """A generic medium's first boot: ask for a one-time code (``read_line``: the console),
+    trade it with the medium's https relays for (node, token).  A code the relays do not know
+    may be typed again (CODE_TRIES in all); one that expired or was used stops the boot."""
+    urls = [u for u in medium.relays if u.startswith("https://")]
+    if not urls:
+        raise MediumError(
+            "a generic medium trades its one-time code over HTTPS, but it names no https:// relay"
+        )
+    for attempt in range(1, CODE_TRIES + 1):
+        say(CODE_PROMPT)
+        code = read_line().strip()
+        if not code:
+            raise MediumError("no one-time code was typed")
+        relays = Relays(urls, ca=ca)
+        try:
+            _, data = relays.call("POST", "/v1/redeem", {"code": code[:64]})
+        except FetchError as exc:
+            text = str(exc)
+            if not re.search(r": 40[13]: ", text):
+                raise
+            if attempt < CODE_TRIES and ("unknown one-time code" in text or "not a one-time code" in text):
+                say(f"the relays do not know that code ({text.rsplit(': ', 1)[-1]}); try again")
+                continue
+            raise MediumError(
+                f"the relays refused this one-time code: {text}. Ask your SLIM administrator for a new "
+                "one-time code (slim node code NODE)"
+            ) from None
+        finally:
+            relays.close()
+        try:
+            doc = json.loads(data)
+            node, token = doc["node"], doc["token"]
+        except (ValueError, KeyError, TypeError):
+            raise MediumError("the relay's answer to the one-time code is not {node, token}") from None
+        if not (isinstance(node, str) and NAME_RE.fullmatch(node)) or not (
+            isinstance(token, str) and _TOKEN_TEXT.fullmatch(token)
+        ):
+            raise MediumError("the relay's answer to the one-time code is not {node, token}")
+        say(f"the code is good: this PC is node {node}")
+        return node, token
+    raise MediumError("no one-time code the relays know was typed")  # not reached
 
 
 def _why(exc: Exception) -> str:
@@ -268,11 +358,21 @@ def main(argv: list[str] | None = None) -> int:
         medium = Medium.load(args.medium)
         cmdline = parse_cmdline(args.cmdline.read_text()) if args.cmdline.exists() else {}
         node = medium.node or cmdline.get("slim.node", "")
+        token = read_token(args.token_file, default=True)
+        notes: list[str] = []  # what the cache said, reported once a relay takes events
+        local = open_cache(medium, cmdline, args.cache_dir, lambda _stage, message="": notes.append(message))
+        if not medium.node and not token:  # a generic medium: its node's token, kept or for a code
+            kept = saved_identity(local.root if local is not None else None)
+            if kept is not None:
+                node, token = kept
+            else:
+                node, token = redeem_code(medium, args.ca, sys.stdin.readline)
+                if local is not None:
+                    save_identity(local.root, node, token)
         if not node:
-            raise MediumError("this medium names no node (a generic medium is not supported yet)")
+            raise MediumError("this medium names no node")
         if not NAME_RE.fullmatch(node):
             raise MediumError(f"slim.node: {node[:80]!r} is not a node's name")
-        token = read_token(args.token_file, default=True)
         urls = medium.relays
         if token:  # a node's token travels only over TLS
             urls = tuple(u for u in medium.relays if u.startswith("https://"))
@@ -299,12 +399,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"signed: {Path(got.checked.key).name}",
                 duration=got.answered - started,
             )
+            for note in notes:
+                report("medium:cache", message=note)
             ranked = plan.https_relays if token else plan.relays
             # the plan's ranking, then the relay that answered, then the medium's others
             reached = list(dict.fromkeys([*ranked, relays.urls[relays.current], *relays.urls]))
             args.work.mkdir(parents=True, exist_ok=True)
             kernel, initrd = args.work / "kernel", args.work / "initrd"
-            local = relays.local = open_cache(medium, cmdline, args.cache_dir, report)
+            relays.local = local
             for what, ref, dest in (("kernel", plan.kernel, kernel), ("initrd", plan.initrd, initrd)):
                 t0 = now()
                 fetched = relays.stats.bytes

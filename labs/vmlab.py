@@ -503,15 +503,22 @@ class Lab:
                 "-drive", f"if=pflash,format=raw,file={vars_copy}"]  # fmt: skip
 
     def console_until(
-        self, pattern: str, medium: Path, usb: bool = False, seconds: float = BOOT_TIMEOUT
+        self,
+        pattern: str,
+        medium: Path,
+        usb: bool = False,
+        seconds: float = BOOT_TIMEOUT,
+        typed: tuple[str, str] | None = None,
     ) -> str:
         """Boot from ``medium`` until the console shows ``pattern`` (a regular expression),
-        then stop the VM: the console so far.  AssertionError if it never does (bounded)."""
+        then stop the VM: the console so far.  AssertionError if it never does (bounded).
+        ``typed`` = (prompt, text): once the console shows ``prompt`` (a regular expression),
+        ``text`` and Enter are typed on the serial console (QEMU's standard input), once."""
         serial = self.tmp / "serial-until.log"
         proc = subprocess.Popen(
             [*self._argv(medium, usb), "-accel", "tcg", "-m", "1024", "-nographic", "-no-reboot"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True, errors="replace",
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE if typed else subprocess.DEVNULL, text=True, errors="replace",
         )  # fmt: skip
         console = _Console(proc, serial)
         deadline = time.time() + seconds
@@ -519,6 +526,10 @@ class Lab:
             while time.time() < deadline and proc.poll() is None:  # bounded
                 if re.search(pattern, console.text):
                     break
+                if typed is not None and proc.stdin is not None and re.search(typed[0], console.text):
+                    proc.stdin.write(typed[1] + "\r")
+                    proc.stdin.flush()
+                    typed = None
                 time.sleep(0.5)
         finally:
             if proc.poll() is None:

@@ -38,7 +38,7 @@ from typing import Any
 from aiohttp import web
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from slim.errors import InvalidArgument, NotFound, Overloaded, SlimError, Unauthenticated
+from slim.errors import InvalidArgument, NotFound, Overloaded, PermissionDenied, SlimError, Unauthenticated
 from slim.relay.corelink import CoreLink
 from slim.relay.observe import BootObserver
 from slim.rpc import tier_name
@@ -201,6 +201,7 @@ class NodeApi:
         app.router.add_post("/v1/nodes/{node}/events", self._limited(self.events))
         app.router.add_get("/v1/nodes/{node}/secrets", self._limited(self.secrets))
         app.router.add_post("/v1/nodes/{node}/order", self._limited(self.order))
+        app.router.add_post("/v1/redeem", self._limited(self.redeem))
         app.router.add_get("/boot/local", self._limited(self.local))
 
     def _limited(self, handler: Handler) -> Handler:
@@ -355,6 +356,31 @@ class NodeApi:
         poll = max(1, round(answer.poll_ms / 1000)) if answer.poll_ms else 15
         text = f"{answer.action or 'none'} {poll}\n"
         return web.Response(text=text, content_type="text/plain", headers={"Cache-Control": "no-store"})
+
+    async def redeem(self, request: web.Request) -> web.StreamResponse:
+        """A generic boot medium's first boot: the body ``{"code": "XXXX-XXXX-XXXX-XXXX"}`` (a
+        one-time code, slim node code); the answer ``{"node": NAME, "token": TOKEN}``, the node's
+        new token.  Over HTTPS only: the answer is a credential."""
+        if not request.secure:
+            raise PermissionDenied(
+                "one-time codes are taken over HTTPS only (the answer is the node's token)"
+            )
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
+        raw = await request.content.read(MAX_BODY + 1)
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidArgument('the body must be JSON: {"code": CODE}') from None
+        code = doc.get("code") if isinstance(doc, dict) and set(doc) == {"code"} else None
+        if not isinstance(code, str) or not 0 < len(code) <= 64:
+            raise InvalidArgument('the body must be a JSON object {"code": CODE} (at most 64 characters)')
+        answer = await self.link.call(
+            self.link.core.RedeemCode, pb.RedeemCodeRequest(code=code, origin=self._origin(request))
+        )
+        return web.json_response(
+            {"node": answer.node, "token": answer.token}, headers={"Cache-Control": "no-store"}
+        )
 
     async def local(self, request: web.Request) -> web.StreamResponse:
         """A boot menu went to the local disk (``?boot=ID``): recorded as the boot's ``local``

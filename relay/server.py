@@ -46,7 +46,7 @@ from slim.relay.wake import WakeQueue, waker_for
 from slim.relay.warm import Warmer
 from slim.release import Release
 from slim.rpc import NONE, Credentials
-from slim.signing import TrustedKeys
+from slim.signing import Endorsement, TrustedKeys
 from slim.v1 import core_pb2 as pb
 from slim.vocabulary import names_a_mac, normalize_mac
 
@@ -275,7 +275,8 @@ class RelayServer:
 
     def _on_reply(self, reply: pb.HeartbeatReply) -> None:
         self._nfs_root = reply.nfs_export_root
-        self.warmer.set_releases(reply.pinned_releases, reply.release_signatures)
+        chain = [Endorsement(e.key, e.signature) for e in reply.endorsements]
+        self.warmer.set_releases(reply.pinned_releases, reply.release_signatures, chain)
         for order in reply.prefetch:
             self.warmer.order(order)
         for wake in reply.wake:

@@ -13,7 +13,10 @@ A release is pinned or warmed only if the core signed its document with a key th
 relay trusts (``--trust``): the document is fetched (an object like any other) and its
 signature checked before anything it names is fetched or pinned; a release that fails is
 refused, counted and logged, never warmed.  The trusted keys are read again when their files
-change (a key rotation), and a release whose signature changes is checked again at once.
+change (a key rotation), and a release whose signature changes is checked again at once.  A
+relay given an older key (a key file, away from the core's key directory) follows the core's
+rotations: each heartbeat reply carries the chain, each new key signed by the one it replaced,
+and a key the trusted ones endorsed (in turn) is trusted too (:func:`slim.signing.follow`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pydantic import ValidationError
 from slim.errors import FailedPrecondition, InvalidArgument, SlimError
 from slim.relay.fetch import CachingSource
 from slim.release import Named, Release, decode_manifest, manifest_objects
-from slim.signing import TrustedKeys, verify
+from slim.signing import Endorsement, TrustedKeys, follow, verify
 from slim.v1 import core_pb2 as pb
 from slim.vocabulary import parse_digest
 
@@ -96,6 +99,7 @@ class Warmer:
         self.concurrency = concurrency
         self.trusted = trusted if trusted is not None else TrustedKeys([])
         self.signatures: dict[str, str] = {}  # release digest -> the core's signature (from its replies)
+        self.endorsements: tuple[Endorsement, ...] = ()  # the core key's rotations (from its replies)
         self.refused: set[str] = set()  # releases whose signature did not check: counted once each
         self.statuses: dict[str, pb.PrefetchStatus] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -174,14 +178,23 @@ class Warmer:
             self.poke()
 
     # -- pins ---------------------------------------------------------------
-    def set_releases(self, digests: Iterable[str], signatures: Mapping[str, str] | None = None) -> None:
-        """The core's current releases and their signatures (every heartbeat reply).  Pins
-        are recomputed when they change (a release signed again: a key rotation), and every
-        PIN_REFRESH seconds anyway: manifests that nodes fetched since then now pin their
-        file objects too."""
-        resigned = signatures is not None and dict(signatures) != self.signatures
+    def set_releases(
+        self,
+        digests: Iterable[str],
+        signatures: Mapping[str, str] | None = None,
+        endorsements: Iterable[Endorsement] = (),
+    ) -> None:
+        """The core's current releases, their signatures and the core key's rotations (every
+        heartbeat reply).  Pins are recomputed when they change (a release signed again: a key
+        rotation), and every PIN_REFRESH seconds anyway: manifests that nodes fetched since
+        then now pin their file objects too."""
+        chain = tuple(endorsements)
+        resigned = (
+            signatures is not None and dict(signatures) != self.signatures
+        ) or chain != self.endorsements
         if signatures is not None:
             self.signatures = dict(signatures)
+        self.endorsements = chain
         releases = tuple(sorted(digests))
         if resigned or releases != self._releases or time.monotonic() - self._pinned_at > PIN_REFRESH:
             self._releases = releases
@@ -232,7 +245,10 @@ class Warmer:
             await _parse(  # off the loop: the trusted keys' files are looked at too
                 self.source,
                 parse_digest(digest),
-                lambda data: verify(data, signature, self.trusted.current(), "release"),
+                # the keys trusted here, and those the core's rotations endorsed since
+                lambda data: verify(
+                    data, signature, follow(self.trusted.current(), self.endorsements), "release"
+                ),
             )
         except (FailedPrecondition, InvalidArgument) as exc:
             if digest not in self.refused:

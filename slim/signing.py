@@ -252,6 +252,27 @@ class KeyDirectory:
         previous = self.previous()
         return [self.signer().public, *([previous] if previous else [])]
 
+    def public_keys(self) -> list[PublicKey]:
+        """The same keys as :meth:`trusted`, from the public files alone: what a boot medium is
+        built with, where the private key need not be (or be read)."""
+        found: list[PublicKey] = []
+        for name in (PUBLIC_FILE, PREVIOUS_FILE):
+            path = self.path / name
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                if name == PUBLIC_FILE:
+                    raise FailedPrecondition(f"no {path}: not the core's key directory") from None
+                continue
+            except OSError as exc:
+                raise FailedPrecondition(f"cannot read the public key {path}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise InvalidArgument(f"{path} is not a signify public key") from None
+            key = PublicKey.from_text(text, str(path))
+            if key not in found:  # previous.pub the same as signing.pub: a rotation stopped early
+                found.append(key)
+        return found
+
     def not_rotating(self) -> SigningKey:
         """The key that signs, when no rotation is under way (FailedPrecondition if one is)."""
         current = self.signer()

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import re
 import secrets
 import shutil
 import stat
@@ -1166,6 +1167,69 @@ async def test_a_boot_medium_fetches_the_verified_release_and_hands_on_its_token
     token_file.write_text(f"node.{secrets.token_hex(8)}.{'A' * 43}\n")
     code, out, err = await run_medium(*argv)
     assert code == 1 and "refused this medium's token" in err, err
+
+
+async def run_medium_typing(typed: str, *argv: str) -> tuple[int, str, str]:
+    """The medium's agent with ``typed`` on its standard input (the console, on a real boot)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "slim.agent.medium", *argv,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(typed.encode()), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_a_generic_medium_trades_a_one_time_code_for_the_nodes_token(
+    site: Site, tmp_path: Path
+) -> None:
+    """A generic medium (no node, no token) asks for a one-time code, trades it with the relay over
+    HTTPS for the node's token, keeps that in its cache, and boots the node's release with it;
+    its next boot asks nothing.  A code mistyped may be typed again; a used or an expired code
+    stops it with a message that says so; over plain HTTP the relay takes no code."""
+    code = await asyncio.to_thread(site.service.issue_token, "code", "n1", None)
+    assert re.fullmatch(r"([0-9A-Z]{4}-){3}[0-9A-Z]{4}", code.text) and code.record.kind == "code"
+    medium = tmp_path / "medium.json"
+    medium.write_text(json.dumps({"id": "0123abcd", "node": "", "relays": [site.relay_https_url]}))
+    (tmp_path / "cmdline").write_text("console=ttyS0\n")
+    cache = tmp_path / "cache"
+    argv = ("--medium", str(medium), "--cmdline", str(tmp_path / "cmdline"), "--trust", str(site.trust),
+            "--ca", str(site.ca), "--work", str(tmp_path / "work"), "--cache-dir", str(cache),
+            "--no-kexec")  # fmt: skip
+    typed = (
+        f"{'0' * 16}\n{code.text.lower().replace('-', ' ')}\n"  # a wrong code, then the right one, as typed
+    )
+    rc, out, err = await run_medium_typing(typed, *argv)
+    assert rc == 0, err
+    assert err.count("type the one-time code") == 2 and "do not know that code" in err
+    assert "this PC is node n1" in err
+    kept = json.loads((cache / "node.json").read_text())
+    assert kept["node"] == "n1" and stat.S_IMODE((cache / "node.json").stat().st_mode) == 0o600
+    started = json.loads(out)
+    assert parse_cmdline(started["cmdline"])["slim.node"] == "n1"
+    assert site.service.tokens.check(kept["token"], "node", time.time()).name == "n1"  # n1's own token
+    # the next boot: the kept token, nothing asked
+    rc, out, err = await run_medium_typing("", *argv)
+    assert rc == 0 and "one-time code" not in err, err
+    # a used code, and an expired one, stop the medium where it asks
+    fresh = tmp_path / "fresh"
+    again = (*argv[:-3], "--cache-dir", str(fresh), "--no-kexec")
+    rc, out, err = await run_medium_typing(code.text + "\n", *again)
+    assert rc == 1 and "refused this one-time code" in err and "already used" in err, err
+    expired = await asyncio.to_thread(site.service.issue_token, "code", "n1", 0.001)
+    await asyncio.sleep(0.01)
+    rc, out, err = await run_medium_typing(expired.text + "\n", *again)
+    assert (
+        rc == 1 and "has expired" in err and "Ask your SLIM administrator for a new one-time code" in err
+    ), err
+    assert not (fresh / "node.json").exists()
+    # the relay takes codes over HTTPS only
+    other = await asyncio.to_thread(site.service.issue_token, "code", "n1", None)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{site.relay_url}/v1/redeem", json={"code": other.text}) as resp,
+    ):
+        assert resp.status == 403 and "HTTPS only" in (await resp.json())["error"]
 
 
 async def test_a_medium_cache_keeps_the_boots_objects_and_checks_them(site: Site, tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ wrote, in every combination a home PC has: from a USB stick under UEFI over the 
 BIOS with its first relay down, from the stick under BIOS, and a new release from the stick
 under Secure Boot.  Each boot reaches ``up`` through the release's own kernel (kexec), mounts
 ``/usr`` from the ISP relay's ganesha, runs programs from it, and leaves the owner's disk as it
-was, byte for byte.  Last, a revoked token stops the medium at a clear console message.
+was, byte for byte.  Last, a revoked token, and a generic medium given an expired one-time code
+(typed on its console), stop at clear console messages.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def test_a_home_pc_boots_from_its_medium_over_broadband_through_its_isps_relay(t
         where = ("--registry", str(lab.registry), "--keys", str(lab.keys), "--ca", str(tmp_path / "ca"))
         node = ("--node", "vm1", "--token-file", str(token), *where, "--console", "serial")
         built = json.loads(lab.slim("media", "build", str(medium), *node, "--json"))
-        assert built["node"] == "vm1" and built["relays"][0] == f"https://{ISP_WAN}:{RELAY_HTTPS}/"
+        assert built["node"] == "vm1" and built["relays"][0] == f"https://{ISP_WAN}:{RELAY_HTTPS}"
         assert stat.S_IMODE(medium.stat().st_mode) == 0o600  # it holds the token
         stick = tmp_path / "stick.img"  # the image written to a 256 MiB stick
         shutil.copyfile(medium, stick)
@@ -140,3 +141,15 @@ def test_a_home_pc_boots_from_its_medium_over_broadband_through_its_isps_relay(t
         console = lab.console_until(r"slim-medium: this PC stays here", medium=cd)
         assert "cannot boot: the relays refused this medium's token" in console, console[-2000:]
         assert "Ask your SLIM administrator for a new medium" in console
+
+        # a generic medium (no node, no token) asks for a one-time code; an expired one stops it
+        code = subprocess.run([*SLIM, "node", "code", "vm1", "--ttl", "1s", "--core", lab.core], check=True,
+                              capture_output=True, text=True, timeout=60).stdout.strip()  # fmt: skip
+        generic = tmp_path / "generic.iso"
+        lab.slim("media", "build", str(generic), "--generic", "--environment", "vmtest", *where,
+                 "--console", "serial")  # fmt: skip
+        console = lab.console_until(
+            r"this PC stays here", medium=generic, typed=(r"type the one-time code", code)
+        )
+        assert "refused this one-time code" in console and "has expired" in console, console[-2000:]
+        assert "Ask your SLIM administrator for a new one-time code" in console

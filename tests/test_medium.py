@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from labs.vmlab import SLIM
 from slim.agent.cache import CacheCorrupt, LocalObjects, ext_uuid, fs_bytes
 from slim.agent.medium import Medium, MediumError, kexec_cmdline, newc
 from slim.agent.plan import parse_cmdline
@@ -138,3 +139,54 @@ def test_the_seed_filesystem_is_told_from_a_grown_one(tmp_path: Path) -> None:
     assert ext_uuid(tmp_path / "missing") is None and fs_bytes(tmp_path / "missing") == 0
     (tmp_path / "zeros").write_bytes(bytes(4096))
     assert ext_uuid(tmp_path / "zeros") is None and fs_bytes(tmp_path / "zeros") == 0
+
+
+def grub_entry(iso: Path, path: str) -> subprocess.CompletedProcess[str]:
+    argv = [*SLIM, "media", "grub-entry", str(iso), "--path", path]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_grub_entry_boots_a_medium_image_kept_on_the_pcs_disk(tmp_path: Path) -> None:
+    """``slim media grub-entry``: GRUB's loopback of the image, with the medium's own kernel
+    arguments (from its grub.cfg) and no cache; GRUB's own parser takes it."""
+    xorriso = need_tool("xorriso")
+    check = need_tool("grub-script-check", "grub-common")
+    spec = MediumSpec("0123abcd", "n1", ["https://r:1"], kernel_args="console=ttyS0,115200")
+    tree = tmp_path / "tree"
+    (tree / "boot" / "grub").mkdir(parents=True)
+    (tree / "boot" / "grub" / "grub.cfg").write_text(grub_cfg(spec))
+    for name in ("vmlinuz", "initrd"):
+        (tree / "boot" / name).write_bytes(b"stand-in")
+    iso = tmp_path / "m.iso"
+    subprocess.run(
+        [xorriso, "-as", "mkisofs", "-quiet", "-o", str(iso), str(tree)], check=True, capture_output=True
+    )
+    done = grub_entry(iso, "/slim/home1.iso")
+    assert done.returncode == 0, done.stderr
+    entry = done.stdout
+    assert 'menuentry "SLIM: node n1" --id slim-0123abcd {' in entry
+    assert 'set isofile="/slim/home1.iso"' in entry and "loopback slimiso $isofile" in entry
+    linux = next(line.split()[1:] for line in entry.splitlines() if line.strip().startswith("linux "))
+    assert linux == [
+        "(slimiso)/boot/vmlinuz",
+        "slim.medium=0123abcd",
+        "slim.grubroot=loop",
+        "console=ttyS0,115200",
+    ]
+    script = tmp_path / "40_slim.cfg"
+    script.write_text(entry)
+    subprocess.run([check, str(script)], check=True, capture_output=True, timeout=30)
+    for bad, says in (
+        ("slim/home1.iso", "absolute path"),
+        ("/a/../b.iso", "absolute path"),
+        ('/a"b', "absolute"),
+    ):
+        wrong = grub_entry(iso, bad)
+        assert wrong.returncode == 1 and says in wrong.stderr, wrong.stderr
+    other = tmp_path / "other.iso"
+    (tree / "boot" / "grub" / "grub.cfg").write_text("menuentry x {\n}\n")
+    subprocess.run(
+        [xorriso, "-as", "mkisofs", "-quiet", "-o", str(other), str(tree)], check=True, capture_output=True
+    )
+    wrong = grub_entry(other, "/x.iso")
+    assert wrong.returncode == 1 and "is not a SLIM boot medium" in wrong.stderr

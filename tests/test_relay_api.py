@@ -26,7 +26,7 @@ from slim.agent.tree import Entry
 from slim.core.control.service import CoreService
 from slim.core.store import Store
 from slim.release import ObjectRef, Release, ReleaseDirectory
-from slim.signing import KeyDirectory, SigningKey, verify
+from slim.signing import KeyDirectory, ReloadingSigner, SigningKey, verify
 from slim.v1 import core_pb2 as pb
 from slim.vocabulary import Policy
 from tests.support import Core, blob, metrics, need, origin, relay, start_relay_process, stop_process, url
@@ -414,6 +414,37 @@ async def test_a_relay_given_the_key_directory_follows_a_key_rotation(
         await wait_until(lambda: jdk14_old in r.warmer.refused)
         assert jdk14_old[7:] not in r.cache.pins and base_new[7:] in r.cache.pins
         assert r.warmer.refused == {jdk14_old}
+
+
+async def test_a_relay_given_an_old_key_file_follows_the_cores_rotations(
+    core: Core, service: CoreService, store: Store, tmp_path: Path
+) -> None:
+    """An ISP's relay holds a copy of the core's public key, not its key directory: the core's
+    heartbeat replies carry the rotations' chain, so releases the next key signs are pinned
+    (and their NFS trees built); a key nobody endorsed is refused."""
+    keys = KeyDirectory(tmp_path / "keys")
+    service.signer = ReloadingSigner(keys.path)  # as slim core serve signs: its directory's chain
+    copy = tmp_path / "isp" / "core.pub"
+    copy.parent.mkdir()
+    copy.write_text(keys.signer().public.text())
+    base = store.release("base")
+    assert base is not None
+    async with (
+        origin(store) as o,
+        relay(tmp_path / "r", [url(o)], name="room-1", core=core.address, trust=[copy]) as r,
+    ):
+        await wait_until(lambda: base[0][7:] in r.cache.pins)
+        new = SigningKey.generate()
+        keys.begin_rotation(new)
+        keys.finish_rotation()
+        signed_new = store.publish_release(base[1].model_copy(update={"created": "next"}), new)
+        await wait_until(lambda: signed_new[7:] in r.cache.pins)
+        assert not r.warmer.refused and len(r.warmer.endorsements) == 1
+        stranger = store.publish_release(
+            base[1].model_copy(update={"created": "other"}), SigningKey.generate()
+        )
+        await wait_until(lambda: stranger in r.warmer.refused)
+        assert stranger[7:] not in r.cache.pins
 
 
 # -- TFTP ----------------------------------------------------------------------------

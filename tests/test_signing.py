@@ -279,3 +279,18 @@ def test_a_rotation_whose_rebuild_fails_leaves_the_keys_as_they_were(
     assert "/srv/images/base" in out
     assert KeyDirectory(tmp_path / "keys").trusted() == [old.public]
     assert {n: store.release_signature(n) for n in store.environments()} == signatures
+
+
+def test_a_medium_is_built_from_the_public_keys_alone(tmp_path: Path) -> None:
+    """``slim media build`` reads signing.pub (and previous.pub during a rotation), never the
+    private key: it may run where only the public files were copied."""
+    keys = KeyDirectory(tmp_path / "keys")
+    first = keys.load_or_create()
+    keys.begin_rotation(SigningKey.generate())
+    both = keys.trusted()
+    (tmp_path / "keys" / "signing.key").unlink()  # only the public files are left
+    assert keys.public_keys() == both and both[1] == first.public
+    with pytest.raises(FailedPrecondition):
+        keys.trusted()
+    with pytest.raises(FailedPrecondition, match=r"no .*signing\.pub"):
+        KeyDirectory(tmp_path / "elsewhere").public_keys()

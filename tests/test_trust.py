@@ -24,7 +24,7 @@ import pytest
 from slim.core.control.server import CoreServer, ServerTls
 from slim.core.control.service import CoreService
 from slim.core.store import Store
-from slim.errors import InvalidArgument, PermissionDenied, SlimError, Unauthenticated
+from slim.errors import InvalidArgument, NotFound, PermissionDenied, SlimError, Unauthenticated
 from slim.pki import CertificateAuthority, read_issued
 from slim.rpc import AsyncCoreClient, Credentials
 from slim.v1 import core_pb2 as pb
@@ -244,6 +244,42 @@ async def test_admin_tokens_rotate(service: CoreService) -> None:
             await c.close()
 
 
+async def test_a_one_time_code_becomes_its_nodes_token_once(service: CoreService) -> None:
+    """``slim node code``: a code for a node of the registry, taken once (RedeemCode, a relay's
+    call) for a new node token; used, expired, withdrawn or never issued, it is refused saying
+    which; it never passes for a token; an admin token cannot be one."""
+    async with trusted_core(service) as core:
+        local = AsyncCoreClient(f"unix:{core.socket}")
+
+        async def code(name: str = "n1", ttl: float = 0) -> str:
+            request = pb.IssueTokenRequest(kind=pb.TOKEN_KIND_CODE, name=name, ttl_seconds=ttl)
+            return (await local.call(local.admin.IssueToken, request)).token
+
+        def redeem(text: str) -> Callable[[], Awaitable[Any]]:
+            return lambda: local.call(
+                local.core.RedeemCode, pb.RedeemCodeRequest(code=text, origin="10.1.0.9")
+            )
+
+        first = await code()
+        got = await redeem(first.lower())()  # as typed: any case
+        assert got.node == "n1"
+        assert service.tokens.check(got.token, "node", core.now[0]).name == "n1"
+        await fails(redeem(first), Unauthenticated, "already used")
+        await fails(redeem("ZZZZ-ZZZZ-ZZZZ-ZZZZ"), Unauthenticated, "unknown one-time code")
+        await fails(redeem("node.0123456789abcdef." + "A" * 43), Unauthenticated, "not a one-time code")
+        late = await code(ttl=60)
+        core.now[0] += 61
+        await fails(redeem(late), Unauthenticated, "has expired")
+        withdrawn = await code()
+        await local.call(local.admin.RevokeTokens, pb.RevokeTokensRequest(kind=pb.TOKEN_KIND_NODE, name="n1"))
+        await fails(redeem(withdrawn), Unauthenticated, "already used, or withdrawn")
+        with pytest.raises(Unauthenticated):  # a code is no token
+            service.tokens.check(await code(), "node", core.now[0])
+        await fails(lambda: code("nobody"), NotFound, "nobody")
+        await fails(lambda: code(ttl=31 * 86400), InvalidArgument, "lifetime")
+        await local.close()
+
+
 # -- nodes and their tokens, through a relay ------------------------------------------------------
 async def test_a_node_token_speaks_for_its_node_only(
     service: CoreService, store: Store, registry_file: Path, tmp_path: Path
@@ -302,6 +338,10 @@ async def test_a_node_token_speaks_for_its_node_only(
             assert (await ask("POST", "/v1/nodes/n2/events", None, up("b9", key)))[0] == 401  # n1's key
             assert (await ask("POST", "/v1/nodes/n1/events", None, up("b9", "x" * 32)))[0] == 401
             assert (await ask("POST", "/v1/nodes/n1/events", None, up("b9", key)))[0] == 200
+            # n1 boots again: the old boot's key proves nothing any more
+            assert (await ask("POST", "/v1/nodes/n1/events", n1, keyed("c1", "y" * 32)))[0] == 200
+            assert (await ask("POST", "/v1/nodes/n1/events", None, up("b9", key)))[0] == 401  # accepted above
+            assert (await ask("POST", "/v1/nodes/n1/events", None, up("c1", "y" * 32)))[0] == 200
             status, text = await ask("GET", "/v1/nodes/n1/plan", "node.0123456789abcdef.x")
             assert status == 401 and "malformed" in text
             # revoked: refused on its next call
@@ -316,7 +356,7 @@ async def test_a_node_token_speaks_for_its_node_only(
         assert [e.stage for e in events.events] == ["kernel"]
         n1_events = await local.call(local.admin.ListBootEvents, pb.ListBootEventsRequest(node="n1"))
         # the one its token sent, and the relay's own observation of the script it served
-        assert sorted(e.stage for e in n1_events.events) == ["plan", "plan", "script", "up"]
+        assert sorted(e.stage for e in n1_events.events) == ["plan", "plan", "plan", "script", "up", "up"]
         await local.close()
 
 

@@ -355,3 +355,50 @@ def write_iso(out: Path, spec: MediumSpec, kernel: Path, initrd: Path, parts: Pa
         out.unlink(missing_ok=True)  # not through a link someone left there
         shutil.move(iso, out)
     return out.stat().st_size
+
+
+# -- a PC that already runs Linux: an entry in its own GRUB menu -----------------------------------
+GRUB_ENTRY = """\
+# SLIM boot medium {medium} (slim media grub-entry): this PC boots into SLIM from the medium's
+# image, kept as a file on one of its own disks: {path} on its file system (with a separate /boot
+# partition, /boot/slim/x.iso is /slim/x.iso there).  Add this to /etc/grub.d/40_custom and run
+# update-grub; then pick "SLIM" at GRUB's menu, or once: grub-reboot slim-{medium} && reboot.
+# It boots from RAM (no cache partition): everything is fetched at each boot.
+menuentry "SLIM: {title}" --id slim-{medium} {{
+    set isofile="{path}"
+    search --no-floppy --file --set=root $isofile
+    loopback slimiso $isofile
+    linux (slimiso)/boot/vmlinuz {args}
+    initrd (slimiso)/boot/initrd
+}}
+"""
+_ENTRY_PATH_RE = re.compile(r"/[A-Za-z0-9._/-]{1,250}")
+_LINUX_RE = re.compile(r"^\s*linux /boot/vmlinuz (.*)$", re.MULTILINE)
+_TITLE_RE = re.compile(r'^menuentry "SLIM: ([^"]*)"', re.MULTILINE)
+
+
+def grub_entry(iso: Path, path: str) -> str:
+    """The GRUB menu entry that boots the medium image ``iso`` kept as the file ``path`` on a
+    PC's disk (``loopback``, which Debian's signed GRUB has built in: Secure Boot still checks
+    the kernel).  Its kernel arguments are the medium's own (its grub.cfg), with
+    ``slim.grubroot=loop``: no cache partition to look for."""
+    if not _ENTRY_PATH_RE.fullmatch(path) or "/../" in f"{path}/" or "//" in path:
+        raise InvalidArgument(
+            f"--path {path!r}: give the image's absolute path on its file system (/, a-z, 0-9, . _ -)"
+        )
+    with tempfile.TemporaryDirectory(prefix="slim-entry-") as tmp:
+        cfg = Path(tmp) / "grub.cfg"
+        try:
+            _run(
+                ["xorriso", "-indev", str(iso), "-osirrox", "on", "-extract", "/boot/grub/grub.cfg", str(cfg)]
+            )
+            text = cfg.read_text()
+        except (FailedPrecondition, OSError) as exc:
+            message = exc.message if isinstance(exc, FailedPrecondition) else str(exc)
+            raise InvalidArgument(f"{iso} is not a SLIM boot medium (slim media build): {message}") from None
+    medium = re.search(r"slim\.medium=([0-9a-f]{8,32})\b", text)
+    linux, title = _LINUX_RE.search(text), _TITLE_RE.search(text)
+    if medium is None or linux is None or title is None:
+        raise InvalidArgument(f"{iso} is not a SLIM boot medium (its /boot/grub/grub.cfg has no SLIM entry)")
+    args = linux.group(1).replace("slim.grubroot=$root", "slim.grubroot=loop")
+    return GRUB_ENTRY.format(medium=medium.group(1), path=path, title=title.group(1), args=args)

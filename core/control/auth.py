@@ -34,9 +34,14 @@ from typing import Any, Literal
 from slim.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from slim.pki import Identity, Revocations, identity_of_pem
 
-Kind = Literal["admin", "node"]
+Kind = Literal["admin", "node", "code"]
 TOKEN_RE = re.compile(r"(admin|node)\.([0-9a-f]{16})\.([A-Za-z0-9_-]{43})")
 MAX_TOKEN_TEXT = 128
+# A one-time code (slim node code): 16 characters someone types at a generic medium's prompt,
+# 80 random bits, from an alphabet without look-alikes (Crockford's base32), in groups of 4.
+CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+CODE_GROUPS = 4
+_CODE_RE = re.compile(f"[{CODE_ALPHABET}]{{{CODE_GROUPS * 4}}}")
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,32 @@ def new_token(kind: Kind, name: str, now: float, ttl: float | None) -> NewToken:
     return NewToken(record, f"{kind}.{token_id}.{secret}")
 
 
+def new_code(node: str, now: float, ttl: float) -> NewToken:
+    """A fresh one-time code for ``node``: ``XXXX-XXXX-XXXX-XXXX`` (the record keeps its hash;
+    its id is for listing and revoking it)."""
+    chars = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_GROUPS * 4))
+    record = TokenRecord(
+        id=secrets.token_hex(8),
+        kind="code",
+        name=node,
+        hash=hashlib.sha256(chars.encode()).hexdigest(),
+        created=now,
+        expires=now + ttl,
+    )
+    return NewToken(record, "-".join(chars[i : i + 4] for i in range(0, len(chars), 4)))
+
+
+def normalize_code(text: str) -> str:
+    """A code as typed (any case, with or without dashes or spaces; O for 0, I and L for 1, as
+    Crockford's base32 reads them) in its canonical form; Unauthenticated if it cannot be one."""
+    if len(text) > 64:
+        raise Unauthenticated("that is not a one-time code (they read XXXX-XXXX-XXXX-XXXX)")
+    chars = re.sub(r"[\s-]", "", text).upper().translate(str.maketrans("OIL", "011"))
+    if not _CODE_RE.fullmatch(chars):
+        raise Unauthenticated("that is not a one-time code (they read XXXX-XXXX-XXXX-XXXX)")
+    return chars
+
+
 def parse_token(text: str) -> tuple[Kind, str, str]:
     """(kind, id, secret) of a token's text; a clear error if it is not one."""
     found = TOKEN_RE.fullmatch(text.strip()) if len(text) <= MAX_TOKEN_TEXT else None
@@ -125,6 +156,21 @@ class TokenBook:
             raise Unauthenticated(f"{kind} token {token_id} ({record.name}) was revoked")
         if record.expires is not None and now >= record.expires:
             raise Unauthenticated(f"{kind} token {token_id} ({record.name}) expired")
+        return record
+
+    def code(self, text: str, now: float) -> TokenRecord:
+        """The record of the valid one-time code ``text``; UNAUTHENTICATED saying why not
+        (unknown, already used or withdrawn, expired)."""
+        digest = hashlib.sha256(normalize_code(text).encode()).hexdigest()
+        with self._lock:
+            found = [r for r in self._by_id.values() if r.kind == "code"]
+        record = next((r for r in found if hmac.compare_digest(r.hash, digest)), None)
+        if record is None:
+            raise Unauthenticated("unknown one-time code (check what was typed)")
+        if record.revoked_at is not None:
+            raise Unauthenticated(f"this one-time code ({record.id}) was already used, or withdrawn")
+        if record.expires is not None and now >= record.expires:
+            raise Unauthenticated(f"this one-time code ({record.id}) has expired")
         return record
 
 

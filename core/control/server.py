@@ -285,7 +285,11 @@ def relay_info_pb(v: dom.RelayView) -> pb.RelayInfo:
     return info
 
 
-_KINDS: dict[pb.TokenKind.ValueType, Kind] = {pb.TOKEN_KIND_ADMIN: "admin", pb.TOKEN_KIND_NODE: "node"}
+_KINDS: dict[pb.TokenKind.ValueType, Kind] = {
+    pb.TOKEN_KIND_ADMIN: "admin",
+    pb.TOKEN_KIND_NODE: "node",
+    pb.TOKEN_KIND_CODE: "code",
+}
 KIND_TO_PB = {v: k for k, v in _KINDS.items()}
 
 
@@ -425,6 +429,13 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
         return pb.NodeOrder(action=action, reason=reason, poll_ms=round(poll * 1000))
 
     @unary
+    async def RedeemCode(self, request: pb.RedeemCodeRequest, context: Any) -> pb.RedeemCodeResponse:
+        caller = await self.auth.relay(context)
+        node, token = await self.write(self.service.redeem_code, request.code[:MAX_STORED_TEXT])
+        log.info("%s redeemed a one-time code for %s (from %s)", caller.principal, node, request.origin[:64])
+        return pb.RedeemCodeResponse(node=node, token=token.text)
+
+    @unary
     async def ReportBootEvents(
         self, request_iterator: AsyncIterator[pb.BootEvent], context: Any
     ) -> pb.ReportBootEventsResponse:
@@ -517,6 +528,10 @@ class CoreServicer(_Base, pb_grpc.CoreServicer):
                             pinned_releases=list(signatures),
                             release_signatures={d: s for d, s in signatures.items() if s},
                             nfs_export_root=self.service.registry.settings.nfs_export_root,
+                            endorsements=[
+                                pb.KeyEndorsement(key=e.key, signature=e.signature)
+                                for e in self.service.key_endorsements()
+                            ],
                         ),
                     )
             finally:
@@ -607,7 +622,7 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
         caller = await self.auth.admin(context)
         kind = _token_kind(request.kind)
         if kind is None:
-            raise InvalidArgument("a token's kind is required (admin or node)")
+            raise InvalidArgument("a token's kind is required (admin, node or code)")
         if kind == "admin" and caller.principal.startswith("token:"):
             # a stolen token must not outlive its revocation under another name
             raise PermissionDenied("admin tokens are issued with an admin certificate or on the core's host")

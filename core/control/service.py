@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from slim.core.control.auth import Kind, NewToken, TokenBook, TokenRecord, new_token
+from slim.core.control.auth import Kind, NewToken, TokenBook, TokenRecord, new_code, new_token
 from slim.core.control.bootscript import LOCAL, Menu, MenuEntry, render_ipxe, render_pxelinux
 from slim.core.control.redirect import RankedRelay, Redirector, RelayStatus, parse_origin, relay_status
 from slim.core.control.state import BootEvent, NextBoot, RelayBeat, State
@@ -73,8 +73,9 @@ ORPHAN_SECONDS = 600.0  # how long an event naming only an unknown boot id waits
 MAX_ORPHANS = 10_000  # ... and how many may wait
 DAY = 86400.0
 PICKED = "slim.env"  # a plan's reason when the node's kernel named another environment (the menu's pick)
-DEFAULT_TOKEN_TTL: dict[Kind, float] = {"admin": 90 * DAY, "node": 3650 * DAY}
+DEFAULT_TOKEN_TTL: dict[Kind, float] = {"admin": 90 * DAY, "node": 3650 * DAY, "code": DAY}
 MAX_TOKEN_TTL = 3650 * DAY
+MAX_CODE_TTL = 30 * DAY  # a one-time code waits at most this long to be typed
 MAX_ADMIN_TOKEN_TTL = 365 * DAY
 AGENT_OR_EE = ("plan", SWITCH_ROOT_STAGE, UP_STAGE)  # a boot with these ran the agent
 RETRY_WAIT = 4  # seconds (to twice that, jittered) a boot script waits before asking the relays again
@@ -876,11 +877,11 @@ class CoreService:
         """*writes* A new ``kind`` token for ``name`` (a node of the registry, for a node
         token); ``ttl`` seconds (None: the default).  With ``retire_others_after``, the
         name's other tokens of that kind expire that many seconds from now (rotation)."""
-        if kind == "node":
+        if kind in ("node", "code"):
             self.registry.node(name)
         elif not name or len(name) > 63 or not name.isprintable():
             raise InvalidArgument(f"admin name {name[:80]!r}: give 1 to 63 printable characters")
-        longest = MAX_ADMIN_TOKEN_TTL if kind == "admin" else MAX_TOKEN_TTL
+        longest = {"admin": MAX_ADMIN_TOKEN_TTL, "node": MAX_TOKEN_TTL, "code": MAX_CODE_TTL}[kind]
         if ttl is None:
             ttl = DEFAULT_TOKEN_TTL[kind]
         elif not 0 < ttl <= longest:
@@ -890,7 +891,7 @@ class CoreService:
         if not 0 <= retire_others_after <= MAX_TOKEN_TTL:  # NaN fails too
             raise InvalidArgument(f"retire_others_after {retire_others_after:g} s is out of range")
         now = self.clock()
-        new = new_token(kind, name, now, ttl)
+        new = new_code(name, now, ttl) if kind == "code" else new_token(kind, name, now, ttl)
         self.state.add_token(new.record)
         self.tokens.put(new.record)
         if retire_others_after:
@@ -902,17 +903,32 @@ class CoreService:
                     self.tokens.put(replace(r, expires=until))
         return new
 
+    def redeem_code(self, code: str) -> tuple[str, NewToken]:
+        """*writes* A generic boot medium's first boot (docs/home.md): the one-time ``code``
+        becomes a node token for the node it was issued for; the code is used up.  (node,
+        the new token); UNAUTHENTICATED for a code that is unknown, used or expired."""
+        record = self.tokens.code(code, self.clock())
+        self.registry.node(record.name)  # a node the registry no longer has: NotFound
+        now = self.clock()
+        self.state.revoke_tokens([record.id], now)
+        self.tokens.put(replace(record, revoked_at=now))
+        token = self.issue_token("node", record.name, None)
+        log.info("one-time code %s of %s used: node token %s issued", record.id, record.name, token.record.id)
+        return record.name, token
+
     def list_tokens(self, kind: Kind | None = None, name: str = "") -> list[TokenRecord]:
         return [r for r in self.tokens.records() if kind in (None, r.kind) and name in ("", r.name)]
 
     def revoke_tokens(
         self, token_id: str = "", kind: Kind | None = None, name: str = ""
     ) -> list[TokenRecord]:
-        """*writes* Revoke one token (by id) or every token of ``kind`` and ``name``."""
+        """*writes* Revoke one token (by id) or every token of ``kind`` and ``name``; a node's
+        one-time codes go with its node tokens."""
+        kinds = {kind, "code"} if kind == "node" else {kind}
         if token_id:
-            hit = [r for r in self.tokens.records() if r.id == token_id and kind in (None, r.kind)]
+            hit = [r for r in self.tokens.records() if r.id == token_id and (kind is None or r.kind in kinds)]
         elif kind and name:
-            hit = [r for r in self.tokens.records() if r.kind == kind and r.name == name]
+            hit = [r for r in self.tokens.records() if r.kind in kinds and r.name == name]
         else:
             raise InvalidArgument("name the token by id, or by kind and name")
         hit = [r for r in hit if r.revoked_at is None]
@@ -937,11 +953,14 @@ class CoreService:
 
     def check_boot_key(self, node: str, boot_id: str, key: str) -> None:
         """Raise UNAUTHENTICATED unless ``key`` is the boot key ``node``'s agent registered for
-        boot ``boot_id`` (its plan event: :attr:`BootEvent.boot_key_sha256`)."""
+        boot ``boot_id`` (its plan event: :attr:`BootEvent.boot_key_sha256`), and that boot is
+        the node's newest: an environment the node has since rebooted out of proves nothing."""
         found = self.state.boot_key_sha256(boot_id, node) if BOOT_ID_RE.fullmatch(boot_id) else ""
         digest = hashlib.sha256(key.encode()).hexdigest()
         if not found or not hmac.compare_digest(found, digest):
             raise Unauthenticated(f"the boot key does not prove boot {boot_id[:64]} of node {node}")
+        if self.state.newest_boot_id(node) != boot_id:
+            raise Unauthenticated(f"boot {boot_id[:64]} is no longer node {node}'s: it has booted since")
 
     def check_node_token(self, node: str, token: str) -> None:
         """Raise unless ``token`` is a valid token of ``node`` (UNAUTHENTICATED, or

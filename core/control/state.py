@@ -315,6 +315,14 @@ class State:
             ).fetchone()
         return "" if row is None else str(row[0])
 
+    def newest_boot_id(self, node: str) -> str:
+        """The boot id of ``node``'s newest event ("" if it has none)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT boot_id FROM boot_events WHERE node = ? ORDER BY id DESC LIMIT 1", (node,)
+            ).fetchone()
+        return "" if row is None else str(row[0])
+
     def node_of_boot(self, boot_id: str) -> str | None:
         """The node a boot id belongs to (from its first event), if any."""
         with self._lock:

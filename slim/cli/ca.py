@@ -183,7 +183,7 @@ def token_rotate(name: str, ttl: str | None, overlap: str, out: Path | None, cor
 def _issue(kind: str, name: str, ttl: float, retire: float, out: Path | None, core_address: str) -> None:
     from slim.v1 import core_pb2 as pb
 
-    kinds = {"admin": pb.TOKEN_KIND_ADMIN, "node": pb.TOKEN_KIND_NODE}
+    kinds = {"admin": pb.TOKEN_KIND_ADMIN, "node": pb.TOKEN_KIND_NODE, "code": pb.TOKEN_KIND_CODE}
     request = pb.IssueTokenRequest(kind=kinds[kind], name=name, ttl_seconds=ttl, retire_others_after=retire)
     with errors_to_exit(), core_client(core_address) as client:
         issued = client.call(client.admin.IssueToken, request)
@@ -201,7 +201,8 @@ def _issue(kind: str, name: str, ttl: float, retire: float, out: Path | None, co
         console.print(f"{kind} token {issued.info.id} for {name} (expires {expires}) written to {out}")
     else:
         click.echo(issued.token)
-        err_console.print(f"{kind} token {issued.info.id} for {name}, expires {expires}: shown once")
+        what = "one-time code" if kind == "code" else f"{kind} token"
+        err_console.print(f"{what} {issued.info.id} for {name}, expires {expires}: shown once")
 
 
 @token.command("list")
@@ -246,7 +247,7 @@ def revoke_tokens(kind: str, id_or_name: str, core_address: str) -> None:
 
     from slim.v1 import core_pb2 as pb
 
-    kinds = {"admin": pb.TOKEN_KIND_ADMIN, "node": pb.TOKEN_KIND_NODE}
+    kinds = {"admin": pb.TOKEN_KIND_ADMIN, "node": pb.TOKEN_KIND_NODE, "code": pb.TOKEN_KIND_CODE}
     if re.fullmatch(r"[0-9a-f]{16}", id_or_name):
         request = pb.RevokeTokensRequest(id=id_or_name, kind=kinds[kind])
     else:

@@ -43,13 +43,20 @@ def default_relays(registry_path: Path, node: str) -> list[str]:
 
 @media.command("build")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--node", required=True, help="The node (in the registry) the medium boots; its token goes in.")
+@click.option("--node", default=None, help="The node (in the registry) the medium boots; its token goes in.")
 @click.option(
     "--token-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    required=True,
+    default=None,
     help="The node's token (slim node enroll NODE --out FILE): the medium sends it to the relays, over "
     "HTTPS only.  Revoke it (slim node revoke) and the medium stops working.",
+)
+@click.option(
+    "--generic",
+    is_flag=True,
+    help="A medium of no node, holding no token: at its first boot it asks for a one-time code (slim "
+    "node code NODE), trades it for the node's token over HTTPS and keeps that on the stick.  Give "
+    "--environment (its kernel); instead of --node and --token-file.",
 )
 @click.option(
     "--relay",
@@ -92,8 +99,9 @@ def default_relays(registry_path: Path, node: str) -> list[str]:
 @json_option
 def media_build(
     out: Path,
-    node: str,
-    token_file: Path,
+    node: str | None,
+    token_file: Path | None,
+    generic: bool,
     relays: tuple[str, ...],
     environment: str | None,
     modules: tuple[str, ...],
@@ -104,8 +112,9 @@ def media_build(
     ca_path: Path | None,
     as_json: bool,
 ) -> None:
-    """Write a boot medium for NODE to OUT: a hybrid image for a USB stick or a CD, BIOS or UEFI
-    (Secure Boot: Debian's signed shim, GRUB and kernel).
+    """Write a boot medium to OUT, for --node NODE (with its token) or --generic (a one-time code
+    at its first boot): a hybrid image for a USB stick or a CD, BIOS or UEFI (Secure Boot:
+    Debian's signed shim, GRUB and kernel).
 
     Write it to a stick with `dd if=OUT of=/dev/sdX bs=4M conv=fsync` (or any image writer).
     It holds a kernel and an initrd that reach the relays, check the node's plan with the
@@ -131,8 +140,15 @@ def media_build(
 
     with errors_to_exit():
         reg = load_registry(registry_path)
-        node_cfg = reg.node(node)
-        env_name = environment or node_cfg.environment
+        if generic:
+            if node or token_file:
+                fail("--generic: a generic medium has no node and no token (they come with a one-time code)")
+            if not environment:
+                fail("--generic: give --environment, whose image gives the medium its kernel")
+        elif not node or token_file is None:
+            fail("give --node and --token-file (a node's medium), or --generic (a one-time code)")
+        node = "" if generic else node or ""
+        env_name = environment or reg.node(node).environment
         env = reg.environment(env_name)
         urls = [u.rstrip("/") for u in relays] or default_relays(registry_path, node)
         if not urls:
@@ -140,10 +156,10 @@ def media_build(
         for u in urls:
             if not u.startswith("https://"):
                 fail(f"--relay {u}: a medium's relays are https:// (its token never goes in clear)")
-        token = read_token(token_file, default=False)
+        token = read_token(token_file, default=False) if token_file is not None else ""
         keys = KeyDirectory(keys_path_or_default(keys_path, registry_path))
         with keys.held(exclusive=False):
-            trusted = keys.trusted()
+            trusted = keys.public_keys()  # the public files only: the private key is not read
         ca_dir = ca_path_or_default(ca_path, registry_path)
         args = {"both": "console=ttyS0,115200 console=tty0", "screen": "console=tty0",
                 "serial": "console=ttyS0,115200"}[console]  # fmt: skip
@@ -183,9 +199,39 @@ def media_build(
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"wrote {out} ({size / 1e6:.1f} MB): medium {spec.medium_id} for node {node}, kernel {kver}")
+    whom = f"node {node}" if node else "any node (generic: a one-time code at its first boot)"
+    click.echo(f"wrote {out} ({size / 1e6:.1f} MB): medium {spec.medium_id} for {whom}, kernel {kver}")
     click.echo(f"  relays: {', '.join(urls)}")
     click.echo(f"  trusts: {', '.join(key_ids)} (and the keys their rotations endorse)")
     if initrd.skipped:
         click.echo(f"  modules the kernel lacks, left out: {', '.join(initrd.skipped)}")
-    click.echo("  it holds the node's token: keep it like a key (mode 0600)")
+    if node:
+        click.echo("  it holds the node's token: keep it like a key (mode 0600)")
+    else:
+        click.echo("  at its first boot it asks for a one-time code: slim node code NODE")
+
+
+@media.command("grub-entry")
+@click.argument("medium", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--path",
+    "path",
+    required=True,
+    metavar="PATH",
+    help="Where the PC keeps the image: its absolute path on its own file system (for "
+    "/boot/slim/home1.iso with a separate /boot partition: /slim/home1.iso).",
+)
+def media_grub_entry(medium: Path, path: str) -> None:
+    """Print a GRUB menu entry that boots MEDIUM (an image slim media build wrote) from a file on
+    a PC that already runs Linux, beside its own system.
+
+    Copy the image to the PC (for example /boot/slim/home1.iso), add the entry to
+    /etc/grub.d/40_custom and run update-grub; the PC then offers SLIM in its own boot menu
+    (grub-reboot slim-ID picks it for the next boot only).  GRUB reads the image with
+    loopback; the kernel arguments are the medium's own.  It boots from RAM: no cache
+    partition.  Under Secure Boot the PC's GRUB must be Debian's (its shim trusts Debian's
+    kernel): see docs/home.md."""
+    from slim.core.build.medium import grub_entry
+
+    with errors_to_exit():
+        click.echo(grub_entry(medium, path), nl=False)

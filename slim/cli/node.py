@@ -366,11 +366,33 @@ def node_enroll(name: str, ttl: str | None, rotate: bool, out: Path | None, core
     _issue("node", name, _ttl(ttl), 3600.0 if rotate else 0.0, out, core_address)
 
 
+@node.command("code")
+@click.argument("name")
+@click.option(
+    "--ttl",
+    default="1d",
+    show_default=True,
+    metavar="DURATION",
+    help="How long the code may wait to be typed (at most 30d).",
+)
+@core_option
+def node_code(name: str, ttl: str, core_address: str) -> None:
+    """Issue node NAME a one-time code for a generic boot medium (printed once).
+
+    Someone at the PC types it at the medium's first boot; the medium trades it, over
+    HTTPS, for the node's own token and keeps that on its stick: the code is then used up.
+    An unused code expires after --ttl; slim node revoke withdraws it.  See docs/home.md."""
+    from slim.cli.ca import _issue, _ttl
+
+    _issue("code", name, _ttl(ttl), 0.0, None, core_address)
+
+
 @node.command("revoke")
 @click.argument("id_or_name")
 @core_option
 def node_revoke(id_or_name: str, core_address: str) -> None:
-    """Revoke a node token by id, or every token of node NAME (effective on its next call)."""
+    """Revoke a node token by id, or every token of node NAME (effective on its next call);
+    one-time codes too."""
     from slim.cli.ca import revoke_tokens
 
     revoke_tokens("node", id_or_name, core_address)

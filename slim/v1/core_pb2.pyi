@@ -109,12 +109,16 @@ class _TokenKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TokenKind.V
     TOKEN_KIND_UNSPECIFIED: _TokenKind.ValueType  # 0
     TOKEN_KIND_ADMIN: _TokenKind.ValueType  # 1
     TOKEN_KIND_NODE: _TokenKind.ValueType  # 2
+    TOKEN_KIND_CODE: _TokenKind.ValueType  # 3
+    """a one-time code a generic boot medium turns into a node token"""
 
 class TokenKind(_TokenKind, metaclass=_TokenKindEnumTypeWrapper): ...
 
 TOKEN_KIND_UNSPECIFIED: TokenKind.ValueType  # 0
 TOKEN_KIND_ADMIN: TokenKind.ValueType  # 1
 TOKEN_KIND_NODE: TokenKind.ValueType  # 2
+TOKEN_KIND_CODE: TokenKind.ValueType  # 3
+"""a one-time code a generic boot medium turns into a node token"""
 Global___TokenKind: _TypeAlias = TokenKind  # noqa: Y015
 
 @_typing.final
@@ -745,6 +749,7 @@ class HeartbeatReply(_message.Message):
     RELEASE_SIGNATURES_FIELD_NUMBER: _builtins.int
     WAKE_FIELD_NUMBER: _builtins.int
     NFS_EXPORT_ROOT_FIELD_NUMBER: _builtins.int
+    ENDORSEMENTS_FIELD_NUMBER: _builtins.int
     interval_ms: _builtins.int
     """Send the next beat after this many milliseconds (the relay adds jitter)."""
     nfs_export_root: _builtins.str
@@ -771,6 +776,12 @@ class HeartbeatReply(_message.Message):
     def wake(self) -> _containers.RepeatedCompositeFieldContainer[Global___WakeOrder]:
         """Send Wake-on-LAN magic packets now, on the relay's own segment."""
 
+    @_builtins.property
+    def endorsements(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyEndorsement]:
+        """The core key's rotations, oldest first, each new key signed by the one it replaced: a
+        relay that trusts an older key (a key file, not the core's key directory) follows them.
+        """
+
     def __init__(
         self,
         *,
@@ -780,10 +791,11 @@ class HeartbeatReply(_message.Message):
         release_signatures: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         wake: _abc.Iterable[Global___WakeOrder] | None = ...,
         nfs_export_root: _builtins.str = ...,
+        endorsements: _abc.Iterable[Global___KeyEndorsement] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_ms", b"interval_ms", "nfs_export_root", b"nfs_export_root", "pinned_releases", b"pinned_releases", "prefetch", b"prefetch", "release_signatures", b"release_signatures", "wake", b"wake"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endorsements", b"endorsements", "interval_ms", b"interval_ms", "nfs_export_root", b"nfs_export_root", "pinned_releases", b"pinned_releases", "prefetch", b"prefetch", "release_signatures", b"release_signatures", "wake", b"wake"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1496,6 +1508,52 @@ class TokenInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TokenInfo: _TypeAlias = TokenInfo  # noqa: Y015
+
+@_typing.final
+class RedeemCodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    origin: _builtins.str
+    """the node's address, as the relay saw it (logged)"""
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        origin: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "origin", b"origin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeemCodeRequest: _TypeAlias = RedeemCodeRequest  # noqa: Y015
+
+@_typing.final
+class RedeemCodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    token: _builtins.str
+    """the node's new token"""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeemCodeResponse: _TypeAlias = RedeemCodeResponse  # noqa: Y015
 
 @_typing.final
 class IssueTokenRequest(_message.Message):

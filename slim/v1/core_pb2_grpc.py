@@ -70,6 +70,11 @@ class CoreStub:
                 request_serializer=slim_dot_v1_dot_core__pb2.GetNodeOrderRequest.SerializeToString,
                 response_deserializer=slim_dot_v1_dot_core__pb2.NodeOrder.FromString,
                 _registered_method=True)
+        self.RedeemCode = channel.unary_unary(
+                '/slim.v1.Core/RedeemCode',
+                request_serializer=slim_dot_v1_dot_core__pb2.RedeemCodeRequest.SerializeToString,
+                response_deserializer=slim_dot_v1_dot_core__pb2.RedeemCodeResponse.FromString,
+                _registered_method=True)
 
 
 class CoreServicer:
@@ -128,6 +133,14 @@ class CoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RedeemCode(self, request, context):
+        """A generic boot medium's first boot: a one-time code (slim node code) for the node's
+        token.  The code is used up.  Relays call it for nodes, over HTTPS only (docs/home.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +178,11 @@ def add_CoreServicer_to_server(servicer, server):
                     servicer.GetNodeOrder,
                     request_deserializer=slim_dot_v1_dot_core__pb2.GetNodeOrderRequest.FromString,
                     response_serializer=slim_dot_v1_dot_core__pb2.NodeOrder.SerializeToString,
+            ),
+            'RedeemCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeemCode,
+                    request_deserializer=slim_dot_v1_dot_core__pb2.RedeemCodeRequest.FromString,
+                    response_serializer=slim_dot_v1_dot_core__pb2.RedeemCodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +375,33 @@ class Core:
             '/slim.v1.Core/GetNodeOrder',
             slim_dot_v1_dot_core__pb2.GetNodeOrderRequest.SerializeToString,
             slim_dot_v1_dot_core__pb2.NodeOrder.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeemCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slim.v1.Core/RedeemCode',
+            slim_dot_v1_dot_core__pb2.RedeemCodeRequest.SerializeToString,
+            slim_dot_v1_dot_core__pb2.RedeemCodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,10 @@ class CoreStub:
     """What a harvested desktop's running environment must do now (docs/harvest.md): its
     environment asks through a relay, identified like a plan (and its boot id).
     """
+    RedeemCode: _grpc.UnaryUnaryMultiCallable[_core_pb2.RedeemCodeRequest, _core_pb2.RedeemCodeResponse]
+    """A generic boot medium's first boot: a one-time code (slim node code) for the node's
+    token.  The code is used up.  Relays call it for nodes, over HTTPS only (docs/home.md).
+    """
 
 @_typing.type_check_only
 class CoreAsyncStub(CoreStub):
@@ -83,6 +87,10 @@ class CoreAsyncStub(CoreStub):
     GetNodeOrder: _aio.UnaryUnaryMultiCallable[_core_pb2.GetNodeOrderRequest, _core_pb2.NodeOrder]  # type: ignore[assignment]
     """What a harvested desktop's running environment must do now (docs/harvest.md): its
     environment asks through a relay, identified like a plan (and its boot id).
+    """
+    RedeemCode: _aio.UnaryUnaryMultiCallable[_core_pb2.RedeemCodeRequest, _core_pb2.RedeemCodeResponse]  # type: ignore[assignment]
+    """A generic boot medium's first boot: a one-time code (slim node code) for the node's
+    token.  The code is used up.  Relays call it for nodes, over HTTPS only (docs/home.md).
     """
 
 class CoreServicer(metaclass=_abc_1.ABCMeta):
@@ -147,6 +155,16 @@ class CoreServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_core_pb2.NodeOrder, _abc.Awaitable[_core_pb2.NodeOrder]]:
         """What a harvested desktop's running environment must do now (docs/harvest.md): its
         environment asks through a relay, identified like a plan (and its boot id).
+        """
+
+    @_abc_1.abstractmethod
+    def RedeemCode(
+        self,
+        request: _core_pb2.RedeemCodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_core_pb2.RedeemCodeResponse, _abc.Awaitable[_core_pb2.RedeemCodeResponse]]:
+        """A generic boot medium's first boot: a one-time code (slim node code) for the node's
+        token.  The code is used up.  Relays call it for nodes, over HTTPS only (docs/home.md).
         """
 
 def add_CoreServicer_to_server(servicer: CoreServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
