@@ -280,7 +280,9 @@ class Builder:
                     "nfs4",
                     "-o",
                     options,
-                    f"{server}:{d.nfs.export}",
+                    f"[{server}]:{d.nfs.export}"
+                    if ":" in server
+                    else f"{server}:{d.nfs.export}",  # IPv6: [addr]
                     str(dest),
                     timeout=NFS_MOUNT_SECONDS,
                 )

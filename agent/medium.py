@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         node = medium.node or cmdline.get("slim.node", "")
         token = read_token(args.token_file, default=True)
         notes: list[str] = []  # what the cache said, reported once a relay takes events
+        kept: tuple[str, str] | None = None  # a generic medium's node and token, from its cache
         local = open_cache(medium, cmdline, args.cache_dir, lambda _stage, message="": notes.append(message))
         if not medium.node and not token:  # a generic medium: its node's token, kept or for a code
             kept = saved_identity(local.root if local is not None else None)
@@ -385,7 +386,21 @@ def main(argv: list[str] | None = None) -> int:
         relays = Relays(urls, token=token, ca=args.ca)
         try:
             boot = BootArgs(node, "", "", urls)
-            got = ask_plan(relays, boot, keys, follow=args.follow_endorsements)
+            try:
+                got = ask_plan(relays, boot, keys, follow=args.follow_endorsements)
+            except FetchError as exc:
+                if kept is None or local is None or not re.search(r": 40[13]: ", str(exc)):
+                    raise
+                # a generic medium's kept token, refused (revoked, expired): a new code instead
+                say(f"the token this medium kept was refused ({exc}); it needs a new one-time code")
+                (local.root / IDENTITY_FILE).unlink(missing_ok=True)
+                kept = None
+                node, token = redeem_code(medium, args.ca, sys.stdin.readline)
+                save_identity(local.root, node, token)
+                relays.close()
+                relays = Relays(urls, token=token, ca=args.ca)
+                boot = BootArgs(node, "", "", urls)
+                got = ask_plan(relays, boot, keys, follow=args.follow_endorsements)
             plan = got.plan
             if plan.kernel is None or plan.initrd is None:
                 raise MediumError(f"the plan for {plan.environment} names no kernel and initrd to start")

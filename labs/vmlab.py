@@ -536,6 +536,8 @@ class Lab:
                 proc.kill()
             proc.wait(timeout=30)
             console.join()
+            if proc.stdin is not None:
+                proc.stdin.close()
         if not re.search(pattern, console.text):
             raise AssertionError(f"the console never showed {pattern!r}:\n{console.text[-3000:]}")
         return console.text

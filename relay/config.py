@@ -153,7 +153,10 @@ class RelayConfig(ProcessConfig):
         "none: everyone who reaches the port",
     )
     nfs_keep: float = Field(
-        86400.0, ge=0, description="seconds a tree no current release names stays exported, then removed"
+        7 * 86400.0,
+        ge=0,
+        description="seconds a tree no current release names stays exported (nodes booted earlier mount "
+        "it), then it is removed",
     )
     log_level: LogLevel = "info"
 

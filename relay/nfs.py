@@ -19,13 +19,14 @@ relay's link and not from the centre (docs/home.md, docs/relay.md):
    its site's relays only for those, and after them to the next servers (the parents', then
    the centre's), so a tree the relay is still building is mounted elsewhere meanwhile.
 
-A tree no current release names stays exported for ``keep`` seconds (nodes booted earlier
-still use it), then it is unexported and removed.
+A tree no current release names stays exported for ``keep`` seconds (a week by default: nodes
+booted earlier still use it), then it is unexported and removed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -52,7 +53,7 @@ from slim.daemons.ganesha import (
     pseudo_path,
 )
 from slim.daemons.supervisor import file_signature
-from slim.errors import FailedPrecondition, SlimError
+from slim.errors import FailedPrecondition, NotFound, SlimError
 from slim.files import atomic_write
 from slim.relay.fetch import CachingSource
 from slim.release import Release, decode_manifest, manifest_objects
@@ -60,8 +61,9 @@ from slim.vocabulary import Policy, parse_digest
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KEEP = 86400.0  # seconds a tree no current release names stays exported
+DEFAULT_KEEP = 7 * 86400.0  # seconds a tree no current release names stays exported
 SEEN_FILE = "trees.json"  # in NFS_DIR: when each tree was last named by a current release
+ROOT_FILE = "export_root"  # in NFS_DIR: the registry's nfs_export_root, as the core last said
 _TREE_RE = re.compile(r"^[0-9a-f]{64}$")
 _READ = 1 << 20
 
@@ -133,6 +135,13 @@ class _Parts:
             self.file.close()
 
 
+def _read_manifest(path: Path, hexdigest: str) -> mf.Manifest:
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != hexdigest:
+        raise TreeCorrupt(f"cached manifest sha256:{hexdigest} does not hash to its name", hexdigest)
+    return decode_manifest(data)
+
+
 def build_tree(manifest: mf.Manifest, objects: Mapping[str, Path], trees: Path, hexdigest: str) -> Path:
     """Write the tree ``manifest`` describes into ``trees/<hexdigest>`` from the cached objects
     ``objects`` (hex -> file), atomically: into a staging directory first, renamed when whole.
@@ -167,6 +176,7 @@ def build_tree(manifest: mf.Manifest, objects: Mapping[str, Path], trees: Path, 
                     data.close()
             writer.finish()
         os.chmod(staging, 0o755)  # noqa: S103 - a tree every user of the node reads (the manifest lists what is below it)
+        os.sync()  # the files are on disk before the name that says the tree is whole
         os.rename(staging, target)
     except UnsafeEntry as exc:
         raise FailedPrecondition(f"tree sha256:{hexdigest} cannot be written: {exc}") from None
@@ -259,6 +269,10 @@ class RelayNfs:
         for leftover in [*self.trees.glob(".new.*"), *self.trees.glob(".old.*")]:
             shutil.rmtree(leftover, ignore_errors=True)
         self._seen = self._read_seen()
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            root = (self.root / ROOT_FILE).read_text().strip()
+            if root.startswith("/"):
+                self.server.export_root = root  # until the core says otherwise
         self.server.start()
         self._thread = threading.Thread(target=self._supervise, name="relay nfs", daemon=True)
         self._thread.start()
@@ -282,8 +296,7 @@ class RelayNfs:
     # -- what to export -----------------------------------------------------
     def exported(self) -> list[str]:
         """The trees ganesha exports now ("sha256:<hex>"), for the heartbeat."""
-        exports = self.server.exports
-        return [e.tree for e in exports.exports] if exports is not None else []
+        return list(self.server.serving())
 
     def set_releases(self, releases: Sequence[tuple[str, Release]], export_root: str) -> None:
         """The current releases whose signatures checked (the warmer's), and the registry's
@@ -295,7 +308,9 @@ class RelayNfs:
                     hexdigest = parse_digest(built.manifest.digest)
                     wanted.setdefault(hexdigest, []).append(TreeUse(release.environment, directory, digest))
         users = {h: tuple(u) for h, u in wanted.items()}
-        if users != self.wanted or export_root != self.server.export_root:
+        if users != self.wanted or (export_root and export_root != self.server.export_root):
+            if export_root and export_root != self.server.export_root:
+                atomic_write(self.root / ROOT_FILE, (export_root + "\n").encode())
             self.wanted = users
             self.server.users = dict(users)
             self.server.export_root = export_root or self.server.export_root
@@ -327,7 +342,12 @@ class RelayNfs:
                 raise FailedPrecondition(f"manifest sha256:{hexdigest} left the cache while being read")
             held.append(obj)
             loop = asyncio.get_running_loop()
-            manifest = await loop.run_in_executor(None, lambda: decode_manifest(obj.path.read_bytes()))
+            try:
+                manifest = await loop.run_in_executor(None, _read_manifest, obj.path, hexdigest)
+            except TreeCorrupt:
+                source.lost(obj)  # fetched again next time
+                obj.path.unlink(missing_ok=True)
+                raise
             named = manifest_objects(manifest)
             queue = list(reversed(named))
             paths: dict[str, Path] = {}
@@ -348,7 +368,20 @@ class RelayNfs:
                     paths[item.hex] = got.path
                     fetched += size if new else 0
 
-            await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(named)) or 1)))
+            try:
+                async with asyncio.TaskGroup() as group:  # one failure cancels the other workers
+                    for _ in range(min(self.concurrency, len(named)) or 1):
+                        group.create_task(worker())
+            except BaseExceptionGroup as failed:
+                first = failed.exceptions[0]
+                if isinstance(first, SlimError):
+                    raise FailedPrecondition(
+                        f"{first.message} (a release built before a relay of the registry had nfs: "
+                        "stores no objects for its nfs files: build it again)"
+                        if isinstance(first, NotFound)
+                        else first.message
+                    ) from None
+                raise first from None
             try:
                 await loop.run_in_executor(None, build_tree, manifest, paths, self.trees, hexdigest)
             except TreeCorrupt as exc:

@@ -454,7 +454,12 @@ class _RelayCollector(Collector):
 async def serve(config: RelayConfig, on_ready: Callable[[RelayServer], None] | None = None) -> None:
     """Run a relay until SIGTERM or SIGINT (transfers get ``config.grace`` seconds)."""
     relay = RelayServer(config)
-    await relay.start()
+    try:
+        await relay.start()
+    except BaseException:
+        if relay.nfs is not None:  # ganesha runs in a session of its own: it would outlive us
+            await relay.nfs.stop()
+        raise
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 

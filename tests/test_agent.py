@@ -1211,6 +1211,14 @@ async def test_a_generic_medium_trades_a_one_time_code_for_the_nodes_token(
     # the next boot: the kept token, nothing asked
     rc, out, err = await run_medium_typing("", *argv)
     assert rc == 0 and "one-time code" not in err, err
+    # the kept token revoked: the medium asks for a new code, and keeps the new token
+    await asyncio.to_thread(site.service.revoke_tokens, "", "node", "n1")
+    second = await asyncio.to_thread(site.service.issue_token, "code", "n1", None)
+    rc, out, err = await run_medium_typing(second.text + "\n", *argv)
+    assert rc == 0 and "the token this medium kept was refused" in err, err
+    renewed = json.loads((cache / "node.json").read_text())
+    assert renewed["token"] != kept["token"]
+    assert site.service.tokens.check(renewed["token"], "node", time.time()).name == "n1"
     # a used code, and an expired one, stop the medium where it asks
     fresh = tmp_path / "fresh"
     again = (*argv[:-3], "--cache-dir", str(fresh), "--no-kexec")

@@ -166,12 +166,13 @@ def test_the_agent_mounts_the_first_nfs_server_that_answers(
         builder._mount_nfs(next(x for x in alone.directories if x.nfs), tmp_path / "usr")
 
 
-async def test_a_relay_exports_the_current_trees_and_plans_send_its_sites_nodes_there_first(
-    core: Core, service: CoreService, store: Store, registry_file: Path, tmp_path: Path
-) -> None:
+async def room_relay_exports_nfs(
+    service: CoreService, store: Store, registry_file: Path, tmp_path: Path
+) -> tuple[Path, str]:
+    """The registry says room-1 exports NFS at RELAY_NFS; base's /usr a real manifest whose
+    files are objects (what a build stores for such relays).  (the /usr, its tree's digest)."""
     need(os.geteuid() == 0, "nfs-ganesha runs as root")
     need_tool("ganesha.nfsd", "nfs-ganesha")
-    # the registry says room-1 exports NFS at RELAY_NFS
     registry_file.write_text(
         registry_file.read_text().replace(
             "  room-1:\n    urls: [http://10.1.0.2:8080/]\n",
@@ -180,21 +181,27 @@ async def test_a_relay_exports_the_current_trees_and_plans_send_its_sites_nodes_
     )
     registry = await reload_registry(service)
     assert registry.relays_export_nfs
-    # base's /usr: a real manifest whose files are objects (what a build stores for such relays)
     usr, manifest, _ = tree_objects(tmp_path / "src")
     _store_files(store, usr, copyset.hash_tree(usr, list(scan(usr))))
     with store.writer() as w:
         w.write(encode_manifest(manifest))
     assert w.ref is not None
-    tree = w.ref.digest
     found = store.release("base")
     assert found is not None
     old = found[1]
     dirs = dict(old.directories)
-    dirs["/usr"] = dirs["/usr"].model_copy(update={"manifest": ObjectRef(digest=tree, size=w.ref.size)})
-    store.publish_release(
-        old.model_copy(update={"directories": dirs}), SigningKey.load_or_create(tmp_path / "keys")
+    dirs["/usr"] = dirs["/usr"].model_copy(
+        update={"manifest": ObjectRef(digest=w.ref.digest, size=w.ref.size)}
     )
+    signer = SigningKey.load_or_create(tmp_path / "keys")
+    store.publish_release(old.model_copy(update={"directories": dirs}), signer)
+    return usr, w.ref.digest
+
+
+async def test_a_relay_exports_the_current_trees_and_plans_send_its_sites_nodes_there_first(
+    core: Core, service: CoreService, store: Store, registry_file: Path, tmp_path: Path
+) -> None:
+    usr, tree = await room_relay_exports_nfs(service, store, registry_file, tmp_path)
     port = free_port()
     async with (
         origin(store) as o,
@@ -225,3 +232,31 @@ async def test_a_relay_exports_the_current_trees_and_plans_send_its_sites_nodes_
     assert (tmp_path / "relay-nfs" / "trees" / tree[7:]).is_dir()
     with pytest.raises(ConnectionRefusedError):
         nfs_read(port, f"{pseudo}/hello", host=RELAY_NFS)
+    # and once its beats are stale, plans no longer name it
+    assert servers("n1", "10.1.0.5") == (RELAY_NFS, "10.1.0.1")
+    clock = service.clock
+    service.clock = lambda: clock() + service.registry.settings.stale_after + 1
+    assert servers("n1", "10.1.0.5") == ("10.1.0.1",)
+
+
+async def test_a_tree_that_cannot_be_built_is_not_exported_and_holds_nothing(
+    core: Core, service: CoreService, store: Store, registry_file: Path, tmp_path: Path
+) -> None:
+    """A cache budget smaller than the tree: the build stops saying why, no object stays held
+    (they can be evicted again), nothing is exported, and plans keep the site's server."""
+    _, tree = await room_relay_exports_nfs(service, store, registry_file, tmp_path)
+    async with (
+        origin(store) as o,
+        relay(
+            tmp_path / "r", [url(o)], max_bytes=3 << 20, name="room-1", core=core.address,
+            trust=core_key(tmp_path), nfs_listen=f"{RELAY_NFS}:{free_port()}", nfs_dir=tmp_path / "relay-nfs",
+        ) as r,
+    ):  # fmt: skip
+        assert r.nfs is not None
+        await wait_until(lambda: tree[7:] in r.nfs.failed, 60)
+        assert "cache" in r.nfs.failed[tree[7:]], r.nfs.failed
+        await wait_until(lambda: r.cache.stats().in_use == 0, 30)  # nothing left held
+        assert r.nfs.exported() == [] and not (tmp_path / "relay-nfs" / "trees" / tree[7:]).exists()
+        plan = service.boot_plan(NodeRef(name="n1"), "10.1.0.5", peek=True)
+        usr = next(a for a in plan.directories if a.path == "/usr")
+        assert usr.nfs is not None and usr.nfs.servers == ("10.1.0.1",)

@@ -276,6 +276,11 @@ async def test_a_one_time_code_becomes_its_nodes_token_once(service: CoreService
         with pytest.raises(Unauthenticated):  # a code is no token
             service.tokens.check(await code(), "node", core.now[0])
         await fails(lambda: code("nobody"), NotFound, "nobody")
+        # only relays (and root) take codes: an admin's credential is not a relay's
+        admin = core.client(await credentials_of("admin", "alice"))
+        fresh = pb.RedeemCodeRequest(code=await code())
+        await fails(lambda: admin.call(admin.core.RedeemCode, fresh), PermissionDenied, "")
+        await admin.close()
         await fails(lambda: code(ttl=31 * 86400), InvalidArgument, "lifetime")
         await local.close()
 
@@ -342,6 +347,11 @@ async def test_a_node_token_speaks_for_its_node_only(
             assert (await ask("POST", "/v1/nodes/n1/events", n1, keyed("c1", "y" * 32)))[0] == 200
             assert (await ask("POST", "/v1/nodes/n1/events", None, up("b9", key)))[0] == 401  # accepted above
             assert (await ask("POST", "/v1/nodes/n1/events", None, up("c1", "y" * 32)))[0] == 200
+            # what a relay observes (anyone may make it: an object fetched with ?boot=b9) changes
+            # nothing: only the agent's keyed events say which boot is the node's
+            await r.link.report_events([pb.BootEvent(node="n1", boot_id="b9", stage="kernel")])  # type: ignore[union-attr]
+            assert (await ask("POST", "/v1/nodes/n1/events", None, up("b9", key)))[0] == 401
+            assert (await ask("POST", "/v1/nodes/n1/events", None, up("c1", "y" * 32)))[0] == 200
             status, text = await ask("GET", "/v1/nodes/n1/plan", "node.0123456789abcdef.x")
             assert status == 401 and "malformed" in text
             # revoked: refused on its next call
@@ -356,7 +366,16 @@ async def test_a_node_token_speaks_for_its_node_only(
         assert [e.stage for e in events.events] == ["kernel"]
         n1_events = await local.call(local.admin.ListBootEvents, pb.ListBootEventsRequest(node="n1"))
         # the one its token sent, and the relay's own observation of the script it served
-        assert sorted(e.stage for e in n1_events.events) == ["plan", "plan", "plan", "script", "up", "up"]
+        assert sorted(e.stage for e in n1_events.events) == [
+            "kernel",
+            "plan",
+            "plan",
+            "plan",
+            "script",
+            "up",
+            "up",
+            "up",
+        ]
         await local.close()
 
 

@@ -76,6 +76,7 @@ PICKED = "slim.env"  # a plan's reason when the node's kernel named another envi
 DEFAULT_TOKEN_TTL: dict[Kind, float] = {"admin": 90 * DAY, "node": 3650 * DAY, "code": DAY}
 MAX_TOKEN_TTL = 3650 * DAY
 MAX_CODE_TTL = 30 * DAY  # a one-time code waits at most this long to be typed
+CODE_RETIRES_OTHERS = 3600.0  # a redeemed code: the node's other tokens expire this much later
 MAX_ADMIN_TOKEN_TTL = 365 * DAY
 AGENT_OR_EE = ("plan", SWITCH_ROOT_STAGE, UP_STAGE)  # a boot with these ran the agent
 RETRY_WAIT = 4  # seconds (to twice that, jittered) a boot script waits before asking the relays again
@@ -912,7 +913,8 @@ class CoreService:
         now = self.clock()
         self.state.revoke_tokens([record.id], now)
         self.tokens.put(replace(record, revoked_at=now))
-        token = self.issue_token("node", record.name, None)
+        # a new medium for the node: its other tokens expire within the hour (slim node enroll --rotate)
+        token = self.issue_token("node", record.name, None, retire_others_after=CODE_RETIRES_OTHERS)
         log.info("one-time code %s of %s used: node token %s issued", record.id, record.name, token.record.id)
         return record.name, token
 
@@ -954,12 +956,13 @@ class CoreService:
     def check_boot_key(self, node: str, boot_id: str, key: str) -> None:
         """Raise UNAUTHENTICATED unless ``key`` is the boot key ``node``'s agent registered for
         boot ``boot_id`` (its plan event: :attr:`BootEvent.boot_key_sha256`), and that boot is
-        the node's newest: an environment the node has since rebooted out of proves nothing."""
+        the newest the node's agent registered a key for: an environment the node has since
+        booted out of proves nothing."""
         found = self.state.boot_key_sha256(boot_id, node) if BOOT_ID_RE.fullmatch(boot_id) else ""
         digest = hashlib.sha256(key.encode()).hexdigest()
         if not found or not hmac.compare_digest(found, digest):
             raise Unauthenticated(f"the boot key does not prove boot {boot_id[:64]} of node {node}")
-        if self.state.newest_boot_id(node) != boot_id:
+        if self.state.newest_keyed_boot(node) != boot_id:
             raise Unauthenticated(f"boot {boot_id[:64]} is no longer node {node}'s: it has booted since")
 
     def check_node_token(self, node: str, token: str) -> None:

@@ -315,11 +315,14 @@ class State:
             ).fetchone()
         return "" if row is None else str(row[0])
 
-    def newest_boot_id(self, node: str) -> str:
-        """The boot id of ``node``'s newest event ("" if it has none)."""
+    def newest_keyed_boot(self, node: str) -> str:
+        """The boot id of ``node``'s newest boot that registered a boot key ("" if none): only
+        the node's own agent registers one (relays' observations carry none)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT boot_id FROM boot_events WHERE node = ? ORDER BY id DESC LIMIT 1", (node,)
+                "SELECT boot_id FROM boot_events WHERE node = ? AND boot_key_sha256 != '' "
+                "ORDER BY id DESC LIMIT 1",
+                (node,),
             ).fetchone()
         return "" if row is None else str(row[0])
 

@@ -158,8 +158,7 @@ def media_build(
                 fail(f"--relay {u}: a medium's relays are https:// (its token never goes in clear)")
         token = read_token(token_file, default=False) if token_file is not None else ""
         keys = KeyDirectory(keys_path_or_default(keys_path, registry_path))
-        with keys.held(exclusive=False):
-            trusted = keys.public_keys()  # the public files only: the private key is not read
+        trusted = keys.public_keys()  # the public files only: nothing is read or written beside them
         ca_dir = ca_path_or_default(ca_path, registry_path)
         args = {"both": "console=ttyS0,115200 console=tty0", "screen": "console=tty0",
                 "serial": "console=ttyS0,115200"}[console]  # fmt: skip

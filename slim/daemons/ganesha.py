@@ -397,6 +397,7 @@ class GaneshaServer(Supervisor[Rendered]):
         self.reload_timeout = reload_timeout
         self.retain_old_trees = retain_old_trees
         self.state_path = self.workdir / STATE_FILE
+        self._serving: tuple[str, ...] = ()  # the running configuration's trees (set by _commit)
 
     @abstractmethod
     def collect(self, keep_ids: Mapping[str, int], retain: Iterable[str]) -> ExportSet:
@@ -410,6 +411,13 @@ class GaneshaServer(Supervisor[Rendered]):
         """The exports of the configuration ganesha is running (None before start)."""
         with self._lock:
             return self._current[0] if self._current is not None else None
+
+    def serving(self) -> tuple[str, ...]:
+        """The trees ("sha256:<hex>") the running ganesha exports; () when it is not running.
+        Takes no lock: it may be called from an event loop while the supervisor restarts
+        ganesha (a reference read, and a non-blocking waitpid)."""
+        proc = self._proc
+        return self._serving if proc is not None and proc.poll() is None else ()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -434,6 +442,7 @@ class GaneshaServer(Supervisor[Rendered]):
     def _commit(self, config: Rendered) -> None:
         super()._commit(config)
         exports = config[0]
+        self._serving = tuple(e.tree for e in exports.exports)
         state = {"exports": {e.tree: e.export_id for e in exports.exports}}
         atomic_write(self.state_path, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
         for note in exports.notes:
