@@ -206,7 +206,12 @@ def _issue(kind: str, name: str, ttl: float, retire: float, out: Path | None, co
 
 
 @token.command("list")
-@click.option("--kind", type=click.Choice(["admin", "node"]), default=None, help="Only this kind.")
+@click.option(
+    "--kind",
+    type=click.Choice(["admin", "node", "code"]),
+    default=None,
+    help="Only this kind (code: one-time codes).",
+)
 @core_option
 @json_option
 def token_list(kind: str | None, core_address: str, as_json: bool) -> None:
@@ -218,7 +223,12 @@ def list_tokens(kind: str | None, name: str, core_address: str, as_json: bool) -
     from slim.cli.common import print_json
     from slim.v1 import core_pb2 as pb
 
-    kinds = {None: pb.TOKEN_KIND_UNSPECIFIED, "admin": pb.TOKEN_KIND_ADMIN, "node": pb.TOKEN_KIND_NODE}
+    kinds = {
+        None: pb.TOKEN_KIND_UNSPECIFIED,
+        "admin": pb.TOKEN_KIND_ADMIN,
+        "node": pb.TOKEN_KIND_NODE,
+        "code": pb.TOKEN_KIND_CODE,
+    }
     with errors_to_exit(), core_client(core_address) as client:
         answer = client.call(client.admin.ListTokens, pb.ListTokensRequest(kind=kinds[kind], name=name))
     if as_json:
