@@ -49,21 +49,25 @@ WORKLOAD = (
     "apt-get --version; apt-cache --help; perl -MPOSIX -MGetopt::Long -MData::Dumper -e 1; "
     "gpgv --version; dpkg --version; dpkg-query --version"
 )
-# the environment's init: the workload timed twice (cold, then from the page cache) by the
-# kernel's clock, reported with the environment's own report, then power off
+# the environment's init: it says it is up first, then times the workload twice (cold, then from
+# the page cache) by the kernel's clock, with the NFS client's counters of /usr (per-operation
+# calls, bytes read) at each point, on the console; then powers off
+STATS = (
+    'awk \'/^device/{m=($0 ~ / on \\/usr /)} m && /^[ \\t]+[A-Z_]+: [0-9]/{sub(":","",$1); '
+    'printf "%s=%s ", $1, $2} m && /bytes:/{printf "bytes=%s ", $6}\' /proc/self/mountstats'
+)
 BENCH_INIT = f"""#!/bin/sh
 mount -t proc proc /proc
-t0=$(cut -d' ' -f1 /proc/uptime)
-( {WORKLOAD} ) >/dev/null 2>&1
-t1=$(cut -d' ' -f1 /proc/uptime)
-( {WORKLOAD} ) >/dev/null 2>&1
-t2=$(cut -d' ' -f1 /proc/uptime)
-/run/slim/report "slim-bench-init workload $t0 $t1 $t2"
+/run/slim/report "slim-bench-init up"
+for run in 0 1 2; do
+    [ $run = 0 ] || ( {WORKLOAD} ) >/dev/null 2>&1
+    echo "slim-bench-init point $run $(cut -d' ' -f1 /proc/uptime) $({STATS})"
+done
 echo "{MARKER} $(tr -d '\\n' < /run/slim/ee)"
 sync
 echo o > /proc/sysrq-trigger
 """
-_WORKLOAD_RE = re.compile(r"slim-bench-init workload ([\d.]+) ([\d.]+) ([\d.]+)")
+_POINT_RE = re.compile(r"slim-bench-init point (\d) ([\d.]+) ?(.*)")
 
 
 class BenchLab(HomeLab):
@@ -103,17 +107,30 @@ class BenchLab(HomeLab):
         raise RuntimeError(f"the core did not take the new registry within {seconds} s")
 
 
-def workload(boot: Boot) -> dict[str, float]:
-    up = next(e for e in boot.events if e.stage == "up")
-    found = _WORKLOAD_RE.search(up.message)
-    if found is None:
-        raise RuntimeError(f"the environment reported no workload: {up.message!r}")
-    t0, t1, t2 = (float(x) for x in found.groups())
-    return {"cold_s": round(t1 - t0, 2), "warm_s": round(t2 - t1, 2)}
+def workload(boot: Boot) -> dict[str, Any]:
+    """The workload's times (cold, warm) and what the NFS client did for each (calls of each
+    operation, bytes read), from the environment's console."""
+    points: dict[int, tuple[float, dict[str, int]]] = {}
+    for line in boot.console.splitlines():
+        found = _POINT_RE.search(line)
+        if found is not None:
+            counters = dict(kv.split("=", 1) for kv in found.group(3).split() if "=" in kv)
+            points[int(found.group(1))] = (float(found.group(2)), {k: int(v) for k, v in counters.items()})
+    if sorted(points) != [0, 1, 2]:
+        raise RuntimeError(f"the environment's console shows no workload:\n{boot.console[-2000:]}")
+    out: dict[str, Any] = {}
+    for name, (a, b) in (("cold", (0, 1)), ("warm", (1, 2))):
+        (t0, c0), (t1, c1) = points[a], points[b]
+        delta = {k: c1[k] - c0.get(k, 0) for k in c1 if c1[k] - c0.get(k, 0) > 0}
+        out[f"{name}_s"] = round(t1 - t0, 2)
+        out[f"{name}_nfs_bytes"] = delta.pop("bytes", 0)
+        out[f"{name}_nfs_calls"] = dict(sorted(delta.items(), key=lambda kv: -kv[1]))
+    return out
 
 
 def measured(lab: BenchLab, boot: Boot, sent: int, rate_bps: float) -> dict[str, Any]:
     assert boot.status is not None and boot.status.state == "up", boot.status
+    work = workload(boot)
     by_stage = {e.stage: e for e in boot.events}
     up = by_stage["up"].time.ToNanoseconds() / 1e9
     first = min(e.time.ToNanoseconds() for e in boot.events) / 1e9  # the medium's first request
@@ -124,9 +141,11 @@ def measured(lab: BenchLab, boot: Boot, sent: int, rate_bps: float) -> dict[str,
         "kernel_started_s": round(boot.kernel_started - boot.qemu_started, 1),
         "payload_bytes": payload,
         "wire_bytes_to_home": sent,
-        "bound_s": round(sent * 8 / rate_bps, 1),
+        "bound_s": round((sent - work["cold_nfs_bytes"] - work["warm_nfs_bytes"]) * 8 / rate_bps, 1),
         "mounted": by_stage["mount:/usr"].message.split(" read-only")[0] if "mount:/usr" in by_stage else "",
-        "workload": workload(boot),
+        "workload": work,
+        # what crossed the link up to "up": all of it, less what the workload read over NFS after
+        "wire_bytes_to_up": sent - work["cold_nfs_bytes"] - work["warm_nfs_bytes"],
     }
 
 
@@ -149,6 +168,7 @@ def main() -> None:
     }
     try:
         lab = BenchLab(tmp, rate=args.rate, delay_ms=args.delay_ms)
+        lab.up_timeout = 600  # the workload runs after "up", before the VM powers off
         with lab:
             lab.start()
             results["rtt_ms"] = lab.ping()
