@@ -330,13 +330,7 @@ class NodeApi:
         script reads it with busybox.  ``"boot_key"`` (the boot's key) proves the boot instead
         of a token."""
         ref = node_ref(request.match_info["node"])
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
-        raw = await request.content.read(MAX_BODY + 1)
-        try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidArgument('the body must be JSON: {"boot_id": ID}') from None
+        doc = await _json_body(request, '{"boot_id": ID}')
         if not isinstance(doc, dict) or set(doc) - {"boot_id", "token", "boot_key"}:
             raise InvalidArgument("the body must be a JSON object with boot_id (and boot_key or token)")
         boot_id, token, boot_key = doc.get("boot_id"), doc.get("token", ""), doc.get("boot_key", "")
@@ -365,13 +359,7 @@ class NodeApi:
             raise PermissionDenied(
                 "one-time codes are taken over HTTPS only (the answer is the node's token)"
             )
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
-        raw = await request.content.read(MAX_BODY + 1)
-        try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidArgument('the body must be JSON: {"code": CODE}') from None
+        doc = await _json_body(request, '{"code": CODE}')
         code = doc.get("code") if isinstance(doc, dict) and set(doc) == {"code"} else None
         if not isinstance(code, str) or not 0 < len(code) <= 64:
             raise InvalidArgument('the body must be a JSON object {"code": CODE} (at most 64 characters)')
@@ -411,3 +399,16 @@ class NodeApi:
             event.boot_key = boot_key
         accepted = await self.link.report_events(events)
         return web.json_response({"accepted": accepted})
+
+
+async def _json_body(request: web.Request, example: str) -> object:
+    """The request's body as JSON (at most MAX_BODY bytes); InvalidArgument naming ``example``."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise InvalidArgument(f"body larger than {MAX_BODY} bytes")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument(f"the body must be JSON: {example}") from None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
 
@@ -73,36 +73,10 @@ class NfsServer(GaneshaServer):
     earlier).  It polls the registry file, every environment ref and the trees directory."""
 
     def __init__(
-        self,
-        registry_path: str | Path,
-        store_root: str | Path,
-        workdir: str | Path,
-        *,
-        bind: str = "0.0.0.0",  # noqa: S104
-        port: int = DEFAULT_PORT,
-        clients: Sequence[str] | None = None,
-        ganesha: str = GANESHA,
-        interval: float = 1.0,
-        start_timeout: float = 30.0,
-        stop_grace: float = 10.0,
-        reload_timeout: float = 10.0,
-        backoff: tuple[float, float] = (0.5, 30.0),
-        retain_old_trees: bool = True,
+        self, registry_path: str | Path, store_root: str | Path, workdir: str | Path, **options: Any
     ) -> None:
-        super().__init__(
-            registry_path,
-            workdir,
-            bind=bind,
-            port=port,
-            clients=clients,
-            ganesha=ganesha,
-            interval=interval,
-            start_timeout=start_timeout,
-            stop_grace=stop_grace,
-            reload_timeout=reload_timeout,
-            backoff=backoff,
-            retain_old_trees=retain_old_trees,
-        )
+        """``options``: :class:`~slim.daemons.ganesha.GaneshaServer`'s (bind, port, clients, ...)."""
+        super().__init__(registry_path, workdir, **options)
         self.store = Store(store_root)
         self._registry: Registry | None = None
         self._registry_stat: tuple[int, int, int, int] | None = None
