@@ -555,7 +555,7 @@ def server_factory(world: World, tmp_path: Path) -> Iterator[Callable[..., NfsSe
         kw.setdefault("bind", "127.0.0.1")
         kw.setdefault("port", free_port())
         kw.setdefault("stop_grace", 5.0)
-        server = NfsServer(world.registry_path, world.store.root, tmp_path / name, **kw)  # type: ignore[arg-type]
+        server = NfsServer(world.registry_path, world.store.root, tmp_path / name, **kw)
         made.append(server)
         return server
 
