@@ -8,8 +8,8 @@ wrote, in every combination a home PC has: from a USB stick under UEFI over the 
 BIOS with its first relay down, from the stick under BIOS, and a new release from the stick
 under Secure Boot.  Each boot reaches ``up`` through the release's own kernel (kexec), mounts
 ``/usr`` from the ISP relay's ganesha, runs programs from it, and leaves the owner's disk as it
-was, byte for byte.  Last, a revoked token, and a generic medium given an expired one-time code
-(typed on its console), stop at clear console messages.
+was, byte for byte.  Last, a revoked token (the CD under UEFI), and a generic medium given an
+expired one-time code (typed on its console; BIOS), stop at clear console messages.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def test_a_home_pc_boots_from_its_medium_over_broadband_through_its_isps_relay(t
         # the node's token revoked: the medium stops at a message that says so
         subprocess.run([*SLIM, "node", "revoke", "vm1", "--core", lab.core], check=True,
                        capture_output=True, timeout=60)  # fmt: skip
-        lab.firmware, lab.secure_boot = "bios", False
+        lab.secure_boot = False  # UEFI from the CD: shim, GRUB and the kernel from its El Torito image
         console = lab.console_until(r"slim-medium: this PC stays here", medium=cd)
         assert "cannot boot: the relays refused this medium's token" in console, console[-2000:]
         assert "Ask your SLIM administrator for a new medium" in console
@@ -148,6 +148,7 @@ def test_a_home_pc_boots_from_its_medium_over_broadband_through_its_isps_relay(t
         generic = tmp_path / "generic.iso"
         lab.slim("media", "build", str(generic), "--generic", "--environment", "vmtest", *where,
                  "--console", "serial")  # fmt: skip
+        lab.firmware = "bios"
         console = lab.console_until(
             r"this PC stays here", medium=generic, typed=(r"type the one-time code", code)
         )
