@@ -179,6 +179,7 @@ def main() -> None:
             lab.slim("media", "build", str(medium), "--node", "vm1", "--token-file", str(token),
                      "--registry", str(lab.registry), "--keys", str(lab.keys), "--ca", str(tmp / "ca"),
                      "--console", "serial")  # fmt: skip
+            lab.wait_relay_nfs()
             stick = tmp / "stick.img"
             shutil.copyfile(medium, stick)
             with open(stick, "r+b") as f:

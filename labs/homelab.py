@@ -110,7 +110,8 @@ class HomeLab(Lab):
     # -- setup -------------------------------------------------------------------------------
     def start(self) -> HomeLab:
         """The EE built, the namespaces, the WAN link, the home router, the centre and the ISP's
-        relay; returns once the core hears the relay."""
+        relay; returns once the core hears the relay (which then builds its NFS trees: see
+        :meth:`wait_relay_nfs`)."""
         self.write_registry()
         self._slim("ee", "import", "vmtest", "--from", "debootstrap:bookworm", "--add-kernel",
                    "--registry", str(self.registry))  # fmt: skip
@@ -155,8 +156,7 @@ class HomeLab(Lab):
                     "listening on", "relay")  # fmt: skip
         self.relay_port, self.https_port = RELAY_HTTP, RELAY_HTTPS
         self._connect()
-        self.wait_relay_nfs()
-        return self
+        return self  # the ISP's relay builds its NFS trees meanwhile: wait_relay_nfs() before a boot
 
     def wait_relay_nfs(self, seconds: float = 600.0) -> list[str]:
         """Wait (bounded) until the ISP's relay exports every NFS tree of the current release
