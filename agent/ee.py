@@ -265,7 +265,7 @@ class Builder:
         assert d.nfs is not None
         port = nfs_port(d.nfs.options)
         passed: list[str] = []
-        for server in d.nfs.candidates():
+        for server in d.nfs.servers:
             if not _answers(server, port, NFS_PROBE_SECONDS):
                 passed.append(f"{server}: no answer on port {port} within {NFS_PROBE_SECONDS:g} s")
                 continue
@@ -512,10 +512,7 @@ def _meta(e: Entry) -> tuple[object, ...]:
 def _fetch_file(relays: Relays, m: mf.ManifestEntry, dest: Path) -> _TempFile:
     tmp = _TempFile(dest)
     try:
-        parts = m.chunks or (m.sha256,)
-        size = m.entry.size
-        for i, part in enumerate(parts):
-            n = min(mf.CHUNK_SIZE, size - i * mf.CHUNK_SIZE) if m.chunks else size
+        for part, n in mf.parts(m):
             relays.stream(ObjectRef(f"sha256:{part}", n), tmp.file.write)
         tmp.file.flush()
         tmp.file.seek(0)

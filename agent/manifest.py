@@ -43,6 +43,14 @@ class ManifestEntry:
     chunks: tuple[str, ...] = ()  # files above CHUNKED_ABOVE: hex digests of the pieces
 
 
+def parts(m: ManifestEntry) -> list[tuple[str, int]]:
+    """The objects that hold a file's bytes, in order, with their sizes: its chunks (every one
+    CHUNK_SIZE but the last), or the whole file; none for an entry that is not a file."""
+    if m.chunks:
+        return [(c, min(CHUNK_SIZE, m.entry.size - i * CHUNK_SIZE)) for i, c in enumerate(m.chunks)]
+    return [(m.sha256, m.entry.size)] if m.entry.kind == FILE and m.sha256 else []
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     directory: str

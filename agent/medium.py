@@ -290,6 +290,14 @@ def redeem_code(medium: Medium, ca: Path, read_line: Callable[[], str]) -> tuple
     raise MediumError("no one-time code the relays know was typed")  # not reached
 
 
+def _trade_code(medium: Medium, ca: Path, local: LocalObjects | None) -> tuple[str, str]:
+    """A one-time code typed on the console, for the node and its token, kept in the cache."""
+    node, token = redeem_code(medium, ca, sys.stdin.readline)
+    if local is not None:
+        save_identity(local.root, node, token)
+    return node, token
+
+
 def _why(exc: Exception) -> str:
     """What a person in front of the PC should read for ``exc``."""
     text = str(exc)
@@ -367,9 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             if kept is not None:
                 node, token = kept
             else:
-                node, token = redeem_code(medium, args.ca, sys.stdin.readline)
-                if local is not None:
-                    save_identity(local.root, node, token)
+                node, token = _trade_code(medium, args.ca, local)
         if not node:
             raise MediumError("this medium names no node")
         if not NAME_RE.fullmatch(node):
@@ -394,11 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                 # a generic medium's kept token, refused (revoked, expired): a new code instead
                 say(f"the token this medium kept was refused ({exc}); it needs a new one-time code")
                 (local.root / IDENTITY_FILE).unlink(missing_ok=True)
-                kept = None
-                node, token = redeem_code(medium, args.ca, sys.stdin.readline)
-                save_identity(local.root, node, token)
-                relays.close()
-                relays = Relays(urls, token=token, ca=args.ca)
+                node, token = _trade_code(medium, args.ca, local)
+                relays.token = token
                 boot = BootArgs(node, "", "", urls)
                 got = ask_plan(relays, boot, keys, follow=args.follow_endorsements)
             plan = got.plan

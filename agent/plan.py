@@ -148,10 +148,7 @@ class NfsMount:
     server: str
     export: str
     options: str
-    servers: tuple[str, ...] = ()  # every server to try, in order (the first is server)
-
-    def candidates(self) -> tuple[str, ...]:
-        return self.servers or (self.server,)
+    servers: tuple[str, ...]  # every server to try, in order (a core from before lists none: [server])
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ from slim.daemons.ganesha import (
 from slim.daemons.supervisor import file_signature
 from slim.errors import FailedPrecondition, NotFound, SlimError
 from slim.files import atomic_write
+from slim.objects.source import CachedObject
 from slim.relay.fetch import CachingSource
 from slim.release import Release, decode_manifest, manifest_objects
 from slim.vocabulary import Policy, parse_digest
@@ -65,7 +66,6 @@ DEFAULT_KEEP = 7 * 86400.0  # seconds a tree no current release names stays expo
 SEEN_FILE = "trees.json"  # in NFS_DIR: when each tree was last named by a current release
 ROOT_FILE = "export_root"  # in NFS_DIR: the registry's nfs_export_root, as the core last said
 _TREE_RE = re.compile(r"^[0-9a-f]{64}$")
-_READ = 1 << 20
 
 
 class TreeCorrupt(FailedPrecondition):
@@ -160,10 +160,8 @@ def build_tree(manifest: mf.Manifest, objects: Mapping[str, Path], trees: Path, 
                 if entry.kind != FILE:
                     writer.add(entry)
                     continue
-                hexes = m.chunks or ((m.sha256,) if entry.size or m.sha256 else ())
                 parts = []
-                for i, h in enumerate(hexes):
-                    size = min(mf.CHUNK_SIZE, entry.size - i * mf.CHUNK_SIZE) if m.chunks else entry.size
+                for h, size in mf.parts(m):
                     if h not in objects:
                         raise FailedPrecondition(
                             f"{entry.path}: object sha256:{h} is not in the relay's cache"
@@ -188,6 +186,12 @@ def build_tree(manifest: mf.Manifest, objects: Mapping[str, Path], trees: Path, 
     return target
 
 
+def _drop(source: CachingSource, obj: CachedObject) -> None:
+    """A cached object whose bytes are wrong: out of the cache, fetched again next time."""
+    source.lost(obj)
+    obj.path.unlink(missing_ok=True)
+
+
 class TreeServer(GaneshaServer):
     """ganesha exporting the complete trees in ``trees`` (named by their manifests' hex
     digests), at the export root the core names; :class:`RelayNfs` says who uses which."""
@@ -198,7 +202,7 @@ class TreeServer(GaneshaServer):
         super().__init__(trees, workdir, retain_old_trees=False, **kwargs)
         self.trees = trees
         self.export_root = "/slim"
-        self.users: dict[str, tuple[TreeUse, ...]] = {}  # hex -> current users
+        self.users: dict[str, tuple[TreeUse, ...]] = {}  # hex -> users: the trees the current releases want
         self.generation = 0  # bumped when export_root or users change
 
     def complete(self) -> list[str]:
@@ -253,7 +257,6 @@ class RelayNfs:
         self.server = TreeServer(
             self.trees, root / "ganesha", bind=bind, port=port, clients=clients, ganesha=ganesha
         )
-        self.wanted: dict[str, tuple[TreeUse, ...]] = {}  # hex -> users, of the current releases
         self.failed: dict[str, str] = {}  # hex -> why its last build failed
         self._building: asyncio.Task[None] | None = None
         self._stop = threading.Event()
@@ -308,18 +311,18 @@ class RelayNfs:
                     hexdigest = parse_digest(built.manifest.digest)
                     wanted.setdefault(hexdigest, []).append(TreeUse(release.environment, directory, digest))
         users = {h: tuple(u) for h, u in wanted.items()}
-        if users != self.wanted or (export_root and export_root != self.server.export_root):
-            if export_root and export_root != self.server.export_root:
-                atomic_write(self.root / ROOT_FILE, (export_root + "\n").encode())
-            self.wanted = users
-            self.server.users = dict(users)
-            self.server.export_root = export_root or self.server.export_root
+        moved = bool(export_root) and export_root != self.server.export_root
+        if moved:
+            atomic_write(self.root / ROOT_FILE, (export_root + "\n").encode())
+            self.server.export_root = export_root
+        if moved or users != self.server.users:
+            self.server.users = users
             self.server.generation += 1
         if self._building is None or self._building.done():
             self._building = asyncio.get_running_loop().create_task(self._work(), name="nfs trees")
 
     async def _work(self) -> None:
-        for hexdigest in list(self.wanted):
+        for hexdigest in list(self.server.users):
             if (self.trees / hexdigest).is_dir():
                 continue
             try:
@@ -345,8 +348,7 @@ class RelayNfs:
             try:
                 manifest = await loop.run_in_executor(None, _read_manifest, obj.path, hexdigest)
             except TreeCorrupt:
-                source.lost(obj)  # fetched again next time
-                obj.path.unlink(missing_ok=True)
+                _drop(source, obj)
                 raise
             named = manifest_objects(manifest)
             queue = list(reversed(named))
@@ -385,10 +387,9 @@ class RelayNfs:
             try:
                 await loop.run_in_executor(None, build_tree, manifest, paths, self.trees, hexdigest)
             except TreeCorrupt as exc:
-                for o in held:  # fetched again next time
+                for o in held:
                     if o.hex == exc.hexdigest:
-                        source.lost(o)
-                        o.path.unlink(missing_ok=True)
+                        _drop(source, o)
                 raise
             log.info(
                 "nfs: tree sha256:%s built: %d files, %d bytes (%d fetched) in %.1f s",
@@ -415,7 +416,7 @@ class RelayNfs:
         """Blocking.  Note when each tree was last wanted; unexport and remove those unwanted
         for longer than ``keep``."""
         now = time.time()
-        for hexdigest in self.wanted:
+        for hexdigest in self.server.users:
             self._seen[hexdigest] = now
         old = [h for h in self.server.complete() if now - self._seen.setdefault(h, now) > self.keep]
         if old:

@@ -17,7 +17,6 @@ import zstandard
 from pydantic import BaseModel, ConfigDict, Field
 
 from slim.agent import manifest as mf
-from slim.agent.tree import FILE
 from slim.errors import InvalidArgument
 from slim.vocabulary import MAX_MANIFEST_BYTES, Policy
 
@@ -106,13 +105,8 @@ def manifest_objects(manifest: mf.Manifest) -> list[Named]:
     seen: set[str] = set()
     out = []
     for m in manifest.entries:
-        if m.chunks:
-            size = m.entry.size
-            for i, c in enumerate(m.chunks):
-                if c not in seen:
-                    seen.add(c)
-                    out.append(Named(c, min(mf.CHUNK_SIZE, size - i * mf.CHUNK_SIZE)))
-        elif m.entry.kind == FILE and m.sha256 and m.sha256 not in seen:
-            seen.add(m.sha256)
-            out.append(Named(m.sha256, m.entry.size))
+        for hexdigest, size in mf.parts(m):
+            if hexdigest not in seen:
+                seen.add(hexdigest)
+                out.append(Named(hexdigest, size))
     return out

@@ -110,9 +110,9 @@ def usr_nfs(**nfs: object) -> bytes:
 def test_a_plan_names_every_nfs_server_to_try_and_only_hosts() -> None:
     plan = parse_plan(usr_nfs(servers=["100.64.0.1", "10.99.0.2"]))
     mount = next(d.nfs for d in plan.directories if d.nfs is not None)
-    assert mount.candidates() == ("100.64.0.1", "10.99.0.2")
+    assert mount.servers == ("100.64.0.1", "10.99.0.2")
     older = next(d.nfs for d in parse_plan(usr_nfs()).directories if d.nfs is not None)
-    assert older.candidates() == ("100.64.0.1",)  # a core from before: its one server
+    assert older.servers == ("100.64.0.1",)  # a core from before: its one server
     for bad in (["10.0.0.1,vers=3"], [], ["x y"], "10.0.0.1", [1], ["h"] * 17):
         with pytest.raises(PlanError, match="nfs servers"):
             parse_plan(usr_nfs(servers=bad))

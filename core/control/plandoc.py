@@ -39,7 +39,7 @@ def _directory(d: DirectoryAction) -> dict[str, Any]:
             "server": d.nfs.server,
             "export": d.nfs.export,
             "options": d.nfs.options,
-            "servers": list(d.nfs.servers or (d.nfs.server,)),
+            "servers": list(d.nfs.servers),
         }
         if d.nfs
         else None,

@@ -172,7 +172,7 @@ def directories_pb(actions: tuple[dom.DirectoryAction, ...]) -> list[pb.Director
                 server=d.nfs.server,
                 export=d.nfs.export,
                 options=d.nfs.options,
-                servers=list(d.nfs.servers or (d.nfs.server,)),
+                servers=list(d.nfs.servers),
             )
             if d.nfs
             else None

@@ -99,11 +99,15 @@ class Located:
 
 @dataclass(frozen=True)
 class NfsMount:
-    server: str  # the first of servers
+    servers: tuple[str, ...]  # every server to try, in order (docs/home.md); at least one
     export: str
     options: str
-    servers: tuple[str, ...] = ()  # every server to try, in order (docs/home.md); () means (server,)
     tree: str = ""  # "sha256:<hex>" of the tree's manifest (the core's own; not in the plan)
+
+    @property
+    def server(self) -> str:
+        """The first server to try (what a plan's ``server`` says, for agents that try one)."""
+        return self.servers[0]
 
 
 @dataclass(frozen=True, eq=False)  # identity equality: cached plans share these objects
@@ -540,9 +544,8 @@ class CoreService:
             if not servers:
                 out.append(a)
                 continue
-            servers += [s for s in (a.nfs.servers or (a.nfs.server,)) if s not in servers]
-            nfs = NfsMount(servers[0], a.nfs.export, a.nfs.options, tuple(servers), a.nfs.tree)
-            out.append(replace(a, nfs=nfs))
+            servers += [s for s in a.nfs.servers if s not in servers]
+            out.append(replace(a, nfs=replace(a.nfs, servers=tuple(servers))))
         return tuple(out)
 
     # -- secrets -------------------------------------------------------------
@@ -625,7 +628,7 @@ class CoreService:
                 raise self._stale(env_name, digest, path, "NFS tree")
             export = pseudo_path(self.registry.settings.nfs_export_root, built.manifest.digest)
             # relays that export the tree are put first when a plan is made (_nfs_at_relays)
-            nfs = NfsMount(nfs_server, export, spec.nfs_options, (nfs_server,), built.manifest.digest)
+            nfs = NfsMount((nfs_server,), export, spec.nfs_options, built.manifest.digest)
             return DirectoryAction(path, policy, nfs=nfs, bytes=size[0], files=size[1])
         obj = None if built is None else built.archive
         if obj is None:
