@@ -33,7 +33,7 @@ from pathlib import Path
 from slim.agent import cache, report_up
 from slim.agent import secrets as node_secrets
 from slim.agent.cache import LocalObjects
-from slim.agent.ee import BootFailed, Builder, Reporter, switch_root
+from slim.agent.ee import STATE_DIR, BootFailed, Builder, Reporter, switch_root
 from slim.agent.fetch import CA_FILE, FetchError, Relays, now
 from slim.agent.plan import (
     TOKEN_FILE,
@@ -43,6 +43,7 @@ from slim.agent.plan import (
     parse_cmdline,
     read_token,
 )
+from slim.agent.sync import Records
 from slim.agent.verify import KEYS_DIR, ask_plan, trusted_keys
 
 
@@ -126,6 +127,14 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
         help="a local object cache (tests; a boot medium's agent says slim.cache=UUID instead: its "
         "partition on the medium)",
     )
+    ap.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where copy-if-needed keeps the manifests it applied, which the next run compares "
+        "with and rebuilds from deltas (default with --no-reboot: TARGET.slim-state beside "
+        f"--target; on a real boot: {STATE_DIR} on the node's partition)",
+    )
     args = ap.parse_args(argv)
     try:
         if args.node and args.relay:
@@ -180,7 +189,10 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
             target = args.target if args.no_reboot else Path("/newroot")
             local = open_cache(boot, args.cache_dir, args.no_reboot, report)
             relays.local = local
-            Builder(plan, relays, target, report, args.no_reboot).run()
+            state = args.state_dir or (
+                target.with_name(target.name + ".slim-state") if args.no_reboot else Path(STATE_DIR)
+            )
+            Builder(plan, relays, target, report, args.no_reboot, Records(state)).run()
             if plan.secrets:
                 fetch_secrets(plan, relays, target, report)
             done = f"{relays.stats.objects} objects"

@@ -7,17 +7,12 @@ Directories are done parents first ("/" before "/usr"):
   moved into place only when the archive's digest checked out; a bad digest
   leaves nothing of it.  (On a real boot ``ram`` is a tmpfs and ``disk`` the
   node's partition; in no-reboot mode both are plain directories.)
-- ``sync`` (copy-if-needed): the manifest is compared with what is already
-  there — size, mtime and mode first; the file is hashed only when the size
-  matches but the mtime does not — and only what differs is fetched, as the
-  file's object (or its 1 MiB chunks), each verified, into a temporary file
-  that replaces the old one (several at once, on connections of their own, so
-  that round trips overlap; written in tree order).  What the manifest no
-  longer lists is deleted.
-  Nothing outside the directory is touched, and directories the plan gives to
-  other entries are left alone.  With nothing there to compare with (no file
-  yet: a first boot, a blank disk) the directory's archive is unpacked
-  instead, one compressed stream rather than a request per file.
+- ``sync`` (copy-if-needed): :mod:`slim.agent.sync` compares the directory with its
+  manifest (the one kept from the last boot, rebuilt from a delta, or fetched) and
+  fetches only the files whose bytes differ.  With nothing there to compare with (no
+  file yet: a first boot, a blank disk) the directory's archive is unpacked instead,
+  one compressed stream rather than a request per file, and its manifest kept for the
+  next boot.
 - ``nfs``: mounted read-only over NFSv4/TCP on a real boot; in no-reboot mode
   only the mount point is made and the mount reported.
 
@@ -28,8 +23,6 @@ the new root, where the EE can read it.
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import json
 import os
 import re
@@ -41,17 +34,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO, cast
 
 from slim.agent import manifest as mf
+from slim.agent import sync
 from slim.agent.fetch import FetchError, Relays, now
 from slim.agent.plan import Directory, ObjectRef, Plan, PlanError
 from slim.agent.report_up import RUN_OPTIONS
-from slim.agent.tree import DIR, FILE, Entry, scan
-from slim.agent.unpack import TreeWriter, UnsafeEntry, extract_tar
+from slim.agent.unpack import UnsafeEntry, extract_tar
 
 # a copy of slim.vocabulary.MAX_MANIFEST_BYTES: the agent imports only the standard library
 MAX_MANIFEST_BYTES = 512 << 20
@@ -152,17 +144,27 @@ class Result:
     bytes: int = 0  # bytes fetched for this directory
     files: int = 0  # files written (sync: fetched)
     deleted: int = 0
+    manifest: str = ""  # sync: how its manifest came ("kept", "delta", "whole")
+    notes: list[str] = field(default_factory=list)
 
 
 class Builder:
     def __init__(
-        self, plan: Plan, relays: Relays, target: str | Path, report: Reporter, no_reboot: bool
+        self,
+        plan: Plan,
+        relays: Relays,
+        target: str | Path,
+        report: Reporter,
+        no_reboot: bool,
+        records: sync.Records | None = None,
     ) -> None:
         self.plan = plan
         self.relays = relays
         self.target = Path(target)
         self.report = report
         self.no_reboot = no_reboot
+        # the manifests copy-if-needed last applied: on the node's partition (none: keep none)
+        self.records = records or sync.Records(None if no_reboot else Path(STATE_DIR))
         self.results: dict[str, Result] = {}
         self.mounted: dict[str, tuple[str, list[str]]] = {}  # nfs: path -> (server, servers passed over)
 
@@ -193,10 +195,16 @@ class Builder:
                 message = f"mounted {what}" if not self.no_reboot else f"mount point for {what} (not mounted)"
                 if passed:
                     message += f"; passed over {'; '.join(passed)}"
+            elif d.policy == "sync" and result.manifest:
+                message = (
+                    f"{result.files} files fetched, {result.deleted} deleted; manifest {result.manifest}"
+                )
             elif d.policy == "sync":
-                message = f"{result.files} files fetched, {result.deleted} deleted"
+                message = f"{result.files} files unpacked (empty: the archive)"
             else:
                 message = f"{result.files} files unpacked"
+            if result.notes:
+                message += "; " + "; ".join(result.notes)
             self.report(stage, result.bytes, message=message, duration=time.monotonic() - started)
         try:
             self._write_active()
@@ -208,11 +216,15 @@ class Builder:
             os.sync()  # what went to the node's disk is there before the EE starts
 
     def _nested(self, d: Directory) -> list[str]:
-        """Paths (relative to ``d``) of the directories other entries of the plan manage."""
+        """Paths (relative to ``d``) of the directories other entries of the plan manage (and,
+        in no-reboot mode, ``run/slim``, where the agent itself writes the active environment:
+        on a real boot a tmpfs covers /run)."""
         out = []
         for other in self.plan.directories:
             if other.path != d.path and (d.path == "/" or other.path.startswith(d.path + "/")):
                 out.append(other.path[len(d.path) :].lstrip("/"))
+        if self.no_reboot and d.path == "/":
+            out.append("run/slim")
         return out
 
     def place(self, d: Directory) -> Path:
@@ -229,7 +241,9 @@ class Builder:
             if d.archive is not None and self._empty(d, dest):
                 # nothing to compare with (a first boot, a blank disk): one compressed
                 # stream instead of a request per file; the next boots compare
-                return self._unpack(d, d.archive, dest)
+                unpacked = self._unpack(d, d.archive, dest)
+                kept = self._record(d)
+                return Result(unpacked.bytes + kept.bytes, unpacked.files, 0, "", kept.notes)
             return self._sync(d, dest)
         dest.mkdir(parents=True, exist_ok=True)  # nfs: the mount point (mounted above on a real boot)
         return Result()
@@ -347,77 +361,36 @@ class Builder:
     def _empty(self, d: Directory, dest: Path) -> bool:
         """Nothing of ``d`` at ``dest`` yet: no file, link or device outside the directories
         other entries manage (empty directories do not count: unpacking merges them)."""
-        if not dest.exists():
-            return True
-        return all(e.kind == DIR for e in scan(dest, prune=self._nested(d)))
+        return not sync.has_files(dest, self._nested(d))
 
     def _sync(self, d: Directory, dest: Path) -> Result:
-        assert d.manifest is not None
         dest.mkdir(parents=True, exist_ok=True)
-        raw = self.relays.read(d.manifest)
-        result = Result(bytes=d.manifest.size)
-        data = subprocess.run(
-            ["zstd", "-dcq"],
-            input=raw,
-            capture_output=True,
-            check=True,
-        ).stdout
-        if len(data) > MAX_MANIFEST_BYTES:
-            raise PlanError(f"{d.path}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
-        manifest = mf.decode(data)
-        nested = self._nested(d)
-        have = {e.path: e for e in scan(dest, prune=nested)}
-        wanted = {m.entry.path for m in manifest.entries}
-        fetch: list[mf.ManifestEntry] = []  # the files whose bytes differ, in tree order
-        for m in manifest.entries:
-            want, old = m.entry, have.get(m.entry.path)
-            if want.kind != FILE:
-                continue
-            if old is not None and old.kind == FILE and self._same_file(dest, old, m):
-                if _meta(old) != _meta(want) or old.mtime_ns != want.mtime_ns:
-                    _set_meta(dest / want.path, want)  # the bytes are right: metadata only
-            else:
-                fetch.append(m)
-        changed = {m.entry.path for m in fetch}
-        with TreeWriter(dest) as writer, _Fetcher(self, fetch, dest) as fetched:
-            for m in manifest.entries:
-                want, old = m.entry, have.get(m.entry.path)
-                if want.kind == FILE:
-                    if want.path in changed:
-                        with fetched.next(m) as tmp:
-                            writer.add(want, tmp)
-                        result.bytes += want.size
-                        result.files += 1
-                elif old is None or old.kind != want.kind or _meta(old) != _meta(want):
-                    writer.add(want)
-            writer.finish()
-        for path in sorted(set(have) - wanted, key=lambda p: p.count("/"), reverse=True):
-            if any(path == n or path.startswith(n + "/") for n in nested):
-                continue
-            full = dest / path
-            if full.is_dir() and not full.is_symlink():
-                shutil.rmtree(full)
-            else:
-                full.unlink(missing_ok=True)
-            result.deleted += 1
-        return result
+        result = sync.SyncResult()
+        raw = sync.manifest_bytes(d, self.relays, self.records, result)
+        started = time.monotonic()
+        manifest = mf.decode(raw)
+        result.took("decode", started)
+        sync.sync(
+            dest, manifest, self._nested(d), lambda files: sync.Fetcher(self.relays, files, dest), result
+        )
+        if result.manifest != "kept":
+            started = time.monotonic()
+            self.records.write(d.path, raw)
+            result.took("keep", started)
+        return Result(
+            result.bytes, result.files, result.deleted, result.manifest, [*result.notes, result.breakdown()]
+        )
 
-    @staticmethod
-    def _same_file(dest: Path, old: Entry, m: mf.ManifestEntry) -> bool:
-        want = m.entry
-        if old.size != want.size:
-            return False
-        if old.mtime_ns == want.mtime_ns:
-            return True
-        # same size, other mtime: in doubt, so hash (by chunks for a chunked file)
-        whole = hashlib.sha256()
-        chunks = []
-        with open(dest / old.path, "rb") as f:
-            for block in iter(lambda: f.read(mf.CHUNK_SIZE), b""):
-                whole.update(block)
-                if m.chunks:
-                    chunks.append(hashlib.sha256(block).hexdigest())
-        return tuple(chunks) == m.chunks if m.chunks else whole.hexdigest() == m.sha256
+    def _record(self, d: Directory) -> Result:
+        """After a directory was unpacked whole: its manifest is what it now has (kept for
+        the next boot's comparison and deltas); a failure only costs the next boot bytes."""
+        result = sync.SyncResult()
+        try:
+            self.records.write(d.path, sync.manifest_bytes(d, self.relays, self.records, result))
+        except (FetchError, PlanError, OSError) as exc:
+            self.records.forget(d.path)
+            result.notes.append(f"its manifest is not kept: {exc}")
+        return Result(result.bytes, 0, 0, result.manifest, result.notes)
 
     def _write_active(self) -> None:
         if not self.no_reboot:
@@ -461,9 +434,7 @@ def _move_into(staging: Path, dest: Path, rel: str, nested: set[str], skip: str 
 
 
 DISK_ROOT = "/slim-disk"  # where the node's partition is mounted in the initrd
-FETCH_THREADS = 4  # copy-if-needed: connections fetching changed files at once
-FETCH_AHEAD = 16  # ... and files fetched ahead of the one being written (open temporary files)
-FETCH_AHEAD_BYTES = 64 << 20  # ... and their bytes (beyond one file), in the directory being synced
+STATE_DIR = DISK_ROOT + "/.slim-state"  # ... and what the agent keeps there (sync.Records)
 
 
 def _is_blank(device: str) -> bool:
@@ -503,120 +474,6 @@ def _answers(host: str, port: int, timeout: float) -> bool:
 def switch_root(target: Path, init: str) -> None:
     """Replace this process with the EE's init (busybox switch_root empties the initramfs)."""
     os.execv("/bin/switch_root", ["switch_root", str(target), init])  # noqa: S606
-
-
-def _meta(e: Entry) -> tuple[object, ...]:
-    return (e.kind, e.mode, e.uid, e.gid, e.target, e.rdev)
-
-
-def _fetch_file(relays: Relays, m: mf.ManifestEntry, dest: Path) -> _TempFile:
-    tmp = _TempFile(dest)
-    try:
-        for part, n in mf.parts(m):
-            relays.stream(ObjectRef(f"sha256:{part}", n), tmp.file.write)
-        tmp.file.flush()
-        tmp.file.seek(0)
-    except BaseException:
-        tmp.close()
-        raise
-    return tmp
-
-
-class _Fetcher:
-    """Fetches the files copy-if-needed wants on ``FETCH_THREADS`` connections of their own
-    (each a round trip the others need not wait for), at most ``FETCH_AHEAD`` files and
-    ``FETCH_AHEAD_BYTES`` ahead of the one being written (the temporary files share the
-    directory's space), and hands them out in the order listed; what is fetched but not
-    taken is removed on exit."""
-
-    def __init__(self, builder: Builder, files: list[mf.ManifestEntry], dest: Path) -> None:
-        self.builder = builder
-        self.dest = dest
-        self.files = files
-        self.submitted = 0
-        self.pending: collections.deque[tuple[mf.ManifestEntry, Future[_TempFile]]] = collections.deque()
-        self.pending_bytes = 0
-        self.clones: list[Relays] = []
-        self.local = threading.local()
-        self.lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="sync") if files else None
-
-    def _relays(self) -> Relays:
-        relays: Relays | None = getattr(self.local, "relays", None)
-        if relays is None:
-            relays = self.local.relays = self.builder.relays.clone()
-            with self.lock:
-                self.clones.append(relays)
-        return relays
-
-    def _fetch(self, m: mf.ManifestEntry) -> _TempFile:
-        return _fetch_file(self._relays(), m, self.dest)
-
-    def _fill(self) -> None:
-        while self.pool is not None and self.submitted < len(self.files) and len(self.pending) < FETCH_AHEAD:
-            m = self.files[self.submitted]
-            if self.pending and self.pending_bytes + m.entry.size > FETCH_AHEAD_BYTES:
-                return  # one file at a time when they are big
-            self.pending.append((m, self.pool.submit(self._fetch, m)))
-            self.pending_bytes += m.entry.size
-            self.submitted += 1
-
-    def next(self, m: mf.ManifestEntry) -> _TempFile:
-        self._fill()
-        want, future = self.pending[0]
-        assert want is m, "files are taken in the order they were listed"
-        tmp = future.result()  # a failure stays pending: __exit__ sees it
-        self.pending.popleft()
-        self.pending_bytes -= m.entry.size
-        self._fill()
-        return tmp
-
-    def __enter__(self) -> _Fetcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is None:
-            return
-        for _, future in self.pending:
-            future.cancel()
-        self.pool.shutdown(wait=True)
-        for _, future in self.pending:
-            if not future.cancelled() and future.exception() is None:
-                future.result().close()
-        for relays in self.clones:
-            self.builder.relays.absorb(relays)
-            relays.close()
-
-
-class _TempFile:
-    """A temporary file inside the directory being synced (same file system), removed on close."""
-
-    def __init__(self, dest: Path) -> None:
-        fd, name = tempfile.mkstemp(prefix=".slim-fetch-", dir=dest)
-        self.path = Path(name)
-        self.file = os.fdopen(fd, "w+b")
-
-    def __enter__(self) -> IO[bytes]:
-        return self.file
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.file.close()
-        self.path.unlink(missing_ok=True)
-
-
-def _set_meta(path: Path, e: Entry) -> None:
-    """Owner (as root), mode and mtime of a regular file found by our own scan."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if os.geteuid() == 0:
-            os.fchown(fd, e.uid, e.gid)
-        os.fchmod(fd, e.mode)
-        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
-    finally:
-        os.close(fd)
 
 
 def walk_events(events: list[Event]) -> Iterator[str]:

@@ -18,6 +18,7 @@ DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 BOOT_ID_RE = re.compile(r"[0-9a-f]{1,64}")  # copies of slim.vocabulary's (the agent: stdlib only)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 MAX_NFS_SERVERS = 16
+MAX_DELTAS = 8  # manifest deltas per directory (the core builds a few: slim.core.build.release)
 NFS_HOST_RE = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}"
 )  # a host name or an address: no option can ride along
@@ -152,6 +153,15 @@ class NfsMount:
 
 
 @dataclass(frozen=True)
+class ManifestDelta:
+    """The directory's manifest as a delta from an earlier one (``base``: "sha256:<hex>" of
+    that manifest's bytes): ``zstd -d --patch-from`` of the object ``delta``."""
+
+    base: str
+    delta: ObjectRef
+
+
+@dataclass(frozen=True)
 class Directory:
     path: str  # absolute and normalised; "/" is everything no other entry covers
     policy: str
@@ -161,6 +171,8 @@ class Directory:
     tmpfs_size: str
     bytes: int
     files: int
+    manifest_raw: str = ""  # "sha256:<hex>" of the manifest's bytes (a core from before: "")
+    deltas: tuple[ManifestDelta, ...] = ()
 
     @property
     def rel(self) -> str:
@@ -187,8 +199,10 @@ class Plan:
     kernel_args: str = ""  # the release kernel's command line (what a boot medium kexecs it with)
 
     def object_digests(self) -> set[str]:
-        """The hex digests of the objects the plan names (kernel, initrd, archives, manifests)."""
+        """The hex digests of the objects the plan names (kernel, initrd, archives, manifests
+        and their deltas)."""
         refs = [self.kernel, self.initrd, *(r for d in self.directories for r in (d.archive, d.manifest))]
+        refs += [delta.delta for d in self.directories for delta in d.deltas]
         return {r.hex for r in refs if r is not None}
 
 
@@ -309,6 +323,21 @@ def parse_plan(data: bytes) -> Plan:
             raise PlanError(f"{where}: a {policy} directory needs its archive")
         elif policy == "sync" and manifest is None:
             raise PlanError(f"{where}: a sync directory needs its manifest")
+        manifest_raw = _text(rec, "manifest_raw", where)
+        if manifest_raw and not DIGEST_RE.fullmatch(manifest_raw):
+            raise PlanError(f"{where}: manifest_raw {manifest_raw[:80]!r} is not a sha256 digest")
+        deltas_in = rec.get("deltas", [])
+        if not isinstance(deltas_in, list) or len(deltas_in) > MAX_DELTAS:
+            raise PlanError(f"{where}: deltas must be a list of at most {MAX_DELTAS}")
+        deltas = []
+        for j, item in enumerate(deltas_in):
+            base = item.get("base") if isinstance(item, dict) else None
+            if not isinstance(base, str) or not DIGEST_RE.fullmatch(base):
+                raise PlanError(f"{where}: delta {j + 1}: base must be a sha256 digest")
+            ref = _ref(item.get("delta"), f"{where}: delta {j + 1}")
+            if ref is None:
+                raise PlanError(f"{where}: delta {j + 1} names no object")
+            deltas.append(ManifestDelta(base, ref))
         size = _text(rec, "tmpfs_size", where)
         # the core sends slim.vocabulary.tmpfs_size's kernel spelling; checked here by a copy
         if size and not re.fullmatch(r"\d+[kmgKMG%]?", size):
@@ -323,6 +352,8 @@ def parse_plan(data: bytes) -> Plan:
                 size,
                 _count(rec, "bytes", where),
                 _count(rec, "files", where),
+                manifest_raw,
+                tuple(deltas),
             )
         )
     if "/" not in seen:

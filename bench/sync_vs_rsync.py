@@ -1,30 +1,42 @@
-"""P4 copy-if-needed against rsync: the same 10,000-file tree, the same run.
+"""P4 copy-if-needed against rsync: the same trees, the same run, at 10,000 and 100,000 files.
 
-    PYTHONPATH=. .venv/bin/python bench/sync_vs_rsync.py [--files 10000] [--repeat 3] [--out docs/benchmarks]
+    ./run bench p4     # = PYTHONPATH=. .venv/bin/python bench/sync_vs_rsync.py [--files 10000,100000]
+                       #   [--repeat 3] [--big-mib 1024] [--out docs/benchmarks]   (as root)
 
-One tree (10,000 files of 1-32 KiB, a few larger) is an environment whose
-directories all use the ``sync`` policy (copy-if-needed).  It is built and
-served by `slim serve` (core and relay on loopback); the agent (no-reboot mode)
-keeps a copy of it up to date.  Beside it, an rsync daemon on loopback serves
-the same tree and ``rsync -a`` keeps a second copy up to date.  Three
-situations, each measured for both:
+For each size, one tree (files of 1-32 KiB, one in 500 of 2 MiB, a symlink per 100 files,
+an extended attribute on one file in 200) is an environment whose directories all use the
+``sync`` policy (copy-if-needed), built and served by ``slim serve`` (core and relay on
+loopback); the agent (no-reboot mode, started as the initrd starts it: ``python3 -S -m
+slim.agent``) keeps a copy up to date.  Beside it an rsync daemon on loopback serves the
+same tree and ``rsync -aX --delete`` keeps a second copy (``-X``: without it rsync does not
+copy the extended attributes, and the copies would differ).  Whole processes are timed on
+both sides; each round runs them in turn, the first of each pair alternating from round to
+round; medians of ``--repeat`` rounds.  Three situations:
 
 - **cold**: an empty target (the first copy);
-- **unchanged**: nothing changed since the last run (time; bytes on the wire);
-- **1 % changed**: 100 files rewritten in place, same sizes (bytes on the
-  wire; time).  For SLIM this includes the rebuild of the release
-  (``slim ee build``), reported apart: the server's work, done once for every
-  node, against rsync's per-client work.
+- **unchanged**: nothing changed since the last run;
+- **1 % changed**: 1 % of the files rewritten in place, same sizes.  For SLIM the rebuild
+  of the release (``slim ee build``) is reported apart: the server's work, done once for
+  every node, against rsync's per-client work.
 
-Bytes on the wire are payload bytes: for SLIM the relay's object bytes sent
-(manifest and changed objects) plus the plan; for rsync its ``--stats`` "Total
-bytes received" (file list, checksums and data).  Results go to
-docs/benchmarks/sync_vs_rsync.json.  Needs rsync (``./run bench`` installs it).
+After every run both copies are compared with the tree (contents, types, modes, owners,
+mtimes, link targets, extended attributes): a difference stops the benchmark.
+
+Then **a big file changed in its middle** (``--big-mib``, default 1 GiB; 0 skips it): one
+file of random bytes, copied cold by both, then 1 MiB inserted at its middle; bytes moved
+by each, and the result checked by its SHA-256.
+
+Bytes on the wire are payload bytes: for SLIM the relay's object bytes sent (manifests or
+their deltas, files); for rsync its ``--stats`` "Total bytes received".  SLIM's agent says
+where its time went in its ``sync:`` event (manifest, decode, look, compare, change, keep);
+the medians of those are in the results too, with the interpreter's start-up and imports
+measured alone.  Results: docs/benchmarks/sync_vs_rsync.json (and .png).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -44,6 +56,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from labs import standin
 from labs.host import free_port
+from slim.agent.tree import FILE, scan
 from slim.allinone import await_ready
 from slim.core.build.release import build_environment
 from slim.core.registry import load_registry
@@ -52,6 +65,7 @@ from slim.signing import SigningKey
 
 ROOT = Path(__file__).resolve().parent.parent
 SLIM = [sys.executable, "-m", "slim.cli"]
+AGENT = [sys.executable, "-S", "-m", "slim.agent"]  # as the initrd's /init starts it
 REGISTRY = """\
 settings: {{heartbeat_interval: 1}}
 sites:
@@ -62,8 +76,10 @@ profiles:
   p: {{}}
 environments:
   tree: {{image: {image}, default_policy: sync}}
+  big: {{image: {big}, default_policy: sync}}
 nodes:
   n1: {{macs: ["52:54:00:44:00:01"], profile: p, environment: tree, site: lo, disk: /dev/sda1}}
+  n2: {{macs: ["52:54:00:44:00:02"], profile: p, environment: big, site: lo, disk: /dev/sda1}}
 server:
   state_dir: {tmp}/state
   core_listen: unix:{tmp}/core.sock
@@ -72,20 +88,34 @@ server:
   nfs_listen: null
   dhcp: false
 """
+PHASES = ("manifest", "decode", "look", "compare", "change", "keep")
 
 
 def make_tree(image: Path, files: int, rng: random.Random) -> list[Path]:
-    """``files`` files in 100 directories, and the kernel files a build wants."""
+    """``files`` files in 100 directories (symlinks and xattrs among them), and the kernel
+    files a build wants."""
     out = []
     for i in range(files):
         d = image / "srv" / f"d{i % 100:03d}"
         d.mkdir(parents=True, exist_ok=True)
         size = rng.randint(1024, 32 * 1024) if i % 500 else 2 << 20
-        path = d / f"f{i:05d}.dat"
+        path = d / f"f{i:06d}.dat"
         path.write_bytes(rng.randbytes(size))
+        if i % 200 == 7:
+            os.setxattr(path, "user.slim.bench", f"{i}".encode())
+        if i % 100 == 3:
+            (d / f"l{i:06d}").symlink_to(path.name)
         out.append(path)
     standin.add_kernel(image)
     return out
+
+
+class Side:
+    """One copy kept up to date by one tool; what each run took."""
+
+    def __init__(self, name: str, target: Path) -> None:
+        self.name = name
+        self.target = target
 
 
 def relay_sent(relay: str) -> float:
@@ -95,21 +125,22 @@ def relay_sent(relay: str) -> float:
                 if s.name == "slim_relay_sent_bytes_total")  # fmt: skip
 
 
-def agent(target: Path, relay: str, trust: Path) -> tuple[float, int]:
+def agent(node: str, target: Path, relay: str, trust: Path) -> tuple[float, int]:
     """(seconds, bytes): one copy-if-needed run of the agent (``trust``: the core's public key)."""
     before = relay_sent(relay)
+    argv = [*AGENT, "--no-reboot", "--target", str(target), "--node", node, "--relay", relay,
+            "--trust", str(trust)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = time.monotonic()
-    argv = [sys.executable, "-m", "slim.agent", "--no-reboot", "--target", str(target),
-            "--node", "n1", "--relay", relay, "--trust", str(trust)]  # fmt: skip
-    subprocess.run(argv, check=True, capture_output=True, timeout=1800)
+    subprocess.run(argv, check=True, capture_output=True, timeout=3600, env=env)
     return time.monotonic() - started, int(relay_sent(relay) - before)
 
 
-def rsync(port: int, target: Path) -> tuple[float, int]:
+def rsync(port: int, module: str, target: Path) -> tuple[float, int]:
     started = time.monotonic()
     proc = subprocess.run(
-        ["rsync", "-a", "--delete", "--stats", f"rsync://127.0.0.1:{port}/tree/", f"{target}/"],
-        check=True, capture_output=True, text=True, timeout=1800,
+        ["rsync", "-aX", "--delete", "--stats", f"rsync://127.0.0.1:{port}/{module}/", f"{target}/"],
+        check=True, capture_output=True, text=True, timeout=3600,
     )  # fmt: skip
     took = time.monotonic() - started
     m = re.search(r"Total bytes received: ([\d,.]+)", proc.stdout)
@@ -117,30 +148,80 @@ def rsync(port: int, target: Path) -> tuple[float, int]:
     return took, int(re.sub(r"[,.]", "", m.group(1)))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--files", type=int, default=10_000)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
-    args = ap.parse_args()
-    if shutil.which("rsync") is None:
-        raise SystemExit("rsync is missing: ./run bench installs it")
-    tmp = Path(tempfile.mkdtemp(prefix="slim-bench-p4-"))
+def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
+    """What both copies must end with: types, contents (SHA-256), modes, owners, mtimes,
+    link targets, extended attributes."""
+    out = {}
+    for e in scan(root):
+        digest = ""
+        if e.kind == FILE:
+            with open(root / e.path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        out[e.path] = (e.kind, e.mode, e.uid, e.gid, e.mtime_ns, e.target, e.xattrs, digest)
+    return out
+
+
+def same_as(image: Path, *copies: Path) -> None:
+    want = snapshot(image)
+    for c in copies:
+        # the agent's own run/slim/ee (in no-reboot mode; on a node a tmpfs covers /run)
+        got = {p: v for p, v in snapshot(c).items() if p != "run" and not p.startswith("run/")}
+        want = {p: v for p, v in want.items() if p != "run" and not p.startswith("run/")}
+        if got != want:
+            diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+            raise SystemExit(f"{c} differs from {image} at {len(diff)} entries, e.g. {diff[:5]}")
+
+
+def sync_phases(tmp: Path, node: str) -> dict[str, float]:
+    """The agent's own account of its last sync (seconds by phase), from its boot event."""
+    argv = [*SLIM, "node", "events", node, "--json", "--limit", "20", "--core", f"unix:{tmp}/core.sock"]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60).stdout
+    event = next(e for e in json.loads(out)["events"] if str(e.get("stage", "")).startswith("sync:"))
+    return {
+        p: int(ms) / 1000 for p, ms in re.findall(r"(\w+) (\d+) ms", event.get("message", "")) if p in PHASES
+    }
+
+
+def startup() -> dict[str, float]:
+    """The interpreter alone, and with the agent's imports (as the initrd starts it; medians of 5)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def timed(*argv: str) -> float:
+        runs = []
+        for _ in range(5):
+            t = time.monotonic()
+            subprocess.run([sys.executable, "-S", *argv], check=True, env=env, timeout=60)
+            runs.append(time.monotonic() - t)
+        return statistics.median(runs)
+
+    return {"interpreter_s": timed("-c", "pass"), "imports_s": timed("-c", "import slim.agent.__main__")}
+
+
+def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]:
     rng = random.Random(4)
+    image, big = tmp / "image", tmp / "big"
+    paths = make_tree(image, files, rng)
+    (big / "srv").mkdir(parents=True)
+    standin.add_kernel(big)
+    port, relay_port = free_port(), free_port()
+    relay = f"http://127.0.0.1:{relay_port}"
+    registry = tmp / "registry.yaml"
+    registry.write_text(REGISTRY.format(image=image, big=big, tmp=tmp, relay=relay_port))
+    store = Store(tmp / "state" / "store")
+    keys = tmp / "state" / "keys"
+
+    def build(env: str) -> float:
+        started = time.monotonic()
+        build_environment(load_registry(registry), store, env, signer=SigningKey.load_or_create(keys))
+        return time.monotonic() - started
+
+    first_build = build("tree")
+    build("big")
     procs: list[subprocess.Popen[bytes]] = []
     rows: dict[str, list[dict[str, float]]] = {"cold": [], "unchanged": [], "changed_1pct": []}
+    phases: dict[str, list[dict[str, float]]] = {"unchanged": [], "changed_1pct": []}
+    trust = keys / "signing.pub"
     try:
-        image = tmp / "image"
-        files = make_tree(image, args.files, rng)
-        tree_bytes = sum(f.stat().st_size for f in files)
-        port, relay_port = free_port(), free_port()
-        relay = f"http://127.0.0.1:{relay_port}"
-        registry = tmp / "registry.yaml"
-        registry.write_text(REGISTRY.format(image=image, tmp=tmp, relay=relay_port))
-        store = Store(tmp / "state" / "store")
-        build_environment(
-            load_registry(registry), store, "tree", signer=SigningKey.load_or_create(tmp / "state" / "keys")
-        )
         serve = subprocess.Popen([*SLIM, "serve", "--registry", str(registry)], stdout=subprocess.PIPE,
                                  stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         procs.append(serve)
@@ -148,37 +229,35 @@ def main() -> None:
         await_ready(serve.stdout, tmp / "state" / "logs")
         (tmp / "rsyncd.conf").write_text(
             f"pid file = {tmp}/rsyncd.pid\nuse chroot = no\n[tree]\npath = {image}\nread only = yes\n"
+            f"[big]\npath = {big}\nread only = yes\n"
         )
         procs.append(subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={tmp}/rsyncd.conf",
                                        f"--port={port}", "--address=127.0.0.1"]))  # fmt: skip
         time.sleep(
             0.5
         )  # not synchronization of results: rsync has no ready signal; a failed start fails below
-        for i in range(args.repeat):
+        for i in range(repeat):
             slim_t, rsync_t = tmp / f"slim{i}", tmp / f"rsync{i}"
-            for name in ("cold", "unchanged"):
-                s = agent(slim_t, relay, tmp / "state" / "keys" / "signing.pub")
-                r = rsync(port, rsync_t)
-                rows[name].append({"slim_s": s[0], "slim_bytes": s[1], "rsync_s": r[0], "rsync_bytes": r[1]})
-            for f in rng.sample(files, len(files) // 100):  # 1 %: rewritten in place, same size
+            order = ["slim", "rsync"] if i % 2 == 0 else ["rsync", "slim"]
+            pair = (order, slim_t, rsync_t, relay, port, trust, image)
+            rows["cold"].append(both(*pair))
+            rows["unchanged"].append(both(*pair))
+            phases["unchanged"].append(sync_phases(tmp, "n1"))
+            for f in rng.sample(paths, len(paths) // 100):  # 1 %: rewritten in place, same size
                 f.write_bytes(rng.randbytes(f.stat().st_size))
-            started = time.monotonic()
-            build_environment(
-                load_registry(registry),
-                store,
-                "tree",
-                signer=SigningKey.load_or_create(tmp / "state" / "keys"),
-            )
-            build_s = time.monotonic() - started
-            s = agent(slim_t, relay, tmp / "state" / "keys" / "signing.pub")
-            r = rsync(port, rsync_t)
-            rows["changed_1pct"].append({"slim_s": s[0], "slim_bytes": s[1], "rsync_s": r[0],
-                                         "rsync_bytes": r[1], "slim_build_s": build_s})  # fmt: skip
-            print(f"round {i + 1}: " + ", ".join(
-                f"{k}: slim {v[-1]['slim_s']:.2f} s/{v[-1]['slim_bytes']} B, rsync {v[-1]['rsync_s']:.2f} s/"
-                f"{v[-1]['rsync_bytes']} B" for k, v in rows.items()), flush=True)  # fmt: skip
+            build_s = build("tree")
+            rows["changed_1pct"].append({**both(*pair), "slim_build_s": build_s})
+            phases["changed_1pct"].append(sync_phases(tmp, "n1"))
+            print(f"{files} files, round {i + 1}: " + ", ".join(
+                f"{k}: slim {v[-1]['slim_s']:.2f} s/{v[-1]['slim_bytes']:.0f} B, "
+                f"rsync {v[-1]['rsync_s']:.2f} s/{v[-1]['rsync_bytes']:.0f} B" for k, v in rows.items()
+            ), flush=True)  # fmt: skip
             shutil.rmtree(slim_t)
+            shutil.rmtree(slim_t.with_name(slim_t.name + ".slim-state"))
             shutil.rmtree(rsync_t)
+        big_result = (
+            big_file(big, big_mib, rng, relay, port, trust, tmp, lambda: build("big")) if big_mib else None
+        )
     finally:
         for p in procs:
             if p.poll() is None:
@@ -187,46 +266,133 @@ def main() -> None:
         for p in procs:
             if p.stdout is not None:
                 p.stdout.close()
-        shutil.rmtree(tmp, ignore_errors=True)
     medians: dict[str, Any] = {
         k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rows.items()
     }
+    for m in medians.values():
+        m["time_ratio"] = m["slim_s"] / m["rsync_s"]
+        m["bytes_ratio"] = m["slim_bytes"] / m["rsync_bytes"]
+    return {
+        "files": files,
+        "bytes": sum(p.stat().st_size for p in paths),
+        "first_build_s": first_build,
+        "medians": medians,
+        "slim_phases_s": {
+            k: {p: statistics.median(r.get(p, 0.0) for r in v) for p in PHASES} for k, v in phases.items()
+        },
+        "runs": rows,
+        "big_file": big_result,
+    }  # fmt: skip
+
+
+def both(
+    order: list[str], slim_t: Path, rsync_t: Path, relay: str, port: int, trust: Path, image: Path
+) -> dict[str, float]:
+    """One run of each tool, in ``order``; both copies then checked against the tree."""
+    row: dict[str, float] = {}
+    for side in order:
+        if side == "slim":
+            row["slim_s"], row["slim_bytes"] = agent("n1", slim_t, relay, trust)
+        else:
+            row["rsync_s"], row["rsync_bytes"] = rsync(port, "tree", rsync_t)
+    same_as(image, slim_t, rsync_t)
+    return row
+
+
+def big_file(
+    big: Path, mib: int, rng: random.Random, relay: str, port: int, trust: Path, tmp: Path, build: Any
+) -> dict[str, Any]:
+    """One file of ``mib`` MiB, then 1 MiB inserted at its middle: bytes each tool moves."""
+    path = big / "srv" / "big.dat"
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(rng.randbytes(1 << 20))
+    build()
+    slim_t, rsync_t = tmp / "big-slim", tmp / "big-rsync"
+    cold = {"slim": agent("n2", slim_t, relay, trust), "rsync": rsync(port, "big", rsync_t)}
+    half = (mib << 20) // 2
+    with open(path, "rb") as f:
+        head, tail = f.read(half), f.read()
+    path.write_bytes(head + rng.randbytes(1 << 20) + tail)
+    del head, tail
+    build_started = time.monotonic()
+    build()
+    build_s = time.monotonic() - build_started
+    changed = {"slim": agent("n2", slim_t, relay, trust), "rsync": rsync(port, "big", rsync_t)}
+    with open(path, "rb") as f:
+        want = hashlib.file_digest(f, "sha256").hexdigest()
+    for t in (slim_t, rsync_t):
+        with open(t / "srv" / "big.dat", "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != want:
+                raise SystemExit(f"{t}/srv/big.dat is not the changed file")
+    shutil.rmtree(slim_t)
+    shutil.rmtree(rsync_t)
+    return {
+        "mib": mib,
+        "cold": {k: {"s": v[0], "bytes": v[1]} for k, v in cold.items()},
+        "inserted_1mib": {k: {"s": v[0], "bytes": v[1]} for k, v in changed.items()},
+        "bytes_ratio": changed["slim"][1] / changed["rsync"][1],
+        "slim_build_s": build_s,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--files", default="10000,100000", help="tree sizes, comma-separated")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--big-mib", type=int, default=1024, help="the big file's size in MiB (0: skip it)")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    args = ap.parse_args()
+    if shutil.which("rsync") is None:
+        raise SystemExit("rsync is missing: ./run bench installs it")
+    sizes = [int(x) for x in args.files.split(",")]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "agent")], check=True)
+    results = []
+    for n in sizes:
+        tmp = Path(tempfile.mkdtemp(prefix=f"slim-bench-p4-{n}-"))
+        try:
+            results.append(one_size(n, args.repeat, args.big_mib if n == sizes[0] else 0, tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     result = {
         "benchmark": "P4 copy-if-needed vs rsync",
         "command": "python bench/sync_vs_rsync.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
-        "tree": {"files": args.files, "bytes": tree_bytes},
-        "medians": medians,
-        "runs": rows,
+        "agent_startup": startup(),
+        "sizes": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sync_vs_rsync.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out / "sync_vs_rsync.png")
-    print(json.dumps(medians, indent=1))
+    print(json.dumps({r["files"]: r["medians"] for r in results}, indent=1))
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Time and bytes, SLIM beside rsync, for each situation (medians)."""
+    """Time and bytes, SLIM beside rsync, for each situation and size (medians)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    med = result["medians"]
     cases = [("cold", "cold"), ("unchanged", "unchanged"), ("changed_1pct", "1 % changed")]
-    fig, (t_ax, b_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
-    xs = range(len(cases))
-    for ax, key, unit, scale in ((t_ax, "s", "seconds", 1.0), (b_ax, "bytes", "MB on the wire", 1e6)):
-        ax.bar([x - 0.2 for x in xs], [med[c][f"slim_{key}"] / scale for c, _ in cases], 0.4, label="SLIM")
-        ax.bar(
-            [x + 0.2 for x in xs], [med[c][f"rsync_{key}"] / scale for c, _ in cases], 0.4, label="rsync -a"
-        )
-        ax.set_xticks(list(xs), [label for _, label in cases])
-        ax.set_ylabel(unit)
-        ax.set_yscale("log")
-        ax.legend()
-    fig.suptitle(f"Copy-if-needed against rsync, {result['tree']['files']:,} files (medians)")
+    sizes = result["sizes"]
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(10, 3.4 * len(sizes)), squeeze=False)
+    for row, size in zip(axes, sizes, strict=True):
+        med = size["medians"]
+        xs = range(len(cases))
+        for ax, key, unit, scale in ((row[0], "s", "seconds", 1.0), (row[1], "bytes", "MB on the wire", 1e6)):
+            ax.bar(
+                [x - 0.2 for x in xs], [med[c][f"slim_{key}"] / scale for c, _ in cases], 0.4, label="SLIM"
+            )
+            ax.bar([x + 0.2 for x in xs], [med[c][f"rsync_{key}"] / scale for c, _ in cases], 0.4,
+                   label="rsync -aX")  # fmt: skip
+            ax.set_xticks(list(xs), [label for _, label in cases])
+            ax.set_ylabel(unit)
+            ax.set_yscale("log")
+            ax.set_title(f"{size['files']:,} files")
+            ax.legend()
+    fig.suptitle("Copy-if-needed against rsync (medians)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -29,11 +29,25 @@ class ObjectRef(BaseModel):
     size: int = Field(ge=0)
 
 
+class ManifestDelta(BaseModel):
+    """A directory's manifest rebuilt from an earlier one that a node kept: ``zstd -d
+    --patch-from=BASE`` of ``delta`` gives the new manifest's bytes (checked against
+    ``manifest_raw``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    base: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")  # the earlier manifest, decompressed
+    delta: ObjectRef
+
+
 class ReleaseDirectory(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     policy: Policy
     archive: ObjectRef | None = None
     manifest: ObjectRef | None = None
+    # "sha256:<hex>" of the manifest decompressed: what a node checks a kept or rebuilt copy by
+    manifest_raw: str = Field("", pattern=r"^(sha256:[0-9a-f]{64})?$")
+    # sync: the manifest as deltas from the previous releases' (newest first)
+    deltas: tuple[ManifestDelta, ...] = ()
     bytes: int = Field(0, ge=0)
     files: int = Field(0, ge=0)
 
@@ -52,10 +66,12 @@ class Release(BaseModel):
 
     def objects(self) -> list[ObjectRef]:
         """The objects the document names directly: kernel, initrd, then each directory's
-        archive and manifest (the files a ``sync`` manifest names: :func:`manifest_objects`)."""
+        archive, manifest and manifest deltas (the files a ``sync`` manifest names:
+        :func:`manifest_objects`)."""
         refs = [self.kernel, self.initrd]
         for d in self.directories.values():
             refs.extend(part for part in (d.archive, d.manifest) if part is not None)
+            refs.extend(delta.delta for delta in d.deltas)
         return refs
 
     def sync_manifests(self) -> list[ObjectRef]:
@@ -68,13 +84,17 @@ class Release(BaseModel):
 
 
 def encode_manifest(manifest: mf.Manifest) -> bytes:
-    """A manifest as the store keeps it: JSON Lines, compressed with zstd."""
-    return zstandard.ZstdCompressor(level=MANIFEST_LEVEL).compress(mf.encode(manifest))
+    """A manifest as the store keeps it: compressed with zstd."""
+    return compress_manifest(mf.encode(manifest))
 
 
-def decode_manifest(data: bytes) -> mf.Manifest:
-    """A stored manifest (zstd, at most MAX_MANIFEST_BYTES decompressed), checked;
-    InvalidArgument says what is wrong."""
+def compress_manifest(raw: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=MANIFEST_LEVEL).compress(raw)
+
+
+def decompress_manifest(data: bytes) -> bytes:
+    """A stored manifest's bytes (at most MAX_MANIFEST_BYTES); InvalidArgument if it is not
+    zstd or too big."""
     try:
         # decompress() allocates what the frame header says, whatever max_output_size says
         declared = zstandard.frame_content_size(data)
@@ -82,9 +102,15 @@ def decode_manifest(data: bytes) -> mf.Manifest:
             raise InvalidArgument(
                 f"not a manifest: it says it has {declared} bytes (at most {MAX_MANIFEST_BYTES})"
             )
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_MANIFEST_BYTES)
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_MANIFEST_BYTES)
     except zstandard.ZstdError as exc:
         raise InvalidArgument(f"not a manifest: {exc}") from None
+
+
+def decode_manifest(data: bytes) -> mf.Manifest:
+    """A stored manifest (zstd, at most MAX_MANIFEST_BYTES decompressed), checked;
+    InvalidArgument says what is wrong."""
+    raw = decompress_manifest(data)
     try:
         return mf.decode(raw)
     except ValueError as exc:

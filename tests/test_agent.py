@@ -30,7 +30,7 @@ from aiohttp import web
 from click.testing import CliRunner
 
 from labs.host import free_port
-from slim.agent import ee, report_up
+from slim.agent import ee, report_up, sync
 from slim.agent import manifest as mf
 from slim.agent.__main__ import main as agent_main
 from slim.agent.fetch import DigestMismatch, FetchError, Relays
@@ -364,8 +364,8 @@ async def test_sync_fetches_ahead_in_order_and_cleans_up_when_a_fetch_fails(
 ) -> None:
     """Changed files are fetched on several connections ahead of the one being written; they
     land in tree order, and a bad object fails the boot without leaving temporary files."""
-    monkeypatch.setattr(ee, "FETCH_THREADS", 2)
-    monkeypatch.setattr(ee, "FETCH_AHEAD", 2)  # both changed files at once
+    monkeypatch.setattr(sync, "FETCH_THREADS", 2)
+    monkeypatch.setattr(sync, "FETCH_AHEAD", 2)  # both changed files at once
     target = tmp_path / "node"
     argv = site.argv(target)
     assert await run_agent(*argv) == 0
@@ -574,7 +574,8 @@ async def test_relay_killed_mid_object_the_next_relay_finishes(site: Site, tmp_p
 
 async def test_sync_into_an_empty_place_unpacks_the_archive_then_compares(site: Site, tmp_path: Path) -> None:
     """Copy-if-needed with nothing to compare with (a first boot, a blank disk) takes the
-    directory's one compressed archive instead of a request per file; the next run compares."""
+    directory's one compressed archive instead of a request per file, and keeps its manifest;
+    the next run compares with the manifest it kept, fetching nothing."""
     target = tmp_path / "node"
     found = site.store.release("base")
     assert found is not None
@@ -582,11 +583,17 @@ async def test_sync_into_an_empty_place_unpacks_the_archive_then_compares(site: 
     assert srv.archive is not None and srv.manifest is not None
     assert await run_agent(*site.argv(target)) == 0
     first = next(e for e in await site.events() if e.stage == "sync:/srv")
-    assert first.ok and first.bytes == srv.archive.size, first
+    assert first.ok and first.bytes == srv.archive.size + srv.manifest.size, first
     assert tree(target / "srv") == tree(site.image / "srv")
     assert await run_agent(*site.argv(target)) == 0
     again = next(e for e in await site.events() if e.stage == "sync:/srv")
-    assert again.message.startswith("0 files fetched, 0 deleted") and again.bytes == srv.manifest.size, again
+    assert again.message.startswith("0 files fetched, 0 deleted; manifest kept; manifest ") and not again.bytes
+    # without the kept manifest (a node that never kept one): the whole manifest again
+    shutil.rmtree(target.with_name(target.name + ".slim-state"))
+    assert await run_agent(*site.argv(target)) == 0
+    third = next(e for e in await site.events() if e.stage == "sync:/srv")
+    assert third.message.startswith("0 files fetched, 0 deleted; manifest whole;")
+    assert third.bytes == srv.manifest.size
 
 
 # -- the environment's own report that it is up -----------------------------------------

@@ -274,11 +274,15 @@ def test_fuzz_registry(data: bytes) -> None:
 
 def _manifest_variants() -> st.SearchStrategy[bytes]:
     seeds = fuzzing.TARGETS["manifest"].seeds()
-    lines = [json.loads(line) for s in seeds for line in s.decode().splitlines()]
+    v1 = [s for s in seeds if b'"version":1' in s.split(b"\n", 1)[0]]
+    v2 = [json.loads(s) for s in seeds if s not in v1]  # version 2: one JSON document
+    lines = [json.loads(line) for s in v1 for line in s.decode().splitlines()]
 
     @st.composite
     def variant(draw: st.DrawFn) -> bytes:
-        header, *rest = draw(st.sampled_from(seeds)).decode().splitlines()
+        if draw(st.booleans()):
+            return draw(json_variants(v2))  # a column, a count or a sparse item replaced
+        header, *rest = draw(st.sampled_from(v1)).decode().splitlines()
         entries = [json.loads(x) for x in rest]
         if draw(st.booleans()) and entries:
             i = draw(st.integers(0, len(entries) - 1))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,75 @@ def test_check_relpath() -> None:
         with pytest.raises(ValueError, match=r"path|component|NUL"):
             check_relpath(bad)
     assert check_relpath("a/b.c/d") == "a/b.c/d"
+
+
+def _v2(**change: object) -> bytes:
+    doc = {
+        "format": "slim-manifest", "version": 2, "directory": "/srv", "entries": 3, "files": 2, "bytes": 7,
+        "path": ["d", "d/f", "d/l"], "type": "dfl", "mode": [493, 420, 511], "uid": [0, 0, 0],
+        "gid": [0, 0, 0], "mtime_ns": [1, 2, 3], "size": [7], "sha256": ["a" * 64], "target": ["f"],
+        "rdev": [], "chunks": [], "xattrs": [[1, {"user.x": "eA=="}]],
+    }  # fmt: skip
+    doc.update(change)
+    return json.dumps(doc).encode()
+
+
+def test_version_2_decodes_to_columns_and_entries() -> None:
+    m = mf.decode(_v2())
+    assert m.paths == ["d", "d/f", "d/l"] and m.kinds == "dfl" and m.sizes == [0, 7, 0]
+    assert m.digests == ["", "a" * 64, ""] and m.targets == {2: "f"} and m.xattrs == {1: (("user.x", b"x"),)}
+    f = m.entries[1]
+    assert f.entry.kind == FILE and f.entry.size == 7 and f.sha256 == "a" * 64
+    assert m.entries[2].entry.kind == SYMLINK and m.entries[2].entry.target == "f"
+    assert mf.decode(mf.encode(m)) == m and m.files == 2 and m.bytes == 7
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"path": ["d", "d/f", "d/f"]}, "listed twice"),
+        ({"path": ["d", "d/../f", "d/l"]}, "'.' or '..' component"),
+        ({"path": ["d", "/f", "d/l"]}, "absolute path"),
+        ({"path": ["d", "d//f", "d/l"]}, "empty"),
+        ({"path": ["d", "d/f\x00", "d/l"]}, "NUL"),
+        ({"path": ["d", "d/f"]}, "'path' must be a list of 3 items"),
+        ({"type": "dfz"}, "'type' must be 3 letters"),
+        ({"mode": [493, 420, 65536]}, "entry 3: 'mode'"),
+        ({"uid": [0, True, 0]}, "entry 2: 'uid'"),
+        ({"sha256": ["A" * 64]}, "64 lowercase hex digits"),
+        ({"sha256": ["a" * 63]}, "64 lowercase hex digits"),
+        ({"target": [""]}, "non-empty string"),
+        ({"chunks": [[0, ["a" * 64], [7]]]}, "given for a dir, not a file"),
+        ({"chunks": [[1, ["a" * 64, "b" * 64], [3, 3]]]}, "add up to 7"),
+        ({"chunks": [[9, ["a" * 64], [7]]]}, "index below 3"),
+        ({"xattrs": [[1, {"user.x": "%%"}]]}, "'xattrs'"),
+        ({"version": 3}, "version 3 is not supported"),
+    ],
+)
+def test_version_2_refuses_what_is_wrong_and_says_what(change: dict[str, object], says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        mf.decode(_v2(**change))
+
+
+def test_version_1_manifests_of_older_releases_are_still_read(tmp_path: Path) -> None:
+    _tree(tmp_path)
+    items = copyset.hash_tree(tmp_path, scan(tmp_path))
+    lines = [{"format": "slim-manifest", "version": 1, "chunk_size": mf.CHUNK_SIZE, "directory": "/srv",
+              "entries": len(items)}]  # fmt: skip
+    for m in items:
+        e = m.entry
+        rec = {
+            "path": e.path,
+            "type": e.kind,
+            "mode": e.mode,
+            "uid": e.uid,
+            "gid": e.gid,
+            "mtime_ns": e.mtime_ns,
+        }
+        if e.kind == FILE:
+            rec.update(size=e.size, sha256=m.sha256, **({"chunks": list(m.chunks)} if m.chunks else {}))
+        if e.target:
+            rec["target"] = e.target
+        lines.append(rec)
+    old = mf.decode("\n".join(json.dumps(x) for x in lines).encode())
+    assert old == mf.make("/srv", items)

@@ -577,7 +577,7 @@ async def test_relay_records_stage_one_script_kernel_and_initrd_under_the_core_b
             got = await core.admin.ListBootEvents(pb.ListBootEventsRequest(boot_id=bid))
             return {e.stage: e for e in got.events}
 
-        for _ in range(500):  # bounded: the relays send their own events in the background
+        for _ in range(1500):  # bounded (30 s): the relays send their own events in the background
             events = await recorded()
             if {"tftp:undionly.kpxe", "script", "kernel", "initrd", "plan"} <= set(events):
                 break

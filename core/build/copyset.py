@@ -74,11 +74,14 @@ def tarinfo(entry: Entry) -> tarfile.TarInfo:
 class _HashingReader:
     """Reads a file for tarfile while hashing it whole and in chunks."""
 
-    def __init__(self, f: BinaryIO, size: int) -> None:
+    def __init__(self, f: BinaryIO, entry: Entry) -> None:
         self.f = f
+        self.entry = entry
+        size = entry.size
         self.whole = hashlib.sha256()
         self.chunked = size > CHUNKED_ABOVE
         self.chunks: list[str] = []
+        self.sizes: list[int] = []
         self._chunk = hashlib.sha256()
         self._in_chunk = 0
         self.read_bytes = 0
@@ -104,13 +107,14 @@ class _HashingReader:
 
     def _close_chunk(self) -> None:
         self.chunks.append(self._chunk.hexdigest())
+        self.sizes.append(self._in_chunk)
         self._chunk = hashlib.sha256()
         self._in_chunk = 0
 
-    def finish(self) -> tuple[str, tuple[str, ...]]:
+    def finish(self) -> ManifestEntry:
         if self.chunked and self._in_chunk:
             self._close_chunk()
-        return self.whole.hexdigest(), tuple(self.chunks)
+        return ManifestEntry(self.entry, self.whole.hexdigest(), tuple(self.chunks), tuple(self.sizes))
 
 
 def _open(root: str, entry: Entry) -> BinaryIO:
@@ -159,7 +163,7 @@ def _pass(
         with _open(root, entry) as f:
             if os.fstat(f.fileno()).st_size != entry.size:
                 raise _changed(entry)
-            reader = _HashingReader(f, entry.size)
+            reader = _HashingReader(f, entry)
             if tf is not None:
                 tf.addfile(tarinfo(entry), reader)
             else:
@@ -167,8 +171,7 @@ def _pass(
                     reader.update(chunk)
             if reader.read_bytes != entry.size or f.read(1):
                 raise _changed(entry)
-        sha, chunks = reader.finish()
-        out.append(ManifestEntry(entry, sha, chunks))
+        out.append(reader.finish())
         done += entry.size
         if progress is not None:
             progress(done)

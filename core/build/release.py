@@ -34,6 +34,7 @@ from slim.agent.tree import FILE, Entry, ScanReport, scan
 from slim.agent.unpack import UnsafeEntry, copy_root_meta, copy_tree, nofollow
 from slim.core.build import copyset
 from slim.core.build.agentrt import Runtime, add_runtime
+from slim.core.build.deltas import make_deltas, previous_manifests, raw_digest
 from slim.core.build.initrd import (
     InitrdBuilder,
     InitrdInfo,
@@ -45,7 +46,14 @@ from slim.core.build.initrd import (
 from slim.core.registry import Registry
 from slim.core.store import Store
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound, Problem, SlimError
-from slim.release import ObjectRef, Release, ReleaseDirectory, decode_manifest, encode_manifest
+from slim.release import (
+    ManifestDelta,
+    ObjectRef,
+    Release,
+    ReleaseDirectory,
+    compress_manifest,
+    decode_manifest,
+)
 from slim.signing import SigningKey, verify
 from slim.vocabulary import Policy
 
@@ -67,6 +75,7 @@ class DirectoryReport:
     archive: ObjectRef | None = None
     manifest: ObjectRef | None = None
     file_objects: int = 0  # sync: objects the node may fetch one by one
+    deltas: int = 0  # sync: deltas of the manifest from previous releases' (slim.core.build.deltas)
     tree: str = ""  # nfs: the exported tree
     seconds: float = 0.0
 
@@ -227,12 +236,16 @@ def _build(
             report.archive = w.ref
         manifest = mf.make(path, items)
         report.files = manifest.files
+        raw = mf.encode(manifest)
         with store.writer() as w:
-            w.write(encode_manifest(manifest))
+            w.write(compress_manifest(raw))
         report.manifest = w.ref
         assert report.manifest is not None
+        deltas: tuple[ManifestDelta, ...] = ()
         if spec.policy is Policy.SYNC:
             report.file_objects = _store_files(store, root, items)
+            deltas = make_deltas(store, previous_manifests(store, name, path), raw, report.manifest.size)
+            report.deltas = len(deltas)
         elif spec.policy is Policy.NFS:
             report.tree = str(_materialize_tree(store, root, entries, report.manifest.digest))
             if registry.relays_export_nfs:  # relays build their own copies of the tree from these
@@ -243,6 +256,8 @@ def _build(
             policy=spec.policy,
             archive=report.archive,
             manifest=report.manifest,
+            manifest_raw=raw_digest(raw),
+            deltas=deltas,
             bytes=report.bytes,
             files=report.files,
         )
@@ -288,7 +303,14 @@ def _build(
 
 
 def _same(a: Release, b: Release) -> bool:
-    return a.model_copy(update={"created": ""}) == b.model_copy(update={"created": ""})
+    """The same release but for its time and its manifests' deltas (which depend on the
+    releases before it, not on the image)."""
+
+    def plain(r: Release) -> Release:
+        dirs = {p: d.model_copy(update={"deltas": ()}) for p, d in r.directories.items()}
+        return r.model_copy(update={"created": "", "directories": dirs})
+
+    return plain(a) == plain(b)
 
 
 def ticker(progress: Progress | None, what: str, total: int) -> Callable[[int], None] | None:

@@ -46,6 +46,8 @@ def _directory(d: DirectoryAction) -> dict[str, Any]:
         "tmpfs_size": d.tmpfs_size,
         "bytes": d.bytes,
         "files": d.files,
+        "manifest_raw": d.manifest_raw,
+        "deltas": [{"base": x.base, "delta": _obj(x.delta)} for x in d.deltas],
     }
 
 

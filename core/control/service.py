@@ -49,7 +49,7 @@ from slim.errors import (
     Unauthenticated,
     Unavailable,
 )
-from slim.release import ObjectRef, Release
+from slim.release import ManifestDelta, ObjectRef, Release
 from slim.signing import Endorsement, Signer
 from slim.vocabulary import (
     BOOT_ID_RE,
@@ -120,6 +120,8 @@ class DirectoryAction:
     tmpfs_size: str = ""
     bytes: int = 0
     files: int = 0
+    manifest_raw: str = ""  # sync: "sha256:<hex>" of the manifest decompressed
+    deltas: tuple[ManifestDelta, ...] = ()  # sync: the manifest from earlier ones nodes kept
 
 
 @dataclass(frozen=True)
@@ -639,8 +641,9 @@ class CoreService:
             # the archive fills an empty disk in one transfer; the manifest brings a
             # filled one up to date file by file
             return DirectoryAction(
-                path, policy, archive=obj, manifest=built.manifest, bytes=size[0], files=size[1]
-            )
+                path, policy, archive=obj, manifest=built.manifest, bytes=size[0], files=size[1],
+                manifest_raw=built.manifest_raw, deltas=built.deltas,
+            )  # fmt: skip
         tmpfs = spec.size or "" if policy is Policy.RAM else ""
         return DirectoryAction(path, policy, archive=obj, tmpfs_size=tmpfs, bytes=size[0], files=size[1])
 

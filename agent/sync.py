@@ -1,0 +1,558 @@
+"""Copy-if-needed: bring a directory up to date with its manifest, fetching only the
+files whose bytes differ (standard library only: this runs in the initrd).
+
+1. **The manifest.**  The node keeps the manifest it last applied to each directory
+   (:class:`Records`: on the node's partition, beside the directories, never inside
+   them).  If the plan's ``manifest_raw`` is that one, nothing is fetched; if the plan
+   has a delta from it, the delta is fetched and the manifest rebuilt with ``zstd -d
+   --patch-from``; otherwise the whole manifest is fetched.  Whatever its source, the
+   manifest's bytes are checked against the plan's (signed) ``manifest_raw``.
+2. **The comparison** looks at every entry on the node (one ``os.scandir`` per
+   directory, one ``lstat`` per entry, nothing followed) — a record never stands in
+   for looking, so what changed on the node since (content, size, time, type, a file
+   turned into a directory or a link) is found, as rsync finds it.  A file whose size
+   and mtime match is taken as is (rsync's quick check) unless the kept manifest says
+   the release changed its bytes since; same size and another mtime, it is hashed.
+   Owners (as root), modes, times, link targets, device numbers, hard links and the
+   manifest's xattrs are compared; only what differs is fixed.
+3. **The changes**, in this order: what the manifest does not list (or lists as
+   another type of directory entry) is removed; missing and changed entries are made
+   in tree order, changed files fetched several at once (:class:`Fetcher`) and each
+   verified; then the directories' owners, modes and times are set where they differ.
+   Nothing outside the directory is touched, and directories the plan gives to other
+   entries are left alone.
+4. **The record** of the applied manifest is written last (replaced atomically), once
+   the directory matches it.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slim.agent import manifest as mf
+from slim.agent.fetch import Relays
+from slim.agent.plan import Directory, ObjectRef, PlanError
+from slim.agent.tree import FILE, Entry
+from slim.agent.unpack import TreeWriter
+
+# a copy of slim.vocabulary.MAX_MANIFEST_BYTES: the agent imports only the standard library
+MAX_MANIFEST_BYTES = 512 << 20
+FETCH_THREADS = 4  # copy-if-needed: connections fetching changed files at once
+FETCH_AHEAD = 16  # ... and files fetched ahead of the one being written (open temporary files)
+FETCH_AHEAD_BYTES = 64 << 20  # ... and their bytes (beyond one file), in the directory being synced
+HASH_BLOCK = 1 << 20
+_FMT = {
+    "d": stat.S_IFDIR,
+    "f": stat.S_IFREG,
+    "l": stat.S_IFLNK,
+    "c": stat.S_IFCHR,
+    "b": stat.S_IFBLK,
+    "p": stat.S_IFIFO,
+}
+
+
+_Raw = bytes  # (SyncResult has a field named bytes)
+
+
+@dataclass
+class SyncResult:
+    bytes: int = 0  # bytes fetched (manifest or its delta, and files)
+    files: int = 0  # files fetched
+    deleted: int = 0
+    manifest: str = "whole"  # how the manifest came: "kept", "delta" or "whole"
+    notes: list[str] = field(default_factory=list)
+    kept: _Raw | None = None  # the manifest kept from the last run, if any
+    seconds: dict[str, float] = field(default_factory=dict)  # where the time went, by phase
+
+    def took(self, phase: str, since: float) -> float:
+        """Add the time since ``since`` (time.monotonic()) to ``phase``; now."""
+        now = time.monotonic()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - since
+        return now
+
+    def breakdown(self) -> str:
+        return ", ".join(f"{phase} {1000 * s:.0f} ms" for phase, s in self.seconds.items())
+
+
+class Records:
+    """The manifest each copy-if-needed directory last had applied, one file per directory
+    under ``root`` (``None``: keep nothing)."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+
+    def path(self, directory: str) -> Path | None:
+        if self.root is None:
+            return None
+        return self.root / "sync" / (hashlib.sha256(directory.encode()).hexdigest()[:32] + ".manifest")
+
+    def read(self, directory: str) -> tuple[Path, bytes, str] | None:
+        """(its file, the manifest's bytes, "sha256:<hex>" of them), or None."""
+        path = self.path(directory)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb", opener=_nofollow) as f:
+                raw = f.read(MAX_MANIFEST_BYTES + 1)
+        except OSError:
+            return None
+        if len(raw) > MAX_MANIFEST_BYTES:
+            return None
+        return path, raw, "sha256:" + hashlib.sha256(raw).hexdigest()
+
+    def write(self, directory: str, raw: bytes) -> None:
+        path = self.path(directory)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def forget(self, directory: str) -> None:
+        path = self.path(directory)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
+def _nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _zstd(data: bytes, *args: str) -> bytes:
+    proc = subprocess.run(["zstd", "-dcq", *args], input=data, capture_output=True, check=False)
+    if proc.returncode != 0:
+        why = proc.stderr.decode(errors="replace").strip() or f"exit {proc.returncode}"
+        raise PlanError(f"zstd could not decompress: {why}")
+    if len(proc.stdout) > MAX_MANIFEST_BYTES:
+        raise PlanError(f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
+    return proc.stdout
+
+
+def _digest(raw: bytes) -> str:
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def manifest_bytes(d: Directory, relays: Relays, records: Records, result: SyncResult) -> bytes:
+    """The directory's manifest, decompressed: kept, rebuilt from a delta, or fetched whole;
+    checked against the plan's ``manifest_raw`` (a plan without one: the fetched object's
+    digest is the check)."""
+    assert d.manifest is not None
+    started = time.monotonic()
+    try:
+        return _manifest_bytes(d, relays, records, result)
+    finally:
+        result.took("manifest", started)
+
+
+def _manifest_bytes(d: Directory, relays: Relays, records: Records, result: SyncResult) -> bytes:
+    assert d.manifest is not None
+    kept = records.read(d.path)
+    if kept is not None:
+        result.kept = kept[1]
+    if kept is not None and d.manifest_raw:
+        path, raw, digest = kept
+        if digest == d.manifest_raw:
+            result.manifest = "kept"
+            return raw
+        for delta in d.deltas:
+            if delta.base != digest:
+                continue
+            data = relays.read(delta.delta)
+            result.bytes += delta.delta.size
+            try:
+                rebuilt = _zstd(data, f"--patch-from={path}")
+            except PlanError as exc:
+                result.notes.append(f"the manifest delta did not apply ({exc}): fetched whole")
+                break
+            if _digest(rebuilt) == d.manifest_raw:
+                result.manifest = "delta"
+                return rebuilt
+            result.notes.append("the manifest rebuilt from its delta is not the plan's: fetched whole")
+            break
+    raw = _zstd(relays.read(d.manifest))
+    result.bytes += d.manifest.size
+    if d.manifest_raw and _digest(raw) != d.manifest_raw:
+        raise PlanError(f"{d.path}: the manifest {d.manifest.digest} is not the one the plan names")
+    result.manifest = "whole"
+    return raw
+
+
+def stat_tree(root: str, prune: Collection[str]) -> dict[str, os.stat_result]:
+    """Every entry under ``root`` (not ``root``) by relative path, as ``lstat`` sees it;
+    directories in ``prune``, links and other file systems are not entered."""
+    out: dict[str, os.stat_result] = {}
+    pruned = frozenset(prune)
+    root_dev = os.lstat(root).st_dev
+    todo = [("", root)]
+    while todo:
+        rel, full = todo.pop()
+        with os.scandir(full) as it:
+            for d in it:
+                r = f"{rel}/{d.name}" if rel else d.name
+                st = d.stat(follow_symlinks=False)
+                out[r] = st
+                if stat.S_ISDIR(st.st_mode) and st.st_dev == root_dev and r not in pruned:
+                    todo.append((r, d.path))
+    return out
+
+
+def has_files(root: Path, prune: Collection[str]) -> bool:
+    """Anything but directories under ``root`` (outside ``prune``)?  Stops at the first."""
+    if not root.exists():
+        return False
+    pruned = frozenset(prune)
+    todo = [("", str(root))]
+    while todo:
+        rel, full = todo.pop()
+        with os.scandir(full) as it:
+            for d in it:
+                r = f"{rel}/{d.name}" if rel else d.name
+                if not d.is_dir(follow_symlinks=False):
+                    return True
+                if r not in pruned:
+                    todo.append((r, d.path))
+    return False
+
+
+def _same_bytes(path: str, size: int, digest: str) -> bool:
+    """Whether the file at ``path`` (not followed) holds exactly the bytes of ``digest``."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb", opener=_nofollow) as f:
+            while block := f.read(HASH_BLOCK):
+                h.update(block)
+                if f.tell() > size:
+                    return False
+    except OSError:
+        return False
+    return h.hexdigest() == digest
+
+
+def _xattrs_match(path: str, want: tuple[tuple[str, bytes], ...]) -> bool:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+        return tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names)) == want
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Previous:
+    """The manifest kept from the last run, when the manifest changed since."""
+
+    manifest: mf.Manifest
+    index: dict[str, int]  # path: its entry
+
+    def digest(self, path: str) -> str | None:
+        i = self.index.get(path)
+        return None if i is None else self.manifest.digests[i]
+
+    def chunks_of(self, path: str, st: os.stat_result) -> dict[str, tuple[int, int]]:
+        """The pieces of the file now at ``path`` (its ``st``), by digest: (offset, size) — when
+        the kept manifest stored it in pieces and it has not changed since (size and mtime)."""
+        i = self.index.get(path)
+        m = self.manifest
+        if i is None or i not in m.chunks or st.st_size != m.sizes[i] or st.st_mtime_ns != m.mtimes[i]:
+            return {}
+        out: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for hexdigest, size in zip(*m.chunks[i], strict=True):
+            out.setdefault(hexdigest, (offset, size))
+            offset += size
+        return out
+
+
+def previous(result: SyncResult) -> Previous | None:
+    """What the kept manifest said of each file, when the manifest changed since: a file the
+    release changed is fetched even if its size and mtime did not change (which rsync's
+    quick check misses), and the pieces of a big file that did not change are taken from the
+    node's copy.  None when there is none (or it does not decode: then the comparison is
+    rsync's)."""
+    if result.kept is None or result.manifest == "kept":
+        return None
+    try:
+        old = mf.decode(result.kept)
+    except ValueError:
+        return None
+    return Previous(old, {p: i for i, p in enumerate(old.paths)})
+
+
+def sync(
+    dest: Path,
+    manifest: mf.Manifest,
+    nested: Collection[str],
+    fetcher: Callable[[list[Job]], Fetcher],
+    result: SyncResult,
+) -> None:
+    """Make ``dest`` match ``manifest`` (see the module's docstring); ``nested``: paths of the
+    directories other entries of the plan manage; ``fetcher`` fetches the files listed."""
+    started = time.monotonic()
+    root = str(dest)
+    was = previous(result)
+    have = stat_tree(root, nested)
+    started = result.took("look", started)
+    m = manifest
+    owners = os.geteuid() == 0
+    write: list[int] = []  # entries to make (anew), in tree order
+    fix: list[int] = []  # files whose bytes are right: owner, mode, time or xattrs to set
+    dirs: list[int] = []  # directories whose owner, mode, time or xattrs differ
+    remove: list[str] = []  # what is in the way of another type of entry
+    rewritten: set[str] = set()
+    links: collections.Counter[str] = collections.Counter()  # hard links to each file
+    for i, k in enumerate(m.kinds):
+        if k == "h":
+            links[m.targets[i]] += 1
+    paths, modes, uids, gids, mtimes, sizes = m.paths, m.modes, m.uids, m.gids, m.mtimes, m.sizes
+    for i, k in enumerate(m.kinds):
+        path = paths[i]
+        st = have.get(path)
+        if st is None:
+            write.append(i)
+            continue
+        fmt = stat.S_IFMT(st.st_mode)
+        if k == "h":
+            target = have.get(m.targets[i])
+            if (
+                target is None
+                or m.targets[i] in rewritten
+                or st.st_ino != target.st_ino
+                or st.st_dev != target.st_dev
+            ):
+                if fmt == stat.S_IFDIR:
+                    remove.append(path)
+                write.append(i)
+            continue
+        if fmt != _FMT[k]:
+            if fmt == stat.S_IFDIR:
+                remove.append(path)
+            write.append(i)
+            rewritten.add(path)
+            continue
+        same_meta = (
+            st.st_mtime_ns == mtimes[i]
+            and (k == "l" or stat.S_IMODE(st.st_mode) == modes[i])
+            and (not owners or (st.st_uid == uids[i] and st.st_gid == gids[i]))
+        )
+        if k == "f":
+            if (
+                st.st_size != sizes[i]
+                or st.st_nlink > 1 + links[path]
+                or (was is not None and was.digest(path) not in (None, m.digests[i]))
+                or (st.st_mtime_ns != mtimes[i] and not _same_bytes(f"{root}/{path}", sizes[i], m.digests[i]))
+            ):
+                write.append(i)
+                rewritten.add(path)
+            elif not same_meta or (i in m.xattrs and not _xattrs_match(f"{root}/{path}", m.xattrs[i])):
+                fix.append(i)
+        elif k == "d":
+            if not same_meta or (i in m.xattrs and not _xattrs_match(f"{root}/{path}", m.xattrs[i])):
+                dirs.append(i)
+        elif k == "l":
+            if not same_meta or os.readlink(f"{root}/{path}") != m.targets[i]:
+                write.append(i)
+        elif not same_meta or (k in "cb" and st.st_rdev != os.makedev(*m.rdevs[i])) or i in m.xattrs:
+            write.append(i)  # devices and fifos: made anew (as cheap as fixing them)
+    # what the manifest does not list: removed (not what other entries of the plan manage)
+    extras = have.keys() - set(paths)
+    started = result.took("compare", started)
+    for path in extras:
+        if path.rpartition("/")[0] in extras:
+            continue  # goes with its directory
+        if any(path == n or path.startswith(n + "/") for n in nested):
+            continue
+        remove.append(path)
+        result.deleted += 1
+    for path in sorted(remove, key=lambda p: p.count("/"), reverse=True):
+        full = f"{root}/{path}"
+        if stat.S_ISDIR(have[path].st_mode):
+            shutil.rmtree(full)
+        else:
+            os.unlink(full)
+    entries = {i: m.entry(i) for i in write}
+    jobs: list[Job] = []
+    for i, e in entries.items():
+        if e.entry.kind == FILE:
+            st = have.get(paths[i])
+            reuse = {} if was is None or st is None or i not in m.chunks else was.chunks_of(paths[i], st)
+            jobs.append((e, (f"{root}/{paths[i]}", reuse) if reuse else None))
+    with TreeWriter(dest) as writer, fetcher(jobs) as fetched:
+        for i in write:
+            e = entries[i]
+            if e.entry.kind == FILE:
+                with fetched.next(e) as tmp:
+                    writer.add(e.entry, tmp.file)
+                    result.bytes += tmp.fetched
+                result.files += 1
+            else:
+                writer.add(e.entry)
+        for i in fix:
+            set_meta(f"{root}/{paths[i]}", m.entry(i).entry, owners)
+        if write or remove:  # what was made or removed gave its directory a new time
+            dirs = [i for i, k in enumerate(m.kinds) if k == "d" and i not in entries]
+        for i in dirs:
+            writer.add(m.entry(i).entry)  # its owner, mode, xattrs and time: set by finish()
+        writer.finish()
+    result.took("change", started)
+
+
+def set_meta(path: str, e: Entry, owners: bool) -> None:
+    """Owner (``owners``: as root), mode, xattrs (the entry's, exactly) and mtime of a
+    regular file found by our own walk."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if owners:
+            os.fchown(fd, e.uid, e.gid)  # first: it clears setuid bits and file capabilities
+        os.fchmod(fd, e.mode)
+        if e.xattrs:
+            want = dict(e.xattrs)
+            for name in os.listxattr(fd):
+                if name not in want:
+                    os.removexattr(fd, name)
+            for name, value in e.xattrs:
+                os.setxattr(fd, name, value)
+        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+    finally:
+        os.close(fd)
+
+
+Local = tuple[str, dict[str, tuple[int, int]]]  # the node's copy of a file: its path, its pieces
+Job = tuple[mf.ManifestEntry, Local | None]
+
+
+def _fetch_file(relays: Relays, m: mf.ManifestEntry, dest: Path, local: Local | None) -> _TempFile:
+    """The file's bytes in a temporary file: each piece read from the node's old copy when it
+    has it (and it checks out), else fetched; every piece verified by its digest."""
+    tmp = _TempFile(dest)
+    try:
+        old = None
+        pieces = local[1] if local is not None else {}
+        if local is not None:
+            try:
+                old = open(local[0], "rb", opener=_nofollow)  # noqa: SIM115 - closed below
+            except OSError:
+                old = None
+        try:
+            for part, n in mf.parts(m):
+                if old is not None and part in pieces:
+                    offset, size = pieces[part]
+                    old.seek(offset)
+                    data = old.read(size)
+                    if size == n and hashlib.sha256(data).hexdigest() == part:
+                        tmp.file.write(data)
+                        continue
+                relays.stream(ObjectRef(f"sha256:{part}", n), tmp.file.write)
+                tmp.fetched += n
+        finally:
+            if old is not None:
+                old.close()
+        tmp.file.flush()
+        tmp.file.seek(0)
+    except BaseException:
+        tmp.close()
+        raise
+    return tmp
+
+
+class Fetcher:
+    """Fetches the files copy-if-needed wants on ``FETCH_THREADS`` connections of their own
+    (each a round trip the others need not wait for), at most ``FETCH_AHEAD`` files and
+    ``FETCH_AHEAD_BYTES`` ahead of the one being written (the temporary files share the
+    directory's space), and hands them out in the order listed; what is fetched but not
+    taken is removed on exit."""
+
+    def __init__(self, relays: Relays, files: list[Job], dest: Path) -> None:
+        self.relays = relays
+        self.dest = dest
+        self.files = files
+        self.submitted = 0
+        self.pending: collections.deque[tuple[mf.ManifestEntry, Future[_TempFile]]] = collections.deque()
+        self.pending_bytes = 0
+        self.clones: list[Relays] = []
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="sync") if files else None
+
+    def _relays(self) -> Relays:
+        relays: Relays | None = getattr(self.local, "relays", None)
+        if relays is None:
+            relays = self.local.relays = self.relays.clone()
+            with self.lock:
+                self.clones.append(relays)
+        return relays
+
+    def _fetch(self, job: Job) -> _TempFile:
+        return _fetch_file(self._relays(), job[0], self.dest, job[1])
+
+    def _fill(self) -> None:
+        while self.pool is not None and self.submitted < len(self.files) and len(self.pending) < FETCH_AHEAD:
+            job = self.files[self.submitted]
+            m = job[0]
+            if self.pending and self.pending_bytes + m.entry.size > FETCH_AHEAD_BYTES:
+                return  # one file at a time when they are big
+            self.pending.append((m, self.pool.submit(self._fetch, job)))
+            self.pending_bytes += m.entry.size
+            self.submitted += 1
+
+    def next(self, m: mf.ManifestEntry) -> _TempFile:
+        self._fill()
+        want, future = self.pending[0]
+        assert want is m, "files are taken in the order they were listed"
+        tmp = future.result()  # a failure stays pending: __exit__ sees it
+        self.pending.popleft()
+        self.pending_bytes -= m.entry.size
+        self._fill()
+        return tmp
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is None:
+            return
+        for _, future in self.pending:
+            future.cancel()
+        self.pool.shutdown(wait=True)
+        for _, future in self.pending:
+            if not future.cancelled() and future.exception() is None:
+                future.result().close()
+        for relays in self.clones:
+            self.relays.absorb(relays)
+            relays.close()
+
+
+class _TempFile:
+    """A temporary file inside the directory being synced (same file system), removed on close."""
+
+    def __init__(self, dest: Path) -> None:
+        fd, name = tempfile.mkstemp(prefix=".slim-fetch-", dir=dest)
+        self.path = Path(name)
+        self.file = os.fdopen(fd, "w+b")
+        self.fetched = 0  # bytes that came from the relays (the rest: the node's old copy)
+
+    def __enter__(self) -> _TempFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)

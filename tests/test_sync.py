@@ -1,0 +1,395 @@
+"""Copy-if-needed (slim.agent.sync): random trees and random changes, on the server's
+side and on the node's, end identical to the release after one sync; the manifest kept
+from the last run, rebuilt from a delta, or fetched whole.
+
+The files come from a real object server on loopback (slim.objects, the relays' and the
+core's) through the agent's own HTTP client; the manifests and file objects are made by
+the build's own code (copyset, the store)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from slim.agent import manifest as mf
+from slim.agent import sync
+from slim.agent.fetch import Relays
+from slim.agent.plan import Directory, ManifestDelta, ObjectRef
+from slim.agent.tree import FILE, scan
+from slim.core.build import copyset
+from slim.core.build.deltas import make_deltas, raw_digest
+from slim.core.build.release import _store_files
+from slim.core.store import Store
+from slim.objects.server import ObjectServer
+from slim.release import compress_manifest
+
+ROOT = os.geteuid() == 0
+
+
+class Origin:
+    """A store served over HTTP on 127.0.0.1 by a real object server, in a thread of its own."""
+
+    def __init__(self, root: Path) -> None:
+        self.store = Store(root)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = ObjectServer(self.store.objects, "127.0.0.1:0")
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
+        self.url = f"http://127.0.0.1:{self.server.port}"
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()
+
+    def publish(self, tree: Path, directory: str = "/srv") -> tuple[Directory, bytes]:
+        """The tree as a build makes it (manifest, file objects); its plan entry and manifest."""
+        items = copyset.hash_tree(tree, scan(tree))
+        _store_files(self.store, tree, items)
+        raw = mf.encode(mf.make(directory, items))
+        ref = self.store.put_bytes(compress_manifest(raw))
+        manifest = ObjectRef(ref.digest, ref.size)
+        return Directory(directory, "sync", None, manifest, None, "", 0, 0, raw_digest(raw)), raw
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
+    o = Origin(tmp_path_factory.mktemp("origin") / "store")
+    try:
+        yield o
+    finally:
+        o.close()
+
+
+def run_sync(origin: Origin, d: Directory, dest: Path, records: sync.Records) -> sync.SyncResult:
+    """What the agent's Builder does for one sync directory (slim.agent.ee)."""
+    relays = Relays([origin.url], timeout=10)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        result = sync.SyncResult()
+        raw = sync.manifest_bytes(d, relays, records, result)
+        sync.sync(dest, mf.decode(raw), [], lambda files: sync.Fetcher(relays, files, dest), result)
+        records.write(d.path, raw)
+        return result
+    finally:
+        relays.close()
+
+
+def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Everything copy-if-needed promises about a tree: types, contents, modes, owners (as
+    root), mtimes, link targets, hard links, xattrs."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for e in scan(root):
+        content = (root / e.path).read_bytes() if e.kind == FILE else b""
+        owner = (e.uid, e.gid) if ROOT else ()
+        out[e.path] = (e.kind, e.mode, owner, e.mtime_ns, e.target, e.xattrs, content)
+    return out
+
+
+# -- random trees ---------------------------------------------------------------------------
+
+NAMES = ["a", "b", "c", "dd", "é"]
+Spec = dict[str, tuple[Any, ...]]
+T0 = 1_700_000_000_000_000_000
+
+
+@st.composite
+def trees(draw: st.DrawFn) -> dict[str, tuple[Any, ...]]:
+    """A tree as {path: spec}: ("dir", mode, mtime), ("file", content, mode, mtime),
+    ("symlink", target, mtime), ("hardlink", earlier file path)."""
+    leaves = draw(st.lists(st.lists(st.sampled_from(NAMES), min_size=1, max_size=3), max_size=12))
+    paths = {"/".join(p) for p in leaves}
+    dirs = {"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 1)}
+    spec: dict[str, tuple[Any, ...]] = {}
+    for path in sorted(paths | dirs):
+        mtime = T0 + draw(st.integers(0, 3)) * 1_000_000_007
+        if path in dirs:
+            spec[path] = ("dir", draw(st.sampled_from([0o755, 0o700, 0o1777])), mtime)
+            continue
+        files = [p for p, s in spec.items() if s[0] == "file"]
+        kind = draw(st.sampled_from(["file", "file", "file", "symlink", "hardlink", "dir"]))
+        if kind == "hardlink" and files:
+            spec[path] = ("hardlink", draw(st.sampled_from(files)))
+        elif kind == "symlink":
+            spec[path] = ("symlink", draw(st.sampled_from(["a", "../b", "/etc/passwd", "dd/é"])), mtime)
+        elif kind == "dir":
+            spec[path] = ("dir", 0o755, mtime)
+        else:
+            size = draw(st.sampled_from([0, 1, 100, 5000, mf.CHUNKED_ABOVE + 3]))
+            content = draw(st.binary(min_size=min(size, 3), max_size=3)) * (size // 3 + 1)
+            spec[path] = ("file", content[:size], draw(st.sampled_from([0o644, 0o600, 0o4755])), mtime)
+    return spec
+
+
+EDITS = ["retarget", "chmod", "retime", "unlink_hardlink", "content", "remove", "add", "to_symlink"]
+
+
+@st.composite
+def releases(draw: st.DrawFn) -> tuple[dict[str, tuple[Any, ...]], dict[str, tuple[Any, ...]]]:
+    """A release and the next one: a random tree, or the first one with a few entries
+    edited (the subtle changes: a link's target or an entry's mode or time alone)."""
+    before = draw(trees())
+    if draw(st.booleans()):
+        return before, draw(trees())
+    after = dict(before)
+    for _ in range(draw(st.integers(1, 4))):
+        what = draw(st.sampled_from(EDITS))
+        if what == "add" or not after:
+            after[f"new{draw(st.integers(0, 9))}"] = ("file", b"added", 0o644, T0)
+            continue
+        path = draw(st.sampled_from(sorted(after)))
+        s = after[path]
+        if what == "retarget" and s[0] == "symlink":
+            after[path] = ("symlink", s[1] + "x", s[2])
+        elif what == "chmod" and s[0] in ("file", "dir"):
+            after[path] = (*s[:-2], 0o640 if s[-2] != 0o640 else 0o644, s[-1])
+        elif what == "retime" and s[0] != "hardlink":
+            after[path] = (*s[:-1], s[-1] + 1)
+        elif what == "unlink_hardlink" and s[0] == "hardlink":
+            after[path] = ("file", *after[s[1]][1:])  # the same bytes, a file of its own
+        elif what == "content" and s[0] == "file":
+            after[path] = ("file", s[1] + b"!", s[2], s[3])
+        elif (
+            what == "remove"
+            and s[0] != "dir"
+            and not any(h[0] == "hardlink" and h[1] == path for h in after.values())
+        ):
+            del after[path]
+        elif (
+            what == "to_symlink"
+            and s[0] == "file"
+            and not any(h[0] == "hardlink" and h[1] == path for h in after.values())
+        ):
+            after[path] = ("symlink", "a", s[3])
+    return before, after
+
+
+def build(root: Path, spec: dict[str, tuple[Any, ...]]) -> None:
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    for path, s in sorted(spec.items()):
+        full = root / path
+        if s[0] == "dir":
+            full.mkdir()
+        elif s[0] == "file":
+            full.write_bytes(s[1])
+            os.chmod(full, s[2])
+            if path.endswith("a"):
+                os.setxattr(full, "user.slim", path.encode())
+        elif s[0] == "symlink":
+            full.symlink_to(s[1])
+        else:
+            os.link(root / s[1], full)
+    for path, s in sorted(spec.items(), reverse=True):  # times last, deepest first
+        full = root / path
+        if s[0] == "dir":
+            os.chmod(full, s[1])
+            os.utime(full, ns=(s[2], s[2]))
+        elif s[0] in ("file", "symlink"):
+            os.utime(full, ns=(s[-1], s[-1]), follow_symlinks=False)
+
+
+TAMPER = ["rewrite", "grow", "chmod", "touch", "to_dir", "to_symlink", "to_file", "delete", "extra"]
+TAMPER += ["xattr", "hardlink"]
+
+
+@st.composite
+def tampering(draw: st.DrawFn) -> list[tuple[str, int, int]]:
+    """Changes made on the node: (what, which entry, a number)."""
+    return draw(
+        st.lists(st.tuples(st.sampled_from(TAMPER), st.integers(0, 50), st.integers(1, 9)), max_size=5)
+    )
+
+
+def tamper(root: Path, changes: list[tuple[str, int, int]]) -> None:
+    for what, which, n in changes:
+        entries = sorted(scan(root), key=lambda e: e.path)
+        if what == "extra":
+            (root / f"extra{n}").write_bytes(b"x" * n)
+            continue
+        files = [e for e in entries if e.kind == "file"]
+        if what == "hardlink" and len(files) > 1:  # one file's name made another's
+            a, b = files[which % len(files)], files[(which + n) % len(files)]
+            if a.path != b.path:
+                (root / b.path).unlink()
+                os.link(root / a.path, root / b.path)
+            continue
+        if not entries:
+            continue
+        e = entries[which % len(entries)]
+        full = root / e.path
+        if what == "delete" or what.startswith("to_"):
+            if e.kind == "dir":
+                shutil.rmtree(full)
+            else:
+                full.unlink()
+            if what == "to_dir":
+                full.mkdir()
+                (full / "inside").write_bytes(b"in")
+            elif what == "to_symlink":
+                full.symlink_to("/")  # a link out of the tree: never followed
+            elif what == "to_file":
+                full.write_bytes(b"y" * n)
+        elif e.kind == "file" and what in ("rewrite", "grow"):
+            data = full.read_bytes()
+            new = bytes(b ^ 0xFF for b in data[:n]) + data[n:] if what == "rewrite" else data + b"z" * n
+            mtime = full.stat().st_mtime_ns
+            full.write_bytes(new)
+            os.utime(full, ns=(mtime + n, mtime + n))  # a write moves the mtime
+        elif what == "chmod" and e.kind != "symlink":
+            os.chmod(full, 0o777 if n % 2 else 0o000)
+        elif what == "touch" and e.kind != "symlink":
+            os.utime(full, ns=(T0 - n, T0 - n))  # same bytes, another time: hashed
+        elif what == "xattr" and e.kind == "file" and e.xattrs:
+            # (an attribute the release does not give a file is not looked for: docs/agent.md)
+            os.setxattr(full, "user.slim", b"tampered")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(trees_=releases(), changes=tampering())
+def test_one_sync_makes_any_tree_the_release(
+    origin: Origin, tmp_path: Path, trees_: tuple[Spec, Spec], changes: list[tuple[str, int, int]]
+) -> None:
+    """The node had the release before (synced from nothing), was changed on the node,
+    and the server changed the release: one sync makes it exactly the new release."""
+    before, after = trees_
+    work = tmp_path / f"ex{os.urandom(4).hex()}"
+    src, node = work / "src", work / "node"
+    records = sync.Records(work / "state")
+    build(src, before)
+    d, _ = origin.publish(src)
+    run_sync(origin, d, node, records)
+    assert snapshot(node) == snapshot(src)
+    tamper(node, changes)
+    build(src, after)
+    d, _ = origin.publish(src)
+    run_sync(origin, d, node, records)
+    assert snapshot(node) == snapshot(src)
+    shutil.rmtree(work)
+
+
+def test_an_unchanged_tree_fetches_nothing_and_a_changed_one_only_its_changes(
+    origin: Origin, tmp_path: Path
+) -> None:
+    src, node = tmp_path / "src", tmp_path / "node"
+    records = sync.Records(tmp_path / "state")
+    spec: dict[str, tuple[Any, ...]] = {"d": ("dir", 0o755, T0)}
+    spec.update({f"d/f{i}": ("file", bytes([i]) * 1000, 0o644, T0) for i in range(50)})
+    build(src, spec)
+    d, _ = origin.publish(src)
+    first = run_sync(origin, d, node, records)
+    assert (first.manifest, first.files) == ("whole", 50)
+    again = run_sync(origin, d, node, records)
+    assert (again.manifest, again.files, again.bytes, again.deleted) == ("kept", 0, 0, 0)
+    # the release changes one file; the node changed another (its mtime moved: it is hashed,
+    # found different and fetched back), and added one
+    spec["d/f3"] = ("file", b"new" * 10, 0o644, T0 + 1)
+    build(src, spec)
+    (node / "d" / "f7").write_bytes(b"mine")
+    (node / "d" / "mine").write_bytes(b"mine")
+    d, _ = origin.publish(src)
+    third = run_sync(origin, d, node, records)
+    assert third.manifest == "whole" and third.files == 2 and third.deleted == 1
+    assert snapshot(node) == snapshot(src)
+
+
+def test_a_delta_from_the_kept_manifest_rebuilds_the_new_one(origin: Origin, tmp_path: Path) -> None:
+    """The build's delta (zstd --patch-from) from the manifest a node kept: the node fetches
+    the delta, not the manifest; a kept manifest changed on the node is not a base."""
+    src, node = tmp_path / "src", tmp_path / "node"
+    records = sync.Records(tmp_path / "state")
+    spec: dict[str, tuple[Any, ...]] = {
+        f"f{i:04d}": ("file", i.to_bytes(2, "big"), 0o644, T0) for i in range(2000)
+    }
+    build(src, spec)
+    d1, raw1 = origin.publish(src)
+    run_sync(origin, d1, node, records)
+    spec["f0042"] = ("file", b"changed", 0o644, T0 + 5)
+    build(src, spec)
+    d2, raw2 = origin.publish(src)
+    [delta] = make_deltas_from(origin.store, raw1, raw2)
+    d2 = Directory(**{**d2.__dict__, "deltas": (delta,)})
+    result = run_sync(origin, d2, node, records)
+    assert d2.manifest is not None and result.manifest == "delta" and result.files == 1
+    assert result.bytes < d2.manifest.size // 20 + len(b"changed"), (result.bytes, d2.manifest.size)
+    assert snapshot(node) == snapshot(src)
+    # the kept manifest tampered with: its digest is no base, so the whole manifest comes
+    spec["f0043"] = ("file", b"again", 0o644, T0 + 6)
+    build(src, spec)
+    d3, raw3 = origin.publish(src)
+    [delta3] = make_deltas_from(origin.store, raw2, raw3)
+    d3 = Directory(**{**d3.__dict__, "deltas": (delta3,)})
+    kept = records.path("/srv")
+    assert kept is not None
+    kept.write_bytes(kept.read_bytes().replace(b'"f0001"', b'"f000X"'))
+    result = run_sync(origin, d3, node, records)
+    assert result.manifest == "whole" and result.files == 1
+    assert snapshot(node) == snapshot(src)
+
+
+def make_deltas_from(store: Store, base: bytes, raw: bytes) -> list[ManifestDelta]:
+    """The build's deltas (slim.core.build.deltas), with ``base`` as the previous release's
+    manifest, as a plan names them."""
+    made = make_deltas(store, [base], raw, 1 << 40)
+    return [ManifestDelta(x.base, ObjectRef(x.delta.digest, x.delta.size)) for x in made]
+
+
+def test_files_are_never_written_through_a_link_the_node_made(origin: Origin, tmp_path: Path) -> None:
+    """A directory of the release turned into a symlink on the node (to a directory outside
+    the tree): the sync replaces the link, and writes nothing where it pointed."""
+    src, node, outside = tmp_path / "src", tmp_path / "node", tmp_path / "outside"
+    outside.mkdir()
+    records = sync.Records(tmp_path / "state")
+    spec: dict[str, tuple[Any, ...]] = {"etc": ("dir", 0o755, T0), "etc/passwd": ("file", b"root", 0o644, T0)}
+    build(src, spec)
+    d, _ = origin.publish(src)
+    run_sync(origin, d, node, records)
+    shutil.rmtree(node / "etc")
+    (node / "etc").symlink_to(outside)
+    run_sync(origin, d, node, records)
+    assert list(outside.iterdir()) == []
+    assert stat.S_ISDIR(os.lstat(node / "etc").st_mode)
+    assert snapshot(node) == snapshot(src)
+
+
+def test_a_big_files_unchanged_pieces_come_from_the_nodes_copy(origin: Origin, tmp_path: Path) -> None:
+    """A file stored in pieces, one piece changed by the release: only that piece is fetched,
+    the others read from the node's copy — and checked: a piece changed on the node (its size
+    and mtime put back) is fetched too."""
+    src, node = tmp_path / "src", tmp_path / "node"
+    records = sync.Records(tmp_path / "state")
+    data = bytearray(os.urandom(mf.CHUNKED_ABOVE + 2 * mf.CHUNK_SIZE + 5))  # 7 pieces
+    spec: Spec = {"big": ("file", bytes(data), 0o644, T0)}
+    build(src, spec)
+    d, _ = origin.publish(src)
+    run_sync(origin, d, node, records)
+    data[3 * mf.CHUNK_SIZE + 10 : 3 * mf.CHUNK_SIZE + 20] = b"R" * 10  # the release changes piece 4
+    spec["big"] = ("file", bytes(data), 0o644, T0 + 1)
+    build(src, spec)
+    d, _ = origin.publish(src)
+    result = run_sync(origin, d, node, records)
+    assert result.files == 1 and result.bytes - d.manifest.size == mf.CHUNK_SIZE  # type: ignore[union-attr]
+    assert snapshot(node) == snapshot(src)
+    # on the node, piece 1 changes behind the sync's back (size and mtime as they were)
+    with open(node / "big", "r+b") as f:
+        f.write(b"N" * 10)
+    os.utime(node / "big", ns=(T0 + 1, T0 + 1))
+    data[5 * mf.CHUNK_SIZE : 5 * mf.CHUNK_SIZE + 3] = b"RRR"  # and the release changes piece 6
+    spec["big"] = ("file", bytes(data), 0o644, T0 + 2)
+    build(src, spec)
+    d, _ = origin.publish(src)
+    result = run_sync(origin, d, node, records)
+    assert result.files == 1 and result.bytes - d.manifest.size == 2 * mf.CHUNK_SIZE  # type: ignore[union-attr]
+    assert snapshot(node) == snapshot(src)
