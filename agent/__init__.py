@@ -1,1 +1,14 @@
-"""The node agent: EE service locator and file synchronization module (runs in the initrd)."""
+"""The node side: the agent that builds an execution environment from its plan (the initrd).
+
+Standard library only.  For its start-up time, some standard-library modules are imported
+only where they are needed (inside a function); they are listed here so that the initrd's
+probe (slim.core.build.agentrt) puts them in the initrd too.  tests/test_agent_imports.py
+checks that every such import is listed.
+"""
+
+DEFERRED = (
+    "concurrent.futures",  # slim.agent.sync.Fetcher: only when files are fetched
+    "concurrent.futures.thread",
+    "tarfile",  # slim.agent.unpack.extract_tar: only to unpack an archive
+    "uuid",  # slim.agent.cache: a boot medium's partition
+)

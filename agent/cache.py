@@ -25,10 +25,12 @@ import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import BinaryIO, cast
+
+TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 LABEL = "SLIMCACHE"
 MOUNT_POINT = Path("/run/slim-cache")
@@ -72,6 +74,8 @@ def _superblock(device: Path) -> bytes | None:
 def ext_uuid(device: Path) -> str | None:
     """The UUID of the ext2/3/4 filesystem on ``device``, if it holds one."""
     sb = _superblock(device)
+    import uuid  # only for a boot medium (slim.agent.DEFERRED)
+
     return None if sb is None else str(uuid.UUID(bytes=sb[104:120]))
 
 
@@ -265,7 +269,7 @@ class LocalObjects:
             fd, name = tempfile.mkstemp(prefix=".fetch-", dir=self.dir)
         except OSError:
             return None
-        return _Staged(self, cast(BinaryIO, os.fdopen(fd, "wb")), Path(name))
+        return _Staged(self, os.fdopen(fd, "wb"), Path(name))
 
     def keep_only(self, hex_digests: Iterable[str]) -> int:
         """Remove every object but ``hex_digests`` (the current plan's); how many were removed."""

@@ -36,14 +36,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO, cast
 
 from slim.agent import manifest as mf
 from slim.agent import sync
 from slim.agent.fetch import FetchError, Relays, now
 from slim.agent.plan import Directory, ObjectRef, Plan, PlanError
 from slim.agent.report_up import RUN_OPTIONS
-from slim.agent.unpack import UnsafeEntry, extract_tar
+from slim.agent.unpack import UnsafeEntry, extract_archive
+
+TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
+if TYPE_CHECKING:
+    from typing import IO
 
 # a copy of slim.vocabulary.MAX_MANIFEST_BYTES: the agent imports only the standard library
 MAX_MANIFEST_BYTES = 512 << 20
@@ -320,7 +323,9 @@ class Builder:
 
     def _extract(self, archive: ObjectRef, into: Path) -> int:
         """Stream an archive through ``zstd -dc`` into ``into``; the fetched byte count."""
-        proc = subprocess.Popen(["zstd", "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            ["zstd", "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=READ_BUFFER
+        )
         assert proc.stdin is not None and proc.stdout is not None
         failure: list[BaseException] = []
         stdin: IO[bytes] = proc.stdin
@@ -340,7 +345,7 @@ class Builder:
         feeder.start()
         tar_error: UnsafeEntry | None = None
         try:
-            extract_tar(cast(BinaryIO, proc.stdout), into)
+            extract_archive(proc.stdout, into, fresh=True)  # a staging directory of our own
             proc.stdout.read()  # let zstd finish
         except UnsafeEntry as exc:
             proc.kill()
@@ -368,7 +373,7 @@ class Builder:
         result = sync.SyncResult()
         raw = sync.manifest_bytes(d, self.relays, self.records, result)
         started = time.monotonic()
-        manifest = mf.decode(raw)
+        manifest = mf.decode(raw, checked=result.manifest == "kept")  # kept: decoded before
         result.took("decode", started)
         sync.sync(
             dest, manifest, self._nested(d), lambda files: sync.Fetcher(self.relays, files, dest), result
@@ -386,8 +391,10 @@ class Builder:
         the next boot's comparison and deltas); a failure only costs the next boot bytes."""
         result = sync.SyncResult()
         try:
-            self.records.write(d.path, sync.manifest_bytes(d, self.relays, self.records, result))
-        except (FetchError, PlanError, OSError) as exc:
+            raw = sync.manifest_bytes(d, self.relays, self.records, result)
+            mf.decode(raw)  # a kept manifest is one that was checked (decode(checked=True) later)
+            self.records.write(d.path, raw)
+        except (FetchError, PlanError, OSError, ValueError) as exc:
             self.records.forget(d.path)
             result.notes.append(f"its manifest is not kept: {exc}")
         return Result(result.bytes, 0, 0, result.manifest, result.notes)
@@ -435,6 +442,7 @@ def _move_into(staging: Path, dest: Path, rel: str, nested: set[str], skip: str 
 
 DISK_ROOT = "/slim-disk"  # where the node's partition is mounted in the initrd
 STATE_DIR = DISK_ROOT + "/.slim-state"  # ... and what the agent keeps there (sync.Records)
+READ_BUFFER = 1 << 20  # the decompressed archive, read from zstd
 
 
 def _is_blank(device: str) -> bool:

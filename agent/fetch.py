@@ -30,7 +30,7 @@ A relay that fails the check counts as a failed relay, and the agent says why.
 
 from __future__ import annotations
 
-import email.utils
+import email.utils  # (http.client imports it anyway)
 import functools
 import hashlib
 import http.client
@@ -42,13 +42,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from slim.agent.cache import CacheCorrupt, LocalObjects
 from slim.agent.plan import DEFAULT_DEADLINE, ObjectRef
 
+TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
 if TYPE_CHECKING:
     import ssl
+    from typing import Any
 
 CHUNK = 1 << 20
 MAX_RETRY_AFTER = 60.0  # a relay that asks for longer is asked again after this

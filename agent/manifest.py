@@ -37,9 +37,12 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from slim.agent.tree import BLK, CHR, DIR, FIFO, FILE, HARDLINK, KINDS, SYMLINK, Entry, check_relpath
+
+TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
+if TYPE_CHECKING:
+    from typing import Any
 
 FORMAT = "slim-manifest"
 VERSION = 2
@@ -210,9 +213,11 @@ def encode(manifest: Manifest) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode() + b"\n"
 
 
-def decode(data: bytes) -> Manifest:
+def decode(data: bytes, checked: bool = False) -> Manifest:
     """Parse and check an encoded manifest (version 2, or 1); ValueError says what is
-    wrong, and where."""
+    wrong, and where.  ``checked``: these very bytes were decoded and checked before (a
+    manifest the agent kept, whose digest is the signed plan's), so the costliest checks
+    (every path, every digest) are not made again."""
     first, _, rest = data.partition(b"\n")
     try:
         header = json.loads(first.decode("utf-8", "surrogateescape"))
@@ -226,7 +231,7 @@ def decode(data: bytes) -> Manifest:
     if version == 2:
         if rest.strip():
             raise ValueError("a version 2 manifest is one line")
-        return _decode_v2(header)
+        return _decode_v2(header, checked)
     if version == 1:
         return _decode_v1(header, rest)
     raise ValueError(f"manifest version {version!r} is not supported (want 2 or 1)")
@@ -270,7 +275,7 @@ def check_paths(paths: list[str]) -> None:
         raise ValueError(f"{dup!r} is listed twice")
 
 
-def _decode_v2(doc: dict[str, Any]) -> Manifest:
+def _decode_v2(doc: dict[str, Any], checked: bool = False) -> Manifest:
     directory = doc.get("directory")
     if not isinstance(directory, str) or not directory.startswith("/"):
         raise ValueError("header 'directory' must be an absolute path")
@@ -278,7 +283,8 @@ def _decode_v2(doc: dict[str, Any]) -> Manifest:
     if type(n) is not int or n < 0:
         raise ValueError("'entries' must be a count")
     paths = _strings(doc, "path", n)
-    check_paths(paths)
+    if not checked:
+        check_paths(paths)
     kinds = doc.get("type")
     if not isinstance(kinds, str) or len(kinds) != n or not set(kinds) <= KIND_OF.keys():
         raise ValueError(f"'type' must be {n} letters of {''.join(KIND_OF)}")
@@ -289,7 +295,7 @@ def _decode_v2(doc: dict[str, Any]) -> Manifest:
     nfiles = kinds.count("f")
     fsizes = _ints(doc, "size", nfiles, 0, _MAX_INT)
     shas = _strings(doc, "sha256", nfiles)
-    if shas and (set(map(len, shas)) != {64} or not _HEX_RUN.fullmatch("".join(shas))):
+    if shas and not checked and (set(map(len, shas)) != {64} or not _HEX_RUN.fullmatch("".join(shas))):
         raise ValueError("'sha256' must be 64 lowercase hex digits for every file")
     it_size, it_sha = iter(fsizes), iter(shas)
     sizes = [next(it_size) if k == "f" else 0 for k in kinds]

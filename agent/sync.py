@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -37,7 +38,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,10 @@ from slim.agent.fetch import Relays
 from slim.agent.plan import Directory, ObjectRef, PlanError
 from slim.agent.tree import FILE, Entry
 from slim.agent.unpack import TreeWriter
+
+TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 # a copy of slim.vocabulary.MAX_MANIFEST_BYTES: the agent imports only the standard library
 MAX_MANIFEST_BYTES = 512 << 20
@@ -256,27 +260,39 @@ def _xattrs_match(path: str, want: tuple[tuple[str, bytes], ...]) -> bool:
 
 @dataclass(frozen=True)
 class Previous:
-    """The manifest kept from the last run, when the manifest changed since."""
+    """What the manifest kept from the last run said of each file, when the manifest changed
+    since (only what the comparison uses, read without the checks of a manifest to apply:
+    it only ever makes the agent fetch more, or read pieces it checks by their digests)."""
 
-    manifest: mf.Manifest
     index: dict[str, int]  # path: its entry
+    digests: list[str]  # per entry ("" but for files)
+    sizes: list[int]
+    mtimes: list[int]
+    chunks: dict[int, tuple[list[str], list[int]]]
 
     def digest(self, path: str) -> str | None:
         i = self.index.get(path)
-        return None if i is None else self.manifest.digests[i]
+        return None if i is None else self.digests[i]
 
     def chunks_of(self, path: str, st: os.stat_result) -> dict[str, tuple[int, int]]:
         """The pieces of the file now at ``path`` (its ``st``), by digest: (offset, size) — when
         the kept manifest stored it in pieces and it has not changed since (size and mtime)."""
         i = self.index.get(path)
-        m = self.manifest
-        if i is None or i not in m.chunks or st.st_size != m.sizes[i] or st.st_mtime_ns != m.mtimes[i]:
+        if (
+            i is None
+            or i not in self.chunks
+            or st.st_size != self.sizes[i]
+            or st.st_mtime_ns != self.mtimes[i]
+        ):
             return {}
         out: dict[str, tuple[int, int]] = {}
         offset = 0
-        for hexdigest, size in zip(*m.chunks[i], strict=True):
-            out.setdefault(hexdigest, (offset, size))
-            offset += size
+        try:
+            for hexdigest, size in zip(*self.chunks[i], strict=True):
+                out.setdefault(hexdigest, (offset, size))
+                offset += size
+        except (TypeError, ValueError):  # a kept manifest changed on the node: nothing reused
+            return {}
         return out
 
 
@@ -284,15 +300,20 @@ def previous(result: SyncResult) -> Previous | None:
     """What the kept manifest said of each file, when the manifest changed since: a file the
     release changed is fetched even if its size and mtime did not change (which rsync's
     quick check misses), and the pieces of a big file that did not change are taken from the
-    node's copy.  None when there is none (or it does not decode: then the comparison is
-    rsync's)."""
+    node's copy.  None when there is none, or it is not a version 2 manifest (then the
+    comparison is rsync's)."""
     if result.kept is None or result.manifest == "kept":
         return None
     try:
-        old = mf.decode(result.kept)
-    except ValueError:
+        doc = json.loads(result.kept)
+        kinds: str = doc["type"]
+        it_size, it_sha = iter(doc["size"]), iter(doc["sha256"])
+        sizes = [next(it_size) if k == "f" else 0 for k in kinds]
+        digests = [next(it_sha) if k == "f" else "" for k in kinds]
+        chunks = {int(i): (list(h), list(n)) for i, h, n in doc.get("chunks", [])}
+        return Previous({p: i for i, p in enumerate(doc["path"])}, digests, sizes, doc["mtime_ns"], chunks)
+    except (ValueError, TypeError, KeyError, StopIteration, RecursionError):
         return None
-    return Previous(old, {p: i for i, p in enumerate(old.paths)})
 
 
 def sync(
@@ -376,8 +397,8 @@ def sync(
     for path in extras:
         if path.rpartition("/")[0] in extras:
             continue  # goes with its directory
-        if any(path == n or path.startswith(n + "/") for n in nested):
-            continue
+        if any(path == n or path.startswith(n + "/") or n.startswith(path + "/") for n in nested):
+            continue  # another entry's directory, what is in it, or the way down to it
         remove.append(path)
         result.deleted += 1
     for path in sorted(remove, key=lambda p: p.count("/"), reverse=True):
@@ -488,7 +509,11 @@ class Fetcher:
         self.clones: list[Relays] = []
         self.local = threading.local()
         self.lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="sync") if files else None
+        self.pool = None
+        if files:
+            from concurrent.futures import ThreadPoolExecutor  # only to fetch (slim.agent.DEFERRED)
+
+            self.pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="sync")
 
     def _relays(self) -> Relays:
         relays: Relays | None = getattr(self.local, "relays", None)

@@ -3,6 +3,9 @@ from another tree.
 
 Standard library only: the agent unpacks copy-set archives with this in the
 initrd, and the builder imports images and materializes NFS trees with it.
+:func:`extract_tar` takes any tar (tarfile reads it); :func:`extract_archive` only
+SLIM's own copy-set archives (ustar headers and pax records, as the builder writes
+them), read by a small parser of its own several times faster, with the same checks.
 
 Safety rules (every member is checked before anything is written for it):
 
@@ -29,13 +32,16 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import tarfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO
 
 from slim.agent.tree import BLK, CHR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, check_relpath
+
+TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
+if TYPE_CHECKING:
+    import tarfile
+    from typing import IO
 
 COPY_CHUNK = 1 << 20
 NAME_MAX = 255  # bytes in one path component (Linux)
@@ -71,8 +77,19 @@ class TreeWriter:
     by :meth:`finish`, deepest first, so read-only directories can be filled.
     """
 
-    def __init__(self, root: str | Path, *, owners: bool | None = None, devices: bool | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        owners: bool | None = None,
+        devices: bool | None = None,
+        fresh: bool = False,
+    ) -> None:
         self.root = Path(root)
+        # fresh: ``root`` is empty and only this writer fills it, so what an entry would
+        # replace is not looked for (an entry given twice is refused)
+        self.fresh = fresh
+        self._ids = (os.geteuid(), os.getegid())
         root_is_root = os.geteuid() == 0
         self.owners = root_is_root if owners is None else owners
         self.devices = root_is_root if devices is None else devices
@@ -97,7 +114,7 @@ class TreeWriter:
             raise UnsafeEntry(entry.path, str(exc)) from None
         parent, _, name = entry.path.rpartition("/")
         pfd = self._parent_fd(entry.path, parent)
-        existing = _lstat_at(pfd, name)
+        existing = None if self.fresh else _lstat_at(pfd, name)
         if existing is not None:
             if stat.S_ISDIR(existing.st_mode):
                 if entry.kind != DIR:
@@ -107,7 +124,10 @@ class TreeWriter:
         self.stats.entries += 1
         if entry.kind == DIR:
             if existing is None or not stat.S_ISDIR(existing.st_mode):
-                os.mkdir(name, 0o700, dir_fd=pfd)
+                try:
+                    os.mkdir(name, 0o700, dir_fd=pfd)
+                except FileExistsError:
+                    raise UnsafeEntry(entry.path, "given twice") from None
             self._dirs.append(entry)
             return
         self.stats.files += 1
@@ -202,9 +222,12 @@ class TreeWriter:
         return fd
 
     def _file(self, pfd: int, name: str, entry: Entry, data: IO[bytes] | None) -> None:
-        fd = os.open(
-            name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd
-        )
+        try:
+            fd = os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd
+            )
+        except FileExistsError:
+            raise UnsafeEntry(entry.path, "given twice") from None
         try:
             remaining = entry.size
             if remaining and data is None:
@@ -255,8 +278,9 @@ class TreeWriter:
         os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=pfd, follow_symlinks=False)
 
     def _fd_meta(self, fd: int, entry: Entry) -> None:
-        # chown first: it clears setuid bits and file capabilities
-        if self.owners:
+        # chown first: it clears setuid bits and file capabilities (a new file in a fresh
+        # tree, whose directories are not setgid yet, is already ours)
+        if self.owners and not (self.fresh and (entry.uid, entry.gid) == self._ids):
             os.fchown(fd, entry.uid, entry.gid)
         os.fchmod(fd, entry.mode)
         self._xattrs(fd, entry)
@@ -288,16 +312,16 @@ def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
 
 
 # -- tar archives ------------------------------------------------------------------
-_TAR_KINDS = {
-    tarfile.REGTYPE: FILE,
-    tarfile.AREGTYPE: FILE,
-    tarfile.CONTTYPE: FILE,
-    tarfile.DIRTYPE: DIR,
-    tarfile.SYMTYPE: SYMLINK,
-    tarfile.LNKTYPE: HARDLINK,
-    tarfile.CHRTYPE: CHR,
-    tarfile.BLKTYPE: BLK,
-    tarfile.FIFOTYPE: FIFO,
+_TAR_KINDS = {  # tarfile's type flags (REGTYPE, AREGTYPE, CONTTYPE, DIRTYPE, ...): tarfile is
+    b"0": FILE,  # imported only to unpack an archive (slim.agent.DEFERRED)
+    b"\0": FILE,
+    b"7": FILE,
+    b"5": DIR,
+    b"2": SYMLINK,
+    b"1": HARDLINK,
+    b"3": CHR,
+    b"4": BLK,
+    b"6": FIFO,
 }
 
 
@@ -312,60 +336,91 @@ def member_name(name: str) -> str:
     return "/".join(parts)
 
 
+def _pax_ns(exact: str | None) -> int | None:
+    """A pax ``mtime`` record ("1700000000.123456789") in nanoseconds (float seconds would
+    lose them); None if there is none or it is no number."""
+    if exact is None or len(exact) > 40:
+        return None
+    sec, _, frac = exact.partition(".")
+    try:
+        ns = int(sec) * 1_000_000_000
+        if frac:
+            ns += (1 if not sec.startswith("-") else -1) * int((frac + "000000000")[:9])
+    except ValueError:
+        return None
+    return ns
+
+
 def _mtime_ns(member: tarfile.TarInfo) -> int:
     """The member's time in nanoseconds; UnsafeEntry if it is no time a file can have."""
-    exact = member.pax_headers.get("mtime")
-    ns: int | None = None
-    if exact is not None and len(exact) <= 40:  # keep nanoseconds: float seconds lose them
-        sec, _, frac = exact.partition(".")
-        try:
-            ns = int(sec) * 1_000_000_000
-            if frac:
-                ns += (1 if not sec.startswith("-") else -1) * int((frac + "000000000")[:9])
-        except ValueError:
-            ns = None
+    ns = _pax_ns(member.pax_headers.get("mtime"))
     if ns is None:
         try:
             ns = int(member.mtime) * 1_000_000_000
         except (ValueError, OverflowError):  # a pax mtime of "nan" or "inf"
             raise UnsafeEntry(member.name, f"mtime {member.mtime!r} is not a time") from None
-    if not MIN_NS <= ns <= MAX_NS:
-        raise UnsafeEntry(member.name, f"mtime {ns} ns is out of range")
     return ns
 
 
-def _check_member(member: tarfile.TarInfo, path: str, target: str, kind: str) -> None:
-    """What the file system could not take, refused before anything is written: names
-    of more than NAME_MAX bytes a component, link targets of PATH_MAX bytes, owners
-    and device numbers outside their types (tarfile reads base-256 numbers of any size)."""
-    for name in (path, target) if kind == HARDLINK else (path,):
-        if any(len(os.fsencode(part)) > NAME_MAX for part in name.split("/")):
-            raise UnsafeEntry(member.name, f"a name component is longer than {NAME_MAX} bytes")
+def make_entry(
+    name: str,
+    kind: str | None,
+    type_flag: object,
+    mode: int,
+    uid: int,
+    gid: int,
+    mtime_ns: int,
+    size: int,
+    linkname: str,
+    rdev: tuple[int, int],
+    xattrs: tuple[tuple[str, bytes], ...],
+) -> Entry:
+    """The tree entry an archive member describes; UnsafeEntry if it cannot be one: what the
+    file system could not take is refused before anything is written (names of more than
+    NAME_MAX bytes a component, link targets of PATH_MAX bytes, owners, times and device
+    numbers outside their types: tar reads base-256 numbers of any size)."""
+    try:
+        path = member_name(name)
+    except ValueError as exc:
+        raise UnsafeEntry(name, str(exc)) from None
+    if kind is None:
+        raise UnsafeEntry(name, f"unsupported member type {type_flag!r}")
+    target = linkname
+    if kind == HARDLINK:
+        try:
+            target = member_name(linkname)
+        except ValueError as exc:
+            raise UnsafeEntry(name, f"hard link target: {exc}") from None
+    for part_of in (path, target) if kind == HARDLINK else (path,):
+        if (len(part_of) > NAME_MAX or not part_of.isascii()) and any(
+            len(os.fsencode(part)) > NAME_MAX for part in part_of.split("/")
+        ):
+            raise UnsafeEntry(name, f"a name component is longer than {NAME_MAX} bytes")
     if kind == SYMLINK and (len(os.fsencode(target)) >= PATH_MAX or "\0" in target):
-        raise UnsafeEntry(member.name, f"symlink target longer than {PATH_MAX - 1} bytes or with NUL")
-    for what, value in (("uid", member.uid), ("gid", member.gid)):
+        raise UnsafeEntry(name, f"symlink target longer than {PATH_MAX - 1} bytes or with NUL")
+    for what, value in (("uid", uid), ("gid", gid)):
         if not 0 <= value <= MAX_ID:
-            raise UnsafeEntry(member.name, f"{what} {value} is out of range")
-    if kind in (CHR, BLK) and not (0 <= member.devmajor <= MAX_MAJOR and 0 <= member.devminor <= MAX_MINOR):
-        raise UnsafeEntry(member.name, f"device {member.devmajor}:{member.devminor} is out of range")
+            raise UnsafeEntry(name, f"{what} {value} is out of range")
+    if kind in (CHR, BLK) and not (0 <= rdev[0] <= MAX_MAJOR and 0 <= rdev[1] <= MAX_MINOR):
+        raise UnsafeEntry(name, f"device {rdev[0]}:{rdev[1]} is out of range")
+    if not MIN_NS <= mtime_ns <= MAX_NS:
+        raise UnsafeEntry(name, f"mtime {mtime_ns} ns is out of range")
+    return Entry(
+        path=path,
+        kind=kind,
+        mode=mode & 0o7777,
+        uid=uid,
+        gid=gid,
+        mtime_ns=mtime_ns,
+        size=size if kind == FILE else 0,
+        target=target if kind in (SYMLINK, HARDLINK) else "",
+        rdev=rdev if kind in (CHR, BLK) else (0, 0),
+        xattrs=xattrs,
+    )
 
 
 def entry_from_member(member: tarfile.TarInfo) -> Entry:
     """The tree entry a tar member describes; UnsafeEntry if it cannot be one."""
-    try:
-        path = member_name(member.name)
-    except ValueError as exc:
-        raise UnsafeEntry(member.name, str(exc)) from None
-    kind = _TAR_KINDS.get(member.type)
-    if kind is None:
-        raise UnsafeEntry(member.name, f"unsupported member type {member.type!r}")
-    target = member.linkname
-    if kind == HARDLINK:
-        try:
-            target = member_name(member.linkname)
-        except ValueError as exc:
-            raise UnsafeEntry(member.name, f"hard link target: {exc}") from None
-    _check_member(member, path, target, kind)
     xattrs = tuple(
         sorted(
             (key[len("SCHILY.xattr.") :], value.encode("utf-8", "surrogateescape"))
@@ -373,22 +428,14 @@ def entry_from_member(member: tarfile.TarInfo) -> Entry:
             if key.startswith("SCHILY.xattr.")
         )
     )
-    return Entry(
-        path=path,
-        kind=kind,
-        mode=member.mode & 0o7777,
-        uid=member.uid,
-        gid=member.gid,
-        mtime_ns=_mtime_ns(member),
-        size=member.size if kind == FILE else 0,
-        target=target if kind in (SYMLINK, HARDLINK) else "",
-        rdev=(member.devmajor, member.devminor) if kind in (CHR, BLK) else (0, 0),
-        xattrs=xattrs,
-    )
+    return make_entry(
+        member.name, _TAR_KINDS.get(member.type), member.type, member.mode, member.uid, member.gid,
+        _mtime_ns(member), member.size, member.linkname, (member.devmajor, member.devminor), xattrs,
+    )  # fmt: skip
 
 
 def extract_tar(
-    stream: BinaryIO,
+    stream: IO[bytes],
     root: str | Path,
     *,
     owners: bool | None = None,
@@ -396,6 +443,8 @@ def extract_tar(
     progress: Callable[[int], None] | None = None,
 ) -> WriteStats:
     """Unpack an uncompressed (or gzip/bzip2/xz) tar stream under ``root`` safely."""
+    import tarfile
+
     with TreeWriter(root, owners=owners, devices=devices) as writer:
         try:
             with tarfile.open(fileobj=stream, mode="r|*", errors="surrogateescape") as tf:
@@ -407,6 +456,166 @@ def extract_tar(
                         progress(writer.stats.bytes)
         except tarfile.TarError as exc:
             raise UnsafeEntry("(archive)", f"not a valid tar archive: {exc}") from None
+        writer.finish()
+        return writer.stats
+
+
+# -- SLIM's own archives, fast ------------------------------------------------------
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_READ_BUFFER = 1 << 20
+
+
+class _Data:
+    """One member's bytes, read from the archive as the writer asks for them."""
+
+    __slots__ = ("f", "left")
+
+    def __init__(self, f: IO[bytes], size: int) -> None:
+        self.f = f
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.f.read(n) if n else b""
+        self.left -= len(data)
+        return data
+
+
+def _number(field: bytes, what: str) -> int:
+    """A header number: octal digits (NUL or space ended), or base-256 (GNU's, for big ones)."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    if field[:1] and field[0] & 0x80:
+        raise UnsafeEntry("(archive)", f"a negative {what}")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise UnsafeEntry("(archive)", f"{what} {text[:20]!r} is not a number") from None
+
+
+def _pax_records(data: bytes) -> dict[str, bytes]:
+    """A pax extended header's records ("LEN key=value\n" each)."""
+    out: dict[str, bytes] = {}
+    at = 0
+    while at < len(data):
+        space = data.find(b" ", at, at + 20)
+        try:
+            length = int(data[at:space]) if space > at else 0
+        except ValueError:
+            length = 0
+        record = data[space + 1 : at + length]
+        key, eq, value = record.partition(b"=")
+        if length <= 0 or at + length > len(data) or not eq or not record.endswith(b"\n"):
+            raise UnsafeEntry("(archive)", "a malformed pax record")
+        out[key.decode("utf-8", "surrogateescape")] = value[:-1]
+        at += length
+    return out
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def read_archive(stream: IO[bytes]) -> Iterator[tuple[Entry, _Data | None]]:
+    """The members of a SLIM copy-set archive, uncompressed, as :func:`entry_from_member`
+    makes them: a pax tar as slim.core.build.copyset writes it (ustar headers, each
+    member's pax records in an ``x`` header before it).  Each FILE comes with its bytes,
+    to be read before the next member; anything else a tar may hold (GNU long names,
+    global or sparse headers) is refused as not one of ours."""
+    f = stream
+    pax: dict[str, bytes] = {}
+    while True:
+        h = f.read(_BLOCK)
+        if len(h) < _BLOCK:
+            raise UnsafeEntry("(archive)", "truncated: the archive ends inside a header")
+        if h == _ZERO_BLOCK:
+            if pax:
+                raise UnsafeEntry("(archive)", "pax records for no member")
+            return
+        if h[257:262] != b"ustar":
+            raise UnsafeEntry("(archive)", "not a ustar/pax header")
+        if _number(h[148:156], "checksum") != sum(h) - sum(h[148:156]) + 8 * 32:
+            raise UnsafeEntry("(archive)", "a header's checksum does not match")
+        flag = h[156:157]
+        size = _number(h[124:136], "size")
+        if "size" in pax:
+            size = _pax_int(pax, "size", size)
+        if flag == b"x":
+            if pax:
+                raise UnsafeEntry("(archive)", "two pax headers for one member")
+            data = f.read(size)
+            if len(data) < size:
+                raise UnsafeEntry("(archive)", "truncated pax header")
+            f.read(-size % _BLOCK)
+            pax = _pax_records(data)
+            if not pax:
+                pax = {"": b""}  # an empty pax header still belongs to the next member
+            continue
+        kind = _TAR_KINDS.get(flag)
+        if kind is None:
+            raise UnsafeEntry("(archive)", f"member type {flag!r} is not one of a SLIM archive's")
+        name = _text(h[0:100].split(b"\0", 1)[0])
+        prefix = h[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = f"{_text(prefix)}/{name}"
+        name = _text(pax["path"]) if "path" in pax else name
+        link = _text(pax["linkpath"]) if "linkpath" in pax else _text(h[157:257].split(b"\0", 1)[0])
+        mtime = _pax_ns(_text(pax["mtime"])) if "mtime" in pax else None
+        if mtime is None:
+            mtime = _number(h[136:148], "mtime") * 1_000_000_000
+        xattrs = tuple(
+            sorted((k[len("SCHILY.xattr.") :], v) for k, v in pax.items() if k.startswith("SCHILY.xattr."))
+        )
+        uid = _pax_int(pax, "uid", 0) if "uid" in pax else _number(h[108:116], "uid")
+        gid = _pax_int(pax, "gid", 0) if "gid" in pax else _number(h[116:124], "gid")
+        rdev = (0, 0)
+        if kind in (CHR, BLK):
+            rdev = (_number(h[329:337], "device major"), _number(h[337:345], "device minor"))
+        entry = make_entry(
+            name, kind, flag, _number(h[100:108], "mode"), uid, gid, mtime, size, link, rdev, xattrs
+        )
+        pax = {}
+        if kind == FILE:
+            data_of = _Data(f, size)
+            yield entry, data_of
+            while data_of.left:  # what the writer did not read
+                if not data_of.read(_READ_BUFFER):
+                    raise UnsafeEntry(entry.path, "truncated: the archive ends inside the file")
+            f.read(-size % _BLOCK)
+        else:
+            if size and kind != HARDLINK:
+                raise UnsafeEntry(entry.path, f"a {kind} with {size} bytes of data")
+            yield entry, None
+
+
+def _pax_int(pax: dict[str, bytes], key: str, default: int) -> int:
+    if key not in pax:
+        return default
+    try:
+        value = int(pax[key])
+    except ValueError:
+        raise UnsafeEntry("(archive)", f"pax {key} {pax[key][:20]!r} is not a number") from None
+    if value < 0:
+        raise UnsafeEntry("(archive)", f"pax {key} is negative")
+    return value
+
+
+def extract_archive(
+    stream: IO[bytes],
+    root: str | Path,
+    *,
+    owners: bool | None = None,
+    devices: bool | None = None,
+    fresh: bool = False,
+) -> WriteStats:
+    """Unpack a SLIM copy-set archive (uncompressed: :func:`read_archive`) under ``root``,
+    safely, as :func:`extract_tar` would, several times faster (``fresh``: ``root`` is an
+    empty directory of the caller's, as :class:`TreeWriter` says)."""
+    with TreeWriter(root, owners=owners, devices=devices, fresh=fresh) as writer:
+        for entry, data in read_archive(stream):
+            writer.add(entry, data)  # type: ignore[arg-type]
         writer.finish()
         return writer.stats
 

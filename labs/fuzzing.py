@@ -13,6 +13,7 @@ Seeds (small valid inputs) are in ``tests/fuzz_seeds/<target>/``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -29,7 +30,8 @@ import zstandard
 from slim.agent import manifest as mf
 from slim.agent import secrets as node_secrets
 from slim.agent.plan import BootArgs, PlanError, parse_plan
-from slim.agent.unpack import UnsafeEntry, extract_tar
+from slim.agent.tree import scan
+from slim.agent.unpack import UnsafeEntry, extract_archive, extract_tar
 from slim.core.control.auth import bearer, parse_token
 from slim.core.registry import load_registry_text
 from slim.errors import ConfigError, InvalidArgument, Unauthenticated
@@ -204,6 +206,37 @@ def check_tar(data: bytes) -> None:
             _assert_inside(root)
 
 
+def check_archive(data: bytes) -> None:
+    """The agent's fast reader of SLIM's own archives: nothing outside ``root``, as for
+    check_tar; and what it unpacks, tarfile's extract_tar unpacks the same."""
+    with tempfile.TemporaryDirectory(prefix="slim-fuzz-archive-") as tmp:
+        outer = Path(tmp)
+        root, other = outer / "root", outer / "other"
+        root.mkdir()
+        other.mkdir()
+        (outer / "sentinel").write_bytes(b"untouched")
+        try:
+            extract_archive(io.BytesIO(data), root, fresh=True)
+        finally:
+            assert sorted(p.name for p in outer.iterdir()) == ["other", "root", "sentinel"]
+            assert (outer / "sentinel").read_bytes() == b"untouched"
+            _assert_inside(root)
+        extract_tar(io.BytesIO(data), other)
+        assert _tree(root) == _tree(other)
+
+
+def _tree(root: Path) -> list[tuple[object, ...]]:
+    """Every entry and file's bytes (directories the archive does not list are made when
+    unpacking: their times are not compared)."""
+    return [
+        (
+            e if e.kind != "dir" else dataclasses.replace(e, mtime_ns=0),
+            (root / e.path).read_bytes() if e.kind == "file" else b"",
+        )
+        for e in scan(root)
+    ]
+
+
 def _assert_inside(root: Path) -> None:
     """No hard link under ``root`` shares an inode with anything outside it (the
     sentinel is the only other file there is)."""
@@ -290,6 +323,7 @@ TARGETS: dict[str, Target] = {
         Target("plan", "agent/plan.py parse_plan", check_plan, (PlanError,)),
         Target("cmdline", "agent/plan.py BootArgs.from_cmdline, parse_cmdline", check_cmdline, (PlanError,)),
         Target("tar", "agent/unpack.py extract_tar", check_tar, (UnsafeEntry,)),
+        Target("archive", "agent/unpack.py extract_archive (read_archive)", check_archive, (UnsafeEntry,)),
         Target(
             "vocabulary", "slim/vocabulary.py parse_size, parse_duration, parse_rate", check_vocabulary, ()
         ),

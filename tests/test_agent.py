@@ -587,7 +587,8 @@ async def test_sync_into_an_empty_place_unpacks_the_archive_then_compares(site: 
     assert tree(target / "srv") == tree(site.image / "srv")
     assert await run_agent(*site.argv(target)) == 0
     again = next(e for e in await site.events() if e.stage == "sync:/srv")
-    assert again.message.startswith("0 files fetched, 0 deleted; manifest kept; manifest ") and not again.bytes
+    assert again.message.startswith("0 files fetched, 0 deleted; manifest kept; manifest "), again
+    assert not again.bytes
     # without the kept manifest (a node that never kept one): the whole manifest again
     shutil.rmtree(target.with_name(target.name + ".slim-state"))
     assert await run_agent(*site.argv(target)) == 0

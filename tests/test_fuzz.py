@@ -389,6 +389,12 @@ def test_fuzz_tar(data: bytes) -> None:
     _check("tar")(data)
 
 
+@settings(CI, max_examples=300)
+@given(inputs("archive", tarballs()))
+def test_fuzz_archive(data: bytes) -> None:
+    _check("archive")(data)
+
+
 @CI
 @given(
     inputs(

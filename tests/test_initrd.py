@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import re
 import shutil
 import stat
@@ -531,6 +532,23 @@ def test_initrd_end_to_end(image: Path, modules_dir: Path, tmp_path: Path) -> No
     ]
     console = next(line for line in listing(raw) if line.endswith(" dev/console"))
     assert re.match(r"^crw------- +1 +0 +0 +5, +1 ", console), console
+
+
+def test_initrd_frame_holds_the_whole_archive_in_its_window() -> None:
+    """Two copies of 9 MiB of noise: with level 19's own window (8 MiB; level 3's is 2 MiB) the
+    second would not be found to repeat the first.  The frame says its size, and its window is
+    the archive's size, no more (the kernel allocates it while it unpacks)."""
+    noise = random.Random(7).randbytes(9 << 20)
+    builder = InitrdBuilder()
+    builder.add_bytes("a", noise)
+    builder.add_bytes("b", noise)
+    out = io.BytesIO()
+    info = builder.write(out, level=3)
+    params = zstandard.get_frame_parameters(out.getvalue())
+    assert params.content_size == info.uncompressed_size == len(cpio_bytes(builder))
+    assert params.window_size == info.uncompressed_size
+    assert info.compressed_size < len(noise) * 1.01
+    assert zstandard.ZstdDecompressor().decompress(out.getvalue()) == cpio_bytes(builder)
 
 
 def test_initrd_is_deterministic(image: Path) -> None:

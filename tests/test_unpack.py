@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from slim.agent.tree import Entry, scan
-from slim.agent.unpack import UnsafeEntry, copy_tree, extract_tar
+from slim.agent.unpack import UnsafeEntry, copy_tree, extract_archive, extract_tar
 from slim.core.build import copyset
 
 ROOT = os.geteuid() == 0
@@ -118,16 +118,20 @@ def _snapshot(tmp_path: Path) -> set[tuple[str, int, int]]:
         "file-over-directory",
     ],
 )
+@pytest.mark.parametrize("reader", ["tarfile", "archive"])
 def test_crafted_archives_are_refused(
     tmp_path: Path,
     places: tuple[Path, Path],
     members: list[tuple[tarfile.TarInfo, bytes | None]],
     reason: str,
+    reader: str,
 ) -> None:
+    """By extract_tar (any tar) and by the agent's own reader of SLIM archives alike."""
     target, outside = places
     before = _snapshot(tmp_path)
+    extract = extract_tar if reader == "tarfile" else extract_archive
     with pytest.raises(UnsafeEntry) as err:
-        extract_tar(_tar(*members), target)
+        extract(_tar(*members), target)
     assert reason in str(err.value)
     assert _snapshot(tmp_path) == before
     assert (outside / "sentinel").read_text() == "original"
@@ -231,6 +235,45 @@ def test_special_files_round_trip_through_our_archive(tmp_path: Path) -> None:
         assert os.stat(out / "dev" / "null").st_rdev == os.makedev(1, 3)
         assert stat.S_ISBLK(os.stat(out / "dev" / "sda").st_mode)
         assert os.getxattr(out / "bin" / "su", "security.capability")[:4] == bytes.fromhex("01000002")
+
+
+def test_our_archives_unpack_the_same_with_the_agents_own_reader(tmp_path: Path) -> None:
+    """extract_archive (the agent's reader of SLIM's archives) gives what extract_tar gives,
+    long and non-UTF-8 names included, and refuses what is not one of ours."""
+    src, fast, slow = tmp_path / "src", tmp_path / "fast", tmp_path / "slow"
+    for d in (src, fast, slow):
+        d.mkdir()
+    _special_tree(src)
+    deep = src / ("d" * 90) / ("e" * 90)
+    deep.mkdir(parents=True)
+    (deep / ("f" * 120)).write_bytes(b"long name")
+    (src / os.fsdecode(b"caf\xe9")).write_bytes(b"latin-1 name")
+    buf = io.BytesIO()
+    copyset.write_archive(src, scan(src), buf)
+    import zstandard
+
+    raw = zstandard.ZstdDecompressor().decompressobj().decompress(buf.getvalue())
+    extract_archive(io.BytesIO(raw), fast, fresh=True)
+    extract_tar(io.BytesIO(raw), slow)
+    assert _entries(fast) == _entries(slow) == _entries(src)
+    assert os.stat(fast / "bin" / "su").st_ino == os.stat(fast / "bin" / "su-hardlink").st_ino
+    gnu = io.BytesIO()
+    with tarfile.open(fileobj=gnu, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("x" * 150)
+        tf.addfile(info, io.BytesIO(b""))
+    for bad, says in [
+        (gnu.getvalue(), "not one of a SLIM archive's"),
+        (raw[:700], "truncated"),
+        (raw[:148] + b"9" + raw[149:], "checksum"),
+    ]:
+        out = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+        out.mkdir()
+        with pytest.raises(UnsafeEntry, match=says):
+            extract_archive(io.BytesIO(bad), out, fresh=True)
+    twice = _tar(_file("a", b"1"), _file("a", b"2"))
+    (tmp_path / "twice").mkdir()
+    with pytest.raises(UnsafeEntry, match="given twice"):
+        extract_archive(twice, tmp_path / "twice", fresh=True)
 
 
 def test_special_files_round_trip_by_copy(tmp_path: Path) -> None:

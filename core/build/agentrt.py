@@ -9,7 +9,11 @@ Python finds its standard library without configuration:
 - Debian's ``python3`` binary, its libraries, and only the standard-library
   modules the agent imports — found by importing the agent with that very
   Python and listing ``sys.modules`` — plus the extension modules among them
-  with their libraries;
+  with their libraries.  The pure-Python ones are byte-compiled by that Python
+  into one uncompressed zip at the path its ``sys.path`` names first
+  (``/usr/lib/python311.zip``; :data:`STDLIB_OPTIMIZE`), so the agent starts
+  without compiling them (a third of the time); those frozen into the interpreter
+  are left out (``os.py`` stays: Python finds its prefix by it);
 - Debian's ``signify-openbsd`` and its libraries, and the core's public keys under
   ``/etc/slim/keys`` (:meth:`Runtime.trust`): the agent checks each plan's signature
   with them before it fetches or mounts anything;
@@ -19,7 +23,9 @@ Python finds its standard library without configuration:
   they are left out (they are most of the initrd's growth: docs/benchmarks/, initrd
   size) and the agent speaks plain HTTP only;
 - the agent's package (``slim.agent``, standard library only) under
-  ``/lib/slim``.
+  ``/lib/slim``: its sources (for tracebacks) and their bytecode beside them
+  (``__pycache__``, checked against the source by hash, optimization level 0:
+  the agent uses ``assert``).
 
 Nothing here runs the agent; :func:`add_runtime` only adds files to an
 :class:`~slim.core.build.initrd.InitrdBuilder`.
@@ -27,10 +33,12 @@ Nothing here runs the agent; :func:`add_runtime` only adds files to an
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import subprocess
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,26 +68,66 @@ _LDD_RE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
 # Optional to everything the agent uses (imported under try/except) and large (OpenSSL):
 # left out, and blocked in the probe so that nothing that needs them is missed.  ssl is
 # the exception when the initrd must speak HTTPS (collect(https=True)): then it is in.
+# _uuid (and libuuid) only speeds up uuid.uuid1(); the agent parses UUIDs, and uuid works without it.
 SSL_MODULES = ("_ssl", "ssl")
-LEFT_OUT = (*SSL_MODULES, "_hashlib", "_bz2", "bz2", "_lzma", "lzma")
+LEFT_OUT = (*SSL_MODULES, "_hashlib", "_bz2", "bz2", "_lzma", "lzma", "_uuid")
 _PROBE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 for name in sys.argv[2].split(","):
     sys.modules[name] = None  # import fails as if absent
 import slim.agent.__main__, slim.agent.ee, slim.agent.fetch, slim.agent.plan, slim.agent.medium  # noqa
+import importlib, os, slim.agent  # noqa: every module of the agent, and what it imports only when needed
+for f in sorted(os.listdir(slim.agent.__path__[0])):
+    if f.endswith(".py") and f != "__init__.py":
+        importlib.import_module("slim.agent." + f[:-3])
+for name in slim.agent.DEFERRED:
+    importlib.import_module(name)
 import encodings.utf_8, encodings.latin_1, encodings.ascii, encodings.aliases  # noqa
 import runpy, importlib.util, importlib.machinery  # noqa: python -m needs these
 import encodings.idna  # noqa: http.client encodes host names with it, lazily
 if sys.argv[3] == "https":
     import ssl  # noqa: the agent imports it at its first https relay
     slim.agent.fetch.relay_connection()
+import os
 out = {}
+frozen = []  # in the interpreter itself: no file needed
 for name, mod in sorted(sys.modules.items()):
     f = getattr(mod, "__file__", None)
     if f and not name.startswith("slim") and mod is not None:
         out[name] = f
-print(json.dumps({"prefix": sys.prefix, "modules": out}))
+        if getattr(getattr(mod, "__spec__", None), "origin", None) == "frozen":
+            frozen.append(name)
+zips = [p for p in sys.path if p.endswith(".zip")]  # getpath's prefix/lib/pythonXY.zip
+print(json.dumps({
+    "prefix": sys.prefix, "stdlib": os.path.dirname(os.__file__), "zip": zips[0] if zips else "",
+    "cache_tag": sys.implementation.cache_tag, "modules": out, "frozen": frozen,
+}))
+"""
+
+# The standard library's bytecode in the zip is compiled as ``python -OO`` would (no docstrings,
+# no asserts) and without column positions (``-X no_debug_ranges``: tracebacks keep their line
+# numbers, lose the ^^^ under the column).  Compressed, that is 8 % more than the sources; at
+# level 0 with columns it was 85 % more (docs/benchmarks/, initrd size).  The agent's own
+# bytecode is compiled at level 0: it uses assert, and its docstrings (argparse's help).
+STDLIB_OPTIMIZE = 2
+AGENT_OPTIMIZE = 0
+
+# Byte-compiles with the initrd's own Python (its magic number), deterministically: reads
+# [source, file name for tracebacks, optimization level, checked] items as JSON on stdin and
+# writes each .pyc (PEP 552, hash-based: no timestamps, which the initrd's cpio sets to 0) to
+# stdout, preceded by its length in 8 bytes, big-endian.
+_COMPILE = """
+import importlib.util, json, marshal, sys
+out = sys.stdout.buffer
+for source, filename, optimize, checked in json.load(sys.stdin):
+    with open(source, "rb") as f:
+        data = f.read()
+    code = compile(data, filename, "exec", dont_inherit=True, optimize=optimize)
+    flags = 0b11 if checked else 0b01  # hash-based; checked against the source or never
+    pyc = importlib.util.MAGIC_NUMBER + flags.to_bytes(4, "little") + importlib.util.source_hash(data)
+    pyc += marshal.dumps(code)
+    out.write(len(pyc).to_bytes(8, "big") + pyc)
 """
 
 
@@ -148,6 +196,47 @@ def _with_libraries(rt: Runtime, binary: Path) -> None:
         rt.add(lib.resolve(), str(lib))  # the loader and libraries are often symlinks
 
 
+def byte_compile(
+    python: Path, items: Sequence[tuple[Path, str, int, bool]], *, columns: bool = False
+) -> list[bytes]:
+    """Each item's .pyc, compiled by ``python`` (the initrd's): (source, file name in
+    tracebacks, optimization level, checked against the source by hash when imported).
+    ``columns``: with column positions (only to measure what they cost)."""
+    todo = [[str(source), name, optimize, checked] for source, name, optimize, checked in items]
+    proc = subprocess.run(
+        [str(python), "-S", "-I", *([] if columns else ["-X", "no_debug_ranges"]), "-c", _COMPILE],
+        input=json.dumps(todo).encode(),
+        capture_output=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise FailedPrecondition(
+            f"{python} cannot byte-compile: {proc.stderr.decode(errors='replace')[-500:]}"
+        )
+    out: list[bytes] = []
+    at = 0
+    while at < len(proc.stdout):
+        size = int.from_bytes(proc.stdout[at : at + 8], "big")
+        out.append(proc.stdout[at + 8 : at + 8 + size])
+        at += 8 + size
+    if len(out) != len(todo) or at != len(proc.stdout):
+        raise FailedPrecondition(f"{python} byte-compiled {len(out)} of {len(todo)} files")
+    return out
+
+
+def stored_zip(members: dict[str, bytes]) -> bytes:
+    """A zip of ``members``, uncompressed (the initrd's compression does better across
+    files, and zipimport reads it with nothing but the interpreter), the same bytes for
+    the same members."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for name in sorted(members):
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            z.writestr(info, members[name])
+    return buf.getvalue()
+
+
 def registry_runtime(registry: Registry, ca_dir: Path) -> Runtime:
     """The agent's runtime for ``registry``'s initrds (keys still to be trusted): with
     Python's ssl and SLIM's CA (from ``ca_dir``, made if missing) when a relay of the
@@ -195,19 +284,37 @@ def collect(
     if probe.returncode != 0:
         raise FailedPrecondition(f"{exe} cannot import the agent: {probe.stderr.strip()[-500:]}")
     found = json.loads(probe.stdout)
-    prefix = Path(found["prefix"])
+    prefix, stdlib, zip_path = Path(found["prefix"]), Path(found["stdlib"]), found["zip"]
+    if not zip_path or not Path(zip_path).is_relative_to(prefix):
+        raise FailedPrecondition(f"{exe} has no zip of its standard library on sys.path under {prefix}")
+    frozen = set(found["frozen"])
+    zipped: list[tuple[Path, str]] = []  # (source, its name in the zip without .py)
     for name, file in found["modules"].items():
         path = Path(file)
         if not path.is_relative_to(prefix):
             raise FailedPrecondition(f"the agent imports {name} from outside Python's prefix ({file})")
         if path.suffix == ".so":
             _with_libraries(rt, path)
+        elif name in frozen:
+            continue  # the interpreter has it built in
+        elif path.suffix == ".py" and path.is_relative_to(stdlib):
+            zipped.append((path, path.relative_to(stdlib).with_suffix("").as_posix()))
         else:
             rt.add(path)
-    # getpath() finds the standard library by this landmark
-    rt.add(prefix / "lib" / f"python{exe.name.removeprefix('python')}" / "os.py")
-    for src in sorted(AGENT_DIR.glob("*.py")):
+    # getpath() finds the standard library by this landmark (os itself is frozen)
+    rt.add(stdlib / "os.py")
+    agent = sorted(AGENT_DIR.glob("*.py"))
+    pycs = byte_compile(
+        exe,
+        [(src, str(src), STDLIB_OPTIMIZE, False) for src, _ in zipped]
+        + [(src, f"{AGENT_ROOT}/slim/agent/{src.name}", AGENT_OPTIMIZE, True) for src in agent],
+    )
+    rt.data[zip_path] = stored_zip(
+        {f"{arc}.pyc": pyc for (_, arc), pyc in zip(zipped, pycs[: len(zipped)], strict=True)}
+    )
+    for src, pyc in zip(agent, pycs[len(zipped) :], strict=True):
         rt.add(src, f"{AGENT_ROOT}/slim/agent/{src.name}")
+        rt.data[f"{AGENT_ROOT}/slim/agent/__pycache__/{src.stem}.{found['cache_tag']}.pyc"] = pyc
     return rt
 
 

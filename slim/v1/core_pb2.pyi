@@ -371,7 +371,7 @@ class DirectoryAction(_message.Message):
 
     @_builtins.property
     def manifest(self) -> Global___ObjectRef:
-        """sync: per-entry manifest (zstd JSON Lines, see docs/ee.md)"""
+        """sync: per-entry manifest (zstd JSON, see docs/ee.md)"""
 
     @_builtins.property
     def nfs(self) -> Global___NfsMount:

@@ -1,0 +1,199 @@
+"""slim.core.build.agentrt: the agent's runtime in the initrd — its standard library as one zip
+of bytecode compiled by the initrd's own Python, the agent's bytecode beside its sources, and
+an unpacked runtime that imports the agent without compiling anything and without warnings.
+
+The agent itself booting from its initrd is in tests/test_agent.py (chrooted) and
+tests/test_vm_boot.py (QEMU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import subprocess
+import zipfile
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from slim.core.build.agentrt import (
+    AGENT_DIR,
+    AGENT_ROOT,
+    PYTHON,
+    Runtime,
+    add_runtime,
+    byte_compile,
+    collect,
+    stored_zip,
+)
+from slim.core.build.initrd import CpioArchive
+from slim.errors import FailedPrecondition
+from slim.signing import SigningKey
+from tests.support import need, need_tool
+
+PYC_HEADER = 16  # magic, flags, source hash (PEP 552)
+
+
+@cache
+def runtime() -> Runtime:
+    need(PYTHON.exists() and shutil.which("ldd") is not None, "Debian's python3 and ldd")
+    return collect()
+
+
+@cache
+def python_facts() -> dict[str, str]:
+    """The initrd's Python: its magic number, the zip its sys.path names, its cache tag."""
+    out = subprocess.run(
+        [str(PYTHON.resolve()), "-S", "-I", "-c", "import importlib.util, json, sys; print(json.dumps({"
+         "'magic': importlib.util.MAGIC_NUMBER.hex(), 'zip': [p for p in sys.path if p.endswith('.zip')][0],"
+         "'tag': sys.implementation.cache_tag, 'stdlib': sys.path[1]}))"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    facts: dict[str, str] = json.loads(out)
+    return facts
+
+
+def stdlib_zip(rt: Runtime) -> zipfile.ZipFile:
+    return zipfile.ZipFile(io.BytesIO(rt.data[python_facts()["zip"]]))
+
+
+def test_the_standard_library_is_one_zip_of_bytecode() -> None:
+    rt, facts = runtime(), python_facts()
+    z = stdlib_zip(rt)
+    names = z.namelist()
+    assert names == sorted(names) and all(n.endswith(".pyc") for n in names)
+    assert all(
+        i.compress_type == zipfile.ZIP_STORED and i.date_time == (1980, 1, 1, 0, 0, 0) for i in z.infolist()
+    )
+    # what the agent imports, found by importing it: json, http.client, argparse...
+    for needed in ("json/__init__.pyc", "json/decoder.pyc", "http/client.pyc", "argparse.pyc"):
+        assert needed in names, needed
+    # ...not what is frozen into the interpreter, nor what is left out
+    for frozen in ("os.pyc", "abc.pyc", "codecs.pyc", "io.pyc", "importlib/_bootstrap.pyc", "zipimport.pyc"):
+        assert frozen not in names, frozen
+    assert "ssl.pyc" not in names and "lzma.pyc" not in names
+    for name in names:
+        pyc = z.read(name)
+        assert pyc[:4].hex() == facts["magic"], name
+        assert int.from_bytes(pyc[4:8], "little") == 0b01, name  # hash-based, never checked: no source
+    # no standard-library source but the landmark by which Python finds its prefix
+    stdlib = facts["stdlib"]
+    sources = [d for d in rt.files if d.startswith(f"{stdlib}/") and d.endswith(".py")]
+    assert sources == [f"{stdlib}/os.py"]
+    # extension modules stay files; _uuid (and libuuid) are left out
+    assert any(d.startswith(f"{stdlib}/lib-dynload/_json.") for d in rt.files)
+    assert not any("_uuid" in d or "libuuid" in d for d in rt.files)
+
+
+def test_the_agent_has_its_bytecode_beside_its_sources() -> None:
+    rt, facts = runtime(), python_facts()
+    sources = sorted(p.name for p in AGENT_DIR.glob("*.py"))
+    assert sorted(Path(d).name for d in rt.files if d.startswith(f"{AGENT_ROOT}/")) == sources
+    for name in sources:
+        pyc = rt.data[f"{AGENT_ROOT}/slim/agent/__pycache__/{name[:-3]}.{facts['tag']}.pyc"]
+        assert pyc[:4].hex() == facts["magic"]
+        assert int.from_bytes(pyc[4:8], "little") == 0b11  # hash-based, checked against the source
+
+
+def test_collect_gives_the_same_bytes_twice() -> None:
+    first = runtime()
+    second = collect()
+    assert second.data.keys() == first.data.keys()
+    assert all(second.data[k] == first.data[k] for k in first.data)
+    assert second.files == first.files
+
+
+def test_stored_zip_is_deterministic_and_uncompressed() -> None:
+    members = {"b.pyc": b"x" * 1000, "a/__init__.pyc": b"y"}
+    data = stored_zip(members)
+    assert data == stored_zip(dict(reversed(members.items())))
+    z = zipfile.ZipFile(io.BytesIO(data))
+    assert z.namelist() == ["a/__init__.pyc", "b.pyc"]
+    assert z.getinfo("b.pyc").compress_size == 1000 and z.read("b.pyc") == b"x" * 1000
+
+
+def test_byte_compile_names_the_file_that_does_not_compile(tmp_path: Path) -> None:
+    need(PYTHON.exists(), "Debian's python3")
+    good, bad = tmp_path / "good.py", tmp_path / "bad.py"
+    good.write_text('"""doc"""\nassert True\n')
+    bad.write_text("def (:\n")
+    one, two = byte_compile(PYTHON, [(good, "/x/good.py", 0, True), (good, "/x/good.py", 2, False)])
+    assert one[16:] != two[16:]  # -OO: no docstring, no assert
+    with pytest.raises(FailedPrecondition, match=r"bad\.py"):
+        byte_compile(PYTHON, [(good, "good.py", 0, False), (bad, "bad.py", 0, False)])
+
+
+# What the unpacked runtime's Python says about the modules it imported for the agent.
+_CHECK = """
+import json, sys
+import slim.agent.__main__, slim.agent.ee, slim.agent.fetch, slim.agent.plan, slim.agent.medium
+import json as j, http.client
+import importlib, slim.agent
+for name in slim.agent.DEFERRED:  # what the agent imports only when it needs it is there too
+    importlib.import_module(name)
+out = {}
+for name, mod in sys.modules.items():
+    spec = getattr(mod, "__spec__", None)
+    if spec is not None:
+        loader = spec.loader if isinstance(spec.loader, type) else type(spec.loader)  # a class or an instance
+        out[name] = [loader.__name__, spec.origin, spec.cached]
+print(json.dumps({"modules": out, "optimize": sys.flags.optimize, "agent_doc": slim.agent.__main__.__doc__,
+                  "json_doc": j.__doc__}))
+"""
+
+
+def test_the_unpacked_runtime_imports_the_agent_from_bytecode_only(tmp_path: Path) -> None:
+    need(os.geteuid() == 0, "root (chroot)")
+    cpio = need_tool("cpio")
+    chroot = shutil.which("chroot")
+    assert chroot is not None
+    rt = dataclasses.replace(runtime(), data=dict(runtime().data))
+    rt.trust([SigningKey.load_or_create(tmp_path / "keys").public])
+    archive = CpioArchive()
+    add_runtime(archive, rt)
+    buf = io.BytesIO()
+    archive.write_cpio(buf)
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run([cpio, "-idm", "--quiet"], input=buf.getvalue(), cwd=root, check=True, timeout=60)
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+    def python(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [chroot, str(root), "/usr/bin/python3", "-S", "-B", *args, "-c", _CHECK],
+            env={"PYTHONPATH": AGENT_ROOT, "PATH": "/bin:/usr/bin", "SLIM_INITRD": "1"},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    proc = python()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no "Could not find platform independent libraries"
+    got = json.loads(proc.stdout)
+    # -v names each code object's file: bytecode only (slim/__init__.py is empty)
+    verbose = python("-v")
+    loaded = [
+        line.split(" from ", 1)[1].strip("'")
+        for line in verbose.stderr.splitlines()
+        if "code object from" in line
+    ]
+    assert loaded and all(f.endswith(".pyc") for f in loaded if f != f"{AGENT_ROOT}/slim/__init__.py"), loaded
+    zip_path = python_facts()["zip"]
+    for name, (loader, origin, cached) in got["modules"].items():
+        if name in ("__main__", "slim"):  # -c; slim/__init__.py is empty
+            continue
+        if name.startswith("slim"):  # from the agent's own bytecode, checked against its source
+            if origin is not None:
+                assert loader == "SourceFileLoader" and cached and (root / cached.lstrip("/")).is_file(), name
+        else:  # never compiled from a source
+            assert loader in ("zipimporter", "FrozenImporter", "BuiltinImporter", "ExtensionFileLoader"), (
+                name,
+                loader,
+            )
+            if loader == "zipimporter":
+                assert origin.startswith(f"{zip_path}/"), (name, origin)
+    assert got["optimize"] == 0  # the agent's asserts hold
+    assert got["agent_doc"] and got["json_doc"] is None  # the standard library's as -OO
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before  # nothing written
