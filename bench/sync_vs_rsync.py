@@ -120,11 +120,14 @@ class Side:
         self.target = target
 
 
-def relay_sent(relay: str) -> float:
+def relay_metric(relay: str, name: str) -> float:
     with urllib.request.urlopen(f"{relay}/metrics", timeout=10) as r:  # noqa: S310 - our relay on loopback
         text = r.read().decode()
-    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == "slim_relay_sent_bytes_total")  # fmt: skip
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def relay_sent(relay: str) -> float:
+    return relay_metric(relay, "slim_relay_sent_bytes_total")
 
 
 def agent(node: str, target: Path, relay: str, trust: Path) -> tuple[float, int]:
@@ -220,9 +223,15 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
     def warm(env: str) -> float:
         """The relay prefetches the release (as a Slurm prolog or an administrator has it do
         before nodes boot): the server's work, once for every node, reported apart."""
+        for _ in range(600):  # bounded (60 s): the relay's heartbeat stream to the core is up
+            if relay_metric(relay, "slim_relay_core_connected") == 1:
+                break
+            time.sleep(0.1)
         started = time.monotonic()
-        argv = [*SLIM, "relay", "prefetch", env, "--timeout", "600", "--core", f"unix:{tmp}/core.sock"]
-        subprocess.run(argv, check=True, capture_output=True, timeout=900)
+        argv = [*SLIM, "relay", "prefetch", env, "--timeout", "3600", "--core", f"unix:{tmp}/core.sock"]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=3700, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"slim relay prefetch {env} failed: {proc.stdout}{proc.stderr}")
         return time.monotonic() - started
 
     first_build = build("tree")
@@ -361,13 +370,18 @@ def main() -> None:
         raise SystemExit("rsync is missing: ./run bench installs it")
     sizes = [int(x) for x in args.files.split(",")]
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "agent")], check=True)
-    results = []
+    results: list[dict[str, Any]] = []
     for n in sizes:
         tmp = Path(tempfile.mkdtemp(prefix=f"slim-bench-p4-{n}-"))
         try:
             results.append(one_size(n, args.repeat, args.big_mib if n == sizes[0] else 0, tmp))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        write(args, results)  # after each size: a later failure keeps what was measured
+    print(json.dumps({r["files"]: r["medians"] for r in results}, indent=1))
+
+
+def write(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     result = {
         "benchmark": "P4 copy-if-needed vs rsync",
         "command": "python bench/sync_vs_rsync.py " + " ".join(sys.argv[1:]),
@@ -379,7 +393,6 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sync_vs_rsync.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out / "sync_vs_rsync.png")
-    print(json.dumps({r["files"]: r["medians"] for r in results}, indent=1))
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
