@@ -350,6 +350,9 @@ class Builder:
         except UnsafeEntry as exc:
             proc.kill()
             tar_error = exc
+        except BaseException:
+            proc.kill()  # else the feeder waits on zstd, and zstd on us: forever
+            raise
         finally:
             feeder.join()
             proc.stdout.close()
@@ -376,11 +379,15 @@ class Builder:
         manifest = mf.decode(raw, checked=result.manifest == "kept")  # kept: decoded before
         result.took("decode", started)
         sync.sync(
-            dest, manifest, self._nested(d), lambda files: sync.Fetcher(self.relays, files, dest), result
-        )
-        if result.manifest != "kept":
+            dest, manifest, self._nested(d), lambda files: sync.Fetcher(self.relays, files, dest), result,
+            before_change=lambda: self.records.forget(d.path),
+        )  # fmt: skip
+        if result.manifest != "kept" or result.changed:
             started = time.monotonic()
-            self.records.write(d.path, raw)
+            try:
+                self.records.write(d.path, raw)
+            except OSError as exc:  # the directory is right: the next boot only compares more
+                result.notes.append(f"its manifest is not kept: {exc}")
             result.took("keep", started)
         return Result(
             result.bytes, result.files, result.deleted, result.manifest, [*result.notes, result.breakdown()]

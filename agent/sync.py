@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slim.agent import manifest as mf
-from slim.agent.fetch import Relays
+from slim.agent.fetch import FetchError, Relays
 from slim.agent.plan import Directory, ObjectRef, PlanError
 from slim.agent.tree import FILE, Entry
 from slim.agent.unpack import TreeWriter
@@ -78,6 +78,7 @@ class SyncResult:
     manifest: str = "whole"  # how the manifest came: "kept", "delta" or "whole"
     notes: list[str] = field(default_factory=list)
     kept: _Raw | None = None  # the manifest kept from the last run, if any
+    changed: bool = False  # something in the directory was changed
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went, by phase
 
     def took(self, phase: str, since: float) -> float:
@@ -108,10 +109,18 @@ class Records:
         if path is None:
             return None
         try:
-            with open(path, "rb", opener=_nofollow) as f:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a fifo put there would block the boot
+                return None
+            with os.fdopen(fd, "rb", closefd=False) as f:
                 raw = f.read(MAX_MANIFEST_BYTES + 1)
         except OSError:
             return None
+        finally:
+            os.close(fd)
         if len(raw) > MAX_MANIFEST_BYTES:
             return None
         return path, raw, "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -179,11 +188,11 @@ def _manifest_bytes(d: Directory, relays: Relays, records: Records, result: Sync
         for delta in d.deltas:
             if delta.base != digest:
                 continue
-            data = relays.read(delta.delta)
-            result.bytes += delta.delta.size
             try:
+                data = relays.read(delta.delta)
+                result.bytes += delta.delta.size
                 rebuilt = _zstd(data, f"--patch-from={path}")
-            except PlanError as exc:
+            except (FetchError, PlanError) as exc:
                 result.notes.append(f"the manifest delta did not apply ({exc}): fetched whole")
                 break
             if _digest(rebuilt) == d.manifest_raw:
@@ -306,12 +315,18 @@ def previous(result: SyncResult) -> Previous | None:
         return None
     try:
         doc = json.loads(result.kept)
-        kinds: str = doc["type"]
+        kinds, paths, mtimes = doc["type"], doc["path"], doc["mtime_ns"]
+        if not (isinstance(kinds, str) and isinstance(paths, list) and isinstance(mtimes, list)):
+            return None
+        if not len(kinds) == len(paths) == len(mtimes) or len(doc["sha256"]) != kinds.count("f"):
+            return None  # a kept manifest changed on the node: the comparison is rsync's
         it_size, it_sha = iter(doc["size"]), iter(doc["sha256"])
         sizes = [next(it_size) if k == "f" else 0 for k in kinds]
         digests = [next(it_sha) if k == "f" else "" for k in kinds]
         chunks = {int(i): (list(h), list(n)) for i, h, n in doc.get("chunks", [])}
-        return Previous({p: i for i, p in enumerate(doc["path"])}, digests, sizes, doc["mtime_ns"], chunks)
+        return Previous(
+            {p: i for i, p in enumerate(paths) if isinstance(p, str)}, digests, sizes, mtimes, chunks
+        )
     except (ValueError, TypeError, KeyError, StopIteration, RecursionError):
         return None
 
@@ -322,9 +337,12 @@ def sync(
     nested: Collection[str],
     fetcher: Callable[[list[Job]], Fetcher],
     result: SyncResult,
+    before_change: Callable[[], None] = lambda: None,
 ) -> None:
     """Make ``dest`` match ``manifest`` (see the module's docstring); ``nested``: paths of the
-    directories other entries of the plan manage; ``fetcher`` fetches the files listed."""
+    directories other entries of the plan manage; ``fetcher`` fetches the files listed;
+    ``before_change`` is called once before anything is changed (the kept manifest is
+    dropped then: a sync cut short leaves none, so the next compares as rsync does)."""
     started = time.monotonic()
     root = str(dest)
     was = previous(result)
@@ -391,6 +409,7 @@ def sync(
                 write.append(i)
         elif not same_meta or (k in "cb" and st.st_rdev != os.makedev(*m.rdevs[i])) or i in m.xattrs:
             write.append(i)  # devices and fifos: made anew (as cheap as fixing them)
+            rewritten.add(path)  # (their hard links with them)
     # what the manifest does not list: removed (not what other entries of the plan manage)
     extras = have.keys() - set(paths)
     started = result.took("compare", started)
@@ -401,6 +420,9 @@ def sync(
             continue  # another entry's directory, what is in it, or the way down to it
         remove.append(path)
         result.deleted += 1
+    if write or fix or remove or dirs:
+        result.changed = True
+        before_change()
     for path in sorted(remove, key=lambda p: p.count("/"), reverse=True):
         full = f"{root}/{path}"
         if stat.S_ISDIR(have[path].st_mode):
@@ -473,10 +495,13 @@ def _fetch_file(relays: Relays, m: mf.ManifestEntry, dest: Path, local: Local | 
         try:
             for part, n in mf.parts(m):
                 if old is not None and part in pieces:
-                    offset, size = pieces[part]
-                    old.seek(offset)
-                    data = old.read(size)
-                    if size == n and hashlib.sha256(data).hexdigest() == part:
+                    try:
+                        offset, size = pieces[part]
+                        old.seek(offset)
+                        data = old.read(size) if size == n else b""
+                    except (OSError, ValueError, TypeError, OverflowError):  # a kept manifest changed
+                        data = b""
+                    if data and hashlib.sha256(data).hexdigest() == part:
                         tmp.file.write(data)
                         continue
                 relays.stream(ObjectRef(f"sha256:{part}", n), tmp.file.write)

@@ -89,7 +89,6 @@ class TreeWriter:
         # fresh: ``root`` is empty and only this writer fills it, so what an entry would
         # replace is not looked for (an entry given twice is refused)
         self.fresh = fresh
-        self._ids = (os.geteuid(), os.getegid())
         root_is_root = os.geteuid() == 0
         self.owners = root_is_root if owners is None else owners
         self.devices = root_is_root if devices is None else devices
@@ -131,6 +130,12 @@ class TreeWriter:
             self._dirs.append(entry)
             return
         self.stats.files += 1
+        try:
+            self._make(pfd, name, entry, data)
+        except FileExistsError:  # only in a fresh tree, where nothing is looked for first
+            raise UnsafeEntry(entry.path, "given twice") from None
+
+    def _make(self, pfd: int, name: str, entry: Entry, data: IO[bytes] | None) -> None:
         if entry.kind == FILE:
             self._file(pfd, name, entry, data)
         elif entry.kind == SYMLINK:
@@ -278,9 +283,9 @@ class TreeWriter:
         os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=pfd, follow_symlinks=False)
 
     def _fd_meta(self, fd: int, entry: Entry) -> None:
-        # chown first: it clears setuid bits and file capabilities (a new file in a fresh
-        # tree, whose directories are not setgid yet, is already ours)
-        if self.owners and not (self.fresh and (entry.uid, entry.gid) == self._ids):
+        # chown first: it clears setuid bits and file capabilities (always: a new file may
+        # have taken a setgid directory's group)
+        if self.owners:
             os.fchown(fd, entry.uid, entry.gid)
         os.fchmod(fd, entry.mode)
         self._xattrs(fd, entry)
@@ -386,6 +391,8 @@ def make_entry(
     if kind is None:
         raise UnsafeEntry(name, f"unsupported member type {type_flag!r}")
     target = linkname
+    if kind in (SYMLINK, HARDLINK) and not target:
+        raise UnsafeEntry(name, "a link to nothing (an empty target)")
     if kind == HARDLINK:
         try:
             target = member_name(linkname)
@@ -464,6 +471,7 @@ def extract_tar(
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _READ_BUFFER = 1 << 20
+MAX_PAX = 1 << 20  # bytes of one member's pax records (names, xattrs): ours are far smaller
 
 
 class _Data:
@@ -488,11 +496,10 @@ def _number(field: bytes, what: str) -> int:
         return int.from_bytes(field[1:], "big")
     if field[:1] and field[0] & 0x80:
         raise UnsafeEntry("(archive)", f"a negative {what}")
-    text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise UnsafeEntry("(archive)", f"{what} {text[:20]!r} is not a number") from None
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if text.strip(b"01234567"):  # int() would also take a sign, "_" or spaces inside
+        raise UnsafeEntry("(archive)", f"{what} {text[:20]!r} is not a number")
+    return int(text, 8) if text else 0
 
 
 def _pax_records(data: bytes) -> dict[str, bytes]:
@@ -545,6 +552,8 @@ def read_archive(stream: IO[bytes]) -> Iterator[tuple[Entry, _Data | None]]:
         if flag == b"x":
             if pax:
                 raise UnsafeEntry("(archive)", "two pax headers for one member")
+            if size > MAX_PAX:
+                raise UnsafeEntry("(archive)", f"a pax header of {size} bytes (at most {MAX_PAX})")
             data = f.read(size)
             if len(data) < size:
                 raise UnsafeEntry("(archive)", "truncated pax header")

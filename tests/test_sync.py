@@ -393,3 +393,13 @@ def test_a_big_files_unchanged_pieces_come_from_the_nodes_copy(origin: Origin, t
     result = run_sync(origin, d, node, records)
     assert result.files == 1 and result.bytes - d.manifest.size == 2 * mf.CHUNK_SIZE  # type: ignore[union-attr]
     assert snapshot(node) == snapshot(src)
+
+
+def test_a_kept_manifest_that_is_no_regular_file_is_not_read(tmp_path: Path) -> None:
+    """A fifo planted where the kept manifest goes would block the boot: it is passed over."""
+    records = sync.Records(tmp_path / "state")
+    path = records.path("/srv")
+    assert path is not None
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+    assert records.read("/srv") is None

@@ -331,3 +331,31 @@ def test_archives_are_deterministic(tmp_path: Path) -> None:
     three = io.BytesIO()
     copyset.write_archive(src, scan(src), three)
     assert three.getvalue() != one.getvalue()
+
+
+@needs_root
+def test_a_fresh_unpack_under_a_setgid_directory_keeps_the_archives_groups(tmp_path: Path) -> None:
+    """A staging directory made inside a setgid directory inherits its group: every file is
+    still given the archive's owner (found by a review: root-only files took the group)."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    os.chown(dest, 0, 1234)
+    os.chmod(dest, 0o2755)
+    staging = dest / "staging"
+    staging.mkdir()  # as the agent's mkdtemp: inherits the setgid bit and group 1234
+    info, data = _file("secret", b"root only")
+    info.mode, info.uid, info.gid = 0o640, 0, 0
+    extract_archive(_tar((info, data)), staging, fresh=True)
+    st = os.stat(staging / "secret")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o640)
+
+
+@pytest.mark.parametrize("size", [b"-0000000001", b"+0000000001", b"00000_00001"])
+def test_a_header_number_is_octal_digits_only(places: tuple[Path, Path], size: bytes) -> None:
+    raw = bytearray(_tar(_file("f", b"x")).getvalue())
+    at = next(i for i in range(0, len(raw), 512) if raw[i + 156 : i + 157] == b"0")  # the file's header
+    raw[at + 124 : at + 135] = size
+    raw[at + 148 : at + 156] = b"        "
+    raw[at + 148 : at + 155] = f"{sum(raw[at : at + 512]):06o}\0".encode()
+    with pytest.raises(UnsafeEntry, match="is not a number"):
+        extract_archive(io.BytesIO(bytes(raw)), places[0], fresh=True)
