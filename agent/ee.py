@@ -48,8 +48,6 @@ TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-u
 if TYPE_CHECKING:
     from typing import IO
 
-# a copy of slim.vocabulary.MAX_MANIFEST_BYTES: the agent imports only the standard library
-MAX_MANIFEST_BYTES = 512 << 20
 NFS_PORT = 2049
 NFS_PROBE_SECONDS = 3.0  # a server that does not take a TCP connection by then is passed over
 NFS_MOUNT_SECONDS = 60.0  # nor one whose mount takes longer (a slow link's first RPCs take seconds)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from slim.agent.tree import BLK, CHR, DIR, FIFO, FILE, HARDLINK, KINDS, SYMLINK, Entry, check_relpath
@@ -445,8 +445,3 @@ def _decode_v1(header: dict[str, Any], rest: bytes) -> Manifest:
     manifest = make(directory, entries)
     check_paths(manifest.paths)
     return manifest
-
-
-def iter_entries(manifest: Manifest) -> Iterator[ManifestEntry]:
-    """The entries one at a time (without keeping them all)."""
-    return (manifest.entry(i) for i in range(len(manifest.paths)))

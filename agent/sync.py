@@ -45,7 +45,7 @@ from slim.agent import manifest as mf
 from slim.agent.fetch import FetchError, Relays
 from slim.agent.plan import Directory, ObjectRef, PlanError
 from slim.agent.tree import FILE, Entry
-from slim.agent.unpack import TreeWriter
+from slim.agent.unpack import TreeWriter, nofollow
 
 TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
 if TYPE_CHECKING:
@@ -143,10 +143,6 @@ class Records:
         path = self.path(directory)
         if path is not None:
             path.unlink(missing_ok=True)
-
-
-def _nofollow(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 def _zstd(data: bytes, *args: str) -> bytes:
@@ -249,7 +245,7 @@ def _same_bytes(path: str, size: int, digest: str) -> bool:
     """Whether the file at ``path`` (not followed) holds exactly the bytes of ``digest``."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb", opener=_nofollow) as f:
+        with open(path, "rb", opener=nofollow) as f:
             while block := f.read(HASH_BLOCK):
                 h.update(block)
                 if f.tell() > size:
@@ -489,7 +485,7 @@ def _fetch_file(relays: Relays, m: mf.ManifestEntry, dest: Path, local: Local | 
         pieces = local[1] if local is not None else {}
         if local is not None:
             try:
-                old = open(local[0], "rb", opener=_nofollow)  # noqa: SIM115 - closed below
+                old = open(local[0], "rb", opener=nofollow)  # noqa: SIM115 - closed below
             except OSError:
                 old = None
         try:
