@@ -437,7 +437,7 @@ def sync(
             e = entries[i]
             if e.entry.kind == FILE:
                 with fetched.next(e) as tmp:
-                    writer.add(e.entry, tmp.file)
+                    writer.add(e.entry, tmp.file, source=str(tmp.path))
                     result.bytes += tmp.fetched
                 result.files += 1
             else:

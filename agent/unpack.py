@@ -99,8 +99,11 @@ class TreeWriter:
         self._dirs: list[Entry] = []
 
     # -- public ------------------------------------------------------------------
-    def add(self, entry: Entry, data: IO[bytes] | None = None) -> None:
-        """Create one entry; a FILE's bytes come from ``data`` (exactly ``entry.size``)."""
+    def add(self, entry: Entry, data: IO[bytes] | None = None, source: str | None = None) -> None:
+        """Create one entry; a FILE's bytes come from ``data`` (exactly ``entry.size``).
+        ``source``: ``data`` is a whole file of that name, made for this entry on the same
+        file system, which is moved into place (given the entry's metadata, then renamed)
+        instead of copied; across file systems it is copied."""
         if entry.path == "":  # the target directory itself ("./" in a tar)
             if entry.kind != DIR:
                 raise UnsafeEntry(".", "the archive's root is not a directory")
@@ -130,6 +133,14 @@ class TreeWriter:
             self._dirs.append(entry)
             return
         self.stats.files += 1
+        if (
+            source is not None
+            and data is not None
+            and entry.kind == FILE
+            and not self.fresh
+            and self._move(pfd, name, entry, data, source)
+        ):
+            return
         try:
             self._make(pfd, name, entry, data)
         except FileExistsError:  # only in a fresh tree, where nothing is looked for first
@@ -248,6 +259,23 @@ class TreeWriter:
             self._fd_meta(fd, entry)
         finally:
             os.close(fd)
+
+    def _move(self, pfd: int, name: str, entry: Entry, data: IO[bytes], source: str) -> bool:
+        """``source`` (open as ``data``) given the entry's metadata and renamed to ``name``
+        (the name is free: add() removed what was there); False if it must be copied."""
+        fd = data.fileno()
+        if os.fstat(fd).st_size != entry.size:
+            raise UnsafeEntry(entry.path, f"{os.fstat(fd).st_size} bytes where {entry.size} were expected")
+        self._fd_meta(fd, entry)
+        try:
+            os.rename(source, name, dst_dir_fd=pfd)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:  # another file system (a mount inside the tree)
+                raise
+            data.seek(0)
+            return False
+        self.stats.bytes += entry.size
+        return True
 
     def _hardlink(self, pfd: int, name: str, entry: Entry) -> None:
         try:

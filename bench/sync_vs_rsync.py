@@ -25,7 +25,8 @@ After every run both copies are compared with the tree (contents, types, modes, 
 mtimes, link targets, extended attributes): a difference stops the benchmark.
 
 Then **a big file changed in its middle** (``--big-mib``, default 1 GiB; 0 skips it): one
-file of random bytes, copied cold by both, then 1 MiB inserted at its middle; bytes moved
+file of random bytes, copied cold by both, then 1 MiB inserted near its middle (12,345
+bytes past it: on no boundary of fixed pieces or blocks); bytes moved
 by each, and the result checked by its SHA-256.
 
 Bytes on the wire are payload bytes: for SLIM the relay's object bytes sent (manifests or
@@ -325,7 +326,7 @@ def both(
 def big_file(
     big: Path, mib: int, rng: random.Random, relay: str, port: int, trust: Path, tmp: Path, build: Any
 ) -> dict[str, Any]:
-    """One file of ``mib`` MiB, then 1 MiB inserted at its middle: bytes each tool moves."""
+    """One file of ``mib`` MiB, then 1 MiB inserted near its middle: bytes each tool moves."""
     path = big / "srv" / "big.dat"
     with open(path, "wb") as f:
         for _ in range(mib):
@@ -333,7 +334,7 @@ def big_file(
     build()
     slim_t, rsync_t = tmp / "big-slim", tmp / "big-rsync"
     cold = {"slim": agent("n2", slim_t, relay, trust), "rsync": rsync(port, "big", rsync_t)}
-    half = (mib << 20) // 2
+    half = (mib << 20) // 2 + 12_345
     with open(path, "rb") as f:
         head, tail = f.read(half), f.read()
     path.write_bytes(head + rng.randbytes(1 << 20) + tail)

@@ -31,12 +31,12 @@ from click.testing import CliRunner
 
 from labs.host import free_port
 from slim.agent import ee, report_up, sync
-from slim.agent import manifest as mf
 from slim.agent.__main__ import main as agent_main
 from slim.agent.fetch import DigestMismatch, FetchError, Relays
 from slim.agent.plan import BootArgs, ObjectRef, PlanError, parse_cmdline, parse_plan, require_environment
 from slim.agent.tree import scan
 from slim.cli import main as cli_main
+from slim.core.build import copyset
 from slim.core.build.agentrt import Runtime, add_runtime, collect
 from slim.core.build.initrd import InitrdBuilder
 from slim.core.build.release import build_environment
@@ -379,7 +379,7 @@ async def test_sync_fetches_ahead_in_order_and_cleans_up_when_a_fetch_fails(
     assert tree(target / "srv") == tree(site.image / "srv")
     # the relays' and the store's copies of big's first chunk go bad; small, after it in tree
     # order, is fetched ahead meanwhile: the repair must fail, and clean up small's download
-    head = (site.image / "srv" / "data" / "big").read_bytes()[: mf.CHUNK_SIZE]
+    head = next(copyset.chunker().cut_buf((site.image / "srv" / "data" / "big").read_bytes())).data
     digest = hashlib.sha256(head).hexdigest()
     damaged = [p for p in tmp_path.rglob(digest) if p.is_file()] + [
         site.store.object_path(f"sha256:{digest}")

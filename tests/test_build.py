@@ -100,13 +100,14 @@ def test_build_publishes_every_kind_of_object(tmp_path: Path, image: Path) -> No
     assert srv.archive is not None and srv.manifest is not None
     manifest = decode_manifest(store.read_object(srv.manifest.digest))
     big = next(i for i in manifest.entries if i.entry.path == "data/big")
-    assert len(big.chunks) == 5 and all(store.has(f"sha256:{c}") for c in big.chunks)
+    assert len(big.chunks) == len(set(big.chunks)) > 4 and all(store.has(f"sha256:{c}") for c in big.chunks)
     small = next(i for i in manifest.entries if i.entry.path == "data/small")
     assert store.read_object(f"sha256:{small.sha256}") == b"small file\n"
 
     report = verify_release(store, rel)
     assert report.problems == [] and report.trees == 1
-    assert report.objects == 2 + 4 + 3 + 1 + 5  # kernel, initrd, 3 archives, 4 manifests, 1 file, 5 chunks
+    # kernel, initrd, 3 archives, 4 manifests, 1 file, the big file's pieces
+    assert report.objects == 2 + 4 + 3 + 1 + len(big.chunks)
 
 
 def test_rebuilding_an_unchanged_image_adds_no_object(tmp_path: Path, image: Path) -> None:

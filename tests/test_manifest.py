@@ -3,14 +3,18 @@ tree scan they are made from."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import os
+import random
 import re
+import tarfile
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from slim.agent import manifest as mf
 from slim.agent.tree import DIR, FILE, HARDLINK, SYMLINK, ScanReport, check_relpath, scan
@@ -64,9 +68,11 @@ def test_manifest_round_trip_and_chunks(tmp_path: Path) -> None:
     big = next(i for i in items if i.entry.path == "b/big")
     data = (tmp_path / "b" / "big").read_bytes()
     assert big.sha256 == hashlib.sha256(data).hexdigest()
-    assert big.chunks == tuple(
-        hashlib.sha256(data[i : i + mf.CHUNK_SIZE]).hexdigest() for i in range(0, len(data), mf.CHUNK_SIZE)
-    )
+    pieces = [bytes(c.data) for c in copyset.chunker().cut_buf(data)]  # content-defined
+    assert b"".join(pieces) == data and len(pieces) > len(data) // copyset.CDC_MAX
+    assert big.chunks == tuple(hashlib.sha256(p).hexdigest() for p in pieces)
+    assert big.chunk_sizes == tuple(len(p) for p in pieces)
+    assert all(copyset.CDC_MIN <= len(p) <= copyset.CDC_MAX for p in pieces[:-1])
     small = next(i for i in items if i.entry.path == "b/small")
     assert small.chunks == () and small.sha256 == hashlib.sha256(b"hello").hexdigest()
     manifest = mf.make("/srv", items)
@@ -77,10 +83,28 @@ def test_manifest_round_trip_and_chunks(tmp_path: Path) -> None:
 
 
 def test_archive_pass_gives_the_same_manifest_as_hashing(tmp_path: Path) -> None:
+    """... and the archive holds each file's bytes whole (a big one read piece by piece)."""
     _tree(tmp_path)
-    assert copyset.write_archive(tmp_path, scan(tmp_path), io.BytesIO()) == copyset.hash_tree(
-        tmp_path, scan(tmp_path)
-    )
+    out = io.BytesIO()
+    assert copyset.write_archive(tmp_path, scan(tmp_path), out) == copyset.hash_tree(tmp_path, scan(tmp_path))
+    raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(out.getvalue()))
+    with tarfile.open(fileobj=raw, mode="r|") as tf:
+        got = {ti.name: tf.extractfile(ti).read() for ti in tf if ti.isreg()}  # type: ignore[union-attr]
+    assert got["b/big"] == (tmp_path / "b" / "big").read_bytes()
+    assert got["b/small"] == b"hello"
+
+
+def test_an_insertion_changes_only_the_pieces_around_it(tmp_path: Path) -> None:
+    """Content-defined pieces: bytes inserted into a big file (anywhere, not at a piece's
+    boundary) give new pieces only around the insertion; the rest keep their digests."""
+    data = random.Random(5).randbytes(8 << 20)
+    (tmp_path / "f").write_bytes(data)
+    (before,) = copyset.hash_tree(tmp_path, scan(tmp_path))
+    (tmp_path / "f").write_bytes(data[:3_000_017] + b"inserted" * 1000 + data[3_000_017:])
+    (after,) = copyset.hash_tree(tmp_path, scan(tmp_path))
+    new = [n for h, n in mf.parts(after) if h not in set(before.chunks)]
+    assert 8000 <= sum(new) <= 8000 + 2 * copyset.CDC_MAX and len(new) <= 3
+    assert len(after.chunks) - len(new) >= len(before.chunks) - 3
 
 
 @pytest.mark.parametrize(
@@ -168,7 +192,14 @@ def test_version_2_refuses_what_is_wrong_and_says_what(change: dict[str, object]
 
 def test_version_1_manifests_of_older_releases_are_still_read(tmp_path: Path) -> None:
     _tree(tmp_path)
-    items = copyset.hash_tree(tmp_path, scan(tmp_path))
+    items = []
+    for m in copyset.hash_tree(tmp_path, scan(tmp_path)):
+        if m.chunks:  # version 1 cut big files into fixed pieces of CHUNK_SIZE
+            data = (tmp_path / m.entry.path).read_bytes()
+            fixed = [data[i : i + mf.CHUNK_SIZE] for i in range(0, len(data), mf.CHUNK_SIZE)]
+            hexes = tuple(hashlib.sha256(p).hexdigest() for p in fixed)
+            m = dataclasses.replace(m, chunks=hexes, chunk_sizes=())
+        items.append(m)
     lines = [{"format": "slim-manifest", "version": 1, "chunk_size": mf.CHUNK_SIZE, "directory": "/srv",
               "entries": len(items)}]  # fmt: skip
     for m in items:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import re
 import shutil
 import stat
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -364,35 +367,89 @@ def test_files_are_never_written_through_a_link_the_node_made(origin: Origin, tm
     assert snapshot(node) == snapshot(src)
 
 
+def pieces(data: bytes) -> list[bytes]:
+    """The content-defined pieces a build cuts ``data`` into (slim.core.build.copyset)."""
+    return [bytes(c.data) for c in copyset.chunker().cut_buf(data)]
+
+
 def test_a_big_files_unchanged_pieces_come_from_the_nodes_copy(origin: Origin, tmp_path: Path) -> None:
-    """A file stored in pieces, one piece changed by the release: only that piece is fetched,
-    the others read from the node's copy — and checked: a piece changed on the node (its size
-    and mtime put back) is fetched too."""
+    """A file stored in pieces, changed in place by the release: only the new pieces are
+    fetched, the others read from the node's copy — and checked: a piece changed on the
+    node (its size and mtime put back) is fetched too."""
     src, node = tmp_path / "src", tmp_path / "node"
     records = sync.Records(tmp_path / "state")
-    data = bytearray(os.urandom(mf.CHUNKED_ABOVE + 2 * mf.CHUNK_SIZE + 5))  # 7 pieces
+    data = bytearray(os.urandom(mf.CHUNKED_ABOVE + 2 * mf.CHUNK_SIZE + 5))
     spec: Spec = {"big": ("file", bytes(data), 0o644, T0)}
     build(src, spec)
     d, _ = origin.publish(src)
     run_sync(origin, d, node, records)
-    data[3 * mf.CHUNK_SIZE + 10 : 3 * mf.CHUNK_SIZE + 20] = b"R" * 10  # the release changes piece 4
+    old = pieces(bytes(data))
+    data[3 * mf.CHUNK_SIZE + 10 : 3 * mf.CHUNK_SIZE + 20] = b"R" * 10  # the release changes a piece
     spec["big"] = ("file", bytes(data), 0o644, T0 + 1)
     build(src, spec)
     d, _ = origin.publish(src)
     result = run_sync(origin, d, node, records)
-    assert result.files == 1 and result.bytes - d.manifest.size == mf.CHUNK_SIZE  # type: ignore[union-attr]
+    new = [p for p in pieces(bytes(data)) if p not in old]
+    assert 1 <= len(new) <= 2 and sum(map(len, new)) <= 2 * copyset.CDC_MAX
+    assert result.files == 1 and result.bytes - d.manifest.size == sum(map(len, new))  # type: ignore[union-attr]
     assert snapshot(node) == snapshot(src)
-    # on the node, piece 1 changes behind the sync's back (size and mtime as they were)
+    # on the node, the first piece changes behind the sync's back (size and mtime as they were)
     with open(node / "big", "r+b") as f:
         f.write(b"N" * 10)
     os.utime(node / "big", ns=(T0 + 1, T0 + 1))
-    data[5 * mf.CHUNK_SIZE : 5 * mf.CHUNK_SIZE + 3] = b"RRR"  # and the release changes piece 6
+    old = pieces(bytes(data))
+    data[5 * mf.CHUNK_SIZE : 5 * mf.CHUNK_SIZE + 3] = b"RRR"  # and the release changes another
     spec["big"] = ("file", bytes(data), 0o644, T0 + 2)
     build(src, spec)
     d, _ = origin.publish(src)
     result = run_sync(origin, d, node, records)
-    assert result.files == 1 and result.bytes - d.manifest.size == 2 * mf.CHUNK_SIZE  # type: ignore[union-attr]
+    now = pieces(bytes(data))
+    fetched = [p for p in now if p not in old] + [now[0]]
+    assert result.files == 1 and result.bytes - d.manifest.size == sum(map(len, fetched))  # type: ignore[union-attr]
     assert snapshot(node) == snapshot(src)
+
+
+def test_an_insertion_into_a_big_file_moves_about_what_rsync_moves(origin: Origin, tmp_path: Path) -> None:
+    """P4's big file, smaller: 1 MiB inserted into a 16 MiB file off any piece's boundary.
+    The sync moves (new pieces and the manifest) at most 1.2 times what rsync's delta transfer
+    moves for the same change (rsync run for real, over a pipe, its --stats)."""
+    rng = random.Random(11)
+    src, node, mirror = tmp_path / "src", tmp_path / "node", tmp_path / "rsync"
+    records = sync.Records(tmp_path / "state")
+    data = rng.randbytes(16 << 20)
+    spec: Spec = {"big": ("file", data, 0o644, T0)}
+    build(src, spec)
+    d, raw = origin.publish(src)
+    run_sync(origin, d, node, records)
+    assert rsync_received(src, mirror) > len(data)
+    at = len(data) // 2 + 12_345
+    data = data[:at] + rng.randbytes(1 << 20) + data[at:]
+    spec["big"] = ("file", data, 0o644, T0 + 1)
+    build(src, spec)
+    before = raw
+    d, raw = origin.publish(src)
+    d = Directory(**{**d.__dict__, "deltas": tuple(make_deltas_from(origin.store, before, raw))})
+    result = run_sync(origin, d, node, records)
+    assert result.manifest == "delta"
+    assert snapshot(node) == snapshot(src)
+    by_rsync = rsync_received(src, mirror)
+    assert snapshot(mirror) == snapshot(src)
+    assert (1 << 20) < result.bytes <= 1.2 * by_rsync, (result.bytes, by_rsync)
+
+
+def rsync_received(src: Path, dest: Path) -> int:
+    """``rsync -a`` from ``src`` to ``dest`` as a remote transfer (its delta algorithm; a
+    local copy would send whole files), through a pipe: bytes the receiving side got."""
+    shell = dest.parent / "rsh"
+    shell.write_text('#!/bin/sh\nshift\nexec "$@"\n')  # rsync's "remote shell": drop the host
+    shell.chmod(0o755)
+    out = subprocess.run(
+        ["rsync", "-a", "--stats", "-e", str(shell), f"pipe:{src}/", f"{dest}/"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    match = re.search(r"^Total bytes received: ([\d,]+)$", out, re.M)
+    assert match, out
+    return int(match.group(1).replace(",", ""))
 
 
 def test_a_kept_manifest_that_is_no_regular_file_is_not_read(tmp_path: Path) -> None:

@@ -10,12 +10,13 @@ import shutil
 import stat
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from slim.agent.tree import Entry, scan
-from slim.agent.unpack import UnsafeEntry, copy_tree, extract_archive, extract_tar
+from slim.agent.tree import FILE, Entry, scan
+from slim.agent.unpack import TreeWriter, UnsafeEntry, copy_tree, extract_archive, extract_tar
 from slim.core.build import copyset
 
 ROOT = os.geteuid() == 0
@@ -359,3 +360,30 @@ def test_a_header_number_is_octal_digits_only(places: tuple[Path, Path], size: b
     raw[at + 148 : at + 155] = f"{sum(raw[at : at + 512]):06o}\0".encode()
     with pytest.raises(UnsafeEntry, match="is not a number"):
         extract_archive(io.BytesIO(bytes(raw)), places[0], fresh=True)
+
+
+@pytest.mark.parametrize("same_fs", [True, False], ids=["renamed", "copied-across-file-systems"])
+def test_a_whole_fetched_file_is_moved_into_place(tmp_path: Path, same_fs: bool) -> None:
+    """TreeWriter.add(source=...): the fetched file gets the entry's metadata and is renamed
+    over what was there; from another file system (/dev/shm, tmpfs) it is copied instead."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").symlink_to(tmp_path / "outside")  # what was there is replaced, not followed
+    fd, name = tempfile.mkstemp(dir=tmp_path if same_fs else "/dev/shm")
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            f.write(b"fetched")
+            f.flush()
+            with TreeWriter(tree) as w:
+                w.add(
+                    Entry("f", FILE, 0o640, os.getuid(), os.getgid(), 1_700_000_000_123_456_789, 7),
+                    f,
+                    source=name,
+                )
+                w.finish()
+        st = os.lstat(tree / "f")
+        assert stat.S_ISREG(st.st_mode) and (tree / "f").read_bytes() == b"fetched"
+        assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_mtime_ns == 1_700_000_000_123_456_789
+        assert os.path.exists(name) is not same_fs and not (tmp_path / "outside").exists()
+    finally:
+        Path(name).unlink(missing_ok=True)

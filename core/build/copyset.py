@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
+from pyfastcdc import FastCDC
 
-from slim.agent.manifest import CHUNK_SIZE, CHUNKED_ABOVE, ManifestEntry
+from slim.agent.manifest import CHUNKED_ABOVE, ManifestEntry
 from slim.agent.tree import BLK, CHR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry
 from slim.errors import FailedPrecondition
 
@@ -71,49 +72,64 @@ def tarinfo(entry: Entry) -> tarfile.TarInfo:
     return ti
 
 
+# Content-defined pieces of big files (FastCDC, pyfastcdc): a boundary depends only on
+# the bytes just before it, so an insertion or a deletion moves the boundaries near it
+# and no others, and a node re-fetches only the pieces around a change.  Pieces are
+# 16-256 KiB, about 64 KiB on average (pyfastcdc's average is avg_size + min_size).
+# Fixed settings (seed 0): same file, same pieces; the manifest names every piece's
+# size, so the agent needs none of this.
+CDC_MIN = 16 << 10
+CDC_AVG = 48 << 10
+CDC_MAX = 256 << 10
+
+
+def chunker() -> FastCDC:
+    return FastCDC(CDC_AVG, min_size=CDC_MIN, max_size=CDC_MAX, normalized_chunking=1, seed=0)
+
+
 class _HashingReader:
-    """Reads a file for tarfile while hashing it whole and in chunks."""
+    """Reads a file for tarfile (``read(n)`` gives exactly ``n`` bytes until the end) while
+    hashing it whole and, when it is big, in content-defined pieces."""
 
     def __init__(self, f: BinaryIO, entry: Entry) -> None:
         self.f = f
         self.entry = entry
-        size = entry.size
         self.whole = hashlib.sha256()
-        self.chunked = size > CHUNKED_ABOVE
         self.chunks: list[str] = []
         self.sizes: list[int] = []
-        self._chunk = hashlib.sha256()
-        self._in_chunk = 0
         self.read_bytes = 0
+        self._pieces = chunker().cut_stream(f) if entry.size > CHUNKED_ABOVE else None
+        self._buf = memoryview(b"")
 
     def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n if n >= 0 else READ_CHUNK)
-        self.update(data)
-        return data
+        if n < 0:
+            n = READ_CHUNK
+        if self._pieces is None:
+            data = self.f.read(n)
+            self.whole.update(data)
+            self.read_bytes += len(data)
+            return data
+        out: list[memoryview] = []
+        while n > 0:
+            if not self._buf:
+                piece = next(self._pieces, None)
+                if piece is None:
+                    break
+                self._buf = memoryview(self._take(bytes(piece.data)))
+            part = self._buf[:n]
+            out.append(part)
+            n -= len(part)
+            self._buf = self._buf[len(part) :]
+        return b"".join(out)
 
-    def update(self, data: bytes) -> None:
+    def _take(self, data: bytes) -> bytes:
         self.whole.update(data)
         self.read_bytes += len(data)
-        if not self.chunked:
-            return
-        view = memoryview(data)
-        while view:
-            take = min(len(view), CHUNK_SIZE - self._in_chunk)
-            self._chunk.update(view[:take])
-            self._in_chunk += take
-            view = view[take:]
-            if self._in_chunk == CHUNK_SIZE:
-                self._close_chunk()
-
-    def _close_chunk(self) -> None:
-        self.chunks.append(self._chunk.hexdigest())
-        self.sizes.append(self._in_chunk)
-        self._chunk = hashlib.sha256()
-        self._in_chunk = 0
+        self.chunks.append(hashlib.sha256(data).hexdigest())
+        self.sizes.append(len(data))
+        return data
 
     def finish(self) -> ManifestEntry:
-        if self.chunked and self._in_chunk:
-            self._close_chunk()
         return ManifestEntry(self.entry, self.whole.hexdigest(), tuple(self.chunks), tuple(self.sizes))
 
 
@@ -167,9 +183,9 @@ def _pass(
             if tf is not None:
                 tf.addfile(tarinfo(entry), reader)
             else:
-                while chunk := f.read(READ_CHUNK):
-                    reader.update(chunk)
-            if reader.read_bytes != entry.size or f.read(1):
+                while reader.read(READ_CHUNK):
+                    pass
+            if reader.read_bytes != entry.size or reader.read(1) or f.read(1):
                 raise _changed(entry)
         out.append(reader.finish())
         done += entry.size

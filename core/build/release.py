@@ -349,8 +349,8 @@ def _store_files(store: Store, root: Path, items: list[mf.ManifestEntry]) -> int
             count += 1
             continue
         with open(path, "rb", opener=nofollow) as f:
-            for chunk_hex in item.chunks:
-                data = f.read(mf.CHUNK_SIZE)
+            for chunk_hex, size in mf.parts(item):
+                data = f.read(size)
                 if not store.has(f"sha256:{chunk_hex}"):
                     ref = store.put_bytes(data)
                     if ref.digest != f"sha256:{chunk_hex}":
