@@ -434,5 +434,34 @@ def _error_text(data: bytes) -> str:
     return data[:200].decode("utf-8", "replace").strip()
 
 
+_ascii_idna = False
+
+
+def ascii_host_names() -> None:
+    """Let sockets resolve ASCII host names where Python has no "idna" codec.
+
+    The socket module encodes every host name with that codec (IP addresses too), and
+    the standard one needs ``unicodedata``, which the initrd's interpreter leaves out
+    (slim.core.build.smallpython).  ASCII names need none of IDNA's mapping (its
+    ToASCII passes them through), so this search function, consulted only after the
+    standard library's found nothing, passes them through and refuses the others."""
+    global _ascii_idna
+    if _ascii_idna:
+        return
+    _ascii_idna = True
+    import codecs
+
+    def encode(text: str, errors: str = "strict") -> tuple[bytes, int]:
+        if not text.isascii():
+            raise UnicodeError(f"{text!r}: only ASCII host names can be used here (no IDNA codec)")
+        return text.encode("ascii"), len(text)
+
+    def decode(data: bytes, errors: str = "strict") -> tuple[str, int]:
+        return bytes(data).decode("ascii"), len(data)
+
+    info = codecs.CodecInfo(encode, decode, name="idna")  # type: ignore[arg-type]
+    codecs.register(lambda name: info if name == "idna" else None)
+
+
 def now() -> float:
     return time.time()

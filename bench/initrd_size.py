@@ -7,7 +7,9 @@ how fast the agent starts from it — side by side in one run.
 
 Initrds of the agent's runtime, built as ``slim ee build`` builds them (core/build/agentrt.py's
 ``collect`` and ``add_runtime``, :class:`slim.core.build.initrd.InitrdBuilder`'s zstd -19 with
-the whole archive in one window) from this machine's files:
+the whole archive in one window) from this machine's files, with Python linked without the
+built-in modules the agent never uses (core/build/smallpython.py), as the build does; and the
+same with Debian's ``python3.11`` as it is, for comparison (in sizes, start-up and the VM):
 
 - **without the verifier**: no ``signify-openbsd`` (such an initrd refuses every plan; it
   is only the baseline);
@@ -397,11 +399,16 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     ca = CertificateAuthority.init(tmp / "ca").cert_pem
     kernel = kernel_modules(args.kernel_deb, tmp)
     modules = None if kernel is None else (kernel[0], kernel[1])
+    small = default_cache_dir()  # Python linked without what the agent never uses, as the build does
     variants: dict[str, Runtime] = {
-        "without_verifier": collect(signify=None),
-        "with_verifier": collect(),
-        "with_verifier_and_ssl": collect(https=True),
+        "without_verifier": collect(signify=None, small_python=small),
+        "with_verifier": collect(small_python=small),
+        "with_verifier_and_ssl": collect(https=True, small_python=small),
+        "with_verifier_debian_python": collect(),  # before: Debian's interpreter as it is
     }
+    for runtime in variants.values():
+        if runtime.warnings:
+            raise SystemExit(f"the runtime is not the build's: {runtime.warnings}")
     for name, runtime in variants.items():
         runtime.trust([key])
         if name == "with_verifier_and_ssl":
@@ -409,6 +416,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     archives = {name: builder(rt) for name, rt in variants.items()}
     if modules is not None:
         archives["with_verifier_and_modules"] = builder(variants["with_verifier"], modules)
+        archives["with_verifier_and_modules_debian_python"] = builder(
+            variants["with_verifier_debian_python"], modules
+        )
     results: dict[str, Any] = {
         "benchmark": "the agent's initrd: its parts, the verifier and ssl, compression, start-up",
         "command": " ".join(["python", "bench/initrd_size.py", *sys.argv[1:]]),
@@ -441,6 +451,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     for what, before, after in (
         ("verifier", "without_verifier", "with_verifier"),
         ("ssl", "with_verifier", "with_verifier_and_ssl"),
+        ("debian_python", "with_verifier", "with_verifier_debian_python"),  # what the small one saves
     ):
         a, b = results["initrds"][before], results["initrds"][after]
         old, new = sizes(variants[before]), sizes(variants[after])
@@ -476,6 +487,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     forms = {
         "bytecode (the build)": variants["with_verifier"],
         "sources": with_sources(variants["with_verifier"]),
+        "bytecode, Debian's python3.11": variants["with_verifier_debian_python"],
     }
     if os.geteuid() == 0 and shutil.which("cpio") and shutil.which("chroot"):
         roots = {name: unpacked(builder(rt), tmp / f"root-{i}") for i, (name, rt) in enumerate(forms.items())}
@@ -502,6 +514,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "bytecode, zstd -19 own 8 MiB window": zstd_own_window(the_build),
             "bytecode, xz": xz(the_build),
             "sources, zstd -19 whole window": zstd_whole(cpio(builder(forms["sources"], modules, init))),
+            "bytecode, Debian's python3.11, zstd -19 whole window": zstd_whole(
+                cpio(builder(forms["bytecode, Debian's python3.11"], modules, init))
+            ),
         }
         images = {}
         for i, (name, packed_image) in enumerate(packs.items()):

@@ -38,6 +38,7 @@ from slim.agent.tree import scan
 from slim.cli import main as cli_main
 from slim.core.build import copyset
 from slim.core.build.agentrt import Runtime, add_runtime, collect
+from slim.core.build.image import default_cache_dir
 from slim.core.build.initrd import InitrdBuilder
 from slim.core.build.release import build_environment
 from slim.core.control.plandoc import plan_document
@@ -474,7 +475,8 @@ async def test_unknown_node_is_a_clear_error(
 def unpack_initrd(tmp_path: Path, trust: Path, ca: Path | None = None) -> Path:
     """The agent's runtime as an initrd, unpacked; with ``ca``: with ssl and that CA."""
     builder = InitrdBuilder()
-    runtime = collect(https=ca is not None)
+    runtime = collect(https=ca is not None, small_python=default_cache_dir())  # as slim ee build
+    assert runtime.warnings == []
     runtime.trust([PublicKey.from_text(trust.read_text())])
     if ca is not None:
         runtime.trust_ca(ca.read_bytes())

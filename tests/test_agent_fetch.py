@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -398,3 +401,38 @@ def test_an_https_relay_without_the_ca_fails_before_connecting(tmp_path: Path) -
     relays = Relays(["https://127.0.0.1:1"], ca=tmp_path / "missing.pem")
     with pytest.raises(FetchError, match=r"SLIM's CA certificate .*missing\.pem cannot be read"):
         relays.stream(REF, lambda _: None)
+
+
+_NO_UNICODEDATA = """
+import sys
+sys.modules["unicodedata"] = None  # as in the initrd's Python (slim.core.build.smallpython)
+import socket
+try:
+    socket.getaddrinfo("127.0.0.1", 1)
+except LookupError as exc:
+    print("before:", exc)
+from slim.agent.fetch import ascii_host_names
+ascii_host_names()
+ascii_host_names()  # once is enough; twice changes nothing
+print("after:", socket.getaddrinfo("127.0.0.1", 1, type=socket.SOCK_STREAM)[0][4])
+try:
+    socket.getaddrinfo("bücher.example", 1)
+except UnicodeError as exc:
+    print("refused:", exc)
+"""
+
+
+def test_without_unicodedata_ascii_host_names_still_resolve() -> None:
+    """The socket module encodes every host name (IP addresses too) with the "idna" codec,
+    which needs unicodedata; the agent's own passes ASCII names and refuses the rest."""
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", _NO_UNICODEDATA],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert proc.stdout.splitlines() == [
+        "before: unknown encoding: idna",
+        "after: ('127.0.0.1', 1)",
+        "refused: encoding with 'idna' codec failed (UnicodeError: 'bücher.example': only ASCII host"
+        " names can be used here (no IDNA codec))",
+    ]

@@ -16,9 +16,11 @@ import subprocess
 import zipfile
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from slim.core.build import smallpython
 from slim.core.build.agentrt import (
     AGENT_DIR,
     AGENT_ROOT,
@@ -29,6 +31,7 @@ from slim.core.build.agentrt import (
     collect,
     stored_zip,
 )
+from slim.core.build.image import default_cache_dir
 from slim.core.build.initrd import CpioArchive
 from slim.errors import FailedPrecondition
 from slim.signing import SigningKey
@@ -39,8 +42,11 @@ PYC_HEADER = 16  # magic, flags, source hash (PEP 552)
 
 @cache
 def runtime() -> Runtime:
+    """The runtime as `slim ee build` collects it: Python linked small, in SLIM's cache."""
     need(PYTHON.exists() and shutil.which("ldd") is not None, "Debian's python3 and ldd")
-    return collect()
+    rt = collect(small_python=default_cache_dir())
+    assert rt.warnings == []  # ./run installs gcc and python3-dev
+    return rt
 
 
 @cache
@@ -100,10 +106,56 @@ def test_the_agent_has_its_bytecode_beside_its_sources() -> None:
 
 def test_collect_gives_the_same_bytes_twice() -> None:
     first = runtime()
-    second = collect()
+    second = collect(small_python=default_cache_dir())
     assert second.data.keys() == first.data.keys()
     assert all(second.data[k] == first.data[k] for k in first.data)
     assert second.files == first.files
+
+
+FACTS = "import json, sys; print(json.dumps([sys.version, sys.builtin_module_names]))"
+
+
+def test_the_initrds_python_is_debians_without_what_the_agent_never_uses(tmp_path: Path) -> None:
+    """Linked again from Debian's libpython3.11.a without smallpython.LEFT_OUT: the same
+    version, at Debian's path in the initrd, smaller, without libexpat; the same bytes
+    when linked again (a fresh cache), and taken from the cache the next time."""
+    rt = runtime()
+    debian = PYTHON.resolve()
+    small = rt.files[str(debian)]
+    assert small != debian and small.stat().st_size < debian.stat().st_size - 1_000_000
+    assert not any("libexpat" in p for p in rt.files)
+
+    def facts(python: Path) -> dict[str, Any]:
+        out = subprocess.run(
+            [str(python), "-S", "-I", "-c", FACTS],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout  # fmt: skip
+        version, builtins = json.loads(out)
+        return {"version": version, "builtins": set(builtins)}
+
+    mine, theirs = facts(small), facts(debian)
+    assert mine["version"] == theirs["version"]
+    assert mine["builtins"] == theirs["builtins"] - set(smallpython.LEFT_OUT)
+    again = smallpython.link(debian, tmp_path)
+    assert again != small and again.read_bytes() == small.read_bytes()
+    assert smallpython.link(debian, tmp_path) == again
+
+
+def test_without_gcc_the_initrd_takes_debians_python_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    need(PYTHON.exists() and shutil.which("ldd") is not None, "Debian's python3 and ldd")
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    for tool in ("ldd", "ar", "nm"):  # everything but gcc
+        (bare / tool).symlink_to(shutil.which(tool) or "/nonexistent")
+    monkeypatch.setenv("PATH", str(bare))
+    with pytest.raises(FailedPrecondition, match="gcc is missing on the build host"):
+        smallpython.link(PYTHON.resolve(), tmp_path / "cache")
+    rt = collect(small_python=tmp_path / "cache")
+    assert rt.files[str(PYTHON.resolve())] == PYTHON.resolve()
+    assert len(rt.warnings) == 1 and "Debian's python3.11, about 0.5 MB more" in rt.warnings[0]
+    assert "gcc is missing" in rt.warnings[0]
 
 
 def test_stored_zip_is_deterministic_and_uncompressed() -> None:
@@ -130,7 +182,9 @@ def test_byte_compile_names_the_file_that_does_not_compile(tmp_path: Path) -> No
 _CHECK = """
 import json, sys
 import slim.agent.__main__, slim.agent.ee, slim.agent.fetch, slim.agent.plan, slim.agent.medium
-import json as j, http.client
+import json as j, http.client, socket
+slim.agent.fetch.ascii_host_names()  # as the agent's main() does: no unicodedata here
+socket.getaddrinfo("127.0.0.1", 1)  # the socket module encodes every host name with "idna"
 import importlib, slim.agent
 for name in slim.agent.DEFERRED:  # what the agent imports only when it needs it is there too
     importlib.import_module(name)
@@ -141,7 +195,7 @@ for name, mod in sys.modules.items():
         loader = spec.loader if isinstance(spec.loader, type) else type(spec.loader)  # a class or an instance
         out[name] = [loader.__name__, spec.origin, spec.cached]
 print(json.dumps({"modules": out, "optimize": sys.flags.optimize, "agent_doc": slim.agent.__main__.__doc__,
-                  "json_doc": j.__doc__}))
+                  "json_doc": j.__doc__, "builtins": sys.builtin_module_names}))
 """
 
 
@@ -194,6 +248,7 @@ def test_the_unpacked_runtime_imports_the_agent_from_bytecode_only(tmp_path: Pat
             )
             if loader == "zipimporter":
                 assert origin.startswith(f"{zip_path}/"), (name, origin)
+    assert "unicodedata" not in got["builtins"] and "unicodedata" not in got["modules"]
     assert got["optimize"] == 0  # the agent's asserts hold
     assert got["agent_doc"] and got["json_doc"] is None  # the standard library's as -OO
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before  # nothing written

@@ -6,7 +6,9 @@ Python finds its standard library without configuration:
 
 - busybox (Debian's ``busybox-static``) with a link per applet the boot needs;
 - ``zstd`` and the shared libraries ``ldd`` lists for it;
-- Debian's ``python3`` binary, its libraries, and only the standard-library
+- Debian's ``python3`` linked again without the built-in modules the agent never
+  uses (:mod:`slim.core.build.smallpython`; Debian's binary itself where the build host
+  cannot link, with a warning), its libraries, and only the standard-library
   modules the agent imports — found by importing the agent with that very
   Python and listing ``sys.modules`` — plus the extension modules among them
   with their libraries.  The pure-Python ones are byte-compiled by that Python
@@ -44,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import slim.agent
+from slim.core.build import smallpython
 from slim.core.build.initrd import CpioArchive
 from slim.core.registry import Registry
 from slim.errors import FailedPrecondition
@@ -85,7 +88,10 @@ for name in slim.agent.DEFERRED:
     importlib.import_module(name)
 import encodings.utf_8, encodings.latin_1, encodings.ascii, encodings.aliases  # noqa
 import runpy, importlib.util, importlib.machinery  # noqa: python -m needs these
-import encodings.idna  # noqa: http.client encodes host names with it, lazily
+try:
+    import encodings.idna  # noqa: socket encodes host names with it, lazily
+except ImportError:
+    pass  # an interpreter without unicodedata: the agent brings an ASCII codec (fetch.ascii_host_names)
 if sys.argv[3] == "https":
     import ssl  # noqa: the agent imports it at its first https relay
     slim.agent.fetch.relay_connection()
@@ -138,6 +144,7 @@ class Runtime:
     data: dict[str, bytes] = field(default_factory=dict)  # path in the initrd -> contents
     python: str = ""
     https: bool = False  # Python's ssl and OpenSSL are in: the CA must be too (trust_ca)
+    warnings: list[str] = field(default_factory=list)  # the runtime works, but is not what it should be
 
     def add(self, path: Path, dest: str | None = None) -> None:
         self.files[dest or str(path)] = path
@@ -242,7 +249,9 @@ def registry_runtime(registry: Registry, ca_dir: Path) -> Runtime:
     Python's ssl and SLIM's CA (from ``ca_dir``, made if missing) when a relay of the
     registry has an ``https://`` URL, without them otherwise."""
     https = any(u.startswith("https:") for r in registry.relays.values() for u in r.urls)
-    runtime = collect(https=https)
+    from slim.core.build.image import default_cache_dir  # (image imports release, which imports this)
+
+    runtime = collect(https=https, small_python=default_cache_dir())
     if https:  # the agent checks https relays against SLIM's CA
         from slim.pki import CertificateAuthority
 
@@ -257,10 +266,13 @@ def collect(
     signify: Path | None = SIGNIFY,
     *,
     https: bool = False,
+    small_python: Path | None = None,
 ) -> Runtime:
     """The runtime from the build host.  ``https``: with Python's ssl and OpenSSL (give the
     CA with :meth:`Runtime.trust_ca`).  ``signify`` None leaves the plan verifier out, for
-    measuring what it adds only (bench/initrd_size.py): such an initrd refuses every plan."""
+    measuring what it adds only (bench/initrd_size.py): such an initrd refuses every plan.
+    ``small_python``: the cache where ``python`` is linked again without what the agent
+    never uses (:func:`slim.core.build.smallpython.link`); None takes ``python`` as it is."""
     rt = Runtime(https=https)
     rt.add(_require(busybox, "busybox-static"), "/bin/busybox")
     for applet in APPLETS:
@@ -269,9 +281,17 @@ def collect(
     _with_libraries(rt, _require(zstd, "zstd"))
     if signify is not None:
         _with_libraries(rt, _require(signify, "signify-openbsd"))
-    exe = _require(python, "python3").resolve()
-    _with_libraries(rt, exe)
-    rt.links["/usr/bin/python3"] = exe.name
+    debian = _require(python, "python3").resolve()
+    exe = debian
+    if small_python is not None:
+        try:
+            exe = smallpython.link(debian, small_python)
+        except FailedPrecondition as exc:
+            rt.warnings.append(f"the initrd has Debian's {debian.name}, about 0.5 MB more than needed: {exc}")
+    rt.add(exe, str(debian))  # at Debian's path: Python finds its prefix from it
+    for lib in shared_libraries(exe):
+        rt.add(lib.resolve(), str(lib))
+    rt.links["/usr/bin/python3"] = debian.name
     rt.python = "/usr/bin/python3"
     left_out = ",".join(m for m in LEFT_OUT if not (https and m in SSL_MODULES))
     mode = "https" if https else "http"

@@ -209,7 +209,7 @@ def _build(
     kernel_path = resolve_in_image(image, env.kernel)
     kver = kernel_release(image, env.kernel)
     modules = _initrd_modules(registry, image, kver)
-    warnings = kernel_warnings(image, env.kernel, kver)
+    warnings = kernel_warnings(image, env.kernel, kver) + (runtime.warnings if runtime is not None else [])
     before = store.count_objects()
     directories = registry.directories(name)
     paths = list(directories)

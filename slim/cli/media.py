@@ -166,7 +166,9 @@ def media_build(
         image = Path(env.image)
         kver = kernel_release(image, env.kernel)
         parts = fetch_parts(cache_dir or default_cache_dir())
-        runtime = collect(https=True)
+        runtime = collect(https=True, small_python=cache_dir or default_cache_dir())
+        for warning in runtime.warnings:
+            click.echo(f"warning: {warning}", err=True)
         runtime.trust(trusted)
         runtime.trust_ca(CertificateAuthority.load(ca_dir).cert_pem)  # the relays' CA: never a new one
         out.parent.mkdir(parents=True, exist_ok=True)

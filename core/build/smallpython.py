@@ -1,0 +1,141 @@
+"""The initrd's Python interpreter, linked without what the agent never uses.
+
+Debian's ``python3.11`` has about sixty modules built in (its ``config.c``), linked
+from its static ``libpython3.11.a``.  A few of them are large and nothing the agent
+runs imports them: ``unicodedata`` alone, the Unicode database, is 1.1 MB of the
+6.8 MB binary, and ``pyexpat`` brings ``libexpat``.  :func:`link` links the same
+interpreter again, from the same objects of Debian's ``libpython3.11-dev`` with the
+flags Python was linked with, leaving out the modules in :data:`LEFT_OUT`: the same
+code as ``/usr/bin/python3.11`` for everything else, about 0.5 MB less in the
+compressed initrd (docs/benchmarks/, initrd size).
+
+The agent copes with what is gone: the socket module's host-name codec, ``idna``,
+needs ``unicodedata``; the agent registers an ASCII one in its place
+(:func:`slim.agent.fetch.ascii_host_names`).  What the agent imports is found by
+importing it with this interpreter (:mod:`slim.core.build.agentrt`), so a module it
+needed and lost fails the build, naming it.
+
+Needs on the build host: ``gcc`` and binutils, and Debian's ``python3-dev`` (for
+``libpython3.11.a`` and ``config.c``).  The result is cached in SLIM's cache under a
+key of its inputs; without those packages :func:`link` raises
+:class:`~slim.errors.FailedPrecondition` saying what is missing, and the initrd
+takes Debian's binary (agentrt says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from slim.errors import FailedPrecondition
+
+# Built into Debian's interpreter, imported by nothing the agent runs (the build checks
+# by importing the agent with the result), and linked from objects nothing else needs.
+LEFT_OUT = (
+    "unicodedata",  # the Unicode database; only the "idna" codec and NFKC uses need it
+    "pyexpat",  # XML, with libexpat
+    "_elementtree",
+    "_pickle",  # pickle falls back to its Python implementation
+    "_csv",
+    "cmath",
+    "_statistics",
+    "_symtable",
+    "spwd",
+    "syslog",
+    "xxsubtype",  # an example module
+)
+
+_MAIN_C = '#include "Python.h"\nint main(int argc, char **argv) { return Py_BytesMain(argc, argv); }\n'
+_CONFIG = (
+    "import json, sys, sysconfig\n"
+    "v = {k: sysconfig.get_config_var(k) or '' for k in "
+    "('LIBPL', 'LIBRARY', 'INCLUDEPY', 'LINKFORSHARED', 'LIBS', 'SYSLIBS', 'MODLIBS', 'VERSION')}\n"
+    "print(json.dumps({**v, 'version': sys.version, 'builtins': list(sys.builtin_module_names)}))"
+)
+_PYINIT = re.compile(r"\.a:([^:/]+\.o):[0-9a-f]*\s+T\s+PyInit_(\w+)$")  # nm -A: LIB.a:OBJ.o:ADDR T NAME
+
+
+def _tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise FailedPrecondition(f"{name} is missing on the build host (Debian's {package} package)")
+    return path
+
+
+def _run(argv: list[str], cwd: Path | None = None) -> str:
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise FailedPrecondition(
+            f"{' '.join(argv[:3])} … failed: {(proc.stderr or proc.stdout).strip()[-800:]}"
+        )
+    return proc.stdout
+
+
+def link(python: Path, cache: Path) -> Path:
+    """The interpreter ``python`` (Debian's) linked again without :data:`LEFT_OUT`, from
+    ``cache`` when it was linked before from the same inputs."""
+    gcc, ar, nm = _tool("gcc", "gcc"), _tool("ar", "binutils"), _tool("nm", "binutils")
+    config = json.loads(_run([str(python), "-S", "-I", "-c", _CONFIG]))
+    libpl = Path(config["LIBPL"])
+    library, config_c = libpl / config["LIBRARY"], libpl / "config.c"
+    if not config["LIBRARY"].endswith(".a") or not library.is_file() or not config_c.is_file():
+        raise FailedPrecondition(
+            f"{library} or {config_c} is missing: install Debian's python3-dev package on the build host"
+        )
+    left_out = [m for m in LEFT_OUT if m in config["builtins"]]
+    key = hashlib.sha256()
+    with open(library, "rb") as f:
+        key.update(hashlib.file_digest(f, "sha256").digest())
+    key.update(config_c.read_bytes())
+    key.update(json.dumps([config, left_out, _MAIN_C, _run([gcc, "--version"])]).encode())
+    out = cache / "python" / key.hexdigest()[:32] / f"python{config['VERSION']}"
+    if out.is_file():
+        return out
+    out.parent.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent.parent, prefix=".link.") as tmp:
+        work = Path(tmp)
+        objs = work / "objs"
+        objs.mkdir()
+        # the object that defines each left-out module's PyInit_ function goes
+        defines = {}
+        for line in _run([nm, "-A", "--defined-only", str(library)]).splitlines():
+            if m := _PYINIT.search(line):
+                defines[m.group(2)] = m.group(1)
+        missing = [m for m in left_out if m not in defines]
+        if missing:
+            raise FailedPrecondition(
+                f"{library} has no object for the built-in module(s) {', '.join(missing)}"
+            )
+        _run([ar, "x", str(library)], cwd=objs)
+        for name in {defines[m] for m in left_out} | {"config.o", "python.o"}:
+            (objs / name).unlink(missing_ok=True)
+        text = config_c.read_text()
+        for module in left_out:
+            text, n = re.subn(rf"^.*\bPyInit_{module}\b.*\n", "", text, flags=re.M)
+            if n != 2:  # its declaration and its line in the table
+                raise FailedPrecondition(f"{config_c}: {module} is not built in as expected ({n} lines)")
+        (work / "config.c").write_text(text)
+        (work / "python.c").write_text(_MAIN_C)
+        cflags = ["-O2", "-fwrapv", "-fno-pie", f"-I{config['INCLUDEPY']}"]
+        _run([gcc, *cflags, "-c", "python.c", "config.c"], cwd=work)
+        libs = [*config["LIBS"].split(), *config["SYSLIBS"].split(), *config["MODLIBS"].split()]
+        linked = work / out.name
+        _run(
+            [gcc, "-no-pie", "-s", "-o", str(linked), "python.o", "config.o",
+             *sorted(str(p) for p in objs.glob("*.o")),
+             *config["LINKFORSHARED"].split(), "-Wl,--as-needed", *libs],
+            cwd=work,
+        )  # fmt: skip
+        check = json.loads(_run([str(linked), "-S", "-I", "-c", _CONFIG]))
+        if check["version"] != config["version"] or set(check["builtins"]) & set(left_out):
+            raise FailedPrecondition(f"{linked} is not {python} without {', '.join(left_out)}")
+        os.chmod(linked, 0o755)  # noqa: S103 - an executable for everyone, like /usr/bin/python3
+        out.parent.mkdir(exist_ok=True)
+        os.replace(linked, out)
+    return out
