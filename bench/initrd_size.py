@@ -8,8 +8,9 @@ how fast the agent starts from it — side by side in one run.
 Initrds of the agent's runtime, built as ``slim ee build`` builds them (core/build/agentrt.py's
 ``collect`` and ``add_runtime``, :class:`slim.core.build.initrd.InitrdBuilder`'s zstd -19 with
 the whole archive in one window) from this machine's files, with Python linked without the
-built-in modules the agent never uses (core/build/smallpython.py), as the build does; and the
-same with Debian's ``python3.11`` as it is, for comparison (in sizes, start-up and the VM):
+built-in modules the agent never uses and a decompression-only zstd (core/build/smallpython.py,
+core/build/unzstd.py), as the build does; and the same with Debian's ``python3.11`` and ``zstd``
+as they are, for comparison (in sizes, start-up and the VM):
 
 - **without the verifier**: no ``signify-openbsd`` (such an initrd refuses every plan; it
   is only the baseline);
@@ -191,7 +192,7 @@ def part(path: str) -> str:
     if name.startswith(("libc.so", "ld-linux")):
         return "libc and the loader"
     if name.startswith(("libm.so", "libz.so", "libexpat.so")):
-        return "python3's libraries (libm, libz, libexpat)"
+        return "python3's libraries (libm, libz; Debian's: libexpat)"
     if "/lib-dynload/" in path:
         return "extension modules (lib-dynload)"
     if path.startswith("usr/lib/python") and path.endswith((".zip", ".py")):
@@ -199,7 +200,7 @@ def part(path: str) -> str:
     if name == "busybox":
         return "busybox"
     if name.startswith(("zstd", "liblzma", "liblz4")):
-        return "zstd (and liblzma, liblz4)"
+        return "zstd (Debian's: and liblzma, liblz4)"
     if name.startswith(("signify", "libbsd", "libmd")):
         return "signify-openbsd (and libbsd, libmd)"
     if path.startswith(AGENT_ROOT.lstrip("/")):
@@ -399,12 +400,12 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     ca = CertificateAuthority.init(tmp / "ca").cert_pem
     kernel = kernel_modules(args.kernel_deb, tmp)
     modules = None if kernel is None else (kernel[0], kernel[1])
-    small = default_cache_dir()  # Python linked without what the agent never uses, as the build does
+    small = default_cache_dir()  # the build's own Python and zstd, as slim ee build makes them
     variants: dict[str, Runtime] = {
-        "without_verifier": collect(signify=None, small_python=small),
-        "with_verifier": collect(small_python=small),
-        "with_verifier_and_ssl": collect(https=True, small_python=small),
-        "with_verifier_debian_python": collect(),  # before: Debian's interpreter as it is
+        "without_verifier": collect(signify=None, build_cache=small),
+        "with_verifier": collect(build_cache=small),
+        "with_verifier_and_ssl": collect(https=True, build_cache=small),
+        "with_verifier_debian_binaries": collect(),  # before: Debian's python3.11 and zstd as they are
     }
     for runtime in variants.values():
         if runtime.warnings:
@@ -416,8 +417,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     archives = {name: builder(rt) for name, rt in variants.items()}
     if modules is not None:
         archives["with_verifier_and_modules"] = builder(variants["with_verifier"], modules)
-        archives["with_verifier_and_modules_debian_python"] = builder(
-            variants["with_verifier_debian_python"], modules
+        archives["with_verifier_and_modules_debian_binaries"] = builder(
+            variants["with_verifier_debian_binaries"], modules
         )
     results: dict[str, Any] = {
         "benchmark": "the agent's initrd: its parts, the verifier and ssl, compression, start-up",
@@ -451,7 +452,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     for what, before, after in (
         ("verifier", "without_verifier", "with_verifier"),
         ("ssl", "with_verifier", "with_verifier_and_ssl"),
-        ("debian_python", "with_verifier", "with_verifier_debian_python"),  # what the small one saves
+        ("debian_binaries", "with_verifier", "with_verifier_debian_binaries"),  # what the build's own save
     ):
         a, b = results["initrds"][before], results["initrds"][after]
         old, new = sizes(variants[before]), sizes(variants[after])
@@ -487,7 +488,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     forms = {
         "bytecode (the build)": variants["with_verifier"],
         "sources": with_sources(variants["with_verifier"]),
-        "bytecode, Debian's python3.11": variants["with_verifier_debian_python"],
+        "bytecode, Debian's python3.11 and zstd": variants["with_verifier_debian_binaries"],
     }
     if os.geteuid() == 0 and shutil.which("cpio") and shutil.which("chroot"):
         roots = {name: unpacked(builder(rt), tmp / f"root-{i}") for i, (name, rt) in enumerate(forms.items())}
@@ -514,8 +515,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "bytecode, zstd -19 own 8 MiB window": zstd_own_window(the_build),
             "bytecode, xz": xz(the_build),
             "sources, zstd -19 whole window": zstd_whole(cpio(builder(forms["sources"], modules, init))),
-            "bytecode, Debian's python3.11, zstd -19 whole window": zstd_whole(
-                cpio(builder(forms["bytecode, Debian's python3.11"], modules, init))
+            "bytecode, Debian's python3.11 and zstd, zstd -19 whole window": zstd_whole(
+                cpio(builder(forms["bytecode, Debian's python3.11 and zstd"], modules, init))
             ),
         }
         images = {}

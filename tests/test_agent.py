@@ -475,7 +475,7 @@ async def test_unknown_node_is_a_clear_error(
 def unpack_initrd(tmp_path: Path, trust: Path, ca: Path | None = None) -> Path:
     """The agent's runtime as an initrd, unpacked; with ``ca``: with ssl and that CA."""
     builder = InitrdBuilder()
-    runtime = collect(https=ca is not None, small_python=default_cache_dir())  # as slim ee build
+    runtime = collect(https=ca is not None, build_cache=default_cache_dir())  # as slim ee build
     assert runtime.warnings == []
     runtime.trust([PublicKey.from_text(trust.read_text())])
     if ca is not None:

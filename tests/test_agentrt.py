@@ -20,11 +20,12 @@ from typing import Any
 
 import pytest
 
-from slim.core.build import smallpython
+from slim.core.build import smallpython, unzstd
 from slim.core.build.agentrt import (
     AGENT_DIR,
     AGENT_ROOT,
     PYTHON,
+    ZSTD,
     Runtime,
     add_runtime,
     byte_compile,
@@ -44,7 +45,7 @@ PYC_HEADER = 16  # magic, flags, source hash (PEP 552)
 def runtime() -> Runtime:
     """The runtime as `slim ee build` collects it: Python linked small, in SLIM's cache."""
     need(PYTHON.exists() and shutil.which("ldd") is not None, "Debian's python3 and ldd")
-    rt = collect(small_python=default_cache_dir())
+    rt = collect(build_cache=default_cache_dir())
     assert rt.warnings == []  # ./run installs gcc and python3-dev
     return rt
 
@@ -106,7 +107,7 @@ def test_the_agent_has_its_bytecode_beside_its_sources() -> None:
 
 def test_collect_gives_the_same_bytes_twice() -> None:
     first = runtime()
-    second = collect(small_python=default_cache_dir())
+    second = collect(build_cache=default_cache_dir())
     assert second.data.keys() == first.data.keys()
     assert all(second.data[k] == first.data[k] for k in first.data)
     assert second.files == first.files
@@ -141,7 +142,15 @@ def test_the_initrds_python_is_debians_without_what_the_agent_never_uses(tmp_pat
     assert smallpython.link(debian, tmp_path) == again
 
 
-def test_without_gcc_the_initrd_takes_debians_python_and_says_so(
+def test_the_initrds_zstd_is_the_decompression_only_one() -> None:
+    """tests/test_unzstd.py checks it against Debian's; here: it is the one in the initrd,
+    and zstd's compression libraries are not."""
+    rt = runtime()
+    assert rt.files["/usr/bin/zstd"] == unzstd.build(default_cache_dir()) != ZSTD
+    assert not any(lib in p for p in rt.files for lib in ("liblzma", "liblz4"))
+
+
+def test_without_gcc_the_initrd_takes_debians_python_and_zstd_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     need(PYTHON.exists() and shutil.which("ldd") is not None, "Debian's python3 and ldd")
@@ -152,10 +161,11 @@ def test_without_gcc_the_initrd_takes_debians_python_and_says_so(
     monkeypatch.setenv("PATH", str(bare))
     with pytest.raises(FailedPrecondition, match="gcc is missing on the build host"):
         smallpython.link(PYTHON.resolve(), tmp_path / "cache")
-    rt = collect(small_python=tmp_path / "cache")
-    assert rt.files[str(PYTHON.resolve())] == PYTHON.resolve()
-    assert len(rt.warnings) == 1 and "Debian's python3.11, about 0.5 MB more" in rt.warnings[0]
-    assert "gcc is missing" in rt.warnings[0]
+    rt = collect(build_cache=tmp_path / "cache")
+    assert rt.files[str(PYTHON.resolve())] == PYTHON.resolve() and rt.files["/usr/bin/zstd"] == ZSTD
+    assert len(rt.warnings) == 2 and all("gcc is missing on the build host" in w for w in rt.warnings)
+    assert any("Debian's python3.11, about 0.5 MB more" in w for w in rt.warnings)
+    assert any("Debian's zstd, about 0.5 MB more" in w for w in rt.warnings)
 
 
 def test_stored_zip_is_deterministic_and_uncompressed() -> None:

@@ -5,7 +5,9 @@ as the nodes), at the same paths, so that binaries find their libraries and
 Python finds its standard library without configuration:
 
 - busybox (Debian's ``busybox-static``) with a link per applet the boot needs;
-- ``zstd`` and the shared libraries ``ldd`` lists for it;
+- ``zstd`` for decompression only (:mod:`slim.core.build.unzstd`; Debian's whole
+  ``zstd`` where the build host cannot compile it, with a warning) and the shared
+  libraries ``ldd`` lists for it;
 - Debian's ``python3`` linked again without the built-in modules the agent never
   uses (:mod:`slim.core.build.smallpython`; Debian's binary itself where the build host
   cannot link, with a warning), its libraries, and only the standard-library
@@ -46,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import slim.agent
-from slim.core.build import smallpython
+from slim.core.build import smallpython, unzstd
 from slim.core.build.initrd import CpioArchive
 from slim.core.registry import Registry
 from slim.errors import FailedPrecondition
@@ -251,7 +253,7 @@ def registry_runtime(registry: Registry, ca_dir: Path) -> Runtime:
     https = any(u.startswith("https:") for r in registry.relays.values() for u in r.urls)
     from slim.core.build.image import default_cache_dir  # (image imports release, which imports this)
 
-    runtime = collect(https=https, small_python=default_cache_dir())
+    runtime = collect(https=https, build_cache=default_cache_dir())
     if https:  # the agent checks https relays against SLIM's CA
         from slim.pki import CertificateAuthority
 
@@ -266,26 +268,36 @@ def collect(
     signify: Path | None = SIGNIFY,
     *,
     https: bool = False,
-    small_python: Path | None = None,
+    build_cache: Path | None = None,
 ) -> Runtime:
     """The runtime from the build host.  ``https``: with Python's ssl and OpenSSL (give the
     CA with :meth:`Runtime.trust_ca`).  ``signify`` None leaves the plan verifier out, for
     measuring what it adds only (bench/initrd_size.py): such an initrd refuses every plan.
-    ``small_python``: the cache where ``python`` is linked again without what the agent
-    never uses (:func:`slim.core.build.smallpython.link`); None takes ``python`` as it is."""
+    ``build_cache``: where the runtime's own builds are kept — ``python`` linked again
+    without what the agent never uses (:func:`slim.core.build.smallpython.link`) and a
+    decompression-only ``zstd`` (:func:`slim.core.build.unzstd.build`); where the build
+    host cannot make them, Debian's binaries, with a warning.  None takes Debian's."""
     rt = Runtime(https=https)
     rt.add(_require(busybox, "busybox-static"), "/bin/busybox")
     for applet in APPLETS:
         rt.links[f"/bin/{applet}"] = "busybox"
     rt.links["/sbin/modprobe"] = "../bin/busybox"  # where the kernel runs it to load modules on demand
-    _with_libraries(rt, _require(zstd, "zstd"))
+    zstd_exe = _require(zstd, "zstd")
+    if build_cache is not None:
+        try:
+            zstd_exe = unzstd.build(build_cache)
+        except FailedPrecondition as exc:
+            rt.warnings.append(f"the initrd has Debian's zstd, about 0.5 MB more than needed: {exc}")
+    rt.add(zstd_exe, "/usr/bin/zstd")
+    for lib in shared_libraries(zstd_exe):
+        rt.add(lib.resolve(), str(lib))
     if signify is not None:
         _with_libraries(rt, _require(signify, "signify-openbsd"))
     debian = _require(python, "python3").resolve()
     exe = debian
-    if small_python is not None:
+    if build_cache is not None:
         try:
-            exe = smallpython.link(debian, small_python)
+            exe = smallpython.link(debian, build_cache)
         except FailedPrecondition as exc:
             rt.warnings.append(f"the initrd has Debian's {debian.name}, about 0.5 MB more than needed: {exc}")
     rt.add(exe, str(debian))  # at Debian's path: Python finds its prefix from it

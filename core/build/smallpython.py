@@ -61,14 +61,16 @@ _CONFIG = (
 _PYINIT = re.compile(r"\.a:([^:/]+\.o):[0-9a-f]*\s+T\s+PyInit_(\w+)$")  # nm -A: LIB.a:OBJ.o:ADDR T NAME
 
 
-def _tool(name: str, package: str) -> str:
+def tool(name: str, package: str) -> str:
+    """The path of a build tool, or FailedPrecondition naming the Debian package it comes in."""
     path = shutil.which(name)
     if path is None:
         raise FailedPrecondition(f"{name} is missing on the build host (Debian's {package} package)")
     return path
 
 
-def _run(argv: list[str], cwd: Path | None = None) -> str:
+def run(argv: list[str], cwd: Path | None = None) -> str:
+    """A build tool's output, or FailedPrecondition with the end of what it said."""
     proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise FailedPrecondition(
@@ -80,8 +82,8 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
 def link(python: Path, cache: Path) -> Path:
     """The interpreter ``python`` (Debian's) linked again without :data:`LEFT_OUT`, from
     ``cache`` when it was linked before from the same inputs."""
-    gcc, ar, nm = _tool("gcc", "gcc"), _tool("ar", "binutils"), _tool("nm", "binutils")
-    config = json.loads(_run([str(python), "-S", "-I", "-c", _CONFIG]))
+    gcc, ar, nm = tool("gcc", "gcc"), tool("ar", "binutils"), tool("nm", "binutils")
+    config = json.loads(run([str(python), "-S", "-I", "-c", _CONFIG]))
     libpl = Path(config["LIBPL"])
     library, config_c = libpl / config["LIBRARY"], libpl / "config.c"
     if not config["LIBRARY"].endswith(".a") or not library.is_file() or not config_c.is_file():
@@ -93,7 +95,7 @@ def link(python: Path, cache: Path) -> Path:
     with open(library, "rb") as f:
         key.update(hashlib.file_digest(f, "sha256").digest())
     key.update(config_c.read_bytes())
-    key.update(json.dumps([config, left_out, _MAIN_C, _run([gcc, "--version"])]).encode())
+    key.update(json.dumps([config, left_out, _MAIN_C, run([gcc, "--version"])]).encode())
     out = cache / "python" / key.hexdigest()[:32] / f"python{config['VERSION']}"
     if out.is_file():
         return out
@@ -104,7 +106,7 @@ def link(python: Path, cache: Path) -> Path:
         objs.mkdir()
         # the object that defines each left-out module's PyInit_ function goes
         defines = {}
-        for line in _run([nm, "-A", "--defined-only", str(library)]).splitlines():
+        for line in run([nm, "-A", "--defined-only", str(library)]).splitlines():
             if m := _PYINIT.search(line):
                 defines[m.group(2)] = m.group(1)
         missing = [m for m in left_out if m not in defines]
@@ -112,7 +114,7 @@ def link(python: Path, cache: Path) -> Path:
             raise FailedPrecondition(
                 f"{library} has no object for the built-in module(s) {', '.join(missing)}"
             )
-        _run([ar, "x", str(library)], cwd=objs)
+        run([ar, "x", str(library)], cwd=objs)
         for name in {defines[m] for m in left_out} | {"config.o", "python.o"}:
             (objs / name).unlink(missing_ok=True)
         text = config_c.read_text()
@@ -123,16 +125,16 @@ def link(python: Path, cache: Path) -> Path:
         (work / "config.c").write_text(text)
         (work / "python.c").write_text(_MAIN_C)
         cflags = ["-O2", "-fwrapv", "-fno-pie", f"-I{config['INCLUDEPY']}"]
-        _run([gcc, *cflags, "-c", "python.c", "config.c"], cwd=work)
+        run([gcc, *cflags, "-c", "python.c", "config.c"], cwd=work)
         libs = [*config["LIBS"].split(), *config["SYSLIBS"].split(), *config["MODLIBS"].split()]
         linked = work / out.name
-        _run(
+        run(
             [gcc, "-no-pie", "-s", "-o", str(linked), "python.o", "config.o",
              *sorted(str(p) for p in objs.glob("*.o")),
              *config["LINKFORSHARED"].split(), "-Wl,--as-needed", *libs],
             cwd=work,
         )  # fmt: skip
-        check = json.loads(_run([str(linked), "-S", "-I", "-c", _CONFIG]))
+        check = json.loads(run([str(linked), "-S", "-I", "-c", _CONFIG]))
         if check["version"] != config["version"] or set(check["builtins"]) & set(left_out):
             raise FailedPrecondition(f"{linked} is not {python} without {', '.join(left_out)}")
         os.chmod(linked, 0o755)  # noqa: S103 - an executable for everyone, like /usr/bin/python3

@@ -166,7 +166,7 @@ def media_build(
         image = Path(env.image)
         kver = kernel_release(image, env.kernel)
         parts = fetch_parts(cache_dir or default_cache_dir())
-        runtime = collect(https=True, small_python=cache_dir or default_cache_dir())
+        runtime = collect(https=True, build_cache=cache_dir or default_cache_dir())
         for warning in runtime.warnings:
             click.echo(f"warning: {warning}", err=True)
         runtime.trust(trusted)

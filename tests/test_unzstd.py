@@ -1,0 +1,134 @@
+"""The initrd's decompression-only zstd (core/build/unzstd.c, slim.core.build.unzstd):
+the same bytes as Debian's zstd for what the agent gives it — SLIM's archives, zstd's own
+frames, several frames, deltas made with --patch-from — and a clear error, never a crash,
+for anything else: damaged or cut input, options it does not take, random bytes."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from slim.core.build import unzstd
+from slim.core.build.copyset import compressor
+from slim.core.build.image import default_cache_dir
+from tests.support import need, need_tool
+
+
+@cache
+def tool() -> Path:
+    need(shutil.which("gcc") is not None, "gcc (./run installs it)")
+    return unzstd.build(default_cache_dir())
+
+
+def run(data: bytes, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([str(tool()), *args], input=data, capture_output=True, timeout=60, check=False)
+
+
+def debian(data: bytes, *args: str) -> bytes:
+    zstd = need_tool("zstd")
+    return subprocess.run([zstd, *args], input=data, capture_output=True, timeout=60, check=True).stdout
+
+
+def sample(size: int, seed: int) -> bytes:
+    """Half text-like (compressible), half random."""
+    rng = random.Random(seed)
+    words = [rng.randbytes(rng.randint(2, 9)).hex().encode() for _ in range(300)]
+    text = b" ".join(rng.choice(words) for _ in range(size // 12))[: size // 2]
+    return text + rng.randbytes(size - len(text))
+
+
+def slim_archive(data: bytes) -> bytes:
+    """Compressed as SLIM's copy sets are (slim.core.build.copyset.compressor: checksum, threads)."""
+    out = io.BytesIO()
+    with compressor(3).stream_writer(out, closefd=False) as w:
+        w.write(data)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("size", [0, 1, 100_000, 3_000_000])
+def test_it_gives_what_debians_zstd_gives(size: int) -> None:
+    data = sample(size, size)
+    inputs = {
+        "SLIM's archive": slim_archive(data),
+        "zstd -19": debian(data, "-19", "-c", "-q"),
+        "zstd -1 --no-check": debian(data, "-1", "--no-check", "-c", "-q"),
+        "two frames": slim_archive(data) + debian(data[::-1], "-3", "-c", "-q"),
+    }
+    for name, packed in inputs.items():
+        got = run(packed, "-dcq")
+        assert got.returncode == 0 and got.stderr == b"", (name, got.stderr)
+        assert got.stdout == debian(packed, "-dcq"), name
+
+
+def test_a_delta_is_applied_to_its_reference(tmp_path: Path) -> None:
+    """What slim.agent.sync runs to rebuild a manifest from its delta (core/build/deltas.py)."""
+    old = sample(2_000_000, 1)
+    new = old[:700_000] + b"changed" * 1000 + old[700_500:]
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(new)
+    delta = debian(b"", "-3", "-c", "-q", f"--patch-from={tmp_path / 'old'}", str(tmp_path / "new"))
+    assert len(delta) < 50_000
+    got = run(delta, "-dcq", f"--patch-from={tmp_path / 'old'}")
+    assert got.returncode == 0 and got.stdout == new, got.stderr
+    (tmp_path / "other").write_bytes(sample(2_000_000, 2))  # the wrong reference: refused
+    wrong = run(delta, "-dcq", f"--patch-from={tmp_path / 'other'}")
+    assert wrong.returncode == 1 and wrong.stdout != new
+    missing = run(delta, "-dcq", f"--patch-from={tmp_path / 'gone'}")
+    assert missing.returncode == 1 and b"gone: No such file or directory" in missing.stderr
+
+
+def test_damaged_or_cut_input_is_an_error() -> None:
+    packed = bytearray(slim_archive(sample(500_000, 3)))
+    cut = run(bytes(packed[: len(packed) // 2]), "-dcq")
+    assert cut.returncode == 1 and cut.stderr.startswith(b"zstd: standard input: "), cut.stderr
+    packed[len(packed) // 2] ^= 0x55
+    damaged = run(bytes(packed), "-dcq")
+    assert damaged.returncode == 1 and damaged.stderr.startswith(b"zstd: standard input: "), damaged.stderr
+    assert run(b"not zstd at all", "-dcq").returncode == 1
+    empty = run(b"", "-dcq")
+    assert empty.returncode == 1 and b"no zstd frame" in empty.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        ((), b"only -d is supported"),
+        (("-c",), b"only -d is supported"),
+        (("-z",), b"-z: unknown option"),
+        (("-dcq", "file.zst"), b"file.zst: unknown argument"),
+        (("-d", "--long=31"), b"--long=31: unknown argument"),
+        (("-d", "--patch-from="), b"--patch-from=: unknown argument"),
+    ],
+)
+def test_options_it_does_not_take_are_refused_by_name(args: tuple[str, ...], says: bytes) -> None:
+    got = run(slim_archive(b"x"), *args)
+    assert got.returncode == 1 and got.stdout == b"" and says in got.stderr, got.stderr
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096), st.integers(min_value=0, max_value=3))
+def test_random_input_never_crashes_it(junk: bytes, where: int) -> None:
+    """Bytes made up, or a real frame with made-up bytes in it: 0 or 1, never a signal."""
+    if where:
+        frame = bytearray(slim_archive(sample(20_000, where)))
+        at = len(frame) * where // 4
+        frame[at : at + len(junk)] = junk
+        junk = bytes(frame)
+    got = run(junk, "-dcq")
+    assert got.returncode in (0, 1), (got.returncode, got.stderr)
+    assert got.returncode == 0 or got.stderr.startswith(b"zstd: ")
+
+
+def test_it_is_built_once_per_source_and_library(tmp_path: Path) -> None:
+    first = unzstd.build(tmp_path)
+    assert unzstd.build(tmp_path) == first and first.read_bytes() == tool().read_bytes()
+    assert os.access(first, os.X_OK)
