@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PIN_REFRESH = 60.0  # seconds between pin recomputations while the releases stay the same
+PROGRESS_EVERY = 0.5  # seconds between early heartbeats that carry a prefetch's progress
 
 
 async def _parse(source: CachingSource, hexdigest: str, parse: Callable[[bytes], T]) -> T:
@@ -148,7 +149,10 @@ class Warmer:
             for w in unique:
                 queue.put_nowait(w)
 
+            said = time.monotonic()
+
             async def worker() -> None:
+                nonlocal said
                 while not queue.empty():
                     w = queue.get_nowait()
                     size, fetched = await self.source.ensure(w.hex)
@@ -156,7 +160,9 @@ class Warmer:
                     status.bytes_done += size
                     if fetched or w.hex in fetched_here:
                         status.bytes_fetched += size
-                    self.poke()
+                    if time.monotonic() - said >= PROGRESS_EVERY:  # not a beat per object
+                        said = time.monotonic()
+                        self.poke()
 
             await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(unique)) or 1)))
             log.info(
