@@ -34,7 +34,7 @@ from slim.agent import cache, report_up
 from slim.agent import secrets as node_secrets
 from slim.agent.cache import LocalObjects
 from slim.agent.ee import STATE_DIR, BootFailed, Builder, Reporter, switch_root
-from slim.agent.fetch import CA_FILE, FetchError, Relays, ascii_host_names, now
+from slim.agent.fetch import CA_FILE, FetchError, Relays, now
 from slim.agent.plan import (
     TOKEN_FILE,
     BootArgs,
@@ -81,7 +81,6 @@ def open_cache(
 def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | None = None) -> int:
     """The agent; ``observe(stage, boot_id)`` is called at each boot event (for a lab that
     runs the agent in its own process)."""
-    ascii_host_names()  # the initrd's Python has no IDNA codec (slim.core.build.smallpython)
     ap = argparse.ArgumentParser(prog="slim-agent", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cmdline", type=Path, default=Path("/proc/cmdline"), help="kernel command line file")
     ap.add_argument("--node", help="node name (instead of slim.node on the command line)")

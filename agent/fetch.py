@@ -30,6 +30,7 @@ A relay that fails the check counts as a failed relay, and the agent says why.
 
 from __future__ import annotations
 
+import codecs
 import email.utils  # (http.client imports it anyway)
 import functools
 import hashlib
@@ -247,6 +248,10 @@ class Relays:
         SLIM's CA certificate, which https relays' certificates must chain to."""
         if not urls:
             raise FetchError("no relay to ask")
+        for url in urls:
+            if not url.isascii():  # (urllib needs unicodedata for such names: not in the initrd)
+                raise FetchError(f"relay URL {url!r}: host names must be ASCII (IDNA ones as xn--)")
+        ascii_host_names()  # the initrd's Python has no "idna" codec (slim.core.build.smallpython)
         if not deadline > 0:
             raise FetchError(f"the boot deadline must be a positive number of seconds, not {deadline!r}")
         self.urls = [u.rstrip("/") for u in urls]
@@ -443,13 +448,14 @@ def ascii_host_names() -> None:
     The socket module encodes every host name with that codec (IP addresses too), and
     the standard one needs ``unicodedata``, which the initrd's interpreter leaves out
     (slim.core.build.smallpython).  ASCII names need none of IDNA's mapping (its
-    ToASCII passes them through), so this search function, consulted only after the
-    standard library's found nothing, passes them through and refuses the others."""
+    ToASCII passes them through unchanged; it also refuses empty and over-long labels,
+    which this leaves to the resolver), so this search function, consulted only after
+    the standard library's found nothing, passes them through and refuses the others.
+    Every :class:`Relays` calls it: all the agent's connections start there."""
     global _ascii_idna
     if _ascii_idna:
         return
     _ascii_idna = True
-    import codecs
 
     def encode(text: str, errors: str = "strict") -> tuple[bytes, int]:
         if not text.isascii():

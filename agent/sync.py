@@ -600,5 +600,10 @@ class _TempFile:
         self.close()
 
     def close(self) -> None:
+        try:  # still ours at that name (not moved into the tree: TreeWriter.add's source)
+            mine = os.path.samestat(os.fstat(self.file.fileno()), os.lstat(self.path))
+        except (OSError, ValueError):
+            mine = False
         self.file.close()
-        self.path.unlink(missing_ok=True)
+        if mine:
+            self.path.unlink(missing_ok=True)

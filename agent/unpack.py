@@ -266,6 +266,15 @@ class TreeWriter:
         fd = data.fileno()
         if os.fstat(fd).st_size != entry.size:
             raise UnsafeEntry(entry.path, f"{os.fstat(fd).st_size} bytes where {entry.size} were expected")
+        want = {key for key, _ in entry.xattrs}
+        for key in os.listxattr(fd):  # what the file got where it was made (a default ACL, a label)
+            if key not in want:
+                try:
+                    os.removexattr(fd, key)
+                except OSError as exc:
+                    self.stats.xattr_failures += 1
+                    if len(self.xattr_errors) < 20:
+                        self.xattr_errors.append(f"{entry.path}: {key}: {exc.strerror}")
         self._fd_meta(fd, entry)
         try:
             os.rename(source, name, dst_dir_fd=pfd)

@@ -80,6 +80,8 @@ def normalize_dir(value: str) -> str:
 def _check_url(value: str) -> str:
     """A relay's base URL: ``http://`` (iPXE and PXE on a LAN) or ``https://`` (a relay with
     ``https_listen``: nodes check its certificate against SLIM's CA)."""
+    if not value.isascii():  # the initrd's Python has no IDNA codec (slim.agent.fetch.ascii_host_names)
+        raise ValueError(f"{value!r}: a relay URL must be ASCII; write an international host name as xn--")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{value!r} is not an http:// URL with a host (or https://)")

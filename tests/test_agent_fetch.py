@@ -411,9 +411,13 @@ try:
     socket.getaddrinfo("127.0.0.1", 1)
 except LookupError as exc:
     print("before:", exc)
-from slim.agent.fetch import ascii_host_names
-ascii_host_names()
+from slim.agent.fetch import FetchError, Relays, ascii_host_names
+Relays(["http://127.0.0.1:1"])  # every Relays registers it: all connections start there
 ascii_host_names()  # once is enough; twice changes nothing
+try:
+    Relays(["http://bücher.example:1"])
+except FetchError as exc:
+    print("relay:", exc)
 print("after:", socket.getaddrinfo("127.0.0.1", 1, type=socket.SOCK_STREAM)[0][4])
 try:
     socket.getaddrinfo("bücher.example", 1)
@@ -432,6 +436,7 @@ def test_without_unicodedata_ascii_host_names_still_resolve() -> None:
     )  # fmt: skip
     assert proc.stdout.splitlines() == [
         "before: unknown encoding: idna",
+        "relay: relay URL 'http://bücher.example:1': host names must be ASCII (IDNA ones as xn--)",
         "after: ('127.0.0.1', 1)",
         "refused: encoding with 'idna' codec failed (UnicodeError: 'bücher.example': only ASCII host"
         " names can be used here (no IDNA codec))",

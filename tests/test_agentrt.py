@@ -193,7 +193,7 @@ _CHECK = """
 import json, sys
 import slim.agent.__main__, slim.agent.ee, slim.agent.fetch, slim.agent.plan, slim.agent.medium
 import json as j, http.client, socket
-slim.agent.fetch.ascii_host_names()  # as the agent's main() does: no unicodedata here
+slim.agent.fetch.Relays(["http://127.0.0.1:1"])  # every path to a relay (the agent, a medium)
 socket.getaddrinfo("127.0.0.1", 1)  # the socket module encodes every host name with "idna"
 import importlib, slim.agent
 for name in slim.agent.DEFERRED:  # what the agent imports only when it needs it is there too

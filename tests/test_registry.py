@@ -302,6 +302,12 @@ def test_relay_with_invalid_url() -> None:
     only_problem(text, "relays.r1.urls[0]", "ftp://10.1.0.1/", "is not an http:// URL with a host")
 
 
+def test_relay_url_with_an_international_host_name_asks_for_its_ascii_form() -> None:
+    """The initrd's Python has no IDNA codec: the name must come as xn--."""
+    text = edit(BASE, "  r1:", "http://10.1.0.1:8080/", "http://bücher.example:8080/")
+    only_problem(text, "relays.r1.urls[0]", "bücher.example", "write an international host name as xn--")
+
+
 def test_relay_wakes_from_an_address_not_an_interface_name() -> None:
     text = edit(BASE, "  r1:", "site: s1", "site: s1\n    wake_to: 10.1.255.255:9\n    wake_from: eth0")
     only_problem(text, "relays.r1.wake_from", "wake_from: eth0", "'eth0' is not an IP address")

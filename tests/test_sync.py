@@ -378,7 +378,7 @@ def test_a_big_files_unchanged_pieces_come_from_the_nodes_copy(origin: Origin, t
     node (its size and mtime put back) is fetched too."""
     src, node = tmp_path / "src", tmp_path / "node"
     records = sync.Records(tmp_path / "state")
-    data = bytearray(os.urandom(mf.CHUNKED_ABOVE + 2 * mf.CHUNK_SIZE + 5))
+    data = bytearray(random.Random(3).randbytes(mf.CHUNKED_ABOVE + 2 * mf.CHUNK_SIZE + 5))
     spec: Spec = {"big": ("file", bytes(data), 0o644, T0)}
     build(src, spec)
     d, _ = origin.publish(src)

@@ -18,6 +18,7 @@ import pytest
 from slim.agent.tree import FILE, Entry, scan
 from slim.agent.unpack import TreeWriter, UnsafeEntry, copy_tree, extract_archive, extract_tar
 from slim.core.build import copyset
+from tests.support import need
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="creating device nodes and other owners needs root")
@@ -366,6 +367,7 @@ def test_a_header_number_is_octal_digits_only(places: tuple[Path, Path], size: b
 def test_a_whole_fetched_file_is_moved_into_place(tmp_path: Path, same_fs: bool) -> None:
     """TreeWriter.add(source=...): the fetched file gets the entry's metadata and is renamed
     over what was there; from another file system (/dev/shm, tmpfs) it is copied instead."""
+    need(same_fs or os.path.isdir("/dev/shm"), "/dev/shm (a tmpfs)")
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "f").symlink_to(tmp_path / "outside")  # what was there is replaced, not followed
@@ -374,6 +376,8 @@ def test_a_whole_fetched_file_is_moved_into_place(tmp_path: Path, same_fs: bool)
         with os.fdopen(fd, "w+b") as f:
             f.write(b"fetched")
             f.flush()
+            if same_fs:
+                os.setxattr(f.fileno(), "user.where-it-was-made", b"x")  # not the entry's: removed
             with TreeWriter(tree) as w:
                 w.add(
                     Entry("f", FILE, 0o640, os.getuid(), os.getgid(), 1_700_000_000_123_456_789, 7),
@@ -384,6 +388,7 @@ def test_a_whole_fetched_file_is_moved_into_place(tmp_path: Path, same_fs: bool)
         st = os.lstat(tree / "f")
         assert stat.S_ISREG(st.st_mode) and (tree / "f").read_bytes() == b"fetched"
         assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_mtime_ns == 1_700_000_000_123_456_789
+        assert os.listxattr(tree / "f") == []
         assert os.path.exists(name) is not same_fs and not (tmp_path / "outside").exists()
     finally:
         Path(name).unlink(missing_ok=True)

@@ -288,6 +288,8 @@ def collect(
             zstd_exe = unzstd.build(build_cache)
         except FailedPrecondition as exc:
             rt.warnings.append(f"the initrd has Debian's zstd, about 0.5 MB more than needed: {exc}")
+        except OSError as exc:  # the cache cannot be written, or what is built there cannot run
+            rt.warnings.append(f"the initrd has Debian's zstd: SLIM's cache {build_cache}: {exc}")
     rt.add(zstd_exe, "/usr/bin/zstd")
     for lib in shared_libraries(zstd_exe):
         rt.add(lib.resolve(), str(lib))
@@ -300,6 +302,8 @@ def collect(
             exe = smallpython.link(debian, build_cache)
         except FailedPrecondition as exc:
             rt.warnings.append(f"the initrd has Debian's {debian.name}, about 0.5 MB more than needed: {exc}")
+        except OSError as exc:
+            rt.warnings.append(f"the initrd has Debian's {debian.name}: SLIM's cache {build_cache}: {exc}")
     rt.add(exe, str(debian))  # at Debian's path: Python finds its prefix from it
     for lib in shared_libraries(exe):
         rt.add(lib.resolve(), str(lib))

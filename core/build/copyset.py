@@ -72,10 +72,11 @@ def tarinfo(entry: Entry) -> tarfile.TarInfo:
     return ti
 
 
-# Content-defined pieces of big files (FastCDC, pyfastcdc): a boundary depends only on
-# the bytes just before it, so an insertion or a deletion moves the boundaries near it
-# and no others, and a node re-fetches only the pieces around a change.  Pieces are
-# 16-256 KiB, about 64 KiB on average (pyfastcdc's average is avg_size + min_size).
+# Content-defined pieces of big files (FastCDC, pyfastcdc): where a piece ends depends on
+# the bytes just before that point (and on the distance from the last end, within 16-256
+# KiB), so after an insertion or a deletion the ends fall where they fell before again,
+# usually within a piece or two, and a node re-fetches only the pieces around a change.
+# Pieces are about 64 KiB on average (pyfastcdc's average is avg_size + min_size).
 # Fixed settings (seed 0): same file, same pieces; the manifest names every piece's
 # size, so the agent needs none of this.
 CDC_MIN = 16 << 10
@@ -84,6 +85,11 @@ CDC_MAX = 256 << 10
 
 
 def chunker() -> FastCDC:
+    if not FastCDC.__module__.startswith("pyfastcdc.cy"):  # its fallback is ~100 times slower
+        raise FailedPrecondition(
+            "pyfastcdc's compiled extension does not load on this build host (it fell back to "
+            "pure Python): reinstall pyfastcdc from a wheel for this platform"
+        )
     return FastCDC(CDC_AVG, min_size=CDC_MIN, max_size=CDC_MAX, normalized_chunking=1, seed=0)
 
 

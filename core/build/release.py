@@ -5,7 +5,8 @@ standing for everything not listed):
 
 - ``ram``, ``disk``, ``sync``: a copy-set archive (tar + zstd, deterministic)
   and a manifest; ``sync`` also stores every file (or, above 4 MiB, every
-  1 MiB chunk) as an object so copy-if-needed fetches only what changed;
+  content-defined piece of 16-256 KiB: slim.core.build.copyset) as an object so
+  copy-if-needed fetches only what changed;
 - ``nfs``: a manifest and the read-only tree for NFS export,
   ``trees/sha256/<manifest digest>``, copied once; where a relay exports NFS trees
   of its own (registry ``relays.NAME.nfs``), every file as an object too, which

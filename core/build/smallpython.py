@@ -13,13 +13,15 @@ The agent copes with what is gone: the socket module's host-name codec, ``idna``
 needs ``unicodedata``; the agent registers an ASCII one in its place
 (:func:`slim.agent.fetch.ascii_host_names`).  What the agent imports is found by
 importing it with this interpreter (:mod:`slim.core.build.agentrt`), so a module it
-needed and lost fails the build, naming it.
+imports and lost fails the build, naming it (a module imported only inside a function
+is found only if ``slim.agent.DEFERRED`` lists it; the standard library's own lazy
+imports of ``unicodedata``, for non-ASCII URLs, are refused first by the agent).
 
 Needs on the build host: ``gcc`` and binutils, and Debian's ``python3-dev`` (for
 ``libpython3.11.a`` and ``config.c``).  The result is cached in SLIM's cache under a
-key of its inputs; without those packages :func:`link` raises
-:class:`~slim.errors.FailedPrecondition` saying what is missing, and the initrd
-takes Debian's binary (agentrt says so).
+key of its inputs (the library's digest, ``config.c``, the flags, gcc's version);
+without those packages :func:`link` raises :class:`~slim.errors.FailedPrecondition`
+saying what is missing, and the initrd takes Debian's binary (agentrt says so).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -79,6 +82,17 @@ def run(argv: list[str], cwd: Path | None = None) -> str:
     return proc.stdout
 
 
+def cached(path: Path) -> bool:
+    """``path`` is a build kept before, and nobody else could have changed it: a regular
+    file of ours that only we may write (it runs as root on every node).  A file that is
+    not is built again and replaced."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
 def link(python: Path, cache: Path) -> Path:
     """The interpreter ``python`` (Debian's) linked again without :data:`LEFT_OUT`, from
     ``cache`` when it was linked before from the same inputs."""
@@ -91,13 +105,17 @@ def link(python: Path, cache: Path) -> Path:
             f"{library} or {config_c} is missing: install Debian's python3-dev package on the build host"
         )
     left_out = [m for m in LEFT_OUT if m in config["builtins"]]
+    cflags = ["-O2", "-fwrapv", "-fno-pie", f"-I{config['INCLUDEPY']}"]
+    ldflags = ["-no-pie", "-s", *config["LINKFORSHARED"].split(), "-Wl,--as-needed"]
+    libs = [*config["LIBS"].split(), *config["SYSLIBS"].split(), *config["MODLIBS"].split()]
     key = hashlib.sha256()
     with open(library, "rb") as f:
         key.update(hashlib.file_digest(f, "sha256").digest())
     key.update(config_c.read_bytes())
-    key.update(json.dumps([config, left_out, _MAIN_C, run([gcc, "--version"])]).encode())
+    inputs = [config, left_out, _MAIN_C, cflags, ldflags, libs, run([gcc, "--version"])]
+    key.update(json.dumps(inputs).encode())
     out = cache / "python" / key.hexdigest()[:32] / f"python{config['VERSION']}"
-    if out.is_file():
+    if cached(out):
         return out
     out.parent.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent.parent, prefix=".link.") as tmp:
@@ -124,16 +142,10 @@ def link(python: Path, cache: Path) -> Path:
                 raise FailedPrecondition(f"{config_c}: {module} is not built in as expected ({n} lines)")
         (work / "config.c").write_text(text)
         (work / "python.c").write_text(_MAIN_C)
-        cflags = ["-O2", "-fwrapv", "-fno-pie", f"-I{config['INCLUDEPY']}"]
         run([gcc, *cflags, "-c", "python.c", "config.c"], cwd=work)
-        libs = [*config["LIBS"].split(), *config["SYSLIBS"].split(), *config["MODLIBS"].split()]
         linked = work / out.name
-        run(
-            [gcc, "-no-pie", "-s", "-o", str(linked), "python.o", "config.o",
-             *sorted(str(p) for p in objs.glob("*.o")),
-             *config["LINKFORSHARED"].split(), "-Wl,--as-needed", *libs],
-            cwd=work,
-        )  # fmt: skip
+        objects = sorted(str(p) for p in objs.glob("*.o"))
+        run([gcc, "-o", str(linked), "python.o", "config.o", *objects, *ldflags, *libs], cwd=work)
         check = json.loads(run([str(linked), "-S", "-I", "-c", _CONFIG]))
         if check["version"] != config["version"] or set(check["builtins"]) & set(left_out):
             raise FailedPrecondition(f"{linked} is not {python} without {', '.join(left_out)}")

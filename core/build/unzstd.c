@@ -46,20 +46,28 @@ static int write_all(const char *data, size_t size) {
     return 0;
 }
 
-/* The whole of FILE in memory (a manifest: megabytes at most). */
-static char *read_file(const char *path, size_t *size) {
+/* The whole of FILE in memory (a manifest: megabytes at most); NULL with *why set. */
+static char *read_file(const char *path, size_t *size, const char **why) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     struct stat st;
-    if (fd < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    if (fd < 0 || fstat(fd, &st) != 0) {
+        *why = strerror(errno);
         if (fd >= 0) close(fd);
+        return NULL;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        *why = "not a regular file";
+        close(fd);
         return NULL;
     }
     char *buf = malloc(st.st_size ? (size_t)st.st_size : 1);
     size_t got = 0;
+    *why = buf == NULL ? strerror(ENOMEM) : NULL;
     while (buf != NULL && got < (size_t)st.st_size) {
         ssize_t n = read(fd, buf + got, (size_t)st.st_size - got);
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) {
+            *why = n < 0 ? strerror(errno) : "it became shorter while it was read";
             free(buf);
             buf = NULL;
             break;
@@ -87,14 +95,15 @@ int main(int argc, char **argv) {
             return fail(a, "unknown argument (this zstd only decompresses standard input: -d [-c] [-q] [--patch-from=FILE])");
         }
     }
-    if (!decompress) return fail(argv[0], "only -d is supported (this zstd only decompresses)");
+    if (!decompress) return fail("no -d", "this zstd only decompresses: -d [-c] [-q] [--patch-from=FILE]");
 
     char *prefix = NULL;
     size_t prefix_size = 0;
     int window_log = WINDOW_LOG_DEFAULT;
     if (patch_from != NULL) {
-        prefix = read_file(patch_from, &prefix_size);
-        if (prefix == NULL) return fail(patch_from, errno ? strerror(errno) : "cannot read it");
+        const char *why = NULL;
+        prefix = read_file(patch_from, &prefix_size, &why);
+        if (prefix == NULL) return fail(patch_from, why);
         while (window_log < WINDOW_LOG_LIMIT && ((size_t)1 << window_log) < 2 * prefix_size) window_log++;
     }
     ZSTD_DCtx *dctx = ZSTD_createDCtx();

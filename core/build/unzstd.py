@@ -23,7 +23,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from slim.core.build.smallpython import run, tool
+from slim.core.build.smallpython import cached, run, tool
 from slim.errors import FailedPrecondition
 
 SOURCE = Path(__file__).with_name("unzstd.c")
@@ -35,17 +35,17 @@ def build(cache: Path) -> Path:
     library = Path(run([gcc, "-print-file-name=libzstd.a"]).strip())
     if not library.is_absolute() or not library.is_file():
         raise FailedPrecondition("libzstd.a is missing: install Debian's libzstd-dev on the build host")
+    flags = ["-O2", "-s", "-Wall", "-fstack-protector-strong", "-D_FORTIFY_SOURCE=2"]
     key = hashlib.sha256(SOURCE.read_bytes())
     with open(library, "rb") as f:
         key.update(hashlib.file_digest(f, "sha256").digest())
-    key.update(json.dumps([run([gcc, "--version"])]).encode())
+    key.update(json.dumps([flags, run([gcc, "--version"])]).encode())
     out = cache / "unzstd" / key.hexdigest()[:32] / "zstd"
-    if out.is_file():
+    if cached(out):
         return out
     out.parent.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent.parent, prefix=".build.") as tmp:
         built = Path(tmp) / "zstd"
-        flags = ["-O2", "-s", "-Wall", "-Werror", "-fstack-protector-strong", "-D_FORTIFY_SOURCE=2"]
         run([gcc, *flags, "-o", str(built), str(SOURCE), str(library)])
         os.chmod(built, 0o755)  # noqa: S103 - an executable for everyone, like /usr/bin/zstd
         out.parent.mkdir(exist_ok=True)

@@ -130,6 +130,8 @@ def keys_rotate(
         step = finish_rotation if finish else begin_rotation
         # the agent's, for the initrds (with ssl and the CA if a relay is https://, as slim ee build)
         runtime = registry_runtime(reg, state_dir(registry_path) / "ca") if store.environments() else None
+        for warning in runtime.warnings if runtime is not None else []:  # standard error, with --json too
+            click.echo(f"warning: {warning}", err=True)
         with StageProgress(enabled=not as_json) as progress:
             done = step(reg, store, directory, runtime, progress=progress)
     if as_json:
