@@ -59,6 +59,8 @@ class BootFailed(RuntimeError):
 
 @dataclass
 class Event:
+    """One boot event, as the core receives it."""
+
     stage: str
     time: float
     bytes: int = 0
@@ -142,6 +144,8 @@ class Reporter:
 
 @dataclass
 class Result:
+    """What building one directory did."""
+
     bytes: int = 0  # bytes fetched for this directory
     files: int = 0  # files written (sync: fetched)
     deleted: int = 0

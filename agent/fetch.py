@@ -132,6 +132,8 @@ class DigestMismatch(FetchError):
 
 @dataclass
 class FetchStats:
+    """What a :class:`Relays` fetched: objects, bytes, resumptions, busy answers, failures."""
+
     objects: int = 0
     bytes: int = 0
     resumed: int = 0

@@ -59,6 +59,8 @@ _MAX_INT = 2**63 - 1
 
 @dataclass(frozen=True, slots=True)
 class ManifestEntry:
+    """One entry of a manifest: the tree entry, and a file's digest (and its pieces')."""
+
     entry: Entry
     sha256: str = ""  # regular files: hex digest of the whole file
     chunks: tuple[str, ...] = ()  # files stored in pieces: hex digests of the pieces, in order

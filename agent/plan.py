@@ -136,6 +136,8 @@ def _seconds(text: str, key: str, default: float) -> float:
 
 @dataclass(frozen=True)
 class ObjectRef:
+    """An object by its digest (``sha256:<hex>``) and size."""
+
     digest: str
     size: int
 
@@ -146,6 +148,8 @@ class ObjectRef:
 
 @dataclass(frozen=True)
 class NfsMount:
+    """A read-only NFS mount in a plan: the export and the servers to try, in order."""
+
     server: str
     export: str
     options: str
@@ -163,6 +167,8 @@ class ManifestDelta:
 
 @dataclass(frozen=True)
 class Directory:
+    """One directory of the environment in a plan: its policy and the objects it is built from."""
+
     path: str  # absolute and normalised; "/" is everything no other entry covers
     policy: str
     archive: ObjectRef | None
@@ -182,6 +188,8 @@ class Directory:
 
 @dataclass(frozen=True)
 class Plan:
+    """A node's plan, parsed and checked (:func:`parse_plan`): what to build and from where."""
+
     node: str
     environment: str
     release_digest: str

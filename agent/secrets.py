@@ -27,6 +27,8 @@ _OWNER = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]{0,31})(?::([A-Za-z0-9_][A-Za-z
 
 @dataclass(frozen=True)
 class Secret:
+    """One secret file for the node (its content is never printed)."""
+
     path: str
     mode: int
     owner: str

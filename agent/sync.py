@@ -72,6 +72,8 @@ _Raw = bytes  # (SyncResult has a field named bytes)
 
 @dataclass
 class SyncResult:
+    """What one copy-if-needed run did, and where its time went."""
+
     bytes: int = 0  # bytes fetched (manifest or its delta, and files)
     files: int = 0  # files fetched
     deleted: int = 0

@@ -63,6 +63,8 @@ class UnsafeEntry(Exception):
 
 @dataclass
 class WriteStats:
+    """What a :class:`TreeWriter` wrote."""
+
     entries: int = 0
     files: int = 0  # non-directory entries
     bytes: int = 0  # regular file bytes written

@@ -38,6 +38,8 @@ class PlanRefused(PlanError):
 
 @dataclass(frozen=True)
 class Checked:
+    """A plan document whose signature a trusted key verified."""
+
     document: bytes  # what the agent parses (parse_plan)
     key: str  # the trusted public key file that verified it
     relay_time: float | None  # the relay's clock (not signed: only for the events' times)
