@@ -358,13 +358,14 @@ def sync(
         if k == "h":
             links[m.targets[i]] += 1
     paths, modes, uids, gids, mtimes, sizes = m.paths, m.modes, m.uids, m.gids, m.mtimes, m.sizes
+    found, linked, s_ifmt, s_imode = have.get, links.get, stat.S_IFMT, stat.S_IMODE  # (the loop's hot names)
     for i, k in enumerate(m.kinds):
         path = paths[i]
-        st = have.get(path)
+        st = found(path)
         if st is None:
             write.append(i)
             continue
-        fmt = stat.S_IFMT(st.st_mode)
+        fmt = s_ifmt(st.st_mode)
         if k == "h":
             target = have.get(m.targets[i])
             if (
@@ -385,13 +386,13 @@ def sync(
             continue
         same_meta = (
             st.st_mtime_ns == mtimes[i]
-            and (k == "l" or stat.S_IMODE(st.st_mode) == modes[i])
+            and (k == "l" or s_imode(st.st_mode) == modes[i])
             and (not owners or (st.st_uid == uids[i] and st.st_gid == gids[i]))
         )
         if k == "f":
             if (
                 st.st_size != sizes[i]
-                or st.st_nlink > 1 + links[path]
+                or st.st_nlink > 1 + linked(path, 0)  # (not links[path]: Counter's __missing__ is slow)
                 or (was is not None and was.digest(path) not in (None, m.digests[i]))
                 or (st.st_mtime_ns != mtimes[i] and not _same_bytes(f"{root}/{path}", sizes[i], m.digests[i]))
             ):
