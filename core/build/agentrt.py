@@ -43,7 +43,7 @@ import os
 import re
 import subprocess
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,10 +199,23 @@ def shared_libraries(binary: Path, env: dict[str, str] | None = None) -> list[Pa
     return [Path(m.group(1)) for m in _LDD_RE.finditer(out)]
 
 
-def _with_libraries(rt: Runtime, binary: Path) -> None:
-    rt.add(binary)
+def _with_libraries(rt: Runtime, binary: Path, dest: str | None = None) -> None:
+    """``binary`` (at ``dest`` in the initrd, else at its own path) and the libraries it loads."""
+    rt.add(binary, dest)
     for lib in shared_libraries(binary):
         rt.add(lib.resolve(), str(lib))  # the loader and libraries are often symlinks
+
+
+def _own_or_debians(rt: Runtime, debian: Path, build: Callable[[], Path], cache: Path) -> Path:
+    """The build's own binary (``build()``, kept in ``cache``), or Debian's ``debian`` with
+    a warning saying why and what it costs."""
+    try:
+        return build()
+    except FailedPrecondition as exc:
+        rt.warnings.append(f"the initrd has Debian's {debian.name}, about 0.5 MB more than needed: {exc}")
+    except OSError as exc:  # the cache cannot be written, or what is built there cannot run
+        rt.warnings.append(f"the initrd has Debian's {debian.name}: SLIM's cache {cache}: {exc}")
+    return debian
 
 
 def byte_compile(
@@ -284,29 +297,15 @@ def collect(
     rt.links["/sbin/modprobe"] = "../bin/busybox"  # where the kernel runs it to load modules on demand
     zstd_exe = _require(zstd, "zstd")
     if build_cache is not None:
-        try:
-            zstd_exe = unzstd.build(build_cache)
-        except FailedPrecondition as exc:
-            rt.warnings.append(f"the initrd has Debian's zstd, about 0.5 MB more than needed: {exc}")
-        except OSError as exc:  # the cache cannot be written, or what is built there cannot run
-            rt.warnings.append(f"the initrd has Debian's zstd: SLIM's cache {build_cache}: {exc}")
-    rt.add(zstd_exe, "/usr/bin/zstd")
-    for lib in shared_libraries(zstd_exe):
-        rt.add(lib.resolve(), str(lib))
+        zstd_exe = _own_or_debians(rt, zstd_exe, lambda: unzstd.build(build_cache), build_cache)
+    _with_libraries(rt, zstd_exe, "/usr/bin/zstd")
     if signify is not None:
         _with_libraries(rt, _require(signify, "signify-openbsd"))
     debian = _require(python, "python3").resolve()
     exe = debian
     if build_cache is not None:
-        try:
-            exe = smallpython.link(debian, build_cache)
-        except FailedPrecondition as exc:
-            rt.warnings.append(f"the initrd has Debian's {debian.name}, about 0.5 MB more than needed: {exc}")
-        except OSError as exc:
-            rt.warnings.append(f"the initrd has Debian's {debian.name}: SLIM's cache {build_cache}: {exc}")
-    rt.add(exe, str(debian))  # at Debian's path: Python finds its prefix from it
-    for lib in shared_libraries(exe):
-        rt.add(lib.resolve(), str(lib))
+        exe = _own_or_debians(rt, debian, lambda: smallpython.link(debian, build_cache), build_cache)
+    _with_libraries(rt, exe, str(debian))  # at Debian's path: Python finds its prefix from it
     rt.links["/usr/bin/python3"] = debian.name
     rt.python = "/usr/bin/python3"
     left_out = ",".join(m for m in LEFT_OUT if not (https and m in SSL_MODULES))

@@ -93,6 +93,15 @@ def cached(path: Path) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
+def keep(built: Path, out: Path) -> Path:
+    """Put ``built`` (made in a private directory beside ``out``'s) at ``out`` in one rename,
+    executable by all and writable only by us (:func:`cached` checks that)."""
+    os.chmod(built, 0o755)  # noqa: S103 - an executable for everyone, like /usr/bin/python3
+    out.parent.mkdir(exist_ok=True)
+    os.replace(built, out)
+    return out
+
+
 def link(python: Path, cache: Path) -> Path:
     """The interpreter ``python`` (Debian's) linked again without :data:`LEFT_OUT`, from
     ``cache`` when it was linked before from the same inputs."""
@@ -149,7 +158,4 @@ def link(python: Path, cache: Path) -> Path:
         check = json.loads(run([str(linked), "-S", "-I", "-c", _CONFIG]))
         if check["version"] != config["version"] or set(check["builtins"]) & set(left_out):
             raise FailedPrecondition(f"{linked} is not {python} without {', '.join(left_out)}")
-        os.chmod(linked, 0o755)  # noqa: S103 - an executable for everyone, like /usr/bin/python3
-        out.parent.mkdir(exist_ok=True)
-        os.replace(linked, out)
-    return out
+        return keep(linked, out)

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
-from slim.core.build.smallpython import cached, run, tool
+from slim.core.build.smallpython import cached, keep, run, tool
 from slim.errors import FailedPrecondition
 
 SOURCE = Path(__file__).with_name("unzstd.c")
@@ -47,7 +46,4 @@ def build(cache: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent.parent, prefix=".build.") as tmp:
         built = Path(tmp) / "zstd"
         run([gcc, *flags, "-o", str(built), str(SOURCE), str(library)])
-        os.chmod(built, 0o755)  # noqa: S103 - an executable for everyone, like /usr/bin/zstd
-        out.parent.mkdir(exist_ok=True)
-        os.replace(built, out)
-    return out
+        return keep(built, out)
