@@ -30,6 +30,8 @@ from pathlib import Path
 from slim.core.build.agentrt import UDHCPC
 from slim.errors import FailedPrecondition
 
+HOST_RESOLV_CONF = "/etc/resolv.conf"
+
 
 def _ip(*args: str) -> None:
     proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
@@ -63,8 +65,14 @@ class NetLab:
         self.nodes: dict[str, NodeNs] = {}
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen[bytes]] = []
+        # The initrd's own script, as a node runs it, but writing the lease's name servers
+        # here: `ip netns exec` shares this machine's /etc, and the initrd's script would
+        # empty this machine's resolv.conf (and with it every name look-up, apt's too).
+        self.resolv_conf = tmp / "resolv.conf"
+        if UDHCPC.count(HOST_RESOLV_CONF) != 2:
+            raise AssertionError(f"the initrd's udhcpc script no longer writes {HOST_RESOLV_CONF} twice")
         self._script = tmp / "udhcpc.sh"
-        self._script.write_text(UDHCPC)  # the initrd's own, as a node runs it
+        self._script.write_text(UDHCPC.replace(HOST_RESOLV_CONF, str(self.resolv_conf)))
         self._script.chmod(0o755)
         try:
             self._add_ns(self.server)

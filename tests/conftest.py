@@ -155,6 +155,32 @@ def loop_not_blocked(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
 
 
+# What a test must never change on this machine: a lab that runs the initrd's scripts in a
+# network namespace still sees this machine's /etc (an emptied resolv.conf once took apt's
+# name look-ups, and a later test's download, with it).
+HOST_FILES = tuple(Path(p) for p in ("/etc/resolv.conf", "/etc/hosts", "/etc/hostname"))
+
+
+def _read_host_files() -> dict[Path, bytes | None]:
+    return {p: p.read_bytes() if p.exists() else None for p in HOST_FILES}
+
+
+HOST_FILES_AT_START = _read_host_files()
+
+
+@pytest.fixture(autouse=True)
+def host_files_untouched() -> Iterator[None]:
+    yield
+    changed = [p for p, data in _read_host_files().items() if data != HOST_FILES_AT_START[p]]
+    for path in changed:  # put back, so that one test's damage stays its own failure
+        original = HOST_FILES_AT_START[path]
+        if original is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(original)
+    assert not changed, f"the test changed this machine's {', '.join(map(str, changed))} (put back)"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def session_ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """One CA for the session (as `slim ca init` makes it): every core a test starts trusts it

@@ -187,6 +187,7 @@ def test_dnsmasq_answers_known_macs_and_is_reloaded_on_registry_change(
     assert line.startswith("answering lab (full on 10.77.0.0/24)"), err.read_text()
     first = netlab.dhcp("n1")
     assert first is not None and first.startswith("10.77.0.1")
+    assert netlab.resolv_conf.exists()  # the lease's name servers went to the lab, not to /etc
     assert netlab.dhcp("x", tries=2) is None  # unknown MAC: no answer
     pid_file = workdir / "dnsmasq.pid"
 
