@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slim.agent import manifest as mf
 from slim.agent import sync
 from slim.agent.fetch import FetchError, Relays, now
 from slim.agent.plan import Directory, ObjectRef, Plan, PlanError
@@ -247,7 +246,7 @@ class Builder:
                 # nothing to compare with (a first boot, a blank disk): one compressed
                 # stream instead of a request per file; the next boots compare
                 unpacked = self._unpack(d, d.archive, dest)
-                kept = self._record(d)
+                kept = self._record(d, dest)
                 return Result(unpacked.bytes + kept.bytes, unpacked.files, 0, "", kept.notes)
             return self._sync(d, dest)
         dest.mkdir(parents=True, exist_ok=True)  # nfs: the mount point (mounted above on a real boot)
@@ -374,38 +373,14 @@ class Builder:
         return not sync.has_files(dest, self._nested(d))
 
     def _sync(self, d: Directory, dest: Path) -> Result:
-        dest.mkdir(parents=True, exist_ok=True)
-        result = sync.SyncResult()
-        raw = sync.manifest_bytes(d, self.relays, self.records, result)
-        started = time.monotonic()
-        manifest = mf.decode(raw, checked=result.manifest == "kept")  # kept: decoded before
-        result.took("decode", started)
-        sync.sync(
-            dest, manifest, self._nested(d), lambda files: sync.Fetcher(self.relays, files, dest), result,
-            before_change=lambda: self.records.forget(d.path),
-        )  # fmt: skip
-        if result.manifest != "kept" or result.changed:
-            started = time.monotonic()
-            try:
-                self.records.write(d.path, raw)
-            except OSError as exc:  # the directory is right: the next boot only compares more
-                result.notes.append(f"its manifest is not kept: {exc}")
-            result.took("keep", started)
+        result = sync.run(d, dest, self._nested(d), self.relays, self.records)
         return Result(
             result.bytes, result.files, result.deleted, result.manifest, [*result.notes, result.breakdown()]
         )
 
-    def _record(self, d: Directory) -> Result:
-        """After a directory was unpacked whole: its manifest is what it now has (kept for
-        the next boot's comparison and deltas); a failure only costs the next boot bytes."""
-        result = sync.SyncResult()
-        try:
-            raw = sync.manifest_bytes(d, self.relays, self.records, result)
-            mf.decode(raw)  # a kept manifest is one that was checked (decode(checked=True) later)
-            self.records.write(d.path, raw)
-        except (FetchError, PlanError, OSError, ValueError) as exc:
-            self.records.forget(d.path)
-            result.notes.append(f"its manifest is not kept: {exc}")
+    def _record(self, d: Directory, dest: Path) -> Result:
+        """After a directory was unpacked whole (:func:`slim.agent.sync.record_unpacked`)."""
+        result = sync.record_unpacked(d, dest, self._nested(d), self.relays, self.records)
         return Result(result.bytes, 0, 0, result.manifest, result.notes)
 
     def _write_active(self) -> None:

@@ -23,10 +23,20 @@ files whose bytes differ (standard library only: this runs in the initrd).
    entries are left alone.
 4. **The record** of the applied manifest is written last (replaced atomically), once
    the directory matches it.
+5. **What the directory looked like** once it matched the manifest (:meth:`Records.seen`):
+   every entry's path, type and mode, device and inode, size, mtime and ctime, from one
+   walk.  When the plan's manifest is the kept one, the next boot walks the directory
+   again (the same ``scandir`` and ``lstat``) and, if the walk sees exactly that, the
+   directory still matches: no manifest is parsed and nothing compared.  Any change
+   made on the node since moves an entry's ctime (content, size, mode, owner, xattrs,
+   links) or its inode, or adds or removes a path, and the comparison above runs.  An
+   entry changed within :data:`RACY_NS` of the walk that saw it is not trusted (a later
+   change in the same clock tick could keep its ctime): no record is written then.
 """
 
 from __future__ import annotations
 
+import array
 import collections
 import hashlib
 import json
@@ -57,6 +67,10 @@ FETCH_THREADS = 4  # copy-if-needed: connections fetching changed files at once
 FETCH_AHEAD = 16  # ... and files fetched ahead of the one being written (open temporary files)
 FETCH_AHEAD_BYTES = 64 << 20  # ... and their bytes (beyond one file), in the directory being synced
 HASH_BLOCK = 1 << 20
+# An entry whose ctime is this close to the walk that saw it (or later) is not trusted to
+# show a later change: the kernel stamps ctimes from a coarse clock (one tick: 1-10 ms).
+RACY_NS = 20_000_000
+SEEN_MAGIC = b"slim-seen 1\n"
 _FMT = {
     "d": stat.S_IFDIR,
     "f": stat.S_IFREG,
@@ -81,6 +95,8 @@ class SyncResult:
     notes: list[str] = field(default_factory=list)
     kept: _Raw | None = None  # the manifest kept from the last run, if any
     changed: bool = False  # something in the directory was changed
+    digest: str = ""  # "sha256:<hex>" of the manifest
+    seen: _Raw | None = None  # the walk, to record: the directory matched and nothing changed
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went, by phase
 
     def took(self, phase: str, since: float) -> float:
@@ -108,27 +124,32 @@ class Records:
     def read(self, directory: str) -> tuple[Path, bytes, str] | None:
         """(its file, the manifest's bytes, "sha256:<hex>" of them), or None."""
         path = self.path(directory)
-        if path is None:
-            return None
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a fifo put there would block the boot
-                return None
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                raw = f.read(MAX_MANIFEST_BYTES + 1)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        if len(raw) > MAX_MANIFEST_BYTES:
+        raw = None if path is None else _read_regular(path, MAX_MANIFEST_BYTES)
+        if path is None or raw is None:
             return None
         return path, raw, "sha256:" + hashlib.sha256(raw).hexdigest()
 
     def write(self, directory: str, raw: bytes) -> None:
+        self._replace(self.path(directory), raw)
+
+    def seen(self, directory: str, now: bytes) -> bool:
+        """Whether ``now`` (:func:`seen_tree`) is what the last :meth:`write_seen` of the
+        directory recorded."""
+        path = self._seen_path(directory)
+        return path is not None and _read_regular(path, 2 * MAX_MANIFEST_BYTES) == now
+
+    def has_seen(self, directory: str) -> bool:
+        path = self._seen_path(directory)
+        return path is not None and path.exists()
+
+    def write_seen(self, directory: str, now: bytes) -> None:
+        self._replace(self._seen_path(directory), now)
+
+    def _seen_path(self, directory: str) -> Path | None:
         path = self.path(directory)
+        return None if path is None else path.with_suffix(".seen")
+
+    def _replace(self, path: Path | None, raw: bytes) -> None:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,9 +163,84 @@ class Records:
             raise
 
     def forget(self, directory: str) -> None:
-        path = self.path(directory)
-        if path is not None:
-            path.unlink(missing_ok=True)
+        """Drop what is kept of the directory (before it is changed: a change cut short leaves
+        nothing that would vouch for it)."""
+        for path in (self._seen_path(directory), self.path(directory)):
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+
+def _read_regular(path: Path, limit: int) -> bytes | None:
+    """A regular file's bytes (not followed, at most ``limit``), or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a fifo put there would block the boot
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(limit + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return raw if len(raw) <= limit else None
+
+
+def seen_key(digest: str, prune: Collection[str]) -> bytes:
+    """What a record of a walk holds besides the walk: the manifest it matched, and the
+    directories the walk did not enter."""
+    return SEEN_MAGIC + "\0".join([digest, *sorted(prune)]).encode("utf-8", "surrogateescape") + b"\n"
+
+
+def seen_tree(root: str, prune: Collection[str], key: bytes) -> tuple[bytes, bool] | None:
+    """One walk of ``root`` as :meth:`Records.seen` compares it (:func:`stat_tree`'s walk:
+    the same entries in the same order), and whether it can be trusted to show later changes
+    (no ctime within :data:`RACY_NS` of it); None if an entry's times do not fit in 64 bits."""
+    started = time.time_ns()
+    pruned = frozenset(prune)
+    st = os.lstat(root)
+    root_dev = st.st_dev
+    paths = [""]
+    ints = array.array("q")
+    add_path, add_ints, isdir = paths.append, ints.extend, stat.S_ISDIR
+    try:
+        add_ints((st.st_mode, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        todo = [("", root)]
+        while todo:
+            rel, full = todo.pop()
+            with os.scandir(full) as it:
+                for d in it:
+                    st = d.stat(follow_symlinks=False)
+                    r = f"{rel}/{d.name}" if rel else d.name
+                    add_path(r)
+                    add_ints((st.st_mode, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+                    if isdir(st.st_mode) and st.st_dev == root_dev and r not in pruned:
+                        todo.append((r, d.path))
+    except OverflowError:  # a time past 2262 (made on the node): compared the long way
+        return None
+    return _seen_bytes(key, ints, paths), max(ints[5::6]) < started - RACY_NS
+
+
+def seen_of(
+    root_st: os.stat_result, have: dict[str, os.stat_result], key: bytes, started: int
+) -> tuple[bytes, bool] | None:
+    """:func:`seen_tree` from the walk :func:`stat_tree` made (the same entries in the same
+    order; ``root_st``: the root's ``lstat``, ``started``: ``time.time_ns()`` before both)."""
+    try:
+        ints = array.array("q")
+        add = ints.extend
+        for st in (root_st, *have.values()):
+            add((st.st_mode, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    except OverflowError:
+        return None
+    return _seen_bytes(key, ints, ["", *have]), max(ints[5::6]) < started - RACY_NS
+
+
+def _seen_bytes(key: bytes, ints: array.array[int], paths: list[str]) -> bytes:
+    names = "\0".join(paths).encode("utf-8", "surrogateescape")
+    return b"".join((key, len(ints).to_bytes(8, "little"), ints.tobytes(), names))
 
 
 def _zstd(data: bytes, *args: str) -> bytes:
@@ -168,7 +264,9 @@ def manifest_bytes(d: Directory, relays: Relays, records: Records, result: SyncR
     assert d.manifest is not None
     started = time.monotonic()
     try:
-        return _manifest_bytes(d, relays, records, result)
+        raw = _manifest_bytes(d, relays, records, result)
+        result.digest = d.manifest_raw if result.manifest == "kept" else _digest(raw)
+        return raw
     finally:
         result.took("manifest", started)
 
@@ -204,6 +302,63 @@ def _manifest_bytes(d: Directory, relays: Relays, records: Records, result: Sync
         raise PlanError(f"{d.path}: the manifest {d.manifest.digest} is not the one the plan names")
     result.manifest = "whole"
     return raw
+
+
+def run(d: Directory, dest: Path, nested: Collection[str], relays: Relays, records: Records) -> SyncResult:
+    """Bring ``dest`` up to date with the plan's directory ``d`` (the steps in this module's
+    docstring); ``nested``: the directories other entries of the plan manage."""
+    dest.mkdir(parents=True, exist_ok=True)
+    result = SyncResult()
+    raw = manifest_bytes(d, relays, records, result)
+    key = seen_key(result.digest, nested)
+    if result.manifest == "kept" and records.has_seen(d.path):
+        started = time.monotonic()
+        seen = seen_tree(str(dest), nested, key)
+        result.took("look", started)
+        if seen is not None and records.seen(d.path, seen[0]):
+            result.notes.append("as the last boot left it")
+            return result
+    started = time.monotonic()
+    manifest = mf.decode(raw, checked=result.manifest == "kept")  # kept: decoded before
+    result.took("decode", started)
+    sync(
+        dest, manifest, nested, lambda files: Fetcher(relays, files, dest), result,
+        before_change=lambda: records.forget(d.path), key=key,
+    )  # fmt: skip
+    started = time.monotonic()
+    try:
+        if result.manifest != "kept" or result.changed:
+            records.write(d.path, raw)
+        if result.seen is not None:
+            records.write_seen(d.path, result.seen)
+    except OSError as exc:  # the directory is right: the next boot only compares more
+        result.notes.append(f"its manifest is not kept: {exc}")
+    result.took("keep", started)
+    return result
+
+
+def record_unpacked(
+    d: Directory, dest: Path, nested: Collection[str], relays: Relays, records: Records
+) -> SyncResult:
+    """After the directory was unpacked whole: its manifest is what it now has, kept for the
+    next boot's comparison and deltas, with what the directory looks like now; a failure only
+    costs the next boot bytes."""
+    result = SyncResult()
+    try:
+        raw = manifest_bytes(d, relays, records, result)
+        mf.decode(raw)  # a kept manifest is one that was checked (decode(checked=True) later)
+        records.write(d.path, raw)
+        key = seen_key(result.digest, nested)
+        seen = seen_tree(str(dest), nested, key)
+        if seen is not None and not seen[1]:  # just written: once the clock has moved on
+            time.sleep(RACY_NS / 1e9)
+            seen = seen_tree(str(dest), nested, key)
+        if seen is not None and seen[1]:
+            records.write_seen(d.path, seen[0])
+    except (FetchError, PlanError, OSError, ValueError) as exc:
+        records.forget(d.path)
+        result.notes.append(f"its manifest is not kept: {exc}")
+    return result
 
 
 def stat_tree(root: str, prune: Collection[str]) -> dict[str, os.stat_result]:
@@ -336,14 +491,19 @@ def sync(
     fetcher: Callable[[list[Job]], Fetcher],
     result: SyncResult,
     before_change: Callable[[], None] = lambda: None,
+    key: bytes | None = None,
 ) -> None:
     """Make ``dest`` match ``manifest`` (see the module's docstring); ``nested``: paths of the
     directories other entries of the plan manage; ``fetcher`` fetches the files listed;
     ``before_change`` is called once before anything is changed (the kept manifest is
-    dropped then: a sync cut short leaves none, so the next compares as rsync does)."""
+    dropped then: a sync cut short leaves none, so the next compares as rsync does).
+    With ``key`` (:func:`seen_key`), a directory found matching is left with its walk in
+    ``result.seen``, when it can be trusted."""
     started = time.monotonic()
     root = str(dest)
     was = previous(result)
+    walked = time.time_ns()
+    root_st = os.lstat(root)
     have = stat_tree(root, nested)
     started = result.took("look", started)
     m = manifest
@@ -422,6 +582,9 @@ def sync(
     if write or fix or remove or dirs:
         result.changed = True
         before_change()
+    elif key is not None:
+        seen = seen_of(root_st, have, key, walked)
+        result.seen = seen[0] if seen is not None and seen[1] else None
     for path in sorted(remove, key=lambda p: p.count("/"), reverse=True):
         full = f"{root}/{path}"
         if stat.S_ISDIR(have[path].st_mode):

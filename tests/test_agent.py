@@ -577,7 +577,8 @@ async def test_relay_killed_mid_object_the_next_relay_finishes(site: Site, tmp_p
 async def test_sync_into_an_empty_place_unpacks_the_archive_then_compares(site: Site, tmp_path: Path) -> None:
     """Copy-if-needed with nothing to compare with (a first boot, a blank disk) takes the
     directory's one compressed archive instead of a request per file, and keeps its manifest;
-    the next run compares with the manifest it kept, fetching nothing."""
+    the next run finds the directory as the first left it (its walk is the one recorded),
+    fetching nothing and parsing no manifest; a change made on the node since is found."""
     target = tmp_path / "node"
     found = site.store.release("base")
     assert found is not None
@@ -589,8 +590,16 @@ async def test_sync_into_an_empty_place_unpacks_the_archive_then_compares(site: 
     assert tree(target / "srv") == tree(site.image / "srv")
     assert await run_agent(*site.argv(target)) == 0
     again = next(e for e in await site.events() if e.stage == "sync:/srv")
-    assert again.message.startswith("0 files fetched, 0 deleted; manifest kept; manifest "), again
-    assert not again.bytes
+    unchanged = "0 files fetched, 0 deleted; manifest kept; as the last boot left it;"
+    assert again.message.startswith(unchanged), again
+    assert "decode" not in again.message and not again.bytes
+    # a file's mode changed on the node: the walk is not the one recorded; compared, mended
+    changed = next(p for p in sorted((target / "srv").rglob("*")) if p.is_file() and not p.is_symlink())
+    changed.chmod(0o600)
+    assert await run_agent(*site.argv(target)) == 0
+    mended = next(e for e in await site.events() if e.stage == "sync:/srv")
+    assert mended.message.startswith("0 files fetched, 0 deleted; manifest kept; manifest "), mended
+    assert "decode" in mended.message and tree(target / "srv") == tree(site.image / "srv")
     # without the kept manifest (a node that never kept one): the whole manifest again
     shutil.rmtree(target.with_name(target.name + ".slim-state"))
     assert await run_agent(*site.argv(target)) == 0

@@ -16,6 +16,7 @@ import shutil
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,12 +81,7 @@ def run_sync(origin: Origin, d: Directory, dest: Path, records: sync.Records) ->
     """What the agent's Builder does for one sync directory (slim.agent.ee)."""
     relays = Relays([origin.url], timeout=10)
     try:
-        dest.mkdir(parents=True, exist_ok=True)
-        result = sync.SyncResult()
-        raw = sync.manifest_bytes(d, relays, records, result)
-        sync.sync(dest, mf.decode(raw), [], lambda files: sync.Fetcher(relays, files, dest), result)
-        records.write(d.path, raw)
-        return result
+        return sync.run(d, dest, [], relays, records)
     finally:
         relays.close()
 
@@ -225,7 +221,7 @@ def tamper(root: Path, changes: list[tuple[str, int, int]]) -> None:
         files = [e for e in entries if e.kind == "file"]
         if what == "hardlink" and len(files) > 1:  # one file's name made another's
             a, b = files[which % len(files)], files[(which + n) % len(files)]
-            if a.path != b.path:
+            if a.path != b.path and a.xattrs == b.xattrs:  # (else b gets attributes not looked for)
                 (root / b.path).unlink()
                 os.link(root / a.path, root / b.path)
             continue
@@ -281,6 +277,63 @@ def test_one_sync_makes_any_tree_the_release(
     run_sync(origin, d, node, records)
     assert snapshot(node) == snapshot(src)
     shutil.rmtree(work)
+
+
+def between_boots() -> None:
+    """Time between two boots, as far as the record of a walk cares: past RACY_NS after the
+    last change, so that the next walk can be trusted (:func:`slim.agent.sync.seen_tree`)."""
+    time.sleep(1.5 * sync.RACY_NS / 1e9)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=trees(), changes=tampering())
+def test_a_change_made_on_the_node_is_found_when_the_release_did_not_change(
+    origin: Origin, tmp_path: Path, tree: Spec, changes: list[tuple[str, int, int]]
+) -> None:
+    """The node recorded what its directory looked like; then the directory was changed on
+    the node and the release was not: the next walk is not the one recorded, the directory is
+    compared, and one sync makes it the release again.  Unchanged, it is left as it is."""
+    work = tmp_path / f"ex{os.urandom(4).hex()}"
+    src, node = work / "src", work / "node"
+    records = sync.Records(work / "state")
+    build(src, tree)
+    d, _ = origin.publish(src)
+    run_sync(origin, d, node, records)
+    between_boots()
+    second = run_sync(origin, d, node, records)  # compared, nothing to change: recorded
+    assert "as the last boot left it" not in second.notes and records.has_seen(d.path)
+    third = run_sync(origin, d, node, records)
+    assert "as the last boot left it" in third.notes and "decode" not in third.seconds
+    tamper(node, changes)  # (left as it was, the node would differ: the snapshot tells)
+    run_sync(origin, d, node, records)
+    assert snapshot(node) == snapshot(src)
+    shutil.rmtree(work)
+
+
+def test_a_walk_is_recorded_only_once_the_clock_has_moved_past_its_changes(tmp_path: Path) -> None:
+    """The record of a walk made from the comparison's walk is the walk's own, byte for byte;
+    an entry changed within RACY_NS of the walk makes it one not to trust (a later change
+    in the same clock tick could leave its ctime as it was)."""
+    root = tmp_path / "d"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "f").write_bytes(b"x")
+    (root / "l").symlink_to("sub/f")
+    (root / "other").mkdir()  # another entry's directory: not entered
+    (root / "other" / "g").write_bytes(b"y")
+    key = sync.seen_key("sha256:" + "0" * 64, ["other"])
+    have = sync.stat_tree(str(root), ["other"])
+    assert "other" in have and "other/g" not in have
+    newest = max(st.st_ctime_ns for st in [*have.values(), os.lstat(root)])
+    walked = sync.seen_tree(str(root), ["other"], key)
+    assert walked is not None
+    for started, trusted in [
+        (newest, False),
+        (newest + sync.RACY_NS, False),
+        (newest + sync.RACY_NS + 1, True),
+    ]:
+        assert sync.seen_of(os.lstat(root), have, key, started) == (walked[0], trusted)
+    assert sync.seen_tree(str(root), [], key) != walked  # other/g is seen now
+    assert sync.seen_tree(str(root), ["other"], sync.seen_key("sha256:" + "1" * 64, ["other"])) != walked
 
 
 def test_an_unchanged_tree_fetches_nothing_and_a_changed_one_only_its_changes(
