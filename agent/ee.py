@@ -204,7 +204,7 @@ class Builder:
                     f"{result.files} files fetched, {result.deleted} deleted; manifest {result.manifest}"
                 )
             elif d.policy == "sync":
-                message = f"{result.files} files unpacked (empty: the archive)"
+                message = f"{result.files} files unpacked (empty: the archive), {result.deleted} deleted"
             else:
                 message = f"{result.files} files unpacked"
             if result.notes:
@@ -244,10 +244,15 @@ class Builder:
         if d.policy == "sync":
             if d.archive is not None and self._empty(d, dest):
                 # nothing to compare with (a first boot, a blank disk): one compressed
-                # stream instead of a request per file; the next boots compare
+                # stream instead of a request per file, then compared with the manifest
+                # (what was there besides is put right) and kept, with its walk
+                self.records.forget(d.path)
                 unpacked = self._unpack(d, d.archive, dest)
-                kept = self._record(d, dest)
-                return Result(unpacked.bytes + kept.bytes, unpacked.files, 0, "", kept.notes)
+                kept = sync.run(d, dest, self._nested(d), self.relays, self.records, settle=True)
+                return Result(
+                    unpacked.bytes + kept.bytes, unpacked.files + kept.files, kept.deleted, "",
+                    [*kept.notes, kept.breakdown()],
+                )  # fmt: skip
             return self._sync(d, dest)
         dest.mkdir(parents=True, exist_ok=True)  # nfs: the mount point (mounted above on a real boot)
         return Result()
@@ -377,11 +382,6 @@ class Builder:
         return Result(
             result.bytes, result.files, result.deleted, result.manifest, [*result.notes, result.breakdown()]
         )
-
-    def _record(self, d: Directory, dest: Path) -> Result:
-        """After a directory was unpacked whole (:func:`slim.agent.sync.record_unpacked`)."""
-        result = sync.record_unpacked(d, dest, self._nested(d), self.relays, self.records)
-        return Result(result.bytes, 0, 0, result.manifest, result.notes)
 
     def _write_active(self) -> None:
         if not self.no_reboot:

@@ -9,7 +9,8 @@ files whose bytes differ (standard library only: this runs in the initrd).
    manifest's bytes are checked against the plan's (signed) ``manifest_raw``.
 2. **The comparison** looks at every entry on the node (one ``os.scandir`` per
    directory, one ``lstat`` per entry, nothing followed) — a record never stands in
-   for looking, so what changed on the node since (content, size, time, type, a file
+   for looking (step 5 only spares the comparison of a walk identical to a recorded
+   one), so what changed on the node since (content, size, time, type, a file
    turned into a directory or a link) is found, as rsync finds it.  A file whose size
    and mtime match is taken as is (rsync's quick check) unless the kept manifest says
    the release changed its bytes since; same size and another mtime, it is hashed.
@@ -23,15 +24,17 @@ files whose bytes differ (standard library only: this runs in the initrd).
    entries are left alone.
 4. **The record** of the applied manifest is written last (replaced atomically), once
    the directory matches it.
-5. **What the directory looked like** once it matched the manifest (:meth:`Records.seen`):
-   every entry's path, type and mode, device and inode, size, mtime and ctime, from one
-   walk.  When the plan's manifest is the kept one, the next boot walks the directory
-   again (the same ``scandir`` and ``lstat``) and, if the walk sees exactly that, the
-   directory still matches: no manifest is parsed and nothing compared.  Any change
-   made on the node since moves an entry's ctime (content, size, mode, owner, xattrs,
-   links) or its inode, or adds or removes a path, and the comparison above runs.  An
-   entry changed within :data:`RACY_NS` of the walk that saw it is not trusted (a later
-   change in the same clock tick could keep its ctime): no record is written then.
+5. **What the directory looked like** when a comparison found it matching the manifest
+   and changed nothing (:meth:`Records.seen`; after an unpack, the comparison that
+   follows it): every entry's path, ctime, type and mode, device and inode, size, mtime,
+   owner, link count and device number, from that walk.  When the plan's manifest is
+   the kept one, the next boot walks the directory again (the same ``scandir`` and
+   ``lstat``) and, if the walk sees exactly that, the directory still matches: no
+   manifest is parsed and nothing compared.  Any change made on the node since moves an
+   entry's ctime (content, size, mode, owner, xattrs, links) or its inode, or adds or
+   removes a path, and the comparison above runs.  A walk that saw an entry changed
+   within :func:`racy_margin` of it (20 ms; 2 s where the file system keeps whole
+   seconds) is not recorded: a later change in the same clock tick could keep its ctime.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import array
 import collections
 import hashlib
 import json
+import operator
 import os
 import shutil
 import stat
@@ -70,7 +74,15 @@ HASH_BLOCK = 1 << 20
 # An entry whose ctime is this close to the walk that saw it (or later) is not trusted to
 # show a later change: the kernel stamps ctimes from a coarse clock (one tick: 1-10 ms).
 RACY_NS = 20_000_000
-SEEN_MAGIC = b"slim-seen 1\n"
+SEEN_MAGIC = b"slim-seen 2\n"
+SEEN_FIELDS = 10  # per entry: ctime first (see seen_tree)
+# what is recorded of each entry, ctime first
+_SEEN = operator.attrgetter(
+    "st_ctime_ns", "st_mode", "st_dev", "st_ino", "st_size", "st_mtime_ns",
+    "st_uid", "st_gid", "st_nlink", "st_rdev",
+)  # fmt: skip
+Trust = tuple[bool, bool]  # (trusted, would be after RACY_NS): _trusted
+Seen = tuple[bytes, Trust]  # a walk's record and its trust (seen_tree)
 _FMT = {
     "d": stat.S_IFDIR,
     "f": stat.S_IFREG,
@@ -96,7 +108,7 @@ class SyncResult:
     kept: _Raw | None = None  # the manifest kept from the last run, if any
     changed: bool = False  # something in the directory was changed
     digest: str = ""  # "sha256:<hex>" of the manifest
-    seen: _Raw | None = None  # the walk, to record: the directory matched and nothing changed
+    seen: Seen | None = None  # the walk, and whether to trust it: it matched, nothing changed
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went, by phase
 
     def took(self, phase: str, since: float) -> float:
@@ -177,10 +189,11 @@ def _read_regular(path: Path, limit: int) -> bytes | None:
     except OSError:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a fifo put there would block the boot
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:  # a fifo would block the boot
             return None
         with os.fdopen(fd, "rb", closefd=False) as f:
-            raw = f.read(limit + 1)
+            raw = f.read(st.st_size + 1)  # (no buffer of the limit's size for a small file)
     except OSError:
         return None
     finally:
@@ -189,15 +202,16 @@ def _read_regular(path: Path, limit: int) -> bytes | None:
 
 
 def seen_key(digest: str, prune: Collection[str]) -> bytes:
-    """What a record of a walk holds besides the walk: the manifest it matched, and the
-    directories the walk did not enter."""
-    return SEEN_MAGIC + "\0".join([digest, *sorted(prune)]).encode("utf-8", "surrogateescape") + b"\n"
+    """What a record of a walk holds besides the walk: the manifest it matched, whether
+    owners were compared (as root), and the directories the walk did not enter."""
+    owners = "owners" if os.geteuid() == 0 else "no owners"
+    return SEEN_MAGIC + "\0".join([digest, owners, *sorted(prune)]).encode("utf-8", "surrogateescape") + b"\n"
 
 
-def seen_tree(root: str, prune: Collection[str], key: bytes) -> tuple[bytes, bool] | None:
+def seen_tree(root: str, prune: Collection[str], key: bytes) -> Seen | None:
     """One walk of ``root`` as :meth:`Records.seen` compares it (:func:`stat_tree`'s walk:
     the same entries in the same order), and whether it can be trusted to show later changes
-    (no ctime within :data:`RACY_NS` of it); None if an entry's times do not fit in 64 bits."""
+    (:func:`_trusted`); None if an entry's times do not fit in 64 bits."""
     started = time.time_ns()
     pruned = frozenset(prune)
     st = os.lstat(root)
@@ -206,7 +220,7 @@ def seen_tree(root: str, prune: Collection[str], key: bytes) -> tuple[bytes, boo
     ints = array.array("q")
     add_path, add_ints, isdir = paths.append, ints.extend, stat.S_ISDIR
     try:
-        add_ints((st.st_mode, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        add_ints(_SEEN(st))
         todo = [("", root)]
         while todo:
             rel, full = todo.pop()
@@ -215,27 +229,43 @@ def seen_tree(root: str, prune: Collection[str], key: bytes) -> tuple[bytes, boo
                     st = d.stat(follow_symlinks=False)
                     r = f"{rel}/{d.name}" if rel else d.name
                     add_path(r)
-                    add_ints((st.st_mode, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+                    add_ints(_SEEN(st))
                     if isdir(st.st_mode) and st.st_dev == root_dev and r not in pruned:
                         todo.append((r, d.path))
     except OverflowError:  # a time past 2262 (made on the node): compared the long way
         return None
-    return _seen_bytes(key, ints, paths), max(ints[5::6]) < started - RACY_NS
+    return _seen_bytes(key, ints, paths), _trusted(ints, started)
 
 
 def seen_of(
     root_st: os.stat_result, have: dict[str, os.stat_result], key: bytes, started: int
-) -> tuple[bytes, bool] | None:
+) -> Seen | None:
     """:func:`seen_tree` from the walk :func:`stat_tree` made (the same entries in the same
     order; ``root_st``: the root's ``lstat``, ``started``: ``time.time_ns()`` before both)."""
     try:
         ints = array.array("q")
         add = ints.extend
         for st in (root_st, *have.values()):
-            add((st.st_mode, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            add(_SEEN(st))
     except OverflowError:
         return None
-    return _seen_bytes(key, ints, ["", *have]), max(ints[5::6]) < started - RACY_NS
+    return _seen_bytes(key, ints, ["", *have]), _trusted(ints, started)
+
+
+def _trusted(ints: array.array[int], started: int) -> Trust:
+    """Whether a walk that began at ``started`` can be trusted to show any later change (its
+    newest ctime is :func:`racy_margin` older than that), and whether waiting
+    :data:`RACY_NS` would make it so."""
+    newest = max(ints[::SEEN_FIELDS])
+    margin = racy_margin(newest)
+    return newest < started - margin, margin == RACY_NS
+
+
+def racy_margin(ctime_ns: int) -> int:
+    """How old a ctime must be for a later change to be sure to move it: :data:`RACY_NS`,
+    or two seconds where the file system keeps whole seconds (ext2, or ext4 with 128-byte
+    inodes, as mke2fs makes small file systems)."""
+    return RACY_NS if ctime_ns % 1_000_000_000 else 2_000_000_000
 
 
 def _seen_bytes(key: bytes, ints: array.array[int], paths: list[str]) -> bytes:
@@ -304,9 +334,13 @@ def _manifest_bytes(d: Directory, relays: Relays, records: Records, result: Sync
     return raw
 
 
-def run(d: Directory, dest: Path, nested: Collection[str], relays: Relays, records: Records) -> SyncResult:
+def run(
+    d: Directory, dest: Path, nested: Collection[str], relays: Relays, records: Records, settle: bool = False
+) -> SyncResult:
     """Bring ``dest`` up to date with the plan's directory ``d`` (the steps in this module's
-    docstring); ``nested``: the directories other entries of the plan manage."""
+    docstring); ``nested``: the directories other entries of the plan manage.  ``settle``:
+    the directory was just written (unpacked whole), so its walk is too recent to record;
+    wait :data:`RACY_NS` and record a second walk if it is the first one."""
     dest.mkdir(parents=True, exist_ok=True)
     result = SyncResult()
     raw = manifest_bytes(d, relays, records, result)
@@ -326,38 +360,23 @@ def run(d: Directory, dest: Path, nested: Collection[str], relays: Relays, recor
         before_change=lambda: records.forget(d.path), key=key,
     )  # fmt: skip
     started = time.monotonic()
-    try:
-        if result.manifest != "kept" or result.changed:
+    if result.manifest != "kept" or result.changed:
+        try:
             records.write(d.path, raw)
-        if result.seen is not None:
-            records.write_seen(d.path, result.seen)
-    except OSError as exc:  # the directory is right: the next boot only compares more
-        result.notes.append(f"its manifest is not kept: {exc}")
-    result.took("keep", started)
-    return result
-
-
-def record_unpacked(
-    d: Directory, dest: Path, nested: Collection[str], relays: Relays, records: Records
-) -> SyncResult:
-    """After the directory was unpacked whole: its manifest is what it now has, kept for the
-    next boot's comparison and deltas, with what the directory looks like now; a failure only
-    costs the next boot bytes."""
-    result = SyncResult()
-    try:
-        raw = manifest_bytes(d, relays, records, result)
-        mf.decode(raw)  # a kept manifest is one that was checked (decode(checked=True) later)
-        records.write(d.path, raw)
-        key = seen_key(result.digest, nested)
-        seen = seen_tree(str(dest), nested, key)
-        if seen is not None and not seen[1]:  # just written: once the clock has moved on
-            time.sleep(RACY_NS / 1e9)
-            seen = seen_tree(str(dest), nested, key)
-        if seen is not None and seen[1]:
+        except OSError as exc:  # the directory is right: the next boot only compares more
+            result.notes.append(f"its manifest is not kept: {exc}")
+            return result
+    seen = result.seen
+    if seen is not None and settle and seen[1] == (False, True):
+        time.sleep(RACY_NS / 1e9)
+        again = seen_tree(str(dest), nested, key)
+        seen = again if again is not None and again[0] == seen[0] else None
+    if seen is not None and seen[1][0]:
+        try:
             records.write_seen(d.path, seen[0])
-    except (FetchError, PlanError, OSError, ValueError) as exc:
-        records.forget(d.path)
-        result.notes.append(f"its manifest is not kept: {exc}")
+        except OSError as exc:
+            result.notes.append(f"what it looks like is not kept: {exc}")
+    result.took("keep", started)
     return result
 
 
@@ -583,8 +602,7 @@ def sync(
         result.changed = True
         before_change()
     elif key is not None:
-        seen = seen_of(root_st, have, key, walked)
-        result.seen = seen[0] if seen is not None and seen[1] else None
+        result.seen = seen_of(root_st, have, key, walked)
     for path in sorted(remove, key=lambda p: p.count("/"), reverse=True):
         full = f"{root}/{path}"
         if stat.S_ISDIR(have[path].st_mode):

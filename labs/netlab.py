@@ -21,6 +21,7 @@ import ipaddress
 import os
 import re
 import secrets
+import shlex
 import signal
 import subprocess
 import time
@@ -72,7 +73,7 @@ class NetLab:
         if UDHCPC.count(HOST_RESOLV_CONF) != 2:
             raise AssertionError(f"the initrd's udhcpc script no longer writes {HOST_RESOLV_CONF} twice")
         self._script = tmp / "udhcpc.sh"
-        self._script.write_text(UDHCPC.replace(HOST_RESOLV_CONF, str(self.resolv_conf)))
+        self._script.write_text(UDHCPC.replace(HOST_RESOLV_CONF, shlex.quote(str(self.resolv_conf))))
         self._script.chmod(0o755)
         try:
             self._add_ns(self.server)

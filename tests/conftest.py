@@ -165,15 +165,13 @@ def _read_host_files() -> dict[Path, bytes | None]:
     return {p: p.read_bytes() if p.exists() else None for p in HOST_FILES}
 
 
-HOST_FILES_AT_START = _read_host_files()
-
-
 @pytest.fixture(autouse=True)
 def host_files_untouched() -> Iterator[None]:
+    before = _read_host_files()
     yield
-    changed = [p for p, data in _read_host_files().items() if data != HOST_FILES_AT_START[p]]
+    changed = [p for p, data in _read_host_files().items() if data != before[p]]
     for path in changed:  # put back, so that one test's damage stays its own failure
-        original = HOST_FILES_AT_START[path]
+        original = before[path]
         if original is None:
             path.unlink(missing_ok=True)
         else:

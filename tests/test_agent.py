@@ -606,6 +606,13 @@ async def test_sync_into_an_empty_place_unpacks_the_archive_then_compares(site: 
     third = next(e for e in await site.events() if e.stage == "sync:/srv")
     assert third.message.startswith("0 files fetched, 0 deleted; manifest whole;")
     assert third.bytes == srv.manifest.size
+    # a blank disk but for an empty directory (still a first boot): unpacked, then compared
+    shutil.rmtree(target / "srv")
+    (target / "srv" / "left-over").mkdir(parents=True)
+    assert await run_agent(*site.argv(target)) == 0
+    fourth = next(e for e in await site.events() if e.stage == "sync:/srv")
+    assert fourth.message.startswith("2 files unpacked (empty: the archive), 1 deleted;"), fourth
+    assert tree(target / "srv") == tree(site.image / "srv")
 
 
 # -- the environment's own report that it is up -----------------------------------------

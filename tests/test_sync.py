@@ -279,10 +279,10 @@ def test_one_sync_makes_any_tree_the_release(
     shutil.rmtree(work)
 
 
-def between_boots() -> None:
-    """Time between two boots, as far as the record of a walk cares: past RACY_NS after the
-    last change, so that the next walk can be trusted (:func:`slim.agent.sync.seen_tree`)."""
-    time.sleep(1.5 * sync.RACY_NS / 1e9)
+def between_boots(root: Path) -> None:
+    """Time between two boots, as far as the record of a walk cares: past the racy margin
+    after the last change, so that the next walk can be trusted (:func:`slim.agent.sync.seen_tree`)."""
+    time.sleep(1.5 * sync.racy_margin(os.lstat(root).st_ctime_ns) / 1e9)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -299,7 +299,7 @@ def test_a_change_made_on_the_node_is_found_when_the_release_did_not_change(
     build(src, tree)
     d, _ = origin.publish(src)
     run_sync(origin, d, node, records)
-    between_boots()
+    between_boots(node)
     second = run_sync(origin, d, node, records)  # compared, nothing to change: recorded
     assert "as the last boot left it" not in second.notes and records.has_seen(d.path)
     third = run_sync(origin, d, node, records)
@@ -326,12 +326,11 @@ def test_a_walk_is_recorded_only_once_the_clock_has_moved_past_its_changes(tmp_p
     newest = max(st.st_ctime_ns for st in [*have.values(), os.lstat(root)])
     walked = sync.seen_tree(str(root), ["other"], key)
     assert walked is not None
-    for started, trusted in [
-        (newest, False),
-        (newest + sync.RACY_NS, False),
-        (newest + sync.RACY_NS + 1, True),
-    ]:
-        assert sync.seen_of(os.lstat(root), have, key, started) == (walked[0], trusted)
+    margin = sync.racy_margin(newest)  # (2 s where the file system keeps whole seconds)
+    fine = margin == sync.RACY_NS
+    for started, trusted in [(newest, False), (newest + margin, False), (newest + margin + 1, True)]:
+        assert sync.seen_of(os.lstat(root), have, key, started) == (walked[0], (trusted, fine))
+    assert sync.racy_margin(1_700_000_000_000_000_000) == 2_000_000_000 > sync.racy_margin(newest | 1)
     assert sync.seen_tree(str(root), [], key) != walked  # other/g is seen now
     assert sync.seen_tree(str(root), ["other"], sync.seen_key("sha256:" + "1" * 64, ["other"])) != walked
 
