@@ -248,7 +248,8 @@ class Builder:
                 # (what was there besides is put right) and kept, with its walk
                 self.records.forget(d.path)
                 unpacked = self._unpack(d, d.archive, dest)
-                kept = sync.run(d, dest, self._nested(d), self.relays, self.records, settle=True)
+                written = time.time_ns()
+                kept = sync.run(d, dest, self._nested(d), self.relays, self.records, written)
                 return Result(
                     unpacked.bytes + kept.bytes, unpacked.files + kept.files, kept.deleted, "",
                     [*kept.notes, kept.breakdown()],

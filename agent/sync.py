@@ -81,8 +81,7 @@ _SEEN = operator.attrgetter(
     "st_ctime_ns", "st_mode", "st_dev", "st_ino", "st_size", "st_mtime_ns",
     "st_uid", "st_gid", "st_nlink", "st_rdev",
 )  # fmt: skip
-Trust = tuple[bool, bool]  # (trusted, would be after RACY_NS): _trusted
-Seen = tuple[bytes, Trust]  # a walk's record and its trust (seen_tree)
+Seen = tuple[bytes, bool]  # a walk's record, and whether to trust it (seen_tree)
 _FMT = {
     "d": stat.S_IFDIR,
     "f": stat.S_IFREG,
@@ -252,13 +251,11 @@ def seen_of(
     return _seen_bytes(key, ints, ["", *have]), _trusted(ints, started)
 
 
-def _trusted(ints: array.array[int], started: int) -> Trust:
-    """Whether a walk that began at ``started`` can be trusted to show any later change (its
-    newest ctime is :func:`racy_margin` older than that), and whether waiting
-    :data:`RACY_NS` would make it so."""
+def _trusted(ints: array.array[int], started: int) -> bool:
+    """Whether a walk that began at ``started`` can be trusted to show any later change: its
+    newest ctime is :func:`racy_margin` older than that."""
     newest = max(ints[::SEEN_FIELDS])
-    margin = racy_margin(newest)
-    return newest < started - margin, margin == RACY_NS
+    return newest < started - racy_margin(newest)
 
 
 def racy_margin(ctime_ns: int) -> int:
@@ -335,12 +332,12 @@ def _manifest_bytes(d: Directory, relays: Relays, records: Records, result: Sync
 
 
 def run(
-    d: Directory, dest: Path, nested: Collection[str], relays: Relays, records: Records, settle: bool = False
+    d: Directory, dest: Path, nested: Collection[str], relays: Relays, records: Records, written: int = 0
 ) -> SyncResult:
     """Bring ``dest`` up to date with the plan's directory ``d`` (the steps in this module's
-    docstring); ``nested``: the directories other entries of the plan manage.  ``settle``:
-    the directory was just written (unpacked whole), so its walk is too recent to record;
-    wait :data:`RACY_NS` and record a second walk if it is the first one."""
+    docstring); ``nested``: the directories other entries of the plan manage.  ``written``:
+    ``time.time_ns()`` when the directory was last written (just unpacked whole): the
+    comparison's walk waits until :data:`RACY_NS` after it, so that it can be recorded."""
     dest.mkdir(parents=True, exist_ok=True)
     result = SyncResult()
     raw = manifest_bytes(d, relays, records, result)
@@ -355,6 +352,9 @@ def run(
     started = time.monotonic()
     manifest = mf.decode(raw, checked=result.manifest == "kept")  # kept: decoded before
     result.took("decode", started)
+    wait = written + RACY_NS - time.time_ns()
+    if wait > 0:
+        time.sleep(wait / 1e9)
     sync(
         dest, manifest, nested, lambda files: Fetcher(relays, files, dest), result,
         before_change=lambda: records.forget(d.path), key=key,
@@ -367,11 +367,7 @@ def run(
             result.notes.append(f"its manifest is not kept: {exc}")
             return result
     seen = result.seen
-    if seen is not None and settle and seen[1] == (False, True):
-        time.sleep(RACY_NS / 1e9)
-        again = seen_tree(str(dest), nested, key)
-        seen = again if again is not None and again[0] == seen[0] else None
-    if seen is not None and seen[1][0]:
+    if seen is not None and seen[1]:
         try:
             records.write_seen(d.path, seen[0])
         except OSError as exc:

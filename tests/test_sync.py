@@ -327,9 +327,8 @@ def test_a_walk_is_recorded_only_once_the_clock_has_moved_past_its_changes(tmp_p
     walked = sync.seen_tree(str(root), ["other"], key)
     assert walked is not None
     margin = sync.racy_margin(newest)  # (2 s where the file system keeps whole seconds)
-    fine = margin == sync.RACY_NS
     for started, trusted in [(newest, False), (newest + margin, False), (newest + margin + 1, True)]:
-        assert sync.seen_of(os.lstat(root), have, key, started) == (walked[0], (trusted, fine))
+        assert sync.seen_of(os.lstat(root), have, key, started) == (walked[0], trusted)
     assert sync.racy_margin(1_700_000_000_000_000_000) == 2_000_000_000 > sync.racy_margin(newest | 1)
     assert sync.seen_tree(str(root), [], key) != walked  # other/g is seen now
     assert sync.seen_tree(str(root), ["other"], sync.seen_key("sha256:" + "1" * 64, ["other"])) != walked
