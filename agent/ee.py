@@ -18,7 +18,8 @@ Directories are done parents first ("/" before "/usr"):
 
 Each step is a boot event (stage, time, bytes, ok, message) sent to the relay.
 At the end the active environment is written to ``run/slim/ee`` (JSON) inside
-the new root, where the EE can read it.
+the new root, where the EE can read it (in no-reboot mode beside the target:
+:func:`run_dir`).
 """
 
 from __future__ import annotations
@@ -220,15 +221,11 @@ class Builder:
             os.sync()  # what went to the node's disk is there before the EE starts
 
     def _nested(self, d: Directory) -> list[str]:
-        """Paths (relative to ``d``) of the directories other entries of the plan manage (and,
-        in no-reboot mode, ``run/slim``, where the agent itself writes the active environment:
-        on a real boot a tmpfs covers /run)."""
+        """Paths (relative to ``d``) of the directories other entries of the plan manage."""
         out = []
         for other in self.plan.directories:
             if other.path != d.path and (d.path == "/" or other.path.startswith(d.path + "/")):
                 out.append(other.path[len(d.path) :].lstrip("/"))
-        if self.no_reboot and d.path == "/":
-            out.append("run/slim")
         return out
 
     def place(self, d: Directory) -> Path:
@@ -388,10 +385,10 @@ class Builder:
         if not self.no_reboot:
             # the EE's /run: RAM that its init keeps (systemd does not mount over a mounted
             # /run), so nothing here touches the image or a disk
-            run_dir = self.target / "run"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _run("mount", "-t", "tmpfs", "-o", RUN_OPTIONS, "tmpfs", str(run_dir))
-        run = self.target / "run" / "slim"
+            ram = self.target / "run"
+            ram.mkdir(parents=True, exist_ok=True)
+            _run("mount", "-t", "tmpfs", "-o", RUN_OPTIONS, "tmpfs", str(ram))
+        run = run_dir(self.target, self.no_reboot)
         run.mkdir(parents=True, exist_ok=True)
         doc = {
             "node": self.plan.node,
@@ -401,6 +398,13 @@ class Builder:
             "time": self.report.now(),
         }
         (run / "ee").write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def run_dir(target: Path, no_reboot: bool) -> Path:
+    """Where the agent leaves what the environment reads at run time (``/run/slim``): on a
+    node, in the tmpfs mounted over the new root's ``/run``; in no-reboot mode beside the
+    target (``TARGET.slim-run/slim``), as RAM would be, never in a tree the agent keeps."""
+    return target.with_name(target.name + ".slim-run") / "slim" if no_reboot else target / "run" / "slim"
 
 
 def _move_into(staging: Path, dest: Path, rel: str, nested: set[str], skip: str = "") -> None:

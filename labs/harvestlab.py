@@ -45,6 +45,7 @@ from typing import Any
 from labs.host import free_port
 from labs.slurmlab import SLIM, SlurmLab, stop_pid_file
 from labs.wakelab import MagicPacketListener
+from slim.agent.ee import run_dir
 
 log = logging.getLogger(__name__)
 DESKTOPS = ("d1", "d2", "d3")
@@ -182,7 +183,7 @@ class HarvestLab(SlurmLab):
                 target = self.roots / d.name
                 shutil.rmtree(target, ignore_errors=True)
                 self.boot(d.name)  # the agent builds its root; switch_root and up reported
-                d.boot_id = json.loads((target / "run" / "slim" / "ee").read_text())["boot_id"]
+                d.boot_id = json.loads((run_dir(target, no_reboot=True) / "ee").read_text())["boot_id"]
                 self._run("slurmd", "-b", "-N", d.name, "-f", str(self.conf))
                 d.events.append(f"{time.strftime('%T')} in the EE (boot {d.boot_id}), slurmd started")
             except Exception as exc:  # noqa: BLE001 - a failed boot leaves the desktop in its own OS

@@ -19,6 +19,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from slim.agent.ee import run_dir
+
 CRASH_MARKER = Path("etc/slim-lab/crash-after-switch-root")
 TRIES = 5
 
@@ -26,7 +28,7 @@ TRIES = 5
 def report(relay: str, target: Path, lab: str) -> str:
     """Report ``switch_root`` and (unless the image says it crashes) ``up`` for the boot the
     agent just made under ``target``; the stage reported last."""
-    active = json.loads((target / "run" / "slim" / "ee").read_text())
+    active = json.loads((run_dir(target, no_reboot=True) / "ee").read_text())
     said = f"reported by {lab} on the environment's behalf: no environment runs in no-reboot mode"
     events = [{"stage": "switch_root", "message": said}]
     crashes = (target / CRASH_MARKER).exists()

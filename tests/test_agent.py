@@ -32,6 +32,7 @@ from click.testing import CliRunner
 from labs.host import free_port
 from slim.agent import ee, report_up, sync
 from slim.agent.__main__ import main as agent_main
+from slim.agent.ee import run_dir
 from slim.agent.fetch import DigestMismatch, FetchError, Relays
 from slim.agent.plan import BootArgs, ObjectRef, PlanError, parse_cmdline, parse_plan, require_environment
 from slim.agent.tree import scan
@@ -278,11 +279,11 @@ async def test_no_reboot_builds_the_environment(site: Site, tmp_path: Path) -> N
     code = await run_agent(*site.argv(target))
     assert code == 0
     # ram (/), disk (/var) and sync (/srv) hold exactly the image; /usr (nfs) is a mount point
-    built = tree(target, skip=("run", "usr"))
+    built = tree(target, skip=("usr",))
     image = tree(site.image, skip=("usr",))
     assert built == image
     assert (target / "usr").is_dir() and not any((target / "usr").iterdir())
-    active = json.loads((target / "run" / "slim" / "ee").read_text())
+    active = json.loads((run_dir(target, no_reboot=True) / "ee").read_text())
     assert active["node"] == "n1" and active["environment"] == "base"
     assert active["release"] == site.store.release_digest("base")
     events = list(reversed(await site.events()))
@@ -308,7 +309,7 @@ async def test_the_environment_picked_at_the_menu_is_the_one_planned(site: Site,
     target = tmp_path / "node"
     args = ("--cmdline", str(cmdline), "--trust", str(site.trust), "--no-reboot", "--target")
     assert await run_agent(*args, str(target)) == 0
-    active = json.loads((target / "run" / "slim" / "ee").read_text())
+    active = json.loads((run_dir(target, no_reboot=True) / "ee").read_text())
     assert active["environment"] == "lite" and active["release"] == site.store.release_digest("lite")
     plan = next(e for e in await site.events() if e.stage == "plan")
     assert plan.environment == "lite" and plan.message.startswith("lite "), plan
@@ -334,7 +335,7 @@ async def test_a_boot_through_an_https_relay(site: Site, tmp_path: Path) -> None
     https = ("--relay", site.relay_https_url, "--ca", str(site.ca))
     argv = ("--node", "n1", *https, "--trust", str(site.trust), "--no-reboot", "--target")
     assert await run_agent(*argv, str(tmp_path / "node")) == 0
-    assert tree(tmp_path / "node", skip=("run", "usr")) == tree(site.image, skip=("usr",))
+    assert tree(tmp_path / "node", skip=("usr",)) == tree(site.image, skip=("usr",))
     events = await site.events()
     assert {"plan", "done"} <= {e.stage for e in events} and all(e.ok for e in events)
     other = await asyncio.to_thread(CertificateAuthority.load_or_create, tmp_path / "other-ca")
@@ -520,7 +521,7 @@ async def boots_in_its_initrd(chroot: str, root: Path, site: Site, relay_url: st
         None, lambda: subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
     )
     assert proc.returncode == 0, proc.stderr
-    assert tree(root / "target", skip=("run", "usr")) == tree(site.image, skip=("usr",))
+    assert tree(root / "target", skip=("usr",)) == tree(site.image, skip=("usr",))
 
 
 def test_a_runtime_with_ssl_needs_the_ca(tmp_path: Path) -> None:
@@ -1048,7 +1049,7 @@ async def test_key_rotation_boots_nodes_whose_initrd_trusts_both_then_refuses_th
     assert await run_agent(*argv(site.relay_url, tmp_path / "a")) == 0
     event = await last_plan_event(site)
     assert event.ok and event.message.endswith(f"signed: {new.id}.pub"), event
-    assert (tmp_path / "a" / "run" / "slim" / "ee").is_file()
+    assert (run_dir(tmp_path / "a", no_reboot=True) / "ee").is_file()
     # a plan the old key signed (one on its way when the rotation began) boots it too
     async with plan_signed_by(site, old) as (relay_url, _):
         assert await run_agent(*argv(relay_url, tmp_path / "b")) == 0
@@ -1287,10 +1288,10 @@ async def test_a_medium_cache_keeps_the_boots_objects_and_checks_them(site: Site
     assert kept and all(len(k) == 64 for k in kept)
     fetched, said = await boot("second")
     assert fetched == 0 and f"{len(kept)} objects" in said and "0 kept" in said, said
-    assert tree(tmp_path / "first", skip=("run",)) == tree(tmp_path / "second", skip=("run",))
+    assert tree(tmp_path / "first") == tree(tmp_path / "second")
     damaged = stale.parent / kept[0]
     damaged.write_bytes(b"x" + damaged.read_bytes()[1:])
     fetched, said = await boot("third")
     assert fetched > 0 and "1 kept" in said, said
     assert hashlib.sha256(damaged.read_bytes()).hexdigest() == kept[0]
-    assert tree(tmp_path / "first", skip=("run",)) == tree(tmp_path / "third", skip=("run",))
+    assert tree(tmp_path / "first") == tree(tmp_path / "third")

@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from labs.netlab import NetLab
+from slim.agent.ee import run_dir
 from slim.allinone import await_ready
 from slim.core.build.release import build_environment
 from slim.core.registry import load_registry
@@ -134,7 +135,7 @@ def test_namespace_cluster_gets_addresses_and_builds_every_node(cluster: Cluster
     for node, proc in results.items():
         assert proc.returncode == 0, (node, proc.stderr[-2000:])
     for node, root in roots.items():
-        active = json.loads((root / "run" / "slim" / "ee").read_text())
+        active = json.loads((run_dir(root, no_reboot=True) / "ee").read_text())
         assert active["node"] == node and active["environment"] == "base"
         for rel in ("etc/hostname", "srv", "var"):
             assert (root / rel).exists(), (node, rel)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from slim.agent.ee import run_dir
 from slim.cli import main
 from slim.core.build.release import build_environment, verify_release
 from slim.core.control.state import BootEvent, State, booted_releases
@@ -532,7 +533,7 @@ def test_gc_keeping_one_previous_and_a_node_still_boots(tmp_path: Path) -> None:
 
             again = agent(lab, "n1", tmp_path / "roots" / "b", tmp_path / "state")
             assert again.returncode == 0, again.stderr[-2000:]
-            active = json.loads((tmp_path / "roots" / "b" / "run" / "slim" / "ee").read_text())
+            active = json.loads((run_dir(tmp_path / "roots" / "b", no_reboot=True) / "ee").read_text())
             events = admin.ListBootEvents(pb.ListBootEventsRequest(node="n1"), timeout=10).events
             stages = {e.stage for e in events if e.boot_id == active["boot_id"]}
             assert {"plan", "done"} <= stages and all(e.ok for e in events)

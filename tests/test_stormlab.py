@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from labs.stormlab import POLICIES, StormLab, solo, table2_image
+from slim.agent.ee import run_dir
 from slim.simulate import Topology, simulate
 from tests.support import need_netns
 
@@ -49,7 +50,7 @@ def test_a_small_storm_full_copy_then_copy_if_needed(tmp_path: Path) -> None:
             ram = next(e for e in r.events if e["stage"] == "ram:/")
             assert ram["bytes"] == archive.size
             root = lab.roots / r.node
-            assert (root / "etc").is_dir() and (root / "run" / "slim" / "ee").is_file()
+            assert (root / "etc").is_dir() and (run_dir(root, no_reboot=True) / "ee").is_file()
             assert not any((root / "usr").iterdir())  # NFS: only the mount point
             # what crossed the node's shaped link: at least the payload, with headers on top
             assert lab.wire_bytes(r.node) >= boot_bytes + archive.size
