@@ -216,7 +216,9 @@ def tamper(root: Path, changes: list[tuple[str, int, int]]) -> None:
     for what, which, n in changes:
         entries = sorted(scan(root), key=lambda e: e.path)
         if what == "extra":
-            (root / f"extra{n}").write_bytes(b"x" * n)
+            extra = root / f"extra{n}"
+            if not os.path.lexists(extra):  # (an extra made a directory or a link: left so)
+                extra.write_bytes(b"x" * n)
             continue
         files = [e for e in entries if e.kind == "file"]
         if what == "hardlink" and len(files) > 1:  # one file's name made another's
