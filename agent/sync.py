@@ -143,15 +143,12 @@ class Records:
     def write(self, directory: str, raw: bytes) -> None:
         self._replace(self.path(directory), raw)
 
-    def seen(self, directory: str, now: bytes) -> bool:
-        """Whether ``now`` (:func:`seen_tree`) is what the last :meth:`write_seen` of the
-        directory recorded."""
+    def seen(self, directory: str, key: bytes) -> bytes | None:
+        """The walk the last :meth:`write_seen` of the directory recorded, if it was made
+        under ``key`` (:func:`seen_key`: the same manifest, owners and nested directories)."""
         path = self._seen_path(directory)
-        return path is not None and _read_regular(path, 2 * MAX_MANIFEST_BYTES) == now
-
-    def has_seen(self, directory: str) -> bool:
-        path = self._seen_path(directory)
-        return path is not None and path.exists()
+        raw = None if path is None else _read_regular(path, 2 * MAX_MANIFEST_BYTES)
+        return raw if raw is not None and raw.startswith(key) else None
 
     def write_seen(self, directory: str, now: bytes) -> None:
         self._replace(self._seen_path(directory), now)
@@ -354,11 +351,13 @@ def run(
     comparison's walk waits until :data:`RACY_NS` after it, so that it can be recorded."""
     dest.mkdir(parents=True, exist_ok=True)
     result = SyncResult()
-    if d.manifest_raw and records.has_seen(d.path):  # the plan's manifest is the recorded one?
+    key = seen_key(d.manifest_raw, nested)
+    recorded = records.seen(d.path, key) if d.manifest_raw else None  # the plan's manifest's?
+    if recorded is not None:
         started = time.monotonic()
-        seen = seen_tree(str(dest), nested, seen_key(d.manifest_raw, nested))
+        seen = seen_tree(str(dest), nested, key)
         result.took("look", started)
-        if seen is not None and records.seen(d.path, seen[0]):
+        if seen is not None and seen[0] == recorded:
             result.manifest = "kept"  # (not even read: the directory is as it was left)
             result.notes.append("as the last boot left it")
             return result

@@ -303,7 +303,7 @@ def test_a_change_made_on_the_node_is_found_when_the_release_did_not_change(
     run_sync(origin, d, node, records)
     between_boots(node)
     second = run_sync(origin, d, node, records)  # compared, nothing to change: recorded
-    assert "as the last boot left it" not in second.notes and records.has_seen(d.path)
+    assert "as the last boot left it" not in second.notes and records.seen(d.path, b"") is not None
     third = run_sync(origin, d, node, records)
     assert "as the last boot left it" in third.notes and "decode" not in third.seconds
     tamper(node, changes)  # (left as it was, the node would differ: the snapshot tells)
@@ -333,6 +333,11 @@ def test_a_walk_is_recorded_only_once_the_clock_has_moved_past_its_changes(tmp_p
         assert sync.seen_of(os.lstat(root), have, key, started) == (walked[0], trusted)
     assert sync.racy_margin(1_700_000_000_000_000_000) == 2_000_000_000 > sync.racy_margin(newest | 1)
     assert sync.seen_tree(str(root), [], key) != walked  # other/g is seen now
+    records = sync.Records(tmp_path / "state")
+    records.write_seen("/d", walked[0])
+    assert records.seen("/d", key) == walked[0]
+    assert records.seen("/d", sync.seen_key("sha256:" + "1" * 64, ["other"])) is None  # not walked for
+    assert records.seen("/e", key) is None
     assert sync.seen_tree(str(root), ["other"], sync.seen_key("sha256:" + "1" * 64, ["other"])) != walked
 
 
