@@ -258,6 +258,20 @@ def tamper(root: Path, changes: list[tuple[str, int, int]]) -> None:
             os.setxattr(full, "user.slim", b"tampered")
 
 
+def first_sync(
+    origin: Origin, tmp_path: Path, spec: Spec
+) -> tuple[Path, Path, Path, sync.Records, Directory]:
+    """A release made of ``spec`` (its tree under WORK/src) synced from nothing to WORK/node:
+    (WORK, src, node, the node's records, the release's plan entry)."""
+    work = tmp_path / f"ex{os.urandom(4).hex()}"
+    src, node = work / "src", work / "node"
+    records = sync.Records(work / "state")
+    build(src, spec)
+    d, _ = origin.publish(src)
+    run_sync(origin, d, node, records)
+    return work, src, node, records, d
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(trees_=releases(), changes=tampering())
 def test_one_sync_makes_any_tree_the_release(
@@ -266,12 +280,7 @@ def test_one_sync_makes_any_tree_the_release(
     """The node had the release before (synced from nothing), was changed on the node,
     and the server changed the release: one sync makes it exactly the new release."""
     before, after = trees_
-    work = tmp_path / f"ex{os.urandom(4).hex()}"
-    src, node = work / "src", work / "node"
-    records = sync.Records(work / "state")
-    build(src, before)
-    d, _ = origin.publish(src)
-    run_sync(origin, d, node, records)
+    work, src, node, records, _ = first_sync(origin, tmp_path, before)
     assert snapshot(node) == snapshot(src)
     tamper(node, changes)
     build(src, after)
@@ -295,12 +304,7 @@ def test_a_change_made_on_the_node_is_found_when_the_release_did_not_change(
     """The node recorded what its directory looked like; then the directory was changed on
     the node and the release was not: the next walk is not the one recorded, the directory is
     compared, and one sync makes it the release again.  Unchanged, it is left as it is."""
-    work = tmp_path / f"ex{os.urandom(4).hex()}"
-    src, node = work / "src", work / "node"
-    records = sync.Records(work / "state")
-    build(src, tree)
-    d, _ = origin.publish(src)
-    run_sync(origin, d, node, records)
+    work, src, node, records, d = first_sync(origin, tmp_path, tree)
     between_boots(node)
     second = run_sync(origin, d, node, records)  # compared, nothing to change: recorded
     assert "as the last boot left it" not in second.notes and records.seen(d.path, b"") is not None
