@@ -33,8 +33,9 @@ files whose bytes differ (standard library only: this runs in the initrd).
    compared.  Any change made on the node since moves an
    entry's ctime (content, size, mode, owner, xattrs, links) or its inode, or adds or
    removes a path, and the comparison above runs.  A walk that saw an entry changed
-   within :func:`racy_margin` of it (20 ms; 2 s where the file system keeps whole
-   seconds) is not recorded: a later change in the same clock tick could keep its ctime.
+   within 20 ms of it (2 s for a ctime in whole seconds) is not recorded: a later change
+   in the same clock tick could keep its ctime; nor is a record used once the clock
+   reads earlier than when its walk began, or another manifest is kept.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ SEEN_MAGIC = b"slim-seen 3\n"
 # walk of 100,000 entries.)
 _SEEN = operator.attrgetter("st_ctime_ns", "st_ino", "st_dev", "st_mode", "st_size")
 SEEN_FIELDS = 5
-Seen = tuple[bytes, bool]  # a walk's record, and whether to trust it (seen_tree)
+Seen = tuple[bytes, bool, int]  # a walk's record, whether to trust it, when it began (seen_tree)
 _FMT = {
     "d": stat.S_IFDIR,
     "f": stat.S_IFREG,
@@ -141,17 +142,27 @@ class Records:
         return path, raw, "sha256:" + hashlib.sha256(raw).hexdigest()
 
     def write(self, directory: str, raw: bytes) -> None:
+        """Keep ``raw`` as the directory's manifest (and drop the record of a walk made under
+        another: :meth:`write_seen` follows when there is one to keep)."""
+        seen = self._seen_path(directory)
+        if seen is not None:
+            seen.unlink(missing_ok=True)
         self._replace(self.path(directory), raw)
 
     def seen(self, directory: str, key: bytes) -> bytes | None:
         """The walk the last :meth:`write_seen` of the directory recorded, if it was made
-        under ``key`` (:func:`seen_key`: the same manifest, owners and nested directories)."""
+        under ``key`` (:func:`seen_key`: the same manifest, owners and nested directories)
+        and the clock has not gone back since (a change made after a clock was set back
+        could take a ctime the record holds)."""
         path = self._seen_path(directory)
         raw = None if path is None else _read_regular(path, 2 * MAX_MANIFEST_BYTES)
-        return raw if raw is not None and raw.startswith(key) else None
+        if raw is None or not raw.startswith(key, 8):
+            return None
+        return raw[8:] if int.from_bytes(raw[:8], "little") <= time.time_ns() else None
 
-    def write_seen(self, directory: str, now: bytes) -> None:
-        self._replace(self._seen_path(directory), now)
+    def write_seen(self, directory: str, seen: Seen) -> None:
+        """Keep a walk (:func:`seen_tree`) with the time it began."""
+        self._replace(self._seen_path(directory), seen[2].to_bytes(8, "little") + seen[0])
 
     def _seen_path(self, directory: str) -> Path | None:
         path = self.path(directory)
@@ -236,7 +247,7 @@ def seen_tree(root: str, prune: Collection[str], key: bytes) -> Seen | None:
                 names.pop()  # an empty directory: nothing to name
     except OverflowError:  # a time past 2262 (made on the node): compared the long way
         return None
-    return _seen_bytes(key, ints, names), _trusted(ints, started)
+    return _seen_bytes(key, ints, names), _trusted(ints, started), started
 
 
 def seen_of(
@@ -259,20 +270,22 @@ def seen_of(
             add(_SEEN(st))
     except OverflowError:
         return None
-    return _seen_bytes(key, ints, names), _trusted(ints, started)
+    return _seen_bytes(key, ints, names), _trusted(ints, started), started
 
 
 def _trusted(ints: array.array[int], started: int) -> bool:
     """Whether a walk that began at ``started`` can be trusted to show any later change: its
-    newest ctime is :func:`racy_margin` older than that."""
-    newest = max(ints[::SEEN_FIELDS])
-    return newest < started - racy_margin(newest)
+    newest ctime is :data:`RACY_NS` older than that, and its newest ctime in whole seconds
+    (a file system, or an inode, that keeps no more) two seconds older."""
+    ctimes = ints[::SEEN_FIELDS]
+    whole = [c for c in ctimes if not c % 1_000_000_000]
+    return max(ctimes) < started - RACY_NS and (not whole or max(whole) < started - 2_000_000_000)
 
 
 def racy_margin(ctime_ns: int) -> int:
     """How old a ctime must be for a later change to be sure to move it: :data:`RACY_NS`,
-    or two seconds where the file system keeps whole seconds (ext2, or ext4 with 128-byte
-    inodes, as mke2fs makes small file systems)."""
+    or two seconds where the file system keeps whole seconds (ext4 with 128-byte inodes,
+    as mke2fs makes small file systems; ext3)."""
     return RACY_NS if ctime_ns % 1_000_000_000 else 2_000_000_000
 
 
@@ -383,7 +396,7 @@ def run(
     seen = result.seen
     if seen is not None and seen[1]:
         try:
-            records.write_seen(d.path, seen[0])
+            records.write_seen(d.path, seen)
         except OSError as exc:
             result.notes.append(f"what it looks like is not kept: {exc}")
     result.took("keep", started)

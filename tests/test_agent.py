@@ -324,7 +324,7 @@ async def test_the_environment_picked_at_the_menu_is_the_one_planned(site: Site,
     # a kernel of an environment the registry no longer has: refused by name, nothing built
     cmdline.write_text(f"slim.node=n1 slim.env=gone slim.relays={site.relay_url}/\n")
     assert await run_agent(*args, str(tmp_path / "gone")) != 0
-    assert not (tmp_path / "gone" / "run").exists()
+    assert not run_dir(tmp_path / "gone", no_reboot=True).exists()
 
 
 async def test_a_boot_through_an_https_relay(site: Site, tmp_path: Path) -> None:
@@ -469,7 +469,7 @@ async def test_unknown_node_is_a_clear_error(
     code = await run_agent(*site.argv(tmp_path, node="nosuch"))
     assert code == 1
     assert "nosuch" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    assert not run_dir(tmp_path, no_reboot=True).exists()
 
 
 # -- the agent's runtime in the initrd -----------------------------------------------

@@ -8,6 +8,7 @@ the build's own code (copyset, the store)."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import os
 import random
@@ -334,12 +335,20 @@ def test_a_walk_is_recorded_only_once_the_clock_has_moved_past_its_changes(tmp_p
     assert walked is not None
     margin = sync.racy_margin(newest)  # (2 s where the file system keeps whole seconds)
     for started, trusted in [(newest, False), (newest + margin, False), (newest + margin + 1, True)]:
-        assert sync.seen_of(os.lstat(root), have, key, started) == (walked[0], trusted)
+        assert sync.seen_of(os.lstat(root), have, key, started) == (walked[0], trusted, started)
     assert sync.racy_margin(1_700_000_000_000_000_000) == 2_000_000_000 > sync.racy_margin(newest | 1)
+    # an entry that keeps whole seconds among others that keep nanoseconds: two seconds for it
+    ctimes = array.array("q", [5_000_000_123, 0, 0, 0, 0, 4_000_000_000, 0, 0, 0, 0])
+    assert not sync._trusted(ctimes, 5_100_000_000) and sync._trusted(ctimes, 6_000_000_001)
     assert sync.seen_tree(str(root), [], key) != walked  # other/g is seen now
     records = sync.Records(tmp_path / "state")
-    records.write_seen("/d", walked[0])
+    records.write_seen("/d", walked)
     assert records.seen("/d", key) == walked[0]
+    records.write("/d", b"{}")  # another manifest kept: no walk vouches for the directory
+    assert records.seen("/d", key) is None
+    records.write_seen("/d", (walked[0], True, time.time_ns() + 3600 * 10**9))
+    assert records.seen("/d", key) is None  # the clock is behind the walk's: not to be trusted
+    records.write_seen("/d", walked)
     assert records.seen("/d", sync.seen_key("sha256:" + "1" * 64, ["other"])) is None  # not walked for
     assert records.seen("/e", key) is None
     assert sync.seen_tree(str(root), ["other"], sync.seen_key("sha256:" + "1" * 64, ["other"])) != walked
