@@ -215,11 +215,12 @@ def seen_key(digest: str, prune: Collection[str]) -> bytes:
     return SEEN_MAGIC + "\0".join([digest, owners, *sorted(prune)]).encode("utf-8", "surrogateescape") + b"\n"
 
 
-def seen_tree(root: str, prune: Collection[str], key: bytes) -> Seen | None:
+def seen_tree(root: str, prune: Collection[str], key: bytes, trust: bool = True) -> Seen | None:
     """One walk of ``root`` as :meth:`Records.seen` compares it (:func:`stat_tree`'s walk:
     the same entries in the same order), and whether it can be trusted to show later changes
-    (:func:`_trusted`); None if an entry's times do not fit in 64 bits.  Each directory's
-    entries are named after ``/`` and the directory's path (names hold no ``/``)."""
+    (:func:`_trusted`; ``trust=False``: not asked, False); None if an entry's times do not
+    fit in 64 bits.  Each directory's entries are named after ``/`` and the directory's
+    path (names hold no ``/``)."""
     started = time.time_ns()
     pruned = frozenset(prune)
     st = os.lstat(root)
@@ -247,7 +248,7 @@ def seen_tree(root: str, prune: Collection[str], key: bytes) -> Seen | None:
                 names.pop()  # an empty directory: nothing to name
     except OverflowError:  # a time past 2262 (made on the node): compared the long way
         return None
-    return _seen_bytes(key, ints, names), _trusted(ints, started), started
+    return _seen_bytes(key, ints, names), trust and _trusted(ints, started), started
 
 
 def seen_of(
@@ -368,7 +369,7 @@ def run(
     recorded = records.seen(d.path, key) if d.manifest_raw else None  # the plan's manifest's?
     if recorded is not None:
         started = time.monotonic()
-        seen = seen_tree(str(dest), nested, key)
+        seen = seen_tree(str(dest), nested, key, trust=False)  # (only compared)
         result.took("look", started)
         if seen is not None and seen[0] == recorded:
             result.manifest = "kept"  # (not even read: the directory is as it was left)
