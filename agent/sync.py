@@ -75,13 +75,15 @@ HASH_BLOCK = 1 << 20
 # An entry whose ctime is this close to the walk that saw it (or later) is not trusted to
 # show a later change: the kernel stamps ctimes from a coarse clock (one tick: 1-10 ms).
 RACY_NS = 20_000_000
+RACY_WHOLE_NS = 2_000_000_000  # ... and for a ctime in whole seconds (all its file system keeps)
 SEEN_MAGIC = b"slim-seen 3\n"
 # What is recorded of each entry (ctime first): any change to an inode moves its ctime
 # (content, size, times, mode, owner, xattrs, links) and another file is another inode;
 # with the racy margin, a later change always shows.  (Each field costs about 7 ms of a
 # walk of 100,000 entries.)
-_SEEN = operator.attrgetter("st_ctime_ns", "st_ino", "st_dev", "st_mode", "st_size")
-SEEN_FIELDS = 5
+_SEEN_ATTRS = ("st_ctime_ns", "st_ino", "st_dev", "st_mode", "st_size")
+_SEEN = operator.attrgetter(*_SEEN_ATTRS)
+SEEN_FIELDS = len(_SEEN_ATTRS)
 Seen = tuple[bytes, bool, int]  # a walk's record, whether to trust it, when it began (seen_tree)
 _FMT = {
     "d": stat.S_IFDIR,
@@ -280,14 +282,14 @@ def _trusted(ints: array.array[int], started: int) -> bool:
     (a file system, or an inode, that keeps no more) two seconds older."""
     ctimes = ints[::SEEN_FIELDS]
     whole = [c for c in ctimes if not c % 1_000_000_000]
-    return max(ctimes) < started - RACY_NS and (not whole or max(whole) < started - 2_000_000_000)
+    return max(ctimes) < started - RACY_NS and (not whole or max(whole) < started - RACY_WHOLE_NS)
 
 
 def racy_margin(ctime_ns: int) -> int:
     """How old a ctime must be for a later change to be sure to move it: :data:`RACY_NS`,
     or two seconds where the file system keeps whole seconds (ext4 with 128-byte inodes,
     as mke2fs makes small file systems; ext3)."""
-    return RACY_NS if ctime_ns % 1_000_000_000 else 2_000_000_000
+    return RACY_NS if ctime_ns % 1_000_000_000 else RACY_WHOLE_NS
 
 
 def _seen_bytes(key: bytes, ints: array.array[int], paths: list[str]) -> bytes:
@@ -317,7 +319,7 @@ def manifest_bytes(d: Directory, relays: Relays, records: Records, result: SyncR
     started = time.monotonic()
     try:
         raw = _manifest_bytes(d, relays, records, result)
-        result.digest = d.manifest_raw if result.manifest == "kept" else _digest(raw)
+        result.digest = d.manifest_raw or _digest(raw)  # (with one, raw was checked against it)
         return raw
     finally:
         result.took("manifest", started)
