@@ -35,7 +35,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from slim.agent import sync
@@ -43,6 +42,7 @@ from slim.agent.fetch import FetchError, Relays, now
 from slim.agent.plan import Directory, ObjectRef, Plan, PlanError
 from slim.agent.report_up import RUN_OPTIONS
 from slim.agent.unpack import UnsafeEntry, extract_archive
+from slim.agent.value import Mutable
 
 TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
 if TYPE_CHECKING:
@@ -57,34 +57,54 @@ class BootFailed(RuntimeError):
     """A stage failed; the message names the stage and why (also reported to the core)."""
 
 
-@dataclass
-class Event:
+class Event(Mutable):
     """One boot event, as the core receives it."""
 
-    stage: str
-    time: float
-    bytes: int = 0
-    ok: bool = True
-    message: str = ""
-    duration: float = 0.0  # seconds the stage took, ending at ``time``
-    boot_key_sha256: str = ""  # switch_root: registers the boot key the environment proves its boot with
+    __slots__ = ("boot_key_sha256", "bytes", "duration", "message", "ok", "stage", "time")
+
+    def __init__(
+        self,
+        stage: str,
+        time: float,
+        bytes: int = 0,
+        ok: bool = True,
+        message: str = "",
+        duration: float = 0.0,  # seconds the stage took, ending at ``time``
+        boot_key_sha256: str = "",  # switch_root: registers the boot key the environment proves its boot with
+    ) -> None:
+        self.stage = stage
+        self.time = time
+        self.bytes = bytes
+        self.ok = ok
+        self.message = message
+        self.duration = duration
+        self.boot_key_sha256 = boot_key_sha256
 
 
-@dataclass
 class Reporter:
     """Boot events, sent to the relays as they happen (a failed send is kept for the next)."""
 
-    relays: Relays
-    node: str
-    environment: str
-    boot_id: str = field(default_factory=lambda: secrets.token_hex(8))
-    events: list[Event] = field(default_factory=list)
-    # called with each stage and the boot id before the event is sent (the storm lab
-    # measures the CPU each stage took)
-    observe: Callable[[str, str], None] | None = None
-    # seconds to add to this node's clock to read the relay's (see Plan.relay_time)
-    offset: float = 0.0
-    _unsent: list[Event] = field(default_factory=list)
+    def __init__(
+        self,
+        relays: Relays,
+        node: str,
+        environment: str,
+        boot_id: str = "",  # "": a new random one
+        events: list[Event] | None = None,
+        # called with each stage and the boot id before the event is sent (the storm lab
+        # measures the CPU each stage took)
+        observe: Callable[[str, str], None] | None = None,
+        # seconds to add to this node's clock to read the relay's (see Plan.relay_time)
+        offset: float = 0.0,
+    ) -> None:
+        self.relays = relays
+        self.node = node
+        self.environment = environment
+        self.boot_id = boot_id or secrets.token_hex(8)
+        self.events: list[Event] = [] if events is None else events
+        self.observe = observe
+        self.offset = offset
+        self._unsent: list[Event] = []
 
     def now(self) -> float:
         """The time on the relay's clock."""
@@ -142,15 +162,24 @@ class Reporter:
         return not self._unsent
 
 
-@dataclass
-class Result:
+class Result(Mutable):
     """What building one directory did."""
 
-    bytes: int = 0  # bytes fetched for this directory
-    files: int = 0  # files written (sync: fetched)
-    deleted: int = 0
-    manifest: str = ""  # sync: how its manifest came ("kept", "delta", "whole")
-    notes: list[str] = field(default_factory=list)
+    __slots__ = ("bytes", "deleted", "files", "manifest", "notes")
+
+    def __init__(
+        self,
+        bytes: int = 0,
+        files: int = 0,  # files written (sync: fetched)
+        deleted: int = 0,
+        manifest: str = "",  # sync: how its manifest came ("kept", "delta", "whole")
+        notes: list[str] | None = None,
+    ) -> None:
+        self.bytes = bytes
+        self.files = files
+        self.deleted = deleted
+        self.manifest = manifest
+        self.notes: list[str] = [] if notes is None else notes
 
 
 class Builder:

@@ -40,12 +40,12 @@ import random
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from slim.agent.cache import CacheCorrupt, LocalObjects
 from slim.agent.plan import DEFAULT_DEADLINE, ObjectRef
+from slim.agent.value import Mutable
 
 TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
 if TYPE_CHECKING:
@@ -130,16 +130,26 @@ class DigestMismatch(FetchError):
     """Bytes arrived whole but their sha256 is not the object's name."""
 
 
-@dataclass
-class FetchStats:
+class FetchStats(Mutable):
     """What a :class:`Relays` fetched: objects, bytes, resumptions, busy answers, failures."""
 
-    objects: int = 0
-    bytes: int = 0
-    resumed: int = 0
-    relay_failures: list[str] = field(default_factory=list)
-    busy: int = 0  # answers 503 (or 429): the relay asked us to come back later
-    waited: float = 0.0  # seconds slept waiting for busy relays
+    __slots__ = ("busy", "bytes", "objects", "relay_failures", "resumed", "waited")
+
+    def __init__(
+        self,
+        objects: int = 0,
+        bytes: int = 0,
+        resumed: int = 0,
+        relay_failures: list[str] | None = None,
+        busy: int = 0,  # answers 503 (or 429): the relay asked us to come back later
+        waited: float = 0.0,  # seconds slept waiting for busy relays
+    ) -> None:
+        self.objects = objects
+        self.bytes = bytes
+        self.resumed = resumed
+        self.relay_failures: list[str] = [] if relay_failures is None else relay_failures
+        self.busy = busy
+        self.waited = waited
 
 
 def retry_after(value: str | None, now: datetime | None = None) -> float | None:

@@ -36,9 +36,9 @@ import base64
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from slim.agent.tree import BLK, CHR, DIR, FIFO, FILE, HARDLINK, KINDS, SYMLINK, Entry, check_relpath
+from slim.agent.value import Value
 
 TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
 if TYPE_CHECKING:
@@ -57,14 +57,22 @@ _BAD_COMPONENT = re.compile(r"(?:\A|\x00|/)\.{0,2}(?=/|\x00|\Z)")
 _MAX_INT = 2**63 - 1
 
 
-@dataclass(frozen=True, slots=True)
-class ManifestEntry:
+class ManifestEntry(Value):
     """One entry of a manifest: the tree entry, and a file's digest (and its pieces')."""
 
-    entry: Entry
-    sha256: str = ""  # regular files: hex digest of the whole file
-    chunks: tuple[str, ...] = ()  # files stored in pieces: hex digests of the pieces, in order
-    chunk_sizes: tuple[int, ...] = ()  # ... and their sizes (empty: CHUNK_SIZE each, the last less)
+    __slots__ = ("chunk_sizes", "chunks", "entry", "sha256")
+
+    def __init__(
+        self,
+        entry: Entry,
+        sha256: str = "",  # regular files: hex digest of the whole file
+        chunks: tuple[str, ...] = (),  # files stored in pieces: hex digests of the pieces, in order
+        chunk_sizes: tuple[int, ...] = (),  # ... and their sizes (empty: CHUNK_SIZE each, the last less)
+    ) -> None:
+        self.entry = entry
+        self.sha256 = sha256
+        self.chunks = chunks
+        self.chunk_sizes = chunk_sizes
 
 
 def parts(m: ManifestEntry) -> list[tuple[str, int]]:

@@ -42,7 +42,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from slim.agent import cache
@@ -60,6 +59,7 @@ from slim.agent.plan import (
     parse_cmdline,
     read_token,
 )
+from slim.agent.value import Value
 from slim.agent.verify import KEYS_DIR, ask_plan, trusted_keys
 
 MEDIUM_FILE = Path("/etc/slim/medium.json")  # written by slim media build
@@ -80,14 +80,22 @@ class MediumError(RuntimeError):
     """The medium cannot boot this PC; the message says why, for the person in front of it."""
 
 
-@dataclass(frozen=True)
-class Medium:
+class Medium(Value):
     """What ``slim media build`` wrote into ``/etc/slim/medium.json``."""
 
-    id: str
-    node: str  # "" on a generic medium
-    relays: tuple[str, ...]
-    cache: str = ""  # the filesystem UUID of its cache partition (a USB stick's), "" for none
+    __slots__ = ("cache", "id", "node", "relays")
+
+    def __init__(
+        self,
+        id: str,
+        node: str,  # "" on a generic medium
+        relays: tuple[str, ...],
+        cache: str = "",  # the filesystem UUID of its cache partition (a USB stick's), "" for none
+    ) -> None:
+        self.id = id
+        self.node = node
+        self.relays = relays
+        self.cache = cache
 
     @classmethod
     def load(cls, path: Path) -> Medium:

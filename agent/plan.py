@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
+
+from slim.agent.value import Value
 
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 BOOT_ID_RE = re.compile(r"[0-9a-f]{1,64}")  # copies of slim.vocabulary's (the agent: stdlib only)
@@ -75,19 +76,32 @@ def parse_cmdline(text: str) -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True)
-class BootArgs:
+class BootArgs(Value):
     """What the agent takes from the kernel command line (set by the core's boot script)."""
 
-    node: str
-    environment: str
-    release: str
-    relays: tuple[str, ...]
-    init: str = "/sbin/init"  # what switch_root starts in the EE (slim.init=)
-    deadline: float = DEFAULT_DEADLINE  # seconds for the boot's fetches (slim.deadline=)
-    boot_id: str = ""  # the core's id for this boot (slim.boot=, from the boot script)
-    cache: str = ""  # a boot medium's cache partition, by its filesystem UUID (slim.cache=)
-    medium: str = ""  # the boot medium's id (slim.medium=): its image starts the cache's disk
+    __slots__ = ("boot_id", "cache", "deadline", "environment", "init", "medium", "node", "relays", "release")
+
+    def __init__(
+        self,
+        node: str,
+        environment: str,
+        release: str,
+        relays: tuple[str, ...],
+        init: str = "/sbin/init",  # what switch_root starts in the EE (slim.init=)
+        deadline: float = DEFAULT_DEADLINE,  # seconds for the boot's fetches (slim.deadline=)
+        boot_id: str = "",  # the core's id for this boot (slim.boot=, from the boot script)
+        cache: str = "",  # a boot medium's cache partition, by its filesystem UUID (slim.cache=)
+        medium: str = "",  # the boot medium's id (slim.medium=): its image starts the cache's disk
+    ) -> None:
+        self.node = node
+        self.environment = environment
+        self.release = release
+        self.relays = relays
+        self.init = init
+        self.deadline = deadline
+        self.boot_id = boot_id
+        self.cache = cache
+        self.medium = medium
 
     @classmethod
     def from_cmdline(cls, text: str) -> BootArgs:
@@ -134,51 +148,88 @@ def _seconds(text: str, key: str, default: float) -> float:
     return value
 
 
-@dataclass(frozen=True)
-class ObjectRef:
+class ObjectRef(Value):
     """An object by its digest (``sha256:<hex>``) and size."""
 
-    digest: str
-    size: int
+    __slots__ = ("digest", "size")
+
+    def __init__(self, digest: str, size: int) -> None:
+        self.digest = digest
+        self.size = size
 
     @property
     def hex(self) -> str:
         return self.digest[7:]
 
 
-@dataclass(frozen=True)
-class NfsMount:
+class NfsMount(Value):
     """A read-only NFS mount in a plan: the export and the servers to try, in order."""
 
-    server: str
-    export: str
-    options: str
-    servers: tuple[str, ...]  # every server to try, in order (a core from before lists none: [server])
+    __slots__ = ("export", "options", "server", "servers")
+
+    def __init__(
+        self,
+        server: str,
+        export: str,
+        options: str,
+        servers: tuple[str, ...],  # every server to try, in order (a core from before lists none: [server])
+    ) -> None:
+        self.server = server
+        self.export = export
+        self.options = options
+        self.servers = servers
 
 
-@dataclass(frozen=True)
-class ManifestDelta:
+class ManifestDelta(Value):
     """The directory's manifest as a delta from an earlier one (``base``: "sha256:<hex>" of
     that manifest's bytes): ``zstd -d --patch-from`` of the object ``delta``."""
 
-    base: str
-    delta: ObjectRef
+    __slots__ = ("base", "delta")
+
+    def __init__(self, base: str, delta: ObjectRef) -> None:
+        self.base = base
+        self.delta = delta
 
 
-@dataclass(frozen=True)
-class Directory:
+class Directory(Value):
     """One directory of the environment in a plan: its policy and the objects it is built from."""
 
-    path: str  # absolute and normalised; "/" is everything no other entry covers
-    policy: str
-    archive: ObjectRef | None
-    manifest: ObjectRef | None
-    nfs: NfsMount | None
-    tmpfs_size: str
-    bytes: int
-    files: int
-    manifest_raw: str = ""  # "sha256:<hex>" of the manifest's bytes (a core from before: "")
-    deltas: tuple[ManifestDelta, ...] = ()
+    __slots__ = (
+        "archive",
+        "bytes",
+        "deltas",
+        "files",
+        "manifest",
+        "manifest_raw",
+        "nfs",
+        "path",
+        "policy",
+        "tmpfs_size"
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        path: str,  # absolute and normalised; "/" is everything no other entry covers
+        policy: str,
+        archive: ObjectRef | None,
+        manifest: ObjectRef | None,
+        nfs: NfsMount | None,
+        tmpfs_size: str,
+        bytes: int,
+        files: int,
+        manifest_raw: str = "",  # "sha256:<hex>" of the manifest's bytes (a core from before: "")
+        deltas: tuple[ManifestDelta, ...] = (),
+    ) -> None:
+        self.path = path
+        self.policy = policy
+        self.archive = archive
+        self.manifest = manifest
+        self.nfs = nfs
+        self.tmpfs_size = tmpfs_size
+        self.bytes = bytes
+        self.files = files
+        self.manifest_raw = manifest_raw
+        self.deltas = deltas
 
     @property
     def rel(self) -> str:
@@ -186,25 +237,60 @@ class Directory:
         return self.path.lstrip("/")
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(Value):
     """A node's plan, parsed and checked (:func:`parse_plan`): what to build and from where."""
 
-    node: str
-    environment: str
-    release_digest: str
-    kernel: ObjectRef | None
-    initrd: ObjectRef | None
-    modules: tuple[str, ...]
-    disk: str
-    directories: tuple[Directory, ...]  # parents before children
-    relays: tuple[str, ...]  # first URL of each ranked relay, best first
-    relay_time: float | None = None  # the relay's clock when it sent the plan
-    https_relays: tuple[str, ...] = ()  # the first https:// URL of each ranked relay that has one
-    http_relays: tuple[str, ...] = ()  # the first http:// URL of each ranked relay that has one
-    secrets: int = 0  # secret files to ask the relays for (GET /v1/nodes/{node}/secrets)
-    desktop: bool = False  # a harvested desktop: nothing of it goes on a disk
-    kernel_args: str = ""  # the release kernel's command line (what a boot medium kexecs it with)
+    __slots__ = (
+        "desktop",
+        "directories",
+        "disk",
+        "environment",
+        "http_relays",
+        "https_relays",
+        "initrd",
+        "kernel",
+        "kernel_args",
+        "modules",
+        "node",
+        "relay_time",
+        "relays",
+        "release_digest",
+        "secrets",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        node: str,
+        environment: str,
+        release_digest: str,
+        kernel: ObjectRef | None,
+        initrd: ObjectRef | None,
+        modules: tuple[str, ...],
+        disk: str,
+        directories: tuple[Directory, ...],  # parents before children
+        relays: tuple[str, ...],  # first URL of each ranked relay, best first
+        relay_time: float | None = None,  # the relay's clock when it sent the plan
+        https_relays: tuple[str, ...] = (),  # the first https:// URL of each ranked relay that has one
+        http_relays: tuple[str, ...] = (),  # the first http:// URL of each ranked relay that has one
+        secrets: int = 0,  # secret files to ask the relays for (GET /v1/nodes/{node}/secrets)
+        desktop: bool = False,  # a harvested desktop: nothing of it goes on a disk
+        kernel_args: str = "",  # the release kernel's command line (what a boot medium kexecs it with)
+    ) -> None:
+        self.node = node
+        self.environment = environment
+        self.release_digest = release_digest
+        self.kernel = kernel
+        self.initrd = initrd
+        self.modules = modules
+        self.disk = disk
+        self.directories = directories
+        self.relays = relays
+        self.relay_time = relay_time
+        self.https_relays = https_relays
+        self.http_relays = http_relays
+        self.secrets = secrets
+        self.desktop = desktop
+        self.kernel_args = kernel_args
 
     def object_digests(self) -> set[str]:
         """The hex digests of the objects the plan names (kernel, initrd, archives, manifests

@@ -15,24 +15,27 @@ import json
 import os
 import posixpath
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from slim.agent.plan import PlanError
+from slim.agent.value import Value
 
 MAX_SECRETS = 256
 MAX_SECRET_BYTES = 1 << 20
 _OWNER = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]{0,31})(?::([A-Za-z0-9_][A-Za-z0-9_.-]{0,31}))?")
 
 
-@dataclass(frozen=True)
-class Secret:
+class Secret(Value):
     """One secret file for the node (its content is never printed)."""
 
-    path: str
-    mode: int
-    owner: str
-    content: bytes = field(repr=False)
+    __slots__ = ("content", "mode", "owner", "path")
+    _hidden = ("content",)
+
+    def __init__(self, path: str, mode: int, owner: str, content: bytes) -> None:
+        self.path = path
+        self.mode = mode
+        self.owner = owner
+        self.content = content
 
 
 def parse(data: bytes) -> list[Secret]:

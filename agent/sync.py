@@ -53,7 +53,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from slim.agent import manifest as mf
@@ -61,6 +60,7 @@ from slim.agent.fetch import FetchError, Relays
 from slim.agent.plan import Directory, ObjectRef, PlanError
 from slim.agent.tree import FILE, Entry
 from slim.agent.unpack import TreeWriter, nofollow
+from slim.agent.value import Mutable
 
 TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
 if TYPE_CHECKING:
@@ -98,20 +98,33 @@ _FMT = {
 _Raw = bytes  # (SyncResult has a field named bytes)
 
 
-@dataclass
-class SyncResult:
+class SyncResult(Mutable):
     """What one copy-if-needed run did, and where its time went."""
 
-    bytes: int = 0  # bytes fetched (manifest or its delta, and files)
-    files: int = 0  # files fetched
-    deleted: int = 0
-    manifest: str = "whole"  # how the manifest came: "kept", "delta" or "whole"
-    notes: list[str] = field(default_factory=list)
-    kept: _Raw | None = None  # the manifest kept from the last run, if any
-    changed: bool = False  # something in the directory was changed
-    digest: str = ""  # "sha256:<hex>" of the manifest
-    seen: Seen | None = None  # the walk, and whether to trust it: it matched, nothing changed
-    seconds: dict[str, float] = field(default_factory=dict)  # where the time went, by phase
+    __slots__ = (
+        "bytes",
+        "changed",
+        "deleted",
+        "digest",
+        "files",
+        "kept",
+        "manifest",
+        "notes",
+        "seconds",
+        "seen",
+    )
+
+    def __init__(self) -> None:
+        self.bytes = 0  # bytes fetched (manifest or its delta, and files)
+        self.files = 0  # files fetched
+        self.deleted = 0
+        self.manifest = "whole"  # how the manifest came: "kept", "delta" or "whole"
+        self.notes: list[str] = []
+        self.kept: _Raw | None = None  # the manifest kept from the last run, if any
+        self.changed = False  # something in the directory was changed
+        self.digest = ""  # "sha256:<hex>" of the manifest
+        self.seen: Seen | None = None  # the walk, and whether to trust it: it matched, nothing changed
+        self.seconds: dict[str, float] = {}  # where the time went, by phase
 
     def took(self, phase: str, since: float) -> float:
         """Add the time since ``since`` (time.monotonic()) to ``phase``; now."""
@@ -465,17 +478,26 @@ def _xattrs_match(path: str, want: tuple[tuple[str, bytes], ...]) -> bool:
         return False
 
 
-@dataclass(frozen=True)
 class Previous:
     """What the manifest kept from the last run said of each file, when the manifest changed
     since (only what the comparison uses, read without the checks of a manifest to apply:
     it only ever makes the agent fetch more, or read pieces it checks by their digests)."""
 
-    index: dict[str, int]  # path: its entry
-    digests: list[str]  # per entry ("" but for files)
-    sizes: list[int]
-    mtimes: list[int]
-    chunks: dict[int, tuple[list[str], list[int]]]
+    __slots__ = ("chunks", "digests", "index", "mtimes", "sizes")
+
+    def __init__(
+        self,
+        index: dict[str, int],  # path: its entry
+        digests: list[str],  # per entry ("" but for files)
+        sizes: list[int],
+        mtimes: list[int],
+        chunks: dict[int, tuple[list[str], list[int]]],
+    ) -> None:
+        self.index = index
+        self.digests = digests
+        self.sizes = sizes
+        self.mtimes = mtimes
+        self.chunks = chunks
 
     def digest(self, path: str) -> str | None:
         i = self.index.get(path)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from slim.agent.value import Mutable, Value
 
 DIR = "dir"
 FILE = "file"
@@ -27,29 +28,60 @@ FIFO = "fifo"
 KINDS = (DIR, FILE, SYMLINK, HARDLINK, CHR, BLK, FIFO)
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(Value):
     """One file system object, with everything needed to recreate it."""
 
+    __slots__ = ("gid", "kind", "mode", "mtime_ns", "path", "rdev", "size", "target", "uid", "xattrs")
     path: str
     kind: str
     mode: int  # permission bits, including setuid/setgid/sticky (stat.S_IMODE)
     uid: int
     gid: int
     mtime_ns: int
-    size: int = 0  # regular files only
-    target: str = ""  # symlink target, or the earlier path a hard link names
-    rdev: tuple[int, int] = (0, 0)  # (major, minor) of device nodes
-    xattrs: tuple[tuple[str, bytes], ...] = ()
+    size: int  # regular files only
+    target: str  # symlink target, or the earlier path a hard link names
+    rdev: tuple[int, int]  # (major, minor) of device nodes
+    xattrs: tuple[tuple[str, bytes], ...]
+
+    def __init__(
+        self,
+        path: str,
+        kind: str,
+        mode: int,
+        uid: int,
+        gid: int,
+        mtime_ns: int,
+        size: int = 0,
+        target: str = "",
+        rdev: tuple[int, int] = (0, 0),
+        xattrs: tuple[tuple[str, bytes], ...] = (),
+    ) -> None:
+        self.path = path
+        self.kind = kind
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.mtime_ns = mtime_ns
+        self.size = size
+        self.target = target
+        self.rdev = rdev
+        self.xattrs = xattrs
 
 
-@dataclass(slots=True)
-class ScanReport:
+class ScanReport(Mutable):
     """What a scan left out, so callers can say so."""
 
-    sockets: list[str] = field(default_factory=list)
-    other_filesystems: list[str] = field(default_factory=list)
-    unreadable_xattrs: list[str] = field(default_factory=list)
+    __slots__ = ("other_filesystems", "sockets", "unreadable_xattrs")
+
+    def __init__(
+        self,
+        sockets: list[str] | None = None,
+        other_filesystems: list[str] | None = None,
+        unreadable_xattrs: list[str] | None = None,
+    ) -> None:
+        self.sockets = [] if sockets is None else sockets
+        self.other_filesystems = [] if other_filesystems is None else other_filesystems
+        self.unreadable_xattrs = [] if unreadable_xattrs is None else unreadable_xattrs
 
 
 def check_relpath(path: str) -> str:

@@ -33,10 +33,10 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from slim.agent.tree import BLK, CHR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, check_relpath
+from slim.agent.value import Mutable
 
 TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
 if TYPE_CHECKING:
@@ -61,14 +61,16 @@ class UnsafeEntry(Exception):
         self.reason = reason
 
 
-@dataclass
-class WriteStats:
+class WriteStats(Mutable):
     """What a :class:`TreeWriter` wrote."""
 
-    entries: int = 0
-    files: int = 0  # non-directory entries
-    bytes: int = 0  # regular file bytes written
-    xattr_failures: int = 0
+    __slots__ = ("bytes", "entries", "files", "xattr_failures")
+
+    def __init__(self) -> None:
+        self.entries = 0
+        self.files = 0  # non-directory entries
+        self.bytes = 0  # regular file bytes written
+        self.xattr_failures = 0
 
 
 class TreeWriter:

@@ -18,12 +18,12 @@ import subprocess
 import tempfile
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slim.agent.ee import Reporter
 from slim.agent.fetch import Relays, now
 from slim.agent.plan import BootArgs, Plan, PlanError, parse_plan, require_environment
+from slim.agent.value import Value
 
 KEYS_DIR = Path("/etc/slim/keys")  # in the initrd (core/build/agentrt.py puts them there)
 SIGNIFY = ("/usr/bin/signify-openbsd", "signify-openbsd", "signify")
@@ -36,13 +36,20 @@ class PlanRefused(PlanError):
     """The plan is not one the core signed for this node and this request (says why)."""
 
 
-@dataclass(frozen=True)
-class Checked:
+class Checked(Value):
     """A plan document whose signature a trusted key verified."""
 
-    document: bytes  # what the agent parses (parse_plan)
-    key: str  # the trusted public key file that verified it
-    relay_time: float | None  # the relay's clock (not signed: only for the events' times)
+    __slots__ = ("document", "key", "relay_time")
+
+    def __init__(
+        self,
+        document: bytes,  # what the agent parses (parse_plan)
+        key: str,  # the trusted public key file that verified it
+        relay_time: float | None,  # the relay's clock (not signed: only for the events' times)
+    ) -> None:
+        self.document = document
+        self.key = key
+        self.relay_time = relay_time
 
 
 def trusted_keys(paths: list[Path]) -> list[Path]:
@@ -149,15 +156,24 @@ def _verified_by(document: bytes, signature: str, keys: list[Path], what: str = 
     raise PlanRefused(f"the {what}'s signature does not verify against the trusted keys ({names})")
 
 
-@dataclass(frozen=True)
-class Asked:
+class Asked(Value):
     """A plan the relays handed over and that proved itself (:func:`ask_plan`)."""
 
-    plan: Plan
-    checked: Checked
-    size: int  # bytes of the relay's answer
-    asked: float  # this node's clock when it asked, and when the answer came
-    answered: float
+    __slots__ = ("answered", "asked", "checked", "plan", "size")
+
+    def __init__(
+        self,
+        plan: Plan,
+        checked: Checked,
+        size: int,  # bytes of the relay's answer
+        asked: float,  # this node's clock when it asked, and when the answer came
+        answered: float,
+    ) -> None:
+        self.plan = plan
+        self.checked = checked
+        self.size = size
+        self.asked = asked
+        self.answered = answered
 
 
 def ask_plan(
@@ -177,7 +193,7 @@ def ask_plan(
     answered = now()
     try:
         checked = check(data, keys, boot.node, nonce, answered, follow=follow)
-        plan = replace(parse_plan(checked.document), relay_time=checked.relay_time)
+        plan = parse_plan(checked.document).replace(relay_time=checked.relay_time)
         require_environment(plan, boot)
     except PlanError as exc:
         refused = Reporter(relays, boot.node, "", observe=observe)

@@ -3,7 +3,6 @@ tree scan they are made from."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -198,7 +197,7 @@ def test_version_1_manifests_of_older_releases_are_still_read(tmp_path: Path) ->
             data = (tmp_path / m.entry.path).read_bytes()
             fixed = [data[i : i + mf.CHUNK_SIZE] for i in range(0, len(data), mf.CHUNK_SIZE)]
             hexes = tuple(hashlib.sha256(p).hexdigest() for p in fixed)
-            m = dataclasses.replace(m, chunks=hexes, chunk_sizes=())
+            m = m.replace(chunks=hexes, chunk_sizes=())
         items.append(m)
     lines = [{"format": "slim-manifest", "version": 1, "chunk_size": mf.CHUNK_SIZE, "directory": "/srv",
               "entries": len(items)}]  # fmt: skip

@@ -394,7 +394,7 @@ def test_a_delta_from_the_kept_manifest_rebuilds_the_new_one(origin: Origin, tmp
     build(src, spec)
     d2, raw2 = origin.publish(src)
     [delta] = make_deltas_from(origin.store, raw1, raw2)
-    d2 = Directory(**{**d2.__dict__, "deltas": (delta,)})
+    d2 = d2.replace(deltas=(delta,))
     result = run_sync(origin, d2, node, records)
     assert d2.manifest is not None and result.manifest == "delta" and result.files == 1
     assert result.bytes < d2.manifest.size // 20 + len(b"changed"), (result.bytes, d2.manifest.size)
@@ -404,7 +404,7 @@ def test_a_delta_from_the_kept_manifest_rebuilds_the_new_one(origin: Origin, tmp
     build(src, spec)
     d3, raw3 = origin.publish(src)
     [delta3] = make_deltas_from(origin.store, raw2, raw3)
-    d3 = Directory(**{**d3.__dict__, "deltas": (delta3,)})
+    d3 = d3.replace(deltas=(delta3,))
     kept = records.path("/srv")
     assert kept is not None
     kept.write_bytes(kept.read_bytes().replace(b'"f0001"', b'"f000X"'))
@@ -499,7 +499,7 @@ def test_an_insertion_into_a_big_file_moves_about_what_rsync_moves(origin: Origi
     build(src, spec)
     before = raw
     d, raw = origin.publish(src)
-    d = Directory(**{**d.__dict__, "deltas": tuple(make_deltas_from(origin.store, before, raw))})
+    d = d.replace(deltas=tuple(make_deltas_from(origin.store, before, raw)))
     result = run_sync(origin, d, node, records)
     assert result.manifest == "delta"
     assert snapshot(node) == snapshot(src)

@@ -3,7 +3,6 @@ target; normal special files round-trip with owners, modes, times and xattrs."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import shutil
@@ -315,7 +314,7 @@ def test_an_archive_made_by_gnu_tar_unpacks_identically(tmp_path: Path) -> None:
 
     # GNU tar keeps whole-second times in this mode; compare everything else exactly
     def seconds(e: Entry) -> Entry:
-        return dataclasses.replace(e, mtime_ns=e.mtime_ns // 10**9)
+        return e.replace(mtime_ns=e.mtime_ns // 10**9)
 
     assert [seconds(e) for e in _entries(out)] == [seconds(e) for e in _entries(src)]
     assert stat.S_IMODE(os.stat(out).st_mode) == stat.S_IMODE(os.stat(src).st_mode)
