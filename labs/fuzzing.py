@@ -13,7 +13,6 @@ Seeds (small valid inputs) are in ``tests/fuzz_seeds/<target>/``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import logging
@@ -230,7 +229,7 @@ def _tree(root: Path) -> list[tuple[object, ...]]:
     unpacking: their times are not compared)."""
     return [
         (
-            e if e.kind != "dir" else dataclasses.replace(e, mtime_ns=0),
+            e if e.kind != "dir" else e.replace(mtime_ns=0),
             (root / e.path).read_bytes() if e.kind == "file" else b"",
         )
         for e in scan(root)
