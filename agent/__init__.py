@@ -7,6 +7,7 @@ checks that every such import is listed.
 """
 
 DEFERRED = (
+    "argparse",  # slim.agent.__main__: only for --help and a command line it does not read itself
     "concurrent.futures",  # slim.agent.sync.Fetcher: only when files are fetched
     "concurrent.futures.thread",
     "tarfile",  # slim.agent.unpack.extract_tar: only to unpack an archive

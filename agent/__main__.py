@@ -21,7 +21,6 @@ it on the environment's behalf (``labs.onbehalf``), saying so.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import secrets
@@ -78,64 +77,111 @@ def open_cache(
         return None
 
 
+class Args:
+    """The agent's command line (:data:`OPTIONS`)."""
+
+    cmdline: Path
+    node: str | None
+    relay: list[str]
+    no_reboot: bool
+    target: Path | None
+    trust: list[Path]
+    token_file: Path | None
+    ca: Path
+    follow_endorsements: bool
+    cache_dir: Path | None
+    state_dir: Path | None
+
+
+# The options: (name, "flag" | "one" | "many", type, default, help)
+OPTIONS: tuple[tuple[str, str, Callable[[str], object], object, str], ...] = (
+    ("--cmdline", "one", Path, Path("/proc/cmdline"), "kernel command line file"),
+    ("--node", "one", str, None, "node name (instead of slim.node on the command line)"),
+    ("--relay", "many", str, None, "relay URL (repeatable; instead of slim.relays)"),
+    ("--no-reboot", "flag", bool, False, "build under --target; no mounts, no switch_root"),
+    ("--target", "one", Path, None, "where the environment is built (--no-reboot)"),
+    (
+        "--trust", "many", Path, None,
+        "a public key (.pub) or a directory of them that plans must be signed by (repeatable; "
+        f"default on a real boot: {KEYS_DIR}, which the build fills; with --no-reboot: required, "
+        "for example STATE_DIR/keys/signing.pub)",
+    ),
+    (
+        "--token-file", "one", Path, None,
+        f"the node's token (slim node enroll), sent with every call to the relays (default on a "
+        f"real boot: {TOKEN_FILE} in the initrd, if there is one)",
+    ),
+    (
+        "--ca", "one", Path, CA_FILE,
+        f"SLIM's CA certificate, which https relays' certificates must chain to (default: {CA_FILE}, "
+        "which the build puts into the initrd when the registry has an https relay)",
+    ),
+    (
+        "--follow-endorsements", "flag", bool, False,
+        "also trust the keys the core's key rotations chain to from the trusted keys (a boot "
+        "medium, which carries the key of the day it was made; a release's initrd never does)",
+    ),
+    (
+        "--cache-dir", "one", Path, None,
+        "a local object cache (tests; a boot medium's agent says slim.cache=UUID instead: its "
+        "partition on the medium)",
+    ),
+    (
+        "--state-dir", "one", Path, None,
+        "where copy-if-needed keeps the manifests it applied, which the next run compares "
+        "with and rebuilds from deltas (default with --no-reboot: TARGET.slim-state beside "
+        f"--target; on a real boot: {STATE_DIR} on the node's partition)",
+    ),
+)  # fmt: skip
+
+
+def parse_args(argv: list[str]) -> Args:
+    """The command line.  Its usual forms (``--option VALUE``, ``--option=VALUE``, flags)
+    are read here; for anything else (``--help``, an abbreviation, a mistake) argparse reads
+    it, and gives its help and its errors: importing argparse takes about 4 ms, at every
+    start of a node."""
+    args = Args()
+    names = {name: (name[2:].replace("-", "_"), kind, kind_type) for name, kind, kind_type, _, _ in OPTIONS}
+    for name, kind, _, default, _ in OPTIONS:
+        setattr(args, names[name][0], [] if kind == "many" else default)
+    rest = iter(argv)
+    for arg in rest:
+        name, eq, value = arg.partition("=")
+        if name not in names or (eq and names[name][1] == "flag"):
+            return _argparse(argv)
+        dest, kind, kind_type = names[name]
+        if kind == "flag":
+            setattr(args, dest, True)
+            continue
+        if not eq:
+            value = next(rest, "-")
+            if value.startswith("-"):  # argparse takes it for an option: its error
+                return _argparse(argv)
+        if kind == "many":
+            getattr(args, dest).append(kind_type(value))
+        else:
+            setattr(args, dest, kind_type(value))
+    return args
+
+
+def _argparse(argv: list[str]) -> Args:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="slim-agent", description=__doc__.split("\n\n")[0])
+    for name, kind, kind_type, default, text in OPTIONS:
+        if kind == "flag":
+            ap.add_argument(name, action="store_true", help=text)
+        elif kind == "many":
+            ap.add_argument(name, type=kind_type, action="append", default=[], help=text)
+        else:
+            ap.add_argument(name, type=kind_type, default=default, help=text)
+    return ap.parse_args(argv, namespace=Args())
+
+
 def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | None = None) -> int:
     """The agent; ``observe(stage, boot_id)`` is called at each boot event (for a lab that
     runs the agent in its own process)."""
-    ap = argparse.ArgumentParser(prog="slim-agent", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cmdline", type=Path, default=Path("/proc/cmdline"), help="kernel command line file")
-    ap.add_argument("--node", help="node name (instead of slim.node on the command line)")
-    ap.add_argument(
-        "--relay", action="append", default=[], help="relay URL (repeatable; instead of slim.relays)"
-    )
-    ap.add_argument(
-        "--no-reboot", action="store_true", help="build under --target; no mounts, no switch_root"
-    )
-    ap.add_argument("--target", type=Path, help="where the environment is built (--no-reboot)")
-    ap.add_argument(
-        "--trust",
-        type=Path,
-        action="append",
-        default=[],
-        help="a public key (.pub) or a directory of them that plans must be signed by (repeatable; "
-        f"default on a real boot: {KEYS_DIR}, which the build fills; with --no-reboot: required, "
-        "for example STATE_DIR/keys/signing.pub)",
-    )
-    ap.add_argument(
-        "--token-file",
-        type=Path,
-        default=None,
-        help=f"the node's token (slim node enroll), sent with every call to the relays (default on a "
-        f"real boot: {TOKEN_FILE} in the initrd, if there is one)",
-    )
-    ap.add_argument(
-        "--ca",
-        type=Path,
-        default=CA_FILE,
-        help=f"SLIM's CA certificate, which https relays' certificates must chain to (default: {CA_FILE}, "
-        "which the build puts into the initrd when the registry has an https relay)",
-    )
-    ap.add_argument(
-        "--follow-endorsements",
-        action="store_true",
-        help="also trust the keys the core's key rotations chain to from the trusted keys (a boot "
-        "medium, which carries the key of the day it was made; a release's initrd never does)",
-    )
-    ap.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="a local object cache (tests; a boot medium's agent says slim.cache=UUID instead: its "
-        "partition on the medium)",
-    )
-    ap.add_argument(
-        "--state-dir",
-        type=Path,
-        default=None,
-        help="where copy-if-needed keeps the manifests it applied, which the next run compares "
-        "with and rebuilds from deltas (default with --no-reboot: TARGET.slim-state beside "
-        f"--target; on a real boot: {STATE_DIR} on the node's partition)",
-    )
-    args = ap.parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.node and args.relay:
             boot = BootArgs(args.node, "", "", tuple(u.rstrip("/") for u in args.relay))
@@ -162,6 +208,7 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
                     "(slim.relays or --relay) is https://"
                 )
         relays = Relays(urls, deadline=boot.deadline, token=token, ca=args.ca)
+        report: Reporter | None = None
         try:
             got = ask_plan(relays, boot, keys, follow=args.follow_endorsements, observe=observe)
             plan, checked, asked, answered = got.plan, got.checked, got.asked, got.answered
@@ -186,7 +233,7 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
                 message=f"{plan.environment} {plan.release_digest}{clock}; signed: {Path(checked.key).name}",
                 duration=answered - asked,
             )
-            target = args.target if args.no_reboot else Path("/newroot")
+            target = args.target if args.no_reboot and args.target is not None else Path("/newroot")
             local = open_cache(boot, args.cache_dir, args.no_reboot, report)
             relays.local = local
             state = args.state_dir or (
@@ -216,7 +263,7 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
                     report("report-up", ok=False, message=f"cannot leave the up report in /run: {exc}")
                     raise BootFailed(f"report-up: {exc}") from exc
                 report("switch_root", message=f"{boot.init}: the environment reports up itself")
-                if not report.drain():
+                if not report.close(tries=5):
                     print(
                         "slim-agent: no relay took the last boot events; switching root anyway",
                         file=sys.stderr,
@@ -224,6 +271,8 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
                 relays.close()
                 switch_root(target, boot.init)
         finally:
+            if report is not None:  # the events on their way: the relays take them before the agent ends
+                report.close()
             relays.close()
     except (PlanError, FetchError, BootFailed, OSError) as exc:
         print(f"slim-agent: {exc}", file=sys.stderr)

@@ -57,6 +57,9 @@ class BootFailed(RuntimeError):
     """A stage failed; the message names the stage and why (also reported to the core)."""
 
 
+EVENTS_LINGER = 0.1  # seconds a boot event waits for the next to go with it
+
+
 class Event(Mutable):
     """One boot event, as the core receives it."""
 
@@ -82,7 +85,12 @@ class Event(Mutable):
 
 
 class Reporter:
-    """Boot events, sent to the relays as they happen (a failed send is kept for the next)."""
+    """Boot events, sent to the relays as they happen, by a thread of their own (on a
+    connection of its own): the boot goes on while an event is on its way, which over a
+    slow link is a round trip saved per event.  Events that follow within
+    :data:`EVENTS_LINGER` go together (their times are when they happened).  Events are sent
+    in order, each batch with those a failed send kept; :meth:`drain` waits until the relays
+    took them, :meth:`close` before the agent ends."""
 
     def __init__(
         self,
@@ -105,6 +113,13 @@ class Reporter:
         self.observe = observe
         self.offset = offset
         self._unsent: list[Event] = []
+        self._cond = threading.Condition()
+        self._asked = False  # the sender has events to try (new ones, or drain asked again)
+        self._busy = False  # ... and is trying them
+        self._closed = False
+        self._hurry = False  # drain or close waits: no lingering
+        self._failure: BaseException | None = None  # what stopped the sender (a bug): raised here
+        self._sender: threading.Thread | None = None
 
     def now(self) -> float:
         """The time on the relay's clock."""
@@ -122,13 +137,62 @@ class Reporter:
         if self.observe is not None:
             self.observe(stage, self.boot_id)
         event = Event(stage, self.now(), nbytes, ok, message, max(0.0, duration), boot_key_sha256)
-        self.events.append(event)
-        self._unsent.append(event)
-        self.flush()
+        with self._cond:
+            self.events.append(event)
+            self._unsent.append(event)
+        self._ask()
 
-    def flush(self) -> None:
-        if not self._unsent or not self.node:
-            return
+    def _ask(self) -> None:
+        """Have the sender try what is unsent (started at the first event)."""
+        with self._cond:
+            self._raise_failure()
+            if not self.node or self._closed:
+                return
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send, name="slim-events", daemon=True)
+                self._sender.start()
+            self._asked = True
+            self._cond.notify_all()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"sending boot events failed: {self._failure!r}") from self._failure
+
+    def _send(self) -> None:
+        relays = self.relays.clone()
+        try:
+            with self._cond:
+                while True:
+                    while not self._asked and not self._closed:
+                        self._cond.wait()
+                    if not self._asked:
+                        return
+                    # what follows soon goes with it (not when drain or close wait for it)
+                    until = time.monotonic() + EVENTS_LINGER
+                    while not self._hurry and not self._closed and (left := until - time.monotonic()) > 0:
+                        self._cond.wait(left)
+                    self._asked, self._busy = False, True
+                    batch = list(self._unsent)
+                    self._cond.release()
+                    try:
+                        sent = self._post(relays, batch)
+                    except BaseException as exc:  # noqa: BLE001 - a bug: raised in the boot's thread, at its next call
+                        sent = False
+                        self._failure = exc
+                    finally:
+                        self._cond.acquire()
+                    if sent:
+                        del self._unsent[: len(batch)]
+                    self._busy = False
+                    self._cond.notify_all()
+                    if self._failure is not None:
+                        return
+        finally:
+            relays.close()
+
+    def _post(self, relays: Relays, batch: list[Event]) -> bool:
+        if not batch:
+            return True
         body = {
             "events": [
                 {
@@ -142,24 +206,48 @@ class Reporter:
                     "duration": round(e.duration, 6),
                 }
                 | ({"boot_key_sha256": e.boot_key_sha256} if e.boot_key_sha256 else {})
-                for e in self._unsent
+                for e in batch
             ]
         }
         try:
-            self.relays.call("POST", f"/v1/nodes/{self.node}/events", body)
+            relays.call("POST", f"/v1/nodes/{self.node}/events", body)
         except FetchError:
-            return  # kept; sent with the next event
-        self._unsent.clear()
+            return False  # kept; sent with the next event
+        return True
+
+    def _idle(self) -> None:
+        """Wait until the sender has tried everything it was asked to."""
+        with self._cond:
+            self._hurry = True
+            self._cond.notify_all()
+            while (self._asked or self._busy) and self._sender is not None and self._failure is None:
+                self._cond.wait()
+            self._hurry = False
+            self._raise_failure()
 
     def drain(self, tries: int = 5, pause: float = 2.0) -> bool:
-        """Send what is still unsent, a few times (before switch_root no event follows to
-        carry it: a lost switch_root would leave the core waiting for nothing)."""
+        """Wait for the events on their way; then send what is still unsent, ``tries`` more
+        times (before switch_root no event follows to carry it: a lost switch_root would
+        leave the core waiting for nothing).  True when the relays took every event."""
+        self._idle()
         for _ in range(tries):
-            if not self._unsent:
-                return True
+            if not self._unsent or not self.node:
+                break
             time.sleep(pause)
-            self.flush()
+            self._ask()
+            self._idle()
         return not self._unsent
+
+    def close(self, tries: int = 0, pause: float = 2.0) -> bool:
+        """:meth:`drain`, then stop the sender (what is not sent by then never is)."""
+        try:
+            return self.drain(tries, pause)
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            if self._sender is not None:
+                self._sender.join()
 
 
 class Result(Mutable):

@@ -450,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.no_kexec:
                 print(json.dumps({"kernel": str(kernel), "initrd": str(initrd), "cmdline": line}))
                 report("kexec", message="not started (--no-kexec)")
+                report.close()
                 return 0
             t0 = time.monotonic()
             _kexec(
@@ -460,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                 message=f"{plan.environment}: its kernel and initrd, verified",
                 duration=time.monotonic() - t0,
             )
-            report.drain()
+            report.close(tries=5)
             relays.close()
             _nics_down()
             _kexec("-e")
@@ -469,8 +470,10 @@ def main(argv: list[str] | None = None) -> int:
             relays.close()
     except (MediumError, PlanError, FetchError, OSError) as exc:
         message = _why(exc)
-        if report is not None and not isinstance(exc, PlanError):
-            report("medium", ok=False, message=message[:900])
+        if report is not None:
+            if not isinstance(exc, PlanError):
+                report("medium", ok=False, message=message[:900])
+            report.close()
         say(f"cannot boot: {message}")
         return 1
 

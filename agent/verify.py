@@ -200,5 +200,6 @@ def ask_plan(
         if boot.boot_id:
             refused.boot_id = boot.boot_id
         refused("plan", ok=False, message=f"plan refused: {exc}", duration=answered - asked)
+        refused.close()
         raise
     return Asked(plan, checked, len(data), asked, answered)

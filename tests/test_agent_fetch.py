@@ -29,6 +29,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from slim.agent.ee import Reporter
 from slim.agent.fetch import MAX_RETRY_AFTER, FetchError, Relays, retry_after
 from slim.agent.plan import DEFAULT_DEADLINE, BootArgs, ObjectRef, PlanError
 from slim.core.store import Store
@@ -441,3 +442,52 @@ def test_without_unicodedata_ascii_host_names_still_resolve() -> None:
         "refused: encoding with 'idna' codec failed (UnicodeError: 'bücher.example': only ASCII host"
         " names can be used here (no IDNA codec))",
     ]
+
+
+# -- boot events ---------------------------------------------------------------------------
+async def test_boot_events_go_on_their_own_while_the_boot_goes_on() -> None:
+    """The reporter sends events from a thread of its own: a call returns while the relay
+    has not answered; events arrive in order; a failed send is kept and goes with the next
+    event; drain says whether the relays took them all, and close ends the sender."""
+    got: list[list[str]] = []
+    arrived, release = asyncio.Event(), asyncio.Event()
+    refuse = [False]
+
+    async def events(request: web.Request) -> web.Response:
+        stages = [e["stage"] for e in (await request.json())["events"]]
+        got.append(stages)
+        arrived.set()
+        await release.wait()
+        if refuse[0]:
+            refuse[0] = False
+            return web.json_response({"error": "refused"}, status=400)
+        return web.json_response({"accepted": len(stages)})
+
+    app = web.Application()
+    app.router.add_post("/v1/nodes/{node}/events", events)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    reporter = Reporter(Relays([f"http://127.0.0.1:{port}"], timeout=30), "n1", "base")
+    try:
+        await asyncio.to_thread(reporter, "plan")  # returns, the relay holding its answer
+        await asyncio.wait_for(arrived.wait(), 30)
+        await asyncio.to_thread(reporter, "ram:/")
+        assert got == [["plan"]] and [e.stage for e in reporter._unsent] == ["plan", "ram:/"]
+        release.set()
+        assert await asyncio.to_thread(reporter.drain, 0)
+        assert got == [["plan"], ["ram:/"]]
+        refuse[0] = True
+        await asyncio.to_thread(reporter, "sync:/")
+        assert not await asyncio.to_thread(reporter.drain, 0)  # refused: kept
+        await asyncio.to_thread(reporter, "done")
+        assert await asyncio.to_thread(reporter.drain, 0)
+        assert got[-2:] == [["sync:/"], ["sync:/", "done"]]
+        assert [e.stage for e in reporter.events] == ["plan", "ram:/", "sync:/", "done"]
+    finally:
+        release.set()
+        await asyncio.to_thread(reporter.close)
+        await runner.cleanup()
+    assert reporter._sender is not None and not reporter._sender.is_alive()

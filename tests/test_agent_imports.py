@@ -5,12 +5,19 @@ that the initrd has it; and what the agent imports when it starts stays small.""
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
+import io
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from slim import agent
+from slim.agent import __main__ as agent_main
 
 AGENT = Path(agent.__file__).resolve().parent
 HTTPS_ONLY = {"ssl"}  # the initrd has it only when the registry has an https relay (agentrt)
@@ -51,12 +58,37 @@ def test_every_import_inside_a_function_is_listed_as_deferred() -> None:
 
 def test_starting_the_agent_imports_none_of_the_deferred_modules() -> None:
     """What `python3 -S -m slim.agent` imports before it does anything (as the initrd
-    starts it): none of DEFERRED, nor typing, logging or inspect."""
+    starts it): none of DEFERRED (argparse among them), nor typing, logging, dataclasses or
+    inspect."""
     code = "import sys, slim.agent.__main__; print(' '.join(sorted(sys.modules)))"
     root = AGENT.parent.parent
     out = subprocess.run(
         [sys.executable, "-S", "-c", code], env={"PYTHONPATH": str(root)}, capture_output=True, text=True,
         check=True, timeout=60,
     ).stdout.split()  # fmt: skip
-    loaded = set(out) & {*agent.DEFERRED, "typing", "logging"}
+    loaded = set(out) & {*agent.DEFERRED, "typing", "logging", "dataclasses", "inspect"}
     assert not loaded, loaded
+
+
+WORDS = [
+    "--node", "--relay", "--trust", "--target", "--no-reboot", "--follow-endorsements", "--ca",
+    "--cmdline", "--state-dir", "--cache-dir", "--token-file", "--targ", "--no-reboot=1", "--",
+    "-h", "n1", "http://127.0.0.1:1", "-x", "", "a=b", "--node=n2", "--relay=", "--trust=k.pub",
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(WORDS), max_size=8))
+def test_the_agent_reads_its_command_line_as_argparse_does(argv: list[str]) -> None:
+    """The agent reads its usual command lines itself (argparse is not imported): whatever
+    the command line, the result is argparse's, or argparse's own error."""
+
+    def parsed(parse: Callable[[list[str]], object]) -> object:
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                return vars(parse(argv))
+        except SystemExit as exc:
+            return ("exit", exc.code, out.getvalue(), err.getvalue())
+
+    assert parsed(agent_main.parse_args) == parsed(agent_main._argparse)
