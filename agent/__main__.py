@@ -282,4 +282,10 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The agent's work is done, its events taken, every file it wrote closed: it ends without
+    # the interpreter's teardown (freeing every object: about 9 ms of an unchanged run of
+    # 10,000 files, an eighth of it)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -6,12 +6,15 @@
 For each size, one tree (files of 1-32 KiB, one in 500 of 2 MiB, a symlink per 100 files,
 an extended attribute on one file in 200) is an environment whose directories all use the
 ``sync`` policy (copy-if-needed), built and served by ``slim serve`` (core and relay on
-loopback); the agent (no-reboot mode, started as the initrd starts it: ``python3 -S -m
-slim.agent``) keeps a copy up to date.  Beside it an rsync daemon on loopback serves the
-same tree and ``rsync -aX --delete`` keeps a second copy (``-X``: without it rsync does not
-copy the extended attributes, and the copies would differ).  Whole processes are timed on
-both sides; each round runs them in turn, the first of each pair alternating from round to
-round; medians of ``--repeat`` rounds.  Three situations:
+loopback); the agent keeps a copy up to date, run as a node runs it: the initrd's own
+runtime (its Python, linked from Debian's, its standard library as one zip of bytecode,
+the agent's bytecode; no OpenSSL, so files are hashed by Python's own SHA-256), unpacked
+and chrooted into, started as the initrd's /init starts it (``python3 -S -B -m
+slim.agent``), in no-reboot mode with its copy inside the chroot.  Beside it an rsync
+daemon on loopback serves the same tree and ``rsync -aX --delete`` keeps a second copy
+(``-X``: without it rsync does not copy the extended attributes, and the copies would
+differ).  Whole processes are timed on both sides; each round runs them in turn, the first
+of each pair alternating from round to round; medians of ``--repeat`` rounds.  Three situations:
 
 - **cold**: an empty target (the first copy);
 - **unchanged**: nothing changed since the last run;
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import platform
@@ -61,14 +65,18 @@ from labs import standin
 from labs.host import free_port
 from slim.agent.tree import FILE, scan
 from slim.allinone import await_ready
+from slim.core.build.agentrt import AGENT_ROOT, add_runtime, collect
+from slim.core.build.image import default_cache_dir
+from slim.core.build.initrd import CpioArchive
 from slim.core.build.release import build_environment
 from slim.core.registry import load_registry
 from slim.core.store import Store
-from slim.signing import SigningKey
+from slim.signing import PublicKey, SigningKey
 
 ROOT = Path(__file__).resolve().parent.parent
 SLIM = [sys.executable, "-m", "slim.cli"]
-AGENT = [sys.executable, "-S", "-m", "slim.agent"]  # as the initrd's /init starts it
+PYTHON = ["/usr/bin/python3", "-S", "-B"]  # as the initrd's /init starts it, chrooted into its runtime
+KEYS = "/etc/slim/keys"  # the keys the runtime trusts (the core's)
 REGISTRY = """\
 settings: {{heartbeat_interval: 1}}
 sites:
@@ -131,14 +139,39 @@ def relay_sent(relay: str) -> float:
     return relay_metric(relay, "slim_relay_sent_bytes_total")
 
 
-def agent(node: str, target: Path, relay: str, trust: Path) -> tuple[float, int]:
-    """(seconds, bytes): one copy-if-needed run of the agent (``trust``: the core's public key)."""
+class Runtime:
+    """The initrd's runtime (as ``slim ee build`` collects it, trusting ``trust``), unpacked
+    at ``root``: the agent runs chrooted into it, its copies inside it."""
+
+    def __init__(self, root: Path, trust: Path) -> None:
+        rt = collect(build_cache=default_cache_dir())
+        if rt.warnings:
+            raise SystemExit(f"the initrd's runtime: {rt.warnings}")
+        rt.trust([PublicKey.from_text(trust.read_text())])
+        archive = CpioArchive()
+        add_runtime(archive, rt)
+        buf = io.BytesIO()
+        archive.write_cpio(buf)
+        root.mkdir()
+        subprocess.run(["cpio", "-idm", "--quiet"], input=buf.getvalue(), cwd=root, check=True, timeout=120)
+        self.root = root
+
+    def argv(self, *args: str) -> list[str]:
+        return [shutil.which("chroot") or "/usr/sbin/chroot", str(self.root), *PYTHON, *args]
+
+    def env(self) -> dict[str, str]:
+        return {"PYTHONPATH": AGENT_ROOT, "PATH": "/bin:/usr/bin", "SLIM_INITRD": "1"}
+
+
+def agent(rt: Runtime, node: str, target: Path, relay: str) -> tuple[float, int]:
+    """(seconds, bytes): one copy-if-needed run of the agent, chrooted into ``rt`` (``target``
+    is inside it)."""
     before = relay_sent(relay)
-    argv = [*AGENT, "--no-reboot", "--target", str(target), "--node", node, "--relay", relay,
-            "--trust", str(trust)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    inside = "/" + str(target.relative_to(rt.root))
+    argv = rt.argv("-m", "slim.agent", "--no-reboot", "--target", inside, "--node", node, "--relay", relay,
+                   "--trust", KEYS)  # fmt: skip
     started = time.monotonic()
-    subprocess.run(argv, check=True, capture_output=True, timeout=3600, env=env)
+    subprocess.run(argv, check=True, capture_output=True, timeout=3600, env=rt.env())
     return time.monotonic() - started, int(relay_sent(relay) - before)
 
 
@@ -186,15 +219,15 @@ def sync_phases(tmp: Path, node: str) -> dict[str, float]:
     }
 
 
-def startup() -> dict[str, float]:
-    """The interpreter alone, and with the agent's imports (as the initrd starts it; medians of 5)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def startup(rt: Runtime) -> dict[str, float]:
+    """The interpreter alone, and with the agent's imports (chrooted into the initrd's
+    runtime, as the initrd starts it; medians of 5)."""
 
     def timed(*argv: str) -> float:
         runs = []
         for _ in range(5):
             t = time.monotonic()
-            subprocess.run([sys.executable, "-S", *argv], check=True, env=env, timeout=60)
+            subprocess.run(rt.argv(*argv), check=True, env=rt.env(), timeout=60)
             runs.append(time.monotonic() - t)
         return statistics.median(runs)
 
@@ -238,7 +271,7 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
     procs: list[subprocess.Popen[bytes]] = []
     rows: dict[str, list[dict[str, float]]] = {"cold": [], "unchanged": [], "changed_1pct": []}
     phases: dict[str, list[dict[str, float]]] = {"unchanged": [], "changed_1pct": []}
-    trust = keys / "signing.pub"
+    rt = Runtime(tmp / "initrd", keys / "signing.pub")
     try:
         serve = subprocess.Popen([*SLIM, "serve", "--registry", str(registry)], stdout=subprocess.PIPE,
                                  stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
@@ -256,9 +289,9 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
         )  # not synchronization of results: rsync has no ready signal; a failed start fails below
         warm("tree")
         for i in range(repeat):
-            slim_t, rsync_t = tmp / f"slim{i}", tmp / f"rsync{i}"
+            slim_t, rsync_t = rt.root / f"slim{i}", tmp / f"rsync{i}"
             order = ["slim", "rsync"] if i % 2 == 0 else ["rsync", "slim"]
-            pair = (order, slim_t, rsync_t, relay, port, trust, image)
+            pair = (order, slim_t, rsync_t, relay, port, rt, image)
             rows["cold"].append(both(*pair))
             rows["unchanged"].append(both(*pair))
             phases["unchanged"].append(sync_phases(tmp, "n1"))
@@ -277,7 +310,7 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
                 shutil.rmtree(slim_t.with_name(slim_t.name + beside))
             shutil.rmtree(rsync_t)
         big_result = (
-            big_file(big, big_mib, rng, relay, port, trust, tmp, lambda: build("big") + warm("big"))
+            big_file(big, big_mib, rng, relay, port, rt, tmp, lambda: build("big") + warm("big"))
             if big_mib
             else None
         )
@@ -299,6 +332,7 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
         "files": files,
         "bytes": sum(p.stat().st_size for p in paths),
         "first_build_s": first_build,
+        "agent_startup": startup(rt),
         "medians": medians,
         "slim_phases_s": {
             k: {p: statistics.median(r.get(p, 0.0) for r in v) for p in PHASES} for k, v in phases.items()
@@ -309,13 +343,13 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
 
 
 def both(
-    order: list[str], slim_t: Path, rsync_t: Path, relay: str, port: int, trust: Path, image: Path
+    order: list[str], slim_t: Path, rsync_t: Path, relay: str, port: int, rt: Runtime, image: Path
 ) -> dict[str, float]:
     """One run of each tool, in ``order``; both copies then checked against the tree."""
     row: dict[str, float] = {}
     for side in order:
         if side == "slim":
-            row["slim_s"], row["slim_bytes"] = agent("n1", slim_t, relay, trust)
+            row["slim_s"], row["slim_bytes"] = agent(rt, "n1", slim_t, relay)
         else:
             row["rsync_s"], row["rsync_bytes"] = rsync(port, "tree", rsync_t)
     same_as(image, slim_t, rsync_t)
@@ -323,7 +357,7 @@ def both(
 
 
 def big_file(
-    big: Path, mib: int, rng: random.Random, relay: str, port: int, trust: Path, tmp: Path, build: Any
+    big: Path, mib: int, rng: random.Random, relay: str, port: int, rt: Runtime, tmp: Path, build: Any
 ) -> dict[str, Any]:
     """One file of ``mib`` MiB, then 1 MiB inserted near its middle: bytes each tool moves."""
     path = big / "srv" / "big.dat"
@@ -331,8 +365,8 @@ def big_file(
         for _ in range(mib):
             f.write(rng.randbytes(1 << 20))
     build()
-    slim_t, rsync_t = tmp / "big-slim", tmp / "big-rsync"
-    cold = {"slim": agent("n2", slim_t, relay, trust), "rsync": rsync(port, "big", rsync_t)}
+    slim_t, rsync_t = rt.root / "big-slim", tmp / "big-rsync"
+    cold = {"slim": agent(rt, "n2", slim_t, relay), "rsync": rsync(port, "big", rsync_t)}
     half = (mib << 20) // 2 + 12_345
     with open(path, "rb") as f:
         head, tail = f.read(half), f.read()
@@ -341,7 +375,7 @@ def big_file(
     build_started = time.monotonic()
     build()
     build_s = time.monotonic() - build_started
-    changed = {"slim": agent("n2", slim_t, relay, trust), "rsync": rsync(port, "big", rsync_t)}
+    changed = {"slim": agent(rt, "n2", slim_t, relay), "rsync": rsync(port, "big", rsync_t)}
     with open(path, "rb") as f:
         want = hashlib.file_digest(f, "sha256").hexdigest()
     for t in (slim_t, rsync_t):
@@ -369,7 +403,6 @@ def main() -> None:
     if shutil.which("rsync") is None:
         raise SystemExit("rsync is missing: ./run bench installs it")
     sizes = [int(x) for x in args.files.split(",")]
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "agent")], check=True)
     results: list[dict[str, Any]] = []
     for n in sizes:
         tmp = Path(tempfile.mkdtemp(prefix=f"slim-bench-p4-{n}-"))
@@ -387,7 +420,6 @@ def write(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
         "command": "python bench/sync_vs_rsync.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
-        "agent_startup": startup(),
         "sizes": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
