@@ -31,6 +31,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -118,7 +119,8 @@ class Reporter:
         self._busy = False  # ... and is trying them
         self._closed = False
         self._hurry = False  # drain or close waits: no lingering
-        self._failure: BaseException | None = None  # what stopped the sender (a bug): raised here
+        self._failure: BaseException | None = None  # what stopped the sender (a bug)
+        self._said = False  # ... said on stderr
         self._sender: threading.Thread | None = None
 
     def now(self) -> float:
@@ -145,22 +147,19 @@ class Reporter:
     def _ask(self) -> None:
         """Have the sender try what is unsent (started at the first event)."""
         with self._cond:
-            self._raise_failure()
-            if not self.node or self._closed:
+            if not self.node or self._closed or self._failure is not None:
                 return
             if self._sender is None:
-                self._sender = threading.Thread(target=self._send, name="slim-events", daemon=True)
-                self._sender.start()
+                sender = threading.Thread(target=self._send, name="slim-events", daemon=True)
+                sender.start()
+                self._sender = sender
             self._asked = True
             self._cond.notify_all()
 
-    def _raise_failure(self) -> None:
-        if self._failure is not None:
-            raise RuntimeError(f"sending boot events failed: {self._failure!r}") from self._failure
-
     def _send(self) -> None:
-        relays = self.relays.clone()
+        relays: Relays | None = None
         try:
+            relays = self.relays.clone()
             with self._cond:
                 while True:
                     while not self._asked and not self._closed:
@@ -176,19 +175,19 @@ class Reporter:
                     self._cond.release()
                     try:
                         sent = self._post(relays, batch)
-                    except BaseException as exc:  # noqa: BLE001 - a bug: raised in the boot's thread, at its next call
-                        sent = False
-                        self._failure = exc
                     finally:
                         self._cond.acquire()
+                        self._busy = False
                     if sent:
                         del self._unsent[: len(batch)]
-                    self._busy = False
                     self._cond.notify_all()
-                    if self._failure is not None:
-                        return
+        except BaseException as exc:  # noqa: BLE001 - a bug: said when the agent waits for its events
+            with self._cond:
+                self._failure = exc
+                self._cond.notify_all()
         finally:
-            relays.close()
+            if relays is not None:
+                relays.close()
 
     def _post(self, relays: Relays, batch: list[Event]) -> bool:
         if not batch:
@@ -216,30 +215,35 @@ class Reporter:
         return True
 
     def _idle(self) -> None:
-        """Wait until the sender has tried everything it was asked to."""
+        """Wait until the sender has tried everything it was asked to (or has stopped)."""
         with self._cond:
             self._hurry = True
             self._cond.notify_all()
-            while (self._asked or self._busy) and self._sender is not None and self._failure is None:
-                self._cond.wait()
+            while (self._asked or self._busy) and self._sender is not None and self._sender.is_alive():
+                self._cond.wait(1.0)
             self._hurry = False
-            self._raise_failure()
 
     def drain(self, tries: int = 5, pause: float = 2.0) -> bool:
         """Wait for the events on their way; then send what is still unsent, ``tries`` more
         times (before switch_root no event follows to carry it: a lost switch_root would
-        leave the core waiting for nothing).  True when the relays took every event."""
+        leave the core waiting for nothing).  True when the relays took every event.  The
+        boot never fails for its events: a sender that stopped on an error (a bug) is said
+        on stderr, and the events are not sent."""
         self._idle()
         for _ in range(tries):
-            if not self._unsent or not self.node:
+            if not self._unsent or not self.node or self._failure is not None:
                 break
             time.sleep(pause)
             self._ask()
             self._idle()
+        if self._failure is not None and not self._said:
+            self._said = True
+            print(f"slim-agent: boot events could not be sent: {self._failure!r}", file=sys.stderr)
         return not self._unsent
 
     def close(self, tries: int = 0, pause: float = 2.0) -> bool:
-        """:meth:`drain`, then stop the sender (what is not sent by then never is)."""
+        """:meth:`drain`, then stop the sender (what is not sent by then never is; events
+        after it are kept in :attr:`events`, not sent)."""
         try:
             return self.drain(tries, pause)
         finally:

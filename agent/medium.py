@@ -450,7 +450,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.no_kexec:
                 print(json.dumps({"kernel": str(kernel), "initrd": str(initrd), "cmdline": line}))
                 report("kexec", message="not started (--no-kexec)")
-                report.close()
                 return 0
             t0 = time.monotonic()
             _kexec(
@@ -470,12 +469,13 @@ def main(argv: list[str] | None = None) -> int:
             relays.close()
     except (MediumError, PlanError, FetchError, OSError) as exc:
         message = _why(exc)
-        if report is not None:
-            if not isinstance(exc, PlanError):
-                report("medium", ok=False, message=message[:900])
-            report.close()
+        if report is not None and not isinstance(exc, PlanError):
+            report("medium", ok=False, message=message[:900])
         say(f"cannot boot: {message}")
         return 1
+    finally:
+        if report is not None:  # the events on their way: the relays take them before it ends
+            report.close()
 
 
 if __name__ == "__main__":

@@ -491,3 +491,21 @@ async def test_boot_events_go_on_their_own_while_the_boot_goes_on() -> None:
         await asyncio.to_thread(reporter.close)
         await runner.cleanup()
     assert reporter._sender is not None and not reporter._sender.is_alive()
+
+
+def test_a_sender_that_fails_never_stops_the_boot(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bug in sending events (here: the request raises) does not raise into the boot:
+    draining says the events were not taken, stderr says why, and close returns."""
+    reporter = Reporter(Relays([refused_url()]), "n1", "base")
+
+    def broken(relays: Relays, batch: list[object]) -> bool:
+        raise ValueError("a bug")
+
+    reporter._post = broken  # type: ignore[method-assign,assignment]
+    reporter("plan")
+    assert not reporter.drain(tries=3, pause=0)
+    reporter("done")  # after the failure: kept, not sent
+    assert not reporter.close()
+    assert [e.stage for e in reporter.events] == ["plan", "done"]
+    assert "boot events could not be sent: ValueError('a bug')" in capsys.readouterr().err
+    assert reporter._sender is not None and not reporter._sender.is_alive()
