@@ -21,6 +21,7 @@ it on the environment's behalf (``labs.onbehalf``), saying so.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import secrets
@@ -282,6 +283,10 @@ def main(argv: list[str] | None = None, observe: Callable[[str, str], None] | No
 
 
 if __name__ == "__main__":
+    # One short run that makes next to no reference cycles: the cyclic collector would only
+    # traverse, again and again, the walk's stat results and the manifest's columns (about
+    # 70 ms, a tenth, of comparing 100,000 files)
+    gc.disable()
     code = main()
     # The agent's work is done, its events taken, every file it wrote closed: it ends without
     # the interpreter's teardown (freeing every object: about 9 ms of an unchanged run of

@@ -52,7 +52,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Generator
 from pathlib import Path
 
 from slim.agent import manifest as mf
@@ -77,8 +77,9 @@ HASH_BLOCK = 1 << 20
 RACY_NS = 20_000_000
 RACY_WHOLE_NS = 2_000_000_000  # ... and for a ctime in whole seconds (all its file system keeps)
 SEEN_MAGIC = b"slim-seen 3\n"
-# The walks list a directory by its descriptor and lstat each name relative to it (no
-# path looked up again from the root: about 15 % faster than scandir's DirEntry.stat)
+# The walks open each directory relative to its parent's descriptor, list it by its own and
+# lstat each name relative to it (no path looked up again from the root, nothing followed:
+# about 15 % faster than scandir's DirEntry.stat; :func:`_directories`)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # What is recorded of each entry (ctime first): any change to an inode moves its ctime
 # (content, size, times, mode, owner, xattrs, links) and another file is another inode;
@@ -247,30 +248,66 @@ def seen_tree(root: str, prune: Collection[str], key: bytes, trust: bool = True)
     ints = array.array("q")
     add_name, add_ints, isdir = names.append, ints.extend, stat.S_ISDIR
     lstat = os.lstat
+    enter: list[str] = []
+    walk = _directories(root, enter)
     try:
         add_ints(_SEEN(st))
-        todo = [("", root)]
-        while todo:
-            rel, full = todo.pop()
+        for rel, fd in walk:
             add_name("/" + rel)
             listed = len(names)
-            fd = os.open(full, _DIR_FLAGS)
-            try:
-                for name in os.listdir(fd):
-                    st = lstat(name, dir_fd=fd)
-                    add_name(name)
-                    add_ints(_SEEN(st))
-                    if isdir(st.st_mode) and st.st_dev == root_dev:
-                        r = f"{rel}/{name}" if rel else name
-                        if r not in pruned:
-                            todo.append((r, f"{full}/{name}"))
-            finally:
-                os.close(fd)
+            for name in os.listdir(fd):
+                st = lstat(name, dir_fd=fd)
+                add_name(name)
+                add_ints(_SEEN(st))
+                if (
+                    isdir(st.st_mode)
+                    and st.st_dev == root_dev
+                    and (f"{rel}/{name}" if rel else name) not in pruned
+                ):
+                    enter.append(name)
             if len(names) == listed:
                 names.pop()  # an empty directory: nothing to name
     except OverflowError:  # a time past 2262 (made on the node): compared the long way
         return None
+    finally:
+        walk.close()
     return _seen_bytes(key, ints, names), trust and _trusted(ints, started), started
+
+
+def _directories(root: str, enter: list[str]) -> Generator[tuple[str, int], None, None]:
+    """Each directory of the walk, ``root`` first, as (path relative to ``root``, an open
+    descriptor of it), depth first.  The caller lists each and puts in ``enter`` the names
+    of the subdirectories to walk into; each is opened relative to its parent's descriptor,
+    never by a path looked up again, and nothing is followed: a directory swapped for a
+    link during the walk is an error, not a way out of the tree.  At most one descriptor
+    per level is open."""
+    held: dict[int, int] = {}  # descriptors of directories with subdirectories still to walk: how many
+    todo: list[tuple[str, str, int]] = []  # (relative path, name, its parent's descriptor)
+    current = os.open(root, _DIR_FLAGS)
+    rel = ""
+    try:
+        while True:
+            enter.clear()
+            yield rel, current
+            if enter:
+                held[current] = len(enter)
+                todo.extend((f"{rel}/{name}" if rel else name, name, current) for name in enter)
+            else:
+                os.close(current)
+            current = -1
+            if not todo:
+                return
+            rel, name, parent = todo.pop()
+            current = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            held[parent] -= 1
+            if not held[parent]:
+                del held[parent]
+                os.close(parent)
+    finally:
+        if current >= 0:
+            os.close(current)
+        for fd in held:
+            os.close(fd)
 
 
 def seen_of(
@@ -433,18 +470,17 @@ def stat_tree(root: str, prune: Collection[str]) -> dict[str, os.stat_result]:
     pruned = frozenset(prune)
     root_dev = os.lstat(root).st_dev
     lstat, isdir = os.lstat, stat.S_ISDIR
-    todo = [("", root)]
-    while todo:
-        rel, full = todo.pop()
-        fd = os.open(full, _DIR_FLAGS)
-        try:
+    enter: list[str] = []
+    walk = _directories(root, enter)
+    try:
+        for rel, fd in walk:
             for name in os.listdir(fd):
                 r = f"{rel}/{name}" if rel else name
                 st = out[r] = lstat(name, dir_fd=fd)
                 if isdir(st.st_mode) and st.st_dev == root_dev and r not in pruned:
-                    todo.append((r, f"{full}/{name}"))
-        finally:
-            os.close(fd)
+                    enter.append(name)
+    finally:
+        walk.close()
     return out
 
 

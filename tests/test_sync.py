@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import os
 import random
 import re
@@ -21,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -534,3 +536,46 @@ def test_a_kept_manifest_that_is_no_regular_file_is_not_read(tmp_path: Path) -> 
     path.parent.mkdir(parents=True)
     os.mkfifo(path)
     assert records.read("/srv") is None
+
+
+def test_the_walk_opens_each_directory_from_its_parent_and_never_follows_a_link(tmp_path: Path) -> None:
+    """A directory the walk is about to enter, swapped for a link to elsewhere, stops the walk
+    (the open refuses it) instead of being followed out of the tree; no descriptor is left open, and a
+    whole walk holds at most one per level."""
+    root = tmp_path / "d"
+    (root / "a" / "b" / "c").mkdir(parents=True)
+    (root / "x").mkdir()
+    fds = len(os.listdir("/proc/self/fd"))
+    enter: list[str] = []
+    walk = sync._directories(str(root), enter)
+    most = 0
+    for rel, fd in walk:
+        most = max(most, len(os.listdir("/proc/self/fd")) - fds)
+        enter.extend(name for name in sorted(os.listdir(fd)) if (root / rel / name).is_dir())
+    assert most <= 5 and len(os.listdir("/proc/self/fd")) == fds  # (listdir's own descriptor too)
+    enter.clear()
+    walk = sync._directories(str(root), enter)
+    assert next(walk) == ("", mock.ANY)
+    enter.append("x")
+    os.rmdir(root / "x")
+    (root / "x").symlink_to(tmp_path)  # swapped after it was listed
+    with pytest.raises(OSError, match=r"Not a directory|Too many levels of symbolic links") as raised:
+        next(walk)
+    assert raised.value.errno in (errno.ENOTDIR, errno.ELOOP)  # (O_DIRECTORY with O_NOFOLLOW: ENOTDIR)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    # a directory above, swapped for a link once the walk is inside it: the walk goes on in
+    # the directory it opened, not through the link
+    (root / "x").unlink()
+    (tmp_path / "elsewhere" / "b").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "b" / "marker").write_bytes(b"")
+    walk = sync._directories(str(root), enter)
+    assert next(walk)[0] == ""
+    enter.append("a")
+    assert next(walk)[0] == "a"
+    enter.append("b")
+    (root / "a").rename(root / "a-moved")
+    (root / "a").symlink_to(tmp_path / "elsewhere")
+    rel, fd = next(walk)
+    assert rel == "a/b" and os.listdir(fd) == ["c"]
+    walk.close()
+    assert len(os.listdir("/proc/self/fd")) == fds
