@@ -379,6 +379,16 @@ async def raw_get(port: int, target: str) -> tuple[int, bytes]:
     return int(m.group(1)), data
 
 
+async def serve_on_loopback(app: web.Application) -> tuple[web.AppRunner, str]:
+    """``app`` served on 127.0.0.1 at a port the kernel picks: its runner (to clean up) and URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
+
+
 class FakeUpstream:
     """An upstream that serves given objects, optionally with one byte flipped;
     counts requests.  (A real HTTP server: it stands in for a broken parent.)"""
@@ -403,12 +413,9 @@ class FakeUpstream:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_get("/objects/sha256/{name}", self.handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return f"http://127.0.0.1:{self.port}"
+        self._runner, url = await serve_on_loopback(app)
+        self.port = int(url.rpartition(":")[2])
+        return url
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -71,6 +71,7 @@ from tests.support import (
     pki,
     relay,
     reload_registry,
+    serve_on_loopback,
     start_relay_process,
     url,
 )
@@ -439,11 +440,7 @@ async def test_resume_from_the_next_relay(site: Site) -> None:
 
     app = web.Application()
     app.router.add_get("/objects/sha256/{name}", half)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    tcp = web.TCPSite(runner, "127.0.0.1", 0)
-    await tcp.start()
-    broken = f"http://127.0.0.1:{tcp._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    runner, broken = await serve_on_loopback(app)
     try:
         relays = Relays([broken, site.relay2_url])
         got = bytearray()

@@ -44,6 +44,7 @@ from tests.support import (
     put,
     relay,
     relay_identity,
+    serve_on_loopback,
     start_relay_process,
     stop_process,
     url,
@@ -96,12 +97,7 @@ class Scripted:
         app = web.Application()
         app.router.add_get("/objects/sha256/{name}", self.handle)
         app.router.add_get("/v1/nodes/{node}/plan", self.handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self._runner, self.url = await serve_on_loopback(app)
         return self.url
 
     async def stop(self) -> None:
@@ -465,12 +461,8 @@ async def test_boot_events_go_on_their_own_while_the_boot_goes_on() -> None:
 
     app = web.Application()
     app.router.add_post("/v1/nodes/{node}/events", events)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    reporter = Reporter(Relays([f"http://127.0.0.1:{port}"], timeout=30), "n1", "base")
+    runner, url = await serve_on_loopback(app)
+    reporter = Reporter(Relays([url], timeout=30), "n1", "base")
     try:
         await asyncio.to_thread(reporter, "plan")  # returns, the relay holding its answer
         await asyncio.wait_for(arrived.wait(), 30)
