@@ -73,6 +73,7 @@ from typing import Any
 
 import zstandard
 
+from labs import initrdroot
 from slim.core.build.agentrt import (
     AGENT_ROOT,
     PYTHON,
@@ -281,20 +282,9 @@ def stdlib_forms(runtime: Runtime) -> dict[str, int]:
 # --- start-up --------------------------------------------------------------------------------------
 
 
-def unpacked(archive: CpioArchive, into: Path) -> Path:
-    into.mkdir(parents=True)
-    subprocess.run(["cpio", "-idm", "--quiet"], input=cpio(archive), cwd=into, check=True)
-    return into
-
-
 def chrooted_start(root: Path) -> float:
-    chroot = shutil.which("chroot") or "chroot"
     t0 = time.perf_counter()
-    subprocess.run(
-        [chroot, str(root), "/usr/bin/python3", "-S", "-B", "-c", IMPORTS],
-        env={"PYTHONPATH": AGENT_ROOT, "PATH": "/bin:/usr/bin", "SLIM_INITRD": "1"},
-        check=True,
-    )
+    subprocess.run(initrdroot.python(root, "-c", IMPORTS), env=initrdroot.ENV, check=True)
     return time.perf_counter() - t0
 
 
@@ -491,7 +481,10 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "bytecode, Debian's python3.11 and zstd": variants["with_verifier_debian_binaries"],
     }
     if os.geteuid() == 0 and shutil.which("cpio") and shutil.which("chroot"):
-        roots = {name: unpacked(builder(rt), tmp / f"root-{i}") for i, (name, rt) in enumerate(forms.items())}
+        roots = {
+            name: initrdroot.unpack(builder(rt), tmp / f"root-{i}")
+            for i, (name, rt) in enumerate(forms.items())
+        }
         runs: dict[str, list[float]] = {name: [] for name in roots}
         for root in roots.values():
             chrooted_start(root)  # the page cache warm for both

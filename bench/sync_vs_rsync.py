@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import platform
@@ -61,11 +60,11 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from labs import standin
+from labs import initrdroot, standin
 from labs.host import free_port
 from slim.agent.tree import FILE, scan
 from slim.allinone import await_ready
-from slim.core.build.agentrt import AGENT_ROOT, add_runtime, collect
+from slim.core.build.agentrt import add_runtime, collect
 from slim.core.build.image import default_cache_dir
 from slim.core.build.initrd import CpioArchive
 from slim.core.build.release import build_environment
@@ -75,7 +74,6 @@ from slim.signing import PublicKey, SigningKey
 
 ROOT = Path(__file__).resolve().parent.parent
 SLIM = [sys.executable, "-m", "slim.cli"]
-PYTHON = ["/usr/bin/python3", "-S", "-B"]  # as the initrd's /init starts it, chrooted into its runtime
 KEYS = "/etc/slim/keys"  # the keys the runtime trusts (the core's)
 REGISTRY = """\
 settings: {{heartbeat_interval: 1}}
@@ -150,17 +148,10 @@ class Runtime:
         rt.trust([PublicKey.from_text(trust.read_text())])
         archive = CpioArchive()
         add_runtime(archive, rt)
-        buf = io.BytesIO()
-        archive.write_cpio(buf)
-        root.mkdir()
-        subprocess.run(["cpio", "-idm", "--quiet"], input=buf.getvalue(), cwd=root, check=True, timeout=120)
-        self.root = root
+        self.root = initrdroot.unpack(archive, root)
 
     def argv(self, *args: str) -> list[str]:
-        return [shutil.which("chroot") or "/usr/sbin/chroot", str(self.root), *PYTHON, *args]
-
-    def env(self) -> dict[str, str]:
-        return {"PYTHONPATH": AGENT_ROOT, "PATH": "/bin:/usr/bin", "SLIM_INITRD": "1"}
+        return initrdroot.python(self.root, *args)
 
 
 def agent(rt: Runtime, node: str, target: Path, relay: str) -> tuple[float, int]:
@@ -171,7 +162,7 @@ def agent(rt: Runtime, node: str, target: Path, relay: str) -> tuple[float, int]
     argv = rt.argv("-m", "slim.agent", "--no-reboot", "--target", inside, "--node", node, "--relay", relay,
                    "--trust", KEYS)  # fmt: skip
     started = time.monotonic()
-    subprocess.run(argv, check=True, capture_output=True, timeout=3600, env=rt.env())
+    subprocess.run(argv, check=True, capture_output=True, timeout=3600, env=initrdroot.ENV)
     return time.monotonic() - started, int(relay_sent(relay) - before)
 
 
@@ -227,7 +218,7 @@ def startup(rt: Runtime) -> dict[str, float]:
         runs = []
         for _ in range(5):
             t = time.monotonic()
-            subprocess.run(rt.argv(*argv), check=True, env=rt.env(), timeout=60)
+            subprocess.run(rt.argv(*argv), check=True, env=initrdroot.ENV, timeout=60)
             runs.append(time.monotonic() - t)
         return statistics.median(runs)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from labs import initrdroot
 from slim.core.build import smallpython, unzstd
 from slim.core.build.agentrt import (
     AGENT_DIR,
@@ -211,24 +212,18 @@ print(json.dumps({"modules": out, "optimize": sys.flags.optimize, "agent_doc": s
 
 def test_the_unpacked_runtime_imports_the_agent_from_bytecode_only(tmp_path: Path) -> None:
     need(os.geteuid() == 0, "root (chroot)")
-    cpio = need_tool("cpio")
-    chroot = shutil.which("chroot")
-    assert chroot is not None
+    need_tool("cpio")
+    assert shutil.which("chroot") is not None
     rt = dataclasses.replace(runtime(), data=dict(runtime().data))
     rt.trust([SigningKey.load_or_create(tmp_path / "keys").public])
     archive = CpioArchive()
     add_runtime(archive, rt)
-    buf = io.BytesIO()
-    archive.write_cpio(buf)
-    root = tmp_path / "root"
-    root.mkdir()
-    subprocess.run([cpio, "-idm", "--quiet"], input=buf.getvalue(), cwd=root, check=True, timeout=60)
+    root = initrdroot.unpack(archive, tmp_path / "root")
     before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
     def python(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [chroot, str(root), "/usr/bin/python3", "-S", "-B", *args, "-c", _CHECK],
-            env={"PYTHONPATH": AGENT_ROOT, "PATH": "/bin:/usr/bin", "SLIM_INITRD": "1"},
+            initrdroot.python(root, *args, "-c", _CHECK), env=initrdroot.ENV,
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
 
