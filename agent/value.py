@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 
 class Value:
-    """Fields in ``__slots__``, in order; equal, hashed and shown by them."""
+    """Fields in ``__slots__`` (each class's ``__init__`` gives their order); equal, hashed and
+    shown by them."""
 
     __slots__ = ()
     _hidden: ClassVar[tuple[str, ...]] = ()  # fields left out of repr (a secret's content)
