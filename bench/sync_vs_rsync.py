@@ -97,7 +97,7 @@ server:
   nfs_listen: null
   dhcp: false
 """
-PHASES = ("manifest", "decode", "look", "compare", "change", "keep")
+PHASES = ("unpack", "manifest", "decode", "look", "compare", "change", "keep")
 
 
 def make_tree(image: Path, files: int, rng: random.Random) -> list[Path]:
@@ -261,7 +261,7 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
     build("big")
     procs: list[subprocess.Popen[bytes]] = []
     rows: dict[str, list[dict[str, float]]] = {"cold": [], "unchanged": [], "changed_1pct": []}
-    phases: dict[str, list[dict[str, float]]] = {"unchanged": [], "changed_1pct": []}
+    phases: dict[str, list[dict[str, float]]] = {"cold": [], "unchanged": [], "changed_1pct": []}
     rt = Runtime(tmp / "initrd", keys / "signing.pub")
     try:
         serve = subprocess.Popen([*SLIM, "serve", "--registry", str(registry)], stdout=subprocess.PIPE,
@@ -284,6 +284,7 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
             order = ["slim", "rsync"] if i % 2 == 0 else ["rsync", "slim"]
             pair = (order, slim_t, rsync_t, relay, port, rt, image)
             rows["cold"].append(both(*pair))
+            phases["cold"].append(sync_phases(tmp, "n1"))
             rows["unchanged"].append(both(*pair))
             phases["unchanged"].append(sync_phases(tmp, "n1"))
             for f in rng.sample(paths, len(paths) // 100):  # 1 %: rewritten in place, same size
@@ -339,6 +340,7 @@ def both(
     """One run of each tool, in ``order``; both copies then checked against the tree."""
     row: dict[str, float] = {}
     for side in order:
+        os.sync()  # neither run shares its time with writing back the one before (or rmtree's)
         if side == "slim":
             row["slim_s"], row["slim_bytes"] = agent(rt, "n1", slim_t, relay)
         else:

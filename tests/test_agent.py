@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -36,8 +38,9 @@ from slim.agent.ee import run_dir
 from slim.agent.fetch import DigestMismatch, FetchError, Relays
 from slim.agent.plan import BootArgs, ObjectRef, PlanError, parse_cmdline, parse_plan, require_environment
 from slim.agent.tree import scan
+from slim.agent.unpack import UnsafeEntry
 from slim.cli import main as cli_main
-from slim.core.build import copyset
+from slim.core.build import copyset, unzstd
 from slim.core.build.agentrt import Runtime, add_runtime, collect
 from slim.core.build.image import default_cache_dir
 from slim.core.build.initrd import InitrdBuilder
@@ -275,7 +278,19 @@ def tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[object, ...]
     return out
 
 
-async def test_no_reboot_builds_the_environment(site: Site, tmp_path: Path) -> None:
+@pytest.fixture(params=["agent", "zstd"], ids=["digest-checked-by-the-agent", "digest-checked-by-zstd"])
+def archive_check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Archives unpacked through Debian's zstd, their digest checked by the agent (the agent
+    run from a checkout), or through the initrd's own (core/build/unzstd.c), which checks it."""
+    if request.param == "zstd":
+        need(shutil.which("gcc") is not None, "gcc (./run installs it)")
+        monkeypatch.setattr(ee, "UNZSTD", str(unzstd.build(default_cache_dir())))
+    else:
+        monkeypatch.setattr(ee, "UNZSTD", "/nonexistent/unzstd")
+    return str(request.param)
+
+
+async def test_no_reboot_builds_the_environment(site: Site, tmp_path: Path, archive_check: str) -> None:
     target = tmp_path / "node"
     code = await run_agent(*site.argv(target))
     assert code == 0
@@ -398,7 +413,7 @@ async def test_sync_fetches_ahead_in_order_and_cleans_up_when_a_fetch_fails(
     assert not list(target.rglob(".slim-fetch-*"))  # nothing fetched ahead is left behind
 
 
-async def test_digest_mismatch_stops_the_boot(site: Site, tmp_path: Path) -> None:
+async def test_digest_mismatch_stops_the_boot(site: Site, tmp_path: Path, archive_check: str) -> None:
     release = site.store.release("base")
     assert release is not None
     archive = release[1].directories["/"].archive
@@ -419,6 +434,59 @@ async def test_digest_mismatch_stops_the_boot(site: Site, tmp_path: Path) -> Non
     )
     assert not (target / "etc").exists() and not (target / "run").exists()  # none of it is used
     assert [p.name for p in target.iterdir()] == []
+
+
+async def test_an_archive_of_other_bytes_is_refused_whichever_zstd_unpacks_it(
+    site: Site, tmp_path: Path, archive_check: str
+) -> None:
+    """A relay that sends other bytes of the archive's length (the relays check what they
+    fetch; this one lies): refused.  The initrd's zstd reads to the end and says the bytes
+    are not the archive's, even when what they decode to was refused first."""
+    release = site.store.release("base")
+    assert release is not None and release[1].directories["/"].archive is not None
+    ref = release[1].directories["/"].archive
+    data = site.store.read_object(ref.digest)
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 1
+    member = tarfile.TarInfo("../escaped")  # a well-made archive, with an unsafe member
+    member.size = 2
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(member, io.BytesIO(b"hi"))
+    unsafe = zstandard.ZstdCompressor().compress(raw.getvalue())
+    pad = len(data) - len(unsafe) - 8  # a skippable frame: zstd reads it and makes nothing
+    assert pad >= 0
+    unsafe += (0x184D2A50).to_bytes(4, "little") + pad.to_bytes(4, "little") + bytes(pad)
+    sent: list[bytes] = []
+
+    async def liar(request: web.Request) -> web.Response:
+        return web.Response(body=sent[-1])
+
+    app = web.Application()
+    app.router.add_get("/objects/sha256/{name}", liar)
+    runner, url = await serve_on_loopback(app)
+    loop = asyncio.get_running_loop()
+    try:
+        for name, body in (("damaged", bytes(damaged)), ("unsafe", unsafe), ("right", data)):
+            sent.append(body)
+            relays = Relays([url])
+            into = tmp_path / name
+            into.mkdir()
+            try:
+                got = loop.run_in_executor(None, ee.extract, relays, ObjectRef(ref.digest, ref.size), into)
+                if name == "right":
+                    assert await got == ref.size and (into / "etc").is_dir()
+                    continue
+                with pytest.raises((DigestMismatch, UnsafeEntry)) as refused:
+                    await got
+                if archive_check == "zstd" or name == "damaged":
+                    assert refused.type is DigestMismatch, refused.value
+                if archive_check == "zstd":
+                    assert "the bytes received are not it (its sha256 is " in str(refused.value)
+            finally:
+                relays.close()
+    finally:
+        await runner.cleanup()
 
 
 # -- resuming from another relay -----------------------------------------------------
@@ -572,7 +640,9 @@ async def test_relay_killed_mid_object_the_next_relay_finishes(site: Site, tmp_p
         await loop.run_in_executor(None, victim.proc.communicate)
 
 
-async def test_sync_into_an_empty_place_unpacks_the_archive_then_compares(site: Site, tmp_path: Path) -> None:
+async def test_sync_into_an_empty_place_unpacks_the_archive_then_compares(
+    site: Site, tmp_path: Path, archive_check: str
+) -> None:
     """Copy-if-needed with nothing to compare with (a first boot, a blank disk) takes the
     directory's one compressed archive instead of a request per file, and keeps its manifest;
     the next run finds the directory as the first left it (its walk is the one recorded),

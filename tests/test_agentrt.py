@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from labs import initrdroot
+from slim.agent.ee import UNZSTD
 from slim.core.build import smallpython, unzstd
 from slim.core.build.agentrt import (
     AGENT_DIR,
@@ -145,9 +146,11 @@ def test_the_initrds_python_is_debians_without_what_the_agent_never_uses(tmp_pat
 
 def test_the_initrds_zstd_is_the_decompression_only_one() -> None:
     """tests/test_unzstd.py checks it against Debian's; here: it is the one in the initrd,
-    and zstd's compression libraries are not."""
+    where the agent looks for the zstd that checks digests, and zstd's compression
+    libraries are not."""
     rt = runtime()
-    assert rt.files["/usr/bin/zstd"] == unzstd.build(default_cache_dir()) != ZSTD
+    assert rt.files[UNZSTD] == unzstd.build(default_cache_dir()) != ZSTD
+    assert "/usr/bin/zstd" not in rt.files and rt.links["/usr/bin/zstd"] == "../lib/slim/unzstd"
     assert not any(lib in p for p in rt.files for lib in ("liblzma", "liblz4"))
 
 

@@ -1,10 +1,12 @@
 """The initrd's decompression-only zstd (core/build/unzstd.c, slim.core.build.unzstd):
 the same bytes as Debian's zstd for what the agent gives it — SLIM's archives, zstd's own
-frames, several frames, deltas made with --patch-from — and a clear error, never a crash,
-for anything else: damaged or cut input, options it does not take, random bytes."""
+frames, several frames, deltas made with --patch-from — the input's digest checked with
+--sha256, and a clear error, never a crash, for anything else: damaged or cut input, input
+that is not the one --sha256 names, options it does not take, random bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import random
@@ -114,6 +116,38 @@ def test_damaged_or_cut_input_is_an_error() -> None:
     assert empty.returncode == 1 and b"no zstd frame" in empty.stderr
 
 
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_with_sha256_the_input_must_be_the_one_it_names() -> None:
+    """What the agent runs to unpack an archive as it arrives (slim.agent.ee.extract): the
+    same output, and exit 2 naming the digest when the input is another's, read to its end
+    whether or not it could be decoded (a damaged download is told as such)."""
+    data = sample(3_000_000, 5)
+    packed = slim_archive(data)
+    right = run(packed, "-dcq", f"--sha256={sha256(packed)}")
+    assert right.returncode == 0 and right.stdout == data and right.stderr == b""
+    other = slim_archive(data[::-1])
+    wrong = run(other, "-dcq", f"--sha256={sha256(packed)}")
+    assert wrong.returncode == 2, wrong.stderr
+    assert (
+        wrong.stderr
+        == f"zstd: standard input: its sha256 is {sha256(other)}, not the one --sha256 names\n".encode()
+    )
+    damaged = bytearray(packed)
+    damaged[100] ^= 0x55  # early: undecodable long before the end
+    told = run(bytes(damaged), "-dcq", f"--sha256={sha256(packed)}")
+    assert told.returncode == 2 and f"its sha256 is {sha256(bytes(damaged))}".encode() in told.stderr
+    # its own digest: the bytes are the ones named, and they do not decode
+    named = run(bytes(damaged), "-dcq", f"--sha256={sha256(bytes(damaged))}")
+    assert named.returncode == 1 and named.stderr.startswith(b"zstd: standard input: "), named.stderr
+    cut = packed[: len(packed) // 2]
+    assert run(cut, "-dcq", f"--sha256={sha256(packed)}").returncode == 2
+    assert run(cut, "-dcq", f"--sha256={sha256(cut)}").returncode == 1
+    assert run(b"", "-dcq", f"--sha256={sha256(packed)}").returncode == 2
+
+
 def test_a_frame_that_asks_for_more_than_128_mib_of_window_is_refused() -> None:
     """As Debian's zstd without --long: a frame's window is memory the node must give."""
     big_window = debian(b"x" * 1000, "--zstd=wlog=29", "-c", "-q", "--no-content-size")
@@ -133,6 +167,10 @@ def test_a_frame_that_asks_for_more_than_128_mib_of_window_is_refused() -> None:
         (("-dcq", "file.zst"), b"file.zst: unknown argument"),
         (("-d", "--long=31"), b"--long=31: unknown argument"),
         (("-d", "--patch-from="), b"--patch-from=: unknown argument"),
+        (("-d", "--sha256="), b"--sha256=: not 64 lowercase hex digits"),
+        (("-d", "--sha256=" + "A" * 64), b": not 64 lowercase hex digits"),
+        (("-d", "--sha256=" + "0" * 63), b": not 64 lowercase hex digits"),
+        (("-d", "--sha256=" + "0" * 63 + "g"), b": not 64 lowercase hex digits"),
     ],
 )
 def test_options_it_does_not_take_are_refused_by_name(args: tuple[str, ...], says: bytes) -> None:
@@ -152,6 +190,8 @@ def test_random_input_never_crashes_it(junk: bytes, where: int) -> None:
     got = run(junk, "-dcq")
     assert got.returncode in (0, 1), (got.returncode, got.stderr)
     assert got.returncode == 0 or got.stderr.startswith(b"zstd: ")
+    checked = run(junk, "-dcq", f"--sha256={sha256(junk[::-1] + b'x')}")  # never its digest
+    assert checked.returncode == 2 and checked.stderr.startswith(b"zstd: standard input: its sha256 is ")
 
 
 def test_it_is_built_once_per_source_and_library(tmp_path: Path) -> None:

@@ -5,8 +5,10 @@ as the nodes), at the same paths, so that binaries find their libraries and
 Python finds its standard library without configuration:
 
 - busybox (Debian's ``busybox-static``) with a link per applet the boot needs;
-- ``zstd`` for decompression only (:mod:`slim.core.build.unzstd`; Debian's whole
-  ``zstd`` where the build host cannot compile it, with a warning) and the shared
+- ``zstd`` for decompression only, which also checks an archive's digest as it reads it
+  (:mod:`slim.core.build.unzstd`, at ``/usr/lib/slim/unzstd``, where the agent looks for
+  it: ``slim.agent.ee.UNZSTD``; Debian's whole ``zstd`` where the build host cannot
+  compile it, with a warning, and then the agent checks digests itself) and the shared
   libraries ``ldd`` lists for it;
 - Debian's ``python3`` linked again without the built-in modules the agent never
   uses (:mod:`slim.core.build.smallpython`; Debian's binary itself where the build host
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import slim.agent
+from slim.agent.ee import UNZSTD
 from slim.core.build import smallpython, unzstd
 from slim.core.build.initrd import CpioArchive
 from slim.core.registry import Registry
@@ -298,7 +301,11 @@ def collect(
     zstd_exe = _require(zstd, "zstd")
     if build_cache is not None:
         zstd_exe = _own_or_debians(rt, zstd_exe, lambda: unzstd.build(build_cache), build_cache)
-    _with_libraries(rt, zstd_exe, "/usr/bin/zstd")
+    if zstd_exe != zstd:  # the build's: where the agent looks for the zstd that checks digests
+        _with_libraries(rt, zstd_exe, UNZSTD)
+        rt.links["/usr/bin/zstd"] = os.path.relpath(UNZSTD, "/usr/bin")
+    else:
+        _with_libraries(rt, zstd_exe, "/usr/bin/zstd")
     if signify is not None:
         _with_libraries(rt, _require(signify, "signify-openbsd"))
     debian = _require(python, "python3").resolve()

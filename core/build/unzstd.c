@@ -4,16 +4,23 @@
  * its decompressor comes along).  It takes what the agent runs (slim.agent.ee and
  * slim.agent.sync) and refuses anything else:
  *
- *     zstd -d [-c] [-q] [--patch-from=FILE]  <in  >out
+ *     zstd -d [-c] [-q] [--patch-from=FILE] [--sha256=HEX]  <in  >out
  *
  * -c and -q change nothing (output always goes to standard output; only errors are
  * printed).  --patch-from=FILE: FILE is the reference a delta was made against
  * (zstd --patch-from when compressing), given to each frame as its prefix.
+ * --sha256=HEX: the input's SHA-256 must be HEX (64 lowercase hex digits), checked with
+ * Nettle's (linked statically from Debian's nettle-dev; SHA-NI where the CPU has it) as
+ * the input is read, in this process: the agent streams an archive here as it arrives
+ * and does not hash it again in Python (slim.agent.ee).  The output is only good when
+ * the exit status is 0; its input is read to the end even when it cannot be decoded,
+ * so that a damaged download is reported as such.
  *
  * Frames are checked as zstd checks them (their checksums when they carry one), and a
  * frame may ask for a window of at most 128 MiB, as zstd allows without --long, or
  * twice the reference with --patch-from.  On any error it says so on standard error
- * and exits 1; on success 0.  Built by slim.core.build.unzstd.
+ * and exits 1, or 2 when the input is not the one --sha256 names; on success 0.
+ * Built by slim.core.build.unzstd.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -23,14 +30,30 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <nettle/sha2.h>
 #include <zstd.h>
 
 #define WINDOW_LOG_DEFAULT 27 /* 128 MiB, zstd's limit without --long */
 #define WINDOW_LOG_LIMIT 31   /* zstd's largest on 64-bit systems */
 
+#define USAGE "-d [-c] [-q] [--patch-from=FILE] [--sha256=HEX]"
+#define EXIT_DIGEST 2 /* the input is not the one --sha256 names */
+
 static int fail(const char *what, const char *why) {
     fprintf(stderr, "zstd: %s: %s\n", what, why);
     return 1;
+}
+
+/* HEX as 32 bytes into out: 0, or -1 unless it is 64 lowercase hex digits. */
+static int parse_sha256(const char *hex, uint8_t *out) {
+    static const char digits[] = "0123456789abcdef";
+    if (strlen(hex) != 2 * SHA256_DIGEST_SIZE) return -1;
+    for (int i = 0; i < SHA256_DIGEST_SIZE; i++) {
+        const char *hi = strchr(digits, hex[2 * i]), *lo = strchr(digits, hex[2 * i + 1]);
+        if (hex[2 * i] == '\0' || hex[2 * i + 1] == '\0' || hi == NULL || lo == NULL) return -1;
+        out[i] = (uint8_t)((hi - digits) << 4 | (lo - digits));
+    }
+    return 0;
 }
 
 static int write_all(const char *data, size_t size) {
@@ -81,21 +104,27 @@ static char *read_file(const char *path, size_t *size, const char **why) {
 
 int main(int argc, char **argv) {
     const char *patch_from = NULL;
-    int decompress = 0;
+    int decompress = 0, check = 0;
+    uint8_t want[SHA256_DIGEST_SIZE], got[SHA256_DIGEST_SIZE];
+    struct sha256_ctx sha;
+    sha256_init(&sha);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strncmp(a, "--patch-from=", 13) == 0 && a[13] != '\0') {
             patch_from = a + 13;
+        } else if (strncmp(a, "--sha256=", 9) == 0) {
+            if (parse_sha256(a + 9, want) != 0) return fail(a, "not 64 lowercase hex digits");
+            check = 1;
         } else if (a[0] == '-' && a[1] != '-' && a[1] != '\0') {
             for (const char *c = a + 1; *c; c++) {
                 if (*c == 'd') decompress = 1;
-                else if (*c != 'c' && *c != 'q') return fail(a, "unknown option (this zstd only decompresses: -d [-c] [-q] [--patch-from=FILE])");
+                else if (*c != 'c' && *c != 'q') return fail(a, "unknown option (this zstd only decompresses: " USAGE ")");
             }
         } else {
-            return fail(a, "unknown argument (this zstd only decompresses standard input: -d [-c] [-q] [--patch-from=FILE])");
+            return fail(a, "unknown argument (this zstd only decompresses standard input: " USAGE ")");
         }
     }
-    if (!decompress) return fail("no -d", "this zstd only decompresses: -d [-c] [-q] [--patch-from=FILE]");
+    if (!decompress) return fail("no -d", "this zstd only decompresses: " USAGE);
 
     char *prefix = NULL;
     size_t prefix_size = 0;
@@ -115,6 +144,7 @@ int main(int argc, char **argv) {
     int frame_start = 1; /* the next byte begins a frame: the reference is given to it */
     int got_any = 0;
     size_t last = 0;     /* 0: at a frame's end (nothing pending) */
+    const char *bad = NULL; /* why the input cannot be decoded (with --sha256: found out later) */
     for (;;) {
         ssize_t n = read(STDIN_FILENO, in_buf, in_size);
         if (n < 0) {
@@ -123,8 +153,9 @@ int main(int argc, char **argv) {
         }
         if (n == 0) break;
         got_any = 1;
+        if (check) sha256_update(&sha, (size_t)n, (const uint8_t *)in_buf);
         ZSTD_inBuffer in = {in_buf, (size_t)n, 0};
-        while (in.pos < in.size) {
+        while (bad == NULL && in.pos < in.size) {
             if (frame_start && prefix != NULL) {
                 rc = ZSTD_DCtx_refPrefix(dctx, prefix, prefix_size);
                 if (ZSTD_isError(rc)) return fail(patch_from, ZSTD_getErrorName(rc));
@@ -132,22 +163,38 @@ int main(int argc, char **argv) {
             frame_start = 0;
             ZSTD_outBuffer out = {out_buf, out_size, 0};
             last = ZSTD_decompressStream(dctx, &out, &in);
-            if (ZSTD_isError(last)) return fail("standard input", ZSTD_getErrorName(last));
+            if (ZSTD_isError(last)) {
+                bad = ZSTD_getErrorName(last);
+                break;
+            }
             if (write_all(out_buf, out.pos) != 0) return fail("standard output", strerror(errno));
             if (last == 0) frame_start = 1;
         }
+        if (bad != NULL && !check) return fail("standard input", bad);
     }
-    if (!got_any) return fail("standard input", "empty: no zstd frame in it");
+    if (bad == NULL && !got_any) bad = "empty: no zstd frame in it";
     /* what the decoder still holds for the last frame */
-    for (;;) {
+    while (bad == NULL && last != 0) {
         ZSTD_inBuffer in = {in_buf, 0, 0};
         ZSTD_outBuffer out = {out_buf, out_size, 0};
-        if (last == 0) break;
         last = ZSTD_decompressStream(dctx, &out, &in);
-        if (ZSTD_isError(last)) return fail("standard input", ZSTD_getErrorName(last));
+        if (ZSTD_isError(last)) {
+            bad = ZSTD_getErrorName(last);
+            break;
+        }
         if (write_all(out_buf, out.pos) != 0) return fail("standard output", strerror(errno));
-        if (out.pos == 0 && last != 0) return fail("standard input", "truncated: the last frame is incomplete");
+        if (out.pos == 0 && last != 0) bad = "truncated: the last frame is incomplete";
     }
+    if (check) {
+        sha256_digest(&sha, SHA256_DIGEST_SIZE, got);
+        if (memcmp(got, want, SHA256_DIGEST_SIZE) != 0) {
+            char hex[2 * SHA256_DIGEST_SIZE + 1];
+            for (int i = 0; i < SHA256_DIGEST_SIZE; i++) snprintf(hex + 2 * i, 3, "%02x", got[i]);
+            fprintf(stderr, "zstd: standard input: its sha256 is %s, not the one --sha256 names\n", hex);
+            return EXIT_DIGEST;
+        }
+    }
+    if (bad != NULL) return fail("standard input", bad);
     ZSTD_freeDCtx(dctx);
     free(prefix);
     free(in_buf);

@@ -1,15 +1,17 @@
 """The initrd's ``zstd``: decompression only (``unzstd.c`` beside this file).
 
-The agent runs ``zstd -dcq`` to unpack copy sets and ``zstd -dcq --patch-from=FILE`` to
-rebuild a manifest from its delta; nothing in the initrd compresses.  Debian's ``zstd``
+The agent runs ``zstd -dcq --sha256=HEX`` to unpack copy sets (it checks the archive's
+digest as it reads it, with Nettle's SHA-256, in its own process: Python's own SHA-256
+was the biggest part of a cold copy, docs/benchmarks/, P4) and ``zstd -dcq
+--patch-from=FILE`` to rebuild a manifest from its delta; nothing in the initrd compresses.  Debian's ``zstd``
 is the whole tool, with the compressor and ``liblzma`` and ``liblz4`` (0.6 MB of the
 compressed initrd).  :func:`build` compiles ``unzstd.c``, a front end to libzstd's
 streaming decompressor, and links it with Debian's static ``libzstd.a`` (package
 ``libzstd-dev``), which brings only the decompressor: about 0.5 MB less
-(docs/benchmarks/, initrd size).  It takes exactly the options the agent uses and
-refuses the rest, naming them.
+(docs/benchmarks/, initrd size), and ``libnettle.a`` (``nettle-dev``) for SHA-256.
+It takes exactly the options the agent uses and refuses the rest, naming them.
 
-Needs on the build host: ``gcc`` and ``libzstd-dev``; the result is cached in SLIM's
+Needs on the build host: ``gcc``, ``libzstd-dev`` and ``nettle-dev``; the result is cached in SLIM's
 cache under a key of its inputs.  Without them :func:`build` raises
 :class:`~slim.errors.FailedPrecondition` saying what is missing, and the initrd takes
 Debian's ``zstd`` (agentrt says so).
@@ -31,13 +33,12 @@ SOURCE = Path(__file__).with_name("unzstd.c")
 def build(cache: Path) -> Path:
     """The decompression-only ``zstd``, compiled (or taken from ``cache``)."""
     gcc = tool("gcc", "gcc")
-    library = Path(run([gcc, "-print-file-name=libzstd.a"]).strip())
-    if not library.is_absolute() or not library.is_file():
-        raise FailedPrecondition("libzstd.a is missing: install Debian's libzstd-dev on the build host")
+    libraries = [_static(gcc, "libzstd.a", "libzstd-dev"), _static(gcc, "libnettle.a", "nettle-dev")]
     flags = ["-O2", "-s", "-Wall", "-fstack-protector-strong", "-D_FORTIFY_SOURCE=2"]
     key = hashlib.sha256(SOURCE.read_bytes())
-    with open(library, "rb") as f:
-        key.update(hashlib.file_digest(f, "sha256").digest())
+    for library in libraries:
+        with open(library, "rb") as f:
+            key.update(hashlib.file_digest(f, "sha256").digest())
     key.update(json.dumps([flags, run([gcc, "--version"])]).encode())
     out = cache / "unzstd" / key.hexdigest()[:32] / "zstd"
     if cached(out):
@@ -45,5 +46,13 @@ def build(cache: Path) -> Path:
     out.parent.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent.parent, prefix=".build.") as tmp:
         built = Path(tmp) / "zstd"
-        run([gcc, *flags, "-o", str(built), str(SOURCE), str(library)])
+        run([gcc, *flags, "-o", str(built), str(SOURCE), *map(str, libraries)])
         return keep(built, out)
+
+
+def _static(gcc: str, name: str, package: str) -> Path:
+    """Where gcc finds the static library ``name``, or FailedPrecondition naming its package."""
+    library = Path(run([gcc, f"-print-file-name={name}"]).strip())
+    if not library.is_absolute() or not library.is_file():
+        raise FailedPrecondition(f"{name} is missing: install Debian's {package} on the build host")
+    return library
