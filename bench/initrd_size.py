@@ -193,14 +193,14 @@ def part(path: str) -> str:
     if name.startswith(("libc.so", "ld-linux")):
         return "libc and the loader"
     if name.startswith(("libm.so", "libz.so", "libexpat.so")):
-        return "python3's libraries (libm, libz; Debian's: libexpat)"
+        return "python3's libraries (libm; Debian's: libz, libexpat)"
     if "/lib-dynload/" in path:
         return "extension modules (lib-dynload)"
     if path.startswith("usr/lib/python") and path.endswith((".zip", ".py")):
         return "standard library (its zip, os.py)"
     if name == "busybox":
         return "busybox"
-    if name.startswith(("zstd", "liblzma", "liblz4")):
+    if name.startswith(("zstd", "unzstd", "liblzma", "liblz4")):
         return "zstd (Debian's: and liblzma, liblz4)"
     if name.startswith(("signify", "libbsd", "libmd")):
         return "signify-openbsd (and libbsd, libmd)"

@@ -7,7 +7,16 @@ runs imports them: ``unicodedata`` alone, the Unicode database, is 1.1 MB of the
 interpreter again, from the same objects of Debian's ``libpython3.11-dev`` with the
 flags Python was linked with, leaving out the modules in :data:`LEFT_OUT`: the same
 code as ``/usr/bin/python3.11`` for everything else, about 0.5 MB less in the
-compressed initrd (docs/benchmarks/, initrd size).
+compressed initrd (docs/benchmarks/, initrd size).  Two more cuts, 0.2 MB:
+
+- zlib is linked in from its static library (Debian's ``zlib1g-dev``, which
+  ``python3-dev`` brings): ``binascii`` uses its CRC-32, nothing the agent runs
+  compresses (the ``zlib`` module is left out; the standard library's zip is stored),
+  and ``libz.so.1`` need not come along;
+- the call-frame tables (``.eh_frame``, for unwinding C frames: C++ exceptions,
+  ``pthread_exit`` and ``pthread_cancel``) are removed from the result.  Python unwinds
+  no C frames; glibc's ``pthread_exit`` would, and it needs ``libgcc_s``, which no initrd
+  has.  Its tracebacks and ``faulthandler``'s are Python's own.
 
 The agent copes with what is gone: the socket module's host-name codec, ``idna``,
 needs ``unicodedata``; the agent registers an ASCII one in its place
@@ -18,7 +27,7 @@ is found only if ``slim.agent.DEFERRED`` lists it; the standard library's own la
 imports of ``unicodedata``, for non-ASCII URLs, are refused first by the agent).
 
 Needs on the build host: ``gcc`` and binutils, and Debian's ``python3-dev`` (for
-``libpython3.11.a`` and ``config.c``).  The result is cached in SLIM's cache under a
+``libpython3.11.a``, ``config.c`` and ``libz.a``).  The result is cached in SLIM's cache under a
 key of its inputs (the library's digest, ``config.c``, the flags, gcc's version);
 without those packages :func:`link` raises :class:`~slim.errors.FailedPrecondition`
 saying what is missing, and the initrd takes Debian's binary (agentrt says so).
@@ -52,8 +61,10 @@ LEFT_OUT = (
     "spwd",
     "syslog",
     "xxsubtype",  # an example module
+    "zlib",  # compression: shutil and zipfile do without it (the zip of the standard library is stored)
 )
 
+_STRIPPED = (".eh_frame", ".eh_frame_hdr")  # sections removed from the result (the module docstring)
 _MAIN_C = '#include "Python.h"\nint main(int argc, char **argv) { return Py_BytesMain(argc, argv); }\n'
 _CONFIG = (
     "import json, sys, sysconfig\n"
@@ -102,10 +113,19 @@ def keep(built: Path, out: Path) -> Path:
     return out
 
 
+def static_library(gcc: str, name: str, package: str) -> Path:
+    """Where gcc finds the static library ``name``, or FailedPrecondition naming its package."""
+    library = Path(run([gcc, f"-print-file-name={name}"]).strip())
+    if not library.is_absolute() or not library.is_file():
+        raise FailedPrecondition(f"{name} is missing: install Debian's {package} on the build host")
+    return library
+
+
 def link(python: Path, cache: Path) -> Path:
     """The interpreter ``python`` (Debian's) linked again without :data:`LEFT_OUT`, from
     ``cache`` when it was linked before from the same inputs."""
     gcc, ar, nm = tool("gcc", "gcc"), tool("ar", "binutils"), tool("nm", "binutils")
+    objcopy = tool("objcopy", "binutils")
     config = json.loads(run([str(python), "-S", "-I", "-c", _CONFIG]))
     libpl = Path(config["LIBPL"])
     library, config_c = libpl / config["LIBRARY"], libpl / "config.c"
@@ -116,12 +136,17 @@ def link(python: Path, cache: Path) -> Path:
     left_out = [m for m in LEFT_OUT if m in config["builtins"]]
     cflags = ["-O2", "-fwrapv", "-fno-pie", f"-I{config['INCLUDEPY']}"]
     ldflags = ["-no-pie", "-s", *config["LINKFORSHARED"].split(), "-Wl,--as-needed"]
-    libs = [*config["LIBS"].split(), *config["SYSLIBS"].split(), *config["MODLIBS"].split()]
+    libz = static_library(gcc, "libz.a", "zlib1g-dev")
+    libs = [
+        str(libz) if lib == "-lz" else lib
+        for lib in (*config["LIBS"].split(), *config["SYSLIBS"].split(), *config["MODLIBS"].split())
+    ]
     key = hashlib.sha256()
-    with open(library, "rb") as f:
-        key.update(hashlib.file_digest(f, "sha256").digest())
+    for lib in (library, libz):
+        with open(lib, "rb") as f:
+            key.update(hashlib.file_digest(f, "sha256").digest())
     key.update(config_c.read_bytes())
-    inputs = [config, left_out, _MAIN_C, cflags, ldflags, libs, run([gcc, "--version"])]
+    inputs = [config, left_out, _MAIN_C, cflags, ldflags, libs, _STRIPPED, run([gcc, "--version"])]
     key.update(json.dumps(inputs).encode())
     out = cache / "python" / key.hexdigest()[:32] / f"python{config['VERSION']}"
     if cached(out):
@@ -155,6 +180,9 @@ def link(python: Path, cache: Path) -> Path:
         linked = work / out.name
         objects = sorted(str(p) for p in objs.glob("*.o"))
         run([gcc, "-o", str(linked), "python.o", "config.o", *objects, *ldflags, *libs], cwd=work)
+        run([objcopy, *(f"--remove-section={section}" for section in _STRIPPED), str(linked)])
+        if "libz.so" in run(["ldd", str(linked)]):
+            raise FailedPrecondition(f"{linked} still loads libz.so")
         check = json.loads(run([str(linked), "-S", "-I", "-c", _CONFIG]))
         if check["version"] != config["version"] or set(check["builtins"]) & set(left_out):
             raise FailedPrecondition(f"{linked} is not {python} without {', '.join(left_out)}")

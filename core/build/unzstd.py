@@ -24,8 +24,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from slim.core.build.smallpython import cached, keep, run, tool
-from slim.errors import FailedPrecondition
+from slim.core.build.smallpython import cached, keep, run, static_library, tool
 
 SOURCE = Path(__file__).with_name("unzstd.c")
 
@@ -33,7 +32,10 @@ SOURCE = Path(__file__).with_name("unzstd.c")
 def build(cache: Path) -> Path:
     """The decompression-only ``zstd``, compiled (or taken from ``cache``)."""
     gcc = tool("gcc", "gcc")
-    libraries = [_static(gcc, "libzstd.a", "libzstd-dev"), _static(gcc, "libnettle.a", "nettle-dev")]
+    libraries = [
+        static_library(gcc, "libzstd.a", "libzstd-dev"),
+        static_library(gcc, "libnettle.a", "nettle-dev"),
+    ]
     flags = ["-O2", "-s", "-Wall", "-fstack-protector-strong", "-D_FORTIFY_SOURCE=2"]
     key = hashlib.sha256(SOURCE.read_bytes())
     for library in libraries:
@@ -48,11 +50,3 @@ def build(cache: Path) -> Path:
         built = Path(tmp) / "zstd"
         run([gcc, *flags, "-o", str(built), str(SOURCE), *map(str, libraries)])
         return keep(built, out)
-
-
-def _static(gcc: str, name: str, package: str) -> Path:
-    """Where gcc finds the static library ``name``, or FailedPrecondition naming its package."""
-    library = Path(run([gcc, f"-print-file-name={name}"]).strip())
-    if not library.is_absolute() or not library.is_file():
-        raise FailedPrecondition(f"{name} is missing: install Debian's {package} on the build host")
-    return library
