@@ -531,16 +531,27 @@ class _Data:
         return data
 
 
+_NUMBERS: dict[bytes, int] = {}  # header fields read before (modes, owners repeat), and their value
+_NUMBERS_KEPT = 4096
+
+
 def _number(field: bytes, what: str) -> int:
     """A header number: octal digits (NUL or space ended), or base-256 (GNU's, for big ones)."""
+    known = _NUMBERS.get(field)
+    if known is not None:
+        return known
     if field[:1] == b"\x80":
-        return int.from_bytes(field[1:], "big")
-    if field[:1] and field[0] & 0x80:
-        raise UnsafeEntry("(archive)", f"a negative {what}")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if text.strip(b"01234567"):  # int() would also take a sign, "_" or spaces inside
-        raise UnsafeEntry("(archive)", f"{what} {text[:20]!r} is not a number")
-    return int(text, 8) if text else 0
+        value = int.from_bytes(field[1:], "big")
+    else:
+        if field[:1] and field[0] & 0x80:
+            raise UnsafeEntry("(archive)", f"a negative {what}")
+        text = field.split(b"\0", 1)[0].strip(b" ")
+        if text.strip(b"01234567"):  # int() would also take a sign, "_" or spaces inside
+            raise UnsafeEntry("(archive)", f"{what} {text[:20]!r} is not a number")
+        value = int(text, 8) if text else 0
+    if len(_NUMBERS) < _NUMBERS_KEPT:
+        _NUMBERS[field] = value
+    return value
 
 
 def _pax_records(data: bytes) -> dict[str, bytes]:
@@ -572,10 +583,10 @@ def read_archive(stream: IO[bytes]) -> Iterator[tuple[Entry, _Data | None]]:
     member's pax records in an ``x`` header before it).  Each FILE comes with its bytes,
     to be read before the next member; anything else a tar may hold (GNU long names,
     global or sparse headers) is refused as not one of ours."""
-    f = stream
+    read = stream.read
     pax: dict[str, bytes] = {}
-    while True:
-        h = f.read(_BLOCK)
+    h = read(_BLOCK)
+    while True:  # (each read takes what comes before the next header, and that header)
         if len(h) < _BLOCK:
             raise UnsafeEntry("(archive)", "truncated: the archive ends inside a header")
         if h == _ZERO_BLOCK:
@@ -595,13 +606,14 @@ def read_archive(stream: IO[bytes]) -> Iterator[tuple[Entry, _Data | None]]:
                 raise UnsafeEntry("(archive)", "two pax headers for one member")
             if size > MAX_PAX:
                 raise UnsafeEntry("(archive)", f"a pax header of {size} bytes (at most {MAX_PAX})")
-            data = f.read(size)
+            pad = -size % _BLOCK
+            data = read(size + pad + _BLOCK)
             if len(data) < size:
                 raise UnsafeEntry("(archive)", "truncated pax header")
-            f.read(-size % _BLOCK)
-            pax = _pax_records(data)
+            pax = _pax_records(data[:size])
             if not pax:
                 pax = {"": b""}  # an empty pax header still belongs to the next member
+            h = data[size + pad :]
             continue
         kind = _TAR_KINDS.get(flag)
         if kind is None:
@@ -628,16 +640,18 @@ def read_archive(stream: IO[bytes]) -> Iterator[tuple[Entry, _Data | None]]:
         )
         pax = {}
         if kind == FILE:
-            data_of = _Data(f, size)
+            data_of = _Data(stream, size)
             yield entry, data_of
             while data_of.left:  # what the writer did not read
                 if not data_of.read(_READ_BUFFER):
                     raise UnsafeEntry(entry.path, "truncated: the archive ends inside the file")
-            f.read(-size % _BLOCK)
+            pad = -size % _BLOCK
+            h = read(pad + _BLOCK)[pad:]
         else:
             if size and kind != HARDLINK:
                 raise UnsafeEntry(entry.path, f"a {kind} with {size} bytes of data")
             yield entry, None
+            h = read(_BLOCK)
 
 
 def _pax_int(pax: dict[str, bytes], key: str, default: int) -> int:
