@@ -517,12 +517,22 @@ STATE_DIR = DISK_ROOT + "/.slim-state"  # ... and what the agent keeps there (sy
 READ_BUFFER = 1 << 20  # the decompressed archive, read from zstd
 UNZSTD = "/usr/lib/slim/unzstd"  # the initrd's zstd, which checks a digest (core/build/unzstd.c)
 UNZSTD_DIGEST = 2  # its exit status when the input is not the one its --sha256 names
+UNZSTD_CLOSED = 3  # ... when we closed its output first (the input was the one named)
+TRAILING_LIMIT = 1 << 20  # bytes after an archive's end that are read and dropped (tar pads a record)
+
+
+class _SinkError(Exception):
+    """zstd took no more of the archive: not the relay's failure (the fetch does not try
+    another relay for it)."""
 
 
 def extract(relays: Relays, archive: ObjectRef, into: Path) -> int:
     """Stream an archive from ``relays`` through zstd into ``into`` (a directory of the
     caller's, deleted when this raises); the fetched byte count.  The initrd's zstd
-    (:data:`UNZSTD`) checks the archive's digest; with any other, the fetch does."""
+    (:data:`UNZSTD`) checks the archive's digest, and the fetch only where a local cache
+    keeps the bytes too; with any other zstd, the fetch checks it.  When the unpacking
+    stops first (a member refused, a full disk), the initrd's zstd still hashes the rest
+    (decoding no more), so that bytes which are not the archive are reported as such."""
     checks = os.access(UNZSTD, os.X_OK)
     argv = [UNZSTD, "-dcq", f"--sha256={archive.hex}"] if checks else ["zstd", "-dcq"]
     proc = subprocess.Popen(
@@ -533,33 +543,41 @@ def extract(relays: Relays, archive: ObjectRef, into: Path) -> int:
     failure: list[BaseException] = []
     stdin: IO[bytes] = proc.stdin
 
+    def write(chunk: bytes) -> None:
+        try:
+            stdin.write(chunk)
+        except OSError as exc:
+            raise _SinkError(f"zstd took no more of the archive: {exc}") from exc
+
     def feed() -> None:
         try:
-            relays.stream(archive, stdin.write, verify=not checks)
+            relays.stream(archive, write, verify=not checks)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             failure.append(exc)
         finally:
             try:
                 stdin.close()
             except OSError as exc:
-                failure.append(exc)
+                failure.append(_SinkError(str(exc)))
 
     feeder = threading.Thread(target=feed, name="fetch", daemon=True)
     feeder.start()
-    tar_error: UnsafeEntry | None = None
+    stopped: Exception | None = None  # what stopped the unpacking (its bytes not yet known good)
     said = b""
     try:
         extract_archive(proc.stdout, into, fresh=True)  # a staging directory of our own
-        proc.stdout.read()  # let zstd finish
-    except UnsafeEntry as exc:
-        tar_error = exc
-        if checks:  # zstd reads to the end: a damaged download is told as such
-            while proc.stdout.read(READ_BUFFER):
-                pass
-        else:
-            proc.kill()
+        if not _drained(proc.stdout, TRAILING_LIMIT):
+            raise UnsafeEntry("(archive)", f"more than {TRAILING_LIMIT} bytes after its end")
+    except Exception as exc:
+        if not checks and not isinstance(exc, UnsafeEntry):
+            proc.kill()  # else the feeder waits on zstd, and zstd on us: forever
+            raise
+        stopped = exc
+        # zstd learns at its next write: Debian's dies of SIGPIPE; the initrd's reads the
+        # rest and hashes it, decoding no more.  One that failed first says so (exit 1).
+        proc.stdout.close()
     except BaseException:
-        proc.kill()  # else the feeder waits on zstd, and zstd on us: forever
+        proc.kill()
         raise
     finally:
         feeder.join()
@@ -568,17 +586,30 @@ def extract(relays: Relays, archive: ObjectRef, into: Path) -> int:
             said = proc.stderr.read()  # (a line at most: it is read once zstd is done)
             proc.stderr.close()
         code = proc.wait()
-    if failure and not (tar_error is not None and isinstance(failure[0], BrokenPipeError)):
+    if failure and not isinstance(failure[0], _SinkError):
         raise failure[0]  # the fetch's failure is the cause of whatever the unpacking saw
-    why = said.decode(errors="replace").strip().removeprefix("zstd: standard input: ")
-    if code == UNZSTD_DIGEST:
-        raise DigestMismatch(f"{archive.digest}: the bytes received are not it ({why})")
-    if tar_error is not None:
-        raise tar_error
-    if code != 0:
+    why = said.decode(errors="replace").strip().removeprefix("zstd: ")
+    if checks and code == UNZSTD_DIGEST:
+        found = why.removeprefix("standard input: ")
+        raise DigestMismatch(f"{archive.digest}: the bytes received are not it ({found})") from stopped
+    if code > 0 and not (checks and code == UNZSTD_CLOSED):  # zstd failed (not stopped by us)
         detail = f": {why}" if why else ""
         raise FetchError(f"{archive.digest}: zstd could not decompress the archive (exit {code}{detail})")
+    if stopped is not None:
+        raise stopped
+    if code != 0 or failure:
+        raise FetchError(f"{archive.digest}: zstd stopped (exit {code}): {failure[0] if failure else why}")
     return archive.size
+
+
+def _drained(stream: IO[bytes], limit: int) -> bool:
+    """Read what is left of ``stream`` and drop it; False (and stop) past ``limit`` bytes."""
+    left = limit
+    while chunk := stream.read(min(READ_BUFFER, left + 1)):
+        left -= len(chunk)
+        if left < 0:
+            return False
+    return True
 
 
 def _is_blank(device: str) -> bool:

@@ -490,7 +490,9 @@ def extract_tar(
     devices: bool | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> WriteStats:
-    """Unpack an uncompressed (or gzip/bzip2/xz) tar stream under ``root`` safely."""
+    """Unpack an uncompressed (or gzip/bzip2/xz) tar stream under ``root`` safely: the
+    builder's, importing images (the initrd's Python has no zlib, bz2 or lzma: the agent
+    unpacks SLIM's archives, uncompressed by zstd, with :func:`extract_archive`)."""
     import tarfile
 
     with TreeWriter(root, owners=owners, devices=devices) as writer:

@@ -436,27 +436,45 @@ async def test_digest_mismatch_stops_the_boot(site: Site, tmp_path: Path, archiv
     assert [p.name for p in target.iterdir()] == []
 
 
+def _tar_zst(*members: tuple[str, bytes], after: bytes = b"") -> bytes:
+    """A tar of ``members`` (``after``: more bytes past its end), compressed by zstd."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return zstandard.ZstdCompressor().compress(raw.getvalue() + after)
+
+
 async def test_an_archive_of_other_bytes_is_refused_whichever_zstd_unpacks_it(
     site: Site, tmp_path: Path, archive_check: str
 ) -> None:
     """A relay that sends other bytes of the archive's length (the relays check what they
     fetch; this one lies): refused.  The initrd's zstd reads to the end and says the bytes
-    are not the archive's, even when what they decode to was refused first."""
+    are not the archive's, even when what they decode to was refused first, and without
+    decoding what follows (a well-made archive with an unsafe member, then 64 MiB of
+    zeros in a few kB).  Bytes that are the ones named but no archive of ours are refused
+    too, by what is wrong with them."""
     release = site.store.release("base")
     assert release is not None and release[1].directories["/"].archive is not None
     ref = release[1].directories["/"].archive
     data = site.store.read_object(ref.digest)
     damaged = bytearray(data)
     damaged[len(data) // 2] ^= 1
-    member = tarfile.TarInfo("../escaped")  # a well-made archive, with an unsafe member
-    member.size = 2
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        tar.addfile(member, io.BytesIO(b"hi"))
-    unsafe = zstandard.ZstdCompressor().compress(raw.getvalue())
-    pad = len(data) - len(unsafe) - 8  # a skippable frame: zstd reads it and makes nothing
-    assert pad >= 0
-    unsafe += (0x184D2A50).to_bytes(4, "little") + pad.to_bytes(4, "little") + bytes(pad)
+    unsafe = _tar_zst(("../escaped", b"hi"))
+    bomb = unsafe + zstandard.ZstdCompressor().compress(bytes(64 << 20)) + b"\0"
+    other = _ref(bomb[:-1] + b"\1")  # its size, another digest
+    trailing = _tar_zst(("ok", b"fine"), after=bytes(2 << 20))  # more after its end than a tar pads
+    wanted = ObjectRef(ref.digest, ref.size)
+    cases: dict[str, tuple[bytes, ObjectRef, type[Exception] | tuple[type[Exception], ...], str]] = {
+        "damaged": (bytes(damaged), wanted, DigestMismatch, ""),
+        "bomb": (bomb, other, DigestMismatch, ""),
+        "unsafe, named": (unsafe, _ref(unsafe), UnsafeEntry, "'..'"),
+        "no zstd, named": (b"not zstd" * 99, _ref(b"not zstd" * 99), FetchError, "zstd could not decompress"),
+        "trailing, named": (trailing, _ref(trailing), UnsafeEntry, "bytes after its end"),
+        "right": (data, wanted, Exception, ""),
+    }
     sent: list[bytes] = []
 
     async def liar(request: web.Request) -> web.Response:
@@ -467,26 +485,33 @@ async def test_an_archive_of_other_bytes_is_refused_whichever_zstd_unpacks_it(
     runner, url = await serve_on_loopback(app)
     loop = asyncio.get_running_loop()
     try:
-        for name, body in (("damaged", bytes(damaged)), ("unsafe", unsafe), ("right", data)):
+        for name, (body, named, refusal, says) in cases.items():
             sent.append(body)
             relays = Relays([url])
             into = tmp_path / name
             into.mkdir()
             try:
-                got = loop.run_in_executor(None, ee.extract, relays, ObjectRef(ref.digest, ref.size), into)
+                got = loop.run_in_executor(
+                    None, ee.extract, relays, ObjectRef(named.digest, named.size), into
+                )
                 if name == "right":
                     assert await got == ref.size and (into / "etc").is_dir()
                     continue
-                with pytest.raises((DigestMismatch, UnsafeEntry)) as refused:
+                if name == "bomb" and archive_check == "agent":
+                    refusal = (DigestMismatch, UnsafeEntry)  # which comes first: a race
+                with pytest.raises(refusal) as refused:
                     await got
-                if archive_check == "zstd" or name == "damaged":
-                    assert refused.type is DigestMismatch, refused.value
-                if archive_check == "zstd":
-                    assert "the bytes received are not it (its sha256 is " in str(refused.value)
+                assert says in str(refused.value), (name, refused.value)
+                if archive_check == "zstd" and refusal is DigestMismatch:
+                    assert "the bytes received are not it (its sha256 is " in str(refused.value), name
             finally:
                 relays.close()
     finally:
         await runner.cleanup()
+
+
+def _ref(data: bytes) -> ObjectRef:
+    return ObjectRef("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
 
 
 # -- resuming from another relay -----------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from slim.agent.tree import FILE, Entry, scan
-from slim.agent.unpack import TreeWriter, UnsafeEntry, copy_tree, extract_archive, extract_tar
+from slim.agent.unpack import TreeWriter, UnsafeEntry, copy_tree, extract_archive, extract_tar, read_archive
 from slim.core.build import copyset
 from tests.support import need
 
@@ -275,6 +275,37 @@ def test_our_archives_unpack_the_same_with_the_agents_own_reader(tmp_path: Path)
     (tmp_path / "twice").mkdir()
     with pytest.raises(UnsafeEntry, match="given twice"):
         extract_archive(twice, tmp_path / "twice", fresh=True)
+
+
+def test_our_archive_cut_anywhere_is_refused_as_truncated(tmp_path: Path) -> None:
+    """The reader takes a header with what comes before it in one read: cut at any byte
+    (inside a header, its pax records, a file, the padding after them), an archive is
+    refused as truncated, never read as something else; whole, it is read to its end."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _special_tree(src)
+    (src / "big").write_bytes(bytes(range(256)) * 9)  # data over several blocks, padded
+    buf = io.BytesIO()
+    copyset.write_archive(src, scan(src), buf)
+    import zstandard
+
+    raw = zstandard.ZstdDecompressor().decompressobj().decompress(buf.getvalue())
+    stream = io.BytesIO(raw)
+    whole = _read_all(stream)
+    assert len(whole) == len(list(scan(src))) and (src / "big").read_bytes() in [d for _, d in whole]
+    end = stream.tell()  # the first zero block's end: the reader stops there
+    assert 0 < end <= len(raw) and not raw[end - 512 : end].strip(b"\0")
+    for n in range(end):
+        with pytest.raises(UnsafeEntry, match="truncated"):
+            _read_all(io.BytesIO(raw[:n]))
+    assert _read_all(io.BytesIO(raw[:end])) == whole
+
+
+def _read_all(stream: io.BytesIO) -> list[tuple[Entry, bytes]]:
+    out = []
+    for entry, data in read_archive(stream):
+        out.append((entry, data.read() if data is not None else b""))
+    return out
 
 
 def test_special_files_round_trip_by_copy(tmp_path: Path) -> None:

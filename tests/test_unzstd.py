@@ -12,8 +12,10 @@ import os
 import random
 import shutil
 import subprocess
+import threading
 from functools import cache
 from pathlib import Path
+from typing import IO
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -146,6 +148,37 @@ def test_with_sha256_the_input_must_be_the_one_it_names() -> None:
     assert run(cut, "-dcq", f"--sha256={sha256(packed)}").returncode == 2
     assert run(cut, "-dcq", f"--sha256={sha256(cut)}").returncode == 1
     assert run(b"", "-dcq", f"--sha256={sha256(packed)}").returncode == 2
+
+
+def _write_all(into: IO[bytes], data: bytes) -> None:
+    into.write(data)  # all of it is read (else this write would fail)
+    into.close()
+
+
+def test_with_sha256_a_closed_output_stops_the_decoding_not_the_hashing() -> None:
+    """The agent closes zstd's output when it stops unpacking (a member refused): zstd
+    decodes no more, reads the rest, and tells by its exit status whether the input was
+    the one named (3) or not (2).  The input here would decode to 256 MiB."""
+    packed = slim_archive(sample(100_000, 6)) + debian(bytes(256 << 20), "-3", "-c", "-q")
+    for digest, code in ((sha256(packed), 3), (sha256(packed + b"x"), 2)):
+        proc = subprocess.Popen(
+            [str(tool()), "-dcq", f"--sha256={digest}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stdin is not None and proc.stderr is not None
+        feeder = threading.Thread(target=_write_all, args=(proc.stdin, packed))
+        feeder.start()
+        assert proc.stdout.read(1000)  # it has begun
+        proc.stdout.close()
+        feeder.join(timeout=60)
+        said = proc.stderr.read()
+        proc.stderr.close()
+        assert proc.wait(timeout=60) == code, said
+        assert said.startswith(
+            b"zstd: standard output: closed before the end"
+            if code == 3
+            else b"zstd: standard input: its sha256 is "
+        )
 
 
 def test_a_frame_that_asks_for_more_than_128_mib_of_window_is_refused() -> None:

@@ -14,9 +14,11 @@ compressed initrd (docs/benchmarks/, initrd size).  Two more cuts, 0.2 MB:
   compresses (the ``zlib`` module is left out; the standard library's zip is stored),
   and ``libz.so.1`` need not come along;
 - the call-frame tables (``.eh_frame``, for unwinding C frames: C++ exceptions,
-  ``pthread_exit`` and ``pthread_cancel``) are removed from the result.  Python unwinds
-  no C frames; glibc's ``pthread_exit`` would, and it needs ``libgcc_s``, which no initrd
-  has.  Its tracebacks and ``faulthandler``'s are Python's own.
+  ``pthread_exit`` and ``pthread_cancel``) are removed from the result.  Python's
+  tracebacks and ``faulthandler``'s are its own; the one unwinding is glibc's
+  ``pthread_exit``, which Python 3.11 calls for a daemon thread still running when the
+  interpreter shuts down, and which needs ``libgcc_s``: no initrd has it, with or without
+  the tables (the agent ends with ``os._exit``, which shuts nothing down).
 
 The agent copes with what is gone: the socket module's host-name codec, ``idna``,
 needs ``unicodedata``; the agent registers an ASCII one in its place
@@ -146,7 +148,8 @@ def link(python: Path, cache: Path) -> Path:
         with open(lib, "rb") as f:
             key.update(hashlib.file_digest(f, "sha256").digest())
     key.update(config_c.read_bytes())
-    inputs = [config, left_out, _MAIN_C, cflags, ldflags, libs, _STRIPPED, run([gcc, "--version"])]
+    tools = [run([gcc, "--version"]), run([objcopy, "--version"])]
+    inputs = [config, left_out, _MAIN_C, cflags, ldflags, libs, _STRIPPED, tools]
     key.update(json.dumps(inputs).encode())
     out = cache / "python" / key.hexdigest()[:32] / f"python{config['VERSION']}"
     if cached(out):

@@ -13,17 +13,21 @@
  * Nettle's (linked statically from Debian's nettle-dev; SHA-NI where the CPU has it) as
  * the input is read, in this process: the agent streams an archive here as it arrives
  * and does not hash it again in Python (slim.agent.ee).  The output is only good when
- * the exit status is 0; its input is read to the end even when it cannot be decoded,
- * so that a damaged download is reported as such.
+ * the exit status is 0; its input is read to the end even when it cannot be decoded, or
+ * when the reader closed the output (it stops decoding then: it does not write out
+ * what a lying sender compressed 30,000 to 1), so that a damaged download is reported
+ * as such.
  *
  * Frames are checked as zstd checks them (their checksums when they carry one), and a
  * frame may ask for a window of at most 128 MiB, as zstd allows without --long, or
  * twice the reference with --patch-from.  On any error it says so on standard error
- * and exits 1, or 2 when the input is not the one --sha256 names; on success 0.
+ * and exits 1, or 2 when the input is not the one --sha256 names, or 3 when (with
+ * --sha256, the input the one named) the reader closed the output first; on success 0.
  * Built by slim.core.build.unzstd.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +42,7 @@
 
 #define USAGE "-d [-c] [-q] [--patch-from=FILE] [--sha256=HEX]"
 #define EXIT_DIGEST 2 /* the input is not the one --sha256 names */
+#define EXIT_CLOSED 3 /* with --sha256: the reader closed the output first (the input is the one named) */
 
 static int fail(const char *what, const char *why) {
     fprintf(stderr, "zstd: %s: %s\n", what, why);
@@ -125,6 +130,7 @@ int main(int argc, char **argv) {
         }
     }
     if (!decompress) return fail("no -d", "this zstd only decompresses: " USAGE);
+    if (check) signal(SIGPIPE, SIG_IGN); /* a closed output is an error to report, after the digest */
 
     char *prefix = NULL;
     size_t prefix_size = 0;
@@ -144,7 +150,9 @@ int main(int argc, char **argv) {
     int frame_start = 1; /* the next byte begins a frame: the reference is given to it */
     int got_any = 0;
     size_t last = 0;     /* 0: at a frame's end (nothing pending) */
-    const char *bad = NULL; /* why the input cannot be decoded (with --sha256: found out later) */
+    const char *bad = NULL; /* why the input cannot be decoded (with --sha256: told after the digest) */
+    const char *bad_at = "standard input";
+    int closed = 0; /* the reader closed the output (with --sha256) */
     for (;;) {
         ssize_t n = read(STDIN_FILENO, in_buf, in_size);
         if (n < 0) {
@@ -167,10 +175,14 @@ int main(int argc, char **argv) {
                 bad = ZSTD_getErrorName(last);
                 break;
             }
-            if (write_all(out_buf, out.pos) != 0) return fail("standard output", strerror(errno));
+            if (write_all(out_buf, out.pos) != 0) {
+                if (!check) return fail("standard output", strerror(errno));
+                bad_at = "standard output", bad = "closed before the end", closed = 1; /* the rest: hashed */
+                break;
+            }
             if (last == 0) frame_start = 1;
         }
-        if (bad != NULL && !check) return fail("standard input", bad);
+        if (bad != NULL && !check) return fail(bad_at, bad);
     }
     if (bad == NULL && !got_any) bad = "empty: no zstd frame in it";
     /* what the decoder still holds for the last frame */
@@ -182,7 +194,11 @@ int main(int argc, char **argv) {
             bad = ZSTD_getErrorName(last);
             break;
         }
-        if (write_all(out_buf, out.pos) != 0) return fail("standard output", strerror(errno));
+        if (write_all(out_buf, out.pos) != 0) {
+            if (!check) return fail("standard output", strerror(errno));
+            bad_at = "standard output", bad = "closed before the end", closed = 1;
+            break;
+        }
         if (out.pos == 0 && last != 0) bad = "truncated: the last frame is incomplete";
     }
     if (check) {
@@ -194,7 +210,10 @@ int main(int argc, char **argv) {
             return EXIT_DIGEST;
         }
     }
-    if (bad != NULL) return fail("standard input", bad);
+    if (bad != NULL) {
+        fail(bad_at, bad);
+        return closed ? EXIT_CLOSED : 1;
+    }
     ZSTD_freeDCtx(dctx);
     free(prefix);
     free(in_buf);
