@@ -59,13 +59,15 @@ def write(tmp: Path, more: str = "", server: str = "", relay_port: int = 0) -> P
 
 def start(registry: Path, tmp: Path) -> subprocess.Popen[str]:
     argv = ["serve", "--registry", str(registry), "--state-dir", str(tmp / "state")]
-    # its own process group: if a test fails, stop() takes its children down with it
+    # its own process group: if a test fails, stop() takes its children down with it; its
+    # temporary directories in the test's (a part killed on purpose leaves its own behind)
     return subprocess.Popen(
         [sys.executable, "-m", "slim.cli", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        env={**os.environ, "TMPDIR": str(tmp)},
     )
 
 
