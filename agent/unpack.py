@@ -533,26 +533,30 @@ class _Data:
         return data
 
 
-_NUMBERS: dict[bytes, int] = {}  # header fields read before (modes, owners repeat), and their value
-_NUMBERS_KEPT = 4096
-
-
 def _number(field: bytes, what: str) -> int:
     """A header number: octal digits (NUL or space ended), or base-256 (GNU's, for big ones)."""
-    known = _NUMBERS.get(field)
-    if known is not None:
-        return known
     if field[:1] == b"\x80":
-        value = int.from_bytes(field[1:], "big")
-    else:
-        if field[:1] and field[0] & 0x80:
-            raise UnsafeEntry("(archive)", f"a negative {what}")
-        text = field.split(b"\0", 1)[0].strip(b" ")
-        if text.strip(b"01234567"):  # int() would also take a sign, "_" or spaces inside
-            raise UnsafeEntry("(archive)", f"{what} {text[:20]!r} is not a number")
-        value = int(text, 8) if text else 0
-    if len(_NUMBERS) < _NUMBERS_KEPT:
-        _NUMBERS[field] = value
+        return int.from_bytes(field[1:], "big")
+    if field[:1] and field[0] & 0x80:
+        raise UnsafeEntry("(archive)", f"a negative {what}")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if text.strip(b"01234567"):  # int() would also take a sign, "_" or spaces inside
+        raise UnsafeEntry("(archive)", f"{what} {text[:20]!r} is not a number")
+    return int(text, 8) if text else 0
+
+
+_REPEATED: dict[bytes, int] = {}  # mode, uid and gid fields read before, and their value
+_REPEATED_KEPT = 4096
+
+
+def _repeated(field: bytes, what: str) -> int:
+    """:func:`_number`, for the fields that repeat from member to member (modes, owners):
+    each distinct field is parsed once (checksums, sizes and times are not kept)."""
+    value = _REPEATED.get(field)
+    if value is None:
+        value = _number(field, what)
+        if len(_REPEATED) < _REPEATED_KEPT:
+            _REPEATED[field] = value
     return value
 
 
@@ -632,13 +636,13 @@ def read_archive(stream: IO[bytes]) -> Iterator[tuple[Entry, _Data | None]]:
         xattrs = tuple(
             sorted((k[len("SCHILY.xattr.") :], v) for k, v in pax.items() if k.startswith("SCHILY.xattr."))
         )
-        uid = _pax_int(pax, "uid", 0) if "uid" in pax else _number(h[108:116], "uid")
-        gid = _pax_int(pax, "gid", 0) if "gid" in pax else _number(h[116:124], "gid")
+        uid = _pax_int(pax, "uid", 0) if "uid" in pax else _repeated(h[108:116], "uid")
+        gid = _pax_int(pax, "gid", 0) if "gid" in pax else _repeated(h[116:124], "gid")
         rdev = (0, 0)
         if kind in (CHR, BLK):
             rdev = (_number(h[329:337], "device major"), _number(h[337:345], "device minor"))
         entry = make_entry(
-            name, kind, flag, _number(h[100:108], "mode"), uid, gid, mtime, size, link, rdev, xattrs
+            name, kind, flag, _repeated(h[100:108], "mode"), uid, gid, mtime, size, link, rdev, xattrs
         )
         pax = {}
         if kind == FILE:
