@@ -52,6 +52,9 @@ import urllib.parse
 from pathlib import Path, PurePosixPath
 
 BUSYBOX = Path("/bin/busybox")  # in the initrd (core/build/agentrt.py puts it there)
+# The applets the scripts below run (`$bb APPLET`, and the shell): the initrd's busybox
+# has them (core/build/smallbusybox.py builds it with these and the initrd's own).
+APPLETS = ("sh", "cat", "head", "od", "poweroff", "reboot", "sleep", "sync", "timeout", "tr", "wget")
 RUN_OPTIONS = "mode=0755,nosuid,nodev,size=20%"  # what systemd would mount /run with
 UNIT = "slim-up.service"
 ORDERS_UNIT = "slim-orders.service"

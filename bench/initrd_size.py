@@ -193,7 +193,7 @@ def part(path: str) -> str:
     if name.startswith(("libc.so", "ld-linux")):
         return "libc and the loader"
     if name.startswith(("libm.so", "libz.so", "libexpat.so")):
-        return "python3's libraries (libm; Debian's: libz, libexpat)"
+        return "python3's libraries (Debian's: libm, libz, libexpat)"
     if "/lib-dynload/" in path:
         return "extension modules (lib-dynload)"
     if path.startswith("usr/lib/python") and path.endswith((".zip", ".py")):

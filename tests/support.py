@@ -5,6 +5,7 @@ test modules import helpers from here only, never from each other."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import http.client
 import os
 import random
@@ -658,3 +659,16 @@ def https_get(
         resp = http.client.HTTPResponse(sock)
         resp.begin()
         return resp.status, dict(resp.getheaders()), resp.read()
+
+
+@functools.cache
+def initrd_busybox() -> str:
+    """The busybox the initrd carries and the agent copies into the EE (its report and
+    orders scripts run it), built as `slim ee build` builds it (core/build/smallbusybox.py)."""
+    from slim.agent import report_up
+    from slim.core.build import smallbusybox
+    from slim.core.build.agentrt import APPLETS
+    from slim.core.build.image import default_cache_dir
+
+    need_tool("musl-gcc", "musl-tools")
+    return str(smallbusybox.build(default_cache_dir(), (*APPLETS, *report_up.APPLETS)))

@@ -67,6 +67,7 @@ from slim.signing import (
 )
 from tests.support import (
     https_url,
+    initrd_busybox,
     make_image,
     need,
     need_tool,
@@ -758,10 +759,25 @@ def test_report_up_for_another_init_is_only_the_script(tmp_path: Path) -> None:
     assert written == ["/run/slim/busybox", "/run/slim/report"]
 
 
-async def test_report_script_tells_the_core_the_environment_is_up(site: Site, tmp_path: Path) -> None:
+def test_the_scripts_left_in_the_ee_run_only_the_applets_the_initrds_busybox_has() -> None:
+    """report_up.APPLETS is what the initrd's busybox is built with, beside the boot's own:
+    every `$bb APPLET` of the scripts, their shell, and the poweroff or reboot an order names."""
+    used = {"sh"}  # the scripts' #!/run/slim/busybox sh, and their units' ExecStart
+    for script in (report_up.REPORT_SCRIPT, report_up.ORDERS_SCRIPT):
+        used |= set(re.findall(r'\$bb "?([a-z_]+)', script))
+    used |= {"poweroff", "reboot"}  # `$bb "$1" -f` with the order
+    assert set(report_up.APPLETS) == used - {"$1"}, sorted(used)
+
+
+@pytest.mark.parametrize("which", ["initrd", "debian"])
+async def test_report_script_tells_the_core_the_environment_is_up(
+    site: Site, tmp_path: Path, which: str
+) -> None:
     """The script the agent leaves in /run, run by busybox as the EE's init would, posts
-    `up` for the boot to the relays; the first relay is down, the second takes it."""
-    busybox = need_tool("busybox", "busybox-static")
+    `up` for the boot to the relays; the first relay is down, the second takes it.  With
+    the initrd's busybox (only the applets SLIM runs) and with Debian's (the initrd's when
+    the build host cannot build its own)."""
+    busybox = initrd_busybox() if which == "initrd" else need_tool("busybox", "busybox-static")
     root = tmp_path / "newroot"
     (root / "sbin").mkdir(parents=True)
     (root / "sbin" / "init").write_text("#!/bin/sh\n")
@@ -881,7 +897,7 @@ async def test_a_node_with_a_token_boots_where_its_site_asks_for_one(site: Site,
     assert "plan" in stages and "done" in stages
     # the up report: only root on the node may run it; it proves its boot with the boot key the
     # agent registered at switch_root (over TLS, with the token), never with the token
-    busybox = need_tool("busybox", "busybox-static")
+    busybox = initrd_busybox()
     root = tmp_path / "newroot"
     (root / "sbin").mkdir(parents=True)
     (root / "sbin" / "init").write_text("#!/bin/sh\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -21,11 +22,14 @@ from typing import Any
 import pytest
 
 from labs import initrdroot
+from slim.agent import report_up
 from slim.agent.ee import UNZSTD
-from slim.core.build import smallpython, unzstd
+from slim.core.build import smallbusybox, smallpython, unzstd
 from slim.core.build.agentrt import (
     AGENT_DIR,
     AGENT_ROOT,
+    APPLETS,
+    BUSYBOX,
     PYTHON,
     ZSTD,
     Runtime,
@@ -144,6 +148,105 @@ def test_the_initrds_python_is_debians_without_what_the_agent_never_uses(tmp_pat
     assert smallpython.link(debian, tmp_path) == again
 
 
+MATH = """
+import json, math, random
+r = random.Random(20)
+xs = [r.uniform(-3, 3) for _ in range(400)] + [r.uniform(-700, 700) for _ in range(400)]
+xs += [0.5, 1.0, 2.0, 10.0]
+out = {}
+for name in "exp log sin cos tan atan sqrt floor ceil erf expm1 log1p cbrt tanh".split():
+    values = []
+    for x in xs:
+        try:
+            values.append(getattr(math, name)(x))
+        except ValueError:
+            values.append("ValueError")
+    out[name] = values
+out["pow"] = [abs(x) ** 1.7 for x in xs]
+errors = []
+for expression in ("2.0 ** 5000", "math.exp(1000)", "math.log(-1)", "math.fmod(1, 0)", "math.cosh(1000)"):
+    try:
+        eval(expression)
+        errors.append("none")
+    except (OverflowError, ValueError) as exc:
+        errors.append(f"{type(exc).__name__}: {exc}")
+exact = [math.exp(1), math.sqrt(2), 2 ** 0.5, math.pi / 4]
+print(json.dumps({"values": out, "errors": errors, "exact": exact}))
+"""
+FROZEN = "import _imp, json, os; print(json.dumps([_imp._frozen_module_names(), os.__spec__.origin]))"
+
+
+def test_the_initrds_python_has_its_libm_linked_in_and_its_frozen_modules_marshalled() -> None:
+    """No libm.so: the functions it calls are linked in from glibc's static libm, their
+    baseline x86-64 code (the same within two ulps of what Debian's python3 gives where it picks
+    FMA code, with the same errors); and the modules frozen into it are Debian's, but the
+    test suite's, marshalled rather than deep-frozen."""
+    rt = runtime()
+    debian = PYTHON.resolve()
+    small = rt.files[str(debian)]
+    assert not any("libm.so" in p for p in rt.files)
+    assert (
+        "libm.so"
+        not in subprocess.run(["ldd", str(small)], capture_output=True, text=True, check=True).stdout
+    )
+
+    def ask(python: Path, code: str) -> Any:
+        out = subprocess.run(
+            [str(python), "-S", "-I", "-c", code], capture_output=True, text=True, check=True
+        )
+        return json.loads(out.stdout)
+
+    mine, theirs = ask(small, MATH), ask(debian, MATH)
+    assert mine["errors"] == theirs["errors"] and mine["exact"] == theirs["exact"]
+    assert (
+        mine["errors"][0].startswith("OverflowError") and mine["errors"][2] == "ValueError: math domain error"
+    )
+    for name, values in theirs["values"].items():
+        for a, b in zip(mine["values"][name], values, strict=True):
+            assert a == b or (isinstance(a, float) and abs(a - b) <= 2 * math.ulp(b)), (name, a, b)
+    (frozen, origin), (debians, _) = ask(small, FROZEN), ask(debian, FROZEN)
+    assert origin == "frozen" and frozen == [m for m in debians if not m.startswith("__")]
+    assert "_frozen_importlib" in frozen and "zipimport" in frozen and "os" in frozen
+
+
+def test_frozen_c_writes_the_tables_python_expects_and_refuses_others() -> None:
+    boot = [[name, name, False, "e3"] for name in smallpython.BOOTSTRAP]
+    text = smallpython.frozen_c(
+        [*boot, ["os.path", "posixpath", False, "e301"], ["__hello__", "__hello__", False, "e3"]]
+    )
+    assert '{"zipimport", M_zipimport, (int)sizeof(M_zipimport), 0, NULL}' in text
+    assert '{"os.path", M_posixpath,' in text and '{"os.path", "posixpath"},' in text  # an alias
+    assert "__hello__" not in text  # the test suite's
+    assert "static const unsigned char M_posixpath[] = {227,1};" in text
+    with pytest.raises(FailedPrecondition, match="do not start with _frozen_importlib"):
+        smallpython.frozen_c([["os", "os", False, "e3"], *boot])
+    with pytest.raises(FailedPrecondition, match="unexpected frozen module name"):
+        smallpython.frozen_c([*boot, ['x"; int y', "x", False, "e3"]])
+
+
+def test_the_initrds_busybox_is_static_with_only_the_applets_slim_runs() -> None:
+    """Built from Debian's source of busybox-static, linked with musl: static (the agent
+    copies it into any EE), the applets of the boot and of the EE's scripts and no other,
+    a fifth of Debian's size."""
+    need_tool("musl-gcc", "musl-tools")
+    rt = runtime()
+    ours = rt.files["/bin/busybox"]
+    assert ours != BUSYBOX and ours.stat().st_size < BUSYBOX.stat().st_size / 4
+    ldd = subprocess.run(["ldd", str(ours)], capture_output=True, text=True, check=False)
+    assert "not a dynamic executable" in ldd.stdout + ldd.stderr
+    listed = subprocess.run([str(ours), "--list"], capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(listed) == sorted({*APPLETS, *report_up.APPLETS, "busybox"})
+    assert all(rt.links[f"/bin/{applet}"] == "busybox" for applet in APPLETS)
+    assert rt.links["/sbin/modprobe"] == "../bin/busybox"
+    # the init script's and the report's shell: parameter expansion, read, case, arithmetic
+    script = 'i=/sys/class/net/eth0; r="10.0.0.1 10.0.0.2"; ' \
+        'printf "a b\n" | while read -r x y; do echo "$y"; done; ' \
+        'case "${i##*/}" in eth*) echo "${r%% *}" "${mask:-24}";; esac; echo $((2 + 7 % 4))'  # fmt: skip
+    out = subprocess.run([str(ours), "sh", "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout == "b\n10.0.0.1 24\n5\n"
+    assert smallbusybox.build(default_cache_dir(), (*APPLETS, *report_up.APPLETS)) == ours  # from the cache
+
+
 def test_the_initrds_zstd_is_the_decompression_only_one() -> None:
     """tests/test_unzstd.py checks it against Debian's; here: it is the one in the initrd,
     where the agent looks for the zstd that checks digests, and zstd's compression
@@ -155,7 +258,7 @@ def test_the_initrds_zstd_is_the_decompression_only_one() -> None:
     assert not any(lib in p for p in rt.files for lib in ("liblzma", "liblz4"))
 
 
-def test_without_gcc_the_initrd_takes_debians_python_and_zstd_and_says_so(
+def test_without_gcc_the_initrd_takes_debians_python_zstd_and_busybox_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     need(PYTHON.exists() and shutil.which("ldd") is not None, "Debian's python3 and ldd")
@@ -168,10 +271,12 @@ def test_without_gcc_the_initrd_takes_debians_python_and_zstd_and_says_so(
         smallpython.link(PYTHON.resolve(), tmp_path / "cache")
     rt = collect(build_cache=tmp_path / "cache")
     assert rt.files[str(PYTHON.resolve())] == PYTHON.resolve() and rt.files["/usr/bin/zstd"] == ZSTD
+    assert rt.files["/bin/busybox"] == BUSYBOX
     assert UNZSTD not in rt.files  # the agent checks digests itself: Debian's zstd takes no --sha256
-    assert len(rt.warnings) == 2 and all("gcc is missing on the build host" in w for w in rt.warnings)
+    assert len(rt.warnings) == 3 and all("gcc is missing on the build host" in w for w in rt.warnings)
     assert any("Debian's python3.11, about 0.5 MB more" in w for w in rt.warnings)
     assert any("Debian's zstd, about 0.5 MB more" in w for w in rt.warnings)
+    assert any("Debian's busybox, about 0.4 MB more" in w for w in rt.warnings)
 
 
 def test_stored_zip_is_deterministic_and_uncompressed() -> None:

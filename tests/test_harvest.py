@@ -32,7 +32,7 @@ from slim.rpc import aio_channel
 from slim.signing import SigningKey
 from slim.v1 import core_pb2 as pb
 from slim.v1 import core_pb2_grpc as pb_grpc
-from tests.support import need_tool, origin, relay, short_socket, url
+from tests.support import initrd_busybox, origin, relay, short_socket, url
 
 PARIS = ZoneInfo("Europe/Paris")
 MACS = {"pc01": "52:54:00:00:03:01", "pc02": "52:54:00:00:03:02", "pc03": "52:54:00:00:03:03"}
@@ -266,7 +266,7 @@ def _state(night: Night, node: str, state: str) -> object:
 async def test_the_ees_order_script_powers_off_when_told(night: Night, tmp_path: Path) -> None:
     """The script the agent leaves in a desktop's /run, run by busybox: it asks the relay until
     told, then runs the action (here a stand-in command instead of poweroff)."""
-    busybox = need_tool("busybox", "busybox-static")
+    busybox = initrd_busybox()
     night.now[0] = paris(8, 20, 0, 1)
     await night.until("the window's wake", lambda: len(night.woken) == 3)
     await night.boot("pc01", "d1", "plan", "switch_root", "up")

@@ -4,7 +4,10 @@ Everything comes from the build host (the core's machine: same architecture
 as the nodes), at the same paths, so that binaries find their libraries and
 Python finds its standard library without configuration:
 
-- busybox (Debian's ``busybox-static``) with a link per applet the boot needs;
+- busybox, static, with only the applets the boot and the environment's report scripts
+  run (:mod:`slim.core.build.smallbusybox`: Debian's source, linked with musl; Debian's
+  ``busybox-static`` where the build host cannot build it, with a warning), and a link
+  per applet the boot needs;
 - ``zstd`` for decompression only, which also checks an archive's digest as it reads it
   (:mod:`slim.core.build.unzstd`, at ``/usr/lib/slim/unzstd``, where the agent looks for
   it: ``slim.agent.ee.UNZSTD``; Debian's whole ``zstd`` where the build host cannot
@@ -50,8 +53,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import slim.agent
+from slim.agent import report_up
 from slim.agent.ee import UNZSTD
-from slim.core.build import smallpython, unzstd
+from slim.core.build import smallbusybox, smallpython, unzstd
 from slim.core.build.initrd import CpioArchive
 from slim.core.registry import Registry
 from slim.errors import FailedPrecondition
@@ -209,13 +213,15 @@ def _with_libraries(rt: Runtime, binary: Path, dest: str | None = None) -> None:
         rt.add(lib.resolve(), str(lib))  # the loader and libraries are often symlinks
 
 
-def _own_or_debians(rt: Runtime, debian: Path, build: Callable[[], Path], cache: Path) -> Path:
+def _own_or_debians(
+    rt: Runtime, debian: Path, build: Callable[[], Path], cache: Path, costs: str = "0.5 MB"
+) -> Path:
     """The build's own binary (``build()``, kept in ``cache``), or Debian's ``debian`` with
-    a warning saying why and what it costs."""
+    a warning saying why and what it ``costs``."""
     try:
         return build()
     except FailedPrecondition as exc:
-        rt.warnings.append(f"the initrd has Debian's {debian.name}, about 0.5 MB more than needed: {exc}")
+        rt.warnings.append(f"the initrd has Debian's {debian.name}, about {costs} more than needed: {exc}")
     except OSError as exc:  # the cache cannot be written, or what is built there cannot run
         rt.warnings.append(f"the initrd has Debian's {debian.name}: SLIM's cache {cache}: {exc}")
     return debian
@@ -290,11 +296,18 @@ def collect(
     CA with :meth:`Runtime.trust_ca`).  ``signify`` None leaves the plan verifier out, for
     measuring what it adds only (bench/initrd_size.py): such an initrd refuses every plan.
     ``build_cache``: where the runtime's own builds are kept — ``python`` linked again
-    without what the agent never uses (:func:`slim.core.build.smallpython.link`) and a
-    decompression-only ``zstd`` (:func:`slim.core.build.unzstd.build`); where the build
+    without what the agent never uses (:func:`slim.core.build.smallpython.link`), a
+    decompression-only ``zstd`` (:func:`slim.core.build.unzstd.build`) and busybox with
+    only the applets SLIM runs (:func:`slim.core.build.smallbusybox.build`); where the build
     host cannot make them, Debian's binaries, with a warning.  None takes Debian's."""
     rt = Runtime(https=https)
-    rt.add(_require(busybox, "busybox-static"), "/bin/busybox")
+    busybox_exe = _require(busybox, "busybox-static")
+    if build_cache is not None:
+        applets = (*APPLETS, *report_up.APPLETS)
+        busybox_exe = _own_or_debians(
+            rt, busybox_exe, lambda: smallbusybox.build(build_cache, applets), build_cache, "0.4 MB"
+        )
+    rt.add(busybox_exe, "/bin/busybox")  # static: the agent copies it into the EE (report_up)
     for applet in APPLETS:
         rt.links[f"/bin/{applet}"] = "busybox"
     rt.links["/sbin/modprobe"] = "../bin/busybox"  # where the kernel runs it to load modules on demand
