@@ -10,6 +10,5 @@ DEFERRED = (
     "argparse",  # slim.agent.__main__: only for --help and a command line it does not read itself
     "concurrent.futures",  # slim.agent.sync.Fetcher: only when files are fetched
     "concurrent.futures.thread",
-    "tarfile",  # slim.agent.unpack.extract_tar: only to unpack an archive
     "uuid",  # slim.agent.cache: a boot medium's partition
 )

@@ -3,9 +3,10 @@ from another tree.
 
 Standard library only: the agent unpacks copy-set archives with this in the
 initrd, and the builder imports images and materializes NFS trees with it.
-:func:`extract_tar` takes any tar (tarfile reads it); :func:`extract_archive` only
-SLIM's own copy-set archives (ustar headers and pax records, as the builder writes
-them), read by a small parser of its own several times faster, with the same checks.
+:func:`extract_archive` takes SLIM's own copy-set archives (ustar headers and pax
+records, as the builder writes them), read by a small parser of its own;
+:func:`slim.core.build.tarimport.extract_tar` any tar, with tarfile and the same checks
+and writer (the builder's, importing images: tarfile stays out of the initrd).
 
 Safety rules (every member is checked before anything is written for it):
 
@@ -40,7 +41,6 @@ from slim.agent.value import Mutable
 
 TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
 if TYPE_CHECKING:
-    import tarfile
     from typing import IO
 
 COPY_CHUNK = 1 << 20
@@ -358,7 +358,7 @@ def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
 
 
 # -- tar archives ------------------------------------------------------------------
-_TAR_KINDS = {  # tarfile's type flags (REGTYPE, AREGTYPE, CONTTYPE, DIRTYPE, ...): tarfile is
+TAR_KINDS = {  # tarfile's type flags (REGTYPE, AREGTYPE, CONTTYPE, DIRTYPE, ...): tarfile is
     b"0": FILE,  # imported only to unpack an archive (slim.agent.DEFERRED)
     b"\0": FILE,
     b"7": FILE,
@@ -382,7 +382,7 @@ def member_name(name: str) -> str:
     return "/".join(parts)
 
 
-def _pax_ns(exact: str | None) -> int | None:
+def pax_ns(exact: str | None) -> int | None:
     """A pax ``mtime`` record ("1700000000.123456789") in nanoseconds (float seconds would
     lose them); None if there is none or it is no number."""
     if exact is None or len(exact) > 40:
@@ -394,17 +394,6 @@ def _pax_ns(exact: str | None) -> int | None:
             ns += (1 if not sec.startswith("-") else -1) * int((frac + "000000000")[:9])
     except ValueError:
         return None
-    return ns
-
-
-def _mtime_ns(member: tarfile.TarInfo) -> int:
-    """The member's time in nanoseconds; UnsafeEntry if it is no time a file can have."""
-    ns = _pax_ns(member.pax_headers.get("mtime"))
-    if ns is None:
-        try:
-            ns = int(member.mtime) * 1_000_000_000
-        except (ValueError, OverflowError):  # a pax mtime of "nan" or "inf"
-            raise UnsafeEntry(member.name, f"mtime {member.mtime!r} is not a time") from None
     return ns
 
 
@@ -465,49 +454,6 @@ def make_entry(
         rdev=rdev if kind in (CHR, BLK) else (0, 0),
         xattrs=xattrs,
     )
-
-
-def entry_from_member(member: tarfile.TarInfo) -> Entry:
-    """The tree entry a tar member describes; UnsafeEntry if it cannot be one."""
-    xattrs = tuple(
-        sorted(
-            (key[len("SCHILY.xattr.") :], value.encode("utf-8", "surrogateescape"))
-            for key, value in member.pax_headers.items()
-            if key.startswith("SCHILY.xattr.")
-        )
-    )
-    return make_entry(
-        member.name, _TAR_KINDS.get(member.type), member.type, member.mode, member.uid, member.gid,
-        _mtime_ns(member), member.size, member.linkname, (member.devmajor, member.devminor), xattrs,
-    )  # fmt: skip
-
-
-def extract_tar(
-    stream: IO[bytes],
-    root: str | Path,
-    *,
-    owners: bool | None = None,
-    devices: bool | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> WriteStats:
-    """Unpack an uncompressed (or gzip/bzip2/xz) tar stream under ``root`` safely: the
-    builder's, importing images (the initrd's Python has no zlib, bz2 or lzma: the agent
-    unpacks SLIM's archives, uncompressed by zstd, with :func:`extract_archive`)."""
-    import tarfile
-
-    with TreeWriter(root, owners=owners, devices=devices) as writer:
-        try:
-            with tarfile.open(fileobj=stream, mode="r|*", errors="surrogateescape") as tf:
-                for member in tf:
-                    entry = entry_from_member(member)
-                    data = tf.extractfile(member) if entry.kind == FILE else None
-                    writer.add(entry, data)
-                    if progress is not None:
-                        progress(writer.stats.bytes)
-        except tarfile.TarError as exc:
-            raise UnsafeEntry("(archive)", f"not a valid tar archive: {exc}") from None
-        writer.finish()
-        return writer.stats
 
 
 # -- SLIM's own archives, fast ------------------------------------------------------
@@ -621,7 +567,7 @@ def read_archive(stream: IO[bytes]) -> Iterator[tuple[Entry, _Data | None]]:
                 pax = {"": b""}  # an empty pax header still belongs to the next member
             h = data[size + pad :]
             continue
-        kind = _TAR_KINDS.get(flag)
+        kind = TAR_KINDS.get(flag)
         if kind is None:
             raise UnsafeEntry("(archive)", f"member type {flag!r} is not one of a SLIM archive's")
         name = _text(h[0:100].split(b"\0", 1)[0])
@@ -630,7 +576,7 @@ def read_archive(stream: IO[bytes]) -> Iterator[tuple[Entry, _Data | None]]:
             name = f"{_text(prefix)}/{name}"
         name = _text(pax["path"]) if "path" in pax else name
         link = _text(pax["linkpath"]) if "linkpath" in pax else _text(h[157:257].split(b"\0", 1)[0])
-        mtime = _pax_ns(_text(pax["mtime"])) if "mtime" in pax else None
+        mtime = pax_ns(_text(pax["mtime"])) if "mtime" in pax else None
         if mtime is None:
             mtime = _number(h[136:148], "mtime") * 1_000_000_000
         xattrs = tuple(

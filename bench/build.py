@@ -45,7 +45,7 @@ lower bound of moving it over the paper's links: bytes * 8 / 100 Mb/s (LAN) and
 / 3 Mb/s (WAN).
 
 Unpack, into a fresh directory (deleted after each run): SLIM's level-9 archive
-with ``slim.agent.unpack.extract_tar`` (what the agent does) and with ``tar
+with ``slim.core.build.tarimport.extract_tar`` (what the builder does) and with ``tar
 --zstd -xpf``, and the ``tar | gzip`` archive with ``tar -xzpf``.  The first
 unpack of each kind is compared with the source tree (paths, types, modes,
 owners, sizes, link targets, devices, xattrs, modification times).
@@ -79,9 +79,9 @@ from rich.table import Table
 
 from labs.table2 import generate
 from slim.agent.tree import DIR, FILE, Entry, scan
-from slim.agent.unpack import extract_tar
 from slim.core.build.copyset import DEFAULT_LEVEL, hash_tree, write_archive
 from slim.core.build.image import import_image
+from slim.core.build.tarimport import extract_tar
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "benchmarks" / "build.json"

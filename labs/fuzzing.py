@@ -30,7 +30,8 @@ from slim.agent import manifest as mf
 from slim.agent import secrets as node_secrets
 from slim.agent.plan import BootArgs, PlanError, parse_plan
 from slim.agent.tree import scan
-from slim.agent.unpack import UnsafeEntry, extract_archive, extract_tar
+from slim.agent.unpack import UnsafeEntry, extract_archive
+from slim.core.build.tarimport import extract_tar
 from slim.core.control.auth import bearer, parse_token
 from slim.core.registry import load_registry_text
 from slim.errors import ConfigError, InvalidArgument, Unauthenticated
@@ -321,7 +322,7 @@ TARGETS: dict[str, Target] = {
         ),
         Target("plan", "agent/plan.py parse_plan", check_plan, (PlanError,)),
         Target("cmdline", "agent/plan.py BootArgs.from_cmdline, parse_cmdline", check_cmdline, (PlanError,)),
-        Target("tar", "agent/unpack.py extract_tar", check_tar, (UnsafeEntry,)),
+        Target("tar", "core/build/tarimport.py extract_tar", check_tar, (UnsafeEntry,)),
         Target("archive", "agent/unpack.py extract_archive (read_archive)", check_archive, (UnsafeEntry,)),
         Target(
             "vocabulary", "slim/vocabulary.py parse_size, parse_duration, parse_rate", check_vocabulary, ()

@@ -173,14 +173,12 @@ for expression in ("2.0 ** 5000", "math.exp(1000)", "math.log(-1)", "math.fmod(1
 exact = [math.exp(1), math.sqrt(2), 2 ** 0.5, math.pi / 4]
 print(json.dumps({"values": out, "errors": errors, "exact": exact}))
 """
-FROZEN = "import _imp, json, os; print(json.dumps([_imp._frozen_module_names(), os.__spec__.origin]))"
 
 
-def test_the_initrds_python_has_its_libm_linked_in_and_its_frozen_modules_marshalled() -> None:
+def test_the_initrds_python_has_its_libm_linked_in() -> None:
     """No libm.so: the functions it calls are linked in from glibc's static libm, their
     baseline x86-64 code (the same within two ulps of what Debian's python3 gives where it picks
-    FMA code, with the same errors); and the modules frozen into it are Debian's, but the
-    test suite's, marshalled rather than deep-frozen."""
+    FMA code, with the same errors)."""
     rt = runtime()
     debian = PYTHON.resolve()
     small = rt.files[str(debian)]
@@ -204,24 +202,6 @@ def test_the_initrds_python_has_its_libm_linked_in_and_its_frozen_modules_marsha
     for name, values in theirs["values"].items():
         for a, b in zip(mine["values"][name], values, strict=True):
             assert a == b or (isinstance(a, float) and abs(a - b) <= 2 * math.ulp(b)), (name, a, b)
-    (frozen, origin), (debians, _) = ask(small, FROZEN), ask(debian, FROZEN)
-    assert origin == "frozen" and frozen == [m for m in debians if not m.startswith("__")]
-    assert "_frozen_importlib" in frozen and "zipimport" in frozen and "os" in frozen
-
-
-def test_frozen_c_writes_the_tables_python_expects_and_refuses_others() -> None:
-    boot = [[name, name, False, "e3"] for name in smallpython.BOOTSTRAP]
-    text = smallpython.frozen_c(
-        [*boot, ["os.path", "posixpath", False, "e301"], ["__hello__", "__hello__", False, "e3"]]
-    )
-    assert '{"zipimport", M_zipimport, (int)sizeof(M_zipimport), 0, NULL}' in text
-    assert '{"os.path", M_posixpath,' in text and '{"os.path", "posixpath"},' in text  # an alias
-    assert "__hello__" not in text  # the test suite's
-    assert "static const unsigned char M_posixpath[] = {227,1};" in text
-    with pytest.raises(FailedPrecondition, match="do not start with _frozen_importlib"):
-        smallpython.frozen_c([["os", "os", False, "e3"], *boot])
-    with pytest.raises(FailedPrecondition, match="unexpected frozen module name"):
-        smallpython.frozen_c([*boot, ['x"; int y', "x", False, "e3"]])
 
 
 def test_the_initrds_busybox_is_static_with_only_the_applets_slim_runs() -> None:

@@ -14,8 +14,8 @@ import pytest
 import zstandard
 
 from slim.agent.tree import scan
-from slim.agent.unpack import extract_tar
 from slim.core.build.release import build_environment, verify_release
+from slim.core.build.tarimport import extract_tar
 from slim.core.registry import Registry, load_registry_text
 from slim.core.store import Store
 from slim.errors import FailedPrecondition, NotFound

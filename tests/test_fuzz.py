@@ -33,7 +33,8 @@ from hypothesis import strategies as st
 from labs import fuzzing
 from slim.agent import manifest as mf
 from slim.agent.plan import PlanError, parse_cmdline, parse_plan
-from slim.agent.unpack import UnsafeEntry, extract_tar
+from slim.agent.unpack import UnsafeEntry
+from slim.core.build.tarimport import extract_tar
 from slim.core.registry import load_registry_text
 from slim.errors import ConfigError, InvalidArgument
 from slim.objects.routes import parse_range

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from slim.agent.tree import FILE, Entry, scan
-from slim.agent.unpack import TreeWriter, UnsafeEntry, copy_tree, extract_archive, extract_tar, read_archive
+from slim.agent.unpack import TreeWriter, UnsafeEntry, copy_tree, extract_archive, read_archive
 from slim.core.build import copyset
+from slim.core.build.tarimport import extract_tar
 from tests.support import need
 
 ROOT = os.geteuid() == 0

@@ -33,9 +33,10 @@ from typing import BinaryIO
 import zstandard
 
 from slim.agent.tree import FILE, ScanReport, scan
-from slim.agent.unpack import UnsafeEntry, WriteStats, copy_root_meta, copy_tree, extract_tar
+from slim.agent.unpack import UnsafeEntry, WriteStats, copy_root_meta, copy_tree
 from slim.core.build import copyset
 from slim.core.build.release import Progress, ticker
+from slim.core.build.tarimport import extract_tar
 from slim.errors import FailedPrecondition, InvalidArgument
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

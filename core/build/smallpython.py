@@ -7,7 +7,7 @@ runs imports them: ``unicodedata`` alone, the Unicode database, is 1.1 MB of the
 interpreter again, from the same objects of Debian's ``libpython3.11-dev`` with the
 flags Python was linked with, leaving out the modules in :data:`LEFT_OUT`: the same
 code as ``/usr/bin/python3.11`` for everything else, about 0.5 MB less in the
-compressed initrd (docs/benchmarks/, initrd size).  More cuts, 0.2 MB, then 0.4 MB:
+compressed initrd (docs/benchmarks/, initrd size).  More cuts, 0.2 MB, then 0.35 MB:
 
 - zlib is linked in from its static library (Debian's ``zlib1g-dev``, which
   ``python3-dev`` brings): ``binascii`` uses its CRC-32, nothing the agent runs
@@ -27,11 +27,7 @@ compressed initrd (docs/benchmarks/, initrd size).  More cuts, 0.2 MB, then 0.4 
   baseline x86-64 code, what glibc runs on a CPU without them.  Against Debian's
   interpreter on a machine with FMA: the same errors and exceptions, and the same
   results but for a rare one that differs in its last bit or two (tests/test_agentrt.py
-  compares them);
-- the modules frozen into it (importlib's bootstrap, ``zipimport``, ``os``, ``codecs``...)
-  are marshalled code (:func:`frozen_c`) instead of Debian's *deep-frozen* C data
-  (0.93 MB of ``deepfreeze.o``): the same code objects, taken from Debian's interpreter,
-  less the test suite's modules.
+  compares them).
 
 The agent copes with what is gone: the socket module's host-name codec, ``idna``,
 needs ``unicodedata``; the agent registers an ASCII one in its place
@@ -78,22 +74,10 @@ LEFT_OUT = (
     "syslog",
     "xxsubtype",  # an example module
     "zlib",  # compression: shutil and zipfile do without it (the zip of the standard library is stored)
+    "_datetime",  # datetime's C half: its Python half (in the zip either way) does the same
 )
 
 _STRIPPED = (".eh_frame", ".eh_frame_hdr")  # sections removed from the result (the module docstring)
-_DEEPFROZEN = ("frozen.o", "deepfreeze.o")  # replaced by the module tables :func:`frozen_c` writes
-BOOTSTRAP = ("_frozen_importlib", "_frozen_importlib_external", "zipimport")  # the first table
-# Prints the interpreter's frozen modules as it has them: name, the module it is, whether it
-# is a package, and its code object marshalled (its own, taken from the interpreter).
-_FROZEN = (
-    "import _imp, json, marshal\n"
-    "out = []\n"
-    "for name in _imp._frozen_module_names():\n"
-    "    _, package, orig = _imp.find_frozen(name)\n"
-    "    code = marshal.dumps(_imp.get_frozen_object(name))\n"
-    "    out.append([name, orig, package, code.hex()])\n"
-    "print(json.dumps(out))"
-)
 # glibc's static libm picks each function's code for the CPU (FMA, AVX2...) from the C
 # library's record of its features, which only a static program has (in a dynamic one it is
 # the loader's, not exported): all zero here, so that every function is its baseline
@@ -163,56 +147,6 @@ def static_library(gcc: str, name: str, package: str) -> Path:
     return library
 
 
-def frozen_c(modules: list[list[object]]) -> str:
-    """C for the interpreter's tables of frozen modules (those of ``Python/frozen.c``), each
-    module's code marshalled, from ``modules`` as :data:`_FROZEN` prints them.
-
-    Debian's interpreter has them *deep-frozen*: every code object as static C data
-    (``deepfreeze.o``), which spares unmarshalling them at start-up (under a millisecond
-    for all of them, measured).  Marshalled, the same code objects make the interpreter
-    0.48 MB smaller (4.98 → 4.50 MB) and the compressed initrd 0.05 MB.  The test modules
-    (``__hello__``, ``__phello__``...) are left out; the bootstrap modules come first, as
-    the interpreter requires."""
-    names = [str(m[0]) for m in modules]
-    if names[: len(BOOTSTRAP)] != list(BOOTSTRAP):
-        raise FailedPrecondition(f"the interpreter's frozen modules do not start with {', '.join(BOOTSTRAP)}")
-    lines = ['#include "Python.h"', "struct _module_alias { const char *name; const char *orig; };"]
-    arrays: dict[str, str] = {}  # module -> its array (os.path is posixpath)
-    tables: dict[str, list[str]] = {"bootstrap": [], "stdlib": [], "test": []}
-    aliases = []
-    for name, orig, package, code in modules:
-        name, orig = str(name), str(orig)
-        if name.startswith("__"):  # __hello__, __phello__.spam...: the test suite's
-            continue
-        if not re.fullmatch(r"[\w.]+", name) or not re.fullmatch(r"[\w.]+", orig):
-            raise FailedPrecondition(f"unexpected frozen module name {name!r} ({orig!r})")
-        if orig not in arrays:
-            arrays[orig] = f"M_{orig.replace('.', '_')}"
-            data = bytes.fromhex(str(code))
-            lines.append(f"static const unsigned char {arrays[orig]}[] = {{{','.join(map(str, data))}}};")
-        array = arrays[orig]
-        table = "bootstrap" if name in BOOTSTRAP else "stdlib"
-        tables[table].append(f'    {{"{name}", {array}, (int)sizeof({array}), {int(bool(package))}, NULL}},')
-        if orig != name:
-            aliases.append(f'    {{"{name}", "{orig}"}},')
-    for table, entries in tables.items():
-        lines += [
-            f"static const struct _frozen {table}_modules[] = {{",
-            *entries,
-            "    {0, 0, 0, 0, 0}",
-            "};",
-        ]
-        lines.append(f"const struct _frozen *_PyImport_Frozen{table.title()} = {table}_modules;")
-    lines += ["static const struct _module_alias aliases[] = {", *aliases, "    {0, 0}", "};"]
-    lines += [
-        "const struct _module_alias *_PyImport_FrozenAliases = aliases;",
-        "const struct _frozen *PyImport_FrozenModules = NULL;  /* for embedding applications */",
-        "int _Py_Deepfreeze_Init(void) { return 0; }  /* nothing deep-frozen to set up */",
-        "void _Py_Deepfreeze_Fini(void) { }",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def _libm_members(libm: Path) -> list[Path]:
     """The archives ``libm.a`` stands for (a linker script naming glibc's libm and libmvec)."""
     text = libm.read_bytes()
@@ -230,8 +164,6 @@ def link(python: Path, cache: Path) -> Path:
     gcc, ar, nm = tool("gcc", "gcc"), tool("ar", "binutils"), tool("nm", "binutils")
     objcopy = tool("objcopy", "binutils")
     config = json.loads(run([str(python), "-S", "-I", "-c", _CONFIG]))
-    modules = json.loads(run([str(python), "-S", "-I", "-c", _FROZEN]))
-    frozen, expected_frozen = frozen_c(modules), [str(m[0]) for m in modules]
     libpl = Path(config["LIBPL"])
     library, config_c = libpl / config["LIBRARY"], libpl / "config.c"
     if not config["LIBRARY"].endswith(".a") or not library.is_file() or not config_c.is_file():
@@ -253,7 +185,6 @@ def link(python: Path, cache: Path) -> Path:
         with open(lib, "rb") as f:
             key.update(hashlib.file_digest(f, "sha256").digest())
     key.update(config_c.read_bytes())
-    key.update(frozen.encode())
     tools = [run([gcc, "--version"]), run([objcopy, "--version"])]
     inputs = [
         config,
@@ -264,7 +195,6 @@ def link(python: Path, cache: Path) -> Path:
         ldflags,
         libs,
         _STRIPPED,
-        _DEEPFROZEN,
         tools,
     ]
     key.update(json.dumps(inputs).encode())
@@ -289,10 +219,6 @@ def link(python: Path, cache: Path) -> Path:
         run([ar, "x", str(library)], cwd=objs)
         for name in {defines[m] for m in left_out} | {"config.o", "python.o"}:
             (objs / name).unlink(missing_ok=True)
-        for name in _DEEPFROZEN:
-            if not (objs / name).is_file():
-                raise FailedPrecondition(f"{library} has no {name}: not the Python 3.11 this expects")
-            (objs / name).unlink()
         text = config_c.read_text()
         for module in left_out:
             text, n = re.subn(rf"^.*\bPyInit_{module}\b.*\n", "", text, flags=re.M)
@@ -300,9 +226,8 @@ def link(python: Path, cache: Path) -> Path:
                 raise FailedPrecondition(f"{config_c}: {module} is not built in as expected ({n} lines)")
         (work / "config.c").write_text(text)
         (work / "python.c").write_text(_MAIN_C)
-        (work / "frozen.c").write_text(frozen)
         (work / "cpu.c").write_text(_CPU_FEATURES_C)
-        ours = ["python.c", "config.c", "frozen.c", "cpu.c"]
+        ours = ["python.c", "config.c", "cpu.c"]
         run([gcc, *cflags, "-c", *ours], cwd=work)
         linked = work / out.name
         objects = [*(c.replace(".c", ".o") for c in ours), *sorted(str(p) for p in objs.glob("*.o"))]
@@ -315,7 +240,4 @@ def link(python: Path, cache: Path) -> Path:
         check = json.loads(run([str(linked), "-S", "-I", "-c", _CONFIG]))
         if check["version"] != config["version"] or set(check["builtins"]) & set(left_out):
             raise FailedPrecondition(f"{linked} is not {python} without {', '.join(left_out)}")
-        kept = [m[0] for m in json.loads(run([str(linked), "-S", "-I", "-c", _FROZEN]))]
-        if kept != [m for m in expected_frozen if not m.startswith("__")]:
-            raise FailedPrecondition(f"{linked} has the frozen modules {kept}, not {python}'s")
         return keep(linked, out)
