@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import zipfile
@@ -30,7 +31,9 @@ from slim.core.build.agentrt import (
     AGENT_ROOT,
     APPLETS,
     BUSYBOX,
+    INIT,
     PYTHON,
+    UDHCPC,
     ZSTD,
     Runtime,
     add_runtime,
@@ -40,6 +43,7 @@ from slim.core.build.agentrt import (
 )
 from slim.core.build.image import default_cache_dir
 from slim.core.build.initrd import CpioArchive
+from slim.core.build.medium import MEDIUM_INIT
 from slim.errors import FailedPrecondition
 from slim.signing import SigningKey
 from tests.support import need, need_tool
@@ -225,6 +229,46 @@ def test_the_initrds_busybox_is_static_with_only_the_applets_slim_runs() -> None
     out = subprocess.run([str(ours), "sh", "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout == "b\n10.0.0.1 24\n5\n"
     assert smallbusybox.build(default_cache_dir(), (*APPLETS, *report_up.APPLETS)) == ours  # from the cache
+
+
+SHELL = {  # ash's keywords and builtins (busybox's ash has test, echo and printf built in)
+    "if", "then", "else", "elif", "fi", "for", "in", "do", "done", "while", "until", "case", "esac",
+    "[", "test", "echo", "printf", "read", "exit", "export", "set", "shift", "break", "continue", "return",
+    "local", "exec", "command", ":", "true", "false", "cd", "umask", "trap", "wait", "eval",
+}  # fmt: skip
+
+
+def shell_commands(script: str) -> set[str]:
+    """The commands a shell script runs (roughly: the first word of each simple command,
+    after exec and variable assignments), less the functions it defines."""
+    lines = [
+        re.sub(r"^\s*[^\s()]+\)", " ", line)
+        for line in script.splitlines()
+        if not line.lstrip().startswith("#")
+    ]
+    functions = {m.group(1) for line in lines if (m := re.match(r"\s*(\w+)\(\)", line))}
+    found = set()
+    text = re.sub(r"\d*[<>]&\d+", " ", "\n".join(lines))  # 2>&1: not a command separator
+    for segment in re.split(r"[\n;|&]+|\$\(|`|\bdo\b|\bthen\b|\belse\b", text):
+        words = [w for w in segment.split() if not re.fullmatch(r"\w+=\S*", w)]
+        while words and words[0] in ("exec", "!"):
+            words.pop(0)
+        if words and re.fullmatch(r"[\w.\[:/-]+", words[0]) and words[0] not in functions:
+            found.add(words[0])
+    return found
+
+
+def test_the_initrds_scripts_run_only_busybox_applets_and_shell_builtins() -> None:
+    """busybox has only agentrt.APPLETS (and the EE's scripts' own): every command the
+    initrd's /init, its DHCP script and a boot medium's /init run is one of them, or the shell's."""
+    for name, script, some in (
+        ("init", INIT.format(root=AGENT_ROOT), {"mount", "insmod", "ip", "udhcpc", "env"}),
+        ("udhcpc.sh", UDHCPC, {"ip"}),
+        ("medium init", MEDIUM_INIT.format(medium="m1", root=AGENT_ROOT), {"mount", "cat", "sleep", "env"}),
+    ):
+        used = shell_commands(script)
+        assert some <= used, (name, used)  # the parser sees the commands
+        assert used - SHELL - set(APPLETS) == set(), name
 
 
 def test_the_initrds_zstd_is_the_decompression_only_one() -> None:

@@ -224,6 +224,8 @@ def _own_or_debians(
         rt.warnings.append(f"the initrd has Debian's {debian.name}, about {costs} more than needed: {exc}")
     except OSError as exc:  # the cache cannot be written, or what is built there cannot run
         rt.warnings.append(f"the initrd has Debian's {debian.name}: SLIM's cache {cache}: {exc}")
+    except subprocess.SubprocessError as exc:  # a build tool that did not finish in time
+        rt.warnings.append(f"the initrd has Debian's {debian.name}, about {costs} more than needed: {exc}")
     return debian
 
 

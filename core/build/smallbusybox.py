@@ -10,17 +10,22 @@ environment has, so busybox stays static.
 
 :func:`build` builds busybox again from the source of the ``busybox-static`` installed on
 the build host (the same version: ``apt-get source`` with the build host's own apt
-sources, as ``deb-src``, in a private directory; the machine's apt configuration is not
+sources, as ``deb-src``, in a private directory; the machine's apt sources and lists are not
 touched), with Debian's configuration of ``busybox-static`` for every applet it keeps (so
 each one behaves as Debian's does) and every other applet turned off, linked statically
 with musl (Debian's ``musl-tools``) instead of glibc, whose static library brings NSS,
 locales and ``printf``'s every form: 0.41 MB, 0.22 MB compressed.  The result runs each
 applet it must (checked) and is cached in SLIM's cache under a key of its inputs (the
-source's version, the applets, the compilers), so the source is fetched once.
+source's version, the applets, the compilers, this module), the same bytes from the same
+inputs (no build time in it).  The source package's files are kept in the cache too
+(``busybox/src/``), so they are fetched once per version: a change of SLIM or of the
+compilers builds again without the network.  ``apt-get update`` runs the build host's
+update hooks (its ``apt.conf.d``, which also gives its proxy); its lists and caches are
+private.
 
-Needs on the build host: ``apt-get`` able to reach the build host's Debian mirror (once),
-``dpkg-source`` (``dpkg-dev``), ``make``, ``gcc`` and ``musl-gcc`` (``musl-tools``),
-and the kernel's headers (``linux-libc-dev``, which ``gcc`` brings).  Without them
+Needs on the build host: ``apt-get`` able to reach the build host's Debian mirror (once
+per version), ``dpkg-source`` (``dpkg-dev``), ``make``, ``gcc`` and ``musl-gcc``
+(``musl-tools``), and the kernel's headers (``linux-libc-dev``, which ``gcc`` brings).  Without them
 :func:`build` raises :class:`~slim.errors.FailedPrecondition` saying what is missing,
 and the initrd takes Debian's ``busybox-static`` (agentrt says so).
 """
@@ -30,7 +35,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pwd
 import re
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable
@@ -44,6 +51,9 @@ CONFIG = "debian/config/pkg/static"  # Debian's configuration of it, in the sour
 APT_SOURCES = Path("/etc/apt")  # sources.list and sources.list.d/: where the mirror is read
 ALWAYS = ("busybox",)  # the applet that runs the others by name: `busybox wget`, `busybox --list`
 KERNEL_HEADERS = ("linux", "asm-generic")  # /usr/include/<these>, and the architecture's asm
+REPRODUCIBLE = {"KCONFIG_NOTIMESTAMP": "1", "LC_ALL": "C"}  # no build time in the banner (as Debian's)
+APT_TIMEOUT = 30  # seconds apt waits on the mirror's silence
+APT_DEADLINE = 600  # seconds apt-get update, and apt-get source, may take in all
 _APPLET = re.compile(r"//applet:.*?IF_(\w+)\(.*?APPLET\w*\(\s*([\w.\[-]+)\s*,")  # IF_SYM(APPLET(name, ...
 
 
@@ -71,8 +81,9 @@ def deb_src(sources: Path | None = None) -> str:
         if not path.is_file():
             continue
         for line in path.read_text().splitlines():
+            line = line.split("#", 1)[0]  # a comment, or what follows one
             m = re.match(r"\s*deb\s+(\[[^\]]*\]\s+)?(\S+)\s+(\S+)\s*(.*)$", line)
-            if m:
+            if m and not m.group(2).startswith("cdrom:"):  # a disc: nothing to fetch from
                 options = dict(o.split("=", 1) for o in (m.group(1) or "").strip("[] \t").split() if "=" in o)
                 entry = [f"Types: deb-src\nURIs: {m.group(2)}\nSuites: {m.group(3)}"]
                 if m.group(4).strip():
@@ -83,43 +94,110 @@ def deb_src(sources: Path | None = None) -> str:
     for path in sorted((sources / "sources.list.d").glob("*.sources")):
         for stanza in re.split(r"\n\s*\n", path.read_text()):
             lines = [line for line in stanza.splitlines() if not line.lstrip().startswith("#")]
-            types = next((line.split(":", 1)[1].split() for line in lines if line.startswith("Types:")), [])
-            if "deb" not in types or any(re.match(r"Enabled:\s*no", line, re.I) for line in lines):
+            is_types = [re.match(r"types:", line, re.I) is not None for line in lines]
+            types = next(
+                (line.split(":", 1)[1].split() for line, t in zip(lines, is_types, strict=True) if t), []
+            )
+            uris = " ".join(line for line in lines if re.match(r"uris:", line, re.I))
+            if (
+                "deb" not in types
+                or "cdrom:" in uris
+                or any(re.match(r"enabled:\s*no", x, re.I) for x in lines)
+            ):
                 continue
             entries.append(
-                "\n".join("Types: deb-src" if line.startswith("Types:") else line for line in lines)
+                "\n".join("Types: deb-src" if t else line for line, t in zip(lines, is_types, strict=True))
             )
     if not entries:
         raise FailedPrecondition(f"no apt source under {sources} to fetch {PACKAGE}'s source from")
     return "\n\n".join(entries) + "\n"
 
 
-def fetch_source(package: str, version: str, into: Path) -> Path:
-    """Debian's source of ``package`` at ``version``, unpacked in ``into`` (the directory returned)."""
-    apt = into / "apt"
-    (apt / "lists" / "partial").mkdir(parents=True)
-    (apt / "sources.list.d").mkdir()
-    (apt / "sources.list.d" / "build-host.sources").write_text(deb_src())
-    options = [
+def _apt_options(apt: Path) -> list[str]:
+    """apt-get with the build host's configuration (its proxy, its keyrings) but private
+    sources (``deb-src``), lists and caches, failing fast when the mirror does not answer."""
+    return [
         f"-oDir::Etc::SourceList={os.devnull}",
         f"-oDir::Etc::SourceParts={apt / 'sources.list.d'}",
         f"-oDir::State::Lists={apt / 'lists'}",
+        f"-oDir::Cache={apt / 'cache'}",
+        "-oDir::Cache::pkgcache=",
+        "-oDir::Cache::srcpkgcache=",
         "-oDebug::NoLocking=1",
-        "-oAPT::Sandbox::User=root",
+        "-oAcquire::Retries=0",
+        f"-oAcquire::http::Timeout={APT_TIMEOUT}",
+        f"-oAcquire::https::Timeout={APT_TIMEOUT}",
         "-qq",
     ]
-    apt_get = tool("apt-get", "apt")
+
+
+def _for_apt(*dirs: Path) -> None:
+    """Directories apt's download methods write in, as the user they run as (``_apt``)."""
+    try:
+        user = pwd.getpwnam("_apt")
+    except KeyError:
+        return  # no such user: apt's methods run as root
+    for d in dirs:
+        os.chown(d, user.pw_uid, -1)
+
+
+def fetch_source(package: str, version: str, cache: Path, into: Path) -> Path:
+    """Debian's source of ``package`` at ``version``, unpacked in ``into`` (the directory
+    returned).  Its files (the ``.dsc`` and the tarballs it names) are kept in ``cache``
+    (under ``src/``) and fetched only when they are not there: ``dpkg-source`` checks the
+    tarballs against the ``.dsc``, which apt checked against the mirror's signed index."""
     tool("dpkg-source", "dpkg-dev")
-    # an entry without sources (a third party's) fails its part only: apt-get source says
-    # whether the one wanted was found
-    subprocess.run([apt_get, *options, "update"], capture_output=True, check=False, timeout=600)
-    download = into / "download"
-    download.mkdir()
-    run([apt_get, *options, "source", f"{package}={version}"], cwd=download)
-    trees = [p for p in download.iterdir() if p.is_dir()]
-    if len(trees) != 1:
-        raise FailedPrecondition(f"apt-get source {package}={version} unpacked {len(trees)} trees")
-    return trees[0]
+    kept = cache / "src" / f"{package}_{version.replace(':', '%3a')}"
+    dsc = next((d for d in sorted(kept.glob("*.dsc")) if cached(d)), None) if kept.is_dir() else None
+    if dsc is None:
+        apt_get = tool("apt-get", "apt")
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=kept.parent, prefix=".fetch.") as tmp:
+            os.chmod(tmp, 0o755)  # noqa: S103 - apt's download methods (as _apt) go through it
+            apt, download = Path(tmp) / "apt", Path(tmp) / "files"
+            for d in (
+                apt / "lists" / "partial",
+                apt / "cache" / "archives" / "partial",
+                apt / "sources.list.d",
+                download,
+            ):
+                d.mkdir(parents=True)
+            (apt / "sources.list.d" / "build-host.sources").write_text(deb_src())
+            _for_apt(apt / "lists" / "partial", download)
+            options = _apt_options(apt)
+            # an entry without sources (a third party's) fails its part only: apt-get source
+            # says whether the one wanted was found, and update's errors are told with it
+            update = subprocess.run(
+                [apt_get, *options, "update"],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=APT_DEADLINE,
+            )
+            proc = subprocess.run(
+                [apt_get, *options, "--download-only", "source", f"{package}={version}"],
+                cwd=download, capture_output=True, text=True, check=False, timeout=APT_DEADLINE,
+            )  # fmt: skip
+            dscs = sorted(download.glob("*.dsc"))
+            if proc.returncode != 0 or len(dscs) != 1:
+                said = (proc.stderr or proc.stdout).strip()[-400:]
+                if update.returncode != 0:
+                    said += f"; apt-get update: {(update.stderr or update.stdout).strip()[-400:]}"
+                raise FailedPrecondition(
+                    f"apt-get source {package}={version} failed (the build host's mirror): {said}"
+                )
+            os.chown(download, os.geteuid(), -1)
+            for f in download.iterdir():
+                os.chown(f, os.geteuid(), os.getegid())
+                f.chmod(0o644)
+            download.chmod(0o755)
+            if kept.exists():
+                shutil.rmtree(kept)  # files of ours that are not right (cached() refused them)
+            os.replace(download, kept)
+        dsc = next(kept.glob("*.dsc"))
+    tree = into / "source"
+    run(["dpkg-source", "--no-copy", "-x", str(dsc), str(tree)])
+    return tree
 
 
 def applet_symbols(tree: Path) -> dict[str, set[str]]:
@@ -166,6 +244,7 @@ def build(cache: Path, applets: Iterable[str]) -> Path:
     wanted = sorted({*applets, *ALWAYS})
     gcc, musl = tool("gcc", "gcc"), tool("musl-gcc", "musl-tools")
     make = tool("make", "make")
+    tool("dpkg-query", "dpkg")
     package, version = source_version()
     compilers = [run([gcc, "--version"]), Path(musl).read_text(errors="replace")]
     musl_version = subprocess.run(
@@ -179,22 +258,25 @@ def build(cache: Path, applets: Iterable[str]) -> Path:
     out.parent.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent.parent, prefix=".build.") as tmp:
         work = Path(tmp)
-        tree = fetch_source(package, version, work)
+        tree = fetch_source(package, version, cache / "busybox", work)
         debian = tree / CONFIG
         if not debian.is_file():
             raise FailedPrecondition(f"{package} {version}'s source has no {CONFIG}")
         (tree / ".config").write_text(configure(debian.read_text(), applet_symbols(tree), wanted))
         # every symbol is in Debian's configuration: oldconfig asks nothing (answers: defaults)
         proc = subprocess.run(
-            [make, "oldconfig"], cwd=tree, input=b"\n" * 2000, capture_output=True, check=False
-        )
+            [make, "oldconfig"], cwd=tree, input=b"\n" * 2000, capture_output=True, check=False,
+            env={**os.environ, **REPRODUCIBLE},
+        )  # fmt: skip
         if proc.returncode != 0:
             raise FailedPrecondition(
                 f"busybox's make oldconfig failed: {proc.stderr.decode(errors='replace')[-800:]}"
             )
         headers = kernel_headers(gcc, work / "kernel-headers")
         jobs = str(max(1, min(os.cpu_count() or 1, 8)))
-        run([make, f"-j{jobs}", f"CC={musl}", f"EXTRA_CFLAGS=-isystem {headers}", "busybox"], cwd=tree)
+        banner = f"BB_EXTRA_VERSION=SLIM, from Debian {version}"  # what `busybox` says it is
+        argv = [make, f"-j{jobs}", f"CC={musl}", f"EXTRA_CFLAGS=-isystem {headers}", banner, "busybox"]
+        run(argv, cwd=tree, env=REPRODUCIBLE)
         built = tree / "busybox"
         check(built, wanted)
         return keep(built, out)
@@ -202,7 +284,10 @@ def build(cache: Path, applets: Iterable[str]) -> Path:
 
 def check(busybox: Path, applets: Iterable[str]) -> None:
     """``busybox`` is static and has each of ``applets``: FailedPrecondition names what is wrong."""
-    ldd = subprocess.run(["ldd", str(busybox)], capture_output=True, text=True, check=False)
+    ldd = subprocess.run(
+        [tool("ldd", "libc-bin"), str(busybox)], capture_output=True, text=True, check=False,
+        env={**os.environ, "LC_ALL": "C"},
+    )  # fmt: skip
     if "not a dynamic executable" not in ldd.stdout + ldd.stderr:
         raise FailedPrecondition(f"{busybox} is not linked statically: {ldd.stdout.strip()}")
     listed = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=False, timeout=30)

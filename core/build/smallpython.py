@@ -19,7 +19,7 @@ compressed initrd (docs/benchmarks/, initrd size).  More cuts, 0.2 MB, then 0.35
   ``pthread_exit``, which Python 3.11 calls for a daemon thread still running when the
   interpreter shuts down, and which needs ``libgcc_s``: no initrd has it, with or without
   the tables (the agent ends with ``os._exit``, which shuts nothing down);
-- the 38 functions it calls from ``libm`` are linked in from glibc's static ``libm.a``
+- on x86-64, the functions it calls from ``libm`` are linked in from glibc's static ``libm.a``
   (0.31 MB) instead of loading the whole ``libm.so.6`` (0.91 MB).  That library picks each
   function's code for the CPU (FMA, AVX2) from the C library's record of the CPU's
   features, which in a dynamically linked program is the loader's and not reachable:
@@ -50,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import stat
@@ -109,9 +110,12 @@ def tool(name: str, package: str) -> str:
     return path
 
 
-def run(argv: list[str], cwd: Path | None = None) -> str:
-    """A build tool's output, or FailedPrecondition with the end of what it said."""
-    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+def run(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    """A build tool's output, or FailedPrecondition with the end of what it said (``env``:
+    more environment)."""
+    proc = subprocess.run(
+        argv, cwd=cwd, capture_output=True, text=True, check=False, env={**os.environ, **env} if env else None
+    )
     if proc.returncode != 0:
         raise FailedPrecondition(
             f"{' '.join(argv[:3])} … failed: {(proc.stderr or proc.stdout).strip()[-800:]}"
@@ -174,14 +178,19 @@ def link(python: Path, cache: Path) -> Path:
     cflags = ["-O2", "-fwrapv", "-fno-pie", f"-I{config['INCLUDEPY']}"]
     ldflags = ["-no-pie", "-s", *config["LINKFORSHARED"].split(), "-Wl,--as-needed"]
     libz = static_library(gcc, "libz.a", "zlib1g-dev")
-    libm = static_library(gcc, "libm.a", "libc6-dev")
-    static = {"-lz": str(libz), "-lm": str(libm)}
+    static = {"-lz": str(libz)}
+    libm_members: list[Path] = []
+    x86_64 = platform.machine() == "x86_64"  # where _CPU_FEATURES_C is libm's own record
+    if x86_64:
+        libm = static_library(gcc, "libm.a", "libc6-dev")
+        static["-lm"] = str(libm)
+        libm_members = _libm_members(libm)
     libs = [
         static.get(lib, lib)
         for lib in (*config["LIBS"].split(), *config["SYSLIBS"].split(), *config["MODLIBS"].split())
     ]
     key = hashlib.sha256()
-    for lib in (library, libz, *_libm_members(libm)):
+    for lib in (library, libz, *libm_members):
         with open(lib, "rb") as f:
             key.update(hashlib.file_digest(f, "sha256").digest())
     key.update(config_c.read_bytes())
@@ -190,7 +199,7 @@ def link(python: Path, cache: Path) -> Path:
         config,
         left_out,
         _MAIN_C,
-        _CPU_FEATURES_C,
+        _CPU_FEATURES_C if x86_64 else "",
         cflags,
         ldflags,
         libs,
@@ -226,15 +235,17 @@ def link(python: Path, cache: Path) -> Path:
                 raise FailedPrecondition(f"{config_c}: {module} is not built in as expected ({n} lines)")
         (work / "config.c").write_text(text)
         (work / "python.c").write_text(_MAIN_C)
-        (work / "cpu.c").write_text(_CPU_FEATURES_C)
-        ours = ["python.c", "config.c", "cpu.c"]
+        ours = ["python.c", "config.c"]
+        if x86_64:
+            (work / "cpu.c").write_text(_CPU_FEATURES_C)
+            ours.append("cpu.c")
         run([gcc, *cflags, "-c", *ours], cwd=work)
         linked = work / out.name
         objects = [*(c.replace(".c", ".o") for c in ours), *sorted(str(p) for p in objs.glob("*.o"))]
         run([gcc, "-o", str(linked), *objects, *ldflags, *libs], cwd=work)
         run([objcopy, *(f"--remove-section={section}" for section in _STRIPPED), str(linked)])
         loads = run(["ldd", str(linked)])
-        for lib in ("libz.so", "libm.so"):
+        for lib in ("libz.so", "libm.so") if x86_64 else ("libz.so",):
             if lib in loads:
                 raise FailedPrecondition(f"{linked} still loads {lib}")
         check = json.loads(run([str(linked), "-S", "-I", "-c", _CONFIG]))
