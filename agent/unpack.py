@@ -358,8 +358,8 @@ def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
 
 
 # -- tar archives ------------------------------------------------------------------
-TAR_KINDS = {  # tarfile's type flags (REGTYPE, AREGTYPE, CONTTYPE, DIRTYPE, ...): tarfile is
-    b"0": FILE,  # imported only to unpack an archive (slim.agent.DEFERRED)
+TAR_KINDS = {  # tarfile's type flags (REGTYPE, AREGTYPE, CONTTYPE, DIRTYPE, ...), as bytes:
+    b"0": FILE,  # the agent never imports tarfile (core/build/tarimport.py does)
     b"\0": FILE,
     b"7": FILE,
     b"5": DIR,

@@ -665,10 +665,9 @@ def https_get(
 def initrd_busybox() -> str:
     """The busybox the initrd carries and the agent copies into the EE (its report and
     orders scripts run it), built as `slim ee build` builds it (core/build/smallbusybox.py)."""
-    from slim.agent import report_up
     from slim.core.build import smallbusybox
-    from slim.core.build.agentrt import APPLETS
+    from slim.core.build.agentrt import BUSYBOX_APPLETS
     from slim.core.build.image import default_cache_dir
 
     need_tool("musl-gcc", "musl-tools")
-    return str(smallbusybox.build(default_cache_dir(), (*APPLETS, *report_up.APPLETS)))
+    return str(smallbusybox.build(default_cache_dir(), BUSYBOX_APPLETS))

@@ -45,7 +45,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import subprocess
 import zipfile
 from collections.abc import Callable, Sequence
@@ -57,6 +56,7 @@ from slim.agent import report_up
 from slim.agent.ee import UNZSTD
 from slim.core.build import smallbusybox, smallpython, unzstd
 from slim.core.build.initrd import CpioArchive
+from slim.core.build.smallpython import shared_libraries
 from slim.core.registry import Registry
 from slim.errors import FailedPrecondition
 from slim.signing import PublicKey
@@ -72,9 +72,9 @@ APPLETS = (
     "sh", "mount", "umount", "mkdir", "ln", "cat", "echo", "sleep", "ip", "udhcpc", "insmod",
     "modprobe", "switch_root", "mknod", "ls", "rm", "mke2fs", "poweroff", "reboot", "dmesg", "env",
 )  # fmt: skip
+BUSYBOX_APPLETS = (*APPLETS, *report_up.APPLETS)  # what the build's busybox has (smallbusybox)
 AGENT_ROOT = "/lib/slim"  # PYTHONPATH in the initrd: /lib/slim/slim/agent/...
 
-_LDD_RE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
 
 # Imports every module the agent needs and prints where the standard-library ones live.
 # Optional to everything the agent uses (imported under try/except) and large (OpenSSL):
@@ -188,24 +188,6 @@ def _require(path: Path, package: str) -> Path:
     return path
 
 
-def shared_libraries(binary: Path, env: dict[str, str] | None = None) -> list[Path]:
-    """The libraries (and the loader) ``ldd`` lists for ``binary`` (``env``: more environment
-    for ldd, e.g. LD_LIBRARY_PATH)."""
-    try:
-        out = subprocess.run(
-            ["ldd", str(binary)],
-            capture_output=True,
-            text=True,
-            check=False,
-            env={**os.environ, **(env or {})},
-        ).stdout
-    except FileNotFoundError:
-        raise FailedPrecondition("ldd is missing on the build host (Debian's libc-bin)") from None
-    if "not a dynamic executable" in out or "statically linked" in out:
-        return []
-    return [Path(m.group(1)) for m in _LDD_RE.finditer(out)]
-
-
 def _with_libraries(rt: Runtime, binary: Path, dest: str | None = None) -> None:
     """``binary`` (at ``dest`` in the initrd, else at its own path) and the libraries it loads."""
     rt.add(binary, dest)
@@ -220,12 +202,10 @@ def _own_or_debians(
     a warning saying why and what it ``costs``."""
     try:
         return build()
-    except FailedPrecondition as exc:
+    except (FailedPrecondition, subprocess.SubprocessError) as exc:  # (a build tool's timeout)
         rt.warnings.append(f"the initrd has Debian's {debian.name}, about {costs} more than needed: {exc}")
     except OSError as exc:  # the cache cannot be written, or what is built there cannot run
         rt.warnings.append(f"the initrd has Debian's {debian.name}: SLIM's cache {cache}: {exc}")
-    except subprocess.SubprocessError as exc:  # a build tool that did not finish in time
-        rt.warnings.append(f"the initrd has Debian's {debian.name}, about {costs} more than needed: {exc}")
     return debian
 
 
@@ -305,9 +285,8 @@ def collect(
     rt = Runtime(https=https)
     busybox_exe = _require(busybox, "busybox-static")
     if build_cache is not None:
-        applets = (*APPLETS, *report_up.APPLETS)
         busybox_exe = _own_or_debians(
-            rt, busybox_exe, lambda: smallbusybox.build(build_cache, applets), build_cache, "0.4 MB"
+            rt, busybox_exe, lambda: smallbusybox.build(build_cache, BUSYBOX_APPLETS), build_cache, "0.4 MB"
         )
     rt.add(busybox_exe, "/bin/busybox")  # static: the agent copies it into the EE (report_up)
     for applet in APPLETS:

@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slim.agent.plan import MEDIUM_ID_RE
-from slim.core.build.agentrt import Runtime, add_runtime, shared_libraries
+from slim.core.build.agentrt import Runtime, add_runtime
 from slim.core.build.initrd import InitrdBuilder, InitrdInfo, resolve_in_image, resolve_modules
 from slim.core.build.kernel import download_deb, missing_closure, unpack_deb
+from slim.core.build.smallpython import shared_libraries
 from slim.errors import FailedPrecondition, InvalidArgument, NotFound
 
 KEXEC_PACKAGE = "kexec-tools"

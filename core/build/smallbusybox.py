@@ -43,7 +43,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from slim.core.build.smallpython import cached, keep, run, tool
+from slim.core.build.smallpython import cached, keep, run, shared_libraries, tool
 from slim.errors import FailedPrecondition
 
 PACKAGE = "busybox-static"  # the binary package whose source is built again
@@ -284,12 +284,8 @@ def build(cache: Path, applets: Iterable[str]) -> Path:
 
 def check(busybox: Path, applets: Iterable[str]) -> None:
     """``busybox`` is static and has each of ``applets``: FailedPrecondition names what is wrong."""
-    ldd = subprocess.run(
-        [tool("ldd", "libc-bin"), str(busybox)], capture_output=True, text=True, check=False,
-        env={**os.environ, "LC_ALL": "C"},
-    )  # fmt: skip
-    if "not a dynamic executable" not in ldd.stdout + ldd.stderr:
-        raise FailedPrecondition(f"{busybox} is not linked statically: {ldd.stdout.strip()}")
+    if loads := shared_libraries(busybox):
+        raise FailedPrecondition(f"{busybox} is not linked statically: it loads {', '.join(map(str, loads))}")
     listed = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=False, timeout=30)
     if missing := sorted(set(applets) - set(listed.stdout.split())):
         raise FailedPrecondition(f"{busybox} has no {', '.join(missing)}: {listed.stderr.strip()[-200:]}")

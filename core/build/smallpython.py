@@ -99,6 +99,7 @@ _CONFIG = (
     "('LIBPL', 'LIBRARY', 'INCLUDEPY', 'LINKFORSHARED', 'LIBS', 'SYSLIBS', 'MODLIBS', 'VERSION')}\n"
     "print(json.dumps({**v, 'version': sys.version, 'builtins': list(sys.builtin_module_names)}))"
 )
+_LDD_RE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")  # ldd: [NAME =>] /PATH (0xADDR)
 _PYINIT = re.compile(r"\.a:([^:/]+\.o):[0-9a-f]*\s+T\s+PyInit_(\w+)$")  # nm -A: LIB.a:OBJ.o:ADDR T NAME
 
 
@@ -141,6 +142,24 @@ def keep(built: Path, out: Path) -> Path:
     out.parent.mkdir(exist_ok=True)
     os.replace(built, out)
     return out
+
+
+def shared_libraries(binary: Path, env: dict[str, str] | None = None) -> list[Path]:
+    """The libraries (and the loader) ``ldd`` lists for ``binary``, none for a static one
+    (``env``: more environment for ldd, e.g. LD_LIBRARY_PATH)."""
+    try:
+        out = subprocess.run(
+            ["ldd", str(binary)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "LC_ALL": "C", **(env or {})},  # its messages untranslated
+        ).stdout
+    except FileNotFoundError:
+        raise FailedPrecondition("ldd is missing on the build host (Debian's libc-bin)") from None
+    if "not a dynamic executable" in out or "statically linked" in out:
+        return []
+    return [Path(m.group(1)) for m in _LDD_RE.finditer(out)]
 
 
 def static_library(gcc: str, name: str, package: str) -> Path:
@@ -244,7 +263,7 @@ def link(python: Path, cache: Path) -> Path:
         objects = [*(c.replace(".c", ".o") for c in ours), *sorted(str(p) for p in objs.glob("*.o"))]
         run([gcc, "-o", str(linked), *objects, *ldflags, *libs], cwd=work)
         run([objcopy, *(f"--remove-section={section}" for section in _STRIPPED), str(linked)])
-        loads = run(["ldd", str(linked)])
+        loads = " ".join(p.name for p in shared_libraries(linked))
         for lib in ("libz.so", "libm.so") if x86_64 else ("libz.so",):
             if lib in loads:
                 raise FailedPrecondition(f"{linked} still loads {lib}")
