@@ -26,6 +26,16 @@ role SLIM's CA writes in it).  The host name in the URL is not what is checked: 
 certificates name the relay (``NAME.relay.slim``), not the addresses sites reach it at.
 A relay that fails the check counts as a failed relay, and the agent says why.
 ``ssl`` is imported only then: an initrd built without it still boots over ``http://``.
+
+Many small objects (copy-if-needed's changed files) are asked for *pipelined*
+(:meth:`Relays.fetch_pipelined`): every request of a batch is sent on one connection
+before the first answer is read, and the answers are read in order with a lean parser
+of plain ``200`` answers.  A small object's round trip and http.client's parsing of its
+answer cost more than its bytes (1,000 files of 16 KiB: 0.27 s one by one, 0.09 s
+pipelined, this machine).  Anything else — another status, no or another length, a
+digest that does not match, a connection that breaks — drops the connection, and the
+objects from that one on are fetched one by one with :meth:`Relays.stream`, which
+retries, resumes and moves on to other relays as above.
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ from slim.agent.value import Mutable
 TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
 if TYPE_CHECKING:
     import ssl
-    from typing import Any
+    from typing import Any, BinaryIO
 
 CHUNK = 1 << 20
 MAX_RETRY_AFTER = 60.0  # a relay that asks for longer is asked again after this
@@ -60,6 +70,7 @@ JITTER = 0.5  # each wait is stretched by up to this fraction, never shortened
 BUSY = (429, 503)  # "come back later": waited for, not counted as a failure
 
 
+PIPELINE_HEAD = 8192  # bytes of one pipelined answer's status line and headers, at most
 LOCAL = "local"  # what Relays.stream says served an object from the local cache
 CA_FILE = Path("/etc/slim/ca.pem")  # SLIM's CA in the initrd (core/build/agentrt.py puts it there)
 RELAY_ROLE = "relay"  # the OU SLIM's CA writes in a relay's certificate (slim.pki)
@@ -432,10 +443,90 @@ class Relays:
             self.stats.bytes += got
             return url
 
+    def fetch_pipelined(self, refs: Sequence[ObjectRef], got: Callable[[int, bytes], object]) -> int:
+        """Fetch ``refs`` (small objects: each is held in memory) from the relay that served
+        last, pipelined on its connection (see the module's docstring); ``got(i, data)`` is
+        given each object's bytes, verified, in order.  Returns how many were given: the
+        rest, from the first that did not come as a plain ``200`` of its size and digest, are
+        the caller's to fetch with :meth:`stream`.  Nothing is pipelined through a local
+        cache (:attr:`local`): the caller streams each object."""
+        if not refs or self.local is not None:
+            return 0
+        url = self.urls[self.current]
+        done = 0
+        try:
+            conn = self._conn(url)
+            if conn.sock is None:
+                conn.connect()
+            sock = conn.sock
+            host = urllib.parse.urlsplit(url).netloc.encode("ascii")
+            sock.sendall(
+                b"".join(
+                    b"GET /objects/sha256/%s HTTP/1.1\r\nHost: %s\r\nAccept-Encoding: identity\r\n\r\n"
+                    % (ref.hex.encode("ascii"), host)
+                    for ref in refs
+                )
+            )
+            with sock.makefile("rb") as answers:
+                for i, ref in enumerate(refs):
+                    size, close = pipelined_head(answers)
+                    if size != ref.size:
+                        break
+                    data = answers.read(size)
+                    if len(data) != size or hashlib.sha256(data).hexdigest() != ref.hex:
+                        break
+                    self.stats.objects += 1
+                    self.stats.bytes += size
+                    got(i, data)
+                    done += 1
+                    if close:
+                        break
+                else:
+                    return done  # every answer read: the connection stays, idle
+        except (OSError, ValueError, http.client.HTTPException):
+            pass  # what is left is fetched one by one
+        self._drop(url)
+        return done
+
     def read(self, ref: ObjectRef) -> bytes:
         parts: list[bytes] = []
         self.stream(ref, parts.append)
         return b"".join(parts)
+
+
+def pipelined_head(answers: BinaryIO) -> tuple[int, bool]:
+    """Read one pipelined answer's status line and headers from ``answers`` (a binary file):
+    (its Content-Length, whether the relay closes the connection after it).  ValueError
+    unless it is a plain ``HTTP/1.1 200`` with one Content-Length, no Transfer-Encoding and
+    a head of at most :data:`PIPELINE_HEAD` bytes."""
+    line = answers.readline(PIPELINE_HEAD + 1)
+    if not line.startswith(b"HTTP/1.1 200 ") or not line.endswith(b"\r\n"):
+        raise ValueError("not a plain 200 answer")
+    left = PIPELINE_HEAD - len(line)
+    length = -1
+    close = False
+    while True:
+        line = answers.readline(left + 1)
+        left -= len(line)
+        if left < 0 or not line.endswith(b"\r\n"):
+            raise ValueError("answer head too long, or cut")
+        if line == b"\r\n":
+            break
+        name, colon, value = line.partition(b":")
+        name, value = name.strip().lower(), value.strip()
+        if not colon:
+            raise ValueError("not a header line")
+        if name == b"content-length":
+            if length >= 0 or not value.isdigit() or len(value) > 18:
+                raise ValueError("bad or repeated Content-Length")
+            length = int(value)
+        elif name == b"transfer-encoding":
+            raise ValueError("a transfer coding")
+        elif name == b"connection":
+            close = b"close" in value.lower()
+    if length < 0:
+        raise ValueError("no Content-Length")
+    return length, close
 
 
 def _tee(first: Callable[[bytes], object], second: Callable[[bytes], object]) -> Callable[[bytes], None]:

@@ -69,7 +69,9 @@ if TYPE_CHECKING:
 # a copy of slim.vocabulary.MAX_MANIFEST_BYTES: the agent imports only the standard library
 MAX_MANIFEST_BYTES = 512 << 20
 FETCH_THREADS = 4  # copy-if-needed: connections fetching changed files at once
-FETCH_AHEAD = 16  # ... and files fetched ahead of the one being written (open temporary files)
+FETCH_AHEAD = 64  # ... and files fetched ahead of the one being written (open temporary files)
+PIPELINE_FILES = 16  # small files asked for at once on one connection (Relays.fetch_pipelined)
+PIPELINE_FILE_BYTES = 1 << 20  # ... "small": at most this size, in one piece
 FETCH_AHEAD_BYTES = 64 << 20  # ... and their bytes (beyond one file), in the directory being synced
 HASH_BLOCK = 1 << 20
 # An entry whose ctime is this close to the walk that saw it (or later) is not trusted to
@@ -796,7 +798,8 @@ class Fetcher:
     (each a round trip the others need not wait for), at most ``FETCH_AHEAD`` files and
     ``FETCH_AHEAD_BYTES`` ahead of the one being written (the temporary files share the
     directory's space), and hands them out in the order listed; what is fetched but not
-    taken is removed on exit."""
+    taken is removed on exit.  Small files that follow one another in the list are asked
+    for ``PIPELINE_FILES`` at a time, pipelined on one connection."""
 
     def __init__(self, relays: Relays, files: list[Job], dest: Path) -> None:
         self.relays = relays
@@ -825,15 +828,69 @@ class Fetcher:
     def _fetch(self, job: Job) -> _TempFile:
         return _fetch_file(self._relays(), job[0], self.dest, job[1])
 
+    def _batch(self, jobs: list[Job], futures: list[Future[_TempFile]]) -> None:
+        """Fetch small files pipelined, one by one from the first that did not come so; each
+        future gets its file or its error (none is left pending: ``next`` waits on them)."""
+        relays = self._relays()
+        try:
+
+            def got(i: int, data: bytes) -> None:
+                if not futures[i].set_running_or_notify_cancel():
+                    return  # cancelled: the sync is ending
+                try:
+                    tmp = _TempFile(self.dest)
+                    try:
+                        tmp.file.write(data)
+                        tmp.file.flush()
+                        tmp.file.seek(0)
+                        tmp.fetched = len(data)
+                    except BaseException:
+                        tmp.close()
+                        raise
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread (as the pool does)
+                    futures[i].set_exception(exc)
+                else:
+                    futures[i].set_result(tmp)
+
+            refs = [ObjectRef(f"sha256:{m.sha256}", m.entry.size) for m, _ in jobs]
+            for i in range(relays.fetch_pipelined(refs, got), len(jobs)):
+                if not futures[i].set_running_or_notify_cancel():
+                    continue
+                try:
+                    futures[i].set_result(_fetch_file(relays, jobs[i][0], self.dest, None))
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread (as the pool does)
+                    futures[i].set_exception(exc)
+        finally:  # an error outside any one file's: none is left waited for
+            for future in futures:
+                if future.running() or (not future.done() and future.set_running_or_notify_cancel()):
+                    future.set_exception(FetchError("the pipelined fetch was cut short"))
+
     def _fill(self) -> None:
         while self.pool is not None and self.submitted < len(self.files) and len(self.pending) < FETCH_AHEAD:
             job = self.files[self.submitted]
             m = job[0]
             if self.pending and self.pending_bytes + m.entry.size > FETCH_AHEAD_BYTES:
                 return  # one file at a time when they are big
-            self.pending.append((m, self.pool.submit(self._fetch, job)))
-            self.pending_bytes += m.entry.size
-            self.submitted += 1
+            if not _small(job):
+                self.pending.append((m, self.pool.submit(self._fetch, job)))
+                self.pending_bytes += m.entry.size
+                self.submitted += 1
+                continue
+            jobs: list[Job] = []
+            while (
+                self.submitted < len(self.files)
+                and len(jobs) < PIPELINE_FILES
+                and len(self.pending) + len(jobs) < FETCH_AHEAD
+                and _small(self.files[self.submitted])
+            ):
+                jobs.append(self.files[self.submitted])
+                self.submitted += 1
+            from concurrent.futures import Future
+
+            futures: list[Future[_TempFile]] = [Future() for _ in jobs]
+            self.pending.extend((j[0], f) for j, f in zip(jobs, futures, strict=True))
+            self.pending_bytes += sum(j[0].entry.size for j in jobs)
+            self.pool.submit(self._batch, jobs, futures)
 
     def next(self, m: mf.ManifestEntry) -> _TempFile:
         self._fill()
@@ -860,6 +917,12 @@ class Fetcher:
         for relays in self.clones:
             self.relays.absorb(relays)
             relays.close()
+
+
+def _small(job: Job) -> bool:
+    """A file fetched pipelined: small, in one piece, none of it on the node."""
+    m = job[0]
+    return job[1] is None and not m.chunks and m.entry.size <= PIPELINE_FILE_BYTES
 
 
 class _TempFile:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import socket
 import subprocess
@@ -27,10 +28,12 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from slim.agent.ee import Reporter
-from slim.agent.fetch import MAX_RETRY_AFTER, FetchError, Relays, retry_after
+from slim.agent.fetch import MAX_RETRY_AFTER, PIPELINE_HEAD, FetchError, Relays, pipelined_head, retry_after
 from slim.agent.plan import DEFAULT_DEADLINE, BootArgs, ObjectRef, PlanError
 from slim.core.store import Store
 from tests.support import (
@@ -501,3 +504,158 @@ def test_a_sender_that_fails_never_stops_the_boot(capsys: pytest.CaptureFixture[
     assert [e.stage for e in reporter.events] == ["plan", "done"]
     assert "boot events could not be sent: ValueError('a bug')" in capsys.readouterr().err
     assert reporter._sender is not None and not reporter._sender.is_alive()
+
+
+# -- pipelined small objects ------------------------------------------------------------
+def pipelined(relays: Relays, refs: list[ObjectRef]) -> tuple[int, list[tuple[int, bytes]]]:
+    got: list[tuple[int, bytes]] = []
+    n = relays.fetch_pipelined(refs, lambda i, data: got.append((i, data)))
+    return n, got
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_small_objects_come_pipelined_in_order_cached_or_not(tmp_path: Path, scheme: str) -> None:
+    """Twenty small objects asked for at once on one connection, half of them already in the
+    relay's cache (its fast path answers them) and half not (it fetches them upstream first):
+    every one comes, verified, in order, and the connection is still there for the next."""
+    store = Store(tmp_path / "store")
+    datas = [blob(1000 + 97 * i, 200 + i) for i in range(20)]
+    refs = [ObjectRef("sha256:" + put(store, d), len(d)) for d in datas]
+    identity = await asyncio.to_thread(relay_identity, "edge-p") if scheme == "https" else None
+    https = "127.0.0.1:0" if identity else None
+    async with (
+        origin(store) as o,
+        relay(tmp_path / "cache", [url(o)], identity=identity, https_listen=https) as r,
+    ):
+        base = https_url(r) if scheme == "https" else url(r)
+        warm = Relays([base], ca=session_ca())
+        for ref in refs[::2]:
+            await asyncio.to_thread(warm.read, ref)
+        warm.close()
+        relays = Relays([base], ca=session_ca())
+        n, got = await asyncio.to_thread(pipelined, relays, refs)
+        assert n == 20 and got == list(enumerate(datas))
+        assert relays.stats.objects == 20 and relays.stats.bytes == sum(map(len, datas))
+        assert relays._conns  # the connection stays, idle: the next request goes on it
+        assert await asyncio.to_thread(relays.read, refs[3]) == datas[3]
+        relays.close()
+    assert r.objects.counters.hits >= 10  # the cached half came from the fast path
+
+
+class Misbehaving:
+    """A raw HTTP/1.1 server on loopback: the first connection's answer to request ``bad``
+    is spoiled (``how``), every other answer is a plain 200 of the object."""
+
+    def __init__(self, objects: dict[str, bytes], bad: int, how: str) -> None:
+        self.objects, self.bad, self.how = objects, bad, how
+        self.connections = 0
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+        self.handlers: set[asyncio.Task[None]] = set()
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = self.connections == 0
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        self.writers.add(writer)
+        try:
+            for k in range(1000):  # bounded: one connection's requests
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.requests += 1
+                path = head.split(b" ", 2)[1].decode()
+                data = self.objects[path.rsplit("/", 1)[1]]
+                writer.write(self.answer(data, spoil=first and k == self.bad))
+                await writer.drain()
+                if first and k == self.bad and self.how in ("close", "cut"):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+        self.writers.discard(writer)
+
+    def answer(self, data: bytes, spoil: bool) -> bytes:
+        ok = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
+        if not spoil:
+            return ok
+        return {
+            "404": b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}",
+            "503": b"HTTP/1.1 503 Busy\r\nRetry-After: 0\r\nContent-Length: 0\r\n\r\n",
+            "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+            % (len(data), data),
+            "length": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data) - 1, data[:-1]),
+            "digest": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), bytes(len(data))),
+            "http/1.0": b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data),
+            "close": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (len(data), data),
+            "cut": ok[: len(ok) // 2],
+        }[self.how]
+
+    async def stop(self) -> None:
+        for writer in list(self.writers):  # the handlers waiting for a request see the end
+            writer.close()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@pytest.mark.parametrize("how", ["404", "503", "chunked", "length", "digest", "http/1.0", "close", "cut"])
+async def test_a_pipelined_answer_that_is_not_a_plain_200_leaves_the_rest_to_stream(how: str) -> None:
+    """Whatever goes wrong with the fourth answer of eight, the three before it are given,
+    the connection is dropped, and the agent fetches the rest one by one (stream), which
+    gets them right; a relay that closes after a good answer keeps that one."""
+    datas = [blob(500 + i, 300 + i) for i in range(8)]
+    objects = {hashlib.sha256(d).hexdigest(): d for d in datas}
+    refs = [ObjectRef("sha256:" + h, len(d)) for h, d in objects.items()]
+    server = Misbehaving(objects, bad=3, how=how)
+    base = await server.start()
+    try:
+        relays = Relays([base], rounds=2)
+        n, got = await asyncio.to_thread(pipelined, relays, refs)
+        assert n == (4 if how == "close" else 3) and got == list(enumerate(datas[:n]))
+        assert not relays._conns  # dropped
+        rest = [await asyncio.to_thread(relays.read, ref) for ref in refs[n:]]
+        assert rest == datas[n:] and server.connections == 2
+        relays.close()
+    finally:
+        await server.stop()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=PIPELINE_HEAD + 64))
+def test_a_pipelined_answer_head_is_read_or_refused_never_anything_else(head: bytes) -> None:
+    try:
+        length, close = pipelined_head(io.BytesIO(head))
+    except ValueError:
+        return
+    assert length >= 0 and isinstance(close, bool) and head.startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize(
+    ("head", "why"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", "repeated Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n", "bad or repeated Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: identity\r\n\r\n", "transfer coding"),
+        (b"HTTP/1.1 200 OK\r\n\r\n", "no Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nno colon\r\n\r\n", "not a header line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\n\r\n", "too long, or cut"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"y" * PIPELINE_HEAD + b"\r\nContent-Length: 5\r\n\r\n", "too long"),
+        (b"HTTP/1.1 206 Partial\r\nContent-Length: 5\r\n\r\n", "not a plain 200"),
+    ],
+)
+def test_pipelined_answer_heads_that_are_refused(head: bytes, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        pipelined_head(io.BytesIO(head))
+
+
+def test_a_plain_pipelined_answer_head() -> None:
+    head = b"HTTP/1.1 200 OK\r\ncontent-length:  17 \r\nETag: x\r\nConnection: Close\r\n\r\nbody"
+    assert pipelined_head(io.BytesIO(head)) == (17, True)
