@@ -154,21 +154,33 @@ class Records:
             return None
         return self.root / "sync" / (hashlib.sha256(directory.encode()).hexdigest()[:32] + ".manifest")
 
-    def read(self, directory: str) -> tuple[Path, bytes, str] | None:
-        """(its file, the manifest's bytes, "sha256:<hex>" of them), or None."""
+    def read(self, directory: str, hashed: bool = True) -> tuple[Path, bytes, str] | None:
+        """(its file, the manifest's bytes, "sha256:<hex>" of them), or None.  ``hashed``
+        False: the digest :meth:`write` noted beside it, when there is one, instead of
+        hashing the bytes (a claim, to be checked before the bytes are taken as that
+        manifest: a manifest rebuilt from a delta is checked anyway)."""
         path = self.path(directory)
         raw = None if path is None else _read_regular(path, MAX_MANIFEST_BYTES)
         if path is None or raw is None:
             return None
-        return path, raw, "sha256:" + hashlib.sha256(raw).hexdigest()
+        if not hashed:
+            noted = _read_regular(path.with_suffix(".digest"), 71)
+            if noted is not None and len(noted) == 71 and noted.startswith(b"sha256:"):
+                return path, raw, noted.decode("ascii", "replace")
+        return path, raw, _digest(raw)
 
-    def write(self, directory: str, raw: bytes) -> None:
-        """Keep ``raw`` as the directory's manifest (and drop the record of a walk made under
-        another: :meth:`write_seen` follows when there is one to keep)."""
-        seen = self._seen_path(directory)
-        if seen is not None:
-            seen.unlink(missing_ok=True)
-        self._replace(self.path(directory), raw)
+    def write(self, directory: str, raw: bytes, digest: str = "") -> None:
+        """Keep ``raw`` as the directory's manifest, and its digest beside it (``digest``:
+        known already, not hashed again) (and drop the record of a walk made under another:
+        :meth:`write_seen` follows when there is one to keep)."""
+        path = self.path(directory)
+        if path is None:
+            return
+        for stale in (self._seen_path(directory), path.with_suffix(".digest")):
+            if stale is not None:
+                stale.unlink(missing_ok=True)
+        self._replace(path, raw)
+        self._replace(path.with_suffix(".digest"), (digest or _digest(raw)).encode())
 
     def seen(self, directory: str, key: bytes) -> bytes | None:
         """The walk the last :meth:`write_seen` of the directory recorded, if it was made
@@ -205,9 +217,11 @@ class Records:
     def forget(self, directory: str) -> None:
         """Drop what is kept of the directory (before it is changed: a change cut short leaves
         nothing that would vouch for it)."""
-        for path in (self._seen_path(directory), self.path(directory)):
-            if path is not None:
-                path.unlink(missing_ok=True)
+        path = self.path(directory)
+        if path is not None:
+            for stale in (self._seen_path(directory), path, path.with_suffix(".digest")):
+                if stale is not None:
+                    stale.unlink(missing_ok=True)
 
 
 def _read_regular(path: Path, limit: int) -> bytes | None:
@@ -386,14 +400,17 @@ def manifest_bytes(d: Directory, relays: Relays, records: Records, result: SyncR
 
 def _manifest_bytes(d: Directory, relays: Relays, records: Records, result: SyncResult) -> bytes:
     assert d.manifest is not None
-    kept = records.read(d.path)
+    kept = records.read(d.path, hashed=False)  # (a digest noted: a delta's base is known without hashing)
     if kept is not None:
         result.kept = kept[1]
     if kept is not None and d.manifest_raw:
         path, raw, digest = kept
         if digest == d.manifest_raw:
-            result.manifest = "kept"
-            return raw
+            actual = _digest(raw)
+            if actual == digest:
+                result.manifest = "kept"
+                return raw
+            digest = actual  # (the note was wrong: the kept manifest changed on the node)
         for delta in d.deltas:
             if delta.base != digest:
                 continue
@@ -451,7 +468,7 @@ def run(
     started = time.monotonic()
     if result.manifest != "kept" or result.changed:
         try:
-            records.write(d.path, raw)
+            records.write(d.path, raw, result.digest)
         except OSError as exc:  # the directory is right: the next boot only compares more
             result.notes.append(f"its manifest is not kept: {exc}")
             return result

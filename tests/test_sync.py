@@ -416,6 +416,13 @@ def test_a_delta_from_the_kept_manifest_rebuilds_the_new_one(origin: Origin, tmp
     result = run_sync(origin, d3, node, records)
     assert result.manifest == "whole" and result.files == 1
     assert snapshot(node) == snapshot(src)
+    # ... and again, while the digest noted beside it names the plan's manifest: the note is
+    # only a claim, checked before the kept bytes are taken as the plan's manifest
+    assert kept.with_suffix(".digest").read_text() == d3.manifest_raw
+    kept.write_bytes(kept.read_bytes().replace(b'"f0001"', b'"f000X"'))
+    result = run_sync(origin, d3, node, records)
+    assert result.manifest == "whole" and result.files == 0
+    assert kept.read_bytes() == raw3 and snapshot(node) == snapshot(src)
 
 
 def make_deltas_from(store: Store, base: bytes, raw: bytes) -> list[ManifestDelta]:
