@@ -43,6 +43,7 @@ from __future__ import annotations
 import array
 import collections
 import hashlib
+import io
 import json
 import operator
 import os
@@ -548,25 +549,42 @@ class Previous:
     since (only what the comparison uses, read without the checks of a manifest to apply:
     it only ever makes the agent fetch more, or read pieces it checks by their digests)."""
 
-    __slots__ = ("chunks", "digests", "index", "mtimes", "sizes")
+    __slots__ = ("_index", "chunks", "digests", "mtimes", "paths", "sizes")
 
     def __init__(
         self,
-        index: dict[str, int],  # path: its entry
+        paths: list[str],
         digests: list[str],  # per entry ("" but for files)
         sizes: list[int],
         mtimes: list[int],
         chunks: dict[int, tuple[list[str], list[int]]],
     ) -> None:
-        self.index = index
+        self.paths = paths
         self.digests = digests
         self.sizes = sizes
         self.mtimes = mtimes
         self.chunks = chunks
+        self._index: dict[str, int] | None = None
 
-    def digest(self, path: str) -> str | None:
-        i = self.index.get(path)
-        return None if i is None else self.digests[i]
+    @property
+    def index(self) -> dict[str, int]:
+        """Path: its entry (made when first asked: most syncs never need it)."""
+        if self._index is None:
+            self._index = {p: i for i, p in enumerate(self.paths) if isinstance(p, str)}
+        return self._index
+
+    def changed(self, m: mf.Manifest) -> set[int]:
+        """The entries of ``m`` at whose path the kept manifest had other bytes (another
+        file's, or no file's): a file among them is fetched even if its size and mtime on
+        the node are the new ones.  The same paths in the same order (most new releases):
+        the columns are compared as they line up, with no lookup by path."""
+        if self.paths == m.paths:
+            return {i for i, (was, now) in enumerate(zip(self.digests, m.digests, strict=True)) if was != now}
+        index, digests = self.index, self.digests
+        return {
+            i for i, (p, now) in enumerate(zip(m.paths, m.digests, strict=True))
+            if now and (j := index.get(p)) is not None and digests[j] != now
+        }  # fmt: skip
 
     def chunks_of(self, path: str, st: os.stat_result) -> dict[str, tuple[int, int]]:
         """The pieces of the file now at ``path`` (its ``st``), by digest: (offset, size) — when
@@ -609,9 +627,7 @@ def previous(result: SyncResult) -> Previous | None:
         sizes = [next(it_size) if k == "f" else 0 for k in kinds]
         digests = [next(it_sha) if k == "f" else "" for k in kinds]
         chunks = {int(i): (list(h), list(n)) for i, h, n in doc.get("chunks", [])}
-        return Previous(
-            {p: i for i, p in enumerate(paths) if isinstance(p, str)}, digests, sizes, mtimes, chunks
-        )
+        return Previous(paths, digests, sizes, mtimes, chunks)
     except (ValueError, TypeError, KeyError, StopIteration, RecursionError):
         return None
 
@@ -649,6 +665,7 @@ def sync(
     for i, k in enumerate(m.kinds):
         if k == "h":
             links[m.targets[i]] += 1
+    release_changed = was.changed(m) if was is not None else set()
     paths, modes, uids, gids, mtimes, sizes = m.paths, m.modes, m.uids, m.gids, m.mtimes, m.sizes
     found, linked, s_ifmt, s_imode = have.get, links.get, stat.S_IFMT, stat.S_IMODE  # (the loop's hot names)
     for i, k in enumerate(m.kinds):
@@ -685,7 +702,7 @@ def sync(
             if (
                 st.st_size != sizes[i]
                 or st.st_nlink > 1 + linked(path, 0)  # (not links[path]: Counter's __missing__ is slow)
-                or (was is not None and was.digest(path) not in (None, m.digests[i]))
+                or i in release_changed
                 or (st.st_mtime_ns != mtimes[i] and not _same_bytes(f"{root}/{path}", sizes[i], m.digests[i]))
             ):
                 write.append(i)
@@ -734,7 +751,7 @@ def sync(
             e = entries[i]
             if e.entry.kind == FILE:
                 with fetched.next(e) as tmp:
-                    writer.add(e.entry, tmp.file, source=str(tmp.path))
+                    writer.add(e.entry, tmp.file, source=None if tmp.path is None else str(tmp.path))
                     result.bytes += tmp.fetched
                 result.files += 1
             else:
@@ -823,7 +840,9 @@ class Fetcher:
         self.dest = dest
         self.files = files
         self.submitted = 0
-        self.pending: collections.deque[tuple[mf.ManifestEntry, Future[_TempFile]]] = collections.deque()
+        self.pending: collections.deque[tuple[mf.ManifestEntry, Future[_TempFile | _Fetched]]] = (
+            collections.deque()
+        )
         self.pending_bytes = 0
         self.clones: list[Relays] = []
         self.local = threading.local()
@@ -845,29 +864,15 @@ class Fetcher:
     def _fetch(self, job: Job) -> _TempFile:
         return _fetch_file(self._relays(), job[0], self.dest, job[1])
 
-    def _batch(self, jobs: list[Job], futures: list[Future[_TempFile]]) -> None:
+    def _batch(self, jobs: list[Job], futures: list[Future[_TempFile | _Fetched]]) -> None:
         """Fetch small files pipelined, one by one from the first that did not come so; each
         future gets its file or its error (none is left pending: ``next`` waits on them)."""
         relays = self._relays()
         try:
 
             def got(i: int, data: bytes) -> None:
-                if not futures[i].set_running_or_notify_cancel():
-                    return  # cancelled: the sync is ending
-                try:
-                    tmp = _TempFile(self.dest)
-                    try:
-                        tmp.file.write(data)
-                        tmp.file.flush()
-                        tmp.file.seek(0)
-                        tmp.fetched = len(data)
-                    except BaseException:
-                        tmp.close()
-                        raise
-                except BaseException as exc:  # noqa: BLE001 - handed to the main thread (as the pool does)
-                    futures[i].set_exception(exc)
-                else:
-                    futures[i].set_result(tmp)
+                if futures[i].set_running_or_notify_cancel():  # (else cancelled: the sync is ending)
+                    futures[i].set_result(_Fetched(data))
 
             refs = [ObjectRef(f"sha256:{m.sha256}", m.entry.size) for m, _ in jobs]
             for i in range(relays.fetch_pipelined(refs, got), len(jobs)):
@@ -904,12 +909,12 @@ class Fetcher:
                 self.submitted += 1
             from concurrent.futures import Future
 
-            futures: list[Future[_TempFile]] = [Future() for _ in jobs]
+            futures: list[Future[_TempFile | _Fetched]] = [Future() for _ in jobs]
             self.pending.extend((j[0], f) for j, f in zip(jobs, futures, strict=True))
             self.pending_bytes += sum(j[0].entry.size for j in jobs)
             self.pool.submit(self._batch, jobs, futures)
 
-    def next(self, m: mf.ManifestEntry) -> _TempFile:
+    def next(self, m: mf.ManifestEntry) -> _TempFile | _Fetched:
         self._fill()
         want, future = self.pending[0]
         assert want is m, "files are taken in the order they were listed"
@@ -942,12 +947,33 @@ def _small(job: Job) -> bool:
     return job[1] is None and not m.chunks and m.entry.size <= PIPELINE_FILE_BYTES
 
 
+class _Fetched:
+    """A small file's bytes, fetched and verified, in memory (pipelined: Fetcher._batch): the
+    writer writes them where the file goes (no temporary file, no rename: a sync cut short
+    leaves no kept manifest, so the next one compares every file)."""
+
+    path = None
+
+    def __init__(self, data: bytes) -> None:
+        self.file = io.BytesIO(data)
+        self.fetched = len(data)
+
+    def __enter__(self) -> _Fetched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class _TempFile:
     """A temporary file inside the directory being synced (same file system), removed on close."""
 
     def __init__(self, dest: Path) -> None:
         fd, name = tempfile.mkstemp(prefix=".slim-fetch-", dir=dest)
-        self.path = Path(name)
+        self.path: Path | None = Path(name)
         self.file = os.fdopen(fd, "w+b")
         self.fetched = 0  # bytes that came from the relays (the rest: the node's old copy)
 
@@ -958,6 +984,7 @@ class _TempFile:
         self.close()
 
     def close(self) -> None:
+        assert self.path is not None
         try:  # still ours at that name (not moved into the tree: TreeWriter.add's source)
             mine = os.path.samestat(os.fstat(self.file.fileno()), os.lstat(self.path))
         except (OSError, ValueError):

@@ -425,6 +425,29 @@ def test_a_delta_from_the_kept_manifest_rebuilds_the_new_one(origin: Origin, tmp
     assert kept.read_bytes() == raw3 and snapshot(node) == snapshot(src)
 
 
+def test_bytes_the_release_changed_behind_the_same_size_and_mtime_are_fetched(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """rsync's quick check (size and mtime) cannot see a release that changed a file's bytes
+    but neither its size nor its mtime; the kept manifest can: such a file is fetched, whether
+    the new release lists the same paths (the columns line up) or not (looked up by path)."""
+    src, node = tmp_path / "src", tmp_path / "node"
+    records = sync.Records(tmp_path / "state")
+    spec: dict[str, tuple[Any, ...]] = {f"f{i}": ("file", b"%d" % (10 + i), 0o644, T0) for i in range(5)}
+    build(src, spec)
+    d, _ = origin.publish(src)
+    run_sync(origin, d, node, records)
+    for changed, added in (("f1", None), ("f3", "g")):
+        spec[changed] = ("file", b"xx", 0o644, T0)  # same size, same mtime
+        if added:
+            spec[added] = ("file", b"new", 0o644, T0)
+        build(src, spec)
+        d, _ = origin.publish(src)
+        result = run_sync(origin, d, node, records)
+        assert result.files == 1 + bool(added), result.notes
+        assert (node / changed).read_bytes() == b"xx" and snapshot(node) == snapshot(src)
+
+
 def make_deltas_from(store: Store, base: bytes, raw: bytes) -> list[ManifestDelta]:
     """The build's deltas (slim.core.build.deltas), with ``base`` as the previous release's
     manifest, as a plan names them."""
