@@ -72,7 +72,9 @@ MAX_MANIFEST_BYTES = 512 << 20
 FETCH_THREADS = 4  # copy-if-needed: connections fetching changed files at once
 FETCH_AHEAD = 64  # ... and files fetched ahead of the one being written (open temporary files)
 PIPELINE_FILES = 16  # small files asked for at once on one connection (Relays.fetch_pipelined)
-PIPELINE_FILE_BYTES = 1 << 20  # ... "small": at most this size, in one piece
+# ... "small": at most this size, in one piece.  They are held in memory until written: at
+# most FETCH_AHEAD of them, 16 MiB
+PIPELINE_FILE_BYTES = 256 << 10
 FETCH_AHEAD_BYTES = 64 << 20  # ... and their bytes (beyond one file), in the directory being synced
 HASH_BLOCK = 1 << 20
 # An entry whose ctime is this close to the walk that saw it (or later) is not trusted to
@@ -898,20 +900,23 @@ class Fetcher:
                 self.pending_bytes += m.entry.size
                 self.submitted += 1
                 continue
-            jobs: list[Job] = []
+            jobs: list[Job] = [job]  # and the small files after it, as many as the bounds let
+            self.submitted += 1
+            self.pending_bytes += m.entry.size
             while (
                 self.submitted < len(self.files)
                 and len(jobs) < PIPELINE_FILES
                 and len(self.pending) + len(jobs) < FETCH_AHEAD
-                and _small(self.files[self.submitted])
+                and _small(after := self.files[self.submitted])
+                and self.pending_bytes + after[0].entry.size <= FETCH_AHEAD_BYTES
             ):
-                jobs.append(self.files[self.submitted])
+                jobs.append(after)
                 self.submitted += 1
+                self.pending_bytes += after[0].entry.size
             from concurrent.futures import Future
 
             futures: list[Future[_TempFile | _Fetched]] = [Future() for _ in jobs]
             self.pending.extend((j[0], f) for j, f in zip(jobs, futures, strict=True))
-            self.pending_bytes += sum(j[0].entry.size for j in jobs)
             self.pool.submit(self._batch, jobs, futures)
 
     def next(self, m: mf.ManifestEntry) -> _TempFile | _Fetched:
