@@ -290,6 +290,7 @@ class Relays:
         self.current = 0  # index of the relay that served last: asked first next time
         self.token = token
         self.local: LocalObjects | None = None  # a boot medium's cache: asked first, filled after
+        self._unpipelined: set[str] = set()  # relays whose first pipelined answer was not a plain 200
 
     def clone(self) -> Relays:
         """The same relays, in the same order, on connections of its own (for another thread)."""
@@ -450,16 +451,16 @@ class Relays:
         rest, from the first that did not come as a plain ``200`` of its size and digest, are
         the caller's to fetch with :meth:`stream`.  Nothing is pipelined through a local
         cache (:attr:`local`): the caller streams each object."""
-        if not refs or self.local is not None:
-            return 0
         url = self.urls[self.current]
+        if not refs or self.local is not None or url in self._unpipelined:
+            return 0
         done = 0
         try:
             conn = self._conn(url)
             if conn.sock is None:
                 conn.connect()
             sock = conn.sock
-            host = urllib.parse.urlsplit(url).netloc.encode("ascii")
+            host = urllib.parse.urlsplit(url).netloc.rpartition("@")[2].encode("ascii")
             sock.sendall(
                 b"".join(
                     b"GET /objects/sha256/%s HTTP/1.1\r\nHost: %s\r\nAccept-Encoding: identity\r\n\r\n"
@@ -483,7 +484,10 @@ class Relays:
                         break
                 else:
                     return done  # every answer read: the connection stays, idle
-        except (OSError, ValueError, http.client.HTTPException):
+        except ValueError:  # an answer that was not a plain 200 of the object
+            if not done:
+                self._unpipelined.add(url)  # (a relay, or a proxy, that does not pipeline: asked no more)
+        except (OSError, http.client.HTTPException):
             pass  # what is left is fetched one by one
         self._drop(url)
         return done

@@ -869,8 +869,11 @@ class Fetcher:
     def _batch(self, jobs: list[Job], futures: list[Future[_TempFile | _Fetched]]) -> None:
         """Fetch small files pipelined, one by one from the first that did not come so; each
         future gets its file or its error (none is left pending: ``next`` waits on them)."""
-        relays = self._relays()
+        failed: BaseException = FetchError("the pipelined fetch was cut short")
         try:
+            if all(f.cancelled() for f in futures):
+                return  # the sync is ending
+            relays = self._relays()
 
             def got(i: int, data: bytes) -> None:
                 if futures[i].set_running_or_notify_cancel():  # (else cancelled: the sync is ending)
@@ -884,10 +887,12 @@ class Fetcher:
                     futures[i].set_result(_fetch_file(relays, jobs[i][0], self.dest, None))
                 except BaseException as exc:  # noqa: BLE001 - handed to the main thread (as the pool does)
                     futures[i].set_exception(exc)
-        finally:  # an error outside any one file's: none is left waited for
+        except BaseException as exc:  # noqa: BLE001 - an error outside any one file's: given to those left
+            failed = exc
+        finally:  # none is left waited for
             for future in futures:
                 if future.running() or (not future.done() and future.set_running_or_notify_cancel()):
-                    future.set_exception(FetchError("the pipelined fetch was cut short"))
+                    future.set_exception(failed)
 
     def _fill(self) -> None:
         while self.pool is not None and self.submitted < len(self.files) and len(self.pending) < FETCH_AHEAD:
@@ -900,6 +905,8 @@ class Fetcher:
                 self.pending_bytes += m.entry.size
                 self.submitted += 1
                 continue
+            if self.pending and FETCH_AHEAD - len(self.pending) < PIPELINE_FILES:
+                return  # (a batch waits for room for a whole one: else they would shrink to one file)
             jobs: list[Job] = [job]  # and the small files after it, as many as the bounds let
             self.submitted += 1
             self.pending_bytes += m.entry.size

@@ -659,3 +659,25 @@ def test_pipelined_answer_heads_that_are_refused(head: bytes, why: str) -> None:
 def test_a_plain_pipelined_answer_head() -> None:
     head = b"HTTP/1.1 200 OK\r\ncontent-length:  17 \r\nETag: x\r\nConnection: Close\r\n\r\nbody"
     assert pipelined_head(io.BytesIO(head)) == (17, True)
+
+
+async def test_a_relay_that_does_not_pipeline_is_asked_one_by_one_from_then_on() -> None:
+    """A first pipelined answer that is not a plain 200 (here HTTP/1.0, as some proxies
+    answer): the agent asks that relay one object per request from then on, without
+    trying the pipeline again for every batch."""
+    datas = [blob(400 + i, 700 + i) for i in range(4)]
+    objects = {hashlib.sha256(d).hexdigest(): d for d in datas}
+    refs = [ObjectRef("sha256:" + h, len(d)) for h, d in objects.items()]
+    server = Misbehaving(objects, bad=0, how="http/1.0")
+    base = await server.start()
+    try:
+        relays = Relays([base], rounds=2)
+        assert await asyncio.to_thread(pipelined, relays, refs) == (0, [])
+        assert server.connections == 1
+        asked = server.requests
+        assert await asyncio.to_thread(pipelined, relays, refs) == (0, [])
+        assert server.connections == 1 and server.requests == asked  # not asked again
+        assert [await asyncio.to_thread(relays.read, ref) for ref in refs] == datas
+        relays.close()
+    finally:
+        await server.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import asyncio
 import errno
+import hashlib
 import os
 import random
 import re
@@ -33,6 +34,7 @@ from slim.agent import sync
 from slim.agent.fetch import Relays
 from slim.agent.plan import Directory, ManifestDelta, ObjectRef
 from slim.agent.tree import FILE, scan
+from slim.agent.tree import Entry as FileEntry
 from slim.core.build import copyset
 from slim.core.build.deltas import make_deltas, raw_digest
 from slim.core.build.release import _store_files
@@ -609,3 +611,32 @@ def test_the_walk_opens_each_directory_from_its_parent_and_never_follows_a_link(
     assert rel == "a/b" and os.listdir(fd) == ["c"]
     walk.close()
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_small_files_are_fetched_in_whole_batches_all_along(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small files go in batches of PIPELINE_FILES however many are taken at a time (a batch
+    waits for room for a whole one: else, once the window is full, each file taken would
+    start a batch of one), and every file comes, in order."""
+    datas = [b"x%d" % i for i in range(300)]
+    by_hex = {hashlib.sha256(d).hexdigest(): d for d in datas}
+    jobs: list[sync.Job] = [
+        (mf.ManifestEntry(FileEntry(f"f{i}", FILE, 0o644, 0, 0, 0, len(d)), h), None)
+        for i, (h, d) in enumerate(by_hex.items())
+    ]
+    batches: list[int] = []
+
+    def pipelined(self: Relays, refs: list[ObjectRef], got: Any) -> int:
+        batches.append(len(refs))
+        for i, ref in enumerate(refs):
+            got(i, by_hex[ref.hex])
+        return len(refs)
+
+    monkeypatch.setattr(Relays, "fetch_pipelined", pipelined)
+    with sync.Fetcher(Relays(["http://127.0.0.1:9"]), jobs, tmp_path) as fetcher:
+        for (m, _), data in zip(jobs, datas, strict=True):
+            with fetcher.next(m) as got:
+                assert got.file.read() == data
+    assert sum(batches) == len(datas)
+    assert batches.count(sync.PIPELINE_FILES) == len(datas) // sync.PIPELINE_FILES, batches
