@@ -167,7 +167,7 @@ class Records:
         if path is None or raw is None:
             return None
         if not hashed:
-            noted = _read_regular(path.with_suffix(".digest"), 71)
+            noted = _read_regular(_noted(path), 71)
             if noted is not None and len(noted) == 71 and noted.startswith(b"sha256:"):
                 return path, raw, noted.decode("ascii", "replace")
         return path, raw, _digest(raw)
@@ -179,11 +179,11 @@ class Records:
         path = self.path(directory)
         if path is None:
             return
-        for stale in (self._seen_path(directory), path.with_suffix(".digest")):
+        for stale in (self._seen_path(directory), _noted(path)):
             if stale is not None:
                 stale.unlink(missing_ok=True)
         self._replace(path, raw)
-        self._replace(path.with_suffix(".digest"), (digest or _digest(raw)).encode())
+        self._replace(_noted(path), (digest or _digest(raw)).encode())
 
     def seen(self, directory: str, key: bytes) -> bytes | None:
         """The walk the last :meth:`write_seen` of the directory recorded, if it was made
@@ -222,9 +222,14 @@ class Records:
         nothing that would vouch for it)."""
         path = self.path(directory)
         if path is not None:
-            for stale in (self._seen_path(directory), path, path.with_suffix(".digest")):
+            for stale in (self._seen_path(directory), path, _noted(path)):
                 if stale is not None:
                     stale.unlink(missing_ok=True)
+
+
+def _noted(path: Path) -> Path:
+    """Where the digest of the manifest kept at ``path`` is noted (Records.write)."""
+    return path.with_suffix(".digest")
 
 
 def _read_regular(path: Path, limit: int) -> bytes | None:
