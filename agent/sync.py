@@ -19,7 +19,10 @@ files whose bytes differ (standard library only: this runs in the initrd).
 3. **The changes**, in this order: what the manifest does not list (or lists as
    another type of directory entry) is removed; missing and changed entries are made
    in tree order, changed files fetched several at once (:class:`Fetcher`) and each
-   verified; then the directories' owners, modes and times are set where they differ.
+   verified; a small file's bytes go over the regular file in its place when nothing
+   else links to it (its blocks reused, as rsync's ``--inplace``: a sync cut short
+   leaves it with a new mtime, and no kept manifest, so the next one hashes it); then
+   the directories' owners, modes and times are set where they differ.
    Nothing outside the directory is touched, and directories the plan gives to other
    entries are left alone.
 4. **The record** of the applied manifest is written last (replaced atomically), once
@@ -753,7 +756,7 @@ def sync(
             st = have.get(paths[i])
             reuse = {} if was is None or st is None or i not in m.chunks else was.chunks_of(paths[i], st)
             jobs.append((e, (f"{root}/{paths[i]}", reuse) if reuse else None))
-    with TreeWriter(dest) as writer, fetcher(jobs) as fetched:
+    with TreeWriter(dest, in_place=True) as writer, fetcher(jobs) as fetched:
         for i in write:
             e = entries[i]
             if e.entry.kind == FILE:
@@ -966,8 +969,9 @@ def _small(job: Job) -> bool:
 
 class _Fetched:
     """A small file's bytes, fetched and verified, in memory (pipelined: Fetcher._batch): the
-    writer writes them where the file goes (no temporary file, no rename: a sync cut short
-    leaves no kept manifest, so the next one compares every file)."""
+    writer writes them where the file goes, over the old file's bytes when it can
+    (no temporary file, no rename: a sync cut short leaves no kept manifest, so the next
+    one compares every file)."""
 
     path = None
 

@@ -16,7 +16,11 @@ Safety rules (every member is checked before anything is written for it):
   with ``O_NOFOLLOW`` relative to its parent's descriptor, so a symlink
   planted by an earlier member (or already in the target) stops extraction;
 - a member that replaces an existing non-directory unlinks it first (never
-  writes through it); replacing a directory with a non-directory is refused;
+  writes through it); replacing a directory with a non-directory is refused.
+  The one exception, asked for (``in_place``: the agent's copy-if-needed): a
+  file's bytes are written over a regular file with no other link, opened
+  without following anything and checked to be the one looked at, so that its
+  blocks are reused instead of freed and allocated again (rsync's ``--inplace``);
 - a hard link must name an earlier non-directory inside the target;
 - device nodes are created only when the writer allows them
   (``devices=True``, for root file systems extracted as root); otherwise they
@@ -88,11 +92,16 @@ class TreeWriter:
         owners: bool | None = None,
         devices: bool | None = None,
         fresh: bool = False,
+        in_place: bool = False,
     ) -> None:
         self.root = Path(root)
         # fresh: ``root`` is empty and only this writer fills it, so what an entry would
         # replace is not looked for (an entry given twice is refused)
         self.fresh = fresh
+        # in_place: a file's bytes go over the regular file in its place (one link only),
+        # its metadata all set anew; a crash leaves it half written, so only a caller that
+        # finds such a file again (the agent's sync: its mtime is not the manifest's) asks
+        self.in_place = in_place
         root_is_root = os.geteuid() == 0
         self.owners = root_is_root if owners is None else owners
         self.devices = root_is_root if devices is None else devices
@@ -125,6 +134,15 @@ class TreeWriter:
             if stat.S_ISDIR(existing.st_mode):
                 if entry.kind != DIR:
                     raise UnsafeEntry(entry.path, "would replace a directory with a non-directory")
+            elif (
+                self.in_place
+                and entry.kind == FILE
+                and source is None
+                and self._overwrite(pfd, name, entry, data, existing)
+            ):
+                self.stats.entries += 1
+                self.stats.files += 1
+                return
             else:
                 os.unlink(name, dir_fd=pfd)  # never write through what was there
         self.stats.entries += 1
@@ -249,20 +267,51 @@ class TreeWriter:
         except FileExistsError:
             raise UnsafeEntry(entry.path, "given twice") from None
         try:
-            remaining = entry.size
-            if remaining and data is None:
-                raise UnsafeEntry(entry.path, "no data for a non-empty file")
-            while remaining > 0:
-                assert data is not None
-                chunk = data.read(min(COPY_CHUNK, remaining))
-                if not chunk:
-                    raise UnsafeEntry(entry.path, f"truncated: {remaining} of {entry.size} bytes missing")
-                _write_all(fd, chunk)
-                remaining -= len(chunk)
-            self.stats.bytes += entry.size
+            self._write_data(fd, entry, data)
             self._fd_meta(fd, entry)
         finally:
             os.close(fd)
+
+    def _write_data(self, fd: int, entry: Entry, data: IO[bytes] | None) -> None:
+        remaining = entry.size
+        if remaining and data is None:
+            raise UnsafeEntry(entry.path, "no data for a non-empty file")
+        while remaining > 0:
+            assert data is not None
+            chunk = data.read(min(COPY_CHUNK, remaining))
+            if not chunk:
+                raise UnsafeEntry(entry.path, f"truncated: {remaining} of {entry.size} bytes missing")
+            _write_all(fd, chunk)
+            remaining -= len(chunk)
+        self.stats.bytes += entry.size
+
+    def _overwrite(
+        self, pfd: int, name: str, entry: Entry, data: IO[bytes] | None, existing: os.stat_result
+    ) -> bool:
+        """The entry's bytes written over the regular file ``existing`` at ``name`` (its
+        blocks reused: with the old bytes in the page cache, about a sixth of the time of
+        unlinking it and writing a new file; without, the same), then all its metadata
+        set, extended attributes it should not have removed.  False, with nothing
+        changed, when it is not only that file (another link to it: that one must keep
+        its bytes), or cannot be opened for writing (read-only to this user, running)."""
+        if existing.st_nlink != 1 or not stat.S_ISREG(existing.st_mode):
+            return False
+        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # (a fifo swapped in: no wait)
+        try:
+            fd = os.open(name, flags, dir_fd=pfd)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (existing.st_dev, existing.st_ino) or st.st_nlink != 1:
+                return False  # (swapped or linked since it was looked at)
+            self._write_data(fd, entry, data)
+            os.ftruncate(fd, entry.size)
+            self._drop_xattrs(fd, entry)
+            self._fd_meta(fd, entry)
+        finally:
+            os.close(fd)
+        return True
 
     def _move(self, pfd: int, name: str, entry: Entry, data: IO[bytes], source: str) -> bool:
         """``source`` (open as ``data``) given the entry's metadata and renamed to ``name``
@@ -270,15 +319,7 @@ class TreeWriter:
         fd = data.fileno()
         if os.fstat(fd).st_size != entry.size:
             raise UnsafeEntry(entry.path, f"{os.fstat(fd).st_size} bytes where {entry.size} were expected")
-        want = {key for key, _ in entry.xattrs}
-        for key in os.listxattr(fd):  # what the file got where it was made (a default ACL, a label)
-            if key not in want:
-                try:
-                    os.removexattr(fd, key)
-                except OSError as exc:
-                    self.stats.xattr_failures += 1
-                    if len(self.xattr_errors) < 20:
-                        self.xattr_errors.append(f"{entry.path}: {key}: {exc.strerror}")
+        self._drop_xattrs(fd, entry)  # what the file got where it was made (a default ACL, a label)
         self._fd_meta(fd, entry)
         try:
             os.rename(source, name, dst_dir_fd=pfd)
@@ -289,6 +330,18 @@ class TreeWriter:
             return False
         self.stats.bytes += entry.size
         return True
+
+    def _drop_xattrs(self, fd: int, entry: Entry) -> None:
+        """Remove the extended attributes of ``fd`` that ``entry`` does not list."""
+        want = {key for key, _ in entry.xattrs}
+        for key in os.listxattr(fd):
+            if key not in want:
+                try:
+                    os.removexattr(fd, key)
+                except OSError as exc:
+                    self.stats.xattr_failures += 1
+                    if len(self.xattr_errors) < 20:
+                        self.xattr_errors.append(f"{entry.path}: {key}: {exc.strerror}")
 
     def _hardlink(self, pfd: int, name: str, entry: Entry) -> None:
         try:

@@ -3,6 +3,7 @@ target; normal special files round-trip with owners, modes, times and xattrs."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -423,3 +424,43 @@ def test_a_whole_fetched_file_is_moved_into_place(tmp_path: Path, same_fs: bool)
         assert os.path.exists(name) is not same_fs and not (tmp_path / "outside").exists()
     finally:
         Path(name).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_file_is_written_over_in_place_only_where_nothing_else_links_to_it(
+    tmp_path: Path, in_place: bool
+) -> None:
+    """``in_place``: a regular file with one link gets the new bytes in its own inode (no
+    longer, no shorter, with exactly the entry's metadata and xattrs); a file linked from
+    elsewhere, a symlink, a fifo are replaced, and what they lead to keeps its bytes."""
+    tree, outside = tmp_path / "tree", tmp_path / "outside"
+    tree.mkdir()
+    outside.write_bytes(b"outside")
+    (tree / "long").write_bytes(b"the old bytes, longer than the new")
+    os.chmod(tree / "long", 0o4755)
+    os.setxattr(tree / "long", "user.stale", b"x")
+    (tree / "short").write_bytes(b"old")
+    os.chmod(tree / "short", 0o444)  # (root writes it anyway; a user gets it replaced)
+    (tree / "linked").write_bytes(b"linked")
+    os.link(tree / "linked", tmp_path / "other-link")
+    (tree / "sym").symlink_to(outside)
+    os.mkfifo(tree / "fifo")
+    uid, gid, t = os.getuid(), os.getgid(), 1_700_000_000_123_456_789
+    new = {"long": b"new", "short": b"new bytes, longer than old", "linked": b"L", "sym": b"S", "fifo": b"F"}
+    with contextlib.ExitStack() as held:  # the files as they were, held open: replaced or not?
+        was = {n: held.enter_context(open(tree / n, "rb")) for n in ("long", "short", "linked")}
+        with TreeWriter(tree, in_place=in_place) as w:
+            for name, data in new.items():
+                xattrs = (("user.keep", b"1"),) if name == "long" else ()
+                w.add(Entry(name, FILE, 0o640, uid, gid, t, len(data), xattrs=xattrs), io.BytesIO(data))
+            w.finish()
+        for name, data in new.items():
+            st = os.lstat(tree / name)
+            assert stat.S_ISREG(st.st_mode) and (tree / name).read_bytes() == data, name
+            assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_nlink) == (0o640, t, 1), name
+        assert os.listxattr(tree / "long") == ["user.keep"]
+        # (inode numbers say nothing: ext4 gives a new file the one just freed)
+        assert os.fstat(was["long"].fileno()).st_nlink == in_place
+        assert os.fstat(was["short"].fileno()).st_nlink == (in_place and os.geteuid() == 0)
+        assert os.fstat(was["linked"].fileno()).st_nlink == 1  # (the other link alone)
+        assert was["linked"].read() == b"linked" and outside.read_bytes() == b"outside"
