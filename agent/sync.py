@@ -51,12 +51,13 @@ import json
 import operator
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Generator
+from collections.abc import Callable, Collection, Generator, Mapping, Sequence
 from pathlib import Path
 
 from slim.agent import manifest as mf
@@ -69,6 +70,7 @@ from slim.agent.value import Mutable
 TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
 if TYPE_CHECKING:
     from concurrent.futures import Future
+    from typing import Any
 
 # a copy of slim.vocabulary.MAX_MANIFEST_BYTES: the agent imports only the standard library
 MAX_MANIFEST_BYTES = 512 << 20
@@ -381,6 +383,58 @@ def _seen_bytes(key: bytes, ints: array.array[int], paths: list[str]) -> bytes:
     return b"".join((key, len(ints).to_bytes(8, "little"), ints.tobytes(), names))
 
 
+class LookApart:
+    """A walk of a directory by a child process, made while this one fetches and decodes the
+    new manifest (the walk is mostly system calls, the decoding the interpreter's: on two
+    CPUs, at once): does the directory still look exactly as a recorded walk saw it, and
+    is the manifest kept the one it was recorded under?  Then the directory is as that
+    manifest has it, and only the two manifests need comparing (:func:`kept_changes`)."""
+
+    def __init__(self, pid: int, answer: int) -> None:
+        self.pid = pid
+        self.answer = answer  # the read end of the child's pipe: b"1" yes, b"0" or nothing no
+
+    @classmethod
+    def start(
+        cls, root: str, nested: Collection[str], key: bytes, recorded: bytes, kept: bytes, digest: str
+    ) -> LookApart | None:
+        """Start the child (None if it cannot be: the walk is then made the usual way)."""
+        try:
+            r, w = os.pipe()
+        except OSError:
+            return None
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(r)
+            os.close(w)
+            return None
+        if pid == 0:  # the child: it answers and ends, running nothing else of its parent's
+            try:
+                os.close(r)
+                walk = seen_tree(root, nested, key, trust=False) if _digest(kept) == digest else None
+                os.write(w, b"1" if walk is not None and walk[0] == recorded else b"0")
+            finally:
+                os._exit(0)
+        os.close(w)
+        return cls(pid, r)
+
+    def same(self) -> bool:
+        """The child's answer (waited for)."""
+        try:
+            return os.read(self.answer, 1) == b"1"
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        """Stop the child if it still walks, and reap it."""
+        if self.pid:
+            os.kill(self.pid, signal.SIGKILL)  # (reaped only below: the pid stays this child's)
+            os.waitpid(self.pid, 0)
+            os.close(self.answer)
+            self.pid = 0
+
+
 def _zstd(data: bytes, *args: str) -> bytes:
     proc = subprocess.run(["zstd", "-dcq", *args], input=data, capture_output=True, check=False)
     if proc.returncode != 0:
@@ -395,23 +449,26 @@ def _digest(raw: bytes) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-def manifest_bytes(d: Directory, relays: Relays, records: Records, result: SyncResult) -> bytes:
-    """The directory's manifest, decompressed: kept, rebuilt from a delta, or fetched whole;
-    checked against the plan's ``manifest_raw`` (a plan without one: the fetched object's
-    digest is the check)."""
+def manifest_bytes(
+    d: Directory, relays: Relays, kept: tuple[Path, bytes, str] | None, result: SyncResult
+) -> bytes:
+    """The directory's manifest, decompressed: ``kept`` (:meth:`Records.read`, its digest
+    as noted), rebuilt from a delta from it, or fetched whole; checked against the plan's
+    ``manifest_raw`` (a plan without one: the fetched object's digest is the check)."""
     assert d.manifest is not None
     started = time.monotonic()
     try:
-        raw = _manifest_bytes(d, relays, records, result)
+        raw = _manifest_bytes(d, relays, kept, result)
         result.digest = d.manifest_raw or _digest(raw)  # (with one, raw was checked against it)
         return raw
     finally:
         result.took("manifest", started)
 
 
-def _manifest_bytes(d: Directory, relays: Relays, records: Records, result: SyncResult) -> bytes:
+def _manifest_bytes(
+    d: Directory, relays: Relays, kept: tuple[Path, bytes, str] | None, result: SyncResult
+) -> bytes:
     assert d.manifest is not None
-    kept = records.read(d.path, hashed=False)  # (a digest noted: a delta's base is known without hashing)
     if kept is not None:
         result.kept = kept[1]
     if kept is not None and d.manifest_raw:
@@ -464,17 +521,43 @@ def run(
             result.manifest = "kept"  # (not even read: the directory is as it was left)
             result.notes.append("as the last boot left it")
             return result
-    raw = manifest_bytes(d, relays, records, result)
-    key = seen_key(result.digest, nested)
-    started = time.monotonic()
-    manifest = mf.decode(raw, checked=result.manifest == "kept")  # kept: decoded before
-    result.took("decode", started)
+    kept = records.read(d.path, hashed=False)  # (a digest noted: a delta's base is known without hashing)
+    apart = None
+    if kept is not None and d.manifest_raw and kept[2] != d.manifest_raw:
+        # the directory was found as the kept manifest has it, and its walk recorded: walked
+        # again by a child process while this one gets the new manifest
+        kept_key = seen_key(kept[2], nested)
+        walked = records.seen(d.path, kept_key)
+        if walked is not None:
+            apart = LookApart.start(str(dest), nested, kept_key, walked, kept[1], kept[2])
+    try:
+        raw = manifest_bytes(d, relays, kept, result)
+        key = seen_key(result.digest, nested)
+        started = time.monotonic()
+        manifest = mf.decode(raw, checked=result.manifest == "kept")  # kept: decoded before
+        result.took("decode", started)
+        was = None
+        if apart is not None:
+            started = time.monotonic()
+            assert kept is not None
+            try:
+                was = mf.decode(kept[1], checked=True)  # (checked when kept; its digest checked apart)
+            except ValueError:
+                was = None
+            if not apart.same():
+                was = None
+            result.took("look", started)
+    finally:
+        if apart is not None:
+            apart.close()
+    if was is not None:
+        result.notes.append("as the last boot left it: the manifests compared")
     wait = written + RACY_NS - time.time_ns()
     if wait > 0:
         time.sleep(wait / 1e9)
     sync(
         dest, manifest, nested, lambda files: Fetcher(relays, files, dest), result,
-        before_change=lambda: records.forget(d.path), key=key,
+        before_change=lambda: records.forget(d.path), key=key, was=was,
     )  # fmt: skip
     started = time.monotonic()
     if result.manifest != "kept" or result.changed:
@@ -567,7 +650,7 @@ class Previous:
         digests: list[str],  # per entry ("" but for files)
         sizes: list[int],
         mtimes: list[int],
-        chunks: dict[int, tuple[list[str], list[int]]],
+        chunks: Mapping[int, tuple[Sequence[str], Sequence[int]]],
     ) -> None:
         self.paths = paths
         self.digests = digests
@@ -642,6 +725,22 @@ def previous(result: SyncResult) -> Previous | None:
         return None
 
 
+class Changes(Mutable):
+    """What a comparison found to change (entries of the manifest by index, in tree order)."""
+
+    __slots__ = ("deleted", "dirs", "fix", "remove", "write")
+
+    def __init__(self) -> None:
+        self.deleted = 0  # ... of them, entries the manifest does not list
+        self.write: list[int] = []  # entries to make (anew)
+        self.fix: list[int] = []  # files whose bytes are right: owner, mode, time or xattrs to set
+        self.dirs: list[int] = []  # directories whose owner, mode, time or xattrs differ
+        self.remove: dict[str, bool] = {}  # path: a directory? (in another type's way, or not listed)
+
+    def __bool__(self) -> bool:
+        return bool(self.write or self.fix or self.dirs or self.remove)
+
+
 def sync(
     dest: Path,
     manifest: mf.Manifest,
@@ -650,26 +749,57 @@ def sync(
     result: SyncResult,
     before_change: Callable[[], None] = lambda: None,
     key: bytes | None = None,
+    was: mf.Manifest | None = None,
 ) -> None:
     """Make ``dest`` match ``manifest`` (see the module's docstring); ``nested``: paths of the
     directories other entries of the plan manage; ``fetcher`` fetches the files listed;
     ``before_change`` is called once before anything is changed (the kept manifest is
     dropped then: a sync cut short leaves none, so the next compares as rsync does).
     With ``key`` (:func:`seen_key`), a directory found matching is left with its walk in
-    ``result.seen``, when it can be trusted."""
+    ``result.seen``, when it can be trusted.  ``was``: the directory is known to be exactly
+    as this manifest has it (:class:`LookApart`), so the two manifests are compared instead
+    of the directory (:func:`kept_changes`)."""
     started = time.monotonic()
     root = str(dest)
-    was = previous(result)
-    walked = time.time_ns()
-    root_st = os.lstat(root)
-    have = stat_tree(root, nested)
-    started = result.took("look", started)
-    m = manifest
+    node_stat: Callable[[str], os.stat_result | None]
+    if was is not None:
+        previous_: Previous | None = Previous(was.paths, was.digests, was.sizes, was.mtimes, was.chunks)
+        changes = kept_changes(was, manifest, nested)
+        started = result.took("compare", started)
+        node_stat = lambda path: _lstat_or_none(f"{root}/{path}")  # noqa: E731 - (only files in pieces)
+    else:
+        previous_ = previous(result)
+        walked = time.time_ns()
+        root_st = os.lstat(root)
+        have = stat_tree(root, nested)
+        started = result.took("look", started)
+        changes = compare(root, manifest, have, previous_, nested)
+        started = result.took("compare", started)
+        node_stat = have.get
+        if not changes and key is not None:
+            result.seen = seen_of(root_st, have, key, walked)
+    if changes:
+        result.changed = True
+        before_change()
+    _change(root, manifest, changes, previous_, node_stat, fetcher, result)
+    result.took("change", started)
+
+
+def _lstat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
+def compare(
+    root: str, m: mf.Manifest, have: dict[str, os.stat_result], was: Previous | None, nested: Collection[str]
+) -> Changes:
+    """What differs between the walk ``have`` of ``root`` and ``m`` (the kept manifest ``was``
+    tells the files the release changed behind the same size and mtime)."""
     owners = os.geteuid() == 0
-    write: list[int] = []  # entries to make (anew), in tree order
-    fix: list[int] = []  # files whose bytes are right: owner, mode, time or xattrs to set
-    dirs: list[int] = []  # directories whose owner, mode, time or xattrs differ
-    remove: list[str] = []  # what is in the way of another type of entry
+    changes = Changes()
+    write, fix, dirs, remove = changes.write, changes.fix, changes.dirs, changes.remove
     rewritten: set[str] = set()
     links: collections.Counter[str] = collections.Counter()  # hard links to each file
     for i, k in enumerate(m.kinds):
@@ -694,12 +824,12 @@ def sync(
                 or st.st_dev != target.st_dev
             ):
                 if fmt == stat.S_IFDIR:
-                    remove.append(path)
+                    remove[path] = True
                 write.append(i)
             continue
         if fmt != _FMT[k]:
             if fmt == stat.S_IFDIR:
-                remove.append(path)
+                remove[path] = True
             write.append(i)
             rewritten.add(path)
             continue
@@ -730,33 +860,129 @@ def sync(
             rewritten.add(path)  # (their hard links with them)
     # what the manifest does not list: removed (not what other entries of the plan manage)
     extras = have.keys() - set(paths)
-    started = result.took("compare", started)
+    for path in _not_listed(extras, nested):
+        remove[path] = stat.S_ISDIR(have[path].st_mode)
+        changes.deleted += 1
+    return changes
+
+
+def _not_listed(extras: Collection[str], nested: Collection[str]) -> list[str]:
+    """Of the paths a manifest does not list, those to remove: not those in a directory
+    removed with it, nor another entry's directory, what is in it, or the way down to it."""
+    out = []
     for path in extras:
         if path.rpartition("/")[0] in extras:
             continue  # goes with its directory
         if any(path == n or path.startswith(n + "/") or n.startswith(path + "/") for n in nested):
-            continue  # another entry's directory, what is in it, or the way down to it
-        remove.append(path)
-        result.deleted += 1
-    if write or fix or remove or dirs:
-        result.changed = True
-        before_change()
-    elif key is not None:
-        result.seen = seen_of(root_st, have, key, walked)
-    for path in sorted(remove, key=lambda p: p.count("/"), reverse=True):
+            continue
+        out.append(path)
+    return out
+
+
+def kept_changes(k: mf.Manifest, m: mf.Manifest, nested: Collection[str]) -> Changes:
+    """What to change in a directory known to be exactly as the manifest ``k`` has it, to
+    make it ``m``: the two compared column by column (as they line up when the paths are
+    the same, else by path), the directory not at all.  The same decisions as
+    :func:`compare` would take on a walk of that directory (an entry the same in both is
+    left as it is; a link's mode alone is not compared), except that an extended
+    attribute ``k`` gave and ``m`` does not is removed."""
+    owners = os.geteuid() == 0
+    changes = Changes()
+    write, remove = changes.write, changes.remove
+    cols = [(k.kinds, m.kinds), (k.modes, m.modes), (k.mtimes, m.mtimes), (k.sizes, m.sizes)]
+    cols += [(k.digests, m.digests), *([(k.uids, m.uids), (k.gids, m.gids)] if owners else [])]
+    sparse: list[tuple[dict[int, Any], dict[int, Any]]] = [(k.targets, m.targets), (k.rdevs, m.rdevs)]
+    sparse.append((k.xattrs, m.xattrs))
+    pairs: list[tuple[int, int | None]]
+    if k.paths == m.paths:
+        differ: set[int] = set()
+        for a, b in cols:
+            if a != b:
+                differ.update(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+        for da, db in sparse:
+            if da != db:
+                differ.update(i for i in da.keys() | db.keys() if da.get(i) != db.get(i))
+        pairs = [(i, i) for i in sorted(differ)]
+        gone: dict[str, int] = {}
+    else:
+        gone = {p: j for j, p in enumerate(k.paths)}  # (what is left once m's paths are taken out)
+        pairs = []
+        for i, p in enumerate(m.paths):
+            j = gone.pop(p, None)
+            if (
+                j is None
+                or any(a[j] != b[i] for a, b in cols)
+                or any(x.get(j) != y.get(i) for x, y in sparse)
+            ):
+                pairs.append((i, j))
+    rewritten: set[str] = set()
+    for i, j in pairs:
+        kind, path = m.kinds[i], m.paths[i]
+        if j is None:
+            write.append(i)
+        elif k.kinds[j] != kind:
+            if k.kinds[j] == "d":
+                remove[path] = True
+            write.append(i)
+            rewritten.add(path)
+        elif kind == "f":
+            if m.digests[i] != k.digests[j] or m.sizes[i] != k.sizes[j]:
+                write.append(i)
+                rewritten.add(path)
+            else:
+                changes.fix.append(i)
+        elif kind == "d":
+            changes.dirs.append(i)
+        elif kind == "l":
+            if (m.targets[i], m.mtimes[i]) != (k.targets[j], k.mtimes[j]) or (
+                owners and (m.uids[i], m.gids[i]) != (k.uids[j], k.gids[j])
+            ):
+                write.append(i)
+        elif kind == "h":
+            if m.targets[i] != k.targets[j]:
+                write.append(i)
+        else:
+            write.append(i)  # devices and fifos: made anew
+            rewritten.add(path)
+    if rewritten:  # hard links to what is made anew: made again with it
+        listed = set(write)
+        write.extend(
+            i for i, t in m.targets.items() if t in rewritten and i not in listed and m.kinds[i] == "h"
+        )
+        write.sort()
+    for path in _not_listed(gone.keys(), nested):
+        remove[path] = k.kinds[gone[path]] == "d"
+        changes.deleted += 1
+    return changes
+
+
+def _change(
+    root: str,
+    m: mf.Manifest,
+    changes: Changes,
+    was: Previous | None,
+    node_stat: Callable[[str], os.stat_result | None],
+    fetcher: Callable[[list[Job]], Fetcher],
+    result: SyncResult,
+) -> None:
+    """Remove, make and fix what ``changes`` lists (``node_stat``: what is at a path now)."""
+    owners = os.geteuid() == 0
+    paths, write, fix, dirs = m.paths, changes.write, changes.fix, changes.dirs
+    for path, is_dir in sorted(changes.remove.items(), key=lambda r: r[0].count("/"), reverse=True):
         full = f"{root}/{path}"
-        if stat.S_ISDIR(have[path].st_mode):
+        if is_dir:
             shutil.rmtree(full)
         else:
             os.unlink(full)
+    result.deleted += changes.deleted
     entries = {i: m.entry(i) for i in write}
     jobs: list[Job] = []
     for i, e in entries.items():
         if e.entry.kind == FILE:
-            st = have.get(paths[i])
-            reuse = {} if was is None or st is None or i not in m.chunks else was.chunks_of(paths[i], st)
+            st = None if was is None or i not in m.chunks else node_stat(paths[i])
+            reuse = {} if was is None or st is None else was.chunks_of(paths[i], st)
             jobs.append((e, (f"{root}/{paths[i]}", reuse) if reuse else None))
-    with TreeWriter(dest, in_place=True) as writer, fetcher(jobs) as fetched:
+    with TreeWriter(root, in_place=True) as writer, fetcher(jobs) as fetched:
         for i in write:
             e = entries[i]
             if e.entry.kind == FILE:
@@ -768,12 +994,11 @@ def sync(
                 writer.add(e.entry)
         for i in fix:
             set_meta(f"{root}/{paths[i]}", m.entry(i).entry, owners)
-        if write or remove:  # what was made or removed gave its directory a new time
+        if write or changes.remove:  # what was made or removed gave its directory a new time
             dirs = [i for i, k in enumerate(m.kinds) if k == "d" and i not in entries]
         for i in dirs:
             writer.add(m.entry(i).entry)  # its owner, mode, xattrs and time: set by finish()
         writer.finish()
-    result.took("change", started)
 
 
 def set_meta(path: str, e: Entry, owners: bool) -> None:

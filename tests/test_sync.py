@@ -324,6 +324,68 @@ def test_a_change_made_on_the_node_is_found_when_the_release_did_not_change(
     shutil.rmtree(work)
 
 
+KEPT_PATH = "as the last boot left it: the manifests compared"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(trees_=releases(), changes=tampering())
+def test_a_directory_left_as_its_kept_manifest_has_it_gets_the_next_release_from_the_manifests(
+    origin: Origin, tmp_path: Path, trees_: tuple[Spec, Spec], changes: list[tuple[str, int, int]]
+) -> None:
+    """The node found its directory as the release has it and recorded its walk; then the
+    server changed the release, and the node sometimes its directory.  One sync makes the
+    directory exactly the new release: from the two manifests alone when a walk apart
+    finds it as recorded, by comparing the directory when the node changed it."""
+    before, after = trees_
+    work, src, node, records, d = first_sync(origin, tmp_path, before)
+    between_boots(node)
+    run_sync(origin, d, node, records)  # compared, nothing to change: recorded
+    assert records.seen(d.path, b"") is not None
+    walk = sync.seen_tree(str(node), [], b"", trust=False)
+    tamper(node, changes)
+    untouched = walk is not None and walk[0] == sync.seen_tree(str(node), [], b"", trust=False)[0]  # type: ignore[index]
+    build(src, after)
+    d2, _ = origin.publish(src)
+    result = run_sync(origin, d2, node, records)
+    assert snapshot(node) == snapshot(src)
+    if d2.manifest_raw != d.manifest_raw:  # (else the release did not change)
+        assert (KEPT_PATH in result.notes) is untouched, (changes, result.notes)
+    shutil.rmtree(work)
+
+
+def test_a_kept_manifest_changed_on_the_node_is_not_taken_for_the_directory(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """The directory is as recorded, but the manifest kept with the record was changed on the
+    node (here: to say a file already has the bytes the new release gives it): the walk apart
+    checks the kept bytes against the digest the record was made under, and the directory is
+    compared instead of taken on the kept manifest's word."""
+    spec: dict[str, tuple[Any, ...]] = {f"f{i}": ("file", b"old %d" % i, 0o644, T0) for i in range(20)}
+    _, src, node, records, d = first_sync(origin, tmp_path, spec)
+    between_boots(node)
+    run_sync(origin, d, node, records)  # recorded
+    spec["f7"] = ("file", b"new 7", 0o644, T0 + 1)
+    build(src, spec)
+    d2, _ = origin.publish(src)
+    kept = records.path(d.path)
+    assert kept is not None
+    old, new = (hashlib.sha256(b).hexdigest().encode() for b in (b"old 7", b"new 7"))
+    kept.write_bytes(kept.read_bytes().replace(old, new))
+    result = run_sync(origin, d2, node, records)
+    assert KEPT_PATH not in result.notes and result.files == 1
+    assert snapshot(node) == snapshot(src)
+    # recorded again (nothing to change), the next release is taken from the manifests
+    between_boots(node)
+    assert run_sync(origin, d2, node, records).files == 0
+    spec["f8"] = ("file", b"new 8", 0o600, T0 + 2)
+    del spec["f9"]
+    build(src, spec)
+    d3, _ = origin.publish(src)
+    result = run_sync(origin, d3, node, records)
+    assert KEPT_PATH in result.notes and (result.files, result.deleted) == (1, 1)
+    assert snapshot(node) == snapshot(src)
+
+
 def test_a_walk_is_recorded_only_once_the_clock_has_moved_past_its_changes(tmp_path: Path) -> None:
     """The record of a walk made from the comparison's walk is the walk's own, byte for byte;
     an entry changed within RACY_NS of the walk makes it one not to trust (a later change
