@@ -9,7 +9,7 @@ files whose bytes differ (standard library only: this runs in the initrd).
    manifest's bytes are checked against the plan's (signed) ``manifest_raw``.
 2. **The comparison** looks at every entry on the node (one listing per directory, by
    its descriptor, one ``lstat`` per entry relative to it, nothing followed) — a record never stands in
-   for looking (step 5 only spares the comparison of a walk identical to a recorded
+   for looking (steps 5 and 6 only spare the comparison of a walk identical to a recorded
    one), so what changed on the node since (content, size, time, type, a file
    turned into a directory or a link) is found, as rsync finds it.  A file whose size
    and mtime match is taken as is (rsync's quick check) unless the kept manifest says
@@ -39,6 +39,12 @@ files whose bytes differ (standard library only: this runs in the initrd).
    within 20 ms of it (2 s for a ctime in whole seconds) is not recorded: a later change
    in the same clock tick could keep its ctime; nor is a record used once the clock
    reads earlier than when its walk began, or another manifest is kept.
+6. **When the plan names another manifest** and the record was made under the kept
+   one, a child process (:class:`LookApart`) makes that walk while this one fetches and
+   decodes the new manifest, and checks the kept manifest's bytes against the digest
+   the record was made under.  If both hold, the directory is exactly as the kept
+   manifest has it, and the two manifests are compared instead of the directory
+   (:func:`kept_changes`); otherwise step 2 runs.
 """
 
 from __future__ import annotations
