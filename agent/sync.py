@@ -442,7 +442,11 @@ class LookApart:
 
 
 def _zstd(data: bytes, *args: str) -> bytes:
-    proc = subprocess.run(["zstd", "-dcq", *args], input=data, capture_output=True, check=False)
+    # (a pipe of 1 MiB, not 64 KiB: zstd need not wait for this process to read every 64 KiB,
+    # which takes long when the CPUs are busy, the walk apart on one of them)
+    proc = subprocess.run(
+        ["zstd", "-dcq", *args], input=data, capture_output=True, check=False, pipesize=1 << 20
+    )
     if proc.returncode != 0:
         why = proc.stderr.decode(errors="replace").strip() or f"exit {proc.returncode}"
         raise PlanError(f"zstd could not decompress: {why}")
@@ -527,15 +531,19 @@ def run(
             result.manifest = "kept"  # (not even read: the directory is as it was left)
             result.notes.append("as the last boot left it")
             return result
+    started = time.monotonic()
     kept = records.read(d.path, hashed=False)  # (a digest noted: a delta's base is known without hashing)
+    result.took("manifest", started)
     apart = None
     if kept is not None and d.manifest_raw and kept[2] != d.manifest_raw:
         # the directory was found as the kept manifest has it, and its walk recorded: walked
         # again by a child process while this one gets the new manifest
+        started = time.monotonic()
         kept_key = seen_key(kept[2], nested)
         walked = records.seen(d.path, kept_key)
         if walked is not None:
             apart = LookApart.start(str(dest), nested, kept_key, walked, kept[1], kept[2])
+        result.took("look", started)
     try:
         raw = manifest_bytes(d, relays, kept, result)
         key = seen_key(result.digest, nested)
