@@ -296,6 +296,10 @@ class Builder:
         self.records = records or sync.Records(None if no_reboot else Path(STATE_DIR))
         self.results: dict[str, Result] = {}
         self.mounted: dict[str, tuple[str, list[str]]] = {}  # nfs: path -> (server, servers passed over)
+        # files copy-if-needed wrote in place, their mtimes set only once their bytes are on the
+        # node's disk (sync.settle; in no-reboot mode at once: nothing is synced there)
+        self._later = not no_reboot
+        self.unsettled: list[tuple[str, int]] = []
 
     def run(self) -> None:
         self.target.mkdir(parents=True, exist_ok=True)
@@ -343,6 +347,9 @@ class Builder:
             raise BootFailed(message) from exc
         if not self.no_reboot:
             os.sync()  # what went to the node's disk is there before the EE starts
+            if self.unsettled:  # files written in place get their times now that their bytes are there
+                sync.settle(self.unsettled)
+                os.sync()
 
     def _nested(self, d: Directory) -> list[str]:
         """Paths (relative to ``d``) of the directories other entries of the plan manage."""
@@ -372,7 +379,8 @@ class Builder:
                 unpacked = self._unpack(d, d.archive, dest)
                 unpack_s = time.monotonic() - started
                 written = time.time_ns()
-                kept = sync.run(d, dest, self._nested(d), self.relays, self.records, written)
+                kept = sync.run(d, dest, self._nested(d), self.relays, self.records, written, self._later)
+                self.unsettled.extend(kept.unsettled)
                 kept.seconds = {"unpack": unpack_s, **kept.seconds}  # (its breakdown's first phase)
                 return Result(
                     unpacked.bytes + kept.bytes, unpacked.files + kept.files, kept.deleted, "",
@@ -459,7 +467,8 @@ class Builder:
         return not sync.has_files(dest, self._nested(d))
 
     def _sync(self, d: Directory, dest: Path) -> Result:
-        result = sync.run(d, dest, self._nested(d), self.relays, self.records)
+        result = sync.run(d, dest, self._nested(d), self.relays, self.records, later=self._later)
+        self.unsettled.extend(result.unsettled)
         return Result(
             result.bytes, result.files, result.deleted, result.manifest, [*result.notes, result.breakdown()]
         )

@@ -21,8 +21,10 @@ files whose bytes differ (standard library only: this runs in the initrd).
    in tree order, changed files fetched several at once (:class:`Fetcher`) and each
    verified; a small file's bytes go over the regular file in its place when nothing
    else links to it (its blocks reused, as rsync's ``--inplace``: a sync cut short
-   leaves it with a new mtime, and no kept manifest, so the next one hashes it); then
-   the directories' owners, modes and times are set where they differ.
+   leaves it with a new mtime, and no kept manifest, so the next one hashes it; on a
+   real boot its mtime is set only once the node's ``sync`` put its bytes on the disk,
+   :func:`settle`); then the directories' owners, modes and times are set where they
+   differ.
    Nothing outside the directory is touched, and directories the plan gives to other
    entries are left alone.
 4. **The record** of the applied manifest is written last (replaced atomically), once
@@ -132,6 +134,7 @@ class SyncResult(Mutable):
         "notes",
         "seconds",
         "seen",
+        "unsettled",
     )
 
     def __init__(self) -> None:
@@ -145,6 +148,9 @@ class SyncResult(Mutable):
         self.digest = ""  # "sha256:<hex>" of the manifest
         self.seen: Seen | None = None  # the walk, and whether to trust it: it matched, nothing changed
         self.seconds: dict[str, float] = {}  # where the time went, by phase
+        self.unsettled: list[
+            tuple[str, int]
+        ] = []  # files written in place, their mtimes not set yet: settle()
 
     def took(self, phase: str, since: float) -> float:
         """Add the time since ``since`` (time.monotonic()) to ``phase``; now."""
@@ -411,11 +417,11 @@ class LookApart:
             return None
         try:
             pid = os.fork()
-        except OSError:
+        except (OSError, MemoryError):
             os.close(r)
             os.close(w)
             return None
-        if pid == 0:  # the child: it answers and ends, running nothing else of its parent's
+        if pid == 0:  # the child: it answers and ends, returning into nothing of its parent's
             try:
                 os.close(r)
                 walk = seen_tree(root, nested, key, trust=False) if _digest(kept) == digest else None
@@ -513,12 +519,20 @@ def _manifest_bytes(
 
 
 def run(
-    d: Directory, dest: Path, nested: Collection[str], relays: Relays, records: Records, written: int = 0
+    d: Directory,
+    dest: Path,
+    nested: Collection[str],
+    relays: Relays,
+    records: Records,
+    written: int = 0,
+    later: bool = False,
 ) -> SyncResult:
     """Bring ``dest`` up to date with the plan's directory ``d`` (the steps in this module's
     docstring); ``nested``: the directories other entries of the plan manage.  ``written``:
     ``time.time_ns()`` when the directory was last written (just unpacked whole): the
-    comparison's walk waits until :data:`RACY_NS` after it, so that it can be recorded."""
+    comparison's walk waits until :data:`RACY_NS` after it, so that it can be recorded.
+    ``later``: the files written in place are left in ``result.unsettled``, for the caller
+    to :func:`settle` once their bytes are on the disk (a real boot: after ``sync``)."""
     dest.mkdir(parents=True, exist_ok=True)
     result = SyncResult()
     key = seen_key(d.manifest_raw, nested)
@@ -573,6 +587,9 @@ def run(
         dest, manifest, nested, lambda files: Fetcher(relays, files, dest), result,
         before_change=lambda: records.forget(d.path), key=key, was=was,
     )  # fmt: skip
+    if not later:
+        settle(result.unsettled)
+        result.unsettled.clear()
     started = time.monotonic()
     if result.manifest != "kept" or result.changed:
         try:
@@ -588,6 +605,13 @@ def run(
             result.notes.append(f"what it looks like is not kept: {exc}")
     result.took("keep", started)
     return result
+
+
+def settle(unsettled: list[tuple[str, int]]) -> None:
+    """Give the files written in place their mtimes (:attr:`SyncResult.unsettled`): until
+    then each has the time it was written in, so a comparison after a power cut hashes it."""
+    for path, mtime_ns in unsettled:
+        os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
 
 
 def stat_tree(root: str, prune: Collection[str]) -> dict[str, os.stat_result]:
@@ -742,10 +766,11 @@ def previous(result: SyncResult) -> Previous | None:
 class Changes(Mutable):
     """What a comparison found to change (entries of the manifest by index, in tree order)."""
 
-    __slots__ = ("deleted", "dirs", "fix", "remove", "write")
+    __slots__ = ("deleted", "dirs", "fix", "over", "remove", "write")
 
     def __init__(self) -> None:
         self.deleted = 0  # ... of them, entries the manifest does not list
+        self.over: set[str] = set()  # (kept_changes) paths of files written where a file was
         self.write: list[int] = []  # entries to make (anew)
         self.fix: list[int] = []  # files whose bytes are right: owner, mode, time or xattrs to set
         self.dirs: list[int] = []  # directories whose owner, mode, time or xattrs differ
@@ -780,7 +805,10 @@ def sync(
         previous_: Previous | None = Previous(was.paths, was.digests, was.sizes, was.mtimes, was.chunks)
         changes = kept_changes(was, manifest, nested)
         started = result.took("compare", started)
-        node_stat = lambda path: _lstat_or_none(f"{root}/{path}")  # noqa: E731 - (only files written)
+        # (only where the kept manifest had a file: every directory on the way is one, so
+        # the lstat follows nothing)
+        over = changes.over
+        node_stat = lambda path: _lstat_or_none(f"{root}/{path}") if path in over else None  # noqa: E731
     else:
         previous_ = previous(result)
         walked = time.time_ns()
@@ -897,9 +925,10 @@ def kept_changes(k: mf.Manifest, m: mf.Manifest, nested: Collection[str]) -> Cha
     """What to change in a directory known to be exactly as the manifest ``k`` has it, to
     make it ``m``: the two compared column by column (as they line up when the paths are
     the same, else by path), the directory not at all.  The same decisions as
-    :func:`compare` would take on a walk of that directory (an entry the same in both is
-    left as it is; a link's mode alone is not compared), except that an extended
-    attribute ``k`` gave and ``m`` does not is removed."""
+    :func:`compare` would take on a walk of that directory: an entry the same in both is
+    left as it is; a link's mode alone is not compared; a file whose metadata alone
+    changed is fixed (:func:`set_meta`: the extended attributes ``m`` gives it, exactly,
+    when it gives any)."""
     owners = os.geteuid() == 0
     changes = Changes()
     write, remove = changes.write, changes.remove
@@ -943,6 +972,7 @@ def kept_changes(k: mf.Manifest, m: mf.Manifest, nested: Collection[str]) -> Cha
             if m.digests[i] != k.digests[j] or m.sizes[i] != k.sizes[j]:
                 write.append(i)
                 rewritten.add(path)
+                changes.over.add(path)
             else:
                 changes.fix.append(i)
         elif kind == "d":
@@ -998,6 +1028,7 @@ def _change(
             jobs.append((e, (f"{root}/{paths[i]}", reuse) if reuse else None))
     _read_ahead(root, m, write, node_stat)
     with TreeWriter(root, in_place=True) as writer, fetcher(jobs) as fetched:
+        writer.unsettled = []
         for i in write:
             e = entries[i]
             if e.entry.kind == FILE:
@@ -1014,6 +1045,7 @@ def _change(
         for i in dirs:
             writer.add(m.entry(i).entry)  # its owner, mode, xattrs and time: set by finish()
         writer.finish()
+        result.unsettled.extend((f"{root}/{path}", mtime_ns) for path, mtime_ns in writer.unsettled)
 
 
 def _read_ahead(

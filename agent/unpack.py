@@ -102,6 +102,12 @@ class TreeWriter:
         # its metadata all set anew; a crash leaves it half written, so only a caller that
         # finds such a file again (the agent's sync: its mtime is not the manifest's) asks
         self.in_place = in_place
+        # ... and, when a list: their mtimes are not set but listed here, (path, mtime_ns), for
+        # the caller to set once their bytes are on the disk (an overwrite of blocks already
+        # allocated is not ordered before the journal's commit of a new mtime: after a power
+        # cut the old bytes could come back under the new size and mtime, which a quick check
+        # takes as right; a file left with the time it was written in is hashed instead)
+        self.unsettled: list[tuple[str, int]] | None = None
         root_is_root = os.geteuid() == 0
         self.owners = root_is_root if owners is None else owners
         self.devices = root_is_root if devices is None else devices
@@ -308,7 +314,11 @@ class TreeWriter:
             self._write_data(fd, entry, data)
             os.ftruncate(fd, entry.size)
             self._drop_xattrs(fd, entry)
-            self._fd_meta(fd, entry)
+            if self.unsettled is None:
+                self._fd_meta(fd, entry)
+            else:
+                self._fd_meta(fd, entry, times=False)
+                self.unsettled.append((entry.path, entry.mtime_ns))
         finally:
             os.close(fd)
         return True
@@ -376,14 +386,15 @@ class TreeWriter:
                     os.close(fd)
         os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=pfd, follow_symlinks=False)
 
-    def _fd_meta(self, fd: int, entry: Entry) -> None:
+    def _fd_meta(self, fd: int, entry: Entry, times: bool = True) -> None:
         # chown first: it clears setuid bits and file capabilities (always: a new file may
         # have taken a setgid directory's group)
         if self.owners:
             os.fchown(fd, entry.uid, entry.gid)
         os.fchmod(fd, entry.mode)
         self._xattrs(fd, entry)
-        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+        if times:
+            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
 
     def _xattrs(self, target: int | str, entry: Entry) -> None:
         for name, value in entry.xattrs:
