@@ -298,7 +298,6 @@ class Builder:
         self.mounted: dict[str, tuple[str, list[str]]] = {}  # nfs: path -> (server, servers passed over)
         # files copy-if-needed wrote in place, their mtimes set only once their bytes are on the
         # node's disk (sync.settle; in no-reboot mode at once: nothing is synced there)
-        self._later = not no_reboot
         self.unsettled: list[tuple[str, int]] = []
 
     def run(self) -> None:
@@ -379,7 +378,9 @@ class Builder:
                 unpacked = self._unpack(d, d.archive, dest)
                 unpack_s = time.monotonic() - started
                 written = time.time_ns()
-                kept = sync.run(d, dest, self._nested(d), self.relays, self.records, written, self._later)
+                kept = sync.run(
+                    d, dest, self._nested(d), self.relays, self.records, written, not self.no_reboot
+                )
                 self.unsettled.extend(kept.unsettled)
                 kept.seconds = {"unpack": unpack_s, **kept.seconds}  # (its breakdown's first phase)
                 return Result(
@@ -467,7 +468,7 @@ class Builder:
         return not sync.has_files(dest, self._nested(d))
 
     def _sync(self, d: Directory, dest: Path) -> Result:
-        result = sync.run(d, dest, self._nested(d), self.relays, self.records, later=self._later)
+        result = sync.run(d, dest, self._nested(d), self.relays, self.records, later=not self.no_reboot)
         self.unsettled.extend(result.unsettled)
         return Result(
             result.bytes, result.files, result.deleted, result.manifest, [*result.notes, result.breakdown()]

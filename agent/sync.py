@@ -148,9 +148,8 @@ class SyncResult(Mutable):
         self.digest = ""  # "sha256:<hex>" of the manifest
         self.seen: Seen | None = None  # the walk, and whether to trust it: it matched, nothing changed
         self.seconds: dict[str, float] = {}  # where the time went, by phase
-        self.unsettled: list[
-            tuple[str, int]
-        ] = []  # files written in place, their mtimes not set yet: settle()
+        # files written in place, their mtimes not set yet (settle())
+        self.unsettled: list[tuple[str, int]] = []
 
     def took(self, phase: str, since: float) -> float:
         """Add the time since ``since`` (time.monotonic()) to ``phase``; now."""
@@ -207,9 +206,14 @@ class Records:
         under ``key`` (:func:`seen_key`: the same manifest, owners and nested directories)
         and the clock has not gone back since (a change made after a clock was set back
         could take a ctime the record holds)."""
+        return _under(self.recorded(directory), key)
+
+    def recorded(self, directory: str) -> bytes | None:
+        """:meth:`seen`'s walk under whatever key it was made (its key first), read once for
+        a caller that asks under two (:func:`_under`)."""
         path = self._seen_path(directory)
         raw = None if path is None else _read_regular(path, 2 * MAX_MANIFEST_BYTES)
-        if raw is None or not raw.startswith(key, 8):
+        if raw is None or len(raw) < 8:
             return None
         return raw[8:] if int.from_bytes(raw[:8], "little") <= time.time_ns() else None
 
@@ -242,6 +246,11 @@ class Records:
             for stale in (self._seen_path(directory), path, _noted(path)):
                 if stale is not None:
                     stale.unlink(missing_ok=True)
+
+
+def _under(record: bytes | None, key: bytes) -> bytes | None:
+    """A walk's record (:meth:`Records.recorded`) if it was made under ``key``."""
+    return record if record is not None and record.startswith(key) else None
 
 
 def _noted(path: Path) -> Path:
@@ -536,7 +545,8 @@ def run(
     dest.mkdir(parents=True, exist_ok=True)
     result = SyncResult()
     key = seen_key(d.manifest_raw, nested)
-    recorded = records.seen(d.path, key) if d.manifest_raw else None  # the plan's manifest's?
+    record = records.recorded(d.path) if d.manifest_raw else None
+    recorded = _under(record, key)  # the plan's manifest's?
     if recorded is not None:
         started = time.monotonic()
         seen = seen_tree(str(dest), nested, key, trust=False)  # (only compared)
@@ -554,7 +564,7 @@ def run(
         # again by a child process while this one gets the new manifest
         started = time.monotonic()
         kept_key = seen_key(kept[2], nested)
-        walked = records.seen(d.path, kept_key)
+        walked = _under(record, kept_key)
         if walked is not None:
             apart = LookApart.start(str(dest), nested, kept_key, walked, kept[1], kept[2])
         result.took("look", started)
