@@ -82,11 +82,14 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
         o.close()
 
 
-def run_sync(origin: Origin, d: Directory, dest: Path, records: sync.Records) -> sync.SyncResult:
-    """What the agent's Builder does for one sync directory (slim.agent.ee)."""
+def run_sync(
+    origin: Origin, d: Directory, dest: Path, records: sync.Records, later: bool = False
+) -> sync.SyncResult:
+    """What the agent's Builder does for one sync directory (slim.agent.ee; ``later``: as on
+    a real boot)."""
     relays = Relays([origin.url], timeout=10)
     try:
-        return sync.run(d, dest, [], relays, records)
+        return sync.run(d, dest, [], relays, records, later=later)
     finally:
         relays.close()
 
@@ -440,11 +443,7 @@ def test_files_written_in_place_get_their_times_once_settled(origin: Origin, tmp
     spec["f2"] = ("file", b"new" * 100, 0o644, T0 + 7)
     build(src, spec)
     d2, _ = origin.publish(src)
-    relays = Relays([origin.url], timeout=10)
-    try:
-        result = sync.run(d2, node, [], relays, records, later=True)
-    finally:
-        relays.close()
+    result = run_sync(origin, d2, node, records, later=True)
     assert result.unsettled == [(f"{node}/f2", T0 + 7)]
     assert (node / "f2").read_bytes() == b"new" * 100 and os.lstat(node / "f2").st_mtime_ns != T0 + 7
     sync.settle(result.unsettled)
