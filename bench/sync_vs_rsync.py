@@ -24,6 +24,18 @@ of each pair alternating from round to round; medians of ``--repeat`` rounds.  T
   reported apart: the server's work, done once for every node, against rsync's
   per-client work.
 
+Each round, each tool's copy is made on a file system of its own, new that round: a sparse
+file given an ext2 file system by ``mke2fs``, as the agent gives a node's blank partition,
+and mounted through a loop device; the copy is a directory in it (as the agent's is on a
+node) and the file system goes at the end of the round.  Not in a directory of this
+machine's disk: there, every round would create its 100,000 files seconds after the round
+before deleted its 200,000, and an ext4 file system without a journal, as this machine's
+is, will not reuse an inode freed in the last minute: each file created looks through the
+block group's recently freed inodes first (``recently_deleted`` in the kernel's profile).
+That took half or more of a cold copy's time, and more of one tool's than the other's from
+one round to the next; a node's first copy goes to a partition just made, or to a
+directory that has been empty for a boot at least.
+
 After every run both copies are compared with the tree (contents, types, modes, owners,
 mtimes, link targets, extended attributes): a difference stops the benchmark.
 
@@ -263,6 +275,8 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
     rows: dict[str, list[dict[str, float]]] = {"cold": [], "unchanged": [], "changed_1pct": []}
     phases: dict[str, list[dict[str, float]]] = {"cold": [], "unchanged": [], "changed_1pct": []}
     rt = Runtime(tmp / "initrd", keys / "signing.pub")
+    # room for one copy: its bytes, a block's end per file, the inodes, and some to spare
+    disk_bytes = max(1 << 30, 2 * sum(p.stat().st_size for p in paths))
     try:
         serve = subprocess.Popen([*SLIM, "serve", "--registry", str(registry)], stdout=subprocess.PIPE,
                                  stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
@@ -280,7 +294,9 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
         )  # not synchronization of results: rsync has no ready signal; a failed start fails below
         warm("tree")
         for i in range(repeat):
-            slim_t, rsync_t = rt.root / f"slim{i}", tmp / f"rsync{i}"
+            # (the agent keeps its state and /run beside its copy: on its disk, as on a node)
+            slim_t = fresh_disk(rt.root / f"slim{i}", disk_bytes) / "ee"
+            rsync_t = fresh_disk(tmp / f"rsync{i}", disk_bytes) / "ee"
             order = ["slim", "rsync"] if i % 2 == 0 else ["rsync", "slim"]
             pair = (order, slim_t, rsync_t, relay, port, rt, image)
             rows["cold"].append(both(*pair))
@@ -297,16 +313,17 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
                 f"{k}: slim {v[-1]['slim_s']:.2f} s/{v[-1]['slim_bytes']:.0f} B, "
                 f"rsync {v[-1]['rsync_s']:.2f} s/{v[-1]['rsync_bytes']:.0f} B" for k, v in rows.items()
             ), flush=True)  # fmt: skip
-            shutil.rmtree(slim_t)
-            for beside in (".slim-state", ".slim-run"):
-                shutil.rmtree(slim_t.with_name(slim_t.name + beside))
-            shutil.rmtree(rsync_t)
+            for t in (slim_t, rsync_t):
+                drop_disk(t.parent)
         big_result = (
             big_file(big, big_mib, rng, relay, port, rt, tmp, lambda: build("big") + warm("big"))
             if big_mib
             else None
         )
     finally:
+        for mount in (*rt.root.glob("slim*"), *tmp.glob("rsync*")):
+            if mount.is_mount():
+                drop_disk(mount)
         for p in procs:
             if p.poll() is None:
                 p.terminate()
@@ -332,6 +349,26 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
         "runs": rows,
         "big_file": big_result,
     }  # fmt: skip
+
+
+def fresh_disk(mount: Path, size: int) -> Path:
+    """``mount``, where a new ext2 file system of ``size`` bytes is mounted, as the agent's
+    ``mke2fs`` leaves a node's blank partition; in a sparse file beside it (``.img``)."""
+    image = mount.with_name(mount.name + ".img")
+    with open(image, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mke2fs", "-q", "-F", "-L", "slim", str(image)], check=True, timeout=300)
+    mount.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True, timeout=60)
+    return mount
+
+
+def drop_disk(mount: Path) -> None:
+    """Unmount what :func:`fresh_disk` mounted at ``mount`` (its loop device goes with it)
+    and delete its image, ``mount`` with the suffix ``.img``."""
+    subprocess.run(["umount", str(mount)], check=True, timeout=300)
+    mount.rmdir()
+    mount.with_name(mount.name + ".img").unlink()
 
 
 def both(
