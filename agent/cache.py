@@ -288,7 +288,7 @@ class _Staged:
         self.cache, self.file, self.path = cache, file, path
         self.failed = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.failed:
             return
         try:

@@ -555,7 +555,7 @@ def extract(relays: Relays, archive: ObjectRef, into: Path) -> int:
     failure: list[BaseException] = []
     stdin: IO[bytes] = proc.stdin
 
-    def write(chunk: bytes) -> None:
+    def write(chunk: bytes | memoryview) -> None:
         try:
             stdin.write(chunk)
         except OSError as exc:

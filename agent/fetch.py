@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from typing import Any, BinaryIO
 
 CHUNK = 1 << 20
+Chunk = bytes | memoryview  # a piece of an object, as a stream's sink is given it
 MAX_RETRY_AFTER = 60.0  # a relay that asks for longer is asked again after this
 BACKOFF_FIRST = 0.5  # a 503 without Retry-After: 0.5, 1, 2, ... seconds
 BACKOFF_MAX = 30.0
@@ -369,8 +370,9 @@ class Relays:
                 attempts.failed(url, f"{resp.status}: {message}")
 
     # -- objects ------------------------------------------------------------
-    def stream(self, ref: ObjectRef, write: Callable[[bytes], object], verify: bool = True) -> str:
-        """Send the object's bytes to ``write`` in order, resuming across relays;
+    def stream(self, ref: ObjectRef, write: Callable[[Chunk], object], verify: bool = True) -> str:
+        """Send the object's bytes to ``write`` in order, resuming across relays (each piece
+        is valid only during the call: a buffer read into again, not a copy of it);
         return the relay that sent the last byte (:data:`LOCAL`: the local cache had it).
         DigestMismatch if the bytes are wrong.  ``verify`` False: the caller checks their
         digest itself (the initrd's zstd does, slim.agent.ee), except that bytes the local
@@ -393,9 +395,13 @@ class Relays:
             staged.keep(ref.hex)
         return url
 
-    def _stream(self, ref: ObjectRef, write: Callable[[bytes], object], verify: bool = True) -> str:
+    def _stream(self, ref: ObjectRef, write: Callable[[Chunk], object], verify: bool = True) -> str:
         h = hashlib.sha256() if verify else None
         got = 0
+        # one buffer read into, again and again: read(n) would allocate n zeroed bytes for
+        # each piece and copy them once more (at 2 GB, a second of this process's time
+        # taken from the unpacking, which waits for the interpreter's lock meanwhile)
+        buffer = memoryview(bytearray(max(1, min(CHUNK, ref.size))))
         attempts = _Attempts(self, ref.digest)
         path = f"/objects/sha256/{ref.hex}"
         while True:
@@ -421,10 +427,11 @@ class Relays:
                 if got:
                     self.stats.resumed += 1
                 while True:
-                    chunk = resp.read(min(CHUNK, ref.size - got) or 1)
-                    if not chunk:
+                    n = resp.readinto(buffer[: min(len(buffer), ref.size - got) or 1])
+                    if not n:
                         break
-                    got += len(chunk)
+                    chunk = buffer[:n]
+                    got += n
                     if got > ref.size:
                         raise DigestMismatch(f"{url} sent more than the {ref.size} bytes of {ref.digest}")
                     if h is not None:
@@ -494,7 +501,7 @@ class Relays:
 
     def read(self, ref: ObjectRef) -> bytes:
         parts: list[bytes] = []
-        self.stream(ref, parts.append)
+        self.stream(ref, lambda chunk: parts.append(bytes(chunk)))
         return b"".join(parts)
 
 
@@ -533,8 +540,8 @@ def pipelined_head(answers: BinaryIO) -> tuple[int, bool]:
     return length, close
 
 
-def _tee(first: Callable[[bytes], object], second: Callable[[bytes], object]) -> Callable[[bytes], None]:
-    def both(chunk: bytes) -> None:
+def _tee(first: Callable[[Chunk], object], second: Callable[[Chunk], object]) -> Callable[[Chunk], None]:
+    def both(chunk: Chunk) -> None:
         first(chunk)
         second(chunk)
 

@@ -115,6 +115,9 @@ class TreeWriter:
         self.xattr_errors: list[str] = []
         self._root_fd = os.open(self.root, _DIR_FLAGS)
         self._cached: tuple[str, int] | None = None  # (parent path, fd) of the last entry
+        # (uid, gid, umask) a file made in a fresh tree is born with, when known: then a file
+        # whose owner and mode those give is made with them, no fchown or fchmod after
+        self._born = _born(self._root_fd) if fresh else None
         self._dirs: list[Entry] = []
 
     # -- public ------------------------------------------------------------------
@@ -266,15 +269,29 @@ class TreeWriter:
         return fd
 
     def _file(self, pfd: int, name: str, entry: Entry, data: IO[bytes] | None) -> None:
+        born, mode = self._born, entry.mode
+        whole = owned = False
+        if born is not None:
+            # born with its mode (not 0600, then fchmod) when the umask leaves it whole and it
+            # has no setuid, setgid or sticky bit (those come after the owner: fchown clears them)
+            whole = not mode & (0o7000 | born[2])
+            owned = not self.owners or (entry.uid, entry.gid) == born[:2]
         try:
             fd = os.open(
-                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                mode if whole else 0o600,
+                dir_fd=pfd,
             )
         except FileExistsError:
             raise UnsafeEntry(entry.path, "given twice") from None
         try:
             self._write_data(fd, entry, data)
-            self._fd_meta(fd, entry)
+            if whole and owned:
+                self._xattrs(fd, entry)  # (one in 200 files: most have none)
+                os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+            else:
+                self._fd_meta(fd, entry)
         finally:
             os.close(fd)
 
@@ -405,6 +422,30 @@ class TreeWriter:
                 if len(self.xattr_errors) < 20:
                     why = exc.strerror if isinstance(exc, OSError) else str(exc)
                     self.xattr_errors.append(f"{entry.path}: {name}: {why}")
+
+
+def _born(root_fd: int) -> tuple[int, int, int] | None:
+    """(uid, gid, umask) of a file this process makes in a fresh tree under ``root_fd``, or
+    None where that is not known.  Its owner is the process's; its group the process's or,
+    on a setgid directory or a ``grpid`` mount, its directory's, which a fresh tree's
+    directories (this writer's, their metadata set only at the end) take from the root:
+    known when the root's group is the process's.  Its mode is the one asked for less the
+    umask, unless the directories have a default ACL, which the root would pass on."""
+    gid = os.getegid()
+    if os.fstat(root_fd).st_gid != gid:
+        return None
+    try:
+        os.getxattr(root_fd, "system.posix_acl_default")
+        return None  # a default ACL: the mode is the ACL's
+    except OSError as exc:
+        if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+            return None
+    try:
+        with open("/proc/self/status", "rb") as f:  # (reading the umask any other way sets it)
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith(b"Umask:"))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    return os.geteuid(), gid, umask
 
 
 def _write_all(fd: int, data: bytes) -> None:

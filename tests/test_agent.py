@@ -652,7 +652,7 @@ async def test_relay_killed_mid_object_the_next_relay_finishes(site: Site, tmp_p
         relays = Relays([victim.url, site.relay2_url])
         got = bytearray()
 
-        def write(chunk: bytes) -> None:
+        def write(chunk: bytes | memoryview) -> None:
             got.extend(chunk)
             if len(got) >= 1 << 20:
                 victim.kill()  # SIGKILL, with most of the object still to come

@@ -293,7 +293,7 @@ def storm(relay_url: str, ref: ObjectRef) -> tuple[list[Relays], list[str], floa
     received = [0] * STORM_AGENTS
 
     def agent(i: int) -> None:
-        def write(chunk: bytes) -> None:
+        def write(chunk: bytes | memoryview) -> None:
             received[i] += len(chunk)
             time.sleep(PACE)  # the pace of a node writing what it gets, not synchronisation
 

@@ -384,6 +384,55 @@ def test_a_fresh_unpack_under_a_setgid_directory_keeps_the_archives_groups(tmp_p
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o640)
 
 
+@pytest.mark.parametrize("case", ["plain", "umask", "default ACL"])
+def test_a_fresh_unpack_makes_a_file_with_its_mode_only_where_nothing_takes_from_it(
+    tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh tree's file is made with its mode and owner at once, no fchmod (or fchown)
+    after, only where the umask, the directory's default ACL, a setuid bit or another owner
+    would not leave it so; every file ends with the archive's mode and owner either way."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if case == "default ACL":  # user::rwx, group::r-x, other::--- (the xattr's binary form)
+        acl = (2).to_bytes(4, "little") + b"".join(
+            tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + (2**32 - 1).to_bytes(4, "little")
+            for tag, perm in ((0x01, 7), (0x04, 5), (0x20, 0))
+        )
+        try:
+            os.setxattr(out, "system.posix_acl_default", acl)
+        except OSError as exc:
+            pytest.skip(f"no ACLs on {tmp_path}: {exc.strerror}")
+    other = 1234 if ROOT else 0
+    members = []
+    for name, mode, owner in [
+        ("a/plain", 0o644, 0), ("a/exec", 0o755, 0), ("a/none", 0o000, 0), ("a/suid", 0o4755, 0),
+        ("a/other", 0o644, other),
+    ]:  # fmt: skip
+        info, data = _file(name, name.encode())
+        info.mode, info.uid, info.gid = mode, owner, owner
+        members.append((info, data))
+    chmods: list[int] = []
+    fchmod = os.fchmod
+
+    def counted(fd: int, mode: int) -> None:
+        chmods.append(mode)
+        fchmod(fd, mode)
+
+    monkeypatch.setattr(os, "fchmod", counted)
+    umask = os.umask(0o077 if case == "umask" else 0o022)
+    try:
+        extract_archive(_tar(*members), out, fresh=True)
+    finally:
+        os.umask(umask)
+    for info, data in members:
+        st = os.stat(out / info.name)
+        assert (stat.S_IMODE(st.st_mode), (out / info.name).read_bytes()) == (info.mode, data)
+        if ROOT:
+            assert (st.st_uid, st.st_gid) == (info.uid, info.gid)
+    # plain: only the setuid file (and another owner's, as root); umask 077: all but mode 000
+    assert len(chmods) == {"plain": 1 + ROOT, "umask": 4, "default ACL": 5}[case]
+
+
 @pytest.mark.parametrize("size", [b"-0000000001", b"+0000000001", b"00000_00001"])
 def test_a_header_number_is_octal_digits_only(places: tuple[Path, Path], size: bytes) -> None:
     raw = bytearray(_tar(_file("f", b"x")).getvalue())
