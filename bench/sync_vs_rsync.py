@@ -26,15 +26,15 @@ of each pair alternating from round to round; medians of ``--repeat`` rounds.  T
 
 Each round, each tool's copy is made on a file system of its own, new that round: a sparse
 file given an ext2 file system by ``mke2fs``, as the agent gives a node's blank partition,
-mounted through a loop device (direct I/O: the image's pages are not cached as well); the
-copy is a directory in it (as the agent's is on a node) and the file system goes at the end
-of the round.  Not in a directory of this machine's disk: there, every round would create
-its 100,000 files seconds after the round before deleted its 200,000, and an ext4 file
-system without a journal, as this machine's is, will not reuse an inode freed in the last
-minute: each file created looks through the block group's recently freed inodes first
-(``recently_deleted`` in the kernel's profile).  That took most of a cold copy's time in a
-trial, and more of one tool's than the other's from one round to the next; a node's first
-copy goes to a partition just made, or to a directory that has been empty for a boot.
+and mounted through a loop device; the copy is a directory in it (as the agent's is on a
+node) and the file system goes at the end of the round.  Not in a directory of this
+machine's disk: there, every round would create its 100,000 files seconds after the round
+before deleted its 200,000, and an ext4 file system without a journal, as this machine's
+is, will not reuse an inode freed in the last minute: each file created looks through the
+block group's recently freed inodes first (``recently_deleted`` in the kernel's profile).
+That took half or more of a cold copy's time, and more of one tool's than the other's from
+one round to the next; a node's first copy goes to a partition just made, or to a
+directory that has been empty for a boot at least.
 
 After every run both copies are compared with the tree (contents, types, modes, owners,
 mtimes, link targets, extended attributes): a difference stops the benchmark.
@@ -353,31 +353,20 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
 
 def fresh_disk(mount: Path, size: int) -> Path:
     """``mount``, where a new ext2 file system of ``size`` bytes is mounted, as the agent's
-    ``mke2fs`` leaves a node's blank partition; in a sparse file beside it (``.img``), through
-    a loop device that reads and writes it directly (its pages not cached twice: once as the
-    file system's, again as the image's)."""
+    ``mke2fs`` leaves a node's blank partition; in a sparse file beside it (``.img``)."""
     image = mount.with_name(mount.name + ".img")
     with open(image, "wb") as f:
         f.truncate(size)
     subprocess.run(["mke2fs", "-q", "-F", "-L", "slim", str(image)], check=True, timeout=300)
-    loop = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(image)], check=True,
-                          capture_output=True, text=True, timeout=60).stdout.strip()  # fmt: skip
     mount.mkdir()
-    try:
-        subprocess.run(["mount", loop, str(mount)], check=True, timeout=60)
-    except BaseException:
-        subprocess.run(["losetup", "--detach", loop], check=False, timeout=60)
-        raise
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True, timeout=60)
     return mount
 
 
 def drop_disk(mount: Path) -> None:
-    """Unmount what :func:`fresh_disk` mounted at ``mount``, detach its loop device and
-    delete its image (``mount`` with the suffix ``.img``)."""
-    loop = subprocess.run(["findmnt", "--noheadings", "--output", "SOURCE", str(mount)], check=True,
-                          capture_output=True, text=True, timeout=60).stdout.strip()  # fmt: skip
+    """Unmount what :func:`fresh_disk` mounted at ``mount`` (its loop device goes with it)
+    and delete its image, ``mount`` with the suffix ``.img``."""
     subprocess.run(["umount", str(mount)], check=True, timeout=300)
-    subprocess.run(["losetup", "--detach", loop], check=True, timeout=60)
     mount.rmdir()
     mount.with_name(mount.name + ".img").unlink()
 
