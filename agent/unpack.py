@@ -96,7 +96,9 @@ class TreeWriter:
     ) -> None:
         self.root = Path(root)
         # fresh: ``root`` is empty and only this writer fills it, so what an entry would
-        # replace is not looked for (an entry given twice is refused)
+        # replace is not looked for (an entry given twice is refused); on a local POSIX file
+        # system, where a new file gets the mode asked for less the umask (or a default
+        # ACL's) and the process's owner: its plain files are made so (:func:`_born`)
         self.fresh = fresh
         # in_place: a file's bytes go over the regular file in its place (one link only),
         # its metadata all set anew; a crash leaves it half written, so only a caller that
@@ -280,7 +282,7 @@ class TreeWriter:
             fd = os.open(
                 name,
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                mode if whole else 0o600,
+                mode if whole and owned else 0o600,  # (another's file is private until it is theirs)
                 dir_fd=pfd,
             )
         except FileExistsError:

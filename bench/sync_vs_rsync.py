@@ -332,9 +332,6 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
             else None
         )
     finally:
-        for mount in (*rt.root.glob("slim*"), *tmp.glob("rsync*")):
-            if mount.is_mount():
-                drop_disk(mount)
         for p in procs:
             if p.poll() is None:
                 p.terminate()
@@ -342,6 +339,12 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
         for p in procs:
             if p.stdout is not None:
                 p.stdout.close()
+        for mount in (*rt.root.glob("slim*"), *tmp.glob("rsync*")):
+            if mount.is_mount():
+                try:
+                    drop_disk(mount)
+                except (OSError, subprocess.SubprocessError) as exc:  # the rest still goes
+                    print(f"{mount} left mounted: {exc}", file=sys.stderr)
     medians: dict[str, Any] = {
         k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rows.items()
     }
