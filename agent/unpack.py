@@ -271,29 +271,27 @@ class TreeWriter:
         return fd
 
     def _file(self, pfd: int, name: str, entry: Entry, data: IO[bytes] | None) -> None:
-        born, mode = self._born, entry.mode
-        whole = owned = False
-        if born is not None:
-            # born with its mode (not 0600, then fchmod) when the umask leaves it whole and it
-            # has no setuid, setgid or sticky bit (those come after the owner: fchown clears them)
-            whole = not mode & (0o7000 | born[2])
-            owned = not self.owners or (entry.uid, entry.gid) == born[:2]
+        born = self._born
+        # made with its mode and owner (not 0600, then fchown and fchmod) when the umask leaves
+        # the mode whole, it has no setuid, setgid or sticky bit (those come after the owner:
+        # fchown clears them), and it is the process's (another's is private until it is theirs)
+        as_born = (
+            born is not None
+            and not entry.mode & (0o7000 | born[2])
+            and (not self.owners or (entry.uid, entry.gid) == born[:2])
+        )
         try:
             fd = os.open(
                 name,
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                mode if whole and owned else 0o600,  # (another's file is private until it is theirs)
+                entry.mode if as_born else 0o600,
                 dir_fd=pfd,
             )
         except FileExistsError:
             raise UnsafeEntry(entry.path, "given twice") from None
         try:
             self._write_data(fd, entry, data)
-            if whole and owned:
-                self._xattrs(fd, entry)  # (one in 200 files: most have none)
-                os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
-            else:
-                self._fd_meta(fd, entry)
+            self._fd_meta(fd, entry, as_born=as_born)
         finally:
             os.close(fd)
 
@@ -405,12 +403,14 @@ class TreeWriter:
                     os.close(fd)
         os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=pfd, follow_symlinks=False)
 
-    def _fd_meta(self, fd: int, entry: Entry, times: bool = True) -> None:
+    def _fd_meta(self, fd: int, entry: Entry, times: bool = True, as_born: bool = False) -> None:
         # chown first: it clears setuid bits and file capabilities (always: a new file may
-        # have taken a setgid directory's group)
-        if self.owners:
-            os.fchown(fd, entry.uid, entry.gid)
-        os.fchmod(fd, entry.mode)
+        # have taken a setgid directory's group); ``as_born``: the file was made with its
+        # owner and mode (TreeWriter._file)
+        if not as_born:
+            if self.owners:
+                os.fchown(fd, entry.uid, entry.gid)
+            os.fchmod(fd, entry.mode)
         self._xattrs(fd, entry)
         if times:
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
