@@ -96,7 +96,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from labs.host import free_port
+from labs.host import free_port, warm_page_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "docs" / "benchmarks"
@@ -168,15 +168,6 @@ def make_data(tmp: Path, large: int, n_small: int, cold: int, seed: int) -> Data
         flush=True,
     )
     return Data(cache, origin, big, small, cold_obj)
-
-
-def warm_page_cache(paths: list[Path]) -> float:
-    t0 = time.perf_counter()
-    for p in paths:
-        with open(p, "rb") as f:
-            while f.read(CHUNK):
-                pass
-    return time.perf_counter() - t0
 
 
 # -- processes ----------------------------------------------------------------------

@@ -78,7 +78,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from labs import initrdroot, standin
-from labs.host import free_port
+from labs.host import free_port, warm_page_cache
 from slim.agent.tree import FILE, scan
 from slim.allinone import await_ready
 from slim.core.build.agentrt import add_runtime, collect
@@ -286,7 +286,8 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
     phases: dict[str, list[dict[str, float]]] = {"cold": [], "unchanged": [], "changed_1pct": []}
     rt = Runtime(tmp / "initrd", keys / "signing.pub")
     # room for one copy: its bytes, a block's end per file, the inodes, and some to spare
-    disk_bytes = max(1 << 30, 2 * sum(p.stat().st_size for p in paths))
+    tree_bytes = sum(p.stat().st_size for p in paths)
+    disk_bytes = max(1 << 30, 2 * tree_bytes)
     try:
         serve = subprocess.Popen([*SLIM, "serve", "--registry", str(registry)], stdout=subprocess.PIPE,
                                  stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
@@ -353,7 +354,7 @@ def one_size(files: int, repeat: int, big_mib: int, tmp: Path) -> dict[str, Any]
         m["bytes_ratio"] = m["slim_bytes"] / m["rsync_bytes"]
     return {
         "files": files,
-        "bytes": sum(p.stat().st_size for p in paths),
+        "bytes": tree_bytes,
         "first_build_s": first_build,
         "agent_startup": startup(rt),
         "medians": medians,
@@ -400,10 +401,7 @@ def both(
     tree), read through just before its run, so that both come from memory."""
     row: dict[str, float] = {}
     for side in order:
-        for path in (sources or {}).get(side, []):
-            with open(path, "rb", buffering=0) as f:
-                while f.read(1 << 20):
-                    pass
+        warm_page_cache((sources or {}).get(side, []))
         os.sync()  # neither run shares its time with writing back the one before (or rmtree's)
         if side == "slim":
             row["slim_s"], row["slim_bytes"] = agent(rt, "n1", slim_t, relay)

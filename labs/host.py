@@ -1,11 +1,14 @@
 """What every lab needs of this machine: where the checkout is (processes a lab starts
 that import ``labs`` get it on PYTHONPATH: ``labs/`` is not installed with the package),
-and free ports for servers that must be told theirs before they start."""
+free ports for servers that must be told theirs before they start, and files read into
+the page cache before a measurement."""
 
 from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: labs/ is beside slim/
@@ -25,6 +28,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def warm_page_cache(paths: Iterable[Path]) -> float:
+    """Read every file of ``paths`` through, so that a measurement after finds its bytes in
+    memory; the seconds it took."""
+    t0 = time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.read(1 << 20):
+                pass
+    return time.perf_counter() - t0
 
 
 def enroll(ca_dir: Path, name: str, role: str, out: Path) -> Path:
