@@ -27,6 +27,7 @@ the new root, where the EE can read it (in no-reboot mode beside the target:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -45,7 +46,7 @@ from slim.agent import sync
 from slim.agent.fetch import DigestMismatch, FetchError, Relays, now
 from slim.agent.plan import Directory, ObjectRef, Plan, PlanError
 from slim.agent.report_up import RUN_OPTIONS
-from slim.agent.unpack import UnsafeEntry, extract_archive
+from slim.agent.unpack import ReadAhead, UnsafeEntry, extract_archive
 from slim.agent.value import Mutable
 
 TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
@@ -547,18 +548,22 @@ def extract(relays: Relays, archive: ObjectRef, into: Path) -> int:
     argv = [UNZSTD, "-dcq", f"--sha256={archive.hex}"] if checks else ["zstd", "-dcq"]
     # (pipes of 1 MiB, not 64 KiB: each read takes a MiB of the archive where it took 64 KiB,
     # and zstd waits less for this process; the unpacking spent over a quarter of its time
-    # in reads, on the pipe's lock)
+    # in reads, on the pipe's lock.  Unbuffered ends: the fetch's pieces go into the pipe
+    # as they are, and the unpacking reads into a buffer of its own, ReadAhead's; a
+    # buffered end would copy every byte once more on its way)
     proc = subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE if checks else None,
-        bufsize=READ_BUFFER, pipesize=READ_BUFFER,
+        bufsize=0, pipesize=READ_BUFFER,
     )  # fmt: skip
     assert proc.stdin is not None and proc.stdout is not None
     failure: list[BaseException] = []
     stdin: IO[bytes] = proc.stdin
 
     def write(chunk: bytes | memoryview) -> None:
+        view = memoryview(chunk)
         try:
-            stdin.write(chunk)
+            while view:  # (a write to a pipe is whole, unless a signal cut it short)
+                view = view[stdin.write(view) :]
         except OSError as exc:
             raise _SinkError(f"zstd took no more of the archive: {exc}") from exc
 
@@ -577,9 +582,11 @@ def extract(relays: Relays, archive: ObjectRef, into: Path) -> int:
     feeder.start()
     stopped: Exception | None = None  # what stopped the unpacking (its bytes not yet known good)
     said = b""
+    assert isinstance(proc.stdout, io.FileIO)  # (bufsize=0: each fill of ReadAhead's is one read)
+    unpacked = ReadAhead(proc.stdout, READ_BUFFER)
     try:
-        extract_archive(proc.stdout, into, fresh=True)  # a staging directory of our own
-        if not _drained(proc.stdout, TRAILING_LIMIT):
+        extract_archive(unpacked, into, fresh=True)  # a staging directory of our own
+        if not _drained(unpacked, TRAILING_LIMIT):
             raise UnsafeEntry("(archive)", f"more than {TRAILING_LIMIT} bytes after its end")
     except Exception as exc:
         if not checks and not isinstance(exc, UnsafeEntry):
@@ -615,7 +622,7 @@ def extract(relays: Relays, archive: ObjectRef, into: Path) -> int:
     return archive.size
 
 
-def _drained(stream: IO[bytes], limit: int) -> bool:
+def _drained(stream: ReadAhead, limit: int) -> bool:
     """Read what is left of ``stream`` and drop it; False (and stop) past ``limit`` bytes."""
     left = limit
     while chunk := stream.read(min(READ_BUFFER, left + 1)):

@@ -45,7 +45,13 @@ from slim.agent.value import Mutable
 
 TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
 if TYPE_CHECKING:
-    from typing import IO
+    from typing import IO, Protocol, TypeAlias
+
+    Bytes: TypeAlias = "IO[bytes] | _Data"  # a file's bytes, as TreeWriter.add takes them
+
+    class ReadsInto(Protocol):  # a binary stream, raw or buffered
+        def readinto(self, buffer: memoryview, /) -> int | None: ...
+
 
 COPY_CHUNK = 1 << 20
 NAME_MAX = 255  # bytes in one path component (Linux)
@@ -123,7 +129,7 @@ class TreeWriter:
         self._dirs: list[Entry] = []
 
     # -- public ------------------------------------------------------------------
-    def add(self, entry: Entry, data: IO[bytes] | None = None, source: str | None = None) -> None:
+    def add(self, entry: Entry, data: Bytes | None = None, source: str | None = None) -> None:
         """Create one entry; a FILE's bytes come from ``data`` (exactly ``entry.size``).
         ``source``: ``data`` is a whole file of that name, made for this entry on the same
         file system, which is moved into place (given the entry's metadata, then renamed)
@@ -169,6 +175,7 @@ class TreeWriter:
         if (
             source is not None
             and data is not None
+            and not isinstance(data, _Data)  # (a whole file, not an archive's member)
             and entry.kind == FILE
             and not self.fresh
             and self._move(pfd, name, entry, data, source)
@@ -179,7 +186,7 @@ class TreeWriter:
         except FileExistsError:  # only in a fresh tree, where nothing is looked for first
             raise UnsafeEntry(entry.path, "given twice") from None
 
-    def _make(self, pfd: int, name: str, entry: Entry, data: IO[bytes] | None) -> None:
+    def _make(self, pfd: int, name: str, entry: Entry, data: Bytes | None) -> None:
         if entry.kind == FILE:
             self._file(pfd, name, entry, data)
         elif entry.kind == SYMLINK:
@@ -270,7 +277,7 @@ class TreeWriter:
             raise
         return fd
 
-    def _file(self, pfd: int, name: str, entry: Entry, data: IO[bytes] | None) -> None:
+    def _file(self, pfd: int, name: str, entry: Entry, data: Bytes | None) -> None:
         born = self._born
         # made with its mode and owner (not 0600, then fchown and fchmod) when the umask leaves
         # the mode whole, it has no setuid, setgid or sticky bit (those come after the owner:
@@ -295,10 +302,14 @@ class TreeWriter:
         finally:
             os.close(fd)
 
-    def _write_data(self, fd: int, entry: Entry, data: IO[bytes] | None) -> None:
+    def _write_data(self, fd: int, entry: Entry, data: Bytes | None) -> None:
         remaining = entry.size
         if remaining and data is None:
             raise UnsafeEntry(entry.path, "no data for a non-empty file")
+        if remaining and isinstance(data, _Data):  # an archive member's: no copy on the way
+            remaining -= data.write_to(fd)
+            if remaining:
+                raise UnsafeEntry(entry.path, f"truncated: {remaining} of {entry.size} bytes missing")
         while remaining > 0:
             assert data is not None
             chunk = data.read(min(COPY_CHUNK, remaining))
@@ -309,7 +320,7 @@ class TreeWriter:
         self.stats.bytes += entry.size
 
     def _overwrite(
-        self, pfd: int, name: str, entry: Entry, data: IO[bytes] | None, existing: os.stat_result
+        self, pfd: int, name: str, entry: Entry, data: Bytes | None, existing: os.stat_result
     ) -> bool:
         """The entry's bytes written over the regular file ``existing`` at ``name`` (its
         blocks reused: with the old bytes in the page cache, about a sixth of the time of
@@ -450,7 +461,7 @@ def _born(root_fd: int) -> tuple[int, int, int] | None:
     return os.geteuid(), gid, umask
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
@@ -570,12 +581,61 @@ _READ_BUFFER = 1 << 20
 MAX_PAX = 1 << 20  # bytes of one member's pax records (names, xattrs): ours are far smaller
 
 
+class ReadAhead:
+    """A stream read ahead into one buffer of its own: what is read comes from it, and a
+    member's bytes go from it straight to their file (:meth:`write_to`), not first into a
+    new ``bytes`` as a buffered reader's ``read`` gives them.  For the agent's pipe from
+    zstd (an unbuffered ``FileIO``: each fill is one ``read``).  It reads past what it
+    was asked for: what follows an archive's end is read from it, not from the stream."""
+
+    __slots__ = ("_at", "_end", "_readinto", "_view")
+
+    def __init__(self, stream: ReadsInto, size: int = _READ_BUFFER) -> None:
+        self._readinto = getattr(stream, "readinto1", None) or stream.readinto
+        self._view = memoryview(bytearray(size))
+        self._at = self._end = 0  # what is read and not yet taken: _view[_at:_end]
+
+    def _fill(self) -> int:
+        """Read into the buffer, all of it taken; how many bytes came (0: the stream ended)."""
+        self._at = 0
+        self._end = self._readinto(self._view) or 0
+        return self._end
+
+    def read(self, n: int) -> bytes:
+        """The stream's next ``n`` bytes (fewer where it ends)."""
+        at, end = self._at, self._end
+        if end - at >= n:
+            self._at = at + n
+            return bytes(self._view[at : at + n])
+        parts = [bytes(self._view[at:end])]
+        n -= end - at
+        while n > 0 and self._fill():
+            k = min(n, self._end)
+            parts.append(bytes(self._view[:k]))
+            self._at = k
+            n -= k
+        return b"".join(parts)
+
+    def write_to(self, fd: int, n: int) -> int:
+        """Write the stream's next ``n`` bytes to ``fd``; how many there were (fewer where
+        it ends)."""
+        done = 0
+        while done < n:
+            if self._at == self._end and not self._fill():
+                break
+            k = min(self._end - self._at, n - done)
+            _write_all(fd, self._view[self._at : self._at + k])
+            self._at += k
+            done += k
+        return done
+
+
 class _Data:
     """One member's bytes, read from the archive as the writer asks for them."""
 
     __slots__ = ("f", "left")
 
-    def __init__(self, f: IO[bytes], size: int) -> None:
+    def __init__(self, f: IO[bytes] | ReadAhead, size: int) -> None:
         self.f = f
         self.left = size
 
@@ -584,6 +644,17 @@ class _Data:
         data = self.f.read(n) if n else b""
         self.left -= len(data)
         return data
+
+    def write_to(self, fd: int) -> int:
+        """Write the rest of the member's bytes to ``fd``; how many there were (fewer: the
+        archive ended)."""
+        f, before = self.f, self.left
+        if isinstance(f, ReadAhead):
+            self.left -= f.write_to(fd, self.left)
+        else:
+            while self.left and (chunk := self.read(COPY_CHUNK)):
+                _write_all(fd, chunk)
+        return before - self.left
 
 
 def _number(field: bytes, what: str) -> int:
@@ -636,7 +707,7 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def read_archive(stream: IO[bytes]) -> Iterator[tuple[Entry, _Data | None]]:
+def read_archive(stream: IO[bytes] | ReadAhead) -> Iterator[tuple[Entry, _Data | None]]:
     """The members of a SLIM copy-set archive, uncompressed, as :func:`entry_from_member`
     makes them: a pax tar as slim.core.build.copyset writes it (ustar headers, each
     member's pax records in an ``x`` header before it).  Each FILE comes with its bytes,
@@ -726,7 +797,7 @@ def _pax_int(pax: dict[str, bytes], key: str, default: int) -> int:
 
 
 def extract_archive(
-    stream: IO[bytes],
+    stream: IO[bytes] | ReadAhead,
     root: str | Path,
     *,
     owners: bool | None = None,
@@ -738,7 +809,7 @@ def extract_archive(
     empty directory of the caller's, as :class:`TreeWriter` says)."""
     with TreeWriter(root, owners=owners, devices=devices, fresh=fresh) as writer:
         for entry, data in read_archive(stream):
-            writer.add(entry, data)  # type: ignore[arg-type]
+            writer.add(entry, data)
         writer.finish()
         return writer.stats
 

@@ -30,7 +30,7 @@ from slim.agent import manifest as mf
 from slim.agent import secrets as node_secrets
 from slim.agent.plan import BootArgs, PlanError, parse_plan
 from slim.agent.tree import scan
-from slim.agent.unpack import UnsafeEntry, extract_archive
+from slim.agent.unpack import ReadAhead, UnsafeEntry, extract_archive
 from slim.core.build.tarimport import extract_tar
 from slim.core.control.auth import bearer, parse_token
 from slim.core.registry import load_registry_text
@@ -207,8 +207,9 @@ def check_tar(data: bytes) -> None:
 
 
 def check_archive(data: bytes) -> None:
-    """The agent's fast reader of SLIM's own archives: nothing outside ``root``, as for
-    check_tar; and what it unpacks, tarfile's extract_tar unpacks the same."""
+    """The agent's fast reader of SLIM's own archives, through a ReadAhead as the agent
+    reads zstd's pipe (a small buffer: members cross its ends): nothing outside ``root``,
+    as for check_tar; and what it unpacks, tarfile's extract_tar unpacks the same."""
     with tempfile.TemporaryDirectory(prefix="slim-fuzz-archive-") as tmp:
         outer = Path(tmp)
         root, other = outer / "root", outer / "other"
@@ -216,7 +217,7 @@ def check_archive(data: bytes) -> None:
         other.mkdir()
         (outer / "sentinel").write_bytes(b"untouched")
         try:
-            extract_archive(io.BytesIO(data), root, fresh=True)
+            extract_archive(ReadAhead(io.BytesIO(data), 4096), root, fresh=True)
         finally:
             assert sorted(p.name for p in outer.iterdir()) == ["other", "root", "sentinel"]
             assert (outer / "sentinel").read_bytes() == b"untouched"

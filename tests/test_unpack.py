@@ -17,7 +17,7 @@ import pytest
 
 from slim.agent import unpack
 from slim.agent.tree import FILE, Entry, scan
-from slim.agent.unpack import TreeWriter, UnsafeEntry, copy_tree, extract_archive, read_archive
+from slim.agent.unpack import ReadAhead, TreeWriter, UnsafeEntry, copy_tree, extract_archive, read_archive
 from slim.core.build import copyset
 from slim.core.build.tarimport import extract_tar
 from tests.support import need
@@ -278,6 +278,54 @@ def test_our_archives_unpack_the_same_with_the_agents_own_reader(tmp_path: Path)
     (tmp_path / "twice").mkdir()
     with pytest.raises(UnsafeEntry, match="given twice"):
         extract_archive(twice, tmp_path / "twice", fresh=True)
+
+
+class _Trickle(io.RawIOBase):
+    """A pipe's reads: at most ``most`` bytes each, whatever was asked for."""
+
+    def __init__(self, data: bytes, most: int) -> None:
+        self.data, self.most, self.at = data, most, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(b), self.most, len(self.data) - self.at)
+        b[:n] = self.data[self.at : self.at + n]
+        self.at += n
+        return n
+
+
+@pytest.mark.parametrize(("size", "most"), [(512, 512), (1000, 77), (4096, 1 << 20), (1 << 20, 700)])
+def test_the_read_ahead_unpacks_what_the_plain_reader_does_and_leaves_what_follows(
+    tmp_path: Path, size: int, most: int
+) -> None:
+    """Through ReadAhead (the agent's pipe from zstd: members' bytes written from its
+    buffer), with buffers and reads of any size against headers, records and files, an
+    archive unpacks as it does from a plain stream; what follows its end is still read
+    from the reader; cut inside a file, it is refused as truncated."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _special_tree(src)
+    (src / "big").write_bytes(bytes(range(256)) * 5000)  # over several buffers and reads
+    buf = io.BytesIO()
+    copyset.write_archive(src, scan(src), buf)
+    import zstandard
+
+    raw = zstandard.ZstdDecompressor().decompressobj().decompress(buf.getvalue())
+    for d in ("plain", "ahead", "cut"):
+        (tmp_path / d).mkdir()
+    plain = io.BytesIO(raw)
+    extract_archive(plain, tmp_path / "plain", fresh=True)
+    end = plain.tell()
+    ahead = ReadAhead(_Trickle(raw + b"after", most), size)
+    extract_archive(ahead, tmp_path / "ahead", fresh=True)
+    assert _entries(tmp_path / "ahead") == _entries(tmp_path / "plain") == _entries(src)
+    assert ahead.read(len(raw)) == raw[end:] + b"after"
+    assert ahead.read(1) == b""
+    cut = raw.index(bytes(range(256)) * 4) + 3000  # inside big's bytes
+    with pytest.raises(UnsafeEntry, match="'big': truncated"):
+        extract_archive(ReadAhead(_Trickle(raw[:cut], most), size), tmp_path / "cut", fresh=True)
 
 
 def test_our_archive_cut_anywhere_is_refused_as_truncated(tmp_path: Path) -> None:
