@@ -555,7 +555,8 @@ def extract(relays: Relays, archive: ObjectRef, into: Path) -> int:
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE if checks else None,
         bufsize=0, pipesize=READ_BUFFER,
     )  # fmt: skip
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None and isinstance(proc.stdout, io.FileIO)  # (bufsize=0: unbuffered)
+    unpacked = ReadAhead(proc.stdout, READ_BUFFER)  # (each fill of its buffer is one read)
     failure: list[BaseException] = []
     stdin: IO[bytes] = proc.stdin
 
@@ -582,8 +583,6 @@ def extract(relays: Relays, archive: ObjectRef, into: Path) -> int:
     feeder.start()
     stopped: Exception | None = None  # what stopped the unpacking (its bytes not yet known good)
     said = b""
-    assert isinstance(proc.stdout, io.FileIO)  # (bufsize=0: each fill of ReadAhead's is one read)
-    unpacked = ReadAhead(proc.stdout, READ_BUFFER)
     try:
         extract_archive(unpacked, into, fresh=True)  # a staging directory of our own
         if not _drained(unpacked, TRAILING_LIMIT):

@@ -307,7 +307,7 @@ class TreeWriter:
         if remaining and data is None:
             raise UnsafeEntry(entry.path, "no data for a non-empty file")
         if remaining and isinstance(data, _Data):  # an archive member's: no copy on the way
-            remaining -= data.write_to(fd)
+            remaining -= data.write_to(fd, remaining)
             if remaining:
                 raise UnsafeEntry(entry.path, f"truncated: {remaining} of {entry.size} bytes missing")
         while remaining > 0:
@@ -598,11 +598,16 @@ class ReadAhead:
     def _fill(self) -> int:
         """Read into the buffer, all of it taken; how many bytes came (0: the stream ended)."""
         self._at = 0
-        self._end = self._readinto(self._view) or 0
-        return self._end
+        n = self._readinto(self._view)
+        if n is None:  # (only a non-blocking stream says so: this reader waits on its reads)
+            raise BlockingIOError("ReadAhead reads a blocking stream, and this one had nothing")
+        self._end = n
+        return n
 
     def read(self, n: int) -> bytes:
         """The stream's next ``n`` bytes (fewer where it ends)."""
+        if n < 0:
+            raise ValueError("ReadAhead reads a number of bytes, not to the stream's end")
         at, end = self._at, self._end
         if end - at >= n:
             self._at = at + n
@@ -645,16 +650,19 @@ class _Data:
         self.left -= len(data)
         return data
 
-    def write_to(self, fd: int) -> int:
-        """Write the rest of the member's bytes to ``fd``; how many there were (fewer: the
+    def write_to(self, fd: int, most: int) -> int:
+        """Write the member's next bytes, ``most`` at most, to ``fd``; how many (fewer: the
         archive ended)."""
-        f, before = self.f, self.left
+        f, n = self.f, min(most, self.left)
         if isinstance(f, ReadAhead):
-            self.left -= f.write_to(fd, self.left)
-        else:
-            while self.left and (chunk := self.read(COPY_CHUNK)):
-                _write_all(fd, chunk)
-        return before - self.left
+            done = f.write_to(fd, n)
+            self.left -= done
+            return done
+        done = 0
+        while done < n and (chunk := self.read(min(COPY_CHUNK, n - done))):
+            _write_all(fd, chunk)
+            done += len(chunk)
+        return done
 
 
 def _number(field: bytes, what: str) -> int:
