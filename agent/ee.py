@@ -568,9 +568,15 @@ def extract(relays: Relays, archive: ObjectRef, into: Path) -> int:
         except OSError as exc:
             raise _SinkError(f"zstd took no more of the archive: {exc}") from exc
 
+    def take(fd: int, most: int) -> int:  # (from the relay's socket, into the pipe: no copy here)
+        try:
+            return os.splice(fd, stdin.fileno(), most)
+        except BrokenPipeError as exc:  # (the socket's own errors are the relay's)
+            raise _SinkError(f"zstd took no more of the archive: {exc}") from exc
+
     def feed() -> None:
         try:
-            relays.stream(archive, write, verify=not checks)
+            relays.stream(archive, write, verify=not checks, splice=take)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             failure.append(exc)
         finally:

@@ -47,6 +47,7 @@ import hashlib
 import http.client
 import json
 import random
+import select
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -370,13 +371,24 @@ class Relays:
                 attempts.failed(url, f"{resp.status}: {message}")
 
     # -- objects ------------------------------------------------------------
-    def stream(self, ref: ObjectRef, write: Callable[[Chunk], object], verify: bool = True) -> str:
+    def stream(
+        self,
+        ref: ObjectRef,
+        write: Callable[[Chunk], object],
+        verify: bool = True,
+        splice: Callable[[int, int], int] | None = None,
+    ) -> str:
         """Send the object's bytes to ``write`` in order, resuming across relays (each piece
         is valid only during the call: a buffer read into again, not a copy of it);
         return the relay that sent the last byte (:data:`LOCAL`: the local cache had it).
         DigestMismatch if the bytes are wrong.  ``verify`` False: the caller checks their
         digest itself (the initrd's zstd does, slim.agent.ee), except that bytes the local
-        cache keeps are checked here all the same."""
+        cache keeps are checked here all the same.  ``splice``: the sink can also take
+        bytes from a file descriptor itself, ``splice(fd, most)`` → how many it took
+        (``os.splice`` into a pipe: they never enter this process; BlockingIOError when
+        the descriptor has none yet); used where nothing here looks at the bytes (not
+        checked here, not kept by the local cache) and the relay's answer is plain HTTP
+        of a known length."""
         try:
             if self.local is not None and self.local.read(ref.hex, ref.size, write):
                 return LOCAL
@@ -385,7 +397,10 @@ class Relays:
         staged = self.local.writer() if self.local is not None else None
         try:
             url = self._stream(
-                ref, write if staged is None else _tee(write, staged.write), verify or staged is not None
+                ref,
+                write if staged is None else _tee(write, staged.write),
+                verify or staged is not None,
+                splice if staged is None else None,
             )
         except BaseException:
             if staged is not None:
@@ -395,7 +410,13 @@ class Relays:
             staged.keep(ref.hex)
         return url
 
-    def _stream(self, ref: ObjectRef, write: Callable[[Chunk], object], verify: bool = True) -> str:
+    def _stream(
+        self,
+        ref: ObjectRef,
+        write: Callable[[Chunk], object],
+        verify: bool = True,
+        splice: Callable[[int, int], int] | None = None,
+    ) -> str:
         h = hashlib.sha256() if verify else None
         got = 0
         # one buffer read into, again and again: read(n) would allocate n zeroed bytes for
@@ -426,17 +447,45 @@ class Relays:
                     continue
                 if got:
                     self.stats.resumed += 1
-                while True:
-                    n = resp.readinto(buffer[: min(len(buffer), ref.size - got) or 1])
-                    if not n:
-                        break
-                    chunk = buffer[:n]
-                    got += n
-                    if got > ref.size:
-                        raise DigestMismatch(f"{url} sent more than the {ref.size} bytes of {ref.digest}")
-                    if h is not None:
-                        h.update(chunk)
-                    write(chunk)
+                if (
+                    splice is not None
+                    and h is None
+                    and type(conn) is http.client.HTTPConnection  # (not TLS: its bytes are not the socket's)
+                    and conn.sock is not None
+                    and not resp.chunked
+                    and resp.length == ref.size - got
+                ):
+                    # what the answer's reader holds already (or one read) through write,
+                    # the rest taken from the socket by the sink (got kept, for a resume)
+                    if head := resp.read1(min(ref.size - got, PIPELINE_HEAD)):
+                        write(head)
+                        got += len(head)
+                    fd, quiet = conn.sock.fileno(), conn.sock.gettimeout()
+                    readable = select.poll()
+                    readable.register(fd, select.POLLIN)
+                    while got < ref.size:
+                        try:
+                            n = splice(fd, ref.size - got)
+                        except BlockingIOError:  # (a socket with a timeout does not block)
+                            if not readable.poll(None if quiet is None else 1000 * quiet):
+                                raise TimeoutError(f"nothing came for {quiet} s") from None
+                            continue
+                        if not n:
+                            break
+                        got += n
+                    resp.close()  # (all its bytes taken: the connection may serve the next request)
+                else:
+                    while True:
+                        n = resp.readinto(buffer[: min(len(buffer), ref.size - got) or 1])
+                        if not n:
+                            break
+                        chunk = buffer[:n]
+                        got += n
+                        if got > ref.size:
+                            raise DigestMismatch(f"{url} sent more than the {ref.size} bytes of {ref.digest}")
+                        if h is not None:
+                            h.update(chunk)
+                        write(chunk)
                 if got < ref.size:
                     raise http.client.IncompleteRead(b"", ref.size - got)
             except (OSError, http.client.HTTPException) as exc:

@@ -252,6 +252,91 @@ async def test_all_down_says_what_each_answered() -> None:
     assert len(broken.requests) == 2 and relays.stats.waited == 0
 
 
+class _Refused(Exception):
+    """The sink's own failure (as ee's is: zstd took no more)."""
+
+
+def into_pipe(
+    relays: Relays, verify: bool, close_reader_after: int | None = None, times: int = 1
+) -> tuple[bytes, int, int]:
+    """Stream REF ``times`` into a pipe through a sink that also splices (as the agent's
+    unpacking does, into zstd's stdin): (what came out of the pipe, bytes spliced, calls
+    to write).  ``close_reader_after``: the reader closes its end after that many bytes."""
+    r, w = os.pipe()
+    out = bytearray()
+    spliced, writes = [0], [0]
+
+    def read() -> None:
+        while chunk := os.read(r, 1 << 16):
+            out.extend(chunk)
+            if close_reader_after is not None and len(out) >= close_reader_after:
+                break
+        os.close(r)
+
+    def write(chunk: bytes | memoryview) -> None:
+        writes[0] += 1
+        os.write(w, chunk)
+
+    def take(fd: int, most: int) -> int:
+        try:
+            n = os.splice(fd, w, most)
+        except BrokenPipeError as exc:
+            raise _Refused(str(exc)) from exc
+        spliced[0] += n
+        return n
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(times):
+            relays.stream(REF, write, verify=verify, splice=take)
+    finally:
+        os.close(w)
+        reader.join(timeout=30)
+        relays.close()
+    return bytes(out), spliced[0], writes[0]
+
+
+async def in_pipe(
+    relays: Relays, verify: bool, close_reader_after: int | None = None, times: int = 1
+) -> tuple[bytes, int, int]:
+    return await asyncio.get_running_loop().run_in_executor(
+        None, into_pipe, relays, verify, close_reader_after, times
+    )
+
+
+async def test_a_sink_that_splices_takes_the_socket_s_bytes_and_a_cut_resumes_where_it_stopped() -> None:
+    """Where nothing here checks the bytes (verify False, no local cache), a plain HTTP
+    answer's bytes go from the socket to the sink's pipe by os.splice; cut halfway, the
+    rest comes by Range from where the pipe's bytes stopped; with verify, nothing is
+    spliced (the bytes are hashed here)."""
+    async with scripted("cut") as relay:
+        relays = Relays([relay.url], rounds=2)
+        got, spliced, writes = await in_pipe(relays, False)
+    half = len(DATA) // 2
+    assert got == DATA and relays.stats.resumed == 1
+    assert relay.requests == ["", f"bytes={half}-"]
+    assert spliced > len(DATA) // 2 and writes <= 2  # (what each answer's reader held already)
+    async with scripted() as relay:  # (twice on one connection: the spliced answer is closed)
+        relays = Relays([relay.url])
+        got, spliced, _ = await in_pipe(relays, False, times=2)
+    assert got == DATA * 2 and spliced > len(DATA) and not relays.stats.relay_failures
+    async with scripted() as relay:
+        relays = Relays([relay.url])
+        got, spliced, writes = await in_pipe(relays, True)
+    assert got == DATA and spliced == 0 and writes > 1
+
+
+async def test_a_sink_that_fails_while_splicing_is_not_the_relay_s_failure() -> None:
+    """The pipe's reader gone (zstd died), the sink's error comes out as it is, and no
+    other relay or Range is tried for it."""
+    async with scripted() as relay, scripted() as other:
+        relays = Relays([relay.url, other.url])
+        with pytest.raises(_Refused):
+            await in_pipe(relays, False, 1 << 20)
+    assert len(relay.requests) + len(other.requests) == 1 and not relays.stats.relay_failures
+
+
 # -- a storm against one relay ---------------------------------------------------------
 STORM_AGENTS = 200
 STORM_SIZE = 8 * MiB
