@@ -715,12 +715,16 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def read_archive(stream: IO[bytes] | ReadAhead) -> Iterator[tuple[Entry, _Data | None]]:
+def read_archive(
+    stream: IO[bytes] | ReadAhead, *, checksums: bool = True
+) -> Iterator[tuple[Entry, _Data | None]]:
     """The members of a SLIM copy-set archive, uncompressed, as :func:`entry_from_member`
     makes them: a pax tar as slim.core.build.copyset writes it (ustar headers, each
     member's pax records in an ``x`` header before it).  Each FILE comes with its bytes,
     to be read before the next member; anything else a tar may hold (GNU long names,
-    global or sparse headers) is refused as not one of ours."""
+    global or sparse headers) is refused as not one of ours.  ``checksums`` False: the
+    headers' checksums are not checked, for a caller that checks the whole archive's
+    digest (a wrong byte anywhere is found there; every other check is made all the same)."""
     read = stream.read
     pax: dict[str, bytes] = {}
     h = read(_BLOCK)
@@ -733,7 +737,7 @@ def read_archive(stream: IO[bytes] | ReadAhead) -> Iterator[tuple[Entry, _Data |
             return
         if h[257:262] != b"ustar":
             raise UnsafeEntry("(archive)", "not a ustar/pax header")
-        if _number(h[148:156], "checksum") != sum(h) - sum(h[148:156]) + 8 * 32:
+        if checksums and _number(h[148:156], "checksum") != sum(h) - sum(h[148:156]) + 8 * 32:
             raise UnsafeEntry("(archive)", "a header's checksum does not match")
         flag = h[156:157]
         size = _number(h[124:136], "size")
@@ -811,12 +815,13 @@ def extract_archive(
     owners: bool | None = None,
     devices: bool | None = None,
     fresh: bool = False,
+    checksums: bool = True,
 ) -> WriteStats:
-    """Unpack a SLIM copy-set archive (uncompressed: :func:`read_archive`) under ``root``,
-    safely, as :func:`extract_tar` would, several times faster (``fresh``: ``root`` is an
-    empty directory of the caller's, as :class:`TreeWriter` says)."""
+    """Unpack a SLIM copy-set archive (uncompressed: :func:`read_archive`, ``checksums``
+    as it says) under ``root``, safely, as :func:`extract_tar` would, several times faster
+    (``fresh``: ``root`` is an empty directory of the caller's, as :class:`TreeWriter` says)."""
     with TreeWriter(root, owners=owners, devices=devices, fresh=fresh) as writer:
-        for entry, data in read_archive(stream):
+        for entry, data in read_archive(stream, checksums=checksums):
             writer.add(entry, data)
         writer.finish()
         return writer.stats
