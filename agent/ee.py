@@ -590,9 +590,10 @@ def extract(relays: Relays, archive: ObjectRef, into: Path) -> int:
     stopped: Exception | None = None  # what stopped the unpacking (its bytes not yet known good)
     said = b""
     try:
-        # (a staging directory of our own; no header checksums: the whole archive's digest
-        # is checked, by the initrd's zstd or by the fetch, before the tree is used)
-        extract_archive(unpacked, into, fresh=True, checksums=False)
+        # (a staging directory of our own; the headers' checksums are not checked where the
+        # initrd's zstd checks the archive's digest: it hashes all of it even when the
+        # unpacking stops first, so a damaged archive is said to be one)
+        extract_archive(unpacked, into, fresh=True, checksums=not checks)
         if not _drained(unpacked, TRAILING_LIMIT):
             raise UnsafeEntry("(archive)", f"more than {TRAILING_LIMIT} bytes after its end")
     except Exception as exc:

@@ -385,10 +385,10 @@ class Relays:
         digest itself (the initrd's zstd does, slim.agent.ee), except that bytes the local
         cache keeps are checked here all the same.  ``splice``: the sink can also take
         bytes from a file descriptor itself, ``splice(fd, most)`` → how many it took
-        (``os.splice`` into a pipe: they never enter this process; BlockingIOError when
-        the descriptor has none yet); used where nothing here looks at the bytes (not
-        checked here, not kept by the local cache) and the relay's answer is plain HTTP
-        of a known length."""
+        (``os.splice`` into a pipe: they never enter this process; BlockingIOError only
+        when the descriptor has none yet: its own side blocks); used where nothing here
+        looks at the bytes (not checked here, not kept by the local cache) and the relay's
+        answer is plain HTTP of a known length, on a socket with a timeout."""
         try:
             if self.local is not None and self.local.read(ref.hex, ref.size, write):
                 return LOCAL
@@ -452,12 +452,13 @@ class Relays:
                     and h is None
                     and type(conn) is http.client.HTTPConnection  # (not TLS: its bytes are not the socket's)
                     and conn.sock is not None
+                    and conn.sock.gettimeout() is not None  # (a blocking socket would stall the pipe)
                     and not resp.chunked
                     and resp.length == ref.size - got
                 ):
                     # what the answer's reader holds already (or one read) through write,
                     # the rest taken from the socket by the sink (got kept, for a resume)
-                    if head := resp.read1(min(ref.size - got, PIPELINE_HEAD)):
+                    if head := resp.read1(min(ref.size - got, CHUNK)):  # (all its reader holds)
                         write(head)
                         got += len(head)
                     fd, quiet = conn.sock.fileno(), conn.sock.gettimeout()
