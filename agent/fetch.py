@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 
 CHUNK = 1 << 20
 Chunk = bytes | memoryview  # a piece of an object, as a stream's sink is given it
+Sink = Callable[[Chunk], object]  # where a stream's pieces go
+Splicer = Callable[[int, int], int]  # a sink's taking from a descriptor: (fd, most) → how many
 MAX_RETRY_AFTER = 60.0  # a relay that asks for longer is asked again after this
 BACKOFF_FIRST = 0.5  # a 503 without Retry-After: 0.5, 1, 2, ... seconds
 BACKOFF_MAX = 30.0
@@ -371,13 +373,7 @@ class Relays:
                 attempts.failed(url, f"{resp.status}: {message}")
 
     # -- objects ------------------------------------------------------------
-    def stream(
-        self,
-        ref: ObjectRef,
-        write: Callable[[Chunk], object],
-        verify: bool = True,
-        splice: Callable[[int, int], int] | None = None,
-    ) -> str:
+    def stream(self, ref: ObjectRef, write: Sink, verify: bool = True, splice: Splicer | None = None) -> str:
         """Send the object's bytes to ``write`` in order, resuming across relays (each piece
         is valid only during the call: a buffer read into again, not a copy of it);
         return the relay that sent the last byte (:data:`LOCAL`: the local cache had it).
@@ -410,13 +406,7 @@ class Relays:
             staged.keep(ref.hex)
         return url
 
-    def _stream(
-        self,
-        ref: ObjectRef,
-        write: Callable[[Chunk], object],
-        verify: bool = True,
-        splice: Callable[[int, int], int] | None = None,
-    ) -> str:
+    def _stream(self, ref: ObjectRef, write: Sink, verify: bool = True, splice: Splicer | None = None) -> str:
         h = hashlib.sha256() if verify else None
         got = 0
         # one buffer read into, again and again: read(n) would allocate n zeroed bytes for
