@@ -442,7 +442,7 @@ class Relays:
                     and h is None
                     and type(conn) is http.client.HTTPConnection  # (not TLS: its bytes are not the socket's)
                     and conn.sock is not None
-                    and conn.sock.gettimeout() is not None  # (a blocking socket would stall the pipe)
+                    and (quiet := conn.sock.gettimeout()) is not None  # (a blocking one would stall the pipe)
                     and not resp.chunked
                     and resp.length == ref.size - got
                 ):
@@ -451,14 +451,14 @@ class Relays:
                     if head := resp.read1(min(ref.size - got, CHUNK)):  # (all its reader holds)
                         write(head)
                         got += len(head)
-                    fd, quiet = conn.sock.fileno(), conn.sock.gettimeout()
+                    fd = conn.sock.fileno()
                     readable = select.poll()
                     readable.register(fd, select.POLLIN)
                     while got < ref.size:
                         try:
                             n = splice(fd, ref.size - got)
                         except BlockingIOError:  # (a socket with a timeout does not block)
-                            if not readable.poll(None if quiet is None else 1000 * quiet):
+                            if not readable.poll(1000 * quiet):
                                 raise TimeoutError(f"nothing came for {quiet} s") from None
                             continue
                         if not n:

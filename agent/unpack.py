@@ -306,7 +306,7 @@ class TreeWriter:
         remaining = entry.size
         if remaining and data is None:
             raise UnsafeEntry(entry.path, "no data for a non-empty file")
-        if remaining and isinstance(data, _Data):  # an archive member's: no copy on the way
+        if remaining and isinstance(data, _Data) and isinstance(data.f, ReadAhead):  # no copy on the way
             remaining -= data.write_to(fd, remaining)
             if remaining:
                 raise UnsafeEntry(entry.path, f"truncated: {remaining} of {entry.size} bytes missing")
@@ -651,17 +651,12 @@ class _Data:
         return data
 
     def write_to(self, fd: int, most: int) -> int:
-        """Write the member's next bytes, ``most`` at most, to ``fd``; how many (fewer: the
-        archive ended)."""
-        f, n = self.f, min(most, self.left)
-        if isinstance(f, ReadAhead):
-            done = f.write_to(fd, n)
-            self.left -= done
-            return done
-        done = 0
-        while done < n and (chunk := self.read(min(COPY_CHUNK, n - done))):
-            _write_all(fd, chunk)
-            done += len(chunk)
+        """Write the member's next bytes, ``most`` at most, to ``fd`` from its ReadAhead's
+        buffer; how many (fewer: the archive ended).  (From another stream, the writer
+        reads them: TreeWriter._write_data.)"""
+        assert isinstance(self.f, ReadAhead)
+        done = self.f.write_to(fd, min(most, self.left))
+        self.left -= done
         return done
 
 
