@@ -27,12 +27,14 @@ the new root, where the EE can read it (in no-reboot mode beside the target:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,15 +45,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from slim.agent import sync
-from slim.agent.fetch import DigestMismatch, FetchError, Relays, now
+from slim.agent.fetch import DigestMismatch, FetchError, Relays, Within, now
 from slim.agent.plan import Directory, ObjectRef, Plan, PlanError
 from slim.agent.report_up import RUN_OPTIONS
-from slim.agent.unpack import ReadAhead, UnsafeEntry, extract_archive
+from slim.agent.tree import Entry
+from slim.agent.unpack import ReadAhead, TreeWriter, UnsafeEntry, extract_archive, read_archive
 from slim.agent.value import Mutable
 
 TYPE_CHECKING = False  # typing is not imported at run time (the agent's start-up: slim.agent)
 if TYPE_CHECKING:
-    from typing import IO
+    from typing import IO, Any
 
 NFS_PORT = 2049
 NFS_PROBE_SECONDS = 3.0  # a server that does not take a TCP connection by then is passed over
@@ -456,7 +459,7 @@ class Builder:
         dest.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".slim-staging-", dir=dest))
         try:
-            fetched = extract(self.relays, archive, staging)
+            fetched = extract(self.relays, archive, staging, d.parts)
             _move_into(staging, dest, "", set(self._nested(d)), skip=staging.name)
             return Result(bytes=fetched, files=d.files)
         finally:
@@ -537,13 +540,32 @@ class _SinkError(Exception):
     another relay for it)."""
 
 
-def extract(relays: Relays, archive: ObjectRef, into: Path) -> int:
+def extract(relays: Relays, archive: ObjectRef, into: Path, parts: tuple[ObjectRef, ...] = ()) -> int:
     """Stream an archive from ``relays`` through zstd into ``into`` (a directory of the
     caller's, deleted when this raises); the fetched byte count.  The initrd's zstd
     (:data:`UNZSTD`) checks the archive's digest, and the fetch only where a local cache
     keeps the bytes too; with any other zstd, the fetch checks it.  When the unpacking
     stops first (a member refused, a full disk), the initrd's zstd still hashes the rest
-    (decoding no more), so that bytes which are not the archive are reported as such."""
+    (decoding no more), so that bytes which are not the archive are reported as such.
+    ``parts``: the archive's (:attr:`Directory.parts`); with more than one and more than one
+    CPU, they are unpacked side by side (:func:`_extract_parts`)."""
+    unpackers = _unpackers(relays, parts)
+    if unpackers > 1:
+        return _extract_parts(relays, archive, parts, into, unpackers)
+    _stream_into(relays, archive, lambda unpacked, checksums: _unpack_whole(unpacked, into, checksums))
+    return archive.size
+
+
+def _unpack_whole(unpacked: ReadAhead, into: Path, checksums: bool) -> None:
+    extract_archive(unpacked, into, fresh=True, checksums=checksums)
+
+
+Consume = Callable[[ReadAhead, bool], object]  # unpacks a stream: (zstd's output, check checksums?)
+
+
+def _stream_into(relays: Relays, archive: ObjectRef, consume: Consume, within: Within = None) -> None:
+    """Stream ``archive`` (or a range of another object: ``within``, as Relays.stream takes
+    it) through zstd into ``consume`` (:func:`extract`)."""
     checks = os.access(UNZSTD, os.X_OK)
     argv = [UNZSTD, "-dcq", f"--sha256={archive.hex}"] if checks else ["zstd", "-dcq"]
     # (pipes of 1 MiB, not 64 KiB: each read takes a MiB of the archive where it took 64 KiB,
@@ -576,7 +598,7 @@ def extract(relays: Relays, archive: ObjectRef, into: Path) -> int:
 
     def feed() -> None:
         try:
-            relays.stream(archive, write, verify=not checks, splice=take)
+            relays.stream(archive, write, verify=not checks, splice=take, within=within)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             failure.append(exc)
         finally:
@@ -593,7 +615,7 @@ def extract(relays: Relays, archive: ObjectRef, into: Path) -> int:
         # (a staging directory of our own; the headers' checksums are not checked where the
         # initrd's zstd checks the archive's digest: it hashes all of it even when the
         # unpacking stops first, so a damaged archive is said to be one)
-        extract_archive(unpacked, into, fresh=True, checksums=not checks)
+        consume(unpacked, not checks)
         if not _drained(unpacked, TRAILING_LIMIT):
             raise UnsafeEntry("(archive)", f"more than {TRAILING_LIMIT} bytes after its end")
     except Exception as exc:
@@ -627,7 +649,221 @@ def extract(relays: Relays, archive: ObjectRef, into: Path) -> int:
         raise stopped
     if code != 0 or failure:
         raise FetchError(f"{archive.digest}: zstd stopped (exit {code}): {failure[0] if failure else why}")
+
+
+MAX_UNPACKERS = 4  # processes that unpack an archive's parts side by side, at most
+
+
+def _unpackers(relays: Relays, parts: tuple[ObjectRef, ...]) -> int:
+    """How many processes unpack an archive of ``parts``: one per CPU this process may run
+    on, up to :data:`MAX_UNPACKERS` and the parts' number; one where a local cache keeps
+    the archive (it keeps whole objects: the archive is streamed from it whole)."""
+    if len(parts) < 2 or relays.local is not None:
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except OSError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(len(parts), cpus, MAX_UNPACKERS))
+
+
+def _extract_parts(
+    relays: Relays, archive: ObjectRef, parts: tuple[ObjectRef, ...], into: Path, unpackers: int
+) -> int:
+    """:func:`extract`, with ``unpackers`` processes: this one and children it forks, each
+    fetching its share of the parts (every ``unpackers``-th, by ``Range``) through a zstd of
+    its own, which checks the part's digest, and unpacking them into ``into`` (a shared
+    :class:`TreeWriter`).  The children send back the directories whose metadata is left to
+    set and the hard links left to make (their targets may be in other parts): this process
+    sets and makes them once every part is unpacked.  The first failure stops the others
+    (killed, with their zstd); its error is raised as the child raised it."""
+    at, placed = 0, []
+    for part in parts:
+        placed.append((part, at))
+        at += part.size
+    children: list[_Child] = []
+    writer = TreeWriter(into, fresh=True, shared=True)
+    try:
+        for k in range(1, unpackers):
+            children.append(_Child.fork(relays, archive, placed[k::unpackers], writer))
+        for part, offset in placed[::unpackers]:
+            _unpack_part(relays, archive, part, offset, writer)
+            if any(c.failed() for c in children):
+                break
+        dirs, links = writer.pending()
+        children.sort(key=lambda c: not c.failed())  # (a failure first: the others are not waited for)
+        for child in children:
+            child_dirs, child_links = child.result(relays)
+            dirs += child_dirs
+            links += child_links
+        writer.adopt(dirs)
+        writer.later = None  # (hard links are made now: every target is there)
+        for link in links:
+            writer.add(link)
+        writer.finish()
+    finally:
+        for child in children:
+            child.stop()
+        writer.close()
     return archive.size
+
+
+def _unpack_part(
+    relays: Relays, archive: ObjectRef, part: ObjectRef, offset: int, writer: TreeWriter
+) -> None:
+    def consume(unpacked: ReadAhead, checksums: bool) -> None:
+        for entry, data in read_archive(unpacked, checksums=checksums, part=True):
+            writer.add(entry, data)
+
+    _stream_into(relays, part, consume, within=(archive, offset))
+
+
+class _Child:
+    """A forked process unpacking a share of an archive's parts (:func:`_extract_parts`),
+    and the pipe it answers on: one JSON document, what is left to do or its failure."""
+
+    def __init__(self, pid: int, answers: int) -> None:
+        self.pid = pid
+        self.answers = answers  # read end of its pipe (-1: closed)
+        self.status: int | None = None  # its exit status, once reaped
+
+    @classmethod
+    def fork(
+        cls, relays: Relays, archive: ObjectRef, share: list[tuple[ObjectRef, int]], writer: TreeWriter
+    ) -> _Child:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # (the child: never returns)
+            os.close(r)
+            _child_main(relays, archive, share, writer.root, w)
+        os.close(w)
+        with contextlib.suppress(OSError):  # (it may have exited already)
+            os.setpgid(pid, pid)  # (and in the child: its zstd is killed with it, whoever is first)
+        return cls(pid, r)
+
+    def failed(self) -> bool:
+        """Whether it has ended, and not well (not waited for)."""
+        if self.status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = status
+        return self.status is not None and self.status != 0
+
+    def result(self, relays: Relays) -> tuple[list[Entry], list[Entry]]:
+        """Its directories and hard links (waiting for it); its failure raised."""
+        chunks = []
+        while chunk := os.read(self.answers, 1 << 16):
+            chunks.append(chunk)
+        os.close(self.answers)
+        self.answers = -1
+        if self.status is None:
+            self.status = os.waitpid(self.pid, 0)[1]
+        try:
+            doc = json.loads(b"".join(chunks))
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise FetchError(f"an unpacking process ended without an answer (wait status {self.status})")
+        fetched = doc.get("fetched", {})
+        relays.stats.objects += fetched.get("objects", 0)
+        relays.stats.bytes += fetched.get("bytes", 0)
+        relays.stats.resumed += fetched.get("resumed", 0)
+        relays.stats.busy += fetched.get("busy", 0)
+        relays.stats.waited += fetched.get("waited", 0.0)
+        relays.stats.relay_failures.extend(fetched.get("relay_failures", []))
+        if "error" in doc:
+            raise _rebuilt(doc["error"])
+        return [_entry(e) for e in doc["dirs"]], [_entry(e) for e in doc["links"]]
+
+    def stop(self) -> None:
+        """Killed with its zstd, and waited for, unless done."""
+        if self.answers >= 0:
+            os.close(self.answers)
+            self.answers = -1
+        if self.status is None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.status = os.waitpid(self.pid, 0)[1]
+
+
+def _child_main(
+    relays: Relays, archive: ObjectRef, share: list[tuple[ObjectRef, int]], root: Path, w: int
+) -> None:
+    """A forked unpacker's whole life (:class:`_Child`): its parts unpacked into ``root``,
+    its answer written to ``w``, then ``os._exit`` (nothing of the parent's runs here)."""
+    code = 1
+    try:
+        with contextlib.suppress(OSError):  # (the parent may have set it first)
+            os.setpgid(0, 0)
+        own = relays.clone()  # (connections of its own: the parent's are the parent's)
+        try:
+            writer = TreeWriter(root, fresh=True, shared=True)
+            try:
+                for part, offset in share:
+                    _unpack_part(own, archive, part, offset, writer)
+                dirs, links = writer.pending()
+            finally:
+                writer.close()
+            doc: dict[str, object] = {
+                "dirs": [_record(e) for e in dirs],
+                "links": [_record(e) for e in links],
+            }
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - handed to the parent
+            doc = {"error": _recorded(exc)}
+        st = own.stats
+        doc["fetched"] = {
+            "objects": st.objects, "bytes": st.bytes, "resumed": st.resumed, "busy": st.busy,
+            "waited": st.waited, "relay_failures": st.relay_failures,
+        }  # fmt: skip
+        data = memoryview(json.dumps(doc).encode())
+        while data:
+            data = data[os.write(w, data) :]
+    finally:
+        os._exit(code)
+
+
+def _record(e: Entry) -> list[object]:
+    """An entry as JSON (:func:`_entry` reads it back)."""
+    xattrs = [[k, v.hex()] for k, v in e.xattrs]
+    return [e.path, e.kind, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.target, list(e.rdev), xattrs]
+
+
+def _entry(r: list[Any]) -> Entry:
+    path, kind, mode, uid, gid, mtime_ns, size, target, rdev, xattrs = r
+    return Entry(
+        path=path, kind=kind, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns, size=size, target=target,
+        rdev=(rdev[0], rdev[1]), xattrs=tuple((k, bytes.fromhex(v)) for k, v in xattrs),
+    )  # fmt: skip
+
+
+def _recorded(exc: BaseException) -> dict[str, object]:
+    """A failure as JSON (:func:`_rebuilt` raises it again, with the same words)."""
+    if isinstance(exc, UnsafeEntry):
+        return {"type": "UnsafeEntry", "path": exc.path, "reason": exc.reason}
+    if isinstance(exc, OSError):
+        return {
+            "type": "OSError",
+            "errno": exc.errno,
+            "strerror": exc.strerror,
+            "filename": exc.filename,
+            "text": str(exc),
+        }
+    kind = "DigestMismatch" if isinstance(exc, DigestMismatch) else "FetchError"
+    text = str(exc) if isinstance(exc, FetchError) else f"{type(exc).__name__}: {exc}"
+    return {"type": kind, "text": text}
+
+
+def _rebuilt(doc: dict[str, Any]) -> Exception:
+    if doc.get("type") == "UnsafeEntry":
+        return UnsafeEntry(doc["path"], doc["reason"])
+    if doc.get("type") == "OSError":
+        if doc.get("errno") is None:
+            return OSError(doc["text"])
+        if doc.get("filename") is None:
+            return OSError(doc["errno"], doc["strerror"])
+        return OSError(doc["errno"], doc["strerror"], doc["filename"])
+    return (DigestMismatch if doc.get("type") == "DigestMismatch" else FetchError)(doc["text"])
 
 
 def _drained(stream: ReadAhead, limit: int) -> bool:

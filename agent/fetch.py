@@ -67,6 +67,7 @@ CHUNK = 1 << 20
 Chunk = bytes | memoryview  # a piece of an object, as a stream's sink is given it
 Sink = Callable[[Chunk], object]  # where a stream's pieces go
 Splicer = Callable[[int, int], int]  # a sink's taking from a descriptor: (fd, most) → how many
+Within = tuple[ObjectRef, int] | None  # a range of another object: (that object, where it begins)
 MAX_RETRY_AFTER = 60.0  # a relay that asks for longer is asked again after this
 BACKOFF_FIRST = 0.5  # a 503 without Retry-After: 0.5, 1, 2, ... seconds
 BACKOFF_MAX = 30.0
@@ -373,7 +374,14 @@ class Relays:
                 attempts.failed(url, f"{resp.status}: {message}")
 
     # -- objects ------------------------------------------------------------
-    def stream(self, ref: ObjectRef, write: Sink, verify: bool = True, splice: Splicer | None = None) -> str:
+    def stream(
+        self,
+        ref: ObjectRef,
+        write: Sink,
+        verify: bool = True,
+        splice: Splicer | None = None,
+        within: Within = None,
+    ) -> str:
         """Send the object's bytes to ``write`` in order, resuming across relays (each piece
         is valid only during the call: a buffer read into again, not a copy of it);
         return the relay that sent the last byte (:data:`LOCAL`: the local cache had it).
@@ -384,7 +392,12 @@ class Relays:
         (``os.splice`` into a pipe: they never enter this process; BlockingIOError only
         when the descriptor has none yet: its own side blocks); used where nothing here
         looks at the bytes (not checked here, not kept by the local cache) and the relay's
-        answer is plain HTTP of a known length, on a socket with a timeout."""
+        answer is plain HTTP of a known length, on a socket with a timeout.  ``within``:
+        ``ref`` is a range of another object, ``(object, offset)`` (a part of an archive,
+        with a digest of its own), asked for by ``Range``; the local cache keeps whole
+        objects, and is not asked."""
+        if within is not None:
+            return self._stream(ref, write, verify, splice, within)
         try:
             if self.local is not None and self.local.read(ref.hex, ref.size, write):
                 return LOCAL
@@ -406,7 +419,14 @@ class Relays:
             staged.keep(ref.hex)
         return url
 
-    def _stream(self, ref: ObjectRef, write: Sink, verify: bool = True, splice: Splicer | None = None) -> str:
+    def _stream(
+        self,
+        ref: ObjectRef,
+        write: Sink,
+        verify: bool = True,
+        splice: Splicer | None = None,
+        within: Within = None,
+    ) -> str:
         h = hashlib.sha256() if verify else None
         got = 0
         # one buffer read into, again and again: read(n) would allocate n zeroed bytes for
@@ -414,10 +434,14 @@ class Relays:
         # taken from the unpacking, which waits for the interpreter's lock meanwhile)
         buffer = memoryview(bytearray(max(1, min(CHUNK, ref.size))))
         attempts = _Attempts(self, ref.digest)
-        path = f"/objects/sha256/{ref.hex}"
+        path = f"/objects/sha256/{(ref if within is None else within[0]).hex}"
+        at = 0 if within is None else within[1]  # where ref's bytes begin in what path names
         while True:
             url = attempts.next()
-            headers = {"Range": f"bytes={got}-"} if got else {}
+            if within is not None:
+                headers = {"Range": f"bytes={at + got}-{at + ref.size - 1}"}
+            else:
+                headers = {"Range": f"bytes={got}-"} if got else {}
             try:
                 conn = self._conn(url)
                 conn.request("GET", path, headers=headers)
@@ -426,7 +450,7 @@ class Relays:
                     resp.read()
                     attempts.failed(url, "not found")
                     continue
-                if resp.status != (206 if got else 200):
+                if resp.status != (206 if got or within is not None else 200):
                     data = resp.read()
                     if resp.status in BUSY:
                         message = _error_text(data)

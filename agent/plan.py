@@ -20,6 +20,7 @@ BOOT_ID_RE = re.compile(r"[0-9a-f]{1,64}")  # copies of slim.vocabulary's (the a
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 MAX_NFS_SERVERS = 16
 MAX_DELTAS = 8  # manifest deltas per directory (the core builds a few: slim.core.build.release)
+MAX_PARTS = 4096  # parts of one archive (slim.release.MAX_PARTS)
 NFS_HOST_RE = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}"
 )  # a host name or an address: no option can ride along
@@ -202,6 +203,7 @@ class Directory(Value):
         "manifest",
         "manifest_raw",
         "nfs",
+        "parts",
         "path",
         "policy",
         "tmpfs_size"
@@ -219,6 +221,9 @@ class Directory(Value):
         files: int,
         manifest_raw: str = "",  # "sha256:<hex>" of the manifest's bytes (a core from before: "")
         deltas: tuple[ManifestDelta, ...] = (),
+        # the archive's parts, in order (each a range of it, with its own digest), which may
+        # be fetched and unpacked side by side; () when it is one stream
+        parts: tuple[ObjectRef, ...] = (),
     ) -> None:
         self.path = path
         self.policy = policy
@@ -230,6 +235,7 @@ class Directory(Value):
         self.files = files
         self.manifest_raw = manifest_raw
         self.deltas = deltas
+        self.parts = parts
 
     @property
     def rel(self) -> str:
@@ -311,6 +317,21 @@ def _ref(value: object, where: str) -> ObjectRef | None:
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise PlanError(f"{where}: size must be a whole number >= 0")
     return ObjectRef(digest, size)
+
+
+def _parts(value: object, archive: ObjectRef | None, where: str) -> tuple[ObjectRef, ...]:
+    """An archive's parts: ranges of it, in order, that add up to it."""
+    if not isinstance(value, list) or len(value) > MAX_PARTS:
+        raise PlanError(f"{where}: parts must be a list of at most {MAX_PARTS}")
+    parts = []
+    for j, item in enumerate(value):
+        ref = _ref(item, f"{where}: part {j + 1}")
+        if ref is None or ref.size == 0:
+            raise PlanError(f"{where}: part {j + 1} must name a digest and a size > 0")
+        parts.append(ref)
+    if parts and (archive is None or sum(p.size for p in parts) != archive.size):
+        raise PlanError(f"{where}: the archive's parts do not add up to its size")
+    return tuple(parts)
 
 
 def check_path(path: object) -> str:
@@ -432,6 +453,7 @@ def parse_plan(data: bytes) -> Plan:
             if ref is None:
                 raise PlanError(f"{where}: delta {j + 1} names no object")
             deltas.append(ManifestDelta(base, ref))
+        parts = _parts(rec.get("parts", []), archive, where)
         size = _text(rec, "tmpfs_size", where)
         # the core sends slim.vocabulary.tmpfs_size's kernel spelling; checked here by a copy
         if size and not re.fullmatch(r"\d+[kmgKMG%]?", size):
@@ -448,6 +470,7 @@ def parse_plan(data: bytes) -> Plan:
                 _count(rec, "files", where),
                 manifest_raw,
                 tuple(deltas),
+                parts,
             )
         )
     if "/" not in seen:

@@ -34,6 +34,7 @@ staging directory it can delete, so nothing half-made is used.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -99,6 +100,7 @@ class TreeWriter:
         devices: bool | None = None,
         fresh: bool = False,
         in_place: bool = False,
+        shared: bool = False,
     ) -> None:
         self.root = Path(root)
         # fresh: ``root`` is empty and only this writer fills it, so what an entry would
@@ -106,6 +108,13 @@ class TreeWriter:
         # system, where a new file gets the mode asked for less the umask (or a default
         # ACL's) and the process's owner: its plain files are made so (:func:`_born`)
         self.fresh = fresh
+        # shared: other writers fill ``root`` at the same time, each from a part of one archive
+        # (slim.agent.ee): a directory may have been made by another (as the parent of what it
+        # writes), and hard links are not made but kept in :attr:`later` (their targets may be
+        # another's), for the caller to add once all are done, with ``later`` None; so are
+        # directories' metadata (:meth:`finish`, once, with every writer's :meth:`pending`)
+        self.shared = shared
+        self.later: list[Entry] | None = [] if shared else None
         # in_place: a file's bytes go over the regular file in its place (one link only),
         # its metadata all set anew; a crash leaves it half written, so only a caller that
         # finds such a file again (the agent's sync: its mtime is not the manifest's) asks
@@ -134,6 +143,9 @@ class TreeWriter:
         ``source``: ``data`` is a whole file of that name, made for this entry on the same
         file system, which is moved into place (given the entry's metadata, then renamed)
         instead of copied; across file systems it is copied."""
+        if entry.kind == HARDLINK and self.later is not None:
+            self.later.append(entry)
+            return
         if entry.path == "":  # the target directory itself ("./" in a tar)
             if entry.kind != DIR:
                 raise UnsafeEntry(".", "the archive's root is not a directory")
@@ -168,7 +180,8 @@ class TreeWriter:
                 try:
                     os.mkdir(name, 0o700, dir_fd=pfd)
                 except FileExistsError:
-                    raise UnsafeEntry(entry.path, "given twice") from None
+                    if not (self.shared and stat.S_ISDIR(os.lstat(name, dir_fd=pfd).st_mode)):
+                        raise UnsafeEntry(entry.path, "given twice") from None
             self._dirs.append(entry)
             return
         self.stats.files += 1
@@ -205,6 +218,18 @@ class TreeWriter:
             self._meta(pfd, name, entry)
         else:
             raise UnsafeEntry(entry.path, f"unsupported entry type {entry.kind!r}")
+
+    def pending(self) -> tuple[list[Entry], list[Entry]]:
+        """The directories whose metadata :meth:`finish` would apply, and the hard links
+        kept for later (:attr:`later`), taken from this writer (a shared tree's)."""
+        dirs, self._dirs = self._dirs, []
+        links, self.later = self.later or [], [] if self.shared else None
+        return dirs, links
+
+    def adopt(self, dirs: Iterable[Entry]) -> None:
+        """Apply the metadata of ``dirs`` too, at :meth:`finish` (another writer's, of a
+        shared tree: :meth:`pending`)."""
+        self._dirs.extend(dirs)
 
     def finish(self) -> None:
         """Apply directory owners, modes, xattrs and times (deepest first)."""
@@ -258,7 +283,10 @@ class TreeWriter:
                 except FileNotFoundError:
                     if not create:
                         raise UnsafeEntry(path, f"directory {done!r} is missing") from None
-                    os.mkdir(part, 0o755, dir_fd=fd)  # tar archives may omit parent entries
+                    # (tar archives may omit parent entries; in a shared tree another writer may
+                    # have made it since: it is opened as any)
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=fd)
                     nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
                     if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
@@ -711,7 +739,7 @@ def _text(raw: bytes) -> str:
 
 
 def read_archive(
-    stream: IO[bytes] | ReadAhead, *, checksums: bool = True
+    stream: IO[bytes] | ReadAhead, *, checksums: bool = True, part: bool = False
 ) -> Iterator[tuple[Entry, _Data | None]]:
     """The members of a SLIM copy-set archive, uncompressed, as :func:`entry_from_member`
     makes them: a pax tar as slim.core.build.copyset writes it (ustar headers, each
@@ -719,11 +747,15 @@ def read_archive(
     to be read before the next member; anything else a tar may hold (GNU long names,
     global or sparse headers) is refused as not one of ours.  ``checksums`` False: the
     headers' checksums are not checked, for a caller that checks the whole archive's
-    digest (a wrong byte anywhere is found there; every other check is made all the same)."""
+    digest (a wrong byte anywhere is found there; every other check is made all the same).
+    ``part``: the stream may also end where a header would begin, as a part of an archive
+    does (slim.core.build.copyset.PART_BYTES), not only at the archive's end."""
     read = stream.read
     pax: dict[str, bytes] = {}
     h = read(_BLOCK)
     while True:  # (each read takes what comes before the next header, and that header)
+        if part and not h and not pax:
+            return
         if len(h) < _BLOCK:
             raise UnsafeEntry("(archive)", "truncated: the archive ends inside a header")
         if h == _ZERO_BLOCK:

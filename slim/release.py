@@ -14,13 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import zstandard
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slim.agent import manifest as mf
 from slim.errors import InvalidArgument
 from slim.vocabulary import MAX_MANIFEST_BYTES, Policy
 
 MANIFEST_LEVEL = 19  # zstd level of stored manifests: small, and written once
+MAX_PARTS = 4096  # parts of one archive (slim.agent.plan's limit: a copy)
 
 
 class ObjectRef(BaseModel):
@@ -50,6 +51,16 @@ class ReleaseDirectory(BaseModel):
     deltas: tuple[ManifestDelta, ...] = ()
     bytes: int = Field(0, ge=0)
     files: int = Field(0, ge=0)
+    # the archive's parts, in order: zstd frames of whole tar members that an agent may fetch
+    # (by Range) and unpack side by side, each checked by its own digest
+    # (slim.core.build.copyset.PART_BYTES); none: one stream (a release from before)
+    parts: tuple[ObjectRef, ...] = Field((), max_length=MAX_PARTS)
+
+    @model_validator(mode="after")
+    def _parts_are_the_archive(self) -> ReleaseDirectory:
+        if self.parts and (self.archive is None or sum(p.size for p in self.parts) != self.archive.size):
+            raise ValueError("the parts of an archive must add up to its size")
+        return self
 
 
 class Release(BaseModel):

@@ -16,7 +16,7 @@ import os
 import tarfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import zstandard
 from pyfastcdc import FastCDC
@@ -148,11 +148,46 @@ def _changed(entry: Entry) -> FailedPrecondition:
     return FailedPrecondition(f"{entry.path} changed while it was being read; build again")
 
 
-def hash_tree(
-    root: str | Path, entries: Iterable[Entry], progress: Progress | None = None
-) -> list[ManifestEntry]:
-    """The manifest entries of ``entries`` (files hashed), without an archive."""
-    return _pass(os.fspath(root), entries, None, progress)
+# An archive is written in parts: each a zstd frame of its own, holding whole tar members
+# (the archive's end, two zero blocks and the padding to a tar record, is in the last), cut
+# after about PART_BYTES of tar.  Read whole, one after the other, the frames are one zstd
+# stream and their members one tar, as any zstd and tar read them; a release names each
+# part's size and digest (ReleaseDirectory.parts), so that an agent with several CPUs can
+# fetch and unpack parts side by side (slim.agent.ee; it makes a hard link whose target is
+# in another part once all are unpacked).
+PART_BYTES = 16 << 20
+_BLOCK = tarfile.BLOCKSIZE
+
+
+class Part(NamedTuple):
+    """One part of an archive: its compressed bytes' count and ``sha256:<hex>``."""
+
+    size: int
+    digest: str
+
+
+class _Parts:
+    """The compressed stream on its way to ``out``, counted and hashed part by part."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.done: list[Part] = []
+        self._h = hashlib.sha256()
+        self._n = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._h.update(data)
+        self._n += len(data)
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        pass  # (zstandard's writer flushes its output here after a frame's end; out is the caller's)
+
+    def cut(self) -> None:
+        if self._n:
+            self.done.append(Part(self._n, "sha256:" + self._h.hexdigest()))
+        self._h = hashlib.sha256()
+        self._n = 0
 
 
 def write_archive(
@@ -161,33 +196,88 @@ def write_archive(
     out: BinaryIO,
     level: int = DEFAULT_LEVEL,
     progress: Progress | None = None,
+    parts: list[Part] | None = None,
+    part_bytes: int | None = None,
 ) -> list[ManifestEntry]:
-    """Write the tar + zstd archive of ``entries`` to ``out``; return their manifest entries."""
-    cctx = compressor(level)
-    with (
-        cctx.stream_writer(out, closefd=False) as zout,
-        tarfile.open(fileobj=zout, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8") as tf,
-    ):
-        return _pass(os.fspath(root), entries, tf, progress)
+    """Write the tar + zstd archive of ``entries`` to ``out``, in parts of about
+    ``part_bytes`` of tar (default :data:`PART_BYTES`), listed in ``parts`` when given;
+    return the entries' manifest entries."""
+    listed = list(entries)
+    cuts = _cuts(listed, PART_BYTES if part_bytes is None else part_bytes)
+    counted = _Parts(out)
+    zout = compressor(level).stream_writer(counted, closefd=False, write_return_read=True)  # type: ignore[arg-type]  # (it only writes)
+    written = 0
+
+    def put(data: bytes | memoryview) -> None:
+        nonlocal written
+        zout.write(data)
+        written += len(data)
+
+    def add(i: int, entry: Entry, data: _HashingReader | None) -> None:
+        if i in cuts:
+            zout.flush(zstandard.FLUSH_FRAME)
+            counted.cut()
+        put(tarinfo(entry).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        if data is not None:
+            left = entry.size
+            while left > 0:
+                chunk = data.read(min(READ_CHUNK, left))
+                if not chunk:
+                    raise _changed(entry)
+                put(chunk)
+                left -= len(chunk)
+            put(bytes(-entry.size % _BLOCK))
+
+    items = _pass(os.fspath(root), listed, add, progress)
+    put(bytes(2 * _BLOCK))  # the archive's end, padded to a record, as tarfile ends one
+    put(bytes(-written % tarfile.RECORDSIZE))
+    zout.flush(zstandard.FLUSH_FRAME)
+    counted.cut()
+    if parts is not None:
+        parts[:] = counted.done
+    return items
+
+
+def _cuts(entries: list[Entry], part_bytes: int) -> set[int]:
+    """Where new parts begin: before the first entry past ``part_bytes`` of tar since the
+    last cut."""
+    cuts: set[int] = set()
+    size = 0
+    for i, entry in enumerate(entries):
+        if size >= part_bytes:
+            cuts.add(i)
+            size = 0
+        size += 1024 + entry.size + -entry.size % _BLOCK  # (a header and pax records: about 1 KiB)
+    return cuts
+
+
+Adder = Callable[[int, Entry, _HashingReader | None], None]  # (index, entry, its bytes)
+
+
+def hash_tree(
+    root: str | Path, entries: Iterable[Entry], progress: Progress | None = None
+) -> list[ManifestEntry]:
+    """The manifest entries of ``entries`` (files hashed), without an archive."""
+    return _pass(os.fspath(root), entries, None, progress)
 
 
 def _pass(
-    root: str, entries: Iterable[Entry], tf: tarfile.TarFile | None, progress: Progress | None
+    root: str, entries: Iterable[Entry], add: Adder | None, progress: Progress | None
 ) -> list[ManifestEntry]:
     out: list[ManifestEntry] = []
     done = 0
-    for entry in entries:
+    for i, entry in enumerate(entries):
         if entry.kind != FILE:
-            if tf is not None:
-                tf.addfile(tarinfo(entry))
+            if add is not None:
+                add(i, entry, None)
             out.append(ManifestEntry(entry))
             continue
         with _open(root, entry) as f:
             if os.fstat(f.fileno()).st_size != entry.size:
                 raise _changed(entry)
             reader = _HashingReader(f, entry)
-            if tf is not None:
-                tf.addfile(tarinfo(entry), reader)
+            if add is not None:
+                add(i, entry, reader)
             else:
                 while reader.read(READ_CHUNK):
                     pass

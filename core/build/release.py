@@ -74,6 +74,7 @@ class DirectoryReport:
     files: int
     bytes: int
     archive: ObjectRef | None = None
+    parts: tuple[ObjectRef, ...] = ()  # the archive's, when it has more than one
     manifest: ObjectRef | None = None
     file_objects: int = 0  # sync: objects the node may fetch one by one
     deltas: int = 0  # sync: deltas of the manifest from previous releases' (slim.core.build.deltas)
@@ -232,9 +233,13 @@ def _build(
         if spec.policy is Policy.NFS:
             items = copyset.hash_tree(root, entries, tick)
         else:
+            parts: list[copyset.Part] = []
             with store.writer() as w:
-                items = copyset.write_archive(root, entries, w, level, tick)  # type: ignore[arg-type]
+                items = copyset.write_archive(root, entries, w, level, tick, parts)  # type: ignore[arg-type]
             report.archive = w.ref
+            report.parts = (
+                tuple(ObjectRef(digest=p.digest, size=p.size) for p in parts) if len(parts) > 1 else ()
+            )
         manifest = mf.make(path, items)
         report.files = manifest.files
         raw = mf.encode(manifest)
@@ -261,6 +266,7 @@ def _build(
             deltas=deltas,
             bytes=report.bytes,
             files=report.files,
+            parts=report.parts,
         )
 
     kernel_ref, _ = store.put_file(kernel_path)

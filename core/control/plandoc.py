@@ -48,6 +48,7 @@ def _directory(d: DirectoryAction) -> dict[str, Any]:
         "files": d.files,
         "manifest_raw": d.manifest_raw,
         "deltas": [{"base": x.base, "delta": _obj(x.delta)} for x in d.deltas],
+        "parts": [_obj(p) for p in d.parts],
     }
 
 

@@ -122,6 +122,7 @@ class DirectoryAction:
     files: int = 0
     manifest_raw: str = ""  # sync: "sha256:<hex>" of the manifest decompressed
     deltas: tuple[ManifestDelta, ...] = ()  # sync: the manifest from earlier ones nodes kept
+    parts: tuple[ObjectRef, ...] = ()  # the archive's parts (ReleaseDirectory.parts)
 
 
 @dataclass(frozen=True)
@@ -642,10 +643,18 @@ class CoreService:
             # filled one up to date file by file
             return DirectoryAction(
                 path, policy, archive=obj, manifest=built.manifest, bytes=size[0], files=size[1],
-                manifest_raw=built.manifest_raw, deltas=built.deltas,
+                manifest_raw=built.manifest_raw, deltas=built.deltas, parts=built.parts,
             )  # fmt: skip
         tmpfs = spec.size or "" if policy is Policy.RAM else ""
-        return DirectoryAction(path, policy, archive=obj, tmpfs_size=tmpfs, bytes=size[0], files=size[1])
+        return DirectoryAction(
+            path,
+            policy,
+            archive=obj,
+            tmpfs_size=tmpfs,
+            bytes=size[0],
+            files=size[1],
+            parts=built.parts if built is not None else (),
+        )
 
     @staticmethod
     def _stale(env_name: str, digest: str, path: str, what: str) -> FailedPrecondition:
