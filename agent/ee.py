@@ -33,6 +33,7 @@ import json
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -389,7 +390,7 @@ class Builder:
                 kept.seconds = {"unpack": unpack_s, **kept.seconds}  # (its breakdown's first phase)
                 return Result(
                     unpacked.bytes + kept.bytes, unpacked.files + kept.files, kept.deleted, "",
-                    [*kept.notes, kept.breakdown()],
+                    [*unpacked.notes, *kept.notes, kept.breakdown()],
                 )  # fmt: skip
             return self._sync(d, dest)
         dest.mkdir(parents=True, exist_ok=True)  # nfs: the mount point (mounted above on a real boot)
@@ -461,7 +462,9 @@ class Builder:
         try:
             fetched = extract(self.relays, archive, staging, d.parts)
             _move_into(staging, dest, "", set(self._nested(d)), skip=staging.name)
-            return Result(bytes=fetched, files=d.files)
+            unpackers = _unpackers(self.relays, d.parts)
+            notes = [f"its {len(d.parts)} parts unpacked by {unpackers} processes"] if unpackers > 1 else []
+            return Result(bytes=fetched, files=d.files, notes=notes)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -672,11 +675,13 @@ def _extract_parts(
 ) -> int:
     """:func:`extract`, with ``unpackers`` processes: this one and children it forks, each
     fetching its share of the parts (every ``unpackers``-th, by ``Range``) through a zstd of
-    its own, which checks the part's digest, and unpacking them into ``into`` (a shared
-    :class:`TreeWriter`).  The children send back the directories whose metadata is left to
-    set and the hard links left to make (their targets may be in other parts): this process
-    sets and makes them once every part is unpacked.  The first failure stops the others
-    (killed, with their zstd); its error is raised as the child raised it."""
+    its own (the initrd's checks the part's digest; with another, the fetch does), and
+    unpacking them into ``into`` (a shared :class:`TreeWriter`).  The children send back the
+    directories whose metadata is left to set and the hard links left to make (their
+    targets may be in other parts): this process sets and makes them once every part is
+    unpacked.  The first failure, whichever process's, is raised (a child's as it raised
+    it: a refused member, a part that is not its digest, a relay's failure) and the other
+    processes are killed, with their zstd, and waited for."""
     at, placed = 0, []
     for part in parts:
         placed.append((part, at))
@@ -685,22 +690,22 @@ def _extract_parts(
     writer = TreeWriter(into, fresh=True, shared=True)
     try:
         for k in range(1, unpackers):
-            children.append(_Child.fork(relays, archive, placed[k::unpackers], writer))
+            _Child.fork(children, relays, archive, placed[k::unpackers], writer.root)
         for part, offset in placed[::unpackers]:
             _unpack_part(relays, archive, part, offset, writer)
-            if any(c.failed() for c in children):
-                break
+            for child in children:
+                child.read(wait=False)  # (a failure is raised at once)
         dirs, links = writer.pending()
-        children.sort(key=lambda c: not c.failed())  # (a failure first: the others are not waited for)
-        for child in children:
-            child_dirs, child_links = child.result(relays)
-            dirs += child_dirs
-            links += child_links
+        for child in _answered(children):  # (in the order they finish: a failure is raised at once)
+            dirs += child.dirs
+            links += child.links
         writer.adopt(dirs)
         writer.later = None  # (hard links are made now: every target is there)
         for link in links:
             writer.add(link)
         writer.finish()
+        for child in children:
+            child.count_into(relays)
     finally:
         for child in children:
             child.stop()
@@ -720,60 +725,88 @@ def _unpack_part(
 
 class _Child:
     """A forked process unpacking a share of an archive's parts (:func:`_extract_parts`),
-    and the pipe it answers on: one JSON document, what is left to do or its failure."""
+    and the pipe it answers on: one JSON document (:func:`_child_main`), what is left to do
+    or its failure."""
 
     def __init__(self, pid: int, answers: int) -> None:
         self.pid = pid
-        self.answers = answers  # read end of its pipe (-1: closed)
-        self.status: int | None = None  # its exit status, once reaped
+        self.answers = answers  # read end of its pipe (-1: read to its end, or closed)
+        self.status: int | None = None  # its wait status, once reaped
+        self.got: list[bytes] = []
+        self.dirs: list[Entry] = []
+        self.links: list[Entry] = []
+        self.fetched: dict[str, Any] = {}
 
     @classmethod
     def fork(
-        cls, relays: Relays, archive: ObjectRef, share: list[tuple[ObjectRef, int]], writer: TreeWriter
-    ) -> _Child:
+        cls,
+        into: list[_Child],
+        relays: Relays,
+        archive: ObjectRef,
+        share: list[tuple[ObjectRef, int]],
+        root: Path,
+    ) -> None:
+        """Start one, listed in ``into`` as soon as it exists (to be stopped with the rest)."""
         r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # (the child: never returns)
+        parent = os.getpid()
+        try:
+            pid = os.fork()
+        except BaseException:
             os.close(r)
-            _child_main(relays, archive, share, writer.root, w)
+            os.close(w)
+            raise
+        if pid == 0:
+            try:  # (the child: never returns, whatever happens)
+                os.close(r)
+                _child_main(relays, archive, share, root, w, parent)
+            finally:
+                os._exit(1)
+        into.append(cls(pid, r))
         os.close(w)
         with contextlib.suppress(OSError):  # (it may have exited already)
             os.setpgid(pid, pid)  # (and in the child: its zstd is killed with it, whoever is first)
-        return cls(pid, r)
 
-    def failed(self) -> bool:
-        """Whether it has ended, and not well (not waited for)."""
-        if self.status is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.status = status
-        return self.status is not None and self.status != 0
-
-    def result(self, relays: Relays) -> tuple[list[Entry], list[Entry]]:
-        """Its directories and hard links (waiting for it); its failure raised."""
-        chunks = []
-        while chunk := os.read(self.answers, 1 << 16):
-            chunks.append(chunk)
-        os.close(self.answers)
-        self.answers = -1
-        if self.status is None:
+    def read(self, wait: bool) -> bool:
+        """Read what it has sent (``wait``: until its answer is whole); True once it is,
+        and taken (its failure raised)."""
+        while self.answers >= 0:
+            if not wait and not select.select([self.answers], [], [], 0)[0]:
+                return False
+            chunk = os.read(self.answers, 1 << 16)
+            if chunk:
+                self.got.append(chunk)
+                continue
+            os.close(self.answers)
+            self.answers = -1
             self.status = os.waitpid(self.pid, 0)[1]
+            self._take()
+        return True
+
+    def _take(self) -> None:
         try:
-            doc = json.loads(b"".join(chunks))
+            doc = json.loads(b"".join(self.got))
         except ValueError:
             doc = None
+        self.got = []
         if not isinstance(doc, dict):
             raise FetchError(f"an unpacking process ended without an answer (wait status {self.status})")
-        fetched = doc.get("fetched", {})
-        relays.stats.objects += fetched.get("objects", 0)
-        relays.stats.bytes += fetched.get("bytes", 0)
-        relays.stats.resumed += fetched.get("resumed", 0)
-        relays.stats.busy += fetched.get("busy", 0)
-        relays.stats.waited += fetched.get("waited", 0.0)
-        relays.stats.relay_failures.extend(fetched.get("relay_failures", []))
+        self.fetched = doc.get("fetched", {})
         if "error" in doc:
             raise _rebuilt(doc["error"])
-        return [_entry(e) for e in doc["dirs"]], [_entry(e) for e in doc["links"]]
+        self.dirs = [_entry(e) for e in doc["dirs"]]
+        self.links = [_entry(e) for e in doc["links"]]
+
+    def count_into(self, relays: Relays) -> None:
+        """Count what it fetched as ``relays``' (Relays.absorb's, from its answer)."""
+        f, stats = self.fetched, relays.stats
+        stats.objects += f.get("objects", 0)
+        stats.bytes += f.get("bytes", 0)
+        stats.resumed += f.get("resumed", 0)
+        stats.busy += f.get("busy", 0)
+        stats.waited += f.get("waited", 0.0)
+        if f.get("relay_failures"):  # it moved on from a relay that failed: so do we
+            stats.relay_failures.extend(f["relay_failures"])
+            relays.current = f.get("current", relays.current)
 
     def stop(self) -> None:
         """Killed with its zstd, and waited for, unless done."""
@@ -786,41 +819,55 @@ class _Child:
             self.status = os.waitpid(self.pid, 0)[1]
 
 
+def _answered(children: list[_Child]) -> Iterator[_Child]:
+    """Each child once its answer is whole, in the order they come (a failure raised as
+    soon as it does: the others are not waited for)."""
+    waiting = [c for c in children if not c.read(wait=False)]
+    while waiting:
+        ready = select.select([c.answers for c in waiting], [], [])[0]
+        for child in [c for c in waiting if c.answers in ready]:
+            chunk = os.read(child.answers, 1 << 16)
+            if chunk:
+                child.got.append(chunk)
+            else:
+                child.read(wait=True)  # (its end: taken)
+                waiting.remove(child)
+    yield from children
+
+
 def _child_main(
-    relays: Relays, archive: ObjectRef, share: list[tuple[ObjectRef, int]], root: Path, w: int
+    relays: Relays, archive: ObjectRef, share: list[tuple[ObjectRef, int]], root: Path, w: int, parent: int
 ) -> None:
-    """A forked unpacker's whole life (:class:`_Child`): its parts unpacked into ``root``,
-    its answer written to ``w``, then ``os._exit`` (nothing of the parent's runs here)."""
+    """A forked unpacker's work (:class:`_Child`): its parts unpacked into ``root``, its
+    answer written to ``w``, then ``os._exit`` (nothing of the parent's runs here).  It
+    stops between parts when its parent is gone (it leads a process group of its own)."""
     code = 1
+    with contextlib.suppress(OSError):  # (the parent may have set it first)
+        os.setpgid(0, 0)
+    own = relays.clone()  # (connections of its own: the parent's are the parent's)
     try:
-        with contextlib.suppress(OSError):  # (the parent may have set it first)
-            os.setpgid(0, 0)
-        own = relays.clone()  # (connections of its own: the parent's are the parent's)
+        writer = TreeWriter(root, fresh=True, shared=True)
         try:
-            writer = TreeWriter(root, fresh=True, shared=True)
-            try:
-                for part, offset in share:
-                    _unpack_part(own, archive, part, offset, writer)
-                dirs, links = writer.pending()
-            finally:
-                writer.close()
-            doc: dict[str, object] = {
-                "dirs": [_record(e) for e in dirs],
-                "links": [_record(e) for e in links],
-            }
-            code = 0
-        except BaseException as exc:  # noqa: BLE001 - handed to the parent
-            doc = {"error": _recorded(exc)}
-        st = own.stats
-        doc["fetched"] = {
-            "objects": st.objects, "bytes": st.bytes, "resumed": st.resumed, "busy": st.busy,
-            "waited": st.waited, "relay_failures": st.relay_failures,
-        }  # fmt: skip
-        data = memoryview(json.dumps(doc).encode())
-        while data:
-            data = data[os.write(w, data) :]
-    finally:
-        os._exit(code)
+            for part, offset in share:
+                if os.getppid() != parent:
+                    raise FetchError("the agent that started this unpacking is gone")
+                _unpack_part(own, archive, part, offset, writer)
+            dirs, links = writer.pending()
+        finally:
+            writer.close()
+        doc: dict[str, object] = {"dirs": [_record(e) for e in dirs], "links": [_record(e) for e in links]}
+        code = 0
+    except BaseException as exc:  # noqa: BLE001 - handed to the parent
+        doc = {"error": _recorded(exc)}
+    st = own.stats
+    doc["fetched"] = {
+        "objects": st.objects, "bytes": st.bytes, "resumed": st.resumed, "busy": st.busy,
+        "waited": st.waited, "relay_failures": st.relay_failures, "current": own.current,
+    }  # fmt: skip
+    data = memoryview(json.dumps(doc).encode())
+    while data:
+        data = data[os.write(w, data) :]
+    os._exit(code)
 
 
 def _record(e: Entry) -> list[object]:
@@ -838,15 +885,18 @@ def _entry(r: list[Any]) -> Entry:
 
 
 def _recorded(exc: BaseException) -> dict[str, object]:
-    """A failure as JSON (:func:`_rebuilt` raises it again, with the same words)."""
+    """A failure as JSON (:func:`_rebuilt` raises it again, with the same words): a refused
+    member, a system call's failure, a digest or fetch failure; anything else as a
+    FetchError naming its type."""
     if isinstance(exc, UnsafeEntry):
         return {"type": "UnsafeEntry", "path": exc.path, "reason": exc.reason}
     if isinstance(exc, OSError):
+        name = exc.filename if isinstance(exc.filename, str) else None
         return {
             "type": "OSError",
             "errno": exc.errno,
             "strerror": exc.strerror,
-            "filename": exc.filename,
+            "filename": name,
             "text": str(exc),
         }
     kind = "DigestMismatch" if isinstance(exc, DigestMismatch) else "FetchError"

@@ -451,11 +451,10 @@ class Relays:
                     attempts.failed(url, "not found")
                     continue
                 if resp.status != (206 if got or within is not None else 200):
-                    data = resp.read()
                     if resp.status in BUSY:
-                        message = _error_text(data)
+                        message = _error_text(resp.read())
                         attempts.busy_answer(url, resp.status, message, resp.getheader("Retry-After"))
-                    else:
+                    else:  # (its body not read: a 200 to a Range would be the whole object)
                         attempts.failed(url, f"answered {resp.status} at byte {got}")
                         self._drop(url)
                     continue

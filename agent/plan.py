@@ -20,7 +20,7 @@ BOOT_ID_RE = re.compile(r"[0-9a-f]{1,64}")  # copies of slim.vocabulary's (the a
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 MAX_NFS_SERVERS = 16
 MAX_DELTAS = 8  # manifest deltas per directory (the core builds a few: slim.core.build.release)
-MAX_PARTS = 4096  # parts of one archive (slim.release.MAX_PARTS)
+MAX_PARTS = 1024  # parts of one archive, at most (slim.release.MAX_PARTS)
 NFS_HOST_RE = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}"
 )  # a host name or an address: no option can ride along

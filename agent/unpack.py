@@ -279,7 +279,7 @@ class TreeWriter:
             for part in directory.split("/"):
                 done = f"{done}/{part}" if done else part
                 try:
-                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    nfd = _open_dir_at(part, fd, path, done)
                 except FileNotFoundError:
                     if not create:
                         raise UnsafeEntry(path, f"directory {done!r} is missing") from None
@@ -287,15 +287,7 @@ class TreeWriter:
                     # have made it since: it is opened as any)
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(part, 0o755, dir_fd=fd)
-                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                except OSError as exc:
-                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                        raise
-                    st = os.stat(part, dir_fd=fd, follow_symlinks=False)
-                    if stat.S_ISLNK(st.st_mode):
-                        target = os.readlink(part, dir_fd=fd)
-                        raise UnsafeEntry(path, f"goes through the symlink {done!r} (-> {target})") from None
-                    raise UnsafeEntry(path, f"{done!r} is not a directory") from None
+                    nfd = _open_dir_at(part, fd, path, done)
                 if fd != self._root_fd:
                     os.close(fd)
                 fd = nfd
@@ -463,6 +455,21 @@ class TreeWriter:
                 if len(self.xattr_errors) < 20:
                     why = exc.strerror if isinstance(exc, OSError) else str(exc)
                     self.xattr_errors.append(f"{entry.path}: {name}: {why}")
+
+
+def _open_dir_at(name: str, fd: int, path: str, done: str) -> int:
+    """The directory ``name`` in ``fd``, opened without following a symlink (``path``: the
+    entry being made; ``done``: the way to ``name``, for the refusal)."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(name, dir_fd=fd)
+            raise UnsafeEntry(path, f"goes through the symlink {done!r} (-> {target})") from None
+        raise UnsafeEntry(path, f"{done!r} is not a directory") from None
 
 
 def _born(root_fd: int) -> tuple[int, int, int] | None:
@@ -815,7 +822,10 @@ def read_archive(
                 if not data_of.read(_READ_BUFFER):
                     raise UnsafeEntry(entry.path, "truncated: the archive ends inside the file")
             pad = -size % _BLOCK
-            h = read(pad + _BLOCK)[pad:]
+            h = read(pad + _BLOCK)
+            if part and len(h) < pad:
+                raise UnsafeEntry(entry.path, "truncated: the archive ends inside the file's padding")
+            h = h[pad:]
         else:
             if size and kind != HARDLINK:
                 raise UnsafeEntry(entry.path, f"a {kind} with {size} bytes of data")

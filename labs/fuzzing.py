@@ -30,7 +30,7 @@ from slim.agent import manifest as mf
 from slim.agent import secrets as node_secrets
 from slim.agent.plan import BootArgs, PlanError, parse_plan
 from slim.agent.tree import scan
-from slim.agent.unpack import ReadAhead, UnsafeEntry, extract_archive
+from slim.agent.unpack import ReadAhead, TreeWriter, UnsafeEntry, extract_archive, read_archive
 from slim.core.build.tarimport import extract_tar
 from slim.core.control.auth import bearer, parse_token
 from slim.core.registry import load_registry_text
@@ -182,6 +182,9 @@ def check_plan(data: bytes) -> None:
         for later in paths[i + 1 :]:
             assert not (p != "/" and p.startswith(later + "/")), f"{later} after its child {p}"
     assert all(r.startswith("http://") and not r.endswith("/") for r in plan.relays)
+    for d in plan.directories:  # an archive's parts: ranges of it, that add up to it
+        assert not d.parts or (d.archive is not None and sum(p.size for p in d.parts) == d.archive.size)
+        assert all(p.size > 0 for p in d.parts)
 
 
 def check_cmdline(data: bytes) -> None:
@@ -224,6 +227,41 @@ def check_archive(data: bytes) -> None:
             _assert_inside(root)
         extract_tar(io.BytesIO(data), other)
         assert _tree(root) == _tree(other)
+
+
+def check_archive_parts(data: bytes) -> None:
+    """The agent's unpacking of an archive in parts (slim.agent.ee._extract_parts), in one
+    process, one part after the other: the bytes cut in two at the 512-byte block nearest
+    their middle (a member's boundary or not), each read as a part (it may end where a
+    header would begin) by a shared TreeWriter of its own, then the hard links made and the
+    directories' metadata set, once: nothing outside ``root``."""
+    cut = len(data) // 1024 * 512
+    with tempfile.TemporaryDirectory(prefix="slim-fuzz-parts-") as tmp:
+        outer = Path(tmp)
+        root = outer / "root"
+        root.mkdir()
+        (outer / "sentinel").write_bytes(b"untouched")
+        writers = [TreeWriter(root, fresh=True, shared=True) for _ in range(2)]
+        try:
+            dirs, links = [], []
+            for writer, piece in zip(writers, (data[:cut], data[cut:]), strict=True):
+                for entry, member in read_archive(ReadAhead(io.BytesIO(piece), 4096), part=True):
+                    writer.add(entry, member)
+                more_dirs, more_links = writer.pending()
+                dirs += more_dirs
+                links += more_links
+            last = writers[-1]
+            last.adopt(dirs)
+            last.later = None
+            for link in links:
+                last.add(link)
+            last.finish()
+        finally:
+            for writer in writers:
+                writer.close()
+            assert sorted(p.name for p in outer.iterdir()) == ["root", "sentinel"]
+            assert (outer / "sentinel").read_bytes() == b"untouched"
+            _assert_inside(root)
 
 
 def _tree(root: Path) -> list[tuple[object, ...]]:
@@ -325,6 +363,12 @@ TARGETS: dict[str, Target] = {
         Target("cmdline", "agent/plan.py BootArgs.from_cmdline, parse_cmdline", check_cmdline, (PlanError,)),
         Target("tar", "core/build/tarimport.py extract_tar", check_tar, (UnsafeEntry,)),
         Target("archive", "agent/unpack.py extract_archive (read_archive)", check_archive, (UnsafeEntry,)),
+        Target(
+            "archive_parts",
+            "agent/unpack.py read_archive(part=True), TreeWriter(shared=True)",
+            check_archive_parts,
+            (UnsafeEntry,),
+        ),
         Target(
             "vocabulary", "slim/vocabulary.py parse_size, parse_duration, parse_rate", check_vocabulary, ()
         ),

@@ -21,7 +21,7 @@ from slim.errors import InvalidArgument
 from slim.vocabulary import MAX_MANIFEST_BYTES, Policy
 
 MANIFEST_LEVEL = 19  # zstd level of stored manifests: small, and written once
-MAX_PARTS = 4096  # parts of one archive (slim.agent.plan's limit: a copy)
+MAX_PARTS = 1024  # parts of one archive, at most (slim.agent.plan's limit: a copy)
 
 
 class ObjectRef(BaseModel):

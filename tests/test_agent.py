@@ -152,6 +152,10 @@ ARCH = {"digest": "sha256:" + "b" * 64, "size": 10}
 ROOT_DIR = {"path": "/", "policy": "ram", "archive": ARCH}
 
 
+def PART_OF(size: int) -> dict[str, object]:
+    return {"digest": "sha256:" + "c" * 64, "size": size}
+
+
 @pytest.mark.parametrize(
     ("dirs", "words"),
     [
@@ -165,6 +169,12 @@ ROOT_DIR = {"path": "/", "policy": "ram", "archive": ARCH}
         ([{"path": "/", "policy": "ram"}], "archive"),
         ([{"path": "/", "policy": "ram", "archive": {"digest": "sha256:xyz", "size": 1}}], "digest"),
         ([{"path": "/", "policy": "nfs", "nfs": {"server": "s", "export": "rel"}}], "export"),
+        ([{**ROOT_DIR, "parts": [PART_OF(4), PART_OF(5)]}], "do not add up to its size"),
+        ([{**ROOT_DIR, "parts": [PART_OF(10), PART_OF(0)]}], "part 2 must name a digest and a size > 0"),
+        ([{**ROOT_DIR, "parts": {"digest": ARCH["digest"]}}], "parts must be a list"),
+        ([{**ROOT_DIR, "parts": [PART_OF(10)] * 1025}], "at most 1024"),
+        ([{**ROOT_DIR, "parts": [{"digest": "sha256:x", "size": 10}]}], "part 1: 'sha256:x' is not"),
+        ([{"path": "/", "policy": "sync", "manifest": ARCH, "parts": [PART_OF(10)]}], "do not add up"),
     ],
 )  # fmt: skip
 def test_plan_refuses(dirs: list[dict[str, object]], words: str) -> None:
@@ -308,6 +318,41 @@ async def test_no_reboot_builds_the_environment(site: Site, tmp_path: Path, arch
     assert stages == ["plan", "ram:/", "sync:/srv", "mount:/usr", "disk:/var", "done"]  # parents first
     assert all(e.ok and e.relay == "r1" and e.boot_id == active["boot_id"] for e in events)
     assert [e.time for e in events] == sorted(e.time for e in events)
+
+
+async def test_a_node_with_two_cpus_unpacks_an_archive_in_parts_side_by_side(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, archive_check: str
+) -> None:
+    """Parts of 16 kB here (16 MiB of tar in a product's release): the release names them, the
+    plan carries them, and a node with two CPUs unpacks each directory's in two processes,
+    every part asked of the relay by Range (the relay fetching the archive first), into
+    what the image holds."""
+    monkeypatch.setattr(copyset, "PART_BYTES", 16 << 10)
+    await asyncio.to_thread(build_environment, load_registry(site.registry_file), site.store, "base")
+    release = site.store.release("base")
+    assert release is not None
+    parted = [p for p, d in release[1].directories.items() if len(d.parts) > 1]
+    assert sorted(parted) == ["/", "/srv"]  # (/var: one small file, one part)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    forked: list[int] = []
+    fork = os.fork
+
+    def counted() -> int:
+        pid = fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", counted)
+    target = tmp_path / "node"
+    assert await run_agent(*site.argv(target)) == 0
+    assert tree(target, skip=("usr",)) == tree(site.image, skip=("usr",))
+    assert len(forked) == len(parted)  # one more process for each
+    events = {e.stage: e for e in await site.events()}
+    for stage, path in (("ram:/", "/"), ("sync:/srv", "/srv")):
+        parts = len(release[1].directories[path].parts)
+        assert events[stage].ok and f"its {parts} parts unpacked by 2 processes" in events[stage].message
+    assert events["disk:/var"].ok and "parts" not in events["disk:/var"].message
 
 
 async def test_the_environment_picked_at_the_menu_is_the_one_planned(site: Site, tmp_path: Path) -> None:
@@ -583,9 +628,14 @@ def unpack_initrd(tmp_path: Path, trust: Path, ca: Path | None = None) -> Path:
     return root
 
 
-async def test_initrd_runtime_runs_the_agent(site: Site, tmp_path: Path) -> None:
-    """The initrd's own Python (only what the agent imports) builds the environment, chrooted."""
+async def test_initrd_runtime_runs_the_agent(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The initrd's own Python (only what the agent imports) builds the environment, chrooted;
+    its archives in parts of 16 kB, unpacked side by side where this machine has two CPUs."""
     need(os.geteuid() == 0, "root (chroot)")
+    monkeypatch.setattr(copyset, "PART_BYTES", 16 << 10)
+    await asyncio.to_thread(build_environment, load_registry(site.registry_file), site.store, "base")
     for tool, package in (("cpio", "cpio"), ("zstd", "zstd"), ("busybox", "busybox-static")):
         need_tool(tool, package)
     chroot = shutil.which("chroot")
@@ -597,6 +647,9 @@ async def test_initrd_runtime_runs_the_agent(site: Site, tmp_path: Path) -> None
     assert os.readlink(root / "bin" / "sh") == "busybox"
     assert not list(root.rglob("*_ssl*")) and not list(root.rglob("libcrypto*"))  # left out
     await boots_in_its_initrd(chroot, root, site, site.relay_url)
+    unpacked = next(e for e in await site.events() if e.stage == "ram:/")
+    side_by_side = "parts unpacked by 2 processes" in unpacked.message
+    assert side_by_side == (len(os.sched_getaffinity(0)) >= 2), unpacked.message
 
 
 async def boots_in_its_initrd(chroot: str, root: Path, site: Site, relay_url: str) -> None:

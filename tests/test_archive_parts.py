@@ -199,7 +199,8 @@ def _parts(*tars: bytes) -> tuple[bytes, tuple[ObjectRef, ...]]:
     )
 
 
-Case = tuple[bytes, tuple[ObjectRef, ...], type[Exception], str]
+# (the archive, its parts, the failure and what it says, CPUs, the parts the relay holds back)
+Case = tuple[bytes, tuple[ObjectRef, ...], type[Exception], str, int, tuple[int, ...]]
 
 
 def _cases() -> dict[str, Case]:
@@ -209,10 +210,21 @@ def _cases() -> dict[str, Case]:
     data, good = _parts(*ok)
     other = (good[0], ObjectRef("sha256:" + "0" * 64, good[1].size), *good[2:])
     first, first_parts = _parts(bad, *ok[1:])  # this process's own
+    third, third_parts = _parts(ok[0], ok[1], bad, ok[3])  # the second child's (of three processes)
+    unsafe = UnsafeEntry, "'../escaped': "
     return {
-        "a child's member refused": (refused, refused_parts, UnsafeEntry, "'../escaped': "),
-        "a child's part not its digest": (data, other, DigestMismatch, "sha256:" + "0" * 64),
-        "this process's member refused": (first, first_parts, UnsafeEntry, "'../escaped': "),
+        "a child's member refused": (refused, refused_parts, *unsafe, 2, ()),
+        "a child's part not its digest": (data, other, DigestMismatch, "sha256:" + "0" * 64, 2, ()),
+        # the other process is not waited for: its parts are held back by the relay until
+        # the end of the test (past its timeout: a process waited for would wait with them)
+        "this process's member refused": (first, first_parts, *unsafe, 2, (1, 3)),
+        "a child's member refused while the other child's part is held": (
+            third,
+            third_parts,
+            *unsafe,
+            3,
+            (1,),
+        ),
     }
 
 
@@ -220,17 +232,17 @@ def _cases() -> dict[str, Case]:
 async def test_one_process_s_failure_is_the_unpacking_s_and_stops_the_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zstd_checks: str, case: str
 ) -> None:
-    """The failure comes out as that process raised it, nothing is written outside, no
-    process is left; when this process fails first, the other is not waited for (its part
-    is held back by the relay until the end of the test: a child waited for would wait with it)."""
-    data, parts, refusal, says = _cases()[case]
+    """The first failure comes out as its process raised it, as soon as it is known (the
+    others are not waited for), nothing is written outside, no process is left."""
+    data, parts, refusal, says, n, held = _cases()[case]
     whole = ObjectRef("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    starts = [sum(p.size for p in parts[:i]) for i in held]
     hold = asyncio.Event()
 
     async def serve(request: web.Request) -> web.StreamResponse:
         start, end = (int(x) for x in request.headers["Range"].removeprefix("bytes=").split("-"))
-        if case == "this process's member refused" and start != 0:  # the child's: held
-            await asyncio.wait_for(hold.wait(), 600)  # (past the test's timeout: a wait fails it)
+        if start in starts:
+            await asyncio.wait_for(hold.wait(), 600)
         return web.Response(status=206, body=data[start : end + 1])
 
     app = web.Application()
@@ -238,7 +250,7 @@ async def test_one_process_s_failure_is_the_unpacking_s_and_stops_the_others(
     runner, relay_url = await serve_on_loopback(app)
     into = tmp_path / "stage" / "into"
     into.mkdir(parents=True)
-    forked = cpus(monkeypatch, 2)
+    forked = cpus(monkeypatch, n)
     relays = Relays([relay_url], timeout=300)
     try:
         with pytest.raises(refusal) as refused:
@@ -248,5 +260,5 @@ async def test_one_process_s_failure_is_the_unpacking_s_and_stops_the_others(
         relays.close()
         await runner.cleanup()
     assert says in str(refused.value)
-    assert len(forked) == 1 and our_children() == []
+    assert len(forked) == n - 1 and our_children() == []
     assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == ["into"]  # nothing outside

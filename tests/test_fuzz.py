@@ -396,6 +396,12 @@ def test_fuzz_archive(data: bytes) -> None:
     _check("archive")(data)
 
 
+@settings(CI, max_examples=300)
+@given(inputs("archive_parts", tarballs()))
+def test_fuzz_archive_parts(data: bytes) -> None:
+    _check("archive_parts")(data)
+
+
 @CI
 @given(
     inputs(

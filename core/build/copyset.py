@@ -24,6 +24,7 @@ from pyfastcdc import FastCDC
 from slim.agent.manifest import CHUNKED_ABOVE, ManifestEntry
 from slim.agent.tree import BLK, CHR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry
 from slim.errors import FailedPrecondition
+from slim.release import MAX_PARTS
 
 DEFAULT_LEVEL = 9
 READ_CHUNK = 1 << 20
@@ -157,6 +158,7 @@ def _changed(entry: Entry) -> FailedPrecondition:
 # in another part once all are unpacked).
 PART_BYTES = 16 << 20
 _BLOCK = tarfile.BLOCKSIZE
+_TAR_HEAD = 1024  # a member's header and pax records, about
 
 
 class Part(NamedTuple):
@@ -240,14 +242,18 @@ def write_archive(
 
 def _cuts(entries: list[Entry], part_bytes: int) -> set[int]:
     """Where new parts begin: before the first entry past ``part_bytes`` of tar since the
-    last cut."""
+    last cut (more where there would be over :data:`MAX_PARTS`: parts as many, bigger)."""
+    if part_bytes <= 0:
+        raise ValueError(f"parts of {part_bytes} bytes: they must have some")
+    sizes = [_TAR_HEAD + e.size + -e.size % _BLOCK for e in entries]
+    part_bytes = max(part_bytes, -(-sum(sizes) // MAX_PARTS))
     cuts: set[int] = set()
     size = 0
-    for i, entry in enumerate(entries):
+    for i, n in enumerate(sizes):
         if size >= part_bytes:
             cuts.add(i)
             size = 0
-        size += 1024 + entry.size + -entry.size % _BLOCK  # (a header and pax records: about 1 KiB)
+        size += n
     return cuts
 
 
