@@ -6,6 +6,7 @@ import asyncio
 import gc
 import os
 import random
+import shutil
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,9 @@ import uvloop
 from blockbuster import blockbuster_ctx
 
 from labs.placeholders import publish_placeholder_releases
+from slim.agent import ee
+from slim.core.build import unzstd
+from slim.core.build.image import default_cache_dir
 from slim.core.control.redirect import Redirector
 from slim.core.control.server import CoreServer, ServerTls
 from slim.core.control.service import CoreService
@@ -33,6 +37,7 @@ from tests.support import (
     Served,
     TestPki,
     admin_credentials,
+    need,
     pki,
     read_address,
     short_socket,
@@ -215,3 +220,15 @@ def keys_never_on_the_machine(tmp_path_factory: pytest.TempPathFactory) -> Itera
             os.environ.pop("SLIM_KEYS", None)
         else:
             os.environ["SLIM_KEYS"] = before
+
+
+@pytest.fixture(params=["agent", "zstd"], ids=["digest-checked-by-the-agent", "digest-checked-by-zstd"])
+def archive_check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Archives unpacked through Debian's zstd, their digest checked by the agent (the agent
+    run from a checkout), or through the initrd's own (core/build/unzstd.c), which checks it."""
+    if request.param == "zstd":
+        need(shutil.which("gcc") is not None, "gcc (./run installs it)")
+        monkeypatch.setattr(ee, "UNZSTD", str(unzstd.build(default_cache_dir())))
+    else:
+        monkeypatch.setattr(ee, "UNZSTD", "/nonexistent/unzstd")
+    return str(request.param)

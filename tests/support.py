@@ -671,3 +671,20 @@ def initrd_busybox() -> str:
 
     need_tool("musl-gcc", "musl-tools")
     return str(smallbusybox.build(default_cache_dir(), BUSYBOX_APPLETS))
+
+
+def cpus(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
+    """This process may run on ``n`` CPUs (as the agent asks: ``sched_getaffinity``); the
+    list fills with the processes it forks."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n)))
+    forked: list[int] = []
+    fork = os.fork
+
+    def counted() -> int:
+        pid = fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", counted)
+    return forked

@@ -40,7 +40,7 @@ from slim.agent.plan import BootArgs, ObjectRef, PlanError, parse_cmdline, parse
 from slim.agent.tree import scan
 from slim.agent.unpack import UnsafeEntry
 from slim.cli import main as cli_main
-from slim.core.build import copyset, unzstd
+from slim.core.build import copyset
 from slim.core.build.agentrt import Runtime, add_runtime, collect
 from slim.core.build.image import default_cache_dir
 from slim.core.build.initrd import InitrdBuilder
@@ -66,6 +66,7 @@ from slim.signing import (
     verify,
 )
 from tests.support import (
+    cpus,
     https_url,
     initrd_busybox,
     make_image,
@@ -289,18 +290,6 @@ def tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[object, ...]
     return out
 
 
-@pytest.fixture(params=["agent", "zstd"], ids=["digest-checked-by-the-agent", "digest-checked-by-zstd"])
-def archive_check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Archives unpacked through Debian's zstd, their digest checked by the agent (the agent
-    run from a checkout), or through the initrd's own (core/build/unzstd.c), which checks it."""
-    if request.param == "zstd":
-        need(shutil.which("gcc") is not None, "gcc (./run installs it)")
-        monkeypatch.setattr(ee, "UNZSTD", str(unzstd.build(default_cache_dir())))
-    else:
-        monkeypatch.setattr(ee, "UNZSTD", "/nonexistent/unzstd")
-    return str(request.param)
-
-
 async def test_no_reboot_builds_the_environment(site: Site, tmp_path: Path, archive_check: str) -> None:
     target = tmp_path / "node"
     code = await run_agent(*site.argv(target))
@@ -333,17 +322,7 @@ async def test_a_node_with_two_cpus_unpacks_an_archive_in_parts_side_by_side(
     assert release is not None
     parted = [p for p, d in release[1].directories.items() if len(d.parts) > 1]
     assert sorted(parted) == ["/", "/srv"]  # (/var: one small file, one part)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    forked: list[int] = []
-    fork = os.fork
-
-    def counted() -> int:
-        pid = fork()
-        if pid:
-            forked.append(pid)
-        return pid
-
-    monkeypatch.setattr(os, "fork", counted)
+    forked = cpus(monkeypatch, 2)
     target = tmp_path / "node"
     assert await run_agent(*site.argv(target)) == 0
     assert tree(target, skip=("usr",)) == tree(site.image, skip=("usr",))

@@ -10,7 +10,6 @@ import hashlib
 import io
 import os
 import random
-import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -24,10 +23,9 @@ from slim.agent.fetch import DigestMismatch, Relays
 from slim.agent.plan import ObjectRef
 from slim.agent.tree import FILE, HARDLINK, scan
 from slim.agent.unpack import UnsafeEntry
-from slim.core.build import copyset, unzstd
-from slim.core.build.image import default_cache_dir
+from slim.core.build import copyset
 from slim.core.store import Store
-from tests.support import need, origin, serve_on_loopback, url
+from tests.support import cpus, origin, serve_on_loopback, url
 
 PART = 256 << 10  # bytes of tar per part, here (the product's are 16 MiB)
 
@@ -108,33 +106,6 @@ def test_an_archive_in_parts_reads_whole_as_one_tar_and_each_part_alone(tmp_path
     assert len(listed) == len(list(scan(src)))
 
 
-@pytest.fixture(params=["agent", "zstd"], ids=["digest-checked-by-the-agent", "digest-checked-by-zstd"])
-def zstd_checks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Parts through Debian's zstd, checked by the fetch, or through the initrd's own."""
-    if request.param == "zstd":
-        need(shutil.which("gcc") is not None, "gcc (./run installs it)")
-        monkeypatch.setattr(ee, "UNZSTD", str(unzstd.build(default_cache_dir())))
-    else:
-        monkeypatch.setattr(ee, "UNZSTD", "/nonexistent/unzstd")
-    return str(request.param)
-
-
-def cpus(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
-    """This process may run on ``n`` CPUs; the list fills with the processes it forks."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n)))
-    forked: list[int] = []
-    fork = os.fork
-
-    def counted() -> int:
-        pid = fork()
-        if pid:
-            forked.append(pid)
-        return pid
-
-    monkeypatch.setattr(os, "fork", counted)
-    return forked
-
-
 def our_children() -> list[int]:
     """Processes whose parent is this one (zombies too)."""
     me, out = os.getpid(), []
@@ -150,7 +121,7 @@ def our_children() -> list[int]:
 
 
 async def test_parts_unpack_side_by_side_into_the_tree_one_stream_makes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zstd_checks: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, archive_check: str
 ) -> None:
     src = tmp_path / "src"
     make_tree(src)
@@ -230,7 +201,7 @@ def _cases() -> dict[str, Case]:
 
 @pytest.mark.parametrize("case", list(_cases()))
 async def test_one_process_s_failure_is_the_unpacking_s_and_stops_the_others(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zstd_checks: str, case: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, archive_check: str, case: str
 ) -> None:
     """The first failure comes out as its process raised it, as soon as it is known (the
     others are not waited for), nothing is written outside, no process is left."""
