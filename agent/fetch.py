@@ -410,6 +410,7 @@ class Relays:
                 write if staged is None else _tee(write, staged.write),
                 verify or staged is not None,
                 splice if staged is None else None,
+                None,
             )
         except BaseException:
             if staged is not None:
@@ -420,12 +421,7 @@ class Relays:
         return url
 
     def _stream(
-        self,
-        ref: ObjectRef,
-        write: Sink,
-        verify: bool = True,
-        splice: Splicer | None = None,
-        within: Within = None,
+        self, ref: ObjectRef, write: Sink, verify: bool, splice: Splicer | None, within: Within
     ) -> str:
         h = hashlib.sha256() if verify else None
         got = 0
