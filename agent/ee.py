@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from slim.agent import sync
-from slim.agent.fetch import DigestMismatch, FetchError, Relays, Within, now
+from slim.agent.fetch import DigestMismatch, FetchError, FetchStats, Relays, Within, now
 from slim.agent.plan import Directory, ObjectRef, Plan, PlanError
 from slim.agent.report_up import RUN_OPTIONS
 from slim.agent.tree import Entry
@@ -797,16 +797,12 @@ class _Child:
         self.links = [_entry(e) for e in doc["links"]]
 
     def count_into(self, relays: Relays) -> None:
-        """Count what it fetched as ``relays``' (Relays.absorb's, from its answer)."""
-        f, stats = self.fetched, relays.stats
-        stats.objects += f.get("objects", 0)
-        stats.bytes += f.get("bytes", 0)
-        stats.resumed += f.get("resumed", 0)
-        stats.busy += f.get("busy", 0)
-        stats.waited += f.get("waited", 0.0)
-        if f.get("relay_failures"):  # it moved on from a relay that failed: so do we
-            stats.relay_failures.extend(f["relay_failures"])
-            relays.current = f.get("current", relays.current)
+        """Count what it fetched as ``relays``' (from its answer)."""
+        f = self.fetched
+        stats = FetchStats(
+            f["objects"], f["bytes"], f["resumed"], f["relay_failures"], f["busy"], f["waited"]
+        )
+        relays.absorb(stats, f["current"])
 
     def stop(self) -> None:
         """Killed with its zstd, and waited for, unless done."""
@@ -826,11 +822,7 @@ def _answered(children: list[_Child]) -> Iterator[_Child]:
     while waiting:
         ready = select.select([c.answers for c in waiting], [], [])[0]
         for child in [c for c in waiting if c.answers in ready]:
-            chunk = os.read(child.answers, 1 << 16)
-            if chunk:
-                child.got.append(chunk)
-            else:
-                child.read(wait=True)  # (its end: taken)
+            if child.read(wait=False):  # (what it sent so far; its answer taken at its end)
                 waiting.remove(child)
     yield from children
 

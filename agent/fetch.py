@@ -306,16 +306,17 @@ class Relays:
         other.local = self.local
         return other
 
-    def absorb(self, other: Relays) -> None:
-        """Count what a clone fetched as ours."""
-        self.stats.objects += other.stats.objects
-        self.stats.bytes += other.stats.bytes
-        self.stats.resumed += other.stats.resumed
-        self.stats.busy += other.stats.busy
-        self.stats.waited += other.stats.waited
-        if other.stats.relay_failures:  # it moved on from a relay that failed: so do we
-            self.current = other.current
-        self.stats.relay_failures.extend(other.stats.relay_failures)
+    def absorb(self, stats: FetchStats, current: int) -> None:
+        """Count what a clone fetched (its ``stats``; ``current``: the relay it asks first
+        now) as ours."""
+        self.stats.objects += stats.objects
+        self.stats.bytes += stats.bytes
+        self.stats.resumed += stats.resumed
+        self.stats.busy += stats.busy
+        self.stats.waited += stats.waited
+        if stats.relay_failures:  # it moved on from a relay that failed: so do we
+            self.current = current
+        self.stats.relay_failures.extend(stats.relay_failures)
 
     def close(self) -> None:
         for c in self._conns.values():

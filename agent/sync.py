@@ -1267,7 +1267,7 @@ class Fetcher:
             if not future.cancelled() and future.exception() is None:
                 future.result().close()
         for relays in self.clones:
-            self.relays.absorb(relays)
+            self.relays.absorb(relays.stats, relays.current)
             relays.close()
 
 
